@@ -1,0 +1,482 @@
+"""Design N-of-1 trial schedules and simulate each patient's latent acne severity, with the truth kept.
+
+Two plain-data configs drive it:
+
+* :class:`TrialDesign` lays out the schedule: which treatment each patient gets on each day
+  (ABAB periods, randomised AB pairs, or a baseline period followed by alternating active arms,
+  as in the synthetic_acne_images protocol), with optional washout days between periods.
+* :class:`SeverityModel` says how severity responds. For patient *i* on day *d*::
+
+      mu[i, d] = baseline[i] + trend * (d - first_day[i]) + sum_a effect[i, a] * exposure[i, a, d]
+      s[i, d]  = clip(mu[i, d] + e[i, d], 0, 3)
+      e[i, d]  = phi * e[i, d-1] + sqrt(1 - phi^2) * noise_sd * z[i, d]    (AR(1), stationary SD noise_sd)
+
+  ``effect[i, a] = effects[a] + effect_sd * u[i, a]`` is the patient's own effect of arm *a* (the
+  reference arm has none). ``exposure`` follows first-order kinetics in whole days: on a day arm *a*
+  is given, ``x <- 1 - (1 - x) * 2**(-1 / washin_half_life)``; on any other day
+  ``x <- x * 2**(-1 / washout_half_life)`` (a half-life of 0 switches instantly). Slow washout is what
+  carries an effect over into the next period. Baselines are drawn from a normal distribution truncated
+  to ``[baseline_min, baseline_max]``. Missing days are dropped completely at random after simulation.
+
+:func:`simulate_trial` returns the protocol (the same normalised frame :mod:`synthtrial.protocol`
+reads) and ``truth``: every parameter, and every patient's baseline, true effects and the mean
+effect the schedule actually delivered (kinetics included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from synthtrial import __version__, scale
+from synthtrial.errors import SynthtrialError
+from synthtrial.protocol import COLUMNS, DEFAULT_VIEW, PATIENT_ID_PATTERN, write_protocol, write_text_atomic
+
+DESIGNS = ("baseline-alternating", "abab", "pairs")
+MODEL_EQUATIONS = (
+    "mu[i,d] = baseline[i] + trend_per_day*(d - first_day[i]) + sum_a effect[i,a]*exposure[i,a,d]; "
+    "s[i,d] = clip(mu[i,d] + e[i,d], 0, 3); e[i,d] = ar_phi*e[i,d-1] + sqrt(1-ar_phi^2)*noise_sd*z; "
+    "effect[i,a] = effects[a] + effect_sd*u[i,a]; exposure on a dosing day: x = 1-(1-x)*2^(-1/washin_half_life), "
+    "otherwise x = x*2^(-1/washout_half_life)"
+)
+
+
+class DesignError(SynthtrialError):
+    """A trial design or severity model that cannot be simulated; names the offending option."""
+
+
+def _option(name: str) -> str:
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+@dataclass(frozen=True)
+class TrialDesign:
+    """The schedule of a trial: who gets which treatment on which day.
+
+    ``arms[0]`` is the reference (control / baseline) arm. Designs:
+
+    * ``baseline-alternating``: period 1 is the reference arm, then the active arms alternate
+      (the anchor protocol: Baseline, Antibiotics, Cream, Antibiotics, Cream); ``blocks`` periods.
+    * ``abab``: the two arms alternate, reference first; ``blocks`` periods.
+    * ``pairs``: ``blocks`` pairs of periods, each pair holding both arms in AB or BA order.
+
+    ``randomize`` draws the order per patient: which arm starts (abab), each pair's order (pairs), the
+    order of the active arms' cycle (baseline-alternating). ``block`` in the protocol is the period number,
+    or the pair number for ``pairs``. Washout days sit between consecutive periods with treatment
+    ``washout_label`` and no block.
+    """
+
+    design: str = "baseline-alternating"
+    arms: tuple[str, ...] = ("Baseline", "Antibiotics", "Cream")
+    n_patients: int = 10
+    blocks: int = 5
+    period_days: int = 28
+    washout_days: int = 0
+    randomize: bool = False
+    start_date: str | None = "2018-01-01"
+    first_day: int = 1
+    washout_label: str = "Washout"
+    patient_prefix: str = "P"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arms", tuple(self.arms))
+        self.validate()
+
+    @property
+    def reference(self) -> str:
+        return self.arms[0]
+
+    def validate(self) -> None:
+        if self.design not in DESIGNS:
+            raise DesignError(f"{_option('design')} must be one of {', '.join(DESIGNS)}, got '{self.design}'")
+        names = [a.strip() for a in self.arms]
+        if any(not a for a in names) or len(set(names)) != len(names):
+            raise DesignError(f"{_option('arms')} must be distinct, non-empty names, got {list(self.arms)}")
+        if self.design == "baseline-alternating" and len(names) < 2:
+            raise DesignError(f"{_option('arms')}: baseline-alternating needs the baseline arm and at least "
+                              f"one active arm, got {list(self.arms)}")
+        if self.design in ("abab", "pairs") and len(names) != 2:
+            raise DesignError(f"{_option('arms')}: {self.design} needs exactly two arms (reference, active), "
+                              f"got {list(self.arms)}")
+        if self.washout_label in names:
+            raise DesignError(f"{_option('washout_label')} '{self.washout_label}' is also an arm")
+        for name, low in (("n_patients", 1), ("blocks", 1), ("period_days", 1), ("washout_days", 0),
+                          ("first_day", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+                raise DesignError(f"{_option(name)} must be a whole number >= {low}, got {value!r}")
+        if self.design == "baseline-alternating" and self.blocks < 2:
+            raise DesignError(f"{_option('blocks')}: baseline-alternating needs at least 2 periods")
+        if self.design == "abab" and self.blocks < 2:
+            raise DesignError(f"{_option('blocks')}: abab needs at least 2 periods")
+        if self.start_date is not None:
+            try:
+                dt.date.fromisoformat(self.start_date)
+            except (TypeError, ValueError):
+                raise DesignError(f"{_option('start_date')} must be YYYY-MM-DD, got '{self.start_date}'") from None
+        width = max(2, len(str(self.n_patients)))
+        if not PATIENT_ID_PATTERN.fullmatch(f"{self.patient_prefix}{self.n_patients:0{width}d}"):
+            raise DesignError(f"{_option('patient_prefix')} '{self.patient_prefix}' does not make safe patient "
+                              "ids (letters, digits, '_', '.', '-'; starting with a letter or digit)")
+
+    def patient_ids(self) -> list[str]:
+        width = max(2, len(str(self.n_patients)))
+        return [f"{self.patient_prefix}{i:0{width}d}" for i in range(1, self.n_patients + 1)]
+
+    def period_arms(self, rng: np.random.Generator) -> list[tuple[int, str]]:
+        """One patient's periods as (block number, arm), drawing the order when ``randomize`` is set."""
+        ref, active = self.arms[0], list(self.arms[1:])
+        if self.design == "baseline-alternating":
+            if self.randomize:
+                active = [active[i] for i in rng.permutation(len(active))]
+            return [(1, ref)] + [(b + 2, active[b % len(active)]) for b in range(self.blocks - 1)]
+        if self.design == "abab":
+            first, second = (ref, active[0])
+            if self.randomize and rng.random() < 0.5:
+                first, second = second, first
+            return [(b + 1, first if b % 2 == 0 else second) for b in range(self.blocks)]
+        periods = []
+        for b in range(self.blocks):
+            pair = [ref, active[0]]
+            if self.randomize and rng.random() < 0.5:
+                pair.reverse()
+            periods += [(b + 1, pair[0]), (b + 1, pair[1])]
+        return periods
+
+    @property
+    def days_per_patient(self) -> int:
+        periods = 2 * self.blocks if self.design == "pairs" else self.blocks
+        return periods * self.period_days + (periods - 1) * self.washout_days
+
+
+@dataclass(frozen=True)
+class SeverityModel:
+    """How latent severity responds to the schedule (see the module docstring for the equations).
+
+    ``effects`` maps an arm to its population (fixed) effect in severity units; negative improves.
+    Arms without an entry (the reference, washout days) have no effect.
+    """
+
+    effects: Mapping[str, float] = field(default_factory=dict)
+    effect_sd: float = 0.0
+    baseline_mean: float = 2.0
+    baseline_sd: float = 0.4
+    baseline_min: float = 1.0
+    baseline_max: float = 3.0
+    trend_per_day: float = 0.0
+    washin_half_life: float = 0.0
+    washout_half_life: float = 0.0
+    ar_phi: float = 0.0
+    noise_sd: float = 0.0
+    missing_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "effects", {str(k): float(v) for k, v in dict(self.effects).items()})
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("effect_sd", "baseline_sd", "washin_half_life", "washout_half_life", "noise_sd"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise DesignError(f"{_option(name)} must be a finite number >= 0, got {value!r}")
+        for name in ("baseline_mean", "baseline_min", "baseline_max", "trend_per_day"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise DesignError(f"{_option(name)} must be a finite number, got {value!r}")
+        for arm, value in self.effects.items():
+            if not math.isfinite(value) or abs(value) > scale.SEVERITY_MAX:
+                raise DesignError(f"effect (--effect {arm}=...) must be a finite number between -3 and 3, "
+                                  f"got {value!r}")
+        if not scale.SEVERITY_MIN <= self.baseline_min <= self.baseline_max <= scale.SEVERITY_MAX:
+            raise DesignError(f"{_option('baseline_min')} and {_option('baseline_max')} must satisfy "
+                              f"0 <= min <= max <= 3, got {self.baseline_min} and {self.baseline_max}")
+        if not self.baseline_min <= self.baseline_mean <= self.baseline_max:
+            raise DesignError(f"{_option('baseline_mean')} {self.baseline_mean} lies outside "
+                              f"[{self.baseline_min}, {self.baseline_max}]")
+        if not -1 < self.ar_phi < 1:
+            raise DesignError(f"{_option('ar_phi')} must lie strictly between -1 and 1, got {self.ar_phi}")
+        if not 0 <= self.missing_rate < 1:
+            raise DesignError(f"{_option('missing_rate')} must lie in [0, 1), got {self.missing_rate}")
+
+
+@dataclass
+class SimulatedTrial:
+    """A simulated protocol and the truth behind it."""
+
+    protocol: pd.DataFrame
+    truth: dict[str, Any]
+
+    def write(self, path: str | os.PathLike[str], form: str = "native") -> tuple[Path, Path]:
+        """Write the protocol CSV and its truth file (``<stem>.truth.json`` beside it)."""
+        path = Path(path)
+        truth_path = truth_path_for(path)
+        text = json.dumps(self.truth, indent=2) + "\n"
+        write_protocol(self.protocol, path, form=form)
+        write_text_atomic(truth_path, text)
+        return path, truth_path
+
+
+def truth_path_for(protocol_path: str | os.PathLike[str]) -> Path:
+    """Where the truth of a simulated protocol lives: ``trial.csv`` -> ``trial.truth.json``."""
+    path = Path(protocol_path)
+    return path.with_name(f"{path.stem}.truth.json")
+
+
+# ------------------------------------------------------------------------------------------ schedules
+
+def design_schedule(design: TrialDesign, seed: int = 0) -> pd.DataFrame:
+    """The schedule of ``design`` as a protocol frame (no severities yet); deterministic in ``seed``."""
+    rngs = _patient_rngs(seed, design.n_patients, stream=0)
+    start = dt.date.fromisoformat(design.start_date) if design.start_date else None
+    rows: list[dict[str, Any]] = []
+    for pid, rng in zip(design.patient_ids(), rngs, strict=True):
+        day = design.first_day
+        for k, (block, arm) in enumerate(design.period_arms(rng)):
+            if k > 0:
+                for _ in range(design.washout_days):
+                    rows.append(_row(pid, day, start, design.first_day, None, design.washout_label))
+                    day += 1
+            for _ in range(design.period_days):
+                rows.append(_row(pid, day, start, design.first_day, block, arm))
+                day += 1
+    frame = _frame(rows)
+    frame.attrs.update(source="<design>", form="native")
+    return frame
+
+
+def _row(pid: str, day: int, start: dt.date | None, first_day: int, block: int | None, arm: str) -> dict:
+    date = None if start is None else start + dt.timedelta(days=day - first_day)
+    return {"patient_id": pid, "day": day, "date": date, "block": block, "treatment": arm,
+            "severity": math.nan, "view": DEFAULT_VIEW, "face": None}
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    frame["day"] = frame["day"].astype("int64")
+    frame["date"] = pd.to_datetime(frame["date"]).astype("datetime64[ns]")
+    frame["block"] = pd.array(frame["block"].tolist(), dtype="Int64")
+    frame["severity"] = frame["severity"].astype("float64")
+    frame["face"] = frame["face"].astype(object)
+    return frame
+
+
+def _patient_rngs(seed: int, n: int, stream: int) -> list[np.random.Generator]:
+    """Independent generators per patient: patient i's draws do not depend on how many patients follow."""
+    root = np.random.SeedSequence([int(seed), stream])
+    return [np.random.default_rng(s) for s in root.spawn(n)]
+
+
+# ------------------------------------------------------------------------------------------ kinetics
+
+def exposure(given: np.ndarray, washin_half_life: float, washout_half_life: float) -> np.ndarray:
+    """First-order exposure (0-1) to one arm over consecutive days; ``given[d]`` is True on dosing days."""
+    keep_in = 0.0 if washin_half_life == 0 else 2.0 ** (-1.0 / washin_half_life)
+    keep_out = 0.0 if washout_half_life == 0 else 2.0 ** (-1.0 / washout_half_life)
+    x = np.empty(len(given))
+    level = 0.0
+    for d, on in enumerate(np.asarray(given, dtype=bool)):
+        level = 1.0 - (1.0 - level) * keep_in if on else level * keep_out
+        x[d] = level
+    return x
+
+
+# ---------------------------------------------------------------------------------------- simulation
+
+def simulate_severity(schedule: pd.DataFrame, model: SeverityModel, seed: int = 0,
+                      reference: str | None = None, no_effect: Sequence[str] = ()) -> SimulatedTrial:
+    """Fill the ``severity`` column of a schedule by simulation and return it with the truth.
+
+    Works on any normalised protocol frame (a designed schedule or a user's file without severities).
+    The kinetics run over every calendar day from a patient's first to last day; on days the schedule
+    skips, the previous day's treatment is assumed to continue. ``reference`` (default: the first
+    row's treatment) is the arm every effect is measured against; treatments named in ``no_effect``
+    (washout days) are neither reference nor arms. Every other treatment is an arm, with effect 0 unless
+    ``model.effects`` gives one.
+    """
+    if schedule.empty:
+        raise DesignError("the schedule has no rows")
+    treatments = list(dict.fromkeys(schedule["treatment"]))
+    reference = reference if reference is not None else str(schedule["treatment"].iloc[0])
+    if reference not in treatments:
+        raise DesignError(f"{_option('reference')} '{reference}' is not a treatment of this protocol "
+                          f"({', '.join(treatments)})")
+    unknown = [a for a in model.effects if a not in treatments]
+    if unknown:
+        raise DesignError(f"effect (--effect {unknown[0]}=...) names no treatment of this protocol "
+                          f"({', '.join(treatments)})")
+    if model.effects.get(reference, 0.0) != 0.0:
+        raise DesignError(f"effect (--effect {reference}=...): the reference arm '{reference}' has no effect "
+                          "by definition; give the other arms' effects relative to it")
+    active = [a for a in treatments if a != reference and a not in no_effect]
+
+    pids = list(dict.fromkeys(schedule["patient_id"]))
+    effect_rngs = _patient_rngs(seed, len(pids), stream=1)
+    noise_rngs = _patient_rngs(seed, len(pids), stream=2)
+    missing_rngs = _patient_rngs(seed, len(pids), stream=3)
+    out = schedule.copy()
+    severity = np.full(len(out), np.nan)
+    keep = np.ones(len(out), dtype=bool)
+    patients: dict[str, Any] = {}
+    clipped = 0
+    for pid, effect_rng, noise_rng, missing_rng in zip(pids, effect_rngs, noise_rngs, missing_rngs, strict=True):
+        idx = np.flatnonzero((out["patient_id"] == pid).to_numpy())
+        rows = out.iloc[idx]
+        # one value per day, shared by every view of that day
+        per_day = rows.drop_duplicates("day").set_index("day")["treatment"]
+        first, last = int(per_day.index.min()), int(per_day.index.max())
+        grid = np.arange(first, last + 1)
+        arm_on_day = per_day.reindex(grid).ffill().to_numpy()
+
+        baseline = _truncated_normal(effect_rng, model.baseline_mean, model.baseline_sd,
+                                     model.baseline_min, model.baseline_max)
+        effects = {a: model.effects.get(a, 0.0) + model.effect_sd * float(effect_rng.standard_normal()) for a in active}
+        effect_part = np.zeros(len(grid))
+        for a in active:
+            effect_part += effects[a] * exposure(arm_on_day == a, model.washin_half_life,
+                                                 model.washout_half_life)
+        mu = baseline + model.trend_per_day * (grid - first) + effect_part
+        noise = _ar1(noise_rng, len(grid), model.ar_phi, model.noise_sd)
+        raw = mu + noise
+        s = np.clip(raw, scale.SEVERITY_MIN, scale.SEVERITY_MAX) + 0.0
+        clipped_days = int(((raw < scale.SEVERITY_MIN) | (raw > scale.SEVERITY_MAX)).sum())
+        day_pos = rows["day"].to_numpy() - first
+        severity[idx] = s[day_pos]
+
+        missing_days: list[int] = []
+        if model.missing_rate > 0:
+            dropped = missing_rng.random(len(grid)) < model.missing_rate
+            missing_days = [int(d) for d in grid[dropped] if d in per_day.index]
+            keep[idx] = ~np.isin(rows["day"].to_numpy(), missing_days)
+        clipped += clipped_days
+
+        ref_days = arm_on_day == reference
+        delivered = {a: _mean_difference(effect_part, arm_on_day == a, ref_days) for a in active}
+        patients[pid] = {
+            "baseline": baseline,
+            "effects": effects,
+            "delivered_effects": delivered,
+            "period_order": _period_order(rows),
+            "first_day": first,
+            "last_day": last,
+            "missing_days": missing_days,
+            "clipped_days": clipped_days,
+        }
+
+    out["severity"] = severity
+    out = out.loc[keep].reset_index(drop=True)
+    out.attrs.update(schedule.attrs)
+    truth = {
+        "synthtrial_version": __version__,
+        "seed": int(seed),
+        "reference": reference,
+        "arms": [reference, *active],
+        "treatments": treatments,
+        "model": dataclasses.asdict(model),
+        "equations": MODEL_EQUATIONS,
+        "population_effects": {a: model.effects.get(a, 0.0) for a in active},
+        "mean_delivered_effects": {a: _mean([p["delivered_effects"][a] for p in patients.values()])
+                                   for a in active},
+        "clipped_days": clipped,
+        "patients": patients,
+        "notes": ("effects are in severity units (0-3 scale), negative improves, relative to the reference arm. "
+                  "'effects' are each patient's steady-state effects; 'delivered_effects' are the mean effect "
+                  "on that arm's days minus the mean effect on reference days, with wash-in, washout and "
+                  "carryover applied (no trend, no noise, no clipping): the difference a perfect outcome would "
+                  "show. 'clipped_days' counts days whose severity was clipped to the 0-3 scale."),
+    }
+    return SimulatedTrial(protocol=out, truth=truth)
+
+
+def simulate_trial(design: TrialDesign, model: SeverityModel, seed: int = 0) -> SimulatedTrial:
+    """Design a schedule and simulate it: the protocol CSV and truth.json of a synthetic trial."""
+    unknown = [a for a in model.effects if a not in design.arms]
+    if unknown:
+        raise DesignError(f"effect (--effect {unknown[0]}=...) names no arm of the design "
+                          f"({', '.join(design.arms)})")
+    schedule = design_schedule(design, seed)
+    trial = simulate_severity(schedule, model, seed, reference=design.reference,
+                              no_effect=(design.washout_label,))
+    trial.truth = {"design": dataclasses.asdict(design), **trial.truth}
+    return trial
+
+
+def _truncated_normal(rng: np.random.Generator, mean: float, sd: float, low: float, high: float) -> float:
+    u = float(rng.random())
+    if sd == 0:
+        return float(mean)
+    a, b = (low - mean) / sd, (high - mean) / sd
+    return float(stats.truncnorm.ppf(u, a, b, loc=mean, scale=sd))
+
+
+def _ar1(rng: np.random.Generator, n: int, phi: float, sd: float) -> np.ndarray:
+    z = rng.standard_normal(n)
+    e = np.empty(n)
+    if n == 0:
+        return e
+    e[0] = sd * z[0]
+    innovation = sd * math.sqrt(1.0 - phi * phi)
+    for t in range(1, n):
+        e[t] = phi * e[t - 1] + innovation * z[t]
+    return e
+
+
+def _mean_difference(values: np.ndarray, on: np.ndarray, ref: np.ndarray) -> float | None:
+    if not on.any() or not ref.any():
+        return None
+    return float(values[on].mean() - values[ref].mean())
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def _period_order(rows: pd.DataFrame) -> list[str]:
+    per_day = rows.drop_duplicates("day")["treatment"].tolist()
+    return [t for i, t in enumerate(per_day) if i == 0 or t != per_day[i - 1]]
+
+
+# ------------------------------------------------------------------------------------------- presets
+
+#: Ready-made designs: the anchor protocol's layout and Fu et al.'s short trial.
+PRESETS: dict[str, tuple[TrialDesign, SeverityModel]] = {
+    "anchor": (
+        TrialDesign(design="baseline-alternating", arms=("Baseline", "Antibiotics", "Cream"), n_patients=10,
+                    blocks=5, period_days=28, washout_days=0, randomize=False, start_date="2018-01-01",
+                    first_day=1),
+        SeverityModel(effects={"Antibiotics": -0.9, "Cream": -0.5}, effect_sd=0.2, baseline_mean=2.2,
+                      baseline_sd=0.35, baseline_min=1.6, baseline_max=2.7, trend_per_day=-0.001,
+                      washin_half_life=3.0, washout_half_life=4.0, ar_phi=0.6, noise_sd=0.12,
+                      missing_rate=0.0),
+    ),
+    "quick": (
+        TrialDesign(design="pairs", arms=("Control", "Cream"), n_patients=3, blocks=4, period_days=2,
+                    washout_days=0, randomize=False, start_date="2018-01-01", first_day=1),
+        SeverityModel(effects={"Cream": -0.6}, effect_sd=0.1, baseline_mean=1.8, baseline_sd=0.3,
+                      baseline_min=1.0, baseline_max=2.6, trend_per_day=0.0, washin_half_life=0.5,
+                      washout_half_life=0.5, ar_phi=0.2, noise_sd=0.08, missing_rate=0.0),
+    ),
+}
+PRESET_HELP = {
+    "anchor": "10 patients x 140 days: Baseline, Antibiotics, Cream, Antibiotics, Cream in 28-day periods "
+              "(the synthetic_acne_images protocol), with real effects",
+    "quick": "3 patients x 16 days: Fu et al.'s 4 blocks of 2 days off + 2 days on (Control / Cream)",
+}
+
+
+def preset(name: str) -> tuple[TrialDesign, SeverityModel]:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise DesignError(f"unknown preset '{name}'; presets are {', '.join(PRESETS)}") from None

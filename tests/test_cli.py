@@ -1,0 +1,140 @@
+"""The command line: help that teaches, one-line errors with exit status 2, files written once and right."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from synthtrial import __version__
+from synthtrial.cli import app
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_version_and_help():
+    result = invoke("--version")
+    assert result.exit_code == 0 and __version__ in result.stdout
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for word in ("protocol", "scale"):
+        assert word in result.stdout
+    result = invoke("protocol", "design", "--help")
+    assert result.exit_code == 0
+    for option in ("--preset", "--washin-half-life", "--ar-phi", "--effect", "--form", "--seed"):
+        assert option in result.stdout
+
+
+def test_design_then_check(tmp_path):
+    out = tmp_path / "quick.csv"
+    result = invoke("protocol", "design", "--preset", "quick", "--seed", 3, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert out.exists() and (tmp_path / "quick.truth.json").exists()
+    result = invoke("protocol", "check", out)
+    assert result.exit_code == 0, result.output
+    assert "patients" in result.stdout and "OK" in result.stdout
+    result = invoke("protocol", "check", out, "--json")
+    summary = json.loads(result.stdout)
+    assert summary["patients"] == 3 and summary["rows"] == 48
+    assert summary["treatments"] == {"Control": 24, "Cream": 24}
+
+
+def test_design_options_override_the_preset(tmp_path):
+    out = tmp_path / "pairs.csv"
+    result = invoke("protocol", "design", "--design", "pairs", "--arms", "Control,Gel", "--patients", 4,
+                    "--blocks", 2, "--period-days", 3, "--washout-days", 1, "--effect", "Gel=-0.4",
+                    "--noise-sd", 0, "--form", "anchor", "--out", out)
+    assert result.exit_code == 0, result.output
+    truth = json.loads((tmp_path / "pairs.truth.json").read_text())
+    assert truth["design"]["design"] == "pairs" and truth["design"]["arms"] == ["Control", "Gel"]
+    assert truth["population_effects"] == {"Gel": -0.4}
+    assert truth["model"]["noise_sd"] == 0
+    first = out.read_text().splitlines()[0]
+    assert first == ",patient_id,date,block,day,treatment,AcneSeverity"
+
+
+def test_design_is_byte_reproducible(tmp_path):
+    for name in ("a", "b"):
+        assert invoke("protocol", "design", "--seed", 4, "--out", tmp_path / f"{name}.csv").exit_code == 0
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert (tmp_path / "a.truth.json").read_bytes() == (tmp_path / "b.truth.json").read_bytes()
+
+
+def test_design_refuses_to_overwrite_without_force(tmp_path):
+    out = tmp_path / "t.csv"
+    assert invoke("protocol", "design", "--preset", "quick", "--out", out).exit_code == 0
+    before = out.read_bytes()
+    result = invoke("protocol", "design", "--preset", "quick", "--seed", 1, "--out", out)
+    assert result.exit_code == 2 and "--force" in result.stderr
+    assert out.read_bytes() == before
+    assert invoke("protocol", "design", "--preset", "quick", "--seed", 1, "--out", out, "--force").exit_code == 0
+    assert out.read_bytes() != before
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--effect", "Cream"], "--effect 'Cream' must look like ARM=NUMBER"),
+    (["--effect", "Cream=lots"], "'lots' is not a number"),
+    (["--effect", "Gel=-0.5"], "--effect Gel"),
+    (["--ar-phi", "1.5"], "ar_phi (--ar-phi)"),
+    (["--start-date", "tomorrow"], "--start-date"),
+    (["--arms", "A,B", "--design", "abab", "--effect", "A=-1"], "reference arm 'A' has no effect"),
+])
+def test_design_errors_are_one_line_exit_2_nothing_written(tmp_path, args, needle):
+    out = tmp_path / "bad.csv"
+    result = invoke("protocol", "design", "--out", out, *args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("synthtrial: error:")
+    assert needle in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_error_is_one_line_with_file_row_column(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text(",patient_id,date,block,day,treatment,AcneSeverity\n0,1,2018-01-01,1,1,Baseline,x\n")
+    result = invoke("protocol", "check", bad)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"synthtrial: error: {bad}: row 2, column 'AcneSeverity': "
+                                     "'x' is not a number")
+
+
+def test_scale_command():
+    result = invoke("scale", "--json")
+    assert result.exit_code == 0
+    rows = json.loads(result.stdout)
+    assert rows[0]["severity"] == 0 and rows[-1]["acne04_level"] == 3
+    result = invoke("scale", "1.2", "2.7")
+    assert result.exit_code == 0 and "moderate" in result.stdout and "very severe" in result.stdout
+    result = invoke("scale", "4")
+    assert result.exit_code == 2 and "outside the scale" in result.stderr
+
+
+def test_console_script_exit_status_and_stderr(tmp_path):
+    """The installed entry point itself: no traceback, exit 2, one line."""
+    bad = tmp_path / "semi.csv"
+    bad.write_text("patient_id;day;treatment\np1;1;A\n")
+    proc = subprocess.run([sys.executable, "-m", "synthtrial", "protocol", "check", str(bad)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "semicolons" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shipped_protocols_are_valid_and_match_their_truth():
+    from synthtrial.protocol import read_protocol
+
+    for name, patients, days in (("trial", 10, 140), ("quick", 3, 16)):
+        path = ROOT / "protocols" / f"{name}.csv"
+        frame = read_protocol(path)
+        assert frame["patient_id"].nunique() == patients
+        assert (frame.groupby("patient_id").size() == days).all()
+        truth = json.loads((ROOT / "protocols" / f"{name}.truth.json").read_text())
+        assert set(truth["patients"]) == set(frame["patient_id"])
+        assert any(v != 0 for v in truth["population_effects"].values())
