@@ -15,6 +15,12 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+try:  # typer vendors click from 0.2x on; older releases raise click's own exceptions
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 from rich.table import Table
 
 from synthtrial import __version__
@@ -22,7 +28,33 @@ from synthtrial.errors import SynthtrialError
 
 EXIT_BAD_INPUT = 2
 
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (bad option values, unknown options) as one line on stderr and exit status 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as exc:
+            exc.show()  # a bare command prints its help
+            sys.exit(exc.exit_code)
+        except UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            print(f"synthtrial: error: {' '.join(exc.format_message().split())}{hint}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+        except ClickException as exc:
+            print(f"synthtrial: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            print("synthtrial: aborted", file=sys.stderr)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="synthtrial",
     help="Simulate multimodal N-of-1 acne trials: protocols, patients' acne courses and the truth behind "
          "them, so that graders and analysis pipelines can be tested against a known answer.",
@@ -89,9 +121,7 @@ def scale_command(
 ) -> None:
     """Show the severity scale: latent severity -> expected lesions -> ACNE04 level -> IGA.
 
-    The scale is a modelling assumption (DESIGN.md): lesion counts are piecewise linear through
-    (0, 0), (0.5, 5.5), (1.5, 20.5), (2.5, 50.5), (3, 65); ACNE04 levels follow Hayashi's counts
-    (<=5, 6-20, 21-50, >50); IGA follows the inflammatory lesions the lesion mix expects.
+    The scale is a modelling assumption: lesion counts are piecewise linear through (0, 0), (0.5, 5.5), (1.5, 20.5), (2.5, 50.5), (3, 65); ACNE04 levels follow Hayashi's counts (<=5, 6-20, 21-50, >50); IGA follows the inflammatory lesions the lesion mix expects.
     """
     from synthtrial.scale import SEVERITY_MAX, SEVERITY_MIN, scale_table
 
@@ -122,10 +152,7 @@ def protocol_check(
 ) -> None:
     """Validate a protocol CSV and summarise it: patients, days, treatments, blocks, severity range.
 
-    Both forms are read: the anchor form of synthetic_acne_images
-    ([italic],patient_id,date,block,day,treatment,AcneSeverity[/]) and the native form
-    ([italic]patient_id,day,date,treatment[,block,severity,view,face][/]). Any problem is reported as
-    one line naming the file, the row (as a spreadsheet numbers it) and the column, with exit status 2.
+    Both forms are read: the anchor form of synthetic_acne_images ([italic],patient_id,date,block,day,treatment,AcneSeverity[/]) and the native form ([italic]patient_id,day,date,treatment,block,severity,view,face[/], the last four optional). Any problem is reported as one line naming the file, the row (as a spreadsheet numbers it) and the column, with exit status 2.
     """
     from synthtrial.protocol import read_protocol, summarize
 
@@ -254,9 +281,7 @@ def protocol_design(
 ) -> None:
     """Design an N-of-1 trial and simulate every patient's acne severity, keeping the truth.
 
-    Writes the protocol CSV and [italic]<stem>.truth.json[/] (every parameter, every patient's baseline,
-    true effects and delivered effects). Severity on day d is baseline + trend + effects (with first-order
-    wash-in, washout and carryover) + AR(1) noise, clipped to the 0-3 scale.
+    Writes the protocol CSV and [italic]<stem>.truth.json[/] (every parameter, every patient's baseline, true effects and delivered effects). Severity on day d is baseline + trend + effects (with first-order wash-in, washout and carryover) + AR(1) noise, clipped to the 0-3 scale.
 
     Examples:
 
@@ -304,6 +329,74 @@ def protocol_design(
     effects = ", ".join(f"{a} {v:+.3f} (delivered {truth['mean_delivered_effects'][a]:+.3f})"
                         for a, v in truth["population_effects"].items())
     out.print(f"true effects vs {truth['reference']}: {effects or 'none'}")
+
+
+# ------------------------------------------------------------------------------------------ generate
+
+class Naming(str, Enum):
+    native = "native"
+    anchor = "anchor"
+
+
+@app.command("generate")
+@handles_errors
+def generate_command(
+    protocol: Annotated[Path, typer.Argument(help="Protocol CSV (native or anchor form).")] = Path("protocols/trial.csv"),
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory to write "
+                                                    "(default: runs/<protocol name>).", show_default=False)] = None,
+    faces: Annotated[Optional[Path], typer.Option(help="Folder of frontal portraits to use as patients' faces "
+                                                  "(e.g. ACNE04 level-0 images); default: the public-domain "
+                                                  "portraits shipped with scikit-image and matplotlib.",
+                                                  show_default=False)] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed: the same seed writes the same bytes.")] = 0,
+    size: Annotated[int, typer.Option(min=128, max=4096, help="Image side in pixels.")] = 512,
+    workers: Annotated[int, typer.Option(min=1, help="Processes rendering in parallel (does not change the "
+                                         "result).")] = 1,
+    naming: Annotated[Naming, typer.Option(help="native: <patient>_<YYYYMMDD>_<view>.png; anchor: "
+                                           "synthetic_acne_images' <patient>_<YYYYMMDD>_severity_<N>.png.")]
+    = Naming.native,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Render a protocol into a run directory: an image series per patient with exact lesion ground truth.
+
+    Every lesion is a persistent object with a life course, drawn at the same anatomical spot every day; the lesion count follows the protocol's severity through the severity scale ([bold]synthtrial scale[/]). Patients beyond the number of portraits get a distinct skin type, geometry, lighting and framing.
+
+    Writes images/, masks/ (16-bit instance maps), manifest.parquet (+ .csv), lesions.parquet, config.json, truth.json and grids/ (a contact sheet per patient). Re-run the same command to resume an interrupted run: the result is byte-identical to an uninterrupted one.
+    """
+    from synthtrial.run import generate
+
+    run_dir = generate(protocol, out_dir, faces_dir=faces, seed=seed, size=size, naming=naming.value,
+                       workers=workers, progress=not quiet)
+    out.print(f"[green]wrote[/green] {run_dir}  (look at {run_dir / 'grids'})")
+
+
+# -------------------------------------------------------------------------------------------- export
+
+class ExportFormat(str, Enum):
+    coco = "coco"
+    acne04 = "acne04"
+    imagefolder = "imagefolder"
+
+
+@app.command("export")
+@handles_errors
+def export_command(
+    run: Annotated[Path, typer.Argument(help="A run directory written by [bold]synthtrial generate[/].",
+                                        show_default=False)],
+    fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="coco: detection JSON of the lesion boxes "
+                                              "and masks; acne04: ACNE04 label lines (filename level count) "
+                                              "with patient-wise folds; imagefolder: a Hugging Face imagefolder "
+                                              "with metadata.csv.", show_default=False)],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write (default: "
+                                                    "RUN/exports/<format>).", show_default=False)] = None,
+    folds: Annotated[int, typer.Option(min=2, help="Folds for the acne04 format (split by patient).")] = 5,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the patient-to-fold assignment.")] = 0,
+) -> None:
+    """Export a run's images and ground truth to a grader's training format."""
+    from synthtrial.export import export_run
+
+    path = export_run(run, fmt.value, out_dir, folds=folds, seed=seed)
+    out.print(f"[green]wrote[/green] {path}")
 
 
 def _fields(obj: Any) -> dict[str, Any]:

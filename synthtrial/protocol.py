@@ -22,7 +22,6 @@ import io
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from synthtrial import scale
+from synthtrial.atomic import write_text_atomic
 from synthtrial.errors import ProtocolError
 
 #: Columns of the normalised protocol, in order.
@@ -441,21 +441,6 @@ def to_csv_text(protocol: pd.DataFrame, form: str = "native") -> str:
 def write_protocol(protocol: pd.DataFrame, path: str | os.PathLike[str], form: str = "native") -> Path:
     """Write a protocol CSV atomically (temp file + rename) and return its path."""
     return write_text_atomic(path, to_csv_text(protocol, form))
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write text to ``path`` via a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _fmt_date(value: Any) -> str:

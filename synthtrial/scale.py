@@ -47,6 +47,9 @@ IGA_GROUP_NAMES: Final = ("clear/almost clear", "mild", "moderate/severe")
 IGA_NODULE_FLOOR: Final = 3
 
 LESION_TYPES: Final = ("open_comedo", "closed_comedo", "papule", "pustule", "nodule")
+#: What resolving lesions leave behind: post-inflammatory marks and atrophic scars (drawn, not counted).
+RESIDUAL_TYPES: Final = ("mark", "scar")
+ALL_LESION_TYPES: Final = (*LESION_TYPES, *RESIDUAL_TYPES)
 INFLAMMATORY_TYPES: Final = ("papule", "pustule", "nodule")
 #: Expected lesion-type fractions at severities 0, 1, 2, 3 (rows sum to 1; linear in between).
 MIX_KNOTS_SEVERITY: Final = np.array([0.0, 1.0, 2.0, 3.0])

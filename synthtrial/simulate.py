@@ -41,7 +41,8 @@ from scipy import stats
 
 from synthtrial import __version__, scale
 from synthtrial.errors import SynthtrialError
-from synthtrial.protocol import COLUMNS, DEFAULT_VIEW, PATIENT_ID_PATTERN, write_protocol, write_text_atomic
+from synthtrial.atomic import write_text_atomic
+from synthtrial.protocol import COLUMNS, DEFAULT_VIEW, PATIENT_ID_PATTERN, write_protocol
 
 DESIGNS = ("baseline-alternating", "abab", "pairs")
 MODEL_EQUATIONS = (

@@ -138,3 +138,84 @@ def test_shipped_protocols_are_valid_and_match_their_truth():
         truth = json.loads((ROOT / "protocols" / f"{name}.truth.json").read_text())
         assert set(truth["patients"]) == set(frame["patient_id"])
         assert any(v != 0 for v in truth["population_effects"].values())
+
+
+TINY = "patient_id,day,treatment,severity\nq1,0,Control,1.8\nq1,1,Cream,1.2\nq2,0,Control,0.6\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    proto = folder / "tiny.csv"
+    proto.write_text(TINY)
+    result = invoke("generate", proto, "--out", folder / "run", "--size", 160, "--quiet")
+    assert result.exit_code == 0, result.output
+    return folder / "run"
+
+
+def test_generate_writes_a_run(tiny_run):
+    assert (tiny_run / "manifest.parquet").is_file()
+    assert sorted(p.name for p in (tiny_run / "grids").iterdir()) == ["q1.jpg", "q2.jpg"]
+    assert sorted(p.name for p in (tiny_run / "images" / "q1").iterdir()) == ["q1_d000_frontal.png",
+                                                                              "q1_d001_frontal.png"]
+
+
+def test_generate_help_lists_only_working_options():
+    result = invoke("generate", "--help")
+    assert result.exit_code == 0
+    for option in ("--out", "--faces", "--seed", "--size", "--workers", "--naming"):
+        assert option in result.stdout
+    assert "--backend" not in result.stdout
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--faces", "NOPE"], "no such folder (option --faces)"),
+    (["--size", "64"], "--size"),
+])
+def test_generate_errors_are_one_line(tmp_path, args, needle):
+    proto = tmp_path / "tiny.csv"
+    proto.write_text(TINY)
+    result = invoke("generate", proto, "--out", tmp_path / "run", "--quiet", *[a.replace("NOPE", str(tmp_path / "x"))
+                                                                              for a in args])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert not (tmp_path / "run" / "images").exists()
+
+
+def test_generate_faceless_portrait_names_the_file(tmp_path, gray_image_dir):
+    proto = tmp_path / "tiny.csv"
+    proto.write_text(TINY)
+    result = invoke("generate", proto, "--out", tmp_path / "run", "--faces", gray_image_dir, "--quiet")
+    assert result.exit_code == 2
+    assert "wall.png: no face found" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_generate_bad_protocol_is_one_line(tmp_path):
+    proto = tmp_path / "bad.csv"
+    proto.write_text("patient_id,day,treatment\n../x,0,A\n")
+    result = invoke("generate", proto, "--out", tmp_path / "run", "--quiet")
+    assert result.exit_code == 2
+    assert f"{proto}: row 2, column 'patient_id'" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_coco(tiny_run):
+    result = invoke("export", tiny_run, "--format", "coco")
+    assert result.exit_code == 0, result.output
+    coco = json.loads((tiny_run / "exports" / "coco" / "annotations.json").read_text())
+    assert len(coco["images"]) == 3 and len(coco["annotations"]) > 10
+
+
+def test_export_needs_a_run(tmp_path):
+    result = invoke("export", tmp_path, "--format", "coco")
+    assert result.exit_code == 2 and "manifest.parquet is missing" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["generate", "--size", "abc"], ["protocol", "design", "--bogus"],
+                                  ["protocol", "check"], ["export", "x", "--format", "pdf"]])
+def test_usage_errors_are_one_line_exit_2(args):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("synthtrial: error:"), result.stderr

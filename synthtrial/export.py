@@ -1,0 +1,651 @@
+"""Export a run directory as a training set: COCO detection JSON, the ACNE04 label layout, or a
+Hugging Face ``imagefolder``.
+
+:func:`export_run` reads the run-directory contract (``manifest.parquet``, ``lesions.parquet``,
+``config.json``, ``images/...`` and the optional ``masks/<patient_id>/<image stem>.png`` label maps)
+and writes one export per format. Every export is built in a temp folder beside its target and
+renamed into place at the end (an earlier export of the same format is replaced), so a failure leaves
+nothing half-written; the same run always gives the same bytes.
+
+Bad input raises :class:`~synthtrial.errors.SynthtrialError` with one line naming the run, the file,
+the row (manifest and lesion rows count from 1) and the column.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import inspect
+import io
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from synthtrial import scale
+from synthtrial.atomic import write_text_atomic
+from synthtrial.errors import SynthtrialError
+from synthtrial.protocol import PATIENT_ID_PATTERN
+
+#: The formats :func:`export_run` writes.
+EXPORT_FORMATS = ("coco", "acne04", "imagefolder")
+#: Lesion types in COCO category order; category ids are 1 + the index here, fixed for every run.
+CATEGORIES = scale.ALL_LESION_TYPES
+CATEGORY_IDS = {name: i + 1 for i, name in enumerate(CATEGORIES)}
+#: JPEG quality of the ACNE04 export (fixed, so the bytes are reproducible).
+JPEG_QUALITY = 95
+#: Columns of the imagefolder ``metadata.csv`` after ``file_name``.
+METADATA_COLUMNS = ("patient_id", "day", "date", "treatment", "view", "severity", "acne04_level", "iga",
+                    "lesion_count", "n_open_comedo", "n_closed_comedo", "n_papule", "n_pustule", "n_nodule",
+                    "n_mark", "n_scar", "identity")
+
+RUN_FILES = ("manifest.parquet", "lesions.parquet", "config.json")
+_MANIFEST_COLUMNS = {
+    "coco": ("image", "patient_id", "day", "severity", "acne04_level", "iga"),
+    "acne04": ("image", "patient_id", "acne04_level", "lesion_count"),
+    "imagefolder": ("image",) + METADATA_COLUMNS,
+}
+_LESION_COLUMNS = ("image", "lesion_id", "type", "x0", "y0", "x1", "y1")
+_ACNE04_LABEL = re.compile(r"NNEW_(trainval|test)_\d+\.txt")
+_MAX_SHOWN = 120
+
+#: Help text per format (first line: a summary; the rest: what is written), for ``synthtrial export --help``.
+FORMAT_HELP = {
+    "coco": """COCO detection JSON for lesion detectors (MMDetection, Detectron2, torchvision).
+
+    Writes RUN/exports/coco/annotations.json (or --out: a folder, or a file name ending in .json).
+    images: file_name relative to the run directory, width, height, patient_id, day, severity,
+    acne04_level, iga. annotations: bbox (x, y, w, h) from the lesion's x0, y0, x1, y1; area from the
+    lesion's mask where the run has one, else w*h; segmentation polygons traced from the mask; iscrowd 0;
+    lesion_id. categories, fixed ids: 1 open_comedo, 2 closed_comedo, 3 papule, 4 pustule, 5 nodule,
+    6 mark, 7 scar (supercategory acne). Point the loader's image root at the run directory.
+    """,
+    "acne04": """The ACNE04 / LDL label layout (Wu et al. 2019), for grade + count models.
+
+    Writes RUN/exports/acne04/ (or --out): JPEGImages/<image stem>.jpg (JPEG quality 95) and
+    NNEW_trainval_K.txt / NNEW_test_K.txt for K = 0 .. folds-1, one line 'filename grade count' per image
+    (grade = ACNE04 level, count = lesion count). Folds split by patient: all images of a patient are on the
+    same side of every fold. Patients are shuffled with --seed and dealt round-robin; fold K's test set is
+    the patients dealt to fold K. Needs at least as many patients as folds.
+    """,
+    "imagefolder": """A Hugging Face datasets imagefolder: load_dataset("imagefolder", data_dir=OUT).
+
+    Writes RUN/exports/imagefolder/ (or --out) with train/<patient_id>/<image file> (hard links where the
+    file system allows, else copies) and train/metadata.csv: file_name (relative to train/), then
+    patient_id, day, date, treatment, view, severity, acne04_level, iga, lesion_count, n_open_comedo,
+    n_closed_comedo, n_papule, n_pustule, n_nodule, n_mark, n_scar, identity.
+    """,
+}
+FORMAT_HELP = {name: inspect.cleandoc(text) for name, text in FORMAT_HELP.items()}
+
+
+def export_run(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str] | None = None, *,
+               folds: int = 5, seed: int = 0) -> Path:
+    """Convert the run directory ``run_dir`` to the training-set format ``fmt`` (one of :data:`EXPORT_FORMATS`).
+
+    ``out`` is the export's folder (default ``RUN/exports/<fmt>``); for ``coco`` it may also be a file name
+    ending in ``.json``. An existing export of the same format there is replaced; any other existing,
+    non-empty folder is refused. ``folds`` and ``seed`` set the ACNE04 patient folds. Returns the COCO JSON
+    file for ``coco`` and the export folder otherwise. See :data:`FORMAT_HELP` for each format.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise SynthtrialError(f"unknown export format {_show(fmt)}; choose one of: {', '.join(EXPORT_FORMATS)}")
+    if fmt == "acne04":
+        folds = _check_int_option(folds, "folds", minimum=2)
+        seed = _check_int_option(seed, "seed", minimum=0)
+    run = Path(run_dir)
+    run_info = _read_run(run, fmt)
+    target = run / "exports" / fmt if out is None else Path(out)
+    if fmt == "coco":
+        if out is not None and target.suffix.lower() == ".json" and not target.is_dir():
+            if target.exists() and not target.is_file():
+                raise SynthtrialError(f"{target}: exists and is not a file; choose another --out")
+            return write_text_atomic(target, _coco_json(run_info))
+        with _building(target, fmt, run) as tmp:
+            write_text_atomic(tmp / "annotations.json", _coco_json(run_info))
+        return target / "annotations.json"
+    if fmt == "acne04":
+        names, labels = _plan_acne04(run_info, folds=folds, seed=seed)
+        with _building(target, fmt, run) as tmp:
+            _write_acne04(run_info, tmp, names, labels)
+        return target
+    with _building(target, fmt, run) as tmp:
+        _write_imagefolder(run_info, tmp)
+    return target
+
+
+# ------------------------------------------------------------------------------------- reading the run
+
+class _Run:
+    """The validated pieces of a run directory that an export needs."""
+
+    def __init__(self, root: Path, manifest: pd.DataFrame, lesions: pd.DataFrame | None,
+                 config_bytes: bytes, images: list[str]) -> None:
+        self.root = root
+        self.manifest = manifest      # sorted by image path, index 0..n-1
+        self.lesions = lesions        # coco only
+        self.config_bytes = config_bytes
+        self.images = images          # checked relative POSIX paths, same order as manifest
+
+
+def _read_run(run: Path, fmt: str) -> _Run:
+    if not run.exists():
+        raise SynthtrialError(f"{run}: no such run directory; run `synthtrial generate` first")
+    if not run.is_dir():
+        raise SynthtrialError(f"{run}: is not a run directory (it is a file); run `synthtrial generate` first")
+    for name in RUN_FILES:
+        if not (run / name).is_file():
+            raise SynthtrialError(f"{run} is not a complete run directory: {name} is missing; "
+                                  "run `synthtrial generate` first")
+    config_path = run / "config.json"
+    config_bytes = config_path.read_bytes()
+    try:
+        config = json.loads(config_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SynthtrialError(f"{config_path}: is not valid JSON ({_one_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise SynthtrialError(f"{config_path}: is not a JSON object")
+
+    manifest_path = run / "manifest.parquet"
+    manifest = _read_parquet(manifest_path)
+    _require_columns(manifest, _MANIFEST_COLUMNS[fmt], manifest_path)
+    if manifest.empty:
+        raise SynthtrialError(f"{manifest_path}: has no rows (no images to export)")
+    root = run.resolve()
+    images: list[str] = []
+    seen: dict[str, int] = {}
+    for i, value in enumerate(manifest["image"].tolist()):
+        rel = _checked_image(run, root, value, manifest_path, i + 1)
+        if rel in seen:
+            raise SynthtrialError(f"{manifest_path}: row {i + 1}, column 'image': {_show(rel)} is listed twice "
+                                  f"(also row {seen[rel]})")
+        seen[rel] = i + 1
+        images.append(rel)
+    manifest = manifest.assign(image=images, _row=np.arange(1, len(manifest) + 1))
+    manifest = manifest.sort_values("image", kind="stable").reset_index(drop=True)
+    images = manifest["image"].tolist()
+    for i, value in enumerate(manifest["patient_id"].tolist()):
+        if not isinstance(value, str) or not PATIENT_ID_PATTERN.fullmatch(value) or ".." in value:
+            raise SynthtrialError(f"{manifest_path}: row {manifest['_row'].iloc[i]}, column 'patient_id': "
+                                  f"{_show(value)} is not a valid patient id "
+                                  "(letters, digits, '_', '.', '-'; no '..')")
+
+    lesions = None
+    if fmt == "coco":
+        lesions_path = run / "lesions.parquet"
+        lesions = _read_parquet(lesions_path)
+        _require_columns(lesions, _LESION_COLUMNS, lesions_path)
+        lesions = _check_lesions(lesions, set(images), lesions_path)
+    return _Run(run, manifest, lesions, config_bytes, images)
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as exc:  # a corrupt or truncated file; a missing engine is a bug, not input
+        raise SynthtrialError(f"{path}: cannot be read as a parquet table ({_one_line(exc)})") from None
+
+
+def _require_columns(frame: pd.DataFrame, columns: tuple[str, ...], path: Path) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise SynthtrialError(f"{path}: missing column{'s' if len(missing) > 1 else ''} "
+                              f"{', '.join(repr(c) for c in missing)}")
+
+
+def _checked_image(run: Path, root: Path, value: Any, manifest_path: Path, row: int) -> str:
+    """Return the manifest's image path as a clean relative POSIX path inside the run, or refuse it."""
+    where = f"{manifest_path}: row {row}, column 'image'"
+    if not isinstance(value, str) or not value.strip():
+        raise SynthtrialError(f"{where}: {_show(value)} is not a path")
+    if "\\" in value or "\x00" in value or any(ord(ch) < 32 for ch in value):
+        raise SynthtrialError(f"{where}: {_show(value)} must be a '/'-separated path without control characters")
+    pure = PurePosixPath(value)
+    if pure.is_absolute() or PureWindowsPath(value).drive:
+        raise SynthtrialError(f"{where}: {_show(value)} is absolute; image paths are relative to the run directory")
+    if ".." in pure.parts:
+        raise SynthtrialError(f"{where}: {_show(value)} leaves the run directory ('..')")
+    if not pure.parts or pure.name in ("", ".", ".."):
+        raise SynthtrialError(f"{where}: {_show(value)} does not name a file")
+    full = run.joinpath(*pure.parts)
+    if not full.resolve().is_relative_to(root):
+        raise SynthtrialError(f"{where}: {_show(value)} leaves the run directory")
+    if not full.is_file():
+        raise SynthtrialError(f"{where}: {_show(value)}: no such image file in {run}")
+    return pure.as_posix()
+
+
+def _check_lesions(lesions: pd.DataFrame, images: set[str], path: Path) -> pd.DataFrame:
+    lesions = lesions.reset_index(drop=True)
+    rows = np.arange(1, len(lesions) + 1)
+    canonical = []
+    for i, value in enumerate(lesions["image"].tolist()):
+        rel = PurePosixPath(value).as_posix() if isinstance(value, str) and value else None
+        if rel not in images:
+            raise SynthtrialError(f"{path}: row {i + 1}, column 'image': {_show(value)} is not an image of "
+                                  "manifest.parquet")
+        canonical.append(rel)
+    for i, value in enumerate(lesions["type"].tolist()):
+        if value not in CATEGORY_IDS:
+            raise SynthtrialError(f"{path}: row {i + 1}, column 'type': {_show(value)} is not a lesion type "
+                                  f"({', '.join(CATEGORIES)})")
+    ids = [_as_int(v, path, i + 1, "lesion_id") for i, v in enumerate(lesions["lesion_id"].tolist())]
+    for i, lesion_id in enumerate(ids):
+        if not 0 <= lesion_id < 65535:
+            raise SynthtrialError(f"{path}: row {i + 1}, column 'lesion_id': {lesion_id} is outside 0..65534 "
+                                  "(masks store lesion_id + 1 in 16 bits)")
+    coords = {}
+    for column in ("x0", "y0", "x1", "y1"):
+        values = pd.to_numeric(lesions[column], errors="coerce").astype("float64").to_numpy()
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise SynthtrialError(f"{path}: row {bad[0] + 1}, column '{column}': "
+                                  f"{_show(lesions[column].iloc[bad[0]])} is not a finite number")
+        coords[column] = values
+    for lo, hi in (("x0", "x1"), ("y0", "y1")):
+        bad = np.flatnonzero(coords[hi] < coords[lo])
+        if bad.size:
+            i = int(bad[0])
+            raise SynthtrialError(f"{path}: row {i + 1}, column '{hi}': {float(coords[hi][i])!r} is less than "
+                                  f"{lo} {float(coords[lo][i])!r}")
+    clean = pd.DataFrame({"image": canonical, "lesion_id": np.asarray(ids, dtype=np.int64),
+                          "type": lesions["type"].tolist(), **coords, "_row": rows})
+    duplicated = clean.duplicated(["image", "lesion_id"])
+    if duplicated.any():
+        i = int(np.flatnonzero(duplicated.to_numpy())[0])
+        raise SynthtrialError(f"{path}: row {i + 1}, column 'lesion_id': lesion {ids[i]} appears twice on "
+                              f"{_show(canonical[i])}")
+    return clean
+
+
+# ------------------------------------------------------------------------------------------------ coco
+
+def _coco_json(run: _Run) -> str:
+    manifest, lesions = run.manifest, run.lesions
+    assert lesions is not None
+    by_image = {image: frame.sort_values("lesion_id", kind="stable")
+                for image, frame in lesions.groupby("image", sort=False)}
+    manifest_path = run.root / "manifest.parquet"
+    images_out: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    with _progress("COCO", len(manifest)) as advance:
+        for image_id, rec in enumerate(manifest.to_dict(orient="records"), start=1):
+            row = int(rec["_row"])
+            rel = rec["image"]
+            width, height = _image_size(run.root, rel, rec, manifest_path)
+            images_out.append({
+                "id": image_id,
+                "file_name": rel,
+                "width": width,
+                "height": height,
+                "patient_id": rec["patient_id"],
+                "day": _as_int(rec["day"], manifest_path, row, "day"),
+                "severity": _as_float(rec["severity"], manifest_path, row, "severity"),
+                "acne04_level": _as_int(rec["acne04_level"], manifest_path, row, "acne04_level"),
+                "iga": _as_int(rec["iga"], manifest_path, row, "iga"),
+            })
+            frame = by_image.get(rel)
+            if frame is None:
+                advance()
+                continue
+            mask_path = run.root / "masks" / rec["patient_id"] / (PurePosixPath(rel).stem + ".png")
+            shapes = _mask_shapes(mask_path, width, height, frame["lesion_id"].tolist()) \
+                if mask_path.is_file() else {}
+            for les in frame.to_dict(orient="records"):
+                x0, y0 = float(les["x0"]), float(les["y0"])
+                w, h = float(les["x1"]) - x0, float(les["y1"]) - y0
+                ann: dict[str, Any] = {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": CATEGORY_IDS[les["type"]],
+                    "bbox": [x0, y0, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                    "lesion_id": int(les["lesion_id"]),
+                }
+                shape = shapes.get(int(les["lesion_id"]))
+                if shape is not None:
+                    ann["area"] = float(shape[0])
+                    ann["segmentation"] = shape[1]
+                annotations.append(ann)
+            advance()
+    info = {
+        "description": "synthtrial simulated acne trial: facial images with exact lesion ground truth",
+        "contributor": "synthtrial",
+        "version": _version(),
+        "url": "",
+        "config_sha256": hashlib.sha256(run.config_bytes).hexdigest(),
+    }
+    categories = [{"id": CATEGORY_IDS[name], "name": name, "supercategory": "acne"} for name in CATEGORIES]
+    doc = {"info": info, "licenses": [], "images": images_out, "annotations": annotations,
+           "categories": categories}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False) + "\n"
+
+
+def _image_size(root: Path, rel: str, rec: dict[str, Any], manifest_path: Path) -> tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    path = root.joinpath(*PurePosixPath(rel).parts)
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except (OSError, UnidentifiedImageError) as exc:
+        raise SynthtrialError(f"{path}: cannot be read as an image ({_one_line(exc)})") from None
+    for column, actual in (("width", width), ("height", height)):
+        stated = rec.get(column)
+        if not _is_missing(stated) and _as_int(stated, manifest_path, rec["_row"], column) != actual:
+            raise SynthtrialError(f"{manifest_path}: row {rec['_row']}, column '{column}': {_show(stated)} but "
+                                  f"{rel} is {width}x{height}")
+    return int(width), int(height)
+
+
+def _mask_shapes(path: Path, width: int, height: int,
+                 lesion_ids: list[int]) -> dict[int, tuple[int, list[list[float]]]]:
+    """Per lesion id: (pixel area, COCO polygons) from the label map at ``path``.
+
+    Lesions with no pixels in the map are left out (they keep their box and no segmentation).
+    """
+    from PIL import Image, UnidentifiedImageError
+    from scipy import ndimage
+
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("I;16", "I;16L", "I;16B", "I", "L"):
+                raise SynthtrialError(f"{path}: is a {im.mode} image; a lesion mask is a 16-bit label map "
+                                      "(pixel = lesion_id + 1, 0 = no lesion)")
+            labels = np.asarray(im).astype(np.int64)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise SynthtrialError(f"{path}: cannot be read as a lesion mask ({_one_line(exc)})") from None
+    if labels.shape != (height, width):
+        raise SynthtrialError(f"{path}: is {labels.shape[1]}x{labels.shape[0]} but its image is {width}x{height}")
+    if labels.min(initial=0) < 0:
+        raise SynthtrialError(f"{path}: has negative labels; a lesion mask holds lesion_id + 1, 0 = no lesion")
+    wanted = {lid + 1 for lid in lesion_ids}
+    top = max(wanted, default=0)
+    clipped = np.where(labels <= top, labels, 0)  # labels of lesions not listed cannot be exported
+    boxes = ndimage.find_objects(clipped, max_label=top) if top else []
+    shapes: dict[int, tuple[int, list[list[float]]]] = {}
+    for lid in sorted(lesion_ids):
+        box = boxes[lid] if lid < len(boxes) else None
+        if box is None:
+            continue
+        binary = clipped[box] == lid + 1
+        area = int(binary.sum())
+        if not area:
+            continue
+        shapes[lid] = (area, _polygons(binary, box[1].start, box[0].start))
+    return shapes
+
+
+def _polygons(binary: np.ndarray, x_off: int, y_off: int) -> list[list[float]]:
+    """COCO polygons (outer boundaries only) of a boolean crop whose top-left pixel is (x_off, y_off).
+
+    Contours run along pixel edges' midpoints; in COCO's continuous coordinates (pixel (c, r) covers
+    [c, c+1) x [r, r+1)) they lie inside the union of the mask's pixels. Holes are dropped (COCO polygons
+    cannot express them); the area reported beside them is the exact pixel count.
+    """
+    from skimage import measure
+
+    padded = np.pad(binary.astype(np.uint8), 1)
+    polygons = []
+    for contour in measure.find_contours(padded, 0.5, positive_orientation="high"):
+        if len(contour) < 4:
+            continue
+        ys = contour[:, 0] - 1 + y_off + 0.5
+        xs = contour[:, 1] - 1 + x_off + 0.5
+        signed = 0.5 * float(np.sum(xs[:-1] * ys[1:] - xs[1:] * ys[:-1]))
+        if signed >= 0:  # with positive_orientation="high", islands run this way round and holes the other
+            continue
+        points = np.column_stack([xs, ys])
+        if (points[0] == points[-1]).all():
+            points = points[:-1]
+        # drop the points in the middle of a straight run: the outline keeps its exact shape (coordinates
+        # are multiples of 0.5, so the test is exact)
+        before = points - np.roll(points, 1, axis=0)
+        after = np.roll(points, -1, axis=0) - points
+        cross = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
+        dot = (before * after).sum(axis=1)
+        points = points[(cross != 0) | (dot <= 0)]
+        if len(points) >= 3:
+            polygons.append((np.round(points.ravel(), 2) + 0.0).tolist())
+    return polygons
+
+
+# ---------------------------------------------------------------------------------------------- acne04
+
+def _plan_acne04(run: _Run, *, folds: int, seed: int) -> tuple[dict[str, str], dict[str, str]]:
+    """Check the run for the ACNE04 layout; return JPEG name -> image path and label file -> text."""
+    manifest = run.manifest
+    manifest_path = run.root / "manifest.parquet"
+    patients = sorted(set(manifest["patient_id"].tolist()))
+    if len(patients) < folds:
+        n = len(patients)
+        hint = f"use --folds {n} or fewer" if n >= 2 else "a split by patient needs at least 2 patients"
+        raise SynthtrialError(f"{run.root}: {n} patient{'s' if n != 1 else ''} cannot be split into {folds} folds "
+                              f"by patient; {hint}")
+    fold_of = acne04_folds(patients, folds=folds, seed=seed)
+    names: dict[str, str] = {}
+    lines: list[tuple[str, str]] = []  # (patient, line)
+    for rec in manifest.to_dict(orient="records"):
+        row, image = int(rec["_row"]), rec["image"]
+        name = PurePosixPath(image).stem + ".jpg"
+        if any(ch.isspace() for ch in name):
+            raise SynthtrialError(f"{manifest_path}: row {row}, column 'image': {_show(image)} has white space "
+                                  "in its name, which the ACNE04 label lines ('filename grade count') cannot hold")
+        if name in names:
+            raise SynthtrialError(f"{manifest_path}: row {row}, column 'image': {_show(image)} and "
+                                  f"{_show(names[name])} both become JPEGImages/{name}")
+        names[name] = image
+        grade = _as_int(rec["acne04_level"], manifest_path, row, "acne04_level")
+        count = _as_int(rec["lesion_count"], manifest_path, row, "lesion_count")
+        lines.append((rec["patient_id"], f"{name} {grade} {count}\n"))
+    labels = {}
+    for k in range(folds):
+        labels[f"NNEW_trainval_{k}.txt"] = "".join(line for patient, line in lines if fold_of[patient] != k)
+        labels[f"NNEW_test_{k}.txt"] = "".join(line for patient, line in lines if fold_of[patient] == k)
+    return names, labels
+
+
+def _write_acne04(run: _Run, dest: Path, names: dict[str, str], labels: dict[str, str]) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    jpegs = dest / "JPEGImages"
+    jpegs.mkdir()
+    with _progress("ACNE04 JPEG", len(names)) as advance:
+        for name, image in names.items():
+            src = run.root.joinpath(*PurePosixPath(image).parts)
+            try:
+                with Image.open(src) as im:
+                    rgb = im.convert("RGB")
+            except (OSError, UnidentifiedImageError) as exc:
+                raise SynthtrialError(f"{src}: cannot be read as an image ({_one_line(exc)})") from None
+            rgb.save(jpegs / name, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False)
+            advance()
+    for name, text in labels.items():
+        write_text_atomic(dest / name, text)
+
+
+def acne04_folds(patients: list[str], *, folds: int = 5, seed: int = 0) -> dict[str, int]:
+    """Deal patients to folds: sort, shuffle with ``seed``, then round-robin; returns patient -> fold (0-based)."""
+    ordered = sorted(set(patients))
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    return {ordered[int(j)]: i % folds for i, j in enumerate(order)}
+
+
+# ----------------------------------------------------------------------------------------- imagefolder
+
+def _write_imagefolder(run: _Run, dest: Path) -> None:
+    manifest = run.manifest
+    manifest_path = run.root / "manifest.parquet"
+    train = dest / "train"
+    train.mkdir()
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(("file_name",) + METADATA_COLUMNS)
+    int_columns = {"day", "acne04_level", "iga", "lesion_count", "n_open_comedo", "n_closed_comedo", "n_papule",
+                   "n_pustule", "n_nodule", "n_mark", "n_scar"}
+    with _progress("imagefolder", len(manifest)) as advance:
+        for rec in manifest.to_dict(orient="records"):
+            row = int(rec["_row"])
+            src = run.root.joinpath(*PurePosixPath(rec["image"]).parts)
+            file_name = f"{rec['patient_id']}/{src.name}"
+            dst = train / rec["patient_id"] / src.name
+            if dst.exists():
+                raise SynthtrialError(f"{manifest_path}: row {row}, column 'image': {_show(rec['image'])} would "
+                                      f"overwrite train/{file_name}, already exported from another row")
+            dst.parent.mkdir(exist_ok=True)
+            _link_or_copy(src, dst)
+            cells: list[str] = [file_name]
+            for column in METADATA_COLUMNS:
+                value = rec[column]
+                if column in int_columns:
+                    cells.append(str(_as_int(value, manifest_path, row, column)))
+                elif column == "severity":
+                    number = _as_float(value, manifest_path, row, column)
+                    cells.append("" if number is None else repr(number))
+                elif column == "date":
+                    cells.append(_date_text(value, manifest_path, row))
+                else:
+                    cells.append("" if _is_missing(value) else str(value))
+            writer.writerow(cells)
+            advance()
+    write_text_atomic(train / "metadata.csv", buffer.getvalue())
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _date_text(value: Any, path: Path, row: int) -> str:
+    if _is_missing(value):
+        return ""
+    try:
+        return pd.Timestamp(value).strftime("%Y-%m-%d")
+    except (ValueError, TypeError):
+        raise SynthtrialError(f"{path}: row {row}, column 'date': {_show(value)} is not a date") from None
+
+
+# -------------------------------------------------------------------------------------- writing safely
+
+@contextlib.contextmanager
+def _building(target: Path, fmt: str, run: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``target``; on success it replaces ``target``, on failure it is removed."""
+    target = Path(target)
+    resolved = target.resolve()
+    run_root = run.resolve()
+    if resolved == run_root or run_root.is_relative_to(resolved):
+        raise SynthtrialError(f"{target}: would replace the run directory {run}; choose another --out")
+    if target.exists():
+        if not target.is_dir():
+            raise SynthtrialError(f"{target}: exists and is not a folder; choose another --out")
+        strangers = sorted(p.name for p in target.iterdir() if not _belongs_to_export(p.name, fmt))
+        if strangers:
+            raise SynthtrialError(f"{target}: exists and is not a synthtrial {fmt} export "
+                                  f"(it holds {_show(strangers[0])}); choose another --out or remove it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / "export")
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old / "export", target)
+                shutil.rmtree(old, ignore_errors=True)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _belongs_to_export(name: str, fmt: str) -> bool:
+    if fmt == "coco":
+        return name == "annotations.json"
+    if fmt == "acne04":
+        return name == "JPEGImages" or bool(_ACNE04_LABEL.fullmatch(name))
+    return name == "train"
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: int) -> Iterator[Callable[[], None]]:
+    """A rich progress bar on stderr while it is a terminal; a no-op otherwise (pipes, CI, tests)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), console=console, transient=True,
+                        disable=not console.is_terminal)
+    with progress:
+        task = progress.add_task(f"export {label}", total=total)
+        yield lambda: progress.advance(task)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def _check_int_option(value: Any, name: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise SynthtrialError(f"--{name} must be a whole number >= {minimum}, got {_show(value)}")
+    return int(value)
+
+
+def _is_missing(value: Any) -> bool:
+    try:
+        return value is None or bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _as_int(value: Any, path: Path, row: int, column: str) -> int:
+    if not _is_missing(value) and not isinstance(value, (bool, np.bool_)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if math.isfinite(number) and number == int(number):
+            return int(number)
+    raise SynthtrialError(f"{path}: row {row}, column '{column}': {_show(value)} is not a whole number")
+
+
+def _as_float(value: Any, path: Path, row: int, column: str) -> float | None:
+    if _is_missing(value):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise SynthtrialError(f"{path}: row {row}, column '{column}': {_show(value)} is not a number")
+    return number + 0.0
+
+
+def _show(value: Any) -> str:
+    text = repr(value.item() if isinstance(value, np.generic) else value)
+    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def _version() -> str:
+    from synthtrial import __version__
+
+    return __version__

@@ -1,0 +1,49 @@
+"""Contact sheets: one JPEG per patient showing the whole series, labelled, to look at a run at a glance."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from synthtrial.atomic import write_bytes_atomic
+
+COLUMNS = 7            # a week per row for daily series
+THUMB = 160
+
+
+def contact_sheet(run_dir: Path, rows: pd.DataFrame, columns: int = COLUMNS, thumb: int = THUMB) -> bytes:
+    """JPEG bytes of a labelled grid of the images in ``rows`` (in order)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    label_h = 26
+    n = len(rows)
+    cols = max(1, min(columns, n))
+    grid_rows = math.ceil(n / cols)
+    sheet = Image.new("RGB", (cols * thumb, grid_rows * (thumb + label_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, rec in enumerate(rows.itertuples(index=False)):
+        x, y = (i % cols) * thumb, (i // cols) * (thumb + label_h)
+        with Image.open(run_dir / rec.image) as im:
+            sheet.paste(im.convert("RGB").resize((thumb, thumb), Image.Resampling.LANCZOS), (x, y))
+        when = rec.date.strftime("%Y-%m-%d") if not pd.isna(rec.date) else f"day {rec.day}"
+        view = "" if rec.view == "frontal" else f" {rec.view}"
+        draw.text((x + 3, y + thumb + 1), f"{when}{view} {rec.treatment}"[:26], fill=(0, 0, 0), font=font)
+        draw.text((x + 3, y + thumb + 13), f"s={rec.severity:.2f} n={rec.lesion_count} IGA {rec.iga}",
+                  fill=(90, 90, 90), font=font)
+    buf = io.BytesIO()
+    sheet.save(buf, format="JPEG", quality=88)
+    return buf.getvalue()
+
+
+def write_grids(run_dir: Path, manifest: pd.DataFrame) -> list[Path]:
+    """Write ``grids/<patient_id>.jpg`` for every patient of a run."""
+    paths = []
+    for pid, rows in manifest.groupby("patient_id", sort=False):
+        path = run_dir / "grids" / f"{pid}.jpg"
+        write_bytes_atomic(path, contact_sheet(run_dir, rows))
+        paths.append(path)
+    return paths

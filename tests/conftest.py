@@ -1,0 +1,29 @@
+"""Shared fixtures: faces are built once per session (MediaPipe runs once per portrait)."""
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def bases():
+    from synthtrial.faces import load_base_faces
+
+    return load_base_faces(None)
+
+
+@pytest.fixture(scope="session")
+def face256(bases):
+    from synthtrial.faces import identity_for, make_face
+
+    return make_face(bases[0], identity_for(0, bases, seed=0), 256)
+
+
+@pytest.fixture()
+def gray_image_dir(tmp_path):
+    """A folder holding one image without a face."""
+    from PIL import Image
+
+    folder = tmp_path / "nofaces"
+    folder.mkdir()
+    Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(folder / "wall.png")
+    return folder

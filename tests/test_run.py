@@ -1,0 +1,238 @@
+"""`generate`: a run directory whose tables, images and masks agree, resumable to the same bytes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from synthtrial import scale
+from synthtrial.errors import SynthtrialError
+from synthtrial.run import generate, image_stem, read_run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ("patient_id,day,date,block,treatment,severity,view\n"
+        "a1,1,2018-01-01,1,Control,2.6,frontal\n"
+        "a1,1,2018-01-01,1,Control,2.6,left\n"
+        "a1,2,2018-01-02,1,Control,2.4,frontal\n"
+        "a1,3,2018-01-03,2,Cream,1.2,frontal\n"
+        "b2,1,2018-01-01,1,Control,0.4,frontal\n"
+        "b2,2,2018-01-02,2,Cream,0.9,frontal\n")
+
+
+def files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "quick"
+    generate(ROOT / "protocols" / "quick.csv", out, size=256, progress=False)
+    return out
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    path = tmp_path / "tiny.csv"
+    path.write_text(TINY)
+    return path
+
+
+def test_run_directory_layout(quick_run):
+    for name in ("protocol.csv", "config.json", "truth.json", "manifest.parquet", "manifest.csv", "lesions.parquet"):
+        assert (quick_run / name).is_file(), name
+    manifest, lesions = read_run(quick_run)
+    assert len(manifest) == 48
+    assert sorted(p.name for p in (quick_run / "grids").iterdir()) == ["P01.jpg", "P02.jpg", "P03.jpg"]
+    assert json.loads((quick_run / "truth.json").read_text()) == json.loads(
+        (ROOT / "protocols" / "quick.truth.json").read_text())
+    config = json.loads((quick_run / "config.json").read_text())
+    assert config["settings"] == {"backend": "procedural", "naming": "native", "seed": 0, "size": 256}
+    for col in ("image", "patient_id", "day", "date", "block", "treatment", "view", "severity", "lesion_count",
+                "n_open_comedo", "n_closed_comedo", "n_papule", "n_pustule", "n_nodule", "n_scar", "acne04_level",
+                "iga", "identity", "seed", "backend", "sha256"):
+        assert col in manifest.columns, col
+    for col in ("image", "patient_id", "day", "lesion_id", "type", "x0", "y0", "x1", "y1", "cx", "cy", "radius_px",
+                "stage", "age_days"):
+        assert col in lesions.columns, col
+    assert manifest["image"].iloc[0] == "images/P01/P01_20180101_frontal.png"
+    import hashlib
+
+    for rec in manifest.head(5).itertuples():
+        data = (quick_run / rec.image).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == rec.sha256
+        assert Image.open(quick_run / rec.image).size == (256, 256)
+
+
+def test_manifest_and_lesions_agree(quick_run):
+    manifest, lesions = read_run(quick_run)
+    per_type = lesions.groupby(["image", "type"]).size().unstack(fill_value=0)
+    for rec in manifest.itertuples():
+        row = per_type.loc[rec.image] if rec.image in per_type.index else pd.Series(dtype=int)
+        for t in ("open_comedo", "closed_comedo", "papule", "pustule", "nodule", "mark", "scar"):
+            assert getattr(rec, f"n_{t}") == int(row.get(t, 0)), (rec.image, t)
+        active = sum(int(row.get(t, 0)) for t in scale.LESION_TYPES)
+        assert rec.lesion_count == active
+        # the lesion count follows the target severity exactly, and the grades follow the count
+        assert rec.lesion_count == round(float(scale.expected_lesion_count(rec.severity)))
+        assert rec.acne04_level == scale.acne04_level_from_count(rec.lesion_count)
+        inflamed = rec.n_papule + rec.n_pustule + rec.n_nodule
+        assert rec.iga == scale.iga_from_counts(inflamed, rec.n_nodule)
+
+
+def test_boxes_inside_image_and_on_skin_masks(quick_run):
+    from synthtrial.faces import identity_for, load_base_faces, make_face
+
+    manifest, lesions = read_run(quick_run)
+    assert (lesions[["x0", "y0"]] >= 0).all().all()
+    assert (lesions[["x1", "y1"]] <= 256).all().all()
+    assert (lesions["x1"] > lesions["x0"]).all() and (lesions["y1"] > lesions["y0"]).all()
+    bases = load_base_faces(None)
+    face = make_face(bases[0], identity_for(0, bases, 0), 256)  # P01's face
+    p01 = lesions[lesions["patient_id"] == "P01"]
+    x, y = np.round(p01["cx"]).astype(int), np.round(p01["cy"]).astype(int)
+    assert face.skin[y, x].all()
+    # instance masks: every labelled pixel lies inside its lesion's box and on skin
+    for image, rows in list(p01.groupby("image"))[:4]:
+        stem = Path(image).stem
+        label = np.asarray(Image.open(quick_run / "masks" / "P01" / f"{stem}.png"))
+        assert label.dtype == np.uint16 or label.max() < 65536
+        assert not (label[~face.skin] > 0).any()
+        for les in rows.itertuples():
+            ys, xs = np.nonzero(label == les.lesion_id + 1)
+            if len(xs):
+                assert xs.min() >= les.x0 - 1 and xs.max() <= les.x1 and ys.min() >= les.y0 - 1 and ys.max() <= les.y1
+
+
+def test_lesions_keep_id_and_position_across_days(quick_run):
+    _, lesions = read_run(quick_run)
+    frontal = lesions[lesions["view"] == "frontal"]
+    spread = frontal.groupby(["patient_id", "lesion_id"])[["cx", "cy"]].agg(lambda v: v.max() - v.min())
+    assert (spread.to_numpy() == 0).all()
+    days_seen = frontal.groupby(["patient_id", "lesion_id"])["day"].nunique()
+    assert (days_seen > 1).mean() > 0.5  # most lesions persist over several days
+
+
+def test_image_changes_where_lesions_are(quick_run):
+    from synthtrial.faces import Identity, load_base_faces, make_face
+
+    manifest, _ = read_run(quick_run)
+    bases = load_base_faces(None)
+    base_image = make_face(bases[0], Identity(base="astronaut"), 256).image.astype(int)
+    first = manifest.iloc[0]
+    image = np.asarray(Image.open(quick_run / first["image"])).astype(int)
+    label = np.asarray(Image.open(quick_run / first["mask"]))
+    changed = np.abs(image - base_image).sum(axis=2) > 0
+    assert changed[label > 0].mean() > 0.9
+    assert changed.mean() < 0.3  # the rest of the portrait is left alone
+
+
+def test_interrupted_run_resumes_to_the_same_bytes(tiny, tmp_path):
+    whole = tmp_path / "whole"
+    generate(tiny, whole, size=160, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_three(done, total):
+        if done >= 3:
+            raise Stop
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Stop):
+        generate(tiny, cut, size=160, progress=False, on_image=stop_after_three)
+    assert not (cut / "manifest.parquet").exists()
+    generate(tiny, cut, size=160, progress=False)
+    assert files(cut) == files(whole)
+    # a finished run re-run is a no-op with the same bytes
+    generate(tiny, cut, size=160, progress=False)
+    assert files(cut) == files(whole)
+
+
+def test_killed_process_resumes_to_the_same_bytes(tmp_path):
+    proto = ROOT / "protocols" / "quick.csv"
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    cmd = [sys.executable, "-m", "synthtrial", "generate", str(proto), "--size", "160", "--quiet"]
+    subprocess.run([*cmd, "--out", str(whole)], check=True, capture_output=True)
+    proc = subprocess.Popen([*cmd, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((killed / ".parts").rglob("*.json"))) >= 10:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    interrupted = proc.returncode == -signal.SIGKILL
+    subprocess.run([*cmd, "--out", str(killed)], check=True, capture_output=True)
+    assert files(killed) == files(whole)
+    assert interrupted, "the run finished before it could be killed; the resume was not exercised"
+
+
+def test_workers_do_not_change_the_result(tiny, tmp_path):
+    generate(tiny, tmp_path / "one", size=160, progress=False, workers=1)
+    generate(tiny, tmp_path / "two", size=160, progress=False, workers=2)
+    assert files(tmp_path / "one") == files(tmp_path / "two")
+
+
+def test_seed_changes_lesions(tiny, tmp_path):
+    generate(tiny, tmp_path / "s0", size=160, progress=False, seed=0)
+    generate(tiny, tmp_path / "s1", size=160, progress=False, seed=1)
+    a, b = read_run(tmp_path / "s0")[1], read_run(tmp_path / "s1")[1]
+    assert not a[["cx", "cy"]].equals(b[["cx", "cy"]])
+
+
+def test_side_views_and_anchor_naming(tiny, tmp_path):
+    run = generate(tiny, tmp_path / "anchor", size=160, progress=False, naming="anchor")
+    manifest, lesions = read_run(run)
+    assert manifest["image"].tolist()[:3] == ["images/a1/a1_20180101_severity_3.png",
+                                              "images/a1/a1_20180101_severity_3_left.png",
+                                              "images/a1/a1_20180102_severity_2.png"]
+    front = lesions[(lesions["day"] == 1) & (lesions["patient_id"] == "a1")]
+    ids = front.groupby("view")["lesion_id"].apply(set)
+    assert ids["frontal"] == ids["left"]  # the same lesions in every view of a day
+    moved = front.pivot_table(index="lesion_id", columns="view", values="cx")
+    assert (moved["frontal"] != moved["left"]).any()
+
+
+def test_image_stem():
+    date = pd.Timestamp("2018-01-29")
+    assert image_stem("P01", 29, date, "frontal", 1.994, "native") == "P01_20180129_frontal"
+    assert image_stem("P01", 29, pd.NaT, "left", 1.994, "native") == "P01_d029_left"
+    assert image_stem("1", 29, date, "frontal", 1.994, "anchor") == "1_20180129_severity_2"
+    assert image_stem("1", 29, date, "frontal", 3.0, "anchor") == "1_20180129_severity_3"
+    with pytest.raises(SynthtrialError, match="needs a date"):
+        image_stem("1", 29, pd.NaT, "frontal", 1.0, "anchor")
+
+
+def test_protocol_without_severity_is_simulated(tmp_path):
+    path = tmp_path / "sched.csv"
+    path.write_text("patient_id,day,treatment\nz9,0,Control\nz9,1,Control\n")
+    run = generate(path, tmp_path / "run", size=160, progress=False)
+    manifest, _ = read_run(run)
+    assert manifest["severity"].notna().all()
+    assert json.loads((run / "truth.json").read_text())["reference"] == "Control"
+
+
+def test_errors_and_nothing_half_written(tiny, tmp_path, gray_image_dir):
+    generate(tiny, tmp_path / "r", size=160, progress=False)
+    with pytest.raises(SynthtrialError, match="other settings"):
+        generate(tiny, tmp_path / "r", size=192, progress=False)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.txt").write_text("x")
+    with pytest.raises(SynthtrialError, match="not a synthtrial run"):
+        generate(tiny, tmp_path / "junk", size=160, progress=False)
+    with pytest.raises(SynthtrialError, match=r"wall\.png: no face found"):
+        generate(tiny, tmp_path / "nf", faces_dir=gray_image_dir, size=160, progress=False)
+    assert not (tmp_path / "nf" / "images").exists()
+    with pytest.raises(SynthtrialError, match="--size"):
+        generate(tiny, tmp_path / "s", size=16, progress=False)
+    with pytest.raises(SynthtrialError, match="no such folder"):
+        generate(tiny, tmp_path / "f", faces_dir=tmp_path / "nope", progress=False)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "f").exists()
