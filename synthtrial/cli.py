@@ -6,14 +6,15 @@ status 2; nothing is half-written.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from typer.core import TyperGroup
 
@@ -292,7 +293,7 @@ def protocol_design(
       synthtrial protocol design --design pairs --arms Control,Cream --blocks 3 --period-days 7
       --effect Cream=-0.4 --patients 20 --out pairs.csv
     """
-    from synthtrial.simulate import SeverityModel, TrialDesign, preset as get_preset, simulate_trial, truth_path_for
+    from synthtrial.simulate import preset as get_preset, simulate_trial, truth_path_for
 
     base_design, base_model = get_preset(preset.value)
     design_changes = {k: v for k, v in {
@@ -311,8 +312,8 @@ def protocol_design(
     if "arms" in design_changes and "effects" not in model_changes:
         # the preset's effects name the preset's arms; keep those that still exist
         model_changes["effects"] = {a: v for a, v in base_model.effects.items() if a in design_changes["arms"]}
-    trial_design = TrialDesign(**{**_fields(base_design), **design_changes})
-    model = SeverityModel(**{**_fields(base_model), **model_changes})
+    trial_design = dataclasses.replace(base_design, **design_changes)
+    model = dataclasses.replace(base_model, **model_changes)
 
     truth_path = truth_path_for(out_path)
     if not force:
@@ -372,6 +373,10 @@ def generate_command(
 
 # -------------------------------------------------------------------------------------------- export
 
+RunDir = Annotated[Path, typer.Argument(help="A run directory written by [bold]synthtrial generate[/].",
+                                        show_default=False)]
+
+
 class ExportFormat(str, Enum):
     coco = "coco"
     acne04 = "acne04"
@@ -381,8 +386,7 @@ class ExportFormat(str, Enum):
 @app.command("export")
 @handles_errors
 def export_command(
-    run: Annotated[Path, typer.Argument(help="A run directory written by [bold]synthtrial generate[/].",
-                                        show_default=False)],
+    run: RunDir,
     fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="coco: detection JSON of the lesion boxes "
                                               "and masks; acne04: ACNE04 label lines (filename level count) "
                                               "with patient-wise folds; imagefolder: a Hugging Face imagefolder "
@@ -399,10 +403,140 @@ def export_command(
     out.print(f"[green]wrote[/green] {path}")
 
 
-def _fields(obj: Any) -> dict[str, Any]:
-    import dataclasses
+# ------------------------------------------------------------------------------------------- analyze
 
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+_ANALYSIS_PANEL = "Analysis"
+
+
+@app.command("analyze")
+@handles_errors
+def analyze_command(
+    run: RunDir,
+    autoencoder: Annotated[bool, typer.Option("--autoencoder/--no-autoencoder",
+                                              help="Train the unsupervised autoencoder + PCA outcome.")] = True,
+    epochs: Annotated[int, typer.Option(help="Autoencoder training epochs.", rich_help_panel=_ANALYSIS_PANEL)] = 10,
+    image_size: Annotated[int, typer.Option(help="Autoencoder input size (power of two; Schneider et al.: 256).",
+                                            rich_help_panel=_ANALYSIS_PANEL)] = 256,
+    trend: Annotated[bool, typer.Option("--trend/--no-trend", help="Adjust the pooled model for a linear time "
+                                        "trend.", rich_help_panel=_ANALYSIS_PANEL)] = True,
+    permutations: Annotated[int, typer.Option(help="Permutations per permutation test.",
+                                              rich_help_panel=_ANALYSIS_PANEL)] = 2000,
+    alpha: Annotated[float, typer.Option(help="Significance level (CIs are 1 - alpha).",
+                                         rich_help_panel=_ANALYSIS_PANEL)] = 0.05,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the autoencoder and the permutations.")] = 0,
+    device: Annotated[Optional[str], typer.Option(help="Torch device for the autoencoder (default: cuda if "
+                                                  "available, else cpu).", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Estimate the treatment effects of a run from its images, each beside the truth it simulated.
+
+    Outcomes: the oracle severity, the lesion count (also read on the severity scale), IGA, any grader scores in RUN/grades.parquet, and Schneider et al.'s unsupervised autoencoder + PCA score. Tests: per-patient Welch t, permutation and GLS with AR(1) errors; pooled linear mixed model with random intercept and treatment slopes. Writes RUN/analysis/: outcomes.parquet, effects.csv (estimate, SE, CI, p, true effect, bias, covered) and report.html.
+    """
+    import pandas as pd
+
+    from synthtrial.analyze.pipeline import AnalysisSettings, analysis_summary, analyze_run
+
+    settings = AnalysisSettings(autoencoder=autoencoder, epochs=epochs, image_size=image_size, trend=trend,
+                                n_permutations=permutations, seed=seed, alpha=alpha)
+    folder = analyze_run(run, settings, device=device, progress=not quiet)
+    summary = analysis_summary(pd.read_csv(folder / "effects.csv"))
+    table = Table(title="pooled effects (linear mixed model) beside the truth", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("outcome", "arm", f"estimate [{1 - alpha:.0%} CI]", "p", "truth"):
+        table.add_column(col, justify="left" if col in ("outcome", "arm") else "right", no_wrap=True)
+    for rec in summary.itertuples(index=False):
+        truth = "" if pd.isna(rec.true_effect) else f"{rec.true_effect:+.2f} " + (
+            "✓" if str(rec.covered) == "True" else "✗ missed")
+        table.add_row(rec.outcome, rec.arm, f"{rec.estimate:+.2f} [{rec.ci_low:+.2f}, {rec.ci_high:+.2f}]",
+                      f"{rec.p:.0e}", truth)
+    out.print(table)
+    out.print(f"[green]wrote[/green] {folder} (open {folder / 'report.html'})")
+
+
+class PowerMethod(str, Enum):
+    welch = "welch"
+    permutation = "permutation"
+    gls_ar1 = "gls_ar1"
+    lmm = "lmm"
+
+
+class PowerOutcome(str, Enum):
+    oracle = "oracle"
+    lesion_severity = "lesion_severity"
+
+
+@app.command("power")
+@handles_errors
+def power_command(
+    design_file: Annotated[Optional[Path], typer.Option("--design", help="A truth file written by [bold]protocol "
+                                                        "design[/] (its design and severity model are reused).",
+                                                        show_default=False)] = None,
+    preset: Annotated[Optional[PresetName], typer.Option(help="A ready-made design instead of --design.",
+                                                         show_default=False)] = None,
+    replicates: Annotated[int, typer.Option(min=1, help="Simulated trials.")] = 200,
+    null: Annotated[bool, typer.Option("--null", help="Set every effect (and its spread) to zero: rejection rates "
+                                       "are type I errors.")] = False,
+    effect: Annotated[Optional[list[str]], typer.Option(help="Override an arm's population effect, ARM=NUMBER "
+                                                        "(repeatable).")] = None,
+    patients: Annotated[Optional[int], typer.Option(min=1, help="Override the number of patients.")] = None,
+    alpha: Annotated[float, typer.Option(help="Significance level.")] = 0.05,
+    trend: Annotated[bool, typer.Option("--trend/--no-trend", help="Adjust for a linear time trend.")] = True,
+    method: Annotated[Optional[list[PowerMethod]], typer.Option(help="Tests to run (repeatable; default: welch, "
+                                                                "gls_ar1, lmm).", show_default=False)] = None,
+    outcome: Annotated[Optional[list[PowerOutcome]], typer.Option(help="Outcomes (repeatable; default: both).",
+                                                                  show_default=False)] = None,
+    random_intercept: Annotated[bool, typer.Option("--random-intercept", help="Pooled model with a random "
+                                                   "intercept only (faster; no random treatment slopes).")] = False,
+    workers: Annotated[int, typer.Option(min=1, help="Processes (the result does not depend on it).")] = 1,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the replicates.")] = 0,
+    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the summary CSV here (every "
+                                                     "estimate goes to <stem>.estimates.csv beside it).",
+                                                     show_default=False)] = None,
+) -> None:
+    """Type I error and power of every analysis over many simulated trials (no rendering needed).
+
+    Each replicate simulates a new trial from the design and analyses the oracle severity and the lesion count the lesion model would draw, with per-patient Welch t and GLS-AR(1) tests and the pooled mixed model. Rejection rates come with their Monte-Carlo standard error.
+    """
+    from synthtrial.analyze.power import DEFAULT_METHODS, POWER_OUTCOMES, design_from_file, power_study, with_effects
+    from synthtrial.simulate import preset as get_preset
+
+    if design_file is not None and preset is not None:
+        raise SynthtrialError("give --design or --preset, not both")
+    design, model = design_from_file(design_file) if design_file else get_preset((preset or PresetName.quick).value)
+    if patients is not None:
+        design = dataclasses.replace(design, n_patients=patients)
+    model = with_effects(model, _parse_effects(effect) if effect else None, null=null)
+    for arm in model.effects:
+        if arm not in design.arms:
+            raise SynthtrialError(f"--effect {arm}=...: not an arm of the design ({', '.join(design.arms)})")
+    if out_path is not None and out_path.is_dir():
+        raise SynthtrialError(f"{out_path} is a directory (option --out)")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]replicates"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err) as bar:
+        task = bar.add_task("power", total=replicates)
+        estimates, summary = power_study(
+            design, model, replicates, seed=seed, workers=workers, alpha=alpha, trend=trend,
+            methods=[m.value for m in method] if method else DEFAULT_METHODS,
+            outcomes=[o.value for o in outcome] if outcome else POWER_OUTCOMES, random_slopes=not random_intercept,
+            on_replicate=lambda done, total: bar.update(task, completed=done))
+    table = Table(title=f"{replicates} simulated trials, {design.n_patients} patients x {design.days_per_patient} days, "
+                        f"alpha {alpha}", title_justify="left")
+    for col in ("outcome", "method", "level", "arm", "effect", "quantity", "rate", "MC SE", "bias", "coverage"):
+        table.add_column(col, justify="left" if col in ("outcome", "method", "level", "arm", "quantity") else "right")
+    for rec in summary.itertuples(index=False):
+        table.add_row(rec.outcome, rec.method, rec.level, rec.arm, f"{rec.population_effect:+.2f}", rec.quantity,
+                      f"{rec.rejection_rate:.3f}", f"{rec.mc_se:.3f}", f"{rec.bias:+.3f}",
+                      "" if rec.coverage != rec.coverage else f"{rec.coverage:.3f}")
+    out.print(table)
+    if out_path is not None:
+        from synthtrial.atomic import write_text_atomic
+
+        write_text_atomic(out_path, summary.to_csv(index=False, lineterminator="\n"))
+        estimates_path = out_path.with_name(f"{out_path.stem}.estimates.csv")
+        write_text_atomic(estimates_path, estimates.to_csv(index=False, lineterminator="\n"))
+        out.print(f"[green]wrote[/green] {out_path} and {estimates_path}")
 
 
 def main() -> None:

@@ -219,3 +219,24 @@ def test_usage_errors_are_one_line_exit_2(args):
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("synthtrial: error:"), result.stderr
+
+
+def test_power_command(tmp_path):
+    out = tmp_path / "power.csv"
+    result = invoke("power", "--preset", "quick", "--replicates", 3, "--method", "welch", "--method", "lmm",
+                    "--outcome", "oracle", "--random-intercept", "--out", out)
+    assert result.exit_code == 0, result.output
+    summary = __import__("pandas").read_csv(out)
+    assert set(summary["method"]) == {"welch", "lmm"} and set(summary["outcome"]) == {"oracle"}
+    assert (tmp_path / "power.estimates.csv").is_file()
+    result = invoke("power", "--preset", "quick", "--design", out)
+    assert result.exit_code == 2 and "not both" in result.stderr
+    result = invoke("power", "--preset", "quick", "--effect", "Gel=-1")
+    assert result.exit_code == 2 and "--effect Gel" in result.stderr
+
+
+def test_analyze_command(tiny_run):
+    result = invoke("analyze", tiny_run, "--no-autoencoder", "--permutations", 100, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "pooled effects" in result.stdout
+    assert (tiny_run / "analysis" / "report.html").is_file()

@@ -1,0 +1,284 @@
+"""``synthtrial analyze``: read the treatment effect off a run's images in several ways, beside the truth.
+
+Outcomes per image (``RUN/analysis/outcomes.parquet``):
+
+* ``oracle`` — the simulated latent severity itself (what a perfect grader would report);
+* ``lesion_count`` — the number of active lesions drawn, and ``lesion_severity``, the same count read back
+  on the severity scale through the inverse of the scale's count map (so its effect is comparable with the
+  truth);
+* ``iga`` — the IGA grade the drawn lesions imply;
+* ``grader_*`` — every numeric column of ``RUN/grades.parquet`` when graders have scored the run;
+* ``ae_pca`` — Schneider et al.'s unsupervised pipeline: a convolutional autoencoder trained on the run's
+  images, its 64-d embeddings, and each patient's first principal component (as Schneider et al. did for
+  their one participant; pooled, the component would tell the faces apart), oriented to grow with skin
+  redness (a label-free choice; a component's sign is arbitrary) and standardised within the patient.
+
+Views of one day are averaged, then each outcome goes through per-patient Welch t, permutation and
+GLS-AR(1) tests and a pooled linear mixed model (``effects.csv``). Outcomes on the severity scale
+(oracle, lesion_severity) are set beside the truth: bias and CI coverage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from synthtrial import scale
+from synthtrial.atomic import write_bytes_atomic, write_text_atomic
+from synthtrial.errors import SynthtrialError
+from synthtrial.run import read_run
+
+#: Outcomes whose effects are on the latent severity scale, where the truth applies directly.
+TRUTH_SCALE_OUTCOMES = ("oracle", "lesion_severity")
+BASE_OUTCOMES = ("oracle", "lesion_severity", "lesion_count", "iga")
+EFFECT_COLUMNS = ("outcome", "method", "scope", "arm", "reference", "estimate", "se", "ci_low", "ci_high", "p", "n",
+                  "true_effect", "bias", "covered", "note")
+
+
+@dataclass
+class AnalysisSettings:
+    """What an analysis depends on (recorded in ``analysis/settings.json``)."""
+
+    autoencoder: bool = True
+    epochs: int = 10
+    image_size: int = 256
+    trend: bool = True
+    n_permutations: int = 2000
+    seed: int = 0
+    alpha: float = 0.05
+    methods: tuple[str, ...] = ("welch", "permutation", "gls_ar1", "lmm")
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise SynthtrialError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.image_size < 16 or self.image_size & (self.image_size - 1):
+            raise SynthtrialError(f"--image-size must be a power of two >= 16, got {self.image_size}")
+        if self.n_permutations < 100:
+            raise SynthtrialError(f"--permutations must be >= 100, got {self.n_permutations}")
+        if not 0 < self.alpha < 0.5:
+            raise SynthtrialError(f"--alpha must lie in (0, 0.5), got {self.alpha}")
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage, for the benchmark and the report."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.stages[name] = self.stages.get(name, 0.0) + seconds
+
+
+def _reference_and_exclusions(truth: dict | None, manifest: pd.DataFrame) -> tuple[str, tuple[str, ...]]:
+    if truth and truth.get("reference"):
+        exclude = ()
+        label = (truth.get("design") or {}).get("washout_label")
+        if label:
+            exclude = (label,)
+        return str(truth["reference"]), exclude
+    return str(manifest.sort_values(["patient_id", "day"])["treatment"].iloc[0]), ("Washout",)
+
+
+def image_outcomes(run_dir: Path, manifest: pd.DataFrame) -> pd.DataFrame:
+    """The label-based outcomes of every image (no model needed)."""
+    out = manifest[["image", "patient_id", "day", "date", "block", "treatment", "view"]].copy()
+    out["oracle"] = manifest["severity"].astype(float)
+    out["lesion_count"] = manifest["lesion_count"].astype(float)
+    out["lesion_severity"] = scale.severity_from_count(manifest["lesion_count"].to_numpy(dtype=float))
+    out["iga"] = manifest["iga"].astype(float)
+    grades_path = run_dir / "grades.parquet"
+    if grades_path.is_file():
+        grades = pd.read_parquet(grades_path)
+        if "image" not in grades.columns:
+            raise SynthtrialError(f"{grades_path}: has no 'image' column to join on")
+        numeric = [c for c in grades.columns if c != "image" and pd.api.types.is_numeric_dtype(grades[c])]
+        renamed = grades[["image", *numeric]].rename(columns={c: f"grader_{c}" for c in numeric})
+        out = out.merge(renamed, on="image", how="left", validate="one_to_one")
+    return out
+
+
+def _manifest_key(manifest: pd.DataFrame, settings: AnalysisSettings) -> str:
+    digest = hashlib.sha256()
+    digest.update("\n".join(manifest["sha256"].astype(str)).encode())
+    digest.update(json.dumps({"epochs": settings.epochs, "image_size": settings.image_size, "seed": settings.seed},
+                             sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def autoencoder_outcome(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSettings, analysis_dir: Path,
+                        timings: Timings, *, device: str | None = None, progress: bool = True) -> pd.DataFrame:
+    """Per-image ``ae_pca`` score from the autoencoder's embeddings (cached by content and settings).
+
+    Schneider et al. reduce one participant's embeddings to their first principal component. With many
+    patients a pooled component separates the faces, and even a shared within-patient one follows the few
+    patients who vary most; so the PCA is fitted per patient, as in the original, each oriented to grow with
+    that patient's skin redness (label-free) and standardised within the patient (effects in SD units).
+    """
+    from synthtrial.analyze.embed import pca_1d
+
+    embeddings, red = _embeddings(run_dir, manifest, settings, analysis_dir, timings, device=device,
+                                  progress=progress)
+    t0 = time.perf_counter()
+    scores = np.zeros(len(manifest))
+    explained = {}
+    for pid, idx in manifest.groupby("patient_id", sort=False).indices.items():
+        if len(idx) < 3:
+            scores[idx] = np.nan
+            continue
+        s, pca = pca_1d(embeddings[idx], align_with=red[idx])
+        scores[idx] = (s - s.mean()) / (s.std() or 1.0)
+        explained[str(pid)] = round(float(pca.explained_variance_ratio), 4)
+    timings.add("embed + PCA", time.perf_counter() - t0)
+    write_text_atomic(analysis_dir / "pca.json", json.dumps({
+        "fitted": "per patient (first principal component of that patient's embeddings)",
+        "orientation": "scores grow with the patient's mean skin redness (CIELAB a*, label-free)",
+        "units": "standard deviations of the patient's score",
+        "explained_variance_ratio": explained,
+    }, indent=2) + "\n")
+    return pd.DataFrame({"image": manifest["image"].to_numpy(), "ae_pca": scores})
+
+
+def _embeddings(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSettings, analysis_dir: Path,
+                timings: Timings, *, device: str | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 64) autoencoder embeddings and per-image redness, trained once per run content and settings."""
+    from synthtrial.analyze.embed import (AutoencoderConfig, embed, load_images, redness, save_model,
+                                          train_autoencoder)
+
+    cache = analysis_dir / "embeddings.parquet"
+    key = _manifest_key(manifest, settings)
+    if cache.is_file():
+        cached = pd.read_parquet(cache)
+        if ("key" in cached.columns and (cached["key"] == key).all()
+                and cached["image"].tolist() == manifest["image"].tolist()):
+            cols = [c for c in cached.columns if c.startswith("e") and c[1:].isdigit()]
+            return cached[cols].to_numpy(dtype=np.float64), cached["redness"].to_numpy(dtype=np.float64)
+    t0 = time.perf_counter()
+    images = load_images([run_dir / p for p in manifest["image"]], settings.image_size)
+    red = redness(images)
+    timings.add("load images", time.perf_counter() - t0)
+    config = AutoencoderConfig(image_size=settings.image_size, epochs=settings.epochs, seed=settings.seed)
+    t0 = time.perf_counter()
+    with _epoch_progress(progress, settings.epochs) as report:
+        model, losses = train_autoencoder(images, config, device=device, progress=report)
+    timings.add("train autoencoder", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    embeddings = embed(model, images, device=device)
+    timings.add("embed + PCA", time.perf_counter() - t0)
+    del images
+    save_model(model, config, analysis_dir / "autoencoder.safetensors")
+    frame = pd.DataFrame(embeddings, columns=[f"e{i:02d}" for i in range(embeddings.shape[1])])
+    frame.insert(0, "image", manifest["image"].to_numpy())
+    frame["redness"] = red
+    frame["key"] = key
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    write_bytes_atomic(cache, buf.getvalue())
+    write_text_atomic(analysis_dir / "autoencoder_training.json", json.dumps(
+        {"config": asdict(config), "losses": [float(x) for x in losses]}, indent=2) + "\n")
+    return embeddings.astype(np.float64), red
+
+
+class _epoch_progress:
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total, self._bar = enabled, total, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(TextColumn("[bold]autoencoder"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
+                             TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
+        self._bar.__enter__()
+        task = self._bar.add_task("train", total=self.total, loss="-")
+
+        def report(epoch: int, epochs: int, loss: float) -> None:
+            self._bar.update(task, completed=epoch, loss=f"{loss:.5f}")
+
+        return report
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+def daily(outcomes: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """One row per patient and day (views averaged), as the tests expect."""
+    keys = ["patient_id", "day", "treatment"]
+    return outcomes.groupby(keys, sort=False, as_index=False)[columns].mean()
+
+
+def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | None = None, *,
+                device: str | None = None, progress: bool = True) -> Path:
+    """Analyze a run directory; writes ``RUN/analysis/`` and returns its path (see the module docstring)."""
+    from synthtrial.analyze.report import write_report
+    from synthtrial.analyze.stats import analyze_outcome, attach_truth
+
+    settings = settings or AnalysisSettings()
+    settings.validate()
+    run_dir = Path(run_dir)
+    timings = Timings()
+    t0 = time.perf_counter()
+    manifest, _ = read_run(run_dir)
+    truth_path = run_dir / "truth.json"
+    truth = json.loads(truth_path.read_text()) if truth_path.is_file() else None
+    reference, exclude = _reference_and_exclusions(truth, manifest)
+    analysis_dir = run_dir / "analysis"
+    analysis_dir.mkdir(exist_ok=True)
+    outcomes = image_outcomes(run_dir, manifest)
+    timings.add("read run", time.perf_counter() - t0)
+
+    if settings.autoencoder:
+        ae = autoencoder_outcome(run_dir, manifest, settings, analysis_dir, timings, device=device,
+                                 progress=progress)
+        outcomes = outcomes.merge(ae[["image", "ae_pca"]], on="image", how="left", validate="one_to_one")
+    columns = [c for c in outcomes.columns if c in BASE_OUTCOMES or c.startswith("grader_") or c == "ae_pca"]
+    buf = io.BytesIO()
+    outcomes.to_parquet(buf, index=False)
+    write_bytes_atomic(analysis_dir / "outcomes.parquet", buf.getvalue())
+
+    t0 = time.perf_counter()
+    per_day = daily(outcomes, columns)
+    frames = []
+    with warnings.catch_warnings():
+        # near-constant series (IGA within a patient) and boundary fits make scipy/statsmodels warn; the
+        # effects table says what happened in its note column instead
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for column in columns:
+            frames.append(analyze_outcome(per_day, column, reference, exclude=exclude, trend=settings.trend,
+                                          n_permutations=settings.n_permutations, seed=settings.seed,
+                                          alpha=settings.alpha, methods=settings.methods))
+    effects = pd.concat(frames, ignore_index=True)
+    if truth is not None:
+        effects = attach_truth(effects, truth, outcomes_on_truth_scale=TRUTH_SCALE_OUTCOMES)
+    else:
+        for col in ("true_effect", "bias", "covered"):
+            effects[col] = np.nan
+    effects = effects[list(EFFECT_COLUMNS)]
+    write_text_atomic(analysis_dir / "effects.csv", effects.to_csv(index=False, lineterminator="\n"))
+    timings.add("statistics", time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    write_report(analysis_dir / "report.html", run_dir=run_dir, outcomes=outcomes, effects=effects, truth=truth,
+                 reference=reference, settings=asdict(settings), timings=timings.stages)
+    timings.add("report", time.perf_counter() - t0)
+    write_text_atomic(analysis_dir / "settings.json", json.dumps(
+        {"settings": asdict(settings), "reference": reference, "excluded": list(exclude),
+         "outcomes": columns}, indent=2) + "\n")
+    write_text_atomic(analysis_dir / "timings.json", json.dumps(timings.stages, indent=2) + "\n")
+    return analysis_dir
+
+
+def analysis_summary(effects: pd.DataFrame) -> pd.DataFrame:
+    """The pooled rows of an effects table: what the CLI prints."""
+    pooled = effects[effects["scope"] == "pooled"]
+    return pooled[["outcome", "arm", "estimate", "ci_low", "ci_high", "p", "true_effect", "covered"]]

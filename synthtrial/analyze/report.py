@@ -1,0 +1,224 @@
+"""The analysis report: one self-contained HTML file with the figures a methodologist looks at first.
+
+Per-patient trajectories of the truth beside each outcome with treatment periods shaded, the autoencoder
+embedding's principal components coloured by treatment, and a forest plot of every estimate beside the
+truth it should recover.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from synthtrial.atomic import write_text_atomic
+
+PALETTE = ("#bdbdbd", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+OUTCOME_LABELS = {
+    "oracle": "oracle (simulated severity)",
+    "lesion_severity": "lesion count on the severity scale",
+    "lesion_count": "lesion count",
+    "iga": "IGA from drawn lesions",
+    "ae_pca": "autoencoder + PCA (unsupervised)",
+}
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _colours(treatments: list[str], reference: str) -> dict[str, str]:
+    order = [reference] + [t for t in treatments if t != reference]
+    return {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(order)}
+
+
+def trajectories_figure(outcomes: pd.DataFrame, reference: str, max_patients: int = 12) -> str:
+    """Small multiples: oracle and lesion-count severity (left axis), unsupervised score (right axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    daily = outcomes.groupby(["patient_id", "day", "treatment"], sort=False, as_index=False).mean(numeric_only=True)
+    patients = list(dict.fromkeys(daily["patient_id"]))[:max_patients]
+    colours = _colours(list(dict.fromkeys(daily["treatment"])), reference)
+    cols = 2 if len(patients) > 1 else 1
+    rows = int(np.ceil(len(patients) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 2.2 * rows), squeeze=False, sharey=True)
+    for ax, pid in zip(axes.flat, patients, strict=False):
+        rows_p = daily[daily["patient_id"] == pid].sort_values("day")
+        days = rows_p["day"].to_numpy()
+        treat = rows_p["treatment"].to_numpy()
+        start = 0
+        for i in range(1, len(days) + 1):
+            if i == len(days) or treat[i] != treat[start]:
+                ax.axvspan(days[start] - 0.5, days[i - 1] + 0.5, color=colours[treat[start]], alpha=0.25, lw=0)
+                start = i
+        ax.plot(days, rows_p["oracle"], color="black", lw=1.4, label="truth (oracle)")
+        ax.plot(days, rows_p["lesion_severity"], color="#d62728", lw=0.9, alpha=0.8, label="lesion count")
+        if "ae_pca" in rows_p:
+            twin = ax.twinx()
+            z = (rows_p["ae_pca"] - outcomes["ae_pca"].mean()) / (outcomes["ae_pca"].std() or 1.0)
+            twin.plot(days, z, color="#1f77b4", lw=0.9, alpha=0.8, label="autoencoder PCA (z)")
+            twin.set_yticks([])
+        ax.set_title(f"patient {pid}", fontsize=9, loc="left")
+        ax.set_ylim(-0.1, 3.1)
+        ax.set_ylabel("severity")
+    for ax in list(axes.flat)[len(patients):]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], color="black", label="truth (oracle)"),
+               plt.Line2D([], [], color="#d62728", label="lesion count (severity scale)")]
+    if "ae_pca" in outcomes:
+        handles.append(plt.Line2D([], [], color="#1f77b4", label="autoencoder PCA (z, right axis)"))
+    handles += [plt.matplotlib.patches.Patch(color=c, alpha=0.4, label=t) for t, c in colours.items()]
+    fig.legend(handles=handles, loc="upper center", ncol=min(6, len(handles)), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 1.02))
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return _png(fig)
+
+
+def embedding_figure(embeddings: pd.DataFrame, outcomes: pd.DataFrame, reference: str) -> str:
+    """First two principal components of the autoencoder embeddings, coloured by treatment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [c for c in embeddings.columns if c.startswith("e") and c[1:].isdigit()]
+    x = embeddings[cols].to_numpy(dtype=float)
+    x = x - x.mean(axis=0)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    pcs = x @ vt[:2].T
+    ratio = (s[:2] ** 2) / max((s ** 2).sum(), 1e-12)
+    treat = embeddings[["image"]].merge(outcomes[["image", "treatment"]], on="image", how="left")["treatment"]
+    colours = _colours(list(dict.fromkeys(treat)), reference)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for t, c in colours.items():
+        sel = (treat == t).to_numpy()
+        ax.scatter(pcs[sel, 0], pcs[sel, 1], s=8, alpha=0.6, color=c if t != reference else "#555555", label=t)
+    ax.set_xlabel(f"PC1 ({ratio[0]:.0%} of variance)")
+    ax.set_ylabel(f"PC2 ({ratio[1]:.0%})" if len(ratio) > 1 else "PC2")
+    ax.legend(fontsize=8, markerscale=2)
+    ax.set_title("autoencoder embeddings", fontsize=10, loc="left")
+    return _png(fig)
+
+
+def forest_figure(effects: pd.DataFrame) -> str:
+    """Pooled (mixed model) and per-patient (Welch) estimates with CIs beside the truth; one panel per outcome,
+    sharing the rows, so an arm and patient can be read across outcomes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = effects[((effects["method"] == "lmm") & (effects["scope"] == "pooled"))
+                    | ((effects["method"] == "welch") & (effects["scope"] != "pooled"))]
+    outcomes = list(dict.fromkeys(shown["outcome"]))
+    rows = (shown[["arm", "scope"]].drop_duplicates()
+            .sort_values(["arm", "scope"], key=lambda s: s.map(lambda v: (v != "pooled", v))))
+    labels = [f"{r.arm} · {'pooled' if r.scope == 'pooled' else r.scope}" for r in rows.itertuples(index=False)]
+    position = {(r.arm, r.scope): len(labels) - 1 - i for i, r in enumerate(rows.itertuples(index=False))}
+    ncols = min(3, len(outcomes))
+    nrows = int(np.ceil(len(outcomes) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 1.2, 0.2 * len(labels) * nrows + 1.2),
+                             squeeze=False, sharey=True)
+    for ax, outcome in zip(axes.flat, outcomes, strict=False):
+        for rec in shown[shown["outcome"] == outcome].itertuples(index=False):
+            y = position[(rec.arm, rec.scope)]
+            colour = "#d62728" if rec.scope == "pooled" else "#333333"
+            if np.isfinite(rec.ci_low) and np.isfinite(rec.ci_high):
+                ax.plot([rec.ci_low, rec.ci_high], [y, y], color=colour, lw=1)
+            ax.plot(rec.estimate, y, "D" if rec.scope == "pooled" else "o", color=colour, ms=3.5)
+            if pd.notna(rec.true_effect):
+                ax.plot(rec.true_effect, y, "x", color="#2ca02c", ms=6, mew=1.5)
+        ax.axvline(0, color="#999999", lw=0.8, ls=":")
+        ax.set_title(OUTCOME_LABELS.get(outcome, outcome), fontsize=9, loc="left")
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(outcomes):]:
+        ax.axis("off")
+    axes[0, 0].set_yticks(range(len(labels)))
+    axes[0, 0].set_yticklabels(labels[::-1], fontsize=7)
+    fig.text(0.5, 0.0, "effect vs reference in each outcome's units: red = pooled mixed model, black = per-patient "
+             "Welch t, green x = truth", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    return _png(fig)
+
+
+def _table(frame: pd.DataFrame, floats: int = 3) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, (float, np.floating)):
+            return "" if not np.isfinite(v) else (f"{v:.2e}" if 0 < abs(v) < 10 ** -floats else f"{v:.{floats}f}")
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return ""
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
+                   for row in frame.itertuples(index=False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(path: Path, *, run_dir: Path, outcomes: pd.DataFrame, effects: pd.DataFrame, truth: dict | None,
+                 reference: str, settings: dict[str, Any], timings: dict[str, float]) -> Path:
+    """Write ``report.html``: summary table, trajectories, embedding plot, forest plot, settings."""
+    pooled = effects[effects["scope"] == "pooled"][["outcome", "arm", "estimate", "se", "ci_low", "ci_high", "p",
+                                                     "true_effect", "bias", "covered", "note"]]
+    per_patient = (effects[effects["scope"] != "pooled"]
+                   .assign(rejected=lambda d: d["p"] < settings.get("alpha", 0.05))
+                   .groupby(["outcome", "method", "arm"], as_index=False)
+                   .agg(patients=("scope", "nunique"), mean_estimate=("estimate", "mean"),
+                        rejected=("rejected", "mean"), coverage=("covered", lambda c: c.dropna().mean()
+                                                              if c.notna().any() else np.nan)))
+    sections = [
+        "<h2>Pooled effects (linear mixed model)</h2>",
+        _table(pooled),
+        "<p>Effects are differences from the reference arm "
+        f"<b>{html.escape(reference)}</b> in the outcome's own units; the truth (the mean effect the schedule "
+        "delivered, wash-in and carryover included) applies to outcomes on the severity scale.</p>",
+        "<h2>Per-patient tests</h2>",
+        _table(per_patient),
+        "<h2>Trajectories</h2>",
+        f'<img alt="trajectories" src="data:image/png;base64,{trajectories_figure(outcomes, reference)}">',
+    ]
+    emb_path = run_dir / "analysis" / "embeddings.parquet"
+    if "ae_pca" in outcomes and emb_path.is_file():
+        emb = pd.read_parquet(emb_path)
+        sections += ["<h2>Autoencoder embeddings</h2>",
+                     f'<img alt="embeddings" src="data:image/png;base64,{embedding_figure(emb, outcomes, reference)}">']
+    sections += ["<h2>Estimates beside the truth</h2>",
+                 f'<img alt="forest plot" src="data:image/png;base64,{forest_figure(effects)}">',
+                 "<h2>Settings</h2>",
+                 _table(pd.DataFrame({"setting": list(settings), "value": [str(v) for v in settings.values()]})),
+                 "<h2>Time per stage (s)</h2>",
+                 _table(pd.DataFrame({"stage": list(timings), "seconds": list(timings.values())}), floats=2)]
+    if truth is not None:
+        pop = truth.get("population_effects", {})
+        sections.insert(0, "<p>Simulation truth: population effects " + html.escape(
+            ", ".join(f"{a} {v:+.3f}" for a, v in pop.items())) + "; mean delivered effects " + html.escape(
+            ", ".join(f"{a} {v:+.3f}" for a, v in (truth.get("mean_delivered_effects") or {}).items()
+                      if v is not None)) + ".</p>")
+    doc = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>synthtrial analysis: {html.escape(run_dir.name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; font-size: 12px; margin: 0.5em 0 1.5em; }}
+th, td {{ border: 1px solid #ddd; padding: 3px 7px; text-align: right; }}
+th {{ background: #f4f4f4; }} td:first-child, th:first-child {{ text-align: left; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+<h1>synthtrial analysis: {html.escape(str(run_dir))}</h1>
+<p>{len(outcomes)} images, {outcomes['patient_id'].nunique()} patients.</p>
+{''.join(sections)}
+</body></html>
+"""
+    return write_text_atomic(path, doc)

@@ -1,0 +1,444 @@
+"""Effect estimation: exact answers where they are known, recovery and calibration where they are not."""
+
+import itertools
+import json
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.api as sm
+from scipy import stats as sps
+from statsmodels.regression.mixed_linear_model import MixedLM
+
+from synthtrial.analyze import stats as S
+from synthtrial.errors import SynthtrialError
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # no silent division by zero or overflow
+
+
+def _phi(note: str) -> float:
+    return float(re.search(r"phi=(-?[0-9.]+)", note).group(1))
+
+
+def _simulate(n_patients: int, n_days: int, effect: float, rng: np.random.Generator, *, slope_sd: float = 0.0,
+              intercept_sd: float = 0.5, noise_sd: float = 0.3, period: int = 10, trend: float = 0.0) -> pd.DataFrame:
+    """ABAB periods (reference 'R' first, then 'T'), iid noise, random intercepts and slopes."""
+    frames = []
+    day = np.arange(1, n_days + 1)
+    on = ((day - 1) // period) % 2 == 1
+    for i in range(n_patients):
+        own_effect = effect + slope_sd * rng.normal()
+        y = rng.normal(0.0, intercept_sd) + own_effect * on + trend * day + rng.normal(0.0, noise_sd, n_days)
+        frames.append(pd.DataFrame({"patient_id": f"P{i:02d}", "day": day, "treatment": np.where(on, "T", "R"),
+                                    "y": y}))
+    return pd.concat(frames, ignore_index=True)
+
+
+# --- an effect every method must return exactly ---------------------------------------------------------
+
+def _palindrome_trial(effect: float = 0.7, n_patients: int = 4) -> pd.DataFrame:
+    """Palindromic schedules and time-antisymmetric noise: every estimator here is exactly ``effect``.
+
+    Reversing time maps the design (intercept, treatment, AR(1) / random-effect covariances) onto itself and
+    the noise onto minus itself, so the noise's contribution to any of these linear estimators cancels;
+    the centred day is antisymmetric and orthogonal to the rest, so adding a trend term changes nothing.
+    """
+    half = ["R"] * 5 + ["T"] * 5 + ["R"] * 5 + ["T"] * 5
+    schedule = np.array(half + half[::-1])
+    rng = np.random.default_rng(7)
+    frames = []
+    for i in range(n_patients):
+        first = rng.normal(0.0, 0.4, half.__len__())
+        noise = np.concatenate([first, -first[::-1]])
+        y = 1.0 + 0.5 * i + effect * (schedule == "T") + noise
+        frames.append(pd.DataFrame({"patient_id": f"P{i}", "day": np.arange(1, schedule.size + 1),
+                                    "treatment": schedule, "severity": y}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_known_effect_is_returned_exactly_by_every_method():
+    data = _palindrome_trial()
+    result = S.analyze_outcome(data, "severity", "R", n_permutations=500)
+    assert set(result["method"]) == set(S.METHODS)
+    assert len(result) == 3 * 4 + 1
+    np.testing.assert_allclose(result["estimate"], 0.7, atol=1e-9)
+    assert ((result["ci_low"] < 0.7) & (0.7 < result["ci_high"])).all()
+    for pid, own in data.groupby("patient_id"):
+        treated = own.loc[own["treatment"] == "T", "severity"].to_numpy()
+        reference = own.loc[own["treatment"] == "R", "severity"].to_numpy()
+        welch = result[(result["method"] == "welch") & (result["scope"] == pid)].iloc[0]
+        assert welch["p"] == pytest.approx(sps.ttest_ind(treated, reference, equal_var=False).pvalue, rel=1e-12)
+    for trend in (False, True):
+        estimate = S.gls_ar1(data[data["patient_id"] == "P1"], "severity", "R", trend=trend)["T"]
+        assert estimate.estimate == pytest.approx(0.7, abs=1e-9)
+        assert estimate.df == 40 - 2 - trend
+    for random_slopes in (False, True):
+        estimate = S.mixed_model(data, "severity", "R", trend=False, random_slopes=random_slopes)["T"]
+        assert estimate.estimate == pytest.approx(0.7, abs=1e-9)
+
+
+# --- Welch -------------------------------------------------------------------------------------------------
+
+def test_welch_matches_scipy_estimate_df_p_and_ci():
+    rng = np.random.default_rng(3)
+    treated, reference = rng.normal(1.0, 2.0, 9), rng.normal(0.0, 0.5, 23)
+    estimate = S.welch_t(treated, reference, alpha=0.1)
+    expected = sps.ttest_ind(treated, reference, equal_var=False)
+    ci = expected.confidence_interval(0.9)
+    assert estimate.estimate == pytest.approx(treated.mean() - reference.mean(), rel=1e-12)
+    assert estimate.p == pytest.approx(expected.pvalue, rel=1e-12)
+    assert estimate.df == pytest.approx(expected.df, rel=1e-12)
+    assert (estimate.ci_low, estimate.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    assert estimate.se == pytest.approx(math.sqrt(treated.var(ddof=1) / 9 + reference.var(ddof=1) / 23))
+
+
+def test_welch_degenerate_groups_say_why():
+    assert math.isnan(S.welch_t(np.array([1.0]), np.array([0.0, 1.0])).se)
+    flat = S.welch_t(np.array([2.0, 2.0]), np.array([1.0, 1.0]))
+    assert (flat.estimate, flat.se, flat.ci_low, flat.ci_high) == (1.0, 0.0, 1.0, 1.0)
+    assert "zero variance" in flat.note
+
+
+# --- permutation --------------------------------------------------------------------------------------------
+
+def _exact_p(values: np.ndarray, treated: np.ndarray) -> float:
+    """Brute-force two-sided permutation p: every way to pick the treated days."""
+    n, k = values.size, int(treated.sum())
+    observed = values[treated].mean() - values[~treated].mean()
+    hits = total = 0
+    for chosen in itertools.combinations(range(n), k):
+        mask = np.zeros(n, bool)
+        mask[list(chosen)] = True
+        hits += abs(values[mask].mean() - values[~mask].mean()) >= abs(observed) - 1e-12
+        total += 1
+    return hits / total
+
+
+@pytest.mark.parametrize("values", [
+    [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],      # the most extreme labelling, ties with its mirror
+    [3.0, 1.0, 2.0, 2.0, 5.0, 1.0],      # many exact ties in |statistic|
+    [0.31, -1.2, 0.05, 0.77, 0.4, -0.3],
+])
+def test_permutation_exact_matches_brute_force_enumeration(values):
+    values = np.asarray(values)
+    treated = np.array([True, True, True, False, False, False])
+    result = S.permutation_test(values, treated)
+    assert result.note == "exact"
+    assert result.p == _exact_p(values, treated)
+    assert result.estimate == pytest.approx(values[:3].mean() - values[3:].mean(), abs=1e-12)
+    assert math.isnan(result.se)
+
+
+def test_permutation_monte_carlo_approximates_exact_and_counts_the_observed():
+    rng = np.random.default_rng(11)
+    values = rng.normal(size=12) + 0.8 * (np.arange(12) < 6)
+    treated = np.arange(12) < 6
+    exact = _exact_p(values, treated)
+    assert S.permutation_test(values, treated).p == exact  # 924 relabelings: exact mode
+    n = 5000
+    monte_carlo = S.permutation_test(values, treated, n_permutations=n, exact_limit=0, seed=5)
+    assert "monte carlo" in monte_carlo.note
+    assert abs(monte_carlo.p - exact) <= 4 * math.sqrt(exact * (1 - exact) / n) + 1 / n
+    assert monte_carlo.p * (n + 1) == pytest.approx(round(monte_carlo.p * (n + 1)))  # (1 + #) / (1 + n)
+    again = S.permutation_test(values, treated, n_permutations=n, exact_limit=0, seed=5)
+    assert again == monte_carlo
+
+
+@pytest.mark.parametrize("exact_limit", [20000, 0])
+@pytest.mark.parametrize("n_treated", [5, 6])  # 6 of 12: every relabeling has a mirror image
+def test_permutation_ci_is_the_set_of_shifts_the_test_accepts(exact_limit, n_treated):
+    rng = np.random.default_rng(2)
+    values = rng.normal(size=11 + (n_treated == 6)) + 1.0 * (np.arange(11 + (n_treated == 6)) < n_treated)
+    treated = np.arange(values.size) < n_treated
+
+    def p_at(shift: float) -> float:
+        return S.permutation_test(values - shift * treated, treated, n_permutations=999, exact_limit=exact_limit,
+                                  seed=4).p
+
+    result = S.permutation_test(values, treated, n_permutations=999, exact_limit=exact_limit, seed=4)
+    assert result.ci_low < result.estimate < result.ci_high
+    assert p_at(result.ci_low + 1e-7) > 0.05 and p_at(result.ci_high - 1e-7) > 0.05
+    assert p_at(result.ci_low - 1e-7) <= 0.05 and p_at(result.ci_high + 1e-7) <= 0.05
+    for shift in np.linspace(result.ci_low - 1.0, result.ci_high + 1.0, 41):
+        if p_at(shift) > 0.05:
+            assert result.ci_low <= shift <= result.ci_high
+
+
+def test_permutation_ci_is_unbounded_when_no_shift_can_be_rejected():
+    result = S.permutation_test(np.array([1.0, 2.0, 3.0, 4.0]), np.array([True, True, False, False]))
+    assert result.p == pytest.approx(2 / 6)
+    assert (result.ci_low, result.ci_high) == (-math.inf, math.inf)
+
+
+# --- GLS with AR(1) errors -------------------------------------------------------------------------------
+
+def _ar1_series(n_days: int, phi: float, effect: float, rng: np.random.Generator, sd: float = 0.5) -> pd.DataFrame:
+    noise = np.empty(n_days)
+    noise[0] = rng.normal(0.0, sd)
+    for i in range(1, n_days):
+        noise[i] = phi * noise[i - 1] + math.sqrt(1 - phi ** 2) * sd * rng.normal()
+    day = np.arange(n_days)
+    on = (day // 30) % 2 == 1
+    return pd.DataFrame({"day": day, "treatment": np.where(on, "T", "R"), "y": 2.0 + effect * on + noise})
+
+
+def test_gls_ar1_recovers_effect_and_phi_with_and_without_gaps():
+    rng = np.random.default_rng(0)
+    series = _ar1_series(600, 0.6, -0.4, rng)
+    full = S.gls_ar1(series, "y", "R")["T"]
+    assert abs(full.estimate + 0.4) < 3 * full.se
+    assert abs(_phi(full.note) - 0.6) < 0.15
+    gapped = series.drop(index=rng.choice(600, 120, replace=False))
+    estimate = S.gls_ar1(gapped, "y", "R", trend=True)["T"]
+    assert abs(estimate.estimate + 0.4) < 3 * estimate.se
+    assert abs(_phi(estimate.note) - 0.6) < 0.15
+    assert "gap" in estimate.note and estimate.df == 480 - 3
+
+
+def test_gls_ar1_phi_is_the_full_covariance_reml_optimum_over_gaps():
+    """Gap-aware whitening must give the REML of corr = phi^|day_i - day_j| computed with full matrices."""
+    rng = np.random.default_rng(1)
+    series = _ar1_series(90, 0.5, 0.3, rng).drop(index=[3, 4, 5, 20, 41, 42, 70])
+    result = S.gls_ar1(series, "y", "R")["T"]
+    phi = _phi(result.note)
+    days = series["day"].to_numpy()
+    y = series["y"].to_numpy()
+    x = np.column_stack([np.ones(y.size), (series["treatment"] == "T").to_numpy(float)])
+
+    def reml(value: float) -> float:
+        corr = value ** np.abs(days[:, None] - days[None, :])
+        inv = np.linalg.inv(corr)
+        xtx = x.T @ inv @ x
+        beta = np.linalg.solve(xtx, x.T @ inv @ y)
+        resid = y - x @ beta
+        return -(np.linalg.slogdet(corr)[1] + np.linalg.slogdet(xtx)[1] + (y.size - 2) * np.log(resid @ inv @ resid))
+
+    grid = np.arange(-0.9, 0.95, 0.005)
+    assert abs(phi - grid[np.argmax([reml(v) for v in grid])]) <= 0.005
+    gls = sm.GLS(y, x, sigma=phi ** np.abs(days[:, None] - days[None, :])).fit()
+    assert result.estimate == pytest.approx(gls.params[1], abs=1e-3 * result.se)
+    assert result.se == pytest.approx(gls.bse[1], rel=1e-3)
+
+
+def test_gls_ar1_on_a_noise_free_series_is_exact():
+    series = _ar1_series(40, 0.0, 0.0, np.random.default_rng(0), sd=0.0)
+    series["y"] = 1.0 + 0.25 * (series["treatment"] == "T")
+    estimate = S.gls_ar1(series, "y", "R")["T"]
+    assert (estimate.estimate, estimate.se) == (pytest.approx(0.25, abs=1e-12), 0.0)
+    assert "phi undefined" in estimate.note
+
+
+def test_gls_ar1_needs_one_row_per_day_and_one_patient():
+    series = _ar1_series(40, 0.3, 0.0, np.random.default_rng(2))
+    with pytest.raises(SynthtrialError, match="one row per day"):
+        S.gls_ar1(pd.concat([series, series.iloc[:1]]), "y", "R")
+    two = pd.concat([series.assign(patient_id="A"), series.assign(patient_id="B")])
+    with pytest.raises(SynthtrialError, match="one patient"):
+        S.gls_ar1(two, "y", "R")
+
+
+# --- mixed model -------------------------------------------------------------------------------------------
+
+def test_mixed_model_recovers_population_effect_with_random_slopes():
+    data = _simulate(12, 60, -0.5, np.random.default_rng(4), slope_sd=0.2)
+    estimate = S.mixed_model(data, "y", "R", trend=False)["T"]
+    assert estimate.note.startswith("random intercept + treatment slopes")
+    assert abs(estimate.estimate + 0.5) < 3 * estimate.se
+    assert estimate.ci_low < -0.5 < estimate.ci_high
+    # random slopes widen the SE beyond a random-intercept model that ignores the patients' own effects
+    intercept_only = S.mixed_model(data, "y", "R", trend=False, random_slopes=False)["T"]
+    assert estimate.se > 1.5 * intercept_only.se
+
+
+def test_mixed_model_trend_adjustment_removes_period_order_bias():
+    # R T R T in 15-day periods: treated days are 15 days later on average, so a trend of -0.02/day
+    # shifts the unadjusted difference by -0.3
+    data = _simulate(10, 60, -0.5, np.random.default_rng(5), slope_sd=0.1, period=15, trend=-0.02)
+    adjusted = S.mixed_model(data, "y", "R", trend=True)["T"]
+    naive = S.mixed_model(data, "y", "R", trend=False)["T"]
+    assert abs(adjusted.estimate + 0.5) < 3 * adjusted.se
+    assert adjusted.ci_low < -0.5 < adjusted.ci_high
+    assert naive.estimate - adjusted.estimate == pytest.approx(-0.3, abs=0.08)
+    assert naive.ci_high < -0.5  # visibly biased: its CI misses the truth
+
+
+def test_mixed_model_falls_back_to_random_intercept_when_slopes_cannot_be_fitted(monkeypatch):
+    rng = np.random.default_rng(6)
+    two = _simulate(2, 40, -0.5, rng)
+    estimate = S.mixed_model(two, "y", "R")["T"]
+    assert estimate.note.startswith("random intercept only: 2 patients cannot identify 2 random effects")
+    assert np.isfinite(estimate.se) and estimate.ci_low < estimate.estimate < estimate.ci_high
+
+    original = MixedLM.fit
+
+    def failing_fit(self, *args, **kwargs):
+        if self.k_re > 1:
+            raise np.linalg.LinAlgError("Singular matrix")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MixedLM, "fit", failing_fit)
+    estimate = S.mixed_model(_simulate(8, 30, -0.5, rng), "y", "R")["T"]
+    assert estimate.note.startswith("random intercept only: random-slopes fit failed (LinAlgError")
+    assert np.isfinite(estimate.estimate) and np.isfinite(estimate.se)
+
+
+def test_singular_or_unconverged_random_effects_are_refused():
+    names = {"C(treatment, Treatment('R'))[T.T]": 0.1}
+    fit = SimpleNamespace(converged=True, cov_re=np.array([[0.4, 0.2], [0.2, 0.1]]), scale=1.0,
+                          bse_fe=pd.Series(names))
+    assert "singular" in S._slopes_problem(fit, [], None, "R", ["T"])
+    fit.cov_re = np.array([[0.4, 0.05], [0.05, 0.1]])
+    assert S._slopes_problem(fit, [], None, "R", ["T"]) == ""
+    hessian = "The Hessian matrix at the estimated parameter values is not positive definite"
+    assert "Hessian" in S._slopes_problem(fit, [hessian], None, "R", ["T"])
+    fit.converged = False
+    assert "did not converge" in S._slopes_problem(fit, [], None, "R", ["T"])
+
+
+def test_mixed_model_with_one_patient_says_so():
+    estimate = S.mixed_model(_simulate(1, 20, 0.0, np.random.default_rng(0)), "y", "R")["T"]
+    assert math.isnan(estimate.estimate) and "at least 2 patients" in estimate.note
+
+
+# --- calibration under the null ----------------------------------------------------------------------------
+
+def test_null_rejection_rates_are_near_alpha():
+    rng = np.random.default_rng(2024)
+    n_sims = 150
+    pooled = welch = 0
+    for _ in range(n_sims):
+        data = _simulate(5, 12, 0.0, rng, period=3)
+        pooled += S.mixed_model(data, "y", "R", trend=False, random_slopes=False)["T"].p < 0.05
+        own = data[data["patient_id"] == "P00"]
+        welch += S.welch_t(own.loc[own["treatment"] == "T", "y"].to_numpy(),
+                           own.loc[own["treatment"] == "R", "y"].to_numpy()).p < 0.05
+    assert 0.01 <= pooled / n_sims <= 0.12
+    assert 0.01 <= welch / n_sims <= 0.12
+
+
+# --- the tidy analysis -------------------------------------------------------------------------------------
+
+def _three_arm_trial() -> pd.DataFrame:
+    rng = np.random.default_rng(9)
+    schedule = ["R"] * 6 + ["Washout"] * 2 + ["A"] * 6 + ["Washout"] * 2 + ["B"] * 6
+    frames = []
+    for pid in ("P1", "P2", "P3", "P4"):
+        own = pd.DataFrame({"patient_id": pid, "day": np.arange(1, len(schedule) + 1), "treatment": schedule})
+        own["pc 1"] = (2.0 - 0.8 * (own["treatment"] == "A") - 0.4 * (own["treatment"] == "B")
+                       + rng.normal(0.0, 0.2, len(own)))
+        own["other"] = rng.normal(size=len(own))
+        frames.append(own)
+    data = pd.concat(frames, ignore_index=True)
+    data.loc[(data["patient_id"] == "P2") & (data["day"].isin([1, 2])), "pc 1"] = np.nan
+    data.loc[(data["patient_id"] == "P2") & (data["day"] == 7), "pc 1"] = np.nan  # a washout day: not counted
+    data = data[~((data["patient_id"] == "P3") & (data["treatment"] == "B"))]     # P3 never got B
+    data = data[~((data["patient_id"] == "P4") & (data["treatment"] == "R"))]     # P4 has no reference
+    return data.reset_index(drop=True)
+
+
+def test_analyze_outcome_rows_columns_arms_and_dropped_values():
+    data = _three_arm_trial()
+    result = S.analyze_outcome(data, "pc 1", "R", exclude=["Washout"], n_permutations=200, seed=3)
+    assert list(result.columns) == list(S.RESULT_COLUMNS)
+    assert set(result["arm"]) == {"A", "B"} and set(result["reference"]) == {"R"}
+    assert (result["outcome"] == "pc 1").all()
+    per_patient = result[result["method"] != "lmm"]
+    counts = per_patient.groupby(["method", "scope"]).size().to_dict()
+    for method in ("welch", "permutation", "gls_ar1"):
+        assert counts[(method, "P1")] == 2 and counts[(method, "P2")] == 2 and counts[(method, "P3")] == 1
+        assert (method, "P4") not in counts
+    pooled = result[result["method"] == "lmm"]
+    assert list(pooled["scope"]) == ["pooled", "pooled"] and list(pooled["arm"]) == ["A", "B"]
+    assert pooled["n"].iloc[0] == 4 * 18 - 6 - 6 - 2
+    p2 = result[(result["scope"] == "P2") & (result["method"] == "welch")].set_index("arm")
+    assert p2.loc["A", "n"] == 6 + 4 and "dropped 2 row(s)" in p2.loc["A", "note"]
+    assert pooled["note"].str.contains("dropped 2 row").all()
+    a_rows = result[result["arm"] == "A"]
+    assert (a_rows["estimate"] < -0.5).all() and (a_rows["p"] < 0.05).all()
+    again = S.analyze_outcome(data, "pc 1", "R", exclude=["Washout"], n_permutations=200, seed=3)
+    pd.testing.assert_frame_equal(result, again)
+
+
+def test_analyze_outcome_methods_subset_and_washout_as_an_arm_when_not_excluded():
+    data = _three_arm_trial()
+    result = S.analyze_outcome(data, "other", "R", methods=["welch"])
+    assert set(result["method"]) == {"welch"}
+    assert set(result["arm"]) == {"A", "B", "Washout"}
+
+
+# --- truth ---------------------------------------------------------------------------------------------
+
+def _truth() -> dict:
+    """A small truth of the shape ``protocols/trial.truth.json`` has."""
+    return {
+        "reference": "R",
+        "population_effects": {"A": -0.9, "B": -0.5},
+        "mean_delivered_effects": {"A": -0.85, "B": -0.55},
+        "patients": {
+            "P1": {"baseline": 2.0, "effects": {"A": -1.0, "B": -0.6},
+                   "delivered_effects": {"A": -0.95, "B": -0.58}},
+            "P2": {"baseline": 2.1, "effects": {"A": -0.8, "B": -0.4},
+                   "delivered_effects": {"A": -0.75, "B": -0.52}},
+        },
+    }
+
+
+def test_attach_truth_bias_and_coverage():
+    effects = pd.DataFrame([
+        ("severity", "lmm", "pooled", "A", "R", -0.80, -0.90, -0.70),
+        ("severity", "welch", "P1", "A", "R", -0.90, -0.93, -0.80),     # misses -0.95
+        ("severity", "welch", "P2", "B", "R", -0.50, -0.60, -0.40),
+        ("severity", "welch", "P2", "A", "B", -0.20, -0.30, -0.10),     # A vs B: -0.75 - (-0.52)
+        ("severity", "permutation", "P1", "B", "R", -0.60, np.nan, np.nan),
+        ("severity", "welch", "P9", "A", "R", -0.50, -0.60, -0.40),     # a patient the truth lacks
+        ("pc 1", "welch", "P1", "A", "R", 1.00, 0.50, 1.50),            # not on the severity scale
+    ], columns=["outcome", "method", "scope", "arm", "reference", "estimate", "ci_low", "ci_high"])
+    out = S.attach_truth(effects, _truth(), outcomes_on_truth_scale=["severity"])
+    np.testing.assert_allclose(out["true_effect"], [-0.85, -0.95, -0.52, -0.23, -0.58, np.nan, np.nan])
+    np.testing.assert_allclose(out["bias"], [0.05, 0.05, 0.02, 0.03, -0.02, np.nan, np.nan], atol=1e-12)
+    assert list(out["covered"]) == [True, False, True, True, None, None, None]
+    assert list(effects.columns) == ["outcome", "method", "scope", "arm", "reference", "estimate", "ci_low",
+                                     "ci_high"]  # the input is left alone
+
+
+def test_attach_truth_on_the_shipped_trial():
+    truth = json.loads((REPO / "protocols" / "trial.truth.json").read_text())
+    data = pd.read_csv(REPO / "protocols" / "trial.csv")
+    effects = S.analyze_outcome(data, "severity", truth["reference"], methods=["welch"])
+    out = S.attach_truth(effects, truth)
+    assert len(out) == 20 and out["true_effect"].notna().all()
+    row = out[(out["scope"] == "P01") & (out["arm"] == "Cream")].iloc[0]
+    assert row["true_effect"] == truth["patients"]["P01"]["delivered_effects"]["Cream"]
+    assert out["covered"].map(type).eq(bool).all()
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mutate, kwargs, message", [
+    (lambda d: d.drop(columns="day"), {}, r"missing column\(s\) 'day'"),
+    (lambda d: d, {"reference": "Placebo"}, r"reference 'Placebo' is not a treatment.*R, T"),
+    (lambda d: d.assign(y=d["y"].astype(str)), {}, "outcome 'y' is not numeric"),
+    (lambda d: d[d["treatment"] == "R"], {}, "no arm besides the reference 'R'"),
+    (lambda d: d.assign(treatment=d["treatment"].replace("T", "Washout")), {"exclude": ["Washout"]},
+     "no arm besides the reference"),
+    (lambda d: pd.concat([d, d.iloc[:1]]), {}, "one row per patient per day"),
+    (lambda d: d, {"methods": ["ttest"]}, "unknown method"),
+    (lambda d: d, {"exclude": ["R"]}, "also in exclude"),
+])
+def test_bad_input_raises_one_line(mutate, kwargs, message):
+    data = mutate(_simulate(2, 20, 0.0, np.random.default_rng(0)))
+    kwargs = {"reference": "R", **kwargs}
+    with pytest.raises(SynthtrialError, match=message) as error:
+        S.analyze_outcome(data, "y", methods=kwargs.pop("methods", ["welch"]), **kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_attach_truth_refuses_a_truth_of_another_shape():
+    effects = S.analyze_outcome(_simulate(2, 20, 0.0, np.random.default_rng(0)), "y", "R", methods=["welch"])
+    with pytest.raises(SynthtrialError, match="mean_delivered_effects"):
+        S.attach_truth(effects, {"reference": "R", "patients": {}})
