@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import cv2
 import numpy as np
 
 from synthtrial.errors import SynthtrialError
+from synthtrial.seeding import derived_rng
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 BUILTIN_FACES = ("astronaut", "hopper")
@@ -268,8 +268,7 @@ def identity_for(patient_index: int, bases: Sequence[BaseFace], seed: int) -> Id
     variant = patient_index // len(bases)
     if variant == 0:
         return Identity(base=base.key)
-    digest = hashlib.sha256(f"identity:{seed}:{base.key}:{variant}".encode()).digest()
-    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    rng = derived_rng("identity", seed, base.key, variant)
     return Identity(
         base=base.key,
         variant=variant,

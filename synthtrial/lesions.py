@@ -14,13 +14,13 @@ day, the lesions present with their current type, stage and size, in face-mesh c
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from synthtrial import scale
+from synthtrial.seeding import derived_rng
 
 ACTIVE_TYPES = scale.LESION_TYPES                      # counted as lesions
 RESIDUAL_TYPES = scale.RESIDUAL_TYPES                  # what resolution leaves behind; not counted
@@ -140,11 +140,6 @@ class PlacementSampler:
         return int(tri[0]), bary[0]
 
 
-def _rng(seed: int, *key: object) -> np.random.Generator:
-    digest = hashlib.sha256(":".join(map(str, (seed, *key))).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
 class LesionCourse:
     """The lesions of one patient over the days of the trial.
 
@@ -168,7 +163,7 @@ class LesionCourse:
         self.targets = np.rint(scale.expected_lesion_count(self.severity)).astype(int)
         self.face = face
         self.lesions: list[Lesion] = []
-        self._run(_rng(seed, "lesions", patient_id), _rng(seed, "placement", patient_id))
+        self._run(derived_rng(seed, "lesions", patient_id), derived_rng(seed, "placement", patient_id))
 
     # -------------------------------------------------------------------------------- simulation
 

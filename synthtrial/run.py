@@ -37,6 +37,7 @@ from synthtrial import __version__, scale
 from synthtrial.errors import SynthtrialError
 from synthtrial.atomic import write_bytes_atomic, write_text_atomic
 from synthtrial.protocol import has_severity, read_protocol, to_csv_text
+from synthtrial.seeding import derive_seed
 
 NAMINGS = ("native", "anchor")
 BACKENDS = ("procedural",)
@@ -97,11 +98,6 @@ def _png_bytes(array: np.ndarray, compress_level: int = 4) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
-
-
-def _image_seed(seed: int, patient_id: str, day: int, view: str) -> int:
-    digest = hashlib.sha256(f"render:{seed}:{patient_id}:{day}:{view}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 def package_versions() -> dict[str, str]:
@@ -191,7 +187,7 @@ def _render_images(job: _PatientJob, rows: list[dict[str, Any]]) -> list[dict[st
         specs = [LesionSpec(lesion_id=s.lesion_id, type=s.type, cx=float(c[0]), cy=float(c[1]),
                             radius_px=float(s.radius * face_v.scale), intensity=s.intensity, seed=s.seed)
                  for s, c in zip(states, centres, strict=True)]
-        seed = _image_seed(job.settings.seed, job.patient_id, row["day"], view)
+        seed = derive_seed("render", job.settings.seed, job.patient_id, row["day"], view, bits=32)
         result = renderer(face_v.image, specs, skin_mask=face_v.skin, stats=stats, seed=seed)
         label = np.zeros(result.image.shape[:2], dtype=np.uint16)
         areas = []

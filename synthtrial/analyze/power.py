@@ -10,7 +10,6 @@ effect is zero (``--null``), given with its Monte-Carlo standard error sqrt(r(1-
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ import pandas as pd
 
 from synthtrial import scale
 from synthtrial.errors import SynthtrialError
+from synthtrial.seeding import derive_seed
 from synthtrial.simulate import SeverityModel, TrialDesign, simulate_trial
 
 POWER_OUTCOMES = ("oracle", "lesion_severity")
@@ -49,11 +49,6 @@ def design_from_file(path: str | os.PathLike[str]) -> tuple[TrialDesign, Severit
     return design, model
 
 
-def replicate_seed(seed: int, replicate: int) -> int:
-    digest = hashlib.sha256(f"power:{seed}:{replicate}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
 def replicate_outcomes(protocol: pd.DataFrame) -> pd.DataFrame:
     """The rendering-free outcomes of one simulated trial, one row per patient-day."""
     severity = protocol["severity"].to_numpy(dtype=float)
@@ -69,7 +64,7 @@ def _one_replicate(args: tuple) -> pd.DataFrame:
     from synthtrial.analyze.stats import analyze_outcome, attach_truth
 
     design, model, seed, replicate, methods, trend, alpha, outcomes, random_slopes = args
-    trial = simulate_trial(design, model, seed=replicate_seed(seed, replicate))
+    trial = simulate_trial(design, model, seed=derive_seed("power", seed, replicate, bits=32))
     data = replicate_outcomes(trial.protocol)
     frames = [analyze_outcome(data, outcome, design.reference, exclude=(design.washout_label,), trend=trend,
                               seed=replicate, alpha=alpha, methods=methods, random_slopes=random_slopes)

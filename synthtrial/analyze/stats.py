@@ -45,7 +45,6 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-import zlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +56,7 @@ import statsmodels.formula.api as smf
 from scipy import optimize, stats
 
 from synthtrial.errors import SynthtrialError
+from synthtrial.seeding import derive_seed
 
 #: Methods :func:`analyze_outcome` knows, in its default order.
 METHODS = ("welch", "permutation", "gls_ar1", "lmm")
@@ -473,8 +473,7 @@ def _mixed_estimates(result: Any, reference: str, arms: Sequence[str], alpha: fl
 
 def _stream_seed(seed: int, *keys: str) -> int:
     """A seed per (patient, arm) that does not change when patients are added or reordered."""
-    sequence = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *(zlib.crc32(key.encode()) for key in keys)])
-    return int(sequence.generate_state(1)[0])
+    return derive_seed("permutation", seed, *keys, bits=32)
 
 
 def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude: Sequence[str] = (),
