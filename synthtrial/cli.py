@@ -70,6 +70,10 @@ protocol_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(protocol_app, name="protocol")
+data_app = typer.Typer(help="Check training data (ACNE04 and per-level folders).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+faces_app = typer.Typer(help="Build folders of portraits for generate --faces.", no_args_is_help=True)
+app.add_typer(faces_app, name="faces")
 
 out = Console()
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -339,6 +343,15 @@ class Naming(str, Enum):
     anchor = "anchor"
 
 
+class Backend(str, Enum):
+    procedural = "procedural"
+    img2img = "sdxl-img2img"
+    inpaint = "sdxl-inpaint"
+
+
+_DIFFUSION_PANEL = "Diffusion backends (GPU recommended)"
+
+
 @app.command("generate")
 @handles_errors
 def generate_command(
@@ -356,6 +369,31 @@ def generate_command(
     naming: Annotated[Naming, typer.Option(help="native: <patient>_<YYYYMMDD>_<view>.png; anchor: "
                                            "synthetic_acne_images' <patient>_<YYYYMMDD>_severity_<N>.png.")]
     = Naming.native,
+    backend: Annotated[Backend, typer.Option(help="procedural: the fast CPU lesion renderer. sdxl-img2img: the "
+                                             "anchor's SDXL img2img with per-level LoRA (lesion placement not "
+                                             "controlled). sdxl-inpaint: the procedural lesion map, repainted by "
+                                             "SDXL inpainting inside the dilated lesion masks only.",
+                                             rich_help_panel=_DIFFUSION_PANEL)] = Backend.procedural,
+    model: Annotated[Optional[str], typer.Option(help="SDXL base: a local folder or a hub id (only a hub id "
+                                                 "downloads). Default: stabilityai/stable-diffusion-xl-base-1.0.",
+                                                 show_default=False, rich_help_panel=_DIFFUSION_PANEL)] = None,
+    lora: Annotated[Optional[Path], typer.Option(help="LoRA folder from synthtrial finetune: one adapter, or "
+                                                 "subfolders acne0..acne3.", show_default=False,
+                                                 rich_help_panel=_DIFFUSION_PANEL)] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Inference steps (default 30).", show_default=False,
+                                                 rich_help_panel=_DIFFUSION_PANEL)] = None,
+    strength: Annotated[Optional[float], typer.Option(help="Denoising strength (default 0.1 for img2img, 0.75 "
+                                                      "for inpaint).", show_default=False,
+                                                      rich_help_panel=_DIFFUSION_PANEL)] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default 12).", show_default=False,
+                                                      rich_help_panel=_DIFFUSION_PANEL)] = None,
+    device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if available). Under "
+                                                  "accelerate launch each process takes its own GPU.",
+                                                  show_default=False, rich_help_panel=_DIFFUSION_PANEL)] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float16 | bfloat16 | float32 (default: float16 on CUDA).",
+                                                 show_default=False, rich_help_panel=_DIFFUSION_PANEL)] = None,
+    compile_unet: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (CUDA).",
+                                               rich_help_panel=_DIFFUSION_PANEL)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Render a protocol into a run directory: an image series per patient with exact lesion ground truth.
@@ -366,9 +404,135 @@ def generate_command(
     """
     from synthtrial.run import generate
 
+    diffusion = {k: v for k, v in {
+        "model": model, "lora": None if lora is None else str(lora), "num_inference_steps": steps,
+        "guidance_scale": guidance, "device": device, "dtype": dtype, "compile": compile_unet or None,
+    }.items() if v is not None}
+    if strength is not None:
+        diffusion["strength" if backend is Backend.img2img else "inpaint_strength"] = strength
     run_dir = generate(protocol, out_dir, faces_dir=faces, seed=seed, size=size, naming=naming.value,
-                       workers=workers, progress=not quiet)
+                       workers=workers, progress=not quiet, backend=backend.value, diffusion=diffusion or None)
     out.print(f"[green]wrote[/green] {run_dir}  (look at {run_dir / 'grids'})")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+@data_app.command("check")
+@handles_errors
+def data_check(
+    folder: Annotated[Path, typer.Argument(help="ACNE04 as released (NNEW_*.txt labels, JPEGImages/, VOC XML) "
+                                           "or per-level folders acne0_1024/ ... acne3_1024/.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Validate an ACNE04-style dataset and print counts per level.
+
+    Checks label lines, that every labelled image exists and opens, that labels agree across files, and that labels agree with the VOC boxes (box count = label count; grade = Hayashi level of the count). Any problem is one line naming the file (and line), exit status 2.
+    """
+    from synthtrial.data.acne04 import scan_acne04, summarize_acne04
+
+    summary = summarize_acne04(scan_acne04(folder))
+    if as_json:
+        out.print_json(data=summary)
+        return
+    table = Table(title=f"{folder}  ({summary['layout']} layout)", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("level")
+    table.add_column("images", justify="right")
+    for level, n in summary["per_level"].items():
+        table.add_row(str(level), str(n))
+    table.add_row("all", str(summary["images"]))
+    out.print(table)
+    if summary["boxes"] is not None:
+        out.print(f"{summary['boxes']} lesion boxes; splits: {', '.join(summary['splits'])}")
+    out.print("[green]OK[/green]")
+
+
+@app.command("finetune")
+@handles_errors
+def finetune_command(
+    data: Annotated[Path, typer.Option(help="ACNE04 (released layout) or per-level folders acne0_1024/ ...",
+                                       show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the LoRA weights, checkpoints and "
+                                          "training log (re-run to resume).", show_default=False)],
+    base: Annotated[str, typer.Option(help="Base model: a local folder or a hub id (only a hub id downloads); "
+                                      "SDXL or SD 1.5.")] = "stabilityai/stable-diffusion-xl-base-1.0",
+    level: Annotated[str, typer.Option(help="ACNE04 level 0-3 (one adapter per level, as the anchor), or 'all' "
+                                       "for one adapter with a severity token per level.")] = "all",
+    instance_prompt: Annotated[str, typer.Option(help="Prompt; {level} is replaced by the image's level.")]
+    = "photo of a person with acne{level}",
+    resolution: Annotated[int, typer.Option(min=8, help="Training resolution.")] = 1024,
+    steps: Annotated[int, typer.Option("--max-train-steps", min=1, help="Optimizer steps.")] = 500,
+    learning_rate: Annotated[float, typer.Option(help="Learning rate (constant schedule).")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 1,
+    accumulation: Annotated[int, typer.Option("--gradient-accumulation-steps", min=1, help="Gradient "
+                                              "accumulation.")] = 3,
+    snr_gamma: Annotated[float, typer.Option(help="Min-SNR weighting gamma (0 turns it off).")] = 5.0,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 4,
+    checkpointing_steps: Annotated[int, typer.Option(min=1, help="Save a resumable checkpoint every N steps.")] = 100,
+    mixed_precision: Annotated[Optional[str], typer.Option(help="no | fp16 | bf16 (default: fp16 on CUDA, no on "
+                                                           "CPU).", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed.")] = 0,
+) -> None:
+    """DreamBooth fine-tuning with LoRA (peft) on the SDXL UNet, through accelerate: the anchor's recipe by default (1024 px, lr 1e-4 constant, snr_gamma 5, 500 steps, batch 1 x accumulation 3, gradient checkpointing, fp16 on GPU).
+
+    Writes pytorch_lora_weights.safetensors for [bold]synthtrial generate --lora[/]. Checkpoints are safetensors + JSON; re-running the same command resumes from the latest one.
+    """
+    from synthtrial.finetune import FinetuneConfig, finetune
+
+    if level != "all" and level not in ("0", "1", "2", "3"):
+        raise SynthtrialError(f"--level must be 0, 1, 2, 3 or all, got '{level}'")
+    config = FinetuneConfig(base=base, level=None if level == "all" else int(level), instance_prompt=instance_prompt,
+                            resolution=resolution, train_batch_size=batch_size,
+                            gradient_accumulation_steps=accumulation, learning_rate=learning_rate,
+                            snr_gamma=snr_gamma or None, max_train_steps=steps, rank=rank, seed=seed,
+                            mixed_precision=mixed_precision, checkpointing_steps=checkpointing_steps)
+    with _simple_progress("training steps", steps) as advance:
+        weights = finetune(data, out_dir, config, progress=lambda step, total, loss: advance(step))
+    out.print(f"[green]wrote[/green] {weights}")
+
+
+@faces_app.command("generate")
+@handles_errors
+def faces_generate(
+    n: Annotated[int, typer.Option("--n", min=1, help="Portraits to keep.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (face_0000.png ..., faces.csv).",
+                                          show_default=False)],
+    model: Annotated[str, typer.Option(help="SDXL base: a local folder or a hub id (only a hub id downloads).")]
+    = "stabilityai/stable-diffusion-xl-base-1.0",
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the prompts and images.")] = 0,
+    size: Annotated[int, typer.Option(min=64, help="Image side in pixels.")] = 1024,
+    steps: Annotated[int, typer.Option(min=1, help="Inference steps.")] = 30,
+    guidance: Annotated[float, typer.Option(help="Guidance scale.")] = 7.0,
+    max_tries: Annotated[Optional[int], typer.Option(min=1, help="Give up after this many images "
+                                                     "(default 4 x --n).", show_default=False)] = None,
+) -> None:
+    """Render a bank of diverse, privacy-free synthetic portraits (ages, sexes, Fitzpatrick skin types I-VI, lighting) with the base model, keeping those where MediaPipe finds one frontal face.
+
+    The folder it writes is what [bold]synthtrial generate --faces[/] takes: a distinct identity for every patient.
+    """
+    from synthtrial.facebank import generate_face_bank
+
+    with _simple_progress("portraits", max_tries or 4 * n) as advance:
+        table = generate_face_bank(n, model, out_dir, seed=seed, size=size, steps=steps, guidance=guidance,
+                                   max_tries=max_tries, progress=lambda tries, kept: advance(tries))
+    out.print(f"[green]kept[/green] {len(table)} of the rendered portraits in {out_dir}")
+
+
+class _simple_progress:
+    """A progress bar on stderr over a known number of steps."""
+
+    def __init__(self, what: str, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             console=err)
+        self._task = self._bar.add_task(what, total=total)
+
+    def __enter__(self) -> Callable[[int], None]:
+        self._bar.__enter__()
+        return lambda done: self._bar.update(self._task, completed=done)
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.__exit__(*exc)
 
 
 # -------------------------------------------------------------------------------------------- export
@@ -511,25 +675,25 @@ def power_command(
             raise SynthtrialError(f"--effect {arm}=...: not an arm of the design ({', '.join(design.arms)})")
     if out_path is not None and out_path.is_dir():
         raise SynthtrialError(f"{out_path} is a directory (option --out)")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("[bold]replicates"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err) as bar:
-        task = bar.add_task("power", total=replicates)
+    with _simple_progress("replicates", replicates) as advance:
         estimates, summary = power_study(
             design, model, replicates, seed=seed, workers=workers, alpha=alpha, trend=trend,
             methods=[m.value for m in method] if method else DEFAULT_METHODS,
             outcomes=[o.value for o in outcome] if outcome else POWER_OUTCOMES, random_slopes=not random_intercept,
-            on_replicate=lambda done, total: bar.update(task, completed=done))
+            on_replicate=lambda done, total: advance(done))
     table = Table(title=f"{replicates} simulated trials, {design.n_patients} patients x {design.days_per_patient} days, "
-                        f"alpha {alpha}", title_justify="left")
-    for col in ("outcome", "method", "level", "arm", "effect", "quantity", "rate", "MC SE", "bias", "coverage"):
-        table.add_column(col, justify="left" if col in ("outcome", "method", "level", "arm", "quantity") else "right")
+                        f"alpha {alpha}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    for col in ("outcome", "test", "arm", "effect", "rate", "of", "MC SE", "bias", "cover"):
+        table.add_column(col, justify="left" if col in ("outcome", "test", "arm", "of") else "right", no_wrap=True)
     for rec in summary.itertuples(index=False):
-        table.add_row(rec.outcome, rec.method, rec.level, rec.arm, f"{rec.population_effect:+.2f}", rec.quantity,
-                      f"{rec.rejection_rate:.3f}", f"{rec.mc_se:.3f}", f"{rec.bias:+.3f}",
-                      "" if rec.coverage != rec.coverage else f"{rec.coverage:.3f}")
+        table.add_row(rec.outcome, rec.method if rec.level == "pooled" else f"{rec.method}/pt", rec.arm,
+                      f"{rec.population_effect:+.2f}", f"{rec.rejection_rate:.3f}",
+                      "type I" if rec.quantity == "type I error" else "power", f"{rec.mc_se:.3f}",
+                      f"{rec.bias:+.3f}", "" if rec.coverage != rec.coverage else f"{rec.coverage:.2f}")
     out.print(table)
+    out.print("rate: share of tests rejecting at alpha (type I error where the effect is 0, else power); "
+              "/pt: one test per patient")
     if out_path is not None:
         from synthtrial.atomic import write_text_atomic
 

@@ -40,7 +40,9 @@ from synthtrial.protocol import has_severity, read_protocol, to_csv_text
 from synthtrial.seeding import derive_seed
 
 NAMINGS = ("native", "anchor")
-BACKENDS = ("procedural",)
+#: procedural: the CPU lesion renderer; sdxl-img2img: the anchor's pipeline (placement not controlled);
+#: sdxl-inpaint: procedural lesion map, diffusion repaints only the dilated lesion masks.
+BACKENDS = ("procedural", "sdxl-img2img", "sdxl-inpaint")
 CHUNK = 8
 MANIFEST_COUNT_COLUMNS = ("n_open_comedo", "n_closed_comedo", "n_papule", "n_pustule", "n_nodule", "n_mark",
                           "n_scar")
@@ -133,9 +135,25 @@ class _PatientJob:
     settings: GenerateSettings
     days: tuple[int, ...]
     severity: tuple[float, ...]
+    diffusion: dict[str, Any] | None = None   # DiffusionConfig fields for the sdxl backends
 
 
 _CACHE: dict[tuple, Any] = {}
+_RENDERERS: dict[str, Any] = {}   # one renderer per process and configuration: models load once
+
+
+def _renderer(job: _PatientJob):
+    key = json.dumps(job.diffusion, sort_keys=True)
+    if key not in _RENDERERS:
+        if job.diffusion is None:
+            from synthtrial.render.procedural import ProceduralRenderer
+
+            _RENDERERS[key] = ProceduralRenderer(render_config())
+        else:
+            from synthtrial.render.diffusion import DiffusionConfig, DiffusionRenderer
+
+            _RENDERERS[key] = DiffusionRenderer(DiffusionConfig(**job.diffusion))
+    return _RENDERERS[key]
 
 
 def _patient_state(job: _PatientJob):
@@ -144,7 +162,6 @@ def _patient_state(job: _PatientJob):
     if key not in _CACHE:
         from synthtrial.faces import Identity, face_from_request, identity_for, load_base_faces, make_face
         from synthtrial.lesions import LesionCourse
-        from synthtrial.render.procedural import ProceduralRenderer
 
         size = job.settings.size
         if job.face:
@@ -156,7 +173,7 @@ def _patient_state(job: _PatientJob):
             face = make_face(next(b for b in bases if b.key == identity.base), identity, size)
         course = LesionCourse(face, job.days, job.severity, seed=job.settings.seed, patient_id=job.patient_id)
         _CACHE.clear()  # one patient at a time per process keeps memory flat
-        _CACHE[key] = (face, course, {}, ProceduralRenderer(render_config()))
+        _CACHE[key] = (face, course, {}, _renderer(job))
     return _CACHE[key]
 
 
@@ -188,7 +205,8 @@ def _render_images(job: _PatientJob, rows: list[dict[str, Any]]) -> list[dict[st
                             radius_px=float(s.radius * face_v.scale), intensity=s.intensity, seed=s.seed)
                  for s, c in zip(states, centres, strict=True)]
         seed = derive_seed("render", job.settings.seed, job.patient_id, row["day"], view, bits=32)
-        result = renderer(face_v.image, specs, skin_mask=face_v.skin, stats=stats, seed=seed)
+        extra = {} if job.diffusion is None else {"severity": row["severity"]}
+        result = renderer(face_v.image, specs, skin_mask=face_v.skin, stats=stats, seed=seed, **extra)
         label = np.zeros(result.image.shape[:2], dtype=np.uint16)
         areas = []
         for spec, mask, box in zip(specs, result.masks, result.boxes, strict=True):
@@ -241,14 +259,20 @@ def _work(job: _PatientJob, rows: list[dict[str, Any]]) -> tuple[str, list[dict[
 
 def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
              faces_dir: str | os.PathLike[str] | None = None, seed: int = 0, size: int = 512,
-             naming: str = "native", workers: int = 1, progress: bool = True,
+             naming: str = "native", workers: int = 1, progress: bool = True, backend: str = "procedural",
+             diffusion: dict[str, Any] | None = None,
              on_image: Callable[[int, int], None] | None = None) -> Path:
     """Render every row of a protocol into a run directory and return its path (see the module docstring).
 
     ``out`` defaults to ``runs/<protocol stem>``. ``on_image(done, total)`` is called after each image.
+    ``diffusion`` overrides :class:`synthtrial.render.diffusion.DiffusionConfig` fields for the sdxl backends.
+    Under ``accelerate launch`` (several processes, e.g. one per GPU) each process renders its share of the
+    images and the main process writes the one manifest.
     """
-    settings = GenerateSettings(seed=seed, size=size, naming=naming)
+    settings = GenerateSettings(seed=seed, size=size, naming=naming, backend=backend)
     settings.validate()
+    diffusion_config = _diffusion_config(backend, diffusion)
+    state = _distributed_state()
     if workers < 1:
         raise RunError(f"--workers must be >= 1, got {workers}")
     protocol_path = Path(protocol_path)
@@ -272,13 +296,27 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
         "renderer": asdict(render_config()),
         "packages": package_versions(),
     }
-    _prepare_run_dir(run_dir, config)
-    write_text_atomic(run_dir / "protocol.csv", to_csv_text(protocol))
-    if truth is not None:
-        write_text_atomic(run_dir / "truth.json", json.dumps(truth, indent=2) + "\n")
+    if diffusion_config is not None:
+        config["diffusion"] = {k: v for k, v in diffusion_config.items() if k != "device"}
+    main = state is None or state.is_main_process
+    if main:
+        _prepare_run_dir(run_dir, config)
+        write_text_atomic(run_dir / "protocol.csv", to_csv_text(protocol))
+        if truth is not None:
+            write_text_atomic(run_dir / "truth.json", json.dumps(truth, indent=2) + "\n")
+    if state is not None:
+        state.wait_for_everyone()
+        if not main:
+            _prepare_run_dir(run_dir, config)  # verifies the main process's config
+        diffusion_config = None if diffusion_config is None else {**diffusion_config, "device": str(state.device)}
+        workers = 1
 
-    jobs, tasks, total = _plan(protocol, run_dir, settings, faces_dir_str, protocol_path)
+    jobs, tasks, total = _plan(protocol, run_dir, settings, faces_dir_str, protocol_path, diffusion_config)
     _check_faces(jobs, faces_dir_str, protocol_path)
+    all_tasks = tasks
+    if state is not None:
+        tasks = tasks[state.process_index::state.num_processes]
+        total = sum(len(rows) for _, rows in tasks)
     records: dict[str, list[dict[str, Any]]] = {pid: [] for pid in jobs}
     done = 0
     with _progress(progress, total) as advance:
@@ -302,12 +340,45 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
                 for fut in as_completed(futures):
                     finished(*fut.result())
 
+    if state is not None:
+        state.wait_for_everyone()
+        if not main:
+            return run_dir
+        records = {pid: [] for pid in jobs}  # every image now has its record: gather them all
+        for job, rows in all_tasks:
+            records[job.patient_id].extend(_render_images(job, rows))
     manifest, lesions = _tables(protocol, records, run_dir, settings)
     _write_tables(run_dir, manifest, lesions)
     from synthtrial.grids import write_grids
 
     write_grids(run_dir, manifest)
     return run_dir
+
+
+def _diffusion_config(backend: str, overrides: dict[str, Any] | None) -> dict[str, Any] | None:
+    """DiffusionConfig fields for an sdxl backend (validated by building the config), None for procedural."""
+    if backend == "procedural":
+        if overrides:
+            raise RunError("--model, --lora and the other diffusion options need --backend sdxl-img2img or "
+                           "sdxl-inpaint")
+        return None
+    from synthtrial.render.diffusion import DiffusionConfig, DiffusionRenderer
+
+    try:
+        config = DiffusionConfig(mode="img2img" if backend == "sdxl-img2img" else "inpaint", **(overrides or {}))
+    except TypeError as exc:
+        raise RunError(f"diffusion options: {exc}") from None
+    DiffusionRenderer(config)  # checks the settings, model and LoRA folders now (models load lazily later)
+    return asdict(config)
+
+
+def _distributed_state():
+    """accelerate's process state when launched as several processes (accelerate launch), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
 
 
 def _severities(protocol: pd.DataFrame, protocol_path: Path, seed: int) -> tuple[dict | None, pd.DataFrame]:
@@ -338,7 +409,7 @@ def _prepare_run_dir(run_dir: Path, config: dict[str, Any]) -> None:
 
 
 def _plan(protocol: pd.DataFrame, run_dir: Path, settings: GenerateSettings, faces_dir: str | None,
-          protocol_path: Path):
+          protocol_path: Path, diffusion: dict[str, Any] | None = None):
     jobs: dict[str, _PatientJob] = {}
     tasks = []
     total = 0
@@ -349,15 +420,16 @@ def _plan(protocol: pd.DataFrame, run_dir: Path, settings: GenerateSettings, fac
         job = _PatientJob(run_dir=str(run_dir), patient_id=str(pid), patient_index=auto_index, face=face,
                           faces_dir=faces_dir, protocol_dir=str(protocol_path.parent), settings=settings,
                           days=tuple(int(d) for d in per_day["day"]),
-                          severity=tuple(float(s) for s in per_day["severity"]))
+                          severity=tuple(float(s) for s in per_day["severity"]), diffusion=diffusion)
         if face is None:
             auto_index += 1
         jobs[str(pid)] = job
         items = []
         for rec in rows.itertuples(index=False):
             stem = image_stem(str(pid), int(rec.day), rec.date, rec.view, float(rec.severity), settings.naming)
-            items.append({"day": int(rec.day), "view": rec.view, "image": f"images/{pid}/{stem}.png",
-                          "mask": f"masks/{pid}/{stem}.png", "part": f".parts/{pid}/{stem}.json"})
+            items.append({"day": int(rec.day), "view": rec.view, "severity": float(rec.severity),
+                          "image": f"images/{pid}/{stem}.png", "mask": f"masks/{pid}/{stem}.png",
+                          "part": f".parts/{pid}/{stem}.json"})
         names = [i["image"] for i in items]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)

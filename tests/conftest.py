@@ -27,3 +27,11 @@ def gray_image_dir(tmp_path):
     folder.mkdir()
     Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(folder / "wall.png")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny random SDXL saved like a hub model (see tests/tiny_sdxl.py)."""
+    from tiny_sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model")

@@ -163,9 +163,10 @@ def test_generate_writes_a_run(tiny_run):
 def test_generate_help_lists_only_working_options():
     result = invoke("generate", "--help")
     assert result.exit_code == 0
-    for option in ("--out", "--faces", "--seed", "--size", "--workers", "--naming"):
+    for option in ("--out", "--faces", "--seed", "--size", "--workers", "--naming", "--backend", "--model", "--lora"):
         assert option in result.stdout
-    assert "--backend" not in result.stdout
+    for backend in ("procedural", "sdxl-img2img", "sdxl-inpaint"):
+        assert backend in result.stdout
 
 
 @pytest.mark.parametrize(("args", "needle"), [
@@ -240,3 +241,80 @@ def test_analyze_command(tiny_run):
     assert result.exit_code == 0, result.output
     assert "pooled effects" in result.stdout
     assert (tiny_run / "analysis" / "report.html").is_file()
+
+
+@pytest.mark.parametrize("backend", ["sdxl-inpaint", "sdxl-img2img"])
+def test_generate_with_diffusion_backends(tmp_path, tiny_sdxl, backend):
+    import pandas as pd
+
+    proto = tmp_path / "tiny.csv"
+    proto.write_text("patient_id,day,treatment,severity\nq1,0,Control,2.2\nq1,1,Cream,1.4\n")
+    base = invoke("generate", proto, "--out", tmp_path / "proc", "--size", 128, "--quiet")
+    assert base.exit_code == 0, base.output
+    result = invoke("generate", proto, "--out", tmp_path / "diff", "--size", 128, "--quiet", "--backend", backend,
+                    "--model", tiny_sdxl, "--steps", 10 if backend == "sdxl-img2img" else 4, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    manifest = pd.read_parquet(tmp_path / "diff" / "manifest.parquet")
+    assert set(manifest["backend"]) == {backend}
+    config = json.loads((tmp_path / "diff" / "config.json").read_text())
+    assert config["diffusion"]["mode"] == backend.removeprefix("sdxl-") and config["diffusion"]["model"] == str(tiny_sdxl)
+    # same lesion model, so the same lesion table; different pixels
+    proc = pd.read_parquet(tmp_path / "proc" / "lesions.parquet")
+    diff = pd.read_parquet(tmp_path / "diff" / "lesions.parquet")
+    pd.testing.assert_frame_equal(proc[["image", "lesion_id", "type", "cx", "cy"]],
+                                  diff[["image", "lesion_id", "type", "cx", "cy"]])
+    first = manifest["image"].iloc[0]
+    assert (tmp_path / "diff" / first).read_bytes() != (tmp_path / "proc" / first).read_bytes()
+
+
+def test_diffusion_options_need_a_diffusion_backend(tmp_path, tiny_sdxl):
+    proto = tmp_path / "tiny.csv"
+    proto.write_text(TINY)
+    result = invoke("generate", proto, "--out", tmp_path / "run", "--model", "x", "--quiet")
+    assert result.exit_code == 2 and "--backend" in result.stderr and result.stderr.count("\n") == 1
+    # bad diffusion settings are refused before anything is written
+    for args, needle in ((["--model", tmp_path / "nope"], "no such folder"),
+                         (["--model", tiny_sdxl, "--steps", 4], "no denoising step")):
+        result = invoke("generate", proto, "--out", tmp_path / "run", "--quiet", "--backend", "sdxl-img2img", *args)
+        assert result.exit_code == 2 and needle in result.stderr and result.stderr.count("\n") == 1
+        assert not (tmp_path / "run").exists()
+
+
+def test_faces_generate_with_tiny_model(tmp_path, tiny_sdxl):
+    out = tmp_path / "bank"
+    result = invoke("faces", "generate", "--n", 1, "--model", tiny_sdxl, "--out", out, "--size", 64, "--steps", 2,
+                    "--max-tries", 2)
+    assert result.exit_code == 0, result.output
+    assert (out / "faces.csv").is_file()  # a random tiny model draws no face: nothing kept, bookkeeping written
+
+
+def test_finetune_then_generate_with_the_lora(tmp_path, tiny_sdxl):
+    """The whole diffusion path through the CLI: data check, LoRA fine-tuning, rendering with the adapter."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for level in (0, 2):
+        folder = tmp_path / "acne04" / f"acne{level}_1024"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"img{i}.jpg")
+    result = invoke("data", "check", tmp_path / "acne04")
+    assert result.exit_code == 0 and "OK" in result.stdout, result.output
+    result = invoke("finetune", "--data", tmp_path / "acne04", "--base", tiny_sdxl, "--level", 2, "--out",
+                    tmp_path / "lora", "--resolution", 32, "--max-train-steps", 2, "--gradient-accumulation-steps", 1,
+                    "--checkpointing-steps", 2)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    proto = tmp_path / "p.csv"
+    proto.write_text("patient_id,day,treatment,severity\nq1,0,Control,2.1\n")
+    outs = []
+    for name, extra in (("plain", []), ("lora", ["--lora", tmp_path / "lora"])):
+        result = invoke("generate", proto, "--out", tmp_path / f"run_{name}", "--size", 128, "--quiet", "--backend",
+                        "sdxl-img2img", "--model", tiny_sdxl, "--steps", 10, "--device", "cpu", *extra)
+        assert result.exit_code == 0, result.output
+        outs.append((tmp_path / f"run_{name}" / "images" / "q1" / "q1_d000_frontal.png").read_bytes())
+    assert outs[0] != outs[1]  # the level-2 adapter changes what the model draws
+    result = invoke("finetune", "--data", tmp_path / "acne04", "--base", tiny_sdxl, "--level", 5, "--out",
+                    tmp_path / "x")
+    assert result.exit_code == 2 and "--level" in result.stderr

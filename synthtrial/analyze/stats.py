@@ -373,8 +373,8 @@ def mixed_model(frame: pd.DataFrame, outcome: str, reference: str, *, trend: boo
 
     ``y ~ C(treatment, Treatment(reference)) [+ day_centred]``, groups ``patient_id``, random intercept
     and (``random_slopes``) random treatment slopes. When the random-slopes fit cannot be trusted it falls
-    back to a random intercept and the note starts ``random intercept only: <reason>``. Wald CIs with
-    normal quantiles.
+    back to a random intercept and the note starts ``random intercept only: <reason>``. Standard errors
+    are cluster-robust over patients with t on G - 1 df (see :func:`_mixed_estimates` for why).
     """
     _check_alpha(alpha)
     work, dropped = _working_frame(frame, outcome, reference, ["patient_id", "day"])
@@ -454,17 +454,54 @@ def _slopes_problem(result: Any, caught: list[str], error: Exception | None, ref
 
 
 def _mixed_estimates(result: Any, reference: str, arms: Sequence[str], alpha: float, note: str) -> dict[str, Estimate]:
-    q = float(stats.norm.ppf(1.0 - alpha / 2.0))
+    """Fixed effects with cluster-robust (sandwich) standard errors over patients and t on G - 1 df.
+
+    The model treats a patient's days as independent given the random effects; real daily outcomes are
+    autocorrelated (AR(1) noise, slow kinetics) and the trend term shares that noise, so model-based Wald
+    tests reject far too often (about 15% at alpha 0.05 on the anchor design under the null, measured with
+    ``synthtrial power``). The sandwich keeps the model's weights but takes the variance from each
+    patient's residuals, which is valid under any within-patient correlation; with few patients the CR1
+    factor G / (G - 1) and t quantiles on G - 1 degrees of freedom keep the test near its level.
+    """
+    cov, n_groups = _robust_cov(result)
+    names = list(result.fe_params.index)
+    df = float(n_groups - 1)
+    q = float(stats.t.ppf(1.0 - alpha / 2.0, df))
+    note = _join(note, f"cluster-robust SE over {n_groups} patients, t on {n_groups - 1} df")
     out: dict[str, Estimate] = {}
     for arm in arms:
         name = _coef_name(reference, arm)
-        est, se = float(result.fe_params[name]), float(result.bse_fe[name])
+        i = names.index(name)
+        est, se = float(result.fe_params[name]), float(np.sqrt(max(cov[i, i], 0.0)))
         if not (np.isfinite(se) and se > 0):
             out[arm] = _missing(_join("no finite standard error", note), est)
             continue
-        p = float(2.0 * stats.norm.sf(abs(est / se)))
-        out[arm] = Estimate(est, se, est - q * se, est + q * se, p, None, note)
+        p = float(2.0 * stats.t.sf(abs(est / se), df))
+        out[arm] = Estimate(est, se, est - q * se, est + q * se, p, df, note)
     return out
+
+
+def _robust_cov(result: Any) -> tuple[np.ndarray, int]:
+    """CR1 sandwich covariance of a MixedLM's fixed effects, clustered by its groups."""
+    model = result.model
+    x = np.asarray(model.exog, dtype=float)
+    z = np.asarray(model.exog_re, dtype=float)
+    resid = np.asarray(model.endog, dtype=float) - x @ np.asarray(result.fe_params, dtype=float)
+    d = np.asarray(result.cov_re, dtype=float)
+    scale = float(result.scale)
+    k = x.shape[1]
+    bread, meat = np.zeros((k, k)), np.zeros((k, k))
+    for group in model.group_labels:
+        idx = model.row_indices[group]
+        zg = z[idx]
+        v = zg @ d @ zg.T + scale * np.eye(len(idx))
+        xtw = np.linalg.solve(v, x[idx]).T          # X_g' V_g^-1 (V symmetric)
+        bread += xtw @ x[idx]
+        u = xtw @ resid[idx]
+        meat += np.outer(u, u)
+    g = len(model.group_labels)
+    inv = np.linalg.pinv(bread)
+    return inv @ meat @ inv * (g / (g - 1)), g
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,551 @@
+"""LoRA fine-tuning of Stable Diffusion XL (or 1.5) on ACNE04, the anchor generator's recipe.
+
+The anchor trained one SDXL LoRA per ACNE04 level with diffusers' ``train_dreambooth_lora_sdxl.py``
+(instance prompt ``photo of a person with acne{N}``, 1024 px, batch 1, gradient accumulation 3,
+gradient checkpointing, lr 1e-4 constant, Min-SNR gamma 5, fp16, 500 steps, seed 0, no prior
+preservation, no text-encoder training). :class:`FinetuneConfig` defaults to that recipe;
+:func:`finetune` is a compact re-implementation of it:
+
+* LoRA (rank ``r``, alpha ``r``, gaussian init) on the UNet attention projections ``to_q/to_k/to_v/to_out.0``;
+  everything else frozen. Text encoders are frozen, so every distinct prompt is encoded once up front.
+* SDXL conditioning: penultimate hidden states of both text encoders concatenated, pooled embeddings of
+  ``text_encoder_2``, ``add_time_ids`` = (original size, crop top-left, target size). SD 1.5 folders
+  (one text encoder, no time ids) are detected from ``model_index.json`` and trained the same way.
+* Epsilon or v-prediction targets per the scheduler config; Min-SNR loss weighting when ``snr_gamma``
+  is set; gradient clipping at 1.0 (the script's default).
+* ``level`` set: one adapter for that level (the anchor). ``level=None``: one adapter for all levels,
+  the prompt template filled per image with its level (severity tokens ``acne0`` .. ``acne3``).
+
+Every sample (image order, flip, noise, timestep, VAE sample) is drawn from a stream derived from
+``(seed, micro-step)``, so a resumed run continues exactly where the interrupted one stopped.
+
+Output in ``out_dir``: ``pytorch_lora_weights.safetensors`` (diffusers format, loadable with
+``pipe.load_lora_weights(out_dir)``), ``finetune_config.json``, ``training_log.json`` (per-step loss
+and lr) and ``checkpoint-{step}/`` every ``checkpointing_steps`` and at the last step, each holding
+``lora.safetensors`` (peft keys), ``optimizer.safetensors`` (optimizer tensors) and ``state.json``
+(step, config, optimizer scalars and param groups, LR-scheduler and grad-scaler state, the log so far).
+Nothing is pickled. Resuming restores the LoRA weights, the full optimizer state (Adam moments and
+step counts), the LR schedule and the fp16 grad scaler.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from synthtrial.atomic import write_text_atomic
+from synthtrial.errors import SynthtrialError
+from synthtrial.seeding import derive_seed
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+CONFIG_FILE = "finetune_config.json"
+LOG_FILE = "training_log.json"
+TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+MAX_GRAD_NORM = 1.0
+#: Fields that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = frozenset({"max_train_steps", "checkpointing_steps", "gradient_checkpointing"})
+_LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Training settings; the defaults are the anchor generator's recipe."""
+
+    base: str = "stabilityai/stable-diffusion-xl-base-1.0"  # hub id or local diffusers folder
+    level: int | None = None  # one ACNE04 level (one adapter per level); None = all levels, severity tokens
+    instance_prompt: str = "photo of a person with acne{level}"
+    resolution: int = 1024
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 3
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    snr_gamma: float | None = 5.0
+    max_train_steps: int = 500
+    rank: int = 4
+    seed: int = 0
+    mixed_precision: str | None = None  # None -> "fp16" on CUDA else "no"; "bf16" allowed
+    gradient_checkpointing: bool = True
+    checkpointing_steps: int = 100
+    use_8bit_adam: bool = False  # needs bitsandbytes and CUDA
+
+    def prompt_for(self, level: int) -> str:
+        """The instance prompt for an image of ``level``."""
+        return self.instance_prompt.replace("{level}", str(int(level)))
+
+
+def validate_config(config: FinetuneConfig) -> None:
+    """Raise a one-line :class:`SynthtrialError` for a bad config value."""
+    def bad(name: str, why: str) -> SynthtrialError:
+        return SynthtrialError(f"finetune config: {name}={getattr(config, name)!r} {why}")
+
+    def positive_int(name: str) -> None:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad(name, "must be a positive integer")
+
+    if not isinstance(config.base, str) or not config.base.strip():
+        raise bad("base", "must name a hub id or a local model folder")
+    if config.level is not None and (isinstance(config.level, bool) or not isinstance(config.level, int)
+                                     or config.level < 0):
+        raise bad("level", "must be None or an ACNE04 level (0-3)")
+    if not isinstance(config.instance_prompt, str) or not config.instance_prompt.strip():
+        raise bad("instance_prompt", "must be a non-empty prompt")
+    if config.level is None and "{level}" not in config.instance_prompt:
+        raise bad("instance_prompt", "must contain '{level}' when training one adapter for all levels")
+    for name in ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "rank",
+                 "checkpointing_steps"):
+        positive_int(name)
+    if config.resolution % 8:
+        raise bad("resolution", "must be a multiple of 8")
+    if not isinstance(config.learning_rate, (int, float)) or not math.isfinite(config.learning_rate) \
+            or config.learning_rate <= 0:
+        raise bad("learning_rate", "must be a positive number")
+    if config.lr_scheduler not in _LR_SCHEDULERS:
+        raise bad("lr_scheduler", f"must be one of {', '.join(_LR_SCHEDULERS)}")
+    if config.snr_gamma is not None and (not isinstance(config.snr_gamma, (int, float))
+                                         or not math.isfinite(config.snr_gamma) or config.snr_gamma <= 0):
+        raise bad("snr_gamma", "must be None or a positive number")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+        raise bad("seed", "must be a non-negative integer")
+    if config.mixed_precision not in (None, "no", "fp16", "bf16"):
+        raise bad("mixed_precision", "must be None, 'no', 'fp16' or 'bf16'")
+
+
+def training_examples(data_dir: str | Path, config: FinetuneConfig) -> list[tuple[Path, int, str]]:
+    """``(image, level, prompt)`` for every image the run trains on (filtered to ``config.level``)."""
+    from synthtrial.data.acne04 import scan_acne04
+
+    items = scan_acne04(data_dir)
+    if config.level is not None:
+        items = [it for it in items if it.level == config.level]
+        if not items:
+            raise SynthtrialError(f"{data_dir}: no ACNE04 images of level {config.level} to fine-tune on")
+    if not items:
+        raise SynthtrialError(f"{data_dir}: no ACNE04 images to fine-tune on")
+    return [(Path(it.path), int(it.level), config.prompt_for(it.level)) for it in items]
+
+
+# ------------------------------------------------------------------------------------------- base model
+
+def _model_index(base: str) -> dict:
+    """``model_index.json`` of a local folder or a hub id; a one-line error otherwise."""
+    path = Path(base).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SynthtrialError(f"base model {base}: is not a folder (a diffusers model folder or a hub id)")
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise SynthtrialError(f"base model folder {base}: no model_index.json (not a diffusers model folder)")
+        try:
+            return json.loads(index.read_text())
+        except (OSError, ValueError) as exc:
+            raise SynthtrialError(f"base model folder {base}: unreadable model_index.json ({exc})") from None
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", base) or base.startswith((".", "~")):
+        raise SynthtrialError(f"base model folder {base} does not exist (nothing is downloaded unless a hub id "
+                              "such as stabilityai/stable-diffusion-xl-base-1.0 is given)")
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(base))
+    except Exception as exc:  # noqa: BLE001 - hub/network errors come in many types
+        raise SynthtrialError(f"base model {base}: no local folder of that name, and the hub id could not be "
+                              f"loaded ({_first_line(exc)})") from None
+
+
+def _model_kind(base: str, index: dict) -> str:
+    name = str(index.get("_class_name", ""))
+    if "text_encoder_2" in index or "XL" in name:
+        if not {"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"} <= set(index):
+            raise SynthtrialError(f"base model {base}: an SDXL model_index.json lacking a component")
+        return "sdxl"
+    if name.startswith("StableDiffusion") and not name.startswith("StableDiffusion3") or \
+            {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(index):
+        return "sd"
+    raise SynthtrialError(f"base model {base}: {name or 'unknown pipeline'} is not Stable Diffusion XL or 1.x")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] or type(exc).__name__
+
+
+def _load(cls, base: str, subfolder: str, **kwargs):
+    try:
+        return cls.from_pretrained(base, subfolder=subfolder, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - loading errors come as OSError/ValueError/EnvironmentError/...
+        raise SynthtrialError(f"base model {base}: cannot load {subfolder} ({_first_line(exc)})") from None
+
+
+# ----------------------------------------------------------------------------------------- images
+
+def _load_image(path: Path, resolution: int, flip: bool):
+    """``(CHW float tensor in [-1, 1], (orig_h, orig_w), (crop_top, crop_left))``."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+    except Exception as exc:  # noqa: BLE001
+        raise SynthtrialError(f"{path}: cannot read image ({_first_line(exc)})") from None
+    w, h = im.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    im = im.resize((nw, nh), Image.BICUBIC)
+    top, left = (nh - resolution) // 2, (nw - resolution) // 2
+    im = im.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        im = ImageOps.mirror(im)
+        left = nw - left - resolution
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy()), (h, w), (top, left)
+
+
+def _sample_index(seed: int, index: int, n: int) -> int:
+    """The ``index``-th sample of a stream of seeded per-epoch permutations of ``n`` items."""
+    import numpy as np
+
+    epoch, pos = divmod(index, n)
+    return int(np.random.default_rng(derive_seed(seed, "finetune-order", epoch)).permutation(n)[pos])
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+def _config_dict(config: FinetuneConfig) -> dict:
+    return asdict(config)
+
+
+def _config_diff(saved: dict, config: FinetuneConfig) -> list[str]:
+    now = _config_dict(config)
+    return [f.name for f in fields(FinetuneConfig)
+            if f.name not in RESUMABLE_CHANGES and saved.get(f.name) != now[f.name]]
+
+
+def _latest_checkpoint(out_dir: Path, max_steps: int) -> tuple[int, Path] | None:
+    found = []
+    if out_dir.is_dir():
+        for path in out_dir.iterdir():
+            m = _CHECKPOINT.fullmatch(path.name)
+            if m and (path / "state.json").is_file() and int(m.group(1)) <= max_steps:
+                found.append((int(m.group(1)), path))
+    return max(found) if found else None
+
+
+def _tensors_and_scalars(optimizer_state: dict) -> tuple[dict, dict]:
+    import torch
+
+    tensors, scalars = {}, {}
+    for index, state in optimizer_state["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            elif isinstance(value, (bool, int, float, str)) or value is None:
+                scalars[f"{index}.{key}"] = value
+            else:
+                raise TypeError(f"optimizer state {key} of type {type(value).__name__} cannot be saved without pickle")
+    return tensors, scalars
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (bool, int, float, str)) or obj is None:
+        return obj
+    if hasattr(obj, "item"):  # 0-d tensors / numpy scalars
+        return obj.item()
+    raise TypeError(f"cannot store {type(obj).__name__} as JSON")
+
+
+def _save_checkpoint(out_dir: Path, step: int, *, lora: dict, optimizer, lr_scheduler, scaler,
+                     config: FinetuneConfig, log: list[dict]) -> Path:
+    from safetensors.torch import save_file
+
+    final = out_dir / f"checkpoint-{step}"
+    tmp = out_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
+    opt_state = optimizer.state_dict()
+    tensors, scalars = _tensors_and_scalars(opt_state)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    state = {
+        "step": step, "config": _config_dict(config), "log": log,
+        "optimizer": {"scalars": scalars, "param_groups": _jsonable(opt_state["param_groups"])},
+        "lr_scheduler": _jsonable({k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"}),
+        "scaler": None if scaler is None else _jsonable(scaler.state_dict()),
+    }
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def _load_optimizer_state(path: Path, state: dict) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    per_param: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(state["optimizer"]["scalars"].items()):
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    groups = []
+    for group in state["optimizer"]["param_groups"]:
+        groups.append({k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in group.items()})
+    return {"state": per_param, "param_groups": groups}
+
+
+# ----------------------------------------------------------------------------------------- training
+
+def finetune(data_dir: Path, out_dir: Path, config: FinetuneConfig, *,
+             progress: Callable[[int, int, float], None] | None = None) -> Path:
+    """Train a LoRA on the ACNE04 images in ``data_dir``; return ``out_dir/pytorch_lora_weights.safetensors``.
+
+    Resumes from the latest ``checkpoint-{step}`` in ``out_dir`` (step <= ``max_train_steps``) when the
+    config matches it (only ``max_train_steps``, ``checkpointing_steps`` and ``gradient_checkpointing``
+    may change), else raises.
+    ``progress(step, max_train_steps, loss)`` is called after every optimizer step.
+    """
+    validate_config(config)
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    examples = training_examples(data_dir, config)
+    index = _model_index(config.base)
+    kind = _model_kind(config.base, index)
+
+    resume = _latest_checkpoint(out_dir, config.max_train_steps)
+    resume_state = None
+    if resume is not None:
+        try:
+            resume_state = json.loads((resume[1] / "state.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise SynthtrialError(f"{resume[1]}: unreadable checkpoint state ({exc})") from None
+        diff = _config_diff(resume_state.get("config", {}), config)
+        if diff:
+            raise SynthtrialError(
+                f"{resume[1]}: checkpoint was trained with a different config ({', '.join(diff)}); "
+                "use the same config to resume or another output folder")
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    cuda = torch.cuda.is_available()
+    mixed = config.mixed_precision or ("fp16" if cuda else "no")
+    if mixed == "fp16" and not cuda:
+        raise SynthtrialError("finetune config: mixed_precision='fp16' needs CUDA; use 'no' or 'bf16' on CPU")
+    if config.use_8bit_adam:
+        if not cuda:
+            raise SynthtrialError("finetune config: use_8bit_adam needs CUDA (bitsandbytes)")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise SynthtrialError("finetune config: use_8bit_adam needs the bitsandbytes package") from None
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
+                                  mixed_precision=mixed)
+        return _train(accelerator, examples, out_dir, config, kind, data_dir, resume, resume_state, progress)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def _encode_prompts(prompts: list[str], tokenizers, encoders, kind: str, device, dtype) -> dict:
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for prompt in prompts:
+            hidden, pooled = [], None
+            for tokenizer, encoder in zip(tokenizers, encoders):
+                ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids.to(device)
+                result = encoder(ids, output_hidden_states=(kind == "sdxl"), return_dict=True)
+                if kind == "sdxl":
+                    hidden.append(result.hidden_states[-2])
+                    pooled = getattr(result, "text_embeds", None)  # text_encoder_2 (with projection)
+                else:
+                    hidden.append(result.last_hidden_state)
+            out[prompt] = (torch.cat(hidden, dim=-1).to(dtype)[0], None if pooled is None else pooled.to(dtype)[0])
+    return out
+
+
+def _train(accelerator, examples, out_dir: Path, config: FinetuneConfig, kind: str, data_dir: Path,
+           resume, resume_state, progress) -> Path:
+    import torch
+    import torch.nn.functional as F
+    from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, compute_snr
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    base = config.base
+    device = accelerator.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # --- frozen parts
+    tokenizers = [_load(AutoTokenizer, base, "tokenizer")]
+    encoders = [_load(CLIPTextModel, base, "text_encoder")]
+    if kind == "sdxl":
+        tokenizers.append(_load(AutoTokenizer, base, "tokenizer_2"))
+        encoders.append(_load(CLIPTextModelWithProjection, base, "text_encoder_2"))
+    noise_scheduler = _load(DDPMScheduler, base, "scheduler")
+    vae = _load(AutoencoderKL, base, "vae")
+    unet = _load(UNet2DConditionModel, base, "unet", torch_dtype=weight_dtype)
+    for model in (*encoders, vae, unet):
+        model.requires_grad_(False)
+    for encoder in encoders:
+        encoder.to(device, dtype=weight_dtype)
+    prompts = sorted({prompt for _, _, prompt in examples})
+    embeds = _encode_prompts(prompts, tokenizers, encoders, kind, device, weight_dtype)
+    del encoders, tokenizers
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    # The SDXL VAE overflows in fp16 (force_upcast): keep it fp32 as the reference script does.
+    vae_dtype = torch.float32 if getattr(vae.config, "force_upcast", True) else weight_dtype
+    vae.to(device) if vae_dtype == torch.float32 else vae.to(device, dtype=vae_dtype)
+    unet.to(device)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    if config.resolution % vae_scale:
+        raise SynthtrialError(f"finetune config: resolution={config.resolution} must be a multiple of "
+                              f"the VAE scale factor {vae_scale}")
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise SynthtrialError(f"base model {base}: prediction type {prediction_type!r} is not supported")
+
+    # --- LoRA
+    torch.manual_seed(config.seed)
+    unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian",
+                                target_modules=TARGET_MODULES))
+    if resume_state is not None:
+        lora = load_file(str(resume[1] / "lora.safetensors"))
+        result = set_peft_model_state_dict(unet, lora, adapter_name="default")
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise SynthtrialError(f"{resume[1]}: LoRA weights do not fit the base model {base}")
+    cast_training_params(unet, dtype=torch.float32)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = [p for p in unet.parameters() if p.requires_grad]
+
+    if config.use_8bit_adam:
+        import bitsandbytes as bnb
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls(params, lr=config.learning_rate, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=0,
+                                 num_training_steps=config.max_train_steps)
+    step, log = 0, []
+    if resume_state is not None:
+        step, log = int(resume_state["step"]), [e for e in resume_state.get("log", []) if e["step"] <= resume[0]]
+        optimizer.load_state_dict(_load_optimizer_state(resume[1], resume_state))
+        lr_scheduler.load_state_dict(dict(resume_state["lr_scheduler"],
+                                          lr_lambdas=[None] * len(optimizer.param_groups)))
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    scaler = getattr(accelerator, "scaler", None)
+    if resume_state is not None and scaler is not None and resume_state.get("scaler"):
+        scaler.load_state_dict(resume_state["scaler"])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / CONFIG_FILE, json.dumps({
+        "config": _config_dict(config), "data_dir": str(data_dir.resolve()), "model_type": kind,
+        "num_images": len(examples), "prompts": {str(lvl): p for _, lvl, p in sorted(examples, key=lambda e: e[1])},
+        "target_modules": TARGET_MODULES, "max_grad_norm": MAX_GRAD_NORM}, indent=1) + "\n")
+
+    def lora_state() -> dict:
+        return get_peft_model_state_dict(accelerator.unwrap_model(unet))
+
+    def write_log() -> None:
+        write_text_atomic(out_dir / LOG_FILE, json.dumps({
+            "model_type": kind, "resumed_from": None if resume is None else resume[0], "steps": log}) + "\n")
+
+    res, bsz, accum = config.resolution, config.train_batch_size, config.gradient_accumulation_steps
+    n = len(examples)
+    micro = step * accum
+    micro_losses: list[float] = []
+    unet.train()
+    while step < config.max_train_steps:
+        gen = torch.Generator().manual_seed(derive_seed(config.seed, "finetune-micro", micro) % 2 ** 63)
+        pixels, times, hidden, pooled = [], [], [], []
+        for b in range(bsz):
+            sample = micro * bsz + b
+            path, _, prompt = examples[_sample_index(config.seed, sample, n)]
+            flip = bool(derive_seed(config.seed, "finetune-flip", sample) & 1)
+            image, original, crop = _load_image(path, res, flip)
+            pixels.append(image)
+            times.append([*original, *crop, res, res])
+            hidden.append(embeds[prompt][0])
+            pooled.append(embeds[prompt][1])
+        with accelerator.accumulate(unet):
+            with torch.no_grad():
+                pix = torch.stack(pixels).to(device, dtype=vae_dtype)
+                latents = vae.encode(pix).latent_dist.sample(generator=gen)
+                shift = getattr(vae.config, "shift_factor", None) or 0.0
+                latents = ((latents - shift) * vae.config.scaling_factor).to(weight_dtype)
+            noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(device, dtype=latents.dtype)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen)
+            timesteps = timesteps.to(device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            kwargs = {}
+            if kind == "sdxl":
+                kwargs["added_cond_kwargs"] = {
+                    "text_embeds": torch.stack(pooled),
+                    "time_ids": torch.tensor(times, device=device, dtype=weight_dtype)}
+            pred = unet(noisy, timesteps, torch.stack(hidden), return_dict=False, **kwargs)[0]
+            target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+            if config.snr_gamma is None:
+                loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+            else:  # Min-SNR weighting (Hang et al. 2023), as in diffusers' scripts
+                snr = compute_snr(noise_scheduler, timesteps)
+                weights = torch.clamp(snr, max=float(config.snr_gamma))
+                weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
+                loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+                loss = (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro += 1
+        micro_losses.append(float(loss.detach().float().item()))
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        mean_loss = sum(micro_losses) / len(micro_losses)
+        micro_losses = []
+        if not math.isfinite(mean_loss):
+            raise SynthtrialError(f"finetune: loss became {mean_loss} at step {step}; lower learning_rate or "
+                                  "use mixed_precision='no'/'bf16'")
+        log.append({"step": step, "loss": mean_loss, "lr": float(lr_scheduler.get_last_lr()[0])})
+        if progress is not None:
+            progress(step, config.max_train_steps, mean_loss)
+        if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
+            _save_checkpoint(out_dir, step, lora=lora_state(), optimizer=optimizer, lr_scheduler=lr_scheduler,
+                             scaler=scaler, config=config, log=log)
+            write_log()
+
+    write_log()
+    layers = convert_state_dict_to_diffusers(lora_state())
+    pipeline_cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    pipeline_cls.save_lora_weights(str(out_dir), unet_lora_layers=layers, safe_serialization=True)
+    return out_dir / LORA_WEIGHTS

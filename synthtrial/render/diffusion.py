@@ -1,0 +1,377 @@
+"""Diffusion renderer: Stable Diffusion XL, either as the anchor ran it or steered by the lesion model.
+
+Two modes, one :class:`DiffusionRenderer` with the same call as :class:`ProceduralRenderer`:
+
+``img2img`` -- the anchor's recipe (synthetic_acne_images): ``StableDiffusionXLImg2ImgPipeline`` (what the
+    anchor's ``AutoPipelineForImage2Image`` resolves to for SDXL; the auto pipelines are not used because
+    importing them imports every pipeline diffusers ships, some of which warn on this torch) on
+    ``stabilityai/stable-diffusion-xl-base-1.0`` with the severity level's LoRA, UniPC, strength 0.1,
+    guidance 12, 30 steps, the prompt ``photo of a person with acne{N}, ...`` on the patient's base face,
+    where ``N = min(round(severity), 3)`` (Python's ``round``, half to even, the anchor's rule). Unlike the
+    anchor it is seeded (a ``torch.Generator`` on the pipeline's device), so the same call gives the same
+    image. Lesion placement is *not* controlled -- the anchor's known failure: the returned masks are all
+    False and the boxes are the lesion specs' circles clipped to the image, so in this mode a lesion table
+    describes the lesions the lesion model *intended*, not what diffusion drew.
+
+``inpaint`` -- ours: the lesions are first drawn by :class:`ProceduralRenderer` (the same call), so the
+    lesion map decides where every lesion is; the inpainting region is the union of the lesions' instance
+    masks and of every pixel the procedural renderer changed (their erythema halos reach beyond the
+    masks), dilated by ``mask_dilation_px`` and intersected with the skin mask (:func:`inpaint_region`).
+    ``StableDiffusionXLInpaintPipeline`` repaints that region of the procedural image with the prompt
+    ``close-up photo of skin with acne{N}, {types}, ...`` (the lesion types present, e.g. "papules,
+    pustules"), seeded. The result is composited with ``np.where``: every pixel outside the region is
+    bit-identical to the input base image, every pixel inside is the diffusion output. The procedural
+    masks and boxes are returned, so the lesion table describes the lesions the image shows.
+
+Sizes: SDXL works on height/width that are multiples of ``8 * vae_scale_factor`` (64 px for SDXL). The
+image is resized (PIL Lanczos; the mask nearest-neighbour) to the nearest such size (at least one
+multiple), diffused there, and the output resized back to the input's size before compositing; an image
+already at such a size (512, 1024) is not resampled. No cropping: the whole image goes through the
+pipeline at about its own resolution (SDXL is trained at 1024 px; far smaller images lose quality).
+
+Device and precision: CUDA when available, else CPU; float16 on CUDA and float32 on CPU by default
+(``dtype="bfloat16"`` allowed). SDXL's VAE overflows in float16; the SDXL pipelines upcast it to float32
+for encoding and decoding when its config says ``force_upcast`` (the base model's does), or pass an
+fp16-safe VAE (the anchor used ``madebyollin/sdxl-vae-fp16-fix``) as ``vae``. ``torch.compile`` of the
+UNet (in place, ``unet.compile()``) is applied only on CUDA; on CPU it is skipped with a note.
+Nothing downloads unless ``model`` (or ``vae``) is a hub id that is not a
+local folder; a path-like value that does not exist is an error.
+
+LoRA: ``lora`` is a folder holding ``pytorch_lora_weights.safetensors`` (one adapter for every level; the
+severity token in the prompt selects the look) or subfolders ``acne0`` .. ``acne3`` each holding one
+(one adapter per level, as the anchor trained them). Adapters are loaded once, with ``adapter_name`` per
+level, and selected per call with ``set_adapters``; a level without a subfolder runs the base model with
+the LoRA layers disabled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from synthtrial.errors import SynthtrialError
+from synthtrial.render.procedural import (
+    LESION_TYPES,
+    LesionSpec,
+    PhotoStats,
+    ProceduralRenderer,
+    RenderResult,
+    _check_image,
+    _circle_box,
+    _skin_weight,
+)
+
+__all__ = [
+    "MODES",
+    "SCHEDULERS",
+    "DiffusionConfig",
+    "DiffusionError",
+    "DiffusionRenderer",
+    "inpaint_region",
+    "severity_level",
+    "type_words",
+]
+
+MODES = ("img2img", "inpaint")
+SCHEDULERS = ("unipc", "euler", "ddim")
+DTYPES = ("float16", "bfloat16", "float32")
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LEVELS = (0, 1, 2, 3)
+
+#: How the inpaint prompt names each lesion type (plural, in LESION_TYPES order).
+TYPE_WORDS = {
+    "open_comedo": "open comedones", "closed_comedo": "closed comedones", "papule": "papules",
+    "pustule": "pustules", "nodule": "nodules", "mark": "post-inflammatory marks", "scar": "atrophic scars",
+}
+
+
+class DiffusionError(SynthtrialError):
+    """A diffusion model, LoRA or setting that cannot be used."""
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Plain-data settings of :class:`DiffusionRenderer`; the defaults are the anchor's recipe."""
+
+    mode: str = "img2img"        # "img2img" (the anchor's pipeline) | "inpaint" (ours)
+    model: str = "stabilityai/stable-diffusion-xl-base-1.0"   # hub id or local folder (from_pretrained)
+    lora: str | None = None      # folder with pytorch_lora_weights.safetensors, or subfolders acne0..acne3
+    prompt: str = "photo of a person with acne{level}, portrait, close-up, cheek, detailed, HQ, photo, 4k"
+    inpaint_prompt: str = "close-up photo of skin with acne{level}, {types}, detailed, HQ"
+    negative_prompt: str | None = None
+    strength: float = 0.1          # img2img (anchor)
+    inpaint_strength: float = 0.75 # inpaint
+    guidance_scale: float = 12.0
+    num_inference_steps: int = 30
+    scheduler: str = "unipc"       # unipc | euler | ddim (swapped in with from_config)
+    mask_dilation_px: int = 6
+    device: str | None = None      # None -> cuda if available else cpu
+    dtype: str | None = None       # None -> float16 on CUDA else float32; "bfloat16" allowed
+    vae_tiling: bool = True
+    vae_slicing: bool = False
+    compile: bool = False          # torch.compile the UNet (CUDA only; ignored on CPU with a note)
+    vae: str | None = None         # optional AutoencoderKL (hub id or folder), e.g. an fp16-safe SDXL VAE
+
+
+def severity_level(severity: float) -> int:
+    """The anchor's LoRA level: ``min(round(severity), 3)`` (Python round), never below 0."""
+    s = float(severity)
+    if not math.isfinite(s):
+        raise DiffusionError(f"severity must be a finite number, got {severity!r}")
+    return max(0, min(round(s), 3))
+
+
+def type_words(lesions: Sequence[LesionSpec]) -> str:
+    """The lesion types present as prompt words, e.g. ``"papules, pustules"`` (``"clear skin"`` if none)."""
+    present = {les.type for les in lesions}
+    words = [TYPE_WORDS.get(t, t.replace("_", " ")) for t in LESION_TYPES if t in present]
+    return ", ".join(words) if words else "clear skin"
+
+
+def inpaint_region(base: np.ndarray, procedural: RenderResult, skin_mask: np.ndarray,
+                   dilation_px: int) -> np.ndarray:
+    """(H, W) bool: where the inpaint mode lets diffusion repaint.
+
+    The union of the procedural instance masks and of the pixels the procedural renderer changed,
+    dilated by ``dilation_px`` (a disc) and intersected with the skin (``skin_mask`` > 0).
+    """
+    import cv2
+
+    h, w = base.shape[:2]
+    region = np.any(procedural.image != base, axis=2)
+    if procedural.masks.size:
+        region |= procedural.masks.any(axis=0)
+    d = int(dilation_px)
+    if d > 0 and region.any():
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * d + 1, 2 * d + 1))
+        region = cv2.dilate(region.astype(np.uint8), kernel) > 0
+    return region & (_skin_weight(skin_mask, (h, w)) > 0)
+
+
+def _looks_like_path(value: str) -> bool:
+    """A model string meant as a folder (not a hub id ``owner/name``)."""
+    if value.startswith((".", "/", "~")) or "\\" in value or os.sep != "/" and os.sep in value:
+        return True
+    return not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)
+
+
+def _check_model(value: str, what: str) -> None:
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DiffusionError(f"{what} {value}: not a folder (expected a diffusers model folder or a hub id)")
+        return
+    if _looks_like_path(value):
+        raise DiffusionError(f"{what} {value}: no such folder (nothing is downloaded unless a hub id "
+                             f"such as stabilityai/stable-diffusion-xl-base-1.0 is given)")
+
+
+def _lora_layout(folder: str) -> dict[int | None, Path]:
+    """{None: file} for one shared adapter, or {level: file} for per-level subfolders acne0..acne3."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise DiffusionError(f"LoRA {folder}: no such folder")
+    if (path / LORA_WEIGHTS).is_file():
+        return {None: path / LORA_WEIGHTS}
+    found = {lv: path / f"acne{lv}" / LORA_WEIGHTS for lv in LEVELS if (path / f"acne{lv}" / LORA_WEIGHTS).is_file()}
+    if not found:
+        raise DiffusionError(f"LoRA {folder}: holds no {LORA_WEIGHTS} (neither in the folder nor in "
+                             f"subfolders acne0..acne3)")
+    return found
+
+
+class DiffusionRenderer:
+    """``DiffusionRenderer(DiffusionConfig(...))(image, lesions, skin_mask=mask, seed=s, severity=x)``.
+
+    Loads the pipeline lazily on the first call (one pipeline object; LoRA adapters loaded once) and
+    keeps it. ``notes`` collects what the renderer decided on its own (e.g. compile ignored on CPU).
+    """
+
+    def __init__(self, config: DiffusionConfig | None = None):
+        self.config = cfg = config if config is not None else DiffusionConfig()
+        if cfg.mode not in MODES:
+            raise DiffusionError(f"unknown diffusion mode {cfg.mode!r}; expected one of {', '.join(MODES)}")
+        if cfg.scheduler not in SCHEDULERS:
+            raise DiffusionError(f"unknown scheduler {cfg.scheduler!r}; expected one of {', '.join(SCHEDULERS)}")
+        if cfg.dtype is not None and cfg.dtype not in DTYPES:
+            raise DiffusionError(f"unknown dtype {cfg.dtype!r}; expected one of {', '.join(DTYPES)}")
+        strength = cfg.inpaint_strength if cfg.mode == "inpaint" else cfg.strength
+        if not 0.0 < float(strength) <= 1.0:
+            raise DiffusionError(f"{cfg.mode} strength must be in (0, 1], got {strength}")
+        if int(cfg.num_inference_steps) < 1:
+            raise DiffusionError(f"num_inference_steps must be at least 1, got {cfg.num_inference_steps}")
+        if int(int(cfg.num_inference_steps) * float(strength)) < 1:
+            raise DiffusionError(f"{cfg.num_inference_steps} steps at strength {strength} run no denoising step "
+                                 f"(steps x strength < 1); raise --steps or --strength")
+        if int(cfg.mask_dilation_px) < 0:
+            raise DiffusionError(f"mask_dilation_px must be >= 0, got {cfg.mask_dilation_px}")
+        _check_model(cfg.model, "model")
+        if cfg.vae is not None:
+            _check_model(cfg.vae, "VAE")
+        self._lora = _lora_layout(cfg.lora) if cfg.lora is not None else None
+        self._pipe: Any = None
+        self._procedural = ProceduralRenderer()
+        self.notes: list[str] = []
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    @property
+    def pipeline(self) -> Any:
+        """The diffusers pipeline (loaded on first use)."""
+        if self._pipe is None:
+            self._pipe = self._load()
+        return self._pipe
+
+    def _device_dtype(self):
+        import torch
+
+        cfg = self.config
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, ValueError) as exc:
+            raise DiffusionError(f"unknown device {cfg.device!r} ({exc})".splitlines()[0]) from None
+        name = cfg.dtype or ("float16" if device.type == "cuda" else "float32")
+        return device, getattr(torch, name)
+
+    def _load(self) -> Any:
+        from diffusers import (
+            AutoencoderKL,
+            DDIMScheduler,
+            EulerDiscreteScheduler,
+            StableDiffusionXLImg2ImgPipeline,
+            StableDiffusionXLInpaintPipeline,
+            UniPCMultistepScheduler,
+        )
+
+        cfg = self.config
+        device, dtype = self._device_dtype()
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if cfg.vae is not None:
+            try:
+                kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.vae, dtype=dtype)
+            except (OSError, ValueError, EnvironmentError) as exc:
+                raise DiffusionError(f"VAE {cfg.vae}: cannot be loaded ({type(exc).__name__}: {exc})"
+                                     .splitlines()[0]) from None
+        cls = StableDiffusionXLInpaintPipeline if cfg.mode == "inpaint" else StableDiffusionXLImg2ImgPipeline
+        try:
+            pipe = cls.from_pretrained(cfg.model, **kwargs)
+        except (OSError, ValueError, KeyError, EnvironmentError) as exc:
+            raise DiffusionError(f"model {cfg.model}: not a loadable diffusers SDXL model "
+                                 f"({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        scheduler_cls = {"unipc": UniPCMultistepScheduler, "euler": EulerDiscreteScheduler,
+                         "ddim": DDIMScheduler}[cfg.scheduler]
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+        if self._lora is not None:
+            for level, file in self._lora.items():
+                name = "acne" if level is None else f"acne{level}"
+                try:
+                    pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+                except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                    raise DiffusionError(f"LoRA {file}: cannot be loaded into {cfg.model} "
+                                         f"({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        pipe = pipe.to(device)
+        if cfg.vae_tiling:
+            pipe.vae.enable_tiling()
+        if cfg.vae_slicing:
+            pipe.vae.enable_slicing()
+        if cfg.compile:
+            if device.type == "cuda":
+                pipe.unet.compile()   # in place (nn.Module.compile): the UNet keeps its class, so LoRA calls work
+            else:
+                self.notes.append("compile=True ignored: torch.compile of the UNet is used on CUDA only")
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _select_lora(self, pipe: Any, level: int) -> None:
+        if self._lora is None:
+            return
+        name = "acne" if None in self._lora else (f"acne{level}" if level in self._lora else None)
+        if name is None:
+            pipe.disable_lora()
+        else:
+            pipe.enable_lora()
+            pipe.set_adapters([name])
+
+    # -- rendering --------------------------------------------------------------------------------
+
+    def _size(self, pipe: Any, h: int, w: int) -> tuple[int, int]:
+        m = 8 * int(pipe.vae_scale_factor)
+        return max(m, int(round(h / m)) * m), max(m, int(round(w / m)) * m)
+
+    def _run(self, images: list[np.ndarray], prompts: list[str], seeds: list[int], level: int,
+             masks: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Run the pipeline on a batch (lists of equal length); returns uint8 images at input sizes."""
+        import torch
+        from PIL import Image
+
+        cfg = self.config
+        pipe = self.pipeline
+        self._select_lora(pipe, level)
+        h, w = images[0].shape[:2]
+        ph, pw = self._size(pipe, h, w)
+        pil = [Image.fromarray(im) for im in images]
+        if (ph, pw) != (h, w):
+            pil = [im.resize((pw, ph), Image.LANCZOS) for im in pil]
+        generators = [torch.Generator(device=pipe.device).manual_seed(int(s)) for s in seeds]
+        kwargs: dict[str, Any] = dict(
+            prompt=prompts, image=pil, height=ph, width=pw, guidance_scale=float(cfg.guidance_scale),
+            num_inference_steps=int(cfg.num_inference_steps), generator=generators, output_type="np")
+        if cfg.negative_prompt is not None:
+            kwargs["negative_prompt"] = [cfg.negative_prompt] * len(prompts)
+        if masks is not None:
+            mask_pil = [Image.fromarray(m.astype(np.uint8) * 255) for m in masks]
+            if (ph, pw) != (h, w):
+                mask_pil = [m.resize((pw, ph), Image.NEAREST) for m in mask_pil]
+            kwargs.update(mask_image=mask_pil, strength=float(cfg.inpaint_strength))
+        else:
+            kwargs.update(strength=float(cfg.strength))
+        with torch.inference_mode():
+            out = pipe(**kwargs).images
+        result = []
+        for arr in np.asarray(out):
+            im = (np.clip(np.nan_to_num(arr), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            if (ph, pw) != (h, w):
+                im = np.asarray(Image.fromarray(im).resize((w, h), Image.LANCZOS))
+            result.append(np.ascontiguousarray(im))
+        return result
+
+    def __call__(self, image: np.ndarray, lesions: Sequence[LesionSpec], *, skin_mask: np.ndarray,
+                 stats: PhotoStats | None = None, seed: int = 0, severity: float = 0.0) -> RenderResult:
+        """Render one day: ``image`` (H, W, 3) uint8 RGB, the day's lesions, the skin mask, the seed.
+
+        ``severity`` (0-3, continuous) picks the prompt level and LoRA (``min(round(severity), 3)``).
+        Returns the image with one mask and box per lesion (all-False masks in img2img mode).
+        """
+        _check_image(image)
+        image = np.ascontiguousarray(image)
+        h, w = image.shape[:2]
+        _skin_weight(skin_mask, (h, w))
+        lesions = list(lesions)
+        level = severity_level(severity)
+        cfg = self.config
+        if cfg.mode == "img2img":
+            for i, les in enumerate(lesions):
+                if not isinstance(les, LesionSpec):
+                    raise ValueError(f"lesion {i} must be a LesionSpec, got {type(les).__name__}")
+            prompt = cfg.prompt.format(level=level, types=type_words(lesions))
+            out = self._run([image], [prompt], [seed], level)[0]
+            masks = np.zeros((len(lesions), h, w), bool)
+            boxes = np.array([_circle_box(les, w, h) for les in lesions], np.float64).reshape(len(lesions), 4)
+            return RenderResult(out, masks, boxes)
+
+        proc = self._procedural(image, lesions, skin_mask=skin_mask, stats=stats, seed=seed)
+        region = inpaint_region(image, proc, skin_mask, cfg.mask_dilation_px)
+        if not region.any():
+            return RenderResult(proc.image, proc.masks, proc.boxes)
+        prompt = cfg.inpaint_prompt.format(level=level, types=type_words(lesions))
+        diffused = self._run([proc.image], [prompt], [seed], level, masks=[region])[0]
+        out = np.where(region[:, :, None], diffused, image)
+        return RenderResult(np.ascontiguousarray(out), proc.masks, proc.boxes)

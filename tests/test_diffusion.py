@@ -1,0 +1,225 @@
+"""Diffusion renderer on a tiny random SDXL (built once per module, loaded from a local folder)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from synthtrial.errors import SynthtrialError  # noqa: E402
+from synthtrial.render.diffusion import (  # noqa: E402
+    DiffusionConfig,
+    DiffusionRenderer,
+    inpaint_region,
+    severity_level,
+    type_words,
+)
+from synthtrial.render.procedural import LesionSpec, ProceduralRenderer  # noqa: E402
+
+SIZE = 64
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and far slower when threads contend on a busy machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tiny_sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model, tmp_path_factory):
+    """A random (non-zero) LoRA for the tiny UNet, saved the way diffusers' training scripts save one."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
+    torch.manual_seed(1)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    folder = tmp_path_factory.mktemp("lora")
+    StableDiffusionXLPipeline.save_lora_weights(
+        folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    assert (folder / "pytorch_lora_weights.safetensors").is_file()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """A 64 px skin-coloured test face with texture, a skin mask and three lesions."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    base = np.array([205.0, 160.0, 135.0]) + 12 * np.sin(xx / 7.0)[..., None] + rng.normal(0, 3, (SIZE, SIZE, 3))
+    image = np.clip(base, 0, 255).astype(np.uint8)
+    skin = (xx - 32) ** 2 / 26.0**2 + (yy - 32) ** 2 / 29.0**2 < 1.0
+    lesions = [LesionSpec(1, "papule", 20.0, 24.0, 3.0, 1.0, seed=11),
+               LesionSpec(2, "pustule", 42.0, 36.0, 2.5, 1.0, seed=12),
+               LesionSpec(3, "open_comedo", 30.0, 48.0, 1.5, 1.0, seed=13)]
+    return image, skin, lesions
+
+
+def _config(model, **kw):
+    # 4 steps: img2img needs strength >= 0.25 to run one of them (the anchor's 0.1 runs 3 of 30)
+    base = dict(model=str(model), num_inference_steps=4, strength=0.5, device="cpu", guidance_scale=5.0,
+                vae_tiling=False)
+    base.update(kw)
+    return DiffusionConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def inpainter(tiny_model):
+    return DiffusionRenderer(_config(tiny_model, mode="inpaint", mask_dilation_px=3))
+
+
+@pytest.fixture(scope="module")
+def img2img(tiny_model):
+    return DiffusionRenderer(_config(tiny_model, mode="img2img", strength=0.5))
+
+
+def test_defaults_are_the_anchor_recipe():
+    cfg = DiffusionConfig()
+    assert (cfg.mode, cfg.strength, cfg.guidance_scale, cfg.num_inference_steps, cfg.scheduler) == \
+        ("img2img", 0.1, 12.0, 30, "unipc")
+    assert cfg.model == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert cfg.prompt.format(level=2) == \
+        "photo of a person with acne2, portrait, close-up, cheek, detailed, HQ, photo, 4k"
+    # min(round(x), 3) with Python's round (half to even), never below 0
+    assert [severity_level(x) for x in (-0.0, 0.5, 1.5, 1.994, 2.5, 2.51, 3.0, 4.2)] == [0, 0, 2, 2, 2, 3, 3, 3]
+
+
+def test_type_words():
+    les = [LesionSpec(1, "pustule", 1, 1, 1), LesionSpec(2, "papule", 1, 1, 1), LesionSpec(3, "papule", 1, 1, 1)]
+    assert type_words(les) == "papules, pustules"
+    assert type_words([]) == "clear skin"
+
+
+def test_inpaint_keeps_outside_and_lesion_geometry(inpainter, scene):
+    image, skin, lesions = scene
+    assert type(inpainter.pipeline).__name__ == "StableDiffusionXLInpaintPipeline"
+    assert type(inpainter.pipeline.scheduler).__name__ == "UniPCMultistepScheduler"
+    res = inpainter(image, lesions, skin_mask=skin, seed=3, severity=2.2)
+    proc = ProceduralRenderer()(image, lesions, skin_mask=skin, seed=3)
+    region = inpaint_region(image, proc, skin, 3)
+    assert res.image.shape == image.shape and res.image.dtype == np.uint8
+    assert region.any() and not region.all() and not (region & ~skin).any()
+    assert proc.masks.any(axis=0)[~region].sum() == 0          # every lesion pixel is inside the region
+    assert np.array_equal(res.image[~region], image[~region])  # outside: bit-identical to the base image
+    inside = np.any(res.image[region] != proc.image[region], axis=1)
+    assert inside.mean() > 0.5                                  # inside: the diffusion output
+    assert np.array_equal(res.masks, proc.masks) and np.array_equal(res.boxes, proc.boxes)
+    assert res.masks.shape == (3, SIZE, SIZE) and res.masks.any()
+
+
+def test_inpaint_is_seeded(inpainter, scene):
+    image, skin, lesions = scene
+    a = inpainter(image, lesions, skin_mask=skin, seed=5, severity=1.0).image
+    b = inpainter(image, lesions, skin_mask=skin, seed=5, severity=1.0).image
+    c = inpainter(image, lesions, skin_mask=skin, seed=6, severity=1.0).image
+    assert a.tobytes() == b.tobytes()
+    assert a.tobytes() != c.tobytes()
+
+
+def test_inpaint_without_lesions_returns_base(inpainter, scene):
+    image, skin, _ = scene
+    res = inpainter(image, [], skin_mask=skin, seed=0)
+    assert np.array_equal(res.image, image) and res.masks.shape == (0, SIZE, SIZE)
+
+
+def test_img2img_shape_empty_masks_and_seed(img2img, scene):
+    image, skin, lesions = scene
+    a = img2img(image, lesions, skin_mask=skin, seed=1, severity=3.0)
+    assert a.image.shape == image.shape and a.image.dtype == np.uint8
+    assert a.masks.shape == (3, SIZE, SIZE) and not a.masks.any()
+    assert np.allclose(a.boxes[0], [17.0, 21.0, 23.0, 27.0])     # the spec circle, clipped to the image
+    assert not np.array_equal(a.image, image)
+    b = img2img(image, lesions, skin_mask=skin, seed=1, severity=3.0)
+    c = img2img(image, lesions, skin_mask=skin, seed=2, severity=3.0)
+    assert a.image.tobytes() == b.image.tobytes()
+    assert a.image.tobytes() != c.image.tobytes()
+
+
+def test_img2img_resizes_odd_sizes(img2img, scene):
+    image, skin, lesions = scene
+    odd, odd_skin = image[:50, :60], skin[:50, :60]
+    res = img2img(odd, lesions, skin_mask=odd_skin, seed=0, severity=0)
+    assert res.image.shape == (50, 60, 3) and res.masks.shape == (3, 50, 60)
+
+
+def test_lora_changes_output(tiny_model, lora_dir, img2img, scene, tmp_path):
+    image, skin, lesions = scene
+    plain = img2img(image, lesions, skin_mask=skin, seed=1, severity=1).image
+    lora = DiffusionRenderer(_config(tiny_model, mode="img2img", strength=0.5, lora=str(lora_dir)))
+    with_lora = lora(image, lesions, skin_mask=skin, seed=1, severity=1).image
+    assert with_lora.shape == plain.shape and with_lora.tobytes() != plain.tobytes()
+    assert lora.pipeline.get_active_adapters() == ["acne"]
+    # per-level layout holding only acne2: level 1 runs the base model with the LoRA layers disabled
+    per_level = tmp_path / "levels"
+    (per_level / "acne2").mkdir(parents=True)
+    (per_level / "acne2" / "pytorch_lora_weights.safetensors").write_bytes(
+        (lora_dir / "pytorch_lora_weights.safetensors").read_bytes())
+    lv = DiffusionRenderer(_config(tiny_model, mode="img2img", strength=0.5, lora=str(per_level)))
+    assert lv(image, lesions, skin_mask=skin, seed=1, severity=1).image.tobytes() == plain.tobytes()
+    assert "acne2" in lv.pipeline.get_list_adapters()["unet"]
+
+
+def test_steps_times_strength_must_run_a_step(tiny_model):
+    with pytest.raises(SynthtrialError, match="no denoising step"):
+        DiffusionRenderer(_config(tiny_model, strength=0.1))
+
+
+def test_compile_is_cuda_only(tiny_model):
+    renderer = DiffusionRenderer(_config(tiny_model, compile=True, scheduler="ddim"))
+    pipe = renderer.pipeline
+    assert type(pipe).__name__ == "StableDiffusionXLImg2ImgPipeline"
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert any("compile=True ignored" in note for note in renderer.notes)
+    assert pipe.unet.dtype == torch_float32() and pipe.device.type == "cpu"
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32
+
+
+def test_errors(tmp_path, tiny_model):
+    with pytest.raises(SynthtrialError, match="no such folder.*nothing is downloaded"):
+        DiffusionRenderer(DiffusionConfig(model=str(tmp_path / "missing")))
+    (tmp_path / "empty_lora").mkdir()
+    with pytest.raises(SynthtrialError, match="holds no pytorch_lora_weights.safetensors"):
+        DiffusionRenderer(DiffusionConfig(model=str(tiny_model), lora=str(tmp_path / "empty_lora")))
+    with pytest.raises(SynthtrialError, match="LoRA .*no such folder"):
+        DiffusionRenderer(DiffusionConfig(model=str(tiny_model), lora=str(tmp_path / "nope")))
+    with pytest.raises(SynthtrialError, match="unknown diffusion mode"):
+        DiffusionRenderer(DiffusionConfig(model=str(tiny_model), mode="txt2img"))
+    with pytest.raises(SynthtrialError, match="unknown scheduler"):
+        DiffusionRenderer(DiffusionConfig(model=str(tiny_model), scheduler="pndm"))
+    with pytest.raises(SynthtrialError, match="unknown dtype"):
+        DiffusionRenderer(DiffusionConfig(model=str(tiny_model), dtype="float8"))
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "readme.txt").write_text("hi")
+    renderer = DiffusionRenderer(DiffusionConfig(model=str(tmp_path / "not_a_model"), device="cpu"))
+    with pytest.raises(SynthtrialError, match="not a loadable diffusers SDXL model"):
+        renderer.pipeline
+    # the message is one line
+    try:
+        renderer.pipeline
+    except SynthtrialError as exc:
+        assert "\n" not in str(exc)
