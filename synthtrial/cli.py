@@ -486,7 +486,7 @@ def finetune_command(
                             snr_gamma=snr_gamma or None, max_train_steps=steps, rank=rank, seed=seed,
                             mixed_precision=mixed_precision, checkpointing_steps=checkpointing_steps)
     with _simple_progress("training steps", steps) as advance:
-        weights = finetune(data, out_dir, config, progress=lambda step, total, loss: advance(step))
+        weights = finetune(data, out_dir, config, progress=lambda step, total, loss: advance(step, f"loss {loss:.4f}"))
     out.print(f"[green]wrote[/green] {weights}")
 
 
@@ -518,18 +518,18 @@ def faces_generate(
 
 
 class _simple_progress:
-    """A progress bar on stderr over a known number of steps."""
+    """A progress bar on stderr over a known number of steps, with an optional live status (e.g. the loss)."""
 
     def __init__(self, what: str, total: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._bar = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                             console=err)
-        self._task = self._bar.add_task(what, total=total)
+                             TextColumn("{task.fields[status]}"), console=err)
+        self._task = self._bar.add_task(what, total=total, status="")
 
-    def __enter__(self) -> Callable[[int], None]:
+    def __enter__(self) -> Callable[..., None]:
         self._bar.__enter__()
-        return lambda done: self._bar.update(self._task, completed=done)
+        return lambda done, status="": self._bar.update(self._task, completed=done, status=status)
 
     def __exit__(self, *exc: object) -> None:
         self._bar.__exit__(*exc)

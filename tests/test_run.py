@@ -236,3 +236,14 @@ def test_errors_and_nothing_half_written(tiny, tmp_path, gray_image_dir):
     with pytest.raises(SynthtrialError, match="no such folder"):
         generate(tiny, tmp_path / "f", faces_dir=tmp_path / "nope", progress=False)
     assert not (tmp_path / "s").exists() and not (tmp_path / "f").exists()
+
+
+def test_accelerate_launch_shards_to_the_same_bytes(tiny, tmp_path):
+    """Two processes under accelerate launch (as on a multi-GPU machine) write the same run as one process."""
+    generate(tiny, tmp_path / "one", size=128, progress=False)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "synthtrial", "generate", str(tiny), "--out", str(tmp_path / "two"), "--size", "128",
+                           "--quiet"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert files(tmp_path / "two") == files(tmp_path / "one")
