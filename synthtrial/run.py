@@ -178,71 +178,88 @@ def _patient_state(job: _PatientJob):
 
 
 def _render_images(job: _PatientJob, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Render (or find already rendered) images of one patient; returns their part records."""
+    """Render the images of one patient's chunk that have no record yet; returns every row's record.
+
+    The procedural renderer draws image by image. A diffusion backend renders the whole chunk in one batch
+    whenever any image of it is missing, so the batch, and with it every image's bytes, is the same on a
+    resumed run; only the missing images are written.
+    """
+    run_dir = Path(job.run_dir)
+    if any(not (run_dir / row["part"]).exists() for row in rows):
+        face, course, views, renderer = _patient_state(job)
+        todo = rows if job.diffusion is not None else [r for r in rows if not (run_dir / r["part"]).exists()]
+        prepared = [_prepare(job, face, course, views, row) for row in todo]
+        if job.diffusion is None:
+            results = [renderer(p["face"].image, p["specs"], skin_mask=p["face"].skin, stats=p["stats"],
+                                seed=p["seed"]) for p in prepared]
+        else:
+            results = renderer.render_batch([dict(image=p["face"].image, lesions=p["specs"], skin_mask=p["face"].skin,
+                                                  stats=p["stats"], seed=p["seed"], severity=p["row"]["severity"])
+                                             for p in prepared])
+        for p, result in zip(prepared, results, strict=True):
+            if not (run_dir / p["row"]["part"]).exists():
+                _write_image(run_dir, face, course, p, result)
+    return [json.loads((run_dir / row["part"]).read_text()) for row in rows]
+
+
+def _prepare(job: _PatientJob, face, course, views: dict, row: dict[str, Any]) -> dict[str, Any]:
+    """The face (in the row's view), its photo statistics, and the day's lesions as renderer specs."""
     from synthtrial.render.procedural import LesionSpec, photo_stats
 
-    run_dir = Path(job.run_dir)
-    records = []
-    face, course, views, renderer = None, None, None, None
-    for row in rows:
-        part_path = run_dir / row["part"]
-        if part_path.exists():
-            records.append(json.loads(part_path.read_text()))
-            continue
-        if face is None:
-            face, course, views, renderer = _patient_state(job)
-        view = row["view"]
-        if view not in views:
-            face_v = face.view(view)
-            views[view] = (face_v, photo_stats(face_v.image, face_v.skin))
-        face_v, stats = views[view]
-        states = course.on(row["day"])
-        if states:
-            centres = face_v.to_pixels(np.array([s.triangle for s in states]), np.stack([s.bary for s in states]))
-        else:
-            centres = np.zeros((0, 2))
-        specs = [LesionSpec(lesion_id=s.lesion_id, type=s.type, cx=float(c[0]), cy=float(c[1]),
-                            radius_px=float(s.radius * face_v.scale), intensity=s.intensity, seed=s.seed)
-                 for s, c in zip(states, centres, strict=True)]
-        seed = derive_seed("render", job.settings.seed, job.patient_id, row["day"], view, bits=32)
-        extra = {} if job.diffusion is None else {"severity": row["severity"]}
-        result = renderer(face_v.image, specs, skin_mask=face_v.skin, stats=stats, seed=seed, **extra)
-        label = np.zeros(result.image.shape[:2], dtype=np.uint16)
-        areas = []
-        for spec, mask, box in zip(specs, result.masks, result.boxes, strict=True):
-            win = _box_window(box, label.shape)  # masks lie inside their boxes: work on the crop
-            crop = mask[win]
-            label[win][crop] = spec.lesion_id + 1
-            areas.append(int(crop.sum()))
-        image_bytes = _png_bytes(result.image)
-        write_bytes_atomic(run_dir / row["image"], image_bytes)
-        write_bytes_atomic(run_dir / row["mask"], _png_bytes(label, compress_level=1))  # mostly zeros: cheap
-        counts = {t: 0 for t in scale.ALL_LESION_TYPES}
-        lesions = []
-        for state, spec, area, box in zip(states, specs, areas, result.boxes, strict=True):
-            counts[state.type] += 1
-            lesions.append({
-                "lesion_id": state.lesion_id, "type": state.type,
-                "x0": float(box[0]), "y0": float(box[1]), "x1": float(box[2]), "y1": float(box[3]),
-                "cx": round(spec.cx, 3), "cy": round(spec.cy, 3), "radius_px": round(spec.radius_px, 3),
-                "mask_area": area, "stage": state.stage, "age_days": int(state.age_days),
-                "intensity": round(state.intensity, 4),
-            })
-        n_active = sum(counts[t] for t in scale.LESION_TYPES)
-        n_inflammatory = counts["papule"] + counts["pustule"] + counts["nodule"]
-        record = {
-            "image": row["image"], "mask": row["mask"], "seed": seed, "sha256": _sha256(image_bytes),
-            "width": int(result.image.shape[1]), "height": int(result.image.shape[0]),
-            "lesion_count": n_active, "target_count": course.target(row["day"]),
-            **{f"n_{t}": c for t, c in counts.items()},
-            "acne04_level": int(scale.acne04_level_from_count(n_active)),
-            "iga": int(scale.iga_from_counts(n_inflammatory, counts["nodule"])),
-            "identity": face.identity.to_json(), "face_source": face.source,
-            "lesions": lesions,
-        }
-        write_text_atomic(part_path, json.dumps(record, sort_keys=True))
-        records.append(record)
-    return records
+    view = row["view"]
+    if view not in views:
+        face_v = face.view(view)
+        views[view] = (face_v, photo_stats(face_v.image, face_v.skin))
+    face_v, stats = views[view]
+    states = course.on(row["day"])
+    if states:
+        centres = face_v.to_pixels(np.array([s.triangle for s in states]), np.stack([s.bary for s in states]))
+    else:
+        centres = np.zeros((0, 2))
+    specs = [LesionSpec(lesion_id=s.lesion_id, type=s.type, cx=float(c[0]), cy=float(c[1]),
+                        radius_px=float(s.radius * face_v.scale), intensity=s.intensity, seed=s.seed)
+             for s, c in zip(states, centres, strict=True)]
+    seed = derive_seed("render", job.settings.seed, job.patient_id, row["day"], view, bits=32)
+    return {"row": row, "face": face_v, "stats": stats, "states": states, "specs": specs, "seed": seed}
+
+
+def _write_image(run_dir: Path, face, course, prepared: dict[str, Any], result) -> None:
+    """Write the image, its instance mask and its record (the record last: it marks the image as done)."""
+    row, states, specs = prepared["row"], prepared["states"], prepared["specs"]
+    label = np.zeros(result.image.shape[:2], dtype=np.uint16)
+    areas = []
+    for spec, mask, box in zip(specs, result.masks, result.boxes, strict=True):
+        win = _box_window(box, label.shape)  # masks lie inside their boxes: work on the crop
+        crop = mask[win]
+        label[win][crop] = spec.lesion_id + 1
+        areas.append(int(crop.sum()))
+    image_bytes = _png_bytes(result.image)
+    write_bytes_atomic(run_dir / row["image"], image_bytes)
+    write_bytes_atomic(run_dir / row["mask"], _png_bytes(label, compress_level=1))  # mostly zeros: cheap
+    counts = {t: 0 for t in scale.ALL_LESION_TYPES}
+    lesions = []
+    for state, spec, area, box in zip(states, specs, areas, result.boxes, strict=True):
+        counts[state.type] += 1
+        lesions.append({
+            "lesion_id": state.lesion_id, "type": state.type,
+            "x0": float(box[0]), "y0": float(box[1]), "x1": float(box[2]), "y1": float(box[3]),
+            "cx": round(spec.cx, 3), "cy": round(spec.cy, 3), "radius_px": round(spec.radius_px, 3),
+            "mask_area": area, "stage": state.stage, "age_days": int(state.age_days),
+            "intensity": round(state.intensity, 4),
+        })
+    n_active = sum(counts[t] for t in scale.LESION_TYPES)
+    n_inflammatory = counts["papule"] + counts["pustule"] + counts["nodule"]
+    record = {
+        "image": row["image"], "mask": row["mask"], "seed": prepared["seed"], "sha256": _sha256(image_bytes),
+        "width": int(result.image.shape[1]), "height": int(result.image.shape[0]),
+        "lesion_count": n_active, "target_count": course.target(row["day"]),
+        **{f"n_{t}": c for t, c in counts.items()},
+        "acne04_level": int(scale.acne04_level_from_count(n_active)),
+        "iga": int(scale.iga_from_counts(n_inflammatory, counts["nodule"])),
+        "identity": face.identity.to_json(), "face_source": face.source,
+        "lesions": lesions,
+    }
+    write_text_atomic(run_dir / row["part"], json.dumps(record, sort_keys=True))
 
 
 def _box_window(box: np.ndarray, shape: tuple[int, int]) -> tuple[slice, slice]:

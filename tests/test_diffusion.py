@@ -223,3 +223,23 @@ def test_errors(tmp_path, tiny_model):
         renderer.pipeline
     except SynthtrialError as exc:
         assert "\n" not in str(exc)
+
+
+def test_render_batch_is_one_pipeline_call_per_level(inpainter, scene, monkeypatch):
+    image, skin, lesions = scene
+    calls = []
+    original = inpainter._run
+
+    def counting(images, *args, **kwargs):
+        calls.append(len(images))
+        return original(images, *args, **kwargs)
+
+    monkeypatch.setattr(inpainter, "_run", counting)
+    requests = [dict(image=image, lesions=lesions, skin_mask=skin, seed=s, severity=sev)
+                for s, sev in ((1, 2.2), (2, 1.9), (3, 0.9))]
+    results = inpainter.render_batch(requests)
+    assert sorted(calls) == [1, 2]  # levels 2, 2 in one call; level 1 in another
+    single = inpainter(image, lesions, skin_mask=skin, seed=3, severity=0.9)
+    assert np.array_equal(results[2].image, single.image)  # alone in its call either way: same bytes
+    for res in results:
+        assert res.image.shape == image.shape and res.masks.shape[0] == len(lesions)

@@ -9,9 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
+import torch
 
 from synthtrial.errors import SynthtrialError  # noqa: E402
 from synthtrial.finetune import FinetuneConfig, finetune, training_examples, validate_config  # noqa: E402
@@ -211,3 +209,22 @@ def test_base_model_and_data_errors(acne_dir, tmp_path, tiny):
     if not torch.cuda.is_available():
         with pytest.raises(SynthtrialError, match="8bit|8-bit|CUDA"):
             finetune(acne_dir, tmp_path / "o", small(tiny, use_8bit_adam=True))
+
+
+def test_sd15_layout_trains_and_its_lora_loads(acne_dir, tmp_path):
+    """SD 1.5 (one text encoder, no SDXL time embeddings) is detected from the folder and trained the same way."""
+    from diffusers import StableDiffusionPipeline
+    from tiny_sdxl import build_tiny_sd15
+
+    base = build_tiny_sd15(tmp_path / "sd15")
+    out = tmp_path / "lora15"
+    weights = finetune(acne_dir, out, small(base, max_train_steps=2, checkpointing_steps=2))
+    assert weights.is_file() and json.loads((out / "finetune_config.json").read_text())["model_type"] == "sd"
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    gen = torch.Generator().manual_seed(1)
+    sample, hidden = torch.randn(1, 4, 16, 16, generator=gen), torch.randn(1, 77, 32, generator=gen)
+    with torch.no_grad():
+        before = pipe.unet(sample, torch.tensor([500]), hidden).sample
+        pipe.load_lora_weights(out)
+        after = pipe.unet(sample, torch.tensor([500]), hidden).sample
+    assert not torch.allclose(before, after)

@@ -247,3 +247,21 @@ def test_accelerate_launch_shards_to_the_same_bytes(tiny, tmp_path):
                            "--quiet"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert files(tmp_path / "two") == files(tmp_path / "one")
+
+
+def test_diffusion_backend_batches_and_resumes_to_the_same_bytes(tmp_path, tiny_sdxl):
+    """A chunk of images goes through the pipeline as one batch; losing one image and re-running redoes the
+    same batch and writes back the same bytes."""
+    proto = tmp_path / "p.csv"
+    proto.write_text("patient_id,day,treatment,severity\n" + "".join(f"z1,{d},Control,{2.0 - 0.2 * d}\n"
+                                                                     for d in range(4)))
+    options = {"model": str(tiny_sdxl), "num_inference_steps": 3, "device": "cpu"}
+    run = generate(proto, tmp_path / "run", size=128, progress=False, backend="sdxl-inpaint", diffusion=options)
+    before = files(run)
+    (run / ".parts" / "z1" / "z1_d002_frontal.json").unlink()
+    (run / "images" / "z1" / "z1_d002_frontal.png").unlink()
+    (run / "manifest.parquet").unlink()
+    generate(proto, run, size=128, progress=False, backend="sdxl-inpaint", diffusion=options)
+    assert files(run) == before
+    manifest, _ = read_run(run)
+    assert (manifest["backend"] == "sdxl-inpaint").all() and len(manifest) == 4

@@ -350,28 +350,56 @@ class DiffusionRenderer:
         ``severity`` (0-3, continuous) picks the prompt level and LoRA (``min(round(severity), 3)``).
         Returns the image with one mask and box per lesion (all-False masks in img2img mode).
         """
-        _check_image(image)
-        image = np.ascontiguousarray(image)
-        h, w = image.shape[:2]
-        _skin_weight(skin_mask, (h, w))
-        lesions = list(lesions)
-        level = severity_level(severity)
-        cfg = self.config
-        if cfg.mode == "img2img":
-            for i, les in enumerate(lesions):
-                if not isinstance(les, LesionSpec):
-                    raise ValueError(f"lesion {i} must be a LesionSpec, got {type(les).__name__}")
-            prompt = cfg.prompt.format(level=level, types=type_words(lesions))
-            out = self._run([image], [prompt], [seed], level)[0]
-            masks = np.zeros((len(lesions), h, w), bool)
-            boxes = np.array([_circle_box(les, w, h) for les in lesions], np.float64).reshape(len(lesions), 4)
-            return RenderResult(out, masks, boxes)
+        return self.render_batch([dict(image=image, lesions=lesions, skin_mask=skin_mask, stats=stats, seed=seed,
+                                       severity=severity)])[0]
 
-        proc = self._procedural(image, lesions, skin_mask=skin_mask, stats=stats, seed=seed)
-        region = inpaint_region(image, proc, skin_mask, cfg.mask_dilation_px)
-        if not region.any():
-            return RenderResult(proc.image, proc.masks, proc.boxes)
-        prompt = cfg.inpaint_prompt.format(level=level, types=type_words(lesions))
-        diffused = self._run([proc.image], [prompt], [seed], level, masks=[region])[0]
-        out = np.where(region[:, :, None], diffused, image)
-        return RenderResult(np.ascontiguousarray(out), proc.masks, proc.boxes)
+    def render_batch(self, requests: Sequence[dict[str, Any]]) -> list[RenderResult]:
+        """Render several days at once: one pipeline call per prompt level (LoRA adapter) and image size.
+
+        Each request holds the keyword arguments of :meth:`__call__` (``image``, ``lesions``, ``skin_mask``
+        and optionally ``stats``, ``seed``, ``severity``). Every image keeps its own seeded generator, so a
+        request's result depends on its own seed and on which requests share its call; callers that need
+        the same bytes on a re-run keep the batches the same (``synthtrial generate`` does).
+        """
+        cfg = self.config
+        results: list[RenderResult | None] = [None] * len(requests)
+        pending: dict[tuple, list[tuple[int, np.ndarray, str, int, np.ndarray | None]]] = {}
+        finish: dict[int, Any] = {}
+        for i, req in enumerate(requests):
+            image = req["image"]
+            _check_image(image)
+            image = np.ascontiguousarray(image)
+            h, w = image.shape[:2]
+            skin_mask = req["skin_mask"]
+            _skin_weight(skin_mask, (h, w))
+            lesions = list(req.get("lesions", ()))
+            seed = int(req.get("seed", 0))
+            level = severity_level(float(req.get("severity", 0.0)))
+            if cfg.mode == "img2img":
+                for j, les in enumerate(lesions):
+                    if not isinstance(les, LesionSpec):
+                        raise ValueError(f"lesion {j} must be a LesionSpec, got {type(les).__name__}")
+                prompt = cfg.prompt.format(level=level, types=type_words(lesions))
+                masks = np.zeros((len(lesions), h, w), bool)
+                boxes = np.array([_circle_box(les, w, h) for les in lesions], np.float64).reshape(len(lesions), 4)
+                finish[i] = (None, masks, boxes, image)
+                pending.setdefault((level, h, w), []).append((i, image, prompt, seed, None))
+                continue
+            proc = self._procedural(image, lesions, skin_mask=skin_mask, stats=req.get("stats"), seed=seed)
+            region = inpaint_region(image, proc, skin_mask, cfg.mask_dilation_px)
+            if not region.any():
+                results[i] = RenderResult(proc.image, proc.masks, proc.boxes)
+                continue
+            prompt = cfg.inpaint_prompt.format(level=level, types=type_words(lesions))
+            finish[i] = (region, proc.masks, proc.boxes, image)
+            pending.setdefault((level, h, w), []).append((i, proc.image, prompt, seed, region))
+        for (level, _, _), group in pending.items():
+            masks_in = None if cfg.mode == "img2img" else [g[4] for g in group]
+            outs = self._run([g[1] for g in group], [g[2] for g in group], [g[3] for g in group], level,
+                             masks=masks_in)
+            for (i, *_), out in zip(group, outs, strict=True):
+                region, masks, boxes, base = finish[i]
+                if region is not None:  # inpaint: only the lesion region changes, bit for bit
+                    out = np.ascontiguousarray(np.where(region[:, :, None], out, base))
+                results[i] = RenderResult(out, masks, boxes)
+        return results  # type: ignore[return-value]
