@@ -26,6 +26,7 @@ from rich.table import Table
 
 from synthtrial import __version__
 from synthtrial.errors import SynthtrialError
+from synthtrial.progress import progress_bar
 
 EXIT_BAD_INPUT = 2
 
@@ -485,8 +486,8 @@ def finetune_command(
                             gradient_accumulation_steps=accumulation, learning_rate=learning_rate,
                             snr_gamma=snr_gamma or None, max_train_steps=steps, rank=rank, seed=seed,
                             mixed_precision=mixed_precision, checkpointing_steps=checkpointing_steps)
-    with _simple_progress("training steps", steps) as advance:
-        weights = finetune(data, out_dir, config, progress=lambda step, total, loss: advance(step, f"loss {loss:.4f}"))
+    with progress_bar("training", steps, unit="steps") as update:
+        weights = finetune(data, out_dir, config, progress=lambda step, total, loss: update(step, f"loss {loss:.4f}"))
     out.print(f"[green]wrote[/green] {weights}")
 
 
@@ -511,28 +512,10 @@ def faces_generate(
     """
     from synthtrial.facebank import generate_face_bank
 
-    with _simple_progress("portraits", max_tries or 4 * n) as advance:
+    with progress_bar("portraits", max_tries or 4 * n, unit="tries") as update:
         table = generate_face_bank(n, model, out_dir, seed=seed, size=size, steps=steps, guidance=guidance,
-                                   max_tries=max_tries, progress=lambda tries, kept: advance(tries))
+                                   max_tries=max_tries, progress=lambda tries, kept: update(tries, f"{kept} kept"))
     out.print(f"[green]kept[/green] {len(table)} of the rendered portraits in {out_dir}")
-
-
-class _simple_progress:
-    """A progress bar on stderr over a known number of steps, with an optional live status (e.g. the loss)."""
-
-    def __init__(self, what: str, total: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._bar = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                             TextColumn("{task.fields[status]}"), console=err)
-        self._task = self._bar.add_task(what, total=total, status="")
-
-    def __enter__(self) -> Callable[..., None]:
-        self._bar.__enter__()
-        return lambda done, status="": self._bar.update(self._task, completed=done, status=status)
-
-    def __exit__(self, *exc: object) -> None:
-        self._bar.__exit__(*exc)
 
 
 # -------------------------------------------------------------------------------------------- export
@@ -675,12 +658,12 @@ def power_command(
             raise SynthtrialError(f"--effect {arm}=...: not an arm of the design ({', '.join(design.arms)})")
     if out_path is not None and out_path.is_dir():
         raise SynthtrialError(f"{out_path} is a directory (option --out)")
-    with _simple_progress("replicates", replicates) as advance:
+    with progress_bar("replicates", replicates) as update:
         estimates, summary = power_study(
             design, model, replicates, seed=seed, workers=workers, alpha=alpha, trend=trend,
             methods=[m.value for m in method] if method else DEFAULT_METHODS,
             outcomes=[o.value for o in outcome] if outcome else POWER_OUTCOMES, random_slopes=not random_intercept,
-            on_replicate=lambda done, total: advance(done))
+            on_replicate=lambda done, total: update(done))
     table = Table(title=f"{replicates} simulated trials, {design.n_patients} patients x {design.days_per_patient} days, "
                         f"alpha {alpha}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                   collapse_padding=True)

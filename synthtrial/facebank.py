@@ -84,16 +84,6 @@ def face_prompt(seed: int, attempt: int) -> tuple[str, dict[str, Any], int]:
     return prompt, attrs, int(rng.integers(0, 2**31 - 1))
 
 
-def _faces(detector: Any, image: np.ndarray) -> list[np.ndarray]:
-    """All faces' (468, 2) pixel landmarks (MediaPipe, up to 4 faces)."""
-    from synthtrial.faces import _quiet_native_stderr
-
-    with _quiet_native_stderr():
-        result = detector._mesh.process(np.ascontiguousarray(image))
-    if not result.multi_face_landmarks:
-        return []
-    h, w = image.shape[:2]
-    return [np.array([(p.x * w, p.y * h) for p in f.landmark[:468]], np.float64) for f in result.multi_face_landmarks]
 
 
 def frontal_check(landmarks: np.ndarray, width: int) -> tuple[bool, dict[str, float]]:
@@ -187,7 +177,7 @@ def generate_face_bank(n: int, model: str, out_dir: Path, *, seed: int = 0, size
             prompt, attrs, image_seed = face_prompt(seed, attempt)
             generator = torch.Generator(device=device).manual_seed(image_seed)
             image = np.asarray(pipeline(prompt, generator).convert("RGB"))
-            faces = _faces(detector, image) if min(image.shape[:2]) >= 64 else []
+            faces = detector.faces(image) if min(image.shape[:2]) >= 64 else []
             if len(faces) == 1:
                 ok, values = frontal_check(faces[0], image.shape[1])
                 if ok:

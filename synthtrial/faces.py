@@ -130,15 +130,21 @@ class LandmarkDetector:
             self._mesh = face_mesh.FaceMesh(static_image_mode=True, max_num_faces=4, refine_landmarks=False,
                                             min_detection_confidence=0.5)
 
-    def __call__(self, image: np.ndarray) -> np.ndarray | None:
-        """(468, 2) pixel landmarks of the largest face, or None when no face is found."""
+    def faces(self, image: np.ndarray) -> list[np.ndarray]:
+        """(468, 2) pixel landmarks of every face found (up to 4); empty when there is none."""
         with _quiet_native_stderr():
             result = self._mesh.process(np.ascontiguousarray(image))
         if not result.multi_face_landmarks:
-            return None
+            return []
         h, w = image.shape[:2]
-        faces = [np.array([(p.x * w, p.y * h) for p in f.landmark[:468]], dtype=np.float64)
-                 for f in result.multi_face_landmarks]
+        return [np.array([(p.x * w, p.y * h) for p in f.landmark[:468]], dtype=np.float64)
+                for f in result.multi_face_landmarks]
+
+    def __call__(self, image: np.ndarray) -> np.ndarray | None:
+        """(468, 2) pixel landmarks of the largest face, or None when no face is found."""
+        faces = self.faces(image)
+        if not faces:
+            return None
         return max(faces, key=lambda lm: np.ptp(lm[:, 0]) * np.ptp(lm[:, 1]))
 
     def close(self) -> None:

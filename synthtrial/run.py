@@ -36,6 +36,7 @@ import pandas as pd
 from synthtrial import __version__, scale
 from synthtrial.errors import SynthtrialError
 from synthtrial.atomic import write_bytes_atomic, write_text_atomic
+from synthtrial.progress import progress_bar
 from synthtrial.protocol import has_severity, read_protocol, to_csv_text
 from synthtrial.seeding import derive_seed
 
@@ -336,12 +337,12 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
         total = sum(len(rows) for _, rows in tasks)
     records: dict[str, list[dict[str, Any]]] = {pid: [] for pid in jobs}
     done = 0
-    with _progress(progress, total) as advance:
+    with progress_bar("rendering", total, unit="images", enabled=progress) as update:
         def finished(pid: str, recs: list[dict[str, Any]]) -> None:
             nonlocal done
             records[pid].extend(recs)
             done += len(recs)
-            advance(len(recs))
+            update(done)
             if on_image is not None:
                 on_image(done, total)
 
@@ -466,30 +467,6 @@ def _check_faces(jobs: dict[str, _PatientJob], faces_dir: str | None, protocol_p
     for job in jobs.values():
         if job.face:
             face_from_request(job.face, faces_dir, protocol_path.parent, job.patient_id)
-
-
-class _progress:
-    """A rich progress bar over images (quiet when disabled)."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total = enabled, total
-        self._bar = None
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
-        self._bar = Progress(TextColumn("[bold]rendering"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-                             TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
-        self._bar.__enter__()
-        task = self._bar.add_task("render", total=self.total)
-        return lambda n: self._bar.advance(task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
 
 
 def _tables(protocol: pd.DataFrame, records: dict[str, list[dict[str, Any]]], run_dir: Path,

@@ -35,3 +35,15 @@ def tiny_sdxl(tmp_path_factory):
     from tiny_sdxl import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for modules that drive tiny torch models: they gain nothing from more, and a busy
+    2-core machine loses a lot when threads contend. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

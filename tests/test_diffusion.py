@@ -24,25 +24,10 @@ SIZE = 64
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and far slower when threads contend on a busy machine)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from tiny_sdxl import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
-
-
-@pytest.fixture(scope="module")
-def lora_dir(tiny_model, tmp_path_factory):
+def lora_dir(tiny_sdxl, tmp_path_factory):
     """A random (non-zero) LoRA for the tiny UNet, saved the way diffusers' training scripts save one."""
     import torch
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
@@ -50,7 +35,7 @@ def lora_dir(tiny_model, tmp_path_factory):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
     torch.manual_seed(1)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"],
                                 init_lora_weights=False))
@@ -84,13 +69,13 @@ def _config(model, **kw):
 
 
 @pytest.fixture(scope="module")
-def inpainter(tiny_model):
-    return DiffusionRenderer(_config(tiny_model, mode="inpaint", mask_dilation_px=3))
+def inpainter(tiny_sdxl):
+    return DiffusionRenderer(_config(tiny_sdxl, mode="inpaint", mask_dilation_px=3))
 
 
 @pytest.fixture(scope="module")
-def img2img(tiny_model):
-    return DiffusionRenderer(_config(tiny_model, mode="img2img", strength=0.5))
+def img2img(tiny_sdxl):
+    return DiffusionRenderer(_config(tiny_sdxl, mode="img2img", strength=0.5))
 
 
 def test_defaults_are_the_anchor_recipe():
@@ -162,10 +147,10 @@ def test_img2img_resizes_odd_sizes(img2img, scene):
     assert res.image.shape == (50, 60, 3) and res.masks.shape == (3, 50, 60)
 
 
-def test_lora_changes_output(tiny_model, lora_dir, img2img, scene, tmp_path):
+def test_lora_changes_output(tiny_sdxl, lora_dir, img2img, scene, tmp_path):
     image, skin, lesions = scene
     plain = img2img(image, lesions, skin_mask=skin, seed=1, severity=1).image
-    lora = DiffusionRenderer(_config(tiny_model, mode="img2img", strength=0.5, lora=str(lora_dir)))
+    lora = DiffusionRenderer(_config(tiny_sdxl, mode="img2img", strength=0.5, lora=str(lora_dir)))
     with_lora = lora(image, lesions, skin_mask=skin, seed=1, severity=1).image
     assert with_lora.shape == plain.shape and with_lora.tobytes() != plain.tobytes()
     assert lora.pipeline.get_active_adapters() == ["acne"]
@@ -174,18 +159,18 @@ def test_lora_changes_output(tiny_model, lora_dir, img2img, scene, tmp_path):
     (per_level / "acne2").mkdir(parents=True)
     (per_level / "acne2" / "pytorch_lora_weights.safetensors").write_bytes(
         (lora_dir / "pytorch_lora_weights.safetensors").read_bytes())
-    lv = DiffusionRenderer(_config(tiny_model, mode="img2img", strength=0.5, lora=str(per_level)))
+    lv = DiffusionRenderer(_config(tiny_sdxl, mode="img2img", strength=0.5, lora=str(per_level)))
     assert lv(image, lesions, skin_mask=skin, seed=1, severity=1).image.tobytes() == plain.tobytes()
     assert "acne2" in lv.pipeline.get_list_adapters()["unet"]
 
 
-def test_steps_times_strength_must_run_a_step(tiny_model):
+def test_steps_times_strength_must_run_a_step(tiny_sdxl):
     with pytest.raises(SynthtrialError, match="no denoising step"):
-        DiffusionRenderer(_config(tiny_model, strength=0.1))
+        DiffusionRenderer(_config(tiny_sdxl, strength=0.1))
 
 
-def test_compile_is_cuda_only(tiny_model):
-    renderer = DiffusionRenderer(_config(tiny_model, compile=True, scheduler="ddim"))
+def test_compile_is_cuda_only(tiny_sdxl):
+    renderer = DiffusionRenderer(_config(tiny_sdxl, compile=True, scheduler="ddim"))
     pipe = renderer.pipeline
     assert type(pipe).__name__ == "StableDiffusionXLImg2ImgPipeline"
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
@@ -199,20 +184,20 @@ def torch_float32():
     return torch.float32
 
 
-def test_errors(tmp_path, tiny_model):
+def test_errors(tmp_path, tiny_sdxl):
     with pytest.raises(SynthtrialError, match="no such folder.*nothing is downloaded"):
         DiffusionRenderer(DiffusionConfig(model=str(tmp_path / "missing")))
     (tmp_path / "empty_lora").mkdir()
     with pytest.raises(SynthtrialError, match="holds no pytorch_lora_weights.safetensors"):
-        DiffusionRenderer(DiffusionConfig(model=str(tiny_model), lora=str(tmp_path / "empty_lora")))
+        DiffusionRenderer(DiffusionConfig(model=str(tiny_sdxl), lora=str(tmp_path / "empty_lora")))
     with pytest.raises(SynthtrialError, match="LoRA .*no such folder"):
-        DiffusionRenderer(DiffusionConfig(model=str(tiny_model), lora=str(tmp_path / "nope")))
+        DiffusionRenderer(DiffusionConfig(model=str(tiny_sdxl), lora=str(tmp_path / "nope")))
     with pytest.raises(SynthtrialError, match="unknown diffusion mode"):
-        DiffusionRenderer(DiffusionConfig(model=str(tiny_model), mode="txt2img"))
+        DiffusionRenderer(DiffusionConfig(model=str(tiny_sdxl), mode="txt2img"))
     with pytest.raises(SynthtrialError, match="unknown scheduler"):
-        DiffusionRenderer(DiffusionConfig(model=str(tiny_model), scheduler="pndm"))
+        DiffusionRenderer(DiffusionConfig(model=str(tiny_sdxl), scheduler="pndm"))
     with pytest.raises(SynthtrialError, match="unknown dtype"):
-        DiffusionRenderer(DiffusionConfig(model=str(tiny_model), dtype="float8"))
+        DiffusionRenderer(DiffusionConfig(model=str(tiny_sdxl), dtype="float8"))
     (tmp_path / "not_a_model").mkdir()
     (tmp_path / "not_a_model" / "readme.txt").write_text("hi")
     renderer = DiffusionRenderer(DiffusionConfig(model=str(tmp_path / "not_a_model"), device="cpu"))

@@ -16,15 +16,7 @@ from synthtrial.facebank import COLUMNS, SKIN_WORDS, face_prompt, generate_face_
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and far slower when threads contend on a busy machine)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def astronaut():
@@ -114,12 +106,9 @@ def test_errors(tmp_path):
         generate_face_bank(1, str(tmp_path / "missing_model"), tmp_path / "out")
 
 
-def test_real_tiny_pipeline_plumbing(tmp_path):
-    from tiny_sdxl import build_tiny_sdxl
-
-    model = build_tiny_sdxl(tmp_path / "tiny")
+def test_real_tiny_pipeline_plumbing(tmp_path, tiny_sdxl):
     out = tmp_path / "bank"
-    table = generate_face_bank(1, str(model), out, size=64, steps=2, max_tries=2)
+    table = generate_face_bank(1, str(tiny_sdxl), out, size=64, steps=2, max_tries=2)
     assert len(table) == 0 and list(table.columns) == list(COLUMNS)
     assert [p.name for p in out.iterdir()] == ["faces.csv"]
     on_disk = pd.read_csv(out / "faces.csv")

@@ -15,20 +15,7 @@ from synthtrial.errors import SynthtrialError  # noqa: E402
 from synthtrial.finetune import FinetuneConfig, finetune, training_examples, validate_config  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and a busy 2-core CPU loses a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tiny_sdxl import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +36,8 @@ def acne_dir(tmp_path_factory):
     return root
 
 
-def small(tiny, **kw) -> FinetuneConfig:
-    defaults = dict(base=str(tiny), level=1, resolution=32, gradient_accumulation_steps=1, max_train_steps=6,
+def small(tiny_sdxl, **kw) -> FinetuneConfig:
+    defaults = dict(base=str(tiny_sdxl), level=1, resolution=32, gradient_accumulation_steps=1, max_train_steps=6,
                     checkpointing_steps=3, learning_rate=1e-3, rank=4, seed=0)
     defaults.update(kw)
     return FinetuneConfig(**defaults)
@@ -66,10 +53,10 @@ def _unet_output(unet):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny, acne_dir, tmp_path_factory):
+def trained(tiny_sdxl, acne_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
     calls = []
-    weights = finetune(acne_dir, out, small(tiny), progress=lambda s, t, loss: calls.append((s, t, loss)))
+    weights = finetune(acne_dir, out, small(tiny_sdxl), progress=lambda s, t, loss: calls.append((s, t, loss)))
     return out, weights, calls
 
 
@@ -89,7 +76,7 @@ def test_bad_config_values_are_refused(change):
         validate_config(replace(FinetuneConfig(), **change))
 
 
-def test_training_runs_saves_and_logs(trained, tiny):
+def test_training_runs_saves_and_logs(trained, tiny_sdxl):
     out, weights, calls = trained
     assert weights == out / "pytorch_lora_weights.safetensors" and weights.is_file()
     assert [c[0] for c in calls] == [1, 2, 3, 4, 5, 6] and all(c[1] == 6 for c in calls)
@@ -106,7 +93,7 @@ def test_training_runs_saves_and_logs(trained, tiny):
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
 
 
-def test_lora_weights_change_from_init_and_alter_the_unet(trained, tiny):
+def test_lora_weights_change_from_init_and_alter_the_unet(trained, tiny_sdxl):
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
@@ -118,7 +105,7 @@ def test_lora_weights_change_from_init_and_alter_the_unet(trained, tiny):
     assert any(v.abs().max() > 0 for v in ups)  # gaussian init leaves B (up) at zero: training moved it
     assert any(("to_q" in k) for k in state) and any(("to_out.0" in k) for k in state)
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny))
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
     before = _unet_output(pipe.unet)
     pipe.load_lora_weights(str(out))
     after = _unet_output(pipe.unet)
@@ -126,7 +113,7 @@ def test_lora_weights_change_from_init_and_alter_the_unet(trained, tiny):
     assert not torch.allclose(before, after, atol=1e-6)
 
 
-def test_resume_continues_from_checkpoint_like_an_uninterrupted_run(trained, tiny, acne_dir, tmp_path):
+def test_resume_continues_from_checkpoint_like_an_uninterrupted_run(trained, tiny_sdxl, acne_dir, tmp_path):
     """Drop checkpoint-6, resume from checkpoint-3 with more steps: steps 4-6 repeat the first run exactly."""
     import shutil
 
@@ -137,7 +124,7 @@ def test_resume_continues_from_checkpoint_like_an_uninterrupted_run(trained, tin
     shutil.copytree(out, resumed)
     shutil.rmtree(resumed / "checkpoint-6")
     calls = []
-    finetune(acne_dir, resumed, small(tiny, max_train_steps=7, gradient_checkpointing=False),
+    finetune(acne_dir, resumed, small(tiny_sdxl, max_train_steps=7, gradient_checkpointing=False),
              progress=lambda s, t, loss: calls.append((s, t)))
     assert calls == [(4, 7), (5, 7), (6, 7), (7, 7)]  # starts at the checkpoint step
     log = json.loads((resumed / "training_log.json").read_text())
@@ -153,13 +140,13 @@ def test_resume_continues_from_checkpoint_like_an_uninterrupted_run(trained, tin
     assert (resumed / "checkpoint-7").is_dir()
 
 
-def test_config_mismatch_on_resume_raises(trained, tiny, acne_dir):
+def test_config_mismatch_on_resume_raises(trained, tiny_sdxl, acne_dir):
     out, _, _ = trained
     with pytest.raises(SynthtrialError, match="different config.*learning_rate"):
-        finetune(acne_dir, out, small(tiny, learning_rate=5e-4, max_train_steps=9))
+        finetune(acne_dir, out, small(tiny_sdxl, learning_rate=5e-4, max_train_steps=9))
 
 
-def test_overfitting_one_image_lowers_the_loss(tiny, tmp_path):
+def test_overfitting_one_image_lowers_the_loss(tiny_sdxl, tmp_path):
     from PIL import Image
 
     root = tmp_path / "one"
@@ -167,7 +154,7 @@ def test_overfitting_one_image_lowers_the_loss(tiny, tmp_path):
     yy, xx = np.mgrid[0:32, 0:32]
     img = np.stack([(xx * 8) % 256, (yy * 8) % 256, ((xx + yy) * 4) % 256], -1).astype(np.uint8)
     Image.fromarray(img).save(root / "acne3_1024" / "a.jpg", quality=95)
-    config = small(tiny, level=3, max_train_steps=30, checkpointing_steps=100, learning_rate=1e-2,
+    config = small(tiny_sdxl, level=3, max_train_steps=30, checkpointing_steps=100, learning_rate=1e-2,
                    snr_gamma=None, rank=8, gradient_checkpointing=False)
     finetune(root, tmp_path / "out", config)
     losses = [e["loss"] for e in json.loads((tmp_path / "out" / "training_log.json").read_text())["steps"]]
@@ -175,16 +162,16 @@ def test_overfitting_one_image_lowers_the_loss(tiny, tmp_path):
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
-def test_per_level_filtering(acne_dir, tiny):
-    examples = training_examples(acne_dir, small(tiny, level=2))
+def test_per_level_filtering(acne_dir, tiny_sdxl):
+    examples = training_examples(acne_dir, small(tiny_sdxl, level=2))
     assert len(examples) == 2 and {lvl for _, lvl, _ in examples} == {2}
     assert {p for _, _, p in examples} == {"photo of a person with acne2"}
     with pytest.raises(SynthtrialError, match="no ACNE04 images of level 3"):
-        training_examples(acne_dir, small(tiny, level=3))
+        training_examples(acne_dir, small(tiny_sdxl, level=3))
 
 
-def test_single_adapter_mode_prompts_per_level(acne_dir, tiny, tmp_path):
-    config = small(tiny, level=None, max_train_steps=2, checkpointing_steps=5, gradient_accumulation_steps=2,
+def test_single_adapter_mode_prompts_per_level(acne_dir, tiny_sdxl, tmp_path):
+    config = small(tiny_sdxl, level=None, max_train_steps=2, checkpointing_steps=5, gradient_accumulation_steps=2,
                    instance_prompt="photo of a person with acne{level}, cheek")
     examples = training_examples(acne_dir, config)
     assert len(examples) == 6
@@ -198,17 +185,17 @@ def test_single_adapter_mode_prompts_per_level(acne_dir, tiny, tmp_path):
     assert [e["step"] for e in log] == [1, 2]
 
 
-def test_base_model_and_data_errors(acne_dir, tmp_path, tiny):
+def test_base_model_and_data_errors(acne_dir, tmp_path, tiny_sdxl):
     with pytest.raises(SynthtrialError, match="does not exist.*nothing is downloaded"):
-        finetune(acne_dir, tmp_path / "o", small(tiny, base=str(tmp_path / "missing" / "model")))
+        finetune(acne_dir, tmp_path / "o", small(tiny_sdxl, base=str(tmp_path / "missing" / "model")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(SynthtrialError, match="no model_index.json"):
-        finetune(acne_dir, tmp_path / "o", small(tiny, base=str(tmp_path / "empty")))
+        finetune(acne_dir, tmp_path / "o", small(tiny_sdxl, base=str(tmp_path / "empty")))
     with pytest.raises(SynthtrialError):
-        finetune(tmp_path / "no_data", tmp_path / "o", small(tiny))
+        finetune(tmp_path / "no_data", tmp_path / "o", small(tiny_sdxl))
     if not torch.cuda.is_available():
         with pytest.raises(SynthtrialError, match="8bit|8-bit|CUDA"):
-            finetune(acne_dir, tmp_path / "o", small(tiny, use_8bit_adam=True))
+            finetune(acne_dir, tmp_path / "o", small(tiny_sdxl, use_8bit_adam=True))
 
 
 def test_sd15_layout_trains_and_its_lora_loads(acne_dir, tmp_path):

@@ -35,6 +35,7 @@ import pandas as pd
 from synthtrial import scale
 from synthtrial.atomic import write_bytes_atomic, write_text_atomic
 from synthtrial.errors import SynthtrialError
+from synthtrial.progress import progress_bar
 from synthtrial.run import read_run
 
 #: Outcomes whose effects are on the latent severity scale, where the truth applies directly.
@@ -167,8 +168,9 @@ def _embeddings(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSetting
     timings.add("load images", time.perf_counter() - t0)
     config = AutoencoderConfig(image_size=settings.image_size, epochs=settings.epochs, seed=settings.seed)
     t0 = time.perf_counter()
-    with _epoch_progress(progress, settings.epochs) as report:
-        model, losses = train_autoencoder(images, config, device=device, progress=report)
+    with progress_bar("autoencoder", settings.epochs, unit="epochs", enabled=progress) as update:
+        model, losses = train_autoencoder(images, config, device=device,
+                                          progress=lambda epoch, epochs, loss: update(epoch, f"loss {loss:.5f}"))
     timings.add("train autoencoder", time.perf_counter() - t0)
     t0 = time.perf_counter()
     embeddings = embed(model, images, device=device)
@@ -185,30 +187,6 @@ def _embeddings(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSetting
     write_text_atomic(analysis_dir / "autoencoder_training.json", json.dumps(
         {"config": asdict(config), "losses": [float(x) for x in losses]}, indent=2) + "\n")
     return embeddings.astype(np.float64), red
-
-
-class _epoch_progress:
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total, self._bar = enabled, total, None
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._bar = Progress(TextColumn("[bold]autoencoder"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
-                             TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
-        self._bar.__enter__()
-        task = self._bar.add_task("train", total=self.total, loss="-")
-
-        def report(epoch: int, epochs: int, loss: float) -> None:
-            self._bar.update(task, completed=epoch, loss=f"{loss:.5f}")
-
-        return report
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
 
 
 def daily(outcomes: pd.DataFrame, columns: list[str]) -> pd.DataFrame:

@@ -1,0 +1,35 @@
+"""One progress bar for every long job (rendering, training, replicates), on stderr so stdout keeps results."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+class progress_bar:
+    """``with progress_bar("rendering", total, unit="images") as update: update(done, status="...")``.
+
+    ``update`` takes the absolute count done and an optional status text (a loss, say). With
+    ``enabled=False`` nothing is drawn and ``update`` does nothing.
+    """
+
+    def __init__(self, what: str, total: int, *, unit: str = "", enabled: bool = True) -> None:
+        self._bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._bar = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                                 console=Console(stderr=True))
+            self._task = self._bar.add_task(what, total=total, status="")
+
+    def __enter__(self) -> Callable[..., None]:
+        if self._bar is None:
+            return lambda done, status="": None
+        self._bar.__enter__()
+        return lambda done, status="": self._bar.update(self._task, completed=done, status=status)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
