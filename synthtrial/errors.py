@@ -30,3 +30,9 @@ class ProtocolError(SynthtrialError):
             None if self.column is None else f"column '{self.column}'",
         ) if part)
         return ": ".join(part for part in (self.file, where, self.reason) if part)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (whitespace collapsed), or its class name when it has none."""
+    text = " ".join(str(exc).split())[:300]
+    return text or type(exc).__name__

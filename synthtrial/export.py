@@ -33,7 +33,7 @@ import pandas as pd
 
 from synthtrial import scale
 from synthtrial.atomic import write_text_atomic
-from synthtrial.errors import SynthtrialError
+from synthtrial.errors import SynthtrialError, one_line
 from synthtrial.protocol import PATIENT_ID_PATTERN
 
 #: The formats :func:`export_run` writes.
@@ -151,7 +151,7 @@ def _read_run(run: Path, fmt: str) -> _Run:
     try:
         config = json.loads(config_bytes.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise SynthtrialError(f"{config_path}: is not valid JSON ({_one_line(exc)})") from None
+        raise SynthtrialError(f"{config_path}: is not valid JSON ({one_line(exc)})") from None
     if not isinstance(config, dict):
         raise SynthtrialError(f"{config_path}: is not a JSON object")
 
@@ -192,7 +192,7 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     try:
         return pd.read_parquet(path)
     except (OSError, ValueError) as exc:  # a corrupt or truncated file; a missing engine is a bug, not input
-        raise SynthtrialError(f"{path}: cannot be read as a parquet table ({_one_line(exc)})") from None
+        raise SynthtrialError(f"{path}: cannot be read as a parquet table ({one_line(exc)})") from None
 
 
 def _require_columns(frame: pd.DataFrame, columns: tuple[str, ...], path: Path) -> None:
@@ -339,7 +339,7 @@ def _image_size(root: Path, rel: str, rec: dict[str, Any], manifest_path: Path) 
         with Image.open(path) as im:
             width, height = im.size
     except (OSError, UnidentifiedImageError) as exc:
-        raise SynthtrialError(f"{path}: cannot be read as an image ({_one_line(exc)})") from None
+        raise SynthtrialError(f"{path}: cannot be read as an image ({one_line(exc)})") from None
     for column, actual in (("width", width), ("height", height)):
         stated = rec.get(column)
         if not _is_missing(stated) and _as_int(stated, manifest_path, rec["_row"], column) != actual:
@@ -364,7 +364,7 @@ def _mask_shapes(path: Path, width: int, height: int,
                                       "(pixel = lesion_id + 1, 0 = no lesion)")
             labels = np.asarray(im).astype(np.int64)
     except (OSError, UnidentifiedImageError) as exc:
-        raise SynthtrialError(f"{path}: cannot be read as a lesion mask ({_one_line(exc)})") from None
+        raise SynthtrialError(f"{path}: cannot be read as a lesion mask ({one_line(exc)})") from None
     if labels.shape != (height, width):
         raise SynthtrialError(f"{path}: is {labels.shape[1]}x{labels.shape[0]} but its image is {width}x{height}")
     if labels.min(initial=0) < 0:
@@ -467,7 +467,7 @@ def _write_acne04(run: _Run, dest: Path, names: dict[str, str], labels: dict[str
                 with Image.open(src) as im:
                     rgb = im.convert("RGB")
             except (OSError, UnidentifiedImageError) as exc:
-                raise SynthtrialError(f"{src}: cannot be read as an image ({_one_line(exc)})") from None
+                raise SynthtrialError(f"{src}: cannot be read as an image ({one_line(exc)})") from None
             rgb.save(jpegs / name, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False)
             advance()
     for name, text in labels.items():
@@ -639,10 +639,6 @@ def _as_float(value: Any, path: Path, row: int, column: str) -> float | None:
 def _show(value: Any) -> str:
     text = repr(value.item() if isinstance(value, np.generic) else value)
     return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def _version() -> str:

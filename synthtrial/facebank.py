@@ -106,9 +106,9 @@ def _sdxl_source(model: str, size: int, steps: int, guidance: float) -> tuple[Ca
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from synthtrial.render.diffusion import _check_model
+    from synthtrial.render.diffusion import check_model
 
-    _check_model(model, "model")
+    check_model(model, "model")
     cuda = torch.cuda.is_available()
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=torch.float16 if cuda else torch.float32)
@@ -154,9 +154,9 @@ def generate_face_bank(n: int, model: str, out_dir: Path, *, seed: int = 0, size
     if int(size) < 64 or int(size) % 8:
         raise FaceBankError(f"size must be a multiple of 8 and at least 64, got {size}")
     if pipeline is None:
-        from synthtrial.render.diffusion import _check_model
+        from synthtrial.render.diffusion import check_model
 
-        _check_model(model, "model")
+        check_model(model, "model")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FaceBankError(f"{out_dir}: not a folder")

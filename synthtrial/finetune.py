@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from synthtrial.atomic import write_text_atomic
-from synthtrial.errors import SynthtrialError
+from synthtrial.errors import SynthtrialError, one_line
 from synthtrial.seeding import derive_seed
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -156,7 +156,7 @@ def _model_index(base: str) -> dict:
         return dict(DiffusionPipeline.load_config(base))
     except Exception as exc:  # noqa: BLE001 - hub/network errors come in many types
         raise SynthtrialError(f"base model {base}: no local folder of that name, and the hub id could not be "
-                              f"loaded ({_first_line(exc)})") from None
+                              f"loaded ({one_line(exc)})") from None
 
 
 def _model_kind(base: str, index: dict) -> str:
@@ -171,16 +171,11 @@ def _model_kind(base: str, index: dict) -> str:
     raise SynthtrialError(f"base model {base}: {name or 'unknown pipeline'} is not Stable Diffusion XL or 1.x")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] or type(exc).__name__
-
-
 def _load(cls, base: str, subfolder: str, **kwargs):
     try:
         return cls.from_pretrained(base, subfolder=subfolder, **kwargs)
     except Exception as exc:  # noqa: BLE001 - loading errors come as OSError/ValueError/EnvironmentError/...
-        raise SynthtrialError(f"base model {base}: cannot load {subfolder} ({_first_line(exc)})") from None
+        raise SynthtrialError(f"base model {base}: cannot load {subfolder} ({one_line(exc)})") from None
 
 
 # ----------------------------------------------------------------------------------------- images
@@ -195,7 +190,7 @@ def _load_image(path: Path, resolution: int, flip: bool):
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
     except Exception as exc:  # noqa: BLE001
-        raise SynthtrialError(f"{path}: cannot read image ({_first_line(exc)})") from None
+        raise SynthtrialError(f"{path}: cannot read image ({one_line(exc)})") from None
     w, h = im.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))

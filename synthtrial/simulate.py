@@ -481,3 +481,32 @@ def preset(name: str) -> tuple[TrialDesign, SeverityModel]:
         return PRESETS[name]
     except KeyError:
         raise DesignError(f"unknown preset '{name}'; presets are {', '.join(PRESETS)}") from None
+
+
+def parse_effects(values: Sequence[str]) -> dict[str, float]:
+    """``["Cream=-0.5", ...]`` (the ``--effect`` option) as ``{"Cream": -0.5, ...}``."""
+    effects: dict[str, float] = {}
+    for item in values:
+        arm, sep, number = item.partition("=")
+        arm = arm.strip()
+        if not sep or not arm:
+            raise DesignError(f"--effect '{item}' must look like ARM=NUMBER, e.g. --effect Cream=-0.5")
+        try:
+            effects[arm] = float(number)
+        except ValueError:
+            raise DesignError(f"--effect '{item}': '{number}' is not a number") from None
+    return effects
+
+
+def design_with_overrides(name: str, design_changes: dict[str, Any] | None = None,
+                          model_changes: dict[str, Any] | None = None) -> tuple[TrialDesign, SeverityModel]:
+    """A preset with some fields replaced (``None`` values are ignored), as ``protocol design`` builds it.
+
+    When the arms change and the effects do not, the preset's effects are kept for the arms that remain.
+    """
+    base_design, base_model = preset(name)
+    design_changes = {k: v for k, v in (design_changes or {}).items() if v is not None}
+    model_changes = {k: v for k, v in (model_changes or {}).items() if v is not None}
+    if "arms" in design_changes and "effects" not in model_changes:
+        model_changes["effects"] = {a: v for a, v in base_model.effects.items() if a in design_changes["arms"]}
+    return dataclasses.replace(base_design, **design_changes), dataclasses.replace(base_model, **model_changes)

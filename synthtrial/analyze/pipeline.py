@@ -7,7 +7,8 @@ Outcomes per image (``RUN/analysis/outcomes.parquet``):
   on the severity scale through the inverse of the scale's count map (so its effect is comparable with the
   truth);
 * ``iga`` — the IGA grade the drawn lesions imply;
-* ``grader_*`` — every numeric column of ``RUN/grades.parquet`` when graders have scored the run;
+* ``grader_<grader>_<column>`` — the outcome columns of ``RUN/grades.parquet`` (as ``RUN/grades.json`` names
+  them) when graders have scored the run (``synthtrial grade``);
 * ``ae_pca`` — Schneider et al.'s unsupervised pipeline: a convolutional autoencoder trained on the run's
   images, its 64-d embeddings, and each patient's first principal component (as Schneider et al. did for
   their one participant; pooled, the component would tell the faces apart), oriented to grow with skin
@@ -36,7 +37,8 @@ from synthtrial import scale
 from synthtrial.atomic import write_bytes_atomic, write_text_atomic
 from synthtrial.errors import SynthtrialError
 from synthtrial.progress import progress_bar
-from synthtrial.run import read_run
+from synthtrial import rundir
+from synthtrial.rundir import read_run
 
 #: Outcomes whose effects are on the latent severity scale, where the truth applies directly.
 TRUTH_SCALE_OUTCOMES = ("oracle", "lesion_severity")
@@ -96,13 +98,9 @@ def image_outcomes(run_dir: Path, manifest: pd.DataFrame) -> pd.DataFrame:
     out["lesion_count"] = manifest["lesion_count"].astype(float)
     out["lesion_severity"] = scale.severity_from_count(manifest["lesion_count"].to_numpy(dtype=float))
     out["iga"] = manifest["iga"].astype(float)
-    grades_path = run_dir / "grades.parquet"
-    if grades_path.is_file():
-        grades = pd.read_parquet(grades_path)
-        if "image" not in grades.columns:
-            raise SynthtrialError(f"{grades_path}: has no 'image' column to join on")
-        numeric = [c for c in grades.columns if c != "image" and pd.api.types.is_numeric_dtype(grades[c])]
-        renamed = grades[["image", *numeric]].rename(columns={c: f"grader_{c}" for c in numeric})
+    grades = rundir.grade_outcomes(run_dir)
+    if grades is not None:
+        renamed = grades.rename(columns={c: f"grader_{c}" for c in grades.columns if c != "image"})
         out = out.merge(renamed, on="image", how="left", validate="one_to_one")
     return out
 

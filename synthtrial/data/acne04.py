@@ -44,14 +44,14 @@ class Acne04Error(SynthtrialError):
     """An ACNE04 file that cannot be used; names the file and, for label files, the line."""
 
     def __init__(self, message: str, *, file: str | Path | None = None, line: int | None = None) -> None:
-        self.file = None if file is None else _one_line(str(file))
+        self.file = None if file is None else _printable(str(file))
         self.line = line
         self.reason = " ".join(str(message).split())
         super().__init__(": ".join(p for p in (
             self.file, None if line is None else f"line {line}", self.reason) if p))
 
 
-def _one_line(text: str) -> str:
+def _printable(text: str) -> str:
     return text if text.isprintable() else ascii(text)[1:-1]
 
 
@@ -166,7 +166,7 @@ def _scan_labels(root: Path, label_dir: Path, label_files: list[tuple[Path, str]
                 labels[name] = (grade, count, split, path, n)
             elif seen[:2] != (grade, count):
                 raise Acne04Error(
-                    f"{name} labelled grade {grade} count {count}, but {_one_line(str(seen[3]))} line {seen[4]} "
+                    f"{name} labelled grade {grade} count {count}, but {_printable(str(seen[3]))} line {seen[4]} "
                     f"labels it grade {seen[0]} count {seen[1]}", file=path, line=n)
 
     candidates = [label_dir / "JPEGImages", root / "JPEGImages", root / "Classification" / "JPEGImages",
@@ -192,7 +192,7 @@ def _scan_labels(root: Path, label_dir: Path, label_files: list[tuple[Path, str]
             xml = xml_dir / f"{Path(name).stem}.xml"
             if xml.is_file():
                 boxes = read_voc_boxes(xml)
-                where = f"{_one_line(str(path))} line {n}"
+                where = f"{_printable(str(path))} line {n}"
                 if len(boxes) != count:
                     raise Acne04Error(f"has {len(boxes)} boxes but {where} gives lesion count {count} for {name}",
                                       file=xml)
@@ -313,7 +313,7 @@ class Acne04Dataset(torch.utils.data.Dataset):
                 raise SynthtrialError(f"ACNE04 levels must be in 0-3, got {bad}")
             items = [it for it in items if it.level in levels]
         if not items:
-            raise SynthtrialError(f"no ACNE04 images in {_one_line(source)}"
+            raise SynthtrialError(f"no ACNE04 images in {_printable(source)}"
                                   + ("" if levels is None else f" at levels {sorted(set(levels))}"))
         self.items: list[Acne04Item] = items
         self.size = None if size is None else int(size)

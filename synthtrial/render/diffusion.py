@@ -57,16 +57,17 @@ from typing import Any
 import numpy as np
 
 from synthtrial.errors import SynthtrialError
-from synthtrial.render.procedural import (
-    LESION_TYPES,
+from synthtrial.render.base import (
     LesionSpec,
     PhotoStats,
-    ProceduralRenderer,
+    RenderRequest,
     RenderResult,
-    _check_image,
-    _circle_box,
-    _skin_weight,
+    check_image,
+    circle_box,
+    skin_weight,
 )
+from synthtrial.render.procedural import ProceduralConfig, ProceduralRenderer
+from synthtrial.scale import ALL_LESION_TYPES as LESION_TYPES
 
 __all__ = [
     "MODES",
@@ -74,6 +75,8 @@ __all__ = [
     "DiffusionConfig",
     "DiffusionError",
     "DiffusionRenderer",
+    "build_img2img",
+    "build_inpaint",
     "inpaint_region",
     "severity_level",
     "type_words",
@@ -152,7 +155,7 @@ def inpaint_region(base: np.ndarray, procedural: RenderResult, skin_mask: np.nda
     if d > 0 and region.any():
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * d + 1, 2 * d + 1))
         region = cv2.dilate(region.astype(np.uint8), kernel) > 0
-    return region & (_skin_weight(skin_mask, (h, w)) > 0)
+    return region & (skin_weight(skin_mask, (h, w)) > 0)
 
 
 def _looks_like_path(value: str) -> bool:
@@ -162,7 +165,7 @@ def _looks_like_path(value: str) -> bool:
     return not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)
 
 
-def _check_model(value: str, what: str) -> None:
+def check_model(value: str, what: str) -> None:
     path = Path(value).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -188,13 +191,16 @@ def _lora_layout(folder: str) -> dict[int | None, Path]:
 
 
 class DiffusionRenderer:
-    """``DiffusionRenderer(DiffusionConfig(...))(image, lesions, skin_mask=mask, seed=s, severity=x)``.
+    """``DiffusionRenderer(DiffusionConfig(...), procedural=ProceduralRenderer(...)).render_batch(requests)``.
+
+    ``procedural`` draws the lesion map of the inpaint mode; pass the one the run uses, so the lesion
+    table of ``--backend sdxl-inpaint`` equals the procedural backend's.
 
     Loads the pipeline lazily on the first call (one pipeline object; LoRA adapters loaded once) and
     keeps it. ``notes`` collects what the renderer decided on its own (e.g. compile ignored on CPU).
     """
 
-    def __init__(self, config: DiffusionConfig | None = None):
+    def __init__(self, config: DiffusionConfig | None = None, procedural: ProceduralRenderer | None = None):
         self.config = cfg = config if config is not None else DiffusionConfig()
         if cfg.mode not in MODES:
             raise DiffusionError(f"unknown diffusion mode {cfg.mode!r}; expected one of {', '.join(MODES)}")
@@ -212,12 +218,13 @@ class DiffusionRenderer:
                                  f"(steps x strength < 1); raise --steps or --strength")
         if int(cfg.mask_dilation_px) < 0:
             raise DiffusionError(f"mask_dilation_px must be >= 0, got {cfg.mask_dilation_px}")
-        _check_model(cfg.model, "model")
+        check_model(cfg.model, "model")
         if cfg.vae is not None:
-            _check_model(cfg.vae, "VAE")
+            check_model(cfg.vae, "VAE")
         self._lora = _lora_layout(cfg.lora) if cfg.lora is not None else None
         self._pipe: Any = None
-        self._procedural = ProceduralRenderer()
+        #: draws the lesion map the inpaint mode repaints; passed in configured, a default only when none is
+        self.procedural = procedural if procedural is not None else ProceduralRenderer()
         self.notes: list[str] = []
 
     # -- loading ----------------------------------------------------------------------------------
@@ -350,14 +357,13 @@ class DiffusionRenderer:
         ``severity`` (0-3, continuous) picks the prompt level and LoRA (``min(round(severity), 3)``).
         Returns the image with one mask and box per lesion (all-False masks in img2img mode).
         """
-        return self.render_batch([dict(image=image, lesions=lesions, skin_mask=skin_mask, stats=stats, seed=seed,
-                                       severity=severity)])[0]
+        return self.render_batch([RenderRequest(image=image, lesions=lesions, skin_mask=skin_mask, stats=stats,
+                                                seed=seed, severity=severity)])[0]
 
-    def render_batch(self, requests: Sequence[dict[str, Any]]) -> list[RenderResult]:
+    def render_batch(self, requests: Sequence[RenderRequest]) -> list[RenderResult]:
         """Render several days at once: one pipeline call per prompt level (LoRA adapter) and image size.
 
-        Each request holds the keyword arguments of :meth:`__call__` (``image``, ``lesions``, ``skin_mask``
-        and optionally ``stats``, ``seed``, ``severity``). Every image keeps its own seeded generator, so a
+        Every image keeps its own seeded generator, so a
         request's result depends on its own seed and on which requests share its call; callers that need
         the same bytes on a re-run keep the batches the same (``synthtrial generate`` does).
         """
@@ -366,26 +372,26 @@ class DiffusionRenderer:
         pending: dict[tuple, list[tuple[int, np.ndarray, str, int, np.ndarray | None]]] = {}
         finish: dict[int, Any] = {}
         for i, req in enumerate(requests):
-            image = req["image"]
-            _check_image(image)
+            image = req.image
+            check_image(image)
             image = np.ascontiguousarray(image)
             h, w = image.shape[:2]
-            skin_mask = req["skin_mask"]
-            _skin_weight(skin_mask, (h, w))
-            lesions = list(req.get("lesions", ()))
-            seed = int(req.get("seed", 0))
-            level = severity_level(float(req.get("severity", 0.0)))
+            skin_mask = req.skin_mask
+            skin_weight(skin_mask, (h, w))
+            lesions = list(req.lesions)
+            seed = int(req.seed)
+            level = severity_level(float(req.severity))
             if cfg.mode == "img2img":
                 for j, les in enumerate(lesions):
                     if not isinstance(les, LesionSpec):
                         raise ValueError(f"lesion {j} must be a LesionSpec, got {type(les).__name__}")
                 prompt = cfg.prompt.format(level=level, types=type_words(lesions))
                 masks = np.zeros((len(lesions), h, w), bool)
-                boxes = np.array([_circle_box(les, w, h) for les in lesions], np.float64).reshape(len(lesions), 4)
+                boxes = np.array([circle_box(les, w, h) for les in lesions], np.float64).reshape(len(lesions), 4)
                 finish[i] = (None, masks, boxes, image)
                 pending.setdefault((level, h, w), []).append((i, image, prompt, seed, None))
                 continue
-            proc = self._procedural(image, lesions, skin_mask=skin_mask, stats=req.get("stats"), seed=seed)
+            proc = self.procedural(image, lesions, skin_mask=skin_mask, stats=req.stats, seed=seed)
             region = inpaint_region(image, proc, skin_mask, cfg.mask_dilation_px)
             if not region.any():
                 results[i] = RenderResult(proc.image, proc.masks, proc.boxes)
@@ -403,3 +409,21 @@ class DiffusionRenderer:
                     out = np.ascontiguousarray(np.where(region[:, :, None], out, base))
                 results[i] = RenderResult(out, masks, boxes)
         return results  # type: ignore[return-value]
+
+
+def _build(mode: str, procedural_config: ProceduralConfig, options: dict[str, Any]) -> DiffusionRenderer:
+    try:
+        config = DiffusionConfig(mode=mode, **options)
+    except TypeError as exc:
+        raise DiffusionError(f"diffusion options: {exc}") from None
+    return DiffusionRenderer(config, procedural=ProceduralRenderer(procedural_config))
+
+
+def build_img2img(procedural_config: ProceduralConfig, options: dict[str, Any]) -> DiffusionRenderer:
+    """The registry's builder for ``--backend sdxl-img2img``."""
+    return _build("img2img", procedural_config, options)
+
+
+def build_inpaint(procedural_config: ProceduralConfig, options: dict[str, Any]) -> DiffusionRenderer:
+    """The registry's builder for ``--backend sdxl-inpaint``: the run's procedural renderer draws the map."""
+    return _build("inpaint", procedural_config, options)

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from synthtrial.render.base import (LesionSpec, PhotoStats, RenderRequest, RenderResult, check_image, circle_box,
+                                    skin_weight)
 from synthtrial.scale import ALL_LESION_TYPES
 
 __all__ = [
@@ -59,29 +61,6 @@ _U64 = (1 << 64) - 1
 # --------------------------------------------------------------------------------------------------
 # Public data types
 # --------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class LesionSpec:
-    """One lesion as drawn on one image."""
-
-    lesion_id: int
-    type: str            # one of LESION_TYPES ("mark" = post-inflammatory erythema/hyperpigmentation, flat; "scar" = atrophic pit)
-    cx: float            # centre, pixels (x to the right, y down)
-    cy: float
-    radius_px: float     # radius of the lesion body; inflamed types also get an erythema halo beyond it
-    intensity: float = 1.0   # 0-1: phase of its life (growing / resolving lesions are fainter and smaller)
-    seed: int = 0        # stable per lesion across days, so its irregular shape stays the same every day
-
-
-@dataclass(frozen=True)
-class PhotoStats:
-    """What a lesion must match to sit in this photo: light, noise, sharpness, skin tone."""
-
-    light_direction: tuple[float, float]   # unit 2-D vector in image coords pointing TOWARDS the light
-    noise_sigma: float                      # std of the sensor noise on skin, in 0-255 units
-    blur_sigma: float                       # Gaussian sigma (px) that matches the photo's sharpness
-    skin_rgb: tuple[float, float, float]    # median skin colour
-
 
 @dataclass(frozen=True)
 class LesionLook:
@@ -167,15 +146,6 @@ class ProceduralConfig:
                                    "open_comedo")   # lower layers first
 
 
-@dataclass
-class RenderResult:
-    """The rendered image with one instance mask and box per lesion, in the order given."""
-
-    image: np.ndarray    # (H, W, 3) uint8 RGB
-    masks: np.ndarray    # (N, H, W) bool instance masks, in the order the lesions were given
-    boxes: np.ndarray    # (N, 4) float64 x0, y0, x1, y1 (tight around each mask; clipped to the image)
-
-
 # --------------------------------------------------------------------------------------------------
 # Colour math: sRGB (0-1) <-> CIELAB (D65), float32, exact inverses of each other
 # --------------------------------------------------------------------------------------------------
@@ -207,32 +177,6 @@ def _lab2rgb(lab: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------------
-
-def _check_image(image: np.ndarray) -> None:
-    if not isinstance(image, np.ndarray):
-        raise ValueError(f"image must be a NumPy array, got {type(image).__name__}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 RGB, got dtype {image.dtype}")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must have shape (H, W, 3), got {image.shape}")
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"image is empty: shape {image.shape}")
-
-
-def _skin_weight(skin_mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Skin mask as float32 weights in [0, 1]; bool / integer masks mean skin where > 0."""
-    if not isinstance(skin_mask, np.ndarray):
-        raise ValueError(f"skin_mask must be a NumPy array, got {type(skin_mask).__name__}")
-    if skin_mask.shape != shape:
-        raise ValueError(f"skin_mask shape {skin_mask.shape} does not match the image's {shape}")
-    if skin_mask.dtype == bool or skin_mask.dtype.kind in "iu":
-        return (skin_mask > 0).astype(np.float32)
-    if skin_mask.dtype.kind == "f":
-        if not np.isfinite(skin_mask).all():
-            raise ValueError("skin_mask contains non-finite values")
-        return np.clip(skin_mask, 0, 1).astype(np.float32)
-    raise ValueError(f"skin_mask must be bool, integer or float, got dtype {skin_mask.dtype}")
-
 
 def _as_int(value, what: str) -> int:
     try:
@@ -281,8 +225,8 @@ def photo_stats(image: np.ndarray, skin_mask: np.ndarray) -> PhotoStats:
       loses gradient by s / sqrt(s^2 + r^2) when re-blurred by r;
     * skin tone: per-channel median over skin.
     """
-    _check_image(image)
-    skin = _skin_weight(skin_mask, image.shape[:2]) > 0
+    check_image(image)
+    skin = skin_weight(skin_mask, image.shape[:2]) > 0
     rows, cols = np.nonzero(skin.any(axis=1))[0], np.nonzero(skin.any(axis=0))[0]
     n_skin = int(np.count_nonzero(skin))
     if n_skin < 16:
@@ -498,10 +442,10 @@ class ProceduralRenderer:
         come from each lesion's own seed). Returns the new image and one bool mask and one box per
         lesion, in the order given.
         """
-        _check_image(image)
+        check_image(image)
         image = np.ascontiguousarray(image)
         h, w = image.shape[:2]
-        weight = _skin_weight(skin_mask, (h, w))
+        weight = skin_weight(skin_mask, (h, w))
         lesions = list(lesions)
         for i, les in enumerate(lesions):
             if not isinstance(les, LesionSpec):
@@ -514,7 +458,7 @@ class ProceduralRenderer:
 
         n = len(lesions)
         masks = np.zeros((n, h, w), bool)
-        boxes = np.array([_circle_box(les, w, h) for les in lesions], np.float64).reshape(n, 4)
+        boxes = np.array([circle_box(les, w, h) for les in lesions], np.float64).reshape(n, 4)
         out = image.copy()
         if n == 0 or not weight.any():
             return RenderResult(out, masks, boxes)
@@ -527,6 +471,10 @@ class ProceduralRenderer:
                 boxes[i] = box
         self._compose(out, frame, stats, seed, lesions)
         return RenderResult(out, masks, boxes)
+
+    def render_batch(self, requests: Sequence[RenderRequest]) -> list[RenderResult]:
+        """The :class:`~synthtrial.render.base.Renderer` protocol: each request drawn on its own."""
+        return [self(r.image, r.lesions, skin_mask=r.skin_mask, stats=r.stats, seed=r.seed) for r in requests]
 
     # -- per call ---------------------------------------------------------------------------------
 
@@ -695,7 +643,11 @@ def _check_stats(stats: PhotoStats) -> None:
         raise ValueError(f"stats.noise_sigma and stats.blur_sigma must be >= 0, got {stats}")
 
 
-def _circle_box(les: LesionSpec, w: int, h: int) -> tuple[float, float, float, float]:
-    """The spec circle's box clipped to the image: the box of a lesion whose mask is empty."""
-    r, cx, cy = float(les.radius_px), float(les.cx), float(les.cy)
-    return (min(max(cx - r, 0.0), w), min(max(cy - r, 0.0), h), min(max(cx + r, 0.0), w), min(max(cy + r, 0.0), h))
+def build_backend(config: ProceduralConfig, options: dict) -> ProceduralRenderer:
+    """The registry's builder for ``--backend procedural`` (it takes no further options)."""
+    if options:
+        from synthtrial.errors import SynthtrialError
+
+        raise SynthtrialError(f"--backend procedural takes no {', '.join(sorted(options))} options; "
+                              "they are for the sdxl backends")
+    return ProceduralRenderer(config)

@@ -1,0 +1,150 @@
+"""The classical lesion counter: the baseline every learned grader must beat. No weights, no training.
+
+On the skin that MediaPipe's face mesh and the face's own skin colour delimit (``synthtrial.faces.
+skin_regions``), each pixel's CIELAB a* (redness) and L* (lightness) are compared with the local skin
+around it (a normalised Gaussian average over the skin, sigma = ``background_sigma`` x the interocular
+distance). Red excess marks inflamed lesions (papules, pustules, nodules, red closed comedones); a
+lightness deficit marks open comedones and dark marks. After a light smoothing, every local maximum of
+``max(red excess / red_threshold, darkness / dark_threshold)`` above 1 and at least ``min_distance`` apart
+is one lesion. The count gives the ACNE04 / Hayashi level and, through the inverse of the severity scale's
+count map, a severity on the 0-3 scale (``synthtrial scale``).
+
+Its limits are those of colour blobs: faint (growing or fading) lesions are missed, clusters merge,
+flat red marks count as lesions, and an image without a detectable face gets no count (NaN).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from graders.base import GraderError, fingerprint_of
+from synthtrial import scale
+
+OUTPUT_COLUMNS = ("count", "red_count", "dark_count", "level", "severity", "face_found")
+
+
+@dataclass(frozen=True)
+class CounterConfig:
+    """Plain-data settings; the defaults were chosen on a generated run (README, "Graders")."""
+
+    red_threshold: float = 5.0         # a* above the local skin (CIELAB units) that counts as a red lesion
+    dark_threshold: float = 10.0       # L* below the local skin that counts as a dark lesion
+    background_sigma: float = 0.12     # local skin average, in interocular distances
+    smooth_sigma: float = 0.008        # pre-smoothing, in interocular distances
+    min_distance: float = 0.035        # between two lesions' maxima, in interocular distances
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise GraderError(f"counter setting {name} must be a positive number, got {value!r}")
+
+
+class LesionCounter:
+    """``LesionCounter().predict(images)`` -> count, red_count, dark_count, level, severity, face_found."""
+
+    name = "counter"
+    outcomes = ("count", "severity")
+
+    def __init__(self, config: CounterConfig | None = None, detector=None) -> None:
+        self.config = config if config is not None else CounterConfig()
+        self._detector = detector     # a synthtrial.faces.LandmarkDetector; built on first use when None
+
+    @classmethod
+    def default(cls, device: str | None = None) -> LesionCounter:
+        return cls()
+
+    def fingerprint(self) -> str:
+        return fingerprint_of({"grader": self.name, **asdict(self.config)})
+
+    def _landmarks(self, image: np.ndarray) -> np.ndarray | None:
+        if self._detector is None:
+            from synthtrial.faces import LandmarkDetector
+
+            self._detector = LandmarkDetector()
+        return self._detector(image)
+
+    def count(self, image: np.ndarray) -> dict[str, float]:
+        """The counts of one (H, W, 3) uint8 RGB image, and the peaks found (``peaks``: (N, 2) x, y)."""
+        from synthtrial.faces import skin_regions
+
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise GraderError("counter: images must be (H, W, 3) uint8 RGB arrays")
+        landmarks = self._landmarks(image)
+        if landmarks is None:
+            return {"count": math.nan, "red_count": math.nan, "dark_count": math.nan, "level": math.nan,
+                    "severity": math.nan, "face_found": 0.0, "peaks": np.zeros((0, 2))}
+        skin, _ = skin_regions(image, landmarks)
+        peaks, is_red = self.peaks(image, skin, _interocular(landmarks))
+        n = len(peaks)
+        return {"count": float(n), "red_count": float(is_red.sum()), "dark_count": float(n - is_red.sum()),
+                "level": float(scale.acne04_level_from_count(n)), "severity": float(scale.severity_from_count(n)),
+                "face_found": 1.0, "peaks": peaks}
+
+    def peaks(self, image: np.ndarray, skin: np.ndarray, iod: float) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 2) x, y of the lesion maxima on ``skin`` and whether each is red (else dark)."""
+        from skimage.feature import peak_local_max
+
+        cfg = self.config
+        lab = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
+        weight = skin.astype(np.float32)
+        if weight.sum() < 16:
+            return np.zeros((0, 2)), np.zeros(0, bool)
+        sigma = max(1.0, cfg.background_sigma * iod)
+        norm = cv2.GaussianBlur(weight, (0, 0), sigma) + 1e-6
+        local = [cv2.GaussianBlur(lab[..., c] * weight, (0, 0), sigma) / norm for c in (0, 1)]
+        red = (lab[..., 1] - local[1]) / cfg.red_threshold
+        dark = (local[0] - lab[..., 0]) / cfg.dark_threshold
+        smooth = max(0.5, cfg.smooth_sigma * iod)
+        red = cv2.GaussianBlur(red, (0, 0), smooth) * weight
+        dark = cv2.GaussianBlur(dark, (0, 0), smooth) * weight
+        score = np.maximum(red, dark)
+        found = peak_local_max(score, min_distance=max(1, int(round(cfg.min_distance * iod))), threshold_abs=1.0,
+                               labels=skin.astype(np.int32), exclude_border=False)
+        if len(found) == 0:
+            return np.zeros((0, 2)), np.zeros(0, bool)
+        rows, cols = found[:, 0], found[:, 1]
+        return np.stack([cols + 0.5, rows + 0.5], axis=1), red[rows, cols] >= dark[rows, cols]
+
+    def predict(self, images: Sequence[np.ndarray], meta: pd.DataFrame | None = None) -> pd.DataFrame:
+        rows = []
+        for image in images:
+            found = self.count(image)
+            found.pop("peaks")
+            rows.append(found)
+        return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS)).astype("float64")
+
+    def save(self, folder) -> None:
+        from pathlib import Path
+
+        from synthtrial.atomic import write_text_atomic
+
+        write_text_atomic(Path(folder) / "config.json",
+                          json.dumps({"grader": self.name, **asdict(self.config)}, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, folder, device: str | None = None) -> LesionCounter:
+        from pathlib import Path
+
+        from synthtrial import rundir
+
+        config = rundir.read_json(Path(folder) / "config.json")
+        if config.pop("grader", None) != cls.name:
+            raise GraderError(f"{Path(folder) / 'config.json'}: is not a counter config")
+        try:
+            return cls(CounterConfig(**config))
+        except TypeError as exc:
+            raise GraderError(f"{Path(folder) / 'config.json'}: {exc}") from None
+
+
+def _interocular(landmarks: np.ndarray) -> float:
+    """Distance between the eye centres (MediaPipe mesh: outer/inner corners 33/133 and 263/362)."""
+    left = (landmarks[33] + landmarks[133]) / 2
+    right = (landmarks[263] + landmarks[362]) / 2
+    return float(np.linalg.norm(right - left))

@@ -1,0 +1,17 @@
+"""The ``synthtrial`` command line: a thin layer over the library, one module per command group.
+
+Bad input ends with one line on stderr (``synthtrial: error: FILE: row N, column 'C': ...``) and exit
+status 2; nothing is half-written. Every command is a library function first.
+"""
+
+from __future__ import annotations
+
+from synthtrial.cli.common import EXIT_BAD_INPUT, app
+from synthtrial.cli import scale, protocol, generate, data, export, graders, analyze, power  # noqa: E402,F401  (register commands)
+
+__all__ = ["EXIT_BAD_INPUT", "app", "main"]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,58 @@
+"""`synthtrial analyze`: treatment effects from a run, beside the truth."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich import box
+from rich.table import Table
+
+from synthtrial.cli.common import RunDir, app, handles_errors, out
+
+_ANALYSIS_PANEL = "Analysis"
+
+
+@app.command("analyze")
+@handles_errors
+def analyze_command(
+    run: RunDir,
+    autoencoder: Annotated[bool, typer.Option("--autoencoder/--no-autoencoder",
+                                              help="Train the unsupervised autoencoder + PCA outcome.")] = True,
+    epochs: Annotated[int, typer.Option(help="Autoencoder training epochs.", rich_help_panel=_ANALYSIS_PANEL)] = 10,
+    image_size: Annotated[int, typer.Option(help="Autoencoder input size (power of two; Schneider et al.: 256).",
+                                            rich_help_panel=_ANALYSIS_PANEL)] = 256,
+    trend: Annotated[bool, typer.Option("--trend/--no-trend", help="Adjust the pooled model for a linear time "
+                                        "trend.", rich_help_panel=_ANALYSIS_PANEL)] = True,
+    permutations: Annotated[int, typer.Option(help="Permutations per permutation test.",
+                                              rich_help_panel=_ANALYSIS_PANEL)] = 2000,
+    alpha: Annotated[float, typer.Option(help="Significance level (CIs are 1 - alpha).",
+                                         rich_help_panel=_ANALYSIS_PANEL)] = 0.05,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the autoencoder and the permutations.")] = 0,
+    device: Annotated[Optional[str], typer.Option(help="Torch device for the autoencoder (default: cuda if "
+                                                  "available, else cpu).", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Estimate the treatment effects of a run from its images, each beside the truth it simulated.
+
+    Outcomes: the oracle severity, the lesion count (also read on the severity scale), IGA, any grader scores in RUN/grades.parquet, and Schneider et al.'s unsupervised autoencoder + PCA score. Tests: per-patient Welch t, permutation and GLS with AR(1) errors; pooled linear mixed model with random intercept and treatment slopes. Writes RUN/analysis/: outcomes.parquet, effects.csv (estimate, SE, CI, p, true effect, bias, covered) and report.html.
+    """
+    import pandas as pd
+
+    from synthtrial.analyze.pipeline import AnalysisSettings, analysis_summary, analyze_run
+
+    settings = AnalysisSettings(autoencoder=autoencoder, epochs=epochs, image_size=image_size, trend=trend,
+                                n_permutations=permutations, seed=seed, alpha=alpha)
+    folder = analyze_run(run, settings, device=device, progress=not quiet)
+    summary = analysis_summary(pd.read_csv(folder / "effects.csv"))
+    table = Table(title="pooled effects (linear mixed model) beside the truth", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("outcome", "arm", f"estimate [{1 - alpha:.0%} CI]", "p", "truth"):
+        table.add_column(col, justify="left" if col in ("outcome", "arm") else "right", no_wrap=True)
+    for rec in summary.itertuples(index=False):
+        truth = "" if pd.isna(rec.true_effect) else f"{rec.true_effect:+.2f} " + (
+            "✓" if str(rec.covered) == "True" else "✗ missed")
+        table.add_row(rec.outcome, rec.arm, f"{rec.estimate:+.2f} [{rec.ci_low:+.2f}, {rec.ci_high:+.2f}]",
+                      f"{rec.p:.0e}", truth)
+    out.print(table)
+    out.print(f"[green]wrote[/green] {folder} (open {folder / 'report.html'})")

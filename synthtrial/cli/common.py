@@ -1,0 +1,131 @@
+"""What every command shares: the Typer app and its groups, one-line errors (exit 2), consoles, shared options."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+try:  # typer vendors click from 0.2x on; older releases raise click's own exceptions
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
+from synthtrial import __version__
+from synthtrial.errors import SynthtrialError, one_line
+
+EXIT_BAD_INPUT = 2
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (bad option values, unknown options) as one line on stderr and exit status 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as exc:
+            exc.show()  # a bare command prints its help
+            sys.exit(exc.exit_code)
+        except UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            print(f"synthtrial: error: {' '.join(exc.format_message().split())}{hint}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+        except ClickException as exc:
+            print(f"synthtrial: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            print("synthtrial: aborted", file=sys.stderr)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=OneLineErrors,
+    name="synthtrial",
+    help="Simulate multimodal N-of-1 acne trials: protocols, patients' acne courses and the truth behind "
+         "them, so that graders and analysis pipelines can be tested against a known answer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+protocol_app = typer.Typer(
+    help="Check, design and simulate trial protocols (the CSV files that [bold]generate[/] reads).",
+    no_args_is_help=True,
+)
+app.add_typer(protocol_app, name="protocol")
+data_app = typer.Typer(help="Check training data (ACNE04 and per-level folders).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+faces_app = typer.Typer(help="Build folders of portraits for generate --faces.", no_args_is_help=True)
+app.add_typer(faces_app, name="faces")
+
+out = Console()
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(message: str) -> None:
+    err.print(f"synthtrial: error: {message}", markup=False)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def handles_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a :class:`SynthtrialError` into one line on stderr and exit status 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SynthtrialError as exc:
+            fail(one_line(exc))
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"synthtrial {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Simulate multimodal N-of-1 acne trials with a known truth.
+
+    Start with [bold]synthtrial protocol design --preset quick --out quick.csv[/], then
+    [bold]synthtrial protocol check quick.csv[/].
+    """
+
+
+RunDir = Annotated[Path, typer.Argument(help="A run directory written by [bold]synthtrial generate[/].",
+                                        show_default=False)]
+
+
+class PresetName(str, Enum):
+    anchor = "anchor"
+    quick = "quick"
+
+
+
+graders_app = typer.Typer(help="Train, evaluate and list the embedded graders (IGA, ImageQX, lesion detector, "
+                               "DermX, classical counter).", no_args_is_help=True)
+app.add_typer(graders_app, name="graders")
+#: ``synthtrial graders train NAME``: one command per trainable grader, each in its own CLI module
+graders_train_app = typer.Typer(help="Train a grader from generated runs (or ACNE04); safetensors checkpoints, "
+                                     "resumable, seeded.", no_args_is_help=True)
+graders_app.add_typer(graders_train_app, name="train")
+#: ``synthtrial graders eval NAME``: one command per grader
+graders_eval_app = typer.Typer(help="Evaluate a grader on a run with known truth, as its paper reports it.",
+                               no_args_is_help=True)
+graders_app.add_typer(graders_eval_app, name="eval")

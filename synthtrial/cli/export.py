@@ -1,0 +1,37 @@
+"""`synthtrial export`: a run to a grader's training format."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from synthtrial.cli.common import RunDir, app, handles_errors, out
+
+
+class ExportFormat(str, Enum):
+    coco = "coco"
+    acne04 = "acne04"
+    imagefolder = "imagefolder"
+
+
+@app.command("export")
+@handles_errors
+def export_command(
+    run: RunDir,
+    fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="coco: detection JSON of the lesion boxes "
+                                              "and masks; acne04: ACNE04 label lines (filename level count) "
+                                              "with patient-wise folds; imagefolder: a Hugging Face imagefolder "
+                                              "with metadata.csv.", show_default=False)],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write (default: "
+                                                    "RUN/exports/<format>).", show_default=False)] = None,
+    folds: Annotated[int, typer.Option(min=2, help="Folds for the acne04 format (split by patient).")] = 5,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the patient-to-fold assignment.")] = 0,
+) -> None:
+    """Export a run's images and ground truth to a grader's training format."""
+    from synthtrial.export import export_run
+
+    path = export_run(run, fmt.value, out_dir, folds=folds, seed=seed)
+    out.print(f"[green]wrote[/green] {path}")

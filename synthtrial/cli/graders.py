@@ -1,0 +1,69 @@
+"""`synthtrial grade RUN` and `synthtrial graders list`: score a run with the embedded graders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich import box
+from rich.table import Table
+
+from synthtrial.cli.common import RunDir, app, graders_app, handles_errors, out
+from synthtrial.progress import progress_bar
+
+
+@app.command("grade")
+@handles_errors
+def grade_command(
+    run: RunDir,
+    graders: Annotated[Optional[str], typer.Option(help="Comma-separated graders to run (default: every grader "
+                                                   "with weights; see [bold]synthtrial graders list[/]).",
+                                                   show_default=False)] = None,
+    weights: Annotated[Optional[list[str]], typer.Option(help="Use other weights for a grader: NAME=FOLDER "
+                                                         "(safetensors + config.json; repeatable).",
+                                                         show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if available, else cpu).",
+                                                  show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Images per batch (and per resumable "
+                                            "chunk).")] = 64,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Score every image of a run with the embedded graders: RUN/grades.parquet (one row per image, columns <grader>_<name>) and RUN/grades.json (which columns [bold]synthtrial analyze[/] takes as outcomes).
+
+    Interrupted? Run the same command again: finished chunks are kept. Grades of other graders already in the file are kept.
+    """
+    from graders.base import GraderError, available, get_grader, grade_run
+
+    names = [n.strip() for n in graders.split(",") if n.strip()] if graders else available()
+    chosen: dict[str, str] = {}
+    for item in weights or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise GraderError(f"--weights '{item}' must look like NAME=FOLDER")
+        chosen[name.strip()] = folder.strip()
+    unknown = [n for n in chosen if n not in names]
+    if unknown:
+        raise GraderError(f"--weights {unknown[0]}=...: '{unknown[0]}' is not among the graders run "
+                          f"({', '.join(names)})")
+    built = [get_grader(n, chosen.get(n), device=device) for n in names]
+    with progress_bar("grading", 1, unit="images", enabled=not quiet) as update:
+        path = grade_run(run, built, batch_size=batch_size,
+                         progress=lambda done, total: update(done, f"of {total}"))
+    out.print(f"[green]wrote[/green] {path} ({', '.join(names)})")
+
+
+@graders_app.command("list")
+@handles_errors
+def graders_list() -> None:
+    """List the graders, what each reports, and whether its weights are here."""
+    from graders.base import DEFAULT_WEIGHTS_DIR, REGISTRY, WEIGHTS_FILE
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("grader", "weights", "what it reports"):
+        table.add_column(col)
+    for name, spec in REGISTRY.items():
+        have = "none needed" if not spec.needs_weights else (
+            "default" if (DEFAULT_WEIGHTS_DIR / name / WEIGHTS_FILE).is_file() else "train first")
+        table.add_row(name, have, spec.summary)
+    out.print(table)
