@@ -11,7 +11,8 @@ safetensors only and refuses a pickle with a one-line error naming the file.
 
 :func:`grade_run` scores every image of a run directory with the given graders and writes
 ``RUN/grades.parquet`` (``image`` + ``<grader>_<column>``) and ``RUN/grades.json`` (per grader: its
-fingerprint, columns, and the columns ``analyze`` takes as outcomes). Work is saved per chunk of images under
+fingerprint, columns, and the columns ``analyze`` takes as outcomes). Work is saved per chunk of images (a
+chunk never splits a visit: the images of one patient-day) under
 ``RUN/.grades/<grader>-<fingerprint>/``, so an interrupted ``synthtrial grade`` resumes; a grader whose
 weights change gets a new fingerprint and is scored again.
 """
@@ -91,6 +92,12 @@ def register(spec: GraderSpec) -> GraderSpec:
 register(GraderSpec("counter", "graders.counter:LesionCounter",
                     "classical lesion counter: skin-masked CIELAB blobs; count and ACNE04/Hayashi level",
                     needs_weights=False))
+register(GraderSpec("iga", "graders.iga:IGAGrader",
+                    "IGA severity network (QuantifiCare recipe): face crop, CIFAR ResNet, views of a visit fused; "
+                    "5-grade and 3-class (0-1/2/3-4) probabilities, expected grade"))
+register(GraderSpec("imageqx", "graders.imageqx:ImageQX",
+                    "ImageQX photo quality (EfficientNet-B0): acceptable/poor and five reasons (bad framing, "
+                    "bad light, blurry, low resolution, too far away)"))
 
 
 def available() -> list[str]:
@@ -214,7 +221,7 @@ def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_s
     names = [g.name for g in graders]
     if len(set(names)) != len(names):
         raise GraderError(f"grader listed twice: {', '.join(names)} (option --graders)")
-    chunks = [manifest.iloc[i:i + batch_size] for i in range(0, len(manifest), batch_size)]
+    chunks = visit_chunks(manifest, batch_size)
     total, done = len(manifest) * len(graders), 0
     with rundir.locked(run_dir, what="grading"):
         columns: dict[str, pd.DataFrame] = {}
@@ -252,6 +259,17 @@ def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_s
         write_text_atomic(run_dir / rundir.GRADES_INDEX, json.dumps({"graders": index}, indent=2, sort_keys=True)
                           + "\n")
     return path
+
+
+def visit_chunks(manifest: pd.DataFrame, size: int) -> list[pd.DataFrame]:
+    """Consecutive runs of about ``size`` rows that never split a visit (the rows of one ``patient_id`` and
+    ``day``), so a grader that fuses a visit's views (IGA) sees all of them in one call."""
+    keys = list(zip(manifest["patient_id"].astype(str), manifest["day"].astype(str)))
+    starts = [0]
+    for i in range(1, len(keys)):
+        if i - starts[-1] >= size and keys[i] != keys[i - 1]:
+            starts.append(i)
+    return [manifest.iloc[a:b] for a, b in zip(starts, [*starts[1:], len(keys)])]
 
 
 def _check_output(grader: Grader, frame: Any, n: int) -> None:

@@ -1,0 +1,398 @@
+"""The IGA severity grader, after QuantifiCare's recipe (Bernhard et al.): face crop -> CIFAR-style ResNet ->
+the five IGA grades (0 clear ... 4 severe), their 3-class clinical view (0-1 / 2 / 3-4) and an expected grade.
+
+Choices, stated once:
+
+* **Network.** He et al.'s CIFAR ResNet (depth ``6n + 2``: three stages of ``n`` basic blocks, 16/32/64
+  channels, parameter-free "option A" shortcuts), dropout before the linear head; depth 110 is the paper's
+  1.7 M-parameter model. ``stem_stride`` 2 lets the first convolution halve a large input (224 px) so the
+  CIFAR stages run on CIFAR-like feature maps. Any timm model can replace it (``backbone="timm:<name>"``,
+  trained from scratch or from the user's own safetensors backbone weights).
+* **Default** (the shipped weights): depth 20, 128 px crops, stem stride 2 -- the paper's depth 110 at
+  224 px costs ~40x the compute per image, beyond the CPU budget these weights were trained in; the
+  model card states what it costs and how to train the paper's settings.
+* **Training.** Class-weighted cross-entropy on the 5 grades (balanced weights from the training labels),
+  Adam with a cosine schedule, augmentation as the paper: horizontal flip, rotation (up to 15 degrees) and
+  brightness (x0.8-1.2), each applied with probability 0.2.
+* **Views.** A visit is graded from all its photos: the images given together that share ``patient_id`` and
+  ``day`` (frontal + left + right from ``generate``) are fused by averaging their per-view log-probabilities
+  (a renormalised geometric mean: every view votes, a confident view weighs more), and every image of the
+  visit gets the visit's grade. Without ``meta`` (or without those columns) each image is its own visit.
+* **Outputs** (columns): ``p_iga0..p_iga4``, ``p_group0..p_group2`` (sums over 0-1 / 2 / 3-4), ``grade``
+  and ``group`` (most probable), ``expected_grade`` (sum of k * p_k; the outcome ``analyze`` uses), ``views``
+  (images fused) and ``face_found``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from graders import classify
+from graders.base import GraderError, load_state, resolve_device, save_state
+
+N_GRADES = 5
+GROUPS = ((0, 1), (2,), (3, 4))
+GRADE_NAMES = ("0 clear", "1 almost clear", "2 mild", "3 moderate", "4 severe")
+GROUP_NAMES = ("0-1", "2", "3-4")
+OUTPUT_COLUMNS = (*(f"p_iga{k}" for k in range(N_GRADES)), *(f"p_group{k}" for k in range(len(GROUPS))),
+                  "grade", "group", "expected_grade", "views", "face_found")
+
+
+@dataclass(frozen=True)
+class IGAConfig:
+    """The architecture and preprocessing (plain data, stored in ``config.json``)."""
+
+    backbone: str = "cifar-resnet"      # or "timm:<model name>"
+    depth: int = 20                     # CIFAR ResNet depth, 6n + 2 (110: the paper)
+    width: int = 16                     # channels of the first stage (doubled twice)
+    stem_stride: int = 2                # 1: the CIFAR stem; 2: halve the input first
+    image_size: int = 128               # face crop side in pixels (the paper: 224)
+    dropout: float = 0.2
+    crop_margin: float = 0.25           # face box widened by this fraction on every side
+
+    def __post_init__(self) -> None:
+        if not (self.backbone == "cifar-resnet" or self.backbone.startswith("timm:")):
+            raise GraderError(f"IGA backbone must be 'cifar-resnet' or 'timm:<name>', got {self.backbone!r}")
+        if self.depth < 8 or (self.depth - 2) % 6:
+            raise GraderError(f"IGA depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110), got {self.depth}")
+        if self.width < 1 or self.stem_stride not in (1, 2) or not 16 <= self.image_size <= 1024:
+            raise GraderError("IGA width must be >= 1, stem stride 1 or 2, image size 16-1024")
+        if not 0 <= self.dropout < 1 or not 0 <= self.crop_margin <= 1:
+            raise GraderError("IGA dropout must be in [0, 1) and crop margin in [0, 1]")
+
+
+# ------------------------------------------------------------------------------------------ network
+
+def build_network(config: IGAConfig) -> Any:
+    """The classifier ``images (N, 3, S, S) in [0, 1] -> logits (N, 5)`` for ``config``."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.stride, self.extra = stride, cout - cin
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            y = self.bn2(self.conv2(y))
+            short = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+            if self.extra:      # option A: zero-padded channels, no parameters
+                short = nn.functional.pad(short, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+            return torch.relu(y + short)
+
+    class CifarResNet(nn.Module):
+        def __init__(self, cfg: IGAConfig) -> None:
+            super().__init__()
+            n, w = (cfg.depth - 2) // 6, cfg.width
+            self.stem = nn.Sequential(nn.Conv2d(3, w, 3, cfg.stem_stride, 1, bias=False), nn.BatchNorm2d(w),
+                                      nn.ReLU(inplace=True))
+            layers, cin = [], w
+            for stage, cout in enumerate((w, 2 * w, 4 * w)):
+                for i in range(n):
+                    layers.append(Block(cin, cout, 2 if (stage > 0 and i == 0) else 1))
+                    cin = cout
+            self.features = nn.Sequential(*layers)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(cfg.dropout),
+                                      nn.Linear(cin, N_GRADES))
+            for m in self.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    nn.init.kaiming_normal_(m.weight)
+
+        def forward(self, x):
+            return self.head(self.features(self.stem(classify.normalize(x))))
+
+    class TimmNet(nn.Module):
+        def __init__(self, cfg: IGAConfig) -> None:
+            super().__init__()
+            import timm
+
+            try:
+                self.backbone = timm.create_model(cfg.backbone[5:], pretrained=False, num_classes=0)
+            except RuntimeError as exc:
+                raise GraderError(f"IGA backbone {cfg.backbone!r}: {exc}") from None
+            self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(self.backbone.num_features, N_GRADES))
+
+        def forward(self, x):
+            return self.head(self.backbone(classify.normalize(x)))
+
+    return CifarResNet(config) if config.backbone == "cifar-resnet" else TimmNet(config)
+
+
+def augment(x: Any, gen: Any, p: float = 0.2, max_degrees: float = 15.0) -> Any:
+    """The paper's augmentation on a [0, 1] batch: flip, rotation, brightness, each with probability ``p``."""
+    import torch
+    from torchvision.transforms.v2 import functional as F
+
+    draws = torch.rand(len(x), 6, generator=gen)
+    out = []
+    for img, d in zip(x, draws):
+        if d[0] < p:
+            img = torch.flip(img, dims=(2,))
+        if d[1] < p:
+            img = F.rotate(img, float((d[2] * 2 - 1) * max_degrees), interpolation=F.InterpolationMode.BILINEAR)
+        if d[3] < p:
+            img = (img * float(0.8 + 0.4 * d[4])).clamp(0, 1)
+        out.append(img)
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------------- grader
+
+class IGAGrader:
+    """``IGAGrader.load(folder).predict(images, meta)`` -> IGA probabilities, 3-class view, expected grade."""
+
+    name = "iga"
+    outcomes = ("expected_grade",)
+
+    def __init__(self, config: IGAConfig | None = None, model: Any = None, device: str | None = None,
+                 record: dict[str, Any] | None = None) -> None:
+        self.config = config if config is not None else IGAConfig()
+        self.device = resolve_device(device)
+        self.model = (model if model is not None else build_network(self.config)).to(self.device).eval()
+        self.record = record or {}
+        self._cropper = classify.FaceCropper(self.config.crop_margin)
+        self._fingerprint: str | None = None
+
+    # weights --------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str], device: str | None = None) -> IGAGrader:
+        tensors, config = load_state(folder, kind=cls.name)
+        try:
+            cfg = IGAConfig(**config["model"])
+        except (KeyError, TypeError) as exc:
+            raise GraderError(f"{Path(folder) / 'config.json'}: not an IGA config ({exc})") from None
+        grader = cls(cfg, device=device, record=config.get("training"))
+        try:
+            grader.model.load_state_dict(tensors)
+        except RuntimeError as exc:
+            raise GraderError(f"{Path(folder) / 'model.safetensors'}: does not fit the network in config.json "
+                              f"({str(exc).splitlines()[0]})") from None
+        return grader
+
+    def save(self, folder: str | os.PathLike[str], dtype: str = "float32") -> Path:
+        import torch
+
+        cast = {"float32": torch.float32, "float16": torch.float16}.get(dtype)
+        if cast is None:
+            raise GraderError(f"weights dtype must be float32 or float16, got {dtype!r}")
+        tensors = {k: (v.to(cast) if v.is_floating_point() else v) for k, v in self.model.state_dict().items()}
+        return save_state(folder, tensors, {"grader": self.name, "model": asdict(self.config),
+                                            "weights_dtype": dtype, "training": self.record})
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            digest = hashlib.sha256(repr(sorted(asdict(self.config).items())).encode())
+            for key, value in self.model.state_dict().items():
+                digest.update(key.encode())
+                digest.update(value.detach().to("cpu").contiguous().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()[:12]
+        return self._fingerprint
+
+    # inference ------------------------------------------------------------------------------------
+    def crops(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, S, S, 3)`` uint8 face crops and whether a face was found in each."""
+        classify.check_images(images, "iga")
+        pairs = [self._cropper.crop(image, self.config.image_size) for image in images]
+        if not pairs:
+            return np.zeros((0, self.config.image_size, self.config.image_size, 3), np.uint8), np.zeros(0, bool)
+        return np.stack([c for c, _ in pairs]), np.array([f for _, f in pairs])
+
+    def log_probs(self, crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """``(N, 5)`` float64 log-probabilities of the grades, one row per crop."""
+        import torch
+
+        self.model.eval()
+        out = []
+        with torch.inference_mode():
+            for part in classify.batches_of(len(crops), batch_size):
+                logits = self.model(classify.to_tensor(crops[part], self.device))
+                out.append(torch.log_softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64))
+        return np.concatenate(out) if out else np.zeros((0, N_GRADES))
+
+    def predict(self, images: Sequence[np.ndarray], meta: pd.DataFrame | None = None) -> pd.DataFrame:
+        crops, found = self.crops(images)
+        return outputs(self.log_probs(crops), visits(meta, len(images)), found)
+
+
+def visits(meta: pd.DataFrame | None, n: int) -> np.ndarray:
+    """A visit number per image: images sharing ``patient_id`` and ``day`` in ``meta``; else one per image."""
+    if meta is None or len(meta) != n or not {"patient_id", "day"} <= set(meta.columns):
+        return np.arange(n)
+    keys = list(zip(meta["patient_id"].astype(str), meta["day"].astype(str)))
+    index: dict[tuple[str, str], int] = {}
+    return np.array([index.setdefault(k, len(index)) for k in keys], dtype=np.int64)
+
+
+def fuse(log_probs: np.ndarray, visit: np.ndarray) -> np.ndarray:
+    """Per-image probabilities of the image's visit: the softmax of the mean log-probability of its views."""
+    fused = np.zeros_like(log_probs)
+    for v in np.unique(visit):
+        rows = visit == v
+        mean = log_probs[rows].mean(axis=0)
+        p = np.exp(mean - mean.max())
+        fused[rows] = p / p.sum()
+    return fused
+
+
+def outputs(log_probs: np.ndarray, visit: np.ndarray, found: np.ndarray) -> pd.DataFrame:
+    p = fuse(log_probs, visit)
+    groups = np.stack([p[:, list(g)].sum(axis=1) for g in GROUPS], axis=1)
+    counts = np.bincount(visit, minlength=visit.max() + 1)[visit] if len(visit) else np.zeros(0)
+    data = {**{f"p_iga{k}": p[:, k] for k in range(N_GRADES)},
+            **{f"p_group{k}": groups[:, k] for k in range(len(GROUPS))},
+            "grade": p.argmax(axis=1) if len(p) else np.zeros(0), "group": groups.argmax(axis=1) if len(p) else
+            np.zeros(0), "expected_grade": p @ np.arange(N_GRADES, dtype=np.float64), "views": counts,
+            "face_found": found}
+    return pd.DataFrame(data, columns=list(OUTPUT_COLUMNS)).astype("float64")
+
+
+def group_of(grade: np.ndarray) -> np.ndarray:
+    from synthtrial import scale
+
+    return np.asarray(scale.iga_group(np.asarray(grade, dtype=np.int64)), dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------- train / evaluate
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 3e-3
+    lr_final: float = 3e-4
+    val_fraction: float = 0.2
+    seed: int = 0
+    class_weighted: bool = True
+    augment_p: float = 0.2
+
+
+def prepare_source(grader: IGAGrader, source: classify.Source, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """Face crops of every image of ``source`` and whether a face was found."""
+    found: list[bool] = []
+
+    def one(image: np.ndarray) -> np.ndarray:
+        crop, ok = grader._cropper.crop(image, grader.config.image_size)
+        found.append(ok)
+        return crop
+
+    crops = classify.load_images(source.paths, one, progress)
+    return crops, np.array(found, dtype=bool)
+
+
+def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
+          extra: Sequence[str | os.PathLike[str]] = (), identities: Sequence[str] | None = None,
+          config: IGAConfig | None = None, settings: TrainSettings | None = None, device: str | None = None,
+          backbone_weights: str | os.PathLike[str] | None = None, restart: bool = False,
+          weights_dtype: str = "float32", progress=None) -> IGAGrader:
+    """Train the IGA grader on ``data`` (runs or ACNE04; ``extra`` runs join the training part only) and save
+    it to ``out`` (``model.safetensors`` + ``config.json``; checkpoints in ``out/checkpoint``)."""
+    import torch
+
+    config = config or IGAConfig()
+    settings = settings or TrainSettings()
+    torch.manual_seed(settings.seed)
+    grader = IGAGrader(config, device=device)
+    if backbone_weights is not None:
+        load_backbone(grader.model, backbone_weights)
+    dev = grader.device
+    sources = [classify.read_source(d, identities, "--data") for d in data]
+    extras = [classify.read_source(d, None, "--extra") for d in extra]
+    report = progress or (lambda stage, done, total, status="": None)
+    images, labels, groups, is_extra = [], [], [], []
+    for k, src in enumerate([*sources, *extras]):
+        crops, _ = prepare_source(grader, src, lambda i, n=len(src), w=src.where: report(f"cropping {w}", i, n))
+        images.append(crops)
+        labels.append(src.meta["iga"].to_numpy(np.int64))
+        groups.append(np.array([f"{k}:{g}" for g in src.meta["group"]]))
+        is_extra.append(np.full(len(src), k >= len(sources)))
+    x, y, g, ex = (np.concatenate(a) for a in (images, labels, groups, is_extra))
+    if ((y < 0) | (y >= N_GRADES)).any():
+        raise GraderError("IGA labels must be grades 0-4 (manifest column 'iga')")
+    own = np.flatnonzero(~ex)
+    tr_own, va_own = classify.grouped_split(group_of(y[own]), g[own], settings.val_fraction, settings.seed)
+    train_idx = np.sort(np.concatenate([own[tr_own], np.flatnonzero(ex)]))
+    val_idx = own[va_own]
+    weights = classify.class_weights(y[train_idx], N_GRADES) if settings.class_weighted else np.ones(N_GRADES)
+    weight_t = torch.tensor(weights, dtype=torch.float32, device=dev)
+    x_train, y_train = x[train_idx], torch.from_numpy(y[train_idx]).to(dev)
+
+    def batch_loss(idx: np.ndarray, gen: Any, epoch: int) -> Any:
+        batch = classify.to_tensor(x_train[idx], dev)
+        if settings.augment_p > 0:
+            batch = augment(batch.cpu(), gen, settings.augment_p).to(dev)
+        return torch.nn.functional.cross_entropy(grader.model(batch), y_train[idx], weight=weight_t)
+
+    def validate() -> dict[str, Any]:
+        if not len(val_idx):
+            return {}
+        pred = grader.log_probs(x[val_idx]).argmax(axis=1)
+        r = classify.report(group_of(y[val_idx]), group_of(pred), GROUP_NAMES)
+        return {"val_accuracy3": r["accuracy"], "val_recall3": r["recall"]}
+
+    record = {"data": [s.where for s in sources], "extra": [s.where for s in extras],
+              "identities": list(identities or []), "settings": asdict(settings), "model": asdict(config),
+              "backbone_weights": None if backbone_weights is None else str(backbone_weights)}
+    plan = classify.Fit(len(train_idx), settings.epochs, settings.batch_size, settings.lr, settings.lr_final,
+                        settings.seed, batch_loss, validate)
+    total = plan.epochs * -(-plan.n_train // plan.batch_size)
+    history = classify.fit(grader.model, plan, Path(out), IGAGrader.name, dev, restart=restart, record=record,
+                           progress=lambda done, status: report("training", done, total, status))
+    grader.model.eval()
+    grader.record = {**record, **history, "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
+                     "train_grade_counts": np.bincount(y[train_idx], minlength=N_GRADES).tolist(),
+                     "class_weights": [round(float(w), 6) for w in weights]}
+    grader._fingerprint = None
+    grader.save(out, weights_dtype)
+    return IGAGrader.load(out, device=device)
+
+
+def load_backbone(model: Any, path: str | os.PathLike[str]) -> None:
+    """Load a user's safetensors weights into a timm backbone (``backbone.*`` keys or bare keys)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not hasattr(model, "backbone"):
+        raise GraderError("--backbone-weights needs a timm backbone (--backbone timm:<name>)")
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise GraderError(f"--backbone-weights {path}: must be an existing .safetensors file (pickles are refused)")
+    state = load_file(path)
+    state = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in state.items()}
+    missing, _ = model.backbone.load_state_dict(state, strict=False)
+    if len(missing) == len(model.backbone.state_dict()):
+        raise GraderError(f"--backbone-weights {path}: no tensor matches the backbone's parameter names")
+
+
+def evaluate(grader: IGAGrader, data: str | os.PathLike[str], identities: Sequence[str] | None = None,
+             progress=None) -> dict[str, Any]:
+    """Visit-level metrics on a run: per-grade and 3-class precision / recall / F1, accuracy, confusion."""
+    source = classify.read_source(data, identities, "--data")
+    report = progress or (lambda done, total: None)
+    crops, found = prepare_source(grader, source, lambda i: report(i, len(source)))
+    visit = visits(source.meta, len(source))
+    frame = outputs(grader.log_probs(crops), visit, found)
+    first = pd.Series(np.arange(len(visit))).groupby(visit).first().to_numpy()
+    truth = source.meta["iga"].to_numpy(np.int64)
+    truth_visit = pd.Series(truth).groupby(visit).max().to_numpy()     # views of a visit share one grade
+    pred = frame["grade"].to_numpy(np.int64)[first]
+    return {"data": source.where, "identities": list(identities or []), "images": len(source),
+            "visits": int(len(first)), "faces_found": float(found.mean()) if len(found) else float("nan"),
+            "grades": classify.report(truth_visit, pred, GRADE_NAMES),
+            "groups": classify.report(group_of(truth_visit), frame["group"].to_numpy(np.int64)[first], GROUP_NAMES),
+            "mae_expected_grade": float(np.mean(np.abs(frame["expected_grade"].to_numpy()[first] - truth_visit)))}
+
+
+def with_settings(config: IGAConfig, **changes: Any) -> IGAConfig:
+    return replace(config, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,202 @@
+"""The IGA grader: network, class weights, training (loss falls, resumes), weights on disk, view fusion, the
+grade -> analyze path, and the CLI. Tiny runs and tiny networks built here; one torch thread."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from graders import classify, iga
+from graders.base import GraderError, get_grader, grade_run, read_rgb
+from synthtrial.cli import app
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TINY = iga.IGAConfig(depth=8, width=8, image_size=48, stem_stride=1, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """2 patients (astronaut, hopper) x 3 days x 3 views at 128 px, severities spread over the IGA grades."""
+    from synthtrial.run import generate
+
+    folder = tmp_path_factory.mktemp("iga")
+    rows = ["patient_id,day,treatment,severity,view"]
+    for p, sev in (("P1", (0.1, 1.2, 2.6)), ("P2", (2.8, 1.0, 0.2))):
+        for d, s in enumerate(sev, start=1):
+            rows += [f"{p},{d},{'Cream' if d == 2 else 'Control'},{s},{v}" for v in ("frontal", "left", "right")]
+    (folder / "p.csv").write_text("\n".join(rows) + "\n")
+    return generate(folder / "p.csv", folder / "run", seed=0, size=128, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("iga-weights") / "w"
+    settings = iga.TrainSettings(epochs=6, batch_size=18, lr=3e-3, lr_final=1e-3, val_fraction=0, augment_p=0.0)
+    return iga.train([tiny_run], out, config=TINY, settings=settings), out
+
+
+def test_cifar_resnet_sizes_and_checks():
+    paper = iga.build_network(iga.IGAConfig(depth=110, stem_stride=1, image_size=224))
+    assert 1.7e6 < sum(p.numel() for p in paper.parameters()) < 1.75e6      # the paper's 1.7 M
+    net = iga.build_network(TINY).eval()
+    assert net(torch.rand(2, 3, 48, 48)).shape == (2, 5)
+    with pytest.raises(GraderError, match="6n"):
+        iga.IGAConfig(depth=21)
+    with pytest.raises(GraderError, match="backbone"):
+        iga.IGAConfig(backbone="vgg")
+
+
+def test_class_weights_follow_labels(trained, tiny_run):
+    assert classify.class_weights(np.array([0, 0, 0, 1, 2, 2]), 4).tolist() == pytest.approx([6 / 9, 2.0, 1.0, 0.0])
+    grader, _ = trained
+    labels = pd.read_parquet(Path(tiny_run) / "manifest.parquet")["iga"].to_numpy()
+    assert grader.record["train_grade_counts"] == np.bincount(labels, minlength=5).tolist()
+    assert grader.record["class_weights"] == pytest.approx(classify.class_weights(labels, 5).tolist(), abs=1e-6)
+
+
+def test_training_loss_falls_and_weights_reload_bit_for_bit(trained, tiny_run, tmp_path):
+    grader, out = trained
+    losses = [h["loss"] for h in grader.record["history"]]
+    assert losses[-1] < losses[0] * 0.8, losses
+    manifest = pd.read_parquet(Path(tiny_run) / "manifest.parquet")
+    images = [read_rgb(Path(tiny_run) / p) for p in manifest["image"]]
+    first = grader.predict(images, manifest)
+    again = iga.IGAGrader.load(out).predict(images, manifest)
+    pd.testing.assert_frame_equal(first, again, check_exact=True)
+    assert np.allclose(first[[f"p_iga{k}" for k in range(5)]].sum(axis=1), 1)
+    assert first["expected_grade"].between(0, 4).all() and (first["views"] == 3).all()
+    grader.save(tmp_path / "copy")
+    assert (tmp_path / "copy" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert grader.fingerprint() == iga.IGAGrader.load(tmp_path / "copy").fingerprint()
+
+
+def test_views_of_a_visit_are_fused():
+    logp = np.log(np.array([[0.7, 0.1, 0.1, 0.05, 0.05], [0.1, 0.1, 0.1, 0.6, 0.1], [0.2] * 5]))
+    meta = pd.DataFrame({"patient_id": ["A", "A", "B"], "day": [1, 1, 1]})
+    visit = iga.visits(meta, 3)
+    assert visit.tolist() == [0, 0, 1]
+    fused = iga.fuse(logp, visit)
+    geo = np.sqrt(np.exp(logp[0]) * np.exp(logp[1]))
+    assert np.allclose(fused[0], geo / geo.sum()) and np.allclose(fused[0], fused[1])
+    assert np.allclose(fused[2], 0.2)
+    assert iga.visits(None, 3).tolist() == [0, 1, 2]
+    frame = iga.outputs(logp, visit, np.ones(3, bool))
+    assert frame["views"].tolist() == [2, 2, 1]
+    assert frame.loc[2, "expected_grade"] == pytest.approx(2.0)
+
+
+def test_training_resumes_to_the_same_weights(tiny_run, tmp_path):
+    settings = iga.TrainSettings(epochs=3, batch_size=5, val_fraction=0.5, seed=1)
+    whole = iga.train([tiny_run], tmp_path / "whole", config=TINY, settings=settings)
+
+    def stop_in_epoch_three(stage, done, total, status=""):
+        if stage == "training" and done == 5:      # 2 steps per epoch: epochs 1 and 2 are checkpointed
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        iga.train([tiny_run], tmp_path / "cut", config=TINY, settings=settings, progress=stop_in_epoch_three)
+    ckpt = json.loads((tmp_path / "cut" / "checkpoint" / "config.json").read_text())
+    assert ckpt["state"]["epoch"] == 2
+    resumed = iga.train([tiny_run], tmp_path / "cut", config=TINY, settings=settings)
+    assert (tmp_path / "cut" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert resumed.record["history"] == whole.record["history"]
+    assert "val_accuracy3" in whole.record["history"][0] and whole.record["n_val"] == 9
+    with pytest.raises(GraderError, match="--restart"):
+        iga.train([tiny_run], tmp_path / "cut", config=TINY, settings=iga.TrainSettings(epochs=3, val_fraction=0.5, seed=2))
+
+
+def test_pickled_checkpoint_is_refused(trained, tmp_path):
+    _, out = trained
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((out / "config.json").read_text())
+    torch.save(iga.build_network(TINY).state_dict(), folder / "model.safetensors")
+    with pytest.raises(GraderError, match=r"pickled .* refusing") as err:
+        iga.IGAGrader.load(folder)
+    assert "\n" not in str(err.value)
+    (folder / "model.safetensors").unlink()
+    torch.save({}, folder / "model.pt")
+    with pytest.raises(GraderError, match="pickled checkpoints are never loaded"):
+        get_grader("iga", folder)
+
+
+def test_identity_filter_and_acne04_labels(tiny_run, tmp_path):
+    src = classify.read_source(tiny_run, ["hopper"])
+    assert set(src.meta["base"]) == {"hopper"} and len(src) == 9
+    with pytest.raises(GraderError, match="identity 'nobody'"):
+        classify.read_source(tiny_run, ["nobody"])
+    root = tmp_path / "acne04"
+    (root / "JPEGImages").mkdir(parents=True)
+    image = read_rgb(Path(tiny_run) / src.meta["image"].iloc[0])
+    from PIL import Image
+
+    lines = []
+    for i, (level, count) in enumerate([(0, 2), (1, 12), (3, 60)]):
+        Image.fromarray(image).save(root / "JPEGImages" / f"levle{level}_{i}.jpg")
+        lines.append(f"levle{level}_{i}.jpg {level} {count}")
+    (root / "NNEW_trainval_0.txt").write_text("\n".join(lines) + "\n")
+    acne = classify.read_source(root)
+    assert acne.kind == "acne04" and acne.meta.sort_values("acne04_level")["iga"].tolist() == [0, 2, 4]   # counts 2, 12, 60 -> s 0.18, 0.73, 3.0
+
+
+def test_grade_resumes_and_analyze_takes_the_expected_grade(trained, tmp_path):
+    from synthtrial.analyze.pipeline import AnalysisSettings, analyze_run
+    from synthtrial.run import generate
+
+    grader, _ = trained
+    run = generate(Path(__file__).resolve().parents[1] / "protocols" / "quick.csv", tmp_path / "quick", seed=0,
+                   size=128, progress=False)
+    calls = []
+
+    class Flaky:
+        name, outcomes = grader.name, grader.outcomes
+
+        def fingerprint(self):
+            return grader.fingerprint()
+
+        def predict(self, images, meta=None):
+            calls.append(len(images))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return grader.predict(images, meta)
+
+    with pytest.raises(KeyboardInterrupt):
+        grade_run(run, [Flaky()], batch_size=20)
+    path = grade_run(run, [Flaky()], batch_size=20)
+    manifest = pd.read_parquet(Path(run) / "manifest.parquet")
+    assert calls[0] + sum(calls[2:]) == len(manifest) and calls[1] == calls[2]   # chunk 1 not graded again
+    fresh = tmp_path / "fresh"
+    import shutil
+
+    shutil.copytree(run, fresh, ignore=shutil.ignore_patterns(".grades", "grades.*"))
+    assert pd.read_parquet(grade_run(fresh, [grader], batch_size=64)).equals(pd.read_parquet(path))
+    folder = analyze_run(run, AnalysisSettings(autoencoder=False, n_permutations=100), progress=False)
+    effects = pd.read_csv(folder / "effects.csv")
+    assert "grader_iga_expected_grade" in set(effects["outcome"])
+
+
+def test_cli_train_and_eval(tiny_run, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "w"
+    result = runner.invoke(app, ["graders", "train", "iga", "--data", str(tiny_run), "--out", str(out),
+                                 "--epochs", "1", "--depth", "8", "--image-size", "32", "--val-fraction", "0",
+                                 "-q"])
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file() and "wrote" in result.output
+    result = runner.invoke(app, ["graders", "eval", "iga", "--data", str(tiny_run), "--weights", str(out),
+                                 "--identity", "hopper", "--out", str(tmp_path / "ev"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "3-class view" in result.output and "accuracy" in result.output
+    metrics = json.loads((tmp_path / "ev" / "iga_metrics.json").read_text())
+    assert metrics["visits"] == 3 and sum(metrics["groups"]["support"]) == 3
+    assert (tmp_path / "ev" / "iga_confusion.png").read_bytes()[:4] == b"\x89PNG"
+    result = runner.invoke(app, ["graders", "train", "iga", "--data", str(tmp_path / "nothing"), "--out",
+                                 str(out), "-q"])
+    assert result.exit_code == 2 and re.search(r"--data .*nothing: no such folder", result.output)
+    result = runner.invoke(app, ["graders", "eval", "iga", "--data", str(tiny_run), "--weights", str(tmp_path)])
+    assert result.exit_code == 2 and "no model.safetensors" in result.output
