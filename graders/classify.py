@@ -98,6 +98,15 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(cv2.resize(image, (size, size), interpolation=interp))
 
 
+WEIGHT_DTYPES = ("float32", "float16")
+
+
+def check_weights_dtype(dtype: str) -> str:
+    if dtype not in WEIGHT_DTYPES:
+        raise GraderError(f"--weights-dtype must be float32 or float16, got {dtype!r}")
+    return dtype
+
+
 def check_images(images: Sequence[np.ndarray], who: str) -> None:
     for i, image in enumerate(images):
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:

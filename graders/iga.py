@@ -123,7 +123,8 @@ def build_network(config: IGAConfig) -> Any:
                 self.backbone = timm.create_model(cfg.backbone[5:], pretrained=False, num_classes=0)
             except RuntimeError as exc:
                 raise GraderError(f"IGA backbone {cfg.backbone!r}: {exc}") from None
-            self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(self.backbone.num_features, N_GRADES))
+            n = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+            self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(n, N_GRADES))
 
         def forward(self, x):
             return self.head(self.backbone(classify.normalize(x)))
@@ -303,6 +304,7 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
 
     config = config or IGAConfig()
     settings = settings or TrainSettings()
+    classify.check_weights_dtype(weights_dtype)
     torch.manual_seed(settings.seed)
     grader = IGAGrader(config, device=device)
     if backbone_weights is not None:

@@ -80,7 +80,7 @@ def build_network(config: ImageQXConfig) -> Any:
                                                   drop_rate=config.dropout)
             except RuntimeError as exc:
                 raise GraderError(f"ImageQX backbone {config.backbone!r}: {exc}") from None
-            n = self.backbone.num_features
+            n = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
             self.quality = nn.Linear(n, len(QUALITY_NAMES))
             self.explain = nn.Linear(n, len(EXPLANATIONS))
 
@@ -327,6 +327,7 @@ class TrainSettings:
     val_fraction: float = 0.2
     seed: int = 0
     base_size: int = 256            # side the clean images are brought to before they are degraded
+    resample: bool = True           # new degradations every epoch (False: epoch 0's draw every time)
 
 
 def base_images(source: classify.Source, size: int, progress=None) -> np.ndarray:
@@ -342,6 +343,7 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
 
     config = config or ImageQXConfig()
     settings = settings or TrainSettings()
+    classify.check_weights_dtype(weights_dtype)
     torch.manual_seed(settings.seed)
     grader = ImageQX(config, device=device)
     dev = grader.device
@@ -362,8 +364,9 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
     val_x, val_y = (degraded_set(x[own[va_own]], settings.seed + 1, 10_000, config.image_size)
                     if len(va_own) else (None, None))
     # every epoch's labels are known before its images are made: weights from all of them
+    draws = range(settings.epochs) if settings.resample else (0,)
     all_labels = np.stack([plan_degradation(np.random.default_rng([settings.seed, e, i]))["labels"]
-                           for e in range(settings.epochs) for i in range(len(train_x))])
+                           for e in draws for i in range(len(train_x))])
     poor = all_labels.any(axis=1).astype(np.int64)
     q_weights = torch.tensor(classify.class_weights(poor, 2), dtype=torch.float32, device=dev)
     pos = all_labels.sum(axis=0).astype(np.float64)
@@ -371,10 +374,11 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def batch_loss(idx: np.ndarray, gen: Any, epoch: int) -> Any:
-        if epoch not in cache:
+        draw = epoch if settings.resample else 0
+        if draw not in cache:
             cache.clear()
-            cache[epoch] = degraded_set(train_x, settings.seed, epoch, config.image_size)
-        xs, ys = cache[epoch]
+            cache[draw] = degraded_set(train_x, settings.seed, draw, config.image_size)
+        xs, ys = cache[draw]
         q, e = grader.model(classify.to_tensor(xs[idx], dev))
         target = torch.from_numpy(ys[idx]).to(dev)
         ce = torch.nn.functional.cross_entropy(q, target.any(dim=1).long(), weight=q_weights)
