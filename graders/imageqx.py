@@ -55,7 +55,7 @@ BCE_WEIGHT = 5.0
 @dataclass(frozen=True)
 class ImageQXConfig:
     backbone: str = "efficientnet_b0"    # a timm model name
-    image_size: int = 128                # input side in pixels (the whole photo, resized)
+    image_size: int = 96                 # input side in pixels (the whole photo, resized)
     dropout: float = 0.2
     threshold: float = 0.5               # p_acceptable at or above which a photo is acceptable
     min_side: int = 128                  # photos smaller than this are low resolution by rule
@@ -320,7 +320,7 @@ def check_portraits(paths: Sequence[str | os.PathLike[str]], grader: ImageQX | N
 
 @dataclass(frozen=True)
 class TrainSettings:
-    epochs: int = 20
+    epochs: int = 12
     batch_size: int = 32
     lr: float = 2e-3
     lr_final: float = 1e-4

@@ -41,7 +41,7 @@ def trained(tiny_run, tmp_path_factory):
 
 
 def test_cifar_resnet_sizes_and_checks():
-    paper = iga.build_network(iga.IGAConfig(depth=110, stem_stride=1, image_size=224))
+    paper = iga.build_network(iga.IGAConfig(depth=110, width=16, stem_stride=1, image_size=224))
     assert 1.7e6 < sum(p.numel() for p in paper.parameters()) < 1.75e6      # the paper's 1.7 M
     net = iga.build_network(TINY).eval()
     assert net(torch.rand(2, 3, 48, 48)).shape == (2, 5)

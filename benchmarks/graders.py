@@ -1,0 +1,69 @@
+"""Images per second for inference of every grader, on CPU and on CUDA where present, beside a baseline measured
+in the same run (decoding the same PNG files), so figures from different machines compare as ratios.
+
+    python benchmarks/graders.py [RUN] [--images 48] [--batch 16] [--weights NAME=FOLDER ...] [--threads N]
+
+RUN defaults to runs/quick (make it with `synthtrial generate protocols/quick.csv --out runs/quick`). Every grader
+that `synthtrial graders list` shows with weights is measured (the registry, ``graders.base.available()``), plus
+those given --weights. Each grader runs once untimed (model load, MediaPipe start-up) and then over the images
+in batches of --batch with the run's manifest rows as ``meta`` (IGA fuses the views of a visit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from graders.base import REGISTRY, available, get_grader, read_rgb
+from synthtrial import rundir
+
+
+def _rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("inf")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", nargs="?", default="runs/quick", type=Path)
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--weights", action="append", default=[], help="NAME=FOLDER (repeatable)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if not (args.run / rundir.MANIFEST).is_file():
+        raise SystemExit(f"{args.run} is not a finished run: synthtrial generate protocols/quick.csv --out {args.run}")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    weights = dict(item.split("=", 1) for item in args.weights)
+    names = list(dict.fromkeys([*available(), *weights]))
+    manifest = rundir.read_manifest(args.run, ("image", "patient_id", "day", "view")).iloc[:args.images]
+    paths = [args.run / rel for rel in manifest["image"]]
+    start = time.perf_counter()
+    images = [read_rgb(p) for p in paths]
+    decode = _rate(len(images), time.perf_counter() - start)
+    h, w = images[0].shape[:2]
+    print(f"{len(images)} images of {args.run} ({w}x{h}), batches of {args.batch}, torch threads "
+          f"{torch.get_num_threads()}")
+    print(f"baseline: PNG decoding {decode:,.1f} images/s")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print(f"{'grader':<10} {'device':<6} {'images/s':>10} {'x decoding':>11}")
+    for name in names:
+        for device in devices if REGISTRY[name].needs_weights else ["cpu"]:   # the counter has no device
+            grader = get_grader(name, weights.get(name), device=device)
+            grader.predict(images[:min(3, len(images))], manifest.iloc[:3].reset_index(drop=True))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for i in range(0, len(images), args.batch):
+                grader.predict(images[i:i + args.batch], manifest.iloc[i:i + args.batch].reset_index(drop=True))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            rate = _rate(len(images), time.perf_counter() - start)
+            print(f"{name:<10} {device:<6} {rate:>10,.1f} {rate / decode:>11.4f}")
+
+
+if __name__ == "__main__":
+    main()
