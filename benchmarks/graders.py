@@ -12,11 +12,15 @@ in batches of --batch with the run's manifest rows as ``meta`` (IGA fuses the vi
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-from graders.base import REGISTRY, available, get_grader, read_rgb
-from synthtrial import rundir
+# this script shares its name with the `graders` package: keep its own folder off the import path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from graders.base import REGISTRY, available, get_grader, read_rgb  # noqa: E402
+from synthtrial import rundir  # noqa: E402
 
 
 def _rate(n: int, seconds: float) -> float:
