@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from synthtrial.atomic import write_bytes_atomic
-from synthtrial.run import _png_bytes, generate
+from synthtrial.run import generate, png_bytes
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for i in range(args.images):
             pixels = np.asarray(Image.open(base_path).convert("RGB"))
-            write_bytes_atomic(tmp / "floor" / f"{i}.png", _png_bytes(pixels))
+            write_bytes_atomic(tmp / "floor" / f"{i}.png", png_bytes(pixels))
         floor = (time.perf_counter() - t0) / args.images
 
         import pandas as pd

@@ -54,14 +54,14 @@ GRIDS = "grids"
 PARTS = ".parts"
 LOCK = ".lock"
 #: Files that make a finished run.
-RUN_FILES = (CONFIG, MANIFEST, LESIONS)
+RUN_FILES = (MANIFEST, LESIONS, CONFIG)
 
 #: Lesion counts per type in the manifest, in the scale's type order.
 COUNT_COLUMNS = tuple(f"n_{t}" for t in scale.ALL_LESION_TYPES)
 #: The manifest's columns, in the order ``generate`` writes them.
 MANIFEST_COLUMNS = ("image", "mask", "patient_id", "day", "date", "block", "treatment", "view", "severity",
                     "lesion_count", "target_count", *COUNT_COLUMNS, "acne04_level", "iga", "identity",
-                    "face_source", "seed", "backend", "sha256", "width", "height")
+                    "face_source", "seed", "backend", "sha256", "mask_sha256", "width", "height")
 #: The lesion table's columns, in the order ``generate`` writes them.
 LESION_COLUMNS = ("image", "patient_id", "day", "view", "lesion_id", "type", "x0", "y0", "x1", "y1", "cx", "cy",
                   "radius_px", "mask_area", "stage", "age_days", "intensity")
@@ -344,6 +344,16 @@ def locked(run: Path, *, what: str = "writing") -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def remove_stale_temps(run: Path) -> int:
+    """Delete the temp files an atomic write left behind when its process was killed (call under the lock)."""
+    removed = 0
+    for path in run.rglob(".*.tmp"):
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def is_empty_dir(path: Path) -> bool:

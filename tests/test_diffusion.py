@@ -18,7 +18,8 @@ from synthtrial.render.diffusion import (  # noqa: E402
     severity_level,
     type_words,
 )
-from synthtrial.render.procedural import LesionSpec, ProceduralRenderer  # noqa: E402
+from synthtrial.render.base import RenderRequest  # noqa: E402
+from synthtrial.render.procedural import LesionSpec, ProceduralConfig, ProceduralRenderer  # noqa: E402
 
 SIZE = 64
 
@@ -220,7 +221,7 @@ def test_render_batch_is_one_pipeline_call_per_level(inpainter, scene, monkeypat
         return original(images, *args, **kwargs)
 
     monkeypatch.setattr(inpainter, "_run", counting)
-    requests = [dict(image=image, lesions=lesions, skin_mask=skin, seed=s, severity=sev)
+    requests = [RenderRequest(image=image, lesions=lesions, skin_mask=skin, seed=s, severity=sev)
                 for s, sev in ((1, 2.2), (2, 1.9), (3, 0.9))]
     results = inpainter.render_batch(requests)
     assert sorted(calls) == [1, 2]  # levels 2, 2 in one call; level 1 in another
@@ -228,3 +229,18 @@ def test_render_batch_is_one_pipeline_call_per_level(inpainter, scene, monkeypat
     assert np.array_equal(results[2].image, single.image)  # alone in its call either way: same bytes
     for res in results:
         assert res.image.shape == image.shape and res.masks.shape[0] == len(lesions)
+
+
+def test_inpaint_draws_its_lesion_map_with_the_procedural_component_given(tiny_sdxl, scene):
+    """The procedural component is passed in configured (torchvision's pattern), not built with defaults."""
+    image, skin, lesions = scene
+    faded = [LesionSpec(lesion_id=l.lesion_id, type=l.type, cx=l.cx, cy=l.cy, radius_px=l.radius_px, intensity=0.3,
+                        seed=l.seed) for l in lesions]
+    config = ProceduralConfig(size_at_zero_intensity=1.0)
+    given = DiffusionRenderer(_config(tiny_sdxl, mode="inpaint"), procedural=ProceduralRenderer(config))
+    assert given.procedural.config == config
+    default = DiffusionRenderer(_config(tiny_sdxl, mode="inpaint"))
+    assert default.procedural.config.size_at_zero_intensity != 1.0
+    ours = given.procedural(image, faded, skin_mask=skin).masks.sum()
+    theirs = default.procedural(image, faded, skin_mask=skin).masks.sum()
+    assert ours > theirs  # fading lesions keep their size under the run's setting

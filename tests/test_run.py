@@ -15,7 +15,8 @@ from PIL import Image
 
 from synthtrial import scale
 from synthtrial.errors import SynthtrialError
-from synthtrial.run import generate, image_stem, read_run
+from synthtrial.run import generate, image_stem
+from synthtrial.rundir import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("patient_id,day,date,block,treatment,severity,view\n"
@@ -265,3 +266,20 @@ def test_diffusion_backend_batches_and_resumes_to_the_same_bytes(tmp_path, tiny_
     assert files(run) == before
     manifest, _ = read_run(run)
     assert (manifest["backend"] == "sdxl-inpaint").all() and len(manifest) == 4
+
+
+def test_inpaint_backend_draws_the_procedural_lesion_table(tmp_path, tiny_sdxl):
+    """Same protocol and seed: the sdxl-inpaint run's lesion table (boxes, mask areas) equals the procedural run's,
+    because the backend draws its lesion map with the run's own procedural settings."""
+    proto = tmp_path / "p.csv"
+    proto.write_text("patient_id,day,treatment,severity\n" + "".join(f"z1,{d},Control,{2.6 - 0.8 * d}\n"
+                                                                     for d in range(3)))
+    options = {"model": str(tiny_sdxl), "num_inference_steps": 2, "device": "cpu"}
+    inpaint = generate(proto, tmp_path / "inpaint", size=128, progress=False, backend="sdxl-inpaint",
+                       diffusion=options)
+    procedural = generate(proto, tmp_path / "procedural", size=128, progress=False)
+    a, b = read_run(inpaint)[1], read_run(procedural)[1]
+    assert len(a) > 10 and (a["intensity"] < 1).any()
+    pd.testing.assert_frame_equal(a, b)
+    config = json.loads((inpaint / "config.json").read_text())
+    assert config["renderer"]["size_at_zero_intensity"] == 1.0 and config["backend"]["name"] == "sdxl-inpaint"
