@@ -8,8 +8,8 @@ from collections.abc import Callable
 class progress_bar:
     """``with progress_bar("rendering", total, unit="images") as update: update(done, status="...")``.
 
-    ``update`` takes the absolute count done and an optional status text (a loss, say). With
-    ``enabled=False`` nothing is drawn and ``update`` does nothing.
+    ``update`` takes the absolute count done, an optional status text (a loss, say) and, when the total is
+    only known later, the ``total``. With ``enabled=False`` nothing is drawn and ``update`` does nothing.
     """
 
     def __init__(self, what: str, total: int, *, unit: str = "", enabled: bool = True) -> None:
@@ -26,9 +26,10 @@ class progress_bar:
 
     def __enter__(self) -> Callable[..., None]:
         if self._bar is None:
-            return lambda done, status="": None
+            return lambda done, status="", total=None: None
         self._bar.__enter__()
-        return lambda done, status="": self._bar.update(self._task, completed=done, status=status)
+        return lambda done, status="", total=None: self._bar.update(
+            self._task, completed=done, status=status, **({} if total is None else {"total": total}))
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:

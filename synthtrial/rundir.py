@@ -391,3 +391,71 @@ def as_float(value: Any, path: Path, row: int, column: str) -> float | None:
     if not math.isfinite(number):
         raise RunError(f"{path}: row {row}, column '{column}': {show(value)} is not a number")
     return number + 0.0
+
+
+# ------------------------------------------------------------------------------------------- verify
+
+def verify(run: str | os.PathLike[str], *, progress: Any = None) -> list[str]:
+    """Check a finished run: every file against the manifest, the tables against each other and against
+    ``config.json``. Returns one line per problem found (empty when all holds). ``progress(done, total)``
+    is called as images are checked."""
+    run = check_run_dir(run)
+    problems: list[str] = []
+    try:
+        config = read_config(run)
+        manifest = read_manifest(run, MANIFEST_COLUMNS, images_must_exist=False)
+        lesions = read_lesions(run, set(manifest["image"]))
+    except RunError as exc:
+        return [str(exc)]
+    settings = config.get("settings", {}) if isinstance(config.get("settings"), dict) else {}
+    if "backend" in settings and set(manifest["backend"]) != {settings["backend"]}:
+        problems.append(f"{MANIFEST}: column 'backend' says {sorted(set(manifest['backend']))} but {CONFIG} "
+                        f"says '{settings['backend']}'")
+    rows = config.get("protocol", {}).get("rows") if isinstance(config.get("protocol"), dict) else None
+    if rows is not None and rows != len(manifest):
+        problems.append(f"{MANIFEST}: has {len(manifest)} rows but {CONFIG} records a protocol of {rows} rows")
+    protocol_sha = config.get("protocol", {}).get("sha256") if isinstance(config.get("protocol"), dict) else None
+    if protocol_sha is not None:
+        path = run / PROTOCOL
+        if not path.is_file():
+            problems.append(f"{PROTOCOL}: missing")
+        elif sha256_file(path) != protocol_sha:
+            problems.append(f"{PROTOCOL}: does not match the protocol sha256 recorded in {CONFIG}")
+    size = settings.get("size")
+    listed = set()
+    for i, rec in enumerate(manifest.itertuples(index=False), start=1):
+        for column, digest_column in (("image", "sha256"), ("mask", "mask_sha256")):
+            rel = getattr(rec, column)
+            try:
+                rel = checked_image_path(run, rel, f"{MANIFEST}: row {i}, column '{column}'", must_exist=False)
+            except RunError as exc:
+                problems.append(str(exc))
+                continue
+            listed.add(rel)
+            path = run / rel
+            if not path.is_file():
+                problems.append(f"{rel}: missing (manifest row {i})")
+            elif sha256_file(path) != getattr(rec, digest_column):
+                problems.append(f"{rel}: bytes differ from the manifest's {digest_column} (row {i}): changed or "
+                                "truncated")
+        if size is not None and (rec.width, rec.height) != (size, size):
+            problems.append(f"{MANIFEST}: row {i}: {rec.width}x{rec.height} but {CONFIG} says --size {size}")
+        if progress is not None:
+            progress(i, len(manifest))
+    for folder in (IMAGES, MASKS):
+        for path in sorted((run / folder).rglob("*")) if (run / folder).is_dir() else []:
+            if path.is_file() and path.relative_to(run).as_posix() not in listed:
+                problems.append(f"{path.relative_to(run).as_posix()}: not listed in {MANIFEST}")
+    active = lesions[lesions["type"].isin(scale.LESION_TYPES)].groupby("image").size()
+    per_type = lesions.groupby(["image", "type"]).size()
+    for i, rec in enumerate(manifest.itertuples(index=False), start=1):
+        n = int(active.get(rec.image, 0))
+        if n != rec.lesion_count:
+            problems.append(f"{MANIFEST}: row {i}, column 'lesion_count': {rec.lesion_count} but {LESIONS} has "
+                            f"{n} active lesions on {rec.image}")
+        for t in scale.ALL_LESION_TYPES:
+            n_t = int(per_type.get((rec.image, t), 0))
+            if n_t != getattr(rec, f"n_{t}"):
+                problems.append(f"{MANIFEST}: row {i}, column 'n_{t}': {getattr(rec, f'n_{t}')} but {LESIONS} has "
+                                f"{n_t}")
+    return problems
