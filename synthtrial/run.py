@@ -281,8 +281,8 @@ def _worker_init(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so the workers are stopped as for Ctrl-C."""
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so the workers are stopped (and the command ends) as for Ctrl-C."""
 
 
 def _raise_terminated(signum, frame) -> None:

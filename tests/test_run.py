@@ -283,3 +283,113 @@ def test_inpaint_backend_draws_the_procedural_lesion_table(tmp_path, tiny_sdxl):
     pd.testing.assert_frame_equal(a, b)
     config = json.loads((inpaint / "config.json").read_text())
     assert config["renderer"]["size_at_zero_intensity"] == 1.0 and config["backend"]["name"] == "sdxl-inpaint"
+
+
+def test_deleted_and_corrupted_files_heal_to_the_same_bytes(tiny, tmp_path):
+    run = generate(tiny, tmp_path / "run", size=160, progress=False)
+    before = files(run)
+    (run / "images" / "a1" / "a1_20180102_frontal.png").unlink()
+    (run / "masks" / "b2" / "b2_20180101_frontal.png").unlink()
+    truncated = run / "images" / "b2" / "b2_20180102_frontal.png"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    edited = run / "images" / "a1" / "a1_20180103_frontal.png"
+    data = bytearray(edited.read_bytes())
+    data[-20] ^= 0xFF
+    edited.write_bytes(bytes(data))
+    (run / "grids" / "a1.jpg").unlink()
+    generate(tiny, run, size=160, progress=False)
+    assert files(run) == before
+
+
+def test_a_second_writer_is_refused(tiny, tmp_path):
+    from synthtrial import rundir
+
+    run = tmp_path / "run"
+    with rundir.locked(run):
+        with pytest.raises(SynthtrialError, match="another synthtrial process is writing"):
+            generate(tiny, run, size=160, progress=False)
+    assert not (run / "config.json").exists()
+    generate(tiny, run, size=160, progress=False)  # free again
+    assert (run / "manifest.parquet").is_file()
+
+
+def test_two_processes_on_one_new_run_do_not_mix(tmp_path):
+    """Two generate commands with different seeds on the same new --out: one runs, the other is refused."""
+    proto = ROOT / "protocols" / "quick.csv"
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "synthtrial", "generate", str(proto), "--size", "128", "--quiet", "--out", str(out)]
+    procs = [subprocess.Popen([*cmd, "--seed", str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in (7, 8)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert "another synthtrial process is writing" in refused or "other settings" in refused
+    winner = (7, 8)[[code for code, _ in results].index(0)]
+    assert json.loads((out / "config.json").read_text())["settings"]["seed"] == winner
+    from synthtrial.rundir import verify
+
+    assert verify(out) == []
+
+
+def test_refused_generate_leaves_nothing_behind(tiny, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("patient_id,day,treatment,severity,face\nq1,0,Control,1.0,missing.png\n")
+    with pytest.raises(SynthtrialError, match="face 'missing.png'"):
+        generate(bad, tmp_path / "run", size=160, progress=False)
+    assert not (tmp_path / "run").exists()
+    undated = tmp_path / "undated.csv"
+    undated.write_text("patient_id,day,treatment,severity\nq1,0,Control,1.0\n")
+    with pytest.raises(SynthtrialError, match="needs a date"):
+        generate(undated, tmp_path / "run2", size=160, progress=False, naming="anchor")
+    assert not (tmp_path / "run2").exists()
+    generate(undated, tmp_path / "run2", size=160, progress=False)  # the fixed command is not refused
+
+
+def _children(pid):
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def test_ctrl_c_stops_the_workers_and_resume_is_exact(tmp_path):
+    import psutil
+
+    proto = ROOT / "protocols" / "quick.csv"
+    cmd = [sys.executable, "-m", "synthtrial", "generate", str(proto), "--size", "256", "--quiet", "--workers", "2"]
+    whole = tmp_path / "whole"
+    subprocess.run([*cmd, "--out", str(whole)], check=True, capture_output=True)
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / ".parts").rglob("*.json"))) < 6:
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 130
+    assert "interrupted" in proc.stderr.read()
+    done = len(list((out / ".parts").rglob("*.json")))
+    assert done < 48
+    time.sleep(1.5)
+    assert len(list((out / ".parts").rglob("*.json"))) == done  # nothing renders on after the stop
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True)
+    assert files(out) == files(whole)
+
+
+def test_workers_exit_when_the_parent_is_killed(tmp_path):
+    import psutil
+
+    proto = ROOT / "protocols" / "quick.csv"
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "synthtrial", "generate", str(proto), "--size", "256", "--quiet",
+                             "--workers", "2", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / ".parts").rglob("*.json"))) < 4:
+        time.sleep(0.05)
+    workers = [w for w in _children(proc.pid) if "python" in w.name().lower()]
+    assert workers
+    proc.kill()
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive

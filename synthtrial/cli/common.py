@@ -42,8 +42,10 @@ class OneLineErrors(TyperGroup):
             print(f"synthtrial: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
             sys.exit(exc.exit_code)
         except typer.Abort:
-            print("synthtrial: aborted", file=sys.stderr)
-            sys.exit(130)
+            code = 130
+        if code == 130:  # Ctrl-C or SIGTERM (typer turns KeyboardInterrupt into exit status 130)
+            print("synthtrial: interrupted; finished work is kept: run the same command again to resume",
+                  file=sys.stderr)
         sys.exit(code if isinstance(code, int) else 0)
 
 
