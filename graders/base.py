@@ -149,9 +149,6 @@ def load_state(folder: str | os.PathLike[str], *, kind: str | None = None) -> tu
 
     ``kind`` checks ``config["grader"]`` so one grader's weights are not loaded into another.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not folder.is_dir():
         raise GraderError(f"{folder}: no such weights folder (expected {WEIGHTS_FILE} and {CONFIG_FILE})")
@@ -165,14 +162,9 @@ def load_state(folder: str | os.PathLike[str], *, kind: str | None = None) -> tu
         raise GraderError(f"{folder}: no {CONFIG_FILE} beside {WEIGHTS_FILE}")
     if kind is not None and config.get("grader") != kind:
         raise GraderError(f"{folder / CONFIG_FILE}: holds weights of grader {config.get('grader')!r}, not '{kind}'")
-    with open(weights, "rb") as fh:
-        head = fh.read(2)
-    if head[:1] == b"\x80" or head == b"PK":
-        raise GraderError(f"{weights}: is a pickled (torch.save) checkpoint, not safetensors; refusing to load it")
-    try:
-        tensors = load_file(weights)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise GraderError(f"{weights}: is not a valid safetensors file ({one_line(exc)})") from None
+    from synthtrial.weights import load_safetensors
+
+    tensors = load_safetensors(weights)
     return tensors, config
 
 

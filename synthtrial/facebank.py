@@ -111,7 +111,8 @@ def _sdxl_source(model: str, size: int, steps: int, guidance: float) -> tuple[Ca
     check_model(model, "model")
     cuda = torch.cuda.is_available()
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=torch.float16 if cuda else torch.float32)
+        pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=torch.float16 if cuda else torch.float32,
+                                                         use_safetensors=True)
     except (OSError, ValueError, KeyError) as exc:
         raise FaceBankError(f"model {model}: not a loadable diffusers SDXL model ({type(exc).__name__}: {exc})"
                             .splitlines()[0]) from None

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from synthtrial.atomic import write_text_atomic
 from synthtrial.errors import SynthtrialError, one_line
+from synthtrial.weights import check_model_folder, load_safetensors, resolve_model
 from synthtrial.seeding import derive_seed
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -135,11 +136,13 @@ def training_examples(data_dir: str | Path, config: FinetuneConfig) -> list[tupl
 # ------------------------------------------------------------------------------------------- base model
 
 def _model_index(base: str) -> dict:
-    """``model_index.json`` of a local folder or a hub id; a one-line error otherwise."""
+    """``model_index.json`` of a local folder or a hub id; a one-line error otherwise (pickle-only weights,
+    custom code, an unreachable hub: :mod:`synthtrial.weights`)."""
     path = Path(base).expanduser()
     if path.exists():
         if not path.is_dir():
             raise SynthtrialError(f"base model {base}: is not a folder (a diffusers model folder or a hub id)")
+        check_model_folder(path, "base model")
         index = path / "model_index.json"
         if not index.is_file():
             raise SynthtrialError(f"base model folder {base}: no model_index.json (not a diffusers model folder)")
@@ -147,9 +150,7 @@ def _model_index(base: str) -> dict:
             return json.loads(index.read_text())
         except (OSError, ValueError) as exc:
             raise SynthtrialError(f"base model folder {base}: unreadable model_index.json ({exc})") from None
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", base) or base.startswith((".", "~")):
-        raise SynthtrialError(f"base model folder {base} does not exist (nothing is downloaded unless a hub id "
-                              "such as stabilityai/stable-diffusion-xl-base-1.0 is given)")
+    resolve_model(base, "base model")
     from diffusers import DiffusionPipeline
 
     try:
@@ -172,6 +173,11 @@ def _model_kind(base: str, index: dict) -> str:
 
 
 def _load(cls, base: str, subfolder: str, **kwargs):
+    """A component of the base model: tokenizers without remote code, models from safetensors only."""
+    if subfolder.startswith("tokenizer"):
+        kwargs["trust_remote_code"] = False
+    elif subfolder != "scheduler":
+        kwargs["use_safetensors"] = True
     try:
         return cls.from_pretrained(base, subfolder=subfolder, **kwargs)
     except Exception as exc:  # noqa: BLE001 - loading errors come as OSError/ValueError/EnvironmentError/...
@@ -286,9 +292,7 @@ def _save_checkpoint(out_dir: Path, step: int, *, lora: dict, optimizer, lr_sche
 
 
 def _load_optimizer_state(path: Path, state: dict) -> dict:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    tensors = load_safetensors(path / "optimizer.safetensors")
     per_param: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(state["optimizer"]["scalars"].items()):
         index, name = key.split(".", 1)
@@ -387,7 +391,6 @@ def _train(accelerator, examples, out_dir: Path, config: FinetuneConfig, kind: s
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     base = config.base
@@ -431,7 +434,7 @@ def _train(accelerator, examples, out_dir: Path, config: FinetuneConfig, kind: s
     unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian",
                                 target_modules=TARGET_MODULES))
     if resume_state is not None:
-        lora = load_file(str(resume[1] / "lora.safetensors"))
+        lora = load_safetensors(resume[1] / "lora.safetensors")
         result = set_peft_model_state_dict(unet, lora, adapter_name="default")
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:

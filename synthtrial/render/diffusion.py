@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +67,7 @@ from synthtrial.render.base import (
 )
 from synthtrial.render.procedural import ProceduralConfig, ProceduralRenderer
 from synthtrial.scale import ALL_LESION_TYPES as LESION_TYPES
+from synthtrial.weights import is_pickle, resolve_model
 
 __all__ = [
     "MODES",
@@ -158,22 +158,9 @@ def inpaint_region(base: np.ndarray, procedural: RenderResult, skin_mask: np.nda
     return region & (skin_weight(skin_mask, (h, w)) > 0)
 
 
-def _looks_like_path(value: str) -> bool:
-    """A model string meant as a folder (not a hub id ``owner/name``)."""
-    if value.startswith((".", "/", "~")) or "\\" in value or os.sep != "/" and os.sep in value:
-        return True
-    return not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)
-
-
 def check_model(value: str, what: str) -> None:
-    path = Path(value).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise DiffusionError(f"{what} {value}: not a folder (expected a diffusers model folder or a hub id)")
-        return
-    if _looks_like_path(value):
-        raise DiffusionError(f"{what} {value}: no such folder (nothing is downloaded unless a hub id "
-                             f"such as stabilityai/stable-diffusion-xl-base-1.0 is given)")
+    """A local model folder (no pickle-only weights, no custom code) or a reachable hub id; one-line errors."""
+    resolve_model(value, what)
 
 
 def _lora_layout(folder: str) -> dict[int | None, Path]:
@@ -182,11 +169,16 @@ def _lora_layout(folder: str) -> dict[int | None, Path]:
     if not path.is_dir():
         raise DiffusionError(f"LoRA {folder}: no such folder")
     if (path / LORA_WEIGHTS).is_file():
+        if is_pickle(path / LORA_WEIGHTS):
+            raise DiffusionError(f"LoRA {path / LORA_WEIGHTS}: is a pickle named .safetensors; refusing to load it")
         return {None: path / LORA_WEIGHTS}
     found = {lv: path / f"acne{lv}" / LORA_WEIGHTS for lv in LEVELS if (path / f"acne{lv}" / LORA_WEIGHTS).is_file()}
     if not found:
         raise DiffusionError(f"LoRA {folder}: holds no {LORA_WEIGHTS} (neither in the folder nor in "
                              f"subfolders acne0..acne3)")
+    for file in found.values():
+        if is_pickle(file):
+            raise DiffusionError(f"LoRA {file}: is a pickle named .safetensors; refusing to load it")
     return found
 
 
@@ -263,13 +255,13 @@ class DiffusionRenderer:
         kwargs: dict[str, Any] = {"dtype": dtype}
         if cfg.vae is not None:
             try:
-                kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.vae, dtype=dtype)
+                kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.vae, dtype=dtype, use_safetensors=True)
             except (OSError, ValueError, EnvironmentError) as exc:
                 raise DiffusionError(f"VAE {cfg.vae}: cannot be loaded ({type(exc).__name__}: {exc})"
                                      .splitlines()[0]) from None
         cls = StableDiffusionXLInpaintPipeline if cfg.mode == "inpaint" else StableDiffusionXLImg2ImgPipeline
         try:
-            pipe = cls.from_pretrained(cfg.model, **kwargs)
+            pipe = cls.from_pretrained(cfg.model, use_safetensors=True, **kwargs)
         except (OSError, ValueError, KeyError, EnvironmentError) as exc:
             raise DiffusionError(f"model {cfg.model}: not a loadable diffusers SDXL model "
                                  f"({type(exc).__name__}: {exc})".splitlines()[0]) from None
