@@ -185,6 +185,8 @@ def read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError:
+        raise GraderError(f"{path}: the image header claims more pixels than are read; refusing it") from None
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise GraderError(f"{path}: cannot be read as an image ({one_line(exc)})") from None
 

@@ -177,6 +177,9 @@ def _read_image(path: Path) -> np.ndarray:
                 raise FaceError(f"{path}: image is {im.width}x{im.height}, larger than this tool reads "
                                 f"({MAX_IMAGE_PIXELS // 1_000_000} Mpx); downscale it first")
             return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError:
+        raise FaceError(f"{path}: the image header claims more pixels than this tool reads "
+                        f"({MAX_IMAGE_PIXELS // 1_000_000} Mpx); refusing to decode it") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise FaceError(f"{path}: not a readable image ({type(exc).__name__}: {exc})".splitlines()[0]) from None
 

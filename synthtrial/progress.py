@@ -1,4 +1,8 @@
-"""One progress bar for every long job (rendering, training, replicates), on stderr so stdout keeps results."""
+"""One progress bar for every long job (rendering, training, replicates), on stderr so stdout keeps results.
+
+It is drawn only when stderr is a terminal: piped into a log (CI, ``2> file``) it stays silent, so errors keep
+their one line.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +20,16 @@ class progress_bar:
         self._bar = None
         if enabled:
             from rich.console import Console
+
+            console = Console(stderr=True)
+            enabled = console.is_terminal
+        if enabled:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
 
             self._bar = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
                                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-                                 console=Console(stderr=True))
+                                 console=console)
             self._task = self._bar.add_task(what, total=total, status="")
 
     def __enter__(self) -> Callable[..., None]:

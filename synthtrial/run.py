@@ -419,15 +419,11 @@ class _no_lock:
 
 def _check_out(run_dir: Path) -> None:
     """Refuse an --out that can never be a run directory, before anything is written."""
+    from synthtrial.atomic import check_writable
+
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"{run_dir} exists and is not a folder (option --out)")
-    probe = run_dir
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise RunError(f"{run_dir}: {probe} is not a folder (option --out)")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise RunError(f"{run_dir}: {probe} is not writable (option --out)")
+    check_writable(run_dir / rundir.CONFIG)
 
 
 def _backend_options(backend: str, options: dict[str, Any] | None) -> dict[str, Any]:
@@ -458,7 +454,9 @@ def _distributed_state():
 
 
 def _severities(protocol: pd.DataFrame, protocol_path: Path, seed: int) -> tuple[dict | None, pd.DataFrame]:
-    """Severities from the protocol (and its truth file beside it), or simulated here where missing."""
+    """Severities from the protocol (and its truth file beside it); the trial simulator fills in only the
+    patients that have none. A patient's given severities are never replaced."""
+    from synthtrial.protocol import patients_without_severity
     from synthtrial.simulate import SeverityModel, simulate_severity, truth_path_for
 
     if has_severity(protocol):
@@ -466,8 +464,21 @@ def _severities(protocol: pd.DataFrame, protocol_path: Path, seed: int) -> tuple
         truth = rundir.read_json(truth_file, what="the simulation truth (a JSON object)") \
             if truth_file.is_file() else None
         return truth, protocol
-    trial = simulate_severity(protocol, SeverityModel(), seed=seed)
-    return trial.truth, trial.protocol
+    missing = patients_without_severity(protocol)
+    todo = protocol[protocol["patient_id"].isin(missing)]
+    first = str(protocol["treatment"].iloc[0])
+    trial = simulate_severity(todo.reset_index(drop=True), SeverityModel(), seed=seed,
+                              reference=first if first in set(todo["treatment"]) else None)
+    if len(missing) == protocol["patient_id"].nunique():
+        return trial.truth, trial.protocol
+    given = protocol[~protocol["patient_id"].isin(missing)]
+    order = {pid: i for i, pid in enumerate(dict.fromkeys(protocol["patient_id"]))}
+    merged = pd.concat([given, trial.protocol], ignore_index=True)
+    merged = merged.sort_values("patient_id", key=lambda col: col.map(order), kind="stable").reset_index(drop=True)
+    merged.attrs.update(protocol.attrs)
+    truth = {**trial.truth, "simulated_patients": missing,
+             "given_patients": list(dict.fromkeys(given["patient_id"]))}
+    return truth, merged
 
 
 def _prepare_run_dir(run_dir: Path, config: dict[str, Any]) -> None:

@@ -393,3 +393,17 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path):
     proc.wait()
     gone, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive
+
+
+def test_given_severities_are_kept_and_only_the_others_simulated(tmp_path):
+    path = tmp_path / "mixed.csv"
+    path.write_text("patient_id,day,treatment,severity\n"
+                    "p1,0,Control,2.9\np1,1,Control,2.9\np1,2,Cream,2.9\n"
+                    "p2,0,Control,\np2,1,Control,\np2,2,Cream,\n")
+    run = generate(path, tmp_path / "run", size=128, progress=False)
+    protocol = pd.read_csv(run / "protocol.csv")
+    assert protocol.loc[protocol["patient_id"] == "p1", "severity"].tolist() == [2.9, 2.9, 2.9]
+    assert protocol.loc[protocol["patient_id"] == "p2", "severity"].notna().all()
+    truth = json.loads((run / "truth.json").read_text())
+    assert truth["simulated_patients"] == ["p2"] and truth["given_patients"] == ["p1"]
+    assert list(truth["patients"]) == ["p2"]  # the truth covers the simulated patient only

@@ -88,6 +88,9 @@ def handles_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except SynthtrialError as exc:
             fail(one_line(exc))
+        except OSError as exc:  # a full disk, a vanished folder, a permission: the file and the reason, one line
+            where = exc.filename if exc.filename is not None else ""
+            fail(f"{where}: {exc.strerror or one_line(exc)}" if where else one_line(exc))
 
     return wrapper
 
