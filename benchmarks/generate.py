@@ -36,7 +36,7 @@ def main() -> None:
         stamps: list[tuple[int, float]] = []  # (images done, time): reported per finished chunk
         start = time.perf_counter()
         run = generate(protocol, tmp / "run", size=args.size, progress=False,
-                       on_image=lambda done, total: stamps.append((done, time.perf_counter())))
+                       on_progress=lambda done, total, status: stamps.append((done, time.perf_counter())))
         total_s = time.perf_counter() - start
         (n0, t0_), (n1, t1_) = stamps[0], stamps[-1]
         steady = (t1_ - t0_) / max(1, n1 - n0)

@@ -194,12 +194,12 @@ def read_rgb(path: Path) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- grade_run
 
 def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_size: int = CHUNK,
-              progress: Callable[[int, int], None] | None = None) -> Path:
+              progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Score every image of ``run`` with ``graders``; write ``RUN/grades.parquet`` and return its path.
 
     Columns: ``image`` and ``<grader>_<column>`` for each grader's output columns. Columns of other graders
     already in the file are kept. Each chunk of ``batch_size`` images is saved under ``RUN/.grades/`` as it
-    is done, so a re-run resumes. ``progress(done, total)`` is called after each chunk.
+    is done, so a re-run resumes. ``progress(done, total, status)`` is called after each chunk.
     """
     run_dir = Path(run)
     manifest = rundir.read_manifest(run_dir, ("image", "patient_id", "day", "view"))
@@ -227,7 +227,7 @@ def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_s
                 frames.append(frame)
                 done += len(chunk)
                 if progress is not None:
-                    progress(done, total)
+                    progress(done, total, grader.name)
             out = pd.concat(frames, ignore_index=True)
             columns[grader.name] = out.add_prefix(f"{grader.name}_")
         grades = pd.concat([manifest[["image"]].reset_index(drop=True), *columns.values()], axis=1)

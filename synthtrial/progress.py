@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+#: The one progress-callback signature of the library's long jobs (generate, grade, verify, finetune, faces,
+#: export): ``on_progress(done, total, status)``, called as work is finished. The CLI feeds it to a bar.
+ProgressCallback = Callable[[int, int, str], None]
+
 
 class progress_bar:
     """``with progress_bar("rendering", total, unit="images") as update: update(done, status="...")``.

@@ -319,10 +319,11 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
              faces_dir: str | os.PathLike[str] | None = None, seed: int = 0, size: int = 512,
              naming: str = "native", workers: int = 1, progress: bool = True, backend: str = "procedural",
              diffusion: dict[str, Any] | None = None,
-             on_image: Callable[[int, int], None] | None = None) -> Path:
+             on_progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Render every row of a protocol into a run directory and return its path (see the module docstring).
 
-    ``out`` defaults to ``runs/<protocol stem>``. ``on_image(done, total)`` is called after each image.
+    ``out`` defaults to ``runs/<protocol stem>``. ``on_progress(done, total, status)`` is called after each chunk
+    of images.
     ``diffusion`` holds the backend's options (:class:`synthtrial.render.diffusion.DiffusionConfig` fields for
     the sdxl backends). Under ``accelerate launch`` (several processes, e.g. one per GPU) each process
     renders its share of the images and the main process writes the one manifest.
@@ -389,8 +390,8 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
                 records[pid].extend(recs)
                 done += len(recs)
                 update(done)
-                if on_image is not None:
-                    on_image(done, total)
+                if on_progress is not None:
+                    on_progress(done, total, "")
 
             _render_all(tasks, workers, finished)
 

@@ -397,7 +397,7 @@ def as_float(value: Any, path: Path, row: int, column: str) -> float | None:
 
 def verify(run: str | os.PathLike[str], *, progress: Any = None) -> list[str]:
     """Check a finished run: every file against the manifest, the tables against each other and against
-    ``config.json``. Returns one line per problem found (empty when all holds). ``progress(done, total)``
+    ``config.json``. Returns one line per problem found (empty when all holds). ``progress(done, total, status)``
     is called as images are checked."""
     run = check_run_dir(run)
     problems: list[str] = []
@@ -441,7 +441,7 @@ def verify(run: str | os.PathLike[str], *, progress: Any = None) -> list[str]:
         if size is not None and (rec.width, rec.height) != (size, size):
             problems.append(f"{MANIFEST}: row {i}: {rec.width}x{rec.height} but {CONFIG} says --size {size}")
         if progress is not None:
-            progress(i, len(manifest))
+            progress(i, len(manifest), "")
     for folder in (IMAGES, MASKS):
         for path in sorted((run / folder).rglob("*")) if (run / folder).is_dir() else []:
             if path.is_file() and path.relative_to(run).as_posix() not in listed:

@@ -142,13 +142,13 @@ def test_interrupted_run_resumes_to_the_same_bytes(tiny, tmp_path):
     class Stop(Exception):
         pass
 
-    def stop_after_three(done, total):
+    def stop_after_three(done, total, status):
         if done >= 3:
             raise Stop
 
     cut = tmp_path / "cut"
     with pytest.raises(Stop):
-        generate(tiny, cut, size=160, progress=False, on_image=stop_after_three)
+        generate(tiny, cut, size=160, progress=False, on_progress=stop_after_three)
     assert not (cut / "manifest.parquet").exists()
     generate(tiny, cut, size=160, progress=False)
     assert files(cut) == files(whole)
