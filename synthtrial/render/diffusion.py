@@ -41,7 +41,8 @@ before compositing; one already at its working size (512, 1024) is not resampled
 
 Device and precision: CUDA when available, else CPU; float16 on CUDA and float32 on CPU by default
 (``dtype="bfloat16"`` allowed). SDXL's VAE overflows in float16; the SDXL pipelines upcast it to float32
-for encoding and decoding when its config says ``force_upcast`` (the base model's does), or pass an
+for encoding and decoding when its config says ``force_upcast`` (the base model's does; the decode goes
+through diffusers' deprecated ``upcast_vae``, whose FutureWarning is silenced around the call), or pass an
 fp16-safe VAE (the anchor used ``madebyollin/sdxl-vae-fp16-fix``) as ``vae``. ``torch.compile`` of the
 UNet (in place, ``unet.compile()``) is applied only on CUDA; on CPU it is skipped with a note.
 Nothing downloads unless ``model`` (or ``vae``) is a hub id that is not a
@@ -61,6 +62,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -371,7 +373,10 @@ class DiffusionRenderer:
             kwargs.update(mask_image=mask_pil, strength=float(cfg.inpaint_strength))
         else:
             kwargs.update(strength=float(cfg.strength))
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            # fp16 + force_upcast: the SDXL pipelines decode through their own (deprecated) upcast_vae(), which
+            # is the float32 decode wanted here; its FutureWarning would come once per call
+            warnings.filterwarnings("ignore", message=r".*upcast_vae", category=FutureWarning)
             out = pipe(**kwargs).images
         result = []
         for arr, src in zip(np.asarray(out), images, strict=True):
