@@ -21,7 +21,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from synthtrial.render.base import RenderRequest  # noqa: E402
 from synthtrial.render.diffusion import DiffusionConfig, DiffusionRenderer, inpaint_region  # noqa: E402
 from synthtrial.render.procedural import LesionSpec  # noqa: E402
 
