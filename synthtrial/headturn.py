@@ -27,6 +27,9 @@ from synthtrial.faces import PIVOT_DEPTH_IOD, _frame, _mesh, mesh_triangles
 
 __all__ = ["HeadTurn", "head_turn"]
 
+#: Half-width (in oval landmarks) of the moving average that smooths the ring's displacement.
+RING_SMOOTHING = 5
+
 
 @dataclass(frozen=True)
 class HeadTurn:
@@ -127,7 +130,14 @@ def head_turn(landmarks: np.ndarray, depth: np.ndarray, size: int, yaw_deg: floa
 
     # the surroundings: ring points move as the oval point they extend, border points stay
     ring, border = _ring_points(landmarks, size)
-    ring_new = ring + (new[m["oval"]] - landmarks[m["oval"]])
+    # (their displacement is the oval's, smoothed along the ring so hair and ears do not kink where the
+    # forehead and the cheeks move differently)
+    disp = new[m["oval"]] - landmarks[m["oval"]]
+    k = RING_SMOOTHING
+    padded = np.concatenate([disp[-k:], disp, disp[:k]])
+    kernel = np.ones(2 * k + 1) / (2 * k + 1)
+    smooth = np.column_stack([np.convolve(padded[:, i], kernel, mode="valid") for i in range(2)])
+    ring_new = ring + smooth
     ring_new = np.clip(ring_new, 0.02 * size, 0.98 * size)
     src_out = np.vstack([landmarks[m["oval"]], ring, border])
     dst_out = np.vstack([new[m["oval"]], ring_new, border])
