@@ -117,7 +117,7 @@ def default_looks() -> dict[str, LesionLook]:
         "pustule": LesionLook(
             colour_light=erythema_light, colour_dark=erythema_dark, edge_softness=0.45,
             halo_factor=2.4, halo_strength=0.7, height=1.0, dome_extent=1.4, centre_peak=0.4,
-            core_radius=0.55, core_opacity=0.9, core_lightness=0.6, core_ab=(2.0, 30.0), core_keep_chroma=0.3,
+            core_radius=0.65, core_opacity=0.95, core_lightness=0.6, core_ab=(2.0, 30.0), core_keep_chroma=0.3,
             core_offset=0.12, irregularity=0.1, ellipticity=0.2, mottle=0.2, gloss=14.0, colour_variation=0.2),
         "nodule": LesionLook(
             colour_light=(-19.0, 22.0, 3.0), colour_dark=(-12.0, 6.0, -2.0), edge_softness=0.55,
