@@ -9,7 +9,9 @@ and every face-mesh anchor lands on its projected landmarks. Hair, ears and back
 control points around the face oval that moves with it, pinned at the image border. A depth buffer of the
 visible surface says which anchors are out of sight.
 
-Choices: orthographic projection (a portrait lens at 1-2 m barely shows perspective), one rigid yaw (no
+Choices: landmarks deeper than :data:`DEPTH_CAP_IOD` behind the eyes (the mesh's outermost ring, curving
+back towards the ears) are drawn in to that depth, so the turn does not stretch slivers of the frontal photo
+into streaks; orthographic projection (a portrait lens at 1-2 m barely shows perspective), one rigid yaw (no
 neck bend), piecewise-affine texture mapping (no inpainting of surfaces the frontal photo never saw: the side
 of the head is the frontal photo's hair and ear, stretched).
 """
@@ -27,6 +29,8 @@ from synthtrial.faces import PIVOT_DEPTH_IOD, _frame, _mesh, mesh_triangles
 
 __all__ = ["HeadTurn", "head_turn"]
 
+#: Landmarks deeper than this (interocular distances behind the eyes) are drawn in to it before the turn.
+DEPTH_CAP_IOD = 0.45
 #: Half-width (in oval landmarks) of the moving average that smooths the ring's displacement.
 RING_SMOOTHING = 5
 
@@ -120,7 +124,12 @@ def head_turn(landmarks: np.ndarray, depth: np.ndarray, size: int, yaw_deg: floa
     tris = np.vstack([mesh_triangles(), _hole_triangles(landmarks)])
     origin, iod, _ = _frame(landmarks)
     eyes = m["left_eye"] + m["right_eye"]
-    pivot_x, pivot_z = float(origin[0]), float(np.mean(depth[eyes])) + PIVOT_DEPTH_IOD * iod
+    eye_z = float(np.mean(depth[eyes]))
+    pivot_x, pivot_z = float(origin[0]), eye_z + PIVOT_DEPTH_IOD * iod
+    # the mesh's outermost ring curves steeply back towards the ears; turned, those slivers of the frontal
+    # photo would be stretched several-fold into streaks. Capping the depth keeps them at the cheek's
+    # slope and leaves the stretch to the hair and background beyond the face.
+    depth = np.minimum(depth, eye_z + DEPTH_CAP_IOD * iod)
     t = math.radians(yaw_deg)
     dx, dz = landmarks[:, 0] - pivot_x, depth - pivot_z
     new_x = pivot_x + dx * math.cos(t) + dz * math.sin(t)
