@@ -19,12 +19,9 @@ def atlas_command(
     mm_per_px: Annotated[float, typer.Option("--mm-per-px", help="Magnification: millimetres of skin per pixel "
                                              "(0.08: each 12.8 mm tile is 160 px, about 5x a 512-px face).")] = 0.08,
 ) -> None:
-    """Draw every lesion type at each stage of its life (onset, active, resolving, residual mark or scar) on
-    light, medium and dark skin, magnified, with a millimetre scale bar.
+    """Draw every lesion type at each stage of its life (onset, active, resolving, residual mark or scar) on light, medium and dark skin, magnified, with a millimetre scale bar.
 
-    The lesions are drawn by the same renderer and settings as [bold]generate[/], at a typical diameter of each
-    type from the lesion model's ranges (comedones 1-3 mm, papules and pustules 2-5 mm, nodules 5-10 mm). The
-    skin is a synthetic swatch per skin type, so the atlas shows lesions, not patients.
+    The lesions are drawn by the same renderer and settings as [bold]generate[/], at a typical diameter of each type from the lesion model's ranges (comedones 1-3 mm, papules and pustules 2-5 mm, nodules 5-10 mm). The skin is a synthetic swatch per skin type, so the atlas shows lesions, not patients.
     """
     from synthtrial.atlas import write_atlas
 
