@@ -209,9 +209,12 @@ def _prepare(job: _PatientJob, face, course, views: dict, row: dict[str, Any]) -
         centres = face_v.to_pixels(np.array([s.triangle for s in states]), np.stack([s.bary for s in states]))
     else:
         centres = np.zeros((0, 2))
+    # a lesion out of sight in a side view (the far cheek behind the nose) is not drawn: intensity 0
+    seen = face_v.visible(np.array([s.triangle for s in states], np.int64),
+                          np.stack([s.bary for s in states])) if states else np.zeros(0, bool)
     specs = [LesionSpec(lesion_id=s.lesion_id, type=s.type, cx=float(c[0]), cy=float(c[1]),
-                        radius_px=float(s.radius * face_v.scale), intensity=s.intensity, seed=s.seed)
-             for s, c in zip(states, centres, strict=True)]
+                        radius_px=float(s.radius * face_v.scale), intensity=s.intensity if v else 0.0, seed=s.seed)
+             for s, c, v in zip(states, centres, seen, strict=True)]
     seed = derive_seed("render", job.settings.seed, job.patient_id, row["day"], view, bits=32)
     return {"row": row, "face": face_v, "stats": stats, "states": states, "specs": specs, "seed": seed}
 
@@ -239,7 +242,7 @@ def _write_image(run_dir: Path, face, course, prepared: dict[str, Any], result) 
             "x0": float(box[0]), "y0": float(box[1]), "x1": float(box[2]), "y1": float(box[3]),
             "cx": round(spec.cx, 3), "cy": round(spec.cy, 3), "radius_px": round(spec.radius_px, 3),
             "mask_area": area, "stage": state.stage, "age_days": int(state.age_days),
-            "intensity": round(state.intensity, 4),
+            "intensity": round(state.intensity, 4), "diameter_mm": round(state.diameter_mm, 3),
         })
     n_active = sum(counts[t] for t in scale.LESION_TYPES)
     n_inflammatory = counts["papule"] + counts["pustule"] + counts["nodule"]
@@ -252,6 +255,7 @@ def _write_image(run_dir: Path, face, course, prepared: dict[str, Any], result) 
         "acne04_level": int(scale.acne04_level_from_count(n_active)),
         "iga": int(scale.iga_from_counts(n_inflammatory, counts["nodule"])),
         "identity": face.identity.to_json(), "face_source": face.source,
+        "mm_per_px": round(prepared["face"].mm_per_px, 5),
         "lesions": lesions,
     }
     write_text_atomic(run_dir / row["part"], json.dumps(record, sort_keys=True))
