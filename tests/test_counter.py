@@ -27,27 +27,30 @@ def test_counts_follow_the_lesions_drawn(counted):
     assert (grades["level"] == scale.acne04_level_from_count(grades["count"].to_numpy())).all()
 
 
-def test_more_lesions_more_counted(face256):
-    """Thirty papules and pustules of a run's size at 256 px (radius 1.5 px), drawn well apart."""
+def test_more_lesions_more_counted(bases):
+    """About thirty papules and pustules of a run's size at 512 px (radius 3 px), drawn well apart."""
+    from synthtrial.faces import identity_for, make_face
+
+    face512 = make_face(bases[0], identity_for(0, bases, seed=0), 512)
     from synthtrial.render.base import LesionSpec
     from synthtrial.render.procedural import ProceduralRenderer
 
     rng = np.random.default_rng(0)
-    ys, xs = np.nonzero(face256.skin)
+    ys, xs = np.nonzero(face512.skin)
     picks = rng.choice(len(xs), 400, replace=False)
     specs, taken = [], []
     for k in picks:  # papules and pustules well apart on the skin
         x, y = xs[k] + 0.5, ys[k] + 0.5
-        if all((x - a) ** 2 + (y - b) ** 2 > 20 ** 2 for a, b in taken):
+        if all((x - a) ** 2 + (y - b) ** 2 > 40 ** 2 for a, b in taken):
             taken.append((x, y))
             specs.append(LesionSpec(lesion_id=len(specs), type=("papule", "pustule")[len(specs) % 2], cx=x, cy=y,
-                                    radius_px=1.5, seed=len(specs)))
-    image = ProceduralRenderer()(face256.image, specs, skin_mask=face256.skin).image
+                                    radius_px=3.0, seed=len(specs)))
+    image = ProceduralRenderer()(face512.image, specs, skin_mask=face512.skin).image
     counter = LesionCounter()
-    clean, spotted = counter.predict([face256.image, image])["count"]
+    clean, spotted = counter.predict([face512.image, image])["count"]
     assert len(specs) >= 15
     # a baseline, not a detector: colour blobs on a clean face count too, and some lesions are missed
-    assert clean < len(specs) and spotted - clean >= 0.3 * len(specs)
+    assert clean < len(specs) and spotted - clean >= 0.25 * len(specs)
 
 
 def test_no_face_no_count():

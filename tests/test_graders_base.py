@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
+from synthtrial.errors import SynthtrialError
+
 from graders.base import (GraderError, fingerprint_of, get_grader, grade_run, load_state, resolve_device,
                           save_state)
 
@@ -66,10 +68,10 @@ def test_weights_are_safetensors_only(tmp_path):
     with pytest.raises(GraderError, match="not 'other'"):
         load_state(tmp_path / "w", kind="other")
     (tmp_path / "w" / "model.safetensors").write_bytes(pickle.dumps({"a": 1}))
-    with pytest.raises(GraderError, match="pickled .* refusing to load it"):
+    with pytest.raises(SynthtrialError, match="pickled .* refusing to load it"):
         load_state(tmp_path / "w", kind="toy")
     (tmp_path / "w" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(GraderError, match="not a valid safetensors file"):
+    with pytest.raises(SynthtrialError, match="not a valid safetensors file"):
         load_state(tmp_path / "w", kind="toy")
     (tmp_path / "w" / "model.safetensors").unlink()
     torch.save({"a": torch.zeros(1)}, tmp_path / "w" / "model.bin")
