@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from synthtrial.atomic import write_bytes_atomic
-from synthtrial.run import _png_bytes, generate
+from synthtrial.run import generate, png_bytes
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
         stamps: list[tuple[int, float]] = []  # (images done, time): reported per finished chunk
         start = time.perf_counter()
         run = generate(protocol, tmp / "run", size=args.size, progress=False,
-                       on_image=lambda done, total: stamps.append((done, time.perf_counter())))
+                       on_progress=lambda done, total, status: stamps.append((done, time.perf_counter())))
         total_s = time.perf_counter() - start
         (n0, t0_), (n1, t1_) = stamps[0], stamps[-1]
         steady = (t1_ - t0_) / max(1, n1 - n0)
@@ -51,7 +51,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for i in range(args.images):
             pixels = np.asarray(Image.open(base_path).convert("RGB"))
-            write_bytes_atomic(tmp / "floor" / f"{i}.png", _png_bytes(pixels))
+            write_bytes_atomic(tmp / "floor" / f"{i}.png", png_bytes(pixels))
         floor = (time.perf_counter() - t0) / args.images
 
         import pandas as pd

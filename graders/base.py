@@ -156,9 +156,6 @@ def load_state(folder: str | os.PathLike[str], *, kind: str | None = None) -> tu
 
     ``kind`` checks ``config["grader"]`` so one grader's weights are not loaded into another.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not folder.is_dir():
         raise GraderError(f"{folder}: no such weights folder (expected {WEIGHTS_FILE} and {CONFIG_FILE})")
@@ -172,14 +169,9 @@ def load_state(folder: str | os.PathLike[str], *, kind: str | None = None) -> tu
         raise GraderError(f"{folder}: no {CONFIG_FILE} beside {WEIGHTS_FILE}")
     if kind is not None and config.get("grader") != kind:
         raise GraderError(f"{folder / CONFIG_FILE}: holds weights of grader {config.get('grader')!r}, not '{kind}'")
-    with open(weights, "rb") as fh:
-        head = fh.read(2)
-    if head[:1] == b"\x80" or head == b"PK":
-        raise GraderError(f"{weights}: is a pickled (torch.save) checkpoint, not safetensors; refusing to load it")
-    try:
-        tensors = load_file(weights)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise GraderError(f"{weights}: is not a valid safetensors file ({one_line(exc)})") from None
+    from synthtrial.weights import load_safetensors
+
+    tensors = load_safetensors(weights)
     return tensors, config
 
 
@@ -200,6 +192,8 @@ def read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError:
+        raise GraderError(f"{path}: the image header claims more pixels than are read; refusing it") from None
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise GraderError(f"{path}: cannot be read as an image ({one_line(exc)})") from None
 
@@ -207,12 +201,12 @@ def read_rgb(path: Path) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- grade_run
 
 def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_size: int = CHUNK,
-              progress: Callable[[int, int], None] | None = None) -> Path:
+              progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Score every image of ``run`` with ``graders``; write ``RUN/grades.parquet`` and return its path.
 
     Columns: ``image`` and ``<grader>_<column>`` for each grader's output columns. Columns of other graders
     already in the file are kept. Each chunk of ``batch_size`` images is saved under ``RUN/.grades/`` as it
-    is done, so a re-run resumes. ``progress(done, total)`` is called after each chunk.
+    is done, so a re-run resumes. ``progress(done, total, status)`` is called after each chunk.
     """
     run_dir = Path(run)
     manifest = rundir.read_manifest(run_dir, ("image", "patient_id", "day", "view"))
@@ -240,7 +234,7 @@ def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_s
                 frames.append(frame)
                 done += len(chunk)
                 if progress is not None:
-                    progress(done, total)
+                    progress(done, total, grader.name)
             out = pd.concat(frames, ignore_index=True)
             columns[grader.name] = out.add_prefix(f"{grader.name}_")
         grades = pd.concat([manifest[["image"]].reset_index(drop=True), *columns.values()], axis=1)

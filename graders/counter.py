@@ -34,11 +34,14 @@ OUTPUT_COLUMNS = ("count", "red_count", "dark_count", "level", "severity", "face
 class CounterConfig:
     """Plain-data settings; the defaults were chosen on a generated run (README, "Graders")."""
 
-    red_threshold: float = 5.0         # a* above the local skin (CIELAB units) that counts as a red lesion
-    dark_threshold: float = 10.0       # L* below the local skin that counts as a dark lesion
-    background_sigma: float = 0.12     # local skin average, in interocular distances
+    red_threshold: float = 2.0         # a* above the local skin (CIELAB units) that counts as a red lesion
+    dark_threshold: float = 25.0      # L* below the local skin that counts as a dark lesion
+    background_sigma: float = 0.3      # local skin average, in interocular distances
     smooth_sigma: float = 0.008        # pre-smoothing, in interocular distances
     min_distance: float = 0.035        # between two lesions' maxima, in interocular distances
+    edge_margin: float = 0.05          # skin within this distance of the mask's edge is not searched (IOD)
+    min_roundness: float = 0.6         # smaller / larger Hessian curvature at a maximum: lines (wrinkles, frames)
+                                       # score near 0, round blobs near 1
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -105,11 +108,23 @@ class LesionCounter:
         red = cv2.GaussianBlur(red, (0, 0), smooth) * weight
         dark = cv2.GaussianBlur(dark, (0, 0), smooth) * weight
         score = np.maximum(red, dark)
+        k = max(1, int(round(cfg.edge_margin * iod)))
+        inner = cv2.erode(skin.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
         found = peak_local_max(score, min_distance=max(1, int(round(cfg.min_distance * iod))), threshold_abs=1.0,
-                               labels=skin.astype(np.int32), exclude_border=False)
+                               labels=inner.astype(np.int32), exclude_border=False)
         if len(found) == 0:
             return np.zeros((0, 2)), np.zeros(0, bool)
         rows, cols = found[:, 0], found[:, 1]
+        # keep round maxima: the two principal curvatures of the score at the peak must be alike
+        blob = cv2.GaussianBlur(score, (0, 0), max(0.7, 2 * cfg.smooth_sigma * iod))
+        dyy, dxx = np.gradient(np.gradient(blob, axis=0), axis=0), np.gradient(np.gradient(blob, axis=1), axis=1)
+        dxy = np.gradient(np.gradient(blob, axis=0), axis=1)
+        a, b, c = dxx[rows, cols], dyy[rows, cols], dxy[rows, cols]
+        half_trace, root = (a + b) / 2, np.sqrt(((a - b) / 2) ** 2 + c ** 2)
+        l1, l2 = half_trace - root, half_trace + root          # l1 <= l2; a maximum has both < 0
+        roundness = np.where(l1 < 0, np.clip(-l2, 0, None) / np.maximum(-l1, 1e-9), 0.0)
+        keep = roundness >= cfg.min_roundness
+        rows, cols = rows[keep], cols[keep]
         return np.stack([cols + 0.5, rows + 0.5], axis=1), red[rows, cols] >= dark[rows, cols]
 
     def predict(self, images: Sequence[np.ndarray], meta: pd.DataFrame | None = None) -> pd.DataFrame:

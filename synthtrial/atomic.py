@@ -32,3 +32,22 @@ def _umask() -> int:
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write UTF-8 text atomically (newlines as given)."""
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def check_writable(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Refuse, before any work, an output path that cannot be written: its nearest existing folder must be a
+    writable folder. Returns ``path`` as a Path."""
+    from synthtrial.errors import SynthtrialError
+
+    path = Path(path)
+    probe = path.parent if not path.is_dir() else path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SynthtrialError(f"{path}: {probe} is not a folder (option {option})")
+    try:  # really try (root passes every permission check, but not a read-only or pseudo file system)
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise SynthtrialError(f"{path}: {probe} is not writable ({exc.strerror or exc}) (option {option})") from None
+    return path

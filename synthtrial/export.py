@@ -33,7 +33,9 @@ import pandas as pd
 
 from synthtrial import scale
 from synthtrial.atomic import write_text_atomic
+from synthtrial import rundir
 from synthtrial.errors import SynthtrialError, one_line
+from synthtrial.progress import progress_bar
 from synthtrial.protocol import PATIENT_ID_PATTERN
 
 #: The formats :func:`export_run` writes.
@@ -79,7 +81,7 @@ FORMAT_HELP = {
     """,
     "imagefolder": """A Hugging Face datasets imagefolder: load_dataset("imagefolder", data_dir=OUT).
 
-    Writes RUN/exports/imagefolder/ (or --out) with train/<patient_id>/<image file> (hard links where the
+    Writes RUN/exports/imagefolder/ (or --out) with train/<patient_id>/<image file> (copies; hard links with --link where the
     file system allows, else copies) and train/metadata.csv: file_name (relative to train/), then
     patient_id, day, date, treatment, view, severity, acne04_level, iga, lesion_count, n_open_comedo,
     n_closed_comedo, n_papule, n_pustule, n_nodule, n_mark, n_scar, identity.
@@ -89,26 +91,43 @@ FORMAT_HELP = {name: inspect.cleandoc(text) for name, text in FORMAT_HELP.items(
 
 
 def export_run(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str] | None = None, *,
-               folds: int = 5, seed: int = 0) -> Path:
+               folds: int = 5, seed: int = 0, force: bool = False, link: bool = False,
+               progress: bool = False) -> Path:
     """Convert the run directory ``run_dir`` to the training-set format ``fmt`` (one of :data:`EXPORT_FORMATS`).
 
     ``out`` is the export's folder (default ``RUN/exports/<fmt>``); for ``coco`` it may also be a file name
     ending in ``.json``. An existing export of the same format there is replaced; any other existing,
-    non-empty folder is refused. ``folds`` and ``seed`` set the ACNE04 patient folds. Returns the COCO JSON
-    file for ``coco`` and the export folder otherwise. See :data:`FORMAT_HELP` for each format.
+    non-empty folder is refused, and so is an existing COCO file unless ``force``. An ``out`` inside the run
+    directory is refused unless it lies under ``RUN/exports/`` (an export never overwrites the run's own
+    files). ``folds`` and ``seed`` set the ACNE04 patient folds. ``link`` hard-links the imagefolder's images
+    instead of copying them (no extra space; but editing an exported image then edits the run). Every image
+    is checked against the manifest's sha256 first. Returns the COCO JSON file for ``coco`` and the export
+    folder otherwise. See :data:`FORMAT_HELP` for each format.
     """
     if fmt not in EXPORT_FORMATS:
-        raise SynthtrialError(f"unknown export format {_show(fmt)}; choose one of: {', '.join(EXPORT_FORMATS)}")
+        raise SynthtrialError(f"unknown export format {rundir.show(fmt)}; choose one of: {', '.join(EXPORT_FORMATS)}")
     if fmt == "acne04":
         folds = _check_int_option(folds, "folds", minimum=2)
         seed = _check_int_option(seed, "seed", minimum=0)
     run = Path(run_dir)
-    run_info = _read_run(run, fmt)
     target = run / "exports" / fmt if out is None else Path(out)
+    rundir.check_run_dir(run)
+    resolved, run_root = target.resolve(), run.resolve()
+    if resolved == run_root or run_root.is_relative_to(resolved):
+        raise SynthtrialError(f"{target}: would replace the run directory {run}; choose another --out")
+    if resolved.is_relative_to(run_root) and not resolved.is_relative_to(run_root / "exports"):
+        raise SynthtrialError(f"{target}: lies inside the run directory {run} (outside its exports/ folder) and "
+                              "could overwrite the run's own files; choose another --out")
+    coco_file = fmt == "coco" and out is not None and target.suffix.lower() == ".json" and not target.is_dir()
+    if coco_file and (target.exists() or target.is_symlink()):
+        if not target.is_file():
+            raise SynthtrialError(f"{target}: exists and is not a file; choose another --out")
+        if not force:
+            raise SynthtrialError(f"{target}: already exists; pass --force to replace it (option --out)")
+    run_info = _read_run(run, fmt, progress=progress)
+    run_info.progress, run_info.link = progress, link
     if fmt == "coco":
-        if out is not None and target.suffix.lower() == ".json" and not target.is_dir():
-            if target.exists() and not target.is_file():
-                raise SynthtrialError(f"{target}: exists and is not a file; choose another --out")
+        if coco_file:
             return write_text_atomic(target, _coco_json(run_info))
         with _building(target, fmt, run) as tmp:
             write_text_atomic(tmp / "annotations.json", _coco_json(run_info))
@@ -135,136 +154,34 @@ class _Run:
         self.lesions = lesions        # coco only
         self.config_bytes = config_bytes
         self.images = images          # checked relative POSIX paths, same order as manifest
+        self.progress = False         # draw progress bars
+        self.link = False             # imagefolder: hard-link images instead of copying them
 
 
-def _read_run(run: Path, fmt: str) -> _Run:
-    if not run.exists():
-        raise SynthtrialError(f"{run}: no such run directory; run `synthtrial generate` first")
-    if not run.is_dir():
-        raise SynthtrialError(f"{run}: is not a run directory (it is a file); run `synthtrial generate` first")
-    for name in RUN_FILES:
-        if not (run / name).is_file():
-            raise SynthtrialError(f"{run} is not a complete run directory: {name} is missing; "
-                                  "run `synthtrial generate` first")
-    config_path = run / "config.json"
-    config_bytes = config_path.read_bytes()
-    try:
-        config = json.loads(config_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SynthtrialError(f"{config_path}: is not valid JSON ({one_line(exc)})") from None
-    if not isinstance(config, dict):
-        raise SynthtrialError(f"{config_path}: is not a JSON object")
-
-    manifest_path = run / "manifest.parquet"
-    manifest = _read_parquet(manifest_path)
-    _require_columns(manifest, _MANIFEST_COLUMNS[fmt], manifest_path)
-    if manifest.empty:
-        raise SynthtrialError(f"{manifest_path}: has no rows (no images to export)")
-    root = run.resolve()
-    images: list[str] = []
-    seen: dict[str, int] = {}
-    for i, value in enumerate(manifest["image"].tolist()):
-        rel = _checked_image(run, root, value, manifest_path, i + 1)
-        if rel in seen:
-            raise SynthtrialError(f"{manifest_path}: row {i + 1}, column 'image': {_show(rel)} is listed twice "
-                                  f"(also row {seen[rel]})")
-        seen[rel] = i + 1
-        images.append(rel)
-    manifest = manifest.assign(image=images, _row=np.arange(1, len(manifest) + 1))
+def _read_run(run: Path, fmt: str, *, progress: bool = True) -> _Run:
+    """The run through :mod:`synthtrial.rundir`'s validated readers, and every image checked against the
+    manifest's sha256 (a truncated or edited image is refused, not exported)."""
+    rundir.check_run_dir(run)
+    rundir.read_config(run)
+    config_bytes = (run / rundir.CONFIG).read_bytes()
+    manifest = rundir.read_manifest(run, _MANIFEST_COLUMNS[fmt])
+    manifest = manifest.assign(_row=np.arange(1, len(manifest) + 1))
+    if "sha256" in manifest.columns:
+        manifest_path = run / rundir.MANIFEST
+        with progress_bar("checking images", len(manifest), unit="images", enabled=progress) as update:
+            for i, (rel, digest) in enumerate(zip(manifest["image"], manifest["sha256"], strict=True)):
+                if not rundir.is_missing(digest) and rundir.sha256_file(run / rel) != digest:
+                    raise SynthtrialError(f"{manifest_path}: row {i + 1}, column 'sha256': {rel} no longer matches "
+                                          "its checksum (changed or truncated); run `synthtrial verify` and re-run "
+                                          "`synthtrial generate` to heal the run")
+                update(i + 1)
     manifest = manifest.sort_values("image", kind="stable").reset_index(drop=True)
     images = manifest["image"].tolist()
-    for i, value in enumerate(manifest["patient_id"].tolist()):
-        if not isinstance(value, str) or not PATIENT_ID_PATTERN.fullmatch(value) or ".." in value:
-            raise SynthtrialError(f"{manifest_path}: row {manifest['_row'].iloc[i]}, column 'patient_id': "
-                                  f"{_show(value)} is not a valid patient id "
-                                  "(letters, digits, '_', '.', '-'; no '..')")
-
     lesions = None
     if fmt == "coco":
-        lesions_path = run / "lesions.parquet"
-        lesions = _read_parquet(lesions_path)
-        _require_columns(lesions, _LESION_COLUMNS, lesions_path)
-        lesions = _check_lesions(lesions, set(images), lesions_path)
+        lesions = rundir.read_lesions(run, set(images))
+        lesions = lesions[["image", "lesion_id", "type", "x0", "y0", "x1", "y1", "_row"]]
     return _Run(run, manifest, lesions, config_bytes, images)
-
-
-def _read_parquet(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_parquet(path)
-    except (OSError, ValueError) as exc:  # a corrupt or truncated file; a missing engine is a bug, not input
-        raise SynthtrialError(f"{path}: cannot be read as a parquet table ({one_line(exc)})") from None
-
-
-def _require_columns(frame: pd.DataFrame, columns: tuple[str, ...], path: Path) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise SynthtrialError(f"{path}: missing column{'s' if len(missing) > 1 else ''} "
-                              f"{', '.join(repr(c) for c in missing)}")
-
-
-def _checked_image(run: Path, root: Path, value: Any, manifest_path: Path, row: int) -> str:
-    """Return the manifest's image path as a clean relative POSIX path inside the run, or refuse it."""
-    where = f"{manifest_path}: row {row}, column 'image'"
-    if not isinstance(value, str) or not value.strip():
-        raise SynthtrialError(f"{where}: {_show(value)} is not a path")
-    if "\\" in value or "\x00" in value or any(ord(ch) < 32 for ch in value):
-        raise SynthtrialError(f"{where}: {_show(value)} must be a '/'-separated path without control characters")
-    pure = PurePosixPath(value)
-    if pure.is_absolute() or PureWindowsPath(value).drive:
-        raise SynthtrialError(f"{where}: {_show(value)} is absolute; image paths are relative to the run directory")
-    if ".." in pure.parts:
-        raise SynthtrialError(f"{where}: {_show(value)} leaves the run directory ('..')")
-    if not pure.parts or pure.name in ("", ".", ".."):
-        raise SynthtrialError(f"{where}: {_show(value)} does not name a file")
-    full = run.joinpath(*pure.parts)
-    if not full.resolve().is_relative_to(root):
-        raise SynthtrialError(f"{where}: {_show(value)} leaves the run directory")
-    if not full.is_file():
-        raise SynthtrialError(f"{where}: {_show(value)}: no such image file in {run}")
-    return pure.as_posix()
-
-
-def _check_lesions(lesions: pd.DataFrame, images: set[str], path: Path) -> pd.DataFrame:
-    lesions = lesions.reset_index(drop=True)
-    rows = np.arange(1, len(lesions) + 1)
-    canonical = []
-    for i, value in enumerate(lesions["image"].tolist()):
-        rel = PurePosixPath(value).as_posix() if isinstance(value, str) and value else None
-        if rel not in images:
-            raise SynthtrialError(f"{path}: row {i + 1}, column 'image': {_show(value)} is not an image of "
-                                  "manifest.parquet")
-        canonical.append(rel)
-    for i, value in enumerate(lesions["type"].tolist()):
-        if value not in CATEGORY_IDS:
-            raise SynthtrialError(f"{path}: row {i + 1}, column 'type': {_show(value)} is not a lesion type "
-                                  f"({', '.join(CATEGORIES)})")
-    ids = [_as_int(v, path, i + 1, "lesion_id") for i, v in enumerate(lesions["lesion_id"].tolist())]
-    for i, lesion_id in enumerate(ids):
-        if not 0 <= lesion_id < 65535:
-            raise SynthtrialError(f"{path}: row {i + 1}, column 'lesion_id': {lesion_id} is outside 0..65534 "
-                                  "(masks store lesion_id + 1 in 16 bits)")
-    coords = {}
-    for column in ("x0", "y0", "x1", "y1"):
-        values = pd.to_numeric(lesions[column], errors="coerce").astype("float64").to_numpy()
-        bad = np.flatnonzero(~np.isfinite(values))
-        if bad.size:
-            raise SynthtrialError(f"{path}: row {bad[0] + 1}, column '{column}': "
-                                  f"{_show(lesions[column].iloc[bad[0]])} is not a finite number")
-        coords[column] = values
-    for lo, hi in (("x0", "x1"), ("y0", "y1")):
-        bad = np.flatnonzero(coords[hi] < coords[lo])
-        if bad.size:
-            i = int(bad[0])
-            raise SynthtrialError(f"{path}: row {i + 1}, column '{hi}': {float(coords[hi][i])!r} is less than "
-                                  f"{lo} {float(coords[lo][i])!r}")
-    clean = pd.DataFrame({"image": canonical, "lesion_id": np.asarray(ids, dtype=np.int64),
-                          "type": lesions["type"].tolist(), **coords, "_row": rows})
-    duplicated = clean.duplicated(["image", "lesion_id"])
-    if duplicated.any():
-        i = int(np.flatnonzero(duplicated.to_numpy())[0])
-        raise SynthtrialError(f"{path}: row {i + 1}, column 'lesion_id': lesion {ids[i]} appears twice on "
-                              f"{_show(canonical[i])}")
-    return clean
 
 
 # ------------------------------------------------------------------------------------------------ coco
@@ -277,7 +194,7 @@ def _coco_json(run: _Run) -> str:
     manifest_path = run.root / "manifest.parquet"
     images_out: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    with _progress("COCO", len(manifest)) as advance:
+    with _progress("COCO", len(manifest), run.progress) as advance:
         for image_id, rec in enumerate(manifest.to_dict(orient="records"), start=1):
             row = int(rec["_row"])
             rel = rec["image"]
@@ -288,10 +205,10 @@ def _coco_json(run: _Run) -> str:
                 "width": width,
                 "height": height,
                 "patient_id": rec["patient_id"],
-                "day": _as_int(rec["day"], manifest_path, row, "day"),
-                "severity": _as_float(rec["severity"], manifest_path, row, "severity"),
-                "acne04_level": _as_int(rec["acne04_level"], manifest_path, row, "acne04_level"),
-                "iga": _as_int(rec["iga"], manifest_path, row, "iga"),
+                "day": rundir.as_int(rec["day"], manifest_path, row, "day"),
+                "severity": rundir.as_float(rec["severity"], manifest_path, row, "severity"),
+                "acne04_level": rundir.as_int(rec["acne04_level"], manifest_path, row, "acne04_level"),
+                "iga": rundir.as_int(rec["iga"], manifest_path, row, "iga"),
             })
             frame = by_image.get(rel)
             if frame is None:
@@ -342,8 +259,8 @@ def _image_size(root: Path, rel: str, rec: dict[str, Any], manifest_path: Path) 
         raise SynthtrialError(f"{path}: cannot be read as an image ({one_line(exc)})") from None
     for column, actual in (("width", width), ("height", height)):
         stated = rec.get(column)
-        if not _is_missing(stated) and _as_int(stated, manifest_path, rec["_row"], column) != actual:
-            raise SynthtrialError(f"{manifest_path}: row {rec['_row']}, column '{column}': {_show(stated)} but "
+        if not rundir.is_missing(stated) and rundir.as_int(stated, manifest_path, rec["_row"], column) != actual:
+            raise SynthtrialError(f"{manifest_path}: row {rec['_row']}, column '{column}': {rundir.show(stated)} but "
                                   f"{rel} is {width}x{height}")
     return int(width), int(height)
 
@@ -439,14 +356,14 @@ def _plan_acne04(run: _Run, *, folds: int, seed: int) -> tuple[dict[str, str], d
         row, image = int(rec["_row"]), rec["image"]
         name = PurePosixPath(image).stem + ".jpg"
         if any(ch.isspace() for ch in name):
-            raise SynthtrialError(f"{manifest_path}: row {row}, column 'image': {_show(image)} has white space "
+            raise SynthtrialError(f"{manifest_path}: row {row}, column 'image': {rundir.show(image)} has white space "
                                   "in its name, which the ACNE04 label lines ('filename grade count') cannot hold")
         if name in names:
-            raise SynthtrialError(f"{manifest_path}: row {row}, column 'image': {_show(image)} and "
-                                  f"{_show(names[name])} both become JPEGImages/{name}")
+            raise SynthtrialError(f"{manifest_path}: row {row}, column 'image': {rundir.show(image)} and "
+                                  f"{rundir.show(names[name])} both become JPEGImages/{name}")
         names[name] = image
-        grade = _as_int(rec["acne04_level"], manifest_path, row, "acne04_level")
-        count = _as_int(rec["lesion_count"], manifest_path, row, "lesion_count")
+        grade = rundir.as_int(rec["acne04_level"], manifest_path, row, "acne04_level")
+        count = rundir.as_int(rec["lesion_count"], manifest_path, row, "lesion_count")
         lines.append((rec["patient_id"], f"{name} {grade} {count}\n"))
     labels = {}
     for k in range(folds):
@@ -460,7 +377,7 @@ def _write_acne04(run: _Run, dest: Path, names: dict[str, str], labels: dict[str
 
     jpegs = dest / "JPEGImages"
     jpegs.mkdir()
-    with _progress("ACNE04 JPEG", len(names)) as advance:
+    with _progress("ACNE04 JPEG", len(names), run.progress) as advance:
         for name, image in names.items():
             src = run.root.joinpath(*PurePosixPath(image).parts)
             try:
@@ -493,35 +410,39 @@ def _write_imagefolder(run: _Run, dest: Path) -> None:
     writer.writerow(("file_name",) + METADATA_COLUMNS)
     int_columns = {"day", "acne04_level", "iga", "lesion_count", "n_open_comedo", "n_closed_comedo", "n_papule",
                    "n_pustule", "n_nodule", "n_mark", "n_scar"}
-    with _progress("imagefolder", len(manifest)) as advance:
+    with _progress("imagefolder", len(manifest), run.progress) as advance:
         for rec in manifest.to_dict(orient="records"):
             row = int(rec["_row"])
             src = run.root.joinpath(*PurePosixPath(rec["image"]).parts)
             file_name = f"{rec['patient_id']}/{src.name}"
             dst = train / rec["patient_id"] / src.name
             if dst.exists():
-                raise SynthtrialError(f"{manifest_path}: row {row}, column 'image': {_show(rec['image'])} would "
+                raise SynthtrialError(f"{manifest_path}: row {row}, column 'image': {rundir.show(rec['image'])} would "
                                       f"overwrite train/{file_name}, already exported from another row")
             dst.parent.mkdir(exist_ok=True)
-            _link_or_copy(src, dst)
+            if run.link:
+                _link_or_copy(src, dst)
+            else:
+                shutil.copyfile(src, dst)
             cells: list[str] = [file_name]
             for column in METADATA_COLUMNS:
                 value = rec[column]
                 if column in int_columns:
-                    cells.append(str(_as_int(value, manifest_path, row, column)))
+                    cells.append(str(rundir.as_int(value, manifest_path, row, column)))
                 elif column == "severity":
-                    number = _as_float(value, manifest_path, row, column)
+                    number = rundir.as_float(value, manifest_path, row, column)
                     cells.append("" if number is None else repr(number))
                 elif column == "date":
                     cells.append(_date_text(value, manifest_path, row))
                 else:
-                    cells.append("" if _is_missing(value) else str(value))
+                    cells.append("" if rundir.is_missing(value) else str(value))
             writer.writerow(cells)
             advance()
     write_text_atomic(train / "metadata.csv", buffer.getvalue())
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link (``--link``: no copy, but editing the export edits the run), or copy across file systems."""
     try:
         os.link(src, dst)
     except OSError:
@@ -529,12 +450,12 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _date_text(value: Any, path: Path, row: int) -> str:
-    if _is_missing(value):
+    if rundir.is_missing(value):
         return ""
     try:
         return pd.Timestamp(value).strftime("%Y-%m-%d")
     except (ValueError, TypeError):
-        raise SynthtrialError(f"{path}: row {row}, column 'date': {_show(value)} is not a date") from None
+        raise SynthtrialError(f"{path}: row {row}, column 'date': {rundir.show(value)} is not a date") from None
 
 
 # -------------------------------------------------------------------------------------- writing safely
@@ -553,7 +474,7 @@ def _building(target: Path, fmt: str, run: Path) -> Iterator[Path]:
         strangers = sorted(p.name for p in target.iterdir() if not _belongs_to_export(p.name, fmt))
         if strangers:
             raise SynthtrialError(f"{target}: exists and is not a synthtrial {fmt} export "
-                                  f"(it holds {_show(strangers[0])}); choose another --out or remove it")
+                                  f"(it holds {rundir.show(strangers[0])}); choose another --out or remove it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
@@ -584,61 +505,24 @@ def _belongs_to_export(name: str, fmt: str) -> bool:
 
 
 @contextlib.contextmanager
-def _progress(label: str, total: int) -> Iterator[Callable[[], None]]:
-    """A rich progress bar on stderr while it is a terminal; a no-op otherwise (pipes, CI, tests)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _progress(label: str, total: int, enabled: bool) -> Iterator[Callable[[], None]]:
+    """The shared progress bar (:mod:`synthtrial.progress`), advanced one item at a time."""
+    done = 0
+    with progress_bar(f"export {label}", total, enabled=enabled) as update:
+        def advance() -> None:
+            nonlocal done
+            done += 1
+            update(done)
 
-    console = Console(stderr=True)
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), console=console, transient=True,
-                        disable=not console.is_terminal)
-    with progress:
-        task = progress.add_task(f"export {label}", total=total)
-        yield lambda: progress.advance(task)
+        yield advance
 
 
 # --------------------------------------------------------------------------------------------- helpers
 
 def _check_int_option(value: Any, name: str, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise SynthtrialError(f"--{name} must be a whole number >= {minimum}, got {_show(value)}")
+        raise SynthtrialError(f"--{name} must be a whole number >= {minimum}, got {rundir.show(value)}")
     return int(value)
-
-
-def _is_missing(value: Any) -> bool:
-    try:
-        return value is None or bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return False
-
-
-def _as_int(value: Any, path: Path, row: int, column: str) -> int:
-    if not _is_missing(value) and not isinstance(value, (bool, np.bool_)):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if math.isfinite(number) and number == int(number):
-            return int(number)
-    raise SynthtrialError(f"{path}: row {row}, column '{column}': {_show(value)} is not a whole number")
-
-
-def _as_float(value: Any, path: Path, row: int, column: str) -> float | None:
-    if _is_missing(value):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number):
-        raise SynthtrialError(f"{path}: row {row}, column '{column}': {_show(value)} is not a number")
-    return number + 0.0
-
-
-def _show(value: Any) -> str:
-    text = repr(value.item() if isinstance(value, np.generic) else value)
-    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
 
 
 def _version() -> str:

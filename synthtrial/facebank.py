@@ -111,7 +111,8 @@ def _sdxl_source(model: str, size: int, steps: int, guidance: float) -> tuple[Ca
     check_model(model, "model")
     cuda = torch.cuda.is_available()
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=torch.float16 if cuda else torch.float32)
+        pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=torch.float16 if cuda else torch.float32,
+                                                         use_safetensors=True)
     except (OSError, ValueError, KeyError) as exc:
         raise FaceBankError(f"model {model}: not a loadable diffusers SDXL model ({type(exc).__name__}: {exc})"
                             .splitlines()[0]) from None
@@ -130,7 +131,7 @@ def _sdxl_source(model: str, size: int, steps: int, guidance: float) -> tuple[Ca
 
 def generate_face_bank(n: int, model: str, out_dir: Path, *, seed: int = 0, size: int = 1024, steps: int = 30,
                        guidance: float = 7.0, max_tries: int | None = None,
-                       progress: Callable[[int, int], None] | None = None,
+                       progress: Callable[[int, int, str], None] | None = None,
                        pipeline: Callable[[str, Any], Any] | None = None) -> pd.DataFrame:
     """Render up to ``n`` frontal synthetic portraits into ``out_dir``; returns the ``faces.csv`` table.
 
@@ -138,7 +139,7 @@ def generate_face_bank(n: int, model: str, out_dir: Path, *, seed: int = 0, size
 
     Stops after ``n`` kept faces or ``max_tries`` attempts (default ``4 * n``). ``pipeline`` replaces the
     SDXL text-to-image source with any ``(prompt, generator) -> PIL.Image`` (tests, other models); the
-    generator is a ``torch.Generator`` seeded with the attempt's seed. ``progress(attempts, kept)`` is
+    generator is a ``torch.Generator`` seeded with the attempt's seed. ``progress(attempts, max_tries, "N kept")`` is
     called after every attempt.
     """
     import torch
@@ -189,7 +190,7 @@ def generate_face_bank(n: int, model: str, out_dir: Path, *, seed: int = 0, size
                                  **attrs, **values})
                     _write_table(out_dir, rows)
             if progress is not None:
-                progress(attempt + 1, len(rows))
+                progress(attempt + 1, max_tries, f"{len(rows)} kept")
     finally:
         detector.close()
     return _table(rows)

@@ -7,9 +7,23 @@ barycentric weights), so a lesion lands on the same anatomical spot every day.
 
 Base portraits come from ``--faces DIR`` (e.g. ACNE04 level-0 images) or, by default, the public-domain
 portraits shipped inside installed packages (NASA's astronaut Eileen Collins in scikit-image, Grace Hopper
-in matplotlib). Patients beyond the number of base faces get a distinct, consistent appearance: a skin tone
-across the six Fitzpatrick types, a little geometry (scale, aspect, roll), lighting and framing, all
-recorded in the manifest as ``identity``.
+in matplotlib). Every patient keeps the skin of the portrait they are made from: there is no skin-tone
+recolouring (a recoloured face beside untouched hair, lips and background reads as paint, not as a person),
+so other skin types come from ``--faces`` or the face bank. Patients beyond the number of base faces get a
+distinct, consistent appearance from what stays natural in a photograph: a mirror image, geometry (scale,
+aspect, roll), framing, a lighting gradient, exposure and colour temperature, all recorded in the
+manifest as ``identity``.
+
+Physical scale: a face's millimetres per pixel come from its inter-pupillary distance (the distance between
+the eye centres of the mesh), taken as the adult mean :data:`ADULT_IPD_MM` (Dodgson NA, Variation and
+extrema of human interpupillary distance, Proc SPIE 5291, 2004: adult mean about 63 mm).
+
+Side views turn the head, not the picture: MediaPipe's 3-D landmarks are rotated about a vertical axis
+through the neck (:data:`PIVOT_DEPTH_IOD` behind the eyes) by the requested yaw, projected orthographically,
+and the portrait is warped piecewise-affinely over the mesh triangles, far triangles first and back-facing
+ones dropped, so the near cheek widens, the far cheek foreshortens and slips behind the nose, and every
+face-mesh anchor lands on its projected landmarks. Hair, ears and background follow on a ring of control
+points around the face oval that moves with it, pinned at the image border.
 """
 
 from __future__ import annotations
@@ -35,16 +49,18 @@ BUILTIN_FACES = ("astronaut", "hopper")
 REGIONS = ("forehead", "nose", "left_cheek", "right_cheek", "chin", "jaw")
 #: Relative density of lesions per unit skin area, by region (acne favours cheeks, chin and forehead).
 REGION_WEIGHTS = {"forehead": 1.0, "nose": 0.5, "left_cheek": 1.3, "right_cheek": 1.3, "chin": 1.2, "jaw": 0.9}
-#: Skin tones of the Fitzpatrick types as CIELAB (L*, a*, b*); their individual typology angles
-#: atan((L* - 50) / b*) fall in the classic ITA bands (I > 55 deg ... VI < -30 deg).
-FITZPATRICK_LAB = {
-    1: (75.0, 8.0, 16.0), 2: (68.0, 11.0, 18.0), 3: (63.0, 13.0, 20.0),
-    4: (55.0, 14.0, 22.0), 5: (42.0, 13.0, 19.0), 6: (30.0, 10.0, 13.0),
-}
-#: Skin types given in turn to the patients beyond the base portraits (darker types early, so even a
-#: small trial spans the range).
-FITZPATRICK_CYCLE = (5, 6, 2, 3, 4, 1)
+#: Adult mean inter-pupillary distance (mm): the ruler of every face (see the module docstring).
+ADULT_IPD_MM = 63.0
+#: Default head turn of the ``left`` / ``right`` views (degrees of yaw).
+DEFAULT_YAW_DEG = 25.0
+#: Depth of the head's vertical turning axis behind the eyes, in interocular distances (about 8 cm).
+PIVOT_DEPTH_IOD = 1.25
 MAX_IMAGE_PIXELS = 40_000_000
+#: Portraits enlarged by more than this factor get sharpened and grained back to a photographic look
+#: (:func:`_restore_upscaled`); the amount of unsharp masking and the grain (0-255 units) it adds.
+UPSCALE_RESTORE_FROM = 1.25
+UNSHARP_AMOUNT = 0.6
+GRAIN_SIGMA = 1.6
 
 
 class FaceError(SynthtrialError):
@@ -130,22 +146,32 @@ class LandmarkDetector:
             self._mesh = face_mesh.FaceMesh(static_image_mode=True, max_num_faces=4, refine_landmarks=False,
                                             min_detection_confidence=0.5)
 
-    def faces(self, image: np.ndarray) -> list[np.ndarray]:
-        """(468, 2) pixel landmarks of every face found (up to 4); empty when there is none."""
+    def faces3d(self, image: np.ndarray) -> list[np.ndarray]:
+        """(468, 3) landmarks of every face found (up to 4): x, y in pixels and depth z in pixels (MediaPipe's
+        z times the image width; larger is farther from the camera); empty when there is none."""
         with _quiet_native_stderr():
             result = self._mesh.process(np.ascontiguousarray(image))
         if not result.multi_face_landmarks:
             return []
         h, w = image.shape[:2]
-        return [np.array([(p.x * w, p.y * h) for p in f.landmark[:468]], dtype=np.float64)
+        return [np.array([(p.x * w, p.y * h, p.z * w) for p in f.landmark[:468]], dtype=np.float64)
                 for f in result.multi_face_landmarks]
 
-    def __call__(self, image: np.ndarray) -> np.ndarray | None:
-        """(468, 2) pixel landmarks of the largest face, or None when no face is found."""
-        faces = self.faces(image)
+    def faces(self, image: np.ndarray) -> list[np.ndarray]:
+        """(468, 2) pixel landmarks of every face found (up to 4); empty when there is none."""
+        return [lm[:, :2] for lm in self.faces3d(image)]
+
+    def landmarks3d(self, image: np.ndarray) -> np.ndarray | None:
+        """(468, 3) landmarks of the largest face, or None when no face is found."""
+        faces = self.faces3d(image)
         if not faces:
             return None
         return max(faces, key=lambda lm: np.ptp(lm[:, 0]) * np.ptp(lm[:, 1]))
+
+    def __call__(self, image: np.ndarray) -> np.ndarray | None:
+        """(468, 2) pixel landmarks of the largest face, or None when no face is found."""
+        lm = self.landmarks3d(image)
+        return None if lm is None else lm[:, :2]
 
     def close(self) -> None:
         self._mesh.close()
@@ -166,6 +192,7 @@ class BaseFace:
     source: str
     image: np.ndarray = field(repr=False)
     landmarks: np.ndarray = field(repr=False)
+    depth: np.ndarray | None = field(default=None, repr=False)   # (468,) landmark depth, pixels
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -177,6 +204,9 @@ def _read_image(path: Path) -> np.ndarray:
                 raise FaceError(f"{path}: image is {im.width}x{im.height}, larger than this tool reads "
                                 f"({MAX_IMAGE_PIXELS // 1_000_000} Mpx); downscale it first")
             return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError:
+        raise FaceError(f"{path}: the image header claims more pixels than this tool reads "
+                        f"({MAX_IMAGE_PIXELS // 1_000_000} Mpx); refusing to decode it") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise FaceError(f"{path}: not a readable image ({type(exc).__name__}: {exc})".splitlines()[0]) from None
 
@@ -198,10 +228,22 @@ def _builtin_image(key: str) -> tuple[np.ndarray, str]:
 def _with_landmarks(key: str, source: str, image: np.ndarray) -> BaseFace:
     if image.ndim != 3 or min(image.shape[:2]) < 64:
         raise FaceError(f"{source}: image is too small to hold a face ({image.shape[1]}x{image.shape[0]})")
-    landmarks = _detector()(image)
-    if landmarks is None:
+    lm3 = _detector().landmarks3d(image)
+    if lm3 is None:
         raise FaceError(f"{source}: no face found (MediaPipe face mesh); use a frontal portrait")
-    return BaseFace(key=key, source=source, image=image, landmarks=landmarks)
+    return BaseFace(key=key, source=source, image=image, landmarks=lm3[:, :2].copy(), depth=lm3[:, 2].copy())
+
+
+_MIRRORED: dict[tuple[str, str], BaseFace] = {}
+
+
+def mirrored(base: BaseFace) -> BaseFace:
+    """The portrait's mirror image, with its own landmarks (MediaPipe run again: left and right swap)."""
+    key = (base.key, base.source)
+    if key not in _MIRRORED:
+        flipped = np.ascontiguousarray(base.image[:, ::-1])
+        _MIRRORED[key] = _with_landmarks(base.key, base.source, flipped)
+    return _MIRRORED[key]
 
 
 @functools.cache
@@ -243,7 +285,7 @@ class Identity:
 
     base: str
     variant: int = 0
-    fitzpatrick: int | None = None      # None keeps the portrait's own skin tone
+    mirror: bool = False                # the portrait's mirror image (a different-looking, natural face)
     face_fraction: float = 0.62         # width of the face oval / width of the image
     aspect: float = 1.0                 # horizontal stretch of the face (geometry)
     roll_deg: float = 0.0
@@ -257,18 +299,12 @@ class Identity:
         return json.dumps(asdict(self), sort_keys=True)
 
 
-def _fitzpatrick(patient_index: int, n_bases: int) -> int:
-    """Each base portrait walks the cycle from its own offset, so every base meets every skin type."""
-    base_index, variant = patient_index % n_bases, patient_index // n_bases
-    offset = base_index * len(FITZPATRICK_CYCLE) // n_bases
-    return FITZPATRICK_CYCLE[(variant - 1 + offset) % len(FITZPATRICK_CYCLE)]
-
-
 def identity_for(patient_index: int, bases: Sequence[BaseFace], seed: int) -> Identity:
     """The identity of the ``patient_index``-th patient (0-based).
 
     The first patients get the base portraits as they are; later ones cycle through the bases with a
-    drawn appearance, so no two patients share one.
+    drawn appearance, so no two patients share one: odd variants are mirror images, and every variant has
+    its own geometry, framing and light. The skin stays the portrait's own.
     """
     base = bases[patient_index % len(bases)]
     variant = patient_index // len(bases)
@@ -278,15 +314,15 @@ def identity_for(patient_index: int, bases: Sequence[BaseFace], seed: int) -> Id
     return Identity(
         base=base.key,
         variant=variant,
-        fitzpatrick=_fitzpatrick(patient_index, len(bases)),
+        mirror=bool(variant % 2),
         face_fraction=round(float(rng.uniform(0.55, 0.7)), 4),
         aspect=round(float(rng.uniform(0.93, 1.07)), 4),
         roll_deg=round(float(rng.uniform(-5, 5)), 3),
         offset=(round(float(rng.uniform(-0.04, 0.04)), 4), round(float(rng.uniform(-0.04, 0.04)), 4)),
         light_angle_deg=round(float(rng.uniform(0, 360)), 2),
-        light_strength=round(float(rng.uniform(0.05, 0.2)), 4),
-        exposure=round(float(rng.uniform(0.9, 1.1)), 4),
-        warmth=round(float(rng.uniform(-4, 4)), 3),
+        light_strength=round(float(rng.uniform(0.04, 0.14)), 4),
+        exposure=round(float(rng.uniform(0.92, 1.08)), 4),
+        warmth=round(float(rng.uniform(-3, 3)), 3),
     )
 
 
@@ -302,6 +338,11 @@ class Face:
     skin: np.ndarray = field(repr=False)           # (S, S) bool: where lesions may be drawn
     regions: dict[str, np.ndarray] = field(repr=False)   # region name -> (S, S) bool, subsets of skin
     source: str = ""
+    depth: np.ndarray | None = field(default=None, repr=False)   # (468,) landmark depth, pixels (far > near)
+    view_name: str = "frontal"
+    yaw_deg: float = 0.0
+    frontal_iod: float | None = None       # a side view keeps the frontal face's ruler
+    zbuf: np.ndarray | None = field(default=None, repr=False)  # (S, S) depth of the visible surface (side views)
 
     @property
     def size(self) -> int:
@@ -309,8 +350,26 @@ class Face:
 
     @functools.cached_property
     def scale(self) -> float:
-        """Interocular distance in pixels: lesion sizes are given in this unit."""
-        return float(_frame(self.landmarks)[1])
+        """Interocular distance in pixels: lesion sizes are given in this unit. A side view keeps the
+        frontal face's (a lesion does not shrink when the head turns; only its outline would foreshorten)."""
+        return float(self.frontal_iod) if self.frontal_iod is not None else float(_frame(self.landmarks)[1])
+
+    @property
+    def mm_per_px(self) -> float:
+        """Millimetres per pixel at the face, from the inter-pupillary distance (:data:`ADULT_IPD_MM`)."""
+        return ADULT_IPD_MM / self.scale
+
+    def visible(self, triangles: np.ndarray, bary: np.ndarray) -> np.ndarray:
+        """Whether each face-mesh anchor can be seen in this view (always, frontally): its point is not
+        behind the visible surface (the far cheek behind the nose) and lies on the face's pixels."""
+        tri = np.asarray(triangles, dtype=np.int64)
+        if self.zbuf is None or self.depth is None:
+            return np.ones(tri.shape, bool)
+        pts = self.to_pixels(tri, bary)
+        z = np.einsum("nk,nk->n", np.asarray(bary, np.float64), self.depth[mesh_triangles()[tri]])
+        xi = np.clip(np.floor(pts[:, 0]).astype(int), 0, self.size - 1)
+        yi = np.clip(np.floor(pts[:, 1]).astype(int), 0, self.size - 1)
+        return z <= self.zbuf[yi, xi] + 0.05 * self.scale
 
     @functools.cached_property
     def triangle_map(self) -> np.ndarray:
@@ -331,38 +390,36 @@ class Face:
             out[self.regions[name]] = i
         return out
 
-    def view(self, name: str, yaw_deg: float = 25.0) -> Face:
-        """The same face seen from a side: ``left`` shows the patient's left cheek, ``right`` the right.
+    def view(self, name: str, yaw_deg: float = DEFAULT_YAW_DEG) -> Face:
+        """The same face with the head turned: ``left`` shows the patient's left cheek, ``right`` the right.
 
-        A perspective turn of the portrait about the vertical axis through the face centre; landmarks and
-        masks move with it, so lesions anchored in face-mesh coordinates stay on the same spot.
+        The 3-D face mesh is rotated by ``yaw_deg`` and the portrait warped over its triangles (see the module
+        docstring); landmarks, skin and regions move with it, so lesions anchored in face-mesh coordinates stay
+        on their anatomical spot. A face without depth (built by hand) cannot turn.
         """
         if name == "frontal":
             return self
         if name not in ("left", "right"):
             raise ValueError(f"unknown view '{name}'")
-        size = self.size
-        # the patient's left cheek is on the image's right; showing it turns the face towards image-left
-        theta = math.radians(yaw_deg if name == "left" else -yaw_deg)
-        focal = 1.5 * size
-        origin, _, _ = _frame(self.landmarks)
-        cx, cy = origin
-        k = np.array([[focal, 0, cx], [0, focal, cy], [0, 0, 1.0]])
-        rot = np.array([[math.cos(theta), 0, math.sin(theta)], [0, 1, 0], [-math.sin(theta), 0, math.cos(theta)]])
-        # the picture plane sits at depth `focal` (so it maps to itself unturned) and turns about its centre
-        plane = np.column_stack([rot[:, 0], rot[:, 1], -rot[:, 0] * cx - rot[:, 1] * cy + np.array([0, 0, focal])])
-        h = k @ plane
-        image = cv2.warpPerspective(self.image, h, (size, size), flags=cv2.INTER_CUBIC,
-                                    borderMode=cv2.BORDER_REFLECT101)
-        pts = np.hstack([self.landmarks, np.ones((len(self.landmarks), 1))]) @ h.T
-        landmarks = pts[:, :2] / pts[:, 2:3]
+        if not 0 < yaw_deg < 60:
+            raise ValueError(f"yaw_deg must be between 0 and 60 degrees, got {yaw_deg}")
+        if self.depth is None:
+            raise ValueError("this face has no landmark depth; build it with make_face to turn it")
+        from synthtrial.headturn import head_turn
 
-        def warp(mask: np.ndarray) -> np.ndarray:
-            return cv2.warpPerspective(mask.astype(np.uint8), h, (size, size), flags=cv2.INTER_NEAREST,
-                                       borderMode=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
+        warp = head_turn(self.landmarks, self.depth, self.size, yaw_deg if name == "left" else -yaw_deg)
+        image = cv2.remap(self.image, warp.map_x, warp.map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT101)
 
-        return Face(identity=self.identity, image=image, landmarks=landmarks, skin=warp(self.skin),
-                    regions={k_: warp(v) for k_, v in self.regions.items()}, source=self.source)
+        def move(mask: np.ndarray) -> np.ndarray:
+            return cv2.remap(mask.astype(np.uint8), warp.map_x, warp.map_y, cv2.INTER_NEAREST,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
+
+        # skin only where a face triangle shows (a hidden one's pixels are another surface's)
+        skin = move(self.skin) & warp.on_mesh
+        return Face(identity=self.identity, image=image, landmarks=warp.landmarks, skin=skin,
+                    regions={k_: move(v) & skin for k_, v in self.regions.items()}, source=self.source,
+                    depth=warp.depth, view_name=name, yaw_deg=float(yaw_deg), frontal_iod=self.scale,
+                    zbuf=warp.zbuf)
 
     def to_pixels(self, triangles: np.ndarray, bary: np.ndarray) -> np.ndarray:
         """Pixel positions (N, 2) of face-mesh anchors (triangle indices (N,), barycentric weights (N, 3))."""
@@ -484,6 +541,8 @@ def make_face(base: BaseFace, identity: Identity, size: int = 512) -> Face:
     """Crop, frame and restyle a base portrait into a patient's face at ``size`` x ``size`` pixels."""
     if identity.base != base.key:
         raise ValueError(f"identity is for base '{identity.base}', not '{base.key}'")
+    if identity.mirror:
+        base = mirrored(base)
     lm = base.landmarks
     oval = lm[_mesh()["oval"]]
     centre = (oval.min(axis=0) + oval.max(axis=0)) / 2
@@ -500,31 +559,40 @@ def make_face(base: BaseFace, identity: Identity, size: int = 512) -> Face:
     affine = np.hstack([linear, (target - linear @ centre)[:, None]])
     interp = cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC
     image = cv2.warpAffine(base.image, affine, (size, size), flags=interp, borderMode=cv2.BORDER_REFLECT101)
+    if s > UPSCALE_RESTORE_FROM:
+        image = _restore_upscaled(image, s, identity)
     landmarks = lm @ affine[:, :2].T + affine[:, 2]
-    image = _restyle(image, landmarks, identity)
+    # depth scales with the picture (the aspect stretch is a face-width change: depth follows the mean)
+    depth = None if base.depth is None else base.depth * s * math.sqrt(identity.aspect)
+    image = _restyle(image, identity)
     skin, regions = skin_regions(image, landmarks)
     if skin.sum() < 0.01 * size * size:
         raise FaceError(f"{base.source}: too little visible skin on the face to draw lesions on")
     return Face(identity=identity, image=image, landmarks=landmarks, skin=skin, regions=regions,
-                source=base.source)
+                source=base.source, depth=depth)
 
 
-def _restyle(image: np.ndarray, landmarks: np.ndarray, identity: Identity) -> np.ndarray:
-    """Skin tone (Fitzpatrick type), lighting, exposure and warmth of an identity variant."""
-    if (identity.fitzpatrick is None and identity.light_strength == 0 and identity.exposure == 1.0
-            and identity.warmth == 0):
+def _restore_upscaled(image: np.ndarray, factor: float, identity: Identity) -> np.ndarray:
+    """An upscaled portrait made to look photographed at its new size: a mild unsharp mask at the scale of
+    the upscaling (edges as crisp as a lens of that resolution would give, without halos) and fresh,
+    seeded sensor grain (an upscale is too clean). Only structure the photo holds is sharpened; no detail is
+    invented, so a 3x upscale stays softer than a real 512-pixel photo."""
+    img = image.astype(np.float32)
+    soft = cv2.GaussianBlur(img, (0, 0), 0.45 * factor)
+    img = img + UNSHARP_AMOUNT * (img - soft)
+    rng = derived_rng("grain", identity.to_json(), image.shape[0])
+    luma = rng.standard_normal(image.shape[:2], dtype=np.float32)
+    chroma = rng.standard_normal(image.shape, dtype=np.float32)
+    img += GRAIN_SIGMA * (0.8 * luma[..., None] + 0.45 * chroma)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _restyle(image: np.ndarray, identity: Identity) -> np.ndarray:
+    """Lighting gradient, exposure and colour temperature of an identity variant, applied to the whole
+    picture alike (as a different lamp or camera setting would), never to the skin alone."""
+    if identity.light_strength == 0 and identity.exposure == 1.0 and identity.warmth == 0:
         return image
     lab = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)  # L 0-100, a/b signed
-    if identity.fitzpatrick is not None:
-        skin, _ = skin_regions(image, landmarks)
-        ref = np.median(lab[skin], axis=0) if skin.any() else lab.reshape(-1, 3).mean(axis=0)
-        target = np.array(FITZPATRICK_LAB[identity.fitzpatrick], dtype=np.float32)
-        weight = _tone_weight(lab, landmarks, ref)[..., None]
-        styled = lab.copy()
-        styled[..., 0] = lab[..., 0] * (target[0] / max(ref[0], 1.0))
-        styled[..., 1] = lab[..., 1] + (target[1] - ref[1])
-        styled[..., 2] = lab[..., 2] + (target[2] - ref[2])
-        lab = weight * styled + (1 - weight) * lab
     h, w = image.shape[:2]
     if identity.light_strength:
         a = math.radians(identity.light_angle_deg)
@@ -536,43 +604,6 @@ def _restyle(image: np.ndarray, landmarks: np.ndarray, identity: Identity) -> np
     lab[..., 0] = np.clip(lab[..., 0], 0, 100)
     rgb = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
     return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
-
-
-#: Inner lip contour (the mouth opening: teeth, tongue), from MediaPipe's lip landmarks.
-INNER_LIPS = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87, 178, 88, 95)
-
-
-def _tone_weight(lab: np.ndarray, landmarks: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """How much each pixel takes a new skin tone (0-1).
-
-    Inside the face every skin pixel does, highlights and shadows included (a colour test alone would
-    leave pale blotches); the eyes and the mouth opening keep their colour and the lips take half. Beyond
-    the face, skin-coloured pixels (neck, ears) follow by chroma, so there is no seam at the jaw line.
-    """
-    h, w = lab.shape[:2]
-    m = _mesh()
-    _, iod, _ = _frame(landmarks)
-
-    def hull(indices, grow: float) -> np.ndarray:
-        out = np.zeros((h, w), np.uint8)
-        cv2.fillConvexPoly(out, cv2.convexHull(np.round(landmarks[list(indices)] * 16).astype(np.int32)), 1, shift=4)
-        if grow:
-            k = max(1, int(round(grow * iod)))
-            out = cv2.dilate(out, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
-        return out.astype(np.float32)
-
-    face = np.zeros((h, w), np.uint8)
-    cv2.fillPoly(face, [np.round(landmarks[m["oval"]] * 16).astype(np.int32)], 1, shift=4)
-    spatial = face.astype(np.float32)
-    spatial = np.minimum(spatial, 1 - 0.5 * hull(m["lips"], 0.0))
-    spatial = np.minimum(spatial, 1 - hull(INNER_LIPS, 0.0))
-    keep = np.maximum(hull(m["left_eye"], 0.02), hull(m["right_eye"], 0.02))
-    spatial = np.minimum(spatial, 1 - keep)
-    chroma = np.hypot(lab[..., 1] - ref[1], lab[..., 2] - ref[2])
-    light = np.clip(1 - np.maximum(ref[0] - 45 - lab[..., 0], lab[..., 0] - ref[0] - 35) / 10, 0, 1)
-    colour = np.exp(-0.5 * (chroma / 12) ** 2) * light * (1 - keep) * (1 - hull(INNER_LIPS, 0.0))
-    weight = np.maximum(spatial, colour).astype(np.float32)
-    return cv2.GaussianBlur(weight, (0, 0), max(1.0, 0.02 * iod))
 
 
 def face_from_request(value: str, faces_dir: str | os.PathLike[str] | None, protocol_dir: Path | None,

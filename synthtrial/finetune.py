@@ -38,9 +38,11 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from synthtrial.atomic import write_text_atomic
 from synthtrial.errors import SynthtrialError, one_line
+from synthtrial.weights import check_model_folder, load_safetensors, resolve_model
 from synthtrial.seeding import derive_seed
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -74,6 +76,9 @@ class FinetuneConfig:
     gradient_checkpointing: bool = True
     checkpointing_steps: int = 100
     use_8bit_adam: bool = False  # needs bitsandbytes and CUDA
+
+    def __post_init__(self) -> None:
+        validate_config(self)
 
     def prompt_for(self, level: int) -> str:
         """The instance prompt for an image of ``level``."""
@@ -135,11 +140,13 @@ def training_examples(data_dir: str | Path, config: FinetuneConfig) -> list[tupl
 # ------------------------------------------------------------------------------------------- base model
 
 def _model_index(base: str) -> dict:
-    """``model_index.json`` of a local folder or a hub id; a one-line error otherwise."""
+    """``model_index.json`` of a local folder or a hub id; a one-line error otherwise (pickle-only weights,
+    custom code, an unreachable hub: :mod:`synthtrial.weights`)."""
     path = Path(base).expanduser()
     if path.exists():
         if not path.is_dir():
             raise SynthtrialError(f"base model {base}: is not a folder (a diffusers model folder or a hub id)")
+        check_model_folder(path, "base model")
         index = path / "model_index.json"
         if not index.is_file():
             raise SynthtrialError(f"base model folder {base}: no model_index.json (not a diffusers model folder)")
@@ -147,9 +154,7 @@ def _model_index(base: str) -> dict:
             return json.loads(index.read_text())
         except (OSError, ValueError) as exc:
             raise SynthtrialError(f"base model folder {base}: unreadable model_index.json ({exc})") from None
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", base) or base.startswith((".", "~")):
-        raise SynthtrialError(f"base model folder {base} does not exist (nothing is downloaded unless a hub id "
-                              "such as stabilityai/stable-diffusion-xl-base-1.0 is given)")
+    resolve_model(base, "base model")
     from diffusers import DiffusionPipeline
 
     try:
@@ -172,6 +177,11 @@ def _model_kind(base: str, index: dict) -> str:
 
 
 def _load(cls, base: str, subfolder: str, **kwargs):
+    """A component of the base model: tokenizers without remote code, models from safetensors only."""
+    if subfolder.startswith("tokenizer"):
+        kwargs["trust_remote_code"] = False
+    elif subfolder != "scheduler":
+        kwargs["use_safetensors"] = True
     try:
         return cls.from_pretrained(base, subfolder=subfolder, **kwargs)
     except Exception as exc:  # noqa: BLE001 - loading errors come as OSError/ValueError/EnvironmentError/...
@@ -286,9 +296,7 @@ def _save_checkpoint(out_dir: Path, step: int, *, lora: dict, optimizer, lr_sche
 
 
 def _load_optimizer_state(path: Path, state: dict) -> dict:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    tensors = load_safetensors(path / "optimizer.safetensors")
     per_param: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(state["optimizer"]["scalars"].items()):
         index, name = key.split(".", 1)
@@ -302,13 +310,13 @@ def _load_optimizer_state(path: Path, state: dict) -> dict:
 # ----------------------------------------------------------------------------------------- training
 
 def finetune(data_dir: Path, out_dir: Path, config: FinetuneConfig, *,
-             progress: Callable[[int, int, float], None] | None = None) -> Path:
+             progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Train a LoRA on the ACNE04 images in ``data_dir``; return ``out_dir/pytorch_lora_weights.safetensors``.
 
     Resumes from the latest ``checkpoint-{step}`` in ``out_dir`` (step <= ``max_train_steps``) when the
     config matches it (only ``max_train_steps``, ``checkpointing_steps`` and ``gradient_checkpointing``
     may change), else raises.
-    ``progress(step, max_train_steps, loss)`` is called after every optimizer step.
+    ``progress(step, max_train_steps, status)`` is called after every optimizer step (status: the loss).
     """
     validate_config(config)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -376,18 +384,26 @@ def _encode_prompts(prompts: list[str], tokenizers, encoders, kind: str, device,
     return out
 
 
-def _train(accelerator, examples, out_dir: Path, config: FinetuneConfig, kind: str, data_dir: Path,
-           resume, resume_state, progress) -> Path:
+@dataclass
+class _Frozen:
+    """The frozen parts of the base model, on the device: VAE, UNet, noise scheduler, prompt embeddings."""
+
+    kind: str
+    device: Any
+    weight_dtype: Any
+    vae_dtype: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+    embeds: dict
+    prediction_type: str
+
+
+def _load_frozen(accelerator, examples, config: FinetuneConfig, kind: str) -> _Frozen:
+    """Load the base model's components (safetensors only, no remote code), encode the prompts once, and put
+    the VAE (fp32 where the model asks to upcast it) and the UNet on the accelerator's device."""
     import torch
-    import torch.nn.functional as F
-    from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, compute_snr
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     base = config.base
@@ -395,8 +411,6 @@ def _train(accelerator, examples, out_dir: Path, config: FinetuneConfig, kind: s
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-    # --- frozen parts
     tokenizers = [_load(AutoTokenizer, base, "tokenizer")]
     encoders = [_load(CLIPTextModel, base, "text_encoder")]
     if kind == "sdxl":
@@ -425,17 +439,42 @@ def _train(accelerator, examples, out_dir: Path, config: FinetuneConfig, kind: s
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction"):
         raise SynthtrialError(f"base model {base}: prediction type {prediction_type!r} is not supported")
+    return _Frozen(kind, device, weight_dtype, vae_dtype, vae, unet, noise_scheduler, embeds, prediction_type)
 
-    # --- LoRA
+
+@dataclass
+class _Trainable:
+    """The LoRA-wrapped UNet (prepared by accelerate), its parameters, optimizer and schedule, and where the
+    run stands (optimizer step, training log)."""
+
+    unet: Any
+    params: list
+    optimizer: Any
+    lr_scheduler: Any
+    scaler: Any
+    step: int
+    log: list
+
+
+def _prepare_lora(accelerator, frozen: _Frozen, config: FinetuneConfig, resume, resume_state) -> _Trainable:
+    """Add the LoRA adapter to the UNet (restored from a checkpoint when resuming), build the optimizer and
+    learning-rate schedule, restore their states, and hand them to accelerate."""
+    import torch
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    unet = frozen.unet
     torch.manual_seed(config.seed)
     unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian",
                                 target_modules=TARGET_MODULES))
     if resume_state is not None:
-        lora = load_file(str(resume[1] / "lora.safetensors"))
+        lora = load_safetensors(resume[1] / "lora.safetensors")
         result = set_peft_model_state_dict(unet, lora, adapter_name="default")
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
-            raise SynthtrialError(f"{resume[1]}: LoRA weights do not fit the base model {base}")
+            raise SynthtrialError(f"{resume[1]}: LoRA weights do not fit the base model {config.base}")
     cast_training_params(unet, dtype=torch.float32)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -459,6 +498,73 @@ def _train(accelerator, examples, out_dir: Path, config: FinetuneConfig, kind: s
     scaler = getattr(accelerator, "scaler", None)
     if resume_state is not None and scaler is not None and resume_state.get("scaler"):
         scaler.load_state_dict(resume_state["scaler"])
+    return _Trainable(unet, params, optimizer, lr_scheduler, scaler, step, log)
+
+
+def _micro_step(accelerator, frozen: _Frozen, train: _Trainable, examples, config: FinetuneConfig,
+                micro: int) -> float:
+    """One micro-batch: draw its images (seeded by its index, so a resumed run sees the same batches), noise
+    them at random timesteps, and take the (Min-SNR weighted) denoising loss's gradient; the optimizer steps
+    when accelerate's accumulation says so. Returns the micro-batch loss."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers.training_utils import compute_snr
+
+    res, bsz, n = config.resolution, config.train_batch_size, len(examples)
+    device, kind, scheduler = frozen.device, frozen.kind, frozen.noise_scheduler
+    gen = torch.Generator().manual_seed(derive_seed(config.seed, "finetune-micro", micro) % 2 ** 63)
+    pixels, times, hidden, pooled = [], [], [], []
+    for b in range(bsz):
+        sample = micro * bsz + b
+        path, _, prompt = examples[_sample_index(config.seed, sample, n)]
+        flip = bool(derive_seed(config.seed, "finetune-flip", sample) & 1)
+        image, original, crop = _load_image(path, res, flip)
+        pixels.append(image)
+        times.append([*original, *crop, res, res])
+        hidden.append(frozen.embeds[prompt][0])
+        pooled.append(frozen.embeds[prompt][1])
+    with accelerator.accumulate(train.unet):
+        with torch.no_grad():
+            pix = torch.stack(pixels).to(device, dtype=frozen.vae_dtype)
+            latents = frozen.vae.encode(pix).latent_dist.sample(generator=gen)
+            shift = getattr(frozen.vae.config, "shift_factor", None) or 0.0
+            latents = ((latents - shift) * frozen.vae.config.scaling_factor).to(frozen.weight_dtype)
+        noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(device, dtype=latents.dtype)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=gen).to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        kwargs = {}
+        if kind == "sdxl":
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.stack(pooled),
+                "time_ids": torch.tensor(times, device=device, dtype=frozen.weight_dtype)}
+        pred = train.unet(noisy, timesteps, torch.stack(hidden), return_dict=False, **kwargs)[0]
+        target = noise if frozen.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        if config.snr_gamma is None:
+            loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+        else:  # Min-SNR weighting (Hang et al. 2023), as in diffusers' scripts
+            snr = compute_snr(scheduler, timesteps)
+            weights = torch.clamp(snr, max=float(config.snr_gamma))
+            weights = weights / snr if frozen.prediction_type == "epsilon" else weights / (snr + 1)
+            loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+            loss = (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(train.params, MAX_GRAD_NORM)
+        train.optimizer.step()
+        train.lr_scheduler.step()
+        train.optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach().float().item())
+
+
+def _train(accelerator, examples, out_dir: Path, config: FinetuneConfig, kind: str, data_dir: Path,
+           resume, resume_state, progress) -> Path:
+    """Load, prepare the LoRA, then step until ``max_train_steps``, checkpointing as configured."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    frozen = _load_frozen(accelerator, examples, config, kind)
+    train = _prepare_lora(accelerator, frozen, config, resume, resume_state)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / CONFIG_FILE, json.dumps({
@@ -467,76 +573,33 @@ def _train(accelerator, examples, out_dir: Path, config: FinetuneConfig, kind: s
         "target_modules": TARGET_MODULES, "max_grad_norm": MAX_GRAD_NORM}, indent=1) + "\n")
 
     def lora_state() -> dict:
-        return get_peft_model_state_dict(accelerator.unwrap_model(unet))
+        return get_peft_model_state_dict(accelerator.unwrap_model(train.unet))
 
     def write_log() -> None:
         write_text_atomic(out_dir / LOG_FILE, json.dumps({
-            "model_type": kind, "resumed_from": None if resume is None else resume[0], "steps": log}) + "\n")
+            "model_type": kind, "resumed_from": None if resume is None else resume[0], "steps": train.log}) + "\n")
 
-    res, bsz, accum = config.resolution, config.train_batch_size, config.gradient_accumulation_steps
-    n = len(examples)
-    micro = step * accum
+    micro = train.step * config.gradient_accumulation_steps
     micro_losses: list[float] = []
-    unet.train()
-    while step < config.max_train_steps:
-        gen = torch.Generator().manual_seed(derive_seed(config.seed, "finetune-micro", micro) % 2 ** 63)
-        pixels, times, hidden, pooled = [], [], [], []
-        for b in range(bsz):
-            sample = micro * bsz + b
-            path, _, prompt = examples[_sample_index(config.seed, sample, n)]
-            flip = bool(derive_seed(config.seed, "finetune-flip", sample) & 1)
-            image, original, crop = _load_image(path, res, flip)
-            pixels.append(image)
-            times.append([*original, *crop, res, res])
-            hidden.append(embeds[prompt][0])
-            pooled.append(embeds[prompt][1])
-        with accelerator.accumulate(unet):
-            with torch.no_grad():
-                pix = torch.stack(pixels).to(device, dtype=vae_dtype)
-                latents = vae.encode(pix).latent_dist.sample(generator=gen)
-                shift = getattr(vae.config, "shift_factor", None) or 0.0
-                latents = ((latents - shift) * vae.config.scaling_factor).to(weight_dtype)
-            noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(device, dtype=latents.dtype)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen)
-            timesteps = timesteps.to(device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            kwargs = {}
-            if kind == "sdxl":
-                kwargs["added_cond_kwargs"] = {
-                    "text_embeds": torch.stack(pooled),
-                    "time_ids": torch.tensor(times, device=device, dtype=weight_dtype)}
-            pred = unet(noisy, timesteps, torch.stack(hidden), return_dict=False, **kwargs)[0]
-            target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-            if config.snr_gamma is None:
-                loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
-            else:  # Min-SNR weighting (Hang et al. 2023), as in diffusers' scripts
-                snr = compute_snr(noise_scheduler, timesteps)
-                weights = torch.clamp(snr, max=float(config.snr_gamma))
-                weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
-                loss = F.mse_loss(pred.float(), target.float(), reduction="none")
-                loss = (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    train.unet.train()
+    while train.step < config.max_train_steps:
+        micro_losses.append(_micro_step(accelerator, frozen, train, examples, config, micro))
         micro += 1
-        micro_losses.append(float(loss.detach().float().item()))
         if not accelerator.sync_gradients:
             continue
-        step += 1
+        train.step += 1
+        step = train.step
         mean_loss = sum(micro_losses) / len(micro_losses)
         micro_losses = []
         if not math.isfinite(mean_loss):
             raise SynthtrialError(f"finetune: loss became {mean_loss} at step {step}; lower learning_rate or "
                                   "use mixed_precision='no'/'bf16'")
-        log.append({"step": step, "loss": mean_loss, "lr": float(lr_scheduler.get_last_lr()[0])})
+        train.log.append({"step": step, "loss": mean_loss, "lr": float(train.lr_scheduler.get_last_lr()[0])})
         if progress is not None:
-            progress(step, config.max_train_steps, mean_loss)
+            progress(step, config.max_train_steps, f"loss {mean_loss:.4f}")
         if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
-            _save_checkpoint(out_dir, step, lora=lora_state(), optimizer=optimizer, lr_scheduler=lr_scheduler,
-                             scaler=scaler, config=config, log=log)
+            _save_checkpoint(out_dir, step, lora=lora_state(), optimizer=train.optimizer,
+                             lr_scheduler=train.lr_scheduler, scaler=train.scaler, config=config, log=train.log)
             write_log()
 
     write_log()

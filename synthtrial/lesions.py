@@ -8,6 +8,28 @@ early (that is how treatment shows); if too few, new ones are born, with types c
 mix follows :func:`synthtrial.scale.lesion_mix` at that severity. Inflamed lesions leave a fading mark
 when they resolve, and sometimes an atrophic scar that stays.
 
+Sizes are physical: each stage of a lesion gets a diameter in millimetres drawn from its type's range in
+:data:`DIAMETER_MM` (one table, with its sources below); a face's millimetres per pixel come from its
+inter-pupillary distance (:data:`synthtrial.faces.ADULT_IPD_MM`). New lesions cluster: with probability
+:data:`CLUSTER_CHANCE` a new lesion is placed a few diameters from one already standing (acne erupts in
+crops within a pilosebaceous field), otherwise anywhere on the skin, weighted by region.
+
+Lesion size ranges (diameter at full development), adopted from the clinical descriptions in:
+
+* Zaenglein AL et al. Guidelines of care for the management of acne vulgaris. J Am Acad Dermatol
+  2016;74:945-973 (lesion definitions: comedones, papules, pustules, nodules);
+* Bolognia JL, Schaffer JV, Cerroni L (eds). Dermatology, 4th ed., Elsevier 2018, chapter "Acne
+  vulgaris" (closed comedones as 1-3 mm skin-coloured papules; open comedones as dilated follicular
+  openings with a dark keratin plug);
+* the lesion-counting convention of acne trials (Lehmann HP et al. Acne therapy: a methodologic review.
+  J Am Acad Dermatol 2002;47:231-240; Tan JKL, Bhate K. A global perspective on the epidemiology of
+  acne. Br J Dermatol 2015;172 Suppl 1:3-12): papules and pustules under 5 mm, nodules 5 mm or more;
+* Jacob CI, Dover JS, Kaminer MS. Acne scarring: a classification system and review of treatment
+  options. J Am Acad Dermatol 2001;45:109-117 (ice-pick scars < 2 mm, boxcar scars 1.5-4 mm).
+
+Open comedones start at 1 mm rather than the clinical 0.5 mm: smaller ones are below the resolution of a
+512-pixel face photograph (about 0.4 mm per pixel) and would not be drawn at all.
+
 The process is seeded per patient and knows nothing about images: :class:`LesionCourse` gives, for any
 day, the lesions present with their current type, stage and size, in face-mesh coordinates.
 """
@@ -26,11 +48,20 @@ ACTIVE_TYPES = scale.LESION_TYPES                      # counted as lesions
 RESIDUAL_TYPES = scale.RESIDUAL_TYPES                  # what resolution leaves behind; not counted
 ALL_TYPES = scale.ALL_LESION_TYPES
 
-#: Peak radius range of each type, in interocular distances (about 150 px on a 512 px face crop).
-SIZE_RANGE = {
-    "open_comedo": (0.010, 0.018), "closed_comedo": (0.011, 0.020), "papule": (0.020, 0.036),
-    "pustule": (0.020, 0.034), "nodule": (0.045, 0.075), "scar": (0.012, 0.024),
+#: Diameter range (mm) of each type at full development; sources in the module docstring. A mark (post-
+#: inflammatory erythema or hyperpigmentation) is :data:`MARK_SPREAD` times the lesion that left it.
+DIAMETER_MM = {
+    "open_comedo": (1.0, 2.0), "closed_comedo": (1.0, 3.0), "papule": (2.0, 5.0), "pustule": (2.0, 5.0),
+    "nodule": (5.0, 10.0), "scar": (1.0, 4.0),
 }
+MARK_SPREAD = 1.15
+#: The diameter range of every type, marks included (for checks and documentation).
+DIAMETER_RANGE_MM = {**DIAMETER_MM, "mark": (MARK_SPREAD * DIAMETER_MM["papule"][0],
+                                             MARK_SPREAD * DIAMETER_MM["nodule"][1])}
+#: Chance that a new lesion is placed next to a standing one, and how far from it (in sums of the two
+#: radii, centre to centre).
+CLUSTER_CHANCE = 0.6
+CLUSTER_DISTANCE = (1.7, 2.6)
 #: Duration ranges (days) of each active stage.
 STAGE_DAYS = {
     "open_comedo": (14, 42), "closed_comedo": (10, 30), "papule": (4, 10), "pustule": (3, 7),
@@ -55,6 +86,7 @@ class Stage:
     type: str
     start: int          # first day of the stage
     end: int            # first day after the stage (exclusive); a scar lasts for ever (a large number)
+    diameter_mm: float = 0.0   # diameter at full development
 
 
 @dataclass
@@ -62,7 +94,7 @@ class Lesion:
     lesion_id: int
     triangle: int
     bary: np.ndarray
-    size: float         # peak radius, interocular distances
+    size: float         # largest radius of its course, interocular distances (for spacing)
     seed: int
     born: int
     stages: list[Stage] = field(default_factory=list)
@@ -92,9 +124,27 @@ class LesionState:
     age_days: int
     triangle: int
     bary: np.ndarray
-    radius: float         # interocular distances, on this day
+    radius: float         # interocular distances, on this day (as drawn: growing lesions are smaller)
     intensity: float      # 0-1: growth, fading
     seed: int
+    diameter_mm: float = 0.0   # the stage's diameter at full development, millimetres
+
+
+def radius_iod(diameter_mm: float) -> float:
+    """A diameter in millimetres as a radius in interocular distances (the unit of face-mesh sizes)."""
+    from synthtrial.faces import ADULT_IPD_MM
+
+    return 0.5 * diameter_mm / ADULT_IPD_MM
+
+
+def drawn_radius(stage_type: str, diameter_mm: float, intensity: float) -> float:
+    """Radius (interocular distances) a lesion of this type and diameter is drawn at, at this intensity:
+    growing and fading lesions are smaller; pustules and nodules stay near full size while they last."""
+    r = radius_iod(diameter_mm)
+    if stage_type in ACTIVE_TYPES:
+        radius = r * (0.55 + 0.45 * intensity)
+        return max(radius, 0.8 * r) if stage_type in ("nodule", "pustule") else radius
+    return r
 
 
 class PlacementSampler:
@@ -115,13 +165,44 @@ class PlacementSampler:
             raise ValueError("the face has no skin to place lesions on")
         w = np.array([weights.get(name, 0.0) for name in REGIONS])[region_map[ys, xs]]
         self._xs, self._ys = xs, ys
+        self._usable = usable
         self._cdf = np.cumsum(w / w.sum())
         self._face = face
 
+    def _near(self, rng: np.random.Generator, radius_px: float, occ: np.ndarray,
+              neighbours: np.ndarray, tries: int = 12) -> np.ndarray | None:
+        """A free skin point a few diameters from one of ``neighbours`` (x, y, r), or None."""
+        usable = self._usable
+        h, w = usable.shape
+        k = int(rng.integers(len(neighbours)))
+        nx, ny, nr = neighbours[k]
+        for _ in range(tries):
+            dist = rng.uniform(*CLUSTER_DISTANCE) * (nr + radius_px)
+            ang = rng.uniform(0, 2 * np.pi)
+            p = np.array([nx + dist * np.cos(ang), ny + dist * np.sin(ang)])
+            xi, yi = int(np.round(p[0])), int(np.round(p[1]))
+            if not (0 <= xi < w and 0 <= yi < h) or not usable[yi, xi]:
+                continue
+            gap = np.min(np.hypot(occ[:, 0] - p[0], occ[:, 1] - p[1]) - MIN_SEPARATION * (occ[:, 2] + radius_px))
+            if gap >= 0:
+                return p
+        return None
+
     def draw(self, rng: np.random.Generator, radius_px: float,
-             occupied: Sequence[tuple[float, float, float]], tries: int = 40) -> tuple[int, np.ndarray]:
-        """An anchor (triangle, barycentric) at least MIN_SEPARATION radii from every occupied (x, y, r)."""
+             occupied: Sequence[tuple[float, float, float]], tries: int = 40,
+             neighbours: Sequence[tuple[float, float, float]] = ()) -> tuple[int, np.ndarray]:
+        """An anchor (triangle, barycentric) at least MIN_SEPARATION radii from every occupied (x, y, r).
+
+        With probability :data:`CLUSTER_CHANCE` (and standing ``neighbours``) it is first sought a few
+        diameters from one of them; otherwise, or when no free spot is found there, anywhere on the skin.
+        """
         occ = np.array(occupied, dtype=np.float64).reshape(-1, 3)
+        nb = np.array(neighbours, dtype=np.float64).reshape(-1, 3)
+        if len(nb) and len(occ) and rng.random() < CLUSTER_CHANCE:
+            p = self._near(rng, radius_px, occ, nb)
+            if p is not None:
+                tri, bary = self._face.to_anchors(p[None, :])
+                return int(tri[0]), bary[0]
         best, best_gap = None, -np.inf
         for _ in range(tries):
             i = int(np.searchsorted(self._cdf, rng.random(), side="right"))
@@ -188,35 +269,41 @@ class LesionCourse:
                     counts[les.stage_on(day).type] += 1
                 occupied = [(*self.face.to_pixels([les.triangle], les.bary[None])[0], les.size * scale_px)
                             for les in alive]
+                standing = [occ for occ, les in zip(occupied, alive) if les.active_on(day)]
                 target = int(self.targets[k])
                 for _ in range(-excess):
                     deficit = np.array([max(target * mix[t] - counts[t], 0.0) + 1e-3 * mix[t] for t in ACTIVE_TYPES])
                     if deficit.sum() <= 0:
                         deficit = np.array([mix[t] for t in ACTIVE_TYPES]) + 1e-9
                     kind = ACTIVE_TYPES[int(rng.choice(len(ACTIVE_TYPES), p=deficit / deficit.sum()))]
-                    size = float(rng.uniform(*SIZE_RANGE[kind]))
-                    tri, bary = sampler.draw(place_rng, size * scale_px, occupied)
+                    stages = self._course(kind, day, rng)
+                    size = max(radius_iod(st.diameter_mm) for st in stages)
+                    tri, bary = sampler.draw(place_rng, size * scale_px, occupied, neighbours=standing)
                     lesion = Lesion(lesion_id=next_id, triangle=tri, bary=bary, size=size,
-                                    seed=int(rng.integers(0, 2**31 - 1)), born=day,
-                                    stages=self._course(kind, day, rng))
+                                    seed=int(rng.integers(0, 2**31 - 1)), born=day, stages=stages)
                     next_id += 1
                     alive.append(lesion)
                     self.lesions.append(lesion)
                     counts[kind] += 1
                     occupied.append((*self.face.to_pixels([tri], bary[None])[0], size * scale_px))
+                    standing.append(occupied[-1])
 
     @staticmethod
     def _course(kind: str, day: int, rng: np.random.Generator) -> list[Stage]:
         stages: list[Stage] = []
         start = day
+        diameter = float(rng.uniform(*DIAMETER_MM[kind]))
         while True:
             lo, hi = STAGE_DAYS[kind]
             end = start + int(rng.integers(lo, hi + 1))
-            stages.append(Stage(kind, start, end))
+            stages.append(Stage(kind, start, end, diameter))
             nxt = PROGRESSION.get(kind)
             if nxt is None or rng.random() >= nxt[1]:
                 break
+            # an inflamed follicle grows from the comedo it was; a papule turning pustular keeps its size
+            growth = rng.uniform(1.2, 1.8) if kind.endswith("comedo") else rng.uniform(0.9, 1.1)
             kind, start = nxt[0], end
+            diameter = float(np.clip(diameter * growth, *DIAMETER_MM[kind]))
         LesionCourse._add_residue(stages, rng)
         return stages
 
@@ -226,9 +313,10 @@ class LesionCourse:
         if last.type in MARK_DAYS:
             lo, hi = MARK_DAYS[last.type]
             mark_end = last.end + int(rng.integers(lo, hi + 1))
-            stages.append(Stage("mark", last.end, mark_end))
+            stages.append(Stage("mark", last.end, mark_end, MARK_SPREAD * last.diameter_mm))
             if rng.random() < SCAR_CHANCE[last.type]:
-                stages.append(Stage("scar", mark_end - (mark_end - last.end) // 2, 10**9))
+                scar = float(np.clip(0.6 * last.diameter_mm, *DIAMETER_MM["scar"]))
+                stages.append(Stage("scar", mark_end - (mark_end - last.end) // 2, 10**9, scar))
                 stages[-2].end = stages[-1].start
 
     def _resolve(self, lesion: Lesion, day: int, rng: np.random.Generator) -> None:
@@ -238,7 +326,7 @@ class LesionCourse:
             kept[-1].end = day
         lesion.stages = kept
         if not kept:  # born today: it never shows
-            lesion.stages = [Stage(lesion.stages[0].type, day, day)]
+            lesion.stages = [Stage(lesion.stages[0].type, day, day, lesion.stages[0].diameter_mm)]
             return
         self._add_residue(lesion.stages, rng)
 
@@ -260,19 +348,17 @@ class LesionCourse:
                 fade = 1.0 if next_active else min(1.0, left / (RAMP_DAYS + 1))
                 intensity = min(grow, fade)
                 phase = "onset" if grow < 1 else "resolving" if fade < 1 else "active"
-                radius = les.size * (0.55 + 0.45 * intensity)
-                if stage.type == "nodule" or stage.type == "pustule":
-                    radius = max(radius, les.size * 0.8)
             elif stage.type == "mark":
                 span = max(1, stage.end - stage.start)
                 intensity = max(0.15, 1.0 - (day - stage.start) / span)
-                phase, radius = "residual", les.size * 1.15
+                phase = "residual"
             else:  # scar
                 intensity, phase = 1.0, "residual"
-                radius = max(SIZE_RANGE["scar"][0], min(les.size * 0.7, SIZE_RANGE["scar"][1]))
+            radius = drawn_radius(stage.type, stage.diameter_mm, intensity)
             states.append(LesionState(lesion_id=les.lesion_id, type=stage.type, stage=phase, age_days=age,
                                       triangle=les.triangle, bary=les.bary, radius=radius,
-                                      intensity=float(intensity), seed=les.seed))
+                                      intensity=float(intensity), seed=les.seed,
+                                      diameter_mm=float(stage.diameter_mm)))
         states.sort(key=lambda s: (s.type in RESIDUAL_TYPES, s.lesion_id))
         return states
 

@@ -44,6 +44,14 @@ DEFAULT_VIEW = "frontal"
 PATIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 PATIENT_ID_MAX = 64
 MAX_FIELD_CHARS = 4096
+#: Bounds on what a protocol may ask for (README, "Protocol CSV"): a trial is days to years long, not ages.
+MAX_DAY = 36_500                      # days are counted from 0 (or 1); 100 years
+MAX_DAY_SPAN = 3_660                  # last minus first day of one patient: 10 years of daily simulation
+MAX_ROWS = 1_000_000
+MAX_FILE_BYTES = 256 * 1024 * 1024
+MIN_DATE, MAX_DATE = dt.date(1900, 1, 1), dt.date(2200, 12, 31)
+#: Numbers are plain ASCII decimals ("1_0" and non-ASCII digits are not numbers here).
+NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 
 _BOMS = (
     (codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
@@ -66,10 +74,16 @@ def read_protocol(path: str | os.PathLike[str]) -> pd.DataFrame:
         raise ProtocolError("no such file", file=name)
     if path.is_dir():
         raise ProtocolError("is a directory, not a CSV file", file=name)
+    if not path.is_file():
+        raise ProtocolError("is not a regular file (a pipe or a device?); give a CSV file", file=name)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ProtocolError(f"cannot be read ({exc.strerror or exc})", file=name) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ProtocolError(f"is larger than {MAX_FILE_BYTES // 2**20} MiB; split the trial into several "
+                            "protocols", file=name)
     return parse_protocol(raw, source=name)
 
 
@@ -84,8 +98,10 @@ def parse_protocol(raw: bytes | str, source: str = "<protocol>") -> pd.DataFrame
     form, columns = _read_header(header, header_row, source)
     if not body:
         raise ProtocolError("has a header but no rows", file=source)
+    if len(body) > MAX_ROWS:
+        raise ProtocolError(f"has {len(body)} rows; at most {MAX_ROWS} are read", file=source)
     records = _parse_rows(body, header, columns, form, source)
-    frame = _normalise(records, source)
+    frame = _normalise(records, source, form)
     frame.attrs.update(source=source, form=form)
     return frame
 
@@ -96,9 +112,10 @@ def _decode(raw: bytes, source: str) -> str:
     for bom, encoding in _BOMS:
         if raw.startswith(bom):
             raise ProtocolError(f"is {encoding}-encoded; save it as UTF-8 CSV (comma-separated)", file=source)
-    if b"\x00" in raw[:4096]:
+    if b"\x00" in raw:
+        offset = raw.index(b"\x00")
         raise ProtocolError("contains NUL bytes: it is not a text CSV file (UTF-16 without a BOM?); "
-                            "save it as UTF-8 CSV", file=source)
+                            "save it as UTF-8 CSV", file=source, row=raw[:offset].count(b"\n") + 1)
     try:
         return raw.decode("utf-8-sig")  # an Excel UTF-8 BOM is harmless and dropped
     except UnicodeDecodeError as exc:
@@ -254,6 +271,8 @@ def _number(value: str, name: str, err) -> float:
         raise err(f"'{value}' is not a number", name) from None
     if not math.isfinite(number):
         raise err(f"'{value}' is not a finite number", name)
+    if not NUMBER.fullmatch(value):
+        raise err(f"'{value}' is not a number (plain ASCII decimal digits, e.g. 12 or 1.5)", name)
     return number
 
 
@@ -267,10 +286,12 @@ def _integer(value: str, name: str, err) -> int:
 def _day(value: str | None, err) -> int | None:
     if not value:
         return None
-    day = _integer(value, "day", err)
-    if day < 0:
-        raise err(f"{day} is negative; days count from 0 or 1 at the patient's start", "day")
-    return day
+    number = _number(value, "day", err)
+    if number < 0:
+        raise err(f"{value} is negative; days count from 0 or 1 at the patient's start", "day")
+    if number > MAX_DAY:
+        raise err(f"{value} is beyond day {MAX_DAY} (100 years); days count from the patient's start", "day")
+    return _integer(value, "day", err)
 
 
 def _date(value: str | None, err) -> dt.date | None:
@@ -279,7 +300,10 @@ def _date(value: str | None, err) -> dt.date | None:
     match = re.fullmatch(r"(\d{4}-\d{2}-\d{2})(?:[ T]00:00(?::00)?)?", value)  # a spreadsheet may add midnight
     try:
         if match:
-            return dt.date.fromisoformat(match.group(1))
+            date = dt.date.fromisoformat(match.group(1))
+            if not MIN_DATE <= date <= MAX_DATE:
+                raise err(f"'{value}' lies outside {MIN_DATE} - {MAX_DATE}, the dates a trial may have", "date")
+            return date
     except ValueError:
         pass
     raise err(f"'{value}' is not a date; write dates as YYYY-MM-DD (e.g. 2018-01-29)", "date")
@@ -288,6 +312,8 @@ def _date(value: str | None, err) -> dt.date | None:
 def _block(value: str | None, err) -> int | None:
     if not value:
         return None
+    if NUMBER.fullmatch(value) and abs(float(value)) > MAX_ROWS:
+        raise err(f"{value} is not a block number a trial can have (at most {MAX_ROWS})", "block")
     block = _integer(value, "block", err)
     if block < 0:
         raise err(f"{block} is negative; blocks are numbered from 0 or 1", "block")
@@ -306,14 +332,15 @@ def _severity(value: str | None, err) -> float:
 
 # ----------------------------------------------------------------------------------------- validation
 
-def _normalise(records: list[dict[str, Any]], source: str) -> pd.DataFrame:
+def _normalise(records: list[dict[str, Any]], source: str, form: str = "native") -> pd.DataFrame:
     by_patient: dict[str, list[dict[str, Any]]] = {}
     for rec in records:
         by_patient.setdefault(rec["patient_id"], []).append(rec)
     for pid, recs in by_patient.items():
         _check_day_date(pid, recs, source)
         _check_constant(pid, recs, "face", source)
-        _check_severity_complete(pid, recs, source)
+        _check_severity_complete(pid, recs, source, form)
+        _check_span(pid, recs, source)
     seen: dict[tuple[str, int, str], int] = {}
     for rec in records:
         key = (rec["patient_id"], rec["day"], rec["view"])
@@ -384,13 +411,22 @@ def _check_constant(pid: str, recs: list[dict[str, Any]], column: str, source: s
                                 row=rec["row"], column=column)
 
 
-def _check_severity_complete(pid: str, recs: list[dict[str, Any]], source: str) -> None:
+def _check_span(pid: str, recs: list[dict[str, Any]], source: str) -> None:
+    days = [r["day"] for r in recs]
+    if max(days) - min(days) > MAX_DAY_SPAN:
+        last = max(recs, key=lambda r: r["day"])
+        raise ProtocolError(f"patient '{pid}' spans {max(days) - min(days)} days (day {min(days)} to {max(days)}); "
+                            f"at most {MAX_DAY_SPAN} days (10 years) are simulated", file=source, row=last["row"],
+                            column="day")
+
+
+def _check_severity_complete(pid: str, recs: list[dict[str, Any]], source: str, form: str = "native") -> None:
     given = [not math.isnan(r["severity"]) for r in recs]
     if any(given) and not all(given):
         missing = recs[given.index(False)]
         raise ProtocolError(f"patient '{pid}' has a severity on some rows but not on this one; give it on every "
                             "row or on none (then the trial simulator fills it in)", file=source,
-                            row=missing["row"], column="severity")
+                            row=missing["row"], column=_display("severity", form))
 
 
 # -------------------------------------------------------------------------------------------- writing
@@ -398,6 +434,12 @@ def _check_severity_complete(pid: str, recs: list[dict[str, Any]], source: str) 
 def has_severity(protocol: pd.DataFrame) -> bool:
     """True when every row carries a severity (no simulation needed)."""
     return bool(protocol["severity"].notna().all())
+
+
+def patients_without_severity(protocol: pd.DataFrame) -> list[str]:
+    """The patients whose severities the trial simulator must fill in (a patient has them on all rows or none)."""
+    missing = protocol.loc[protocol["severity"].isna(), "patient_id"]
+    return list(dict.fromkeys(missing.tolist()))
 
 
 def to_csv_text(protocol: pd.DataFrame, form: str = "native") -> str:

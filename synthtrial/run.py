@@ -1,31 +1,25 @@
 """``synthtrial generate``: turn a protocol into a run directory of image series with exact ground truth.
 
-The run directory (DESIGN.md) is the contract every later stage reads::
-
-    RUN/protocol.csv       the normalised protocol actually used (severities filled in)
-    RUN/config.json        every setting, the seed and package versions
-    RUN/truth.json         the simulation truth, when known
-    RUN/manifest.parquet   one row per image (also manifest.csv)
-    RUN/lesions.parquet    one row per lesion per image
-    RUN/images/<patient>/<patient>_<YYYYMMDD|dNNN>_<view>.png
-    RUN/masks/<patient>/<same stem>.png     16-bit instance map: lesion_id + 1, 0 = no lesion
-    RUN/grids/<patient>.jpg                  contact sheet of the series
-
-Every file is written atomically. Each finished image also leaves a small record under ``RUN/.parts``;
-a re-run of the same command skips the images that have one, so an interrupted run resumes and ends
-with the same bytes as an uninterrupted one. Work is spread over processes by patient and chunk; the
-result does not depend on the number of workers.
+The run directory's layout and schemas belong to :mod:`synthtrial.rundir`; the backends to the registry of
+:mod:`synthtrial.render.base`. Every file is written atomically. Each finished image also leaves a small
+record under ``RUN/.parts``; a re-run of the same command re-renders exactly the images and masks that are
+missing or whose bytes no longer match their record (a deleted, truncated or edited file), so an
+interrupted or damaged run heals and ends with the same bytes as an uninterrupted one. A run directory is
+written by one process at a time (``RUN/.lock``); everything a user gives is checked before the first write,
+so a refused command leaves nothing behind. Work is spread over processes by patient and chunk; the result
+does not depend on the number of workers. Ctrl-C or SIGTERM stops the workers at once; workers whose parent
+dies exit on their own.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -33,44 +27,40 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from synthtrial import __version__, scale
-from synthtrial.errors import SynthtrialError
+from synthtrial import __version__, rundir, scale
 from synthtrial.atomic import write_bytes_atomic, write_text_atomic
+from synthtrial.errors import SynthtrialError
 from synthtrial.progress import progress_bar
 from synthtrial.protocol import has_severity, read_protocol, to_csv_text
+from synthtrial.render.base import BACKENDS as BACKEND_SPECS
+from synthtrial.render.base import RenderRequest, backend_names, get_backend
+from synthtrial.rundir import RunError
 from synthtrial.seeding import derive_seed
 
 NAMINGS = ("native", "anchor")
-#: procedural: the CPU lesion renderer; sdxl-img2img: the anchor's pipeline (placement not controlled);
-#: sdxl-inpaint: procedural lesion map, diffusion repaints only the dilated lesion masks.
-BACKENDS = ("procedural", "sdxl-img2img", "sdxl-inpaint")
+#: The backends ``--backend`` accepts, from the registry (synthtrial.render.base.BACKENDS).
+BACKENDS = backend_names()
 CHUNK = 8
-MANIFEST_COUNT_COLUMNS = ("n_open_comedo", "n_closed_comedo", "n_papule", "n_pustule", "n_nodule", "n_mark",
-                          "n_scar")
-LESION_COLUMNS = ("image", "patient_id", "day", "view", "lesion_id", "type", "x0", "y0", "x1", "y1", "cx", "cy",
-                  "radius_px", "mask_area", "stage", "age_days", "intensity")
 
-
-class RunError(SynthtrialError):
-    """A run directory that cannot be written or resumed."""
+__all__ = ["BACKENDS", "GenerateSettings", "NAMINGS", "RunError", "generate", "image_stem", "png_bytes",
+           "render_config"]
 
 
 @dataclass(frozen=True)
 class GenerateSettings:
-    """What decides a run's bytes (the number of workers does not)."""
+    """What decides a run's bytes (the number of workers does not); checked when built."""
 
     seed: int = 0
     size: int = 512
     naming: str = "native"
     backend: str = "procedural"
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if not 128 <= self.size <= 4096:
             raise RunError(f"--size must be between 128 and 4096 pixels, got {self.size}")
         if self.naming not in NAMINGS:
             raise RunError(f"--naming must be one of {', '.join(NAMINGS)}, got '{self.naming}'")
-        if self.backend not in BACKENDS:
-            raise RunError(f"--backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
+        get_backend(self.backend)
         if self.seed < 0:
             raise RunError(f"--seed must be >= 0, got {self.seed}")
 
@@ -91,11 +81,10 @@ def image_stem(patient_id: str, day: int, date: Any, view: str, severity: float,
 
 # ------------------------------------------------------------------------------------------- helpers
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def png_bytes(array: np.ndarray, compress_level: int = 4) -> bytes:
+    """PNG bytes of an image or a 16-bit mask (fixed settings, so the same array gives the same bytes)."""
+    import io
 
-
-def _png_bytes(array: np.ndarray, compress_level: int = 4) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
@@ -115,7 +104,8 @@ def package_versions() -> dict[str, str]:
 
 
 def render_config():
-    """The renderer's settings for runs: the lesion model already sizes growing and fading lesions."""
+    """The procedural renderer's settings for runs (every backend draws its lesion map with them): the
+    lesion model already sizes growing and fading lesions, so the renderer does not shrink them again."""
     from synthtrial.render.procedural import ProceduralConfig
 
     return ProceduralConfig(size_at_zero_intensity=1.0)
@@ -136,7 +126,7 @@ class _PatientJob:
     settings: GenerateSettings
     days: tuple[int, ...]
     severity: tuple[float, ...]
-    diffusion: dict[str, Any] | None = None   # DiffusionConfig fields for the sdxl backends
+    options: dict[str, Any] = field(default_factory=dict)   # the backend's options (e.g. DiffusionConfig fields)
 
 
 _CACHE: dict[tuple, Any] = {}
@@ -144,16 +134,9 @@ _RENDERERS: dict[str, Any] = {}   # one renderer per process and configuration: 
 
 
 def _renderer(job: _PatientJob):
-    key = json.dumps(job.diffusion, sort_keys=True)
+    key = json.dumps([job.settings.backend, job.options], sort_keys=True)
     if key not in _RENDERERS:
-        if job.diffusion is None:
-            from synthtrial.render.procedural import ProceduralRenderer
-
-            _RENDERERS[key] = ProceduralRenderer(render_config())
-        else:
-            from synthtrial.render.diffusion import DiffusionConfig, DiffusionRenderer
-
-            _RENDERERS[key] = DiffusionRenderer(DiffusionConfig(**job.diffusion))
+        _RENDERERS[key] = get_backend(job.settings.backend).build(render_config(), job.options)
     return _RENDERERS[key]
 
 
@@ -178,34 +161,43 @@ def _patient_state(job: _PatientJob):
     return _CACHE[key]
 
 
-def _render_images(job: _PatientJob, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Render the images of one patient's chunk that have no record yet; returns every row's record.
+def _record(run_dir: Path, row: dict[str, Any]) -> dict[str, Any] | None:
+    """The image's record when the image, its mask and the record agree byte for byte; else None (redo it)."""
+    try:
+        record = json.loads((run_dir / row["part"]).read_text())
+        if rundir.sha256_file(run_dir / row["image"]) == record["sha256"] and \
+                rundir.sha256_file(run_dir / row["mask"]) == record["mask_sha256"]:
+            return record
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
 
-    The procedural renderer draws image by image. A diffusion backend renders the whole chunk in one batch
-    whenever any image of it is missing, so the batch, and with it every image's bytes, is the same on a
-    resumed run; only the missing images are written.
+
+def _render_images(job: _PatientJob, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Render the images of one patient's chunk that are missing or damaged; returns every row's record.
+
+    Whenever any image of the chunk must be (re)drawn, the whole chunk goes through the backend's
+    ``render_batch``, so the batch, and with it every image's bytes, is the same as on the first run (a
+    diffusion backend's output depends on its batch); only the images that need it are written.
     """
     run_dir = Path(job.run_dir)
-    if any(not (run_dir / row["part"]).exists() for row in rows):
+    records = [_record(run_dir, row) for row in rows]
+    if any(r is None for r in records):
         face, course, views, renderer = _patient_state(job)
-        todo = rows if job.diffusion is not None else [r for r in rows if not (run_dir / r["part"]).exists()]
-        prepared = [_prepare(job, face, course, views, row) for row in todo]
-        if job.diffusion is None:
-            results = [renderer(p["face"].image, p["specs"], skin_mask=p["face"].skin, stats=p["stats"],
-                                seed=p["seed"]) for p in prepared]
-        else:
-            results = renderer.render_batch([dict(image=p["face"].image, lesions=p["specs"], skin_mask=p["face"].skin,
-                                                  stats=p["stats"], seed=p["seed"], severity=p["row"]["severity"])
-                                             for p in prepared])
-        for p, result in zip(prepared, results, strict=True):
-            if not (run_dir / p["row"]["part"]).exists():
-                _write_image(run_dir, face, course, p, result)
-    return [json.loads((run_dir / row["part"]).read_text()) for row in rows]
+        prepared = [_prepare(job, face, course, views, row) for row in rows]
+        results = renderer.render_batch([
+            RenderRequest(image=p["face"].image, lesions=p["specs"], skin_mask=p["face"].skin, stats=p["stats"],
+                          seed=p["seed"], severity=p["row"]["severity"]) for p in prepared])
+        for k, (p, result) in enumerate(zip(prepared, results, strict=True)):
+            if records[k] is None:
+                records[k] = _write_image(run_dir, face, course, p, result)
+    return records  # type: ignore[return-value]
 
 
 def _prepare(job: _PatientJob, face, course, views: dict, row: dict[str, Any]) -> dict[str, Any]:
     """The face (in the row's view), its photo statistics, and the day's lesions as renderer specs."""
-    from synthtrial.render.procedural import LesionSpec, photo_stats
+    from synthtrial.render.base import LesionSpec
+    from synthtrial.render.procedural import photo_stats
 
     view = row["view"]
     if view not in views:
@@ -217,14 +209,17 @@ def _prepare(job: _PatientJob, face, course, views: dict, row: dict[str, Any]) -
         centres = face_v.to_pixels(np.array([s.triangle for s in states]), np.stack([s.bary for s in states]))
     else:
         centres = np.zeros((0, 2))
+    # a lesion out of sight in a side view (the far cheek behind the nose) is not drawn: intensity 0
+    seen = face_v.visible(np.array([s.triangle for s in states], np.int64),
+                          np.stack([s.bary for s in states])) if states else np.zeros(0, bool)
     specs = [LesionSpec(lesion_id=s.lesion_id, type=s.type, cx=float(c[0]), cy=float(c[1]),
-                        radius_px=float(s.radius * face_v.scale), intensity=s.intensity, seed=s.seed)
-             for s, c in zip(states, centres, strict=True)]
+                        radius_px=float(s.radius * face_v.scale), intensity=s.intensity if v else 0.0, seed=s.seed)
+             for s, c, v in zip(states, centres, seen, strict=True)]
     seed = derive_seed("render", job.settings.seed, job.patient_id, row["day"], view, bits=32)
     return {"row": row, "face": face_v, "stats": stats, "states": states, "specs": specs, "seed": seed}
 
 
-def _write_image(run_dir: Path, face, course, prepared: dict[str, Any], result) -> None:
+def _write_image(run_dir: Path, face, course, prepared: dict[str, Any], result) -> dict[str, Any]:
     """Write the image, its instance mask and its record (the record last: it marks the image as done)."""
     row, states, specs = prepared["row"], prepared["states"], prepared["specs"]
     label = np.zeros(result.image.shape[:2], dtype=np.uint16)
@@ -234,9 +229,10 @@ def _write_image(run_dir: Path, face, course, prepared: dict[str, Any], result) 
         crop = mask[win]
         label[win][crop] = spec.lesion_id + 1
         areas.append(int(crop.sum()))
-    image_bytes = _png_bytes(result.image)
+    image_bytes = png_bytes(result.image)
+    mask_bytes = png_bytes(label, compress_level=1)  # mostly zeros: cheap
     write_bytes_atomic(run_dir / row["image"], image_bytes)
-    write_bytes_atomic(run_dir / row["mask"], _png_bytes(label, compress_level=1))  # mostly zeros: cheap
+    write_bytes_atomic(run_dir / row["mask"], mask_bytes)
     counts = {t: 0 for t in scale.ALL_LESION_TYPES}
     lesions = []
     for state, spec, area, box in zip(states, specs, areas, result.boxes, strict=True):
@@ -246,21 +242,24 @@ def _write_image(run_dir: Path, face, course, prepared: dict[str, Any], result) 
             "x0": float(box[0]), "y0": float(box[1]), "x1": float(box[2]), "y1": float(box[3]),
             "cx": round(spec.cx, 3), "cy": round(spec.cy, 3), "radius_px": round(spec.radius_px, 3),
             "mask_area": area, "stage": state.stage, "age_days": int(state.age_days),
-            "intensity": round(state.intensity, 4),
+            "intensity": round(state.intensity, 4), "diameter_mm": round(state.diameter_mm, 3),
         })
     n_active = sum(counts[t] for t in scale.LESION_TYPES)
     n_inflammatory = counts["papule"] + counts["pustule"] + counts["nodule"]
     record = {
-        "image": row["image"], "mask": row["mask"], "seed": prepared["seed"], "sha256": _sha256(image_bytes),
+        "image": row["image"], "mask": row["mask"], "seed": prepared["seed"],
+        "sha256": rundir.sha256_bytes(image_bytes), "mask_sha256": rundir.sha256_bytes(mask_bytes),
         "width": int(result.image.shape[1]), "height": int(result.image.shape[0]),
         "lesion_count": n_active, "target_count": course.target(row["day"]),
         **{f"n_{t}": c for t, c in counts.items()},
         "acne04_level": int(scale.acne04_level_from_count(n_active)),
         "iga": int(scale.iga_from_counts(n_inflammatory, counts["nodule"])),
         "identity": face.identity.to_json(), "face_source": face.source,
+        "mm_per_px": round(prepared["face"].mm_per_px, 5),
         "lesions": lesions,
     }
     write_text_atomic(run_dir / row["part"], json.dumps(record, sort_keys=True))
+    return record
 
 
 def _box_window(box: np.ndarray, shape: tuple[int, int]) -> tuple[slice, slice]:
@@ -269,8 +268,53 @@ def _box_window(box: np.ndarray, shape: tuple[int, int]) -> tuple[slice, slice]:
             slice(max(0, int(np.floor(x0))), min(shape[1], int(np.ceil(x1)))))
 
 
-def _work(job: _PatientJob, rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+def _work(task: tuple[_PatientJob, list[dict[str, Any]]]) -> tuple[str, list[dict[str, Any]]]:
+    job, rows = task
     return job.patient_id, _render_images(job, rows)
+
+
+def _worker_init(parent: int) -> None:
+    """In each worker: leave Ctrl-C to the parent, and exit when the parent is gone (even after kill -9)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so the workers are stopped (and the command ends) as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated
+
+
+def _render_all(tasks, workers: int, finished: Callable[[str, list[dict[str, Any]]], None]) -> None:
+    if workers == 1:
+        for task in tasks:
+            finished(*_work(task))
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    pool = ctx.Pool(processes=workers, initializer=_worker_init, initargs=(os.getpid(),))
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    try:
+        for pid, recs in pool.imap_unordered(_work, tasks):
+            finished(pid, recs)
+        pool.close()
+    except BaseException:
+        pool.terminate()   # Ctrl-C, SIGTERM or an error: stop rendering now; finished images are kept
+        raise
+    finally:
+        pool.join()
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------------------- the command
@@ -279,115 +323,130 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
              faces_dir: str | os.PathLike[str] | None = None, seed: int = 0, size: int = 512,
              naming: str = "native", workers: int = 1, progress: bool = True, backend: str = "procedural",
              diffusion: dict[str, Any] | None = None,
-             on_image: Callable[[int, int], None] | None = None) -> Path:
+             on_progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Render every row of a protocol into a run directory and return its path (see the module docstring).
 
-    ``out`` defaults to ``runs/<protocol stem>``. ``on_image(done, total)`` is called after each image.
-    ``diffusion`` overrides :class:`synthtrial.render.diffusion.DiffusionConfig` fields for the sdxl backends.
-    Under ``accelerate launch`` (several processes, e.g. one per GPU) each process renders its share of the
-    images and the main process writes the one manifest.
+    ``out`` defaults to ``runs/<protocol stem>``. ``on_progress(done, total, status)`` is called after each chunk
+    of images.
+    ``diffusion`` holds the backend's options (:class:`synthtrial.render.diffusion.DiffusionConfig` fields for
+    the sdxl backends). Under ``accelerate launch`` (several processes, e.g. one per GPU) each process
+    renders its share of the images and the main process writes the one manifest.
     """
     settings = GenerateSettings(seed=seed, size=size, naming=naming, backend=backend)
-    settings.validate()
-    diffusion_config = _diffusion_config(backend, diffusion)
-    state = _distributed_state()
     if workers < 1:
         raise RunError(f"--workers must be >= 1, got {workers}")
+    options = _backend_options(settings.backend, diffusion)
+    state = _distributed_state()
     protocol_path = Path(protocol_path)
     protocol = read_protocol(protocol_path)
     run_dir = Path(out) if out is not None else Path("runs") / protocol_path.stem
+    _check_out(run_dir)
     faces_dir_str = None if faces_dir is None else str(Path(faces_dir))
 
     from synthtrial.faces import face_files
 
     face_inputs = []
     if faces_dir is not None:
-        face_inputs = [{"file": p.name, "sha256": _sha256(p.read_bytes())} for p in face_files(faces_dir)]
+        face_inputs = [{"file": p.name, "sha256": rundir.sha256_file(p)} for p in face_files(faces_dir)]
 
     truth, protocol = _severities(protocol, protocol_path, seed)
+    spec = get_backend(settings.backend)
     config = {
         "synthtrial_version": __version__,
         "settings": asdict(settings),
-        "protocol": {"source": str(protocol_path), "sha256": _sha256(to_csv_text(protocol).encode()),
+        "protocol": {"source": str(protocol_path), "sha256": rundir.sha256_bytes(to_csv_text(protocol).encode()),
                      "rows": int(len(protocol))},
         "faces": {"dir": faces_dir_str, "files": face_inputs, "builtin": faces_dir is None},
+        "backend": {"name": spec.name, "summary": spec.summary, "placement_exact": spec.placement_exact},
         "renderer": asdict(render_config()),
         "packages": package_versions(),
     }
-    if diffusion_config is not None:
-        config["diffusion"] = {k: v for k, v in diffusion_config.items() if k != "device"}
+    if options:
+        config["diffusion"] = {k: v for k, v in _recorded_options(settings.backend, options).items() if k != "device"}
+    jobs, tasks, total = _plan(protocol, run_dir, settings, faces_dir_str, protocol_path, options)
+    _check_faces(jobs, faces_dir_str, protocol_path)   # every check before the first write
+
     main = state is None or state.is_main_process
-    if main:
-        _prepare_run_dir(run_dir, config)
-        write_text_atomic(run_dir / "protocol.csv", to_csv_text(protocol))
-        if truth is not None:
-            write_text_atomic(run_dir / "truth.json", json.dumps(truth, indent=2) + "\n")
-    if state is not None:
-        state.wait_for_everyone()
-        if not main:
-            _prepare_run_dir(run_dir, config)  # verifies the main process's config
-        diffusion_config = None if diffusion_config is None else {**diffusion_config, "device": str(state.device)}
-        workers = 1
+    lock = rundir.locked(run_dir) if main else _no_lock()
+    with lock:
+        if main:
+            _prepare_run_dir(run_dir, config)
+            rundir.remove_stale_temps(run_dir)
+            write_text_atomic(run_dir / rundir.PROTOCOL, to_csv_text(protocol))
+            if truth is not None:
+                write_text_atomic(run_dir / rundir.TRUTH, json.dumps(truth, indent=2) + "\n")
+        if state is not None:
+            state.wait_for_everyone()
+            if not main:
+                _prepare_run_dir(run_dir, config)  # verifies the main process's config
+            jobs, tasks, total = _plan(protocol, run_dir, settings, faces_dir_str, protocol_path,
+                                       {**options, "device": str(state.device)} if options else options)
+            workers = 1
+        all_tasks = tasks
+        if state is not None:
+            tasks = tasks[state.process_index::state.num_processes]
+            total = sum(len(rows) for _, rows in tasks)
+        records: dict[str, list[dict[str, Any]]] = {pid: [] for pid in jobs}
+        done = 0
+        with progress_bar("rendering", total, unit="images", enabled=progress) as update:
+            def finished(pid: str, recs: list[dict[str, Any]]) -> None:
+                nonlocal done
+                records[pid].extend(recs)
+                done += len(recs)
+                update(done)
+                if on_progress is not None:
+                    on_progress(done, total, "")
 
-    jobs, tasks, total = _plan(protocol, run_dir, settings, faces_dir_str, protocol_path, diffusion_config)
-    _check_faces(jobs, faces_dir_str, protocol_path)
-    all_tasks = tasks
-    if state is not None:
-        tasks = tasks[state.process_index::state.num_processes]
-        total = sum(len(rows) for _, rows in tasks)
-    records: dict[str, list[dict[str, Any]]] = {pid: [] for pid in jobs}
-    done = 0
-    with progress_bar("rendering", total, unit="images", enabled=progress) as update:
-        def finished(pid: str, recs: list[dict[str, Any]]) -> None:
-            nonlocal done
-            records[pid].extend(recs)
-            done += len(recs)
-            update(done)
-            if on_image is not None:
-                on_image(done, total)
+            _render_all(tasks, workers, finished)
 
-        if workers == 1:
-            for job, rows in tasks:
-                finished(*_work(job, rows))
-        else:
-            import multiprocessing as mp
+        if state is not None:
+            state.wait_for_everyone()
+            if not main:
+                return run_dir
+            records = {pid: [] for pid in jobs}  # every image now has its record: gather them all
+            for job, rows in all_tasks:
+                records[job.patient_id].extend(_render_images(job, rows))
+        manifest, lesions = _tables(protocol, records, settings)
+        rundir.write_manifest(run_dir, manifest, lesions)
+        from synthtrial.grids import write_grids
 
-            ctx = mp.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = [pool.submit(_work, job, rows) for job, rows in tasks]
-                for fut in as_completed(futures):
-                    finished(*fut.result())
-
-    if state is not None:
-        state.wait_for_everyone()
-        if not main:
-            return run_dir
-        records = {pid: [] for pid in jobs}  # every image now has its record: gather them all
-        for job, rows in all_tasks:
-            records[job.patient_id].extend(_render_images(job, rows))
-    manifest, lesions = _tables(protocol, records, run_dir, settings)
-    _write_tables(run_dir, manifest, lesions)
-    from synthtrial.grids import write_grids
-
-    write_grids(run_dir, manifest)
+        write_grids(run_dir, manifest)
     return run_dir
 
 
-def _diffusion_config(backend: str, overrides: dict[str, Any] | None) -> dict[str, Any] | None:
-    """DiffusionConfig fields for an sdxl backend (validated by building the config), None for procedural."""
-    if backend == "procedural":
-        if overrides:
-            raise RunError("--model, --lora and the other diffusion options need --backend sdxl-img2img or "
-                           "sdxl-inpaint")
+class _no_lock:
+    def __enter__(self) -> None:
         return None
-    from synthtrial.render.diffusion import DiffusionConfig, DiffusionRenderer
 
-    try:
-        config = DiffusionConfig(mode="img2img" if backend == "sdxl-img2img" else "inpaint", **(overrides or {}))
-    except TypeError as exc:
-        raise RunError(f"diffusion options: {exc}") from None
-    DiffusionRenderer(config)  # checks the settings, model and LoRA folders now (models load lazily later)
-    return asdict(config)
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _check_out(run_dir: Path) -> None:
+    """Refuse an --out that can never be a run directory, before anything is written."""
+    from synthtrial.atomic import check_writable
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{run_dir} exists and is not a folder (option --out)")
+    check_writable(run_dir / rundir.CONFIG)
+
+
+def _backend_options(backend: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The backend's options, checked now by building the backend once (models load lazily later)."""
+    options = dict(options or {})
+    spec = get_backend(backend)
+    if options and not spec.options:
+        raise RunError(f"--model, --lora and the other diffusion options need --backend "
+                       f"{' or '.join(n for n, s in BACKEND_SPECS.items() if s.options)}")
+    spec.build(render_config(), options)
+    return options
+
+
+def _recorded_options(backend: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Every setting the backend runs with (its config with defaults filled in), as recorded in config.json."""
+    renderer = get_backend(backend).build(render_config(), options)
+    config = getattr(renderer, "config", None)
+    return asdict(config) if config is not None else dict(options)
 
 
 def _distributed_state():
@@ -400,34 +459,54 @@ def _distributed_state():
 
 
 def _severities(protocol: pd.DataFrame, protocol_path: Path, seed: int) -> tuple[dict | None, pd.DataFrame]:
-    """Severities from the protocol (and its truth file beside it), or simulated here when missing."""
+    """Severities from the protocol (and its truth file beside it); the trial simulator fills in only the
+    patients that have none. A patient's given severities are never replaced."""
+    from synthtrial.protocol import patients_without_severity
     from synthtrial.simulate import SeverityModel, simulate_severity, truth_path_for
 
     if has_severity(protocol):
         truth_file = truth_path_for(protocol_path)
-        truth = json.loads(truth_file.read_text()) if truth_file.is_file() else None
+        truth = rundir.read_json(truth_file, what="the simulation truth (a JSON object)") \
+            if truth_file.is_file() else None
         return truth, protocol
-    trial = simulate_severity(protocol, SeverityModel(), seed=seed)
-    return trial.truth, trial.protocol
+    missing = patients_without_severity(protocol)
+    todo = protocol[protocol["patient_id"].isin(missing)]
+    first = str(protocol["treatment"].iloc[0])
+    trial = simulate_severity(todo.reset_index(drop=True), SeverityModel(), seed=seed,
+                              reference=first if first in set(todo["treatment"]) else None)
+    if len(missing) == protocol["patient_id"].nunique():
+        return trial.truth, trial.protocol
+    given = protocol[~protocol["patient_id"].isin(missing)]
+    order = {pid: i for i, pid in enumerate(dict.fromkeys(protocol["patient_id"]))}
+    merged = pd.concat([given, trial.protocol], ignore_index=True)
+    merged = merged.sort_values("patient_id", key=lambda col: col.map(order), kind="stable").reset_index(drop=True)
+    merged.attrs.update(protocol.attrs)
+    truth = {**trial.truth, "simulated_patients": missing,
+             "given_patients": list(dict.fromkeys(given["patient_id"]))}
+    return truth, merged
 
 
 def _prepare_run_dir(run_dir: Path, config: dict[str, Any]) -> None:
-    config_path = run_dir / "config.json"
+    config_path = run_dir / rundir.CONFIG
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunError(f"{run_dir} exists and is not a folder (option --out)")
-    if config_path.exists():
-        if config_path.read_text() != text:
+    if config_path.exists() or config_path.is_symlink():
+        if not config_path.is_file():
+            raise RunError(f"{config_path} is not a file; choose another --out")
+        try:
+            same = config_path.read_bytes() == text.encode()
+        except OSError as exc:
+            raise RunError(f"{config_path}: cannot be read ({exc.strerror})") from None
+        if not same:
             raise RunError(f"{run_dir} holds a run made with other settings, protocol, faces or package versions; "
                            "choose another --out or delete it")
         return  # resume
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if not rundir.is_empty_dir(run_dir):
         raise RunError(f"{run_dir} is not empty and is not a synthtrial run (no config.json); choose another --out")
     write_text_atomic(config_path, text)
 
 
 def _plan(protocol: pd.DataFrame, run_dir: Path, settings: GenerateSettings, faces_dir: str | None,
-          protocol_path: Path, diffusion: dict[str, Any] | None = None):
+          protocol_path: Path, options: dict[str, Any]):
     jobs: dict[str, _PatientJob] = {}
     tasks = []
     total = 0
@@ -438,7 +517,7 @@ def _plan(protocol: pd.DataFrame, run_dir: Path, settings: GenerateSettings, fac
         job = _PatientJob(run_dir=str(run_dir), patient_id=str(pid), patient_index=auto_index, face=face,
                           faces_dir=faces_dir, protocol_dir=str(protocol_path.parent), settings=settings,
                           days=tuple(int(d) for d in per_day["day"]),
-                          severity=tuple(float(s) for s in per_day["severity"]), diffusion=diffusion)
+                          severity=tuple(float(s) for s in per_day["severity"]), options=options)
         if face is None:
             auto_index += 1
         jobs[str(pid)] = job
@@ -446,8 +525,8 @@ def _plan(protocol: pd.DataFrame, run_dir: Path, settings: GenerateSettings, fac
         for rec in rows.itertuples(index=False):
             stem = image_stem(str(pid), int(rec.day), rec.date, rec.view, float(rec.severity), settings.naming)
             items.append({"day": int(rec.day), "view": rec.view, "severity": float(rec.severity),
-                          "image": f"images/{pid}/{stem}.png", "mask": f"masks/{pid}/{stem}.png",
-                          "part": f".parts/{pid}/{stem}.json"})
+                          "image": f"{rundir.IMAGES}/{pid}/{stem}.png", "mask": f"{rundir.MASKS}/{pid}/{stem}.png",
+                          "part": f"{rundir.PARTS}/{pid}/{stem}.json"})
         names = [i["image"] for i in items]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
@@ -460,7 +539,7 @@ def _plan(protocol: pd.DataFrame, run_dir: Path, settings: GenerateSettings, fac
 
 
 def _check_faces(jobs: dict[str, _PatientJob], faces_dir: str | None, protocol_path: Path) -> None:
-    """Fail before rendering anything if a requested face cannot be found or has no face in it."""
+    """Fail before writing anything if a requested face cannot be found or has no face in it."""
     from synthtrial.faces import face_from_request, load_base_faces
 
     load_base_faces(faces_dir)
@@ -469,49 +548,25 @@ def _check_faces(jobs: dict[str, _PatientJob], faces_dir: str | None, protocol_p
             face_from_request(job.face, faces_dir, protocol_path.parent, job.patient_id)
 
 
-def _tables(protocol: pd.DataFrame, records: dict[str, list[dict[str, Any]]], run_dir: Path,
+def _tables(protocol: pd.DataFrame, records: dict[str, list[dict[str, Any]]],
             settings: GenerateSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
     by_image = {rec["image"]: rec for recs in records.values() for rec in recs}
     manifest_rows, lesion_rows = [], []
     for row in protocol.itertuples(index=False):
         stem = image_stem(row.patient_id, int(row.day), row.date, row.view, float(row.severity), settings.naming)
-        rec = by_image[f"images/{row.patient_id}/{stem}.png"]
+        rec = by_image[f"{rundir.IMAGES}/{row.patient_id}/{stem}.png"]
         manifest_rows.append({
-            "image": rec["image"], "mask": rec["mask"], "patient_id": row.patient_id, "day": int(row.day),
-            "date": row.date, "block": row.block, "treatment": row.treatment, "view": row.view,
-            "severity": float(row.severity), "lesion_count": rec["lesion_count"],
-            "target_count": rec["target_count"],
-            **{c: rec[c] for c in MANIFEST_COUNT_COLUMNS},
-            "acne04_level": rec["acne04_level"], "iga": rec["iga"], "identity": rec["identity"],
-            "face_source": rec["face_source"], "seed": rec["seed"], "backend": settings.backend,
-            "sha256": rec["sha256"], "width": rec["width"], "height": rec["height"],
+            **{c: rec[c] for c in rundir.MANIFEST_COLUMNS if c in rec},
+            "patient_id": row.patient_id, "day": int(row.day), "date": row.date, "block": row.block,
+            "treatment": row.treatment, "view": row.view, "severity": float(row.severity),
+            "backend": settings.backend,
         })
         for les in rec["lesions"]:
             lesion_rows.append({"image": rec["image"], "patient_id": row.patient_id, "day": int(row.day),
                                 "view": row.view, **les})
-    manifest = pd.DataFrame(manifest_rows)
+    manifest = pd.DataFrame(manifest_rows, columns=list(rundir.MANIFEST_COLUMNS))
     manifest["date"] = pd.to_datetime(manifest["date"]).astype("datetime64[ns]")
     manifest["block"] = pd.array(manifest["block"].tolist(), dtype="Int64")
-    lesions = pd.DataFrame(lesion_rows, columns=list(LESION_COLUMNS))
+    lesions = pd.DataFrame(lesion_rows, columns=list(rundir.LESION_COLUMNS))
     lesions = lesions.astype({"day": "int64", "lesion_id": "int64", "age_days": "int64", "mask_area": "int64"})
     return manifest, lesions
-
-
-def _write_tables(run_dir: Path, manifest: pd.DataFrame, lesions: pd.DataFrame) -> None:
-    for name, frame in (("manifest.parquet", manifest), ("lesions.parquet", lesions)):
-        buf = io.BytesIO()
-        frame.to_parquet(buf, index=False)
-        write_bytes_atomic(run_dir / name, buf.getvalue())
-    csv = manifest.copy()
-    csv["date"] = csv["date"].dt.strftime("%Y-%m-%d")
-    write_text_atomic(run_dir / "manifest.csv", csv.to_csv(index=False, lineterminator="\n"))
-
-
-def read_run(run_dir: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The manifest and lesions tables of a finished run (clear error when it is not one)."""
-    run_dir = Path(run_dir)
-    for name in ("config.json", "manifest.parquet", "lesions.parquet"):
-        if not (run_dir / name).is_file():
-            raise RunError(f"{run_dir} is not a complete run directory: {name} is missing; "
-                           "run `synthtrial generate` first (or again, to finish it)")
-    return pd.read_parquet(run_dir / "manifest.parquet"), pd.read_parquet(run_dir / "lesions.parquet")

@@ -54,17 +54,17 @@ GRIDS = "grids"
 PARTS = ".parts"
 LOCK = ".lock"
 #: Files that make a finished run.
-RUN_FILES = (CONFIG, MANIFEST, LESIONS)
+RUN_FILES = (MANIFEST, LESIONS, CONFIG)
 
 #: Lesion counts per type in the manifest, in the scale's type order.
 COUNT_COLUMNS = tuple(f"n_{t}" for t in scale.ALL_LESION_TYPES)
 #: The manifest's columns, in the order ``generate`` writes them.
 MANIFEST_COLUMNS = ("image", "mask", "patient_id", "day", "date", "block", "treatment", "view", "severity",
                     "lesion_count", "target_count", *COUNT_COLUMNS, "acne04_level", "iga", "identity",
-                    "face_source", "seed", "backend", "sha256", "width", "height")
+                    "face_source", "seed", "backend", "sha256", "mask_sha256", "width", "height", "mm_per_px")
 #: The lesion table's columns, in the order ``generate`` writes them.
 LESION_COLUMNS = ("image", "patient_id", "day", "view", "lesion_id", "type", "x0", "y0", "x1", "y1", "cx", "cy",
-                  "radius_px", "mask_area", "stage", "age_days", "intensity")
+                  "radius_px", "mask_area", "stage", "age_days", "intensity", "diameter_mm")
 #: The grade table's key; every other column is ``<grader>_<name>``.
 GRADES_KEY = "image"
 
@@ -346,6 +346,16 @@ def locked(run: Path, *, what: str = "writing") -> Iterator[None]:
         os.close(fd)
 
 
+def remove_stale_temps(run: Path) -> int:
+    """Delete the temp files an atomic write left behind when its process was killed (call under the lock)."""
+    removed = 0
+    for path in run.rglob(".*.tmp"):
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def is_empty_dir(path: Path) -> bool:
     """A folder holding nothing but (possibly) our lock file."""
     return path.is_dir() and all(p.name == LOCK for p in path.iterdir())
@@ -381,3 +391,71 @@ def as_float(value: Any, path: Path, row: int, column: str) -> float | None:
     if not math.isfinite(number):
         raise RunError(f"{path}: row {row}, column '{column}': {show(value)} is not a number")
     return number + 0.0
+
+
+# ------------------------------------------------------------------------------------------- verify
+
+def verify(run: str | os.PathLike[str], *, progress: Any = None) -> list[str]:
+    """Check a finished run: every file against the manifest, the tables against each other and against
+    ``config.json``. Returns one line per problem found (empty when all holds). ``progress(done, total, status)``
+    is called as images are checked."""
+    run = check_run_dir(run)
+    problems: list[str] = []
+    try:
+        config = read_config(run)
+        manifest = read_manifest(run, MANIFEST_COLUMNS, images_must_exist=False)
+        lesions = read_lesions(run, set(manifest["image"]))
+    except RunError as exc:
+        return [str(exc)]
+    settings = config.get("settings", {}) if isinstance(config.get("settings"), dict) else {}
+    if "backend" in settings and set(manifest["backend"]) != {settings["backend"]}:
+        problems.append(f"{MANIFEST}: column 'backend' says {sorted(set(manifest['backend']))} but {CONFIG} "
+                        f"says '{settings['backend']}'")
+    rows = config.get("protocol", {}).get("rows") if isinstance(config.get("protocol"), dict) else None
+    if rows is not None and rows != len(manifest):
+        problems.append(f"{MANIFEST}: has {len(manifest)} rows but {CONFIG} records a protocol of {rows} rows")
+    protocol_sha = config.get("protocol", {}).get("sha256") if isinstance(config.get("protocol"), dict) else None
+    if protocol_sha is not None:
+        path = run / PROTOCOL
+        if not path.is_file():
+            problems.append(f"{PROTOCOL}: missing")
+        elif sha256_file(path) != protocol_sha:
+            problems.append(f"{PROTOCOL}: does not match the protocol sha256 recorded in {CONFIG}")
+    size = settings.get("size")
+    listed = set()
+    for i, rec in enumerate(manifest.itertuples(index=False), start=1):
+        for column, digest_column in (("image", "sha256"), ("mask", "mask_sha256")):
+            rel = getattr(rec, column)
+            try:
+                rel = checked_image_path(run, rel, f"{MANIFEST}: row {i}, column '{column}'", must_exist=False)
+            except RunError as exc:
+                problems.append(str(exc))
+                continue
+            listed.add(rel)
+            path = run / rel
+            if not path.is_file():
+                problems.append(f"{rel}: missing (manifest row {i})")
+            elif sha256_file(path) != getattr(rec, digest_column):
+                problems.append(f"{rel}: bytes differ from the manifest's {digest_column} (row {i}): changed or "
+                                "truncated")
+        if size is not None and (rec.width, rec.height) != (size, size):
+            problems.append(f"{MANIFEST}: row {i}: {rec.width}x{rec.height} but {CONFIG} says --size {size}")
+        if progress is not None:
+            progress(i, len(manifest), "")
+    for folder in (IMAGES, MASKS):
+        for path in sorted((run / folder).rglob("*")) if (run / folder).is_dir() else []:
+            if path.is_file() and path.relative_to(run).as_posix() not in listed:
+                problems.append(f"{path.relative_to(run).as_posix()}: not listed in {MANIFEST}")
+    active = lesions[lesions["type"].isin(scale.LESION_TYPES)].groupby("image").size()
+    per_type = lesions.groupby(["image", "type"]).size()
+    for i, rec in enumerate(manifest.itertuples(index=False), start=1):
+        n = int(active.get(rec.image, 0))
+        if n != rec.lesion_count:
+            problems.append(f"{MANIFEST}: row {i}, column 'lesion_count': {rec.lesion_count} but {LESIONS} has "
+                            f"{n} active lesions on {rec.image}")
+        for t in scale.ALL_LESION_TYPES:
+            n_t = int(per_type.get((rec.image, t), 0))
+            if n_t != getattr(rec, f"n_{t}"):
+                problems.append(f"{MANIFEST}: row {i}, column 'n_{t}': {getattr(rec, f'n_{t}')} but {LESIONS} has "
+                                f"{n_t}")
+    return problems

@@ -47,3 +47,29 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def quick_run_256(tmp_path_factory):
+    """protocols/quick.csv (3 patients x 16 days) rendered once at 256 px, for the tests that read a run."""
+    from pathlib import Path
+
+    from synthtrial.run import generate
+
+    root = Path(__file__).resolve().parents[1]
+    return generate(root / "protocols" / "quick.csv", tmp_path_factory.mktemp("runs") / "quick256", size=256,
+                    progress=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a GPU: skipped where ``torch.cuda.is_available()`` is False."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in marked:
+        item.add_marker(skip)

@@ -18,7 +18,8 @@ from synthtrial.render.diffusion import (  # noqa: E402
     severity_level,
     type_words,
 )
-from synthtrial.render.procedural import LesionSpec, ProceduralRenderer  # noqa: E402
+from synthtrial.render.base import RenderRequest  # noqa: E402
+from synthtrial.render.procedural import LesionSpec, ProceduralConfig, ProceduralRenderer  # noqa: E402
 
 SIZE = 64
 
@@ -220,7 +221,7 @@ def test_render_batch_is_one_pipeline_call_per_level(inpainter, scene, monkeypat
         return original(images, *args, **kwargs)
 
     monkeypatch.setattr(inpainter, "_run", counting)
-    requests = [dict(image=image, lesions=lesions, skin_mask=skin, seed=s, severity=sev)
+    requests = [RenderRequest(image=image, lesions=lesions, skin_mask=skin, seed=s, severity=sev)
                 for s, sev in ((1, 2.2), (2, 1.9), (3, 0.9))]
     results = inpainter.render_batch(requests)
     assert sorted(calls) == [1, 2]  # levels 2, 2 in one call; level 1 in another
@@ -228,3 +229,93 @@ def test_render_batch_is_one_pipeline_call_per_level(inpainter, scene, monkeypat
     assert np.array_equal(results[2].image, single.image)  # alone in its call either way: same bytes
     for res in results:
         assert res.image.shape == image.shape and res.masks.shape[0] == len(lesions)
+
+
+def test_inpaint_draws_its_lesion_map_with_the_procedural_component_given(tiny_sdxl, scene):
+    """The procedural component is passed in configured (torchvision's pattern), not built with defaults."""
+    image, skin, lesions = scene
+    faded = [LesionSpec(lesion_id=l.lesion_id, type=l.type, cx=l.cx, cy=l.cy, radius_px=l.radius_px, intensity=0.3,
+                        seed=l.seed) for l in lesions]
+    config = ProceduralConfig(size_at_zero_intensity=1.0)
+    given = DiffusionRenderer(_config(tiny_sdxl, mode="inpaint"), procedural=ProceduralRenderer(config))
+    assert given.procedural.config == config
+    default = DiffusionRenderer(_config(tiny_sdxl, mode="inpaint"))
+    assert default.procedural.config.size_at_zero_intensity != 1.0
+    ours = given.procedural(image, faded, skin_mask=skin).masks.sum()
+    theirs = default.procedural(image, faded, skin_mask=skin).masks.sum()
+    assert ours > theirs  # fading lesions keep their size under the run's setting
+
+
+@pytest.fixture(scope="module")
+def cropper(tiny_sdxl):
+    return DiffusionRenderer(_config(tiny_sdxl, mode="inpaint", mask_dilation_px=3, crop_padding_px=2, crop_size=32,
+                                     feather_px=2))
+
+
+def test_inpaint_crops_diffuse_windows_only(cropper, scene, monkeypatch):
+    """Crop and paste: only windows around the lesion clusters go through the pipeline, at crop_size; outside the
+    region the base image comes back bit for bit, the lesion pixels are the diffusion output."""
+    image, skin, _ = scene
+    lesions = [LesionSpec(1, "pustule", 18.0, 22.0, 2.0, 1.0, seed=21), LesionSpec(2, "open_comedo", 46.0, 44.0, 1.5,
+                                                                                  1.0, seed=22)]
+    proc = cropper.procedural(image, lesions, skin_mask=skin, seed=3)
+    region = inpaint_region(image, proc, skin, 3)
+    pieces = cropper.inpaint_pieces(proc.image, region, 3)
+    assert len(pieces) >= 2 and all(p[0] is not None for p in pieces)
+    assert sum(p[0].side ** 2 for p in pieces) < SIZE * SIZE
+    assert {p[4] for p in pieces} == {(32, 32)} and len({p[3] for p in pieces}) == len(pieces)
+    sizes = []
+    original = cropper._run
+
+    def spy(images, prompts, seeds, level, size, masks=None):
+        sizes.append((len(images), size, {im.shape for im in images}))
+        return original(images, prompts, seeds, level, size, masks=masks)
+
+    monkeypatch.setattr(cropper, "_run", spy)
+    res = cropper(image, lesions, skin_mask=skin, seed=3, severity=2.2)
+    assert sizes[0][:2] == (len(pieces), (32, 32))          # all crops of the image in one call
+    assert sizes[0][2] == {(p[0].side, p[0].side, 3) for p in pieces}
+    assert np.array_equal(res.image[~region], image[~region])
+    lesion = proc.masks.any(axis=0)
+    assert np.any(res.image[lesion] != proc.image[lesion], axis=1).mean() > 0.5
+    assert np.array_equal(res.masks, proc.masks)
+    again = cropper(image, lesions, skin_mask=skin, seed=3, severity=2.2)
+    other = cropper(image, lesions, skin_mask=skin, seed=4, severity=2.2)
+    assert res.image.tobytes() == again.image.tobytes() and res.image.tobytes() != other.image.tobytes()
+
+
+def test_inpaint_falls_back_to_the_whole_image(tiny_sdxl, scene):
+    """Crops off, or windows covering as much as the image: one whole-image piece, seeded with the image's seed."""
+    image, skin, lesions = scene
+    whole = DiffusionRenderer(_config(tiny_sdxl, mode="inpaint", mask_dilation_px=3, inpaint_crops=False))
+    wide = DiffusionRenderer(_config(tiny_sdxl, mode="inpaint", mask_dilation_px=3, crop_padding_px=40))
+    proc = whole.procedural(image, lesions, skin_mask=skin, seed=3)
+    region = inpaint_region(image, proc, skin, 3)
+    for renderer in (whole, wide):
+        (piece,) = renderer.inpaint_pieces(proc.image, region, 9)
+        assert piece[0] is None and piece[3] == 9 and piece[4] == (SIZE, SIZE)
+    assert whole(image, lesions, skin_mask=skin, seed=3, severity=1).image.tobytes() == \
+        wide(image, lesions, skin_mask=skin, seed=3, severity=1).image.tobytes()
+
+
+def test_crop_settings_are_checked(tiny_sdxl):
+    for bad in (dict(crop_padding_px=-1), dict(feather_px=-1), dict(crop_size=4)):
+        with pytest.raises(SynthtrialError, match=next(iter(bad))):
+            DiffusionRenderer(_config(tiny_sdxl, mode="inpaint", **bad))
+
+
+def test_a_pipeline_built_elsewhere_is_converted_and_prepared(tiny_sdxl, scene):
+    """pipeline= (the benchmark's random full-size SDXL): converted to the mode's class, scheduler swapped."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    image, skin, lesions = scene
+    built = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl), dtype=torch.float32)
+    given = DiffusionRenderer(_config("stabilityai/stable-diffusion-xl-base-1.0", mode="inpaint", mask_dilation_px=3),
+                              pipeline=built)
+    assert type(given.pipeline).__name__ == "StableDiffusionXLInpaintPipeline"
+    assert type(given.pipeline.scheduler).__name__ == "UniPCMultistepScheduler"
+    loaded = DiffusionRenderer(_config(tiny_sdxl, mode="inpaint", mask_dilation_px=3))
+    a = given(image, lesions, skin_mask=skin, seed=2, severity=1).image
+    b = loaded(image, lesions, skin_mask=skin, seed=2, severity=1).image
+    assert a.tobytes() == b.tobytes()

@@ -66,9 +66,9 @@ def test_only_frontal_faces_are_kept(tmp_path, astronaut):
     fake = FakeSource(astronaut)
     seen = []
     out = tmp_path / "bank"
-    table = generate_face_bank(3, "unused", out, seed=7, pipeline=fake, progress=lambda t, k: seen.append((t, k)))
+    table = generate_face_bank(3, "unused", out, seed=7, pipeline=fake, progress=lambda t, total, status: seen.append((t, total, status)))
     # attempts cycle skin types I..VI: I noise, II face, III rolled face, IV face, V noise, VI face -> 3 kept
-    assert len(fake.calls) == 6 and seen[-1] == (6, 3)
+    assert len(fake.calls) == 6 and seen[-1] == (6, 12, "3 kept")  # 12 = default max_tries 4 x n
     assert list(table.columns) == list(COLUMNS)
     assert table["file"].tolist() == ["face_0000.png", "face_0001.png", "face_0002.png"]
     assert table["attempt"].tolist() == [1, 3, 5] and table["fitzpatrick"].tolist() == [2, 4, 6]

@@ -56,7 +56,7 @@ def _unet_output(unet):
 def trained(tiny_sdxl, acne_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
     calls = []
-    weights = finetune(acne_dir, out, small(tiny_sdxl), progress=lambda s, t, loss: calls.append((s, t, loss)))
+    weights = finetune(acne_dir, out, small(tiny_sdxl), progress=lambda s, t, status: calls.append((s, t, status)))
     return out, weights, calls
 
 
@@ -125,7 +125,7 @@ def test_resume_continues_from_checkpoint_like_an_uninterrupted_run(trained, tin
     shutil.rmtree(resumed / "checkpoint-6")
     calls = []
     finetune(acne_dir, resumed, small(tiny_sdxl, max_train_steps=7, gradient_checkpointing=False),
-             progress=lambda s, t, loss: calls.append((s, t)))
+             progress=lambda s, t, status: calls.append((s, t)))
     assert calls == [(4, 7), (5, 7), (6, 7), (7, 7)]  # starts at the checkpoint step
     log = json.loads((resumed / "training_log.json").read_text())
     assert [e["step"] for e in log["steps"]] == list(range(1, 8)) and log["resumed_from"] == 3

@@ -101,3 +101,44 @@ def test_improvement_resolves_lesions_into_marks(face256):
     assert after["mark"] > before["mark"]
     stages = {s.stage for d in days for s in course.on(int(d))}
     assert {"onset", "active", "resolving", "residual"} <= stages
+
+
+def test_diameters_stay_in_their_stated_ranges(course):
+    from synthtrial.lesions import DIAMETER_RANGE_MM, drawn_radius, radius_iod
+
+    seen = set()
+    for day in range(1, 61):
+        for s in course.on(day):
+            lo, hi = DIAMETER_RANGE_MM[s.type]
+            assert lo - 1e-9 <= s.diameter_mm <= hi + 1e-9, (s.type, s.diameter_mm)
+            assert s.radius == pytest.approx(drawn_radius(s.type, s.diameter_mm, s.intensity))
+            assert s.radius <= radius_iod(s.diameter_mm) + 1e-12   # growing lesions are drawn smaller, never larger
+            seen.add(s.type)
+    assert {"open_comedo", "closed_comedo", "papule", "pustule", "mark"} <= seen
+    # nodules are at least 5 mm, papules and pustules under it, comedones up to 3 mm
+    assert DIAMETER_RANGE_MM["nodule"][0] >= 5.0 and DIAMETER_RANGE_MM["papule"][1] <= 5.0
+    assert DIAMETER_RANGE_MM["closed_comedo"][1] <= 3.0
+
+
+def test_new_lesions_cluster_near_standing_ones(face256):
+    """With clustering, nearest-neighbour distances are shorter than for lesions placed independently."""
+    import synthtrial.lesions as lesions_mod
+
+    days = np.arange(1, 41)
+    sev = np.full(40, 1.2)
+
+    def mean_nn(course, day):
+        states = [s for s in course.on(day) if s.type in ACTIVE_TYPES]
+        pts = face256.to_pixels([s.triangle for s in states], np.stack([s.bary for s in states]))
+        d = np.hypot(*(pts[:, None] - pts[None]).transpose(2, 0, 1))
+        np.fill_diagonal(d, np.inf)
+        return np.median(d.min(axis=1))
+
+    clustered = np.mean([mean_nn(LesionCourse(face256, days, sev, seed=k, patient_id="c"), 40) for k in range(3)])
+    saved = lesions_mod.CLUSTER_CHANCE
+    try:
+        lesions_mod.CLUSTER_CHANCE = 0.0
+        spread = np.mean([mean_nn(LesionCourse(face256, days, sev, seed=k, patient_id="c"), 40) for k in range(3)])
+    finally:
+        lesions_mod.CLUSTER_CHANCE = saved
+    assert clustered < 0.75 * spread

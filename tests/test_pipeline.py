@@ -8,7 +8,8 @@ import pytest
 
 from synthtrial.analyze.pipeline import EFFECT_COLUMNS, AnalysisSettings, analyze_run, image_outcomes
 from synthtrial.errors import SynthtrialError
-from synthtrial.run import generate, read_run
+from synthtrial.run import generate
+from synthtrial.rundir import read_run
 from synthtrial.simulate import SeverityModel, TrialDesign, simulate_trial
 
 

@@ -194,7 +194,7 @@ def test_empty_masks_get_the_clipped_spec_circle(light_face):
     alone = RENDER(img, [lesions[2]], skin_mask=mask, stats=stats_for(img, mask))
     assert np.array_equal(alone.image, img)
     faint = RENDER(img, [lesions[3]], skin_mask=mask, stats=stats_for(img, mask))
-    assert np.abs(faint.image.astype(int) - img).max() <= 4
+    assert np.abs(faint.image.astype(int) - img).max() <= 6
 
 
 def test_skin_mask_forms_and_image_views(light_face):
@@ -524,5 +524,37 @@ def test_bad_stats_and_config_are_refused(light_face):
         RENDER(img, [one("papule")], skin_mask=mask, seed="x")
     with pytest.raises(ValueError, match="no look"):
         ProceduralRenderer(ProceduralConfig(looks={}))
+    with pytest.raises(ValueError, match="erythema_saturation"):
+        ProceduralRenderer(ProceduralConfig(erythema_saturation=0.0))
     with pytest.raises(ValueError, match="skin pixels"):
         photo_stats(img, np.zeros(mask.shape, bool))
+
+
+# -- realism: merged erythema, variation within a type ----------------------------------------------
+
+def test_erythema_of_neighbouring_lesions_merges_instead_of_stacking(light_face):
+    """Between two close papules the blush is stronger than either alone gives there, but weaker than
+    their sum: overlapping halos saturate into one confluent patch."""
+    img, mask = light_face
+    st = stats_for(img, mask, blur=0.5)
+    a, b = one("papule", cx=74.5, r=4.0, seed=1, lesion_id=0), one("papule", cx=86.5, r=4.0, seed=2, lesion_id=1)
+    mid = (slice(78, 83), slice(78, 83))
+
+    def redness(lesions):
+        res = RENDER(img, lesions, skin_mask=mask, stats=st, seed=0)
+        return (lab(res.image) - lab(img))[mid][..., 1].mean()
+
+    ra, rb, both = redness([a]), redness([b]), redness([a, b])
+    assert ra > 1.0 and rb > 1.0
+    assert both > max(ra, rb) + 0.5
+    assert both < ra + rb - 0.3
+
+
+def test_lesions_of_a_type_vary_in_colour(light_face):
+    img, mask = light_face
+    st = stats_for(img, mask)
+    reds = []
+    for seed in range(8):
+        res = RENDER(img, [one("papule", r=5.0, seed=seed)], skin_mask=mask, stats=st, seed=0)
+        reds.append(delta_in_mask(img, res.image, res.masks[0])[0][1])
+    assert np.std(reds) > 1.0 and min(reds) > 5.0

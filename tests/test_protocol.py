@@ -214,3 +214,65 @@ def test_missing_file_and_directory(tmp_path):
 def test_parse_text_directly():
     frame = parse_protocol("patient_id,day,treatment\nP01,0,A\n")
     assert frame.attrs["source"] == "<protocol>" and frame["day"].tolist() == [0]
+
+
+# ------------------------------------------------------------------ hostile values (bounds, digits, bytes)
+
+@pytest.mark.parametrize("line, column, needle", [
+    ("p1,1e300,Control", "day", "beyond day 36500"),
+    ("p1,1000000000000000,Control", "day", "beyond day 36500"),
+    ("p1,1_0,Control", "day", r"not a number \(plain ASCII"),
+    ("p1,\u0661\u0660,Control", "day", r"not a number \(plain ASCII"),
+])
+def test_days_are_bounded_ascii_numbers(tmp_path, line, column, needle):
+    path = tmp_path / "p.csv"
+    path.write_text("patient_id,day,treatment\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(ProtocolError, match=needle) as info:
+        read_protocol(path)
+    assert info.value.column == column and info.value.row == 2
+
+
+@pytest.mark.parametrize("date", ["0001-01-01", "9999-12-31", "10000-01-01"])
+def test_dates_are_bounded(tmp_path, date):
+    path = tmp_path / "p.csv"
+    path.write_text(f"patient_id,date,treatment\np1,{date},Control\n")
+    with pytest.raises(ProtocolError, match="outside 1900-01-01 - 2200-12-31|is not a date") as info:
+        read_protocol(path)
+    assert info.value.column == "date"
+
+
+def test_day_span_is_bounded(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("patient_id,day,treatment\np1,0,Control\np1,5000,Control\n")
+    with pytest.raises(ProtocolError, match="spans 5000 days") as info:
+        read_protocol(path)
+    assert info.value.row == 3
+
+
+def test_nul_byte_anywhere_is_refused(tmp_path):
+    path = tmp_path / "p.csv"
+    rows = "".join(f"p1,{d},Control\n" for d in range(600))
+    path.write_bytes(("patient_id,day,treatment\n" + rows).encode() + b"p1,600,Cre\x00am\n")
+    with pytest.raises(ProtocolError, match="NUL bytes") as info:
+        read_protocol(path)
+    assert info.value.row == 602
+
+
+def test_only_regular_files_are_read(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(ProtocolError, match="not a regular file"):
+        read_protocol(fifo)
+    with pytest.raises(ProtocolError, match="not a regular file"):
+        read_protocol("/dev/zero")
+
+
+def test_anchor_form_errors_name_its_own_column(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text(",patient_id,date,block,day,treatment,AcneSeverity\n"
+                    "0,1,2018-01-01,1,1,Baseline,2.9\n1,1,2018-01-02,1,2,Baseline,\n")
+    with pytest.raises(ProtocolError, match="severity on some rows") as info:
+        read_protocol(path)
+    assert info.value.column == "AcneSeverity"

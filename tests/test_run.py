@@ -15,7 +15,8 @@ from PIL import Image
 
 from synthtrial import scale
 from synthtrial.errors import SynthtrialError
-from synthtrial.run import generate, image_stem, read_run
+from synthtrial.run import generate, image_stem
+from synthtrial.rundir import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("patient_id,day,date,block,treatment,severity,view\n"
@@ -141,13 +142,13 @@ def test_interrupted_run_resumes_to_the_same_bytes(tiny, tmp_path):
     class Stop(Exception):
         pass
 
-    def stop_after_three(done, total):
+    def stop_after_three(done, total, status):
         if done >= 3:
             raise Stop
 
     cut = tmp_path / "cut"
     with pytest.raises(Stop):
-        generate(tiny, cut, size=160, progress=False, on_image=stop_after_three)
+        generate(tiny, cut, size=160, progress=False, on_progress=stop_after_three)
     assert not (cut / "manifest.parquet").exists()
     generate(tiny, cut, size=160, progress=False)
     assert files(cut) == files(whole)
@@ -265,3 +266,144 @@ def test_diffusion_backend_batches_and_resumes_to_the_same_bytes(tmp_path, tiny_
     assert files(run) == before
     manifest, _ = read_run(run)
     assert (manifest["backend"] == "sdxl-inpaint").all() and len(manifest) == 4
+
+
+def test_inpaint_backend_draws_the_procedural_lesion_table(tmp_path, tiny_sdxl):
+    """Same protocol and seed: the sdxl-inpaint run's lesion table (boxes, mask areas) equals the procedural run's,
+    because the backend draws its lesion map with the run's own procedural settings."""
+    proto = tmp_path / "p.csv"
+    proto.write_text("patient_id,day,treatment,severity\n" + "".join(f"z1,{d},Control,{2.6 - 0.8 * d}\n"
+                                                                     for d in range(3)))
+    options = {"model": str(tiny_sdxl), "num_inference_steps": 2, "device": "cpu"}
+    inpaint = generate(proto, tmp_path / "inpaint", size=128, progress=False, backend="sdxl-inpaint",
+                       diffusion=options)
+    procedural = generate(proto, tmp_path / "procedural", size=128, progress=False)
+    a, b = read_run(inpaint)[1], read_run(procedural)[1]
+    assert len(a) > 10 and (a["intensity"] < 1).any()
+    pd.testing.assert_frame_equal(a, b)
+    config = json.loads((inpaint / "config.json").read_text())
+    assert config["renderer"]["size_at_zero_intensity"] == 1.0 and config["backend"]["name"] == "sdxl-inpaint"
+
+
+def test_deleted_and_corrupted_files_heal_to_the_same_bytes(tiny, tmp_path):
+    run = generate(tiny, tmp_path / "run", size=160, progress=False)
+    before = files(run)
+    (run / "images" / "a1" / "a1_20180102_frontal.png").unlink()
+    (run / "masks" / "b2" / "b2_20180101_frontal.png").unlink()
+    truncated = run / "images" / "b2" / "b2_20180102_frontal.png"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    edited = run / "images" / "a1" / "a1_20180103_frontal.png"
+    data = bytearray(edited.read_bytes())
+    data[-20] ^= 0xFF
+    edited.write_bytes(bytes(data))
+    (run / "grids" / "a1.jpg").unlink()
+    generate(tiny, run, size=160, progress=False)
+    assert files(run) == before
+
+
+def test_a_second_writer_is_refused(tiny, tmp_path):
+    from synthtrial import rundir
+
+    run = tmp_path / "run"
+    with rundir.locked(run):
+        with pytest.raises(SynthtrialError, match="another synthtrial process is writing"):
+            generate(tiny, run, size=160, progress=False)
+    assert not (run / "config.json").exists()
+    generate(tiny, run, size=160, progress=False)  # free again
+    assert (run / "manifest.parquet").is_file()
+
+
+def test_two_processes_on_one_new_run_do_not_mix(tmp_path):
+    """Two generate commands with different seeds on the same new --out: one runs, the other is refused."""
+    proto = ROOT / "protocols" / "quick.csv"
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "synthtrial", "generate", str(proto), "--size", "128", "--quiet", "--out", str(out)]
+    procs = [subprocess.Popen([*cmd, "--seed", str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in (7, 8)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert "another synthtrial process is writing" in refused or "other settings" in refused
+    winner = (7, 8)[[code for code, _ in results].index(0)]
+    assert json.loads((out / "config.json").read_text())["settings"]["seed"] == winner
+    from synthtrial.rundir import verify
+
+    assert verify(out) == []
+
+
+def test_refused_generate_leaves_nothing_behind(tiny, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("patient_id,day,treatment,severity,face\nq1,0,Control,1.0,missing.png\n")
+    with pytest.raises(SynthtrialError, match="face 'missing.png'"):
+        generate(bad, tmp_path / "run", size=160, progress=False)
+    assert not (tmp_path / "run").exists()
+    undated = tmp_path / "undated.csv"
+    undated.write_text("patient_id,day,treatment,severity\nq1,0,Control,1.0\n")
+    with pytest.raises(SynthtrialError, match="needs a date"):
+        generate(undated, tmp_path / "run2", size=160, progress=False, naming="anchor")
+    assert not (tmp_path / "run2").exists()
+    generate(undated, tmp_path / "run2", size=160, progress=False)  # the fixed command is not refused
+
+
+def _children(pid):
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def test_ctrl_c_stops_the_workers_and_resume_is_exact(tmp_path):
+    import psutil
+
+    proto = ROOT / "protocols" / "quick.csv"
+    cmd = [sys.executable, "-m", "synthtrial", "generate", str(proto), "--size", "256", "--quiet", "--workers", "2"]
+    whole = tmp_path / "whole"
+    subprocess.run([*cmd, "--out", str(whole)], check=True, capture_output=True)
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / ".parts").rglob("*.json"))) < 6:
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 130
+    assert "interrupted" in proc.stderr.read()
+    done = len(list((out / ".parts").rglob("*.json")))
+    assert done < 48
+    time.sleep(1.5)
+    assert len(list((out / ".parts").rglob("*.json"))) == done  # nothing renders on after the stop
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True)
+    assert files(out) == files(whole)
+
+
+def test_workers_exit_when_the_parent_is_killed(tmp_path):
+    import psutil
+
+    proto = ROOT / "protocols" / "quick.csv"
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "synthtrial", "generate", str(proto), "--size", "256", "--quiet",
+                             "--workers", "2", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / ".parts").rglob("*.json"))) < 4:
+        time.sleep(0.05)
+    workers = [w for w in _children(proc.pid) if "python" in w.name().lower()]
+    assert workers
+    proc.kill()
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+
+
+def test_given_severities_are_kept_and_only_the_others_simulated(tmp_path):
+    path = tmp_path / "mixed.csv"
+    path.write_text("patient_id,day,treatment,severity\n"
+                    "p1,0,Control,2.9\np1,1,Control,2.9\np1,2,Cream,2.9\n"
+                    "p2,0,Control,\np2,1,Control,\np2,2,Cream,\n")
+    run = generate(path, tmp_path / "run", size=128, progress=False)
+    protocol = pd.read_csv(run / "protocol.csv")
+    assert protocol.loc[protocol["patient_id"] == "p1", "severity"].tolist() == [2.9, 2.9, 2.9]
+    assert protocol.loc[protocol["patient_id"] == "p2", "severity"].notna().all()
+    truth = json.loads((run / "truth.json").read_text())
+    assert truth["simulated_patients"] == ["p2"] and truth["given_patients"] == ["p1"]
+    assert list(truth["patients"]) == ["p2"]  # the truth covers the simulated patient only

@@ -7,7 +7,9 @@ status 2; nothing is half-written. Every command is a library function first.
 from __future__ import annotations
 
 from synthtrial.cli.common import EXIT_BAD_INPUT, app
-from synthtrial.cli import scale, protocol, generate, data, export, graders, analyze, power  # noqa: E402,F401  (register commands)
+from synthtrial.cli import (  # noqa: E402,F401  (each module registers its commands)
+    scale, protocol, generate, atlas, data, export, verify, graders, analyze, power,
+)
 from synthtrial.cli import graders_image  # noqa: E402,F401  (graders train|eval iga|imageqx)
 
 __all__ = ["EXIT_BAD_INPUT", "app", "main"]

@@ -42,8 +42,10 @@ class OneLineErrors(TyperGroup):
             print(f"synthtrial: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
             sys.exit(exc.exit_code)
         except typer.Abort:
-            print("synthtrial: aborted", file=sys.stderr)
-            sys.exit(130)
+            code = 130
+        if code == 130:  # Ctrl-C or SIGTERM (typer turns KeyboardInterrupt into exit status 130)
+            print("synthtrial: interrupted; finished work is kept: run the same command again to resume",
+                  file=sys.stderr)
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -86,6 +88,9 @@ def handles_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except SynthtrialError as exc:
             fail(one_line(exc))
+        except OSError as exc:  # a full disk, a vanished folder, a permission: the file and the reason, one line
+            where = exc.filename if exc.filename is not None else ""
+            fail(f"{where}: {exc.strerror or one_line(exc)}" if where else one_line(exc))
 
     return wrapper
 

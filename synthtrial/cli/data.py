@@ -83,7 +83,7 @@ def finetune_command(
                             snr_gamma=snr_gamma or None, max_train_steps=steps, rank=rank, seed=seed,
                             mixed_precision=mixed_precision, checkpointing_steps=checkpointing_steps)
     with progress_bar("training", steps, unit="steps") as update:
-        weights = finetune(data, out_dir, config, progress=lambda step, total, loss: update(step, f"loss {loss:.4f}"))
+        weights = finetune(data, out_dir, config, progress=lambda step, total, status: update(step, status))
     out.print(f"[green]wrote[/green] {weights}")
 
 
@@ -110,5 +110,5 @@ def faces_generate(
 
     with progress_bar("portraits", max_tries or 4 * n, unit="tries") as update:
         table = generate_face_bank(n, model, out_dir, seed=seed, size=size, steps=steps, guidance=guidance,
-                                   max_tries=max_tries, progress=lambda tries, kept: update(tries, f"{kept} kept"))
+                                   max_tries=max_tries, progress=lambda tries, total, status: update(tries, status))
     out.print(f"[green]kept[/green] {len(table)} of the rendered portraits in {out_dir}")

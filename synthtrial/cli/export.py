@@ -29,9 +29,17 @@ def export_command(
                                                     "RUN/exports/<format>).", show_default=False)] = None,
     folds: Annotated[int, typer.Option(min=2, help="Folds for the acne04 format (split by patient).")] = 5,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the patient-to-fold assignment.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing COCO JSON file named by --out.")] = False,
+    link: Annotated[bool, typer.Option("--link", help="imagefolder: hard-link the images instead of copying them "
+                                       "(saves space, but editing an exported image then changes the run).")]
+    = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Export a run's images and ground truth to a grader's training format."""
+    """Export a run's images and ground truth to a grader's training format.
+
+    Every image is checked against the manifest's sha256 first. --out may not lie inside the run directory (except under RUN/exports/); an existing COCO file is replaced only with --force.
+    """
     from synthtrial.export import export_run
 
-    path = export_run(run, fmt.value, out_dir, folds=folds, seed=seed)
+    path = export_run(run, fmt.value, out_dir, folds=folds, seed=seed, force=force, link=link, progress=not quiet)
     out.print(f"[green]wrote[/green] {path}")

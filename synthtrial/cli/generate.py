@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from synthtrial.cli.common import app, handles_errors, out
+from synthtrial.render.base import BACKENDS as BACKEND_SPECS
+
 
 
 class Naming(str, Enum):
@@ -16,10 +18,8 @@ class Naming(str, Enum):
     anchor = "anchor"
 
 
-class Backend(str, Enum):
-    procedural = "procedural"
-    img2img = "sdxl-img2img"
-    inpaint = "sdxl-inpaint"
+#: --backend choices, from the renderer registry (synthtrial.render.base.BACKENDS)
+Backend = Enum("Backend", {name.replace("-", "_"): name for name in BACKEND_SPECS}, type=str)
 
 
 _DIFFUSION_PANEL = "Diffusion backends (GPU recommended)"
@@ -42,11 +42,8 @@ def generate_command(
     naming: Annotated[Naming, typer.Option(help="native: <patient>_<YYYYMMDD>_<view>.png; anchor: "
                                            "synthetic_acne_images' <patient>_<YYYYMMDD>_severity_<N>.png.")]
     = Naming.native,
-    backend: Annotated[Backend, typer.Option(help="procedural: the fast CPU lesion renderer. sdxl-img2img: the "
-                                             "anchor's SDXL img2img with per-level LoRA (lesion placement not "
-                                             "controlled). sdxl-inpaint: the procedural lesion map, repainted by "
-                                             "SDXL inpainting inside the dilated lesion masks only.",
-                                             rich_help_panel=_DIFFUSION_PANEL)] = Backend.procedural,
+    backend: Annotated[Backend, typer.Option(help=" ".join(f"{s.name}: {s.summary}." for s in BACKEND_SPECS.values()),
+                                             rich_help_panel=_DIFFUSION_PANEL)] = Backend("procedural"),
     model: Annotated[Optional[str], typer.Option(help="SDXL base: a local folder or a hub id (only a hub id "
                                                  "downloads). Default: stabilityai/stable-diffusion-xl-base-1.0.",
                                                  show_default=False, rich_help_panel=_DIFFUSION_PANEL)] = None,
@@ -82,7 +79,7 @@ def generate_command(
         "guidance_scale": guidance, "device": device, "dtype": dtype, "compile": compile_unet or None,
     }.items() if v is not None}
     if strength is not None:
-        diffusion["strength" if backend is Backend.img2img else "inpaint_strength"] = strength
+        diffusion["strength" if backend.value == "sdxl-img2img" else "inpaint_strength"] = strength
     run_dir = generate(protocol, out_dir, faces_dir=faces, seed=seed, size=size, naming=naming.value,
                        workers=workers, progress=not quiet, backend=backend.value, diffusion=diffusion or None)
     out.print(f"[green]wrote[/green] {run_dir}  (look at {run_dir / 'grids'})")

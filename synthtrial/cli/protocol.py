@@ -158,6 +158,9 @@ def protocol_design(
         "noise_sd": noise_sd, "missing_rate": missing_rate,
     })
 
+    from synthtrial.atomic import check_writable
+
+    check_writable(out_path)
     truth_path = truth_path_for(out_path)
     if not force:
         for p in (out_path, truth_path):

@@ -43,16 +43,6 @@ class PhotoStats:
     skin_rgb: tuple[float, float, float]    # median skin colour
 
 
-@dataclass(frozen=True)
-class PhotoStats:
-    """What a lesion must match to sit in this photo: light, noise, sharpness, skin tone."""
-
-    light_direction: tuple[float, float]   # unit 2-D vector in image coords pointing TOWARDS the light
-    noise_sigma: float                      # std of the sensor noise on skin, in 0-255 units
-    blur_sigma: float                       # Gaussian sigma (px) that matches the photo's sharpness
-    skin_rgb: tuple[float, float, float]    # median skin colour
-
-
 @dataclass
 class RenderResult:
     """The rendered image with one instance mask and box per lesion, in the order given."""

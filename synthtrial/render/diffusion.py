@@ -19,23 +19,36 @@ Two modes, one :class:`DiffusionRenderer` with the same call as :class:`Procedur
     masks), dilated by ``mask_dilation_px`` and intersected with the skin mask (:func:`inpaint_region`).
     ``StableDiffusionXLInpaintPipeline`` repaints that region of the procedural image with the prompt
     ``close-up photo of skin with acne{N}, {types}, ...`` (the lesion types present, e.g. "papules,
-    pustules"), seeded. The result is composited with ``np.where``: every pixel outside the region is
-    bit-identical to the input base image, every pixel inside is the diffusion output. The procedural
-    masks and boxes are returned, so the lesion table describes the lesions the image shows.
+    pustules"), seeded. The procedural masks and boxes are returned, so the lesion table describes the
+    lesions the image shows.
 
-Sizes: SDXL works on height/width that are multiples of ``8 * vae_scale_factor`` (64 px for SDXL). The
-image is resized (PIL Lanczos; the mask nearest-neighbour) to the nearest such size (at least one
-multiple), diffused there, and the output resized back to the input's size before compositing; an image
-already at such a size (512, 1024) is not resampled. No cropping: the whole image goes through the
-pipeline at about its own resolution (SDXL is trained at 1024 px; far smaller images lose quality).
+    Crop and paste (``inpaint_crops``, on by default; the idea of diffusers' ``padding_mask_crop``): only
+    square windows around the region's clusters are diffused (:mod:`synthtrial.render.crops`: each cluster's
+    box grown by ``crop_padding_px`` of context, overlapping windows merged), each at ``crop_size`` px
+    (never above the whole image's working size) and pasted back. The k-th crop of an image is seeded with
+    ``derive_seed(seed, "inpaint-crop", k)``. When the windows would cover as many pixels as the image, the
+    whole image is diffused instead (seeded with ``seed``), so crops are never the slower path.
+    The paste-back is feathered inside the region: the diffused pixels are blended over the input base
+    image with an alpha rising from 0 at the region's edge to 1 ``feather_px`` pixels inside
+    (:func:`~synthtrial.render.crops.feather_alpha`); every pixel outside the region is bit-identical to
+    the input base image, and with ``feather_px <= mask_dilation_px`` every lesion pixel is the diffusion
+    output.
+
+Sizes: SDXL works on height/width that are multiples of ``8 * vae_scale_factor`` (64 px for SDXL). An
+image (or crop) is resized (PIL Lanczos; the mask nearest-neighbour) to its working size (the nearest such
+size, at least one multiple; a crop: ``crop_size`` rounded so), diffused there, and the output resized back
+before compositing; one already at its working size (512, 1024) is not resampled.
 
 Device and precision: CUDA when available, else CPU; float16 on CUDA and float32 on CPU by default
 (``dtype="bfloat16"`` allowed). SDXL's VAE overflows in float16; the SDXL pipelines upcast it to float32
-for encoding and decoding when its config says ``force_upcast`` (the base model's does), or pass an
+for encoding and decoding when its config says ``force_upcast`` (the base model's does; the decode goes
+through diffusers' deprecated ``upcast_vae``, whose FutureWarning is silenced around the call), or pass an
 fp16-safe VAE (the anchor used ``madebyollin/sdxl-vae-fp16-fix``) as ``vae``. ``torch.compile`` of the
 UNet (in place, ``unet.compile()``) is applied only on CUDA; on CPU it is skipped with a note.
 Nothing downloads unless ``model`` (or ``vae``) is a hub id that is not a
-local folder; a path-like value that does not exist is an error.
+local folder; a path-like value that does not exist is an error. A pipeline built elsewhere (the
+benchmark builds the full-size architecture from configs with random weights) can be passed in as
+``pipeline=``; it is converted to the mode's pipeline class with ``from_pipe`` and prepared like a loaded one.
 
 LoRA: ``lora`` is a folder holding ``pytorch_lora_weights.safetensors`` (one adapter for every level; the
 severity token in the prompt selects the look) or subfolders ``acne0`` .. ``acne3`` each holding one
@@ -48,7 +61,7 @@ from __future__ import annotations
 
 import math
 import os
-import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +70,7 @@ from typing import Any
 import numpy as np
 
 from synthtrial.errors import SynthtrialError
+from synthtrial.render.crops import Window, composite, crop_windows, cut, feather_alpha, paste_into
 from synthtrial.render.base import (
     LesionSpec,
     PhotoStats,
@@ -68,6 +82,8 @@ from synthtrial.render.base import (
 )
 from synthtrial.render.procedural import ProceduralConfig, ProceduralRenderer
 from synthtrial.scale import ALL_LESION_TYPES as LESION_TYPES
+from synthtrial.seeding import derive_seed
+from synthtrial.weights import is_pickle, resolve_model
 
 __all__ = [
     "MODES",
@@ -115,6 +131,10 @@ class DiffusionConfig:
     num_inference_steps: int = 30
     scheduler: str = "unipc"       # unipc | euler | ddim (swapped in with from_config)
     mask_dilation_px: int = 6
+    inpaint_crops: bool = True     # inpaint: diffuse only windows around the lesion clusters (False: whole image)
+    crop_padding_px: int = 32      # context around each cluster's box, px of the input image
+    crop_size: int = 512           # side each crop is diffused at (rounded to the model's size multiple)
+    feather_px: int = 4            # seam: alpha rises from the region's edge to 1 over this many px
     device: str | None = None      # None -> cuda if available else cpu
     dtype: str | None = None       # None -> float16 on CUDA else float32; "bfloat16" allowed
     vae_tiling: bool = True
@@ -158,22 +178,9 @@ def inpaint_region(base: np.ndarray, procedural: RenderResult, skin_mask: np.nda
     return region & (skin_weight(skin_mask, (h, w)) > 0)
 
 
-def _looks_like_path(value: str) -> bool:
-    """A model string meant as a folder (not a hub id ``owner/name``)."""
-    if value.startswith((".", "/", "~")) or "\\" in value or os.sep != "/" and os.sep in value:
-        return True
-    return not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)
-
-
 def check_model(value: str, what: str) -> None:
-    path = Path(value).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise DiffusionError(f"{what} {value}: not a folder (expected a diffusers model folder or a hub id)")
-        return
-    if _looks_like_path(value):
-        raise DiffusionError(f"{what} {value}: no such folder (nothing is downloaded unless a hub id "
-                             f"such as stabilityai/stable-diffusion-xl-base-1.0 is given)")
+    """A local model folder (no pickle-only weights, no custom code) or a reachable hub id; one-line errors."""
+    resolve_model(value, what)
 
 
 def _lora_layout(folder: str) -> dict[int | None, Path]:
@@ -182,11 +189,16 @@ def _lora_layout(folder: str) -> dict[int | None, Path]:
     if not path.is_dir():
         raise DiffusionError(f"LoRA {folder}: no such folder")
     if (path / LORA_WEIGHTS).is_file():
+        if is_pickle(path / LORA_WEIGHTS):
+            raise DiffusionError(f"LoRA {path / LORA_WEIGHTS}: is a pickle named .safetensors; refusing to load it")
         return {None: path / LORA_WEIGHTS}
     found = {lv: path / f"acne{lv}" / LORA_WEIGHTS for lv in LEVELS if (path / f"acne{lv}" / LORA_WEIGHTS).is_file()}
     if not found:
         raise DiffusionError(f"LoRA {folder}: holds no {LORA_WEIGHTS} (neither in the folder nor in "
                              f"subfolders acne0..acne3)")
+    for file in found.values():
+        if is_pickle(file):
+            raise DiffusionError(f"LoRA {file}: is a pickle named .safetensors; refusing to load it")
     return found
 
 
@@ -200,7 +212,8 @@ class DiffusionRenderer:
     keeps it. ``notes`` collects what the renderer decided on its own (e.g. compile ignored on CPU).
     """
 
-    def __init__(self, config: DiffusionConfig | None = None, procedural: ProceduralRenderer | None = None):
+    def __init__(self, config: DiffusionConfig | None = None, procedural: ProceduralRenderer | None = None,
+                 pipeline: Any = None):
         self.config = cfg = config if config is not None else DiffusionConfig()
         if cfg.mode not in MODES:
             raise DiffusionError(f"unknown diffusion mode {cfg.mode!r}; expected one of {', '.join(MODES)}")
@@ -216,13 +229,18 @@ class DiffusionRenderer:
         if int(int(cfg.num_inference_steps) * float(strength)) < 1:
             raise DiffusionError(f"{cfg.num_inference_steps} steps at strength {strength} run no denoising step "
                                  f"(steps x strength < 1); raise --steps or --strength")
-        if int(cfg.mask_dilation_px) < 0:
-            raise DiffusionError(f"mask_dilation_px must be >= 0, got {cfg.mask_dilation_px}")
-        check_model(cfg.model, "model")
-        if cfg.vae is not None:
-            check_model(cfg.vae, "VAE")
+        for name in ("mask_dilation_px", "crop_padding_px", "feather_px"):
+            if int(getattr(cfg, name)) < 0:
+                raise DiffusionError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+        if int(cfg.crop_size) < 8:
+            raise DiffusionError(f"crop_size must be at least 8 px, got {cfg.crop_size}")
+        if pipeline is None:  # a pipeline built elsewhere needs no model to load
+            check_model(cfg.model, "model")
+            if cfg.vae is not None:
+                check_model(cfg.vae, "VAE")
         self._lora = _lora_layout(cfg.lora) if cfg.lora is not None else None
         self._pipe: Any = None
+        self._given = pipeline   # a pipeline built by the caller (converted and prepared on first use)
         #: draws the lesion map the inpaint mode repaints; passed in configured, a default only when none is
         self.procedural = procedural if procedural is not None else ProceduralRenderer()
         self.notes: list[str] = []
@@ -249,30 +267,33 @@ class DiffusionRenderer:
         return device, getattr(torch, name)
 
     def _load(self) -> Any:
-        from diffusers import (
-            AutoencoderKL,
-            DDIMScheduler,
-            EulerDiscreteScheduler,
-            StableDiffusionXLImg2ImgPipeline,
-            StableDiffusionXLInpaintPipeline,
-            UniPCMultistepScheduler,
-        )
+        from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 
         cfg = self.config
         device, dtype = self._device_dtype()
+        cls = StableDiffusionXLInpaintPipeline if cfg.mode == "inpaint" else StableDiffusionXLImg2ImgPipeline
+        if self._given is not None:
+            pipe = self._given if isinstance(self._given, cls) else cls.from_pipe(self._given)
+            return self._prepare(pipe, device)
         kwargs: dict[str, Any] = {"dtype": dtype}
         if cfg.vae is not None:
             try:
-                kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.vae, dtype=dtype)
+                kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.vae, dtype=dtype, use_safetensors=True)
             except (OSError, ValueError, EnvironmentError) as exc:
                 raise DiffusionError(f"VAE {cfg.vae}: cannot be loaded ({type(exc).__name__}: {exc})"
                                      .splitlines()[0]) from None
-        cls = StableDiffusionXLInpaintPipeline if cfg.mode == "inpaint" else StableDiffusionXLImg2ImgPipeline
         try:
-            pipe = cls.from_pretrained(cfg.model, **kwargs)
+            pipe = cls.from_pretrained(cfg.model, use_safetensors=True, **kwargs)
         except (OSError, ValueError, KeyError, EnvironmentError) as exc:
             raise DiffusionError(f"model {cfg.model}: not a loadable diffusers SDXL model "
                                  f"({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        return self._prepare(pipe, device)
+
+    def _prepare(self, pipe: Any, device: Any) -> Any:
+        """Scheduler, LoRA adapters, device, VAE tiling/slicing and compile, as configured."""
+        from diffusers import DDIMScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
+
+        cfg = self.config
         scheduler_cls = {"unipc": UniPCMultistepScheduler, "euler": EulerDiscreteScheduler,
                          "ddim": DDIMScheduler}[cfg.scheduler]
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
@@ -309,24 +330,30 @@ class DiffusionRenderer:
 
     # -- rendering --------------------------------------------------------------------------------
 
-    def _size(self, pipe: Any, h: int, w: int) -> tuple[int, int]:
-        m = 8 * int(pipe.vae_scale_factor)
+    def _multiple(self) -> int:
+        """Height and width the pipeline takes are multiples of this (64 px for SDXL)."""
+        return 8 * int(self.pipeline.vae_scale_factor)
+
+    def _size(self, h: int, w: int) -> tuple[int, int]:
+        m = self._multiple()
         return max(m, int(round(h / m)) * m), max(m, int(round(w / m)) * m)
 
     def _run(self, images: list[np.ndarray], prompts: list[str], seeds: list[int], level: int,
-             masks: list[np.ndarray] | None = None) -> list[np.ndarray]:
-        """Run the pipeline on a batch (lists of equal length); returns uint8 images at input sizes."""
+             size: tuple[int, int], masks: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Run the pipeline on a batch (lists of equal length) at working ``size`` (h, w).
+
+        Each image (and mask) is resized to ``size`` where it differs; each output is resized back to its
+        own input's size. Returns uint8 images.
+        """
         import torch
         from PIL import Image
 
         cfg = self.config
         pipe = self.pipeline
         self._select_lora(pipe, level)
-        h, w = images[0].shape[:2]
-        ph, pw = self._size(pipe, h, w)
-        pil = [Image.fromarray(im) for im in images]
-        if (ph, pw) != (h, w):
-            pil = [im.resize((pw, ph), Image.LANCZOS) for im in pil]
+        ph, pw = size
+        pil = [Image.fromarray(im) if im.shape[:2] == (ph, pw) else Image.fromarray(im).resize((pw, ph), Image.LANCZOS)
+               for im in images]
         generators = [torch.Generator(device=pipe.device).manual_seed(int(s)) for s in seeds]
         kwargs: dict[str, Any] = dict(
             prompt=prompts, image=pil, height=ph, width=pw, guidance_scale=float(cfg.guidance_scale),
@@ -335,20 +362,44 @@ class DiffusionRenderer:
             kwargs["negative_prompt"] = [cfg.negative_prompt] * len(prompts)
         if masks is not None:
             mask_pil = [Image.fromarray(m.astype(np.uint8) * 255) for m in masks]
-            if (ph, pw) != (h, w):
-                mask_pil = [m.resize((pw, ph), Image.NEAREST) for m in mask_pil]
+            mask_pil = [m if m.size == (pw, ph) else m.resize((pw, ph), Image.NEAREST) for m in mask_pil]
             kwargs.update(mask_image=mask_pil, strength=float(cfg.inpaint_strength))
         else:
             kwargs.update(strength=float(cfg.strength))
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            # fp16 + force_upcast: the SDXL pipelines decode through their own (deprecated) upcast_vae(), which
+            # is the float32 decode wanted here; its FutureWarning would come once per call
+            warnings.filterwarnings("ignore", message=r".*upcast_vae", category=FutureWarning)
             out = pipe(**kwargs).images
         result = []
-        for arr in np.asarray(out):
+        for arr, src in zip(np.asarray(out), images, strict=True):
             im = (np.clip(np.nan_to_num(arr), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            h, w = src.shape[:2]
             if (ph, pw) != (h, w):
                 im = np.asarray(Image.fromarray(im).resize((w, h), Image.LANCZOS))
             result.append(np.ascontiguousarray(im))
         return result
+
+    def inpaint_pieces(self, image: np.ndarray, region: np.ndarray, seed: int
+                       ) -> list[tuple[Window | None, np.ndarray, np.ndarray, int, tuple[int, int]]]:
+        """What the inpaint mode diffuses for one image: ``(window, pixels, mask, seed, working size)`` each.
+
+        The crops around the region's clusters (``window`` set), or the whole image (``window`` None) when
+        crops are off or their windows would cover at least as many pixels as the image.
+        """
+        cfg = self.config
+        h, w = image.shape[:2]
+        whole_size = self._size(h, w)
+        whole = [(None, image, region, int(seed), whole_size)]
+        if not cfg.inpaint_crops:
+            return whole
+        windows = crop_windows(region, int(cfg.crop_padding_px))
+        if sum(win.side ** 2 for win in windows) >= h * w:
+            return whole
+        m = self._multiple()
+        side = max(m, int(round(min(int(cfg.crop_size), max(whole_size)) / m)) * m)
+        return [(win, cut(image, win), cut(region, win), derive_seed(seed, "inpaint-crop", k) % 2 ** 63, (side, side))
+                for k, win in enumerate(windows)]
 
     def __call__(self, image: np.ndarray, lesions: Sequence[LesionSpec], *, skin_mask: np.ndarray,
                  stats: PhotoStats | None = None, seed: int = 0, severity: float = 0.0) -> RenderResult:
@@ -361,15 +412,16 @@ class DiffusionRenderer:
                                                 seed=seed, severity=severity)])[0]
 
     def render_batch(self, requests: Sequence[RenderRequest]) -> list[RenderResult]:
-        """Render several days at once: one pipeline call per prompt level (LoRA adapter) and image size.
+        """Render several days at once: one pipeline call per prompt level (LoRA adapter) and working size.
 
-        Every image keeps its own seeded generator, so a
-        request's result depends on its own seed and on which requests share its call; callers that need
-        the same bytes on a re-run keep the batches the same (``synthtrial generate`` does).
+        In inpaint mode the pieces of a call are the crops (or whole images) of every request. Every piece
+        keeps its own seeded generator, so a request's result depends on its own seed and on which
+        requests share its call; callers that need the same bytes on a re-run keep the batches the same
+        (``synthtrial generate`` does).
         """
         cfg = self.config
         results: list[RenderResult | None] = [None] * len(requests)
-        pending: dict[tuple, list[tuple[int, np.ndarray, str, int, np.ndarray | None]]] = {}
+        pending: dict[tuple, list[tuple[int, Window | None, np.ndarray, str, int, np.ndarray | None]]] = {}
         finish: dict[int, Any] = {}
         for i, req in enumerate(requests):
             image = req.image
@@ -388,8 +440,8 @@ class DiffusionRenderer:
                 prompt = cfg.prompt.format(level=level, types=type_words(lesions))
                 masks = np.zeros((len(lesions), h, w), bool)
                 boxes = np.array([circle_box(les, w, h) for les in lesions], np.float64).reshape(len(lesions), 4)
-                finish[i] = (None, masks, boxes, image)
-                pending.setdefault((level, h, w), []).append((i, image, prompt, seed, None))
+                finish[i] = (None, masks, boxes, image, image.copy())
+                pending.setdefault((level, *self._size(h, w)), []).append((i, None, image, prompt, seed, None))
                 continue
             proc = self.procedural(image, lesions, skin_mask=skin_mask, stats=req.stats, seed=seed)
             region = inpaint_region(image, proc, skin_mask, cfg.mask_dilation_px)
@@ -397,17 +449,23 @@ class DiffusionRenderer:
                 results[i] = RenderResult(proc.image, proc.masks, proc.boxes)
                 continue
             prompt = cfg.inpaint_prompt.format(level=level, types=type_words(lesions))
-            finish[i] = (region, proc.masks, proc.boxes, image)
-            pending.setdefault((level, h, w), []).append((i, proc.image, prompt, seed, region))
-        for (level, _, _), group in pending.items():
-            masks_in = None if cfg.mode == "img2img" else [g[4] for g in group]
-            outs = self._run([g[1] for g in group], [g[2] for g in group], [g[3] for g in group], level,
-                             masks=masks_in)
-            for (i, *_), out in zip(group, outs, strict=True):
-                region, masks, boxes, base = finish[i]
-                if region is not None:  # inpaint: only the lesion region changes, bit for bit
-                    out = np.ascontiguousarray(np.where(region[:, :, None], out, base))
-                results[i] = RenderResult(out, masks, boxes)
+            finish[i] = (feather_alpha(region, int(cfg.feather_px)), proc.masks, proc.boxes, image, proc.image.copy())
+            for window, pixels, mask, piece_seed, size in self.inpaint_pieces(proc.image, region, seed):
+                pending.setdefault((level, *size), []).append((i, window, pixels, prompt, piece_seed, mask))
+        for (level, ph, pw), group in pending.items():
+            masks_in = None if cfg.mode == "img2img" else [g[5] for g in group]
+            outs = self._run([g[2] for g in group], [g[3] for g in group], [g[4] for g in group], level,
+                             (ph, pw), masks=masks_in)
+            for (i, window, *_), out in zip(group, outs, strict=True):
+                canvas = finish[i][4]
+                if window is None:
+                    canvas[...] = out
+                else:
+                    paste_into(canvas, out, window)
+        for i, (alpha, masks, boxes, base, canvas) in finish.items():
+            # inpaint: feathered paste inside the region; outside it the base image, bit for bit
+            image = canvas if alpha is None else composite(base, canvas, alpha)
+            results[i] = RenderResult(image, masks, boxes)
         return results  # type: ignore[return-value]
 
 

@@ -21,6 +21,9 @@ under a lesion survive), and where a lesion darkens the skin (which shrinks the 
 there) fresh grain restores the photo's noise level. Pixels where the canvas is zero are never
 written, so everything outside the lesions' footprints stays bit-identical.
 
+The colour math and the photo statistics (light, noise, blur, skin tone) live in
+:mod:`synthtrial.render.photo`.
+
 Coordinates are continuous pixel coordinates: pixel ``(row i, column j)`` covers
 ``[j, j+1) x [i, i+1)``, so its centre is ``(j + 0.5, i + 0.5)``; boxes use the same convention
 (``x1``/``y1`` are the far pixel edges).
@@ -39,6 +42,7 @@ import numpy as np
 
 from synthtrial.render.base import (LesionSpec, PhotoStats, RenderRequest, RenderResult, check_image, circle_box,
                                     skin_weight)
+from synthtrial.render.photo import _DEFAULT_STATS, _lab2rgb, _rgb2lab, photo_stats
 from synthtrial.scale import ALL_LESION_TYPES
 
 __all__ = [
@@ -88,39 +92,47 @@ class LesionLook:
     mottle: float = 0.0             # low-frequency blotchiness of the colour (0-1)
     centre_peak: float = 0.3        # how much stronger the colour is at the centre than at the edge
     gloss: float = 0.0              # specular sheen of the dome (L* at a full glint)
+    colour_variation: float = 0.2   # lesions of a type differ in colour strength by up to this share (and hue)
 
 
 def default_looks() -> dict[str, LesionLook]:
-    """Default looks, tuned by eye on light and dark skin at 512 px face crops."""
-    erythema_light, erythema_dark = (-16.0, 30.0, 3.0), (-11.0, 9.0, -2.0)
+    """Default looks, tuned by eye on light and dark skin at 512 px face crops and in the lesion atlas.
+
+    Open comedones are dilated pores plugged with dark keratin (a black dot with a faint rim); closed comedones
+    skin-coloured to whitish domes with a sheen; papules red domes with a highlight and shadow under the
+    photo's light and a halo of erythema; pustules the same with a yellow-white head of pus; nodules broad,
+    deep, dusky red-purple swellings; marks flat pink (light skin) or brown (dark skin); scars shallow pits.
+    """
+    erythema_light, erythema_dark = (-14.0, 27.0, 8.0), (-11.0, 9.0, 0.0)
     return {
         "open_comedo": LesionLook(
-            colour_light=(-4.0, 2.0, 3.0), colour_dark=(-4.0, 1.0, 1.0), edge_softness=0.45,
-            height=0.15, dome_extent=1.5, core_radius=1.0, core_opacity=0.85, core_lightness=-0.65,
-            core_ab=(1.0, 3.0), core_keep_chroma=0.6, irregularity=0.14, ellipticity=0.3),
+            colour_light=(-6.0, 2.0, 4.0), colour_dark=(-5.0, 1.0, 1.5), edge_softness=0.4,
+            height=0.25, dome_extent=1.6, core_radius=0.8, core_opacity=0.9, core_lightness=-0.7,
+            core_ab=(1.0, 3.0), core_keep_chroma=0.45, irregularity=0.14, ellipticity=0.3, colour_variation=0.15),
         "closed_comedo": LesionLook(
-            colour_light=(5.0, -2.0, 3.0), colour_dark=(5.0, -1.0, 2.0), edge_softness=0.45,
-            height=0.6, dome_extent=1.45, core_radius=0.55, core_opacity=0.6, core_lightness=0.4,
-            core_ab=(2.0, 16.0), irregularity=0.08, ellipticity=0.2, gloss=6.0),
+            colour_light=(6.0, -3.0, 1.0), colour_dark=(6.0, -1.0, 1.0), edge_softness=0.45,
+            height=0.55, dome_extent=1.45, core_radius=0.65, core_opacity=0.6, core_lightness=0.3,
+            core_ab=(0.0, 9.0), core_keep_chroma=0.5, irregularity=0.08, ellipticity=0.2, gloss=7.0,
+            colour_variation=0.15),
         "papule": LesionLook(
             colour_light=erythema_light, colour_dark=erythema_dark, edge_softness=0.45,
-            halo_factor=2.2, halo_strength=0.45, height=0.6, dome_extent=1.4, centre_peak=0.4,
-            irregularity=0.1, ellipticity=0.2, mottle=0.2, gloss=5.0),
+            halo_factor=2.5, halo_strength=0.7, height=0.9, dome_extent=1.45, centre_peak=0.4,
+            irregularity=0.1, ellipticity=0.2, mottle=0.2, gloss=10.0, colour_variation=0.25),
         "pustule": LesionLook(
             colour_light=erythema_light, colour_dark=erythema_dark, edge_softness=0.45,
-            halo_factor=2.1, halo_strength=0.45, height=0.65, dome_extent=1.4, centre_peak=0.4,
-            core_radius=0.5, core_opacity=0.85, core_lightness=0.55, core_ab=(1.0, 27.0),
-            core_offset=0.12, irregularity=0.1, ellipticity=0.2, mottle=0.2, gloss=5.0),
+            halo_factor=2.4, halo_strength=0.7, height=1.0, dome_extent=1.4, centre_peak=0.4,
+            core_radius=0.65, core_opacity=0.95, core_lightness=0.6, core_ab=(2.0, 30.0), core_keep_chroma=0.3,
+            core_offset=0.12, irregularity=0.1, ellipticity=0.2, mottle=0.2, gloss=14.0, colour_variation=0.2),
         "nodule": LesionLook(
-            colour_light=(-23.0, 24.0, -4.0), colour_dark=(-16.0, 8.0, -5.0), edge_softness=0.55,
-            halo_factor=1.9, halo_strength=0.5, height=0.45, dome_extent=1.6, centre_peak=0.4,
-            irregularity=0.08, ellipticity=0.25, mottle=0.25, gloss=8.0),
+            colour_light=(-19.0, 22.0, 3.0), colour_dark=(-12.0, 6.0, -2.0), edge_softness=0.55,
+            halo_factor=2.0, halo_strength=0.75, height=0.6, dome_extent=1.6, centre_peak=0.4,
+            irregularity=0.08, ellipticity=0.25, mottle=0.25, gloss=10.0, colour_variation=0.2),
         "mark": LesionLook(
             colour_light=(-5.0, 14.0, 1.5), colour_dark=(-12.0, 2.5, 4.5), edge_softness=0.6,
-            centre_peak=0.2, irregularity=0.16, ellipticity=0.3, mottle=0.35),
+            centre_peak=0.2, irregularity=0.16, ellipticity=0.3, mottle=0.35, colour_variation=0.3),
         "scar": LesionLook(
-            colour_light=(5.0, -2.5, -1.0), colour_dark=(6.0, -1.0, -2.0), edge_softness=0.35,
-            height=-0.7, dome_extent=1.15, irregularity=0.12, ellipticity=0.25),
+            colour_light=(3.0, -2.0, -1.0), colour_dark=(4.0, -1.0, -2.0), edge_softness=0.35,
+            height=-0.4, dome_extent=1.15, irregularity=0.12, ellipticity=0.25, colour_variation=0.15),
     }
 
 
@@ -132,7 +144,7 @@ class ProceduralConfig:
     light_skin_L: float = 75.0          # local L* at or above which the light-skin look is used
     dark_skin_L: float = 35.0           # local L* at or below which the dark-skin look is used
     light_elevation_deg: float = 45.0   # elevation of the key light above the skin plane
-    ambient: float = 0.45               # share of diffuse light, which relief does not shade
+    ambient: float = 0.35               # share of diffuse light, which relief does not shade
     min_blur_sigma: float = 0.5         # anti-aliasing floor for the layer blur (px)
     feather_px: float = 3.0             # the skin weight ramps from 0 at the mask edge to 1 this far in
     size_at_zero_intensity: float = 0.6 # a lesion at intensity 0 would be drawn this fraction of its size
@@ -142,36 +154,9 @@ class ProceduralConfig:
     gloss: float = 1.0                  # global multiplier of the looks' specular sheen
     gloss_exponent: float = 24.0        # Blinn-Phong exponent of that sheen
     reference_px: float = 16.0          # scale (px) of the smooth local skin colour lesions are relative to
+    erythema_saturation: float = 3.0    # how fast overlapping erythema halos saturate (0 would add them up)
     draw_order: tuple[str, ...] = ("mark", "scar", "nodule", "papule", "pustule", "closed_comedo",
                                    "open_comedo")   # lower layers first
-
-
-# --------------------------------------------------------------------------------------------------
-# Colour math: sRGB (0-1) <-> CIELAB (D65), float32, exact inverses of each other
-# --------------------------------------------------------------------------------------------------
-# The sRGB curve is used in its pure-power form ((v + 0.055) / 1.055) ** 2.4 and L* in its cube-root
-# form; both differ from the standard only below ~4 % of full scale (never skin), and they keep the
-# round trip exact to ~1e-3 of a grey level, which OpenCV's float Lab (LUT-based, ~0.4 levels) is not.
-
-_M_RGB2XYZ = np.array([[0.412453, 0.357580, 0.180423],
-                       [0.212671, 0.715160, 0.072169],
-                       [0.019334, 0.119193, 0.950227]]) / np.array([0.950456, 1.0, 1.088754])[:, None]
-_RGB2XYZ = _M_RGB2XYZ.astype(np.float32)
-_XYZ2RGB = np.linalg.inv(_M_RGB2XYZ).astype(np.float32)
-_F2LAB = np.array([[0, 116, 0, -16], [500, -500, 0, 0], [0, 200, -200, 0]], np.float32)
-_LAB2F = np.array([[1 / 116, 1 / 500, 0, 16 / 116], [1 / 116, 0, 0, 16 / 116],
-                   [1 / 116, 0, -1 / 200, 16 / 116]], np.float32)
-
-
-def _rgb2lab(rgb: np.ndarray) -> np.ndarray:
-    lin = cv2.pow((rgb + np.float32(0.055)) * np.float32(1 / 1.055), 2.4)
-    return cv2.transform(cv2.pow(cv2.transform(lin, _RGB2XYZ), 1 / 3), _F2LAB)
-
-
-def _lab2rgb(lab: np.ndarray) -> np.ndarray:
-    f = np.maximum(cv2.transform(lab, _LAB2F), 0)
-    lin = np.maximum(cv2.transform(f * f * f, _XYZ2RGB), 0)
-    return cv2.pow(lin, 1 / 2.4) * np.float32(1.055) - np.float32(0.055)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,112 +191,6 @@ def _check_lesion(i: int, les: LesionSpec) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Photo statistics
-# --------------------------------------------------------------------------------------------------
-
-_DEFAULT_STATS = PhotoStats((0.0, -1.0), 0.0, 0.0, (200.0, 160.0, 140.0))
-_IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
-_REBLUR = 2.5   # sigma of the re-blur used by the blur estimate
-
-
-def photo_stats(image: np.ndarray, skin_mask: np.ndarray) -> PhotoStats:
-    """Estimate light direction, sensor noise, sharpness and skin tone from the skin of a photo.
-
-    * light: a robust plane fit of L* over skin pixels; its gradient points towards the light
-      (falls back to "from above", (0, -1), when the skin is evenly lit);
-    * noise: Immerkaer's Laplacian-difference residual (blind to linear shading), robust MAD over the
-      eroded skin, averaged over R, G, B;
-    * blur: re-blur gradient ratio at strong edges near the face (Zhuo & Sim): an edge blurred by s
-      loses gradient by s / sqrt(s^2 + r^2) when re-blurred by r;
-    * skin tone: per-channel median over skin.
-    """
-    check_image(image)
-    skin = skin_weight(skin_mask, image.shape[:2]) > 0
-    rows, cols = np.nonzero(skin.any(axis=1))[0], np.nonzero(skin.any(axis=0))[0]
-    n_skin = int(np.count_nonzero(skin))
-    if n_skin < 16:
-        raise ValueError(f"skin_mask has {n_skin} skin pixels; at least 16 are needed to estimate photo stats")
-    h, w = skin.shape
-    # work inside the face's bounding box, grown by 10 % (edges for the blur estimate live there too)
-    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    my, mx = (y1 - y0) // 10 + 4, (x1 - x0) // 10 + 4
-    y0, y1, x0, x1 = max(0, y0 - my), min(h, y1 + my), max(0, x0 - mx), min(w, x1 + mx)
-    rgb = image[y0:y1, x0:x1].astype(np.float32)
-    skin = skin[y0:y1, x0:x1]
-
-    # a fixed, even subsample of the skin (a regular grid of ~8k points) for the medians and the fit
-    step = max(1, int(math.sqrt(n_skin / 8000)))
-    ys, xs = np.nonzero(skin[::step, ::step])
-    ys, xs = ys * step, xs * step
-    px = rgb[ys, xs]
-    skin_rgb = tuple(float(np.median(px[:, c])) for c in range(3))
-
-    # light direction: plane fit of L* over skin, three rounds of outlier rejection (brows, nostrils)
-    lum = _rgb2lab(np.ascontiguousarray(px[None] / 255.0))[0, :, 0].astype(np.float64)
-    design = np.column_stack([np.ones(len(xs)), (xs - xs.mean()) / 100.0, (ys - ys.mean()) / 100.0])
-    keep = np.ones(len(lum), bool)
-    coef = np.zeros(3)
-    for _ in range(3):
-        coef, *_ = np.linalg.lstsq(design[keep], lum[keep], rcond=None)
-        resid = lum - design @ coef
-        keep_new = np.abs(resid) < 3 * (np.median(np.abs(resid[keep])) * 1.4826 + 1e-6)
-        if keep_new.sum() < 3:
-            break
-        keep = keep_new
-    gx, gy = coef[1] / 100.0, coef[2] / 100.0   # L* per pixel
-    gnorm = math.hypot(gx, gy)
-    # below ~1 L* per 1000 px the direction is noise: assume the usual light from above
-    light = (gx / gnorm, gy / gnorm) if gnorm > 1e-3 else (0.0, -1.0)
-
-    # noise: the Immerkaer kernel (norm 6) annihilates linear shading; MAD over the eroded skin
-    inner = cv2.erode(skin.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-    grid = inner[ys, xs]
-    if grid.sum() < 16:
-        grid = np.ones(len(ys), bool)
-    res = cv2.filter2D(rgb, -1, _IMMERKAER, borderType=cv2.BORDER_REFLECT)[ys[grid], xs[grid]]
-    noise = float(np.mean([1.4826 * np.median(np.abs(res[:, c] - np.median(res[:, c]))) / 6.0 for c in range(3)]))
-
-    blur = _estimate_blur(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), noise)
-    return PhotoStats((float(light[0]), float(light[1])), noise, blur, skin_rgb)
-
-
-def _estimate_blur(gray: np.ndarray, noise: float) -> float:
-    """Gaussian sigma of the photo's blur from the gradient ratio at edges under a known re-blur.
-
-    Both images are pre-smoothed a little (against noise), and edges are picked on the smoother one
-    (picking them on the sharper one favours noise spikes and biases the estimate low).
-    """
-    if min(gray.shape) < 8:
-        return 0.0
-
-    def gradmag(img):
-        gx = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT)
-        gy = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT)
-        return cv2.magnitude(gx, gy)
-
-    gray = np.ascontiguousarray(gray, dtype=np.float32)
-    g0 = gradmag(cv2.GaussianBlur(gray, (0, 0), _PRESMOOTH, borderType=cv2.BORDER_REFLECT))
-    g1 = gradmag(cv2.GaussianBlur(gray, (0, 0), math.hypot(_PRESMOOTH, _REBLUR), borderType=cv2.BORDER_REFLECT))
-    local_max = g1 >= cv2.dilate(g1, np.ones((3, 3), np.uint8))
-    step = max(1, int(math.sqrt(g1.size / 20000)))
-    # Sobel's gain is 8 per unit step: demand edges well above the noise
-    floor = max(float(np.percentile(g1[::step, ::step], 97)), 20.0 * max(noise, 1.0))
-    edges = local_max & (g1 >= floor)
-    if np.count_nonzero(edges) < 10:
-        return 0.0
-    ratio = float(np.median(g0[edges] / g1[edges]))
-    if ratio <= 1.0 + 1e-3:
-        return 5.0
-    # ratio = sqrt(s^2 + p^2 + o^2 + r^2) / sqrt(s^2 + p^2 + o^2), with o the Sobel/sampling blur
-    s2 = _REBLUR ** 2 / (ratio ** 2 - 1.0) - _SOBEL_SIGMA2 - _PRESMOOTH ** 2
-    return float(np.clip(math.sqrt(max(s2, 0.0)), 0.0, 5.0))
-
-
-_SOBEL_SIGMA2 = 0.36   # calibrated: a step edge integrated over pixels reads ~0.4 px
-_PRESMOOTH = 0.8
-
-
-# --------------------------------------------------------------------------------------------------
 # The renderer
 # --------------------------------------------------------------------------------------------------
 
@@ -333,13 +212,15 @@ _TEXELS_PER_RADIUS = 12.0   # template resolution: ~1 texel per pixel up to 12 p
 class _Template:
     """A lesion's profiles sampled on a grid in units of its radius (image axes, centre at ``c0``).
 
-    Channels: body (0-1, the mask's profile), colour profile (body + halo, mottled), core weight,
-    and the height map's slopes d/dx, d/dy (dimensionless, so the same for any radius).
+    Channels: body (0-1, the mask's profile), colour profile (mottled), core weight, the height map's
+    slopes d/dx, d/dy (dimensionless, so the same for any radius), and the erythema halo (mottled).
     """
 
-    maps: np.ndarray     # (N, N, 5) float32
+    maps: np.ndarray     # (N, N, 6) float32
     c0: float            # texel coordinate of the lesion centre
     extent: float        # half-width of the support, in radii
+    gain: float = 1.0    # this lesion's colour strength relative to its type's
+    hue: float = 0.0     # and its hue shift (-1..1: bluer/duskier .. yellower)
 
 
 @functools.lru_cache(maxsize=512)
@@ -380,13 +261,15 @@ def _template(look: LesionLook, seed: int) -> _Template:
 
     body = 1.0 - _smoothstep(1.0 - look.edge_softness, 1.0 + look.edge_softness, rho)
     prof = body * ((1.0 - look.centre_peak) + look.centre_peak * _bump(rho * (1.0 / (1.0 + look.edge_softness))))
+    halo = np.zeros_like(rho)
     if look.halo_factor > 1 and look.halo_strength > 0:
-        prof = (prof + look.halo_strength * _bump(rho * (1.0 / look.halo_factor))) * (1.0 / (1.0 + look.halo_strength))
+        halo = look.halo_strength * _bump(rho * (1.0 / look.halo_factor))
     if look.mottle > 0:
         m = 0.0
         for a, f, ph in waves:
             m = m + np.cos((f * math.cos(a)) * u + (f * math.sin(a)) * v + ph)
-        prof = prof * np.maximum(1.0 + 0.5 * look.mottle * m, 0.0)
+        mottle = np.maximum(1.0 + 0.5 * look.mottle * m, 0.0)
+        prof, halo = prof * mottle, halo * mottle
     core = np.zeros_like(rho)
     if look.core_radius > 0 and look.core_opacity > 0:
         off = look.core_offset * cr
@@ -398,9 +281,13 @@ def _template(look: LesionLook, seed: int) -> _Template:
         gx, gy = np.zeros_like(hmap), np.zeros_like(hmap)
         gx[:, 1:-1] = (hmap[:, 2:] - hmap[:, :-2]) * (sc / 2)       # slopes: radii per radius
         gy[1:-1, :] = (hmap[2:, :] - hmap[:-2, :]) * (sc / 2)
-    maps = np.ascontiguousarray(np.stack([body, prof, core, gx, gy], axis=-1), dtype=np.float32)
+    maps = np.ascontiguousarray(np.stack([body, prof, core, gx, gy, halo], axis=-1), dtype=np.float32)
     maps.setflags(write=False)
-    return _Template(maps, c0, extent)
+    # variation within a type: this lesion's colour strength and hue, from its seed (same every day)
+    tv = rng.random(2)
+    gain = 1.0 + look.colour_variation * (2.0 * float(tv[0]) - 1.0)
+    hue = look.colour_variation * (2.0 * float(tv[1]) - 1.0)
+    return _Template(maps, c0, extent, gain, hue)
 
 
 @dataclass
@@ -408,6 +295,7 @@ class _Frame:
     """Per-call state shared by every lesion of one image."""
 
     canvas: np.ndarray     # (H, W, 3) float32: the lesions' summed change in (L*, a*, b*)
+    erythema: np.ndarray   # (H, W, 4) float32: halo-weighted erythema colour (3) and halo weight (1)
     weight: np.ndarray     # (H, W) float32 skin weight as given
     dist: np.ndarray | None  # (H, W) distance to the skin mask's edge (None: no feathering)
     ref_lab: np.ndarray    # (h, w, 3) float32 smooth local skin colour on a coarse grid
@@ -431,6 +319,8 @@ class ProceduralRenderer:
         missing = [t for t in LESION_TYPES if t not in self.config.looks]
         if missing:
             raise ValueError(f"config.looks has no look for lesion types {missing}")
+        if not self.config.erythema_saturation > 0:
+            raise ValueError(f"config.erythema_saturation must be > 0, got {self.config.erythema_saturation}")
 
     def __call__(self, image: np.ndarray, lesions: Sequence[LesionSpec], *, skin_mask: np.ndarray,
                  stats: PhotoStats | None = None, seed: int = 0) -> RenderResult:
@@ -508,7 +398,7 @@ class ProceduralRenderer:
         light = (math.cos(elev) * lx, math.cos(elev) * ly, math.sin(elev))
         hv = np.array([light[0], light[1], light[2] + 1.0])
         hv /= np.linalg.norm(hv)
-        return _Frame(np.zeros((h, w, 3), np.float32), weight, dist, ref_lab, step,
+        return _Frame(np.zeros((h, w, 3), np.float32), np.zeros((h, w, 4), np.float32), weight, dist, ref_lab, step,
                       light, (float(hv[0]), float(hv[1]), float(hv[2])),
                       max(float(stats.blur_sigma), float(cfg.min_blur_sigma)), [h, 0, w, 0])
 
@@ -519,6 +409,15 @@ class ProceduralRenderer:
         if y0 >= y1 or x0 >= x1:
             return
         sub = fr.canvas[y0:y1, x0:x1]
+        ery = fr.erythema[y0:y1, x0:x1]
+        ey, ex = np.nonzero(ery[..., 3] > 0)
+        if len(ey):
+            # merged erythema: the halos' mean colour times a saturating function of their summed weight,
+            # so clustered lesions sit in one confluent blush rather than in rings of stacked red
+            amount = ery[ey, ex, 3]
+            k = np.float32(self.config.erythema_saturation)
+            sat = (1 - np.exp(-k * amount)) / k
+            sub[ey, ex] += ery[ey, ex, :3] * (sat / amount)[:, None]
         iy, ix = np.nonzero((sub[..., 0] != 0) | (sub[..., 1] != 0) | (sub[..., 2] != 0))
         if len(iy) == 0:
             return
@@ -582,7 +481,8 @@ class ProceduralRenderer:
                          min(max(int(les.cx) // fr.ref_step, 0), rw - 1)].astype(np.float64)
         f_light = min(max((ref[0] - cfg.dark_skin_L) / (cfg.light_skin_L - cfg.dark_skin_L), 0.0), 1.0)
         colour = np.array([cd + f_light * (cl - cd) for cl, cd in zip(look.colour_light, look.colour_dark)],
-                          np.float32) * np.float32(strength)
+                          np.float32) * np.float32(strength * tpl.gain)
+        colour[2] += np.float32(3.0 * tpl.hue * strength)       # yellower / bluer (duskier) than its type's mean
         delta = prof[..., None] * colour
 
         # opaque core: blend towards a target colour (black plug / pus head / pale centre), over
@@ -613,10 +513,16 @@ class ProceduralRenderer:
                 ndoth = np.maximum((hz - gx * hx - gy * hy) * inv_n, 0)
                 dl += (look.gloss * cfg.gloss * amp) * (cv2.pow(ndoth, cfg.gloss_exponent) - hz ** cfg.gloss_exponent)
 
+        if look.halo_strength > 0:
+            # the erythema halo joins a shared layer: overlapping halos merge instead of adding up (see _compose)
+            halo = maps[..., 5:6] * np.float32(strength * tpl.gain)
+            delta = np.concatenate([delta, halo * colour, halo], axis=2)
         if sigma > 0:
             delta = cv2.GaussianBlur(delta, (2 * kr + 1, 2 * kr + 1), sigma, borderType=cv2.BORDER_REPLICATE)
         delta *= fw[..., None]
-        canvas += delta
+        canvas += delta[..., :3]
+        if look.halo_strength > 0:
+            fr.erythema[y0:y1, x0:x1] += delta[..., 3:]
         b = fr.bounds
         b[0], b[1], b[2], b[3] = min(b[0], y0), max(b[1], y1), min(b[2], x0), max(b[3], x1)
 

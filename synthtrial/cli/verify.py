@@ -1,0 +1,29 @@
+"""`synthtrial verify RUN`: check a run directory's files and tables."""
+
+from __future__ import annotations
+
+import typer
+
+from synthtrial.cli.common import RunDir, app, err, handles_errors, out
+from synthtrial.progress import progress_bar
+
+
+@app.command("verify")
+@handles_errors
+def verify_command(run: RunDir,
+                   quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+    """Check a run: every image and mask against the manifest's sha256, no file missing or unlisted, the manifest's lesion counts against lesions.parquet, and both against config.json.
+
+    Exit status 0 when all holds; 1 with one line per problem otherwise. Re-running the same [bold]synthtrial generate[/] command re-renders what is missing or damaged.
+    """
+    from synthtrial.rundir import verify
+
+    with progress_bar("verifying", 1, unit="images", enabled=not quiet) as update:
+        problems = verify(run, progress=lambda done, total, status: update(done, status, total=total))
+    if problems:
+        for line in problems:
+            err.print(f"{run}: {line}", markup=False)
+        err.print(f"synthtrial: {len(problems)} problem{'s' if len(problems) > 1 else ''} in {run}; re-run the "
+                  "generate command to heal missing or damaged images", markup=False)
+        raise typer.Exit(1)
+    out.print(f"[green]OK[/green] {run}: every file matches the manifest")
