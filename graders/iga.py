@@ -364,14 +364,14 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
 
 def load_backbone(model: Any, path: str | os.PathLike[str]) -> None:
     """Load a user's safetensors weights into a timm backbone (``backbone.*`` keys or bare keys)."""
-    from safetensors.torch import load_file
+    from synthtrial.weights import load_safetensors
 
     path = Path(path)
     if not hasattr(model, "backbone"):
         raise GraderError("--backbone-weights needs a timm backbone (--backbone timm:<name>)")
     if path.suffix != ".safetensors" or not path.is_file():
         raise GraderError(f"--backbone-weights {path}: must be an existing .safetensors file (pickles are refused)")
-    state = load_file(path)
+    state = load_safetensors(path)
     state = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in state.items()}
     missing, _ = model.backbone.load_state_dict(state, strict=False)
     if len(missing) == len(model.backbone.state_dict()):

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from graders import classify, iga
 from graders.base import GraderError, get_grader, grade_run, read_rgb
+from synthtrial.errors import SynthtrialError
 from synthtrial.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -116,7 +117,7 @@ def test_pickled_checkpoint_is_refused(trained, tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text((out / "config.json").read_text())
     torch.save(iga.build_network(TINY).state_dict(), folder / "model.safetensors")
-    with pytest.raises(GraderError, match=r"pickled .* refusing") as err:
+    with pytest.raises(SynthtrialError, match=r"pickled .* refusing") as err:
         iga.IGAGrader.load(folder)
     assert "\n" not in str(err.value)
     (folder / "model.safetensors").unlink()

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from graders import classify, imageqx
 from graders.base import GraderError, get_grader, grade_run, read_rgb
+from synthtrial.errors import SynthtrialError
 from synthtrial.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -147,7 +148,7 @@ def test_pickled_checkpoint_is_refused(trained, tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text((out / "config.json").read_text())
     torch.save({"x": torch.zeros(2)}, folder / "model.safetensors")
-    with pytest.raises(GraderError, match="pickled") as err:
+    with pytest.raises(SynthtrialError, match="pickled") as err:
         get_grader("imageqx", folder)
     assert "\n" not in str(err.value)
     config = json.loads((out / "config.json").read_text())
