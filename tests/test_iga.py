@@ -201,3 +201,21 @@ def test_cli_train_and_eval(tiny_run, tmp_path):
     assert result.exit_code == 2 and re.search(r"--data .*nothing: no such folder", result.output)
     result = runner.invoke(app, ["graders", "eval", "iga", "--data", str(tiny_run), "--weights", str(tmp_path)])
     assert result.exit_code == 2 and "no model.safetensors" in result.output
+
+
+def test_timm_backbone_takes_the_users_safetensors_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    config = iga.IGAConfig(backbone="timm:mobilenetv3_small_050", image_size=32)
+    net = iga.build_network(config).eval()
+    assert net(torch.rand(1, 3, 32, 32)).shape == (1, 5)
+    state = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v
+             for k, v in iga.build_network(config).backbone.state_dict().items()}
+    save_file(state, tmp_path / "bb.safetensors")
+    iga.load_backbone(net, tmp_path / "bb.safetensors")
+    assert all(torch.equal(net.backbone.state_dict()[k], v) for k, v in state.items())
+    torch.save(state, tmp_path / "pickled.safetensors")
+    with pytest.raises(SynthtrialError, match="pickled"):
+        iga.load_backbone(net, tmp_path / "pickled.safetensors")
+    with pytest.raises(GraderError, match="timm backbone"):
+        iga.load_backbone(iga.build_network(TINY), tmp_path / "bb.safetensors")
