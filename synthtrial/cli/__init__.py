@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from synthtrial.cli.common import EXIT_BAD_INPUT, app
 from synthtrial.cli import scale, protocol, generate, data, export, graders, analyze, power  # noqa: E402,F401  (register commands)
+from synthtrial.cli import graders_detection  # noqa: E402,F401
 
 __all__ = ["EXIT_BAD_INPUT", "app", "main"]
 
