@@ -54,7 +54,8 @@ def test_differentiable_cam_equals_the_grad_cam_package():
     assert maps.min() >= 0 and maps.max() <= 1
     x = to_tensor([image], 64, torch.device("cpu"))
     _, _, cams = dermx.net.forward_with_cams(x, create_graph=False)
-    ours = scale_cam_image(cams[0].detach().numpy(), target_size=(x.shape[3], x.shape[2]))
+    # the package min-max scales each map, resizes it to the input, and scales it again
+    ours = scale_cam_image(scale_cam_image(cams[0].detach().numpy(), target_size=(x.shape[3], x.shape[2])))
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -90,7 +91,7 @@ def _toy(n: int, side: int, seed: int) -> tuple[DermXData, list[tuple[int, int]]
 def toy_dermx(tmp_path_factory):
     data, _ = _toy(16, 64, 0)
     folder = tmp_path_factory.mktemp("dermx") / "w"
-    dermx = train_dermx(data, folder, guided=True, epochs=8, batch=8, lr=3e-3, seed=0, input_side=64, device="cpu")
+    dermx = train_dermx(data, folder, guided=True, epochs=20, batch=8, lr=1e-2, seed=0, input_side=64, device="cpu")
     return dermx, folder, data
 
 
@@ -131,9 +132,8 @@ def test_training_resumes_to_the_same_bytes_and_pickles_are_refused(toy_dermx, t
     torch.save(again.net.state_dict(), tmp_path / "whole" / "model.safetensors")
     with pytest.raises(GraderError, match="pickled"):
         DermX.load(tmp_path / "whole")
-    with pytest.raises(GraderError, match="not 'dermx'"):
-        (tmp_path / "det").mkdir()
-        from graders.detector import LesionDetector
+    from graders.detector import LesionDetector
+    with pytest.raises(GraderError, match="grader 'dermx', not 'detector'"):
         LesionDetector.load(folder)
 
 
