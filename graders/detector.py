@@ -23,11 +23,12 @@ Choices, stated once:
 * **Scale and tiles.** Images are resized so that their longer side is ``image_side`` (the side of the
   training images). Training sees ``tile`` x ``tile`` crops; inference, being convolutional, runs on
   ``infer_tile`` x ``infer_tile`` sub-images (the whole image at the default 512) cut with equal overlaps
-  (at least ``overlap`` px) when the image is larger, as the paper crops; each detection is kept only by the tile whose core holds its centre, then
-  class-wise NMS (IoU 0.5) merges the tiles. Training uses the paper's *masked crops*: lesions cut by a
-  crop edge are blacked out rather than kept as partial boxes (``detector_train.masked_crop``).
-* **Counting** (the LDL route): detections above ``count_threshold`` (chosen on the training run so that
-  the mean count matches the truth) of the active lesion classes (all but ``scar``) are the lesion count;
+  (at least ``overlap`` px) when the image is larger, as the paper crops; each detection is kept only by
+  the tile whose core holds its centre, then class-wise NMS (IoU 0.5) merges the tiles. Training uses the
+  paper's *masked crops*: lesions cut by a crop edge are blacked out rather than kept as partial boxes
+  (``detector_train.masked_crop``).
+* **Counting** (the LDL route): detections above ``count_threshold`` (chosen on the training images to
+  minimise the counts' mean absolute error) of the active lesion classes (all but ``scar``) are the lesion count;
   it gives the ACNE04 / Hayashi level and a 0-3 severity through :mod:`synthtrial.scale`.
 """
 

@@ -1,4 +1,4 @@
-"""`synthtrial graders train|eval detector|dermx`, `graders ablation` and `graders explain`: the localisation graders."""
+"""`synthtrial graders train|eval detector|dermx`, `graders ablation`, `graders explain`: the localisation graders."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ Runs = Annotated[Optional[list[Path]], typer.Argument(help="Run directories to t
                                                       show_default=False)]
 
 #: Figures of the papers, printed beside ours.
-PAPER_DETECTOR = {"rpn": "AP .481 (Mask R-CNN, AcneSCU)", "sadh": "AP .497 (+ SADH)", "sadh_nwd": "AP .507 (+ SADH + NWD)"}
+PAPER_DETECTOR = {"rpn": "AP .481 (Mask R-CNN, AcneSCU)", "sadh": "AP .497 (+ SADH)",
+                  "sadh_nwd": "AP .507 (+ SADH + NWD)"}
 PAPER_DERMX = "characteristic F1 .77-.79, localisation F1 .35-.39 (DermX / DermX+, Jalaboi et al.)"
 
 
@@ -59,9 +60,13 @@ def train_detector_command(
 ) -> None:
     """Train the two-stage lesion detector (Faster R-CNN + FPN, SADH + NWD RPN head) from scratch.
 
-    Example (the shipped weights, ~45 min on 2 busy CPU cores):
+    Example (the shipped weights, ~55 min on 2 busy CPU cores):
+
       synthtrial generate protocols/graders_train.csv --out runs/gtrain --seed 1 --size 512
+
       synthtrial graders train detector runs/gtrain --out graders/weights/detector
+
+    On ACNE04 (one class, 'lesion'): synthtrial graders train detector --acne04 ACNE04/ --image-side 1024 --out det
     """
     from graders.base import GraderError
     from graders.detector import HEADS
@@ -97,7 +102,8 @@ def train_dermx_command(
 ) -> None:
     """Train DermX (severity + lesion characteristics with Grad-CAM explanations) from scratch on runs.
 
-    Example (the shipped weights):
+    Example (the shipped weights, ~19 min on 2 busy CPU cores):
+
       synthtrial graders train dermx runs/gtrain --guided --out graders/weights/dermx
     """
     import math
