@@ -91,6 +91,12 @@ def register(spec: GraderSpec) -> GraderSpec:
 register(GraderSpec("counter", "graders.counter:LesionCounter",
                     "classical lesion counter: skin-masked CIELAB blobs; count and ACNE04/Hayashi level",
                     needs_weights=False))
+register(GraderSpec("detector", "graders.detector:LesionDetector",
+                    "two-stage lesion detector (Faster R-CNN + FPN, SADH + NWD RPN head): count, per-type counts, "
+                    "ACNE04/Hayashi level, severity"))
+register(GraderSpec("dermx", "graders.dermx:DermX",
+                    "DermX: ACNE04 level and expected severity explained by lesion characteristics (probabilities; "
+                    "Grad-CAM maps with `synthtrial graders explain`)"))
 
 
 def available() -> list[str]:
