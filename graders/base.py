@@ -168,9 +168,12 @@ def load_state(folder: str | os.PathLike[str], *, kind: str | None = None) -> tu
         raise GraderError(f"{folder}: no {CONFIG_FILE} beside {WEIGHTS_FILE}")
     if kind is not None and config.get("grader") != kind:
         raise GraderError(f"{folder / CONFIG_FILE}: holds weights of grader {config.get('grader')!r}, not '{kind}'")
-    from synthtrial.weights import load_safetensors
+    from synthtrial.weights import WeightsError, load_safetensors
 
-    tensors = load_safetensors(weights)
+    try:
+        tensors = load_safetensors(weights)
+    except WeightsError as exc:  # the graders' own error type, same one line
+        raise GraderError(str(exc)) from None
     return tensors, config
 
 
