@@ -15,6 +15,7 @@ from scipy import stats as sps
 from statsmodels.regression.mixed_linear_model import MixedLM
 
 from synthtrial.analyze import stats as S
+from synthtrial.analyze.nof1 import Kinetics
 from synthtrial.errors import SynthtrialError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,11 +64,14 @@ def _palindrome_trial(effect: float = 0.7, n_patients: int = 4) -> pd.DataFrame:
 
 def test_known_effect_is_returned_exactly_by_every_method():
     data = _palindrome_trial()
-    result = S.analyze_outcome(data, "severity", "R", n_permutations=500)
+    result = S.analyze_outcome(data, "severity", "R", n_permutations=500, kinetics=Kinetics(0.0, 0.0))
     assert set(result["method"]) == set(S.METHODS)
-    assert len(result) == 3 * 4 + 1
+    assert len(result) == 7 * 4 + 2  # seven per-patient methods, two pooled variants
+    assert (result["role"] == result["method"].map(S.ROLES)).all()
     np.testing.assert_allclose(result["estimate"], 0.7, atol=1e-9)
-    assert ((result["ci_low"] < 0.7) & (0.7 < result["ci_high"])).all()
+    with_ci = result[result["method"] != "randomization"]  # a test without a design: estimate only
+    assert ((with_ci["ci_low"] <= 0.7 + 1e-9) & (0.7 - 1e-9 <= with_ci["ci_high"])).all()
+    assert result.loc[result["method"] == "randomization", "p"].isna().all()
     for pid, own in data.groupby("patient_id"):
         treated = own.loc[own["treatment"] == "T", "severity"].to_numpy()
         reference = own.loc[own["treatment"] == "R", "severity"].to_numpy()
@@ -255,7 +259,10 @@ def test_mixed_model_recovers_population_effect_with_random_slopes():
     intercept_only = S.mixed_model(data, "y", "R", trend=False, random_slopes=False)["T"]
     assert intercept_only.se == pytest.approx(estimate.se, rel=0.25)
     assert intercept_only.ci_low < -0.5 < intercept_only.ci_high
-    assert "cluster-robust" in estimate.note and estimate.df == data["patient_id"].nunique() - 1
+    assert "CR2 cluster-robust" in estimate.note and estimate.df == pytest.approx(11, abs=0.5)  # balanced: ~G - 1
+    cr1 = S.mixed_model(data, "y", "R", trend=False, correction="CR1")["T"]
+    assert "CR1 cluster-robust" in cr1.note and cr1.df == data["patient_id"].nunique() - 1
+    assert cr1.estimate == estimate.estimate
 
 
 def test_mixed_model_trend_adjustment_removes_period_order_bias():
@@ -361,7 +368,9 @@ def test_analyze_outcome_rows_columns_arms_and_dropped_values():
     p2 = result[(result["scope"] == "P2") & (result["method"] == "welch")].set_index("arm")
     assert p2.loc["A", "n"] == 6 + 4 and "dropped 2 row(s)" in p2.loc["A", "note"]
     assert pooled["note"].str.contains("dropped 2 row").all()
-    a_rows = result[result["arm"] == "A"]
+    # one period per treatment: no period-level df once a trend is fitted, and no randomisation scheme known
+    assert result.loc[result["method"] == "period", "note"].str.contains("periods leave no df").all()
+    a_rows = result[(result["arm"] == "A") & ~result["method"].isin(["period", "randomization"])]
     assert (a_rows["estimate"] < -0.5).all() and (a_rows["p"] < 0.05).all()
     again = S.analyze_outcome(data, "pc 1", "R", exclude=["Washout"], n_permutations=200, seed=3)
     pd.testing.assert_frame_equal(result, again)
