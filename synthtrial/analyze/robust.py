@@ -30,7 +30,7 @@ class RobustCov:
 
     cr1: np.ndarray
     cr2: np.ndarray
-    df_cr2: np.ndarray
+    df_cr2: np.ndarray  # per contrast
     clusters: int
 
 
@@ -43,10 +43,11 @@ def _inv_sqrt_psd(b: np.ndarray) -> np.ndarray:
 
 
 def cluster_robust(x: np.ndarray, resid: np.ndarray, clusters: Sequence[np.ndarray],
-                   working: Sequence[np.ndarray] | None = None) -> RobustCov:
-    """CR1, CR2 and CR2 df for coefficients of a fit with design ``x``, residuals ``y - x beta``.
+                   working: Sequence[np.ndarray] | None = None, contrasts: np.ndarray | None = None) -> RobustCov:
+    """CR1, CR2 and CR2 df for a fit with design ``x``, residuals ``y - x beta``.
 
-    ``clusters`` are the row indices of each cluster; ``working`` the matching ``V_g`` (default identity).
+    ``clusters`` are the row indices of each cluster; ``working`` the matching ``V_g`` (default identity);
+    ``df_cr2[j]`` is the Satterthwaite df of contrast row j (default: each coefficient).
     """
     x = np.asarray(x, dtype=float)
     resid = np.asarray(resid, dtype=float)
@@ -78,9 +79,10 @@ def cluster_robust(x: np.ndarray, resid: np.ndarray, clusters: Sequence[np.ndarr
     cr2 = m @ meat2 @ m
 
     # Satterthwaite df per coefficient (contrast e_j), under the working model
-    df = np.empty(k)
-    for j in range(k):
-        c = m[:, j]                                       # M e_j
+    contrasts = np.eye(k) if contrasts is None else np.atleast_2d(np.asarray(contrasts, dtype=float))
+    df = np.empty(contrasts.shape[0])
+    for j, row in enumerate(contrasts):
+        c = m @ row                                       # M c
         t = np.zeros((n, g_count))
         for h, (idx, a, w) in enumerate(zip(clusters, adjust, weights, strict=True)):
             q = a @ (w @ (x[idx] @ c))                    # A_g W_g X_g M c

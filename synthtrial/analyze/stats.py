@@ -321,8 +321,17 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
     if pooled_wanted:
         present_arms = [arm for arm in arms if arm in set(work["treatment"])]
         if present_arms:
-            both = mixed_model_both(work.rename(columns={"y": "_y"}), "_y", reference, trend=trend, alpha=alpha,
-                                    random_slopes=random_slopes)
+            pooled_frame = work.rename(columns={"y": "_y"})
+            columns = None
+            if kinetics is not None:
+                exposure = _exposures_by_row(keys["patient_id"].to_numpy(), data["day"].to_numpy(), all_treatments,
+                                             arms, kinetics)[np.isfinite(value) & ~np.isin(all_treatments, list(excluded))]
+                columns = {arm: f"_exposure_{i}" for i, arm in enumerate(arms)}
+                for i, arm in enumerate(arms):
+                    pooled_frame[columns[arm]] = exposure[:, i]
+                columns = {arm: col for arm, col in columns.items() if arm in present_arms}
+            both = mixed_model_both(pooled_frame, "_y", reference, trend=trend, alpha=alpha,
+                                    random_slopes=random_slopes, exposure_columns=columns)
             total_dropped = int(dropped_by_patient.sum())
             for method in pooled_wanted:
                 for arm in present_arms:
@@ -392,6 +401,17 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
     order = {m: i for i, m in enumerate(methods)}
     frame["_order"] = frame["method"].map(order)
     return frame.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def _exposures_by_row(patients: np.ndarray, days: np.ndarray, treatments: np.ndarray, arms: Sequence[str],
+                      kinetics: nof1.Kinetics) -> np.ndarray:
+    """Each arm's exposure on every row, computed over each patient's own calendar."""
+    out = np.zeros((patients.size, len(arms)))
+    days = pd.to_numeric(pd.Series(days), errors="coerce").to_numpy(dtype=float)
+    for pid in dict.fromkeys(patients):
+        rows = np.flatnonzero(patients == pid)
+        out[rows] = nof1.exposures(days[rows], treatments[rows], arms, kinetics)
+    return out
 
 
 def attach_truth(effects: pd.DataFrame, truth: Mapping[str, Any], *,
