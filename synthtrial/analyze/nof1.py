@@ -285,8 +285,12 @@ def exposures(days: np.ndarray, treatments: np.ndarray, arms: Sequence[str], kin
 
 def gls_kinetics(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, reference: str, arms: Sequence[str],
                  excluded: set[str], *, kinetics: Kinetics | None = None, trend: bool = True,
-                 alpha: float = 0.05) -> dict[str, tuple[float, float, float, float, float, float, str]]:
-    """Delivered effects from GLS-AR(1) on the arms' exposure curves; per arm (est, se, lo, hi, p, df, note)."""
+                 alpha: float = 0.05, exposure: tuple[Sequence[str], np.ndarray] | None = None,
+                 ) -> dict[str, tuple[float, float, float, float, float, float, str]]:
+    """Delivered effects from GLS-AR(1) on the arms' exposure curves; per arm (est, se, lo, hi, p, df, note).
+
+    ``exposure`` may carry the curves already computed with ``kinetics``: (their arms, rows x arms).
+    """
     treatments = treatments.astype(str)
     use = np.isfinite(values) & ~np.isin(treatments, list(excluded))
     order = np.argsort(days[use], kind="stable")
@@ -302,7 +306,10 @@ def gls_kinetics(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, r
                 for a in arms}
 
     def design(kin: Kinetics) -> np.ndarray:
-        x = exposures(days, treatments, all_arms, kin)[use][order]
+        if exposure is not None and kin == kinetics and set(all_arms) <= set(exposure[0]):
+            x = exposure[1][:, [list(exposure[0]).index(a) for a in all_arms]][use][order]
+        else:
+            x = exposures(days, treatments, all_arms, kin)[use][order]
         cols = [np.ones(d.size), x] + ([(d - d.mean())[:, None].astype(float)] if trend else [])
         return np.column_stack(cols)
 
