@@ -103,3 +103,17 @@ def _arms_in(work: pd.DataFrame, reference: str) -> list[str]:
 def _dropped_note(dropped: int, outcome: str) -> str:
     return f"dropped {dropped} row(s) with missing '{outcome}'" if dropped else ""
 
+
+
+def t_quantile(probability: float, df: float) -> float:
+    """Student t quantile (scipy.special.stdtrit: the same number as ``scipy.stats.t.ppf``, without its overhead)."""
+    from scipy import special
+
+    return float(special.stdtrit(df, probability))
+
+
+def t_two_sided_p(statistic: float, df: float) -> float:
+    """Two-sided p-value of a t statistic (``2 * scipy.stats.t.sf(|t|, df)``, via scipy.special.stdtr)."""
+    from scipy import special
+
+    return float(2.0 * special.stdtr(df, -abs(statistic)))

@@ -31,9 +31,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
+from scipy import optimize
 
-from synthtrial.analyze.estimate import Estimate, _arms_in, _check_alpha, _dropped_note, _join, _missing, _working_frame
+from synthtrial.analyze.estimate import (Estimate, _arms_in, _check_alpha, _dropped_note, _join, _missing,
+                                         _working_frame, t_quantile, t_two_sided_p)
 from synthtrial.analyze.robust import cluster_robust
 
 #: ``method`` names of the two pooled variants.
@@ -283,7 +284,7 @@ def _mixed_estimates(result: Any, contrasts: np.ndarray, arms: Sequence[str], al
             if not (np.isfinite(se) and se > 0 and np.isfinite(df) and df > 0):
                 out[key][arm] = _missing(_join("no finite standard error", full), est)
                 continue
-            q = float(stats.t.ppf(1.0 - alpha / 2.0, df))
-            p = float(2.0 * stats.t.sf(abs(est / se), df))
+            q = t_quantile(1.0 - alpha / 2.0, df)
+            p = t_two_sided_p(est / se, df)
             out[key][arm] = Estimate(est, se, est - q * se, est + q * se, p, float(df), full)
     return out

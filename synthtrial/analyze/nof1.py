@@ -42,8 +42,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
+from scipy import optimize
 
+from synthtrial.analyze.estimate import t_quantile, t_two_sided_p
 from synthtrial.errors import SynthtrialError
 
 #: Half-lives (days) tried when the kinetics are not given.
@@ -102,7 +103,7 @@ def _deviances(phis: np.ndarray, y: np.ndarray, x: np.ndarray, gaps: np.ndarray,
     logdet_r = np.log(innovation).sum(axis=1)
     dof = n - p if reml else n
     dev = logdet_r + dof * np.log(np.maximum(rss, 1e-300)) + (logdet_xx if reml else 0.0)
-    return np.where((rss > 0) & (sign > 0), dev, np.inf)
+    return np.where((rss > 0) & (sign > 0) & np.isfinite(dev), dev, 1e300)  # finite: Brent needs numbers
 
 
 def fit_phi(y: np.ndarray, x: np.ndarray, gaps: np.ndarray, *, reml: bool = True) -> tuple[float, float]:
@@ -190,13 +191,13 @@ def period_level(table: pd.DataFrame, reference: str, arms: Sequence[str], *, tr
     resid = y - x @ beta
     sigma2 = float(resid @ resid) / df
     cov = sigma2 * np.linalg.inv(x.T @ x)
-    q = float(stats.t.ppf(1 - alpha / 2, df))
+    q = t_quantile(1 - alpha / 2, df)
     for i, arm in enumerate(arms):
         est, se = float(beta[1 + i]), float(math.sqrt(max(cov[1 + i, 1 + i], 0.0)))
         if se == 0.0:
             out[arm] = (est, 0.0, est, est, _NAN, float(df), note + "; no residual variation")
             continue
-        p_value = float(2 * stats.t.sf(abs(est / se), df))
+        p_value = t_two_sided_p(est / se, df)
         out[arm] = (est, se, est - q * se, est + q * se, p_value, float(df), note)
     return out
 
@@ -338,7 +339,7 @@ def gls_kinetics(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, r
     else:
         beta, cov, phi = gls_fit(y, x, gaps)
         note_phi = f"phi={phi:.4f} (REML)"
-    q = float(stats.t.ppf(1 - alpha / 2, df))
+    q = t_quantile(1 - alpha / 2, df)
     out = {}
     for arm in arms:
         c = np.zeros(x.shape[1])
@@ -349,7 +350,7 @@ def gls_kinetics(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, r
         if se == 0.0:
             out[arm] = (est, 0.0, est, est, _NAN, df, note)
             continue
-        out[arm] = (est, se, est - q * se, est + q * se, float(2 * stats.t.sf(abs(est / se), df)), df, note)
+        out[arm] = (est, se, est - q * se, est + q * se, t_two_sided_p(est / se, df), df, note)
     return out
 
 
@@ -369,7 +370,7 @@ def hac(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, reference:
     lags = int(math.floor(4 * (n / 100) ** (2 / 9)))
     fit = sm.OLS(y, x).fit(cov_type="HAC", cov_kwds={"maxlags": lags, "use_correction": True}, use_t=True)
     df = float(n - p)
-    q = float(stats.t.ppf(1 - alpha / 2, df))
+    q = t_quantile(1 - alpha / 2, df)
     out = {}
     for i, arm in enumerate(arms):
         est, se = float(fit.params[1 + i]), float(fit.bse[1 + i])
@@ -377,7 +378,7 @@ def hac(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, reference:
         if not (np.isfinite(se) and se > 0):
             out[arm] = (est, _NAN, _NAN, _NAN, _NAN, df, note + "; no residual variation")
             continue
-        out[arm] = (est, se, est - q * se, est + q * se, float(2 * stats.t.sf(abs(est / se), df)), df, note)
+        out[arm] = (est, se, est - q * se, est + q * se, t_two_sided_p(est / se, df), df, note)
     return out
 
 

@@ -14,9 +14,13 @@ Outcomes per image (``RUN/analysis/outcomes.parquet``):
   their one participant; pooled, the component would tell the faces apart), oriented to grow with skin
   redness (a label-free choice; a component's sign is arbitrary) and standardised within the patient.
 
-Views of one day are averaged, then each outcome goes through per-patient Welch t, permutation and
-GLS-AR(1) tests and a pooled linear mixed model (``effects.csv``). Outcomes on the severity scale
-(oracle, lesion_severity) are set beside the truth: bias and CI coverage.
+Views of one day are averaged, then each outcome goes through every method of
+:mod:`synthtrial.analyze.stats` (``effects.csv``; ``role`` says which are valid tests and which are
+descriptive). When the run was simulated, ``truth.json`` gives the design (so the randomisation test knows
+the design's scheme) and the kinetics (so ``gls_kinetics`` and the pooled model use the true half-lives).
+Outcomes on the severity scale (oracle, lesion_severity) are set beside the truth: bias and CI coverage.
+Every outcome is also put on one scale (``std_*``: effect / the outcome's within-patient residual SD)
+beside the oracle's standardised truth, with the ``share`` of the true effect it recovers.
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ from synthtrial.rundir import read_run
 #: Outcomes whose effects are on the latent severity scale, where the truth applies directly.
 TRUTH_SCALE_OUTCOMES = ("oracle", "lesion_severity")
 BASE_OUTCOMES = ("oracle", "lesion_severity", "lesion_count", "iga")
-EFFECT_COLUMNS = ("outcome", "method", "scope", "arm", "reference", "estimate", "se", "ci_low", "ci_high", "p", "n",
-                  "true_effect", "bias", "covered", "note")
+EFFECT_COLUMNS = ("outcome", "method", "role", "scope", "arm", "reference", "estimate", "se", "ci_low", "ci_high",
+                  "p", "n", "true_effect", "bias", "covered", "residual_sd", "std_estimate", "std_ci_low",
+                  "std_ci_high", "std_true_effect", "share", "std_covered", "note")
 
 
 @dataclass
@@ -58,7 +63,8 @@ class AnalysisSettings:
     n_permutations: int = 2000
     seed: int = 0
     alpha: float = 0.05
-    methods: tuple[str, ...] = ("welch", "permutation", "gls_ar1", "lmm")
+    methods: tuple[str, ...] = ("period", "randomization", "gls_kinetics", "lmm", "lmm_cr1", "welch", "permutation",
+                                "gls_ar1", "hac")
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -197,7 +203,8 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
                 device: str | None = None, progress: bool = True) -> Path:
     """Analyze a run directory; writes ``RUN/analysis/`` and returns its path (see the module docstring)."""
     from synthtrial.analyze.report import write_report
-    from synthtrial.analyze.stats import analyze_outcome, attach_truth
+    from synthtrial.analyze.nof1 import Kinetics
+    from synthtrial.analyze.stats import analyze_outcome, attach_truth, standardize
 
     settings = settings or AnalysisSettings()
     settings.validate()
@@ -224,6 +231,8 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
 
     t0 = time.perf_counter()
     per_day = daily(outcomes, columns)
+    design = _design_of(truth)
+    kinetics = Kinetics.from_truth(truth)
     frames = []
     with warnings.catch_warnings():
         # near-constant series (IGA within a patient) and boundary fits make scipy/statsmodels warn; the
@@ -232,13 +241,15 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
         for column in columns:
             frames.append(analyze_outcome(per_day, column, reference, exclude=exclude, trend=settings.trend,
                                           n_permutations=settings.n_permutations, seed=settings.seed,
-                                          alpha=settings.alpha, methods=settings.methods))
-    effects = pd.concat(frames, ignore_index=True)
-    if truth is not None:
-        effects = attach_truth(effects, truth, outcomes_on_truth_scale=TRUTH_SCALE_OUTCOMES)
-    else:
-        for col in ("true_effect", "bias", "covered"):
-            effects[col] = np.nan
+                                          alpha=settings.alpha, methods=settings.methods, design=design,
+                                          kinetics=kinetics))
+        effects = pd.concat(frames, ignore_index=True)
+        if truth is not None:
+            effects = attach_truth(effects, truth, outcomes_on_truth_scale=TRUTH_SCALE_OUTCOMES)
+        else:
+            for col in ("true_effect", "bias", "covered"):
+                effects[col] = np.nan
+        effects = standardize(effects, per_day, truth, exclude=exclude, trend=settings.trend)
     effects = effects[list(EFFECT_COLUMNS)]
     write_text_atomic(analysis_dir / "effects.csv", effects.to_csv(index=False, lineterminator="\n"))
     timings.add("statistics", time.perf_counter() - t0)
@@ -254,7 +265,20 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
     return analysis_dir
 
 
+def _design_of(truth: dict | None):
+    """The simulated design in a truth file, or None (a user's protocol, or a truth without one)."""
+    from synthtrial.simulate import TrialDesign
+
+    spec = (truth or {}).get("design")
+    if not isinstance(spec, dict):
+        return None
+    try:
+        return TrialDesign(**{**spec, "arms": tuple(spec.get("arms", ()))})
+    except (TypeError, SynthtrialError):
+        return None
+
+
 def analysis_summary(effects: pd.DataFrame) -> pd.DataFrame:
-    """The pooled rows of an effects table: what the CLI prints."""
-    pooled = effects[effects["scope"] == "pooled"]
-    return pooled[["outcome", "arm", "estimate", "ci_low", "ci_high", "p", "true_effect", "covered"]]
+    """The pooled CR2 rows of an effects table: what the CLI prints."""
+    pooled = effects[(effects["scope"] == "pooled") & (effects["method"] == "lmm")]
+    return pooled[["outcome", "arm", "estimate", "ci_low", "ci_high", "p", "true_effect", "covered", "share"]]

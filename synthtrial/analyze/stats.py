@@ -45,11 +45,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import statsmodels.api as sm
-from scipy import stats
 
 from synthtrial.analyze import nof1
 from synthtrial.analyze.estimate import (_NAN, Estimate, _arms_in, _check_alpha, _coef_name, _dropped_note,  # noqa: F401
-                                         _join, _missing, _show, _term, _working_frame)
+                                         _join, _missing, _show, _term, _working_frame, t_quantile, t_two_sided_p)
 from synthtrial.analyze.mixed import (CR1, CR2, _fit_mixed, _slopes_problem, mixed_model,  # noqa: F401
                                       mixed_model_both)
 from synthtrial.errors import SynthtrialError
@@ -101,8 +100,8 @@ def welch_t(treated: np.ndarray, reference: np.ndarray, alpha: float = 0.05) -> 
     if se == 0.0:
         return Estimate(estimate, 0.0, estimate, estimate, _NAN, None, "zero variance in both groups")
     df = (vx + vy) ** 2 / (vx ** 2 / (x.size - 1) + vy ** 2 / (y.size - 1))
-    p = float(2.0 * stats.t.sf(abs(estimate) / se, df))  # = scipy's ttest_ind(equal_var=False), less overhead
-    half = float(stats.t.ppf(1.0 - alpha / 2.0, df)) * se
+    p = t_two_sided_p(estimate / se, df)  # = scipy's ttest_ind(equal_var=False), less overhead
+    half = t_quantile(1.0 - alpha / 2.0, df) * se
     return Estimate(estimate, se, estimate - half, estimate + half, p, float(df))
 
 
@@ -239,7 +238,7 @@ def gls_ar1(frame: pd.DataFrame, outcome: str, reference: str, *, trend: bool = 
         return {arm: Estimate(value, 0.0, value, value, _NAN, df, note) for arm, value in values.items()}
     phi = _fit_phi(y, x, gaps)
     fitted = sm.OLS(nof1.ar1_whiten(y, phi, gaps), nof1.ar1_whiten(x, phi, gaps)).fit()
-    q = float(stats.t.ppf(1.0 - alpha / 2.0, df))
+    q = t_quantile(1.0 - alpha / 2.0, df)
     n_gaps = int(np.count_nonzero(gaps > 1))
     note = _join(f"phi={phi:.4f} (REML)",
                  f"{n_gaps} gap(s) in days, AR(1) steps phi^gap" if n_gaps else "",
