@@ -135,18 +135,22 @@ def gls_fit(y: np.ndarray, x: np.ndarray, gaps: np.ndarray) -> tuple[np.ndarray,
 
 # ----------------------------------------------------------------------------------------------- periods
 
-def periods(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, excluded: set[str]) -> pd.DataFrame:
+def periods(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, excluded: set[str],
+            blocks: np.ndarray | None = None) -> pd.DataFrame:
     """One row per treatment period (a run of days on one treatment, in day order; excluded days end it).
 
     ``days``/``treatments`` cover every scheduled row of the patient (excluded ones included, so that a
-    washout separates periods); ``values`` is NaN where the outcome is missing. Columns: ``treatment``,
-    ``mid`` (mean day), ``mean`` (of the values present) and ``n``.
+    washout separates periods); ``values`` is NaN where the outcome is missing. ``blocks`` (the protocol's
+    block column) also ends a run where it changes, so that two adjacent periods on the same arm (pairs
+    ``AB BA``) stay two. Columns: ``treatment``, ``mid`` (mean day), ``mean`` (of the values present), ``n``.
     """
     order = np.argsort(days, kind="stable")
     days, treatments, values = days[order], treatments[order].astype(str), values[order]
+    blocks = None if blocks is None else pd.Series(blocks).iloc[order].astype(str).to_numpy()
     rows, start = [], 0
     for i in range(1, days.size + 1):
-        if i == days.size or treatments[i] != treatments[start]:
+        if (i == days.size or treatments[i] != treatments[start]
+                or (blocks is not None and blocks[i] != blocks[start])):
             if treatments[start] not in excluded:
                 v = values[start:i]
                 present = np.isfinite(v)

@@ -195,8 +195,8 @@ def _embeddings(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSetting
 
 def daily(outcomes: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """One row per patient and day (views averaged), as the tests expect."""
-    keys = ["patient_id", "day", "treatment"]
-    return outcomes.groupby(keys, sort=False, as_index=False)[columns].mean()
+    keys = ["patient_id", "day", "treatment"] + (["block"] if "block" in outcomes.columns else [])
+    return outcomes.groupby(keys, sort=False, as_index=False, dropna=False)[columns].mean()
 
 
 def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | None = None, *,

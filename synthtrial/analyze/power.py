@@ -74,7 +74,8 @@ def replicate_outcomes(protocol: pd.DataFrame) -> pd.DataFrame:
     count = np.rint(scale.expected_lesion_count(severity))
     return pd.DataFrame({
         "patient_id": protocol["patient_id"].to_numpy(), "day": protocol["day"].to_numpy(),
-        "treatment": protocol["treatment"].to_numpy(), "oracle": severity,
+        "treatment": protocol["treatment"].to_numpy(), "block": protocol["block"].to_numpy(dtype=object),
+        "oracle": severity,
         "lesion_severity": scale.severity_from_count(count),
     })
 
@@ -280,8 +281,10 @@ def _run_dask(chunks, scenarios, settings, workers, scheduler, finished) -> None
             raise SynthtrialError(f"cannot reach the Dask scheduler at {scheduler} ({exc}) (option --scheduler)") from None
         cluster = None
     else:
+        # no dashboard; its HTTP server (always started) takes any free port instead of insisting on 8787
         cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR)
+                               dashboard_address=":0", scheduler_kwargs={"dashboard": False},
+                               silence_logs=logging.ERROR)
         client = Client(cluster)
     try:
         futures = {client.submit(_run_chunk, scenarios[i], settings, reps, pure=False): (i, reps) for i, reps in chunks}

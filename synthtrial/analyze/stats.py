@@ -268,7 +268,7 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
     """Every arm against ``reference`` on one outcome, by each method; one tidy row per (method, scope, arm).
 
     Rows whose treatment is in ``exclude`` (e.g. washout days) are left out of every estimate, but they
-    still end a treatment period and count in the exposure kinetics; the AR(1) fits see them as gaps.
+    still end a treatment period (so does a change of the optional ``block`` column) and count in the exposure kinetics; the AR(1) fits see them as gaps.
     Rows with a missing outcome are dropped first (the note says how many). Per-patient methods run for
     each patient that has both the arm and the reference; ``lmm``/``lmm_cr1`` run once over all patients
     (scope ``"pooled"``, one fit for both). ``trend`` adds a linear day term everywhere; ``random_slopes``
@@ -341,6 +341,7 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
 
     patient_of_row = keys["patient_id"].to_numpy()
     days_all = pd.to_numeric(data["day"], errors="coerce").to_numpy(dtype=float)
+    blocks_all = data["block"].to_numpy(dtype=object) if "block" in data.columns else None
     own_rows = work.groupby("patient_id", sort=True).indices
     for pid in sorted(own_rows):
         own = work.iloc[own_rows[pid]]
@@ -356,7 +357,7 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
             if method in POOLED_METHODS:
                 continue
             if method in ("period", "randomization") and table is None:
-                table = nof1.periods(d_all, t_all, v_all, excluded)
+                table = nof1.periods(d_all, t_all, v_all, excluded, None if blocks_all is None else blocks_all[rows_all])
             if method == "gls_ar1":
                 estimates = gls_ar1(own.drop(columns="patient_id").rename(columns={"y": "_y"}), "_y", reference,
                                     trend=trend, alpha=alpha)
