@@ -23,7 +23,8 @@ days, kinetics included, which is what ``truth.json``'s ``delivered_effects`` ho
   first-order exposure curve (:func:`synthtrial.simulate.exposure`, computed over the patient's calendar)
   is the regressor, so a wash-in ramp is a mean shift, not autocorrelation. The steady-state effects are
   turned into the delivered contrast (a linear combination; SE by the delta rule, exact here). ``phi`` by
-  REML; t on ``n - p`` df. Assumes the half-lives are right: those of the design when the run was
+  REML; t with Satterthwaite df that account for the uncertainty of (phi, sigma^2) (:func:`satterthwaite_df`;
+  with n - p df the test rejected 6.5% of null contrasts on the anchor design). Assumes the half-lives are right: those of the design when the run was
   simulated (``truth.json``), else the common half-life on a grid (0-12 days) that maximises the
   likelihood (its selection is not propagated into the CI).
 * ``hac`` — OLS on the days with arm indicators [+ day] and Newey-West (HAC) standard errors, Bartlett
@@ -122,15 +123,58 @@ def fit_phi(y: np.ndarray, x: np.ndarray, gaps: np.ndarray, *, reml: bool = True
     return float(grid[best]), float(dev[best])
 
 
-def gls_fit(y: np.ndarray, x: np.ndarray, gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """GLS with REML AR(1) errors: coefficients, their covariance, phi."""
+def gls_fit(y: np.ndarray, x: np.ndarray, gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """GLS with REML AR(1) errors: coefficients, their covariance, phi, sigma^2."""
     phi, _ = fit_phi(y, x, gaps)
     wy, wx = ar1_whiten(y, phi, gaps), ar1_whiten(x, phi, gaps)
     beta, *_ = np.linalg.lstsq(wx, wy, rcond=None)
     resid = wy - wx @ beta
     sigma2 = float(resid @ resid) / (y.size - x.shape[1])
     cov = sigma2 * np.linalg.inv(wx.T @ wx)
-    return beta, cov, phi
+    return beta, cov, phi, sigma2
+
+
+def _reml_deviance_full(phi: float, sigma2: float, y: np.ndarray, x: np.ndarray, gaps: np.ndarray) -> float:
+    """-2 REML log-likelihood (constants dropped) at (phi, sigma^2), not profiled."""
+    wy, wx = ar1_whiten(y, phi, gaps), ar1_whiten(x, phi, gaps)
+    gram = wx.T @ wx
+    beta = np.linalg.solve(gram, wx.T @ wy)
+    rss = float(np.sum((wy - wx @ beta) ** 2))
+    logdet_r = float(np.log(1.0 - (phi ** gaps) ** 2).sum())
+    return (y.size - x.shape[1]) * math.log(sigma2) + logdet_r + float(np.linalg.slogdet(gram)[1]) + rss / sigma2
+
+
+def satterthwaite_df(y: np.ndarray, x: np.ndarray, gaps: np.ndarray, phi: float, sigma2: float,
+                     contrast: np.ndarray) -> float:
+    """Satterthwaite df of ``contrast' beta`` in GLS-AR(1) with (phi, sigma^2) estimated by REML.
+
+    ``df = 2 v^2 / (g' C g)``: v the contrast's variance, g its gradient in (phi, sigma^2) and C the inverse
+    observed REML information of (phi, sigma^2) (numerical derivatives), as lmerTest does for mixed models.
+    It widens the CI where the contrast's variance is sensitive to an uncertain phi (slow level shifts).
+    """
+    def variance(ph: float, s2: float) -> float:
+        wx = ar1_whiten(x, ph, gaps)
+        return float(s2 * contrast @ np.linalg.solve(wx.T @ wx, contrast))
+
+    h = min(1e-4, (PHI_BOUND - abs(phi)) / 2) if abs(phi) < PHI_BOUND else 0.0
+    v = variance(phi, sigma2)
+    if h <= 0 or not v > 0:
+        return float(y.size - x.shape[1])
+    hs = 1e-4 * sigma2
+    f = lambda a, b: 0.5 * _reml_deviance_full(phi + a, sigma2 + b, y, x, gaps)  # noqa: E731
+    f0 = f(0.0, 0.0)
+    h_pp = (f(h, 0) - 2 * f0 + f(-h, 0)) / h ** 2
+    h_ss = (f(0, hs) - 2 * f0 + f(0, -hs)) / hs ** 2
+    h_ps = (f(h, hs) - f(h, -hs) - f(-h, hs) + f(-h, -hs)) / (4 * h * hs)
+    info = np.array([[h_pp, h_ps], [h_ps, h_ss]])
+    grad = np.array([(variance(phi + h, sigma2) - variance(phi - h, sigma2)) / (2 * h), v / sigma2])
+    try:
+        spread = float(grad @ np.linalg.solve(info, grad))
+    except np.linalg.LinAlgError:
+        return float(y.size - x.shape[1])
+    if not spread > 0:
+        return float(y.size - x.shape[1])
+    return float(min(max(2 * v * v / spread, 1.0), y.size - x.shape[1]))
 
 
 # ----------------------------------------------------------------------------------------------- periods
@@ -340,10 +384,10 @@ def gls_kinetics(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, r
     ref_days = t == reference
     if np.sum((y - y.mean()) ** 2) <= 1e-24 * max(1.0, float(y @ y)):
         beta, cov, phi, note_phi = np.linalg.lstsq(x, y, rcond=None)[0], np.zeros((x.shape[1],) * 2), _NAN, "no variation"
+        sigma2 = 0.0
     else:
-        beta, cov, phi = gls_fit(y, x, gaps)
+        beta, cov, phi, sigma2 = gls_fit(y, x, gaps)
         note_phi = f"phi={phi:.4f} (REML)"
-    q = t_quantile(1 - alpha / 2, df)
     out = {}
     for arm in arms:
         c = np.zeros(x.shape[1])
@@ -354,7 +398,10 @@ def gls_kinetics(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, r
         if se == 0.0:
             out[arm] = (est, 0.0, est, est, _NAN, df, note)
             continue
-        out[arm] = (est, se, est - q * se, est + q * se, t_two_sided_p(est / se, df), df, note)
+        arm_df = satterthwaite_df(y, x, gaps, phi, sigma2, c)
+        q = t_quantile(1 - alpha / 2, arm_df)
+        out[arm] = (est, se, est - q * se, est + q * se, t_two_sided_p(est / se, arm_df), arm_df,
+                    f"{note}; Satterthwaite t on {arm_df:.1f} df")
     return out
 
 
