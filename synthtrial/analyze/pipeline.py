@@ -10,7 +10,8 @@ Outcomes per image (``RUN/analysis/outcomes.parquet``):
 * ``grader_<grader>_<column>`` — the outcome columns of ``RUN/grades.parquet`` (as ``RUN/grades.json`` names
   them) when graders have scored the run (``synthtrial grade``);
 * ``ae_pca`` — Schneider et al.'s unsupervised pipeline: a convolutional autoencoder trained on the run's
-  images, its 64-d embeddings, and each patient's first principal component (as Schneider et al. did for
+  images, its 64-d embeddings (by default the bottleneck before its sigmoid, which saturates and leaves a
+  spread of ~1e-4; ``embedding="sigmoid"`` is Schneider's variant), and each patient's first principal component (as Schneider et al. did for
   their one participant; pooled, the component would tell the faces apart), oriented to grow with skin
   redness (a label-free choice; a component's sign is arbitrary) and standardised within the patient.
 
@@ -63,6 +64,7 @@ class AnalysisSettings:
     n_permutations: int = 2000
     seed: int = 0
     alpha: float = 0.05
+    embedding: str = "logits"
     methods: tuple[str, ...] = ("period", "randomization", "gls_kinetics", "lmm", "lmm_cr1", "welch", "permutation",
                                 "gls_ar1", "hac")
 
@@ -75,6 +77,8 @@ class AnalysisSettings:
             raise SynthtrialError(f"--permutations must be >= 100, got {self.n_permutations}")
         if not 0 < self.alpha < 0.5:
             raise SynthtrialError(f"--alpha must lie in (0, 0.5), got {self.alpha}")
+        if self.embedding not in ("logits", "sigmoid"):
+            raise SynthtrialError(f"--embedding must be logits or sigmoid, got {self.embedding!r}")
 
 
 @dataclass
@@ -114,8 +118,8 @@ def image_outcomes(run_dir: Path, manifest: pd.DataFrame) -> pd.DataFrame:
 def _manifest_key(manifest: pd.DataFrame, settings: AnalysisSettings) -> str:
     digest = hashlib.sha256()
     digest.update("\n".join(manifest["sha256"].astype(str)).encode())
-    digest.update(json.dumps({"epochs": settings.epochs, "image_size": settings.image_size, "seed": settings.seed},
-                             sort_keys=True).encode())
+    digest.update(json.dumps({"epochs": settings.epochs, "image_size": settings.image_size, "seed": settings.seed,
+                              "embedding": settings.embedding}, sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -177,7 +181,7 @@ def _embeddings(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSetting
                                           progress=lambda epoch, epochs, loss: update(epoch, f"loss {loss:.5f}"))
     timings.add("train autoencoder", time.perf_counter() - t0)
     t0 = time.perf_counter()
-    embeddings = embed(model, images, device=device)
+    embeddings = embed(model, images, device=device, kind=settings.embedding)
     timings.add("embed + PCA", time.perf_counter() - t0)
     del images
     save_model(model, config, analysis_dir / "autoencoder.safetensors")
