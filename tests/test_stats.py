@@ -454,3 +454,39 @@ def test_attach_truth_refuses_a_truth_of_another_shape():
     effects = S.analyze_outcome(_simulate(2, 20, 0.0, np.random.default_rng(0)), "y", "R", methods=["welch"])
     with pytest.raises(SynthtrialError, match="mean_delivered_effects"):
         S.attach_truth(effects, {"reference": "R", "patients": {}})
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("value", [0.0, 3.0])
+def test_constant_or_noise_free_outcomes_give_estimates_or_nan_with_notes(value):
+    data = pd.DataFrame({"patient_id": np.repeat(["P1", "P2"], 6), "day": np.tile(np.arange(1, 7), 2),
+                         "treatment": np.tile(["R", "R", "T", "T", "R", "T"], 2), "y": value})
+    result = S.analyze_outcome(data, "y", "R", n_permutations=200, kinetics=Kinetics(0.0, 0.0))
+    assert set(result["method"]) == set(S.METHODS)
+    assert result["note"].str.len().gt(0).all() or result["se"].notna().any()
+    pooled = result[result["scope"] == "pooled"]
+    assert pooled["note"].str.contains("no variation").all()
+    one_day = data[~((data["treatment"] == "T") & (data["day"] != 3))].assign(y=lambda d: 1.0 + (d["treatment"] == "T"))
+    result = S.analyze_outcome(one_day, "y", "R", n_permutations=200)
+    assert (result.loc[result["estimate"].notna(), "estimate"].round(9) == 1.0).all()
+    standardized = S.standardize(result, one_day, None)
+    assert standardized["std_estimate"].isna().all()  # no residual variation: no scale
+
+
+def test_standardize_puts_outcomes_on_one_scale_and_reports_the_share():
+    rng = np.random.default_rng(11)
+    data = _simulate(6, 40, -0.6, rng, noise_sd=0.3)
+    data["oracle"] = data["y"]
+    data["rescaled"] = 3.0 * data["y"] + 7.0           # the same information on another scale
+    data["noisier"] = data["y"] + rng.normal(0, 0.6, len(data))
+    truth = {"reference": "R", "mean_delivered_effects": {"T": -0.6},
+             "patients": {pid: {"delivered_effects": {"T": -0.6}} for pid in data["patient_id"].unique()}}
+    frames = [S.analyze_outcome(data, o, "R", methods=["lmm"], trend=False) for o in ("oracle", "rescaled", "noisier")]
+    effects = S.attach_truth(pd.concat(frames, ignore_index=True), truth, outcomes_on_truth_scale=("oracle",))
+    out = S.standardize(effects, data, truth, trend=False).set_index("outcome")
+    assert out.loc["oracle", "residual_sd"] == pytest.approx(0.3, rel=0.1)
+    assert out.loc["rescaled", "std_estimate"] == pytest.approx(out.loc["oracle", "std_estimate"], rel=1e-9)
+    assert out.loc["rescaled", "share"] == pytest.approx(out.loc["oracle", "share"], rel=1e-9)
+    assert out.loc["oracle", "share"] == pytest.approx(out.loc["oracle", "estimate"] / -0.6, rel=1e-9)
+    assert out["std_true_effect"].nunique() == 1
+    assert out.loc["noisier", "share"] < 0.7 * out.loc["oracle", "share"]  # noise dilutes the standardised effect

@@ -205,7 +205,7 @@ def _ri_deviance(ratios: np.ndarray, parts: dict[str, np.ndarray], dof: int) -> 
     rss = yhy - np.einsum("li,li->l", beta, b)
     sign, logdet = np.linalg.slogdet(a)
     dev = np.log1p(ratios[:, None] * n[None, :]).sum(axis=1) + logdet + dof * np.log(np.maximum(rss, 1e-300))
-    return np.where((sign > 0) & (rss > 0), dev, np.inf), beta
+    return np.where((sign > 0) & (rss > 0) & np.isfinite(dev), dev, 1e300), beta  # finite: Brent needs numbers
 
 
 def random_intercept_reml(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> RandomInterceptFit:

@@ -492,7 +492,8 @@ def residual_sd(data: pd.DataFrame, outcome: str, *, exclude: Sequence[str] = ()
         return _NAN
     beta, *_ = np.linalg.lstsq(x, y[keep], rcond=None)
     rss = float(np.sum((y[keep] - x @ beta) ** 2))
-    return math.sqrt(rss / (y[keep].size - rank)) if rss > 0 else _NAN
+    noise_free = rss <= 1e-20 * max(1.0, float(y[keep] @ y[keep]))  # rounding, not variation
+    return _NAN if noise_free else math.sqrt(rss / (y[keep].size - rank))
 
 
 def standardize(effects: pd.DataFrame, data: pd.DataFrame, truth: Mapping[str, Any] | None = None, *,
