@@ -116,3 +116,9 @@ def test_incomplete_run_is_a_clear_error(tmp_path):
         analyze_run(tmp_path, AnalysisSettings(autoencoder=False), progress=False)
     with pytest.raises(SynthtrialError, match="--image-size"):
         analyze_run(tmp_path, AnalysisSettings(image_size=48), progress=False)
+    with pytest.raises(SynthtrialError, match="--image-size"):
+        analyze_run(tmp_path, AnalysisSettings(image_size=65536), progress=False)
+    for device in ("bogus", "cuda:7" if not __import__("torch").cuda.is_available() else "tpu"):
+        with pytest.raises(SynthtrialError, match="--device"):
+            analyze_run(tmp_path, AnalysisSettings(), device=device, progress=False)
+    assert not (tmp_path / "analysis").exists()  # nothing written

@@ -48,6 +48,8 @@ from synthtrial.rundir import read_run
 #: Outcomes whose effects are on the latent severity scale, where the truth applies directly.
 TRUTH_SCALE_OUTCOMES = ("oracle", "lesion_severity")
 BASE_OUTCOMES = ("oracle", "lesion_severity", "lesion_count", "iga")
+#: Largest autoencoder input side (a 1024 px run already takes 12 MB per image as float32).
+MAX_IMAGE_SIZE = 1024
 EFFECT_COLUMNS = ("outcome", "method", "role", "scope", "arm", "reference", "estimate", "se", "ci_low", "ci_high",
                   "p", "n", "true_effect", "bias", "covered", "residual_sd", "std_estimate", "std_ci_low",
                   "std_ci_high", "std_true_effect", "share", "std_covered", "note")
@@ -71,8 +73,9 @@ class AnalysisSettings:
     def validate(self) -> None:
         if self.epochs < 1:
             raise SynthtrialError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.image_size < 16 or self.image_size & (self.image_size - 1):
-            raise SynthtrialError(f"--image-size must be a power of two >= 16, got {self.image_size}")
+        if self.image_size < 16 or self.image_size > MAX_IMAGE_SIZE or self.image_size & (self.image_size - 1):
+            raise SynthtrialError(f"--image-size must be a power of two from 16 to {MAX_IMAGE_SIZE}, "
+                                  f"got {self.image_size}")
         if self.n_permutations < 100:
             raise SynthtrialError(f"--permutations must be >= 100, got {self.n_permutations}")
         if not 0 < self.alpha < 0.5:
@@ -212,6 +215,10 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
 
     settings = settings or AnalysisSettings()
     settings.validate()
+    if settings.autoencoder and device is not None:
+        from graders.base import resolve_device
+
+        device = str(resolve_device(device))  # a bogus or absent device fails here, before anything is written
     run_dir = Path(run_dir)
     timings = Timings()
     t0 = time.perf_counter()
