@@ -17,7 +17,7 @@ raises or does not converge, when the random-effects covariance is singular (sma
 1e-6 of the largest variance or of the residual variance), when statsmodels finds the Hessian not
 positive definite there, or when an arm's model SE is not finite. The random-intercept model is fitted
 by :func:`random_intercept_reml` (exact REML from per-patient sums; equal to statsmodels' fit, and
-about 50 times faster), which cannot fail: an optimum at intercept variance 0 is a ``boundary fit``
+about 10 times faster), which cannot fail: an optimum at intercept variance 0 is a ``boundary fit``
 (then the model is OLS), as lme4 reports it, so a trial never drops out silently. Only a model that
 cannot be fitted at all (no residual variation, collinear design) returns NaN with the reason. statsmodels' convergence warnings are caught and listed in the note instead of printed.
 """
@@ -214,7 +214,7 @@ def random_intercept_reml(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> R
     The likelihood is profiled over the variance ratio ``tau2 / sigma2 >= 0`` (a log-spaced grid from 1e-8 to
     1e6 plus 0, then Brent on log ratio); the optimum may sit at the bound 0, where the fit is OLS and is
     reported as a boundary fit, as lme4 does. It equals statsmodels' ``mixedlm(...).fit(reml=True)`` for a
-    random intercept (checked in the tests) at a fraction of the cost; statsmodels stays for random slopes.
+    random intercept (checked in the tests) at about a tenth of the cost; statsmodels stays for random slopes.
     """
     codes, _ = pd.factorize(np.asarray(groups))
     clusters = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]

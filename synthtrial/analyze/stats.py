@@ -513,8 +513,10 @@ def standardize(effects: pd.DataFrame, data: pd.DataFrame, truth: Mapping[str, A
     out["residual_sd"] = sd
     for col in ("estimate", "ci_low", "ci_high"):
         out[f"std_{col}"] = out[col].astype(float) / sd
-    truth_sd = (residual_sd(data, truth_outcome, exclude=exclude, trend=trend)
-                if truth is not None and truth_outcome in data.columns else _NAN)
+    truth_sd = _NAN
+    if truth is not None and truth_outcome in data.columns:
+        truth_sd = sds[truth_outcome] if truth_outcome in sds else residual_sd(data, truth_outcome, exclude=exclude,
+                                                                              trend=trend)
     if truth is not None and math.isfinite(truth_sd):
         on_truth = attach_truth(effects[["outcome", "scope", "arm", "reference", "estimate", "ci_low", "ci_high"]],
                                 truth, outcomes_on_truth_scale=list(out["outcome"].unique()))
