@@ -112,6 +112,8 @@ def mixed_model_both(frame: pd.DataFrame, outcome: str, reference: str, *, trend
     model_note = f"random intercept only: {reason}" if reason else "random intercept only"
     if np.linalg.matrix_rank(x) < x.shape[1]:
         return missing(_join("the fixed effects are collinear", model_note, base_note))
+    if y.size - x.shape[1] < 1:
+        return missing(_join(f"{y.size} rows leave no df for {x.shape[1]} coefficients", model_note, base_note))
     fit = random_intercept_reml(x, y, patients)
     if not (math.isfinite(fit.scale) and fit.scale > 1e-14 * max(1.0, float(np.var(y)))):
         return missing(_join("no residual variation: SEs undefined", model_note, base_note))
