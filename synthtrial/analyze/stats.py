@@ -297,7 +297,7 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
         raise SynthtrialError(f"expected one row per patient per day; patient '{first['patient_id']}' has day "
                               f"{first['day']} more than once (average repeated rows, e.g. views, first)")
     value = pd.to_numeric(data[outcome], errors="coerce").astype(float).to_numpy()
-    all_treatments = data["treatment"].astype(str).to_numpy()
+    all_treatments = np.asarray(data["treatment"].astype(str).tolist(), dtype=str)
     missing = ~np.isfinite(value) & ~np.isin(all_treatments, list(excluded))
     dropped_by_patient = keys.loc[missing, "patient_id"].value_counts()
     work = work[~work["treatment"].isin(excluded)].reset_index(drop=True)
@@ -343,10 +343,13 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
     days_all = pd.to_numeric(data["day"], errors="coerce").to_numpy(dtype=float)
     blocks_all = data["block"].to_numpy(dtype=object) if "block" in data.columns else None
     own_rows = work.groupby("patient_id", sort=True).indices
+    w_treat = np.asarray(work["treatment"].tolist(), dtype=str)
+    w_y, w_day = work["y"].to_numpy(dtype=float), work["day"].to_numpy()
     for pid in sorted(own_rows):
-        own = work.iloc[own_rows[pid]]
-        ref_values = own.loc[own["treatment"] == str(reference), "y"].to_numpy()
-        own_arms = [arm for arm in arms if (own["treatment"] == arm).any()]
+        idx = own_rows[pid]
+        own_t, own_y, own_d = w_treat[idx], w_y[idx], w_day[idx]
+        ref_values = own_y[own_t == str(reference)]
+        own_arms = [arm for arm in arms if (own_t == arm).any()]
         if ref_values.size == 0 or not own_arms:
             continue
         extra = _dropped_note(int(dropped_by_patient.get(pid, 0)), outcome)
@@ -359,10 +362,11 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
             if method in ("period", "randomization") and table is None:
                 table = nof1.periods(d_all, t_all, v_all, excluded, None if blocks_all is None else blocks_all[rows_all])
             if method == "gls_ar1":
-                estimates = gls_ar1(own.drop(columns="patient_id").rename(columns={"y": "_y"}), "_y", reference,
+                own = pd.DataFrame({"day": own_d, "treatment": own_t, "_y": own_y})
+                estimates = gls_ar1(own, "_y", reference,
                                     trend=trend, alpha=alpha)
                 for arm in own_arms:
-                    add(method, pid, arm, estimates[arm], len(own), extra)
+                    add(method, pid, arm, estimates[arm], idx.size, extra)
             elif method == "period":
                 for arm, values in nof1.period_level(table, str(reference), own_arms, trend=trend,
                                                      alpha=alpha).items():
@@ -385,15 +389,15 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
                                           trend=trend, alpha=alpha,
                                           exposure=None if exposure_all is None else (arms, exposure_all[rows_all]))
                 for arm, values in found.items():
-                    add(method, pid, arm, from_tuple(values), len(own), extra)
+                    add(method, pid, arm, from_tuple(values), idx.size, extra)
             elif method == "hac":
-                found = nof1.hac(own["day"].to_numpy(), own["treatment"].to_numpy(), own["y"].to_numpy(),
+                found = nof1.hac(own_d, own_t, own_y,
                                  str(reference), own_arms, trend=trend, alpha=alpha)
                 for arm, values in found.items():
-                    add(method, pid, arm, from_tuple(values), len(own), extra)
+                    add(method, pid, arm, from_tuple(values), idx.size, extra)
             else:
                 for arm in own_arms:
-                    arm_values = own.loc[own["treatment"] == arm, "y"].to_numpy()
+                    arm_values = own_y[own_t == arm]
                     if method == "welch":
                         est = welch_t(arm_values, ref_values, alpha=alpha)
                     else:
