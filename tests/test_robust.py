@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from synthtrial.analyze.robust import cluster_robust
+from synthtrial.analyze.robust import cluster_robust, cluster_robust_low_rank
 
 
 def _singletons(n):
@@ -72,3 +72,23 @@ def test_contrast_df_for_a_coefficient_equals_the_unit_contrast():
     plain = cluster_robust(x, y - x @ beta, clusters)
     contrast = cluster_robust(x, y - x @ beta, clusters, contrasts=np.array([[0.0, 2.0]]))
     assert contrast.df_cr2[0] == pytest.approx(plain.df_cr2[1], rel=1e-12)
+
+
+def test_low_rank_path_equals_the_dense_computation():
+    rng = np.random.default_rng(4)
+    clusters, start = [], 0
+    for size in (7, 12, 9, 15, 6):
+        clusters.append(np.arange(start, start + size))
+        start += size
+    n = start
+    x = np.column_stack([np.ones(n), rng.integers(0, 2, n), rng.normal(size=n)])
+    resid = rng.normal(size=n)
+    for z, g in ((np.ones((n, 1)), np.array([[0.4]])), (x[:, :2], np.array([[0.5, 0.1], [0.1, 0.2]])),
+                 (np.ones((n, 1)), np.array([[0.0]]))):
+        working = [0.3 * np.eye(len(c)) + z[c] @ g @ z[c].T for c in clusters]
+        contrasts = np.array([[0.0, 1.0, 0.0], [0.0, 0.7, 0.2]])
+        dense = cluster_robust(x, resid, clusters, working, contrasts=contrasts)
+        fast = cluster_robust_low_rank(x, resid, clusters, 0.3, z, g, contrasts=contrasts)
+        np.testing.assert_allclose(fast.cr1, dense.cr1, rtol=1e-9, atol=1e-14)
+        np.testing.assert_allclose(fast.cr2, dense.cr2, rtol=1e-9, atol=1e-14)
+        np.testing.assert_allclose(fast.df_cr2, dense.df_cr2, rtol=1e-9)

@@ -35,7 +35,7 @@ from scipy import optimize
 
 from synthtrial.analyze.estimate import (Estimate, _arms_in, _check_alpha, _dropped_note, _join, _missing,
                                          _working_frame, t_quantile, t_two_sided_p)
-from synthtrial.analyze.robust import cluster_robust
+from synthtrial.analyze.robust import cluster_robust_low_rank
 
 #: ``method`` names of the two pooled variants.
 CR2, CR1 = "lmm", "lmm_cr1"
@@ -246,27 +246,25 @@ def random_intercept_reml(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> R
     return RandomInterceptFit(x, y, clusters, beta, scale, ratio * scale)
 
 
-def _design(result: Any) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    """Design, residuals, cluster rows and each cluster's working covariance V_g of a fit."""
+def _working_model(result: Any) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], float, np.ndarray, np.ndarray]:
+    """Design, residuals, cluster rows and the working covariance ``V_g = scale I + Z_g G Z_g'`` of a fit."""
     if isinstance(result, RandomInterceptFit):
         resid = result.y - result.x @ result.fe_params
-        working = [result.scale * np.eye(len(i)) + result.tau2 * np.ones((len(i), len(i))) for i in result.clusters]
-        return result.x, resid, result.clusters, working
+        return (result.x, resid, result.clusters, float(result.scale), np.ones((result.y.size, 1)),
+                np.array([[result.tau2]]))
     model = result.model
     x = np.asarray(model.exog, dtype=float)
     resid = np.asarray(model.endog, dtype=float) - x @ np.asarray(result.fe_params, dtype=float)
-    z = np.asarray(model.exog_re, dtype=float)
-    d = np.asarray(result.cov_re, dtype=float)
     clusters = [np.asarray(model.row_indices[g]) for g in model.group_labels]
-    working = [z[idx] @ d @ z[idx].T + float(result.scale) * np.eye(len(idx)) for idx in clusters]
-    return x, resid, clusters, working
+    return (x, resid, clusters, float(result.scale), np.asarray(model.exog_re, dtype=float),
+            np.asarray(result.cov_re, dtype=float))
 
 
 def _mixed_estimates(result: Any, contrasts: np.ndarray, arms: Sequence[str], alpha: float,
                      note: str) -> dict[str, dict[str, Estimate]]:
     """Each arm's contrast with CR2 (Satterthwaite df) and CR1 (G - 1 df) cluster-robust inference."""
-    x, resid, clusters, working = _design(result)
-    robust = cluster_robust(x, resid, clusters, working, contrasts=contrasts)
+    x, resid, clusters, scale, z, g_re = _working_model(result)
+    robust = cluster_robust_low_rank(x, resid, clusters, scale, z, g_re, contrasts=contrasts)
     beta = np.asarray(result.fe_params, dtype=float)
     g = robust.clusters
     out: dict[str, dict[str, Estimate]] = {CR2: {}, CR1: {}}

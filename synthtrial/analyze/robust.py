@@ -95,3 +95,62 @@ def cluster_robust(x: np.ndarray, resid: np.ndarray, clusters: Sequence[np.ndarr
         total = float(np.sum(s ** 2))
         df[j] = float(np.trace(s) ** 2 / total) if total > 0 else np.nan
     return RobustCov(cr1=cr1, cr2=cr2, df_cr2=df, clusters=g_count)
+
+
+def cluster_robust_low_rank(x: np.ndarray, resid: np.ndarray, clusters: Sequence[np.ndarray], scale: float,
+                            z: np.ndarray, g: np.ndarray, contrasts: np.ndarray | None = None) -> RobustCov:
+    """:func:`cluster_robust` for a mixed model's working covariance ``V_g = scale I + Z_g G Z_g'``, exactly.
+
+    Every matrix of the CR2 algebra maps the span of ``[Z_g, X_g]`` (rank r) into itself and acts as a
+    multiple of the identity on its complement, so with ``Q_g`` an orthonormal basis of that span the
+    n_g x n_g work (inverse, square roots of V_g and B_g) shrinks to r x r: ``A_g = I - Q Q' + Q T Q'`` with
+    ``T = S^1/2 Bq^+1/2 S^1/2``, ``S = Q' V Q`` and ``Bq = S^2 - S^1/2 Q'X M X'Q S^1/2`` (the symmetric
+    square root ``D = V^1/2`` is used, which gives the same ``A_g`` as any D with ``D'D = V``).
+    """
+    x = np.asarray(x, dtype=float)
+    resid = np.asarray(resid, dtype=float)
+    k = x.shape[1]
+    parts = []
+    bread = np.zeros((k, k))
+    for idx in clusters:
+        basis = np.column_stack([z[idx], x[idx]])
+        u, sv, _ = np.linalg.svd(basis, full_matrices=False)
+        q = u[:, sv > sv.max(initial=0.0) * 1e-10]
+        zq = q.T @ z[idx]
+        s = scale * np.eye(q.shape[1]) + zq @ g @ zq.T
+        xq = q.T @ x[idx]
+        p = np.linalg.solve(s, xq)                        # Q' W X_g = S^-1 Q'X
+        bread += xq.T @ p
+        parts.append((q, s, xq, p))
+    m = np.linalg.pinv(bread)
+    meat1, meat2 = np.zeros((k, k)), np.zeros((k, k))
+    ts = []
+    for idx, (q, s, xq, p) in zip(clusters, parts, strict=True):
+        values, vectors = np.linalg.eigh(s)
+        root = (vectors * np.sqrt(np.maximum(values, 0.0))) @ vectors.T
+        bq = s @ s - root @ xq @ m @ xq.T @ root
+        t = root @ _inv_sqrt_psd(bq) @ root
+        ts.append(t)
+        eq = q.T @ resid[idx]
+        u1 = p.T @ eq
+        u2 = p.T @ (t @ eq)
+        meat1 += np.outer(u1, u1)
+        meat2 += np.outer(u2, u2)
+    g_count = len(clusters)
+    cr1 = m @ meat1 @ m * (g_count / (g_count - 1) if g_count > 1 else np.nan)
+    cr2 = m @ meat2 @ m
+    contrasts = np.eye(k) if contrasts is None else np.atleast_2d(np.asarray(contrasts, dtype=float))
+    df = np.empty(contrasts.shape[0])
+    for j, row in enumerate(contrasts):
+        mc = m @ row
+        # coordinates of the adjusted-score vectors t_g (over all rows) on each cluster's basis
+        b = [t @ np.linalg.solve(s, xq @ mc) for (q, s, xq, p), t in zip(parts, ts, strict=True)]
+        h = np.array([xq.T @ bg for (q, s, xq, p), bg in zip(parts, b, strict=True)])      # (G, k): X_g' q_g
+        total = np.zeros((g_count, g_count))
+        for c_idx, ((q, s, xq, p), bg) in enumerate(zip(parts, b, strict=True)):
+            a = -(h @ m @ p.T)                             # (G, r): -P_k M X_g' q_g for every g
+            a[c_idx] += bg
+            total += a @ s @ a.T
+        denominator = float(np.sum(total ** 2))
+        df[j] = float(np.trace(total) ** 2 / denominator) if denominator > 0 else np.nan
+    return RobustCov(cr1=cr1, cr2=cr2, df_cr2=df, clusters=g_count)
