@@ -67,7 +67,9 @@ def test_known_effect_is_returned_exactly_by_every_method():
     result = S.analyze_outcome(data, "severity", "R", n_permutations=500, kinetics=Kinetics(0.0, 0.0))
     assert set(result["method"]) == set(S.METHODS)
     assert len(result) == 7 * 4 + 2  # seven per-patient methods, two pooled variants
-    assert (result["role"] == result["method"].map(S.ROLES)).all()
+    short = result["method"] == "gls_kinetics"  # 40 days: too short for the AR(1) fit to be inferential
+    assert (result.loc[~short, "role"] == result.loc[~short, "method"].map(S.ROLES)).all()
+    assert (result.loc[short, "role"] == "descriptive").all() and result.loc[short, "note"].str.contains("too short").all()
     np.testing.assert_allclose(result["estimate"], 0.7, atol=1e-9)
     with_ci = result[result["method"] != "randomization"]  # a test without a design: estimate only
     assert ((with_ci["ci_low"] <= 0.7 + 1e-9) & (0.7 - 1e-9 <= with_ci["ci_high"])).all()
