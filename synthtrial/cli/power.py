@@ -158,8 +158,6 @@ def power_command(
 
 def _print_summary(summary, estimates, grid, replicates: int, alpha: float) -> None:
     """One table per scenario, each fitting 80 columns."""
-    from synthtrial.analyze.stats import ROLES
-
     for scenario in grid:
         rows = summary[summary["scenario"] == scenario.name]
         effects = ", ".join(f"{a} {v:+.2f}" for a, v in scenario.model.effects.items()) or "none"
@@ -169,7 +167,7 @@ def _print_summary(summary, estimates, grid, replicates: int, alpha: float) -> N
         for col in ("outcome", "method", "arm", "rate", "MC SE", "tests", "no p", "bias", "cover", "share"):
             table.add_column(col, justify="left" if col in ("outcome", "method", "arm") else "right", no_wrap=True)
         for rec in rows.itertuples(index=False):
-            name = rec.method + ("*" if ROLES.get(rec.method) == "descriptive" else "")
+            name = rec.method + ("*" if rec.role == "descriptive" else "")
             table.add_row(_SHORT_OUTCOME.get(rec.outcome, rec.outcome), name, rec.arm, _num(rec.rejection_rate, 3),
                           _num(rec.mc_se, 3), str(rec.tests), str(rec.no_p), _num(rec.bias, 3, sign=True),
                           _num(rec.coverage, 2), _num(rec.share, 2))
