@@ -276,7 +276,7 @@ def _run_dask(chunks, scenarios, settings, workers, scheduler, finished) -> None
 
     if scheduler is not None:
         try:
-            client = Client(scheduler, timeout="10s")
+            client = Client(scheduler, timeout="5s")
         except (OSError, TimeoutError, ValueError) as exc:
             raise SynthtrialError(f"cannot reach the Dask scheduler at {scheduler} ({exc}) (option --scheduler)") from None
         cluster = None
