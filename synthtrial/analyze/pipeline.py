@@ -223,8 +223,7 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
     timings = Timings()
     t0 = time.perf_counter()
     manifest, _ = read_run(run_dir)
-    truth_path = run_dir / "truth.json"
-    truth = json.loads(truth_path.read_text()) if truth_path.is_file() else None
+    truth = rundir.read_truth(run_dir)
     reference, exclude = _reference_and_exclusions(truth, manifest)
     analysis_dir = run_dir / "analysis"
     analysis_dir.mkdir(exist_ok=True)
