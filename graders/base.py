@@ -98,6 +98,12 @@ register(GraderSpec("iga", "graders.iga:IGAGrader",
 register(GraderSpec("imageqx", "graders.imageqx:ImageQX",
                     "ImageQX photo quality (EfficientNet-B0): acceptable/poor and five reasons (bad framing, "
                     "bad light, blurry, low resolution, too far away)"))
+register(GraderSpec("detector", "graders.detector:LesionDetector",
+                    "two-stage lesion detector (Faster R-CNN + FPN, SADH + NWD RPN head): count, per-type counts, "
+                    "ACNE04/Hayashi level, severity"))
+register(GraderSpec("dermx", "graders.dermx:DermX",
+                    "DermX: ACNE04 level and expected severity explained by lesion characteristics (probabilities; "
+                    "Grad-CAM maps with `synthtrial graders explain`)"))
 
 
 def available() -> list[str]:
@@ -169,9 +175,12 @@ def load_state(folder: str | os.PathLike[str], *, kind: str | None = None) -> tu
         raise GraderError(f"{folder}: no {CONFIG_FILE} beside {WEIGHTS_FILE}")
     if kind is not None and config.get("grader") != kind:
         raise GraderError(f"{folder / CONFIG_FILE}: holds weights of grader {config.get('grader')!r}, not '{kind}'")
-    from synthtrial.weights import load_safetensors
+    from synthtrial.weights import WeightsError, load_safetensors
 
-    tensors = load_safetensors(weights)
+    try:
+        tensors = load_safetensors(weights)
+    except WeightsError as exc:  # the graders' own error type, same one line
+        raise GraderError(str(exc)) from None
     return tensors, config
 
 

@@ -319,3 +319,18 @@ def test_a_pipeline_built_elsewhere_is_converted_and_prepared(tiny_sdxl, scene):
     a = given(image, lesions, skin_mask=skin, seed=2, severity=1).image
     b = loaded(image, lesions, skin_mask=skin, seed=2, severity=1).image
     assert a.tobytes() == b.tobytes()
+
+
+def test_crops_only_when_they_cost_less_than_the_whole_image(tiny_sdxl):
+    """Each crop is diffused at its working size: four far-apart clusters at crop size 64 on a 256 px image cost
+    4 x 64^2 < 256^2 (crops); at crop size 256 they would cost 4 x the whole image (whole image)."""
+    image = np.full((256, 256, 3), 180, np.uint8)
+    region = np.zeros((256, 256), bool)
+    for y, x in ((30, 30), (30, 220), (220, 30), (220, 220)):
+        region[y - 3:y + 3, x - 3:x + 3] = True
+    small = DiffusionRenderer(_config(tiny_sdxl, mode="inpaint", crop_size=64, crop_padding_px=8))
+    pieces = small.inpaint_pieces(image, region, 1)
+    assert len(pieces) == 4 and all(p[0] is not None and p[4] == (64, 64) for p in pieces)
+    large = DiffusionRenderer(_config(tiny_sdxl, mode="inpaint", crop_size=256, crop_padding_px=8))
+    (whole,) = large.inpaint_pieces(image, region, 1)
+    assert whole[0] is None and whole[4] == (256, 256)

@@ -284,3 +284,13 @@ def test_load_images_names_a_corrupt_file(tmp_path):
         load_images([good, bad], 16)
     with pytest.raises(SynthtrialError, match="missing.png"):
         load_images([tmp_path / "missing.png"], 16)
+
+
+def test_logit_embedding_is_the_sigmoid_embedding_before_its_sigmoid():
+    model, _ = train_autoencoder(torch.rand(6, 3, 16, 16), AutoencoderConfig(image_size=16, epochs=1, batch_size=3,
+                                                                              base_channels=4))
+    images = torch.rand(4, 3, 16, 16)
+    logits = embed(model, images, kind="logits")
+    np.testing.assert_allclose(1 / (1 + np.exp(-logits)), embed(model, images), rtol=0, atol=1e-6)
+    with pytest.raises(SynthtrialError, match="kind"):
+        embed(model, images, kind="raw")

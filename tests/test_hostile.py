@@ -110,3 +110,15 @@ def test_generate_refuses_a_config_json_folder_and_non_utf8_config(run, tmp_path
     (run / "config.json").write_bytes(b"\xff\xfe garbage")
     one_line_exit_2(invoke("generate", ROOT / "protocols" / "quick.csv", "--out", run, "--size", "256", "-q"),
                     "other settings")
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda run: (run / "manifest.parquet").write_bytes(b""), "manifest.parquet: cannot be read as a parquet table"),
+    (lambda run: (run / "manifest.parquet").write_text("image,patient_id\n"), "cannot be read as a parquet table"),
+    (lambda run: (run / "truth.json").write_text("{oops"), "truth.json: is not valid JSON"),
+    (lambda run: (run / "truth.json").write_text("[1]"), "truth.json: must hold the simulation truth"),
+])
+def test_analyze_on_damaged_run_files(run, damage, needle):
+    damage(run)
+    one_line_exit_2(invoke("analyze", run, "--no-autoencoder", "-q"), needle)
+    assert not (run / "analysis").exists()

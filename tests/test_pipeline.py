@@ -45,7 +45,8 @@ def test_writes_outcomes_effects_and_report(analysed):
     np.testing.assert_allclose(per_patient.std(ddof=0), 1, rtol=1e-6)
     effects = pd.read_csv(analysis / "effects.csv")
     assert list(effects.columns) == list(EFFECT_COLUMNS)
-    assert set(effects["method"]) == {"welch", "permutation", "gls_ar1", "lmm"}
+    assert set(effects["method"]) == set(AnalysisSettings().methods)
+    assert set(effects.loc[effects["method"].isin(["welch", "permutation", "gls_ar1", "hac"]), "role"]) == {"descriptive"}
     assert set(effects["outcome"]) == {"oracle", "lesion_severity", "lesion_count", "iga", "ae_pca"}
     assert (effects["arm"] == "Cream").all() and (effects["reference"] == "Control").all()
 
@@ -54,13 +55,21 @@ def test_oracle_and_lesion_count_recover_the_truth(analysed):
     _, analysis = analysed
     effects = pd.read_csv(analysis / "effects.csv")
     truth = json.loads((analysis.parent / "truth.json").read_text())
-    pooled = effects[(effects["scope"] == "pooled")].set_index("outcome")
+    pooled = effects[(effects["scope"] == "pooled") & (effects["method"] == "lmm")].set_index("outcome")
     for outcome in ("oracle", "lesion_severity"):
         row = pooled.loc[outcome]
         assert row["true_effect"] == pytest.approx(truth["mean_delivered_effects"]["Cream"])
         assert row["covered"] in (True, "True")
         assert row["p"] < 0.01
+        assert "exposure kinetics" in row["note"]  # the truth's half-lives were used
     assert pd.isna(pooled.loc["ae_pca", "true_effect"])  # the unsupervised score has no truth scale
+    # one scale: every outcome's standardised effect beside the same standardised truth
+    assert pooled["std_true_effect"].nunique() == 1 and pooled["std_true_effect"].iloc[0] < 0
+    oracle = pooled.loc["oracle"]
+    assert oracle["share"] == pytest.approx(oracle["estimate"] / oracle["true_effect"], rel=1e-9)
+    assert pooled.loc["lesion_severity", "share"] > 0.5 and np.isfinite(pooled.loc["ae_pca", "share"])
+    randomization = effects[effects["method"] == "randomization"]
+    assert randomization["note"].str.contains("order is fixed").all()  # the truth's ABAB design is not randomised
     per_patient = effects[(effects["scope"] != "pooled") & (effects["outcome"] == "oracle")
                           & (effects["method"] == "welch")]
     assert len(per_patient) == 4 and (per_patient["estimate"] < 0).all()
@@ -69,8 +78,8 @@ def test_oracle_and_lesion_count_recover_the_truth(analysed):
 def test_report_renders_every_section(analysed):
     _, analysis = analysed
     report = (analysis / "report.html").read_text()
-    for heading in ("Pooled effects", "Per-patient tests", "Trajectories", "Autoencoder embeddings",
-                    "Estimates beside the truth"):
+    for heading in ("Pooled effects", "All outcomes on one scale", "Per-patient tests", "Trajectories",
+                    "Autoencoder embeddings", "Estimates beside the truth"):
         assert heading in report
     assert report.count("data:image/png;base64,") == 3
     assert "Simulation truth" in report
@@ -108,3 +117,9 @@ def test_incomplete_run_is_a_clear_error(tmp_path):
         analyze_run(tmp_path, AnalysisSettings(autoencoder=False), progress=False)
     with pytest.raises(SynthtrialError, match="--image-size"):
         analyze_run(tmp_path, AnalysisSettings(image_size=48), progress=False)
+    with pytest.raises(SynthtrialError, match="--image-size"):
+        analyze_run(tmp_path, AnalysisSettings(image_size=65536), progress=False)
+    for device in ("bogus", "cuda:7" if not __import__("torch").cuda.is_available() else "tpu"):
+        with pytest.raises(SynthtrialError, match="--device"):
+            analyze_run(tmp_path, AnalysisSettings(), device=device, progress=False)
+    assert not (tmp_path / "analysis").exists()  # nothing written

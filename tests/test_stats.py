@@ -15,6 +15,7 @@ from scipy import stats as sps
 from statsmodels.regression.mixed_linear_model import MixedLM
 
 from synthtrial.analyze import stats as S
+from synthtrial.analyze.nof1 import Kinetics
 from synthtrial.errors import SynthtrialError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,11 +64,16 @@ def _palindrome_trial(effect: float = 0.7, n_patients: int = 4) -> pd.DataFrame:
 
 def test_known_effect_is_returned_exactly_by_every_method():
     data = _palindrome_trial()
-    result = S.analyze_outcome(data, "severity", "R", n_permutations=500)
+    result = S.analyze_outcome(data, "severity", "R", n_permutations=500, kinetics=Kinetics(0.0, 0.0))
     assert set(result["method"]) == set(S.METHODS)
-    assert len(result) == 3 * 4 + 1
+    assert len(result) == 7 * 4 + 2  # seven per-patient methods, two pooled variants
+    short = result["method"] == "gls_kinetics"  # 40 days: too short for the AR(1) fit to be inferential
+    assert (result.loc[~short, "role"] == result.loc[~short, "method"].map(S.ROLES)).all()
+    assert (result.loc[short, "role"] == "descriptive").all() and result.loc[short, "note"].str.contains("too short").all()
     np.testing.assert_allclose(result["estimate"], 0.7, atol=1e-9)
-    assert ((result["ci_low"] < 0.7) & (0.7 < result["ci_high"])).all()
+    with_ci = result[result["method"] != "randomization"]  # a test without a design: estimate only
+    assert ((with_ci["ci_low"] <= 0.7 + 1e-9) & (0.7 - 1e-9 <= with_ci["ci_high"])).all()
+    assert result.loc[result["method"] == "randomization", "p"].isna().all()
     for pid, own in data.groupby("patient_id"):
         treated = own.loc[own["treatment"] == "T", "severity"].to_numpy()
         reference = own.loc[own["treatment"] == "R", "severity"].to_numpy()
@@ -255,7 +261,10 @@ def test_mixed_model_recovers_population_effect_with_random_slopes():
     intercept_only = S.mixed_model(data, "y", "R", trend=False, random_slopes=False)["T"]
     assert intercept_only.se == pytest.approx(estimate.se, rel=0.25)
     assert intercept_only.ci_low < -0.5 < intercept_only.ci_high
-    assert "cluster-robust" in estimate.note and estimate.df == data["patient_id"].nunique() - 1
+    assert "CR2 cluster-robust" in estimate.note and estimate.df == pytest.approx(11, abs=0.5)  # balanced: ~G - 1
+    cr1 = S.mixed_model(data, "y", "R", trend=False, correction="CR1")["T"]
+    assert "CR1 cluster-robust" in cr1.note and cr1.df == data["patient_id"].nunique() - 1
+    assert cr1.estimate == estimate.estimate
 
 
 def test_mixed_model_trend_adjustment_removes_period_order_bias():
@@ -291,16 +300,16 @@ def test_mixed_model_falls_back_to_random_intercept_when_slopes_cannot_be_fitted
 
 
 def test_singular_or_unconverged_random_effects_are_refused():
-    names = {"C(treatment, Treatment('R'))[T.T]": 0.1}
+    names = {"Intercept": 0.2, "T": 0.1}
     fit = SimpleNamespace(converged=True, cov_re=np.array([[0.4, 0.2], [0.2, 0.1]]), scale=1.0,
                           bse_fe=pd.Series(names))
-    assert "singular" in S._slopes_problem(fit, [], None, "R", ["T"])
+    assert "singular" in S._slopes_problem(fit, [], None, 1)
     fit.cov_re = np.array([[0.4, 0.05], [0.05, 0.1]])
-    assert S._slopes_problem(fit, [], None, "R", ["T"]) == ""
+    assert S._slopes_problem(fit, [], None, 1) == ""
     hessian = "The Hessian matrix at the estimated parameter values is not positive definite"
-    assert "Hessian" in S._slopes_problem(fit, [hessian], None, "R", ["T"])
+    assert "Hessian" in S._slopes_problem(fit, [hessian], None, 1)
     fit.converged = False
-    assert "did not converge" in S._slopes_problem(fit, [], None, "R", ["T"])
+    assert "did not converge" in S._slopes_problem(fit, [], None, 1)
 
 
 def test_mixed_model_with_one_patient_says_so():
@@ -361,7 +370,9 @@ def test_analyze_outcome_rows_columns_arms_and_dropped_values():
     p2 = result[(result["scope"] == "P2") & (result["method"] == "welch")].set_index("arm")
     assert p2.loc["A", "n"] == 6 + 4 and "dropped 2 row(s)" in p2.loc["A", "note"]
     assert pooled["note"].str.contains("dropped 2 row").all()
-    a_rows = result[result["arm"] == "A"]
+    # one period per treatment: no period-level df once a trend is fitted, and no randomisation scheme known
+    assert result.loc[result["method"] == "period", "note"].str.contains("periods leave no df").all()
+    a_rows = result[(result["arm"] == "A") & ~result["method"].isin(["period", "randomization"])]
     assert (a_rows["estimate"] < -0.5).all() and (a_rows["p"] < 0.05).all()
     again = S.analyze_outcome(data, "pc 1", "R", exclude=["Washout"], n_permutations=200, seed=3)
     pd.testing.assert_frame_equal(result, again)
@@ -445,3 +456,39 @@ def test_attach_truth_refuses_a_truth_of_another_shape():
     effects = S.analyze_outcome(_simulate(2, 20, 0.0, np.random.default_rng(0)), "y", "R", methods=["welch"])
     with pytest.raises(SynthtrialError, match="mean_delivered_effects"):
         S.attach_truth(effects, {"reference": "R", "patients": {}})
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("value", [0.0, 3.0])
+def test_constant_or_noise_free_outcomes_give_estimates_or_nan_with_notes(value):
+    data = pd.DataFrame({"patient_id": np.repeat(["P1", "P2"], 6), "day": np.tile(np.arange(1, 7), 2),
+                         "treatment": np.tile(["R", "R", "T", "T", "R", "T"], 2), "y": value})
+    result = S.analyze_outcome(data, "y", "R", n_permutations=200, kinetics=Kinetics(0.0, 0.0))
+    assert set(result["method"]) == set(S.METHODS)
+    assert result["note"].str.len().gt(0).all() or result["se"].notna().any()
+    pooled = result[result["scope"] == "pooled"]
+    assert pooled["note"].str.contains("no variation").all()
+    one_day = data[~((data["treatment"] == "T") & (data["day"] != 3))].assign(y=lambda d: 1.0 + (d["treatment"] == "T"))
+    result = S.analyze_outcome(one_day, "y", "R", n_permutations=200)
+    assert (result.loc[result["estimate"].notna(), "estimate"].round(9) == 1.0).all()
+    standardized = S.standardize(result, one_day, None)
+    assert standardized["std_estimate"].isna().all()  # no residual variation: no scale
+
+
+def test_standardize_puts_outcomes_on_one_scale_and_reports_the_share():
+    rng = np.random.default_rng(11)
+    data = _simulate(6, 40, -0.6, rng, noise_sd=0.3)
+    data["oracle"] = data["y"]
+    data["rescaled"] = 3.0 * data["y"] + 7.0           # the same information on another scale
+    data["noisier"] = data["y"] + rng.normal(0, 0.6, len(data))
+    truth = {"reference": "R", "mean_delivered_effects": {"T": -0.6},
+             "patients": {pid: {"delivered_effects": {"T": -0.6}} for pid in data["patient_id"].unique()}}
+    frames = [S.analyze_outcome(data, o, "R", methods=["lmm"], trend=False) for o in ("oracle", "rescaled", "noisier")]
+    effects = S.attach_truth(pd.concat(frames, ignore_index=True), truth, outcomes_on_truth_scale=("oracle",))
+    out = S.standardize(effects, data, truth, trend=False).set_index("outcome")
+    assert out.loc["oracle", "residual_sd"] == pytest.approx(0.3, rel=0.1)
+    assert out.loc["rescaled", "std_estimate"] == pytest.approx(out.loc["oracle", "std_estimate"], rel=1e-9)
+    assert out.loc["rescaled", "share"] == pytest.approx(out.loc["oracle", "share"], rel=1e-9)
+    assert out.loc["oracle", "share"] == pytest.approx(out.loc["oracle", "estimate"] / -0.6, rel=1e-9)
+    assert out["std_true_effect"].nunique() == 1
+    assert out.loc["noisier", "share"] < 0.7 * out.loc["oracle", "share"]  # noise dilutes the standardised effect

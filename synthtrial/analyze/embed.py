@@ -166,9 +166,13 @@ class ConvAutoencoder(nn.Module):
         self._check(x)
         return self.encoder(x).flatten(1)
 
+    def encode_logits(self, x: Tensor) -> Tensor:
+        """The bottleneck before its sigmoid, (B, embedding_dim), unbounded."""
+        return self.to_embedding(self.features(x))
+
     def encode(self, x: Tensor) -> Tensor:
         """The embedding, (B, embedding_dim) in (0, 1)."""
-        return torch.sigmoid(self.to_embedding(self.features(x)))
+        return torch.sigmoid(self.encode_logits(x))
 
     def decode(self, z: Tensor) -> Tensor:
         """Images (B, 3, S, S) in (0, 1) from embeddings."""
@@ -306,9 +310,18 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+#: What :func:`embed` returns: Schneider's sigmoid embedding, or the bottleneck before the sigmoid.
+EMBEDDINGS = ("sigmoid", "logits")
+
+
 def embed(model: ConvAutoencoder, images: torch.Tensor, *, batch_size: int = 64,
-          device: str | torch.device | None = None) -> np.ndarray:
-    """Embeddings of ``images`` (N, 3, S, S): float32 array (N, embedding_dim) in (0, 1).
+          device: str | torch.device | None = None, kind: str = "sigmoid") -> np.ndarray:
+    """Embeddings of ``images`` (N, 3, S, S): float32 array (N, embedding_dim).
+
+    ``kind="sigmoid"`` is Schneider et al.'s embedding, in (0, 1). It saturates: after a few epochs most
+    units sit near 0 or 1 and the images of a run differ by ~1e-4 there, so PCA reads float noise.
+    ``kind="logits"`` returns the same bottleneck before the sigmoid, where those differences are not
+    squashed (the sigmoid is monotone, so nothing else changes); ``synthtrial analyze`` uses it by default.
 
     Runs in eval mode without gradients and in float32 (no autocast), ``batch_size`` images at a time;
     the model's train/eval mode is restored afterwards. ``device`` defaults to the model's device; another
@@ -316,6 +329,8 @@ def embed(model: ConvAutoencoder, images: torch.Tensor, *, batch_size: int = 64,
     image alone, so ``batch_size`` changes at most the float rounding (kernels block differently).
     """
     _check_images(images, model.config, "embed")
+    if kind not in EMBEDDINGS:
+        raise SynthtrialError(f"embed: kind must be one of {', '.join(EMBEDDINGS)}, got {kind!r}")
     if int(batch_size) < 1:
         raise SynthtrialError(f"embed: batch_size must be >= 1, got {batch_size!r}")
     dev = _model_device(model) if device is None else torch.device(device)
@@ -327,7 +342,8 @@ def embed(model: ConvAutoencoder, images: torch.Tensor, *, batch_size: int = 64,
         with torch.inference_mode():
             for start in range(0, images.shape[0], int(batch_size)):
                 batch = images[start:start + int(batch_size)].to(dev, dtype=torch.float32)
-                out[start:start + batch.shape[0]] = model.encode(batch).float().cpu().numpy()
+                encoded = model.encode(batch) if kind == "sigmoid" else model.encode_logits(batch)
+                out[start:start + batch.shape[0]] = encoded.float().cpu().numpy()
     finally:
         model.train(was_training)
     return out

@@ -10,13 +10,18 @@ Outcomes per image (``RUN/analysis/outcomes.parquet``):
 * ``grader_<grader>_<column>`` — the outcome columns of ``RUN/grades.parquet`` (as ``RUN/grades.json`` names
   them) when graders have scored the run (``synthtrial grade``);
 * ``ae_pca`` — Schneider et al.'s unsupervised pipeline: a convolutional autoencoder trained on the run's
-  images, its 64-d embeddings, and each patient's first principal component (as Schneider et al. did for
+  images, its 64-d embeddings (by default the bottleneck before its sigmoid, which saturates and leaves a
+  spread of ~1e-4; ``embedding="sigmoid"`` is Schneider's variant), and each patient's first principal component (as Schneider et al. did for
   their one participant; pooled, the component would tell the faces apart), oriented to grow with skin
   redness (a label-free choice; a component's sign is arbitrary) and standardised within the patient.
 
-Views of one day are averaged, then each outcome goes through per-patient Welch t, permutation and
-GLS-AR(1) tests and a pooled linear mixed model (``effects.csv``). Outcomes on the severity scale
-(oracle, lesion_severity) are set beside the truth: bias and CI coverage.
+Views of one day are averaged, then each outcome goes through every method of
+:mod:`synthtrial.analyze.stats` (``effects.csv``; ``role`` says which are valid tests and which are
+descriptive). When the run was simulated, ``truth.json`` gives the design (so the randomisation test knows
+the design's scheme) and the kinetics (so ``gls_kinetics`` and the pooled model use the true half-lives).
+Outcomes on the severity scale (oracle, lesion_severity) are set beside the truth: bias and CI coverage.
+Every outcome is also put on one scale (``std_*``: effect / the outcome's within-patient residual SD)
+beside the oracle's standardised truth, with the ``share`` of the true effect it recovers.
 """
 
 from __future__ import annotations
@@ -43,8 +48,11 @@ from synthtrial.rundir import read_run
 #: Outcomes whose effects are on the latent severity scale, where the truth applies directly.
 TRUTH_SCALE_OUTCOMES = ("oracle", "lesion_severity")
 BASE_OUTCOMES = ("oracle", "lesion_severity", "lesion_count", "iga")
-EFFECT_COLUMNS = ("outcome", "method", "scope", "arm", "reference", "estimate", "se", "ci_low", "ci_high", "p", "n",
-                  "true_effect", "bias", "covered", "note")
+#: Largest autoencoder input side (a 1024 px run already takes 12 MB per image as float32).
+MAX_IMAGE_SIZE = 1024
+EFFECT_COLUMNS = ("outcome", "method", "role", "scope", "arm", "reference", "estimate", "se", "ci_low", "ci_high",
+                  "p", "n", "true_effect", "bias", "covered", "residual_sd", "std_estimate", "std_ci_low",
+                  "std_ci_high", "std_true_effect", "share", "std_covered", "note")
 
 
 @dataclass
@@ -58,17 +66,22 @@ class AnalysisSettings:
     n_permutations: int = 2000
     seed: int = 0
     alpha: float = 0.05
-    methods: tuple[str, ...] = ("welch", "permutation", "gls_ar1", "lmm")
+    embedding: str = "logits"
+    methods: tuple[str, ...] = ("period", "randomization", "gls_kinetics", "lmm", "lmm_cr1", "welch", "permutation",
+                                "gls_ar1", "hac")
 
     def validate(self) -> None:
         if self.epochs < 1:
             raise SynthtrialError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.image_size < 16 or self.image_size & (self.image_size - 1):
-            raise SynthtrialError(f"--image-size must be a power of two >= 16, got {self.image_size}")
+        if self.image_size < 16 or self.image_size > MAX_IMAGE_SIZE or self.image_size & (self.image_size - 1):
+            raise SynthtrialError(f"--image-size must be a power of two from 16 to {MAX_IMAGE_SIZE}, "
+                                  f"got {self.image_size}")
         if self.n_permutations < 100:
             raise SynthtrialError(f"--permutations must be >= 100, got {self.n_permutations}")
         if not 0 < self.alpha < 0.5:
             raise SynthtrialError(f"--alpha must lie in (0, 0.5), got {self.alpha}")
+        if self.embedding not in ("logits", "sigmoid"):
+            raise SynthtrialError(f"--embedding must be logits or sigmoid, got {self.embedding!r}")
 
 
 @dataclass
@@ -108,8 +121,8 @@ def image_outcomes(run_dir: Path, manifest: pd.DataFrame) -> pd.DataFrame:
 def _manifest_key(manifest: pd.DataFrame, settings: AnalysisSettings) -> str:
     digest = hashlib.sha256()
     digest.update("\n".join(manifest["sha256"].astype(str)).encode())
-    digest.update(json.dumps({"epochs": settings.epochs, "image_size": settings.image_size, "seed": settings.seed},
-                             sort_keys=True).encode())
+    digest.update(json.dumps({"epochs": settings.epochs, "image_size": settings.image_size, "seed": settings.seed,
+                              "embedding": settings.embedding}, sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -171,7 +184,7 @@ def _embeddings(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSetting
                                           progress=lambda epoch, epochs, loss: update(epoch, f"loss {loss:.5f}"))
     timings.add("train autoencoder", time.perf_counter() - t0)
     t0 = time.perf_counter()
-    embeddings = embed(model, images, device=device)
+    embeddings = embed(model, images, device=device, kind=settings.embedding)
     timings.add("embed + PCA", time.perf_counter() - t0)
     del images
     save_model(model, config, analysis_dir / "autoencoder.safetensors")
@@ -189,24 +202,28 @@ def _embeddings(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSetting
 
 def daily(outcomes: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """One row per patient and day (views averaged), as the tests expect."""
-    keys = ["patient_id", "day", "treatment"]
-    return outcomes.groupby(keys, sort=False, as_index=False)[columns].mean()
+    keys = ["patient_id", "day", "treatment"] + (["block"] if "block" in outcomes.columns else [])
+    return outcomes.groupby(keys, sort=False, as_index=False, dropna=False)[columns].mean()
 
 
 def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | None = None, *,
                 device: str | None = None, progress: bool = True) -> Path:
     """Analyze a run directory; writes ``RUN/analysis/`` and returns its path (see the module docstring)."""
     from synthtrial.analyze.report import write_report
-    from synthtrial.analyze.stats import analyze_outcome, attach_truth
+    from synthtrial.analyze.nof1 import Kinetics
+    from synthtrial.analyze.stats import analyze_outcome, attach_truth, standardize
 
     settings = settings or AnalysisSettings()
     settings.validate()
+    if settings.autoencoder and device is not None:
+        from graders.base import resolve_device
+
+        device = str(resolve_device(device))  # a bogus or absent device fails here, before anything is written
     run_dir = Path(run_dir)
     timings = Timings()
     t0 = time.perf_counter()
     manifest, _ = read_run(run_dir)
-    truth_path = run_dir / "truth.json"
-    truth = json.loads(truth_path.read_text()) if truth_path.is_file() else None
+    truth = rundir.read_truth(run_dir)
     reference, exclude = _reference_and_exclusions(truth, manifest)
     analysis_dir = run_dir / "analysis"
     analysis_dir.mkdir(exist_ok=True)
@@ -224,6 +241,8 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
 
     t0 = time.perf_counter()
     per_day = daily(outcomes, columns)
+    design = _design_of(truth)
+    kinetics = Kinetics.from_truth(truth)
     frames = []
     with warnings.catch_warnings():
         # near-constant series (IGA within a patient) and boundary fits make scipy/statsmodels warn; the
@@ -232,13 +251,15 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
         for column in columns:
             frames.append(analyze_outcome(per_day, column, reference, exclude=exclude, trend=settings.trend,
                                           n_permutations=settings.n_permutations, seed=settings.seed,
-                                          alpha=settings.alpha, methods=settings.methods))
-    effects = pd.concat(frames, ignore_index=True)
-    if truth is not None:
-        effects = attach_truth(effects, truth, outcomes_on_truth_scale=TRUTH_SCALE_OUTCOMES)
-    else:
-        for col in ("true_effect", "bias", "covered"):
-            effects[col] = np.nan
+                                          alpha=settings.alpha, methods=settings.methods, design=design,
+                                          kinetics=kinetics))
+        effects = pd.concat(frames, ignore_index=True)
+        if truth is not None:
+            effects = attach_truth(effects, truth, outcomes_on_truth_scale=TRUTH_SCALE_OUTCOMES)
+        else:
+            for col in ("true_effect", "bias", "covered"):
+                effects[col] = np.nan
+        effects = standardize(effects, per_day, truth, exclude=exclude, trend=settings.trend)
     effects = effects[list(EFFECT_COLUMNS)]
     write_text_atomic(analysis_dir / "effects.csv", effects.to_csv(index=False, lineterminator="\n"))
     timings.add("statistics", time.perf_counter() - t0)
@@ -254,7 +275,20 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
     return analysis_dir
 
 
+def _design_of(truth: dict | None):
+    """The simulated design in a truth file, or None (a user's protocol, or a truth without one)."""
+    from synthtrial.simulate import TrialDesign
+
+    spec = (truth or {}).get("design")
+    if not isinstance(spec, dict):
+        return None
+    try:
+        return TrialDesign(**{**spec, "arms": tuple(spec.get("arms", ()))})
+    except (TypeError, SynthtrialError):
+        return None
+
+
 def analysis_summary(effects: pd.DataFrame) -> pd.DataFrame:
-    """The pooled rows of an effects table: what the CLI prints."""
-    pooled = effects[effects["scope"] == "pooled"]
-    return pooled[["outcome", "arm", "estimate", "ci_low", "ci_high", "p", "true_effect", "covered"]]
+    """The pooled CR2 rows of an effects table: what the CLI prints."""
+    pooled = effects[(effects["scope"] == "pooled") & (effects["method"] == "lmm")]
+    return pooled[["outcome", "arm", "estimate", "ci_low", "ci_high", "p", "true_effect", "covered", "share"]]

@@ -1,19 +1,37 @@
-"""``synthtrial power``: type I error and power of each analysis over many simulated trials.
+"""``synthtrial power``: type I error, power, bias and coverage of every analysis over simulated trials.
 
-Each replicate simulates a fresh trial from one design and severity model (new baselines, effects,
-noise) and analyses the outcomes that need no rendering: the oracle severity and the lesion count the
-lesion model would draw (``round(expected_lesion_count(s))``, read back on the severity scale). The
-rejection rate of each test is its power where the arm has an effect and its type I error where the
-effect is zero (``--null``), given with its Monte-Carlo standard error sqrt(r(1-r)/n).
+A *scenario* is one design (preset or ``protocol design`` truth file) with one block length and one
+effect scale (a multiplier on the design's population effects; 0 is the null, where every effect and its
+spread are zero). A grid of scenarios runs in one call. Each replicate simulates a fresh trial (new
+baselines, effects, noise) and analyses the outcomes that need no rendering: the oracle severity and the
+lesion count the lesion model would draw (``round(expected_lesion_count(s))``, read back on the severity
+scale), each also standardised (:func:`synthtrial.analyze.stats.standardize`).
+
+Choices, stated once:
+
+* Seeds: replicate r of every scenario simulates from ``derive_seed("power", seed, r)`` (common random
+  numbers: scenarios differ by their settings, not by their noise, so power curves are smooth), and the
+  result depends on ``seed`` only, never on the number of workers or on resuming.
+* Engine: Dask (``distributed``). ``workers >= 1`` starts a ``LocalCluster`` of that many single-threaded
+  processes; ``scheduler`` connects to a running cluster instead; ``workers = 0`` runs in this process
+  (library use, tests). Replicates travel in chunks; each finished replicate is written to the cache
+  folder (``<cache>/<scenario key>/r<replicate>.parquet``, atomically) when one is given, and a re-run
+  reads it instead of recomputing (the key hashes every setting that changes a number).
+* Kinetics: ``gls_kinetics`` is given the scenario's true half-lives (what an analyst who knows the
+  drug's pharmacokinetics would use) unless ``estimate_kinetics``, which profiles them per patient.
+* A rejection rate is over the tests that returned a p-value; rows without one are counted in ``no_p``
+  (a failed fit, or a randomisation test that a fixed-order design does not have), never dropped
+  silently. MC SE of a rate r over n tests: ``sqrt(r (1 - r) / n)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +43,8 @@ from synthtrial.seeding import derive_seed
 from synthtrial.simulate import SeverityModel, TrialDesign, simulate_trial
 
 POWER_OUTCOMES = ("oracle", "lesion_severity")
-DEFAULT_METHODS = ("welch", "gls_ar1", "lmm")
+DEFAULT_METHODS = ("period", "randomization", "gls_kinetics", "lmm", "lmm_cr1", "welch", "gls_ar1", "hac")
+SUMMARY_KEYS = ["scenario", "design_name", "period_days", "effect_scale", "outcome", "method", "role", "level", "arm"]
 
 
 def design_from_file(path: str | os.PathLike[str]) -> tuple[TrialDesign, SeverityModel]:
@@ -36,8 +55,8 @@ def design_from_file(path: str | os.PathLike[str]) -> tuple[TrialDesign, Severit
         data = json.loads(path.read_text())
     except OSError as exc:
         raise SynthtrialError(f"{path}: cannot be read ({exc.strerror or exc}) (option --design)") from None
-    except json.JSONDecodeError as exc:
-        raise SynthtrialError(f"{path}: not JSON ({exc.msg} at line {exc.lineno}) (option --design)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SynthtrialError(f"{path}: not JSON ({getattr(exc, 'msg', exc)}) (option --design)") from None
     if not isinstance(data, dict) or not isinstance(data.get("design"), dict) or not isinstance(data.get("model"), dict):
         raise SynthtrialError(f"{path}: needs 'design' and 'model' objects, as in a <stem>.truth.json written by "
                               "`synthtrial protocol design` (option --design)")
@@ -55,87 +74,251 @@ def replicate_outcomes(protocol: pd.DataFrame) -> pd.DataFrame:
     count = np.rint(scale.expected_lesion_count(severity))
     return pd.DataFrame({
         "patient_id": protocol["patient_id"].to_numpy(), "day": protocol["day"].to_numpy(),
-        "treatment": protocol["treatment"].to_numpy(), "oracle": severity,
+        "treatment": protocol["treatment"].to_numpy(), "block": protocol["block"].to_numpy(dtype=object),
+        "oracle": severity,
         "lesion_severity": scale.severity_from_count(count),
     })
 
 
-def _one_replicate(args: tuple) -> pd.DataFrame:
-    from synthtrial.analyze.stats import analyze_outcome, attach_truth
+def with_effects(model: SeverityModel, effects: dict[str, float] | None = None, null: bool = False,
+                 effect_scale: float = 1.0) -> SeverityModel:
+    """The model with effects replaced, then multiplied by ``effect_scale`` (``null`` or scale 0: every
+    effect and its spread zero)."""
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
+    effects_now = {**model.effects, **(effects or {})}
+    if null or effect_scale == 0:
+        fields["effects"] = {a: 0.0 for a in effects_now}
+        fields["effect_sd"] = 0.0
+    else:
+        fields["effects"] = {a: v * effect_scale for a, v in effects_now.items()}
+    return SeverityModel(**fields)
 
-    design, model, seed, replicate, methods, trend, alpha, outcomes, random_slopes = args
-    trial = simulate_trial(design, model, seed=derive_seed("power", seed, replicate, bits=32))
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """One cell of a power grid."""
+
+    design_name: str
+    design: TrialDesign
+    model: SeverityModel
+    effect_scale: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.design_name} {self.design.period_days}d x{self.effect_scale:g}"
+
+
+def scenario_grid(designs: Sequence[tuple[str, TrialDesign, SeverityModel]], *, period_days: Sequence[int] = (),
+                  effect_scales: Sequence[float] = (1.0,), effects: dict[str, float] | None = None,
+                  n_patients: int | None = None) -> list[Scenario]:
+    """Every design x block length x effect scale (block length and patients default to the design's)."""
+    if not designs:
+        raise SynthtrialError("a power study needs at least one design (--preset or --design)")
+    for value in effect_scales:
+        if not np.isfinite(value) or value < 0:
+            raise SynthtrialError(f"--effect-scale must be a finite number >= 0, got {value}")
+    for value in period_days:
+        if int(value) < 1:
+            raise SynthtrialError(f"--period-days must be >= 1, got {value}")
+    out = []
+    for name, design, model in designs:
+        own = {a: v for a, v in (effects or {}).items() if a in design.arms}
+        if n_patients is not None:
+            design = dataclasses.replace(design, n_patients=int(n_patients))
+        for days in (period_days or (design.period_days,)):
+            sized = dataclasses.replace(design, period_days=int(days))
+            for factor in effect_scales:
+                out.append(Scenario(name, sized, with_effects(model, own, effect_scale=float(factor)), float(factor)))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySettings:
+    """What a replicate's numbers depend on besides its scenario and index."""
+
+    seed: int = 0
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    outcomes: tuple[str, ...] = POWER_OUTCOMES
+    alpha: float = 0.05
+    trend: bool = True
+    random_slopes: bool = False
+    estimate_kinetics: bool = False
+
+
+def scenario_key(scenario: Scenario, settings: StudySettings) -> str:
+    """A short hash of everything that changes a replicate's numbers (the cache folder's name)."""
+    blob = json.dumps({"design": dataclasses.asdict(scenario.design), "model": dataclasses.asdict(scenario.model),
+                       "settings": dataclasses.asdict(settings), "version": 2}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_replicate(scenario: Scenario, settings: StudySettings, replicate: int) -> pd.DataFrame:
+    """Every estimate of one simulated trial, beside its truth, raw and standardised."""
+    from synthtrial.analyze.nof1 import Kinetics
+    from synthtrial.analyze.stats import analyze_outcome, attach_truth, standardize
+
+    design, model = scenario.design, scenario.model
+    trial = simulate_trial(design, model, seed=derive_seed("power", settings.seed, replicate, bits=32))
     data = replicate_outcomes(trial.protocol)
-    frames = [analyze_outcome(data, outcome, design.reference, exclude=(design.washout_label,), trend=trend,
-                              seed=replicate, alpha=alpha, methods=methods, random_slopes=random_slopes)
-              for outcome in outcomes]
+    exclude = (design.washout_label,)
+    kinetics = None if settings.estimate_kinetics else Kinetics(model.washin_half_life, model.washout_half_life)
+    frames = [analyze_outcome(data, outcome, design.reference, exclude=exclude, trend=settings.trend,
+                              seed=replicate, alpha=settings.alpha, methods=settings.methods,
+                              random_slopes=settings.random_slopes, design=design, kinetics=kinetics)
+              for outcome in settings.outcomes]
     effects = attach_truth(pd.concat(frames, ignore_index=True), trial.truth, outcomes_on_truth_scale=POWER_OUTCOMES)
+    effects = standardize(effects, data, trial.truth, exclude=exclude, trend=settings.trend)
     effects.insert(0, "replicate", replicate)
+    for i, (col, value) in enumerate((("scenario", scenario.name), ("design_name", scenario.design_name),
+                                      ("period_days", design.period_days), ("effect_scale", scenario.effect_scale))):
+        effects.insert(i, col, value)
     effects["population_effect"] = effects["arm"].map(lambda a: float(model.effects.get(a, 0.0)))
     return effects
 
 
-def power_study(design: TrialDesign, model: SeverityModel, replicates: int, *, seed: int = 0, workers: int = 1,
-                alpha: float = 0.05, trend: bool = True, methods: Sequence[str] = DEFAULT_METHODS,
-                outcomes: Sequence[str] = POWER_OUTCOMES, random_slopes: bool = True,
-                on_replicate: Callable[[int, int], None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Run ``replicates`` simulated trials; return every estimate and the per-method summary.
+def _run_chunk(scenario: Scenario, settings: StudySettings, replicates: list[int]) -> list[pd.DataFrame]:
+    import warnings
 
-    The result depends on ``seed`` only, not on ``workers``.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return [run_replicate(scenario, settings, r) for r in replicates]
+
+
+def _cache_path(cache: Path, key: str, replicate: int) -> Path:
+    return cache / key / f"r{replicate:06d}.parquet"
+
+
+def _write_cached(path: Path, frame: pd.DataFrame) -> None:
+    from synthtrial.atomic import write_bytes_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityModel | None = None,
+                replicates: int = 100, *, settings: StudySettings | None = None, workers: int = 0,
+                scheduler: str | None = None, cache: str | os.PathLike[str] | None = None, chunk: int | None = None,
+                on_replicate: Callable[[int, int], None] | None = None,
+                **setting_overrides) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run ``replicates`` simulated trials per scenario; return every estimate and the summary.
+
+    ``scenarios`` may also be one design with its ``model`` (a one-scenario grid). Keyword arguments
+    other than those named are fields of :class:`StudySettings`. The result depends on the settings'
+    ``seed`` only, not on ``workers``, the scheduler, chunking or resuming from ``cache``.
     """
-    unknown = [o for o in outcomes if o not in POWER_OUTCOMES]
+    if isinstance(scenarios, TrialDesign):
+        if model is None:
+            raise SynthtrialError("power_study(design, model, ...) needs the severity model")
+        scenarios = [Scenario("design", scenarios, model, 1.0)]
+    settings = dataclasses.replace(settings or StudySettings(), **{
+        k: tuple(v) if k in ("methods", "outcomes") else v for k, v in setting_overrides.items()})
+    unknown = [o for o in settings.outcomes if o not in POWER_OUTCOMES]
     if unknown:
         raise SynthtrialError(f"unknown outcome '{unknown[0]}'; power studies use {', '.join(POWER_OUTCOMES)}")
     if replicates < 1:
         raise SynthtrialError(f"--replicates must be >= 1, got {replicates}")
-    if workers < 1:
-        raise SynthtrialError(f"--workers must be >= 1, got {workers}")
-    jobs = [(design, model, seed, r, tuple(methods), trend, alpha, tuple(outcomes), random_slopes)
-            for r in range(replicates)]
-    results: list[pd.DataFrame] = [None] * replicates  # type: ignore[list-item]
-    if workers == 1:
-        for r, job in enumerate(jobs):
-            results[r] = _one_replicate(job)
-            if on_replicate:
-                on_replicate(r + 1, replicates)
-    else:
-        import multiprocessing as mp
+    if workers < 0:
+        raise SynthtrialError(f"--workers must be >= 0, got {workers}")
+    from synthtrial.analyze.stats import METHODS
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            for r, frame in enumerate(pool.map(_one_replicate, jobs, chunksize=max(1, replicates // (8 * workers)))):
-                results[r] = frame
-                if on_replicate:
-                    on_replicate(r + 1, replicates)
-    estimates = pd.concat(results, ignore_index=True)
-    return estimates, summarize_power(estimates, alpha)
+    bad = [m for m in settings.methods if m not in METHODS]
+    if bad:
+        raise SynthtrialError(f"unknown method '{bad[0]}'; choose from {', '.join(METHODS)}")
+    cache_dir = Path(cache) if cache is not None else None
+    keys = [scenario_key(s, settings) for s in scenarios]
+    results: dict[tuple[int, int], pd.DataFrame] = {}
+    todo: list[tuple[int, int]] = []
+    for i, key in enumerate(keys):
+        for r in range(replicates):
+            path = _cache_path(cache_dir, key, r) if cache_dir else None
+            if path is not None and path.is_file():
+                try:
+                    results[(i, r)] = pd.read_parquet(path)
+                    continue
+                except (OSError, ValueError):
+                    pass  # a damaged cache file is recomputed
+            todo.append((i, r))
+    total, done = len(scenarios) * replicates, len(results)
+    if on_replicate and done:
+        on_replicate(done, total)
+
+    def finished(i: int, frames: list[pd.DataFrame], reps: list[int]) -> None:
+        nonlocal done
+        for r, frame in zip(reps, frames, strict=True):
+            results[(i, r)] = frame
+            if cache_dir is not None:
+                _write_cached(_cache_path(cache_dir, keys[i], r), frame)
+            done += 1
+            if on_replicate:
+                on_replicate(done, total)
+
+    size = chunk or max(1, min(25, len(todo) // max(1, 8 * max(workers, 1))))
+    chunks = []
+    for i in range(len(scenarios)):
+        reps = [r for (j, r) in todo if j == i]
+        chunks += [(i, reps[k:k + size]) for k in range(0, len(reps), size)]
+    if workers == 0 and scheduler is None:
+        for i, reps in chunks:
+            finished(i, _run_chunk(scenarios[i], settings, reps), reps)
+    elif chunks:
+        _run_dask(chunks, scenarios, settings, workers, scheduler, finished)
+    estimates = pd.concat([results[(i, r)] for i in range(len(scenarios)) for r in range(replicates)],
+                          ignore_index=True)
+    return estimates, summarize_power(estimates, settings.alpha)
+
+
+def _run_dask(chunks, scenarios, settings, workers, scheduler, finished) -> None:
+    import logging
+
+    from distributed import Client, LocalCluster, as_completed
+
+    if scheduler is not None:
+        try:
+            client = Client(scheduler, timeout="5s")
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise SynthtrialError(f"cannot reach the Dask scheduler at {scheduler} ({exc}) (option --scheduler)") from None
+        cluster = None
+    else:
+        # no dashboard; its HTTP server (always started) takes any free port instead of insisting on 8787
+        cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
+                               dashboard_address=":0", scheduler_kwargs={"dashboard": False},
+                               silence_logs=logging.ERROR)
+        client = Client(cluster)
+    try:
+        futures = {client.submit(_run_chunk, scenarios[i], settings, reps, pure=False): (i, reps) for i, reps in chunks}
+        for future in as_completed(futures):
+            i, reps = futures[future]
+            finished(i, future.result(), reps)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def summarize_power(estimates: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
-    """Rejection rate (power or type I error), its Monte-Carlo SE, bias and coverage per outcome/method/arm."""
-    data = estimates.assign(rejected=estimates["p"] < alpha, level=np.where(estimates["scope"] == "pooled",
-                                                                            "pooled", "per patient"))
+    """Per scenario/outcome/method/arm: rejection rate (power, or type I error where the effect is 0), MC SE,
+    tests with and without a p-value, bias, CI coverage, and the standardised share and coverage."""
+    data = estimates.assign(rejected=estimates["p"] < alpha,
+                            level=np.where(estimates["scope"] == "pooled", "pooled", "per patient"))
     rows = []
-    for (outcome, method, level, arm), grp in data.groupby(["outcome", "method", "level", "arm"], sort=False):
-        n = int(grp["p"].notna().sum())
-        rate = float(grp.loc[grp["p"].notna(), "rejected"].mean()) if n else np.nan
+    for keys, grp in data.groupby(SUMMARY_KEYS, sort=False):
+        has_p = grp["p"].notna()
+        n = int(has_p.sum())
+        rate = float(grp.loc[has_p, "rejected"].mean()) if n else np.nan
         effect = float(grp["population_effect"].iloc[0])
-        covered = grp["covered"].dropna()
+        covered = grp["covered"].dropna().astype(bool)
+        std_covered = grp["std_covered"].dropna().astype(bool) if "std_covered" in grp else pd.Series(dtype=bool)
+        share = grp["share"].replace([np.inf, -np.inf], np.nan) if "share" in grp else pd.Series(dtype=float)
         rows.append({
-            "outcome": outcome, "method": method, "level": level, "arm": arm, "population_effect": effect,
+            **dict(zip(SUMMARY_KEYS, keys)), "population_effect": effect,
             "quantity": "type I error" if effect == 0 else "power",
-            "rejection_rate": rate, "mc_se": float(np.sqrt(rate * (1 - rate) / n)) if n else np.nan, "tests": n,
+            "rejection_rate": rate, "mc_se": float(np.sqrt(rate * (1 - rate) / n)) if n else np.nan,
+            "tests": n, "no_p": int((~has_p).sum()),
             "mean_estimate": float(grp["estimate"].mean()), "mean_truth": float(grp["true_effect"].mean()),
             "bias": float(grp["bias"].mean()), "coverage": float(covered.mean()) if len(covered) else np.nan,
+            "share": float(share.median()) if share.notna().any() else np.nan,
+            "std_coverage": float(std_covered.mean()) if len(std_covered) else np.nan,
         })
     return pd.DataFrame(rows)
-
-
-def with_effects(model: SeverityModel, effects: dict[str, float] | None = None, null: bool = False) -> SeverityModel:
-    """The model with effects replaced (``null`` sets every effect and its spread to zero)."""
-    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
-    if null:
-        fields["effects"] = {a: 0.0 for a in model.effects}
-        fields["effect_sd"] = 0.0
-    elif effects:
-        fields["effects"] = {**model.effects, **effects}
-    return SeverityModel(**fields)

@@ -113,16 +113,26 @@ def embedding_figure(embeddings: pd.DataFrame, outcomes: pd.DataFrame, reference
     return _png(fig)
 
 
+def _per_patient_method(effects: pd.DataFrame) -> str:
+    """The per-patient method the forest plot shows: the first inferential one with CIs that ran."""
+    for method in ("gls_kinetics", "period", "welch"):
+        if (effects["method"] == method).any() and effects.loc[effects["method"] == method, "ci_low"].notna().any():
+            return method
+    return "welch"
+
+
 def forest_figure(effects: pd.DataFrame) -> str:
-    """Pooled (mixed model) and per-patient (Welch) estimates with CIs beside the truth; one panel per outcome,
-    sharing the rows, so an arm and patient can be read across outcomes."""
+    """Pooled (mixed model, CR2) and per-patient (GLS with kinetics, else period-level) estimates with CIs
+    beside the truth; one panel per outcome, sharing the rows, so an arm and patient can be read across
+    outcomes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    per_patient = _per_patient_method(effects)
     shown = effects[((effects["method"] == "lmm") & (effects["scope"] == "pooled"))
-                    | ((effects["method"] == "welch") & (effects["scope"] != "pooled"))]
+                    | ((effects["method"] == per_patient) & (effects["scope"] != "pooled"))]
     outcomes = list(dict.fromkeys(shown["outcome"]))
     rows = (shown[["arm", "scope"]].drop_duplicates()
             .sort_values(["arm", "scope"], key=lambda s: s.map(lambda v: (v != "pooled", v))))
@@ -148,8 +158,8 @@ def forest_figure(effects: pd.DataFrame) -> str:
         ax.axis("off")
     axes[0, 0].set_yticks(range(len(labels)))
     axes[0, 0].set_yticklabels(labels[::-1], fontsize=7)
-    fig.text(0.5, 0.0, "effect vs reference in each outcome's units: red = pooled mixed model, black = per-patient "
-             "Welch t, green x = truth", ha="center", fontsize=8)
+    fig.text(0.5, 0.0, "effect vs reference in each outcome's units: red = pooled mixed model (CR2), black = "
+             f"per-patient {per_patient}, green x = truth", ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     return _png(fig)
 
@@ -171,21 +181,33 @@ def _table(frame: pd.DataFrame, floats: int = 3) -> str:
 def write_report(path: Path, *, run_dir: Path, outcomes: pd.DataFrame, effects: pd.DataFrame, truth: dict | None,
                  reference: str, settings: dict[str, Any], timings: dict[str, float]) -> Path:
     """Write ``report.html``: summary table, trajectories, embedding plot, forest plot, settings."""
-    pooled = effects[effects["scope"] == "pooled"][["outcome", "arm", "estimate", "se", "ci_low", "ci_high", "p",
-                                                     "true_effect", "bias", "covered", "note"]]
+    pooled = effects[effects["scope"] == "pooled"][["outcome", "method", "arm", "estimate", "se", "ci_low", "ci_high",
+                                                     "p", "true_effect", "bias", "covered", "note"]]
     per_patient = (effects[effects["scope"] != "pooled"]
                    .assign(rejected=lambda d: d["p"] < settings.get("alpha", 0.05))
-                   .groupby(["outcome", "method", "arm"], as_index=False)
+                   .groupby(["outcome", "method", "role", "arm"], as_index=False, sort=False)
                    .agg(patients=("scope", "nunique"), mean_estimate=("estimate", "mean"),
-                        rejected=("rejected", "mean"), coverage=("covered", lambda c: c.dropna().mean()
+                        rejected=("rejected", "mean"), coverage=("covered", lambda c: c.dropna().astype(bool).mean()
                                                               if c.notna().any() else np.nan)))
+    one_scale = effects[(effects["scope"] == "pooled") & (effects["method"] == "lmm")][
+        ["outcome", "arm", "residual_sd", "std_estimate", "std_ci_low", "std_ci_high", "std_true_effect", "share",
+         "std_covered"]] if "std_estimate" in effects else pd.DataFrame()
     sections = [
         "<h2>Pooled effects (linear mixed model)</h2>",
+        "<p><i>lmm</i>: CR2 cluster-robust SE with Satterthwaite df (the small-sample choice); <i>lmm_cr1</i>: "
+        "CR1 with G - 1 df. In a balanced design the two SEs coincide; the df differ.</p>",
         _table(pooled),
+        "<h2>All outcomes on one scale</h2>",
+        "<p>Each effect divided by its outcome's within-patient residual SD, beside the oracle's standardised "
+        "truth; <i>share</i> = the part of the true effect the outcome recovers.</p>",
+        _table(one_scale),
         "<p>Effects are differences from the reference arm "
         f"<b>{html.escape(reference)}</b> in the outcome's own units; the truth (the mean effect the schedule "
         "delivered, wash-in and carryover included) applies to outcomes on the severity scale.</p>",
         "<h2>Per-patient tests</h2>",
+        "<p><i>inferential</i> methods hold their size on autocorrelated series with kinetics; <i>descriptive</i> "
+        "ones (Welch, day-level permutation, GLS with a step, Newey-West) do not and are shown because the "
+        "anchors report them.</p>",
         _table(per_patient),
         "<h2>Trajectories</h2>",
         f'<img alt="trajectories" src="data:image/png;base64,{trajectories_figure(outcomes, reference)}">',

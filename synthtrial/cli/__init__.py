@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from synthtrial.cli.common import EXIT_BAD_INPUT, app
 from synthtrial.cli import (  # noqa: E402,F401  (each module registers its commands)
-    scale, protocol, generate, atlas, data, export, verify, graders, analyze, power,
+    scale, protocol, generate, atlas, data, export, verify, graders, graders_detection, analyze, power,
 )
 from synthtrial.cli import graders_image  # noqa: E402,F401  (graders train|eval iga|imageqx)
 

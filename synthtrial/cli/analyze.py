@@ -22,6 +22,9 @@ def analyze_command(
     epochs: Annotated[int, typer.Option(help="Autoencoder training epochs.", rich_help_panel=_ANALYSIS_PANEL)] = 10,
     image_size: Annotated[int, typer.Option(help="Autoencoder input size (power of two; Schneider et al.: 256).",
                                             rich_help_panel=_ANALYSIS_PANEL)] = 256,
+    embedding: Annotated[str, typer.Option(help="Autoencoder features for the PCA: 'logits' (the bottleneck before "
+                                           "its sigmoid, which saturates) or 'sigmoid' (Schneider et al.'s).",
+                                           rich_help_panel=_ANALYSIS_PANEL)] = "logits",
     trend: Annotated[bool, typer.Option("--trend/--no-trend", help="Adjust the pooled model for a linear time "
                                         "trend.", rich_help_panel=_ANALYSIS_PANEL)] = True,
     permutations: Annotated[int, typer.Option(help="Permutations per permutation test.",
@@ -35,17 +38,18 @@ def analyze_command(
 ) -> None:
     """Estimate the treatment effects of a run from its images, each beside the truth it simulated.
 
-    Outcomes: the oracle severity, the lesion count (also read on the severity scale), IGA, any grader scores in RUN/grades.parquet, and Schneider et al.'s unsupervised autoencoder + PCA score. Tests: per-patient Welch t, permutation and GLS with AR(1) errors; pooled linear mixed model with random intercept and treatment slopes. Writes RUN/analysis/: outcomes.parquet, effects.csv (estimate, SE, CI, p, true effect, bias, covered) and report.html.
+    Outcomes: the oracle severity, the lesion count (also read on the severity scale), IGA, any grader scores in RUN/grades.parquet, and Schneider et al.'s unsupervised autoencoder + PCA score. Per-patient tests valid on autocorrelated series with kinetics: period-level analysis, randomisation over the design's scheme, GLS-AR(1) with exposure kinetics; descriptive only: Welch t, day-level permutation, GLS-AR(1) with a step, Newey-West. Pooled: linear mixed model with CR2 (Satterthwaite df) and CR1 cluster-robust SEs. Every outcome also on one scale (effect / within-patient residual SD) beside the standardised truth. Writes RUN/analysis/: outcomes.parquet, effects.csv and report.html.
     """
     import pandas as pd
 
     from synthtrial.analyze.pipeline import AnalysisSettings, analysis_summary, analyze_run
 
-    settings = AnalysisSettings(autoencoder=autoencoder, epochs=epochs, image_size=image_size, trend=trend,
+    settings = AnalysisSettings(autoencoder=autoencoder, epochs=epochs, image_size=image_size, embedding=embedding,
+                                trend=trend,
                                 n_permutations=permutations, seed=seed, alpha=alpha)
     folder = analyze_run(run, settings, device=device, progress=not quiet)
     summary = analysis_summary(pd.read_csv(folder / "effects.csv"))
-    table = Table(title="pooled effects (linear mixed model) beside the truth", title_justify="left",
+    table = Table(title="pooled effects (mixed model, CR2) beside the truth", title_justify="left",
                   box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("outcome", "arm", f"estimate [{1 - alpha:.0%} CI]", "p", "truth"):
         table.add_column(col, justify="left" if col in ("outcome", "arm") else "right", no_wrap=True)

@@ -1,8 +1,8 @@
-"""`synthtrial power`: type I error and power over simulated trials."""
+"""`synthtrial power`: type I error, power, bias and coverage over grids of simulated trials (on Dask)."""
 
 from __future__ import annotations
 
-import dataclasses
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,11 +15,21 @@ from synthtrial.cli.common import PresetName, app, handles_errors, out
 from synthtrial.errors import SynthtrialError
 from synthtrial.progress import progress_bar
 
+_GRID = "Scenario grid"
+_RUN = "Engine"
+_SHORT_OUTCOME = {"oracle": "oracle", "lesion_severity": "lesion"}
+
+
 class PowerMethod(str, Enum):
+    period = "period"
+    randomization = "randomization"
+    gls_kinetics = "gls_kinetics"
+    lmm = "lmm"
+    lmm_cr1 = "lmm_cr1"
     welch = "welch"
     permutation = "permutation"
     gls_ar1 = "gls_ar1"
-    lmm = "lmm"
+    hac = "hac"
 
 
 class PowerOutcome(str, Enum):
@@ -27,75 +37,151 @@ class PowerOutcome(str, Enum):
     lesion_severity = "lesion_severity"
 
 
+def _output_path(path: Path, option: str, suffixes: tuple[str, ...]) -> Path:
+    """The file an output option will write (a missing suffix gets the first of ``suffixes``), checked now."""
+    if path.suffix == "":
+        path = path.with_name(path.name + suffixes[0])
+    elif path.suffix.lower() not in suffixes:
+        raise SynthtrialError(f"{path}: {option} writes {' or '.join(suffixes)} files, not '{path.suffix}'")
+    if path.is_dir():
+        raise SynthtrialError(f"{path} is a directory ({option})")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise SynthtrialError(f"{parent}: no such directory ({option} {path})")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise SynthtrialError(f"{path}: not writable ({option})")
+    return path
+
+
 @app.command("power")
 @handles_errors
 def power_command(
-    design_file: Annotated[Optional[Path], typer.Option("--design", help="A truth file written by [bold]protocol "
-                                                        "design[/] (its design and severity model are reused).",
-                                                        show_default=False)] = None,
-    preset: Annotated[Optional[PresetName], typer.Option(help="A ready-made design instead of --design.",
-                                                         show_default=False)] = None,
-    replicates: Annotated[int, typer.Option(min=1, help="Simulated trials.")] = 200,
-    null: Annotated[bool, typer.Option("--null", help="Set every effect (and its spread) to zero: rejection rates "
-                                       "are type I errors.")] = False,
+    preset: Annotated[Optional[list[PresetName]], typer.Option(help="A ready-made design (repeatable; default: "
+                                                               "quick).", show_default=False, rich_help_panel=_GRID)] = None,
+    design_file: Annotated[Optional[list[Path]], typer.Option("--design", help="A truth file written by "
+                                                              "[bold]protocol design[/] (repeatable).",
+                                                              show_default=False, rich_help_panel=_GRID)] = None,
+    period_days: Annotated[Optional[list[int]], typer.Option(help="Block length(s) in days (repeatable; default: "
+                                                             "each design's own).", show_default=False,
+                                                             rich_help_panel=_GRID)] = None,
+    effect_scale: Annotated[Optional[list[float]], typer.Option(help="Multiplier(s) of the design's effects "
+                                                                "(repeatable; 0 = null; default 1).",
+                                                                show_default=False, rich_help_panel=_GRID)] = None,
+    null: Annotated[bool, typer.Option("--null", help="Same as --effect-scale 0: every effect and its spread zero, "
+                                       "so rejection rates are type I errors.", rich_help_panel=_GRID)] = False,
     effect: Annotated[Optional[list[str]], typer.Option(help="Override an arm's population effect, ARM=NUMBER "
-                                                        "(repeatable).")] = None,
-    patients: Annotated[Optional[int], typer.Option(min=1, help="Override the number of patients.")] = None,
-    alpha: Annotated[float, typer.Option(help="Significance level.")] = 0.05,
-    trend: Annotated[bool, typer.Option("--trend/--no-trend", help="Adjust for a linear time trend.")] = True,
-    method: Annotated[Optional[list[PowerMethod]], typer.Option(help="Tests to run (repeatable; default: welch, "
-                                                                "gls_ar1, lmm).", show_default=False)] = None,
+                                                        "(repeatable).", show_default=False,
+                                                        rich_help_panel=_GRID)] = None,
+    patients: Annotated[Optional[int], typer.Option(min=1, help="Override the number of patients.",
+                                                    show_default=False, rich_help_panel=_GRID)] = None,
+    replicates: Annotated[int, typer.Option(min=1, help="Simulated trials per scenario.")] = 200,
+    method: Annotated[Optional[list[PowerMethod]], typer.Option(help="Tests to run (repeatable; default: all but "
+                                                                "permutation).", show_default=False)] = None,
     outcome: Annotated[Optional[list[PowerOutcome]], typer.Option(help="Outcomes (repeatable; default: both).",
                                                                   show_default=False)] = None,
-    random_intercept: Annotated[bool, typer.Option("--random-intercept", help="Pooled model with a random "
-                                                   "intercept only (faster; no random treatment slopes).")] = False,
-    workers: Annotated[int, typer.Option(min=1, help="Processes (the result does not depend on it).")] = 1,
+    alpha: Annotated[float, typer.Option(help="Significance level.")] = 0.05,
+    trend: Annotated[bool, typer.Option("--trend/--no-trend", help="Adjust for a linear time trend.")] = True,
+    random_slopes: Annotated[bool, typer.Option("--random-slopes", help="Pooled model with random treatment slopes "
+                                                "(statsmodels; ~20x slower than the default random intercept, "
+                                                "whose cluster-robust SEs already allow them).")] = False,
+    estimate_kinetics: Annotated[bool, typer.Option("--estimate-kinetics", help="gls_kinetics profiles the "
+                                                    "half-lives per patient instead of using the design's.")] = False,
+    workers: Annotated[int, typer.Option(min=1, help="Dask LocalCluster worker processes (results do not depend "
+                                         "on it).", rich_help_panel=_RUN)] = 1,
+    scheduler: Annotated[Optional[str], typer.Option(help="Address of a running Dask scheduler (tcp://HOST:PORT) "
+                                                     "instead of a local cluster.", show_default=False,
+                                                     rich_help_panel=_RUN)] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Folder keeping every finished replicate; a re-run resumes "
+                                                  "from it.", show_default=False, rich_help_panel=_RUN)] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the replicates.")] = 0,
-    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the summary CSV here (every "
-                                                     "estimate goes to <stem>.estimates.csv beside it).",
+    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Summary CSV (every estimate goes to "
+                                                     "<stem>.estimates.csv beside it); a name without suffix gets "
+                                                     ".csv; a .html name writes the report instead.",
                                                      show_default=False)] = None,
+    report: Annotated[Optional[Path], typer.Option(help="HTML report with power curves and type I error tables "
+                                                   "(.html added when missing).", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Type I error and power of every analysis over many simulated trials (no rendering needed).
+    """Type I error, power, bias and CI coverage of every analysis over grids of simulated trials.
 
-    Each replicate simulates a new trial from the design and analyses the oracle severity and the lesion count the lesion model would draw, with per-patient Welch t and GLS-AR(1) tests and the pooled mixed model. Rejection rates come with their Monte-Carlo standard error.
+    A scenario is one design x block length x effect scale; each replicate simulates a new trial and analyses the oracle severity and the lesion count (raw and standardised) with the per-patient tests (period-level, randomisation over the design's scheme, GLS-AR(1) with kinetics; descriptive: Welch, GLS-AR(1) with a step, Newey-West) and the pooled mixed model (CR2 and CR1). Runs on Dask; the result depends on --seed only.
     """
-    from synthtrial.analyze.power import DEFAULT_METHODS, POWER_OUTCOMES, design_from_file, power_study, with_effects
+    from synthtrial.analyze.power import (DEFAULT_METHODS, POWER_OUTCOMES, StudySettings, design_from_file,
+                                          power_study, scenario_grid)
     from synthtrial.simulate import parse_effects, preset as get_preset
 
-    if design_file is not None and preset is not None:
-        raise SynthtrialError("give --design or --preset, not both")
-    design, model = design_from_file(design_file) if design_file else get_preset((preset or PresetName.quick).value)
-    if patients is not None:
-        design = dataclasses.replace(design, n_patients=patients)
-    model = with_effects(model, parse_effects(effect) if effect else None, null=null)
-    for arm in model.effects:
-        if arm not in design.arms:
-            raise SynthtrialError(f"--effect {arm}=...: not an arm of the design ({', '.join(design.arms)})")
-    if out_path is not None and out_path.is_dir():
-        raise SynthtrialError(f"{out_path} is a directory (option --out)")
-    with progress_bar("replicates", replicates) as update:
-        estimates, summary = power_study(
-            design, model, replicates, seed=seed, workers=workers, alpha=alpha, trend=trend,
-            methods=[m.value for m in method] if method else DEFAULT_METHODS,
-            outcomes=[o.value for o in outcome] if outcome else POWER_OUTCOMES, random_slopes=not random_intercept,
-            on_replicate=lambda done, total: update(done))
-    table = Table(title=f"{replicates} simulated trials, {design.n_patients} patients x {design.days_per_patient} days, "
-                        f"alpha {alpha}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
-                  collapse_padding=True)
-    for col in ("outcome", "test", "arm", "effect", "rate", "of", "MC SE", "bias", "cover"):
-        table.add_column(col, justify="left" if col in ("outcome", "test", "arm", "of") else "right", no_wrap=True)
-    for rec in summary.itertuples(index=False):
-        table.add_row(rec.outcome, rec.method if rec.level == "pooled" else f"{rec.method}/pt", rec.arm,
-                      f"{rec.population_effect:+.2f}", f"{rec.rejection_rate:.3f}",
-                      "type I" if rec.quantity == "type I error" else "power", f"{rec.mc_se:.3f}",
-                      f"{rec.bias:+.3f}", "" if rec.coverage != rec.coverage else f"{rec.coverage:.2f}")
-    out.print(table)
-    out.print("rate: share of tests rejecting at alpha (type I error where the effect is 0, else power); "
-              "/pt: one test per patient")
+    csv_path = html_path = None
     if out_path is not None:
+        if out_path.suffix.lower() in (".html", ".htm"):
+            html_path = _output_path(out_path, "--out", (".html", ".htm"))
+        else:
+            csv_path = _output_path(out_path, "--out", (".csv",))
+    if report is not None:
+        html_path = _output_path(report, "--report", (".html", ".htm"))
+    if cache is not None and cache.exists() and not cache.is_dir():
+        raise SynthtrialError(f"{cache} is not a directory (option --cache)")
+    designs = [(p.value, *get_preset(p.value)) for p in (preset or [])]
+    designs += [(path.stem.removesuffix(".truth"), *design_from_file(path)) for path in (design_file or [])]
+    if not designs:
+        designs = [("quick", *get_preset("quick"))]
+    effects = parse_effects(effect) if effect else None
+    known_arms = {arm for _, design, _ in designs for arm in design.arms}
+    for arm in effects or {}:
+        if arm not in known_arms:
+            raise SynthtrialError(f"--effect {arm}=...: not an arm of any design ({', '.join(sorted(known_arms))})")
+    scales = [0.0] if null else (effect_scale or [1.0])
+    grid = scenario_grid(designs, period_days=period_days or (), effect_scales=scales, effects=effects,
+                         n_patients=patients)
+    settings = StudySettings(seed=seed, methods=tuple(m.value for m in method) if method else DEFAULT_METHODS,
+                             outcomes=tuple(o.value for o in outcome) if outcome else POWER_OUTCOMES, alpha=alpha,
+                             trend=trend, random_slopes=random_slopes, estimate_kinetics=estimate_kinetics)
+    total = len(grid) * replicates
+    with progress_bar("replicates", total, enabled=not quiet) as update:
+        estimates, summary = power_study(grid, replicates=replicates, settings=settings, workers=workers,
+                                         scheduler=scheduler, cache=cache,
+                                         on_replicate=lambda done, _total: update(done))
+    _print_summary(summary, estimates, grid, replicates, alpha)
+    if csv_path is not None:
         from synthtrial.atomic import write_text_atomic
 
-        write_text_atomic(out_path, summary.to_csv(index=False, lineterminator="\n"))
-        estimates_path = out_path.with_name(f"{out_path.stem}.estimates.csv")
+        write_text_atomic(csv_path, summary.to_csv(index=False, lineterminator="\n"))
+        estimates_path = csv_path.with_name(f"{csv_path.stem}.estimates.csv")
         write_text_atomic(estimates_path, estimates.to_csv(index=False, lineterminator="\n"))
-        out.print(f"[green]wrote[/green] {out_path} and {estimates_path}")
+        out.print(f"[green]wrote[/green] {csv_path} and {estimates_path}")
+    if html_path is not None:
+        from synthtrial.analyze.power_report import write_power_report
+
+        write_power_report(html_path, summary, settings=settings, replicates=replicates,
+                           scenarios=[s.name for s in grid])
+        out.print(f"[green]wrote[/green] {html_path}")
+
+
+def _print_summary(summary, estimates, grid, replicates: int, alpha: float) -> None:
+    """One table per scenario, each fitting 80 columns."""
+    for scenario in grid:
+        rows = summary[summary["scenario"] == scenario.name]
+        effects = ", ".join(f"{a} {v:+.2f}" for a, v in scenario.model.effects.items()) or "none"
+        table = Table(title=f"{scenario.name}: {replicates} trials, {scenario.design.n_patients} patients x "
+                            f"{scenario.design.days_per_patient} d; effects {effects}", title_justify="left",
+                      box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, padding=(0, 1))
+        for col in ("outcome", "method", "arm", "rate", "MC SE", "tests", "no p", "bias", "cover", "share"):
+            table.add_column(col, justify="left" if col in ("outcome", "method", "arm") else "right", no_wrap=True)
+        for rec in rows.itertuples(index=False):
+            name = rec.method + ("*" if rec.role == "descriptive" else "")
+            table.add_row(_SHORT_OUTCOME.get(rec.outcome, rec.outcome), name, rec.arm, _num(rec.rejection_rate, 3),
+                          _num(rec.mc_se, 3), str(rec.tests), str(rec.no_p), _num(rec.bias, 3, sign=True),
+                          _num(rec.coverage, 2), _num(rec.share, 2))
+        out.print(table)
+    out.print(f"rate: share of tests with p < {alpha} (type I error where the effect is 0, else power); "
+              "cover: 95% CI coverage of the delivered truth; share: median standardised estimate / "
+              "standardised truth; * descriptive only (not a valid test on these series)", soft_wrap=False)
+    lacking = estimates[estimates["p"].isna()]
+    for method_name, grp in lacking.groupby("method", sort=False):
+        reason = grp["note"].astype(str).str.split(";").str[0].value_counts().index[0]
+        out.print(f"no p-value for {len(grp)} {method_name} row(s), e.g.: {reason}")
+
+
+def _num(value: float, digits: int, sign: bool = False) -> str:
+    if value != value:
+        return "-"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"

@@ -385,7 +385,8 @@ class DiffusionRenderer:
         """What the inpaint mode diffuses for one image: ``(window, pixels, mask, seed, working size)`` each.
 
         The crops around the region's clusters (``window`` set), or the whole image (``window`` None) when
-        crops are off or their windows would cover at least as many pixels as the image.
+        crops are off, their windows would cover at least as many pixels as the image, or diffusing every crop
+        at its working size would cost as much as diffusing the whole image.
         """
         cfg = self.config
         h, w = image.shape[:2]
@@ -398,6 +399,8 @@ class DiffusionRenderer:
             return whole
         m = self._multiple()
         side = max(m, int(round(min(int(cfg.crop_size), max(whole_size)) / m)) * m)
+        if len(windows) * side * side >= whole_size[0] * whole_size[1]:
+            return whole  # each crop is diffused at `side`: many clusters cost more than the whole image
         return [(win, cut(image, win), cut(region, win), derive_seed(seed, "inpaint-crop", k) % 2 ** 63, (side, side))
                 for k, win in enumerate(windows)]
 

@@ -1,0 +1,264 @@
+"""DermX: severity explained through lesion characteristics, with per-characteristic Grad-CAM maps.
+
+Choices, stated once:
+
+* **Network** (Jalaboi et al.'s DermX, scaled to this machine): a light EfficientNet-family backbone
+  trained from scratch (timm ``tinynet_e``'s stages up to stride 8, random init: lesions are a few pixels,
+  so finer maps beat depth here, and the CPU budget is small), then a 3x3 conv + BatchNorm + ReLU block
+  (``cam``: the layer every Grad-CAM map is taken from, 32 x 32 cells at the default 256 px input).
+  Global average pooling feeds the characteristic head (dropout, linear 64, ReLU, dropout, linear C) and a
+  reduced feature (linear 32, ReLU); the diagnosis head reads the reduced feature concatenated with the
+  characteristic logits. Diagnosis = the ACNE04 / Hayashi level 0-3; ``severity`` is its expectation
+  (sum of k x p_k) on the 0-3 scale, the outcome ``analyze`` uses.
+* **Characteristics**: open comedo, closed comedo, papule, pustule, nodule, scar, erythema (the generator's
+  post-inflammatory ``mark``); an image has a characteristic when at least one such lesion is drawn on it.
+* **Loss** ``L = lambda_D * CE + lambda_C * BCE`` (1 and 1); DermX+ (``guided=True``) adds
+  ``lambda_A * Dice`` (lambda_A = 10) between each present characteristic's Grad-CAM map and its fuzzy mask
+  (the exact lesion mask of that type, Gaussian-blurred with sigma = half a CAM cell, scaled to max 1).
+* **Differentiable Grad-CAM.** The heads see the ``cam`` features only through a global average, so the
+  Grad-CAM channel weights (spatial means of the gradients) equal ``d logit / d pooled`` / (h w): the training
+  map is ``ReLU(sum_ch alpha_ch * A_ch)`` with ``alpha`` from ``torch.autograd.grad(create_graph=True)`` on the
+  small heads only. At inference, maps come from the maintained ``grad-cam`` package (``GradCAM`` on the same
+  layer; the test suite checks that both agree) and are resized to the image's own height and width.
+* **Plausibility** (Jalaboi et al.'s explanation F1): fuzzy F1 ``2 sum(min(m, g)) / (sum m + sum g)`` of the
+  [0, 1] Grad-CAM map ``m`` against the exact binary mask ``g``, per (image, characteristic present).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from graders.base import GraderError, fingerprint_of, load_state, resolve_device, save_state
+
+CHARACTERISTICS = ("open_comedo", "closed_comedo", "papule", "pustule", "nodule", "scar", "erythema")
+#: the run's lesion type behind each characteristic
+LESION_TYPE = {c: ("mark" if c == "erythema" else c) for c in CHARACTERISTICS}
+LEVELS = 4
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DermXConfig:
+    """Plain data: architecture, input size and the training record (``config.json``)."""
+
+    backbone: str = "tinynet_e"
+    stage: int = 2
+    cam_channels: int = 64
+    input_side: int = 256
+    characteristics: tuple[str, ...] = CHARACTERISTICS
+    guided: bool = False
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.characteristics = tuple(self.characteristics)
+        if self.input_side < 64 or self.input_side % 16:
+            raise GraderError(f"dermx input_side must be a multiple of 16 and >= 64, got {self.input_side}")
+        if self.stage not in (1, 2, 3, 4):
+            raise GraderError(f"dermx stage must be 1-4 (backbone stride 4-32), got {self.stage}")
+        unknown = [c for c in self.characteristics if c not in CHARACTERISTICS]
+        if unknown or not self.characteristics:
+            raise GraderError(f"dermx characteristics must be among {', '.join(CHARACTERISTICS)}, got {unknown}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"grader": "dermx", **asdict(self), "characteristics": list(self.characteristics)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> DermXConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"grader"})
+        if unknown:
+            raise GraderError(f"{where}: unknown dermx setting(s) {unknown}")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (TypeError, ValueError) as exc:
+            raise GraderError(f"{where}: {exc}") from None
+
+
+class DermXNet(nn.Module):
+    """``forward(x) -> (diagnosis logits (B, 4), characteristic logits (B, C))``."""
+
+    def __init__(self, cfg: DermXConfig) -> None:
+        super().__init__()
+        import timm
+
+        try:
+            self.body = timm.create_model(cfg.backbone, pretrained=False, features_only=True,
+                                          out_indices=(cfg.stage,))
+        except RuntimeError as exc:
+            raise GraderError(f"dermx backbone {cfg.backbone!r}: {exc}") from None
+        width = self.body.feature_info.channels()[-1]
+        self.cam = nn.Sequential(nn.Conv2d(width, cfg.cam_channels, 3, padding=1, bias=False),
+                                 nn.BatchNorm2d(cfg.cam_channels), nn.ReLU(inplace=False))
+        n = len(cfg.characteristics)
+        self.char_head = nn.Sequential(nn.Dropout(0.2), nn.Linear(cfg.cam_channels, 64), nn.ReLU(), nn.Dropout(0.2),
+                                       nn.Linear(64, n))
+        self.reduce = nn.Sequential(nn.Linear(cfg.cam_channels, 32), nn.ReLU())
+        self.diagnosis = nn.Linear(32 + n, LEVELS)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.cam(self.body(x)[-1])
+
+    def heads(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
+        chars = self.char_head(pooled)
+        return self.diagnosis(torch.cat([self.reduce(pooled), chars], dim=1)), chars
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.heads(self.features(x).mean(dim=(2, 3)))
+
+    def forward_with_cams(self, x: Tensor, create_graph: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits and every characteristic's Grad-CAM map ``(B, C, h, w)`` (not normalised), differentiable."""
+        feats = self.features(x)
+        pooled = feats.mean(dim=(2, 3))
+        if not pooled.requires_grad:
+            pooled = pooled.detach().requires_grad_(True)
+        diag, chars = self.heads(pooled)
+        alphas = []
+        for k in range(chars.shape[1]):
+            (grad,) = torch.autograd.grad(chars[:, k].sum(), pooled, create_graph=create_graph, retain_graph=True)
+            alphas.append(grad / (feats.shape[2] * feats.shape[3]))
+        alpha = torch.stack(alphas, dim=1)                       # (B, C, channels)
+        cams = F.relu(torch.einsum("bkc,bchw->bkhw", alpha, feats))
+        return diag, chars, cams
+
+
+class _CharacteristicLogits(nn.Module):
+    """The network seen by ``pytorch_grad_cam``: image in, characteristic logits out."""
+
+    def __init__(self, net: DermXNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)[1]
+
+
+def normalise_maps(cams: Tensor, eps: float = 1e-7) -> Tensor:
+    """Each map divided by its maximum (ReLU'd maps, so the result is in [0, 1])."""
+    return cams / (cams.amax(dim=(-2, -1), keepdim=True) + eps)
+
+
+def dice_loss(maps: Tensor, targets: Tensor, present: Tensor, eps: float = 1.0) -> Tensor:
+    """Mean soft-Dice loss ``1 - (2 sum(m g) + eps) / (sum m + sum g + eps)`` over the (image, characteristic)
+    pairs marked ``present``; 0 when there are none."""
+    inter = (maps * targets).sum(dim=(-2, -1))
+    total = maps.sum(dim=(-2, -1)) + targets.sum(dim=(-2, -1))
+    loss = 1 - (2 * inter + eps) / (total + eps)
+    weight = present.to(loss.dtype)
+    return (loss * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def fuzzy_f1(cam: np.ndarray, mask: np.ndarray) -> float:
+    """Fuzzy F1 (Jalaboi et al.'s explanation plausibility) of a [0, 1] map against a [0, 1] (here exact) mask."""
+    cam, mask = np.asarray(cam, np.float64), np.asarray(mask, np.float64)
+    total = cam.sum() + mask.sum()
+    return float(2 * np.minimum(cam, mask).sum() / total) if total > 0 else float("nan")
+
+
+def to_tensor(images: Sequence[np.ndarray], side: int, device: torch.device) -> Tensor:
+    """Images of one shape, resized so the longer side is ``side`` (the other rounded to a multiple of 16),
+    ImageNet-normalised, as a (B, 3, H, W) batch."""
+    batch = torch.stack([torch.from_numpy(np.array(im, copy=True)) for im in images]).to(device)
+    x = batch.permute(0, 3, 1, 2).float() / 255.0
+    h, w = x.shape[2:]
+    factor = side / max(h, w)
+    size = (max(16, int(round(h * factor / 16)) * 16), max(16, int(round(w * factor / 16)) * 16))
+    if size != (h, w):
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class DermX:
+    """``DermX.load(folder).predict(images)`` -> level, severity and one probability per characteristic."""
+
+    name = "dermx"
+    outcomes = ("severity",)
+
+    def __init__(self, config: DermXConfig, net: DermXNet | None = None, device: str | None = None,
+                 weights_file: Path | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(device)
+        self.net = (net if net is not None else DermXNet(config)).to(self.device).eval()
+        self._weights_file = weights_file
+
+    def save(self, folder: str | Path) -> Path:
+        return save_state(folder, self.net.state_dict(), self.config.to_json())
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | None = None) -> DermX:
+        tensors, config = load_state(folder, kind=cls.name)
+        cfg = DermXConfig.from_json(config, str(Path(folder) / "config.json"))
+        net = DermXNet(cfg)
+        try:
+            net.load_state_dict(tensors)
+        except RuntimeError as exc:
+            raise GraderError(f"{Path(folder) / 'model.safetensors'}: does not fit the DermX network of its "
+                              f"config.json ({str(exc).splitlines()[0]})") from None
+        return cls(cfg, net, device=device, weights_file=Path(folder) / "model.safetensors")
+
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.config.to_json(), self._weights_file)
+
+    @staticmethod
+    def _check(image: Any) -> None:
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise GraderError("dermx: images must be (H, W, 3) uint8 RGB arrays")
+
+    def probabilities(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 4) level probabilities and (N, C) characteristic probabilities."""
+        levels, chars = np.zeros((len(images), LEVELS)), np.zeros((len(images), len(self.config.characteristics)))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(images):
+            self._check(image)
+            groups.setdefault(image.shape, []).append(i)
+        with torch.inference_mode():
+            for idx in groups.values():
+                for start in range(0, len(idx), 32):
+                    part = idx[start:start + 32]
+                    diag, ch = self.net(to_tensor([images[i] for i in part], self.config.input_side, self.device))
+                    levels[part] = torch.softmax(diag.float(), 1).cpu().numpy()
+                    chars[part] = torch.sigmoid(ch.float()).cpu().numpy()
+        return levels, chars
+
+    def predict(self, images: Sequence[np.ndarray], meta: pd.DataFrame | None = None) -> pd.DataFrame:
+        levels, chars = self.probabilities(images)
+        frame = pd.DataFrame({"severity": levels @ np.arange(LEVELS, dtype=float),
+                              "level": levels.argmax(1).astype(float)})
+        for k, name in enumerate(self.config.characteristics):
+            frame[f"p_{name}"] = chars[:, k]
+        return frame.astype("float64")
+
+    def explain(self, image: np.ndarray) -> np.ndarray:
+        """Grad-CAM map of every characteristic, ``(C, H, W)`` in [0, 1] at the image's own height and width
+        (``pytorch_grad_cam.GradCAM`` on the ``cam`` layer)."""
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        self._check(image)
+        x = to_tensor([image], self.config.input_side, self.device)
+        n = len(self.config.characteristics)
+        with GradCAM(model=_CharacteristicLogits(self.net).eval(), target_layers=[self.net.cam]) as cam:
+            maps = cam(input_tensor=x.expand(n, -1, -1, -1).contiguous(),
+                       targets=[ClassifierOutputTarget(k) for k in range(n)])
+        maps = torch.from_numpy(np.asarray(maps, np.float32))[:, None]
+        resized = F.interpolate(maps, size=image.shape[:2], mode="bilinear", align_corners=False)[:, 0]
+        return resized.clamp(0, 1).numpy()
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """An RGB uint8 overlay of a [0, 1] map on an image (grad-cam's JET colouring)."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    return show_cam_on_image(image.astype(np.float32) / 255.0, cam.astype(np.float32), use_rgb=True,
+                             image_weight=1 - alpha)

@@ -1,0 +1,220 @@
+"""Training and evaluation of DermX (``graders.dermx``) on synthtrial runs, whose masks are pixel-exact.
+
+Choices, stated once:
+
+* **Data.** Every image of the runs, resized to ``input_side`` (longer side), with its ACNE04 level
+  (manifest ``acne04_level``), which characteristics are present (a lesion of that type drawn on it) and one
+  mask per characteristic from the 16-bit instance mask (``masks/...png``, value = lesion_id + 1; the type
+  of each id from ``lesions.parquet``), area-averaged to the input size. Everything is held in memory.
+* **Optimisation.** AdamW (lr 2e-3, weight decay 1e-4, cosine decay over the run), batch 8, 10 epochs, horizontal
+  flips; every epoch's order and every step's dropout come from ``(seed, epoch, step)``, so a resumed run
+  ends with the same bytes. A checkpoint (weights + optimiser moments, safetensors) is written to
+  ``OUT/checkpoint/`` after every epoch.
+* **Evaluation**: characteristic F1 (threshold 0.5; macro over the characteristics present in the run, and
+  micro), level accuracy, severity MAE against the simulated severity, and explanation plausibility: mean
+  fuzzy F1 of the Grad-CAM map (``DermX.explain``, image resolution) against the exact mask, over every
+  (image, characteristic present) pair.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from graders.base import WEIGHTS_FILE, GraderError, load_state, read_rgb, resolve_device, save_state
+from graders.dermx import (CHARACTERISTICS, LESION_TYPE, DermX, DermXConfig, DermXNet, dice_loss, fuzzy_f1,
+                           normalise_maps, to_tensor)
+from graders.detector_train import optimizer_tensors, restore_optimizer
+from synthtrial import rundir
+
+CHECKPOINT_DIR = "checkpoint"
+LAMBDA_D, LAMBDA_C, LAMBDA_A = 1.0, 1.0, 10.0
+
+
+@dataclass
+class DermXData:
+    images: np.ndarray      # (N, S, S, 3) uint8 at the input size
+    levels: np.ndarray      # (N,) int
+    present: np.ndarray     # (N, C) float 0/1
+    masks: np.ndarray       # (N, C, S, S) float32 in [0, 1] (area fraction of each pixel covered)
+
+
+def characteristic_masks(run: Path, rel_image: str, lesions: pd.DataFrame,
+                         characteristics: Sequence[str] = CHARACTERISTICS) -> np.ndarray:
+    """(C, H, W) bool masks of each characteristic on one image, from its instance mask."""
+    from PIL import Image
+
+    path = run / rundir.mask_path_for(rel_image)
+    try:
+        with Image.open(path) as im:
+            instance = np.asarray(im).astype(np.int64)
+    except (OSError, ValueError) as exc:
+        raise GraderError(f"{path}: cannot read the instance mask ({exc})") from None
+    if instance.ndim != 2:
+        raise GraderError(f"{path}: an instance mask must be a single-channel 16-bit PNG")
+    lookup = np.zeros(int(instance.max()) + 2, np.int64) - 1
+    ids = lesions["lesion_id"].to_numpy(np.int64)
+    of_type = {LESION_TYPE[c]: k for k, c in enumerate(characteristics)}
+    codes = np.array([of_type.get(t, -1) for t in lesions["type"]], np.int64)
+    inside = ids + 1 < len(lookup)
+    lookup[ids[inside] + 1] = codes[inside]
+    code = lookup[instance]
+    return np.stack([code == k for k in range(len(characteristics))])
+
+
+def load_dermx_data(runs: Sequence[str | Path], input_side: int,
+                    characteristics: Sequence[str] = CHARACTERISTICS) -> DermXData:
+    images, levels, present, masks = [], [], [], []
+    for run in runs:
+        run = Path(run)
+        manifest = rundir.read_manifest(run, ("image", "patient_id", "acne04_level"))
+        lesions = rundir.read_lesions(run, set(manifest["image"]))
+        by_image = dict(tuple(lesions.groupby("image", sort=False)))
+        for rel, level in zip(manifest["image"], manifest["acne04_level"]):
+            rows = by_image.get(rel, lesions.iloc[:0])
+            image = read_rgb(run / rel)
+            x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+            m = torch.from_numpy(characteristic_masks(run, rel, rows, characteristics)).float()[None]
+            size = (input_side, input_side) if image.shape[0] == image.shape[1] else None
+            if size is None:
+                raise GraderError(f"{run / rel}: DermX trains on square images (the run's --size); got "
+                                  f"{image.shape[1]} x {image.shape[0]}")
+            images.append(F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+                          .round().clamp(0, 255).byte()[0].permute(1, 2, 0).numpy())
+            masks.append(F.adaptive_avg_pool2d(m, size)[0].numpy() if m.shape[-1] != input_side else m[0].numpy())
+            present.append([float(LESION_TYPE[c] in set(rows["type"])) for c in characteristics])
+            levels.append(int(level))
+    return DermXData(np.stack(images), np.asarray(levels), np.asarray(present, np.float32),
+                     np.stack(masks).astype(np.float32))
+
+
+def fuzzy_targets(masks: torch.Tensor, cell: int) -> torch.Tensor:
+    """DermX+'s fuzzy maps: masks blurred with a Gaussian of sigma = half a CAM cell, each scaled to max 1."""
+    sigma = max(0.5, cell / 2)
+    radius = int(math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=masks.dtype, device=masks.device)
+    kernel = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    b, c, h, w = masks.shape
+    flat = masks.reshape(b * c, 1, h, w)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    flat = flat.reshape(b, c, h, w)
+    return flat / flat.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+
+
+def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epochs: int = 10, batch: int = 8,
+                lr: float = 2e-3, seed: int = 0, input_side: int = 256, device: str | None = None,
+                sources: Sequence[str] = (), progress: Callable[[int, str], None] | None = None) -> DermX:
+    """Train DermX (DermX+ with ``guided``) and save it to ``out``; resumes from ``out/checkpoint``.
+
+    ``progress(step, status)`` is called after every step (``epochs * ceil(N / batch)`` steps in all).
+    """
+    dev = resolve_device(device)
+    out = Path(out)
+    n = len(data.images)
+    per_epoch = math.ceil(n / batch)
+    settings = {"guided": guided, "epochs": epochs, "batch": batch, "lr": lr, "seed": seed, "input_side": input_side,
+                "sources": [str(s) for s in sources], "images": n}
+    cfg = DermXConfig(input_side=input_side, guided=guided)
+    torch.manual_seed(seed)
+    net = DermXNet(cfg).to(dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    start, history = 0, []
+    ckpt = out / CHECKPOINT_DIR
+    if (ckpt / WEIGHTS_FILE).is_file():
+        tensors, saved = load_state(ckpt, kind="dermx")
+        if saved.get("training", {}).get("settings") != settings:
+            raise GraderError(f"{ckpt}: holds a checkpoint of other settings; use another --out or remove it")
+        net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        restore_optimizer(opt, tensors)
+        start, history = int(saved["training"]["epoch"]), list(saved["training"]["loss_history"])
+    weights = torch.tensor(np.bincount(data.levels, minlength=4) + 1.0, dtype=torch.float32)
+    class_weight = (weights.sum() / (4 * weights)).to(dev)
+    total = epochs * per_epoch
+    net.train()
+    for epoch in range(start, epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        sums = np.zeros(3)
+        for b in range(per_epoch):
+            step = epoch * per_epoch + b
+            torch.manual_seed(seed * 1_000_003 + step)
+            idx = order[b * batch:(b + 1) * batch]
+            flip = np.random.default_rng([seed, epoch, b]).random(len(idx)) < 0.5
+            imgs = np.where(flip[:, None, None, None], data.images[idx][:, :, ::-1], data.images[idx])
+            masks = torch.from_numpy(np.where(flip[:, None, None, None], data.masks[idx][..., ::-1],
+                                              data.masks[idx]).copy()).to(dev)
+            x = to_tensor(list(imgs), input_side, dev)
+            levels = torch.from_numpy(data.levels[idx]).to(dev)
+            present = torch.from_numpy(data.present[idx]).to(dev)
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            if guided:
+                diag, chars, cams = net.forward_with_cams(x)
+                maps = F.interpolate(normalise_maps(cams), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+                cell = input_side // cams.shape[-1]
+                attention = dice_loss(maps, fuzzy_targets(masks, cell), present)
+            else:
+                diag, chars = net(x)
+                attention = torch.zeros((), device=dev)
+            ce = F.cross_entropy(diag, levels, weight=class_weight)
+            bce = F.binary_cross_entropy_with_logits(chars, present)
+            loss = LAMBDA_D * ce + LAMBDA_C * bce + (LAMBDA_A * attention if guided else 0)
+            if not torch.isfinite(loss):
+                raise GraderError(f"dermx training diverged at step {step + 1}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sums += [ce.item(), bce.item(), attention.item()]
+            if progress is not None:
+                progress(step + 1, f"loss {loss.item():.3f}")
+        history.append({"epoch": epoch + 1, "ce": round(sums[0] / per_epoch, 5), "bce": round(sums[1] / per_epoch, 5),
+                        "dice": round(sums[2] / per_epoch, 5)})
+        save_state(ckpt, {**{f"model.{k}": v for k, v in net.state_dict().items()}, **optimizer_tensors(opt)},
+                   {**cfg.to_json(), "training": {"settings": settings, "epoch": epoch + 1, "loss_history": history}})
+    net.eval()
+    cfg.training = {"settings": settings, "epoch": epochs, "loss_history": history}
+    DermX(cfg, net, device=str(dev)).save(out)
+    return DermX.load(out, device=str(dev))
+
+
+def evaluate_dermx(dermx: DermX, run: str | Path, *, plausibility: bool = True,
+                   progress: Callable[[int, str], None] | None = None) -> dict[str, float]:
+    """Characteristic F1 (macro, micro), level accuracy, severity MAE and explanation plausibility on a run."""
+    from sklearn.metrics import f1_score
+
+    run = Path(run)
+    chars = dermx.config.characteristics
+    manifest = rundir.read_manifest(run, ("image", "patient_id", "acne04_level", "severity"))
+    lesions = rundir.read_lesions(run, set(manifest["image"]))
+    by_image = dict(tuple(lesions.groupby("image", sort=False)))
+    truth, probs, levels, severity, plaus = [], [], [], [], []
+    for k, rel in enumerate(manifest["image"], start=1):
+        image = read_rgb(run / rel)
+        rows = by_image.get(rel, lesions.iloc[:0])
+        present = [LESION_TYPE[c] in set(rows["type"]) for c in chars]
+        level_p, char_p = dermx.probabilities([image])
+        truth.append(present), probs.append(char_p[0])
+        levels.append(int(level_p[0].argmax())), severity.append(float(level_p[0] @ np.arange(4)))
+        if plausibility and any(present):
+            maps = dermx.explain(image)
+            masks = characteristic_masks(run, rel, rows, chars)
+            plaus.extend(fuzzy_f1(maps[c], masks[c]) for c in range(len(chars)) if present[c])
+        if progress is not None:
+            progress(k, "")
+    y, p = np.asarray(truth, int), (np.asarray(probs) >= 0.5).astype(int)
+    used = [c for c in range(len(chars)) if y[:, c].any()]
+    return {"characteristic_F1_macro": float(f1_score(y[:, used], p[:, used], average="macro", zero_division=0)),
+            "characteristic_F1_micro": float(f1_score(y, p, average="micro", zero_division=0)),
+            **{f"F1_{chars[c]}": float(f1_score(y[:, c], p[:, c], zero_division=0)) for c in used},
+            "level_accuracy": float((np.asarray(levels) == manifest["acne04_level"].to_numpy(int)).mean()),
+            "severity_MAE": float(np.abs(np.asarray(severity) - manifest["severity"].to_numpy(float)).mean()),
+            "plausibility_F1": float(np.nanmean(plaus)) if plaus else float("nan"),
+            "images": float(len(manifest))}

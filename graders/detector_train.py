@@ -1,0 +1,356 @@
+"""Training data, training, evaluation and the RPN ablation of the lesion detector (``graders.detector``).
+
+Choices, stated once:
+
+* **Data.** A synthtrial run gives exact boxes and types (``lesions.parquet``; post-inflammatory marks are
+  not a detector class). ACNE04 gives Pascal VOC boxes without a type (``synthtrial.data.acne04``): a
+  detector trained on it has the one class ``lesion``; the two sources are not mixed. Images are resized
+  so that their longer side is ``image_side``; all images are held in memory as uint8.
+* **Masked crops** (Zhang et al. 3.1.2): each step draws ``batch`` (default 2) random ``tile`` x ``tile`` crops (and a
+  horizontal flip) from random images; a lesion cut by the crop edge is blacked out (its box inside the
+  crop set to 0) instead of being kept as a partial box.
+* **Optimiser.** AdamW (lr 2e-3, weight decay 1e-4, 50 warm-up steps, cosine decay, gradient norm clipped
+  at 10) rather than the paper's SGD 0.002: the backbone starts from random weights and the CPU budget is
+  a few hundred steps. Every step's draws come from ``(seed, step)``, so a resumed run ends with the same
+  bytes as an uninterrupted one. A checkpoint (weights and optimiser moments, safetensors) is written to
+  ``OUT/checkpoint/`` every ``save_every`` steps.
+* **Count threshold.** After training, the score threshold for counting is the one (0.05-0.95, step 0.05)
+  whose counts have the smallest mean absolute error on (up to 32) training images.
+* **Evaluation** uses pycocotools' ``COCOeval`` (AP@[.5:.95], AP50, AP_small, AR with up to 200 detections per
+  image), plus counting MAE / RMSE against the manifest's ``lesion_count`` and Hayashi-level accuracy against
+  its ``acne04_level``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from graders.base import CONFIG_FILE, WEIGHTS_FILE, GraderError, load_state, read_rgb, save_state
+from graders.detector import CLASSES, NOT_COUNTED, DetectorConfig, LesionDetector, build_model
+from synthtrial import rundir, scale
+from synthtrial.atomic import write_text_atomic
+
+CHECKPOINT_DIR = "checkpoint"
+ACNE04_CLASSES = ("lesion",)
+
+
+@dataclass
+class DetectionData:
+    """Images (uint8, longer side ``image_side``) with boxes (float32, same scale) and class indices."""
+
+    images: list[np.ndarray]
+    boxes: list[np.ndarray]
+    labels: list[np.ndarray]
+    classes: tuple[str, ...]
+    names: list[str]
+    true_counts: np.ndarray     # lesion count per image (active lesions), for the count threshold
+
+
+def _resize(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
+    from PIL import Image
+
+    factor = side / max(image.shape[:2])
+    if factor == 1.0:
+        return image, 1.0
+    size = (max(1, round(image.shape[1] * factor)), max(1, round(image.shape[0] * factor)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC)), factor
+
+
+def load_run_data(runs: Sequence[str | Path], image_side: int, classes: tuple[str, ...] = CLASSES) -> DetectionData:
+    """Every image of the runs with its boxes of ``classes`` (resized so the longer side is ``image_side``)."""
+    data = DetectionData([], [], [], tuple(classes), [], np.zeros(0))
+    counts = []
+    for run in runs:
+        manifest = rundir.read_manifest(run, ("image", "patient_id", "lesion_count"))
+        lesions = rundir.read_lesions(run, set(manifest["image"]))
+        lesions = lesions[lesions["type"].isin(classes)]
+        by_image = dict(tuple(lesions.groupby("image", sort=False)))
+        for rel, count in zip(manifest["image"], manifest["lesion_count"]):
+            image, factor = _resize(read_rgb(Path(run) / rel), image_side)
+            rows = by_image.get(rel)
+            if rows is None:
+                boxes, labels = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+            else:
+                boxes = rows[["x0", "y0", "x1", "y1"]].to_numpy(np.float32) * factor
+                labels = np.array([classes.index(t) for t in rows["type"]], np.int64)
+            data.images.append(image), data.boxes.append(boxes), data.labels.append(labels)
+            data.names.append(f"{run}:{rel}")
+            counts.append(float(count))
+    data.true_counts = np.asarray(counts)
+    return data
+
+
+def load_acne04_data(root: str | Path, image_side: int) -> DetectionData:
+    """ACNE04 images that have VOC boxes (one class, ``lesion``), resized so the longer side is ``image_side``."""
+    from synthtrial.data.acne04 import scan_acne04
+
+    items = [it for it in scan_acne04(root, check_images=False) if it.boxes is not None]
+    if not items:
+        raise GraderError(f"{root}: no ACNE04 image has VOC boxes (Detection.tar's XML files); cannot train a detector")
+    data = DetectionData([], [], [], ACNE04_CLASSES, [], np.zeros(0))
+    for item in items:
+        image, factor = _resize(read_rgb(item.path), image_side)
+        data.images.append(image), data.boxes.append(item.boxes.astype(np.float32) * factor)
+        data.labels.append(np.zeros(len(item.boxes), np.int64)), data.names.append(str(item.path))
+    data.true_counts = np.array([float(len(b)) for b in data.boxes])
+    return data
+
+
+def mean_lesion_size(data: DetectionData) -> float:
+    """The NWD constant C: mean of (w + h) / 2 over every box (pixels at the detector's scale)."""
+    boxes = np.concatenate([b for b in data.boxes if len(b)] or [np.zeros((0, 4), np.float32)])
+    if not len(boxes):
+        raise GraderError("the training data has no lesion boxes of the detector's classes")
+    return float(np.mean(((boxes[:, 2] - boxes[:, 0]) + (boxes[:, 3] - boxes[:, 1])) / 2))
+
+
+def masked_crop(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, x: int, y: int,
+                tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A ``tile`` x ``tile`` crop at (x, y) (zero-padded past the image), the boxes wholly inside it (shifted),
+    their labels; lesions cut by the crop edge are blacked out in the crop instead of kept as partial boxes."""
+    crop = np.zeros((tile, tile, 3), np.uint8)
+    part = image[y:y + tile, x:x + tile]
+    crop[:part.shape[0], :part.shape[1]] = part
+    if not len(boxes):
+        return crop, np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+    shifted = boxes - np.array([x, y, x, y], np.float32)
+    inside = (shifted[:, 0] >= 0) & (shifted[:, 1] >= 0) & (shifted[:, 2] <= tile) & (shifted[:, 3] <= tile)
+    touches = (shifted[:, 2] > 0) & (shifted[:, 3] > 0) & (shifted[:, 0] < tile) & (shifted[:, 1] < tile)
+    for x0, y0, x1, y1 in shifted[touches & ~inside]:
+        crop[max(0, int(math.floor(y0))):max(0, int(math.ceil(y1))),
+             max(0, int(math.floor(x0))):max(0, int(math.ceil(x1)))] = 0
+    keep = inside & (shifted[:, 2] > shifted[:, 0]) & (shifted[:, 3] > shifted[:, 1])
+    return crop, shifted[keep], labels[keep]
+
+
+def _batch(data: DetectionData, tile: int, batch: int, rng: np.random.Generator, device: torch.device):
+    images, targets = [], []
+    for _ in range(batch):
+        k = int(rng.integers(len(data.images)))
+        image = data.images[k]
+        x = int(rng.integers(max(1, image.shape[1] - tile + 1)))
+        y = int(rng.integers(max(1, image.shape[0] - tile + 1)))
+        crop, boxes, labels = masked_crop(image, data.boxes[k], data.labels[k], x, y, tile)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+            boxes = np.stack([tile - boxes[:, 2], boxes[:, 1], tile - boxes[:, 0], boxes[:, 3]], 1) if len(boxes) \
+                else boxes
+        images.append(torch.from_numpy(np.ascontiguousarray(crop)).to(device).permute(2, 0, 1).float() / 255.0)
+        targets.append({"boxes": torch.as_tensor(boxes, dtype=torch.float32, device=device).reshape(-1, 4),
+                        "labels": torch.as_tensor(labels + 1, dtype=torch.int64, device=device)})
+    return images, targets
+
+
+def _lr(step: int, steps: int, base: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for index, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"optimizer.{index}.{key}"] = torch.as_tensor(value)
+    return out
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nwd", steps: int = 600,
+                   batch: int = 2, lr: float = 2e-3, seed: int = 0, image_side: int = 512, tile: int = 256,
+                   save_every: int = 100, device: str | None = None, sources: Sequence[str] = (),
+                   progress: Callable[[int, str], None] | None = None) -> LesionDetector:
+    """Train a detector on ``data`` and save it to ``out`` (``model.safetensors`` + ``config.json``).
+
+    Resumes from ``out/checkpoint`` when it holds a checkpoint of the same settings. ``progress(step, status)``
+    is called after every step.
+    """
+    from graders.base import resolve_device
+
+    dev = resolve_device(device)
+    out = Path(out)
+    settings = {"head": head, "steps": steps, "batch": batch, "lr": lr, "seed": seed, "image_side": image_side,
+                "tile": tile, "classes": list(data.classes), "sources": [str(s) for s in sources],
+                "images": len(data.images)}
+    cfg = DetectorConfig(head=head, classes=data.classes, image_side=image_side, tile=tile,
+                         nwd_constant=round(mean_lesion_size(data), 3))
+    torch.manual_seed(seed)
+    model = build_model(cfg).to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    start, history = 0, []
+    ckpt = out / CHECKPOINT_DIR
+    if (ckpt / WEIGHTS_FILE).is_file():
+        tensors, saved = load_state(ckpt, kind="detector")
+        if saved.get("training", {}).get("settings") != settings:
+            raise GraderError(f"{ckpt}: holds a checkpoint of other settings; use another --out or remove it")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        restore_optimizer(opt, tensors)
+        start, history = int(saved["training"]["step"]), list(saved["training"]["loss_history"])
+    model.train()
+    window: list[float] = []
+    for step in range(start, steps):
+        rng = np.random.default_rng([seed, step])
+        torch.manual_seed(seed * 1_000_003 + step)
+        images, targets = _batch(data, tile, batch, rng, dev)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr)
+        losses = model(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise GraderError(f"detector training diverged at step {step + 1} (loss {loss.item()}); lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        opt.step()
+        window.append(float(loss.item()))
+        if len(window) == 25 or step == steps - 1:
+            history.append({"step": step + 1, "loss": round(float(np.mean(window)), 5),
+                            **{k: round(float(v.item()), 5) for k, v in losses.items()}})
+            window = []
+        if (step + 1) % save_every == 0 or step == steps - 1:
+            record = {"settings": settings, "step": step + 1, "loss_history": history}
+            save_state(ckpt, {**{f"model.{k}": v for k, v in model.state_dict().items()}, **optimizer_tensors(opt)},
+                       {**cfg.to_json(), "training": record})
+        if progress is not None:
+            progress(step + 1, f"loss {loss.item():.3f}")
+    model.eval()
+    detector = LesionDetector(cfg, model, device=str(dev))
+    cfg.count_threshold = calibrate_threshold(detector, data)
+    cfg.training = {"settings": settings, "step": steps, "loss_history": history,
+                    "count_threshold_from": f"{min(32, len(data.images))} training images"}
+    detector.save(out)
+    return LesionDetector.load(out, device=str(dev))
+
+
+def calibrate_threshold(detector: LesionDetector, data: DetectionData, limit: int = 32) -> float:
+    """The score threshold (0.05-0.95) whose active-lesion counts have the smallest MAE on up to ``limit`` images."""
+    picks = np.linspace(0, len(data.images) - 1, min(limit, len(data.images))).round().astype(int)
+    found = [detector.detect(data.images[k]) for k in picks]
+    counted = [k for k, c in enumerate(detector.config.classes) if c not in NOT_COUNTED]
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
+    errors = []
+    for t in grid:
+        pred = np.array([np.isin(f["labels"][f["scores"] >= t], counted).sum() for f in found], float)
+        errors.append(np.abs(pred - data.true_counts[picks]).mean())
+    return float(grid[int(np.argmin(errors))])
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+def evaluate_detector(detector: LesionDetector, run: str | Path,
+                      progress: Callable[[int, str], None] | None = None) -> tuple[dict[str, float], list[dict]]:
+    """COCO AP / AP50 / AP_small / AR (pycocotools) and counting MAE / RMSE / level accuracy on a run.
+
+    Returns the metrics and the detections in COCO results format (``image_id``, ``category_id``, ``bbox``
+    as x, y, w, h, ``score``).
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    classes = detector.config.classes
+    if tuple(classes) != CLASSES:
+        raise GraderError(f"evaluation on a synthtrial run needs a detector of the classes {', '.join(CLASSES)}; "
+                          f"this one has {', '.join(classes)}")
+    manifest = rundir.read_manifest(run, ("image", "patient_id", "lesion_count", "acne04_level"))
+    lesions = rundir.read_lesions(run, set(manifest["image"]))
+    lesions = lesions[lesions["type"].isin(classes)]
+    images, annotations, results, counts = [], [], [], []
+    by_image = dict(tuple(lesions.groupby("image", sort=False)))
+    for k, rel in enumerate(manifest["image"], start=1):
+        image = read_rgb(Path(run) / rel)
+        images.append({"id": k, "file_name": rel, "height": int(image.shape[0]), "width": int(image.shape[1])})
+        rows = by_image.get(rel)
+        if rows is not None:
+            for r in rows.itertuples(index=False):
+                w, h = float(r.x1 - r.x0), float(r.y1 - r.y0)
+                annotations.append({"id": len(annotations) + 1, "image_id": k, "category_id": classes.index(r.type) + 1,
+                                    "bbox": [float(r.x0), float(r.y0), w, h], "area": w * h, "iscrowd": 0})
+        found = detector.detect(image)
+        counts.append(detector.counts(found)["count"])
+        for box, label, score in zip(found["boxes"], found["labels"], found["scores"]):
+            results.append({"image_id": k, "category_id": int(label) + 1, "score": round(float(score), 5),
+                            "bbox": [round(float(box[0]), 3), round(float(box[1]), 3),
+                                     round(float(box[2] - box[0]), 3), round(float(box[3] - box[1]), 3)]})
+        if progress is not None:
+            progress(k, "")
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": annotations,
+                  "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        stats = np.full(12, np.nan)
+        if results:
+            evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
+            evaluator.params.maxDets = [10, 100, 200]
+            evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+            stats = evaluator.stats
+    truth = manifest["lesion_count"].to_numpy(float)
+    pred = np.asarray(counts)
+    levels = scale.acne04_level_from_count(pred)
+    metrics = {"AP": float(stats[0]), "AP50": float(stats[1]), "AP_small": float(stats[3]),
+               "AR": float(stats[8]), "count_MAE": float(np.abs(pred - truth).mean()),
+               "count_RMSE": float(np.sqrt(((pred - truth) ** 2).mean())),
+               "level_accuracy": float((levels == manifest["acne04_level"].to_numpy(int)).mean()),
+               "images": float(len(manifest)), "lesions": float(len(annotations))}
+    return metrics, results
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> Path:
+    return write_text_atomic(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+ABLATION = (("rpn", "Faster R-CNN (plain RPN)"), ("sadh", "+ SADH"), ("sadh_nwd", "+ SADH + NWD"))
+
+
+def run_ablation(train_runs: Sequence[str | Path], test_run: str | Path, out: str | Path, *, steps: int, batch: int,
+                 seed: int, device: str | None = None,
+                 progress: Callable[[str, int, int, str], None] | None = None) -> pd.DataFrame:
+    """Train the three RPN variants on the same data with the same seed and evaluate each on ``test_run``.
+
+    Each variant goes to ``out/<head>/`` (resumable); the table is written to ``out/ablation.csv``.
+    """
+    out = Path(out)
+    data = load_run_data(train_runs, 512)
+    rows = []
+    for head, label in ABLATION:
+        def step_cb(step: int, status: str, head: str = head) -> None:
+            if progress is not None:
+                progress(head, step, steps, status)
+        folder = out / head
+        if (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file():
+            detector = LesionDetector.load(folder, device=device)
+            done = detector.config.training.get("settings", {})
+            wanted = {"head": head, "steps": steps, "batch": batch, "seed": seed,
+                      "sources": [str(r) for r in train_runs]}
+            if any(done.get(k) != v for k, v in wanted.items()):
+                raise GraderError(f"{folder}: holds a detector trained with other settings "
+                                  f"({ {k: done.get(k) for k in wanted} }); use another --out or remove it")
+        else:
+            detector = train_detector(data, folder, head=head, steps=steps, batch=batch, seed=seed, device=device,
+                                      sources=[str(r) for r in train_runs], progress=step_cb)
+        metrics, _ = evaluate_detector(detector, test_run)
+        write_metrics(folder / "metrics.json", metrics)
+        rows.append({"variant": label, "head": head, **metrics})
+    table = pd.DataFrame(rows)
+    write_text_atomic(out / "ablation.csv", table.to_csv(index=False))
+    return table

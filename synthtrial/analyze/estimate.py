@@ -1,0 +1,119 @@
+"""What every estimator in :mod:`synthtrial.analyze` returns, and the input checks they share.
+
+:class:`Estimate` is one effect (arm minus reference) with SE, CI, p, df and a note saying how it was
+made. :func:`working_frame` validates a tidy frame (``patient_id``, ``day``, ``treatment``, an outcome)
+into the columns the estimators fit; every rejection is a one-line :class:`SynthtrialError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from synthtrial.errors import SynthtrialError
+
+_NAN = float("nan")
+_MAX_SHOWN = 12
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One effect estimate (arm minus reference) with its uncertainty; ``note`` says how it was made."""
+
+    estimate: float
+    se: float
+    ci_low: float
+    ci_high: float
+    p: float
+    df: float | None = None
+    note: str = ""
+
+
+def _missing(note: str, estimate: float = _NAN) -> Estimate:
+    return Estimate(estimate, _NAN, _NAN, _NAN, _NAN, None, note)
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(part for part in parts if part)
+
+
+def _show(names: Collection[Any]) -> str:
+    shown = [str(name) for name in list(names)[:_MAX_SHOWN]]
+    more = len(names) - len(shown)
+    return ", ".join(shown) + (f", ... ({more} more)" if more > 0 else "")
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 < float(alpha) < 1.0:
+        raise SynthtrialError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
+
+
+
+def _term(reference: str) -> str:
+    return f"C(treatment, Treatment({str(reference)!r}))"
+
+
+def _coef_name(reference: str, arm: str) -> str:
+    return f"{_term(reference)}[T.{arm}]"
+
+
+def _working_frame(frame: pd.DataFrame, outcome: str, reference: str, need: Sequence[str]) -> tuple[pd.DataFrame, int]:
+    """Validated copy with columns ``y``, ``treatment`` (str) and ``need``; rows without an outcome dropped."""
+    if not isinstance(frame, pd.DataFrame):
+        raise SynthtrialError(f"expected a pandas DataFrame, got {type(frame).__name__}")
+    missing = [col for col in (*need, "treatment", outcome) if col not in frame.columns]
+    if missing:
+        raise SynthtrialError(f"missing column(s) {_show([repr(m) for m in dict.fromkeys(missing)])} "
+                              f"(columns present: {_show(list(frame.columns))})")
+    values = frame[outcome]
+    if not pd.api.types.is_numeric_dtype(values):
+        raise SynthtrialError(f"outcome '{outcome}' is not numeric (dtype {values.dtype})")
+    y = pd.to_numeric(values, errors="coerce").astype(float).to_numpy()
+    keep = np.isfinite(y)
+    work = pd.DataFrame({"y": y[keep], "treatment": frame["treatment"].astype(str).to_numpy()[keep]})
+    for col in need:
+        work[col] = frame[col].to_numpy()[keep]
+    if "day" in need:
+        day = pd.to_numeric(work["day"], errors="coerce").to_numpy(dtype=float)
+        if not np.all(np.isfinite(day)) or np.any(day != np.round(day)):
+            raise SynthtrialError("column 'day' must hold whole numbers")
+        work["day"] = day.astype(np.int64)
+    if "patient_id" in need:
+        work["patient_id"] = work["patient_id"].astype(str)
+    present = list(dict.fromkeys(frame["treatment"].astype(str)))
+    if str(reference) not in present:
+        raise SynthtrialError(f"reference '{reference}' is not a treatment in the data "
+                              f"(treatments present: {_show(present)})")
+    if not (work["treatment"] == str(reference)).any():
+        raise SynthtrialError(f"no reference ('{reference}') row has a value of '{outcome}'")
+    return work, int((~keep).sum())
+
+
+def _arms_in(work: pd.DataFrame, reference: str) -> list[str]:
+    arms = [arm for arm in dict.fromkeys(work["treatment"]) if arm != str(reference)]
+    if not arms:
+        raise SynthtrialError(f"no arm besides the reference '{reference}' to compare with it")
+    return arms
+
+
+def _dropped_note(dropped: int, outcome: str) -> str:
+    return f"dropped {dropped} row(s) with missing '{outcome}'" if dropped else ""
+
+
+
+def t_quantile(probability: float, df: float) -> float:
+    """Student t quantile (scipy.special.stdtrit: the same number as ``scipy.stats.t.ppf``, without its overhead)."""
+    from scipy import special
+
+    return float(special.stdtrit(df, probability))
+
+
+def t_two_sided_p(statistic: float, df: float) -> float:
+    """Two-sided p-value of a t statistic (``2 * scipy.stats.t.sf(|t|, df)``, via scipy.special.stdtr)."""
+    from scipy import special
+
+    return float(2.0 * special.stdtr(df, -abs(statistic)))

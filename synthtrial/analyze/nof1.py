@@ -1,0 +1,444 @@
+"""Per-patient tests that stay valid on autocorrelated daily series with wash-in, washout and a trend.
+
+A patient's daily outcome is AR(1)-correlated, shifts slowly when a treatment starts or stops, and may
+drift; day-level tests that treat days as independent (Welch, day-level permutation) read the drift and
+the correlation as an effect. The methods here were chosen by simulation (``synthtrial power``; the
+table is in README.md) and each rests on one stated assumption. Every estimate is the *delivered*
+effect of an arm against the reference: the mean outcome on the arm's days minus the mean on reference
+days, kinetics included, which is what ``truth.json``'s ``delivered_effects`` hold.
+
+* ``period`` — **period-level analysis**, the classic N-of-1 analysis: one mean per treatment period
+  (a maximal run of days on one treatment; excluded days such as washout end a run), then OLS of the
+  period means on the arms [+ the period's mid-day] with t on ``periods - coefficients`` df. Assumes
+  period means are independent with equal variance: true when periods are long against the AR(1)
+  memory (a 28-day period with phi 0.6 leaves a correlation of about 0.03 between neighbouring means).
+  Honest but weak with few periods (the anchor design leaves 1 df once a trend is fitted).
+* ``randomization`` — **randomisation test over the design's own scheme**: the period-level statistic
+  recomputed under every treatment order the design could have drawn (``TrialDesign.randomize``: which
+  arm starts an ABAB series, each pair's order, the order of the active arms' cycle). Valid by
+  construction under the sharp null for a randomised design, whatever the serial correlation or trend.
+  A fixed-order design (the anchor protocol) has no randomisation distribution: the row says so
+  (estimate given, p NaN). Gives a p-value, not a CI. Its smallest attainable p is 2 / (number of orders)
+  (an order and its mirror image give the same |statistic|): randomised pairs need at least 6 pairs
+  (64 orders) before anything can be rejected at alpha 0.05, and an ABAB series (2 orders) never can.
+* ``gls_kinetics`` — **GLS with AR(1) errors where the treatment enters through its exposure**: each arm's
+  first-order exposure curve (:func:`synthtrial.simulate.exposure`, computed over the patient's calendar)
+  is the regressor, so a wash-in ramp is a mean shift, not autocorrelation. The steady-state effects are
+  turned into the delivered contrast (a linear combination; SE by the delta rule, exact here). ``phi`` by
+  REML; t with Satterthwaite df that account for the uncertainty of (phi, sigma^2) (:func:`satterthwaite_df`;
+  with n - p df the test rejected 6.5% of null contrasts on the anchor design). Assumes the half-lives are right: those of the design when the run was
+  simulated (``truth.json``), else the common half-life on a grid (0-12 days) that maximises the
+  likelihood (its selection is not propagated into the CI).
+* ``hac`` — OLS on the days with arm indicators [+ day] and Newey-West (HAC) standard errors, Bartlett
+  kernel, ``floor(4 (n/100)^(2/9))`` lags, small-sample correction, t on ``n - p`` df. Its estimate is the
+  delivered effect directly; its SE assumes the correlation dies out within the lag window, which a
+  period-level contrast does not respect with few periods (it over-rejects on the shipped designs, see
+  README.md: descriptive).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import optimize
+
+from synthtrial.analyze.estimate import t_quantile, t_two_sided_p
+from synthtrial.errors import SynthtrialError
+
+#: Half-lives (days) tried when the kinetics are not given.
+HALF_LIFE_GRID = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
+#: Bound of the AR(1) coefficient (as nlme's corAR1, open interval (-1, 1)).
+PHI_BOUND = 0.99
+#: Largest randomisation distribution enumerated exactly; beyond it a seeded Monte-Carlo sample is used.
+EXACT_LIMIT = 20000
+
+_NAN = float("nan")
+
+
+@dataclass(frozen=True)
+class Kinetics:
+    """First-order wash-in and washout half-lives in days (0 switches instantly)."""
+
+    washin_half_life: float
+    washout_half_life: float
+
+    @classmethod
+    def from_truth(cls, truth: Mapping | None) -> Kinetics | None:
+        model = (truth or {}).get("model") or {}
+        try:
+            return cls(float(model["washin_half_life"]), float(model["washout_half_life"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+# ----------------------------------------------------------------------------------------------- AR(1)
+
+def ar1_whiten(values: np.ndarray, phi: float, gaps: np.ndarray) -> np.ndarray:
+    """Prais-Winsten whitening of rows (or of a stack of columns) over a gapped AR(1) chain."""
+    rho = phi ** gaps
+    scale = np.sqrt(1.0 - rho ** 2)
+    cols = values.reshape(values.shape[0], -1)
+    out = np.vstack([cols[:1], (cols[1:] - rho[:, None] * cols[:-1]) / scale[:, None]])
+    return out.reshape(values.shape)
+
+
+def _deviances(phis: np.ndarray, y: np.ndarray, x: np.ndarray, gaps: np.ndarray, reml: bool) -> np.ndarray:
+    """-2 log-likelihood (REML or ML, sigma^2 profiled, constants dropped) at each phi, vectorised."""
+    phis = np.atleast_1d(np.asarray(phis, dtype=float))
+    n, p = x.shape
+    rho = phis[:, None] ** gaps[None, :]                                   # (G, n-1)
+    innovation = 1.0 - rho ** 2
+    scale = np.sqrt(innovation)
+    data = np.concatenate([x, y[:, None]], axis=1)                         # (n, p+1)
+    first = np.broadcast_to(data[:1], (phis.size, 1, p + 1))
+    rest = (data[None, 1:] - rho[:, :, None] * data[None, :-1]) / scale[:, :, None]
+    w = np.concatenate([first, rest], axis=1)                              # (G, n, p+1)
+    gram = np.einsum("gni,gnj->gij", w, w)
+    xx, xy, yy = gram[:, :p, :p], gram[:, :p, p], gram[:, p, p]
+    sign, logdet_xx = np.linalg.slogdet(xx)
+    beta = np.linalg.solve(xx, xy[:, :, None])[:, :, 0]
+    rss = yy - np.einsum("gi,gi->g", beta, xy)
+    logdet_r = np.log(innovation).sum(axis=1)
+    dof = n - p if reml else n
+    dev = logdet_r + dof * np.log(np.maximum(rss, 1e-300)) + (logdet_xx if reml else 0.0)
+    return np.where((rss > 0) & (sign > 0) & np.isfinite(dev), dev, 1e300)  # finite: Brent needs numbers
+
+
+def fit_phi(y: np.ndarray, x: np.ndarray, gaps: np.ndarray, *, reml: bool = True) -> tuple[float, float]:
+    """The AR(1) coefficient maximising the (restricted) likelihood on ``[-0.99, 0.99]``, and its deviance.
+
+    A 67-point grid evaluated at once, then Brent's method between the best point's neighbours.
+    """
+    grid = np.linspace(-PHI_BOUND, PHI_BOUND, 67)
+    dev = _deviances(grid, y, x, gaps, reml)
+    best = int(np.argmin(dev))
+    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, grid.size - 1)]
+    found = optimize.minimize_scalar(lambda phi: float(_deviances(phi, y, x, gaps, reml)[0]), bounds=(lo, hi),
+                                     method="bounded", options={"xatol": 1e-7})
+    if found.fun <= dev[best]:
+        return float(found.x), float(found.fun)
+    return float(grid[best]), float(dev[best])
+
+
+def gls_fit(y: np.ndarray, x: np.ndarray, gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """GLS with REML AR(1) errors: coefficients, their covariance, phi, sigma^2."""
+    phi, _ = fit_phi(y, x, gaps)
+    wy, wx = ar1_whiten(y, phi, gaps), ar1_whiten(x, phi, gaps)
+    beta, *_ = np.linalg.lstsq(wx, wy, rcond=None)
+    resid = wy - wx @ beta
+    sigma2 = float(resid @ resid) / (y.size - x.shape[1])
+    cov = sigma2 * np.linalg.inv(wx.T @ wx)
+    return beta, cov, phi, sigma2
+
+
+def _reml_deviance_full(phi: float, sigma2: float, y: np.ndarray, x: np.ndarray, gaps: np.ndarray) -> float:
+    """-2 REML log-likelihood (constants dropped) at (phi, sigma^2), not profiled."""
+    wy, wx = ar1_whiten(y, phi, gaps), ar1_whiten(x, phi, gaps)
+    gram = wx.T @ wx
+    beta = np.linalg.solve(gram, wx.T @ wy)
+    rss = float(np.sum((wy - wx @ beta) ** 2))
+    logdet_r = float(np.log(1.0 - (phi ** gaps) ** 2).sum())
+    return (y.size - x.shape[1]) * math.log(sigma2) + logdet_r + float(np.linalg.slogdet(gram)[1]) + rss / sigma2
+
+
+def satterthwaite_df(y: np.ndarray, x: np.ndarray, gaps: np.ndarray, phi: float, sigma2: float,
+                     contrast: np.ndarray) -> float:
+    """Satterthwaite df of ``contrast' beta`` in GLS-AR(1) with (phi, sigma^2) estimated by REML.
+
+    ``df = 2 v^2 / (g' C g)``: v the contrast's variance, g its gradient in (phi, sigma^2) and C the inverse
+    observed REML information of (phi, sigma^2) (numerical derivatives), as lmerTest does for mixed models.
+    It widens the CI where the contrast's variance is sensitive to an uncertain phi (slow level shifts).
+    """
+    def variance(ph: float, s2: float) -> float:
+        wx = ar1_whiten(x, ph, gaps)
+        return float(s2 * contrast @ np.linalg.solve(wx.T @ wx, contrast))
+
+    h = min(1e-4, (PHI_BOUND - abs(phi)) / 2) if abs(phi) < PHI_BOUND else 0.0
+    v = variance(phi, sigma2)
+    if h <= 0 or not v > 0:
+        return float(y.size - x.shape[1])
+    hs = 1e-4 * sigma2
+    f = lambda a, b: 0.5 * _reml_deviance_full(phi + a, sigma2 + b, y, x, gaps)  # noqa: E731
+    f0 = f(0.0, 0.0)
+    h_pp = (f(h, 0) - 2 * f0 + f(-h, 0)) / h ** 2
+    h_ss = (f(0, hs) - 2 * f0 + f(0, -hs)) / hs ** 2
+    h_ps = (f(h, hs) - f(h, -hs) - f(-h, hs) + f(-h, -hs)) / (4 * h * hs)
+    info = np.array([[h_pp, h_ps], [h_ps, h_ss]])
+    grad = np.array([(variance(phi + h, sigma2) - variance(phi - h, sigma2)) / (2 * h), v / sigma2])
+    try:
+        spread = float(grad @ np.linalg.solve(info, grad))
+    except np.linalg.LinAlgError:
+        return float(y.size - x.shape[1])
+    if not spread > 0:
+        return float(y.size - x.shape[1])
+    return float(min(max(2 * v * v / spread, 1.0), y.size - x.shape[1]))
+
+
+# ----------------------------------------------------------------------------------------------- periods
+
+def periods(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, excluded: set[str],
+            blocks: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per treatment period (a run of days on one treatment, in day order; excluded days end it).
+
+    ``days``/``treatments`` cover every scheduled row of the patient (excluded ones included, so that a
+    washout separates periods); ``values`` is NaN where the outcome is missing. ``blocks`` (the protocol's
+    block column) also ends a run where it changes, so that two adjacent periods on the same arm (pairs
+    ``AB BA``) stay two. Columns: ``treatment``, ``mid`` (mean day), ``mean`` (of the values present), ``n``.
+    """
+    order = np.argsort(days, kind="stable")
+    days, treatments, values = days[order], treatments[order].astype(str), values[order]
+    blocks = None if blocks is None else pd.Series(blocks).iloc[order].astype(str).to_numpy()
+    rows, start = [], 0
+    for i in range(1, days.size + 1):
+        if (i == days.size or treatments[i] != treatments[start]
+                or (blocks is not None and blocks[i] != blocks[start])):
+            if treatments[start] not in excluded:
+                v = values[start:i]
+                present = np.isfinite(v)
+                if present.any():
+                    rows.append({"treatment": treatments[start], "mid": float(days[start:i][present].mean()),
+                                 "mean": float(v[present].mean()), "n": int(present.sum())})
+            start = i
+    return pd.DataFrame(rows, columns=["treatment", "mid", "mean", "n"])
+
+
+def _period_design(labels: Sequence[str], mids: np.ndarray, reference: str, arms: Sequence[str],
+                   trend: bool) -> np.ndarray:
+    cols = [np.ones(len(labels))] + [np.asarray([lab == arm for lab in labels], dtype=float) for arm in arms]
+    if trend:
+        cols.append(mids - mids.mean())
+    return np.column_stack(cols)
+
+
+def period_level(table: pd.DataFrame, reference: str, arms: Sequence[str], *, trend: bool = True,
+                 alpha: float = 0.05) -> dict[str, tuple[float, float, float, float, float, float, str]]:
+    """OLS of period means on the arms [+ mid-day]: per arm (estimate, se, ci_low, ci_high, p, df, note)."""
+    labels = table["treatment"].tolist()
+    arms = [a for a in arms if a in labels]
+    if reference not in labels or not arms:
+        return {}
+    x = _period_design(labels, table["mid"].to_numpy(dtype=float), reference, arms, trend)
+    y = table["mean"].to_numpy(dtype=float)
+    k, p = x.shape
+    out = {}
+    if k < p:
+        return {a: (_NAN, _NAN, _NAN, _NAN, _NAN, _NAN, f"{k} periods leave no df for {p} coefficients")
+                for a in arms}
+    if np.linalg.matrix_rank(x) < p:
+        return {a: (_NAN, _NAN, _NAN, _NAN, _NAN, _NAN, "periods cannot separate the arms"
+                    + (" from the trend" if trend else "")) for a in arms}
+    beta, *_ = np.linalg.lstsq(x, y, rcond=None)
+    df = k - p
+    note = f"{k} periods, t on {df} df" + ("; trend-adjusted" if trend else "")
+    if df < 1:
+        return {a: (float(beta[1 + i]), _NAN, _NAN, _NAN, _NAN, _NAN,
+                    f"{k} periods leave no df for {p} coefficients") for i, a in enumerate(arms)}
+    resid = y - x @ beta
+    sigma2 = float(resid @ resid) / df
+    cov = sigma2 * np.linalg.inv(x.T @ x)
+    q = t_quantile(1 - alpha / 2, df)
+    for i, arm in enumerate(arms):
+        est, se = float(beta[1 + i]), float(math.sqrt(max(cov[1 + i, 1 + i], 0.0)))
+        if se == 0.0:
+            out[arm] = (est, 0.0, est, est, _NAN, float(df), note + "; no residual variation")
+            continue
+        p_value = t_two_sided_p(est / se, df)
+        out[arm] = (est, se, est - q * se, est + q * se, p_value, float(df), note)
+    return out
+
+
+# ------------------------------------------------------------------------------------- randomisation
+
+def design_orders(design) -> list[tuple[str, ...]] | None:
+    """Every period order a :class:`~synthtrial.simulate.TrialDesign` could assign (None if fixed)."""
+    if not design.randomize:
+        return None
+    ref, active = design.arms[0], list(design.arms[1:])
+    if design.design == "baseline-alternating":
+        orders = set()
+        for perm in itertools.permutations(active):
+            orders.add(tuple([ref] + [perm[b % len(perm)] for b in range(design.blocks - 1)]))
+        return sorted(orders)
+    if design.design == "abab":
+        a, b = ref, active[0]
+        return [tuple(a if i % 2 == 0 else b for i in range(design.blocks)),
+                tuple(b if i % 2 == 0 else a for i in range(design.blocks))]
+    pairs = [(ref, active[0]), (active[0], ref)]
+    return [tuple(itertools.chain.from_iterable(choice)) for choice in itertools.product(pairs, repeat=design.blocks)]
+
+
+def randomization_test(table: pd.DataFrame, reference: str, arms: Sequence[str], orders: Sequence[tuple[str, ...]],
+                       *, trend: bool = True, seed: int = 0) -> dict[str, tuple[float, float, str]]:
+    """Per arm (statistic, two-sided p, note): the period-level estimate against its randomisation distribution.
+
+    ``p = #{orders with |stat| >= |observed|} / #orders`` over every order the design could draw (the
+    observed one included), exact when there are at most :data:`EXACT_LIMIT`, else over that many drawn
+    from ``seed`` plus the observed order.
+    """
+    labels = tuple(table["treatment"].tolist())
+    arms = [a for a in arms if a in labels]
+    if not arms:
+        return {}
+    matching = [o for o in orders if len(o) == len(labels)]
+    if labels not in set(matching):
+        return {a: (_NAN, _NAN, "the patient's periods do not follow the design's scheme") for a in arms}
+    if len(matching) > EXACT_LIMIT:
+        rng = np.random.default_rng(seed)
+        matching = [labels] + [matching[i] for i in rng.integers(0, len(matching), EXACT_LIMIT)]
+        how = f"monte carlo, {EXACT_LIMIT} orders"
+    else:
+        how = f"exact over {len(matching)} orders"
+    mids = table["mid"].to_numpy(dtype=float)
+    y = table["mean"].to_numpy(dtype=float)
+
+    def statistic(order: tuple[str, ...]) -> np.ndarray:
+        x = _period_design(order, mids, reference, arms, trend)
+        if np.linalg.matrix_rank(x) < x.shape[1]:
+            return np.full(len(arms), _NAN)
+        beta, *_ = np.linalg.lstsq(x, y, rcond=None)
+        return beta[1:1 + len(arms)]
+
+    observed = statistic(labels)
+    null = np.array([statistic(o) for o in matching])
+    tol = 1e-12 * max(1.0, float(np.nanmax(np.abs(null))) if np.isfinite(null).any() else 1.0)
+    out = {}
+    for i, arm in enumerate(arms):
+        column = null[:, i]
+        usable = np.isfinite(column)
+        p = float(np.count_nonzero(np.abs(column[usable]) >= abs(observed[i]) - tol) / usable.sum())
+        out[arm] = (float(observed[i]), p, how + ("; trend-adjusted" if trend else ""))
+    return out
+
+
+# ----------------------------------------------------------------------------------- kinetics GLS, HAC
+
+def exposures(days: np.ndarray, treatments: np.ndarray, arms: Sequence[str], kinetics: Kinetics) -> np.ndarray:
+    """Each arm's exposure on each given day (columns follow ``arms``), over the patient's full calendar.
+
+    As in the simulator, a day the schedule skips continues the previous day's treatment.
+    """
+    from synthtrial.simulate import exposure
+
+    order = np.argsort(days, kind="stable")
+    d, t = days[order], treatments[order].astype(str)
+    grid = np.arange(int(d[0]), int(d[-1]) + 1)
+    on_day = pd.Series(t, index=d).groupby(level=0).first().reindex(grid).ffill().to_numpy()
+    position = {int(day): i for i, day in enumerate(grid)}
+    index = np.array([position[int(day)] for day in days])
+    columns = [exposure(on_day == arm, kinetics.washin_half_life, kinetics.washout_half_life)[index] for arm in arms]
+    return np.column_stack(columns) if columns else np.zeros((days.size, 0))
+
+
+def gls_kinetics(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, reference: str, arms: Sequence[str],
+                 excluded: set[str], *, kinetics: Kinetics | None = None, trend: bool = True,
+                 alpha: float = 0.05, exposure: tuple[Sequence[str], np.ndarray] | None = None,
+                 ) -> dict[str, tuple[float, float, float, float, float, float, str]]:
+    """Delivered effects from GLS-AR(1) on the arms' exposure curves; per arm (est, se, lo, hi, p, df, note).
+
+    ``exposure`` may carry the curves already computed with ``kinetics``: (their arms, rows x arms).
+    """
+    treatments = treatments.astype(str)
+    use = np.isfinite(values) & ~np.isin(treatments, list(excluded))
+    order = np.argsort(days[use], kind="stable")
+    d, t, y = days[use][order], treatments[use][order], values[use][order]
+    arms = [a for a in arms if (t == a).any()]
+    if not arms or not (t == reference).any():
+        return {}
+    all_arms = sorted({a for a in treatments if a != reference and a not in excluded})
+    gaps = np.diff(d).astype(float)
+    p = 1 + len(all_arms) + int(trend)
+    if d.size - p < 3:
+        return {a: (_NAN, _NAN, _NAN, _NAN, _NAN, _NAN, f"too few days ({d.size}) for {p} coefficients and phi")
+                for a in arms}
+
+    def design(kin: Kinetics) -> np.ndarray:
+        if exposure is not None and kin == kinetics and set(all_arms) <= set(exposure[0]):
+            x = exposure[1][:, [list(exposure[0]).index(a) for a in all_arms]][use][order]
+        else:
+            x = exposures(days, treatments, all_arms, kin)[use][order]
+        cols = [np.ones(d.size), x] + ([(d - d.mean())[:, None].astype(float)] if trend else [])
+        return np.column_stack(cols)
+
+    if kinetics is None:
+        best = None
+        for h in HALF_LIFE_GRID:
+            x = design(Kinetics(h, h))
+            if np.linalg.matrix_rank(x) < x.shape[1]:
+                continue
+            _, dev = fit_phi(y, x, gaps, reml=False)
+            if best is None or dev < best[0]:
+                best = (dev, h)
+        if best is None:
+            return {a: (_NAN, _NAN, _NAN, _NAN, _NAN, _NAN, "exposures are collinear at every half-life") for a in arms}
+        kinetics = Kinetics(best[1], best[1])
+        kin_note = f"half-life {best[1]:g} d (profile ML over {len(HALF_LIFE_GRID)} values)"
+    else:
+        kin_note = f"half-lives in {kinetics.washin_half_life:g} d / out {kinetics.washout_half_life:g} d"
+    x = design(kinetics)
+    if np.linalg.matrix_rank(x) < x.shape[1]:
+        return {a: (_NAN, _NAN, _NAN, _NAN, _NAN, _NAN, "exposures and trend are collinear") for a in arms}
+    df = float(d.size - x.shape[1])
+    ref_days = t == reference
+    if np.sum((y - y.mean()) ** 2) <= 1e-24 * max(1.0, float(y @ y)):
+        beta, cov, phi, note_phi = np.linalg.lstsq(x, y, rcond=None)[0], np.zeros((x.shape[1],) * 2), _NAN, "no variation"
+        sigma2 = 0.0
+    else:
+        beta, cov, phi, sigma2 = gls_fit(y, x, gaps)
+        note_phi = f"phi={phi:.4f} (REML)"
+    out = {}
+    for arm in arms:
+        c = np.zeros(x.shape[1])
+        c[1:1 + len(all_arms)] = x[t == arm, 1:1 + len(all_arms)].mean(axis=0) - x[ref_days, 1:1 + len(all_arms)].mean(axis=0)
+        est, se = float(c @ beta), float(math.sqrt(max(c @ cov @ c, 0.0)))
+        note = "; ".join([note_phi, kin_note, "delivered contrast of steady-state effects"]
+                         + (["trend-adjusted"] if trend else []))
+        if se == 0.0:
+            out[arm] = (est, 0.0, est, est, _NAN, df, note)
+            continue
+        arm_df = satterthwaite_df(y, x, gaps, phi, sigma2, c)
+        q = t_quantile(1 - alpha / 2, arm_df)
+        out[arm] = (est, se, est - q * se, est + q * se, t_two_sided_p(est / se, arm_df), arm_df,
+                    f"{note}; Satterthwaite t on {arm_df:.1f} df")
+    return out
+
+
+def hac(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, reference: str, arms: Sequence[str], *,
+        trend: bool = True, alpha: float = 0.05) -> dict[str, tuple[float, float, float, float, float, float, str]]:
+    """OLS on the days with Newey-West SEs (statsmodels ``cov_type='HAC'``); per arm (est, se, lo, hi, p, df, note)."""
+    import statsmodels.api as sm
+
+    order = np.argsort(days, kind="stable")
+    d, t, y = days[order].astype(float), treatments[order].astype(str), values[order]
+    arms = [a for a in arms if (t == a).any()]
+    cols = [np.ones(d.size)] + [(t == a).astype(float) for a in arms] + ([d - d.mean()] if trend else [])
+    x = np.column_stack(cols)
+    n, p = x.shape
+    if not arms or n - p < 2 or np.linalg.matrix_rank(x) < p:
+        return {a: (_NAN, _NAN, _NAN, _NAN, _NAN, _NAN, "too few days or a rank-deficient design") for a in arms}
+    lags = int(math.floor(4 * (n / 100) ** (2 / 9)))
+    fit = sm.OLS(y, x).fit(cov_type="HAC", cov_kwds={"maxlags": lags, "use_correction": True}, use_t=True)
+    df = float(n - p)
+    q = t_quantile(1 - alpha / 2, df)
+    out = {}
+    for i, arm in enumerate(arms):
+        est, se = float(fit.params[1 + i]), float(fit.bse[1 + i])
+        note = f"Newey-West, {lags} lags, t on {n - p} df" + ("; trend-adjusted" if trend else "")
+        if not (np.isfinite(se) and se > 0):
+            out[arm] = (est, _NAN, _NAN, _NAN, _NAN, df, note + "; no residual variation")
+            continue
+        out[arm] = (est, se, est - q * se, est + q * se, t_two_sided_p(est / se, df), df, note)
+    return out
+
+
+def check_kinetics(kinetics: Kinetics | None) -> None:
+    if kinetics is None:
+        return
+    for name in ("washin_half_life", "washout_half_life"):
+        value = getattr(kinetics, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise SynthtrialError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -1,0 +1,187 @@
+"""DermX: fuzzy F1 and Dice against hand-computed values, the differentiable Grad-CAM against the grad-cam
+package, maps with the image's aspect peaking inside the lesion masks on a trained toy case, characteristic
+masks from a run's instance masks, resumable training to the same bytes, pickles refused, the grader seam."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from graders.base import GraderError, get_grader, grade_run
+from graders.dermx import CHARACTERISTICS, DermX, DermXConfig, DermXNet, dice_loss, fuzzy_f1, normalise_maps, to_tensor
+from graders.dermx_train import DermXData, characteristic_masks, evaluate_dermx, fuzzy_targets, train_dermx
+from synthtrial import rundir
+from synthtrial.cli import app
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+PAPULE = CHARACTERISTICS.index("papule")
+
+
+def test_fuzzy_f1_and_dice_match_hand_computed_values():
+    cam = np.array([[1.0, 0.5], [0.0, 0.25]])
+    mask = np.array([[1.0, 1.0], [0.0, 0.0]])
+    # sum(min) = 1.5, sum(cam) = 1.75, sum(mask) = 2 -> 3 / 3.75
+    assert fuzzy_f1(cam, mask) == pytest.approx(0.8)
+    assert fuzzy_f1(mask, mask) == pytest.approx(1.0)
+    assert np.isnan(fuzzy_f1(np.zeros((2, 2)), np.zeros((2, 2))))
+    maps = torch.tensor(cam, dtype=torch.float32)[None, None]
+    target = torch.tensor(mask, dtype=torch.float32)[None, None]
+    # soft Dice with eps = 1: 1 - (2 * 1.5 + 1) / (1.75 + 2 + 1)
+    assert dice_loss(maps, target, torch.ones(1, 1)).item() == pytest.approx(1 - 4 / 4.75)
+    assert dice_loss(maps, target, torch.zeros(1, 1)).item() == 0.0
+
+
+def test_fuzzy_targets_peak_at_one_on_the_lesion():
+    masks = torch.zeros(1, 1, 32, 32)
+    masks[0, 0, 10:14, 20:24] = 1
+    fuzzy = fuzzy_targets(masks, 8)
+    assert fuzzy.max().item() == pytest.approx(1.0)
+    assert fuzzy[0, 0, 11:13, 21:23].min() > fuzzy[0, 0, 0, 0]
+    assert tuple(np.unravel_index(fuzzy[0, 0].argmax().item(), (32, 32))) in {(11, 21), (11, 22), (12, 21), (12, 22)}
+
+
+def test_differentiable_cam_equals_the_grad_cam_package():
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    torch.manual_seed(0)
+    dermx = DermX(DermXConfig(input_side=64), device="cpu")
+    image = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    maps = dermx.explain(image)
+    assert maps.shape == (len(CHARACTERISTICS), 48, 80)                  # the image's own aspect
+    assert maps.min() >= 0 and maps.max() <= 1
+    x = to_tensor([image], 64, torch.device("cpu"))
+    _, _, cams = dermx.net.forward_with_cams(x, create_graph=False)
+    # the package min-max scales each map, resizes it to the input, and scales it again
+    ours = scale_cam_image(scale_cam_image(cams[0].detach().numpy(), target_size=(x.shape[3], x.shape[2])))
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from graders.dermx import _CharacteristicLogits
+    with GradCAM(model=_CharacteristicLogits(dermx.net).eval(), target_layers=[dermx.net.cam]) as cam:
+        theirs = cam(input_tensor=x.expand(len(CHARACTERISTICS), -1, -1, -1).contiguous(),
+                     targets=[ClassifierOutputTarget(k) for k in range(len(CHARACTERISTICS))])
+    assert np.allclose(ours, theirs, atol=1e-4)
+
+
+def _toy(n: int, side: int, seed: int) -> tuple[DermXData, list[tuple[int, int]]]:
+    """Skin-coloured squares; half carry one red 'papule' disc (radius 9) at a random place."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:side, :side]
+    images, present, masks, centres = [], [], [], []
+    for i in range(n):
+        image = (np.array([205, 160, 140]) + rng.normal(0, 6, (side, side, 3))).clip(0, 255).astype(np.uint8)
+        m = np.zeros((len(CHARACTERISTICS), side, side), np.float32)
+        p = np.zeros(len(CHARACTERISTICS), np.float32)
+        if i % 2 == 0:
+            cy, cx = rng.integers(14, side - 14, 2)
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 81
+            image[disc] = (170, 40, 50)
+            m[PAPULE] = disc
+            p[PAPULE] = 1
+            centres.append((int(cy), int(cx)))
+        images.append(image), masks.append(m), present.append(p)
+    levels = np.array([i % 2 for i in range(n)])
+    return DermXData(np.stack(images), levels, np.stack(present), np.stack(masks)), centres
+
+
+@pytest.fixture(scope="module")
+def toy_dermx(tmp_path_factory):
+    data, _ = _toy(16, 64, 0)
+    folder = tmp_path_factory.mktemp("dermx") / "w"
+    dermx = train_dermx(data, folder, guided=True, epochs=20, batch=8, lr=1e-2, seed=0, input_side=64, device="cpu")
+    return dermx, folder, data
+
+
+def test_grad_cam_peaks_inside_the_lesion_on_a_trained_toy_case(toy_dermx):
+    dermx, _, _ = toy_dermx
+    history = dermx.config.training["loss_history"]
+    assert all(np.isfinite([h["ce"], h["bce"], h["dice"]]).all() for h in history)
+    assert history[-1]["bce"] < history[0]["bce"] and history[-1]["dice"] < history[0]["dice"]
+    # a wider-than-tall image with two papules, never seen in training
+    rng = np.random.default_rng(7)
+    image = (np.array([205, 160, 140]) + rng.normal(0, 6, (64, 128, 3))).clip(0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:64, :128]
+    mask = ((yy - 20) ** 2 + (xx - 30) ** 2 <= 81) | ((yy - 44) ** 2 + (xx - 100) ** 2 <= 81)
+    image[mask] = (170, 40, 50)
+    maps = dermx.explain(image)
+    assert maps.shape == (len(CHARACTERISTICS), 64, 128)
+    peak = np.unravel_index(maps[PAPULE].argmax(), mask.shape)
+    assert mask[peak], f"papule map peaks at {peak}, outside the lesions"
+    assert fuzzy_f1(maps[PAPULE], mask) > fuzzy_f1(np.full(mask.shape, maps[PAPULE].mean()), mask)
+
+
+def test_training_resumes_to_the_same_bytes_and_pickles_are_refused(toy_dermx, tmp_path):
+    _, folder, _ = toy_dermx
+    data, _ = _toy(8, 64, 1)
+    kw = dict(guided=False, epochs=2, batch=4, seed=1, input_side=64, device="cpu")
+    train_dermx(data, tmp_path / "whole", **kw)
+
+    def interrupt(step, status):
+        if step == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train_dermx(data, tmp_path / "resumed", progress=interrupt, **kw)
+    train_dermx(data, tmp_path / "resumed", **kw)
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == \
+        (tmp_path / "resumed" / "model.safetensors").read_bytes()
+    again = DermX.load(folder)
+    assert again.fingerprint() == DermX.load(folder).fingerprint()
+    torch.save(again.net.state_dict(), tmp_path / "whole" / "model.safetensors")
+    with pytest.raises(GraderError, match="pickled"):
+        DermX.load(tmp_path / "whole")
+    from graders.detector import LesionDetector
+    with pytest.raises(GraderError, match="grader 'dermx', not 'detector'"):
+        LesionDetector.load(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from synthtrial.run import generate
+
+    folder = tmp_path_factory.mktemp("dermx-run")
+    pd.DataFrame({"patient_id": ["B1", "B1", "B2"], "day": [1, 2, 1], "treatment": ["Control"] * 3,
+                  "severity": [2.8, 0.4, 1.6], "face": ["hopper"] * 3}).to_csv(folder / "p.csv", index=False)
+    return generate(folder / "p.csv", folder / "run", size=128, seed=4, progress=False)
+
+
+def test_characteristic_masks_follow_the_instance_masks(tiny_run):
+    from PIL import Image
+
+    manifest = rundir.read_manifest(tiny_run)
+    lesions = rundir.read_lesions(tiny_run)
+    rel = manifest["image"].iloc[0]
+    rows = lesions[lesions["image"] == rel]
+    masks = characteristic_masks(tiny_run, rel, rows)
+    instance = np.asarray(Image.open(tiny_run / rundir.mask_path_for(rel))).astype(int)
+    assert masks.shape == (len(CHARACTERISTICS), *instance.shape)
+    assert (masks.sum(0) <= 1).all()
+    for row in rows.itertuples():
+        pixels = instance == row.lesion_id + 1
+        if pixels.any():
+            c = CHARACTERISTICS.index("erythema" if row.type == "mark" else row.type)
+            assert masks[c][pixels].all()
+    assert masks.any(0).sum() == (instance > 0).sum()
+
+
+def test_grade_evaluate_and_explain_on_a_run(tiny_run, toy_dermx, tmp_path):
+    _, folder, _ = toy_dermx
+    grader = get_grader("dermx", folder, device="cpu")
+    grade_run(tiny_run, [grader])
+    grades = rundir.read_grades(tiny_run)
+    assert {"dermx_severity", "dermx_level", *(f"dermx_p_{c}" for c in CHARACTERISTICS)} <= set(grades.columns)
+    assert rundir.read_grades_index(tiny_run)["dermx"]["outcomes"] == ["dermx_severity"]
+    assert grades["dermx_severity"].between(0, 3).all()
+    metrics = evaluate_dermx(grader, tiny_run)
+    assert 0 <= metrics["characteristic_F1_macro"] <= 1 and 0 <= metrics["plausibility_F1"] <= 1
+    result = CliRunner().invoke(app, ["graders", "explain", str(tiny_run), "--weights", str(folder), "--out",
+                                      str(tmp_path / "maps"), "--threshold", "0", "--limit", "1", "-q"])
+    assert result.exit_code == 0, result.output
+    pngs = sorted((tmp_path / "maps").rglob("*.png"))
+    assert len(pngs) == len(CHARACTERISTICS)
+    from PIL import Image
+    assert Image.open(pngs[0]).size == (128, 128)
+    result = CliRunner().invoke(app, ["graders", "train", "dermx", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "run directory" in result.output
