@@ -270,11 +270,13 @@ def load_face_file(path: Path, key: str | None = None) -> BaseFace:
     return _with_landmarks(key or path.stem, str(path), _read_image(path))
 
 
-def load_base_faces(faces_dir: str | os.PathLike[str] | None = None) -> list[BaseFace]:
-    """Every base portrait: those in ``faces_dir``, or the built-in ones. Faceless images are errors."""
+def load_base_faces(faces_dir: str | os.PathLike[str] | None = None,
+                    exclude: Sequence[str] = ()) -> list[BaseFace]:
+    """Every base portrait: those in ``faces_dir`` (less the file names in ``exclude``), or the built-in ones.
+    Faceless images are errors."""
     if faces_dir is None:
         return [builtin_face(k) for k in BUILTIN_FACES]
-    return [load_face_file(p) for p in face_files(faces_dir)]
+    return [load_face_file(p) for p in face_files(faces_dir) if p.name not in set(exclude)]
 
 
 # --------------------------------------------------------------------------------------- identities

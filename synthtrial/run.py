@@ -41,6 +41,8 @@ NAMINGS = ("native", "anchor")
 #: The backends ``--backend`` accepts, from the registry (synthtrial.render.base.BACKENDS).
 BACKENDS = backend_names()
 CHUNK = 8
+#: With --reject, an image ImageQX rejects is drawn again with the next derived seed, at most this many times.
+MAX_RENDER_ATTEMPTS = 3
 
 __all__ = ["BACKENDS", "GenerateSettings", "NAMINGS", "RunError", "generate", "image_stem", "png_bytes",
            "render_config"]
@@ -54,8 +56,12 @@ class GenerateSettings:
     size: int = 512
     naming: str = "native"
     backend: str = "procedural"
+    quality_filter: bool = False   # ImageQX scores every image (and the --faces portraits) before it is kept
+    reject: bool = False           # re-render a rejected image with the next derived seed (needs quality_filter)
 
     def __post_init__(self) -> None:
+        if self.reject and not self.quality_filter:
+            raise RunError("--reject needs --quality-filter")
         if not 128 <= self.size <= 4096:
             raise RunError(f"--size must be between 128 and 4096 pixels, got {self.size}")
         if self.naming not in NAMINGS:
@@ -127,10 +133,20 @@ class _PatientJob:
     days: tuple[int, ...]
     severity: tuple[float, ...]
     options: dict[str, Any] = field(default_factory=dict)   # the backend's options (e.g. DiffusionConfig fields)
+    excluded_faces: tuple[str, ...] = ()                     # --faces portraits ImageQX refused
 
 
 _CACHE: dict[tuple, Any] = {}
 _RENDERERS: dict[str, Any] = {}   # one renderer per process and configuration: models load once
+_QUALITY: dict[str, Any] = {}     # the ImageQX grader, loaded once per process when --quality-filter is on
+
+
+def _quality_grader():
+    if "imageqx" not in _QUALITY:
+        from graders.base import get_grader
+
+        _QUALITY["imageqx"] = get_grader("imageqx", device="cpu")
+    return _QUALITY["imageqx"]
 
 
 def _renderer(job: _PatientJob):
@@ -152,7 +168,7 @@ def _patient_state(job: _PatientJob):
             base = face_from_request(job.face, job.faces_dir, Path(job.protocol_dir), job.patient_id)
             face = make_face(base, Identity(base=base.key), size)
         else:
-            bases = load_base_faces(job.faces_dir)
+            bases = load_base_faces(job.faces_dir, exclude=job.excluded_faces)
             identity = identity_for(job.patient_index, bases, job.settings.seed)
             face = make_face(next(b for b in bases if b.key == identity.base), identity, size)
         course = LesionCourse(face, job.days, job.severity, seed=job.settings.seed, patient_id=job.patient_id)
@@ -190,8 +206,32 @@ def _render_images(job: _PatientJob, rows: list[dict[str, Any]]) -> list[dict[st
                           seed=p["seed"], severity=p["row"]["severity"]) for p in prepared])
         for k, (p, result) in enumerate(zip(prepared, results, strict=True)):
             if records[k] is None:
-                records[k] = _write_image(run_dir, face, course, p, result)
+                quality = _quality(job, renderer, p, result) if job.settings.quality_filter else None
+                if quality is not None:
+                    p, result = quality.pop("prepared"), quality.pop("result")
+                records[k] = _write_image(run_dir, face, course, p, result, quality)
     return records  # type: ignore[return-value]
+
+
+def _quality(job: _PatientJob, renderer, prepared: dict[str, Any], result) -> dict[str, Any]:
+    """ImageQX's verdict on a rendered image; with --reject, the image is drawn again with the next derived
+    seed until it is accepted or MAX_RENDER_ATTEMPTS are spent (the last attempt is kept, flagged)."""
+    grader = _quality_grader()
+    attempt = 0
+    while True:
+        verdict = grader.verdicts([result.image]).iloc[0]
+        if bool(verdict["acceptable"]) or not job.settings.reject or attempt + 1 >= MAX_RENDER_ATTEMPTS:
+            break
+        attempt += 1
+        prepared = {**prepared, "seed": derive_seed("render", job.settings.seed, job.patient_id,
+                                                    prepared["row"]["day"], prepared["row"]["view"], attempt,
+                                                    bits=32)}
+        result = renderer.render_batch([RenderRequest(
+            image=prepared["face"].image, lesions=prepared["specs"], skin_mask=prepared["face"].skin,
+            stats=prepared["stats"], seed=prepared["seed"], severity=prepared["row"]["severity"])])[0]
+    return {"prepared": prepared, "result": result, "quality_acceptable": bool(verdict["acceptable"]),
+            "quality_p": round(float(verdict["p_acceptable"]), 4), "quality_reason": str(verdict["reason"]),
+            "render_attempt": attempt}
 
 
 def _prepare(job: _PatientJob, face, course, views: dict, row: dict[str, Any]) -> dict[str, Any]:
@@ -219,7 +259,8 @@ def _prepare(job: _PatientJob, face, course, views: dict, row: dict[str, Any]) -
     return {"row": row, "face": face_v, "stats": stats, "states": states, "specs": specs, "seed": seed}
 
 
-def _write_image(run_dir: Path, face, course, prepared: dict[str, Any], result) -> dict[str, Any]:
+def _write_image(run_dir: Path, face, course, prepared: dict[str, Any], result,
+                 quality: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the image, its instance mask and its record (the record last: it marks the image as done)."""
     row, states, specs = prepared["row"], prepared["states"], prepared["specs"]
     label = np.zeros(result.image.shape[:2], dtype=np.uint16)
@@ -256,6 +297,7 @@ def _write_image(run_dir: Path, face, course, prepared: dict[str, Any], result) 
         "iga": int(scale.iga_from_counts(n_inflammatory, counts["nodule"])),
         "identity": face.identity.to_json(), "face_source": face.source,
         "mm_per_px": round(prepared["face"].mm_per_px, 5),
+        **(quality or {"quality_acceptable": None, "quality_p": None, "quality_reason": "", "render_attempt": 0}),
         "lesions": lesions,
     }
     write_text_atomic(run_dir / row["part"], json.dumps(record, sort_keys=True))
@@ -322,17 +364,21 @@ def _render_all(tasks, workers: int, finished: Callable[[str, list[dict[str, Any
 def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
              faces_dir: str | os.PathLike[str] | None = None, seed: int = 0, size: int = 512,
              naming: str = "native", workers: int = 1, progress: bool = True, backend: str = "procedural",
-             diffusion: dict[str, Any] | None = None,
+             diffusion: dict[str, Any] | None = None, quality_filter: bool = False, reject: bool = False,
              on_progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Render every row of a protocol into a run directory and return its path (see the module docstring).
 
     ``out`` defaults to ``runs/<protocol stem>``. ``on_progress(done, total, status)`` is called after each chunk
     of images.
     ``diffusion`` holds the backend's options (:class:`synthtrial.render.diffusion.DiffusionConfig` fields for
-    the sdxl backends). Under ``accelerate launch`` (several processes, e.g. one per GPU) each process
+    the sdxl backends). ``quality_filter`` scores every image with ImageQX and records the verdict in the
+    manifest (``quality_acceptable``, ``quality_p``, ``quality_reason``); ``reject`` draws a rejected image again
+    with the next derived seed (``render_attempt``); with ``faces_dir`` the portraits are checked first and
+    refused ones are left out, each with its reason in ``config.json``. Under ``accelerate launch`` (several processes, e.g. one per GPU) each process
     renders its share of the images and the main process writes the one manifest.
     """
-    settings = GenerateSettings(seed=seed, size=size, naming=naming, backend=backend)
+    settings = GenerateSettings(seed=seed, size=size, naming=naming, backend=backend,
+                                quality_filter=quality_filter, reject=reject)
     if workers < 1:
         raise RunError(f"--workers must be >= 1, got {workers}")
     options = _backend_options(settings.backend, diffusion)
@@ -345,9 +391,11 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
 
     from synthtrial.faces import face_files
 
-    face_inputs = []
+    face_inputs, refused = [], []
     if faces_dir is not None:
         face_inputs = [{"file": p.name, "sha256": rundir.sha256_file(p)} for p in face_files(faces_dir)]
+        if settings.quality_filter:
+            refused = _check_portraits(faces_dir)
 
     truth, protocol = _severities(protocol, protocol_path, seed)
     spec = get_backend(settings.backend)
@@ -356,15 +404,17 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
         "settings": asdict(settings),
         "protocol": {"source": str(protocol_path), "sha256": rundir.sha256_bytes(to_csv_text(protocol).encode()),
                      "rows": int(len(protocol))},
-        "faces": {"dir": faces_dir_str, "files": face_inputs, "builtin": faces_dir is None},
+        "faces": {"dir": faces_dir_str, "files": face_inputs, "builtin": faces_dir is None,
+                  **({"refused": refused} if refused else {})},
         "backend": {"name": spec.name, "summary": spec.summary, "placement_exact": spec.placement_exact},
         "renderer": asdict(render_config()),
         "packages": package_versions(),
     }
     if options:
         config["diffusion"] = {k: v for k, v in _recorded_options(settings.backend, options).items() if k != "device"}
-    jobs, tasks, total = _plan(protocol, run_dir, settings, faces_dir_str, protocol_path, options)
-    _check_faces(jobs, faces_dir_str, protocol_path)   # every check before the first write
+    jobs, tasks, total = _plan(protocol, run_dir, settings, faces_dir_str, protocol_path, options,
+                               tuple(r["file"] for r in refused))
+    _check_faces(jobs, faces_dir_str, protocol_path, tuple(r["file"] for r in refused))  # every check first
 
     main = state is None or state.is_main_process
     lock = rundir.locked(run_dir) if main else _no_lock()
@@ -380,7 +430,8 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
             if not main:
                 _prepare_run_dir(run_dir, config)  # verifies the main process's config
             jobs, tasks, total = _plan(protocol, run_dir, settings, faces_dir_str, protocol_path,
-                                       {**options, "device": str(state.device)} if options else options)
+                                       {**options, "device": str(state.device)} if options else options,
+                                       tuple(r["file"] for r in refused))
             workers = 1
         all_tasks = tasks
         if state is not None:
@@ -506,7 +557,7 @@ def _prepare_run_dir(run_dir: Path, config: dict[str, Any]) -> None:
 
 
 def _plan(protocol: pd.DataFrame, run_dir: Path, settings: GenerateSettings, faces_dir: str | None,
-          protocol_path: Path, options: dict[str, Any]):
+          protocol_path: Path, options: dict[str, Any], excluded_faces: tuple[str, ...] = ()):
     jobs: dict[str, _PatientJob] = {}
     tasks = []
     total = 0
@@ -517,7 +568,8 @@ def _plan(protocol: pd.DataFrame, run_dir: Path, settings: GenerateSettings, fac
         job = _PatientJob(run_dir=str(run_dir), patient_id=str(pid), patient_index=auto_index, face=face,
                           faces_dir=faces_dir, protocol_dir=str(protocol_path.parent), settings=settings,
                           days=tuple(int(d) for d in per_day["day"]),
-                          severity=tuple(float(s) for s in per_day["severity"]), options=options)
+                          severity=tuple(float(s) for s in per_day["severity"]), options=options,
+                          excluded_faces=excluded_faces)
         if face is None:
             auto_index += 1
         jobs[str(pid)] = job
@@ -538,11 +590,27 @@ def _plan(protocol: pd.DataFrame, run_dir: Path, settings: GenerateSettings, fac
     return jobs, tasks, total
 
 
-def _check_faces(jobs: dict[str, _PatientJob], faces_dir: str | None, protocol_path: Path) -> None:
+def _check_portraits(faces_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """ImageQX's check of the --faces portraits: ``[{"file", "reason"}]`` for each one refused (left out of the
+    run). Refusing them all is an error."""
+    from graders.imageqx import check_portraits
+    from synthtrial.faces import face_files
+
+    files = face_files(faces_dir)
+    refused = [{"file": Path(path).name, "reason": reason}
+               for path, reason in check_portraits(files, grader=_quality_grader()) if reason]
+    if len(refused) == len(files):
+        raise RunError(f"{faces_dir}: ImageQX refused every portrait ({refused[0]['file']}: {refused[0]['reason']}) "
+                       "(option --faces; drop --quality-filter to use them anyway)")
+    return refused
+
+
+def _check_faces(jobs: dict[str, _PatientJob], faces_dir: str | None, protocol_path: Path,
+                 excluded: tuple[str, ...] = ()) -> None:
     """Fail before writing anything if a requested face cannot be found or has no face in it."""
     from synthtrial.faces import face_from_request, load_base_faces
 
-    load_base_faces(faces_dir)
+    load_base_faces(faces_dir, exclude=excluded)
     for job in jobs.values():
         if job.face:
             face_from_request(job.face, faces_dir, protocol_path.parent, job.patient_id)
@@ -567,6 +635,8 @@ def _tables(protocol: pd.DataFrame, records: dict[str, list[dict[str, Any]]],
     manifest = pd.DataFrame(manifest_rows, columns=list(rundir.MANIFEST_COLUMNS))
     manifest["date"] = pd.to_datetime(manifest["date"]).astype("datetime64[ns]")
     manifest["block"] = pd.array(manifest["block"].tolist(), dtype="Int64")
+    manifest["quality_acceptable"] = pd.array(manifest["quality_acceptable"].tolist(), dtype="boolean")
+    manifest["quality_p"] = pd.to_numeric(manifest["quality_p"], errors="coerce").astype("float64")
     lesions = pd.DataFrame(lesion_rows, columns=list(rundir.LESION_COLUMNS))
     lesions = lesions.astype({"day": "int64", "lesion_id": "int64", "age_days": "int64", "mask_area": "int64"})
     return manifest, lesions

@@ -61,7 +61,8 @@ COUNT_COLUMNS = tuple(f"n_{t}" for t in scale.ALL_LESION_TYPES)
 #: The manifest's columns, in the order ``generate`` writes them.
 MANIFEST_COLUMNS = ("image", "mask", "patient_id", "day", "date", "block", "treatment", "view", "severity",
                     "lesion_count", "target_count", *COUNT_COLUMNS, "acne04_level", "iga", "identity",
-                    "face_source", "seed", "backend", "sha256", "mask_sha256", "width", "height", "mm_per_px")
+                    "face_source", "seed", "backend", "sha256", "mask_sha256", "width", "height", "mm_per_px",
+                    "quality_acceptable", "quality_p", "quality_reason", "render_attempt")
 #: The lesion table's columns, in the order ``generate`` writes them.
 LESION_COLUMNS = ("image", "patient_id", "day", "view", "lesion_id", "type", "x0", "y0", "x1", "y1", "cx", "cy",
                   "radius_px", "mask_area", "stage", "age_days", "intensity", "diameter_mm")

@@ -407,3 +407,66 @@ def test_given_severities_are_kept_and_only_the_others_simulated(tmp_path):
     truth = json.loads((run / "truth.json").read_text())
     assert truth["simulated_patients"] == ["p2"] and truth["given_patients"] == ["p1"]
     assert list(truth["patients"]) == ["p2"]  # the truth covers the simulated patient only
+
+
+class FakeQuality:
+    """Stands in for ImageQX: rejects the images whose mean is below a cut, and counts its calls."""
+
+    def __init__(self, cut=None):
+        self.cut, self.calls = cut, 0
+
+    def verdicts(self, images):
+        self.calls += len(images)
+        means = [float(im.mean()) for im in images]
+        ok = [self.cut is None or m >= self.cut for m in means]
+        return pd.DataFrame({"acceptable": [float(a) for a in ok], "p_acceptable": [0.9 if a else 0.1 for a in ok],
+                             "reason": ["" if a else "poor quality (p_acceptable 0.10): too dark (0.90)" for a in ok]})
+
+
+def test_quality_filter_records_imagesqx_verdicts(tiny, tmp_path):
+    run = generate(tiny, tmp_path / "run", size=160, progress=False, quality_filter=True)
+    manifest, _ = read_run(run)
+    assert manifest["quality_acceptable"].notna().all() and manifest["quality_p"].between(0, 1).all()
+    assert (manifest["render_attempt"] == 0).all()
+    assert (manifest["quality_reason"] == "").tolist() == manifest["quality_acceptable"].tolist()
+    plain = read_run(generate(tiny, tmp_path / "plain", size=160, progress=False))[0]
+    assert plain["quality_acceptable"].isna().all() and (plain["sha256"] == manifest["sha256"]).all()
+    with pytest.raises(SynthtrialError, match="--reject needs --quality-filter"):
+        generate(tiny, tmp_path / "x", size=160, progress=False, reject=True)
+
+
+def test_reject_draws_again_with_the_next_seed(tiny, tmp_path, monkeypatch):
+    import synthtrial.run as run_module
+
+    monkeypatch.setitem(run_module._QUALITY, "imageqx", FakeQuality(cut=1e9))  # rejects everything
+    run = generate(tiny, tmp_path / "run", size=160, progress=False, quality_filter=True, reject=True)
+    manifest, _ = read_run(run)
+    assert (manifest["render_attempt"] == run_module.MAX_RENDER_ATTEMPTS - 1).all()
+    assert (~manifest["quality_acceptable"]).all() and manifest["quality_reason"].str.contains("too dark").all()
+    plain = read_run(generate(tiny, tmp_path / "plain", size=160, progress=False))[0]
+    assert (plain["seed"] != manifest["seed"]).all()  # the kept attempt was drawn with another seed
+    again = generate(tiny, tmp_path / "again", size=160, progress=False, quality_filter=True, reject=True)
+    assert files(again) == files(run)  # retries are seeded too
+
+
+def test_refused_portraits_are_left_out(tmp_path, monkeypatch, bases):
+    import synthtrial.run as run_module
+    from PIL import Image
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    Image.fromarray(bases[0].image).save(faces / "good.png")
+    Image.fromarray((bases[1].image // 4).astype(np.uint8)).save(faces / "dark.png")
+    monkeypatch.setitem(run_module._QUALITY, "imageqx", FakeQuality(cut=60.0))
+    proto = tmp_path / "p.csv"
+    proto.write_text("patient_id,day,treatment,severity\nq1,0,Control,1.0\nq2,0,Control,1.0\n")
+    run = generate(proto, tmp_path / "run", size=160, progress=False, faces_dir=faces, quality_filter=True)
+    config = json.loads((run / "config.json").read_text())
+    assert config["faces"]["refused"] == [{"file": "dark.png",
+                                           "reason": "poor quality (p_acceptable 0.10): too dark (0.90)"}]
+    manifest, _ = read_run(run)
+    assert set(manifest["face_source"]) == {str(faces / "good.png")}
+    Image.fromarray((bases[0].image // 4).astype(np.uint8)).save(faces / "good.png")
+    with pytest.raises(SynthtrialError, match="ImageQX refused every portrait"):
+        generate(proto, tmp_path / "run2", size=160, progress=False, faces_dir=faces, quality_filter=True)
+    assert not (tmp_path / "run2").exists()

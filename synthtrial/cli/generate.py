@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from synthtrial.cli.common import app, handles_errors, out
+from synthtrial.cli.common import app, err, handles_errors, out
 from synthtrial.render.base import BACKENDS as BACKEND_SPECS
 
 
@@ -64,6 +64,13 @@ def generate_command(
                                                  show_default=False, rich_help_panel=_DIFFUSION_PANEL)] = None,
     compile_unet: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (CUDA).",
                                                rich_help_panel=_DIFFUSION_PANEL)] = False,
+    quality_filter: Annotated[bool, typer.Option("--quality-filter", help="Score every image with the ImageQX "
+                                                 "quality grader and record its verdict in the manifest "
+                                                 "(quality_acceptable, quality_p, quality_reason); with --faces, "
+                                                 "portraits it refuses are left out, one line each.")] = False,
+    reject: Annotated[bool, typer.Option("--reject", help="With --quality-filter: draw a rejected image again with "
+                                         "the next seed (up to 3 attempts; render_attempt in the manifest).")]
+    = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Render a protocol into a run directory: an image series per patient with exact lesion ground truth.
@@ -81,5 +88,11 @@ def generate_command(
     if strength is not None:
         diffusion["strength" if backend.value == "sdxl-img2img" else "inpaint_strength"] = strength
     run_dir = generate(protocol, out_dir, faces_dir=faces, seed=seed, size=size, naming=naming.value,
-                       workers=workers, progress=not quiet, backend=backend.value, diffusion=diffusion or None)
+                       workers=workers, progress=not quiet, backend=backend.value, diffusion=diffusion or None,
+                       quality_filter=quality_filter, reject=reject)
+    if quality_filter and faces is not None:
+        from synthtrial.rundir import read_config
+
+        for item in read_config(run_dir)["faces"].get("refused", []):
+            err.print(f"synthtrial: portrait {faces / item['file']} left out: {item['reason']}", markup=False)
     out.print(f"[green]wrote[/green] {run_dir}  (look at {run_dir / 'grids'})")
