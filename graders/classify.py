@@ -22,11 +22,12 @@ Choices, stated once:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,50 @@ CHECKPOINT_DIR = "checkpoint"
 
 
 # ------------------------------------------------------------------------------------------ face crop
+
+class NetworkWeights:
+    """``load`` / ``save`` / ``fingerprint`` of a classifier grader that holds ``self.model`` (an ``nn.Module``
+    built from ``self.config``, a dataclass of type ``config_cls``) and ``self.record`` (its training record).
+    Weights are safetensors (float32 or float16) with the config beside them; loading checks they fit."""
+
+    name: str
+    config_cls: type
+    label: str              # how errors name the model, e.g. "IGA"
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str], device: str | None = None):
+        tensors, config = load_state(folder, kind=cls.name)
+        try:
+            cfg = cls.config_cls(**config["model"])
+        except (KeyError, TypeError) as exc:
+            raise GraderError(f"{Path(folder) / 'config.json'}: not an {cls.label} config ({exc})") from None
+        grader = cls(cfg, device=device, record=config.get("training"))
+        try:
+            grader.model.load_state_dict(tensors)
+        except RuntimeError as exc:
+            raise GraderError(f"{Path(folder) / 'model.safetensors'}: does not fit the network in config.json "
+                              f"({str(exc).splitlines()[0]})") from None
+        return grader
+
+    def save(self, folder: str | os.PathLike[str], dtype: str = "float32") -> Path:
+        import torch
+
+        cast = {"float32": torch.float32, "float16": torch.float16}.get(dtype)
+        if cast is None:
+            raise GraderError(f"weights dtype must be float32 or float16, got {dtype!r}")
+        tensors = {k: (v.to(cast) if v.is_floating_point() else v) for k, v in self.model.state_dict().items()}
+        return save_state(folder, tensors, {"grader": self.name, "model": asdict(self.config),
+                                            "weights_dtype": dtype, "training": self.record})
+
+    def fingerprint(self) -> str:
+        if getattr(self, "_fingerprint", None) is None:
+            digest = hashlib.sha256(repr(sorted(asdict(self.config).items())).encode())
+            for key, value in self.model.state_dict().items():
+                digest.update(key.encode())
+                digest.update(value.detach().to("cpu").contiguous().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()[:12]
+        return self._fingerprint
+
 
 class FaceCropper:
     """Square face crops with MediaPipe BlazeFace: ``crop(image, size) -> (crop, face_found)``."""

@@ -26,7 +26,6 @@ Choices, stated once:
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -37,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from graders import classify
-from graders.base import GraderError, load_state, resolve_device, save_state
+from graders.base import GraderError, resolve_device
 
 N_GRADES = 5
 GROUPS = ((0, 1), (2,), (3, 4))
@@ -153,10 +152,12 @@ def augment(x: Any, gen: Any, p: float = 0.2, max_degrees: float = 15.0) -> Any:
 
 # ------------------------------------------------------------------------------------------- grader
 
-class IGAGrader:
+class IGAGrader(classify.NetworkWeights):
     """``IGAGrader.load(folder).predict(images, meta)`` -> IGA probabilities, 3-class view, expected grade."""
 
     name = "iga"
+    config_cls = IGAConfig
+    label = "IGA"
     outcomes = ("expected_grade",)
 
     def __init__(self, config: IGAConfig | None = None, model: Any = None, device: str | None = None,
@@ -168,40 +169,6 @@ class IGAGrader:
         self._cropper = classify.FaceCropper(self.config.crop_margin)
         self._fingerprint: str | None = None
 
-    # weights --------------------------------------------------------------------------------------
-    @classmethod
-    def load(cls, folder: str | os.PathLike[str], device: str | None = None) -> IGAGrader:
-        tensors, config = load_state(folder, kind=cls.name)
-        try:
-            cfg = IGAConfig(**config["model"])
-        except (KeyError, TypeError) as exc:
-            raise GraderError(f"{Path(folder) / 'config.json'}: not an IGA config ({exc})") from None
-        grader = cls(cfg, device=device, record=config.get("training"))
-        try:
-            grader.model.load_state_dict(tensors)
-        except RuntimeError as exc:
-            raise GraderError(f"{Path(folder) / 'model.safetensors'}: does not fit the network in config.json "
-                              f"({str(exc).splitlines()[0]})") from None
-        return grader
-
-    def save(self, folder: str | os.PathLike[str], dtype: str = "float32") -> Path:
-        import torch
-
-        cast = {"float32": torch.float32, "float16": torch.float16}.get(dtype)
-        if cast is None:
-            raise GraderError(f"weights dtype must be float32 or float16, got {dtype!r}")
-        tensors = {k: (v.to(cast) if v.is_floating_point() else v) for k, v in self.model.state_dict().items()}
-        return save_state(folder, tensors, {"grader": self.name, "model": asdict(self.config),
-                                            "weights_dtype": dtype, "training": self.record})
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            digest = hashlib.sha256(repr(sorted(asdict(self.config).items())).encode())
-            for key, value in self.model.state_dict().items():
-                digest.update(key.encode())
-                digest.update(value.detach().to("cpu").contiguous().numpy().tobytes())
-            self._fingerprint = digest.hexdigest()[:12]
-        return self._fingerprint
 
     # inference ------------------------------------------------------------------------------------
     def crops(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,6 @@ checks ``--faces`` portraits before use.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from graders import classify
-from graders.base import GraderError, load_state, read_rgb, resolve_device, save_state
+from graders.base import GraderError, read_rgb, resolve_device
 
 EXPLANATIONS = ("bad_framing", "bad_light", "blurry", "low_resolution", "too_far")
 EXPLANATION_TEXT = {"bad_framing": "bad framing", "bad_light": "bad light", "blurry": "blurry",
@@ -200,10 +199,12 @@ def degraded_set(bases: np.ndarray, seed: int, epoch: int, image_size: int) -> t
 
 # ------------------------------------------------------------------------------------------- grader
 
-class ImageQX:
+class ImageQX(classify.NetworkWeights):
     """``ImageQX.load(folder).verdicts(images)`` -> acceptable, p_acceptable, the five reasons, a text."""
 
     name = "imageqx"
+    config_cls = ImageQXConfig
+    label = "ImageQX"
     outcomes: tuple[str, ...] = ()       # a photo's quality is not a trial outcome
 
     def __init__(self, config: ImageQXConfig | None = None, device: str | None = None,
@@ -214,39 +215,6 @@ class ImageQX:
         self.record = record or {}
         self._fingerprint: str | None = None
 
-    @classmethod
-    def load(cls, folder: str | os.PathLike[str], device: str | None = None) -> ImageQX:
-        tensors, config = load_state(folder, kind=cls.name)
-        try:
-            cfg = ImageQXConfig(**config["model"])
-        except (KeyError, TypeError) as exc:
-            raise GraderError(f"{Path(folder) / 'config.json'}: not an ImageQX config ({exc})") from None
-        grader = cls(cfg, device=device, record=config.get("training"))
-        try:
-            grader.model.load_state_dict(tensors)
-        except RuntimeError as exc:
-            raise GraderError(f"{Path(folder) / 'model.safetensors'}: does not fit the network in config.json "
-                              f"({str(exc).splitlines()[0]})") from None
-        return grader
-
-    def save(self, folder: str | os.PathLike[str], dtype: str = "float32") -> Path:
-        import torch
-
-        cast = {"float32": torch.float32, "float16": torch.float16}.get(dtype)
-        if cast is None:
-            raise GraderError(f"weights dtype must be float32 or float16, got {dtype!r}")
-        tensors = {k: (v.to(cast) if v.is_floating_point() else v) for k, v in self.model.state_dict().items()}
-        return save_state(folder, tensors, {"grader": self.name, "model": asdict(self.config),
-                                            "weights_dtype": dtype, "training": self.record})
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            digest = hashlib.sha256(repr(sorted(asdict(self.config).items())).encode())
-            for key, value in self.model.state_dict().items():
-                digest.update(key.encode())
-                digest.update(value.detach().to("cpu").contiguous().numpy().tobytes())
-            self._fingerprint = digest.hexdigest()[:12]
-        return self._fingerprint
 
     def probabilities(self, inputs: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """``(p_acceptable (N,), p_explanations (N, 5))`` for inputs already at ``image_size``."""
