@@ -58,6 +58,7 @@ class GenerateSettings:
     backend: str = "procedural"
     quality_filter: bool = False   # ImageQX scores every image (and the --faces portraits) before it is kept
     reject: bool = False           # re-render a rejected image with the next derived seed (needs quality_filter)
+    yaw_deg: float = 25.0          # head turn of the left/right views
 
     def __post_init__(self) -> None:
         if self.reject and not self.quality_filter:
@@ -69,6 +70,8 @@ class GenerateSettings:
         get_backend(self.backend)
         if self.seed < 0:
             raise RunError(f"--seed must be >= 0, got {self.seed}")
+        if not 0 < self.yaw_deg < 60:
+            raise RunError(f"--yaw must be between 0 and 60 degrees (exclusive), got {self.yaw_deg:g}")
 
 
 # ------------------------------------------------------------------------------------------ naming
@@ -241,7 +244,7 @@ def _prepare(job: _PatientJob, face, course, views: dict, row: dict[str, Any]) -
 
     view = row["view"]
     if view not in views:
-        face_v = face.view(view)
+        face_v = face.view(view, job.settings.yaw_deg)
         views[view] = (face_v, photo_stats(face_v.image, face_v.skin))
     face_v, stats = views[view]
     states = course.on(row["day"])
@@ -365,6 +368,7 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
              faces_dir: str | os.PathLike[str] | None = None, seed: int = 0, size: int = 512,
              naming: str = "native", workers: int = 1, progress: bool = True, backend: str = "procedural",
              diffusion: dict[str, Any] | None = None, quality_filter: bool = False, reject: bool = False,
+             yaw_deg: float = 25.0,
              on_progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Render every row of a protocol into a run directory and return its path (see the module docstring).
 
@@ -378,7 +382,7 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
     renders its share of the images and the main process writes the one manifest.
     """
     settings = GenerateSettings(seed=seed, size=size, naming=naming, backend=backend,
-                                quality_filter=quality_filter, reject=reject)
+                                quality_filter=quality_filter, reject=reject, yaw_deg=yaw_deg)
     if workers < 1:
         raise RunError(f"--workers must be >= 1, got {workers}")
     options = _backend_options(settings.backend, diffusion)

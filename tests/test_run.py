@@ -55,7 +55,8 @@ def test_run_directory_layout(quick_run):
     assert json.loads((quick_run / "truth.json").read_text()) == json.loads(
         (ROOT / "protocols" / "quick.truth.json").read_text())
     config = json.loads((quick_run / "config.json").read_text())
-    assert config["settings"] == {"backend": "procedural", "naming": "native", "seed": 0, "size": 256}
+    assert config["settings"] == {"backend": "procedural", "naming": "native", "seed": 0, "size": 256,
+                                  "quality_filter": False, "reject": False, "yaw_deg": 25.0}
     for col in ("image", "patient_id", "day", "date", "block", "treatment", "view", "severity", "lesion_count",
                 "n_open_comedo", "n_closed_comedo", "n_papule", "n_pustule", "n_nodule", "n_scar", "acne04_level",
                 "iga", "identity", "seed", "backend", "sha256"):
@@ -470,3 +471,14 @@ def test_refused_portraits_are_left_out(tmp_path, monkeypatch, bases):
     with pytest.raises(SynthtrialError, match="ImageQX refused every portrait"):
         generate(proto, tmp_path / "run2", size=160, progress=False, faces_dir=faces, quality_filter=True)
     assert not (tmp_path / "run2").exists()
+
+
+def test_yaw_turns_the_side_views_only(tiny, tmp_path):
+    a = read_run(generate(tiny, tmp_path / "a", size=160, progress=False))[0].set_index("image")
+    b = read_run(generate(tiny, tmp_path / "b", size=160, progress=False, yaw_deg=40.0))[0].set_index("image")
+    side = a["view"] != "frontal"
+    assert side.any() and (a.loc[side, "sha256"] != b.loc[side, "sha256"]).all()
+    assert (a.loc[~side, "sha256"] == b.loc[~side, "sha256"]).all()
+    with pytest.raises(SynthtrialError, match="--yaw must be between 0 and 60"):
+        generate(tiny, tmp_path / "c", size=160, progress=False, yaw_deg=75.0)
+    assert not (tmp_path / "c").exists()

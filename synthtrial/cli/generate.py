@@ -64,6 +64,8 @@ def generate_command(
                                                  show_default=False, rich_help_panel=_DIFFUSION_PANEL)] = None,
     compile_unet: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (CUDA).",
                                                rich_help_panel=_DIFFUSION_PANEL)] = False,
+    yaw: Annotated[float, typer.Option("--yaw", help="Head turn of the left/right views, in degrees (the 3-D face "
+                                       "mesh is rotated; 0-60).")] = 25.0,
     quality_filter: Annotated[bool, typer.Option("--quality-filter", help="Score every image with the ImageQX "
                                                  "quality grader and record its verdict in the manifest "
                                                  "(quality_acceptable, quality_p, quality_reason); with --faces, "
@@ -89,7 +91,7 @@ def generate_command(
         diffusion["strength" if backend.value == "sdxl-img2img" else "inpaint_strength"] = strength
     run_dir = generate(protocol, out_dir, faces_dir=faces, seed=seed, size=size, naming=naming.value,
                        workers=workers, progress=not quiet, backend=backend.value, diffusion=diffusion or None,
-                       quality_filter=quality_filter, reject=reject)
+                       quality_filter=quality_filter, reject=reject, yaw_deg=yaw)
     if quality_filter and faces is not None:
         from synthtrial.rundir import read_config
 

@@ -143,6 +143,29 @@ class DiffusionConfig:
     vae: str | None = None         # optional AutoencoderKL (hub id or folder), e.g. an fp16-safe SDXL VAE
 
 
+    def __post_init__(self) -> None:
+        """Values are checked when the config is built (models and LoRA folders when the renderer is)."""
+        if self.mode not in MODES:
+            raise DiffusionError(f"unknown diffusion mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if self.scheduler not in SCHEDULERS:
+            raise DiffusionError(f"unknown scheduler {self.scheduler!r}; expected one of {', '.join(SCHEDULERS)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise DiffusionError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        strength = self.inpaint_strength if self.mode == "inpaint" else self.strength
+        if not 0.0 < float(strength) <= 1.0:
+            raise DiffusionError(f"{self.mode} strength must be in (0, 1], got {strength}")
+        if int(self.num_inference_steps) < 1:
+            raise DiffusionError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}")
+        if int(int(self.num_inference_steps) * float(strength)) < 1:
+            raise DiffusionError(f"{self.num_inference_steps} steps at strength {strength} run no denoising step "
+                                 f"(steps x strength < 1); raise --steps or --strength")
+        for name in ("mask_dilation_px", "crop_padding_px", "feather_px"):
+            if int(getattr(self, name)) < 0:
+                raise DiffusionError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if int(self.crop_size) < 8:
+            raise DiffusionError(f"crop_size must be at least 8 px, got {self.crop_size}")
+
+
 def severity_level(severity: float) -> int:
     """The anchor's LoRA level: ``min(round(severity), 3)`` (Python round), never below 0."""
     s = float(severity)
@@ -215,25 +238,6 @@ class DiffusionRenderer:
     def __init__(self, config: DiffusionConfig | None = None, procedural: ProceduralRenderer | None = None,
                  pipeline: Any = None):
         self.config = cfg = config if config is not None else DiffusionConfig()
-        if cfg.mode not in MODES:
-            raise DiffusionError(f"unknown diffusion mode {cfg.mode!r}; expected one of {', '.join(MODES)}")
-        if cfg.scheduler not in SCHEDULERS:
-            raise DiffusionError(f"unknown scheduler {cfg.scheduler!r}; expected one of {', '.join(SCHEDULERS)}")
-        if cfg.dtype is not None and cfg.dtype not in DTYPES:
-            raise DiffusionError(f"unknown dtype {cfg.dtype!r}; expected one of {', '.join(DTYPES)}")
-        strength = cfg.inpaint_strength if cfg.mode == "inpaint" else cfg.strength
-        if not 0.0 < float(strength) <= 1.0:
-            raise DiffusionError(f"{cfg.mode} strength must be in (0, 1], got {strength}")
-        if int(cfg.num_inference_steps) < 1:
-            raise DiffusionError(f"num_inference_steps must be at least 1, got {cfg.num_inference_steps}")
-        if int(int(cfg.num_inference_steps) * float(strength)) < 1:
-            raise DiffusionError(f"{cfg.num_inference_steps} steps at strength {strength} run no denoising step "
-                                 f"(steps x strength < 1); raise --steps or --strength")
-        for name in ("mask_dilation_px", "crop_padding_px", "feather_px"):
-            if int(getattr(cfg, name)) < 0:
-                raise DiffusionError(f"{name} must be >= 0, got {getattr(cfg, name)}")
-        if int(cfg.crop_size) < 8:
-            raise DiffusionError(f"crop_size must be at least 8 px, got {cfg.crop_size}")
         if pipeline is None:  # a pipeline built elsewhere needs no model to load
             check_model(cfg.model, "model")
             if cfg.vae is not None:
