@@ -55,9 +55,9 @@ EFFECT_COLUMNS = ("outcome", "method", "role", "scope", "arm", "reference", "est
                   "std_ci_high", "std_true_effect", "share", "std_covered", "note")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AnalysisSettings:
-    """What an analysis depends on (recorded in ``analysis/settings.json``)."""
+    """What an analysis depends on (recorded in ``analysis/settings.json``); checked when built."""
 
     autoencoder: bool = True
     epochs: int = 10
@@ -69,6 +69,9 @@ class AnalysisSettings:
     embedding: str = "logits"
     methods: tuple[str, ...] = ("period", "randomization", "gls_kinetics", "lmm", "lmm_cr1", "welch", "permutation",
                                 "gls_ar1", "hac")
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         if self.epochs < 1:
