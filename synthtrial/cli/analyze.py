@@ -50,13 +50,17 @@ def analyze_command(
     folder = analyze_run(run, settings, device=device, progress=not quiet)
     summary = analysis_summary(pd.read_csv(folder / "effects.csv"))
     table = Table(title="pooled effects (mixed model, CR2) beside the truth", title_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, padding=(0, 1))
+
+    def num(value: float) -> str:  # two decimals, one for large effects (lesion counts): fits 80 columns
+        return f"{value:+.1f}" if abs(value) >= 10 else f"{value:+.2f}"
+
     for col in ("outcome", "arm", f"estimate [{1 - alpha:.0%} CI]", "p", "truth"):
         table.add_column(col, justify="left" if col in ("outcome", "arm") else "right", no_wrap=True)
     for rec in summary.itertuples(index=False):
         truth = "" if pd.isna(rec.true_effect) else f"{rec.true_effect:+.2f} " + (
-            "✓" if str(rec.covered) == "True" else "✗ missed")
-        table.add_row(rec.outcome, rec.arm, f"{rec.estimate:+.2f} [{rec.ci_low:+.2f}, {rec.ci_high:+.2f}]",
+            "✓" if str(rec.covered) == "True" else "✗")
+        table.add_row(rec.outcome, rec.arm, f"{num(rec.estimate)} [{num(rec.ci_low)}, {num(rec.ci_high)}]",
                       f"{rec.p:.0e}", truth)
     out.print(table)
     out.print(f"[green]wrote[/green] {folder} (open {folder / 'report.html'})")
