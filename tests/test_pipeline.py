@@ -79,9 +79,9 @@ def test_report_renders_every_section(analysed):
     _, analysis = analysed
     report = (analysis / "report.html").read_text()
     for heading in ("Pooled effects", "All outcomes on one scale", "Per-patient tests", "Trajectories",
-                    "Autoencoder embeddings", "Estimates beside the truth"):
+                    "What the outcomes measured", "Autoencoder embeddings", "Estimates beside the truth"):
         assert heading in report
-    assert report.count("data:image/png;base64,") == 3
+    assert report.count("data:image/png;base64,") == 4  # trajectories, image strip, embeddings, forest plot
     assert "Simulation truth" in report
 
 

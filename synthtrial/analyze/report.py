@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from synthtrial import rundir
 from synthtrial.atomic import write_text_atomic
 
 PALETTE = ("#bdbdbd", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -178,6 +179,70 @@ def _table(frame: pd.DataFrame, floats: int = 3) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+#: Outline colours of the lesion types in the image strip.
+TYPE_COLOURS = {"open_comedo": (20, 20, 20), "closed_comedo": (245, 245, 245), "papule": (230, 30, 30),
+                "pustule": (250, 220, 0), "nodule": (150, 40, 200), "mark": (255, 120, 170), "scar": (40, 120, 255)}
+
+
+def strip_days(rows: pd.DataFrame) -> list[int]:
+    """The days a patient's strip shows: the first day, then the last day of every treatment period."""
+    per_day = rows.drop_duplicates("day").sort_values("day")
+    treatments = per_day["treatment"].tolist()
+    days = per_day["day"].tolist()
+    ends = [days[k] for k in range(len(days)) if k == len(days) - 1 or treatments[k + 1] != treatments[k]]
+    return list(dict.fromkeys([days[0], *ends]))
+
+
+def image_strip(run_dir: Path, outcomes: pd.DataFrame, *, max_patients: int = 10, thumb: int = 160) -> str:
+    """Base64 PNG: per patient (a row), the frontal image on the first day and at the end of every period, each
+    lesion outlined in its type's colour from the run's exact instance masks, labelled with day, treatment and
+    the lesion count."""
+    import cv2
+    from PIL import Image, ImageDraw, ImageFont
+
+    lesions = pd.read_parquet(run_dir / "lesions.parquet", columns=["image", "lesion_id", "type"])
+    types = {(r.image, int(r.lesion_id) + 1): r.type for r in lesions.itertuples(index=False)}
+    frontal = outcomes[outcomes["view"] == "frontal"]
+    patients = list(dict.fromkeys(frontal["patient_id"]))[:max_patients]
+    rows = {pid: frontal[frontal["patient_id"] == pid] for pid in patients}
+    plan = {pid: [rows[pid][rows[pid]["day"] == d].iloc[0] for d in strip_days(rows[pid])] for pid in patients}
+    cols = max((len(v) for v in plan.values()), default=1)
+    label_h, name_w = 28, 60
+    sheet = Image.new("RGB", (name_w + cols * thumb, 24 + len(patients) * (thumb + label_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    x = name_w
+    for name, colour in TYPE_COLOURS.items():  # legend
+        draw.rectangle([x, 6, x + 10, 16], fill=colour, outline=(0, 0, 0))
+        draw.text((x + 14, 5), name.replace("_", " "), fill=(0, 0, 0), font=font)
+        x += 24 + 6 * len(name)
+    for r, pid in enumerate(patients):
+        y = 24 + r * (thumb + label_h)
+        draw.text((4, y + thumb // 2), str(pid), fill=(0, 0, 0), font=font)
+        for c, rec in enumerate(plan[pid]):
+            with Image.open(run_dir / rec["image"]) as im:
+                picture = np.asarray(im.convert("RGB").resize((thumb, thumb), Image.Resampling.LANCZOS)).copy()
+            mask_path = run_dir / rundir.mask_path_for(str(rec["image"]))
+            if mask_path.is_file():
+                with Image.open(mask_path) as im:
+                    labels = np.asarray(im).astype(np.int32)
+                small = cv2.resize(labels, (thumb, thumb), interpolation=cv2.INTER_NEAREST)
+                edge = cv2.morphologyEx((small > 0).astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((2, 2), np.uint8))
+                for label in np.unique(small[edge > 0]):
+                    colour = TYPE_COLOURS.get(types.get((rec["image"], int(label))))
+                    if label and colour is not None:
+                        picture[(edge > 0) & (small == label)] = colour
+            sheet.paste(Image.fromarray(picture), (name_w + c * thumb, y))
+            count = int(rec["lesion_count"]) if "lesion_count" in rec and pd.notna(rec["lesion_count"]) else None
+            text = f"day {int(rec['day'])} {rec['treatment']}"[:24]
+            draw.text((name_w + c * thumb + 2, y + thumb + 1), text, fill=(0, 0, 0), font=font)
+            if count is not None:
+                draw.text((name_w + c * thumb + 2, y + thumb + 13), f"{count} lesions", fill=(90, 90, 90), font=font)
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG", optimize=False)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def write_report(path: Path, *, run_dir: Path, outcomes: pd.DataFrame, effects: pd.DataFrame, truth: dict | None,
                  reference: str, settings: dict[str, Any], timings: dict[str, float]) -> Path:
     """Write ``report.html``: summary table, trajectories, embedding plot, forest plot, settings."""
@@ -211,6 +276,10 @@ def write_report(path: Path, *, run_dir: Path, outcomes: pd.DataFrame, effects: 
         _table(per_patient),
         "<h2>Trajectories</h2>",
         f'<img alt="trajectories" src="data:image/png;base64,{trajectories_figure(outcomes, reference)}">',
+        "<h2>What the outcomes measured</h2>",
+        "<p>Each patient's frontal image on the first day and at the end of every treatment period, every lesion "
+        "outlined in its type's colour from the run's exact instance masks.</p>",
+        f'<img alt="image strip" src="data:image/png;base64,{image_strip(run_dir, outcomes)}">',
     ]
     emb_path = run_dir / "analysis" / "embeddings.parquet"
     if "ae_pca" in outcomes and emb_path.is_file():
