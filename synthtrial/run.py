@@ -13,6 +13,7 @@ dies exit on their own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -385,7 +386,7 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
                                 quality_filter=quality_filter, reject=reject, yaw_deg=yaw_deg)
     if workers < 1:
         raise RunError(f"--workers must be >= 1, got {workers}")
-    options = _backend_options(settings.backend, diffusion)
+    options, recorded = _backend_options(settings.backend, diffusion)
     state = _distributed_state()
     protocol_path = Path(protocol_path)
     protocol = read_protocol(protocol_path)
@@ -415,13 +416,13 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
         "packages": package_versions(),
     }
     if options:
-        config["diffusion"] = {k: v for k, v in _recorded_options(settings.backend, options).items() if k != "device"}
+        config["diffusion"] = {k: v for k, v in recorded.items() if k != "device"}
     jobs, tasks, total = _plan(protocol, run_dir, settings, faces_dir_str, protocol_path, options,
                                tuple(r["file"] for r in refused))
     _check_faces(jobs, faces_dir_str, protocol_path, tuple(r["file"] for r in refused))  # every check first
 
     main = state is None or state.is_main_process
-    lock = rundir.locked(run_dir) if main else _no_lock()
+    lock = rundir.locked(run_dir) if main else contextlib.nullcontext()  # shards run under the main's lock
     with lock:
         if main:
             _prepare_run_dir(run_dir, config)
@@ -469,14 +470,6 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
     return run_dir
 
 
-class _no_lock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def _check_out(run_dir: Path) -> None:
     """Refuse an --out that can never be a run directory, before anything is written."""
     from synthtrial.atomic import check_writable
@@ -486,22 +479,16 @@ def _check_out(run_dir: Path) -> None:
     check_writable(run_dir / rundir.CONFIG)
 
 
-def _backend_options(backend: str, options: dict[str, Any] | None) -> dict[str, Any]:
-    """The backend's options, checked now by building the backend once (models load lazily later)."""
+def _backend_options(backend: str, options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The backend's options, checked now by building the backend once (models load lazily later), and every
+    setting it runs with (its config with defaults filled in), as config.json records it."""
     options = dict(options or {})
     spec = get_backend(backend)
     if options and not spec.options:
         raise RunError(f"--model, --lora and the other diffusion options need --backend "
                        f"{' or '.join(n for n, s in BACKEND_SPECS.items() if s.options)}")
-    spec.build(render_config(), options)
-    return options
-
-
-def _recorded_options(backend: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Every setting the backend runs with (its config with defaults filled in), as recorded in config.json."""
-    renderer = get_backend(backend).build(render_config(), options)
-    config = getattr(renderer, "config", None)
-    return asdict(config) if config is not None else dict(options)
+    config = getattr(spec.build(render_config(), options), "config", None)
+    return options, (asdict(config) if config is not None else dict(options))
 
 
 def _distributed_state():
