@@ -1,11 +1,12 @@
 """Simulated trials analysed per minute by `synthtrial power` (non-image outcomes), per method set and engine.
 
-    python benchmarks/power.py [--preset anchor] [--replicates 20] [--workers 2]
+    python benchmarks/power.py [--preset anchor] [--replicates 200] [--workers 2]
 
 Prints one line per (method set, engine): trials, seconds, trials per minute. Method sets: every default
 method, and the inferential ones only (period, randomization, gls_kinetics, lmm, lmm_cr1). Engines: this
-process, and a Dask LocalCluster of --workers processes (its start-up is counted). The figures depend on
-what else the machine is doing: run it on a quiet machine.
+process, and a Dask LocalCluster of --workers processes; the cluster's start-up and shut-down (timed on
+its own first) is counted in "seconds" and left out of "steady". The figures depend on what else the
+machine is doing: run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -19,13 +20,30 @@ from synthtrial.simulate import PRESETS
 INFERENTIAL = ("period", "randomization", "gls_kinetics", "lmm", "lmm_cr1")
 
 
+def _cluster_startup(workers: int) -> float:
+    """Seconds to start and close a LocalCluster like the one power_study starts."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    start = time.perf_counter()
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                           scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR)
+    Client(cluster).close()
+    cluster.close()
+    seconds = time.perf_counter() - start
+    print(f"Dask LocalCluster of {workers} workers: {seconds:.1f} s to start and close")
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="anchor", choices=sorted(PRESETS))
-    parser.add_argument("--replicates", type=int, default=20)
+    parser.add_argument("--replicates", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     grid = scenario_grid([(args.preset, *PRESETS[args.preset])])
+    startup = _cluster_startup(args.workers)
     print(f"{args.preset}: {grid[0].design.n_patients} patients x {grid[0].design.days_per_patient} days, "
           "outcomes oracle + lesion_severity")
     for label, methods in (("all default methods", DEFAULT_METHODS), ("inferential only", INFERENTIAL)):
@@ -35,8 +53,9 @@ def main() -> None:
             start = time.perf_counter()
             power_study(grid, replicates=args.replicates, settings=settings, workers=workers)
             seconds = time.perf_counter() - start
-            print(f"{label:>20} | {engine:<16} | {args.replicates:4d} trials in {seconds:7.1f} s | "
-                  f"{60 * args.replicates / seconds:7.1f} trials/min")
+            steady = seconds - (startup if workers else 0.0)
+            print(f"{label:>20} | {engine:<16} | {args.replicates:4d} trials in {seconds:6.1f} s | "
+                  f"{60 * args.replicates / seconds:6.0f} trials/min | steady {60 * args.replicates / steady:6.0f}/min")
 
 
 if __name__ == "__main__":

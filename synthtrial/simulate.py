@@ -239,36 +239,35 @@ def truth_path_for(protocol_path: str | os.PathLike[str]) -> Path:
 def design_schedule(design: TrialDesign, seed: int = 0) -> pd.DataFrame:
     """The schedule of ``design`` as a protocol frame (no severities yet); deterministic in ``seed``."""
     rngs = _patient_rngs(seed, design.n_patients, stream=0)
-    start = dt.date.fromisoformat(design.start_date) if design.start_date else None
-    rows: list[dict[str, Any]] = []
+    pids: list[str] = []
+    days: list[np.ndarray] = []
+    blocks: list[int | None] = []
+    arms: list[str] = []
     for pid, rng in zip(design.patient_ids(), rngs, strict=True):
         day = design.first_day
         for k, (block, arm) in enumerate(design.period_arms(rng)):
-            if k > 0:
-                for _ in range(design.washout_days):
-                    rows.append(_row(pid, day, start, design.first_day, None, design.washout_label))
-                    day += 1
-            for _ in range(design.period_days):
-                rows.append(_row(pid, day, start, design.first_day, block, arm))
-                day += 1
-    frame = _frame(rows)
+            if k > 0 and design.washout_days:
+                days.append(np.arange(day, day + design.washout_days))
+                pids += [pid] * design.washout_days
+                blocks += [None] * design.washout_days
+                arms += [design.washout_label] * design.washout_days
+                day += design.washout_days
+            days.append(np.arange(day, day + design.period_days))
+            pids += [pid] * design.period_days
+            blocks += [block] * design.period_days
+            arms += [arm] * design.period_days
+            day += design.period_days
+    day_array = np.concatenate(days).astype("int64") if days else np.zeros(0, dtype="int64")
+    if design.start_date:
+        start = np.datetime64(dt.date.fromisoformat(design.start_date), "D")
+        dates = (start + (day_array - design.first_day).astype("timedelta64[D]")).astype("datetime64[ns]")
+    else:
+        dates = np.full(day_array.size, np.datetime64("NaT"), dtype="datetime64[ns]")
+    frame = pd.DataFrame({
+        "patient_id": pids, "day": day_array, "date": dates, "block": pd.array(blocks, dtype="Int64"),
+        "treatment": arms, "severity": np.full(day_array.size, math.nan), "view": [DEFAULT_VIEW] * day_array.size,
+        "face": pd.Series([None] * day_array.size, dtype=object)}, columns=list(COLUMNS))
     frame.attrs.update(source="<design>", form="native")
-    return frame
-
-
-def _row(pid: str, day: int, start: dt.date | None, first_day: int, block: int | None, arm: str) -> dict:
-    date = None if start is None else start + dt.timedelta(days=day - first_day)
-    return {"patient_id": pid, "day": day, "date": date, "block": block, "treatment": arm,
-            "severity": math.nan, "view": DEFAULT_VIEW, "face": None}
-
-
-def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows, columns=list(COLUMNS))
-    frame["day"] = frame["day"].astype("int64")
-    frame["date"] = pd.to_datetime(frame["date"]).astype("datetime64[ns]")
-    frame["block"] = pd.array(frame["block"].tolist(), dtype="Int64")
-    frame["severity"] = frame["severity"].astype("float64")
-    frame["face"] = frame["face"].astype(object)
     return frame
 
 
@@ -307,7 +306,7 @@ def simulate_severity(schedule: pd.DataFrame, model: SeverityModel, seed: int = 
     """
     if schedule.empty:
         raise DesignError("the schedule has no rows")
-    treatments = list(dict.fromkeys(schedule["treatment"]))
+    treatments = schedule["treatment"].unique().tolist()
     reference = reference if reference is not None else str(schedule["treatment"].iloc[0])
     if reference not in treatments:
         raise DesignError(f"{_option('reference')} '{reference}' is not a treatment of this protocol "
@@ -321,7 +320,11 @@ def simulate_severity(schedule: pd.DataFrame, model: SeverityModel, seed: int = 
                           "by definition; give the other arms' effects relative to it")
     active = [a for a in treatments if a != reference and a not in no_effect]
 
-    pids = list(dict.fromkeys(schedule["patient_id"]))
+    patient_of_row = schedule["patient_id"].astype(str).to_numpy(dtype=object)
+    pids = list(dict.fromkeys(patient_of_row))
+    day_of_row = schedule["day"].to_numpy(dtype="int64")
+    treatment_of_row = schedule["treatment"].astype(str).to_numpy(dtype=object)
+    rows_of = pd.Series(np.arange(len(schedule))).groupby(patient_of_row, sort=False).indices
     effect_rngs = _patient_rngs(seed, len(pids), stream=1)
     noise_rngs = _patient_rngs(seed, len(pids), stream=2)
     missing_rngs = _patient_rngs(seed, len(pids), stream=3)
@@ -330,17 +333,19 @@ def simulate_severity(schedule: pd.DataFrame, model: SeverityModel, seed: int = 
     keep = np.ones(len(out), dtype=bool)
     patients: dict[str, Any] = {}
     clipped = 0
-    for pid, effect_rng, noise_rng, missing_rng in zip(pids, effect_rngs, noise_rngs, missing_rngs, strict=True):
-        idx = np.flatnonzero((out["patient_id"] == pid).to_numpy())
-        rows = out.iloc[idx]
-        # one value per day, shared by every view of that day
-        per_day = rows.drop_duplicates("day").set_index("day")["treatment"]
-        first, last = int(per_day.index.min()), int(per_day.index.max())
+    # each patient's first effect draw is its baseline's quantile (the truncated normal, all patients at once)
+    baselines = _truncated_normal([float(rng.random()) for rng in effect_rngs], model.baseline_mean,
+                                  model.baseline_sd, model.baseline_min, model.baseline_max)
+    for pid, baseline, effect_rng, noise_rng, missing_rng in zip(pids, baselines, effect_rngs, noise_rngs,
+                                                                 missing_rngs, strict=True):
+        idx = np.asarray(rows_of[pid])
+        row_days, row_treatments = day_of_row[idx], treatment_of_row[idx]
+        # one value per day (its first row's treatment), shared by every view of that day
+        days_seen, first_row = np.unique(row_days, return_index=True)
+        first, last = int(days_seen[0]), int(days_seen[-1])
         grid = np.arange(first, last + 1)
-        arm_on_day = per_day.reindex(grid).ffill().to_numpy()
+        arm_on_day = pd.Series(row_treatments[first_row], index=days_seen).reindex(grid).ffill().to_numpy()
 
-        baseline = _truncated_normal(effect_rng, model.baseline_mean, model.baseline_sd,
-                                     model.baseline_min, model.baseline_max)
         effects = {a: model.effects.get(a, 0.0) + model.effect_sd * float(effect_rng.standard_normal()) for a in active}
         effect_part = np.zeros(len(grid))
         for a in active:
@@ -351,23 +356,24 @@ def simulate_severity(schedule: pd.DataFrame, model: SeverityModel, seed: int = 
         raw = mu + noise
         s = np.clip(raw, scale.SEVERITY_MIN, scale.SEVERITY_MAX) + 0.0
         clipped_days = int(((raw < scale.SEVERITY_MIN) | (raw > scale.SEVERITY_MAX)).sum())
-        day_pos = rows["day"].to_numpy() - first
-        severity[idx] = s[day_pos]
+        severity[idx] = s[row_days - first]
 
         missing_days: list[int] = []
         if model.missing_rate > 0:
             dropped = missing_rng.random(len(grid)) < model.missing_rate
-            missing_days = [int(d) for d in grid[dropped] if d in per_day.index]
-            keep[idx] = ~np.isin(rows["day"].to_numpy(), missing_days)
+            scheduled = set(days_seen.tolist())
+            missing_days = [int(d) for d in grid[dropped] if d in scheduled]
+            keep[idx] = ~np.isin(row_days, missing_days)
         clipped += clipped_days
 
         ref_days = arm_on_day == reference
         delivered = {a: _mean_difference(effect_part, arm_on_day == a, ref_days) for a in active}
+        in_row_order = row_treatments[np.sort(first_row)].tolist()
         patients[pid] = {
             "baseline": baseline,
             "effects": effects,
             "delivered_effects": delivered,
-            "period_order": _period_order(rows),
+            "period_order": [t for i, t in enumerate(in_row_order) if i == 0 or t != in_row_order[i - 1]],
             "first_day": first,
             "last_day": last,
             "missing_days": missing_days,
@@ -412,12 +418,13 @@ def simulate_trial(design: TrialDesign, model: SeverityModel, seed: int = 0) -> 
     return trial
 
 
-def _truncated_normal(rng: np.random.Generator, mean: float, sd: float, low: float, high: float) -> float:
-    u = float(rng.random())
+def _truncated_normal(quantiles: Sequence[float], mean: float, sd: float, low: float, high: float) -> list[float]:
+    """The truncated normal's values at the given quantiles (inverse CDF)."""
     if sd == 0:
-        return float(mean)
+        return [float(mean)] * len(quantiles)
     a, b = (low - mean) / sd, (high - mean) / sd
-    return float(stats.truncnorm.ppf(u, a, b, loc=mean, scale=sd))
+    return [float(v) for v in np.atleast_1d(stats.truncnorm.ppf(np.asarray(quantiles, dtype=float), a, b, loc=mean,
+                                                                 scale=sd))]
 
 
 def _ar1(rng: np.random.Generator, n: int, phi: float, sd: float) -> np.ndarray:
@@ -441,11 +448,6 @@ def _mean_difference(values: np.ndarray, on: np.ndarray, ref: np.ndarray) -> flo
 def _mean(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return float(np.mean(present)) if present else None
-
-
-def _period_order(rows: pd.DataFrame) -> list[str]:
-    per_day = rows.drop_duplicates("day")["treatment"].tolist()
-    return [t for i, t in enumerate(per_day) if i == 0 or t != per_day[i - 1]]
 
 
 # ------------------------------------------------------------------------------------------- presets

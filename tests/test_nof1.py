@@ -139,3 +139,68 @@ def test_hac_equals_a_hand_computed_newey_west():
     assert est == pytest.approx(beta[1], abs=1e-12)
     assert se == pytest.approx(math.sqrt(cov[1, 1]), rel=1e-10)
     assert df == 37 and f"{lags} lags" in note
+
+
+def _gapped_series(seed=0, n=60):
+    rng = np.random.default_rng(seed)
+    days = np.sort(rng.choice(np.arange(n + 12), n, replace=False)).astype(float)  # gaps of 1, 2, 3, ...
+    x = np.column_stack([np.ones(n), (days % 10 < 5).astype(float), days - days.mean()])
+    e = np.zeros(n)
+    for t in range(1, n):
+        e[t] = 0.6 ** (days[t] - days[t - 1]) * e[t - 1] + rng.standard_normal()
+    return days, x, 3.0 + 0.4 * x[:, 1] + e
+
+
+def _dense_reml_deviance(phi, days, x, y):
+    """-2 REML log-likelihood (constants dropped, sigma^2 profiled) from the full correlation matrix."""
+    r = phi ** np.abs(days[:, None] - days[None, :])
+    r_inv = np.linalg.inv(r)
+    xx = x.T @ r_inv @ x
+    beta = np.linalg.solve(xx, x.T @ r_inv @ y)
+    resid = y - x @ beta
+    n, p = x.shape
+    return (np.linalg.slogdet(r)[1] + (n - p) * math.log(resid @ r_inv @ resid) + np.linalg.slogdet(xx)[1])
+
+
+def test_ar1_moments_give_the_whitened_gram_and_the_dense_likelihood():
+    days, x, y = _gapped_series()
+    gaps = np.diff(days)
+    assert len(np.unique(gaps)) >= 3
+    moments = nof1.AR1Moments(y, x, gaps)
+    data = np.column_stack([x, y])
+    for phi in (-0.7, 0.0, 0.35, 0.9, 0.99):
+        white = nof1.ar1_whiten(data, phi, gaps)
+        np.testing.assert_allclose(moments.gram(phi)[0], white.T @ white, rtol=1e-10, atol=1e-8)
+    phis = np.array([-0.5, 0.2, 0.6, 0.95])
+    ours = moments.deviance(phis)
+    dense = np.array([_dense_reml_deviance(p, days, x, y) for p in phis])
+    np.testing.assert_allclose(ours - ours[0], dense - dense[0], rtol=1e-9, atol=1e-8)
+
+
+def test_fit_phi_finds_the_maximum_of_the_dense_likelihood():
+    days, x, y = _gapped_series(seed=3)
+    phi, dev = nof1.fit_phi(y, x, np.diff(days))
+    grid = np.linspace(phi - 2e-3, phi + 2e-3, 41)
+    dense = np.array([_dense_reml_deviance(p, days, x, y) for p in grid])
+    assert abs(grid[np.argmin(dense)] - phi) <= 1e-4          # the dense optimum within a grid step
+    assert _dense_reml_deviance(phi, days, x, y) <= dense.min() + 1e-9
+    assert 0.3 < phi < 0.85                                    # simulated 0.6
+
+
+def test_period_arrays_match_the_frame_and_skip_empty_periods():
+    days, treatments = _schedule(["R", "T", "R"], 4, washout=1)
+    values = np.arange(days.size, dtype=float)
+    values[5:9] = np.nan                                          # T's period has no value at all
+    arrays = nof1.period_arrays(days, treatments, values, {"Washout"})
+    frame = nof1.periods(days, treatments, values, {"Washout"})
+    assert arrays["treatment"] == frame["treatment"].tolist() == ["R", "R"]
+    np.testing.assert_allclose(arrays["mean"], [1.5, 11.5])
+    np.testing.assert_allclose(arrays["mid"], frame["mid"].to_numpy())
+
+
+def test_exposures_continue_the_last_treatment_over_skipped_days():
+    days = np.array([0, 1, 2, 5, 6], dtype=float)                 # days 3 and 4 are not scheduled
+    treatments = np.array(["R", "A", "A", "R", "R"])
+    got = nof1.exposures(days, treatments, ["A"], nof1.Kinetics(1.0, 1.0))[:, 0]
+    full = exposure(np.array([0, 1, 1, 1, 1, 0, 0], dtype=bool), 1.0, 1.0)
+    np.testing.assert_allclose(got, full[[0, 1, 2, 5, 6]])

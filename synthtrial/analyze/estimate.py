@@ -74,17 +74,18 @@ def _working_frame(frame: pd.DataFrame, outcome: str, reference: str, need: Sequ
         raise SynthtrialError(f"outcome '{outcome}' is not numeric (dtype {values.dtype})")
     y = pd.to_numeric(values, errors="coerce").astype(float).to_numpy()
     keep = np.isfinite(y)
-    work = pd.DataFrame({"y": y[keep], "treatment": frame["treatment"].astype(str).to_numpy()[keep]})
+    columns = {"y": y[keep], "treatment": frame["treatment"].astype(str).to_numpy()[keep]}
     for col in need:
-        work[col] = frame[col].to_numpy()[keep]
+        columns[col] = frame[col].to_numpy()[keep]
     if "day" in need:
-        day = pd.to_numeric(work["day"], errors="coerce").to_numpy(dtype=float)
+        day = pd.to_numeric(pd.Series(columns["day"]), errors="coerce").to_numpy(dtype=float)
         if not np.all(np.isfinite(day)) or np.any(day != np.round(day)):
             raise SynthtrialError("column 'day' must hold whole numbers")
-        work["day"] = day.astype(np.int64)
+        columns["day"] = day.astype(np.int64)
     if "patient_id" in need:
-        work["patient_id"] = work["patient_id"].astype(str)
-    present = list(dict.fromkeys(frame["treatment"].astype(str)))
+        columns["patient_id"] = frame["patient_id"].astype(str).to_numpy()[keep]
+    work = pd.DataFrame(columns)
+    present = frame["treatment"].astype(str).unique().tolist()
     if str(reference) not in present:
         raise SynthtrialError(f"reference '{reference}' is not a treatment in the data "
                               f"(treatments present: {_show(present)})")
@@ -94,7 +95,7 @@ def _working_frame(frame: pd.DataFrame, outcome: str, reference: str, need: Sequ
 
 
 def _arms_in(work: pd.DataFrame, reference: str) -> list[str]:
-    arms = [arm for arm in dict.fromkeys(work["treatment"]) if arm != str(reference)]
+    arms = [arm for arm in work["treatment"].unique().tolist() if arm != str(reference)]
     if not arms:
         raise SynthtrialError(f"no arm besides the reference '{reference}' to compare with it")
     return arms

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import optimize
 
 from synthtrial.analyze.estimate import t_quantile, t_two_sided_p
 from synthtrial.errors import SynthtrialError
@@ -87,103 +86,176 @@ def ar1_whiten(values: np.ndarray, phi: float, gaps: np.ndarray) -> np.ndarray:
     return out.reshape(values.shape)
 
 
-def _deviances(phis: np.ndarray, y: np.ndarray, x: np.ndarray, gaps: np.ndarray, reml: bool) -> np.ndarray:
-    """-2 log-likelihood (REML or ML, sigma^2 profiled, constants dropped) at each phi, vectorised."""
-    phis = np.atleast_1d(np.asarray(phis, dtype=float))
-    n, p = x.shape
-    rho = phis[:, None] ** gaps[None, :]                                   # (G, n-1)
-    innovation = 1.0 - rho ** 2
-    scale = np.sqrt(innovation)
-    data = np.concatenate([x, y[:, None]], axis=1)                         # (n, p+1)
-    first = np.broadcast_to(data[:1], (phis.size, 1, p + 1))
-    rest = (data[None, 1:] - rho[:, :, None] * data[None, :-1]) / scale[:, :, None]
-    w = np.concatenate([first, rest], axis=1)                              # (G, n, p+1)
-    gram = np.einsum("gni,gnj->gij", w, w)
-    xx, xy, yy = gram[:, :p, :p], gram[:, :p, p], gram[:, p, p]
-    sign, logdet_xx = np.linalg.slogdet(xx)
-    beta = np.linalg.solve(xx, xy[:, :, None])[:, :, 0]
-    rss = yy - np.einsum("gi,gi->g", beta, xy)
-    logdet_r = np.log(innovation).sum(axis=1)
-    dof = n - p if reml else n
-    dev = logdet_r + dof * np.log(np.maximum(rss, 1e-300)) + (logdet_xx if reml else 0.0)
-    return np.where((rss > 0) & (sign > 0) & np.isfinite(dev), dev, 1e300)  # finite: Brent needs numbers
+class AR1Moments:
+    """Sufficient statistics of a gapped AR(1) GLS problem: the whitened Gram matrix at any phi in O(p^2).
+
+    With ``D = [X | y]`` and rows ``d_t``, the Prais-Winsten whitened Gram matrix is
+    ``d_0 d_0' + sum_t (d_t - r_t d_{t-1})(d_t - r_t d_{t-1})' / (1 - r_t^2)`` with ``r_t = phi^gap_t``.
+    Grouping the steps by their gap ``g`` (a daily series has one or two distinct gaps) gives
+    ``sum_g (A_g - phi^g (B_g + B_g') + phi^2g C_g) / (1 - phi^2g)``, where ``A_g``, ``B_g``, ``C_g`` are
+    the step sums of ``d_t d_t'``, ``d_t d_{t-1}'`` and ``d_{t-1} d_{t-1}'``: computed once, so the
+    likelihood at a phi costs a few p x p operations instead of whitening the series again.
+    """
+
+    def __init__(self, y: np.ndarray, x: np.ndarray, gaps: np.ndarray) -> None:
+        data = np.column_stack([x, y]).astype(float)
+        self.n, self.p = x.shape
+        self.first = np.outer(data[0], data[0])
+        gaps = np.asarray(gaps, dtype=float)
+        self.gaps, self.counts, blocks = [], [], []
+        for gap in np.unique(gaps):
+            rows = np.flatnonzero(gaps == gap) + 1
+            now, before = data[rows], data[rows - 1]
+            cross = now.T @ before
+            self.gaps.append(float(gap))
+            self.counts.append(rows.size)
+            blocks.append((now.T @ now, cross + cross.T, before.T @ before))
+        q = self.p + 1
+        # rows: the A_g, then -(B_g + B_g'), then the C_g, flattened; gram(phi) is one matrix product
+        self._stack = np.concatenate([np.array([b[k] for b in blocks]).reshape(-1, q * q) * sign
+                                      for k, sign in ((0, 1.0), (1, -1.0), (2, 1.0))])
+        self._first = self.first.reshape(q * q)
+        self._gaps = np.asarray(self.gaps)
+        self._counts = np.asarray(self.counts, dtype=float)
+
+    def gram(self, phis: np.ndarray | float) -> np.ndarray:
+        """The whitened ``[X | y]' [X | y]`` at each phi: shape (G, p + 1, p + 1)."""
+        phis = np.atleast_1d(np.asarray(phis, dtype=float))
+        rho = phis[:, None] ** self._gaps[None, :]                        # (G, gaps)
+        inv = 1.0 / (1.0 - rho ** 2)
+        weights = np.concatenate([inv, rho * inv, rho * rho * inv], axis=1)
+        return (weights @ self._stack + self._first).reshape(phis.size, self.p + 1, self.p + 1)
+
+    def logdet(self, phis: np.ndarray | float) -> np.ndarray:
+        """``log det R`` of the AR(1) correlation matrix (per unit innovation variance) at each phi."""
+        phis = np.atleast_1d(np.asarray(phis, dtype=float))
+        return np.log(1.0 - (phis[:, None] ** self._gaps[None, :]) ** 2) @ self._counts
+
+    def deviance(self, phis: np.ndarray | float, reml: bool = True) -> np.ndarray:
+        """-2 log-likelihood (REML or ML, sigma^2 profiled, constants dropped) at each phi.
+
+        From the Cholesky factor L of the whitened ``[X | y]' [X | y]``: ``L_yy^2`` is the RSS and
+        ``2 sum log diag L_xx`` is ``log det X' W X``.
+        """
+        phis = np.atleast_1d(np.asarray(phis, dtype=float))
+        p = self.p
+        dof = self.n - p if reml else self.n
+        gram = self.gram(phis)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            try:
+                diag = np.linalg.cholesky(gram).diagonal(axis1=1, axis2=2)
+                rss, logdet_xx, ok = diag[:, p] ** 2, 2.0 * np.log(diag[:, :p]).sum(axis=1), np.ones(phis.size, bool)
+            except np.linalg.LinAlgError:  # a singular Gram somewhere (an exact fit): one phi at a time
+                xx, xy, yy = gram[:, :p, :p], gram[:, :p, p], gram[:, p, p]
+                sign, logdet_xx = np.linalg.slogdet(xx)
+                ok = sign > 0
+                beta = np.zeros_like(xy)
+                if ok.any():
+                    beta[ok] = np.linalg.solve(xx[ok], xy[ok][:, :, None])[:, :, 0]
+                rss = yy - np.einsum("gi,gi->g", beta, xy)
+            dev = self.logdet(phis) + dof * np.log(np.maximum(rss, 1e-300)) + (logdet_xx if reml else 0.0)
+        return np.where((rss > 0) & ok & np.isfinite(dev), dev, 1e300)  # finite: a minimum among numbers
+
+    def solve(self, phi: float) -> tuple[np.ndarray, np.ndarray, float]:
+        """GLS coefficients, ``(X' W X)^-1`` and the RSS at ``phi``."""
+        gram = self.gram(phi)[0]
+        p = self.p
+        xx_inv = np.linalg.inv(gram[:p, :p])
+        beta = xx_inv @ gram[:p, p]
+        rss = float(gram[p, p] - beta @ gram[:p, p])
+        return beta, xx_inv, max(rss, 0.0)
 
 
-def fit_phi(y: np.ndarray, x: np.ndarray, gaps: np.ndarray, *, reml: bool = True) -> tuple[float, float]:
+def fit_phi(y: np.ndarray, x: np.ndarray, gaps: np.ndarray, *, reml: bool = True,
+            moments: AR1Moments | None = None) -> tuple[float, float]:
     """The AR(1) coefficient maximising the (restricted) likelihood on ``[-0.99, 0.99]``, and its deviance.
 
-    A 67-point grid evaluated at once, then Brent's method between the best point's neighbours.
+    A 67-point grid evaluated at once, then four zooms (21 points over the best point's neighbours, each
+    ten times finer) and a parabola through the last three: phi to about 1e-8, in five vectorised calls.
     """
+    moments = moments or AR1Moments(y, x, gaps)
     grid = np.linspace(-PHI_BOUND, PHI_BOUND, 67)
-    dev = _deviances(grid, y, x, gaps, reml)
+    dev = moments.deviance(grid, reml)
+    for _ in range(4):
+        best = int(np.argmin(dev))
+        grid = np.linspace(grid[max(best - 1, 0)], grid[min(best + 1, grid.size - 1)], 21)
+        dev = moments.deviance(grid, reml)
     best = int(np.argmin(dev))
-    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, grid.size - 1)]
-    found = optimize.minimize_scalar(lambda phi: float(_deviances(phi, y, x, gaps, reml)[0]), bounds=(lo, hi),
-                                     method="bounded", options={"xatol": 1e-7})
-    if found.fun <= dev[best]:
-        return float(found.x), float(found.fun)
-    return float(grid[best]), float(dev[best])
+    phi, value = float(grid[best]), float(dev[best])
+    if 0 < best < grid.size - 1 and dev[best] < 1e300:
+        (x0, x1, x2), (f0, f1, f2) = grid[best - 1:best + 2], dev[best - 1:best + 2]
+        curvature = (f0 - 2 * f1 + f2)
+        if curvature > 0:
+            vertex = x1 + 0.5 * (x1 - x0) * (f0 - f2) / curvature
+            at_vertex = float(moments.deviance(vertex, reml)[0])
+            if at_vertex <= value:
+                phi, value = float(vertex), at_vertex
+    return phi, value
 
 
-def gls_fit(y: np.ndarray, x: np.ndarray, gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+def gls_fit(y: np.ndarray, x: np.ndarray, gaps: np.ndarray, *,
+            moments: AR1Moments | None = None) -> tuple[np.ndarray, np.ndarray, float, float]:
     """GLS with REML AR(1) errors: coefficients, their covariance, phi, sigma^2."""
-    phi, _ = fit_phi(y, x, gaps)
-    wy, wx = ar1_whiten(y, phi, gaps), ar1_whiten(x, phi, gaps)
-    beta, *_ = np.linalg.lstsq(wx, wy, rcond=None)
-    resid = wy - wx @ beta
-    sigma2 = float(resid @ resid) / (y.size - x.shape[1])
-    cov = sigma2 * np.linalg.inv(wx.T @ wx)
-    return beta, cov, phi, sigma2
-
-
-def _reml_deviance_full(phi: float, sigma2: float, y: np.ndarray, x: np.ndarray, gaps: np.ndarray) -> float:
-    """-2 REML log-likelihood (constants dropped) at (phi, sigma^2), not profiled."""
-    wy, wx = ar1_whiten(y, phi, gaps), ar1_whiten(x, phi, gaps)
-    gram = wx.T @ wx
-    beta = np.linalg.solve(gram, wx.T @ wy)
-    rss = float(np.sum((wy - wx @ beta) ** 2))
-    logdet_r = float(np.log(1.0 - (phi ** gaps) ** 2).sum())
-    return (y.size - x.shape[1]) * math.log(sigma2) + logdet_r + float(np.linalg.slogdet(gram)[1]) + rss / sigma2
+    moments = moments or AR1Moments(y, x, gaps)
+    phi, _ = fit_phi(y, x, gaps, moments=moments)
+    beta, xx_inv, rss = moments.solve(phi)
+    sigma2 = rss / (y.size - x.shape[1])
+    return beta, sigma2 * xx_inv, phi, sigma2
 
 
 def satterthwaite_df(y: np.ndarray, x: np.ndarray, gaps: np.ndarray, phi: float, sigma2: float,
-                     contrast: np.ndarray) -> float:
+                     contrast: np.ndarray, *, moments: AR1Moments | None = None) -> float:
     """Satterthwaite df of ``contrast' beta`` in GLS-AR(1) with (phi, sigma^2) estimated by REML.
 
     ``df = 2 v^2 / (g' C g)``: v the contrast's variance, g its gradient in (phi, sigma^2) and C the inverse
     observed REML information of (phi, sigma^2) (numerical derivatives), as lmerTest does for mixed models.
     It widens the CI where the contrast's variance is sensitive to an uncertain phi (slow level shifts).
     """
-    def variance(ph: float, s2: float) -> float:
-        wx = ar1_whiten(x, ph, gaps)
-        return float(s2 * contrast @ np.linalg.solve(wx.T @ wx, contrast))
-
+    moments = moments or AR1Moments(y, x, gaps)
+    n, p = x.shape
+    fallback = float(n - p)
     h = min(1e-4, (PHI_BOUND - abs(phi)) / 2) if abs(phi) < PHI_BOUND else 0.0
-    v = variance(phi, sigma2)
-    if h <= 0 or not v > 0:
-        return float(y.size - x.shape[1])
+    if h <= 0:
+        return fallback
+    # the three phis the finite differences need, in one evaluation
+    phis = np.array([phi - h, phi, phi + h])
+    gram = moments.gram(phis)
+    xx, xy, yy = gram[:, :p, :p], gram[:, :p, p], gram[:, p, p]
+    try:
+        xx_inv = np.linalg.inv(xx)
+    except np.linalg.LinAlgError:
+        return fallback
+    rss = yy - np.einsum("gi,gij,gj->g", xy, xx_inv, xy)
+    logdets = moments.logdet(phis) + np.linalg.slogdet(xx)[1]
+    variances = sigma2 * np.einsum("i,gij,j->g", contrast, xx_inv, contrast)
+    v = float(variances[1])
+    if not v > 0:
+        return fallback
     hs = 1e-4 * sigma2
-    f = lambda a, b: 0.5 * _reml_deviance_full(phi + a, sigma2 + b, y, x, gaps)  # noqa: E731
-    f0 = f(0.0, 0.0)
-    h_pp = (f(h, 0) - 2 * f0 + f(-h, 0)) / h ** 2
-    h_ss = (f(0, hs) - 2 * f0 + f(0, -hs)) / hs ** 2
-    h_ps = (f(h, hs) - f(h, -hs) - f(-h, hs) + f(-h, -hs)) / (4 * h * hs)
+
+    def f(k: int, b: float) -> float:  # half the REML deviance at (phis[k], sigma2 + b)
+        return 0.5 * ((n - p) * math.log(sigma2 + b) + float(logdets[k]) + float(rss[k]) / (sigma2 + b))
+
+    f0 = f(1, 0.0)
+    h_pp = (f(2, 0) - 2 * f0 + f(0, 0)) / h ** 2
+    h_ss = (f(1, hs) - 2 * f0 + f(1, -hs)) / hs ** 2
+    h_ps = (f(2, hs) - f(2, -hs) - f(0, hs) + f(0, -hs)) / (4 * h * hs)
     info = np.array([[h_pp, h_ps], [h_ps, h_ss]])
-    grad = np.array([(variance(phi + h, sigma2) - variance(phi - h, sigma2)) / (2 * h), v / sigma2])
+    grad = np.array([(variances[2] - variances[0]) / (2 * h), v / sigma2])
     try:
         spread = float(grad @ np.linalg.solve(info, grad))
     except np.linalg.LinAlgError:
-        return float(y.size - x.shape[1])
+        return fallback
     if not spread > 0:
-        return float(y.size - x.shape[1])
-    return float(min(max(2 * v * v / spread, 1.0), y.size - x.shape[1]))
+        return fallback
+    return float(min(max(2 * v * v / spread, 1.0), fallback))
 
 
 # ----------------------------------------------------------------------------------------------- periods
 
-def periods(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, excluded: set[str],
+def period_arrays(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, excluded: set[str],
             blocks: np.ndarray | None = None) -> pd.DataFrame:
-    """One row per treatment period (a run of days on one treatment, in day order; excluded days end it).
+    """One entry per treatment period (a run of days on one treatment, in day order; excluded days end it).
 
     ``days``/``treatments`` cover every scheduled row of the patient (excluded ones included, so that a
     washout separates periods); ``values`` is NaN where the outcome is missing. ``blocks`` (the protocol's
@@ -191,20 +263,33 @@ def periods(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, exclud
     ``AB BA``) stay two. Columns: ``treatment``, ``mid`` (mean day), ``mean`` (of the values present), ``n``.
     """
     order = np.argsort(days, kind="stable")
-    days, treatments, values = days[order], treatments[order].astype(str), values[order]
-    blocks = None if blocks is None else pd.Series(blocks).iloc[order].astype(str).to_numpy()
-    rows, start = [], 0
-    for i in range(1, days.size + 1):
-        if (i == days.size or treatments[i] != treatments[start]
-                or (blocks is not None and blocks[i] != blocks[start])):
-            if treatments[start] not in excluded:
-                v = values[start:i]
-                present = np.isfinite(v)
-                if present.any():
-                    rows.append({"treatment": treatments[start], "mid": float(days[start:i][present].mean()),
-                                 "mean": float(v[present].mean()), "n": int(present.sum())})
-            start = i
-    return pd.DataFrame(rows, columns=["treatment", "mid", "mean", "n"])
+    days = np.asarray(days, dtype=float)[order]
+    treatments = np.asarray(treatments).astype(str)[order]
+    values = np.asarray(values, dtype=float)[order]
+    if days.size == 0:
+        return {"treatment": [], "mid": np.zeros(0), "mean": np.zeros(0), "n": np.zeros(0, dtype=int)}
+    change = np.ones(days.size, dtype=bool)
+    change[1:] = treatments[1:] != treatments[:-1]
+    if blocks is not None:
+        labels = np.asarray([str(b) for b in np.asarray(blocks, dtype=object)[order]])
+        change[1:] |= labels[1:] != labels[:-1]
+    starts = np.flatnonzero(change)
+    present = np.isfinite(values)
+    counts = np.add.reduceat(present.astype(int), starts)
+    sums = np.add.reduceat(np.where(present, values, 0.0), starts)
+    day_sums = np.add.reduceat(np.where(present, days, 0.0), starts)
+    names = treatments[starts]
+    keep = (counts > 0) & ~np.isin(names, list(excluded))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"treatment": names[keep].tolist(), "mid": (day_sums / counts)[keep],
+                "mean": (sums / counts)[keep], "n": counts[keep].astype(int)}
+
+
+def periods(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, excluded: set[str],
+            blocks: np.ndarray | None = None) -> pd.DataFrame:
+    """:func:`period_arrays` as a DataFrame (columns ``treatment``, ``mid``, ``mean``, ``n``)."""
+    return pd.DataFrame(period_arrays(days, treatments, values, excluded, blocks),
+                        columns=["treatment", "mid", "mean", "n"])
 
 
 def _period_design(labels: Sequence[str], mids: np.ndarray, reference: str, arms: Sequence[str],
@@ -217,13 +302,16 @@ def _period_design(labels: Sequence[str], mids: np.ndarray, reference: str, arms
 
 def period_level(table: pd.DataFrame, reference: str, arms: Sequence[str], *, trend: bool = True,
                  alpha: float = 0.05) -> dict[str, tuple[float, float, float, float, float, float, str]]:
-    """OLS of period means on the arms [+ mid-day]: per arm (estimate, se, ci_low, ci_high, p, df, note)."""
-    labels = table["treatment"].tolist()
+    """OLS of period means on the arms [+ mid-day]: per arm (estimate, se, ci_low, ci_high, p, df, note).
+
+    ``table``: :func:`periods`' frame or :func:`period_arrays`' mapping (``treatment``, ``mid``, ``mean``).
+    """
+    labels = list(table["treatment"])
     arms = [a for a in arms if a in labels]
     if reference not in labels or not arms:
         return {}
-    x = _period_design(labels, table["mid"].to_numpy(dtype=float), reference, arms, trend)
-    y = table["mean"].to_numpy(dtype=float)
+    x = _period_design(labels, np.asarray(table["mid"], dtype=float), reference, arms, trend)
+    y = np.asarray(table["mean"], dtype=float)
     k, p = x.shape
     out = {}
     if k < p:
@@ -280,7 +368,7 @@ def randomization_test(table: pd.DataFrame, reference: str, arms: Sequence[str],
     observed one included), exact when there are at most :data:`EXACT_LIMIT`, else over that many drawn
     from ``seed`` plus the observed order.
     """
-    labels = tuple(table["treatment"].tolist())
+    labels = tuple(table["treatment"])
     arms = [a for a in arms if a in labels]
     if not arms:
         return {}
@@ -293,8 +381,8 @@ def randomization_test(table: pd.DataFrame, reference: str, arms: Sequence[str],
         how = f"monte carlo, {EXACT_LIMIT} orders"
     else:
         how = f"exact over {len(matching)} orders"
-    mids = table["mid"].to_numpy(dtype=float)
-    y = table["mean"].to_numpy(dtype=float)
+    mids = np.asarray(table["mid"], dtype=float)
+    y = np.asarray(table["mean"], dtype=float)
 
     def statistic(order: tuple[str, ...]) -> np.ndarray:
         x = _period_design(order, mids, reference, arms, trend)
@@ -325,13 +413,13 @@ def exposures(days: np.ndarray, treatments: np.ndarray, arms: Sequence[str], kin
     from synthtrial.simulate import exposure
 
     order = np.argsort(days, kind="stable")
-    d, t = days[order], treatments[order].astype(str)
-    grid = np.arange(int(d[0]), int(d[-1]) + 1)
-    on_day = pd.Series(t, index=d).groupby(level=0).first().reindex(grid).ffill().to_numpy()
-    position = {int(day): i for i, day in enumerate(grid)}
-    index = np.array([position[int(day)] for day in days])
+    d, t = np.asarray(days)[order].astype(int), np.asarray(treatments)[order].astype(str)
+    seen, first = np.unique(d, return_index=True)                  # each day's first row's treatment
+    grid = np.arange(seen[0], seen[-1] + 1)
+    on_day = t[first][np.searchsorted(seen, grid, side="right") - 1]  # skipped days continue the last one
+    index = np.asarray(days).astype(int) - seen[0]
     columns = [exposure(on_day == arm, kinetics.washin_half_life, kinetics.washout_half_life)[index] for arm in arms]
-    return np.column_stack(columns) if columns else np.zeros((days.size, 0))
+    return np.column_stack(columns) if columns else np.zeros((len(days), 0))
 
 
 def gls_kinetics(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, reference: str, arms: Sequence[str],
@@ -388,7 +476,8 @@ def gls_kinetics(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, r
         beta, cov, phi, note_phi = np.linalg.lstsq(x, y, rcond=None)[0], np.zeros((x.shape[1],) * 2), _NAN, "no variation"
         sigma2 = 0.0
     else:
-        beta, cov, phi, sigma2 = gls_fit(y, x, gaps)
+        moments = AR1Moments(y, x, gaps)
+        beta, cov, phi, sigma2 = gls_fit(y, x, gaps, moments=moments)
         note_phi = f"phi={phi:.4f} (REML)"
     out = {}
     for arm in arms:
@@ -400,7 +489,7 @@ def gls_kinetics(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, r
         if se == 0.0:
             out[arm] = (est, 0.0, est, est, _NAN, df, note)
             continue
-        arm_df = satterthwaite_df(y, x, gaps, phi, sigma2, c)
+        arm_df = satterthwaite_df(y, x, gaps, phi, sigma2, c, moments=moments)
         q = t_quantile(1 - alpha / 2, arm_df)
         out[arm] = (est, se, est - q * se, est + q * se, t_two_sided_p(est / se, arm_df), arm_df,
                     f"{note}; Satterthwaite t on {arm_df:.1f} df")

@@ -44,7 +44,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import statsmodels.api as sm
 
 from synthtrial.analyze import nof1
 from synthtrial.analyze.estimate import (_NAN, Estimate, _arms_in, _check_alpha, _coef_name, _dropped_note,  # noqa: F401
@@ -199,10 +198,6 @@ def _invert_permutation(obs: float, a: np.ndarray, b: np.ndarray, offset: int, d
 # Model-based estimates on tidy frames
 # ---------------------------------------------------------------------------------------------------
 
-def _fit_phi(y: np.ndarray, x: np.ndarray, gaps: np.ndarray) -> float:
-    return nof1.fit_phi(y, x, gaps)[0]
-
-
 def gls_ar1(frame: pd.DataFrame, outcome: str, reference: str, *, trend: bool = False,
             alpha: float = 0.05) -> dict[str, Estimate]:
     """One patient's effects by GLS with AR(1) errors over the day index (nlme ``gls`` + ``corAR1``).
@@ -219,28 +214,37 @@ def gls_ar1(frame: pd.DataFrame, outcome: str, reference: str, *, trend: bool = 
     if work["day"].duplicated().any():
         raise SynthtrialError("gls_ar1 needs one row per day; average repeated rows (e.g. views) first")
     arms = _arms_in(work, reference)
-    work = work.sort_values("day", kind="stable").reset_index(drop=True)
-    treatment = work["treatment"].to_numpy()
-    cols = [np.ones(len(work))] + [(treatment == arm).astype(float) for arm in arms]
-    y = work["y"].to_numpy(dtype=float)
-    x = np.column_stack(cols + ([work["day"].to_numpy(dtype=float)] if trend else []))
-    names = ["Intercept"] + [_coef_name(reference, arm) for arm in arms] + (["day"] if trend else [])
+    return gls_ar1_arrays(work["day"].to_numpy(), work["treatment"].to_numpy(dtype=str),
+                          work["y"].to_numpy(dtype=float), reference, arms, trend=trend, alpha=alpha,
+                          note=_dropped_note(dropped, outcome))
+
+
+def gls_ar1_arrays(days: np.ndarray, treatments: np.ndarray, y: np.ndarray, reference: str, arms: Sequence[str], *,
+                   trend: bool = False, alpha: float = 0.05, note: str = "") -> dict[str, Estimate]:
+    """:func:`gls_ar1` on one patient's arrays (one value per day, no missing values), without the checks."""
+    order = np.argsort(days, kind="stable")
+    days, treatments, y = np.asarray(days)[order], np.asarray(treatments)[order], np.asarray(y, dtype=float)[order]
+    cols = [np.ones(days.size)] + [(treatments == arm).astype(float) for arm in arms]
+    x = np.column_stack(cols + ([days.astype(float)] if trend else []))
     n, p = x.shape
-    base_note = _dropped_note(dropped, outcome)
+    base_note = note
     if np.linalg.matrix_rank(x) < p:
         return {arm: _missing(_join("design is rank deficient (treatment confounded with the trend?)", base_note))
                 for arm in arms}
     if n - p < 3:
         return {arm: _missing(_join(f"too few days ({n}) for {p} coefficients and phi", base_note)) for arm in arms}
-    gaps = np.diff(work["day"].to_numpy()).astype(float)
+    gaps = np.diff(days).astype(float)
     df = float(n - p)
-    exact = sm.OLS(y, x).fit()
-    if exact.ssr <= 1e-24 * max(1.0, float(np.sum(y ** 2))):  # no noise: any phi fits, the effects are exact
+    ols, *_ = np.linalg.lstsq(x, y, rcond=None)
+    ssr = float(np.sum((y - x @ ols) ** 2))
+    if ssr <= 1e-24 * max(1.0, float(np.sum(y ** 2))):  # no noise: any phi fits, the effects are exact
         note = _join("no residual variation: phi undefined", base_note)
-        values = {arm: float(exact.params[names.index(_coef_name(reference, arm))]) for arm in arms}
-        return {arm: Estimate(value, 0.0, value, value, _NAN, df, note) for arm, value in values.items()}
-    phi = _fit_phi(y, x, gaps)
-    fitted = sm.OLS(nof1.ar1_whiten(y, phi, gaps), nof1.ar1_whiten(x, phi, gaps)).fit()
+        return {arm: Estimate(float(ols[1 + i]), 0.0, float(ols[1 + i]), float(ols[1 + i]), _NAN, df, note)
+                for i, arm in enumerate(arms)}
+    moments = nof1.AR1Moments(y, x, gaps)
+    phi, _ = nof1.fit_phi(y, x, gaps, moments=moments)
+    beta, xx_inv, rss = moments.solve(phi)
+    cov = rss / df * xx_inv
     q = t_quantile(1.0 - alpha / 2.0, df)
     n_gaps = int(np.count_nonzero(gaps > 1))
     note = _join(f"phi={phi:.4f} (REML)",
@@ -248,10 +252,10 @@ def gls_ar1(frame: pd.DataFrame, outcome: str, reference: str, *, trend: bool = 
                  "phi at its bound" if abs(phi) >= PHI_BOUND - 1e-4 else "",
                  "trend-adjusted" if trend else "", base_note)
     out: dict[str, Estimate] = {}
-    for arm in arms:
-        j = names.index(_coef_name(reference, arm))
-        est, se = float(fitted.params[j]), float(fitted.bse[j])
-        out[arm] = Estimate(est, se, est - q * se, est + q * se, float(fitted.pvalues[j]), df, note)
+    for i, arm in enumerate(arms):
+        est, se = float(beta[1 + i]), float(math.sqrt(max(cov[1 + i, 1 + i], 0.0)))
+        out[arm] = Estimate(est, se, est - q * se, est + q * se, t_two_sided_p(est / se, df) if se > 0 else _NAN,
+                            df, note)
     return out
 
 
@@ -289,7 +293,7 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
     excluded = {str(e) for e in exclude}
     if str(reference) in excluded:
         raise SynthtrialError(f"reference '{reference}' is also in exclude")
-    present = list(dict.fromkeys(data["treatment"].astype(str)))
+    present = data["treatment"].astype(str).unique().tolist()
     arms = [t for t in present if t != str(reference) and t not in excluded]
     if not arms:
         raise SynthtrialError(f"no arm besides the reference '{reference}' to compare with it "
@@ -300,7 +304,7 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
         raise SynthtrialError(f"expected one row per patient per day; patient '{first['patient_id']}' has day "
                               f"{first['day']} more than once (average repeated rows, e.g. views, first)")
     value = pd.to_numeric(data[outcome], errors="coerce").astype(float).to_numpy()
-    all_treatments = np.asarray(data["treatment"].astype(str).tolist(), dtype=str)
+    all_treatments = data["treatment"].astype(str).to_numpy(dtype=str)
     missing = ~np.isfinite(value) & ~np.isin(all_treatments, list(excluded))
     dropped_by_patient = keys.loc[missing, "patient_id"].value_counts()
     work = work[~work["treatment"].isin(excluded)].reset_index(drop=True)
@@ -350,7 +354,7 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
     days_all = pd.to_numeric(data["day"], errors="coerce").to_numpy(dtype=float)
     blocks_all = data["block"].to_numpy(dtype=object) if "block" in data.columns else None
     own_rows = work.groupby("patient_id", sort=True).indices
-    w_treat = np.asarray(work["treatment"].tolist(), dtype=str)
+    w_treat = work["treatment"].to_numpy(dtype=str)
     w_y, w_day = work["y"].to_numpy(dtype=float), work["day"].to_numpy()
     for pid in sorted(own_rows):
         idx = own_rows[pid]
@@ -367,30 +371,29 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
             if method in POOLED_METHODS:
                 continue
             if method in ("period", "randomization") and table is None:
-                table = nof1.periods(d_all, t_all, v_all, excluded, None if blocks_all is None else blocks_all[rows_all])
+                table = nof1.period_arrays(d_all, t_all, v_all, excluded,
+                                           None if blocks_all is None else blocks_all[rows_all])
             if method == "gls_ar1":
-                own = pd.DataFrame({"day": own_d, "treatment": own_t, "_y": own_y})
-                estimates = gls_ar1(own, "_y", reference,
-                                    trend=trend, alpha=alpha)
+                estimates = gls_ar1_arrays(own_d, own_t, own_y, str(reference), own_arms, trend=trend, alpha=alpha)
                 for arm in own_arms:
                     add(method, pid, arm, estimates[arm], idx.size, extra)
             elif method == "period":
                 for arm, values in nof1.period_level(table, str(reference), own_arms, trend=trend,
                                                      alpha=alpha).items():
-                    add(method, pid, arm, from_tuple(values), len(table), extra)
+                    add(method, pid, arm, from_tuple(values), len(table["mean"]), extra)
             elif method == "randomization":
                 if orders is None:
                     why = ("no randomisation test: the design's order is fixed (not randomised)" if design is not None
                            else "no randomisation test: the design's randomisation scheme is not known")
                     fitted = nof1.period_level(table, str(reference), own_arms, trend=trend, alpha=alpha)
                     for arm in own_arms:
-                        add(method, pid, arm, _missing(why, fitted[arm][0] if arm in fitted else _NAN), len(table),
+                        add(method, pid, arm, _missing(why, fitted[arm][0] if arm in fitted else _NAN), len(table["mean"]),
                             extra)
                     continue
                 for arm, (est, p, note) in nof1.randomization_test(table, str(reference), own_arms, orders,
                                                                     trend=trend,
                                                                     seed=_stream_seed(seed, pid)).items():
-                    add(method, pid, arm, Estimate(est, _NAN, _NAN, _NAN, p, None, note), len(table), extra)
+                    add(method, pid, arm, Estimate(est, _NAN, _NAN, _NAN, p, None, note), len(table["mean"]), extra)
             elif method == "gls_kinetics":
                 found = nof1.gls_kinetics(d_all, t_all, v_all, str(reference), own_arms, excluded, kinetics=kinetics,
                                           trend=trend, alpha=alpha,
@@ -424,8 +427,7 @@ def _exposures_by_row(patients: np.ndarray, days: np.ndarray, treatments: np.nda
     """Each arm's exposure on every row, computed over each patient's own calendar."""
     out = np.zeros((patients.size, len(arms)))
     days = pd.to_numeric(pd.Series(days), errors="coerce").to_numpy(dtype=float)
-    for pid in dict.fromkeys(patients):
-        rows = np.flatnonzero(patients == pid)
+    for rows in pd.Series(np.arange(patients.size)).groupby(patients, sort=False).indices.values():
         out[rows] = nof1.exposures(days[rows], treatments[rows], arms, kinetics)
     return out
 
@@ -485,26 +487,26 @@ def residual_sd(data: pd.DataFrame, outcome: str, *, exclude: Sequence[str] = ()
     ``sqrt(RSS / (n - p))`` over the rows with a value (rows in ``exclude`` left out); NaN when the model
     leaves no degrees of freedom or no variation.
     """
-    frame = data[~data["treatment"].astype(str).isin({str(e) for e in exclude})]
-    y = pd.to_numeric(frame[outcome], errors="coerce").to_numpy(dtype=float)
-    keep = np.isfinite(y)
+    treatment = data["treatment"].astype(str).to_numpy(dtype=object)
+    y = pd.to_numeric(data[outcome], errors="coerce").to_numpy(dtype=float)
+    keep = np.isfinite(y) & ~np.isin(treatment, [str(e) for e in exclude])
     if keep.sum() < 3:
         return _NAN
-    frame = frame.loc[keep]
-    patient = frame["patient_id"].astype(str).to_numpy()
-    cols = [pd.get_dummies(patient, dtype=float).to_numpy(),
-            pd.get_dummies(frame["treatment"].astype(str).to_numpy(), dtype=float, drop_first=True).to_numpy()]
+    y = y[keep]
+    _, patient = np.unique(data["patient_id"].astype(str).to_numpy(dtype=object)[keep], return_inverse=True)
+    _, arm = np.unique(treatment[keep], return_inverse=True)
+    cols = [np.eye(patient.max() + 1)[patient], np.eye(arm.max() + 1)[arm][:, 1:]]
     if trend:
-        day = frame["day"].to_numpy(dtype=float)
-        cols.append((day - pd.Series(day).groupby(patient).transform("mean").to_numpy())[:, None])
+        day = data["day"].to_numpy(dtype=float)[keep]
+        cols.append((day - (np.bincount(patient, day) / np.bincount(patient))[patient])[:, None])
     x = np.column_stack(cols)
     rank = np.linalg.matrix_rank(x)
-    if y[keep].size - rank < 1:
+    if y.size - rank < 1:
         return _NAN
-    beta, *_ = np.linalg.lstsq(x, y[keep], rcond=None)
-    rss = float(np.sum((y[keep] - x @ beta) ** 2))
-    noise_free = rss <= 1e-20 * max(1.0, float(y[keep] @ y[keep]))  # rounding, not variation
-    return _NAN if noise_free else math.sqrt(rss / (y[keep].size - rank))
+    beta, *_ = np.linalg.lstsq(x, y, rcond=None)
+    rss = float(np.sum((y - x @ beta) ** 2))
+    noise_free = rss <= 1e-20 * max(1.0, float(y @ y))  # rounding, not variation
+    return _NAN if noise_free else math.sqrt(rss / (y.size - rank))
 
 
 def standardize(effects: pd.DataFrame, data: pd.DataFrame, truth: Mapping[str, Any] | None = None, *,
