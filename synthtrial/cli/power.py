@@ -17,7 +17,7 @@ from synthtrial.progress import progress_bar
 
 _GRID = "Scenario grid"
 _RUN = "Engine"
-_SHORT_OUTCOME = {"oracle": "oracle", "lesion_severity": "lesion"}
+_SHORT_OUTCOME = {"oracle": "oracle", "lesion_severity": "lesion count"}
 
 
 class PowerMethod(str, Enum):
@@ -160,17 +160,24 @@ def _print_summary(summary, estimates, grid, replicates: int, alpha: float) -> N
     """One table per scenario, each fitting 80 columns."""
     for scenario in grid:
         rows = summary[summary["scenario"] == scenario.name]
-        effects = ", ".join(f"{a} {v:+.2f}" for a, v in scenario.model.effects.items()) or "none"
+        if scenario.effect_scale == 0:
+            effects = "null (all 0)"
+        else:
+            effects = ", ".join(f"{a} {v:+.2f}" for a, v in scenario.model.effects.items()) or "none"
         table = Table(title=f"{scenario.name}: {replicates} trials, {scenario.design.n_patients} patients x "
                             f"{scenario.design.days_per_patient} d; effects {effects}", title_justify="left",
                       box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, padding=(0, 1))
-        for col in ("outcome", "method", "arm", "rate", "MC SE", "tests", "no p", "bias", "cover", "share"):
-            table.add_column(col, justify="left" if col in ("outcome", "method", "arm") else "right", no_wrap=True)
-        for rec in rows.itertuples(index=False):
-            name = rec.method + ("*" if rec.role == "descriptive" else "")
-            table.add_row(_SHORT_OUTCOME.get(rec.outcome, rec.outcome), name, rec.arm, _num(rec.rejection_rate, 3),
-                          _num(rec.mc_se, 3), str(rec.tests), str(rec.no_p), _num(rec.bias, 3, sign=True),
-                          _num(rec.coverage, 2), _num(rec.share, 2))
+        for col in ("method", "arm", "rate", "MC SE", "tests", "no p", "bias", "cover", "share"):
+            table.add_column(col, justify="left" if col in ("method", "arm") else "right", no_wrap=True)
+        for k, (outcome_name, group) in enumerate(rows.groupby("outcome", sort=False)):
+            if k:
+                table.add_section()
+            table.add_row(f"[bold]{_SHORT_OUTCOME.get(outcome_name, outcome_name)}[/bold]")
+            for rec in group.itertuples(index=False):
+                name = rec.method + ("*" if rec.role == "descriptive" else "")
+                table.add_row(" " + name, rec.arm, _num(rec.rejection_rate, 3), _num(rec.mc_se, 3), str(rec.tests),
+                              str(rec.no_p), _num(rec.bias, 3, sign=True), _num(rec.coverage, 2),
+                              _num(rec.share, 2))
         out.print(table)
     out.print(f"rate: share of tests with p < {alpha} (type I error where the effect is 0, else power); "
               "cover: 95% CI coverage of the delivered truth; share: median standardised estimate / "
