@@ -224,18 +224,19 @@ def test_usage_errors_are_one_line_exit_2(args):
 
 def test_power_command(tmp_path):
     out = tmp_path / "power"  # no suffix: .csv is added
-    result = invoke("power", "--preset", "quick", "--replicates", 2, "--method", "period", "--method", "lmm",
-                    "--outcome", "oracle", "--effect-scale", 0, "--effect-scale", 1, "--out", out,
+    result = invoke("power", "--preset", "anchor", "--patients", 3, "--replicates", 2, "--method", "period",
+                    "--method", "lmm", "--method", "randomization", "--outcome", "oracle", "--effect-scale", 0,
+                    "--effect-scale", 1, "--out", out,
                     "--report", tmp_path / "power", "--quiet")
     assert result.exit_code == 0, result.output
     summary = __import__("pandas").read_csv(tmp_path / "power.csv")
-    assert set(summary["method"]) == {"period", "lmm"} and set(summary["outcome"]) == {"oracle"}
+    assert set(summary["method"]) == {"period", "lmm", "randomization"} and set(summary["outcome"]) == {"oracle"}
     assert set(summary["effect_scale"]) == {0.0, 1.0}
     assert (tmp_path / "power.estimates.csv").is_file()
     report = (tmp_path / "power.html").read_text()
     assert "Type I error" in report and "data:image/png;base64," in report
     assert all(len(line) <= 80 for line in result.stdout.splitlines()), result.stdout  # numbers are not cut
-    assert "0.5…" not in result.stdout and "lmm" in result.stdout
+    assert "…" not in result.stdout and "Antibiotics" in result.stdout and "randomization" in result.stdout
     result = invoke("power", "--preset", "quick", "--effect", "Gel=-1")
     assert result.exit_code == 2 and "--effect Gel" in result.stderr
     result = invoke("power", "--preset", "quick", "--out", tmp_path / "missing" / "power.csv")
