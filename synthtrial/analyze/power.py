@@ -5,7 +5,10 @@ effect scale (a multiplier on the design's population effects; 0 is the null, wh
 spread are zero). A grid of scenarios runs in one call. Each replicate simulates a fresh trial (new
 baselines, effects, noise) and analyses the outcomes that need no rendering: the oracle severity and the
 lesion count the lesion model would draw (``round(expected_lesion_count(s))``, read back on the severity
-scale), each also standardised (:func:`synthtrial.analyze.stats.standardize`).
+scale), each also standardised (:func:`synthtrial.analyze.stats.standardize`). Optionally the first replicates
+of each scenario are also rendered (:mod:`synthtrial.analyze.power_render`), adding the image outcomes
+(autoencoder/PCA, graders) to those replicates; each summary row's ``tests`` says how many replicates it
+rests on.
 
 Choices, stated once:
 
@@ -22,6 +25,8 @@ Choices, stated once:
 * A rejection rate is over the tests that returned a p-value; rows without one are counted in ``no_p``
   (a failed fit, or a randomisation test that a fixed-order design does not have), never dropped
   silently. MC SE of a rate r over n tests: ``sqrt(r (1 - r) / n)``.
+* Rendered replicates travel to the workers one per chunk, ahead of the others, so a few slow ones do not
+  queue behind one worker.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from synthtrial import scale
+from synthtrial.analyze.power_render import RenderedSettings
 from synthtrial.errors import SynthtrialError
 from synthtrial.seeding import derive_seed
 from synthtrial.simulate import SeverityModel, TrialDesign, simulate_trial
@@ -143,12 +149,17 @@ class StudySettings:
     trend: bool = True
     random_slopes: bool = False
     estimate_kinetics: bool = False
+    rendered: RenderedSettings | None = None   # None: no replicate is rendered
+
+    def renders(self, replicate: int) -> bool:
+        """Whether replicate ``replicate`` (0-based) is rendered."""
+        return self.rendered is not None and replicate < self.rendered.replicates
 
 
 def scenario_key(scenario: Scenario, settings: StudySettings) -> str:
     """A short hash of everything that changes a replicate's numbers (the cache folder's name)."""
     blob = json.dumps({"design": dataclasses.asdict(scenario.design), "model": dataclasses.asdict(scenario.model),
-                       "settings": dataclasses.asdict(settings), "version": 2}, sort_keys=True, default=str)
+                       "settings": dataclasses.asdict(settings), "version": 3}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -158,14 +169,24 @@ def run_replicate(scenario: Scenario, settings: StudySettings, replicate: int) -
     from synthtrial.analyze.stats import analyze_outcome, attach_truth, standardize
 
     design, model = scenario.design, scenario.model
-    trial = simulate_trial(design, model, seed=derive_seed("power", settings.seed, replicate, bits=32))
+    trial_seed = derive_seed("power", settings.seed, replicate, bits=32)
+    trial = simulate_trial(design, model, seed=trial_seed)
     data = replicate_outcomes(trial.protocol)
+    outcomes = list(settings.outcomes)
+    if settings.renders(replicate):
+        from synthtrial.analyze.power_render import render_trial, rendered_outcome_names
+
+        images = render_trial(trial, settings.rendered, seed=trial_seed)
+        image_columns = list(rendered_outcome_names(settings.rendered))
+        data = data.merge(images[["patient_id", "day", *image_columns]], on=["patient_id", "day"], how="left",
+                          validate="one_to_one")
+        outcomes += image_columns
     exclude = (design.washout_label,)
     kinetics = None if settings.estimate_kinetics else Kinetics(model.washin_half_life, model.washout_half_life)
     frames = [analyze_outcome(data, outcome, design.reference, exclude=exclude, trend=settings.trend,
                               seed=replicate, alpha=settings.alpha, methods=settings.methods,
                               random_slopes=settings.random_slopes, design=design, kinetics=kinetics)
-              for outcome in settings.outcomes]
+              for outcome in outcomes]
     effects = attach_truth(pd.concat(frames, ignore_index=True), trial.truth, outcomes_on_truth_scale=POWER_OUTCOMES)
     effects = standardize(effects, data, trial.truth, exclude=exclude, trend=settings.trend)
     effects.insert(0, "replicate", replicate)
@@ -186,6 +207,16 @@ def _run_chunk(scenario: Scenario, settings: StudySettings, replicates: list[int
 
 def _cache_path(cache: Path, key: str, replicate: int) -> Path:
     return cache / key / f"r{replicate:06d}.parquet"
+
+
+def _read_cached(path: Path) -> pd.DataFrame:
+    """A cached replicate as run_replicate made it: parquet gives a flag column without a None back as bool,
+    where a fresh replicate holds objects (True, False or None), and concatenation would then differ."""
+    frame = pd.read_parquet(path)
+    for col in ("covered", "std_covered"):
+        if col in frame.columns:
+            frame[col] = frame[col].astype(object)
+    return frame
 
 
 def _write_cached(path: Path, frame: pd.DataFrame) -> None:
@@ -221,6 +252,10 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
         raise SynthtrialError(f"--replicates must be >= 1, got {replicates}")
     if workers < 0:
         raise SynthtrialError(f"--workers must be >= 0, got {workers}")
+    if settings.rendered is not None and not isinstance(settings.rendered, RenderedSettings):
+        raise SynthtrialError(f"rendered must be a RenderedSettings or None, not {type(settings.rendered).__name__}")
+    if settings.rendered is not None and settings.rendered.replicates > replicates:
+        raise SynthtrialError(f"--rendered {settings.rendered.replicates} exceeds --replicates {replicates}")
     from synthtrial.analyze.stats import METHODS
 
     bad = [m for m in settings.methods if m not in METHODS]
@@ -235,7 +270,7 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
             path = _cache_path(cache_dir, key, r) if cache_dir else None
             if path is not None and path.is_file():
                 try:
-                    results[(i, r)] = pd.read_parquet(path)
+                    results[(i, r)] = _read_cached(path)
                     continue
                 except (OSError, ValueError):
                     pass  # a damaged cache file is recomputed
@@ -255,9 +290,9 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
                 on_replicate(done, total)
 
     size = chunk or max(1, min(25, len(todo) // max(1, 8 * max(workers, 1))))
-    chunks = []
+    chunks = [(i, [r]) for (i, r) in todo if settings.renders(r)]
     for i in range(len(scenarios)):
-        reps = [r for (j, r) in todo if j == i]
+        reps = [r for (j, r) in todo if j == i and not settings.renders(r)]
         chunks += [(i, reps[k:k + size]) for k in range(0, len(reps), size)]
     if workers == 0 and scheduler is None:
         for i, reps in chunks:

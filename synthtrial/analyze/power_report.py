@@ -2,7 +2,10 @@
 
 Per design and block length, a power curve per outcome: rejection rate against the effect scale, one line
 per method (solid: inferential, dashed: descriptive; the null's 0.05 and its two-MC-SE band drawn), then
-the type I error table (effect scale 0), the power/bias/coverage table, and the settings.
+the type I error table (effect scale 0), the power/bias/coverage table, and the settings. Image outcomes of
+rendered replicates (``ae_pca``, ``grader_*``) get their own panels and rows; their ``tests`` column counts
+the rendered replicates they rest on, and having no truth on the severity scale they show no bias or
+coverage, only the standardised share and its coverage.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from synthtrial.analyze.power_render import is_image_outcome
 from synthtrial.atomic import write_text_atomic
 
 _COLUMNS = ["scenario", "outcome", "method", "role", "level", "arm", "population_effect", "rejection_rate", "mc_se",
@@ -56,7 +60,8 @@ def power_curves(summary: pd.DataFrame, alpha: float) -> list[tuple[str, str]]:
                         label=f"{method}{' (pooled)' if level == 'pooled' else ''}")
             ax.axhline(alpha, color="grey", lw=0.8)
             ax.set_ylim(-0.02, 1.02)
-            ax.set_title(f"{outcome}: {arm}", fontsize=9)
+            rendered = " (rendered trials)" if is_image_outcome(outcome) else ""
+            ax.set_title(f"{outcome}: {arm}{rendered}", fontsize=9)
             ax.set_xlabel("effect scale (x the design's effects)", fontsize=8)
             ax.set_ylabel("rejection rate", fontsize=8)
             ax.legend(fontsize=6, ncol=2)
@@ -89,6 +94,18 @@ def write_power_report(path: str | Path, summary: pd.DataFrame, *, settings: Any
                 "randomisation test a fixed-order design does not have). MC SE = sqrt(r(1-r)/tests). "
                 "Descriptive methods are not valid tests on autocorrelated series with kinetics; they are shown "
                 "because the anchors report them.</p>"]
+    rendered = getattr(settings, "rendered", None)
+    if rendered is not None:
+        graders = ", ".join(rendered.graders) or "none"
+        sections.append(
+            f"<p>Image outcomes: the first {rendered.replicates} trial(s) of each scenario were also rendered "
+            f"(procedural backend, {rendered.image_size} px, built-in faces) and scored by the graders ({graders}; "
+            "columns <i>grader_&lt;grader&gt;_&lt;column&gt;</i>) and by the autoencoder + per-patient PCA "
+            f"(<i>ae_pca</i>: {rendered.epochs} epoch(s) at {rendered.ae_image_size} px). Their rates, shares and "
+            "coverages rest on those trials only (<i>tests</i>, and wider MC SEs); they have no truth on the "
+            "severity scale, so <i>bias</i> and <i>coverage</i> are blank and <i>share</i> (the median "
+            "standardised estimate over the standardised truth) says how much of the true effect they "
+            "recover.</p>")
     for title, png in power_curves(summary, alpha):
         sections.append(f"<h2>Power curves: {html.escape(title)}</h2>"
                         f'<img alt="power curves {html.escape(title)}" src="data:image/png;base64,{png}">')
@@ -98,6 +115,10 @@ def write_power_report(path: str | Path, summary: pd.DataFrame, *, settings: Any
     if len(effect):
         sections += ["<h2>Power, bias and coverage</h2>", _table(effect[[c for c in _COLUMNS if c in effect.columns]])]
     values = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(settings or {})
+    flat: dict[str, Any] = {}
+    for key, value in values.items():  # a nested config (the rendered replicates') as key.field rows
+        flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    values = flat
     sections += ["<h2>Settings</h2>", _table(pd.DataFrame({"setting": list(values),
                                                            "value": [str(v) for v in values.values()]}))]
     doc = f"""<!doctype html>

@@ -11,13 +11,18 @@ import typer
 from rich import box
 from rich.table import Table
 
+from graders.base import REGISTRY
 from synthtrial.cli.common import PresetName, app, handles_errors, out
 from synthtrial.errors import SynthtrialError
 from synthtrial.progress import progress_bar
 
 _GRID = "Scenario grid"
 _RUN = "Engine"
-_SHORT_OUTCOME = {"oracle": "oracle", "lesion_severity": "lesion count"}
+_RENDER = "Rendered replicates (image outcomes)"
+#: Outcome labels of the 80-column tables' section rows (at most 13 characters; image outcomes get a legend line)
+_SHORT_OUTCOME = {"oracle": "oracle", "lesion_severity": "lesion count", "ae_pca": "AE-PCA"}
+_SHORT_GRADER = {"counter": "ctr", "detector": "det", "dermx": "dx", "iga": "iga"}
+_SHORT_COLUMN = {"count": "n", "severity": "sev", "expected_grade": "gr"}
 
 
 class PowerMethod(str, Enum):
@@ -35,6 +40,20 @@ class PowerMethod(str, Enum):
 class PowerOutcome(str, Enum):
     oracle = "oracle"
     lesion_severity = "lesion_severity"
+
+
+#: ``--grader`` choices: every registered grader (one without shipped weights or outcomes is refused in one line)
+GraderName = Enum("GraderName", {name: name for name in REGISTRY}, type=str)
+
+
+def short_outcome(name: str) -> str:
+    """An outcome's label in the 80-column tables: ``grader_counter_severity`` -> ``ctr sev``."""
+    if name in _SHORT_OUTCOME:
+        return _SHORT_OUTCOME[name]
+    if name.startswith("grader_"):
+        grader, _, column = name.removeprefix("grader_").partition("_")
+        return f"{_SHORT_GRADER.get(grader, grader[:3])} {_SHORT_COLUMN.get(column, column[:3])}".strip()
+    return name
 
 
 def _output_path(path: Path, option: str, suffixes: tuple[str, ...]) -> Path:
@@ -100,14 +119,33 @@ def power_command(
                                                      show_default=False)] = None,
     report: Annotated[Optional[Path], typer.Option(help="HTML report with power curves and type I error tables "
                                                    "(.html added when missing).", show_default=False)] = None,
+    rendered: Annotated[int, typer.Option(min=0, help="Also render the first N replicates of each scenario "
+                                          "(procedural backend, built-in faces) and analyse their image outcomes: "
+                                          "the autoencoder/PCA score and the graders'. Costs about 3 s per "
+                                          "rendered quick-design replicate (48 images at 128 px, counter) and "
+                                          "about 50 s per anchor-design one (1400 images), per worker.",
+                                          rich_help_panel=_RENDER)] = 0,
+    image_size: Annotated[Optional[int], typer.Option(help="Side of the rendered images in pixels (default 128, "
+                                                      "the least generate draws).",
+                                                      show_default=False, rich_help_panel=_RENDER)] = None,
+    ae_epochs: Annotated[Optional[int], typer.Option(help="Autoencoder training epochs per rendered replicate "
+                                                     "(default 3).", show_default=False,
+                                                     rich_help_panel=_RENDER)] = None,
+    ae_image_size: Annotated[Optional[int], typer.Option(help="Autoencoder input side, a power of two (default "
+                                                         "64).", show_default=False, rich_help_panel=_RENDER)] = None,
+    grader: Annotated[Optional[list[GraderName]], typer.Option(help="Grader scoring the rendered images "
+                                                               "(repeatable; default: counter; the detector adds "
+                                                               "~10 s per quick replicate).", show_default=False,
+                                                               rich_help_panel=_RENDER)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Type I error, power, bias and CI coverage of every analysis over grids of simulated trials.
 
-    A scenario is one design x block length x effect scale; each replicate simulates a new trial and analyses the oracle severity and the lesion count (raw and standardised) with the per-patient tests (period-level, randomisation over the design's scheme, GLS-AR(1) with kinetics; descriptive: Welch, GLS-AR(1) with a step, Newey-West) and the pooled mixed model (CR2 and CR1). Runs on Dask; the result depends on --seed only.
+    A scenario is one design x block length x effect scale; each replicate simulates a new trial and analyses the oracle severity and the lesion count (raw and standardised) with the per-patient tests (period-level, randomisation over the design's scheme, GLS-AR(1) with kinetics; descriptive: Welch, GLS-AR(1) with a step, Newey-West) and the pooled mixed model (CR2 and CR1). With --rendered N the first N replicates are also rendered, graded and embedded, so the image outcomes get power and the standardised share too (their tests column counts those replicates). Runs on Dask; the result depends on --seed only.
     """
     from synthtrial.analyze.power import (DEFAULT_METHODS, POWER_OUTCOMES, StudySettings, design_from_file,
                                           power_study, scenario_grid)
+    from synthtrial.analyze.power_render import RenderedSettings
     from synthtrial.simulate import parse_effects, preset as get_preset
 
     csv_path = html_path = None
@@ -130,17 +168,26 @@ def power_command(
         if arm not in known_arms:
             raise SynthtrialError(f"--effect {arm}=...: not an arm of any design ({', '.join(sorted(known_arms))})")
     scales = [0.0] if null else (effect_scale or [1.0])
+    render_options = {"image_size": image_size, "epochs": ae_epochs, "ae_image_size": ae_image_size,
+                      "graders": tuple(g.value for g in grader) if grader else None}
+    render_options = {k: v for k, v in render_options.items() if v is not None}
+    if rendered == 0 and render_options:
+        option = {"image_size": "--image-size", "epochs": "--ae-epochs", "ae_image_size": "--ae-image-size",
+                  "graders": "--grader"}[next(iter(render_options))]
+        raise SynthtrialError(f"{option} needs --rendered N (N >= 1 replicates to render)")
+    render = RenderedSettings(replicates=rendered, **render_options) if rendered else None
     grid = scenario_grid(designs, period_days=period_days or (), effect_scales=scales, effects=effects,
                          n_patients=patients)
     settings = StudySettings(seed=seed, methods=tuple(m.value for m in method) if method else DEFAULT_METHODS,
                              outcomes=tuple(o.value for o in outcome) if outcome else POWER_OUTCOMES, alpha=alpha,
-                             trend=trend, random_slopes=random_slopes, estimate_kinetics=estimate_kinetics)
+                             trend=trend, random_slopes=random_slopes, estimate_kinetics=estimate_kinetics,
+                             rendered=render)
     total = len(grid) * replicates
     with progress_bar("replicates", total, enabled=not quiet) as update:
         estimates, summary = power_study(grid, replicates=replicates, settings=settings, workers=workers,
                                          scheduler=scheduler, cache=cache,
                                          on_replicate=lambda done, _total: update(done))
-    _print_summary(summary, estimates, grid, replicates, alpha)
+    _print_summary(summary, estimates, grid, replicates, alpha, rendered)
     if csv_path is not None:
         from synthtrial.atomic import write_text_atomic
 
@@ -156,7 +203,7 @@ def power_command(
         out.print(f"[green]wrote[/green] {html_path}")
 
 
-def _print_summary(summary, estimates, grid, replicates: int, alpha: float) -> None:
+def _print_summary(summary, estimates, grid, replicates: int, alpha: float, rendered: int = 0) -> None:
     """One table per scenario, each fitting 80 columns."""
     for scenario in grid:
         rows = summary[summary["scenario"] == scenario.name]
@@ -164,7 +211,8 @@ def _print_summary(summary, estimates, grid, replicates: int, alpha: float) -> N
             effects = "null (all 0)"
         else:
             effects = ", ".join(f"{a} {v:+.2f}" for a, v in scenario.model.effects.items()) or "none"
-        table = Table(title=f"{scenario.name}: {replicates} trials, {scenario.design.n_patients} patients x "
+        trials = f"{replicates} trials ({rendered} rendered)" if rendered else f"{replicates} trials"
+        table = Table(title=f"{scenario.name}: {trials}, {scenario.design.n_patients} patients x "
                             f"{scenario.design.days_per_patient} d; effects {effects}", title_justify="left",
                       box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, padding=(0, 1))
         for col in ("method", "arm", "rate", "MC SE", "tests", "no p", "bias", "cover", "share"):
@@ -172,7 +220,7 @@ def _print_summary(summary, estimates, grid, replicates: int, alpha: float) -> N
         for k, (outcome_name, group) in enumerate(rows.groupby("outcome", sort=False)):
             if k:
                 table.add_section()
-            table.add_row(f"[bold]{_SHORT_OUTCOME.get(outcome_name, outcome_name)}[/bold]")
+            table.add_row(f"[bold]{short_outcome(outcome_name)}[/bold]")
             for rec in group.itertuples(index=False):
                 name = rec.method + ("*" if rec.role == "descriptive" else "")
                 table.add_row(" " + name, rec.arm, _num(rec.rejection_rate, 3), _num(rec.mc_se, 3), str(rec.tests),
@@ -182,6 +230,15 @@ def _print_summary(summary, estimates, grid, replicates: int, alpha: float) -> N
     out.print(f"rate: share of tests with p < {alpha} (type I error where the effect is 0, else power); "
               "cover: 95% CI coverage of the delivered truth; share: median standardised estimate / "
               "standardised truth; * descriptive only (not a valid test on these series)", soft_wrap=False)
+    if rendered:
+        from synthtrial.analyze.power_render import is_image_outcome
+
+        names = [o for o in dict.fromkeys(summary["outcome"]) if is_image_outcome(o)]
+        legend = ", ".join(f"{short_outcome(o)} = {o}" for o in names)
+        out.print(f"image outcomes, from the first {rendered} replicate(s) of each scenario, rendered: {legend} "
+                  "(AE-PCA: autoencoder + per-patient PCA; grader_*: a grader's column). They have no truth on "
+                  "the severity scale: bias and cover are '-', share is on the standardised scale",
+                  soft_wrap=False)
     lacking = estimates[estimates["p"].isna()]
     for method_name, grp in lacking.groupby("method", sort=False):
         reason = grp["note"].astype(str).str.split(";").str[0].value_counts().index[0]
