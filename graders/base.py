@@ -184,6 +184,15 @@ def load_state(folder: str | os.PathLike[str], *, kind: str | None = None) -> tu
     return tensors, config
 
 
+def load_into(module: Any, tensors: dict[str, Any], folder: str | os.PathLike[str], what: str) -> None:
+    """``module.load_state_dict(tensors)``, with a one-line error when the weights do not fit ``what``."""
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise GraderError(f"{Path(folder) / WEIGHTS_FILE}: does not fit the {what} of its {CONFIG_FILE} "
+                          f"({str(exc).splitlines()[0]})") from None
+
+
 def fingerprint_of(config: dict[str, Any], weights: Path | None = None) -> str:
     """A short hash of a grader's config and (when given) its weights file."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())

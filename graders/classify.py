@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from graders.base import GraderError, load_state, read_rgb, save_state
+from graders.base import GraderError, load_into, load_state, read_rgb, save_state
 from synthtrial import rundir
 
 CHECKPOINT_DIR = "checkpoint"
@@ -60,11 +60,7 @@ class NetworkWeights:
         except (KeyError, TypeError) as exc:
             raise GraderError(f"{Path(folder) / 'config.json'}: not an {cls.label} config ({exc})") from None
         grader = cls(cfg, device=device, record=config.get("training"))
-        try:
-            grader.model.load_state_dict(tensors)
-        except RuntimeError as exc:
-            raise GraderError(f"{Path(folder) / 'model.safetensors'}: does not fit the network in config.json "
-                              f"({str(exc).splitlines()[0]})") from None
+        load_into(grader.model, tensors, folder, "network")
         return grader
 
     def save(self, folder: str | os.PathLike[str], dtype: str = "float32") -> Path:

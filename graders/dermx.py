@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graders.base import GraderError, fingerprint_of, load_state, resolve_device, save_state
+from graders.base import GraderError, fingerprint_of, load_into, load_state, resolve_device, save_state
 
 CHARACTERISTICS = ("open_comedo", "closed_comedo", "papule", "pustule", "nodule", "scar", "erythema")
 #: the run's lesion type behind each characteristic
@@ -200,11 +200,7 @@ class DermX:
         tensors, config = load_state(folder, kind=cls.name)
         cfg = DermXConfig.from_json(config, str(Path(folder) / "config.json"))
         net = DermXNet(cfg)
-        try:
-            net.load_state_dict(tensors)
-        except RuntimeError as exc:
-            raise GraderError(f"{Path(folder) / 'model.safetensors'}: does not fit the DermX network of its "
-                              f"config.json ({str(exc).splitlines()[0]})") from None
+        load_into(net, tensors, folder, "DermX network")
         return cls(cfg, net, device=device, weights_file=Path(folder) / "model.safetensors")
 
     def fingerprint(self) -> str:

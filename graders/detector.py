@@ -52,7 +52,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, batched_nms
 
-from graders.base import GraderError, fingerprint_of, load_state, resolve_device, save_state
+from graders.base import GraderError, fingerprint_of, load_into, load_state, resolve_device, save_state
 from synthtrial import scale
 
 #: Detector classes (the issue's six lesion types; post-inflammatory marks are not lesions to find).
@@ -327,11 +327,7 @@ class LesionDetector:
         tensors, config = load_state(folder, kind=cls.name)
         cfg = DetectorConfig.from_json(config, str(Path(folder) / "config.json"))
         model = build_model(cfg)
-        try:
-            model.load_state_dict(tensors)
-        except RuntimeError as exc:
-            raise GraderError(f"{Path(folder) / 'model.safetensors'}: does not fit the detector of its "
-                              f"config.json ({str(exc).splitlines()[0]})") from None
+        load_into(model, tensors, folder, "detector")
         return cls(cfg, model, device=device, weights_file=Path(folder) / "model.safetensors")
 
     def fingerprint(self) -> str:

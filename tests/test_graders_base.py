@@ -11,8 +11,8 @@ import torch
 
 from synthtrial.errors import SynthtrialError
 
-from graders.base import (GraderError, fingerprint_of, get_grader, grade_run, load_state, resolve_device,
-                          save_state)
+from graders.base import (GraderError, fingerprint_of, get_grader, grade_run, load_into, load_state,
+                          resolve_device, save_state)
 
 
 class Mean:
@@ -77,6 +77,18 @@ def test_weights_are_safetensors_only(tmp_path):
     torch.save({"a": torch.zeros(1)}, tmp_path / "w" / "model.bin")
     with pytest.raises(GraderError, match="model.bin: pickled checkpoints are never loaded"):
         load_state(tmp_path / "w", kind="toy")
+
+
+def test_weights_that_do_not_fit_the_network_are_one_line(tmp_path):
+    save_state(tmp_path / "w", torch.nn.Linear(3, 2).state_dict(), {"grader": "toy"})
+    tensors, _ = load_state(tmp_path / "w", kind="toy")
+    fits = torch.nn.Linear(3, 2)
+    load_into(fits, tensors, tmp_path / "w", "toy network")
+    assert torch.equal(fits.weight, tensors["weight"])
+    with pytest.raises(GraderError) as caught:
+        load_into(torch.nn.Linear(4, 2), tensors, tmp_path / "w", "toy network")
+    message = str(caught.value)
+    assert "model.safetensors: does not fit the toy network of its config.json" in message and "\n" not in message
 
 
 def test_registry_and_devices():
