@@ -56,6 +56,15 @@ def short_outcome(name: str) -> str:
     return name
 
 
+def _default_workers() -> int:
+    """The CPUs this process may use (its affinity, not the host's count), at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 8))
+
+
 def _output_path(path: Path, option: str, suffixes: tuple[str, ...]) -> Path:
     """The file an output option will write (a missing suffix gets the first of ``suffixes``), checked now."""
     if path.suffix == "":
@@ -105,8 +114,9 @@ def power_command(
                                                 "whose cluster-robust SEs already allow them).")] = False,
     estimate_kinetics: Annotated[bool, typer.Option("--estimate-kinetics", help="gls_kinetics profiles the "
                                                     "half-lives per patient instead of using the design's.")] = False,
-    workers: Annotated[int, typer.Option(min=1, help="Dask LocalCluster worker processes (results do not depend "
-                                         "on it).", rich_help_panel=_RUN)] = 1,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Dask LocalCluster worker processes (results do not "
+                                                   "depend on it; default: this machine's CPUs, at most 8).",
+                                                   show_default=False, rich_help_panel=_RUN)] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Address of a running Dask scheduler (tcp://HOST:PORT) "
                                                      "instead of a local cluster.", show_default=False,
                                                      rich_help_panel=_RUN)] = None,
@@ -184,7 +194,8 @@ def power_command(
                              rendered=render)
     total = len(grid) * replicates
     with progress_bar("replicates", total, enabled=not quiet) as update:
-        estimates, summary = power_study(grid, replicates=replicates, settings=settings, workers=workers,
+        estimates, summary = power_study(grid, replicates=replicates, settings=settings,
+                                         workers=workers or _default_workers(),
                                          scheduler=scheduler, cache=cache,
                                          on_replicate=lambda done, _total: update(done))
     _print_summary(summary, estimates, grid, replicates, alpha, rendered)
