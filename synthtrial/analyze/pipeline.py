@@ -44,6 +44,7 @@ from synthtrial.errors import SynthtrialError
 from synthtrial.progress import progress_bar
 from synthtrial import rundir
 from synthtrial.rundir import read_run
+from synthtrial.analyze.stats import GRADER_OUTCOME_PREFIX
 
 #: Outcomes whose effects are on the latent severity scale, where the truth applies directly.
 TRUTH_SCALE_OUTCOMES = ("oracle", "lesion_severity")
@@ -116,7 +117,7 @@ def image_outcomes(run_dir: Path, manifest: pd.DataFrame) -> pd.DataFrame:
     out["iga"] = manifest["iga"].astype(float)
     grades = rundir.grade_outcomes(run_dir)
     if grades is not None:
-        renamed = grades.rename(columns={c: f"grader_{c}" for c in grades.columns if c != "image"})
+        renamed = grades.rename(columns={c: f"{GRADER_OUTCOME_PREFIX}{c}" for c in grades.columns if c != "image"})
         out = out.merge(renamed, on="image", how="left", validate="one_to_one")
     return out
 
@@ -237,7 +238,7 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
         ae = autoencoder_outcome(run_dir, manifest, settings, analysis_dir, timings, device=device,
                                  progress=progress)
         outcomes = outcomes.merge(ae[["image", "ae_pca"]], on="image", how="left", validate="one_to_one")
-    columns = [c for c in outcomes.columns if c in BASE_OUTCOMES or c.startswith("grader_") or c == "ae_pca"]
+    columns = [c for c in outcomes.columns if c in BASE_OUTCOMES or c.startswith(GRADER_OUTCOME_PREFIX) or c == "ae_pca"]
     buf = io.BytesIO()
     outcomes.to_parquet(buf, index=False)
     write_bytes_atomic(analysis_dir / "outcomes.parquet", buf.getvalue())

@@ -98,7 +98,9 @@ class RenderedSettings:
 
 def is_image_outcome(name: str) -> bool:
     """Whether an outcome column comes from rendered images (the autoencoder's or a grader's)."""
-    return name == AE_OUTCOME or name.startswith("grader_")
+    from synthtrial.analyze.stats import GRADER_OUTCOME_PREFIX
+
+    return name == AE_OUTCOME or name.startswith(GRADER_OUTCOME_PREFIX)
 
 
 def grader_outcomes(name: str) -> tuple[str, ...]:
@@ -114,7 +116,9 @@ def grader_outcomes(name: str) -> tuple[str, ...]:
     outcomes = tuple(getattr(REGISTRY[name].cls(), "outcomes", ()))
     if not outcomes:
         raise SynthtrialError(f"--grader {name}: grades no trial outcome (it judges photo quality)")
-    return tuple(f"grader_{name}_{column}" for column in outcomes)
+    from synthtrial.analyze.stats import GRADER_OUTCOME_PREFIX
+
+    return tuple(f"{GRADER_OUTCOME_PREFIX}{name}_{column}" for column in outcomes)
 
 
 @functools.lru_cache(maxsize=None)

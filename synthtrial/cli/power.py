@@ -50,8 +50,10 @@ def short_outcome(name: str) -> str:
     """An outcome's label in the 80-column tables: ``grader_counter_severity`` -> ``ctr sev``."""
     if name in _SHORT_OUTCOME:
         return _SHORT_OUTCOME[name]
-    if name.startswith("grader_"):
-        grader, _, column = name.removeprefix("grader_").partition("_")
+    from synthtrial.analyze.stats import GRADER_OUTCOME_PREFIX
+
+    if name.startswith(GRADER_OUTCOME_PREFIX):
+        grader, _, column = name.removeprefix(GRADER_OUTCOME_PREFIX).partition("_")
         return f"{_SHORT_GRADER.get(grader, grader[:3])} {_SHORT_COLUMN.get(column, column[:3])}".strip()
     return name
 
