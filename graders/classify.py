@@ -93,13 +93,17 @@ class FaceCropper:
 
     def box(self, image: np.ndarray) -> tuple[int, int, int] | None:
         """``(x0, y0, side)`` of the widened square face box (may reach past the image), or None."""
+        from synthtrial.faces import quiet_native_stderr  # MediaPipe's C++ core logs straight to fd 2
+
         if self._detector is None:
             os.environ.setdefault("GLOG_minloglevel", "2")
-            from mediapipe.python.solutions import face_detection
+            with quiet_native_stderr():
+                from mediapipe.python.solutions import face_detection
 
-            self._detector = face_detection.FaceDetection(model_selection=1,
-                                                          min_detection_confidence=self.min_confidence)
-        result = self._detector.process(np.ascontiguousarray(image))
+                self._detector = face_detection.FaceDetection(model_selection=1,
+                                                              min_detection_confidence=self.min_confidence)
+        with quiet_native_stderr():
+            result = self._detector.process(np.ascontiguousarray(image))
         if not result.detections:
             return None
         best = max(result.detections, key=lambda d: d.score[0])

@@ -118,7 +118,7 @@ def mesh_triangles() -> np.ndarray:
 # ----------------------------------------------------------------------------------------- landmarks
 
 @contextlib.contextmanager
-def _quiet_native_stderr():
+def quiet_native_stderr():
     """Hold back what MediaPipe's C++ core logs straight to file descriptor 2 (TFLite, absl notices)."""
     try:
         saved = os.dup(2)
@@ -140,7 +140,7 @@ class LandmarkDetector:
     def __init__(self) -> None:
         os.environ.setdefault("GLOG_minloglevel", "2")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        with _quiet_native_stderr():
+        with quiet_native_stderr():
             from mediapipe.python.solutions import face_mesh
 
             self._mesh = face_mesh.FaceMesh(static_image_mode=True, max_num_faces=4, refine_landmarks=False,
@@ -149,7 +149,7 @@ class LandmarkDetector:
     def faces3d(self, image: np.ndarray) -> list[np.ndarray]:
         """(468, 3) landmarks of every face found (up to 4): x, y in pixels and depth z in pixels (MediaPipe's
         z times the image width; larger is farther from the camera); empty when there is none."""
-        with _quiet_native_stderr():
+        with quiet_native_stderr():
             result = self._mesh.process(np.ascontiguousarray(image))
         if not result.multi_face_landmarks:
             return []

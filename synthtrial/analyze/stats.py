@@ -305,15 +305,18 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
     if not arms:
         raise SynthtrialError(f"no arm besides the reference '{reference}' to compare with it "
                               f"(treatments present: {_show(present)}; excluded: {_show(sorted(excluded)) or 'none'})")
-    keys = pd.DataFrame({"patient_id": data["patient_id"].astype(str).to_numpy(), "day": data["day"].to_numpy()})
-    if keys.duplicated().any():
-        first = keys[keys.duplicated()].iloc[0]
-        raise SynthtrialError(f"expected one row per patient per day; patient '{first['patient_id']}' has day "
-                              f"{first['day']} more than once (average repeated rows, e.g. views, first)")
+    patient_of_row = data["patient_id"].astype(str).to_numpy(dtype=object)
+    day_of_row = data["day"].to_numpy()
+    patient_code, _ = pd.factorize(patient_of_row)
+    repeated = pd.DataFrame({"patient": patient_code, "day": day_of_row}).duplicated().to_numpy()
+    if repeated.any():
+        i = int(np.flatnonzero(repeated)[0])
+        raise SynthtrialError(f"expected one row per patient per day; patient '{patient_of_row[i]}' has day "
+                              f"{day_of_row[i]} more than once (average repeated rows, e.g. views, first)")
     value = pd.to_numeric(data[outcome], errors="coerce").astype(float).to_numpy()
     all_treatments = data["treatment"].astype(str).to_numpy(dtype=str)
     missing = ~np.isfinite(value) & ~np.isin(all_treatments, list(excluded))
-    dropped_by_patient = keys.loc[missing, "patient_id"].value_counts()
+    dropped_by_patient = pd.Series(patient_of_row[missing]).value_counts()
     work = work[~work["treatment"].isin(excluded)].reset_index(drop=True)
     if not (work["treatment"] == str(reference)).any():
         raise SynthtrialError(f"no reference ('{reference}') row has a value of '{outcome}'")
@@ -339,7 +342,7 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
 
     exposure_all = None
     if kinetics is not None and ({"gls_kinetics"} | set(POOLED_METHODS)) & set(methods):
-        exposure_all = _exposures_by_row(keys["patient_id"].to_numpy(), data["day"].to_numpy(), all_treatments, arms,
+        exposure_all = _exposures_by_row(patient_of_row, day_of_row, all_treatments, arms,
                                          kinetics)
     pooled_wanted = [m for m in methods if m in POOLED_METHODS]
     if pooled_wanted:
@@ -360,7 +363,6 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
                 for arm in present_arms:
                     add(method, POOLED, arm, both[method][arm], len(work), _dropped_note(total_dropped, outcome))
 
-    patient_of_row = keys["patient_id"].to_numpy()
     days_all = pd.to_numeric(data["day"], errors="coerce").to_numpy(dtype=float)
     blocks_all = data["block"].to_numpy(dtype=object) if "block" in data.columns else None
     own_rows = work.groupby("patient_id", sort=True).indices
@@ -426,10 +428,9 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
                         est = permutation_test(pair, mask, n_permutations=n_permutations, alpha=alpha,
                                                seed=_stream_seed(seed, pid, arm))
                     add(method, pid, arm, est, arm_values.size + ref_values.size, extra)
-    frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS)).astype({"n": "int64"})
     order = {m: i for i, m in enumerate(methods)}
-    frame["_order"] = frame["method"].map(order)
-    return frame.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+    rows.sort(key=lambda row: order[row["method"]])  # stable: within a method, the order rows were added
+    return pd.DataFrame(rows, columns=list(RESULT_COLUMNS)).astype({"n": "int64"})
 
 
 def _exposures_by_row(patients: np.ndarray, days: np.ndarray, treatments: np.ndarray, arms: Sequence[str],
@@ -477,18 +478,18 @@ def attach_truth(effects: pd.DataFrame, truth: Mapping[str, Any], *,
         value = table.get(arm)
         return _NAN if value is None else float(value)
 
+    columns = [effects[c].astype(str).to_numpy(dtype=object) for c in ("outcome", "scope", "arm", "reference")]
+    tables = {scope: delivered(scope) for scope in set(columns[1].tolist())}
     true_effect = []
-    for outcome, scope, arm, reference in effects[["outcome", "scope", "arm", "reference"]].itertuples(index=False):
-        table = delivered(str(scope)) if str(outcome) in on_scale else None
-        true_effect.append(_NAN if table is None else effect_of(table, str(arm)) - effect_of(table, str(reference)))
-    out = effects.copy()
-    out["true_effect"] = np.asarray(true_effect, dtype=float)
-    out["bias"] = out["estimate"].astype(float) - out["true_effect"]
-    low, high = out["ci_low"].astype(float).to_numpy(), out["ci_high"].astype(float).to_numpy()
+    for outcome, scope, arm, reference in zip(*columns):
+        table = tables[scope] if outcome in on_scale else None
+        true_effect.append(_NAN if table is None else effect_of(table, arm) - effect_of(table, reference))
+    true_effect = np.asarray(true_effect, dtype=float)
+    low, high = effects["ci_low"].to_numpy(dtype=float), effects["ci_high"].to_numpy(dtype=float)
     covered = [None if np.isnan(t) or np.isnan(lo) or np.isnan(hi) else bool(lo <= t <= hi)
-               for t, lo, hi in zip(out["true_effect"].to_numpy(), low, high)]
-    out["covered"] = pd.Series(covered, index=out.index, dtype=object)
-    return out
+               for t, lo, hi in zip(true_effect, low, high)]
+    return effects.assign(true_effect=true_effect, bias=effects["estimate"].to_numpy(dtype=float) - true_effect,
+                          covered=pd.Series(covered, index=effects.index, dtype=object))
 
 
 def residual_sd(data: pd.DataFrame, outcome: str, *, exclude: Sequence[str] = (), trend: bool = True) -> float:
@@ -529,26 +530,27 @@ def standardize(effects: pd.DataFrame, data: pd.DataFrame, truth: Mapping[str, A
     every outcome), ``share`` (``std_estimate / std_true_effect``: the share of the true effect the outcome
     recovers) and ``std_covered``. Without a truth or the oracle column the truth columns are NaN.
     """
-    out = effects.copy()
     sds = {o: (residual_sd(data, o, exclude=exclude, trend=trend) if o in data.columns else _NAN)
-           for o in out["outcome"].unique()}
-    sd = out["outcome"].map(sds).astype(float)
-    out["residual_sd"] = sd
-    for col in ("estimate", "ci_low", "ci_high"):
-        out[f"std_{col}"] = out[col].astype(float) / sd
+           for o in effects["outcome"].unique()}
+    sd = effects["outcome"].map(sds).to_numpy(dtype=float)
+    columns: dict[str, Any] = {"residual_sd": sd}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for col in ("estimate", "ci_low", "ci_high"):
+            columns[f"std_{col}"] = effects[col].to_numpy(dtype=float) / sd
     truth_sd = _NAN
     if truth is not None and truth_outcome in data.columns:
         truth_sd = sds[truth_outcome] if truth_outcome in sds else residual_sd(data, truth_outcome, exclude=exclude,
                                                                               trend=trend)
     if truth is not None and math.isfinite(truth_sd):
         on_truth = attach_truth(effects[["outcome", "scope", "arm", "reference", "estimate", "ci_low", "ci_high"]],
-                                truth, outcomes_on_truth_scale=list(out["outcome"].unique()))
-        out["std_true_effect"] = on_truth["true_effect"].to_numpy() / truth_sd
+                                truth, outcomes_on_truth_scale=list(sds))
+        std_truth = on_truth["true_effect"].to_numpy(dtype=float) / truth_sd
     else:
-        out["std_true_effect"] = _NAN
+        std_truth = np.full(len(effects), _NAN)
+    columns["std_true_effect"] = std_truth
     with np.errstate(divide="ignore", invalid="ignore"):
-        out["share"] = out["std_estimate"] / out["std_true_effect"].where(out["std_true_effect"] != 0)
-    t, low, high = (out[c].to_numpy(dtype=float) for c in ("std_true_effect", "std_ci_low", "std_ci_high"))
-    out["std_covered"] = pd.Series([None if np.isnan(a) or np.isnan(b) or np.isnan(c) else bool(b <= a <= c)
-                                    for a, b, c in zip(t, low, high)], index=out.index, dtype=object)
-    return out
+        columns["share"] = columns["std_estimate"] / np.where(std_truth != 0, std_truth, _NAN)
+    low, high = columns["std_ci_low"], columns["std_ci_high"]
+    columns["std_covered"] = pd.Series([None if np.isnan(a) or np.isnan(b) or np.isnan(c) else bool(b <= a <= c)
+                                        for a, b, c in zip(std_truth, low, high)], index=effects.index, dtype=object)
+    return effects.assign(**columns)
