@@ -126,13 +126,14 @@ def _contrasts(effect_cols: np.ndarray, treatment: np.ndarray, patients: np.ndar
                arms: Sequence[str], n_coef: int) -> np.ndarray:
     """Rows: each arm's contrast over the coefficients, averaged over the patients who have the arm."""
     out = np.zeros((len(arms), n_coef))
+    rows_of = pd.Series(np.arange(patients.size)).groupby(patients, sort=False).indices
     for i, arm in enumerate(arms):
         per_patient = []
-        for pid in dict.fromkeys(patients):
-            own = patients == pid
-            on, ref = own & (treatment == arm), own & (treatment == reference)
+        for rows in rows_of.values():
+            own_t, own_cols = treatment[rows], effect_cols[rows]
+            on, ref = own_t == arm, own_t == reference
             if on.any() and ref.any():
-                per_patient.append(effect_cols[on].mean(axis=0) - effect_cols[ref].mean(axis=0))
+                per_patient.append(own_cols[on].mean(axis=0) - own_cols[ref].mean(axis=0))
         if per_patient:
             out[i, 1:1 + len(arms)] = np.mean(per_patient, axis=0)
         else:

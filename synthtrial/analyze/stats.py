@@ -348,15 +348,13 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
     if pooled_wanted:
         present_arms = [arm for arm in arms if arm in set(work["treatment"])]
         if present_arms:
-            pooled_frame = work.rename(columns={"y": "_y"})
-            columns = None
+            pooled_frame, columns = work, None  # work's outcome column is "y", without missing values
             if exposure_all is not None:
                 exposure = exposure_all[np.isfinite(value) & ~np.isin(all_treatments, list(excluded))]
                 columns = {arm: f"_exposure_{i}" for i, arm in enumerate(arms)}
-                for i, arm in enumerate(arms):
-                    pooled_frame[columns[arm]] = exposure[:, i]
+                pooled_frame = work.assign(**{columns[arm]: exposure[:, i] for i, arm in enumerate(arms)})
                 columns = {arm: col for arm, col in columns.items() if arm in present_arms}
-            both = mixed_model_both(pooled_frame, "_y", reference, trend=trend, alpha=alpha,
+            both = mixed_model_both(pooled_frame, "y", reference, trend=trend, alpha=alpha,
                                     random_slopes=random_slopes, exposure_columns=columns)
             total_dropped = int(dropped_by_patient.sum())
             for method in pooled_wanted:
