@@ -279,6 +279,19 @@ def _patient_rngs(seed: int, n: int, stream: int) -> list[np.random.Generator]:
 
 # ------------------------------------------------------------------------------------------ kinetics
 
+def treatment_calendar(days: np.ndarray, treatments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One patient's calendar: every day from the first to the last, and the treatment on each.
+
+    A scheduled day's treatment is that of its first row (views share a day); a day the schedule skips
+    continues the previous day's treatment. The simulator and the exposure regressors of the analysis
+    (:func:`synthtrial.analyze.nof1.exposures`) both read the kinetics off this calendar.
+    """
+    days = np.asarray(days).astype(np.int64)
+    seen, first = np.unique(days, return_index=True)
+    grid = np.arange(seen[0], seen[-1] + 1)
+    return grid, np.asarray(treatments, dtype=object)[first][np.searchsorted(seen, grid, side="right") - 1]
+
+
 def exposure(given: np.ndarray, washin_half_life: float, washout_half_life: float) -> np.ndarray:
     """First-order exposure (0-1) to one arm over consecutive days; ``given[d]`` is True on dosing days."""
     keep_in = 0.0 if washin_half_life == 0 else 2.0 ** (-1.0 / washin_half_life)
@@ -342,9 +355,8 @@ def simulate_severity(schedule: pd.DataFrame, model: SeverityModel, seed: int = 
         row_days, row_treatments = day_of_row[idx], treatment_of_row[idx]
         # one value per day (its first row's treatment), shared by every view of that day
         days_seen, first_row = np.unique(row_days, return_index=True)
-        first, last = int(days_seen[0]), int(days_seen[-1])
-        grid = np.arange(first, last + 1)
-        arm_on_day = pd.Series(row_treatments[first_row], index=days_seen).reindex(grid).ffill().to_numpy()
+        grid, arm_on_day = treatment_calendar(row_days, row_treatments)
+        first, last = int(grid[0]), int(grid[-1])
 
         effects = {a: model.effects.get(a, 0.0) + model.effect_sd * float(effect_rng.standard_normal()) for a in active}
         effect_part = np.zeros(len(grid))

@@ -100,23 +100,19 @@ class AR1Moments:
     def __init__(self, y: np.ndarray, x: np.ndarray, gaps: np.ndarray) -> None:
         data = np.column_stack([x, y]).astype(float)
         self.n, self.p = x.shape
-        self.first = np.outer(data[0], data[0])
+        q = self.p + 1
         gaps = np.asarray(gaps, dtype=float)
-        self.gaps, self.counts, blocks = [], [], []
-        for gap in np.unique(gaps):
+        self._gaps, counts = np.unique(gaps, return_counts=True)
+        self._counts = counts.astype(float)
+        a, b, c = (np.zeros((self._gaps.size, q * q)) for _ in range(3))
+        for k, gap in enumerate(self._gaps):
             rows = np.flatnonzero(gaps == gap) + 1
             now, before = data[rows], data[rows - 1]
             cross = now.T @ before
-            self.gaps.append(float(gap))
-            self.counts.append(rows.size)
-            blocks.append((now.T @ now, cross + cross.T, before.T @ before))
-        q = self.p + 1
+            a[k], b[k], c[k] = (now.T @ now).ravel(), -(cross + cross.T).ravel(), (before.T @ before).ravel()
         # rows: the A_g, then -(B_g + B_g'), then the C_g, flattened; gram(phi) is one matrix product
-        self._stack = np.concatenate([np.array([b[k] for b in blocks]).reshape(-1, q * q) * sign
-                                      for k, sign in ((0, 1.0), (1, -1.0), (2, 1.0))])
-        self._first = self.first.reshape(q * q)
-        self._gaps = np.asarray(self.gaps)
-        self._counts = np.asarray(self.counts, dtype=float)
+        self._stack = np.concatenate([a, b, c])
+        self._first = np.outer(data[0], data[0]).ravel()
 
     def gram(self, phis: np.ndarray | float) -> np.ndarray:
         """The whitened ``[X | y]' [X | y]`` at each phi: shape (G, p + 1, p + 1)."""
@@ -410,14 +406,10 @@ def exposures(days: np.ndarray, treatments: np.ndarray, arms: Sequence[str], kin
 
     As in the simulator, a day the schedule skips continues the previous day's treatment.
     """
-    from synthtrial.simulate import exposure
+    from synthtrial.simulate import exposure, treatment_calendar
 
-    order = np.argsort(days, kind="stable")
-    d, t = np.asarray(days)[order].astype(int), np.asarray(treatments)[order].astype(str)
-    seen, first = np.unique(d, return_index=True)                  # each day's first row's treatment
-    grid = np.arange(seen[0], seen[-1] + 1)
-    on_day = t[first][np.searchsorted(seen, grid, side="right") - 1]  # skipped days continue the last one
-    index = np.asarray(days).astype(int) - seen[0]
+    grid, on_day = treatment_calendar(days, np.asarray(treatments).astype(str))
+    index = np.asarray(days).astype(np.int64) - grid[0]
     columns = [exposure(on_day == arm, kinetics.washin_half_life, kinetics.washout_half_life)[index] for arm in arms]
     return np.column_stack(columns) if columns else np.zeros((len(days), 0))
 

@@ -304,10 +304,19 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
     return estimates, summarize_power(estimates, settings.alpha)
 
 
-def _run_dask(chunks, scenarios, settings, workers, scheduler, finished) -> None:
+def local_cluster(workers: int):
+    """The Dask ``LocalCluster`` a power study starts: ``workers`` single-threaded processes, no dashboard."""
     import logging
 
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import LocalCluster
+
+    # no dashboard; its HTTP server (always started) takes any free port instead of insisting on 8787
+    return LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True, dashboard_address=":0",
+                        scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR)
+
+
+def _run_dask(chunks, scenarios, settings, workers, scheduler, finished) -> None:
+    from distributed import Client, as_completed
 
     if scheduler is not None:
         try:
@@ -316,10 +325,7 @@ def _run_dask(chunks, scenarios, settings, workers, scheduler, finished) -> None
             raise SynthtrialError(f"cannot reach the Dask scheduler at {scheduler} ({exc}) (option --scheduler)") from None
         cluster = None
     else:
-        # no dashboard; its HTTP server (always started) takes any free port instead of insisting on 8787
-        cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
-                               dashboard_address=":0", scheduler_kwargs={"dashboard": False},
-                               silence_logs=logging.ERROR)
+        cluster = local_cluster(workers)
         client = Client(cluster)
     try:
         futures = {client.submit(_run_chunk, scenarios[i], settings, reps, pure=False): (i, reps) for i, reps in chunks}

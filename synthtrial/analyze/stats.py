@@ -228,41 +228,38 @@ def gls_ar1(frame: pd.DataFrame, outcome: str, reference: str, *, trend: bool = 
 
 def gls_ar1_arrays(days: np.ndarray, treatments: np.ndarray, y: np.ndarray, reference: str, arms: Sequence[str], *,
                    trend: bool = False, alpha: float = 0.05, note: str = "") -> dict[str, Estimate]:
-    """:func:`gls_ar1` on one patient's arrays (one value per day, no missing values), without the checks."""
+    """:func:`gls_ar1` on one patient's arrays (one value per day, no missing values), without the checks;
+    ``note`` is added to every estimate's note."""
     order = np.argsort(days, kind="stable")
     days, treatments, y = np.asarray(days)[order], np.asarray(treatments)[order], np.asarray(y, dtype=float)[order]
     cols = [np.ones(days.size)] + [(treatments == arm).astype(float) for arm in arms]
     x = np.column_stack(cols + ([days.astype(float)] if trend else []))
     n, p = x.shape
-    base_note = note
     if np.linalg.matrix_rank(x) < p:
-        return {arm: _missing(_join("design is rank deficient (treatment confounded with the trend?)", base_note))
+        return {arm: _missing(_join("design is rank deficient (treatment confounded with the trend?)", note))
                 for arm in arms}
     if n - p < 3:
-        return {arm: _missing(_join(f"too few days ({n}) for {p} coefficients and phi", base_note)) for arm in arms}
+        return {arm: _missing(_join(f"too few days ({n}) for {p} coefficients and phi", note)) for arm in arms}
     gaps = np.diff(days).astype(float)
     df = float(n - p)
     ols, *_ = np.linalg.lstsq(x, y, rcond=None)
     ssr = float(np.sum((y - x @ ols) ** 2))
     if ssr <= 1e-24 * max(1.0, float(np.sum(y ** 2))):  # no noise: any phi fits, the effects are exact
-        note = _join("no residual variation: phi undefined", base_note)
-        return {arm: Estimate(float(ols[1 + i]), 0.0, float(ols[1 + i]), float(ols[1 + i]), _NAN, df, note)
+        exact = _join("no residual variation: phi undefined", note)
+        return {arm: Estimate(float(ols[1 + i]), 0.0, float(ols[1 + i]), float(ols[1 + i]), _NAN, df, exact)
                 for i, arm in enumerate(arms)}
-    moments = nof1.AR1Moments(y, x, gaps)
-    phi, _ = nof1.fit_phi(y, x, gaps, moments=moments)
-    beta, xx_inv, rss = moments.solve(phi)
-    cov = rss / df * xx_inv
+    beta, cov, phi, _ = nof1.gls_fit(y, x, gaps)
     q = t_quantile(1.0 - alpha / 2.0, df)
     n_gaps = int(np.count_nonzero(gaps > 1))
-    note = _join(f"phi={phi:.4f} (REML)",
-                 f"{n_gaps} gap(s) in days, AR(1) steps phi^gap" if n_gaps else "",
-                 "phi at its bound" if abs(phi) >= PHI_BOUND - 1e-4 else "",
-                 "trend-adjusted" if trend else "", base_note)
+    fit_note = _join(f"phi={phi:.4f} (REML)",
+                     f"{n_gaps} gap(s) in days, AR(1) steps phi^gap" if n_gaps else "",
+                     "phi at its bound" if abs(phi) >= PHI_BOUND - 1e-4 else "",
+                     "trend-adjusted" if trend else "", note)
     out: dict[str, Estimate] = {}
     for i, arm in enumerate(arms):
         est, se = float(beta[1 + i]), float(math.sqrt(max(cov[1 + i, 1 + i], 0.0)))
         out[arm] = Estimate(est, se, est - q * se, est + q * se, t_two_sided_p(est / se, df) if se > 0 else _NAN,
-                            df, note)
+                            df, fit_note)
     return out
 
 
@@ -483,11 +480,15 @@ def attach_truth(effects: pd.DataFrame, truth: Mapping[str, Any], *,
         table = tables[scope] if outcome in on_scale else None
         true_effect.append(_NAN if table is None else effect_of(table, arm) - effect_of(table, reference))
     true_effect = np.asarray(true_effect, dtype=float)
-    low, high = effects["ci_low"].to_numpy(dtype=float), effects["ci_high"].to_numpy(dtype=float)
-    covered = [None if np.isnan(t) or np.isnan(lo) or np.isnan(hi) else bool(lo <= t <= hi)
-               for t, lo, hi in zip(true_effect, low, high)]
     return effects.assign(true_effect=true_effect, bias=effects["estimate"].to_numpy(dtype=float) - true_effect,
-                          covered=pd.Series(covered, index=effects.index, dtype=object))
+                          covered=_covered(true_effect, effects["ci_low"], effects["ci_high"], effects.index))
+
+
+def _covered(truth: np.ndarray, low: Any, high: Any, index: pd.Index) -> pd.Series:
+    """Whether each CI ``[low, high]`` holds the truth: True/False, or None where any of the three is NaN."""
+    low, high = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+    return pd.Series([None if np.isnan(t) or np.isnan(lo) or np.isnan(hi) else bool(lo <= t <= hi)
+                      for t, lo, hi in zip(truth, low, high)], index=index, dtype=object)
 
 
 def residual_sd(data: pd.DataFrame, outcome: str, *, exclude: Sequence[str] = (), trend: bool = True) -> float:
@@ -548,7 +549,5 @@ def standardize(effects: pd.DataFrame, data: pd.DataFrame, truth: Mapping[str, A
     columns["std_true_effect"] = std_truth
     with np.errstate(divide="ignore", invalid="ignore"):
         columns["share"] = columns["std_estimate"] / np.where(std_truth != 0, std_truth, _NAN)
-    low, high = columns["std_ci_low"], columns["std_ci_high"]
-    columns["std_covered"] = pd.Series([None if np.isnan(a) or np.isnan(b) or np.isnan(c) else bool(b <= a <= c)
-                                        for a, b, c in zip(std_truth, low, high)], index=effects.index, dtype=object)
+    columns["std_covered"] = _covered(std_truth, columns["std_ci_low"], columns["std_ci_high"], effects.index)
     return effects.assign(**columns)
