@@ -222,6 +222,23 @@ def test_usage_errors_are_one_line_exit_2(args):
     assert len(lines) == 1 and lines[0].startswith("synthtrial: error:"), result.stderr
 
 
+def test_power_workers_default_to_the_cpus_this_process_may_use(monkeypatch):
+    import os
+
+    from synthtrial.analyze import power
+    from synthtrial.errors import SynthtrialError
+
+    def report_workers(*args, workers, **kwargs):
+        raise SynthtrialError(f"workers={workers}")
+
+    monkeypatch.setattr(power, "power_study", report_workers)
+    expected = max(1, min(len(os.sched_getaffinity(0)), 8))
+    result = invoke("power", "--preset", "quick", "--replicates", 1, "--quiet")
+    assert result.exit_code == 2 and f"workers={expected}" in result.stderr, result.output
+    result = invoke("power", "--preset", "quick", "--replicates", 1, "--workers", 3, "--quiet")
+    assert result.exit_code == 2 and "workers=3" in result.stderr, result.output
+
+
 def test_power_command(tmp_path):
     out = tmp_path / "power"  # no suffix: .csv is added
     result = invoke("power", "--preset", "anchor", "--patients", 3, "--replicates", 2, "--method", "period",

@@ -9,7 +9,7 @@ import pytest
 
 from synthtrial.protocol import read_protocol
 from synthtrial.simulate import (PRESETS, DesignError, SeverityModel, TrialDesign, design_schedule, exposure,
-                                 simulate_severity, simulate_trial, truth_path_for)
+                                 simulate_severity, simulate_trial, truth_path_for, treatment_calendar)
 
 
 def quiet(**changes):
@@ -224,3 +224,11 @@ def test_effects_must_name_arms_and_not_the_reference():
         simulate_trial(TrialDesign(), SeverityModel(effects={"Gel": -1}))
     with pytest.raises(DesignError, match="reference arm 'Baseline' has no effect"):
         simulate_trial(TrialDesign(), SeverityModel(effects={"Baseline": -1}))
+
+
+def test_treatment_calendar_takes_a_days_first_row_and_continues_over_skipped_days():
+    days = np.array([3, 1, 1, 2, 6])                           # unsorted, day 1 twice (two views), 4-5 skipped
+    treatments = np.array(["B", "A", "X", "A", "A"])
+    grid, on_day = treatment_calendar(days, treatments)
+    assert grid.tolist() == [1, 2, 3, 4, 5, 6]
+    assert on_day.tolist() == ["A", "A", "B", "B", "B", "A"]   # day 1: its first row's; 4-5 continue day 3
