@@ -16,13 +16,13 @@ CPU) and, for the UNet-bound tasks, with and without ``torch.compile`` of the UN
 * ``text2img`` -- ``StableDiffusionXLPipeline``, 30 steps, guidance 12 (the face bank's call); T4: 20 s/image.
 * ``inpaint`` -- the renderer's lesion inpainting at our defaults on a synthetic skin image with
   ``--lesions`` lesions, with crops (crop and paste) and on the whole image; prints the speed-up.
-* ``lora`` -- :func:`synthtrial.finetune.finetune` itself (DreamBooth LoRA, batch 1, gradient accumulation 3,
+* ``lora`` -- :func:`synthtrial.render.finetune.finetune` itself (DreamBooth LoRA, batch 1, gradient accumulation 3,
   gradient checkpointing, fp16/bf16 mixed precision, Min-SNR) on a few random images at ``--size`` px, the
   random model saved to a temporary folder first (in /dev/shm where it fits); s per optimizer step (= 3 micro-steps, the unit of the
   anchor's "9 s/it" on a T4) and per micro-step.
 * ``autoencoder`` -- :func:`synthtrial.analyze.embed.train_autoencoder` (its own bf16 autocast on CUDA),
   256 px (``--tiny``: 32), training images/s per batch size.
-* ``graders`` -- every grader :func:`graders.base.available` lists, ``predict`` on random images; a grader
+* ``graders`` -- every grader :func:`synthtrial.graders.base.available` lists, ``predict`` on random images; a grader
   that cannot be built here (a missing package, say) is listed as skipped with the reason.
 
 Each figure is the mean of ``--repeats`` timed calls after one warm-up call (which includes compilation
@@ -49,8 +49,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from synthtrial.atomic import write_text_atomic  # noqa: E402
-from synthtrial.errors import one_line  # noqa: E402
+from synthtrial.util.atomic import write_text_atomic  # noqa: E402
+from synthtrial.util.errors import one_line  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 TASKS = ("img2img", "text2img", "inpaint", "lora", "autoencoder", "graders")
@@ -227,7 +227,7 @@ def run_lora(args, pipe, device, dtype_name: str) -> list[dict]:
     """finetune() on the random model (saved first) and a few random images; s per optimizer step."""
     from PIL import Image
 
-    from synthtrial.finetune import FinetuneConfig, finetune
+    from synthtrial.render.finetune import FinetuneConfig, finetune
 
     mixed = {"fp16": "fp16", "bf16": "bf16", "fp32": "no"}[dtype_name]
     # the full model is ~7 GB in half precision: written to and read from memory (/dev/shm) where it fits
@@ -271,7 +271,7 @@ def run_autoencoder(args, device, batches: list[int]) -> list[dict]:
 
 
 def run_graders(args, device, batches: list[int]) -> list[dict]:
-    from graders.base import available, get_grader
+    from synthtrial.graders.base import available, get_grader
 
     size = 64 if args.tiny else 512
     rng = np.random.default_rng(0)

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from synthtrial.atomic import write_bytes_atomic
-from synthtrial.run import generate, png_bytes
+from synthtrial.util.atomic import write_bytes_atomic
+from synthtrial.run.generation import generate, png_bytes
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
         setup = t0_ - start - n0 * steady
 
         # floor: read the base face (as saved by the run, so the same pixels) and write one PNG per image
-        from synthtrial.faces import Identity, load_base_faces, make_face
+        from synthtrial.face.faces import Identity, load_base_faces, make_face
 
         face = make_face(load_base_faces(None)[0], Identity(base="astronaut"), args.size)
         base_path = tmp / "base.png"

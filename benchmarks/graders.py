@@ -4,7 +4,7 @@ in the same run (decoding the same PNG files), so figures from different machine
     python benchmarks/graders.py [RUN] [--images 48] [--batch 16] [--weights NAME=FOLDER ...] [--threads N]
 
 RUN defaults to runs/quick (make it with `synthtrial generate protocols/quick.csv --out runs/quick`). Every grader
-that `synthtrial graders list` shows with weights is measured (the registry, ``graders.base.available()``), plus
+that `synthtrial graders list` shows with weights is measured (the registry, ``synthtrial.graders.base.available()``), plus
 those given --weights. Each grader runs once untimed (model load, MediaPipe start-up) and then over the images
 in batches of --batch with the run's manifest rows as ``meta`` (IGA fuses the views of a visit).
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 # this script shares its name with the `graders` package: keep its own folder off the import path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from graders.base import REGISTRY, available, get_grader, read_rgb  # noqa: E402
-from synthtrial import rundir  # noqa: E402
+from synthtrial.graders.base import REGISTRY, available, get_grader, read_rgb  # noqa: E402
+from synthtrial.run import rundir  # noqa: E402
 
 
 def _rate(n: int, seconds: float) -> float:

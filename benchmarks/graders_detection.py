@@ -13,11 +13,11 @@ import argparse
 import time
 from pathlib import Path
 
-from graders.base import DEFAULT_WEIGHTS_DIR, read_rgb
-from graders.counter import LesionCounter
-from graders.dermx import DermX
-from graders.detector import LesionDetector
-from synthtrial import rundir
+from synthtrial.graders.base import DEFAULT_WEIGHTS_DIR, read_rgb
+from synthtrial.graders.counter import LesionCounter
+from synthtrial.graders.dermx import DermX
+from synthtrial.graders.detector import LesionDetector
+from synthtrial.run import rundir
 
 
 def _rate(func, images) -> float:

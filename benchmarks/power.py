@@ -25,7 +25,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 from synthtrial.analyze.power import (DEFAULT_METHODS, StudySettings, local_cluster, power_study,  # noqa: E402
                                       scenario_grid)
 from synthtrial.analyze.power_render import RenderedSettings  # noqa: E402
-from synthtrial.simulate import PRESETS  # noqa: E402
+from synthtrial.trial.simulate import PRESETS  # noqa: E402
 
 INFERENTIAL = ("period", "randomization", "gls_kinetics", "lmm", "lmm_cr1")
 

@@ -1,4 +1,4 @@
-"""The grader seam: one protocol every grader implements, a registry, weights on disk, and ``grade_run``.
+"""The grader seam: one protocol every grader implements, a registry, and weights on disk.
 
 A grader is a small object with a ``name`` and one ``predict(images, meta=None) -> DataFrame`` (one row per
 image, in order; numeric columns). ``meta`` is the manifest rows of the images (``patient_id``, ``day``,
@@ -9,12 +9,7 @@ Weights live in a folder: ``model.safetensors`` + ``config.json`` (plain data: t
 architecture settings, its training record). Nothing is ever unpickled: :func:`load_state` reads
 safetensors only and refuses a pickle with a one-line error naming the file.
 
-:func:`grade_run` scores every image of a run directory with the given graders and writes
-``RUN/grades.parquet`` (``image`` + ``<grader>_<column>``) and ``RUN/grades.json`` (per grader: its
-fingerprint, columns, and the columns ``analyze`` takes as outcomes). Work is saved per chunk of images (a
-chunk never splits a visit: the images of one patient-day) under
-``RUN/.grades/<grader>-<fingerprint>/``, so an interrupted ``synthtrial grade`` resumes; a grader whose
-weights change gets a new fingerprint and is scored again.
+The grading stage that runs graders over a run directory lives in :mod:`synthtrial.grade`.
 """
 
 from __future__ import annotations
@@ -31,17 +26,14 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 
-from synthtrial import rundir
-from synthtrial.atomic import write_bytes_atomic, write_text_atomic
-from synthtrial.errors import SynthtrialError, one_line
+from synthtrial.run import rundir
+from synthtrial.util.atomic import write_bytes_atomic, write_text_atomic
+from synthtrial.util.errors import SynthtrialError, one_line
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 #: Folder of the default weights shipped with the package.
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-#: Images graded per saved chunk (resume granularity).
-CHUNK = 64
-PARTS_DIR = ".grades"
 
 
 class GraderError(SynthtrialError):
@@ -89,19 +81,19 @@ def register(spec: GraderSpec) -> GraderSpec:
     return spec
 
 
-register(GraderSpec("counter", "graders.counter:LesionCounter",
+register(GraderSpec("counter", "synthtrial.graders.counter:LesionCounter",
                     "classical lesion counter: skin-masked CIELAB blobs; count and ACNE04/Hayashi level",
                     needs_weights=False))
-register(GraderSpec("iga", "graders.iga:IGAGrader",
+register(GraderSpec("iga", "synthtrial.graders.iga:IGAGrader",
                     "IGA severity network (QuantifiCare recipe): face crop, CIFAR ResNet, views of a visit fused; "
                     "5-grade and 3-class (0-1/2/3-4) probabilities, expected grade"))
-register(GraderSpec("imageqx", "graders.imageqx:ImageQX",
+register(GraderSpec("imageqx", "synthtrial.graders.imageqx:ImageQX",
                     "ImageQX photo quality (EfficientNet-B0): acceptable/poor and five reasons (bad framing, "
                     "bad light, blurry, low resolution, too far away)"))
-register(GraderSpec("detector", "graders.detector:LesionDetector",
+register(GraderSpec("detector", "synthtrial.graders.detector:LesionDetector",
                     "two-stage lesion detector (Faster R-CNN + FPN, SADH + NWD RPN head): count, per-type counts, "
                     "ACNE04/Hayashi level, severity"))
-register(GraderSpec("dermx", "graders.dermx:DermX",
+register(GraderSpec("dermx", "synthtrial.graders.dermx:DermX",
                     "DermX: ACNE04 level and expected severity explained by lesion characteristics (probabilities; "
                     "Grad-CAM maps with `synthtrial graders explain`)"))
 
@@ -128,22 +120,6 @@ def get_grader(name: str, weights: str | os.PathLike[str] | None = None, device:
 
 
 # ------------------------------------------------------------------------------------------ weights
-
-def resolve_device(device: str | None) -> Any:
-    """A torch device: ``device`` as given (checked), else CUDA when available, else CPU."""
-    import torch
-
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise GraderError(f"--device '{device}' is not a torch device (cpu, cuda, cuda:0, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GraderError(f"--device {device}: CUDA is not available on this machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise GraderError(f"--device {device}: only cpu and cuda are supported")
-    return dev
 
 
 def save_state(folder: str | os.PathLike[str], tensors: dict[str, Any], config: dict[str, Any]) -> Path:
@@ -175,7 +151,7 @@ def load_state(folder: str | os.PathLike[str], *, kind: str | None = None) -> tu
         raise GraderError(f"{folder}: no {CONFIG_FILE} beside {WEIGHTS_FILE}")
     if kind is not None and config.get("grader") != kind:
         raise GraderError(f"{folder / CONFIG_FILE}: holds weights of grader {config.get('grader')!r}, not '{kind}'")
-    from synthtrial.weights import WeightsError, load_safetensors
+    from synthtrial.util.weights import WeightsError, load_safetensors
 
     try:
         tensors = load_safetensors(weights)
@@ -214,80 +190,3 @@ def read_rgb(path: Path) -> np.ndarray:
         raise GraderError(f"{path}: the image header claims more pixels than are read; refusing it") from None
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise GraderError(f"{path}: cannot be read as an image ({one_line(exc)})") from None
-
-
-# ---------------------------------------------------------------------------------------- grade_run
-
-def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_size: int = CHUNK,
-              progress: Callable[[int, int, str], None] | None = None) -> Path:
-    """Score every image of ``run`` with ``graders``; write ``RUN/grades.parquet`` and return its path.
-
-    Columns: ``image`` and ``<grader>_<column>`` for each grader's output columns. Columns of other graders
-    already in the file are kept. Each chunk of ``batch_size`` images is saved under ``RUN/.grades/`` as it
-    is done, so a re-run resumes. ``progress(done, total, status)`` is called after each chunk.
-    """
-    run_dir = Path(run)
-    manifest = rundir.read_manifest(run_dir, ("image", "patient_id", "day", "view"))
-    if not graders:
-        raise GraderError("no graders given (option --graders)")
-    names = [g.name for g in graders]
-    if len(set(names)) != len(names):
-        raise GraderError(f"grader listed twice: {', '.join(names)} (option --graders)")
-    chunks = visit_chunks(manifest, batch_size)
-    total, done = len(manifest) * len(graders), 0
-    with rundir.locked(run_dir, what="grading"):
-        columns: dict[str, pd.DataFrame] = {}
-        for grader in graders:
-            folder = run_dir / PARTS_DIR / f"{grader.name}-{grader.fingerprint()}"
-            frames = []
-            for k, chunk in enumerate(chunks):
-                part = folder / f"{k:05d}.parquet"
-                if part.is_file():
-                    frame = rundir.read_parquet(part)
-                else:
-                    images = [read_rgb(run_dir / rel) for rel in chunk["image"]]
-                    frame = grader.predict(images, chunk.reset_index(drop=True))
-                    _check_output(grader, frame, len(chunk))
-                    rundir.write_table(part, frame.reset_index(drop=True))
-                frames.append(frame)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, total, grader.name)
-            out = pd.concat(frames, ignore_index=True)
-            columns[grader.name] = out.add_prefix(f"{grader.name}_")
-        grades = pd.concat([manifest[["image"]].reset_index(drop=True), *columns.values()], axis=1)
-        old = rundir.read_grades(run_dir)
-        if old is not None:
-            keep = [c for c in old.columns if c != rundir.GRADES_KEY
-                    and not any(c.startswith(f"{n}_") for n in names)]
-            if keep:
-                grades = grades.merge(old[[rundir.GRADES_KEY, *keep]], on=rundir.GRADES_KEY, how="left")
-        index = rundir.read_grades_index(run_dir)
-        for grader in graders:
-            index[grader.name] = {"fingerprint": grader.fingerprint(),
-                                  "columns": [c for c in columns[grader.name].columns],
-                                  "outcomes": [f"{grader.name}_{c}" for c in grader.outcomes]}
-        path = rundir.write_table(run_dir / rundir.GRADES, grades)
-        write_text_atomic(run_dir / rundir.GRADES_INDEX, json.dumps({"graders": index}, indent=2, sort_keys=True)
-                          + "\n")
-    return path
-
-
-def visit_chunks(manifest: pd.DataFrame, size: int) -> list[pd.DataFrame]:
-    """Consecutive runs of about ``size`` rows that never split a visit (the rows of one ``patient_id`` and
-    ``day``), so a grader that fuses a visit's views (IGA) sees all of them in one call."""
-    keys = list(zip(manifest["patient_id"].astype(str), manifest["day"].astype(str)))
-    starts = [0]
-    for i in range(1, len(keys)):
-        if i - starts[-1] >= size and keys[i] != keys[i - 1]:
-            starts.append(i)
-    return [manifest.iloc[a:b] for a, b in zip(starts, [*starts[1:], len(keys)])]
-
-
-def _check_output(grader: Grader, frame: Any, n: int) -> None:
-    if not isinstance(frame, pd.DataFrame) or len(frame) != n:
-        raise GraderError(f"grader '{grader.name}' returned {type(frame).__name__} of length "
-                          f"{len(frame) if hasattr(frame, '__len__') else '?'} for {n} images")
-    missing = [c for c in grader.outcomes if c not in frame.columns]
-    if missing:
-        raise GraderError(f"grader '{grader.name}' did not return its outcome columns {missing}")

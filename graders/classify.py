@@ -35,8 +35,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from graders.base import GraderError, load_into, load_state, read_rgb, save_state
-from synthtrial import rundir
+from synthtrial.util.images import IMAGENET_MEAN, IMAGENET_STD
+from synthtrial.graders.base import GraderError, load_into, load_state, read_rgb, save_state
+from synthtrial.run import rundir
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -93,7 +94,7 @@ class FaceCropper:
 
     def box(self, image: np.ndarray) -> tuple[int, int, int] | None:
         """``(x0, y0, side)`` of the widened square face box (may reach past the image), or None."""
-        from synthtrial.faces import quiet_native_stderr  # MediaPipe's C++ core logs straight to fd 2
+        from synthtrial.face.faces import quiet_native_stderr  # MediaPipe's C++ core logs straight to fd 2
 
         if self._detector is None:
             os.environ.setdefault("GLOG_minloglevel", "2")
@@ -203,7 +204,7 @@ def read_source(path: str | os.PathLike[str], identities: Sequence[str] | None =
             manifest = manifest[manifest["base"].isin(list(identities))].reset_index(drop=True)
         meta = manifest.assign(group=manifest["patient_id"].astype(str))
         return Source([path / rel for rel in meta["image"]], meta.reset_index(drop=True), "run", str(path))
-    from synthtrial import scale
+    from synthtrial.trial import scale
     from synthtrial.data.acne04 import scan_acne04
 
     items = scan_acne04(path, check_images=False)
@@ -288,7 +289,7 @@ def confusion_png(path: Path, result: dict[str, Any], title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from synthtrial.atomic import write_bytes_atomic
+    from synthtrial.util.atomic import write_bytes_atomic
 
     matrix = np.asarray(result["confusion"])
     names = result["classes"]
@@ -431,6 +432,6 @@ def normalize(x: Any) -> Any:
     """ImageNet mean / std normalisation of a [0, 1] batch (kept so a user's ImageNet backbone fits)."""
     import torch
 
-    mean = torch.tensor((0.485, 0.456, 0.406), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor((0.229, 0.224, 0.225), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std

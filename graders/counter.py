@@ -1,6 +1,6 @@
 """The classical lesion counter: the baseline every learned grader must beat. No weights, no training.
 
-On the skin that MediaPipe's face mesh and the face's own skin colour delimit (``synthtrial.faces.
+On the skin that MediaPipe's face mesh and the face's own skin colour delimit (``synthtrial.face.faces.
 skin_regions``), each pixel's CIELAB a* (redness) and L* (lightness) are compared with the local skin
 around it (a normalised Gaussian average over the skin, sigma = ``background_sigma`` x the interocular
 distance). Red excess marks inflamed lesions (papules, pustules, nodules, red closed comedones); a
@@ -24,8 +24,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from graders.base import GraderError, fingerprint_of
-from synthtrial import scale
+from synthtrial.graders.base import GraderError, fingerprint_of
+from synthtrial.trial import scale
 
 OUTPUT_COLUMNS = ("count", "red_count", "dark_count", "level", "severity", "face_found")
 
@@ -57,7 +57,7 @@ class LesionCounter:
 
     def __init__(self, config: CounterConfig | None = None, detector=None) -> None:
         self.config = config if config is not None else CounterConfig()
-        self._detector = detector     # a synthtrial.faces.LandmarkDetector; built on first use when None
+        self._detector = detector     # a synthtrial.face.faces.LandmarkDetector; built on first use when None
 
     @classmethod
     def default(cls, device: str | None = None) -> LesionCounter:
@@ -68,14 +68,14 @@ class LesionCounter:
 
     def _landmarks(self, image: np.ndarray) -> np.ndarray | None:
         if self._detector is None:
-            from synthtrial.faces import LandmarkDetector
+            from synthtrial.face.faces import LandmarkDetector
 
             self._detector = LandmarkDetector()
         return self._detector(image)
 
     def count(self, image: np.ndarray) -> dict[str, float]:
         """The counts of one (H, W, 3) uint8 RGB image, and the peaks found (``peaks``: (N, 2) x, y)."""
-        from synthtrial.faces import skin_regions
+        from synthtrial.face.faces import skin_regions
 
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise GraderError("counter: images must be (H, W, 3) uint8 RGB arrays")
@@ -138,7 +138,7 @@ class LesionCounter:
     def save(self, folder) -> None:
         from pathlib import Path
 
-        from synthtrial.atomic import write_text_atomic
+        from synthtrial.util.atomic import write_text_atomic
 
         write_text_atomic(Path(folder) / "config.json",
                           json.dumps({"grader": self.name, **asdict(self.config)}, indent=2, sort_keys=True) + "\n")
@@ -147,7 +147,7 @@ class LesionCounter:
     def load(cls, folder, device: str | None = None) -> LesionCounter:
         from pathlib import Path
 
-        from synthtrial import rundir
+        from synthtrial.run import rundir
 
         config = rundir.read_json(Path(folder) / "config.json")
         if config.pop("grader", None) != cls.name:

@@ -37,14 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graders.base import GraderError, fingerprint_of, load_into, load_state, resolve_device, save_state
+from synthtrial.graders.base import GraderError, fingerprint_of, load_into, load_state, save_state
+from synthtrial.util.device import resolve_device
+from synthtrial.util.images import IMAGENET_MEAN, IMAGENET_STD
 
 CHARACTERISTICS = ("open_comedo", "closed_comedo", "papule", "pustule", "nodule", "scar", "erythema")
 #: the run's lesion type behind each characteristic
 LESION_TYPE = {c: ("mark" if c == "erythema" else c) for c in CHARACTERISTICS}
 LEVELS = 4
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Training and evaluation of DermX (``graders.dermx``) on synthtrial runs, whose masks are pixel-exact.
+"""Training and evaluation of DermX (``synthtrial.graders.dermx``) on synthtrial runs, whose masks are pixel-exact.
 
 Choices, stated once:
 
@@ -28,11 +28,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from graders.base import WEIGHTS_FILE, GraderError, load_state, read_rgb, resolve_device, save_state
-from graders.dermx import (CHARACTERISTICS, LESION_TYPE, DermX, DermXConfig, DermXNet, dice_loss, fuzzy_f1,
+from synthtrial.graders.base import WEIGHTS_FILE, GraderError, load_state, read_rgb, save_state
+from synthtrial.util.device import resolve_device
+from synthtrial.graders.dermx import (CHARACTERISTICS, LESION_TYPE, DermX, DermXConfig, DermXNet, dice_loss, fuzzy_f1,
                            normalise_maps, to_tensor)
-from graders.detector_train import optimizer_tensors, restore_optimizer
-from synthtrial import rundir
+from synthtrial.graders.detector_train import optimizer_tensors, restore_optimizer
+from synthtrial.run import rundir
 
 CHECKPOINT_DIR = "checkpoint"
 LAMBDA_D, LAMBDA_C, LAMBDA_A = 1.0, 1.0, 10.0

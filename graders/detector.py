@@ -29,7 +29,7 @@ Choices, stated once:
   (``detector_train.masked_crop``).
 * **Counting** (the LDL route): detections above ``count_threshold`` (chosen on the training images to
   minimise the counts' mean absolute error) of the active lesion classes (all but ``scar``) are the lesion count;
-  it gives the ACNE04 / Hayashi level and a 0-3 severity through :mod:`synthtrial.scale`.
+  it gives the ACNE04 / Hayashi level and a 0-3 severity through :mod:`synthtrial.trial.scale`.
 """
 
 from __future__ import annotations
@@ -52,16 +52,16 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, batched_nms
 
-from graders.base import GraderError, fingerprint_of, load_into, load_state, resolve_device, save_state
-from synthtrial import scale
+from synthtrial.graders.base import GraderError, fingerprint_of, load_into, load_state, save_state
+from synthtrial.util.device import resolve_device
+from synthtrial.util.images import IMAGENET_MEAN, IMAGENET_STD
+from synthtrial.trial import scale
 
 #: Detector classes (the issue's six lesion types; post-inflammatory marks are not lesions to find).
 CLASSES = ("open_comedo", "closed_comedo", "papule", "pustule", "nodule", "scar")
 #: Classes that are not counted as active lesions.
 NOT_COUNTED = ("scar",)
 HEADS = ("rpn", "sadh", "sadh_nwd")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Training data, training, evaluation and the RPN ablation of the lesion detector (``graders.detector``).
+"""Training data, training, evaluation and the RPN ablation of the lesion detector (``synthtrial.graders.detector``).
 
 Choices, stated once:
 
@@ -36,10 +36,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from graders.base import CONFIG_FILE, WEIGHTS_FILE, GraderError, load_state, read_rgb, save_state
-from graders.detector import CLASSES, NOT_COUNTED, DetectorConfig, LesionDetector, build_model
-from synthtrial import rundir, scale
-from synthtrial.atomic import write_text_atomic
+from synthtrial.graders.base import CONFIG_FILE, WEIGHTS_FILE, GraderError, load_state, read_rgb, save_state
+from synthtrial.graders.detector import CLASSES, NOT_COUNTED, DetectorConfig, LesionDetector, build_model
+from synthtrial.run import rundir
+from synthtrial.trial import scale
+from synthtrial.util.atomic import write_text_atomic
 
 CHECKPOINT_DIR = "checkpoint"
 ACNE04_CLASSES = ("lesion",)
@@ -184,7 +185,7 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
     Resumes from ``out/checkpoint`` when it holds a checkpoint of the same settings. ``progress(step, status)``
     is called after every step.
     """
-    from graders.base import resolve_device
+    from synthtrial.util.device import resolve_device
 
     dev = resolve_device(device)
     out = Path(out)

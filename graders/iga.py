@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from graders import classify
-from graders.base import GraderError, resolve_device
+from synthtrial.graders import classify
+from synthtrial.graders.base import GraderError
+from synthtrial.util.device import resolve_device
 
 N_GRADES = 5
 GROUPS = ((0, 1), (2,), (3, 4))
@@ -229,7 +230,7 @@ def outputs(log_probs: np.ndarray, visit: np.ndarray, found: np.ndarray) -> pd.D
 
 
 def group_of(grade: np.ndarray) -> np.ndarray:
-    from synthtrial import scale
+    from synthtrial.trial import scale
 
     return np.asarray(scale.iga_group(np.asarray(grade, dtype=np.int64)), dtype=np.int64)
 
@@ -331,7 +332,7 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
 
 def load_backbone(model: Any, path: str | os.PathLike[str]) -> None:
     """Load a user's safetensors weights into a timm backbone (``backbone.*`` keys or bare keys)."""
-    from synthtrial.weights import load_safetensors
+    from synthtrial.util.weights import load_safetensors
 
     path = Path(path)
     if not hasattr(model, "backbone"):

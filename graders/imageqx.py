@@ -39,8 +39,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from graders import classify
-from graders.base import GraderError, read_rgb, resolve_device
+from synthtrial.graders import classify
+from synthtrial.graders.base import GraderError, read_rgb
+from synthtrial.util.device import resolve_device
 
 EXPLANATIONS = ("bad_framing", "bad_light", "blurry", "low_resolution", "too_far")
 EXPLANATION_TEXT = {"bad_framing": "bad framing", "bad_light": "bad light", "blurry": "blurry",
@@ -269,7 +270,7 @@ def check_portraits(paths: Sequence[str | os.PathLike[str]], grader: ImageQX | N
     """``(path, None)`` for each portrait ImageQX accepts, ``(path, one-line reason)`` for each it refuses
     (unreadable files included). ``grader`` defaults to the shipped weights."""
     if grader is None:
-        from graders.base import get_grader
+        from synthtrial.graders.base import get_grader
 
         grader = get_grader("imageqx", device=device)
     results: list[tuple[Path, str | None]] = []

@@ -6,14 +6,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def bases():
-    from synthtrial.faces import load_base_faces
+    from synthtrial.face.faces import load_base_faces
 
     return load_base_faces(None)
 
 
 @pytest.fixture(scope="session")
 def face256(bases):
-    from synthtrial.faces import identity_for, make_face
+    from synthtrial.face.faces import identity_for, make_face
 
     return make_face(bases[0], identity_for(0, bases, seed=0), 256)
 
@@ -54,7 +54,7 @@ def quick_run_256(tmp_path_factory):
     """protocols/quick.csv (3 patients x 16 days) rendered once at 256 px, for the tests that read a run."""
     from pathlib import Path
 
-    from synthtrial.run import generate
+    from synthtrial.run.generation import generate
 
     root = Path(__file__).resolve().parents[1]
     return generate(root / "protocols" / "quick.csv", tmp_path_factory.mktemp("runs") / "quick256", size=256,

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from synthtrial.data.acne04 import Acne04Dataset, Acne04Item, scan_acne04, summarize_acne04
-from synthtrial.errors import SynthtrialError
+from synthtrial.util.errors import SynthtrialError
 
 # name -> (grade, count); counts sit in the right Hayashi level
 LABELS = {"levle0_1.jpg": (0, 2), "levle0_2.jpg": (0, 5), "levle1_1.jpg": (1, 7),

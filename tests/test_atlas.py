@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthtrial.atlas import (ATLAS_DIAMETER_MM, SKINS, STAGES, AtlasError, render_atlas, skin_swatch,
+from synthtrial.render.atlas import (ATLAS_DIAMETER_MM, SKINS, STAGES, AtlasError, render_atlas, skin_swatch,
                               write_atlas)
-from synthtrial.lesions import ACTIVE_TYPES, DIAMETER_MM
+from synthtrial.lesions.course import ACTIVE_TYPES, DIAMETER_MM
 
 MM = 0.16   # a coarse atlas keeps the tests fast (80 px tiles)
 

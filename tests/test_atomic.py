@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from synthtrial.atomic import write_bytes_atomic, write_text_atomic
+from synthtrial.util.atomic import write_bytes_atomic, write_text_atomic
 
 
 def test_writes_whole_file_with_normal_permissions(tmp_path):

@@ -128,7 +128,7 @@ def test_console_script_exit_status_and_stderr(tmp_path):
 
 
 def test_shipped_protocols_are_valid_and_match_their_truth():
-    from synthtrial.protocol import read_protocol
+    from synthtrial.trial.protocol import read_protocol
 
     for name, patients, days in (("trial", 10, 140), ("quick", 3, 16)):
         path = ROOT / "protocols" / f"{name}.csv"
@@ -226,7 +226,7 @@ def test_power_workers_default_to_the_cpus_this_process_may_use(monkeypatch):
     import os
 
     from synthtrial.analyze import power
-    from synthtrial.errors import SynthtrialError
+    from synthtrial.util.errors import SynthtrialError
 
     def report_workers(*args, workers, **kwargs):
         raise SynthtrialError(f"workers={workers}")

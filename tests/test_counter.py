@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from graders.base import GraderError, read_rgb
-from graders.counter import CounterConfig, LesionCounter
-from synthtrial import scale
+from synthtrial.graders.base import GraderError, read_rgb
+from synthtrial.graders.counter import CounterConfig, LesionCounter
+from synthtrial.trial import scale
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_counts_follow_the_lesions_drawn(counted):
 
 def test_more_lesions_more_counted(bases):
     """About thirty papules and pustules of a run's size at 512 px (radius 3 px), drawn well apart."""
-    from synthtrial.faces import identity_for, make_face
+    from synthtrial.face.faces import identity_for, make_face
 
     face512 = make_face(bases[0], identity_for(0, bases, seed=0), 512)
     from synthtrial.render.base import LesionSpec

@@ -155,7 +155,7 @@ def test_lora_finetuning_in_mixed_precision(tiny_sdxl, tmp_path, scene, mixed):
     """finetune() on CUDA: the loss stays finite, the LoRA loads into the renderer and changes its output."""
     from PIL import Image
 
-    from synthtrial.finetune import FinetuneConfig, finetune
+    from synthtrial.render.finetune import FinetuneConfig, finetune
 
     data = tmp_path / "data" / "acne2_x"
     data.mkdir(parents=True)
@@ -186,7 +186,7 @@ def test_accelerate_launch_shards_generate_on_gpus(tiny_sdxl, tmp_path, processe
     pytest.importorskip("mediapipe", reason="generate builds the patients' faces with MediaPipe")
     if torch.cuda.device_count() < processes:
         pytest.skip(f"{processes} processes need {processes} GPUs; this machine has {torch.cuda.device_count()}")
-    from synthtrial.run import generate
+    from synthtrial.run.generation import generate
 
     proto = tmp_path / "p.csv"
     proto.write_text("patient_id,day,treatment,severity\n" + "".join(
@@ -231,7 +231,7 @@ def test_autoencoder_decisions_match_cpu():
 
 def test_graders_give_the_cpu_decisions_on_cuda(request):
     """Every grader that can be built: the same outputs on CUDA as on the CPU (numbers within 1e-3, labels equal)."""
-    from graders.base import available, get_grader
+    from synthtrial.graders.base import available, get_grader
 
     pytest.importorskip("mediapipe", reason="the test face (and the counter's landmarks) need MediaPipe")
     face256 = request.getfixturevalue("face256")

@@ -10,10 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from graders.base import GraderError, get_grader, grade_run
-from graders.dermx import CHARACTERISTICS, DermX, DermXConfig, DermXNet, dice_loss, fuzzy_f1, normalise_maps, to_tensor
-from graders.dermx_train import DermXData, characteristic_masks, evaluate_dermx, fuzzy_targets, train_dermx
-from synthtrial import rundir
+from synthtrial.graders.base import GraderError, get_grader
+from synthtrial.grade import grade_run
+from synthtrial.graders.dermx import CHARACTERISTICS, DermX, DermXConfig, DermXNet, dice_loss, fuzzy_f1, normalise_maps, to_tensor
+from synthtrial.graders.dermx_train import DermXData, characteristic_masks, evaluate_dermx, fuzzy_targets, train_dermx
+from synthtrial.run import rundir
 from synthtrial.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -59,7 +60,7 @@ def test_differentiable_cam_equals_the_grad_cam_package():
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from graders.dermx import _CharacteristicLogits
+    from synthtrial.graders.dermx import _CharacteristicLogits
     with GradCAM(model=_CharacteristicLogits(dermx.net).eval(), target_layers=[dermx.net.cam]) as cam:
         theirs = cam(input_tensor=x.expand(len(CHARACTERISTICS), -1, -1, -1).contiguous(),
                      targets=[ClassifierOutputTarget(k) for k in range(len(CHARACTERISTICS))])
@@ -132,14 +133,14 @@ def test_training_resumes_to_the_same_bytes_and_pickles_are_refused(toy_dermx, t
     torch.save(again.net.state_dict(), tmp_path / "whole" / "model.safetensors")
     with pytest.raises(GraderError, match="pickled"):
         DermX.load(tmp_path / "whole")
-    from graders.detector import LesionDetector
+    from synthtrial.graders.detector import LesionDetector
     with pytest.raises(GraderError, match="grader 'dermx', not 'detector'"):
         LesionDetector.load(folder)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from synthtrial.run import generate
+    from synthtrial.run.generation import generate
 
     folder = tmp_path_factory.mktemp("dermx-run")
     pd.DataFrame({"patient_id": ["B1", "B1", "B2"], "day": [1, 2, 1], "treatment": ["Control"] * 3,

@@ -13,12 +13,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from graders.base import GraderError, get_grader, grade_run
-from graders.detector import (CLASSES, DetectorConfig, LesionDetector, NWDRegionProposalNetwork, SADHHead,
+from synthtrial.graders.base import GraderError, get_grader
+from synthtrial.grade import grade_run
+from synthtrial.graders.detector import (CLASSES, DetectorConfig, LesionDetector, NWDRegionProposalNetwork, SADHHead,
                               build_model, nwd, rectify_scores, sbce, tile_origins, wasserstein2)
-from graders.detector_train import (DetectionData, _batch, calibrate_threshold, evaluate_detector, load_run_data,
+from synthtrial.graders.detector_train import (DetectionData, _batch, calibrate_threshold, evaluate_detector, load_run_data,
                                     masked_crop, mean_lesion_size, train_detector)
-from synthtrial import rundir
+from synthtrial.run import rundir
 from synthtrial.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """Two patients x two days of one portrait at 256 px (acne from mild to severe)."""
-    from synthtrial.run import generate
+    from synthtrial.run.generation import generate
 
     folder = tmp_path_factory.mktemp("detector")
     pd.DataFrame({"patient_id": ["A1", "A1", "A2", "A2"], "day": [1, 2, 1, 2], "treatment": ["Control"] * 4,
@@ -276,7 +277,7 @@ def test_calibrated_threshold_minimises_count_error():
 def test_trains_on_acne04_voc_boxes(tmp_path, tiny_run):
     from test_acne04 import LABELS, _jpeg, _lines, _voc
 
-    from graders.detector_train import load_acne04_data
+    from synthtrial.graders.detector_train import load_acne04_data
 
     root = tmp_path / "ACNE04"
     for k, name in enumerate(LABELS):

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from synthtrial.errors import SynthtrialError  # noqa: E402
+from synthtrial.util.errors import SynthtrialError  # noqa: E402
 from synthtrial.render.diffusion import (  # noqa: E402
     DiffusionConfig,
     DiffusionRenderer,

@@ -20,7 +20,7 @@ from synthtrial.analyze.embed import (
     save_model,
     train_autoencoder,
 )
-from synthtrial.errors import SynthtrialError
+from synthtrial.util.errors import SynthtrialError
 
 SIZE = 32
 FAST = dict(image_size=SIZE, epochs=5, batch_size=16, lr=2e-3)

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from synthtrial.errors import SynthtrialError
-from synthtrial.export import CATEGORIES, EXPORT_FORMATS, FORMAT_HELP, METADATA_COLUMNS, acne04_folds, export_run
+from synthtrial.util.errors import SynthtrialError
+from synthtrial.run.export import CATEGORIES, EXPORT_FORMATS, FORMAT_HELP, METADATA_COLUMNS, acne04_folds, export_run
 
 PATIENTS = ("P01", "P02", "P03")
 DAYS = (1, 2)

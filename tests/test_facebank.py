@@ -11,8 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from synthtrial.errors import SynthtrialError  # noqa: E402
-from synthtrial.facebank import COLUMNS, SKIN_WORDS, face_prompt, generate_face_bank  # noqa: E402
+from synthtrial.util.errors import SynthtrialError  # noqa: E402
+from synthtrial.render.facebank import COLUMNS, SKIN_WORDS, face_prompt, generate_face_bank  # noqa: E402
 
 
 
@@ -61,7 +61,7 @@ def test_prompts_are_deterministic_and_diverse():
 
 
 def test_only_frontal_faces_are_kept(tmp_path, astronaut):
-    from synthtrial.faces import load_base_faces
+    from synthtrial.face.faces import load_base_faces
 
     fake = FakeSource(astronaut)
     seen = []

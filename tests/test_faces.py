@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthtrial.faces import (ADULT_IPD_MM, BUILTIN_FACES, REGIONS, FaceError, Identity, face_files,
+from synthtrial.face.faces import (ADULT_IPD_MM, BUILTIN_FACES, REGIONS, FaceError, Identity, face_files,
                               face_from_request, identity_for, load_base_faces, make_face, mesh_triangles)
 
 LEFT_EYE = [33, 133, 159, 145]   # landmarks on the eyes and lips must never be skin
@@ -137,7 +137,7 @@ def test_head_turn_moves_pixels_with_their_landmarks(face256):
     the frontal photo ends up within 2 px of the anchor's position in the turned view."""
     import cv2
 
-    from synthtrial.headturn import head_turn
+    from synthtrial.face.headturn import head_turn
 
     rng = np.random.default_rng(1)
     cheeks = face256.regions["left_cheek"] | face256.regions["right_cheek"] | face256.regions["forehead"]

@@ -11,8 +11,8 @@ import pytest
 
 import torch
 
-from synthtrial.errors import SynthtrialError  # noqa: E402
-from synthtrial.finetune import FinetuneConfig, finetune, training_examples, validate_config  # noqa: E402
+from synthtrial.util.errors import SynthtrialError  # noqa: E402
+from synthtrial.render.finetune import FinetuneConfig, finetune, training_examples, validate_config  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from synthtrial.errors import SynthtrialError
+from synthtrial.util.errors import SynthtrialError
 
-from graders.base import (GraderError, fingerprint_of, get_grader, grade_run, load_into, load_state,
-                          resolve_device, save_state)
+from synthtrial.graders.base import GraderError, fingerprint_of, get_grader, load_into, load_state, save_state
+from synthtrial.util.device import DeviceError, resolve_device
+from synthtrial.grade import grade_run
 
 
 class Mean:
@@ -95,10 +96,10 @@ def test_registry_and_devices():
     with pytest.raises(GraderError, match="unknown grader 'nope'"):
         get_grader("nope")
     assert resolve_device("cpu").type == "cpu"
-    with pytest.raises(GraderError, match="not a torch device"):
+    with pytest.raises(DeviceError, match="not a torch device"):
         resolve_device("bogus")
     if not torch.cuda.is_available():
-        with pytest.raises(GraderError, match="CUDA is not available"):
+        with pytest.raises(DeviceError, match="CUDA is not available"):
             resolve_device("cuda")
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from synthtrial.grids import TRIPLET_THUMB, VIEW_ORDER, write_grids
+from synthtrial.run.grids import TRIPLET_THUMB, VIEW_ORDER, write_grids
 
 
 def _fake_run(tmp_path, views):

@@ -11,9 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from graders import classify, iga
-from graders.base import GraderError, get_grader, grade_run, read_rgb
-from synthtrial.errors import SynthtrialError
+from synthtrial.graders import classify, iga
+from synthtrial.graders.base import GraderError, get_grader, read_rgb
+from synthtrial.grade import grade_run
+from synthtrial.util.errors import SynthtrialError
 from synthtrial.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -23,7 +24,7 @@ TINY = iga.IGAConfig(depth=8, width=8, image_size=48, stem_stride=1, dropout=0.0
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """2 patients (astronaut, hopper) x 3 days x 3 views at 128 px, severities spread over the IGA grades."""
-    from synthtrial.run import generate
+    from synthtrial.run.generation import generate
 
     folder = tmp_path_factory.mktemp("iga")
     rows = ["patient_id,day,treatment,severity,view"]
@@ -147,7 +148,7 @@ def test_identity_filter_and_acne04_labels(tiny_run, tmp_path):
 
 def test_grade_resumes_and_analyze_takes_the_expected_grade(trained, tmp_path):
     from synthtrial.analyze.pipeline import AnalysisSettings, analyze_run
-    from synthtrial.run import generate
+    from synthtrial.run.generation import generate
 
     grader, _ = trained
     run = generate(Path(__file__).resolve().parents[1] / "protocols" / "quick.csv", tmp_path / "quick", seed=0,

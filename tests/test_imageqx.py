@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from graders import classify, imageqx
-from graders.base import GraderError, get_grader, grade_run, read_rgb
-from synthtrial.errors import SynthtrialError
+from synthtrial.graders import classify, imageqx
+from synthtrial.graders.base import GraderError, get_grader, read_rgb
+from synthtrial.grade import grade_run
+from synthtrial.util.errors import SynthtrialError
 from synthtrial.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,7 +26,7 @@ SETTINGS = imageqx.TrainSettings(epochs=6, batch_size=12, lr=3e-3, lr_final=1e-3
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from synthtrial.run import generate
+    from synthtrial.run.generation import generate
 
     folder = tmp_path_factory.mktemp("qx")
     rows = ["patient_id,day,treatment,severity"] + [f"P{p},{d},Control,1.0" for p in (1, 2) for d in range(1, 7)]

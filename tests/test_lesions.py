@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from synthtrial import scale
-from synthtrial.lesions import ACTIVE_TYPES, LesionCourse
+from synthtrial.trial import scale
+from synthtrial.lesions.course import ACTIVE_TYPES, LesionCourse
 
 
 def severity_wave(days):
@@ -104,7 +104,7 @@ def test_improvement_resolves_lesions_into_marks(face256):
 
 
 def test_diameters_stay_in_their_stated_ranges(course):
-    from synthtrial.lesions import DIAMETER_RANGE_MM, drawn_radius, radius_iod
+    from synthtrial.lesions.course import DIAMETER_RANGE_MM, drawn_radius, radius_iod
 
     seen = set()
     for day in range(1, 61):
@@ -122,7 +122,7 @@ def test_diameters_stay_in_their_stated_ranges(course):
 
 def test_new_lesions_cluster_near_standing_ones(face256):
     """With clustering, nearest-neighbour distances are shorter than for lesions placed independently."""
-    import synthtrial.lesions as lesions_mod
+    import synthtrial.lesions.course as lesions_mod
 
     days = np.arange(1, 41)
     sev = np.full(40, 1.2)

@@ -12,8 +12,8 @@ from synthtrial.analyze import mixed as M
 from synthtrial.analyze.nof1 import Kinetics
 from synthtrial.analyze.power import replicate_outcomes, with_effects
 from synthtrial.analyze.stats import analyze_outcome
-from synthtrial.seeding import derive_seed
-from synthtrial.simulate import PRESETS, simulate_trial
+from synthtrial.util.seeding import derive_seed
+from synthtrial.trial.simulate import PRESETS, simulate_trial
 
 
 def _unbalanced(seed=1, intercept_sd=0.7):

@@ -9,7 +9,7 @@ import pytest
 import statsmodels.api as sm
 
 from synthtrial.analyze import nof1
-from synthtrial.simulate import TrialDesign, exposure
+from synthtrial.trial.simulate import TrialDesign, exposure
 
 
 def _schedule(arms, period, washout=0):

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 from synthtrial.analyze.pipeline import EFFECT_COLUMNS, AnalysisSettings, analyze_run, image_outcomes
-from synthtrial.errors import SynthtrialError
-from synthtrial.run import generate
-from synthtrial.rundir import read_run
-from synthtrial.simulate import SeverityModel, TrialDesign, simulate_trial
+from synthtrial.util.errors import SynthtrialError
+from synthtrial.run.generation import generate
+from synthtrial.run.rundir import read_run
+from synthtrial.trial.simulate import SeverityModel, TrialDesign, simulate_trial
 
 
 @pytest.fixture(scope="module")

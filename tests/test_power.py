@@ -8,8 +8,8 @@ import pytest
 
 from synthtrial.analyze.power import (StudySettings, design_from_file, power_study, replicate_outcomes, scenario_grid,
                                       summarize_power, with_effects)
-from synthtrial.errors import SynthtrialError
-from synthtrial.simulate import PRESETS, SeverityModel, TrialDesign, simulate_trial
+from synthtrial.util.errors import SynthtrialError
+from synthtrial.trial.simulate import PRESETS, SeverityModel, TrialDesign, simulate_trial
 
 SMALL = TrialDesign(design="abab", arms=("Control", "Cream"), n_patients=5, blocks=4, period_days=5)
 NOISY = SeverityModel(effects={"Cream": -0.3}, effect_sd=0.0, baseline_mean=1.8, baseline_sd=0.3, baseline_min=1.0,
@@ -87,7 +87,7 @@ def test_same_numbers_with_one_and_two_dask_workers_and_after_resuming(tmp_path)
 def test_replicate_outcomes_are_the_lesion_model_counts():
     trial = simulate_trial(*PRESETS["quick"], seed=0)
     data = replicate_outcomes(trial.protocol)
-    from synthtrial import scale
+    from synthtrial.trial import scale
 
     counts = np.rint(scale.expected_lesion_count(data["oracle"].to_numpy()))
     np.testing.assert_allclose(scale.expected_lesion_count(data["lesion_severity"].to_numpy()), counts, atol=1e-9)

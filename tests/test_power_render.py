@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from synthtrial.analyze.power import StudySettings, power_study, scenario_grid, scenario_key
 from synthtrial.analyze.power_render import RenderedSettings, render_trial, rendered_outcome_names
 from synthtrial.cli import app
-from synthtrial.errors import SynthtrialError
-from synthtrial.simulate import PRESETS, simulate_trial
+from synthtrial.util.errors import SynthtrialError
+from synthtrial.trial.simulate import PRESETS, simulate_trial
 
 # the quick design cut to 2 patients x 8 days (16 images of 128 px per rendered trial)
 TINY = dataclasses.replace(PRESETS["quick"][0], n_patients=2, blocks=2)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage import color, data
 
-from synthtrial.render import (
+from synthtrial.render.procedural import (
     LESION_TYPES,
     LesionSpec,
     PhotoStats,

@@ -1,7 +1,7 @@
 """The shared progress bar: drawn on stderr with its status on a terminal, silent when disabled or piped,
 stdout left alone."""
 
-from synthtrial.progress import progress_bar
+from synthtrial.util.progress import progress_bar
 
 
 def test_bar_goes_to_stderr_with_status(capsys, monkeypatch):

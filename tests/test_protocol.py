@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from synthtrial.errors import ProtocolError
-from synthtrial.protocol import (COLUMNS, parse_protocol, read_protocol, summarize, to_csv_text,
+from synthtrial.util.errors import ProtocolError
+from synthtrial.trial.protocol import (COLUMNS, parse_protocol, read_protocol, summarize, to_csv_text,
                                  write_protocol)
 
 # The anchor generator's own layout (synthetic_acne_images inference/sim_acne.csv): an unnamed pandas

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from synthtrial import scale
-from synthtrial.errors import SynthtrialError
-from synthtrial.run import generate, image_stem
-from synthtrial.rundir import read_run
+from synthtrial.trial import scale
+from synthtrial.util.errors import SynthtrialError
+from synthtrial.run.generation import generate, image_stem
+from synthtrial.run.rundir import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("patient_id,day,date,block,treatment,severity,view\n"
@@ -90,7 +90,7 @@ def test_manifest_and_lesions_agree(quick_run):
 
 
 def test_boxes_inside_image_and_on_skin_masks(quick_run):
-    from synthtrial.faces import identity_for, load_base_faces, make_face
+    from synthtrial.face.faces import identity_for, load_base_faces, make_face
 
     manifest, lesions = read_run(quick_run)
     assert (lesions[["x0", "y0"]] >= 0).all().all()
@@ -123,7 +123,7 @@ def test_lesions_keep_id_and_position_across_days(quick_run):
 
 
 def test_image_changes_where_lesions_are(quick_run):
-    from synthtrial.faces import Identity, load_base_faces, make_face
+    from synthtrial.face.faces import Identity, load_base_faces, make_face
 
     manifest, _ = read_run(quick_run)
     bases = load_base_faces(None)
@@ -303,7 +303,7 @@ def test_deleted_and_corrupted_files_heal_to_the_same_bytes(tiny, tmp_path):
 
 
 def test_a_second_writer_is_refused(tiny, tmp_path):
-    from synthtrial import rundir
+    from synthtrial.run import rundir
 
     run = tmp_path / "run"
     with rundir.locked(run):
@@ -328,7 +328,7 @@ def test_two_processes_on_one_new_run_do_not_mix(tmp_path):
     assert "another synthtrial process is writing" in refused or "other settings" in refused
     winner = (7, 8)[[code for code, _ in results].index(0)]
     assert json.loads((out / "config.json").read_text())["settings"]["seed"] == winner
-    from synthtrial.rundir import verify
+    from synthtrial.run.rundir import verify
 
     assert verify(out) == []
 
@@ -437,7 +437,7 @@ def test_quality_filter_records_imagesqx_verdicts(tiny, tmp_path):
 
 
 def test_reject_draws_again_with_the_next_seed(tiny, tmp_path, monkeypatch):
-    import synthtrial.run as run_module
+    import synthtrial.run.generation as run_module
 
     monkeypatch.setitem(run_module._QUALITY, "imageqx", FakeQuality(cut=1e9))  # rejects everything
     run = generate(tiny, tmp_path / "run", size=160, progress=False, quality_filter=True, reject=True)
@@ -451,7 +451,7 @@ def test_reject_draws_again_with_the_next_seed(tiny, tmp_path, monkeypatch):
 
 
 def test_refused_portraits_are_left_out(tmp_path, monkeypatch, bases):
-    import synthtrial.run as run_module
+    import synthtrial.run.generation as run_module
     from PIL import Image
 
     faces = tmp_path / "faces"

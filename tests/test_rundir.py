@@ -5,8 +5,8 @@ import shutil
 import pandas as pd
 import pytest
 
-from synthtrial import rundir
-from synthtrial.rundir import RunError
+from synthtrial.run import rundir
+from synthtrial.run.rundir import RunError
 
 
 @pytest.fixture()

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from synthtrial import scale
+from synthtrial.trial import scale
 
 
 def test_count_knots_are_exact():

@@ -3,12 +3,12 @@
 import subprocess
 import sys
 
-from synthtrial.seeding import derive_seed, derived_rng
+from synthtrial.util.seeding import derive_seed, derived_rng
 
 
 def test_stable_across_processes():
     here = derive_seed("render", 0, "P01", 3, "frontal")
-    there = subprocess.run([sys.executable, "-c", "from synthtrial.seeding import derive_seed;"
+    there = subprocess.run([sys.executable, "-c", "from synthtrial.util.seeding import derive_seed;"
                             "print(derive_seed('render', 0, 'P01', 3, 'frontal'))"],
                            capture_output=True, text=True, check=True).stdout.strip()
     assert str(here) == there

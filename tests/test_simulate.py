@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from synthtrial.protocol import read_protocol
-from synthtrial.simulate import (PRESETS, DesignError, SeverityModel, TrialDesign, design_schedule, exposure,
+from synthtrial.trial.protocol import read_protocol
+from synthtrial.trial.simulate import (PRESETS, DesignError, SeverityModel, TrialDesign, design_schedule, exposure,
                                  simulate_severity, simulate_trial, truth_path_for, treatment_calendar)
 
 

@@ -16,7 +16,7 @@ from statsmodels.regression.mixed_linear_model import MixedLM
 
 from synthtrial.analyze import stats as S
 from synthtrial.analyze.nof1 import Kinetics
-from synthtrial.errors import SynthtrialError
+from synthtrial.util.errors import SynthtrialError
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # no silent division by zero or overflow

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from synthtrial.cli import app
-from synthtrial.weights import WeightsError, check_model_folder, load_safetensors, resolve_model
+from synthtrial.util.weights import WeightsError, check_model_folder, load_safetensors, resolve_model
 
 
 def test_safetensors_loads_and_pickles_are_refused(tmp_path):

@@ -1,1 +1,5 @@
-"""Effect estimation for simulated N-of-1 trials, set beside the simulated truth."""
+"""The analysis stage: a graded run directory in, treatment effects set beside the simulated truth out.
+
+In: ``RUN/`` (manifest, truth, grades) or simulated trials (``power``). Out: ``RUN/analysis/`` (outcomes,
+effects.csv, report.html) and power tables. Owns: the estimator registry and the ``Estimate`` record.
+"""

@@ -47,8 +47,8 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from synthtrial.atomic import write_bytes_atomic, write_text_atomic
-from synthtrial.errors import SynthtrialError
+from synthtrial.util.atomic import write_bytes_atomic, write_text_atomic
+from synthtrial.util.errors import SynthtrialError
 
 __all__ = [
     "AutoencoderConfig",

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from synthtrial.errors import SynthtrialError
+from synthtrial.util.errors import SynthtrialError
 
 _NAN = float("nan")
 _MAX_SHOWN = 12

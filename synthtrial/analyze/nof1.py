@@ -22,7 +22,7 @@ days, kinetics included, which is what ``truth.json``'s ``delivered_effects`` ho
   (an order and its mirror image give the same |statistic|): randomised pairs need at least 6 pairs
   (64 orders) before anything can be rejected at alpha 0.05, and an ABAB series (2 orders) never can.
 * ``gls_kinetics`` — **GLS with AR(1) errors where the treatment enters through its exposure**: each arm's
-  first-order exposure curve (:func:`synthtrial.simulate.exposure`, computed over the patient's calendar)
+  first-order exposure curve (:func:`synthtrial.trial.simulate.exposure`, computed over the patient's calendar)
   is the regressor, so a wash-in ramp is a mean shift, not autocorrelation. The steady-state effects are
   turned into the delivered contrast (a linear combination; SE by the delta rule, exact here). ``phi`` by
   REML; t with Satterthwaite df that account for the uncertainty of (phi, sigma^2) (:func:`satterthwaite_df`;
@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from synthtrial.analyze.estimate import t_quantile, t_two_sided_p
-from synthtrial.errors import SynthtrialError
+from synthtrial.util.errors import SynthtrialError
 
 #: Half-lives (days) tried when the kinetics are not given.
 HALF_LIFE_GRID = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
@@ -339,7 +339,7 @@ def period_level(table: pd.DataFrame, reference: str, arms: Sequence[str], *, tr
 # ------------------------------------------------------------------------------------- randomisation
 
 def design_orders(design) -> list[tuple[str, ...]] | None:
-    """Every period order a :class:`~synthtrial.simulate.TrialDesign` could assign (None if fixed)."""
+    """Every period order a :class:`~synthtrial.trial.simulate.TrialDesign` could assign (None if fixed)."""
     if not design.randomize:
         return None
     ref, active = design.arms[0], list(design.arms[1:])
@@ -406,7 +406,7 @@ def exposures(days: np.ndarray, treatments: np.ndarray, arms: Sequence[str], kin
 
     As in the simulator, a day the schedule skips continues the previous day's treatment.
     """
-    from synthtrial.simulate import exposure, treatment_calendar
+    from synthtrial.trial.simulate import exposure, treatment_calendar
 
     grid, on_day = treatment_calendar(days, np.asarray(treatments).astype(str))
     index = np.asarray(days).astype(np.int64) - grid[0]

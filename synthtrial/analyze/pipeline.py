@@ -38,12 +38,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from synthtrial import scale
-from synthtrial.atomic import write_bytes_atomic, write_text_atomic
-from synthtrial.errors import SynthtrialError
-from synthtrial.progress import progress_bar
-from synthtrial import rundir
-from synthtrial.rundir import read_run
+from synthtrial.trial import scale
+from synthtrial.util.atomic import write_bytes_atomic, write_text_atomic
+from synthtrial.util.errors import SynthtrialError
+from synthtrial.util.progress import progress_bar
+from synthtrial.run import rundir
+from synthtrial.run.rundir import read_run
 from synthtrial.analyze.stats import GRADER_OUTCOME_PREFIX
 
 #: Outcomes whose effects are on the latent severity scale, where the truth applies directly.
@@ -220,7 +220,7 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
     settings = settings or AnalysisSettings()
     settings.validate()
     if settings.autoencoder and device is not None:
-        from graders.base import resolve_device
+        from synthtrial.util.device import resolve_device
 
         device = str(resolve_device(device))  # a bogus or absent device fails here, before anything is written
     run_dir = Path(run_dir)
@@ -281,7 +281,7 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
 
 def _design_of(truth: dict | None):
     """The simulated design in a truth file, or None (a user's protocol, or a truth without one)."""
-    from synthtrial.simulate import TrialDesign
+    from synthtrial.trial.simulate import TrialDesign
 
     spec = (truth or {}).get("design")
     if not isinstance(spec, dict):

@@ -42,11 +42,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from synthtrial import scale
+from synthtrial.trial import scale
 from synthtrial.analyze.power_render import RenderedSettings
-from synthtrial.errors import SynthtrialError
-from synthtrial.seeding import derive_seed
-from synthtrial.simulate import SeverityModel, TrialDesign, simulate_trial
+from synthtrial.util.errors import SynthtrialError
+from synthtrial.util.seeding import derive_seed
+from synthtrial.trial.simulate import SeverityModel, TrialDesign, simulate_trial
 
 POWER_OUTCOMES = ("oracle", "lesion_severity")
 DEFAULT_METHODS = ("period", "randomization", "gls_kinetics", "lmm", "lmm_cr1", "welch", "gls_ar1", "hac")
@@ -220,7 +220,7 @@ def _read_cached(path: Path) -> pd.DataFrame:
 
 
 def _write_cached(path: Path, frame: pd.DataFrame) -> None:
-    from synthtrial.atomic import write_bytes_atomic
+    from synthtrial.util.atomic import write_bytes_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()

@@ -6,8 +6,8 @@ first ``replicates`` trials of every scenario are also rendered and scored, thro
 a user runs:
 
 1. the simulated protocol and its truth are written to a temporary folder and rendered by
-   :func:`synthtrial.run.generate` (procedural backend, built-in faces, ``image_size`` pixels, one process);
-2. :func:`graders.base.grade_run` scores every image with each of ``graders`` (their shipped defaults);
+   :func:`synthtrial.run.generation.generate` (procedural backend, built-in faces, ``image_size`` pixels, one process);
+2. :func:`synthtrial.grade.grade_run` scores every image with each of ``graders`` (their shipped defaults);
 3. :func:`synthtrial.analyze.pipeline.autoencoder_outcome` trains the convolutional autoencoder on the trial's
    images (``ae_image_size`` pixels, ``epochs``, the default pre-sigmoid embedding) and reduces each
    patient's embeddings to the first principal component (``ae_pca``, in that patient's SD units);
@@ -48,11 +48,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from synthtrial.errors import SynthtrialError
-from synthtrial.seeding import derive_seed
+from synthtrial.util.errors import SynthtrialError
+from synthtrial.util.seeding import derive_seed
 
 if TYPE_CHECKING:
-    from synthtrial.simulate import SimulatedTrial
+    from synthtrial.trial.simulate import SimulatedTrial
 
 #: The autoencoder outcome's column (as ``synthtrial analyze`` names it).
 AE_OUTCOME = "ae_pca"
@@ -106,7 +106,7 @@ def is_image_outcome(name: str) -> bool:
 def grader_outcomes(name: str) -> tuple[str, ...]:
     """The outcome columns a registered grader adds (``grader_<name>_<column>``); a one-line error naming
     ``--grader`` for an unknown grader, one without shipped weights, or one that grades no outcome."""
-    from graders.base import REGISTRY, available
+    from synthtrial.graders.base import REGISTRY, available
 
     if name not in REGISTRY:
         raise SynthtrialError(f"--grader: unknown grader '{name}'; choose from {', '.join(REGISTRY)}")
@@ -123,7 +123,7 @@ def grader_outcomes(name: str) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=None)
 def _cpu_grader(name: str):
-    from graders.base import get_grader
+    from synthtrial.graders.base import get_grader
 
     return get_grader(name, device="cpu")
 
@@ -141,10 +141,10 @@ def render_trial(trial: SimulatedTrial, settings: RenderedSettings, seed: int) -
     """
     import torch
 
-    from graders.base import grade_run
+    from synthtrial.grade import grade_run
     from synthtrial.analyze.pipeline import AnalysisSettings, Timings, autoencoder_outcome, daily, image_outcomes
-    from synthtrial.rundir import read_run
-    from synthtrial.run import generate
+    from synthtrial.run.rundir import read_run
+    from synthtrial.run.generation import generate
 
     columns = list(rendered_outcome_names(settings))
     analysis = AnalysisSettings(epochs=settings.epochs, image_size=settings.ae_image_size,

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from synthtrial.analyze.power_render import is_image_outcome
-from synthtrial.atomic import write_text_atomic
+from synthtrial.util.atomic import write_text_atomic
 
 _COLUMNS = ["scenario", "outcome", "method", "role", "level", "arm", "population_effect", "rejection_rate", "mc_se",
             "tests", "no_p", "bias", "coverage", "share", "std_coverage"]

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from synthtrial import rundir
-from synthtrial.atomic import write_text_atomic
+from synthtrial.run import rundir
+from synthtrial.util.atomic import write_text_atomic
 
 PALETTE = ("#bdbdbd", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 OUTCOME_LABELS = {

@@ -50,8 +50,8 @@ from synthtrial.analyze.estimate import (_NAN, Estimate, _arms_in, _check_alpha,
                                          _join, _missing, _show, _term, _working_frame, t_quantile, t_two_sided_p)
 from synthtrial.analyze.mixed import (CR1, CR2, _fit_mixed, _slopes_problem, mixed_model,  # noqa: F401
                                       mixed_model_both)
-from synthtrial.errors import SynthtrialError
-from synthtrial.seeding import derive_seed
+from synthtrial.util.errors import SynthtrialError
+from synthtrial.util.seeding import derive_seed
 
 #: Methods :func:`analyze_outcome` knows, in its default order, and what each may be used for.
 ROLES = {"period": "inferential", "randomization": "inferential", "gls_kinetics": "inferential",
@@ -283,7 +283,7 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
     Rows with a missing outcome are dropped first (the note says how many). Per-patient methods run for
     each patient that has both the arm and the reference; ``lmm``/``lmm_cr1`` run once over all patients
     (scope ``"pooled"``, one fit for both). ``trend`` adds a linear day term everywhere; ``random_slopes``
-    gives the mixed model random treatment slopes. ``design`` (a :class:`~synthtrial.simulate.TrialDesign`)
+    gives the mixed model random treatment slopes. ``design`` (a :class:`~synthtrial.trial.simulate.TrialDesign`)
     gives ``randomization`` its scheme; ``kinetics`` gives ``gls_kinetics`` its half-lives (else they are
     profiled). ``n`` is the number of rows the estimate used (periods for ``period``/``randomization``).
     """

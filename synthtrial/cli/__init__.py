@@ -1,5 +1,8 @@
 """The ``synthtrial`` command line: a thin layer over the library, one module per command group.
 
+In: arguments and options. Out: the library's results, written where the user said; exit status 0, 1 or 2.
+Owns: option names and their help (declared once in ``common``), and the one-line error convention.
+
 Bad input ends with one line on stderr (``synthtrial: error: FILE: row N, column 'C': ...``) and exit
 status 2; nothing is half-written. Every command is a library function first.
 """

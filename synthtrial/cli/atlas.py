@@ -23,7 +23,7 @@ def atlas_command(
 
     The lesions are drawn by the same renderer and settings as [bold]generate[/], at a typical diameter of each type from the lesion model's ranges (comedones 1-3 mm, papules and pustules 2-5 mm, nodules 5-10 mm). The skin is a synthetic swatch per skin type, so the atlas shows lesions, not patients.
     """
-    from synthtrial.atlas import write_atlas
+    from synthtrial.render.atlas import write_atlas
 
     atlas = write_atlas(out_file, seed=seed, mm_per_px=mm_per_px)
     h, w = atlas.image.shape[:2]

@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 from synthtrial import __version__
-from synthtrial.errors import SynthtrialError, one_line
+from synthtrial.util.errors import SynthtrialError, one_line
 
 EXIT_BAD_INPUT = 2
 

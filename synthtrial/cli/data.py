@@ -10,8 +10,8 @@ from rich import box
 from rich.table import Table
 
 from synthtrial.cli.common import app, data_app, faces_app, handles_errors, out
-from synthtrial.errors import SynthtrialError
-from synthtrial.progress import progress_bar
+from synthtrial.util.errors import SynthtrialError
+from synthtrial.util.progress import progress_bar
 
 
 @data_app.command("check")
@@ -73,7 +73,7 @@ def finetune_command(
 
     Writes pytorch_lora_weights.safetensors for [bold]synthtrial generate --lora[/]. Checkpoints are safetensors + JSON; re-running the same command resumes from the latest one.
     """
-    from synthtrial.finetune import FinetuneConfig, finetune
+    from synthtrial.render.finetune import FinetuneConfig, finetune
 
     if level != "all" and level not in ("0", "1", "2", "3"):
         raise SynthtrialError(f"--level must be 0, 1, 2, 3 or all, got '{level}'")
@@ -106,7 +106,7 @@ def faces_generate(
 
     The folder it writes is what [bold]synthtrial generate --faces[/] takes: a distinct identity for every patient.
     """
-    from synthtrial.facebank import generate_face_bank
+    from synthtrial.render.facebank import generate_face_bank
 
     with progress_bar("portraits", max_tries or 4 * n, unit="tries") as update:
         table = generate_face_bank(n, model, out_dir, seed=seed, size=size, steps=steps, guidance=guidance,

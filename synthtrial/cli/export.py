@@ -39,7 +39,7 @@ def export_command(
 
     Every image is checked against the manifest's sha256 first. --out may not lie inside the run directory (except under RUN/exports/); an existing COCO file is replaced only with --force.
     """
-    from synthtrial.export import export_run
+    from synthtrial.run.export import export_run
 
     path = export_run(run, fmt.value, out_dir, folds=folds, seed=seed, force=force, link=link, progress=not quiet)
     out.print(f"[green]wrote[/green] {path}")

@@ -81,7 +81,7 @@ def generate_command(
 
     Writes images/, masks/ (16-bit instance maps), manifest.parquet (+ .csv), lesions.parquet, config.json, truth.json and grids/ (a contact sheet per patient). Re-run the same command to resume an interrupted run: the result is byte-identical to an uninterrupted one.
     """
-    from synthtrial.run import generate
+    from synthtrial.run.generation import generate
 
     diffusion = {k: v for k, v in {
         "model": model, "lora": None if lora is None else str(lora), "num_inference_steps": steps,
@@ -93,7 +93,7 @@ def generate_command(
                        workers=workers, progress=not quiet, backend=backend.value, diffusion=diffusion or None,
                        quality_filter=quality_filter, reject=reject, yaw_deg=yaw)
     if quality_filter and faces is not None:
-        from synthtrial.rundir import read_config
+        from synthtrial.run.rundir import read_config
 
         for item in read_config(run_dir)["faces"].get("refused", []):
             err.print(f"synthtrial: portrait {faces / item['file']} left out: {item['reason']}", markup=False)

@@ -10,7 +10,7 @@ from rich import box
 from rich.table import Table
 
 from synthtrial.cli.common import RunDir, app, graders_app, handles_errors, out
-from synthtrial.progress import progress_bar
+from synthtrial.util.progress import progress_bar
 
 
 @app.command("grade")
@@ -33,7 +33,8 @@ def grade_command(
 
     Interrupted? Run the same command again: finished chunks are kept. Grades of other graders already in the file are kept.
     """
-    from graders.base import GraderError, available, get_grader, grade_run
+    from synthtrial.graders.base import GraderError, available, get_grader
+    from synthtrial.grade import grade_run
 
     names = [n.strip() for n in graders.split(",") if n.strip()] if graders else available()
     chosen: dict[str, str] = {}
@@ -57,7 +58,7 @@ def grade_command(
 @handles_errors
 def graders_list() -> None:
     """List the graders, what each reports, and whether its weights are here."""
-    from graders.base import DEFAULT_WEIGHTS_DIR, REGISTRY, WEIGHTS_FILE
+    from synthtrial.graders.base import DEFAULT_WEIGHTS_DIR, REGISTRY, WEIGHTS_FILE
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("grader", "weights", "what it reports"):

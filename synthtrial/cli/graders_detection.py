@@ -11,7 +11,7 @@ from rich import box
 from rich.table import Table
 
 from synthtrial.cli.common import RunDir, graders_app, graders_eval_app, graders_train_app, handles_errors, out
-from synthtrial.progress import progress_bar
+from synthtrial.util.progress import progress_bar
 
 Device = Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if available, else cpu).",
                                                show_default=False)]
@@ -31,7 +31,7 @@ def _fmt(value: float) -> str:
 
 
 def _weights(name: str, weights: Optional[Path]) -> Path:
-    from graders.base import DEFAULT_WEIGHTS_DIR, WEIGHTS_FILE, GraderError
+    from synthtrial.graders.base import DEFAULT_WEIGHTS_DIR, WEIGHTS_FILE, GraderError
 
     folder = weights if weights is not None else DEFAULT_WEIGHTS_DIR / name
     if weights is None and not (folder / WEIGHTS_FILE).is_file():
@@ -68,9 +68,9 @@ def train_detector_command(
 
     On ACNE04 (one class, 'lesion'): synthtrial graders train detector --acne04 ACNE04/ --image-side 1024 --out det
     """
-    from graders.base import GraderError
-    from graders.detector import HEADS
-    from graders.detector_train import load_acne04_data, load_run_data, train_detector
+    from synthtrial.graders.base import GraderError
+    from synthtrial.graders.detector import HEADS
+    from synthtrial.graders.detector_train import load_acne04_data, load_run_data, train_detector
 
     if head not in HEADS:
         raise GraderError(f"--head '{head}' must be one of {', '.join(HEADS)}")
@@ -108,8 +108,8 @@ def train_dermx_command(
     """
     import math
 
-    from graders.base import GraderError
-    from graders.dermx_train import load_dermx_data, train_dermx
+    from synthtrial.graders.base import GraderError
+    from synthtrial.graders.dermx_train import load_dermx_data, train_dermx
 
     if not runs:
         raise GraderError("give at least one run directory to train on")
@@ -147,9 +147,9 @@ def eval_detector_command(
     quiet: Quiet = False,
 ) -> None:
     """COCO AP, AP50, AP_small, AR (pycocotools), counting MAE / RMSE and Hayashi-level accuracy on a run."""
-    from graders.detector import LesionDetector
-    from graders.detector_train import evaluate_detector, write_metrics
-    from synthtrial.atomic import write_text_atomic
+    from synthtrial.graders.detector import LesionDetector
+    from synthtrial.graders.detector_train import evaluate_detector, write_metrics
+    from synthtrial.util.atomic import write_text_atomic
 
     detector = LesionDetector.load(_weights("detector", weights), device=device)
     with progress_bar("evaluating detector", 1, unit="images", enabled=not quiet) as update:
@@ -176,9 +176,9 @@ def eval_dermx_command(
     quiet: Quiet = False,
 ) -> None:
     """Characteristic F1, level accuracy, severity MAE and explanation plausibility (fuzzy F1) on a run."""
-    from graders.dermx import DermX
-    from graders.dermx_train import evaluate_dermx
-    from graders.detector_train import write_metrics
+    from synthtrial.graders.dermx import DermX
+    from synthtrial.graders.dermx_train import evaluate_dermx
+    from synthtrial.graders.detector_train import write_metrics
 
     dermx = DermX.load(_weights("dermx", weights), device=device)
     with progress_bar("evaluating dermx", 1, unit="images", enabled=not quiet) as update:
@@ -211,7 +211,7 @@ def ablation_command(
 
     Variants already trained in OUT/<head>/ with the same settings are evaluated, not retrained.
     """
-    from graders.detector_train import run_ablation
+    from synthtrial.graders.detector_train import run_ablation
 
     with progress_bar("ablation", steps, unit="steps", enabled=not quiet) as update:
         table = run_ablation([run_train], run_test, out_dir, steps=steps, batch=batch, seed=seed, device=device,
@@ -239,10 +239,10 @@ def explain_command(
     """DermX's Grad-CAM explanation maps as PNG overlays, one per image and characteristic found."""
     from PIL import Image
 
-    from graders.base import read_rgb
-    from graders.dermx import DermX, overlay
-    from synthtrial import rundir
-    from synthtrial.atomic import write_bytes_atomic
+    from synthtrial.graders.base import read_rgb
+    from synthtrial.graders.dermx import DermX, overlay
+    from synthtrial.run import rundir
+    from synthtrial.util.atomic import write_bytes_atomic
 
     dermx = DermX.load(_weights("dermx", weights), device=device)
     manifest = rundir.read_manifest(run)

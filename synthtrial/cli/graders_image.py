@@ -11,7 +11,7 @@ from rich import box
 from rich.table import Table
 
 from synthtrial.cli.common import graders_eval_app, graders_train_app, handles_errors, out
-from synthtrial.progress import progress_bar
+from synthtrial.util.progress import progress_bar
 
 _DATA_HELP = ("A run directory (labels from its manifest) or an ACNE04 copy (labels from its label files; "
               "repeatable).")
@@ -78,7 +78,7 @@ def _confusion_table(result: dict[str, Any], title: str) -> Table:
 
 
 def _write_json(path: Path, result: dict[str, Any]) -> None:
-    from synthtrial.atomic import write_text_atomic
+    from synthtrial.util.atomic import write_text_atomic
 
     write_text_atomic(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
 
@@ -136,7 +136,7 @@ def train_iga(
 
       synthtrial graders train iga --data runs/graders --identity astronaut --out graders/weights/iga
     """
-    from graders import iga
+    from synthtrial.graders import iga
 
     config = iga.IGAConfig(backbone=backbone, depth=depth, width=width, image_size=image_size,
                            stem_stride=stem_stride, dropout=dropout, crop_margin=crop_margin)
@@ -174,8 +174,8 @@ def eval_iga(
     writes OUT/iga_confusion.png (3-class), OUT/iga_confusion_grades.png and OUT/iga_metrics.json.
     The paper (real photos): 3-class accuracy 0.667, recalls 0.64 / 0.70 / 0.65.
     """
-    from graders import classify, iga
-    from graders.base import get_grader
+    from synthtrial.graders import classify, iga
+    from synthtrial.graders.base import get_grader
 
     grader = get_grader("iga", weights, device=device)
     with progress_bar("cropping faces", 1, unit="images", enabled=not quiet) as update:
@@ -229,7 +229,7 @@ def train_imageqx(
 
     Example (the shipped weights): synthtrial graders train imageqx --data runs/graders --identity astronaut --out graders/weights/imageqx --weights-dtype float16
     """
-    from graders import imageqx
+    from synthtrial.graders import imageqx
 
     config = imageqx.ImageQXConfig(backbone=backbone, image_size=image_size)
     settings = imageqx.TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_final=lr_final,
@@ -266,8 +266,8 @@ def eval_imageqx(
 
     The paper: macro F1 0.73 (raters 0.77). Writes OUT/imageqx_confusion.png and OUT/imageqx_metrics.json.
     """
-    from graders import classify, imageqx
-    from graders.base import get_grader
+    from synthtrial.graders import classify, imageqx
+    from synthtrial.graders.base import get_grader
 
     grader = get_grader("imageqx", weights, device=device)
     with progress_bar("reading", 1, unit="images", enabled=not quiet) as update:

@@ -11,10 +11,10 @@ import typer
 from rich import box
 from rich.table import Table
 
-from graders.base import REGISTRY
+from synthtrial.graders.base import REGISTRY
 from synthtrial.cli.common import PresetName, app, handles_errors, out
-from synthtrial.errors import SynthtrialError
-from synthtrial.progress import progress_bar
+from synthtrial.util.errors import SynthtrialError
+from synthtrial.util.progress import progress_bar
 
 _GRID = "Scenario grid"
 _RUN = "Engine"
@@ -158,7 +158,7 @@ def power_command(
     from synthtrial.analyze.power import (DEFAULT_METHODS, POWER_OUTCOMES, StudySettings, design_from_file,
                                           power_study, scenario_grid)
     from synthtrial.analyze.power_render import RenderedSettings
-    from synthtrial.simulate import parse_effects, preset as get_preset
+    from synthtrial.trial.simulate import parse_effects, preset as get_preset
 
     csv_path = html_path = None
     if out_path is not None:
@@ -202,7 +202,7 @@ def power_command(
                                          on_replicate=lambda done, _total: update(done))
     _print_summary(summary, estimates, grid, replicates, alpha, rendered)
     if csv_path is not None:
-        from synthtrial.atomic import write_text_atomic
+        from synthtrial.util.atomic import write_text_atomic
 
         write_text_atomic(csv_path, summary.to_csv(index=False, lineterminator="\n"))
         estimates_path = csv_path.with_name(f"{csv_path.stem}.estimates.csv")

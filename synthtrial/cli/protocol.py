@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from synthtrial.errors import SynthtrialError
+from synthtrial.util.errors import SynthtrialError
 from synthtrial.cli.common import app, handles_errors, out, PresetName, protocol_app
 
 
@@ -24,7 +24,7 @@ def protocol_check(
 
     Both forms are read: the anchor form of synthetic_acne_images ([italic],patient_id,date,block,day,treatment,AcneSeverity[/]) and the native form ([italic]patient_id,day,date,treatment,block,severity,view,face[/], the last four optional). Any problem is reported as one line naming the file, the row (as a spreadsheet numbers it) and the column, with exit status 2.
     """
-    from synthtrial.protocol import read_protocol, summarize
+    from synthtrial.trial.protocol import read_protocol, summarize
 
     summary = summarize(read_protocol(file))
     if as_json:
@@ -143,7 +143,7 @@ def protocol_design(
       synthtrial protocol design --design pairs --arms Control,Cream --blocks 3 --period-days 7
       --effect Cream=-0.4 --patients 20 --out pairs.csv
     """
-    from synthtrial.simulate import design_with_overrides, parse_effects, simulate_trial, truth_path_for
+    from synthtrial.trial.simulate import design_with_overrides, parse_effects, simulate_trial, truth_path_for
 
     trial_design, model = design_with_overrides(preset.value, {
         "design": design.value if design else None,
@@ -158,7 +158,7 @@ def protocol_design(
         "noise_sd": noise_sd, "missing_rate": missing_rate,
     })
 
-    from synthtrial.atomic import check_writable
+    from synthtrial.util.atomic import check_writable
 
     check_writable(out_path)
     truth_path = truth_path_for(out_path)

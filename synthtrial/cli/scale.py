@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from synthtrial.errors import SynthtrialError
+from synthtrial.util.errors import SynthtrialError
 from synthtrial.cli.common import app, handles_errors, out
 
 
@@ -22,7 +22,7 @@ def scale_command(
 
     The scale is a modelling assumption: lesion counts are piecewise linear through (0, 0), (0.5, 5.5), (1.5, 20.5), (2.5, 50.5), (3, 65); ACNE04 levels follow Hayashi's counts (<=5, 6-20, 21-50, >50); IGA follows the inflammatory lesions the lesion mix expects.
     """
-    from synthtrial.scale import SEVERITY_MAX, SEVERITY_MIN, scale_table
+    from synthtrial.trial.scale import SEVERITY_MAX, SEVERITY_MIN, scale_table
 
     for s in severity or []:
         if not SEVERITY_MIN <= s <= SEVERITY_MAX:

@@ -8,7 +8,7 @@
 * **folders**: per-level folders ``acne0_*/`` .. ``acne3_*/`` (level = the digit) holding images only,
   as used by the anchor generator's fine-tuning.
 
-Every rejection is a one-line :class:`Acne04Error` (a :class:`~synthtrial.errors.SynthtrialError`)
+Every rejection is a one-line :class:`Acne04Error` (a :class:`~synthtrial.util.errors.SynthtrialError`)
 naming the file, and the line number for label files.
 """
 
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from synthtrial import scale
-from synthtrial.errors import SynthtrialError
+from synthtrial.trial import scale
+from synthtrial.util.errors import SynthtrialError
 
 LEVELS = (0, 1, 2, 3)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})

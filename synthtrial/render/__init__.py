@@ -1,6 +1,5 @@
-"""Renderers that draw a day's lesions into a face photo."""
+"""The render stage: a face, a day's lesions and photo settings in, an image, its instance mask and boxes out.
 
-from synthtrial.render import procedural
-from synthtrial.render.procedural import *  # noqa: F403  (the public names listed in procedural.__all__)
-
-__all__ = list(procedural.__all__)
+In: ``RenderRequest`` (face, ``LesionSpec`` list, view, seed). Out: ``RenderResult`` (image, mask, lesion table).
+Owns: the renderer protocol and backend registry (``base``); procedural and SDXL backends; fine-tuning.
+"""

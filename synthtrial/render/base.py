@@ -107,7 +107,7 @@ def backend_names() -> tuple[str, ...]:
 
 
 def get_backend(name: str) -> BackendSpec:
-    from synthtrial.errors import SynthtrialError
+    from synthtrial.util.errors import SynthtrialError
 
     if name not in BACKENDS:
         raise SynthtrialError(f"--backend must be one of {', '.join(BACKENDS)}, got '{name}'")

@@ -69,7 +69,7 @@ from typing import Any
 
 import numpy as np
 
-from synthtrial.errors import SynthtrialError
+from synthtrial.util.errors import SynthtrialError
 from synthtrial.render.crops import Window, composite, crop_windows, cut, feather_alpha, paste_into
 from synthtrial.render.base import (
     LesionSpec,
@@ -81,9 +81,9 @@ from synthtrial.render.base import (
     skin_weight,
 )
 from synthtrial.render.procedural import ProceduralConfig, ProceduralRenderer
-from synthtrial.scale import ALL_LESION_TYPES as LESION_TYPES
-from synthtrial.seeding import derive_seed
-from synthtrial.weights import is_pickle, resolve_model
+from synthtrial.trial.scale import ALL_LESION_TYPES as LESION_TYPES
+from synthtrial.util.seeding import derive_seed
+from synthtrial.util.weights import is_pickle, resolve_model
 
 __all__ = [
     "MODES",

@@ -43,7 +43,7 @@ import numpy as np
 from synthtrial.render.base import (LesionSpec, PhotoStats, RenderRequest, RenderResult, check_image, circle_box,
                                     skin_weight)
 from synthtrial.render.photo import _DEFAULT_STATS, _lab2rgb, _rgb2lab, photo_stats
-from synthtrial.scale import ALL_LESION_TYPES
+from synthtrial.trial.scale import ALL_LESION_TYPES
 
 __all__ = [
     "LESION_TYPES",
@@ -552,7 +552,7 @@ def _check_stats(stats: PhotoStats) -> None:
 def build_backend(config: ProceduralConfig, options: dict) -> ProceduralRenderer:
     """The registry's builder for ``--backend procedural`` (it takes no further options)."""
     if options:
-        from synthtrial.errors import SynthtrialError
+        from synthtrial.util.errors import SynthtrialError
 
         raise SynthtrialError(f"--backend procedural takes no {', '.join(sorted(options))} options; "
                               "they are for the sdxl backends")

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from synthtrial.errors import SynthtrialError, one_line
+from synthtrial.util.errors import SynthtrialError, one_line
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 #: Components of a diffusers model folder that hold weights.

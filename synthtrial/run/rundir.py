@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from synthtrial import scale
-from synthtrial.atomic import write_bytes_atomic, write_text_atomic
-from synthtrial.errors import SynthtrialError, one_line
-from synthtrial.protocol import PATIENT_ID_PATTERN
+from synthtrial.trial import scale
+from synthtrial.util.atomic import write_bytes_atomic, write_text_atomic
+from synthtrial.util.errors import SynthtrialError, one_line
+from synthtrial.trial.protocol import PATIENT_ID_PATTERN
 
 PROTOCOL = "protocol.csv"
 CONFIG = "config.json"

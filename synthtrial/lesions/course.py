@@ -5,12 +5,12 @@ size and a life course, a sequence of stages such as closed comedo -> papule -> 
 day the process keeps the number of active lesions at ``round(expected_lesion_count(severity))``:
 lesions whose course ends resolve; if too many remain, the longest-standing ones are made to resolve
 early (that is how treatment shows); if too few, new ones are born, with types chosen so that the standing
-mix follows :func:`synthtrial.scale.lesion_mix` at that severity. Inflamed lesions leave a fading mark
+mix follows :func:`synthtrial.trial.scale.lesion_mix` at that severity. Inflamed lesions leave a fading mark
 when they resolve, and sometimes an atrophic scar that stays.
 
 Sizes are physical: each stage of a lesion gets a diameter in millimetres drawn from its type's range in
 :data:`DIAMETER_MM` (one table, with its sources below); a face's millimetres per pixel come from its
-inter-pupillary distance (:data:`synthtrial.faces.ADULT_IPD_MM`). New lesions cluster: with probability
+inter-pupillary distance (:data:`synthtrial.face.faces.ADULT_IPD_MM`). New lesions cluster: with probability
 :data:`CLUSTER_CHANCE` a new lesion is placed a few diameters from one already standing (acne erupts in
 crops within a pilosebaceous field), otherwise anywhere on the skin, weighted by region.
 
@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from synthtrial import scale
-from synthtrial.seeding import derived_rng
+from synthtrial.trial import scale
+from synthtrial.util.seeding import derived_rng
 
 ACTIVE_TYPES = scale.LESION_TYPES                      # counted as lesions
 RESIDUAL_TYPES = scale.RESIDUAL_TYPES                  # what resolution leaves behind; not counted
@@ -132,7 +132,7 @@ class LesionState:
 
 def radius_iod(diameter_mm: float) -> float:
     """A diameter in millimetres as a radius in interocular distances (the unit of face-mesh sizes)."""
-    from synthtrial.faces import ADULT_IPD_MM
+    from synthtrial.face.faces import ADULT_IPD_MM
 
     return 0.5 * diameter_mm / ADULT_IPD_MM
 
@@ -150,11 +150,11 @@ def drawn_radius(stage_type: str, diameter_mm: float, intensity: float) -> float
 class PlacementSampler:
     """Draws lesion positions on a face's skin, weighted by region, as face-mesh anchors.
 
-    ``face`` is a :class:`synthtrial.faces.Face`; positions avoid existing lesions.
+    ``face`` is a :class:`synthtrial.face.faces.Face`; positions avoid existing lesions.
     """
 
     def __init__(self, face, region_weights: dict[str, float] | None = None) -> None:
-        from synthtrial.faces import REGION_WEIGHTS, REGIONS
+        from synthtrial.face.faces import REGION_WEIGHTS, REGIONS
 
         weights = region_weights or REGION_WEIGHTS
         region_map = face.region_map

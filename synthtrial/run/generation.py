@@ -1,6 +1,6 @@
 """``synthtrial generate``: turn a protocol into a run directory of image series with exact ground truth.
 
-The run directory's layout and schemas belong to :mod:`synthtrial.rundir`; the backends to the registry of
+The run directory's layout and schemas belong to :mod:`synthtrial.run.rundir`; the backends to the registry of
 :mod:`synthtrial.render.base`. Every file is written atomically. Each finished image also leaves a small
 record under ``RUN/.parts``; a re-run of the same command re-renders exactly the images and masks that are
 missing or whose bytes no longer match their record (a deleted, truncated or edited file), so an
@@ -28,15 +28,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from synthtrial import __version__, rundir, scale
-from synthtrial.atomic import write_bytes_atomic, write_text_atomic
-from synthtrial.errors import SynthtrialError
-from synthtrial.progress import progress_bar
-from synthtrial.protocol import has_severity, read_protocol, to_csv_text
+from synthtrial import __version__
+from synthtrial.run import rundir
+from synthtrial.trial import scale
+from synthtrial.util.atomic import write_bytes_atomic, write_text_atomic
+from synthtrial.util.errors import SynthtrialError
+from synthtrial.util.progress import progress_bar
+from synthtrial.trial.protocol import has_severity, read_protocol, to_csv_text
 from synthtrial.render.base import BACKENDS as BACKEND_SPECS
 from synthtrial.render.base import RenderRequest, backend_names, get_backend
-from synthtrial.rundir import RunError
-from synthtrial.seeding import derive_seed
+from synthtrial.run.rundir import RunError
+from synthtrial.util.seeding import derive_seed
 
 NAMINGS = ("native", "anchor")
 #: The backends ``--backend`` accepts, from the registry (synthtrial.render.base.BACKENDS).
@@ -147,7 +149,7 @@ _QUALITY: dict[str, Any] = {}     # the ImageQX grader, loaded once per process 
 
 def _quality_grader():
     if "imageqx" not in _QUALITY:
-        from graders.base import get_grader
+        from synthtrial.graders.base import get_grader
 
         _QUALITY["imageqx"] = get_grader("imageqx", device="cpu")
     return _QUALITY["imageqx"]
@@ -164,8 +166,8 @@ def _patient_state(job: _PatientJob):
     """The patient's face and lesion course, built once per process."""
     key = (job.run_dir, job.patient_id)
     if key not in _CACHE:
-        from synthtrial.faces import Identity, face_from_request, identity_for, load_base_faces, make_face
-        from synthtrial.lesions import LesionCourse
+        from synthtrial.face.faces import Identity, face_from_request, identity_for, load_base_faces, make_face
+        from synthtrial.lesions.course import LesionCourse
 
         size = job.settings.size
         if job.face:
@@ -394,7 +396,7 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
     _check_out(run_dir)
     faces_dir_str = None if faces_dir is None else str(Path(faces_dir))
 
-    from synthtrial.faces import face_files
+    from synthtrial.face.faces import face_files
 
     face_inputs, refused = [], []
     if faces_dir is not None:
@@ -464,7 +466,7 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
                 records[job.patient_id].extend(_render_images(job, rows))
         manifest, lesions = _tables(protocol, records, settings)
         rundir.write_manifest(run_dir, manifest, lesions)
-        from synthtrial.grids import write_grids
+        from synthtrial.run.grids import write_grids
 
         write_grids(run_dir, manifest)
     return run_dir
@@ -472,7 +474,7 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
 
 def _check_out(run_dir: Path) -> None:
     """Refuse an --out that can never be a run directory, before anything is written."""
-    from synthtrial.atomic import check_writable
+    from synthtrial.util.atomic import check_writable
 
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"{run_dir} exists and is not a folder (option --out)")
@@ -503,8 +505,8 @@ def _distributed_state():
 def _severities(protocol: pd.DataFrame, protocol_path: Path, seed: int) -> tuple[dict | None, pd.DataFrame]:
     """Severities from the protocol (and its truth file beside it); the trial simulator fills in only the
     patients that have none. A patient's given severities are never replaced."""
-    from synthtrial.protocol import patients_without_severity
-    from synthtrial.simulate import SeverityModel, simulate_severity, truth_path_for
+    from synthtrial.trial.protocol import patients_without_severity
+    from synthtrial.trial.simulate import SeverityModel, simulate_severity, truth_path_for
 
     if has_severity(protocol):
         truth_file = truth_path_for(protocol_path)
@@ -584,8 +586,8 @@ def _plan(protocol: pd.DataFrame, run_dir: Path, settings: GenerateSettings, fac
 def _check_portraits(faces_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
     """ImageQX's check of the --faces portraits: ``[{"file", "reason"}]`` for each one refused (left out of the
     run). Refusing them all is an error."""
-    from graders.imageqx import check_portraits
-    from synthtrial.faces import face_files
+    from synthtrial.graders.imageqx import check_portraits
+    from synthtrial.face.faces import face_files
 
     files = face_files(faces_dir)
     refused = [{"file": Path(path).name, "reason": reason}
@@ -599,7 +601,7 @@ def _check_portraits(faces_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
 def _check_faces(jobs: dict[str, _PatientJob], faces_dir: str | None, protocol_path: Path,
                  excluded: tuple[str, ...] = ()) -> None:
     """Fail before writing anything if a requested face cannot be found or has no face in it."""
-    from synthtrial.faces import face_from_request, load_base_faces
+    from synthtrial.face.faces import face_from_request, load_base_faces
 
     load_base_faces(faces_dir, exclude=excluded)
     for job in jobs.values():

@@ -41,8 +41,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from synthtrial.errors import SynthtrialError
-from synthtrial.seeding import derived_rng
+from synthtrial.util.errors import SynthtrialError
+from synthtrial.util.seeding import derived_rng
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 BUILTIN_FACES = ("astronaut", "hopper")
@@ -407,7 +407,7 @@ class Face:
             raise ValueError(f"yaw_deg must be between 0 and 60 degrees, got {yaw_deg}")
         if self.depth is None:
             raise ValueError("this face has no landmark depth; build it with make_face to turn it")
-        from synthtrial.headturn import head_turn
+        from synthtrial.face.headturn import head_turn
 
         warp = head_turn(self.landmarks, self.depth, self.size, yaw_deg if name == "left" else -yaw_deg)
         image = cv2.remap(self.image, warp.map_x, warp.map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT101)

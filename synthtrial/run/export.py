@@ -7,7 +7,7 @@ and writes one export per format. Every export is built in a temp folder beside 
 renamed into place at the end (an earlier export of the same format is replaced), so a failure leaves
 nothing half-written; the same run always gives the same bytes.
 
-Bad input raises :class:`~synthtrial.errors.SynthtrialError` with one line naming the run, the file,
+Bad input raises :class:`~synthtrial.util.errors.SynthtrialError` with one line naming the run, the file,
 the row (manifest and lesion rows count from 1) and the column.
 """
 
@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from synthtrial import scale
-from synthtrial.atomic import write_text_atomic
-from synthtrial import rundir
-from synthtrial.errors import SynthtrialError, one_line
-from synthtrial.progress import progress_bar
-from synthtrial.protocol import PATIENT_ID_PATTERN
+from synthtrial.trial import scale
+from synthtrial.util.atomic import write_text_atomic
+from synthtrial.run import rundir
+from synthtrial.util.errors import SynthtrialError, one_line
+from synthtrial.util.progress import progress_bar
+from synthtrial.trial.protocol import PATIENT_ID_PATTERN
 
 #: The formats :func:`export_run` writes.
 EXPORT_FORMATS = ("coco", "acne04", "imagefolder")
@@ -159,7 +159,7 @@ class _Run:
 
 
 def _read_run(run: Path, fmt: str, *, progress: bool = True) -> _Run:
-    """The run through :mod:`synthtrial.rundir`'s validated readers, and every image checked against the
+    """The run through :mod:`synthtrial.run.rundir`'s validated readers, and every image checked against the
     manifest's sha256 (a truncated or edited image is refused, not exported)."""
     rundir.check_run_dir(run)
     rundir.read_config(run)
@@ -506,7 +506,7 @@ def _belongs_to_export(name: str, fmt: str) -> bool:
 
 @contextlib.contextmanager
 def _progress(label: str, total: int, enabled: bool) -> Iterator[Callable[[], None]]:
-    """The shared progress bar (:mod:`synthtrial.progress`), advanced one item at a time."""
+    """The shared progress bar (:mod:`synthtrial.util.progress`), advanced one item at a time."""
     done = 0
     with progress_bar(f"export {label}", total, enabled=enabled) as update:
         def advance() -> None:

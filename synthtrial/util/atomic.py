@@ -37,7 +37,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
 def check_writable(path: str | os.PathLike[str], option: str = "--out") -> Path:
     """Refuse, before any work, an output path that cannot be written: its nearest existing folder must be a
     writable folder. Returns ``path`` as a Path."""
-    from synthtrial.errors import SynthtrialError
+    from synthtrial.util.errors import SynthtrialError
 
     path = Path(path)
     probe = path.parent if not path.is_dir() else path

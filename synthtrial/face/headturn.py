@@ -1,7 +1,7 @@
 """Head turns for side views: MediaPipe's 3-D face mesh rotated about the neck and the portrait warped over it.
 
 The landmarks (x, y in pixels, depth in pixels as MediaPipe gives it times the image width) rotate about a
-vertical axis :data:`synthtrial.faces.PIVOT_DEPTH_IOD` interocular distances behind the eyes and project
+vertical axis :data:`synthtrial.face.faces.PIVOT_DEPTH_IOD` interocular distances behind the eyes and project
 orthographically; the face is re-centred on its oval. The portrait is warped piecewise-affinely over the mesh
 triangles (its eye and mouth openings closed by strips of extra triangles), far triangles first so nearer
 surfaces cover what they hide: the near cheek widens, the far cheek foreshortens and slips behind the nose,
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from synthtrial.faces import PIVOT_DEPTH_IOD, _frame, _mesh, mesh_triangles
+from synthtrial.face.faces import PIVOT_DEPTH_IOD, _frame, _mesh, mesh_triangles
 
 __all__ = ["HeadTurn", "head_turn"]
 

@@ -8,7 +8,7 @@ Two forms are read and normalised to one typed DataFrame (:data:`COLUMNS`):
   ``treatment``, and optionally ``block``, ``severity`` (same 0-3 scale as ``AcneSeverity``),
   ``view`` (frontal|left|right) and ``face`` (an identity key or an image path).
 
-Every rejection is a :class:`~synthtrial.errors.ProtocolError` naming the file, the row as a
+Every rejection is a :class:`~synthtrial.util.errors.ProtocolError` naming the file, the row as a
 spreadsheet shows it (the header is row 1) and the column.
 """
 
@@ -28,9 +28,9 @@ from typing import Any
 
 import pandas as pd
 
-from synthtrial import scale
-from synthtrial.atomic import write_text_atomic
-from synthtrial.errors import ProtocolError
+from synthtrial.trial import scale
+from synthtrial.util.atomic import write_text_atomic
+from synthtrial.util.errors import ProtocolError
 
 #: Columns of the normalised protocol, in order.
 COLUMNS = ("patient_id", "day", "date", "block", "treatment", "severity", "view", "face")

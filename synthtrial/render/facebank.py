@@ -7,7 +7,7 @@ Attempt ``i`` draws its attributes and its diffusion seed from ``derived_rng(see
 the prompts and images do not depend on how many attempts came before; skin types cycle with the
 attempt index so even a small bank spans all six.
 
-Frontal rule (MediaPipe face mesh via :class:`synthtrial.faces.LandmarkDetector`): an image is kept only if
+Frontal rule (MediaPipe face mesh via :class:`synthtrial.face.faces.LandmarkDetector`): an image is kept only if
 
 * exactly one face is found;
 * the eye line (centres of the two eyes, landmarks 33/133 and 362/263) is rolled less than
@@ -20,7 +20,7 @@ Frontal rule (MediaPipe face mesh via :class:`synthtrial.faces.LandmarkDetector`
 Kept images are written as ``face_{k:04d}.png`` (k = 0, 1, ... in order kept) and ``faces.csv`` lists
 file, prompt, seed, attempt and the attributes; both are written atomically and ``faces.csv`` is
 rewritten after every kept face, so an interrupted run leaves a consistent folder. The folder is
-accepted by :func:`synthtrial.faces.load_base_faces` (``--faces DIR``). A folder that already holds
+accepted by :func:`synthtrial.face.faces.load_base_faces` (``--faces DIR``). A folder that already holds
 ``face_*.png`` files is refused rather than mixed.
 """
 
@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from synthtrial.atomic import write_bytes_atomic
-from synthtrial.errors import SynthtrialError
-from synthtrial.seeding import derived_rng
+from synthtrial.util.atomic import write_bytes_atomic
+from synthtrial.util.errors import SynthtrialError
+from synthtrial.util.seeding import derived_rng
 
 __all__ = [
     "AGES",
@@ -145,7 +145,7 @@ def generate_face_bank(n: int, model: str, out_dir: Path, *, seed: int = 0, size
     import torch
     from PIL import Image
 
-    from synthtrial.faces import LandmarkDetector
+    from synthtrial.face.faces import LandmarkDetector
 
     if int(n) < 1:
         raise FaceBankError(f"n must be at least 1, got {n}")

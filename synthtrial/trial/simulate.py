@@ -18,7 +18,7 @@ Two plain-data configs drive it:
   carries an effect over into the next period. Baselines are drawn from a normal distribution truncated
   to ``[baseline_min, baseline_max]``. Missing days are dropped completely at random after simulation.
 
-:func:`simulate_trial` returns the protocol (the same normalised frame :mod:`synthtrial.protocol`
+:func:`simulate_trial` returns the protocol (the same normalised frame :mod:`synthtrial.trial.protocol`
 reads) and ``truth``: every parameter, and every patient's baseline, true effects and the mean
 effect the schedule actually delivered (kinetics included).
 """
@@ -39,10 +39,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from synthtrial import __version__, scale
-from synthtrial.errors import SynthtrialError
-from synthtrial.atomic import write_text_atomic
-from synthtrial.protocol import COLUMNS, DEFAULT_VIEW, PATIENT_ID_PATTERN, write_protocol
+from synthtrial import __version__
+from synthtrial.trial import scale
+from synthtrial.util.errors import SynthtrialError
+from synthtrial.util.atomic import write_text_atomic
+from synthtrial.trial.protocol import COLUMNS, DEFAULT_VIEW, PATIENT_ID_PATTERN, write_protocol
 
 DESIGNS = ("baseline-alternating", "abab", "pairs")
 MODEL_EQUATIONS = (

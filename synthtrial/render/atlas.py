@@ -2,8 +2,8 @@
 with a millimetre scale bar -- the figure a dermatologist checks first (``synthtrial atlas``).
 
 Each tile is a square of skin :data:`FIELD_MM` millimetres across with one lesion in its centre, drawn by the
-same renderer and settings as ``generate`` (:func:`synthtrial.run.render_config`), at the lesion model's
-sizes (:data:`synthtrial.lesions.DIAMETER_MM`, a typical diameter per type) and at the intensity and size the
+same renderer and settings as ``generate`` (:func:`synthtrial.run.generation.render_config`), at the lesion model's
+sizes (:data:`synthtrial.lesions.course.DIAMETER_MM`, a typical diameter per type) and at the intensity and size the
 lesion model gives each stage: onset (growing), active (full), resolving (fading), residual (what it
 leaves: a post-inflammatory mark after a papule or pustule, an atrophic scar in a fading mark after a
 nodule; comedones clear without a mark).
@@ -27,11 +27,11 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from synthtrial.atomic import write_bytes_atomic
-from synthtrial.errors import SynthtrialError
-from synthtrial.lesions import ACTIVE_TYPES, MARK_SPREAD, drawn_radius
+from synthtrial.util.atomic import write_bytes_atomic
+from synthtrial.util.errors import SynthtrialError
+from synthtrial.lesions.course import ACTIVE_TYPES, MARK_SPREAD, drawn_radius
 from synthtrial.render.base import LesionSpec, PhotoStats
-from synthtrial.seeding import derived_rng
+from synthtrial.util.seeding import derived_rng
 
 __all__ = ["AtlasError", "STAGES", "SKINS", "Atlas", "render_atlas", "write_atlas"]
 
@@ -121,7 +121,7 @@ def _cell_lesions(kind: str, stage: str, px: float, mm_per_px: float, seed: int)
 
 
 def _ipd_mm() -> float:
-    from synthtrial.faces import ADULT_IPD_MM
+    from synthtrial.face.faces import ADULT_IPD_MM
 
     return ADULT_IPD_MM
 
@@ -131,7 +131,7 @@ def render_atlas(seed: int = 0, mm_per_px: float = MM_PER_PX, field_mm: float = 
     from PIL import Image, ImageDraw, ImageFont
 
     from synthtrial.render.procedural import ProceduralRenderer
-    from synthtrial.run import render_config
+    from synthtrial.run.generation import render_config
 
     if not 0.005 <= mm_per_px <= 0.5:
         raise AtlasError(f"mm_per_px must be between 0.005 and 0.5, got {mm_per_px}")

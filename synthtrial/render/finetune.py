@@ -40,10 +40,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from synthtrial.atomic import write_text_atomic
-from synthtrial.errors import SynthtrialError, one_line
-from synthtrial.weights import check_model_folder, load_safetensors, resolve_model
-from synthtrial.seeding import derive_seed
+from synthtrial.util.atomic import write_text_atomic
+from synthtrial.util.errors import SynthtrialError, one_line
+from synthtrial.util.weights import check_model_folder, load_safetensors, resolve_model
+from synthtrial.util.seeding import derive_seed
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 CONFIG_FILE = "finetune_config.json"
@@ -141,7 +141,7 @@ def training_examples(data_dir: str | Path, config: FinetuneConfig) -> list[tupl
 
 def _model_index(base: str) -> dict:
     """``model_index.json`` of a local folder or a hub id; a one-line error otherwise (pickle-only weights,
-    custom code, an unreachable hub: :mod:`synthtrial.weights`)."""
+    custom code, an unreachable hub: :mod:`synthtrial.util.weights`)."""
     path = Path(base).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from synthtrial.atomic import write_bytes_atomic
+from synthtrial.util.atomic import write_bytes_atomic
 
 COLUMNS = 7            # a week per row for daily series
 THUMB = 160
