@@ -23,6 +23,8 @@ def project_modules() -> dict[str, Path]:
     found = {}
     for top, package in ((ROOT / "synthtrial", "synthtrial"), (ROOT / "graders", "synthtrial.graders")):
         for path in sorted(top.rglob("*.py")):
+            if path.relative_to(ROOT).parts[:2] == ("synthtrial", "graders"):
+                continue  # a development link to graders/ (worktrees), not a second copy
             parts = path.relative_to(top).with_suffix("").parts
             name = ".".join((package, *parts))
             found[name.removesuffix(".__init__")] = path
