@@ -50,7 +50,7 @@ def test_grade_run_writes_prefixed_columns_and_resumes(quick_run_256, tmp_path):
     grades = pd.read_parquet(path)
     manifest = pd.read_parquet(run / "manifest.parquet")
     assert grades["image"].tolist() == manifest["image"].tolist()
-    assert list(grades.columns) == ["image", "mean_value", "mean_other"]
+    assert list(grades.columns) == ["image", "image_sha256", "mean_value", "mean_other"]
     first = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(run / manifest["image"][0]).convert("RGB"))
     assert grades["mean_value"][0] == pytest.approx(first.mean())
     index = json.loads((run / "grades.json").read_text())["graders"]

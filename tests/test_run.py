@@ -328,7 +328,7 @@ def test_two_processes_on_one_new_run_do_not_mix(tmp_path):
     assert "another synthtrial process is writing" in refused or "other settings" in refused
     winner = (7, 8)[[code for code, _ in results].index(0)]
     assert json.loads((out / "config.json").read_text())["settings"]["seed"] == winner
-    from synthtrial.run.rundir import verify
+    from synthtrial.run.verify import verify
 
     assert verify(out) == []
 

@@ -7,6 +7,7 @@ import pytest
 
 from synthtrial.run import rundir
 from synthtrial.run.rundir import RunError
+from synthtrial.run.verify import verify
 
 
 @pytest.fixture()
@@ -17,7 +18,7 @@ def run(quick_run_256, tmp_path):
 
 
 def test_a_finished_run_verifies(run):
-    assert rundir.verify(run) == []
+    assert verify(run) == []
     manifest, lesions = rundir.read_run(run)
     assert list(manifest.columns) == list(rundir.MANIFEST_COLUMNS)
     assert list(lesions.columns) == list(rundir.LESION_COLUMNS)
@@ -32,7 +33,7 @@ def test_verify_finds_changed_missing_and_unlisted_files(run):
     (run / manifest["mask"][7]).unlink()
     (run / manifest["image"][9]).unlink()  # a manifest row without its image
     shutil.copy(run / manifest["image"][0], run / "images" / "P01" / "stray.png")
-    problems = rundir.verify(run)
+    problems = verify(run)
     text = "\n".join(problems)
     assert f"{manifest['image'][3]}: bytes differ from the manifest's sha256 (row 4)" in text
     assert f"{manifest['mask'][7]}: missing (manifest row 8)" in text
@@ -46,7 +47,7 @@ def test_verify_checks_tables_against_each_other_and_the_config(run):
     manifest.loc[2, "lesion_count"] += 1
     manifest.loc[5, "backend"] = "sdxl-img2img"
     rundir.write_table(run / "manifest.parquet", manifest)
-    text = "\n".join(rundir.verify(run))
+    text = "\n".join(verify(run))
     assert "row 3, column 'lesion_count'" in text and "column 'backend'" in text
 
 

@@ -16,7 +16,7 @@ def verify_command(run: RunDir,
 
     Exit status 0 when all holds; 1 with one line per problem otherwise. Re-running the same [bold]synthtrial generate[/] command re-renders what is missing or damaged.
     """
-    from synthtrial.run.rundir import verify
+    from synthtrial.run.verify import verify
 
     with progress_bar("verifying", 1, unit="images", enabled=not quiet) as update:
         problems = verify(run, progress=lambda done, total, status: update(done, status, total=total))

@@ -1,8 +1,9 @@
 """The run directory: the one contract every stage after ``generate`` reads (DESIGN.md, "Run directory").
 
 This module owns it: the file names, the column schemas of ``manifest``, ``lesions`` and ``grades``,
-validated readers (one-line errors naming the file, row and column), atomic table writes, the lock that
-keeps a second writer out, and :func:`verify`, which checks every file against the manifest.
+validated readers (one-line errors naming the file, row and column; a file that resolves outside the run, e.g.
+through a symbolic link, is refused), atomic table writes, and the lock that keeps a second writer out.
+:mod:`synthtrial.run.verify` checks a finished run against this contract.
 
 ::
 
@@ -11,10 +12,13 @@ keeps a second writer out, and :func:`verify`, which checks every file against t
     RUN/truth.json         the simulation truth, when known
     RUN/manifest.parquet   one row per image (also manifest.csv)
     RUN/lesions.parquet    one row per lesion per image
-    RUN/grades.parquet     one row per image, columns <grader>_<name> (written by ``synthtrial grade``)
+    RUN/grades.parquet     one row per image: image, image_sha256, <grader>_<name> (``synthtrial grade``)
+    RUN/grades.json        per grader: fingerprint, columns, outcome columns
+    RUN/.grades/<grader>-<fingerprint>/<content key>.parquet   one graded chunk (resume)
     RUN/images/<patient>/<patient>_<YYYYMMDD|dNNN>_<view>.png
     RUN/masks/<patient>/<same stem>.png     16-bit instance map: lesion_id + 1, 0 = no lesion
     RUN/grids/<patient>.jpg                  contact sheet of the series
+    RUN/grids/<patient>_views.jpg            day-by-day views, for patients photographed from several views
     RUN/.parts/<patient>/<same stem>.json    one record per finished image (resume)
     RUN/.lock                                held by the process writing the run
 """
@@ -68,6 +72,8 @@ LESION_COLUMNS = ("image", "patient_id", "day", "view", "lesion_id", "type", "x0
                   "radius_px", "mask_area", "stage", "age_days", "intensity", "diameter_mm")
 #: The grade table's key; every other column is ``<grader>_<name>``.
 GRADES_KEY = "image"
+#: The grade table's second key: the image's sha256 from the manifest when it was graded.
+GRADES_SHA = "image_sha256"
 
 _MAX_SHOWN = 120
 
@@ -110,6 +116,28 @@ def check_run_dir(run: str | os.PathLike[str], need: tuple[str, ...] = RUN_FILES
     return run
 
 
+def run_file(run: str | os.PathLike[str], name: str) -> Path:
+    """``RUN/name`` after checking that it resolves inside the run (a file linked from elsewhere is refused:
+    the run's checks would vouch for bytes the run does not hold)."""
+    run = Path(run)
+    path = run.joinpath(*PurePosixPath(name).parts)
+    if not path.resolve().is_relative_to(run.resolve()):
+        raise RunError(f"{path}: resolves outside the run directory {run} (to {path.resolve()}); a run's files "
+                       "must lie inside it")
+    return path
+
+
+def grid_names(manifest: pd.DataFrame) -> list[str]:
+    """The contact sheets ``generate`` writes for ``manifest``: ``grids/<patient>.jpg`` per patient, and
+    ``grids/<patient>_views.jpg`` for a patient photographed from more than one view."""
+    names = []
+    for pid, rows in manifest.groupby("patient_id", sort=False):
+        names.append(f"{GRIDS}/{pid}.jpg")
+        if rows["view"].nunique() > 1:
+            names.append(f"{GRIDS}/{pid}_views.jpg")
+    return names
+
+
 def read_json(path: Path, *, what: str = "a JSON object") -> dict[str, Any]:
     """A JSON object from ``path`` (UTF-8), or a one-line error naming the file."""
     try:
@@ -130,13 +158,15 @@ def read_json(path: Path, *, what: str = "a JSON object") -> dict[str, Any]:
 
 
 def read_config(run: str | os.PathLike[str]) -> dict[str, Any]:
-    return read_json(Path(run) / CONFIG)
+    return read_json(run_file(run, CONFIG))
 
 
 def read_truth(run: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The run's simulation truth, or None when the run has none."""
     path = Path(run) / TRUTH
-    return read_json(path, what="the simulation truth (a JSON object)") if path.exists() else None
+    if not (path.exists() or path.is_symlink()):
+        return None
+    return read_json(run_file(run, TRUTH), what="the simulation truth (a JSON object)")
 
 
 def read_parquet(path: Path) -> pd.DataFrame:
@@ -182,7 +212,7 @@ def read_manifest(run: str | os.PathLike[str], columns: tuple[str, ...] | list[s
     """The manifest, validated: ``columns`` present, at least one row, image paths inside the run and unique,
     valid patient ids. Row order is kept; ``image`` holds clean relative POSIX paths."""
     run = check_run_dir(run)
-    path = run / MANIFEST
+    path = run_file(run, MANIFEST)
     manifest = read_parquet(path)
     require_columns(manifest, tuple(dict.fromkeys(("image", "patient_id", *columns))), path)
     if manifest.empty:
@@ -207,7 +237,7 @@ def read_lesions(run: str | os.PathLike[str], images: set[str] | None = None) ->
     ``x0 <= x1`` and ``y0 <= y1``, each lesion once per image, and (given ``images``) only images of the
     manifest. Adds ``_row`` (the 1-based row in the file)."""
     run = check_run_dir(run)
-    path = run / LESIONS
+    path = run_file(run, LESIONS)
     lesions = read_parquet(path).reset_index(drop=True)
     require_columns(lesions, ("image", "lesion_id", "type", "x0", "y0", "x1", "y1"), path)
     canonical = []
@@ -294,6 +324,25 @@ def grade_outcomes(run: str | os.PathLike[str]) -> pd.DataFrame | None:
     return grades[[GRADES_KEY, *wanted]]
 
 
+def is_sha256(value: Any) -> bool:
+    """A sha256 as the manifest stores it: 64 lower-case hex digits."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def check_sha256(run: Path, rel: str, digest: Any, row: int, column: str = "sha256") -> None:
+    """Refuse (one line) a file of the run whose bytes no longer match the manifest's ``column`` at ``row``."""
+    where = f"{run / MANIFEST}: row {row}, column '{column}'"
+    if not is_sha256(digest):
+        raise RunError(f"{where}: {show(digest)} is not a sha256")
+    path = run / rel
+    if not path.is_file():
+        raise RunError(f"{where}: {rel} is missing; run `synthtrial verify` and re-run `synthtrial generate` to "
+                       "heal the run")
+    if sha256_file(path) != digest:
+        raise RunError(f"{where}: {rel} no longer matches its checksum (changed or truncated); run `synthtrial "
+                       "verify` and re-run `synthtrial generate` to heal the run")
+
+
 def mask_path_for(image: str) -> str:
     """The instance mask of an image: ``images/P/x.png`` -> ``masks/P/x.png``."""
     parts = PurePosixPath(image).parts
@@ -324,23 +373,26 @@ def write_manifest(run: Path, manifest: pd.DataFrame, lesions: pd.DataFrame) -> 
 
 
 @contextlib.contextmanager
-def locked(run: Path, *, what: str = "writing") -> Iterator[None]:
+def locked(run: Path, *, what: str = "writing", option: str | None = "--out") -> Iterator[None]:
     """Hold ``RUN/.lock`` (an advisory ``flock``) for the block; a second holder is refused with a one-line
-    error. The lock covers the very first write of a new run directory: the folder is created here."""
+    error. The lock covers the very first write of a new run directory: the folder is created here.
+    ``option`` names the option that chose ``run`` (None: the run was given as an argument, as to ``grade``)."""
     import fcntl
 
+    where = f"(option {option})" if option else "(the run directory given)"
     try:
         run.mkdir(parents=True, exist_ok=True)
         fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise RunError(f"{run}: cannot be written ({one_line(exc)}) (option --out)") from None
+        raise RunError(f"{run}: cannot be written ({one_line(exc)}) {where}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise RunError(f"{run}: another synthtrial process is {what} this run; wait for it to finish "
-                               "or choose another --out") from None
+                also = f" or choose another {option}" if option else ""
+                raise RunError(f"{run}: another synthtrial process is {what} this run; wait for it to "
+                               f"finish{also}") from None
             raise
         yield
     finally:
@@ -392,71 +444,3 @@ def as_float(value: Any, path: Path, row: int, column: str) -> float | None:
     if not math.isfinite(number):
         raise RunError(f"{path}: row {row}, column '{column}': {show(value)} is not a number")
     return number + 0.0
-
-
-# ------------------------------------------------------------------------------------------- verify
-
-def verify(run: str | os.PathLike[str], *, progress: Any = None) -> list[str]:
-    """Check a finished run: every file against the manifest, the tables against each other and against
-    ``config.json``. Returns one line per problem found (empty when all holds). ``progress(done, total, status)``
-    is called as images are checked."""
-    run = check_run_dir(run)
-    problems: list[str] = []
-    try:
-        config = read_config(run)
-        manifest = read_manifest(run, MANIFEST_COLUMNS, images_must_exist=False)
-        lesions = read_lesions(run, set(manifest["image"]))
-    except RunError as exc:
-        return [str(exc)]
-    settings = config.get("settings", {}) if isinstance(config.get("settings"), dict) else {}
-    if "backend" in settings and set(manifest["backend"]) != {settings["backend"]}:
-        problems.append(f"{MANIFEST}: column 'backend' says {sorted(set(manifest['backend']))} but {CONFIG} "
-                        f"says '{settings['backend']}'")
-    rows = config.get("protocol", {}).get("rows") if isinstance(config.get("protocol"), dict) else None
-    if rows is not None and rows != len(manifest):
-        problems.append(f"{MANIFEST}: has {len(manifest)} rows but {CONFIG} records a protocol of {rows} rows")
-    protocol_sha = config.get("protocol", {}).get("sha256") if isinstance(config.get("protocol"), dict) else None
-    if protocol_sha is not None:
-        path = run / PROTOCOL
-        if not path.is_file():
-            problems.append(f"{PROTOCOL}: missing")
-        elif sha256_file(path) != protocol_sha:
-            problems.append(f"{PROTOCOL}: does not match the protocol sha256 recorded in {CONFIG}")
-    size = settings.get("size")
-    listed = set()
-    for i, rec in enumerate(manifest.itertuples(index=False), start=1):
-        for column, digest_column in (("image", "sha256"), ("mask", "mask_sha256")):
-            rel = getattr(rec, column)
-            try:
-                rel = checked_image_path(run, rel, f"{MANIFEST}: row {i}, column '{column}'", must_exist=False)
-            except RunError as exc:
-                problems.append(str(exc))
-                continue
-            listed.add(rel)
-            path = run / rel
-            if not path.is_file():
-                problems.append(f"{rel}: missing (manifest row {i})")
-            elif sha256_file(path) != getattr(rec, digest_column):
-                problems.append(f"{rel}: bytes differ from the manifest's {digest_column} (row {i}): changed or "
-                                "truncated")
-        if size is not None and (rec.width, rec.height) != (size, size):
-            problems.append(f"{MANIFEST}: row {i}: {rec.width}x{rec.height} but {CONFIG} says --size {size}")
-        if progress is not None:
-            progress(i, len(manifest), "")
-    for folder in (IMAGES, MASKS):
-        for path in sorted((run / folder).rglob("*")) if (run / folder).is_dir() else []:
-            if path.is_file() and path.relative_to(run).as_posix() not in listed:
-                problems.append(f"{path.relative_to(run).as_posix()}: not listed in {MANIFEST}")
-    active = lesions[lesions["type"].isin(scale.LESION_TYPES)].groupby("image").size()
-    per_type = lesions.groupby(["image", "type"]).size()
-    for i, rec in enumerate(manifest.itertuples(index=False), start=1):
-        n = int(active.get(rec.image, 0))
-        if n != rec.lesion_count:
-            problems.append(f"{MANIFEST}: row {i}, column 'lesion_count': {rec.lesion_count} but {LESIONS} has "
-                            f"{n} active lesions on {rec.image}")
-        for t in scale.ALL_LESION_TYPES:
-            n_t = int(per_type.get((rec.image, t), 0))
-            if n_t != getattr(rec, f"n_{t}"):
-                problems.append(f"{MANIFEST}: row {i}, column 'n_{t}': {getattr(rec, f'n_{t}')} but {LESIONS} has "
-                                f"{n_t}")
-    return problems

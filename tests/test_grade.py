@@ -1,0 +1,170 @@
+"""Grades belong to their image (issue 19): each row keyed by the image's path and sha256, chunks keyed by what
+they hold, never by position; a changed image is graded again, a damaged chunk is recomputed."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from synthtrial.graders.base import fingerprint_of, get_grader
+from synthtrial.grade import PARTS_DIR, grade_run
+from synthtrial.run import rundir
+from synthtrial.run.generation import generate
+from synthtrial.util.errors import SynthtrialError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Mean:
+    """A toy grader: each image's mean pixel value; counts the images it is asked to grade."""
+
+    name = "mean"
+    outcomes = ("value",)
+
+    def __init__(self):
+        self.graded = 0
+
+    def fingerprint(self):
+        return fingerprint_of({"grader": "mean"})
+
+    def predict(self, images, meta=None):
+        self.graded += len(images)
+        return pd.DataFrame({"value": [float(im.mean()) for im in images]})
+
+
+def cut_protocol(folder: Path) -> Path:
+    """The issue's repro input: protocols/quick.csv cut to 2 patients x 6 days."""
+    lines = (ROOT / "protocols" / "quick.csv").read_text().splitlines()
+    keep = [lines[0]] + [l for l in lines[1:] if l.split(",")[0] in ("P01", "P02") and int(l.split(",")[1]) <= 6]
+    path = folder / "cut.csv"
+    path.write_text("\n".join(keep) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cut_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cut")
+    return generate(cut_protocol(folder), folder / "R", size=128, progress=False)
+
+
+@pytest.fixture()
+def run(cut_run, tmp_path):
+    copy = tmp_path / "R"
+    shutil.copytree(cut_run, copy)
+    return copy
+
+
+def own_means(run: Path, grades: pd.DataFrame) -> list[float]:
+    """What Mean gives each row's own image, read now."""
+    return [float(np.asarray(Image.open(run / rel).convert("RGB")).mean()) for rel in grades["image"]]
+
+
+def replace_image(run: Path, rel: str, *, update_manifest: bool) -> None:
+    """Draw another picture over ``rel`` (a valid PNG); with ``update_manifest`` record its sha256, as a run
+    re-rendered with other settings would."""
+    Image.fromarray(np.full((128, 128, 3), 200, np.uint8)).save(run / rel)
+    if update_manifest:
+        manifest = pd.read_parquet(run / "manifest.parquet")
+        manifest.loc[manifest["image"] == rel, "sha256"] = rundir.sha256_file(run / rel)
+        rundir.write_table(run / "manifest.parquet", manifest)
+
+
+def test_grades_carry_the_image_sha256(run):
+    grades = pd.read_parquet(grade_run(run, [Mean()]))
+    manifest = pd.read_parquet(run / "manifest.parquet")
+    assert list(grades.columns) == ["image", "image_sha256", "mean_value"]
+    assert grades["image"].tolist() == manifest["image"].tolist()
+    assert grades["image_sha256"].tolist() == manifest["sha256"].tolist()
+
+
+def test_another_batch_size_gives_every_image_its_grade(run, tmp_path):
+    counter = get_grader("counter")
+    grade_run(run, [counter], batch_size=5)
+    second = pd.read_parquet(grade_run(run, [counter], batch_size=2))
+    assert len(second) == 12 and second["image"].notna().all() and second["counter_count"].notna().all()
+    fresh = tmp_path / "fresh"
+    shutil.copytree(run, fresh, ignore=shutil.ignore_patterns(".grades", "grades.*"))
+    assert second.equals(pd.read_parquet(grade_run(fresh, [counter], batch_size=64)))
+    assert len(list((run / PARTS_DIR).glob("counter-*/*.parquet"))) == 6  # the batch-5 chunks were dropped
+
+
+def test_reordered_manifest_keeps_each_grade_with_its_image(run):
+    grade_run(run, [Mean()], batch_size=4)
+    manifest = pd.read_parquet(run / "manifest.parquet")
+    rundir.write_table(run / "manifest.parquet", manifest.iloc[::-1].reset_index(drop=True))
+    again = Mean()
+    grades = pd.read_parquet(grade_run(run, [again], batch_size=4))
+    assert again.graded == 0  # the same visits in the same chunks: nothing graded twice
+    assert grades["image"].tolist() == manifest["image"].tolist()[::-1]
+    assert grades["mean_value"].tolist() == pytest.approx(own_means(run, grades))
+
+
+def test_a_dropped_manifest_row_shifts_no_grade(run):
+    grade_run(run, [Mean()], batch_size=4)
+    manifest = pd.read_parquet(run / "manifest.parquet")
+    rundir.write_table(run / "manifest.parquet", manifest.drop(index=2).reset_index(drop=True))
+    grades = pd.read_parquet(grade_run(run, [Mean()], batch_size=4))
+    assert len(grades) == 11 and manifest["image"][2] not in set(grades["image"])
+    assert grades["mean_value"].tolist() == pytest.approx(own_means(run, grades))
+
+
+def test_a_changed_image_is_graded_again(run):
+    grade_run(run, [Mean()], batch_size=4)
+    rel = pd.read_parquet(run / "manifest.parquet")["image"][7]
+    replace_image(run, rel, update_manifest=True)
+    again = Mean()
+    grades = pd.read_parquet(grade_run(run, [again], batch_size=4))
+    assert again.graded == 4  # only the chunk holding the changed image
+    assert grades.loc[grades["image"] == rel, "mean_value"].item() == pytest.approx(200.0)
+    assert grades["mean_value"].tolist() == pytest.approx(own_means(run, grades))
+
+
+def test_a_damaged_image_is_refused_then_healed_and_graded(run, cut_run):
+    grade_run(run, [Mean()], batch_size=4)
+    truth = pd.read_parquet(run / "grades.parquet")
+    shutil.rmtree(run / PARTS_DIR)
+    rel = pd.read_parquet(run / "manifest.parquet")["image"][3]
+    replace_image(run, rel, update_manifest=False)
+    with pytest.raises(SynthtrialError, match=f"row 4, column 'sha256': {rel} no longer matches its checksum"):
+        grade_run(run, [Mean()], batch_size=4)
+    generate(cut_run.parent / "cut.csv", run, size=128, progress=False)  # heals the image
+    assert pd.read_parquet(grade_run(run, [Mean()], batch_size=4)).equals(truth)
+
+
+def test_a_damaged_chunk_is_graded_again(run):
+    first = pd.read_parquet(grade_run(run, [Mean()], batch_size=4))
+    parts = sorted((run / PARTS_DIR).glob("mean-*/*.parquet"))
+    parts[0].write_bytes(parts[0].read_bytes()[:40])
+    parts[1].write_bytes(rundir.parquet_bytes(pd.read_parquet(parts[2])))  # another chunk's grades under its name
+    again = Mean()
+    assert pd.read_parquet(grade_run(run, [again], batch_size=4)).equals(first)
+    assert again.graded == 8
+
+
+def test_other_graders_keep_grades_only_for_unchanged_images(run):
+    grade_run(run, [Mean()], batch_size=4)
+    rel = pd.read_parquet(run / "manifest.parquet")["image"][5]
+    replace_image(run, rel, update_manifest=True)
+    grades = pd.read_parquet(grade_run(run, [get_grader("counter")], batch_size=4))
+    changed = grades["image"] == rel
+    assert grades.loc[changed, "mean_value"].isna().all()
+    assert grades.loc[~changed, ["mean_value", "counter_count"]].notna().all().all()  # (a flat grey picture has no face to count on)
+
+
+def test_grade_errors_name_the_run_not_an_option_grade_lacks(run):
+    from synthtrial.cli import app
+
+    runner = CliRunner()
+    with rundir.locked(run):
+        busy = runner.invoke(app, ["grade", str(run), "--graders", "counter", "-q"])
+    assert busy.exit_code == 2 and "another synthtrial process is grading this run" in busy.stderr
+    assert "--out" not in busy.stderr and len(busy.stderr.strip().splitlines()) == 1
+    (run / ".lock").unlink()
+    (run / ".lock").mkdir()  # cannot be opened for writing, as on a read-only run
+    blocked = runner.invoke(app, ["grade", str(run), "--graders", "counter", "-q"])
+    assert blocked.exit_code == 2 and "cannot be written" in blocked.stderr and "--out" not in blocked.stderr
+    assert "(the run directory given)" in blocked.stderr and not (run / "grades.parquet").exists()
