@@ -229,17 +229,17 @@ def test_imagefolder_metadata(tmp_path):
 def test_exports_are_reproducible(tmp_path):
     run = make_run(tmp_path)
 
-    def snapshot():
-        export_run(run, "coco")
-        export_run(run, "acne04", folds=3)
-        export_run(run, "imagefolder")
+    def snapshot(force=False):
+        export_run(run, "coco", force=force)
+        export_run(run, "acne04", folds=3, force=force)
+        export_run(run, "imagefolder", force=force)
         files = sorted(p for p in (run / "exports").rglob("*") if p.is_file())
         return {p.relative_to(run).as_posix(): p.read_bytes() for p in files}
 
     first = snapshot()
     assert "exports/coco/annotations.json" in first and "exports/acne04/NNEW_test_0.txt" in first
     assert "exports/imagefolder/train/metadata.csv" in first
-    second = snapshot()  # replaces the earlier exports in place
+    second = snapshot(force=True)  # replaces the earlier exports in place
     assert second == first
     leftovers = [p.name for p in (run / "exports").iterdir() if p.name.startswith(".")]
     assert leftovers == []
@@ -294,7 +294,7 @@ def test_a_failed_export_leaves_the_previous_one(tmp_path):
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     (run / "images/P02/P02_20180102_frontal.png").write_bytes(b"not a png")
     with pytest.raises(SynthtrialError, match="P02_20180102_frontal.png no longer matches its checksum"):
-        export_run(run, "acne04", folds=3)
+        export_run(run, "acne04", folds=3, force=True)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in (run / "exports").iterdir()) == ["acne04"]

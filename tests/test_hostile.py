@@ -122,3 +122,105 @@ def test_analyze_on_damaged_run_files(run, damage, needle):
     damage(run)
     one_line_exit_2(invoke("analyze", run, "--no-autoencoder", "-q"), needle)
     assert not (run / "analysis").exists()
+
+
+# ------------------------------------------------------------------- issue 19: masks, tables, names, --force
+
+def coco_of(run, out):
+    assert invoke("export", run, "--format", "coco", "--out", out, "-q").exit_code == 0
+    return json.loads(Path(out).read_text())
+
+
+def test_export_refuses_a_replaced_or_deleted_mask(run, tmp_path):
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    mask = run / pd.read_parquet(run / "manifest.parquet")["mask"][4]
+    labels = np.asarray(Image.open(mask)).copy()
+    labels[labels > 0] = 1  # every lesion relabelled as lesion 0: a valid 16-bit map, other annotations
+    Image.fromarray(labels.astype(np.uint16)).save(mask)
+    one_line_exit_2(invoke("export", run, "--format", "coco", "--out", tmp_path / "a.json"),
+                    f"row 5, column 'mask_sha256': {mask.relative_to(run).as_posix()} no longer matches its checksum")
+    mask.unlink()
+    one_line_exit_2(invoke("export", run, "--format", "coco", "--out", tmp_path / "a.json"),
+                    f"row 5, column 'mask_sha256': {mask.relative_to(run).as_posix()} is missing")
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_export_and_verify_refuse_files_outside_the_run(run, tmp_path):
+    import pandas as pd
+
+    mask = run / pd.read_parquet(run / "manifest.parquet")["mask"][2]
+    outside = tmp_path / "outside.png"
+    shutil.copy(mask, outside)  # the same bytes: only where it lies is wrong
+    mask.unlink()
+    mask.symlink_to(outside)
+    one_line_exit_2(invoke("export", run, "--format", "coco", "--out", tmp_path / "a.json"),
+                    "leaves the run directory")
+    verified = invoke("verify", run, "-q")
+    assert verified.exit_code == 1 and "leaves the run directory" in verified.stderr
+    mask.unlink()
+    shutil.copy(outside, mask)
+    lesions = tmp_path / "lesions.parquet"
+    shutil.copy(run / "lesions.parquet", lesions)
+    (run / "lesions.parquet").unlink()
+    (run / "lesions.parquet").symlink_to(lesions)
+    one_line_exit_2(invoke("export", run, "--format", "coco", "--out", tmp_path / "a.json"),
+                    "lesions.parquet: resolves outside the run directory")
+    verified = invoke("verify", run, "-q")
+    assert verified.exit_code == 1 and "lesions.parquet: resolves outside the run directory" in verified.stderr
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_export_takes_a_long_out_name(run, tmp_path):
+    name = "x" * 245 + ".json"
+    assert len(coco_of(run, tmp_path / name)["images"]) == 48
+    folder = tmp_path / ("y" * 250)
+    assert invoke("export", run, "--format", "acne04", "--out", folder, "--folds", 3, "-q").exit_code == 0
+    assert (folder / "NNEW_test_0.txt").is_file() and [p.name for p in tmp_path.iterdir()
+                                                       if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("where", ["default", "out"])
+def test_an_earlier_export_is_replaced_only_with_force(run, tmp_path, where):
+    extra = ["--folds", 3] + ([] if where == "default" else ["--out", tmp_path / "acne"])
+    folder = run / "exports" / "acne04" if where == "default" else tmp_path / "acne"
+    assert invoke("export", run, "--format", "acne04", *extra, "-q").exit_code == 0
+    (folder / "NNEW_test_0.txt").write_text("mine\n")
+    one_line_exit_2(invoke("export", run, "--format", "acne04", *extra, "-q"),
+                    "holds an earlier acne04 export; pass --force to replace it")
+    assert (folder / "NNEW_test_0.txt").read_text() == "mine\n"
+    assert invoke("export", run, "--format", "acne04", *extra, "--force", "-q").exit_code == 0
+    assert (folder / "NNEW_test_0.txt").read_text() != "mine\n"
+
+
+def test_verify_refuses_an_empty_config_and_edited_simulated_columns(run):
+    import pandas as pd
+
+    from synthtrial.run.rundir import write_table
+
+    config = (run / "config.json").read_text()
+    (run / "config.json").write_text("{}")
+    verified = invoke("verify", run, "-q")
+    assert verified.exit_code == 1
+    assert "config.json: 'settings' is missing" in verified.stderr and "config.json: 'protocol' is missing" in \
+        verified.stderr
+    (run / "config.json").write_text(config)
+    manifest = pd.read_parquet(run / "manifest.parquet")
+    manifest.loc[1, "severity"] = 2.9
+    manifest.loc[2, "treatment"] = "Cream" if manifest.loc[2, "treatment"] != "Cream" else "Control"
+    manifest.loc[3, "day"] = 99
+    write_table(run / "manifest.parquet", manifest)
+    text = " ".join(invoke("verify", run, "-q").stderr.split())
+    assert "row 2, column 'severity': 2.9 but protocol.csv row 2 says" in text
+    assert "row 3, column 'treatment'" in text
+    assert "row 4: patient 'P01', day 99, view 'frontal' is not a row of protocol.csv" in text
+    assert "row 4, column 'day': 99 is not a simulated day of patient 'P01' in truth.json" in text
+
+
+def test_verify_reports_missing_grids(run):
+    (run / "grids" / "P02.jpg").unlink()
+    (run / "grids" / "P03.jpg").write_bytes(b"")
+    text = " ".join(invoke("verify", run, "-q").stderr.split())
+    assert "grids/P02.jpg: missing" in text and "grids/P03.jpg: is not a JPEG" in text

@@ -333,6 +333,20 @@ def test_two_processes_on_one_new_run_do_not_mix(tmp_path):
     assert verify(out) == []
 
 
+def test_verify_reports_the_grids_a_full_disk_left_out(tiny, tmp_path):
+    """generate draws the contact sheets last; a run stopped there (a full disk) must not verify."""
+    from synthtrial.run.verify import verify
+
+    out = generate(tiny, tmp_path / "run", size=128, progress=False)
+    assert verify(out) == []
+    (out / "grids" / "a1_views.jpg").unlink()
+    (out / "grids" / "b2.jpg").unlink()
+    assert verify(out) == ["grids/a1_views.jpg: missing; re-run the generate command to draw it",
+                           "grids/b2.jpg: missing; re-run the generate command to draw it"]
+    generate(tiny, out, size=128, progress=False)
+    assert verify(out) == []
+
+
 def test_refused_generate_leaves_nothing_behind(tiny, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("patient_id,day,treatment,severity,face\nq1,0,Control,1.0,missing.png\n")

@@ -29,7 +29,9 @@ def export_command(
                                                     "RUN/exports/<format>).", show_default=False)] = None,
     folds: Annotated[int, typer.Option(min=2, help="Folds for the acne04 format (split by patient).")] = 5,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the patient-to-fold assignment.")] = 0,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing COCO JSON file named by --out.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier export (the folder, or the COCO JSON file "
+                                        "named by --out); a folder that is not an export is never replaced.")]
+    = False,
     link: Annotated[bool, typer.Option("--link", help="imagefolder: hard-link the images instead of copying them "
                                        "(saves space, but editing an exported image then changes the run).")]
     = False,
@@ -37,7 +39,7 @@ def export_command(
 ) -> None:
     """Export a run's images and ground truth to a grader's training format.
 
-    Every image is checked against the manifest's sha256 first. --out may not lie inside the run directory (except under RUN/exports/); an existing COCO file is replaced only with --force.
+    Every image (and, for COCO, every mask) is checked against the manifest's sha256 first; files that resolve outside the run are refused. --out may not lie inside the run directory (except under RUN/exports/); an earlier export, at --out or the default path, is replaced only with --force.
     """
     from synthtrial.run.export import export_run
 

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from synthtrial.trial import scale
-from synthtrial.util.atomic import write_text_atomic
+from synthtrial.util.atomic import temp_prefix, write_text_atomic
 from synthtrial.run import rundir
 from synthtrial.util.errors import SynthtrialError, one_line
 from synthtrial.util.progress import progress_bar
@@ -96,8 +96,9 @@ def export_run(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike
     """Convert the run directory ``run_dir`` to the training-set format ``fmt`` (one of :data:`EXPORT_FORMATS`).
 
     ``out`` is the export's folder (default ``RUN/exports/<fmt>``); for ``coco`` it may also be a file name
-    ending in ``.json``. An existing export of the same format there is replaced; any other existing,
-    non-empty folder is refused, and so is an existing COCO file unless ``force``. An ``out`` inside the run
+    ending in ``.json``. One rule for what exists there, whether ``out`` was given or not: an earlier export
+    (of the same format, or a COCO file) is replaced only with ``force``; any other existing, non-empty folder
+    is refused even then. An ``out`` inside the run
     directory is refused unless it lies under ``RUN/exports/`` (an export never overwrites the run's own
     files). ``folds`` and ``seed`` set the ACNE04 patient folds. ``link`` hard-links the imagefolder's images
     instead of copying them (no extra space; but editing an exported image then edits the run). Every image
@@ -120,24 +121,26 @@ def export_run(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike
                               "could overwrite the run's own files; choose another --out")
     coco_file = fmt == "coco" and out is not None and target.suffix.lower() == ".json" and not target.is_dir()
     if coco_file and (target.exists() or target.is_symlink()):
-        if not target.is_file():
-            raise SynthtrialError(f"{target}: exists and is not a file; choose another --out")
+        if not target.is_file() or target.is_symlink():
+            raise SynthtrialError(f"{target}: exists and is not a plain file; choose another --out")
         if not force:
             raise SynthtrialError(f"{target}: already exists; pass --force to replace it (option --out)")
+    elif not coco_file:
+        _check_folder(target, fmt, force=force)
     run_info = _read_run(run, fmt, progress=progress)
     run_info.progress, run_info.link = progress, link
     if fmt == "coco":
         if coco_file:
             return write_text_atomic(target, _coco_json(run_info))
-        with _building(target, fmt, run) as tmp:
+        with _building(target) as tmp:
             write_text_atomic(tmp / "annotations.json", _coco_json(run_info))
         return target / "annotations.json"
     if fmt == "acne04":
         names, labels = _plan_acne04(run_info, folds=folds, seed=seed)
-        with _building(target, fmt, run) as tmp:
+        with _building(target) as tmp:
             _write_acne04(run_info, tmp, names, labels)
         return target
-    with _building(target, fmt, run) as tmp:
+    with _building(target) as tmp:
         _write_imagefolder(run_info, tmp)
     return target
 
@@ -159,22 +162,24 @@ class _Run:
 
 
 def _read_run(run: Path, fmt: str, *, progress: bool = True) -> _Run:
-    """The run through :mod:`synthtrial.run.rundir`'s validated readers, and every image checked against the
-    manifest's sha256 (a truncated or edited image is refused, not exported)."""
+    """The run through :mod:`synthtrial.run.rundir`'s validated readers (a table that resolves outside the run
+    is refused), and every image, and for COCO every mask, checked against the manifest's sha256 and
+    mask_sha256 (a truncated, edited, deleted or foreign file is refused, not exported)."""
     rundir.check_run_dir(run)
     rundir.read_config(run)
-    config_bytes = (run / rundir.CONFIG).read_bytes()
+    config_bytes = rundir.run_file(run, rundir.CONFIG).read_bytes()
     manifest = rundir.read_manifest(run, _MANIFEST_COLUMNS[fmt])
     manifest = manifest.assign(_row=np.arange(1, len(manifest) + 1))
-    if "sha256" in manifest.columns:
-        manifest_path = run / rundir.MANIFEST
-        with progress_bar("checking images", len(manifest), unit="images", enabled=progress) as update:
-            for i, (rel, digest) in enumerate(zip(manifest["image"], manifest["sha256"], strict=True)):
-                if not rundir.is_missing(digest) and rundir.sha256_file(run / rel) != digest:
-                    raise SynthtrialError(f"{manifest_path}: row {i + 1}, column 'sha256': {rel} no longer matches "
-                                          "its checksum (changed or truncated); run `synthtrial verify` and re-run "
-                                          "`synthtrial generate` to heal the run")
-                update(i + 1)
+    if fmt == "coco":
+        manifest = manifest.assign(_mask=[_mask_of(run, rec) for rec in manifest.to_dict(orient="records")])
+    checks = [("image", "sha256"), ("_mask", "mask_sha256")]
+    checks = [(c, d) for c, d in checks if c in manifest.columns and d in manifest.columns]
+    with progress_bar("checking images", len(manifest), unit="images", enabled=progress) as update:
+        for i, rec in enumerate(manifest.to_dict(orient="records")):
+            for column, digest_column in checks:
+                if not rundir.is_missing(rec[column]) and not rundir.is_missing(rec[digest_column]):
+                    rundir.check_sha256(run, rec[column], rec[digest_column], i + 1, digest_column)
+            update(i + 1)
     manifest = manifest.sort_values("image", kind="stable").reset_index(drop=True)
     images = manifest["image"].tolist()
     lesions = None
@@ -182,6 +187,24 @@ def _read_run(run: Path, fmt: str, *, progress: bool = True) -> _Run:
         lesions = rundir.read_lesions(run, set(images))
         lesions = lesions[["image", "lesion_id", "type", "x0", "y0", "x1", "y1", "_row"]]
     return _Run(run, manifest, lesions, config_bytes, images)
+
+
+def _mask_of(run: Path, rec: dict[str, Any]) -> str | None:
+    """The image's lesion mask (relative path; the manifest's ``mask`` column, else ``masks/<patient>/<image
+    stem>.png``), checked to lie inside the run; None when the run has none for it. A mask the manifest lists
+    with a sha256 must exist."""
+    where = f"{run / rundir.MANIFEST}: row {rec['_row']}, column 'mask'"
+    listed = rec.get("mask")
+    if isinstance(listed, str) and listed:
+        rel = rundir.checked_image_path(run, listed, where, must_exist=False)
+        if not rundir.is_missing(rec.get("mask_sha256")) or (run / rel).is_file():
+            return rel
+        return None
+    rel = f"{rundir.MASKS}/{rec['patient_id']}/{PurePosixPath(rec['image']).stem}.png"
+    if not ((run / rel).exists() or (run / rel).is_symlink()):
+        return None
+    return rundir.checked_image_path(run, rel, f"{run / rundir.MANIFEST}: row {rec['_row']}, the mask of column "
+                                     "'image'", must_exist=False)
 
 
 # ------------------------------------------------------------------------------------------------ coco
@@ -214,9 +237,8 @@ def _coco_json(run: _Run) -> str:
             if frame is None:
                 advance()
                 continue
-            mask_path = run.root / "masks" / rec["patient_id"] / (PurePosixPath(rel).stem + ".png")
-            shapes = _mask_shapes(mask_path, width, height, frame["lesion_id"].tolist()) \
-                if mask_path.is_file() else {}
+            shapes = {} if rundir.is_missing(rec["_mask"]) else \
+                _mask_shapes(run.root / rec["_mask"], width, height, frame["lesion_id"].tolist())
             for les in frame.to_dict(orient="records"):
                 x0, y0 = float(les["x0"]), float(les["y0"])
                 w, h = float(les["x1"]) - x0, float(les["y1"]) - y0
@@ -460,27 +482,33 @@ def _date_text(value: Any, path: Path, row: int) -> str:
 
 # -------------------------------------------------------------------------------------- writing safely
 
+def _check_folder(target: Path, fmt: str, *, force: bool) -> None:
+    """Refuse an existing export folder that is not an earlier export of ``fmt``, or that is
+    an earlier export while ``force`` is not given (one rule, for the default path and ``--out`` alike)."""
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise SynthtrialError(f"{target}: exists and is not a folder; choose another --out")
+    held = sorted(p.name for p in target.iterdir())
+    strangers = [name for name in held if not _belongs_to_export(name, fmt)]
+    if strangers:
+        raise SynthtrialError(f"{target}: exists and is not a synthtrial {fmt} export "
+                              f"(it holds {rundir.show(strangers[0])}); choose another --out or remove it")
+    if held and not force:
+        raise SynthtrialError(f"{target}: holds an earlier {fmt} export; pass --force to replace it (option --out)")
+
+
 @contextlib.contextmanager
-def _building(target: Path, fmt: str, run: Path) -> Iterator[Path]:
-    """Yield an empty temp folder beside ``target``; on success it replaces ``target``, on failure it is removed."""
+def _building(target: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``target``; on success it replaces ``target``, on failure it is removed.
+    (:func:`export_run` checked ``target`` first.)"""
     target = Path(target)
-    resolved = target.resolve()
-    run_root = run.resolve()
-    if resolved == run_root or run_root.is_relative_to(resolved):
-        raise SynthtrialError(f"{target}: would replace the run directory {run}; choose another --out")
-    if target.exists():
-        if not target.is_dir():
-            raise SynthtrialError(f"{target}: exists and is not a folder; choose another --out")
-        strangers = sorted(p.name for p in target.iterdir() if not _belongs_to_export(p.name, fmt))
-        if strangers:
-            raise SynthtrialError(f"{target}: exists and is not a synthtrial {fmt} export "
-                                  f"(it holds {rundir.show(strangers[0])}); choose another --out or remove it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".old", dir=target.parent))
             os.replace(target, old / "export")
             try:
                 os.replace(tmp, target)

@@ -6,12 +6,16 @@ import os
 import tempfile
 from pathlib import Path
 
+#: Characters of the target's name kept in its temp file's name (a long name must not make the temp name
+#: longer than the file system allows).
+TEMP_NAME_CHARS = 32
+
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -21,6 +25,11 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def temp_prefix(path: str | os.PathLike[str]) -> str:
+    """The prefix of a temp file or folder beside ``path``: hidden, and short whatever the name's length."""
+    return f".{Path(path).name[:TEMP_NAME_CHARS]}."
 
 
 def _umask() -> int:
