@@ -29,9 +29,9 @@ def grade_command(
                                             "chunk).")] = 64,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Score every image of a run with the embedded graders: RUN/grades.parquet (one row per image, columns <grader>_<name>) and RUN/grades.json (which columns [bold]synthtrial analyze[/] takes as outcomes).
+    """Score every image of a run with the embedded graders: RUN/grades.parquet (one row per image: image, image_sha256, columns <grader>_<name>) and RUN/grades.json (which columns [bold]synthtrial analyze[/] takes as outcomes).
 
-    Interrupted? Run the same command again: finished chunks are kept. Grades of other graders already in the file are kept.
+    Each image is checked against the manifest's sha256 before it is graded. Interrupted? Run the same command again: finished chunks are kept (a chunk is kept by what it holds, so another --batch-size, or images changed since, are graded afresh). Grades of other graders already in the file are kept for the images that did not change.
     """
     from synthtrial.graders.base import GraderError, available, get_grader
     from synthtrial.grade import grade_run

@@ -488,7 +488,7 @@ def _check_folder(target: Path, fmt: str, *, force: bool) -> None:
     if not (target.exists() or target.is_symlink()):
         return
     if not target.is_dir() or target.is_symlink():
-        raise SynthtrialError(f"{target}: exists and is not a folder; choose another --out")
+        raise SynthtrialError(f"{target}: exists and is not a plain folder (a file or a link); choose another --out")
     held = sorted(p.name for p in target.iterdir())
     strangers = [name for name in held if not _belongs_to_export(name, fmt)]
     if strangers:
