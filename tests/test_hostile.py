@@ -206,6 +206,13 @@ def test_verify_refuses_an_empty_config_and_edited_simulated_columns(run):
     assert verified.exit_code == 1
     assert "config.json: 'settings' is missing" in verified.stderr and "config.json: 'protocol' is missing" in \
         verified.stderr
+    damaged = json.loads(config)
+    damaged["settings"]["size"] = "256"
+    del damaged["protocol"]["sha256"]
+    (run / "config.json").write_text(json.dumps(damaged))
+    text = " ".join(invoke("verify", run, "-q").stderr.split())
+    assert "config.json: 'settings' -> 'size' is '256', not a whole number of pixels >= 1" in text
+    assert "config.json: 'protocol' has no 'sha256' (a sha256 in hex)" in text
     (run / "config.json").write_text(config)
     manifest = pd.read_parquet(run / "manifest.parquet")
     manifest.loc[1, "severity"] = 2.9

@@ -59,6 +59,8 @@ PARTS = ".parts"
 LOCK = ".lock"
 #: Files that make a finished run.
 RUN_FILES = (MANIFEST, LESIONS, CONFIG)
+#: What ``config.json`` must record, per section (``generate`` writes more): checked by ``synthtrial verify``.
+CONFIG_REQUIRED = {"settings": ("backend", "size", "seed"), "protocol": ("rows", "sha256")}
 
 #: Lesion counts per type in the manifest, in the scale's type order.
 COUNT_COLUMNS = tuple(f"n_{t}" for t in scale.ALL_LESION_TYPES)

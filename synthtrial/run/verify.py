@@ -24,17 +24,13 @@ from synthtrial.util.errors import SynthtrialError
 
 #: protocol.csv stores severities rounded to 4 decimals; the manifest keeps the value rendered.
 SEVERITY_TOLERANCE = 0.5e-4 + 1e-9
-#: config.json's required entries: section -> key -> (what it is, check).
-CONFIG_REQUIRED: dict[str, dict[str, tuple[str, Callable[[Any], bool]]]] = {
-    "settings": {
-        "backend": ("a backend name", lambda v: isinstance(v, str) and bool(v)),
-        "size": ("a whole number of pixels >= 1", lambda v: _whole(v) and v >= 1),
-        "seed": ("a whole number >= 0", lambda v: _whole(v) and v >= 0),
-    },
-    "protocol": {
-        "rows": ("a whole number >= 1", lambda v: _whole(v) and v >= 1),
-        "sha256": ("a sha256 in hex", rundir.is_sha256),
-    },
+#: How each of config.json's required entries (``rundir.CONFIG_REQUIRED``) is checked: (what it is, check).
+CONFIG_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "backend": ("a backend name", lambda v: isinstance(v, str) and bool(v)),
+    "size": ("a whole number of pixels >= 1", lambda v: _whole(v) and v >= 1),
+    "seed": ("a whole number >= 0", lambda v: _whole(v) and v >= 0),
+    "rows": ("a whole number >= 1", lambda v: _whole(v) and v >= 1),
+    "sha256": ("a sha256 in hex", rundir.is_sha256),
 }
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -69,15 +65,16 @@ def verify(run: str | os.PathLike[str], *,
 
 
 def check_config(config: dict[str, Any]) -> list[str]:
-    """``config.json``'s required entries (:data:`CONFIG_REQUIRED`), one line per one missing or wrong."""
+    """``config.json``'s required entries (``rundir.CONFIG_REQUIRED``), one line per one missing or wrong."""
     problems = []
-    for section, keys in CONFIG_REQUIRED.items():
+    for section, keys in rundir.CONFIG_REQUIRED.items():
         entry = config.get(section)
         if not isinstance(entry, dict):
             problems.append(f"{CONFIG}: '{section}' is missing or not a JSON object (the settings `generate` "
                             "recorded); the run's config is damaged")
             continue
-        for key, (what, ok) in keys.items():
+        for key in keys:
+            what, ok = CONFIG_CHECKS[key]
             if key not in entry:
                 problems.append(f"{CONFIG}: '{section}' has no '{key}' ({what})")
             elif not ok(entry[key]):
