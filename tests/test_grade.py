@@ -169,3 +169,11 @@ def test_grade_errors_name_the_run_not_an_option_grade_lacks(run):
     blocked = runner.invoke(app, ["grade", str(run), "--graders", "counter", "-q"])
     assert blocked.exit_code == 2 and "cannot be written" in blocked.stderr and "--out" not in blocked.stderr
     assert "(the run directory given)" in blocked.stderr and not (run / "grades.parquet").exists()
+
+
+def test_grade_refuses_a_device_that_is_not_one(run):
+    from synthtrial.cli import app
+
+    result = CliRunner().invoke(app, ["grade", str(run), "--graders", "counter", "--device", "not a device!!", "-q"])
+    assert result.exit_code == 2 and "--device 'not a device!!' is not a torch device" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (run / "grades.parquet").exists()

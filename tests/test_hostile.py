@@ -231,3 +231,11 @@ def test_verify_reports_missing_grids(run):
     (run / "grids" / "P03.jpg").write_bytes(b"")
     text = " ".join(invoke("verify", run, "-q").stderr.split())
     assert "grids/P02.jpg: missing" in text and "grids/P03.jpg: is not a JPEG" in text
+
+
+def test_default_export_folder_linked_outside_the_run_is_refused(run, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / "exports").symlink_to(elsewhere, target_is_directory=True)
+    one_line_exit_2(invoke("export", run, "--format", "coco", "-q"), "resolves outside the run directory")
+    assert list(elsewhere.iterdir()) == []

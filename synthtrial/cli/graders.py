@@ -47,6 +47,10 @@ def grade_command(
     if unknown:
         raise GraderError(f"--weights {unknown[0]}=...: '{unknown[0]}' is not among the graders run "
                           f"({', '.join(names)})")
+    if device is not None:  # checked for every grader alike (one that runs no network would ignore it)
+        from synthtrial.util.device import resolve_device
+
+        resolve_device(device)
     built = [get_grader(n, chosen.get(n), device=device) for n in names]
     with progress_bar("grading", 1, unit="images", enabled=not quiet) as update:
         path = grade_run(run, built, batch_size=batch_size,

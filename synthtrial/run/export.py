@@ -119,6 +119,9 @@ def export_run(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike
     if resolved.is_relative_to(run_root) and not resolved.is_relative_to(run_root / "exports"):
         raise SynthtrialError(f"{target}: lies inside the run directory {run} (outside its exports/ folder) and "
                               "could overwrite the run's own files; choose another --out")
+    if out is None and not resolved.is_relative_to(run_root):
+        raise SynthtrialError(f"{target}: the default export folder resolves outside the run directory (to "
+                              f"{resolved}, through a link); name where to write with --out")
     coco_file = fmt == "coco" and out is not None and target.suffix.lower() == ".json" and not target.is_dir()
     if coco_file and (target.exists() or target.is_symlink()):
         if not target.is_file() or target.is_symlink():
