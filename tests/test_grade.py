@@ -177,3 +177,12 @@ def test_grade_refuses_a_device_that_is_not_one(run):
     result = CliRunner().invoke(app, ["grade", str(run), "--graders", "counter", "--device", "not a device!!", "-q"])
     assert result.exit_code == 2 and "--device 'not a device!!' is not a torch device" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (run / "grades.parquet").exists()
+
+
+def test_grade_writes_nothing_through_a_link_out_of_the_run(run, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / PARTS_DIR).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(SynthtrialError, match="resolves outside the run directory"):
+        grade_run(run, [Mean()])
+    assert list(elsewhere.iterdir()) == [] and not (run / "grades.parquet").exists()

@@ -65,7 +65,7 @@ def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_s
         columns: dict[str, pd.DataFrame] = {}
         for grader in graders:
             fingerprint = grader.fingerprint()
-            folder = run_dir / PARTS_DIR / f"{grader.name}-{fingerprint}"
+            folder = rundir.run_file(run_dir, f"{PARTS_DIR}/{grader.name}-{fingerprint}")  # not linked out
             frames, kept = [], set()
             for chunk in chunks:
                 part = folder / f"{chunk_key(chunk, fingerprint)}.parquet"
