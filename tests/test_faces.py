@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from synthtrial.face.faces import (ADULT_IPD_MM, BUILTIN_FACES, REGIONS, FaceError, Identity, face_files,
-                              face_from_request, identity_for, load_base_faces, make_face, mesh_triangles)
+                                   face_from_request, identity_for, load_base_faces, make_face)
+from synthtrial.face.mesh import mesh_triangles
 
 LEFT_EYE = [33, 133, 159, 145]   # landmarks on the eyes and lips must never be skin
 RIGHT_EYE = [362, 263, 386, 374]
