@@ -42,7 +42,7 @@ import numpy as np
 
 from synthtrial.render.base import (LesionSpec, PhotoStats, RenderRequest, RenderResult, check_image, circle_box,
                                     skin_weight)
-from synthtrial.render.photo import _DEFAULT_STATS, _lab2rgb, _rgb2lab, photo_stats
+from synthtrial.render.photo import DEFAULT_STATS, lab2rgb, rgb2lab, photo_stats
 from synthtrial.trial.scale import ALL_LESION_TYPES
 
 __all__ = [
@@ -343,7 +343,7 @@ class ProceduralRenderer:
             _check_lesion(i, les)
         seed = _as_int(seed, "seed")
         if stats is None:
-            stats = photo_stats(image, weight) if np.count_nonzero(weight) >= 16 else _DEFAULT_STATS
+            stats = photo_stats(image, weight) if np.count_nonzero(weight) >= 16 else DEFAULT_STATS
         _check_stats(stats)
 
         n = len(lesions)
@@ -388,8 +388,8 @@ class ProceduralRenderer:
         den = cv2.GaussianBlur(den.astype(np.float32), (0, 0), 2.0).reshape(sh, sw)
         ok = den > 0.5
         ref = np.where(ok[..., None], num / np.where(ok, den, 1.0)[..., None], 0.5).astype(np.float32)
-        ref_lab = _rgb2lab(np.ascontiguousarray(ref))
-        ref_lab[~ok] = _rgb2lab(np.asarray(stats.skin_rgb, np.float32).reshape(1, 1, 3) / 255.0)[0, 0]
+        ref_lab = rgb2lab(np.ascontiguousarray(ref))
+        ref_lab[~ok] = rgb2lab(np.asarray(stats.skin_rgb, np.float32).reshape(1, 1, 3) / 255.0)[0, 0]
 
         lx, ly = (float(v) for v in stats.light_direction)
         norm = math.hypot(lx, ly)
@@ -423,9 +423,9 @@ class ProceduralRenderer:
             return
         dst = out[y0:y1, x0:x1]
         rgb = dst[iy, ix].astype(np.float32)[:, None, :] * np.float32(1 / 255)
-        lab = _rgb2lab(rgb)
+        lab = rgb2lab(rgb)
         new_lab = lab + sub[iy, ix][:, None, :]
-        new = _lab2rgb(new_lab)[:, 0, :] * np.float32(255)
+        new = lab2rgb(new_lab)[:, 0, :] * np.float32(255)
         # grain: darkening shrinks the photo's own noise by ~((L' + 16) / (L + 16))^0.25 in sRGB
         # (sRGB ~ Y^(1/2.4), L* + 16 ~ Y^(1/3)); fresh grain restores it, so lesions are not too clean
         noise = float(stats.noise_sigma)
