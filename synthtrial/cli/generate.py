@@ -12,7 +12,6 @@ from synthtrial.cli.common import app, err, handles_errors, out
 from synthtrial.render.base import BACKENDS as BACKEND_SPECS
 
 
-
 class Naming(str, Enum):
     native = "native"
     anchor = "anchor"
@@ -89,9 +88,14 @@ def generate_command(
     }.items() if v is not None}
     if strength is not None:
         diffusion["strength" if backend.value == "sdxl-img2img" else "inpaint_strength"] = strength
+    quality = None
+    if quality_filter:  # the run stage takes the quality filter as a component; the graders build ImageQX
+        from synthtrial.graders.base import get_grader
+
+        quality = get_grader("imageqx", device="cpu")
     run_dir = generate(protocol, out_dir, faces_dir=faces, seed=seed, size=size, naming=naming.value,
                        workers=workers, progress=not quiet, backend=backend.value, diffusion=diffusion or None,
-                       quality_filter=quality_filter, reject=reject, yaw_deg=yaw)
+                       quality=quality, reject=reject, yaw_deg=yaw)
     if quality_filter and faces is not None:
         from synthtrial.run.rundir import read_config
 

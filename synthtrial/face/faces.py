@@ -146,7 +146,8 @@ class BaseFace:
     depth: np.ndarray | None = field(default=None, repr=False)   # (468,) landmark depth, pixels
 
 
-def _read_image(path: Path) -> np.ndarray:
+def read_image(path: Path) -> np.ndarray:
+    """A portrait file as (H, W, 3) uint8 RGB; an unreadable or oversized one is a FaceError naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -218,7 +219,7 @@ def face_files(faces_dir: str | os.PathLike[str]) -> list[Path]:
 
 
 def load_face_file(path: Path, key: str | None = None) -> BaseFace:
-    return _with_landmarks(key or path.stem, str(path), _read_image(path))
+    return _with_landmarks(key or path.stem, str(path), read_image(path))
 
 
 def load_base_faces(faces_dir: str | os.PathLike[str] | None = None,

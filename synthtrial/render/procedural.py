@@ -55,6 +55,7 @@ __all__ = [
     "RenderResult",
     "default_looks",
     "photo_stats",
+    "render_config",
 ]
 
 LESION_TYPES = ALL_LESION_TYPES
@@ -157,6 +158,12 @@ class ProceduralConfig:
     erythema_saturation: float = 3.0    # how fast overlapping erythema halos saturate (0 would add them up)
     draw_order: tuple[str, ...] = ("mark", "scar", "nodule", "papule", "pustule", "closed_comedo",
                                    "open_comedo")   # lower layers first
+
+
+def render_config() -> ProceduralConfig:
+    """The renderer's settings for runs and the atlas (every backend draws its lesion map with them): the
+    lesion model already sizes growing and fading lesions, so the renderer does not shrink them again."""
+    return ProceduralConfig(size_at_zero_intensity=1.0)
 
 
 # --------------------------------------------------------------------------------------------------
