@@ -497,3 +497,31 @@ def test_quality_filter_reaches_every_worker(tiny, tmp_path):
     assert manifest["quality_acceptable"].notna().all() and manifest["quality_p"].isin([0.1, 0.9]).all()
     assert {k: v for k, v in files(one).items() if k != ".lock"} == {k: v for k, v in files(two).items()
                                                                       if k != ".lock"}
+
+
+def test_full_disk_while_writing_grids_names_the_file_and_leaves_no_verifiable_run(tiny, tmp_path, monkeypatch):
+    """A full disk while the contact sheets are written: one line naming the sheet, exit 2, no manifest (so
+    verify and every later stage refuse the run), and the same command run again finishes it to the bytes of
+    an uninterrupted run."""
+    from typer.testing import CliRunner
+
+    from synthtrial.cli import app
+    from synthtrial.run import rundir
+    from test_atomic import full_disk_on
+
+    whole = generate(tiny, tmp_path / "whole", size=160, progress=False)
+    run = tmp_path / "run"
+    args = ["generate", str(tiny), "--out", str(run), "--size", "160", "--quiet"]
+    for first in (True, False):   # a new run, then a finished one re-run (its old manifest must not survive)
+        with monkeypatch.context() as patch:
+            full_disk_on(patch, lambda path: f"{os.sep}grids{os.sep}" in path)
+            result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        line = " ".join(result.output.split())
+        assert line.startswith(f"synthtrial: error: {run / 'grids' / 'a1.jpg'}: No space left on device"), line
+        assert not (run / rundir.MANIFEST).exists()
+        with pytest.raises(SynthtrialError):
+            rundir.verify(run)
+        assert CliRunner().invoke(app, args).exit_code == 0
+        assert rundir.verify(run) == []
+        assert files(run) == files(whole)
