@@ -96,9 +96,9 @@ def generate_command(
     run_dir = generate(protocol, out_dir, faces_dir=faces, seed=seed, size=size, naming=naming.value,
                        workers=workers, progress=not quiet, backend=backend.value, diffusion=diffusion or None,
                        quality=quality, reject=reject, yaw_deg=yaw)
-    if quality_filter and faces is not None:
-        from synthtrial.run.rundir import read_config
+    from synthtrial.run.rundir import GRIDS, read_config
 
+    if quality_filter and faces is not None:
         for item in read_config(run_dir)["faces"].get("refused", []):
             err.print(f"synthtrial: portrait {faces / item['file']} left out: {item['reason']}", markup=False)
-    out.print(f"[green]wrote[/green] {run_dir}  (look at {run_dir / 'grids'})")
+    out.print(f"[green]wrote[/green] {run_dir}  (look at {run_dir / GRIDS})")

@@ -38,6 +38,7 @@ import pandas as pd
 from synthtrial.util.atomic import write_bytes_atomic
 from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.device import resolve_device
+from synthtrial.util.progress import ProgressCallback
 from synthtrial.util.seeding import derived_rng
 
 __all__ = [
@@ -132,7 +133,7 @@ def _sdxl_source(model: str, size: int, steps: int, guidance: float) -> tuple[Ca
 
 def generate_face_bank(n: int, model: str, out_dir: Path, *, seed: int = 0, size: int = 1024, steps: int = 30,
                        guidance: float = 7.0, max_tries: int | None = None,
-                       progress: Callable[[int, int, str], None] | None = None,
+                       progress: ProgressCallback | None = None,
                        pipeline: Callable[[str, Any], Any] | None = None) -> pd.DataFrame:
     """Render up to ``n`` frontal synthetic portraits into ``out_dir``; returns the ``faces.csv`` table.
 

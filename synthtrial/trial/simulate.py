@@ -389,57 +389,70 @@ def simulate_severity(schedule: pd.DataFrame, model: SeverityModel, seed: int = 
     severity = np.full(len(out), np.nan)
     keep = np.ones(len(out), dtype=bool)
     patients: dict[str, Any] = {}
-    clipped = 0
     # each patient's first effect draw is its baseline's quantile (the truncated normal, all patients at once)
     baselines = _truncated_normal([float(rng.random()) for rng in effect_rngs], model.baseline_mean,
                                   model.baseline_sd, model.baseline_min, model.baseline_max)
     for pid, baseline, effect_rng, noise_rng, missing_rng in zip(pids, baselines, effect_rngs, noise_rngs,
                                                                  missing_rngs, strict=True):
         idx = np.asarray(rows_of[pid])
-        row_days, row_treatments = day_of_row[idx], treatment_of_row[idx]
-        # one value per day (its first row's treatment), shared by every view of that day
-        days_seen, first_row = np.unique(row_days, return_index=True)
-        grid, arm_on_day = treatment_calendar(row_days, row_treatments)
-        first, last = int(grid[0]), int(grid[-1])
-
-        effects = {a: model.effects.get(a, 0.0) + model.effect_sd * float(effect_rng.standard_normal()) for a in active}
-        effect_part = np.zeros(len(grid))
-        for a in active:
-            effect_part += effects[a] * exposure(arm_on_day == a, model.washin_half_life,
-                                                 model.washout_half_life)
-        mu = baseline + model.trend_per_day * (grid - first) + effect_part
-        noise = _ar1(noise_rng, len(grid), model.ar_phi, model.noise_sd)
-        raw = mu + noise
-        s = np.clip(raw, scale.SEVERITY_MIN, scale.SEVERITY_MAX) + 0.0
-        clipped_days = int(((raw < scale.SEVERITY_MIN) | (raw > scale.SEVERITY_MAX)).sum())
-        severity[idx] = s[row_days - first]
-
-        missing_days: list[int] = []
-        if model.missing_rate > 0:
-            dropped = missing_rng.random(len(grid)) < model.missing_rate
-            scheduled = set(days_seen.tolist())
-            missing_days = [int(d) for d in grid[dropped] if d in scheduled]
-            keep[idx] = ~np.isin(row_days, missing_days)
-        clipped += clipped_days
-
-        ref_days = arm_on_day == reference
-        delivered = {a: _mean_difference(effect_part, arm_on_day == a, ref_days) for a in active}
-        in_row_order = row_treatments[np.sort(first_row)].tolist()
-        patients[pid] = {
-            "baseline": baseline,
-            "effects": effects,
-            "delivered_effects": delivered,
-            "period_order": [t for i, t in enumerate(in_row_order) if i == 0 or t != in_row_order[i - 1]],
-            "first_day": first,
-            "last_day": last,
-            "missing_days": missing_days,
-            "clipped_days": clipped_days,
-        }
+        severity[idx], keep[idx], patients[pid] = _simulate_patient(
+            day_of_row[idx], treatment_of_row[idx], model, baseline, reference, active,
+            (effect_rng, noise_rng, missing_rng))
 
     out["severity"] = severity
     out = out.loc[keep].reset_index(drop=True)
     out.attrs.update(schedule.attrs)
+    return SimulatedTrial(protocol=out, truth=_truth(model, seed, reference, active, treatments, patients))
+
+
+def _simulate_patient(row_days: np.ndarray, row_treatments: np.ndarray, model: SeverityModel, baseline: float,
+                      reference: str, active: list[str], rngs: tuple[np.random.Generator, ...]
+                      ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """One patient's severity on each of its rows, which rows are kept (not missing), and its truth."""
+    effect_rng, noise_rng, missing_rng = rngs
+    # one value per day (its first row's treatment), shared by every view of that day
+    days_seen, first_row = np.unique(row_days, return_index=True)
+    grid, arm_on_day = treatment_calendar(row_days, row_treatments)
+    first, last = int(grid[0]), int(grid[-1])
+
+    effects = {a: model.effects.get(a, 0.0) + model.effect_sd * float(effect_rng.standard_normal()) for a in active}
+    effect_part = np.zeros(len(grid))
+    for a in active:
+        effect_part += effects[a] * exposure(arm_on_day == a, model.washin_half_life, model.washout_half_life)
+    mu = baseline + model.trend_per_day * (grid - first) + effect_part
+    noise = _ar1(noise_rng, len(grid), model.ar_phi, model.noise_sd)
+    raw = mu + noise
+    s = np.clip(raw, scale.SEVERITY_MIN, scale.SEVERITY_MAX) + 0.0
+    clipped_days = int(((raw < scale.SEVERITY_MIN) | (raw > scale.SEVERITY_MAX)).sum())
+
+    missing_days: list[int] = []
+    keep = np.ones(len(row_days), dtype=bool)
+    if model.missing_rate > 0:
+        dropped = missing_rng.random(len(grid)) < model.missing_rate
+        scheduled = set(days_seen.tolist())
+        missing_days = [int(d) for d in grid[dropped] if d in scheduled]
+        keep = ~np.isin(row_days, missing_days)
+
+    ref_days = arm_on_day == reference
+    delivered = {a: _mean_difference(effect_part, arm_on_day == a, ref_days) for a in active}
+    in_row_order = row_treatments[np.sort(first_row)].tolist()
     truth = {
+        "baseline": baseline,
+        "effects": effects,
+        "delivered_effects": delivered,
+        "period_order": [t for i, t in enumerate(in_row_order) if i == 0 or t != in_row_order[i - 1]],
+        "first_day": first,
+        "last_day": last,
+        "missing_days": missing_days,
+        "clipped_days": clipped_days,
+    }
+    return s[row_days - first], keep, truth
+
+
+def _truth(model: SeverityModel, seed: int, reference: str, active: list[str], treatments: list[str],
+           patients: dict[str, Any]) -> dict[str, Any]:
+    """The truth file's content: every parameter and every patient's truth, with the arms' summaries."""
+    return {
         "synthtrial_version": __version__,
         "seed": int(seed),
         "reference": reference,
@@ -450,7 +463,7 @@ def simulate_severity(schedule: pd.DataFrame, model: SeverityModel, seed: int = 
         "population_effects": {a: model.effects.get(a, 0.0) for a in active},
         "mean_delivered_effects": {a: _mean([p["delivered_effects"][a] for p in patients.values()])
                                    for a in active},
-        "clipped_days": clipped,
+        "clipped_days": sum(p["clipped_days"] for p in patients.values()),
         "patients": patients,
         "notes": ("effects are in severity units (0-3 scale), negative improves, relative to the reference arm. "
                   "'effects' are each patient's steady-state effects; 'delivered_effects' are the mean effect "
@@ -458,7 +471,6 @@ def simulate_severity(schedule: pd.DataFrame, model: SeverityModel, seed: int = 
                   "carryover applied (no trend, no noise, no clipping): the difference a perfect outcome would "
                   "show. 'clipped_days' counts days whose severity was clipped to the 0-3 scale."),
     }
-    return SimulatedTrial(protocol=out, truth=truth)
 
 
 def simulate_trial(design: TrialDesign, model: SeverityModel, seed: int = 0) -> SimulatedTrial:
