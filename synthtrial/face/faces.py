@@ -19,8 +19,8 @@ the eye centres of the mesh), taken as the adult mean :data:`ADULT_IPD_MM` (Dodg
 extrema of human interpupillary distance, Proc SPIE 5291, 2004: adult mean about 63 mm).
 
 Side views turn the head, not the picture: MediaPipe's 3-D landmarks are rotated about a vertical axis
-through the neck (:data:`synthtrial.face.mesh.PIVOT_DEPTH_IOD` behind the eyes) by the requested yaw, projected orthographically,
-and the portrait is warped piecewise-affinely over the mesh triangles, far triangles first and back-facing
+through the neck (:func:`synthtrial.face.mesh.pivot`, behind the eyes) by the requested yaw, projected
+orthographically, and the portrait is warped piecewise-affinely over the mesh triangles, far triangles first and back-facing
 ones dropped, so the near cheek widens, the far cheek foreshortens and slips behind the nose, and every
 face-mesh anchor lands on its projected landmarks. Hair, ears and background follow on a ring of control
 points around the face oval that moves with it, pinned at the image border.

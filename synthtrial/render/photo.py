@@ -38,7 +38,8 @@ def rgb2lab(rgb: np.ndarray) -> np.ndarray:
 
 
 def lab2rgb(lab: np.ndarray) -> np.ndarray:
-    """float32 CIELAB (D65, ``(..., 3)``) to sRGB (0-1 inside the gamut, not clipped): the exact inverse of :func:`rgb2lab`."""
+    """float32 CIELAB (D65, ``(..., 3)``) to sRGB (0-1 inside the gamut, not clipped): the exact inverse of
+    :func:`rgb2lab`."""
     f = np.maximum(cv2.transform(lab, _LAB2F), 0)
     lin = np.maximum(cv2.transform(f * f * f, _XYZ2RGB), 0)
     return cv2.pow(lin, 1 / 2.4) * np.float32(1.055) - np.float32(0.055)
