@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from synthtrial.util.atomic import write_bytes_atomic
-from synthtrial.run.generation import generate, png_bytes
+from synthtrial.run.generation import generate
+from synthtrial.run.rendering import png_bytes
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from synthtrial.face.mesh import interocular
 from synthtrial.graders.base import GraderError, fingerprint_of
 from synthtrial.trial import scale
 
@@ -84,7 +85,7 @@ class LesionCounter:
             return {"count": math.nan, "red_count": math.nan, "dark_count": math.nan, "level": math.nan,
                     "severity": math.nan, "face_found": 0.0, "peaks": np.zeros((0, 2))}
         skin, _ = skin_regions(image, landmarks)
-        peaks, is_red = self.peaks(image, skin, _interocular(landmarks))
+        peaks, is_red = self.peaks(image, skin, interocular(landmarks, eyes="corners"))
         n = len(peaks)
         return {"count": float(n), "red_count": float(is_red.sum()), "dark_count": float(n - is_red.sum()),
                 "level": float(scale.acne04_level_from_count(n)), "severity": float(scale.severity_from_count(n)),
@@ -157,9 +158,3 @@ class LesionCounter:
         except TypeError as exc:
             raise GraderError(f"{Path(folder) / 'config.json'}: {exc}") from None
 
-
-def _interocular(landmarks: np.ndarray) -> float:
-    """Distance between the eye centres (MediaPipe mesh: outer/inner corners 33/133 and 263/362)."""
-    left = (landmarks[33] + landmarks[133]) / 2
-    right = (landmarks[263] + landmarks[362]) / 2
-    return float(np.linalg.norm(right - left))

@@ -347,3 +347,27 @@ def test_finetune_then_generate_with_the_lora(tmp_path, tiny_sdxl):
     result = invoke("finetune", "--data", tmp_path / "acne04", "--base", tiny_sdxl, "--level", 5, "--out",
                     tmp_path / "x")
     assert result.exit_code == 2 and "--level" in result.stderr
+
+
+@pytest.mark.parametrize("args", [("--patients", 1_000_000_000), ("--period-days", 100_000_000),
+                                  ("--washout-days", 1_000_000), ("--first-day", 1_000_000_000),
+                                  ("--patients", 10_000, "--period-days", 365), ("--noise-sd", "1e308"),
+                                  ("--trend", "1e308"), ("--washout-days", 365, "--first-day", 35_000)])
+def test_design_sizes_are_refused_in_one_line_before_any_work(tmp_path, args):
+    import time
+
+    out = tmp_path / "big.csv"
+    start = time.perf_counter()
+    result = invoke("protocol", "design", "--out", out, *args)
+    assert time.perf_counter() - start < 5
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert args[0] in result.output or args[0].lstrip("-").replace("-", "_") in result.output
+    assert not out.exists() and not (tmp_path / "big.truth.json").exists()
+
+
+def test_design_help_states_the_limits():
+    result = runner.invoke(app, ["protocol", "design", "--help"], terminal_width=200)
+    text = " ".join(result.stdout.split())
+    for limit in ("1<=x<=10000", "1<=x<=500", "1<=x<=365", "0<=x<=365", "0<=x<=36500", "3661 days",
+                  "1,000,000 rows"):
+        assert limit in text, limit

@@ -68,3 +68,24 @@ def test_bad_input_and_settings(tmp_path):
     again = LesionCounter.load(tmp_path)
     assert again.config == counter.config and again.fingerprint() == counter.fingerprint()
     assert again.fingerprint() != LesionCounter().fingerprint()
+
+
+
+def test_counter_measures_faces_with_the_mesh_corners(quick_run_256):
+    """The counter's length unit is synthtrial.face.mesh.interocular(eyes="corners") (its thresholds were chosen
+    with it): the peaks it reports are those found at that scale."""
+    from PIL import Image
+
+    from synthtrial.face.faces import LandmarkDetector, skin_regions
+    from synthtrial.face.mesh import interocular
+    from synthtrial.graders.counter import LesionCounter
+    from synthtrial.run.rundir import read_run
+
+    manifest, _ = read_run(quick_run_256)
+    row = manifest.sort_values("lesion_count").iloc[-1]
+    image = np.asarray(Image.open(quick_run_256 / row["image"]).convert("RGB"))
+    found = LesionCounter().count(image)["peaks"]
+    lm = LandmarkDetector()(image)
+    skin, _ = skin_regions(image, lm)
+    assert len(found) > 5
+    assert np.array_equal(found, LesionCounter().peaks(image, skin, interocular(lm, eyes="corners"))[0])

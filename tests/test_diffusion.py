@@ -334,3 +334,17 @@ def test_crops_only_when_they_cost_less_than_the_whole_image(tiny_sdxl):
     large = DiffusionRenderer(_config(tiny_sdxl, mode="inpaint", crop_size=256, crop_padding_px=8))
     (whole,) = large.inpaint_pieces(image, region, 1)
     assert whole[0] is None and whole[4] == (256, 256)
+
+
+def test_device_goes_through_the_one_resolver(tmp_path):
+    """The renderer's device comes from synthtrial.util.device: a bad name is one line naming --device, before
+    any model is read."""
+    from synthtrial.util.device import DeviceError
+
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "readme.txt").write_text("hi")
+    for device, message in (("not a device!!", "--device 'not a device!!' is not a torch device"),
+                            ("mps", "--device mps: only cpu and cuda are supported")):
+        renderer = DiffusionRenderer(DiffusionConfig(model=str(tmp_path / "not_a_model"), device=device))
+        with pytest.raises(DeviceError, match=message):
+            renderer.pipeline

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from synthtrial.face.faces import (ADULT_IPD_MM, BUILTIN_FACES, REGIONS, FaceError, Identity, face_files,
-                              face_from_request, identity_for, load_base_faces, make_face, mesh_triangles)
+                                   face_from_request, identity_for, load_base_faces, make_face)
+from synthtrial.face.mesh import mesh_triangles
 
 LEFT_EYE = [33, 133, 159, 145]   # landmarks on the eyes and lips must never be skin
 RIGHT_EYE = [362, 263, 386, 374]
@@ -214,3 +215,33 @@ def test_faces_dir_and_face_requests(tmp_path, bases):
         face_from_request("nobody", None, tmp_path, "p1")
     with pytest.raises(FaceError, match="patient 'p2'"):
         face_from_request("../faces/grace.jpg", None, tmp_path / "faces", "p2")
+
+
+# ------------------------------------------------------------------------------------------ the mesh module
+
+def test_mesh_measures_the_face_one_way(bases):
+    """The frame's scale is the inter-ocular distance; the counter's corner-based distance is the same ruler
+    measured between eye corners (close to, but not the same as, the contour's)."""
+    from synthtrial.face.mesh import EYE_CORNERS, eye_centres, frame, interocular
+
+    for base in bases:
+        lm = base.landmarks
+        origin, iod, axes = frame(lm)
+        assert interocular(lm) == iod
+        left, right = eye_centres(lm)
+        assert np.allclose(origin, (left + right) / 2) and np.allclose(axes @ axes.T, np.eye(2))
+        corners = interocular(lm, eyes="corners")
+        (la, lb), (ra, rb) = EYE_CORNERS["left"], EYE_CORNERS["right"]
+        assert corners == float(np.hypot(*((lm[la] + lm[lb]) / 2 - (lm[ra] + lm[rb]) / 2)))
+        assert corners != iod and abs(corners / iod - 1) < 0.1
+    with pytest.raises(ValueError, match="eyes must be"):
+        interocular(bases[0].landmarks, eyes="pupils")
+
+
+def test_pivot_is_behind_the_eyes(face256):
+    from synthtrial.face.mesh import PIVOT_DEPTH_IOD, eye_depth, frame, pivot
+
+    x, z = pivot(face256.landmarks, face256.depth)
+    origin, iod, _ = frame(face256.landmarks)
+    assert x == float(origin[0])
+    assert z == eye_depth(face256.depth) + PIVOT_DEPTH_IOD * iod and z > eye_depth(face256.depth)

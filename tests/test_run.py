@@ -427,6 +427,8 @@ def test_given_severities_are_kept_and_only_the_others_simulated(tmp_path):
 class FakeQuality:
     """Stands in for ImageQX: rejects the images whose mean is below a cut, and counts its calls."""
 
+    label = "ImageQX"
+
     def __init__(self, cut=None):
         self.cut, self.calls = cut, 0
 
@@ -439,7 +441,9 @@ class FakeQuality:
 
 
 def test_quality_filter_records_imagesqx_verdicts(tiny, tmp_path):
-    run = generate(tiny, tmp_path / "run", size=160, progress=False, quality_filter=True)
+    from synthtrial.graders.base import get_grader
+
+    run = generate(tiny, tmp_path / "run", size=160, progress=False, quality=get_grader("imageqx", device="cpu"))
     manifest, _ = read_run(run)
     assert manifest["quality_acceptable"].notna().all() and manifest["quality_p"].between(0, 1).all()
     assert (manifest["render_attempt"] == 0).all()
@@ -450,32 +454,31 @@ def test_quality_filter_records_imagesqx_verdicts(tiny, tmp_path):
         generate(tiny, tmp_path / "x", size=160, progress=False, reject=True)
 
 
-def test_reject_draws_again_with_the_next_seed(tiny, tmp_path, monkeypatch):
-    import synthtrial.run.generation as run_module
+def test_reject_draws_again_with_the_next_seed(tiny, tmp_path):
+    from synthtrial.run.rendering import MAX_RENDER_ATTEMPTS
 
-    monkeypatch.setitem(run_module._QUALITY, "imageqx", FakeQuality(cut=1e9))  # rejects everything
-    run = generate(tiny, tmp_path / "run", size=160, progress=False, quality_filter=True, reject=True)
+    rejects_all = FakeQuality(cut=1e9)
+    run = generate(tiny, tmp_path / "run", size=160, progress=False, quality=rejects_all, reject=True)
     manifest, _ = read_run(run)
-    assert (manifest["render_attempt"] == run_module.MAX_RENDER_ATTEMPTS - 1).all()
+    assert (manifest["render_attempt"] == MAX_RENDER_ATTEMPTS - 1).all()
     assert (~manifest["quality_acceptable"]).all() and manifest["quality_reason"].str.contains("too dark").all()
     plain = read_run(generate(tiny, tmp_path / "plain", size=160, progress=False))[0]
     assert (plain["seed"] != manifest["seed"]).all()  # the kept attempt was drawn with another seed
-    again = generate(tiny, tmp_path / "again", size=160, progress=False, quality_filter=True, reject=True)
+    again = generate(tiny, tmp_path / "again", size=160, progress=False, quality=rejects_all, reject=True)
     assert files(again) == files(run)  # retries are seeded too
 
 
-def test_refused_portraits_are_left_out(tmp_path, monkeypatch, bases):
-    import synthtrial.run.generation as run_module
+def test_refused_portraits_are_left_out(tmp_path, bases):
     from PIL import Image
 
     faces = tmp_path / "faces"
     faces.mkdir()
     Image.fromarray(bases[0].image).save(faces / "good.png")
     Image.fromarray((bases[1].image // 4).astype(np.uint8)).save(faces / "dark.png")
-    monkeypatch.setitem(run_module._QUALITY, "imageqx", FakeQuality(cut=60.0))
+    quality = FakeQuality(cut=60.0)
     proto = tmp_path / "p.csv"
     proto.write_text("patient_id,day,treatment,severity\nq1,0,Control,1.0\nq2,0,Control,1.0\n")
-    run = generate(proto, tmp_path / "run", size=160, progress=False, faces_dir=faces, quality_filter=True)
+    run = generate(proto, tmp_path / "run", size=160, progress=False, faces_dir=faces, quality=quality)
     config = json.loads((run / "config.json").read_text())
     assert config["faces"]["refused"] == [{"file": "dark.png",
                                            "reason": "poor quality (p_acceptable 0.10): too dark (0.90)"}]
@@ -483,7 +486,7 @@ def test_refused_portraits_are_left_out(tmp_path, monkeypatch, bases):
     assert set(manifest["face_source"]) == {str(faces / "good.png")}
     Image.fromarray((bases[0].image // 4).astype(np.uint8)).save(faces / "good.png")
     with pytest.raises(SynthtrialError, match="ImageQX refused every portrait"):
-        generate(proto, tmp_path / "run2", size=160, progress=False, faces_dir=faces, quality_filter=True)
+        generate(proto, tmp_path / "run2", size=160, progress=False, faces_dir=faces, quality=quality)
     assert not (tmp_path / "run2").exists()
 
 
@@ -496,3 +499,43 @@ def test_yaw_turns_the_side_views_only(tiny, tmp_path):
     with pytest.raises(SynthtrialError, match="--yaw must be between 0 and 60"):
         generate(tiny, tmp_path / "c", size=160, progress=False, yaw_deg=75.0)
     assert not (tmp_path / "c").exists()
+
+
+def test_quality_filter_reaches_every_worker(tiny, tmp_path):
+    """The quality filter is a component handed to each worker process once: two workers keep the verdicts and
+    bytes of one."""
+    quality = FakeQuality(cut=120.0)
+    one = generate(tiny, tmp_path / "one", size=160, progress=False, quality=quality, reject=True, workers=1)
+    two = generate(tiny, tmp_path / "two", size=160, progress=False, quality=quality, reject=True, workers=2)
+    manifest = read_run(two)[0]
+    assert manifest["quality_acceptable"].notna().all() and manifest["quality_p"].isin([0.1, 0.9]).all()
+    assert {k: v for k, v in files(one).items() if k != ".lock"} == {k: v for k, v in files(two).items()
+                                                                      if k != ".lock"}
+
+
+def test_full_disk_while_writing_grids_names_the_file_and_leaves_no_verifiable_run(tiny, tmp_path, monkeypatch):
+    """A full disk while the contact sheets are written: one line naming the sheet, exit 2, no manifest (so
+    verify and every later stage refuse the run), and the same command run again finishes it to the bytes of
+    an uninterrupted run."""
+    from typer.testing import CliRunner
+
+    from synthtrial.cli import app
+    from synthtrial.run import rundir
+    from test_atomic import full_disk_on
+
+    whole = generate(tiny, tmp_path / "whole", size=160, progress=False)
+    run = tmp_path / "run"
+    args = ["generate", str(tiny), "--out", str(run), "--size", "160", "--quiet"]
+    for first in (True, False):   # a new run, then a finished one re-run (its old manifest must not survive)
+        with monkeypatch.context() as patch:
+            full_disk_on(patch, lambda path: f"{os.sep}grids{os.sep}" in path)
+            result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        line = " ".join(result.output.split())
+        assert line.startswith(f"synthtrial: error: {run / 'grids' / 'a1.jpg'}: No space left on device"), line
+        assert not (run / rundir.MANIFEST).exists()
+        with pytest.raises(SynthtrialError):
+            rundir.verify(run)
+        assert CliRunner().invoke(app, args).exit_code == 0
+        assert rundir.verify(run) == []
+        assert files(run) == files(whole)

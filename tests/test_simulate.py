@@ -232,3 +232,73 @@ def test_treatment_calendar_takes_a_days_first_row_and_continues_over_skipped_da
     grid, on_day = treatment_calendar(days, treatments)
     assert grid.tolist() == [1, 2, 3, 4, 5, 6]
     assert on_day.tolist() == ["A", "A", "B", "B", "B", "A"]   # day 1: its first row's; 4-5 continue day 3
+
+
+# ------------------------------------------------------------------------ limits (hostile sizes and values)
+
+@pytest.mark.parametrize(("field", "value", "pattern"), [
+    ("n_patients", 10**9, r"n_patients \(--patients\) must be a whole number >= 1 and <= 10000"),
+    ("blocks", 10**7, r"blocks \(--blocks\) must be a whole number >= 1 and <= 500"),
+    ("period_days", 10**8, r"period_days \(--period-days\) must be a whole number >= 1 and <= 365"),
+    ("washout_days", 10**6, r"washout_days \(--washout-days\) must be a whole number >= 0 and <= 365"),
+    ("first_day", 10**9, r"first_day \(--first-day\) must be a whole number >= 0 and <= 36500"),
+    ("n_patients", 1e9, r"n_patients .* got 1000000000.0"),           # a JSON number with an exponent
+])
+def test_design_sizes_are_refused_before_any_work(field, value, pattern):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(DesignError, match=pattern):
+        TrialDesign(**{field: value})
+    assert time.perf_counter() - start < 0.5
+
+
+def test_design_within_each_limit_but_too_long_or_too_big_is_refused():
+    from synthtrial.trial import protocol
+
+    # each field in range, but together 500 x 365 days: longer than a protocol may span
+    with pytest.raises(DesignError, match=r"lasts 182500 days per patient.*spans at most 3661 days"):
+        TrialDesign(blocks=500, period_days=365)
+    with pytest.raises(DesignError, match=r"ends by day 36500"):
+        TrialDesign(first_day=36_400)                                    # 140 days from day 36400
+    with pytest.raises(DesignError, match=r"10000 patients x 140 days is 1400000 rows; a protocol holds at most"):
+        TrialDesign(n_patients=10_000)
+    with pytest.raises(DesignError, match=r"start_date .* between 1900-01-01 and 2200-12-31"):
+        TrialDesign(start_date="2200-12-01")
+    with pytest.raises(DesignError, match=r"start_date"):
+        TrialDesign(start_date="1899-12-31")
+    # the largest design accepted is one the protocol reader reads back
+    design = TrialDesign(design="abab", arms=("A", "B"), n_patients=2, blocks=10, period_days=365, washout_days=1,
+                         first_day=36_500 - 3_659)
+    assert design.days_per_patient - 1 <= protocol.MAX_DAY_SPAN
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("noise_sd", 1e308), ("trend_per_day", 1e308), ("trend_per_day", -1e308), ("effect_sd", 1e308),
+    ("baseline_sd", float("inf")), ("washin_half_life", 1e308), ("washout_half_life", float("nan")),
+    ("noise_sd", float("nan")), ("trend_per_day", 3.5), ("noise_sd", True), ("ar_phi", "0.5"),
+    ("missing_rate", float("nan")), ("baseline_mean", float("nan")),
+])
+def test_models_refuse_non_finite_and_out_of_range_values(field, value):
+    with pytest.raises(DesignError, match=field):
+        SeverityModel(**{field: value})
+
+
+def test_power_design_files_share_the_limits(tmp_path):
+    """power --design reads a truth JSON into TrialDesign and SeverityModel: the same limits refuse a hostile
+    file in one line before any replicate runs."""
+    from synthtrial.analyze.power import design_from_file
+    from synthtrial.util.errors import SynthtrialError
+
+    truth = simulate_trial(*PRESETS["quick"], seed=0).truth
+    for section, field, value in (("design", "n_patients", 10**9), ("design", "blocks", 10**7),
+                                  ("design", "period_days", 10**8), ("design", "washout_days", 10**6),
+                                  ("design", "first_day", 10**9), ("model", "noise_sd", 1e308),
+                                  ("model", "trend_per_day", 1e308)):
+        path = tmp_path / f"{field}.json"
+        path.write_text(json.dumps({**truth, section: {**truth[section], field: value}}))
+        with pytest.raises(SynthtrialError, match=field):
+            design_from_file(path)
+    path = tmp_path / "ok.json"
+    path.write_text(json.dumps(truth))
+    assert design_from_file(path)[0] == PRESETS["quick"][0]

@@ -18,6 +18,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 from synthtrial import __version__
+from synthtrial.trial.simulate import PRESETS
 from synthtrial.util.errors import SynthtrialError, one_line
 
 EXIT_BAD_INPUT = 2
@@ -117,9 +118,8 @@ RunDir = Annotated[Path, typer.Argument(help="A run directory written by [bold]s
                                         show_default=False)]
 
 
-class PresetName(str, Enum):
-    anchor = "anchor"
-    quick = "quick"
+#: --preset choices, from the trial stage's ready-made designs (synthtrial.trial.simulate.PRESETS)
+PresetName = Enum("PresetName", {name: name for name in PRESETS}, type=str)
 
 
 

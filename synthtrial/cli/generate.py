@@ -12,7 +12,6 @@ from synthtrial.cli.common import app, err, handles_errors, out
 from synthtrial.render.base import BACKENDS as BACKEND_SPECS
 
 
-
 class Naming(str, Enum):
     native = "native"
     anchor = "anchor"
@@ -23,6 +22,11 @@ Backend = Enum("Backend", {name.replace("-", "_"): name for name in BACKEND_SPEC
 
 
 _DIFFUSION_PANEL = "Diffusion backends (GPU recommended)"
+
+
+def _diffusion(help: str, **limits) -> typer.models.OptionInfo:
+    """An option of the diffusion backends (no default shown: the backend's own applies)."""
+    return typer.Option(help=help, show_default=False, rich_help_panel=_DIFFUSION_PANEL, **limits)
 
 
 @app.command("generate")
@@ -44,24 +48,17 @@ def generate_command(
     = Naming.native,
     backend: Annotated[Backend, typer.Option(help=" ".join(f"{s.name}: {s.summary}." for s in BACKEND_SPECS.values()),
                                              rich_help_panel=_DIFFUSION_PANEL)] = Backend("procedural"),
-    model: Annotated[Optional[str], typer.Option(help="SDXL base: a local folder or a hub id (only a hub id "
-                                                 "downloads). Default: stabilityai/stable-diffusion-xl-base-1.0.",
-                                                 show_default=False, rich_help_panel=_DIFFUSION_PANEL)] = None,
-    lora: Annotated[Optional[Path], typer.Option(help="LoRA folder from synthtrial finetune: one adapter, or "
-                                                 "subfolders acne0..acne3.", show_default=False,
-                                                 rich_help_panel=_DIFFUSION_PANEL)] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Inference steps (default 30).", show_default=False,
-                                                 rich_help_panel=_DIFFUSION_PANEL)] = None,
-    strength: Annotated[Optional[float], typer.Option(help="Denoising strength (default 0.1 for img2img, 0.75 "
-                                                      "for inpaint).", show_default=False,
-                                                      rich_help_panel=_DIFFUSION_PANEL)] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default 12).", show_default=False,
-                                                      rich_help_panel=_DIFFUSION_PANEL)] = None,
-    device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if available). Under "
-                                                  "accelerate launch each process takes its own GPU.",
-                                                  show_default=False, rich_help_panel=_DIFFUSION_PANEL)] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float16 | bfloat16 | float32 (default: float16 on CUDA).",
-                                                 show_default=False, rich_help_panel=_DIFFUSION_PANEL)] = None,
+    model: Annotated[Optional[str], _diffusion("SDXL base: a local folder or a hub id (only a hub id downloads). "
+                                               "Default: stabilityai/stable-diffusion-xl-base-1.0.")] = None,
+    lora: Annotated[Optional[Path], _diffusion("LoRA folder from synthtrial finetune: one adapter, or subfolders "
+                                               "acne0..acne3.")] = None,
+    steps: Annotated[Optional[int], _diffusion("Inference steps (default 30).", min=1)] = None,
+    strength: Annotated[Optional[float], _diffusion("Denoising strength (default 0.1 for img2img, 0.75 for "
+                                                    "inpaint).")] = None,
+    guidance: Annotated[Optional[float], _diffusion("Guidance scale (default 12).")] = None,
+    device: Annotated[Optional[str], _diffusion("Torch device (default: cuda if available). Under accelerate "
+                                                "launch each process takes its own GPU.")] = None,
+    dtype: Annotated[Optional[str], _diffusion("float16 | bfloat16 | float32 (default: float16 on CUDA).")] = None,
     compile_unet: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (CUDA).",
                                                rich_help_panel=_DIFFUSION_PANEL)] = False,
     yaw: Annotated[float, typer.Option("--yaw", help="Head turn of the left/right views, in degrees (the 3-D face "
@@ -89,12 +86,17 @@ def generate_command(
     }.items() if v is not None}
     if strength is not None:
         diffusion["strength" if backend.value == "sdxl-img2img" else "inpaint_strength"] = strength
+    quality = None
+    if quality_filter:  # the run stage takes the quality filter as a component; the graders build ImageQX
+        from synthtrial.graders.base import get_grader
+
+        quality = get_grader("imageqx", device="cpu")
     run_dir = generate(protocol, out_dir, faces_dir=faces, seed=seed, size=size, naming=naming.value,
                        workers=workers, progress=not quiet, backend=backend.value, diffusion=diffusion or None,
-                       quality_filter=quality_filter, reject=reject, yaw_deg=yaw)
-    if quality_filter and faces is not None:
-        from synthtrial.run.rundir import read_config
+                       quality=quality, reject=reject, yaw_deg=yaw)
+    from synthtrial.run.rundir import GRIDS, read_config
 
+    if quality_filter and faces is not None:
         for item in read_config(run_dir)["faces"].get("refused", []):
             err.print(f"synthtrial: portrait {faces / item['file']} left out: {item['reason']}", markup=False)
-    out.print(f"[green]wrote[/green] {run_dir}  (look at {run_dir / 'grids'})")
+    out.print(f"[green]wrote[/green] {run_dir}  (look at {run_dir / GRIDS})")

@@ -10,7 +10,10 @@ import typer
 from rich.table import Table
 
 from synthtrial.util.errors import SynthtrialError
-from synthtrial.cli.common import app, handles_errors, out, PresetName, protocol_app
+from synthtrial.cli.common import PresetName, handles_errors, out, protocol_app
+from synthtrial.trial.protocol import MAX_DAY, MAX_DAY_SPAN, MAX_ROWS
+from synthtrial.trial.simulate import (MAX_BLOCKS, MAX_PATIENTS, MAX_PERIOD_DAYS, MAX_SD, MAX_TREND_PER_DAY,
+                                       MAX_WASHOUT_DAYS, PRESET_HELP)
 
 
 @protocol_app.command("check")
@@ -69,70 +72,23 @@ _DESIGN_PANEL = "Schedule"
 _MODEL_PANEL = "Severity model"
 
 
-@protocol_app.command("design")
-@handles_errors
-def protocol_design(
-    out_path: Annotated[Path, typer.Option("--out", "-o", help="Protocol CSV to write; its truth goes to "
-                                           "<stem>.truth.json beside it.", show_default=False)],
-    preset: Annotated[PresetName, typer.Option(help="Start from a ready-made trial; every other option "
-                                               "overrides it. anchor: 10 x 140 days, Baseline / Antibiotics / "
-                                               "Cream in 28-day periods. quick: 3 x 16 days, Fu et al.'s "
-                                               "2-off / 2-on blocks.")] = PresetName.anchor,
-    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same bytes.")] = 0,
-    form: Annotated[Form, typer.Option(help="native, or anchor for the synthetic_acne_images layout.")] = Form.native,
-    force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
-    design: Annotated[Optional[DesignName], typer.Option(
-        help="baseline-alternating: a reference period, then the active arms in turn; abab: the two arms "
-             "alternate; pairs: blocks of two periods, AB or BA.", rich_help_panel=_DESIGN_PANEL)] = None,
-    arms: Annotated[Optional[str], typer.Option(
-        help="Comma-separated treatment names, reference (control/baseline) first.",
-        rich_help_panel=_DESIGN_PANEL)] = None,
-    patients: Annotated[Optional[int], typer.Option(min=1, help="Number of patients.",
-                                                    rich_help_panel=_DESIGN_PANEL)] = None,
-    blocks: Annotated[Optional[int], typer.Option(min=1, help="Periods (pairs of periods for the pairs design).",
-                                                  rich_help_panel=_DESIGN_PANEL)] = None,
-    period_days: Annotated[Optional[int], typer.Option(min=1, help="Days in one treatment period.",
-                                                       rich_help_panel=_DESIGN_PANEL)] = None,
-    washout_days: Annotated[Optional[int], typer.Option(min=0, help="Washout days between periods "
-                                                        "(treatment 'Washout', no block).",
-                                                        rich_help_panel=_DESIGN_PANEL)] = None,
-    randomize: Annotated[Optional[bool], typer.Option(
-        "--randomize/--fixed-order", help="Draw the order of periods per patient.",
-        rich_help_panel=_DESIGN_PANEL)] = None,
-    start_date: Annotated[Optional[str], typer.Option(help="Date of the first day (YYYY-MM-DD).",
-                                                      rich_help_panel=_DESIGN_PANEL)] = None,
-    first_day: Annotated[Optional[int], typer.Option(min=0, help="Number of the first day (the anchor uses 1).",
-                                                     rich_help_panel=_DESIGN_PANEL)] = None,
-    effect: Annotated[Optional[list[str]], typer.Option(
-        help="Population effect of an arm on severity (0-3 scale; negative improves), as ARM=NUMBER; "
-             "repeat per arm. Arms not named have no effect.", rich_help_panel=_MODEL_PANEL)] = None,
-    effect_sd: Annotated[Optional[float], typer.Option(help="SD of each patient's own effect around it.",
-                                                       rich_help_panel=_MODEL_PANEL)] = None,
-    baseline_mean: Annotated[Optional[float], typer.Option(help="Mean baseline severity.",
-                                                           rich_help_panel=_MODEL_PANEL)] = None,
-    baseline_sd: Annotated[Optional[float], typer.Option(help="SD of baseline severity between patients.",
-                                                         rich_help_panel=_MODEL_PANEL)] = None,
-    baseline_min: Annotated[Optional[float], typer.Option(help="Lowest baseline (the normal is truncated).",
-                                                          rich_help_panel=_MODEL_PANEL)] = None,
-    baseline_max: Annotated[Optional[float], typer.Option(help="Highest baseline.",
-                                                          rich_help_panel=_MODEL_PANEL)] = None,
-    trend: Annotated[Optional[float], typer.Option(help="Linear trend in severity per day.",
-                                                   rich_help_panel=_MODEL_PANEL)] = None,
-    washin_half_life: Annotated[Optional[float], typer.Option(
-        help="Days for a treatment to reach half its effect (0: at once).", rich_help_panel=_MODEL_PANEL)] = None,
-    washout_half_life: Annotated[Optional[float], typer.Option(
-        help="Days for an effect to halve after stopping (carryover; 0: at once).",
-        rich_help_panel=_MODEL_PANEL)] = None,
-    ar_phi: Annotated[Optional[float], typer.Option(help="AR(1) autocorrelation of day-to-day noise.",
-                                                    rich_help_panel=_MODEL_PANEL)] = None,
-    noise_sd: Annotated[Optional[float], typer.Option(help="Stationary SD of the day-to-day noise.",
-                                                      rich_help_panel=_MODEL_PANEL)] = None,
-    missing_rate: Annotated[Optional[float], typer.Option(help="Chance that a day is missing (dropped).",
-                                                          rich_help_panel=_MODEL_PANEL)] = None,
-) -> None:
-    """Design an N-of-1 trial and simulate every patient's acne severity, keeping the truth.
+def _schedule(help: str, **limits) -> typer.models.OptionInfo:
+    return typer.Option(help=help, rich_help_panel=_DESIGN_PANEL, **limits)
+
+
+def _model(help: str) -> typer.models.OptionInfo:
+    return typer.Option(help=help, rich_help_panel=_MODEL_PANEL)
+
+
+_PRESET_HELP = "Start from a ready-made trial; every other option overrides it. " + " ".join(
+    f"{name}: {text}." for name, text in PRESET_HELP.items())
+
+
+_DESIGN_HELP = f"""Design an N-of-1 trial and simulate every patient's acne severity, keeping the truth.
 
     Writes the protocol CSV and [italic]<stem>.truth.json[/] (every parameter, every patient's baseline, true effects and delivered effects). Severity on day d is baseline + trend + effects (with first-order wash-in, washout and carryover) + AR(1) noise, clipped to the 0-3 scale.
+
+    Limits (refused before any work): each option's range as shown; a patient's schedule spans at most {MAX_DAY_SPAN + 1} days and ends by day {MAX_DAY}; patients x days at most {MAX_ROWS:,} rows.
 
     Examples:
 
@@ -143,7 +99,56 @@ def protocol_design(
       synthtrial protocol design --design pairs --arms Control,Cream --blocks 3 --period-days 7
       --effect Cream=-0.4 --patients 20 --out pairs.csv
     """
-    from synthtrial.trial.simulate import design_with_overrides, parse_effects, simulate_trial, truth_path_for
+
+
+@protocol_app.command("design", help=_DESIGN_HELP)
+@handles_errors
+def protocol_design(
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Protocol CSV to write; its truth goes to "
+                                           "<stem>.truth.json beside it.", show_default=False)],
+    preset: Annotated[PresetName, typer.Option(help=_PRESET_HELP)] = PresetName("anchor"),
+    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same bytes.")] = 0,
+    form: Annotated[Form, typer.Option(help="native, or anchor for the synthetic_acne_images layout.")] = Form.native,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
+    design: Annotated[Optional[DesignName], _schedule(
+        "baseline-alternating: a reference period, then the active arms in turn; abab: the two arms "
+        "alternate; pairs: blocks of two periods, AB or BA.")] = None,
+    arms: Annotated[Optional[str], _schedule("Comma-separated treatment names, reference (control/baseline) "
+                                             "first.")] = None,
+    patients: Annotated[Optional[int], _schedule("Number of patients.", min=1, max=MAX_PATIENTS)] = None,
+    blocks: Annotated[Optional[int], _schedule("Periods (pairs of periods for the pairs design).", min=1,
+                                               max=MAX_BLOCKS)] = None,
+    period_days: Annotated[Optional[int], _schedule("Days in one treatment period.", min=1,
+                                                    max=MAX_PERIOD_DAYS)] = None,
+    washout_days: Annotated[Optional[int], _schedule("Washout days between periods (treatment 'Washout', no "
+                                                     "block).", min=0, max=MAX_WASHOUT_DAYS)] = None,
+    randomize: Annotated[Optional[bool], typer.Option("--randomize/--fixed-order", help="Draw the order of "
+                                                      "periods per patient.", rich_help_panel=_DESIGN_PANEL)] = None,
+    start_date: Annotated[Optional[str], _schedule("Date of the first day (YYYY-MM-DD).")] = None,
+    first_day: Annotated[Optional[int], _schedule("Number of the first day (the anchor uses 1).", min=0,
+                                                  max=MAX_DAY)] = None,
+    effect: Annotated[Optional[list[str]], _model(
+        "Population effect of an arm on severity (0-3 scale; negative improves), as ARM=NUMBER; repeat per arm. "
+        "Arms not named have no effect.")] = None,
+    effect_sd: Annotated[Optional[float], _model(f"SD of each patient's own effect around it (0-{MAX_SD:g}).")]
+    = None,
+    baseline_mean: Annotated[Optional[float], _model("Mean baseline severity.")] = None,
+    baseline_sd: Annotated[Optional[float], _model(f"SD of baseline severity between patients (0-{MAX_SD:g}).")]
+    = None,
+    baseline_min: Annotated[Optional[float], _model("Lowest baseline (the normal is truncated).")] = None,
+    baseline_max: Annotated[Optional[float], _model("Highest baseline.")] = None,
+    trend: Annotated[Optional[float], _model(f"Linear trend in severity per day (at most {MAX_TREND_PER_DAY:g} "
+                                             "either way).")] = None,
+    washin_half_life: Annotated[Optional[float], _model("Days for a treatment to reach half its effect (0: at "
+                                                        "once).")] = None,
+    washout_half_life: Annotated[Optional[float], _model("Days for an effect to halve after stopping (carryover; "
+                                                         "0: at once).")] = None,
+    ar_phi: Annotated[Optional[float], _model("AR(1) autocorrelation of day-to-day noise.")] = None,
+    noise_sd: Annotated[Optional[float], _model(f"Stationary SD of the day-to-day noise (0-{MAX_SD:g}).")] = None,
+    missing_rate: Annotated[Optional[float], _model("Chance that a day is missing (dropped).")] = None,
+) -> None:
+    """Design an N-of-1 trial and simulate its severities (the --help text is _DESIGN_HELP)."""
+    from synthtrial.trial.simulate import design_with_overrides, parse_effects
 
     trial_design, model = design_with_overrides(preset.value, {
         "design": design.value if design else None,
@@ -157,7 +162,12 @@ def protocol_design(
         "washin_half_life": washin_half_life, "washout_half_life": washout_half_life, "ar_phi": ar_phi,
         "noise_sd": noise_sd, "missing_rate": missing_rate,
     })
+    _write_trial(trial_design, model, out_path, seed=seed, form=form.value, force=force)
 
+
+def _write_trial(trial_design, model, out_path: Path, *, seed: int, form: str, force: bool) -> None:
+    """Simulate the trial and write its protocol and truth, refusing files that exist unless ``force``."""
+    from synthtrial.trial.simulate import simulate_trial, truth_path_for
     from synthtrial.util.atomic import check_writable
 
     check_writable(out_path)
@@ -169,7 +179,7 @@ def protocol_design(
     if out_path.exists() and out_path.is_dir():
         raise SynthtrialError(f"{out_path} is a directory (option --out)")
     trial = simulate_trial(trial_design, model, seed=seed)
-    trial.write(out_path, form=form.value)
+    trial.write(out_path, form=form)
     truth = trial.truth
     out.print(f"[green]wrote[/green] {out_path} ({len(trial.protocol)} rows, {trial_design.n_patients} patients "
               f"x {trial_design.days_per_patient} days) and {truth_path}")

@@ -19,8 +19,8 @@ the eye centres of the mesh), taken as the adult mean :data:`ADULT_IPD_MM` (Dodg
 extrema of human interpupillary distance, Proc SPIE 5291, 2004: adult mean about 63 mm).
 
 Side views turn the head, not the picture: MediaPipe's 3-D landmarks are rotated about a vertical axis
-through the neck (:data:`PIVOT_DEPTH_IOD` behind the eyes) by the requested yaw, projected orthographically,
-and the portrait is warped piecewise-affinely over the mesh triangles, far triangles first and back-facing
+through the neck (:func:`synthtrial.face.mesh.pivot`, behind the eyes) by the requested yaw, projected
+orthographically, and the portrait is warped piecewise-affinely over the mesh triangles, far triangles first and back-facing
 ones dropped, so the near cheek widens, the far cheek foreshortens and slips behind the nose, and every
 face-mesh anchor lands on its projected landmarks. Hair, ears and background follow on a ring of control
 points around the face oval that moves with it, pinned at the image border.
@@ -36,11 +36,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 
+from synthtrial.face.headturn import head_turn
+from synthtrial.face.mesh import barycentric, face_coordinates, frame, mesh_triangles, topology
 from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.seeding import derived_rng
 
@@ -53,8 +54,6 @@ REGION_WEIGHTS = {"forehead": 1.0, "nose": 0.5, "left_cheek": 1.3, "right_cheek"
 ADULT_IPD_MM = 63.0
 #: Default head turn of the ``left`` / ``right`` views (degrees of yaw).
 DEFAULT_YAW_DEG = 25.0
-#: Depth of the head's vertical turning axis behind the eyes, in interocular distances (about 8 cm).
-PIVOT_DEPTH_IOD = 1.25
 MAX_IMAGE_PIXELS = 40_000_000
 #: Portraits enlarged by more than this factor get sharpened and grained back to a photographic look
 #: (:func:`_restore_upscaled`); the amount of unsharp masking and the grain (0-255 units) it adds.
@@ -65,54 +64,6 @@ GRAIN_SIGMA = 1.6
 
 class FaceError(SynthtrialError):
     """A portrait that cannot serve as a face: unreadable, no face found, bad folder."""
-
-
-# ------------------------------------------------------------------------------------ mesh topology
-
-@functools.cache
-def _mesh() -> dict[str, Any]:
-    from mediapipe.python.solutions import face_mesh_connections as conn
-
-    edges = sorted(tuple(sorted(e)) for e in conn.FACEMESH_TESSELATION)
-    adj: dict[int, set[int]] = {}
-    for a, b in edges:
-        adj.setdefault(a, set()).add(b)
-        adj.setdefault(b, set()).add(a)
-    tris = sorted({tuple(sorted((a, b, c))) for a, b in edges for c in adj[a] & adj[b]})
-
-    def ring(connections) -> list[int]:
-        """Order a closed loop of edges into a polygon."""
-        nxt: dict[int, list[int]] = {}
-        for a, b in connections:
-            nxt.setdefault(a, []).append(b)
-            nxt.setdefault(b, []).append(a)
-        start = min(nxt)
-        order, prev, cur = [start], None, start
-        while True:
-            options = [n for n in sorted(nxt[cur]) if n != prev]
-            if not options or options[0] == start:
-                break
-            prev, cur = cur, options[0]
-            order.append(cur)
-        return order
-
-    def points(connections) -> list[int]:
-        return sorted({i for e in connections for i in e})
-
-    return {
-        "triangles": np.array(tris, dtype=np.int32),
-        "oval": ring(conn.FACEMESH_FACE_OVAL),
-        "left_eye": points(conn.FACEMESH_LEFT_EYE),
-        "right_eye": points(conn.FACEMESH_RIGHT_EYE),
-        "left_brow": points(conn.FACEMESH_LEFT_EYEBROW),
-        "right_brow": points(conn.FACEMESH_RIGHT_EYEBROW),
-        "lips": points(conn.FACEMESH_LIPS),
-    }
-
-
-def mesh_triangles() -> np.ndarray:
-    """(T, 3) landmark indices of the face-mesh triangles (recovered from MediaPipe's tessellation)."""
-    return _mesh()["triangles"]
 
 
 # ----------------------------------------------------------------------------------------- landmarks
@@ -195,7 +146,8 @@ class BaseFace:
     depth: np.ndarray | None = field(default=None, repr=False)   # (468,) landmark depth, pixels
 
 
-def _read_image(path: Path) -> np.ndarray:
+def read_image(path: Path) -> np.ndarray:
+    """A portrait file as (H, W, 3) uint8 RGB; an unreadable or oversized one is a FaceError naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -267,7 +219,7 @@ def face_files(faces_dir: str | os.PathLike[str]) -> list[Path]:
 
 
 def load_face_file(path: Path, key: str | None = None) -> BaseFace:
-    return _with_landmarks(key or path.stem, str(path), _read_image(path))
+    return _with_landmarks(key or path.stem, str(path), read_image(path))
 
 
 def load_base_faces(faces_dir: str | os.PathLike[str] | None = None,
@@ -354,7 +306,7 @@ class Face:
     def scale(self) -> float:
         """Interocular distance in pixels: lesion sizes are given in this unit. A side view keeps the
         frontal face's (a lesion does not shrink when the head turns; only its outline would foreshorten)."""
-        return float(self.frontal_iod) if self.frontal_iod is not None else float(_frame(self.landmarks)[1])
+        return float(self.frontal_iod) if self.frontal_iod is not None else float(frame(self.landmarks)[1])
 
     @property
     def mm_per_px(self) -> float:
@@ -407,8 +359,6 @@ class Face:
             raise ValueError(f"yaw_deg must be between 0 and 60 degrees, got {yaw_deg}")
         if self.depth is None:
             raise ValueError("this face has no landmark depth; build it with make_face to turn it")
-        from synthtrial.face.headturn import head_turn
-
         warp = head_turn(self.landmarks, self.depth, self.size, yaw_deg if name == "left" else -yaw_deg)
         image = cv2.remap(self.image, warp.map_x, warp.map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT101)
 
@@ -437,7 +387,7 @@ class Face:
         if (hint < 0).any():
             raise ValueError("a point lies outside the face-mesh skin")
         corners = self.landmarks[mesh_triangles()]                     # (T, 3, 2)
-        bary_all = _barycentric(pts, corners)                          # (N, T, 3)
+        bary_all = barycentric(pts, corners)                          # (N, T, 3)
         inside = (bary_all >= -1e-9).all(axis=2)
         # the triangle that contains the point (the rasterised one when several share an edge)
         contains_hint = inside[np.arange(len(pts)), hint]
@@ -447,43 +397,6 @@ class Face:
         return tri, bary
 
 
-def _barycentric(pts: np.ndarray, corners: np.ndarray) -> np.ndarray:
-    """Barycentric weights (N, T, 3) of points (N, 2) in triangles (T, 3, 2)."""
-    a, b, c = corners[None, :, 0], corners[None, :, 1], corners[None, :, 2]
-    p = pts[:, None, :]
-    v0, v1, v2 = b - a, c - a, p - a
-    den = v0[..., 0] * v1[..., 1] - v1[..., 0] * v0[..., 1]
-    den = np.where(np.abs(den) < 1e-12, 1e-12, den)
-    w1 = (v2[..., 0] * v1[..., 1] - v1[..., 0] * v2[..., 1]) / den
-    w2 = (v0[..., 0] * v2[..., 1] - v2[..., 0] * v0[..., 1]) / den
-    return np.stack([1 - w1 - w2, w1, w2], axis=-1)
-
-
-def _frame(landmarks: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
-    """Face frame: origin between the eye centres, scale = interocular distance, rows = x/y unit axes."""
-    m = _mesh()
-    left = landmarks[m["left_eye"]].mean(axis=0)
-    right = landmarks[m["right_eye"]].mean(axis=0)
-    origin = (left + right) / 2
-    ex = left - right
-    iod = float(np.hypot(*ex))
-    ex = ex / max(iod, 1e-9)
-    if ex[0] < 0:
-        ex = -ex
-    ey = np.array([-ex[1], ex[0]])
-    if ey[1] < 0:
-        ey = -ey
-    return origin, iod, np.stack([ex, ey])
-
-
-def face_coordinates(landmarks: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Every pixel's position in the face frame (x across, y down; unit = interocular distance)."""
-    origin, iod, axes = _frame(landmarks)
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
-    dx, dy = xx - origin[0], yy - origin[1]
-    return (dx * axes[0, 0] + dy * axes[0, 1]) / iod, (dx * axes[1, 0] + dy * axes[1, 1]) / iod
-
-
 def skin_regions(image: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Skin mask and region masks of a face image from its landmarks.
 
@@ -491,8 +404,8 @@ def skin_regions(image: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, 
     whose colour is far from the face's own skin (hair, glasses, beard, shadows).
     """
     h, w = image.shape[:2]
-    m = _mesh()
-    origin, iod, axes = _frame(landmarks)
+    m = topology()
+    origin, iod, axes = frame(landmarks)
     mask = np.zeros((h, w), np.uint8)
     cv2.fillPoly(mask, [np.round(landmarks[m["oval"]] * 16).astype(np.int32)], 1, shift=4)
     inside = mask.astype(bool)
@@ -546,10 +459,10 @@ def make_face(base: BaseFace, identity: Identity, size: int = 512) -> Face:
     if identity.mirror:
         base = mirrored(base)
     lm = base.landmarks
-    oval = lm[_mesh()["oval"]]
+    oval = lm[topology()["oval"]]
     centre = (oval.min(axis=0) + oval.max(axis=0)) / 2
     width = float(np.ptp(oval[:, 0]))
-    origin, _, axes = _frame(lm)
+    origin, _, axes = frame(lm)
     base_roll = math.degrees(math.atan2(axes[0, 1], axes[0, 0]))
     s = identity.face_fraction * size / max(width, 1.0)
     angle = math.radians(base_roll + identity.roll_deg)

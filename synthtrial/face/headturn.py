@@ -1,7 +1,7 @@
 """Head turns for side views: MediaPipe's 3-D face mesh rotated about the neck and the portrait warped over it.
 
 The landmarks (x, y in pixels, depth in pixels as MediaPipe gives it times the image width) rotate about a
-vertical axis :data:`synthtrial.face.faces.PIVOT_DEPTH_IOD` interocular distances behind the eyes and project
+vertical axis :data:`synthtrial.face.mesh.PIVOT_DEPTH_IOD` interocular distances behind the eyes and project
 orthographically; the face is re-centred on its oval. The portrait is warped piecewise-affinely over the mesh
 triangles (its eye and mouth openings closed by strips of extra triangles), far triangles first so nearer
 surfaces cover what they hide: the near cheek widens, the far cheek foreshortens and slips behind the nose,
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from synthtrial.face.faces import PIVOT_DEPTH_IOD, _frame, _mesh, mesh_triangles
+from synthtrial.face.mesh import eye_depth, frame, mesh_triangles, pivot, topology
 
 __all__ = ["HeadTurn", "head_turn"]
 
@@ -49,7 +49,7 @@ class HeadTurn:
 
 def _ring_points(landmarks: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Control points beyond the face (hair, ears, neck) on a ring around the oval, and on the image border."""
-    oval = landmarks[_mesh()["oval"]]
+    oval = landmarks[topology()["oval"]]
     centre = oval.mean(axis=0)
     ring = centre + 1.45 * (oval - centre)
     margin = 0.04 * size
@@ -74,7 +74,7 @@ def _hole_loops() -> tuple[tuple[int, ...], ...]:
         if n == 1:
             nxt.setdefault(a, []).append(b)
             nxt.setdefault(b, []).append(a)
-    oval = set(_mesh()["oval"])
+    oval = set(topology()["oval"])
     loops, seen = [], set()
     for start in sorted(nxt):
         if start in seen or start in oval:
@@ -112,20 +112,19 @@ def _hole_triangles(landmarks: np.ndarray) -> np.ndarray:
 def head_turn(landmarks: np.ndarray, depth: np.ndarray, size: int, yaw_deg: float) -> HeadTurn:
     """The warp of a ``size`` x ``size`` portrait that turns its head by ``yaw_deg`` (> 0: towards image-left).
 
-    Landmarks (x, y, depth in pixels) rotate about a vertical axis :data:`PIVOT_DEPTH_IOD` interocular
-    distances behind the eyes and project orthographically; the face is re-centred on its oval. Output pixels
+    Landmarks (x, y, depth in pixels) rotate about the vertical axis of :func:`synthtrial.face.mesh.pivot`
+    (behind the eyes) and project orthographically; the face is re-centred on its oval. Output pixels
     are filled triangle by triangle (affine per triangle: the warp is continuous across shared edges), the
     area around the face first, then the mesh (its eye and mouth openings closed) from far to near, so
     nearer surfaces cover what they hide.
     """
     from scipy.spatial import Delaunay
 
-    m = _mesh()
+    m = topology()
     tris = np.vstack([mesh_triangles(), _hole_triangles(landmarks)])
-    origin, iod, _ = _frame(landmarks)
-    eyes = m["left_eye"] + m["right_eye"]
-    eye_z = float(np.mean(depth[eyes]))
-    pivot_x, pivot_z = float(origin[0]), eye_z + PIVOT_DEPTH_IOD * iod
+    iod = frame(landmarks)[1]
+    eye_z = eye_depth(depth)
+    pivot_x, pivot_z = pivot(landmarks, depth)
     # the mesh's outermost ring curves steeply back towards the ears; turned, those slivers of the frontal
     # photo would be stretched several-fold into streaks. Capping the depth keeps them at the cheek's
     # slope and leaves the stretch to the hair and background beyond the face.

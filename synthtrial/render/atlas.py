@@ -2,7 +2,7 @@
 with a millimetre scale bar -- the figure a dermatologist checks first (``synthtrial atlas``).
 
 Each tile is a square of skin :data:`FIELD_MM` millimetres across with one lesion in its centre, drawn by the
-same renderer and settings as ``generate`` (:func:`synthtrial.run.generation.render_config`), at the lesion model's
+same renderer and settings as ``generate`` (:func:`synthtrial.render.procedural.render_config`), at the lesion model's
 sizes (:data:`synthtrial.lesions.course.DIAMETER_MM`, a typical diameter per type) and at the intensity and size the
 lesion model gives each stage: onset (growing), active (full), resolving (fading), residual (what it
 leaves: a post-inflammatory mark after a papule or pustule, an atrophic scar in a fading mark after a
@@ -130,8 +130,7 @@ def render_atlas(seed: int = 0, mm_per_px: float = MM_PER_PX, field_mm: float = 
     """Render the atlas: one block per skin (columns: stages; rows: lesion types), labelled, with scale bars."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from synthtrial.render.procedural import ProceduralRenderer
-    from synthtrial.run.generation import render_config
+    from synthtrial.render.procedural import ProceduralRenderer, render_config
 
     if not 0.005 <= mm_per_px <= 0.5:
         raise AtlasError(f"mm_per_px must be between 0.005 and 0.5, got {mm_per_px}")

@@ -82,6 +82,7 @@ from synthtrial.render.base import (
 )
 from synthtrial.render.procedural import ProceduralConfig, ProceduralRenderer
 from synthtrial.trial.scale import ALL_LESION_TYPES as LESION_TYPES
+from synthtrial.util.device import resolve_device
 from synthtrial.util.seeding import derive_seed
 from synthtrial.util.weights import is_pickle, resolve_model
 
@@ -262,11 +263,7 @@ class DiffusionRenderer:
         import torch
 
         cfg = self.config
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(device)
-        except (RuntimeError, ValueError) as exc:
-            raise DiffusionError(f"unknown device {cfg.device!r} ({exc})".splitlines()[0]) from None
+        device = resolve_device(cfg.device)   # None: CUDA when available; a bad name is one line naming --device
         name = cfg.dtype or ("float16" if device.type == "cuda" else "float32")
         return device, getattr(torch, name)
 

@@ -37,6 +37,8 @@ import pandas as pd
 
 from synthtrial.util.atomic import write_bytes_atomic
 from synthtrial.util.errors import SynthtrialError
+from synthtrial.util.device import resolve_device
+from synthtrial.util.progress import ProgressCallback
 from synthtrial.util.seeding import derived_rng
 
 __all__ = [
@@ -109,14 +111,14 @@ def _sdxl_source(model: str, size: int, steps: int, guidance: float) -> tuple[Ca
     from synthtrial.render.diffusion import check_model
 
     check_model(model, "model")
-    cuda = torch.cuda.is_available()
+    device = resolve_device(None)
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=torch.float16 if cuda else torch.float32,
+        pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=torch.float16 if device.type == "cuda"
+                                                         else torch.float32,
                                                          use_safetensors=True)
     except (OSError, ValueError, KeyError) as exc:
         raise FaceBankError(f"model {model}: not a loadable diffusers SDXL model ({type(exc).__name__}: {exc})"
                             .splitlines()[0]) from None
-    device = torch.device("cuda" if cuda else "cpu")
     pipe = pipe.to(device)
     pipe.vae.enable_tiling()
     pipe.set_progress_bar_config(disable=True)
@@ -131,7 +133,7 @@ def _sdxl_source(model: str, size: int, steps: int, guidance: float) -> tuple[Ca
 
 def generate_face_bank(n: int, model: str, out_dir: Path, *, seed: int = 0, size: int = 1024, steps: int = 30,
                        guidance: float = 7.0, max_tries: int | None = None,
-                       progress: Callable[[int, int, str], None] | None = None,
+                       progress: ProgressCallback | None = None,
                        pipeline: Callable[[str, Any], Any] | None = None) -> pd.DataFrame:
     """Render up to ``n`` frontal synthetic portraits into ``out_dir``; returns the ``faces.csv`` table.
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from synthtrial.render.base import PhotoStats, check_image, skin_weight
 
-__all__ = ["photo_stats"]
+__all__ = ["DEFAULT_STATS", "lab2rgb", "photo_stats", "rgb2lab"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -31,12 +31,15 @@ _LAB2F = np.array([[1 / 116, 1 / 500, 0, 16 / 116], [1 / 116, 0, 0, 16 / 116],
                    [1 / 116, 0, -1 / 200, 16 / 116]], np.float32)
 
 
-def _rgb2lab(rgb: np.ndarray) -> np.ndarray:
+def rgb2lab(rgb: np.ndarray) -> np.ndarray:
+    """float32 sRGB (0-1, ``(..., 3)``) to CIELAB (D65): the exact inverse of :func:`lab2rgb`."""
     lin = cv2.pow((rgb + np.float32(0.055)) * np.float32(1 / 1.055), 2.4)
     return cv2.transform(cv2.pow(cv2.transform(lin, _RGB2XYZ), 1 / 3), _F2LAB)
 
 
-def _lab2rgb(lab: np.ndarray) -> np.ndarray:
+def lab2rgb(lab: np.ndarray) -> np.ndarray:
+    """float32 CIELAB (D65, ``(..., 3)``) to sRGB (0-1 inside the gamut, not clipped): the exact inverse of
+    :func:`rgb2lab`."""
     f = np.maximum(cv2.transform(lab, _LAB2F), 0)
     lin = np.maximum(cv2.transform(f * f * f, _XYZ2RGB), 0)
     return cv2.pow(lin, 1 / 2.4) * np.float32(1.055) - np.float32(0.055)
@@ -46,7 +49,8 @@ def _lab2rgb(lab: np.ndarray) -> np.ndarray:
 # Photo statistics
 # --------------------------------------------------------------------------------------------------
 
-_DEFAULT_STATS = PhotoStats((0.0, -1.0), 0.0, 0.0, (200.0, 160.0, 140.0))
+#: The statistics assumed for a photo with too little skin to measure: lit from above, clean, sharp, fair skin.
+DEFAULT_STATS = PhotoStats((0.0, -1.0), 0.0, 0.0, (200.0, 160.0, 140.0))
 _IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
 _REBLUR = 2.5   # sigma of the re-blur used by the blur estimate
 
@@ -84,7 +88,7 @@ def photo_stats(image: np.ndarray, skin_mask: np.ndarray) -> PhotoStats:
     skin_rgb = tuple(float(np.median(px[:, c])) for c in range(3))
 
     # light direction: plane fit of L* over skin, three rounds of outlier rejection (brows, nostrils)
-    lum = _rgb2lab(np.ascontiguousarray(px[None] / 255.0))[0, :, 0].astype(np.float64)
+    lum = rgb2lab(np.ascontiguousarray(px[None] / 255.0))[0, :, 0].astype(np.float64)
     design = np.column_stack([np.ones(len(xs)), (xs - xs.mean()) / 100.0, (ys - ys.mean()) / 100.0])
     keep = np.ones(len(lum), bool)
     coef = np.zeros(3)

@@ -42,7 +42,7 @@ import numpy as np
 
 from synthtrial.render.base import (LesionSpec, PhotoStats, RenderRequest, RenderResult, check_image, circle_box,
                                     skin_weight)
-from synthtrial.render.photo import _DEFAULT_STATS, _lab2rgb, _rgb2lab, photo_stats
+from synthtrial.render.photo import DEFAULT_STATS, lab2rgb, rgb2lab, photo_stats
 from synthtrial.trial.scale import ALL_LESION_TYPES
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "RenderResult",
     "default_looks",
     "photo_stats",
+    "render_config",
 ]
 
 LESION_TYPES = ALL_LESION_TYPES
@@ -157,6 +158,12 @@ class ProceduralConfig:
     erythema_saturation: float = 3.0    # how fast overlapping erythema halos saturate (0 would add them up)
     draw_order: tuple[str, ...] = ("mark", "scar", "nodule", "papule", "pustule", "closed_comedo",
                                    "open_comedo")   # lower layers first
+
+
+def render_config() -> ProceduralConfig:
+    """The renderer's settings for runs and the atlas (every backend draws its lesion map with them): the
+    lesion model already sizes growing and fading lesions, so the renderer does not shrink them again."""
+    return ProceduralConfig(size_at_zero_intensity=1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,7 +350,7 @@ class ProceduralRenderer:
             _check_lesion(i, les)
         seed = _as_int(seed, "seed")
         if stats is None:
-            stats = photo_stats(image, weight) if np.count_nonzero(weight) >= 16 else _DEFAULT_STATS
+            stats = photo_stats(image, weight) if np.count_nonzero(weight) >= 16 else DEFAULT_STATS
         _check_stats(stats)
 
         n = len(lesions)
@@ -388,8 +395,8 @@ class ProceduralRenderer:
         den = cv2.GaussianBlur(den.astype(np.float32), (0, 0), 2.0).reshape(sh, sw)
         ok = den > 0.5
         ref = np.where(ok[..., None], num / np.where(ok, den, 1.0)[..., None], 0.5).astype(np.float32)
-        ref_lab = _rgb2lab(np.ascontiguousarray(ref))
-        ref_lab[~ok] = _rgb2lab(np.asarray(stats.skin_rgb, np.float32).reshape(1, 1, 3) / 255.0)[0, 0]
+        ref_lab = rgb2lab(np.ascontiguousarray(ref))
+        ref_lab[~ok] = rgb2lab(np.asarray(stats.skin_rgb, np.float32).reshape(1, 1, 3) / 255.0)[0, 0]
 
         lx, ly = (float(v) for v in stats.light_direction)
         norm = math.hypot(lx, ly)
@@ -423,9 +430,9 @@ class ProceduralRenderer:
             return
         dst = out[y0:y1, x0:x1]
         rgb = dst[iy, ix].astype(np.float32)[:, None, :] * np.float32(1 / 255)
-        lab = _rgb2lab(rgb)
+        lab = rgb2lab(rgb)
         new_lab = lab + sub[iy, ix][:, None, :]
-        new = _lab2rgb(new_lab)[:, 0, :] * np.float32(255)
+        new = lab2rgb(new_lab)[:, 0, :] * np.float32(255)
         # grain: darkening shrinks the photo's own noise by ~((L' + 16) / (L + 16))^0.25 in sRGB
         # (sRGB ~ Y^(1/2.4), L* + 16 ~ Y^(1/3)); fresh grain restores it, so lesions are not too clean
         noise = float(stats.noise_sigma)
@@ -472,46 +479,9 @@ class ProceduralRenderer:
                          [0.0, k, tpl.c0 + k * (y0 + 0.5 - les.cy)]])
         maps = cv2.warpAffine(tpl.maps, warp, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        body, prof = maps[..., 0], maps[..., 1]
+        body = maps[..., 0]
         canvas = fr.canvas[y0:y1, x0:x1]
-
-        # colours relative to the smooth local skin colour, blended between the dark and light looks
-        rh, rw = fr.ref_lab.shape[:2]
-        ref = fr.ref_lab[min(max(int(les.cy) // fr.ref_step, 0), rh - 1),
-                         min(max(int(les.cx) // fr.ref_step, 0), rw - 1)].astype(np.float64)
-        f_light = min(max((ref[0] - cfg.dark_skin_L) / (cfg.light_skin_L - cfg.dark_skin_L), 0.0), 1.0)
-        colour = np.array([cd + f_light * (cl - cd) for cl, cd in zip(look.colour_light, look.colour_dark)],
-                          np.float32) * np.float32(strength * tpl.gain)
-        colour[2] += np.float32(3.0 * tpl.hue * strength)       # yellower / bluer (duskier) than its type's mean
-        delta = prof[..., None] * colour
-
-        # opaque core: blend towards a target colour (black plug / pus head / pale centre), over
-        # whatever lesions below have already done here
-        if look.core_radius > 0 and look.core_opacity > 0:
-            tl = (ref[0] + look.core_lightness * (100.0 - ref[0]) if look.core_lightness > 0
-                  else ref[0] * (1.0 + look.core_lightness))
-            kc = look.core_keep_chroma
-            target = np.array([tl, kc * ref[1] + look.core_ab[0], kc * ref[2] + look.core_ab[1]]) - ref
-            wcore = maps[..., 2:3] * np.float32(look.core_opacity * strength)
-            delta += wcore * (target.astype(np.float32) - delta - canvas)
-
-        # relief: Lambert shading plus a little Blinn-Phong gloss of the dome, multiplicative in Y
-        if look.height != 0:
-            amp = strength
-            gx, gy = maps[..., 3], maps[..., 4]
-            if amp != 1.0:
-                gx, gy = gx * amp, gy * amp
-            inv_n = 1 / np.sqrt(1 + gx * gx + gy * gy)
-            lx, ly, lz = fr.light
-            ndotl = np.maximum((lz - gx * lx - gy * ly) * inv_n, 0)
-            shade = cfg.ambient + ((1 - cfg.ambient) / lz) * ndotl
-            dl = delta[..., 0]
-            lum = dl + canvas[..., 0] + (ref[0] + 16.0)
-            dl += lum * (np.cbrt(shade) - 1)
-            if look.gloss > 0 and cfg.gloss > 0:
-                hx, hy, hz = fr.half_vector
-                ndoth = np.maximum((hz - gx * hx - gy * hy) * inv_n, 0)
-                dl += (look.gloss * cfg.gloss * amp) * (cv2.pow(ndoth, cfg.gloss_exponent) - hz ** cfg.gloss_exponent)
+        delta, colour = self._colour(les, look, tpl, fr, maps, canvas, strength)
 
         if look.halo_strength > 0:
             # the erythema halo joins a shared layer: overlapping halos merge instead of adding up (see _compose)
@@ -536,6 +506,54 @@ class ProceduralRenderer:
                 mask_out[y0:y1, x0:x1] = local
                 return (x0 + float(cols[0]), y0 + float(rows[0]), x0 + float(cols[-1]) + 1, y0 + float(rows[-1]) + 1)
         return None
+
+
+    def _colour(self, les: LesionSpec, look: LesionLook, tpl: _Template, fr: _Frame, maps: np.ndarray,
+                canvas: np.ndarray, strength: float) -> tuple[np.ndarray, np.ndarray]:
+        """The lesion's Lab change over its patch (colour, opaque core, relief) and its colour (for the halo)."""
+        cfg = self.config
+        prof = maps[..., 1]
+        # colours relative to the smooth local skin colour, blended between the dark and light looks
+        rh, rw = fr.ref_lab.shape[:2]
+        ref = fr.ref_lab[min(max(int(les.cy) // fr.ref_step, 0), rh - 1),
+                         min(max(int(les.cx) // fr.ref_step, 0), rw - 1)].astype(np.float64)
+        f_light = min(max((ref[0] - cfg.dark_skin_L) / (cfg.light_skin_L - cfg.dark_skin_L), 0.0), 1.0)
+        colour = np.array([cd + f_light * (cl - cd) for cl, cd in zip(look.colour_light, look.colour_dark)],
+                          np.float32) * np.float32(strength * tpl.gain)
+        colour[2] += np.float32(3.0 * tpl.hue * strength)       # yellower / bluer (duskier) than its type's mean
+        delta = prof[..., None] * colour
+
+        # opaque core: blend towards a target colour (black plug / pus head / pale centre), over
+        # whatever lesions below have already done here
+        if look.core_radius > 0 and look.core_opacity > 0:
+            tl = (ref[0] + look.core_lightness * (100.0 - ref[0]) if look.core_lightness > 0
+                  else ref[0] * (1.0 + look.core_lightness))
+            kc = look.core_keep_chroma
+            target = np.array([tl, kc * ref[1] + look.core_ab[0], kc * ref[2] + look.core_ab[1]]) - ref
+            wcore = maps[..., 2:3] * np.float32(look.core_opacity * strength)
+            delta += wcore * (target.astype(np.float32) - delta - canvas)
+        if look.height != 0:
+            self._relief(look, fr, maps, delta, canvas, ref[0], strength)
+        return delta, colour
+
+    def _relief(self, look: LesionLook, fr: _Frame, maps: np.ndarray, delta: np.ndarray, canvas: np.ndarray,
+                ref_l: np.float64, amp: float) -> None:
+        """Lambert shading plus a little Blinn-Phong gloss of the dome, multiplicative in Y (on ``delta``'s L)."""
+        cfg = self.config
+        gx, gy = maps[..., 3], maps[..., 4]
+        if amp != 1.0:
+            gx, gy = gx * amp, gy * amp
+        inv_n = 1 / np.sqrt(1 + gx * gx + gy * gy)
+        lx, ly, lz = fr.light
+        ndotl = np.maximum((lz - gx * lx - gy * ly) * inv_n, 0)
+        shade = cfg.ambient + ((1 - cfg.ambient) / lz) * ndotl
+        dl = delta[..., 0]
+        lum = dl + canvas[..., 0] + (ref_l + 16.0)
+        dl += lum * (np.cbrt(shade) - 1)
+        if look.gloss > 0 and cfg.gloss > 0:
+            hx, hy, hz = fr.half_vector
+            ndoth = np.maximum((hz - gx * hx - gy * hy) * inv_n, 0)
+            dl += (look.gloss * cfg.gloss * amp) * (cv2.pow(ndoth, cfg.gloss_exponent) - hz ** cfg.gloss_exponent)
 
 
 def _check_stats(stats: PhotoStats) -> None:

@@ -56,7 +56,6 @@ _MANIFEST_COLUMNS = {
     "acne04": ("image", "patient_id", "acne04_level", "lesion_count"),
     "imagefolder": ("image",) + METADATA_COLUMNS,
 }
-_LESION_COLUMNS = ("image", "lesion_id", "type", "x0", "y0", "x1", "y1")
 _ACNE04_LABEL = re.compile(r"NNEW_(trainval|test)_\d+\.txt")
 _MAX_SHOWN = 120
 

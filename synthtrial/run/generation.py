@@ -16,66 +16,36 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from synthtrial import __version__
-from synthtrial.run import rundir
-from synthtrial.trial import scale
-from synthtrial.util.atomic import write_bytes_atomic, write_text_atomic
-from synthtrial.util.errors import SynthtrialError
-from synthtrial.util.progress import progress_bar
-from synthtrial.trial.protocol import has_severity, read_protocol, to_csv_text
 from synthtrial.render.base import BACKENDS as BACKEND_SPECS
-from synthtrial.render.base import RenderRequest, backend_names, get_backend
+from synthtrial.render.base import backend_names, get_backend
+from synthtrial.render.procedural import render_config
+from synthtrial.run import rundir
+from synthtrial.run.rendering import (NAMINGS, GenerateSettings, PatientJob, QualityFilter, render_all,
+                                      render_chunk)
 from synthtrial.run.rundir import RunError
-from synthtrial.util.seeding import derive_seed
+from synthtrial.trial.protocol import has_severity, read_protocol, to_csv_text
+from synthtrial.util.atomic import write_text_atomic
+from synthtrial.util.progress import ProgressCallback, progress_bar
 
-NAMINGS = ("native", "anchor")
 #: The backends ``--backend`` accepts, from the registry (synthtrial.render.base.BACKENDS).
 BACKENDS = backend_names()
-CHUNK = 8
-#: With --reject, an image ImageQX rejects is drawn again with the next derived seed, at most this many times.
-MAX_RENDER_ATTEMPTS = 3
+#: Images a worker renders as one batch (one patient's rows in protocol order); a diffusion backend's bytes
+#: depend on it, so it never changes with the number of workers.
+RENDER_CHUNK = 8
 
-__all__ = ["BACKENDS", "GenerateSettings", "NAMINGS", "RunError", "generate", "image_stem", "png_bytes",
-           "render_config"]
+__all__ = ["BACKENDS", "GenerateSettings", "NAMINGS", "QualityFilter", "RENDER_CHUNK", "RunError", "generate",
+           "image_stem"]
 
 
-@dataclass(frozen=True)
-class GenerateSettings:
-    """What decides a run's bytes (the number of workers does not); checked when built."""
-
-    seed: int = 0
-    size: int = 512
-    naming: str = "native"
-    backend: str = "procedural"
-    quality_filter: bool = False   # ImageQX scores every image (and the --faces portraits) before it is kept
-    reject: bool = False           # re-render a rejected image with the next derived seed (needs quality_filter)
-    yaw_deg: float = 25.0          # head turn of the left/right views
-
-    def __post_init__(self) -> None:
-        if self.reject and not self.quality_filter:
-            raise RunError("--reject needs --quality-filter")
-        if not 128 <= self.size <= 4096:
-            raise RunError(f"--size must be between 128 and 4096 pixels, got {self.size}")
-        if self.naming not in NAMINGS:
-            raise RunError(f"--naming must be one of {', '.join(NAMINGS)}, got '{self.naming}'")
-        get_backend(self.backend)
-        if self.seed < 0:
-            raise RunError(f"--seed must be >= 0, got {self.seed}")
-        if not 0 < self.yaw_deg < 60:
-            raise RunError(f"--yaw must be between 0 and 60 degrees (exclusive), got {self.yaw_deg:g}")
-
+# ------------------------------------------------------------------------------------------ naming
 
 # ------------------------------------------------------------------------------------------ naming
 
@@ -91,18 +61,6 @@ def image_stem(patient_id: str, day: int, date: Any, view: str, severity: float,
     return f"{patient_id}_{when}_{view}"
 
 
-# ------------------------------------------------------------------------------------------- helpers
-
-def png_bytes(array: np.ndarray, compress_level: int = 4) -> bytes:
-    """PNG bytes of an image or a 16-bit mask (fixed settings, so the same array gives the same bytes)."""
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
-
 
 def package_versions() -> dict[str, str]:
     out = {"synthtrial": __version__}
@@ -115,277 +73,28 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def render_config():
-    """The procedural renderer's settings for runs (every backend draws its lesion map with them): the
-    lesion model already sizes growing and fading lesions, so the renderer does not shrink them again."""
-    from synthtrial.render.procedural import ProceduralConfig
-
-    return ProceduralConfig(size_at_zero_intensity=1.0)
-
-
-# ------------------------------------------------------------------------------------------- workers
-
-@dataclass(frozen=True)
-class _PatientJob:
-    """Everything a worker needs to rebuild one patient's face and lesion course."""
-
-    run_dir: str
-    patient_id: str
-    patient_index: int          # order among patients without an explicit face
-    face: str | None
-    faces_dir: str | None
-    protocol_dir: str
-    settings: GenerateSettings
-    days: tuple[int, ...]
-    severity: tuple[float, ...]
-    options: dict[str, Any] = field(default_factory=dict)   # the backend's options (e.g. DiffusionConfig fields)
-    excluded_faces: tuple[str, ...] = ()                     # --faces portraits ImageQX refused
-
-
-_CACHE: dict[tuple, Any] = {}
-_RENDERERS: dict[str, Any] = {}   # one renderer per process and configuration: models load once
-_QUALITY: dict[str, Any] = {}     # the ImageQX grader, loaded once per process when --quality-filter is on
-
-
-def _quality_grader():
-    if "imageqx" not in _QUALITY:
-        from synthtrial.graders.base import get_grader
-
-        _QUALITY["imageqx"] = get_grader("imageqx", device="cpu")
-    return _QUALITY["imageqx"]
-
-
-def _renderer(job: _PatientJob):
-    key = json.dumps([job.settings.backend, job.options], sort_keys=True)
-    if key not in _RENDERERS:
-        _RENDERERS[key] = get_backend(job.settings.backend).build(render_config(), job.options)
-    return _RENDERERS[key]
-
-
-def _patient_state(job: _PatientJob):
-    """The patient's face and lesion course, built once per process."""
-    key = (job.run_dir, job.patient_id)
-    if key not in _CACHE:
-        from synthtrial.face.faces import Identity, face_from_request, identity_for, load_base_faces, make_face
-        from synthtrial.lesions.course import LesionCourse
-
-        size = job.settings.size
-        if job.face:
-            base = face_from_request(job.face, job.faces_dir, Path(job.protocol_dir), job.patient_id)
-            face = make_face(base, Identity(base=base.key), size)
-        else:
-            bases = load_base_faces(job.faces_dir, exclude=job.excluded_faces)
-            identity = identity_for(job.patient_index, bases, job.settings.seed)
-            face = make_face(next(b for b in bases if b.key == identity.base), identity, size)
-        course = LesionCourse(face, job.days, job.severity, seed=job.settings.seed, patient_id=job.patient_id)
-        _CACHE.clear()  # one patient at a time per process keeps memory flat
-        _CACHE[key] = (face, course, {}, _renderer(job))
-    return _CACHE[key]
-
-
-def _record(run_dir: Path, row: dict[str, Any]) -> dict[str, Any] | None:
-    """The image's record when the image, its mask and the record agree byte for byte; else None (redo it)."""
-    try:
-        record = json.loads((run_dir / row["part"]).read_text())
-        if rundir.sha256_file(run_dir / row["image"]) == record["sha256"] and \
-                rundir.sha256_file(run_dir / row["mask"]) == record["mask_sha256"]:
-            return record
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
-
-
-def _render_images(job: _PatientJob, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Render the images of one patient's chunk that are missing or damaged; returns every row's record.
-
-    Whenever any image of the chunk must be (re)drawn, the whole chunk goes through the backend's
-    ``render_batch``, so the batch, and with it every image's bytes, is the same as on the first run (a
-    diffusion backend's output depends on its batch); only the images that need it are written.
-    """
-    run_dir = Path(job.run_dir)
-    records = [_record(run_dir, row) for row in rows]
-    if any(r is None for r in records):
-        face, course, views, renderer = _patient_state(job)
-        prepared = [_prepare(job, face, course, views, row) for row in rows]
-        results = renderer.render_batch([
-            RenderRequest(image=p["face"].image, lesions=p["specs"], skin_mask=p["face"].skin, stats=p["stats"],
-                          seed=p["seed"], severity=p["row"]["severity"]) for p in prepared])
-        for k, (p, result) in enumerate(zip(prepared, results, strict=True)):
-            if records[k] is None:
-                quality = _quality(job, renderer, p, result) if job.settings.quality_filter else None
-                if quality is not None:
-                    p, result = quality.pop("prepared"), quality.pop("result")
-                records[k] = _write_image(run_dir, face, course, p, result, quality)
-    return records  # type: ignore[return-value]
-
-
-def _quality(job: _PatientJob, renderer, prepared: dict[str, Any], result) -> dict[str, Any]:
-    """ImageQX's verdict on a rendered image; with --reject, the image is drawn again with the next derived
-    seed until it is accepted or MAX_RENDER_ATTEMPTS are spent (the last attempt is kept, flagged)."""
-    grader = _quality_grader()
-    attempt = 0
-    while True:
-        verdict = grader.verdicts([result.image]).iloc[0]
-        if bool(verdict["acceptable"]) or not job.settings.reject or attempt + 1 >= MAX_RENDER_ATTEMPTS:
-            break
-        attempt += 1
-        prepared = {**prepared, "seed": derive_seed("render", job.settings.seed, job.patient_id,
-                                                    prepared["row"]["day"], prepared["row"]["view"], attempt,
-                                                    bits=32)}
-        result = renderer.render_batch([RenderRequest(
-            image=prepared["face"].image, lesions=prepared["specs"], skin_mask=prepared["face"].skin,
-            stats=prepared["stats"], seed=prepared["seed"], severity=prepared["row"]["severity"])])[0]
-    return {"prepared": prepared, "result": result, "quality_acceptable": bool(verdict["acceptable"]),
-            "quality_p": round(float(verdict["p_acceptable"]), 4), "quality_reason": str(verdict["reason"]),
-            "render_attempt": attempt}
-
-
-def _prepare(job: _PatientJob, face, course, views: dict, row: dict[str, Any]) -> dict[str, Any]:
-    """The face (in the row's view), its photo statistics, and the day's lesions as renderer specs."""
-    from synthtrial.render.base import LesionSpec
-    from synthtrial.render.procedural import photo_stats
-
-    view = row["view"]
-    if view not in views:
-        face_v = face.view(view, job.settings.yaw_deg)
-        views[view] = (face_v, photo_stats(face_v.image, face_v.skin))
-    face_v, stats = views[view]
-    states = course.on(row["day"])
-    if states:
-        centres = face_v.to_pixels(np.array([s.triangle for s in states]), np.stack([s.bary for s in states]))
-    else:
-        centres = np.zeros((0, 2))
-    # a lesion out of sight in a side view (the far cheek behind the nose) is not drawn: intensity 0
-    seen = face_v.visible(np.array([s.triangle for s in states], np.int64),
-                          np.stack([s.bary for s in states])) if states else np.zeros(0, bool)
-    specs = [LesionSpec(lesion_id=s.lesion_id, type=s.type, cx=float(c[0]), cy=float(c[1]),
-                        radius_px=float(s.radius * face_v.scale), intensity=s.intensity if v else 0.0, seed=s.seed)
-             for s, c, v in zip(states, centres, seen, strict=True)]
-    seed = derive_seed("render", job.settings.seed, job.patient_id, row["day"], view, bits=32)
-    return {"row": row, "face": face_v, "stats": stats, "states": states, "specs": specs, "seed": seed}
-
-
-def _write_image(run_dir: Path, face, course, prepared: dict[str, Any], result,
-                 quality: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the image, its instance mask and its record (the record last: it marks the image as done)."""
-    row, states, specs = prepared["row"], prepared["states"], prepared["specs"]
-    label = np.zeros(result.image.shape[:2], dtype=np.uint16)
-    areas = []
-    for spec, mask, box in zip(specs, result.masks, result.boxes, strict=True):
-        win = _box_window(box, label.shape)  # masks lie inside their boxes: work on the crop
-        crop = mask[win]
-        label[win][crop] = spec.lesion_id + 1
-        areas.append(int(crop.sum()))
-    image_bytes = png_bytes(result.image)
-    mask_bytes = png_bytes(label, compress_level=1)  # mostly zeros: cheap
-    write_bytes_atomic(run_dir / row["image"], image_bytes)
-    write_bytes_atomic(run_dir / row["mask"], mask_bytes)
-    counts = {t: 0 for t in scale.ALL_LESION_TYPES}
-    lesions = []
-    for state, spec, area, box in zip(states, specs, areas, result.boxes, strict=True):
-        counts[state.type] += 1
-        lesions.append({
-            "lesion_id": state.lesion_id, "type": state.type,
-            "x0": float(box[0]), "y0": float(box[1]), "x1": float(box[2]), "y1": float(box[3]),
-            "cx": round(spec.cx, 3), "cy": round(spec.cy, 3), "radius_px": round(spec.radius_px, 3),
-            "mask_area": area, "stage": state.stage, "age_days": int(state.age_days),
-            "intensity": round(state.intensity, 4), "diameter_mm": round(state.diameter_mm, 3),
-        })
-    n_active = sum(counts[t] for t in scale.LESION_TYPES)
-    n_inflammatory = counts["papule"] + counts["pustule"] + counts["nodule"]
-    record = {
-        "image": row["image"], "mask": row["mask"], "seed": prepared["seed"],
-        "sha256": rundir.sha256_bytes(image_bytes), "mask_sha256": rundir.sha256_bytes(mask_bytes),
-        "width": int(result.image.shape[1]), "height": int(result.image.shape[0]),
-        "lesion_count": n_active, "target_count": course.target(row["day"]),
-        **{f"n_{t}": c for t, c in counts.items()},
-        "acne04_level": int(scale.acne04_level_from_count(n_active)),
-        "iga": int(scale.iga_from_counts(n_inflammatory, counts["nodule"])),
-        "identity": face.identity.to_json(), "face_source": face.source,
-        "mm_per_px": round(prepared["face"].mm_per_px, 5),
-        **(quality or {"quality_acceptable": None, "quality_p": None, "quality_reason": "", "render_attempt": 0}),
-        "lesions": lesions,
-    }
-    write_text_atomic(run_dir / row["part"], json.dumps(record, sort_keys=True))
-    return record
-
-
-def _box_window(box: np.ndarray, shape: tuple[int, int]) -> tuple[slice, slice]:
-    x0, y0, x1, y1 = box
-    return (slice(max(0, int(np.floor(y0))), min(shape[0], int(np.ceil(y1)))),
-            slice(max(0, int(np.floor(x0))), min(shape[1], int(np.ceil(x1)))))
-
-
-def _work(task: tuple[_PatientJob, list[dict[str, Any]]]) -> tuple[str, list[dict[str, Any]]]:
-    job, rows = task
-    return job.patient_id, _render_images(job, rows)
-
-
-def _worker_init(parent: int) -> None:
-    """In each worker: leave Ctrl-C to the parent, and exit when the parent is gone (even after kill -9)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so the workers are stopped (and the command ends) as for Ctrl-C."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise _Terminated
-
-
-def _render_all(tasks, workers: int, finished: Callable[[str, list[dict[str, Any]]], None]) -> None:
-    if workers == 1:
-        for task in tasks:
-            finished(*_work(task))
-        return
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    pool = ctx.Pool(processes=workers, initializer=_worker_init, initargs=(os.getpid(),))
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
-    try:
-        for pid, recs in pool.imap_unordered(_work, tasks):
-            finished(pid, recs)
-        pool.close()
-    except BaseException:
-        pool.terminate()   # Ctrl-C, SIGTERM or an error: stop rendering now; finished images are kept
-        raise
-    finally:
-        pool.join()
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-
 
 # ---------------------------------------------------------------------------------------- the command
 
 def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
              faces_dir: str | os.PathLike[str] | None = None, seed: int = 0, size: int = 512,
              naming: str = "native", workers: int = 1, progress: bool = True, backend: str = "procedural",
-             diffusion: dict[str, Any] | None = None, quality_filter: bool = False, reject: bool = False,
-             yaw_deg: float = 25.0,
-             on_progress: Callable[[int, int, str], None] | None = None) -> Path:
+             diffusion: dict[str, Any] | None = None, quality: QualityFilter | None = None, reject: bool = False,
+             yaw_deg: float = 25.0, on_progress: ProgressCallback | None = None) -> Path:
     """Render every row of a protocol into a run directory and return its path (see the module docstring).
 
     ``out`` defaults to ``runs/<protocol stem>``. ``on_progress(done, total, status)`` is called after each chunk
     of images.
     ``diffusion`` holds the backend's options (:class:`synthtrial.render.diffusion.DiffusionConfig` fields for
-    the sdxl backends). ``quality_filter`` scores every image with ImageQX and records the verdict in the
-    manifest (``quality_acceptable``, ``quality_p``, ``quality_reason``); ``reject`` draws a rejected image again
-    with the next derived seed (``render_attempt``); with ``faces_dir`` the portraits are checked first and
-    refused ones are left out, each with its reason in ``config.json``. Under ``accelerate launch`` (several processes, e.g. one per GPU) each process
-    renders its share of the images and the main process writes the one manifest.
+    the sdxl backends). ``quality`` is a quality filter (:class:`QualityFilter`, e.g. ImageQX, which the CLI's
+    ``--quality-filter`` builds): it scores every image and the manifest records its verdict
+    (``quality_acceptable``, ``quality_p``, ``quality_reason``); ``reject`` draws a rejected image again with the
+    next derived seed (``render_attempt``); with ``faces_dir`` the portraits are checked first and refused ones
+    are left out, each with its reason in ``config.json``. Under ``accelerate launch`` (several processes, e.g.
+    one per GPU) each process renders its share of the images and the main process writes the one manifest.
     """
     settings = GenerateSettings(seed=seed, size=size, naming=naming, backend=backend,
-                                quality_filter=quality_filter, reject=reject, yaw_deg=yaw_deg)
+                                quality_filter=quality is not None, reject=reject, yaw_deg=yaw_deg)
     if workers < 1:
         raise RunError(f"--workers must be >= 1, got {workers}")
     options, recorded = _backend_options(settings.backend, diffusion)
@@ -395,33 +104,13 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
     run_dir = Path(out) if out is not None else Path("runs") / protocol_path.stem
     _check_out(run_dir)
     faces_dir_str = None if faces_dir is None else str(Path(faces_dir))
-
-    from synthtrial.face.faces import face_files
-
-    face_inputs, refused = [], []
-    if faces_dir is not None:
-        face_inputs = [{"file": p.name, "sha256": rundir.sha256_file(p)} for p in face_files(faces_dir)]
-        if settings.quality_filter:
-            refused = _check_portraits(faces_dir)
-
+    faces = _faces_record(faces_dir, quality)
+    excluded = tuple(r["file"] for r in faces.get("refused", ()))
     truth, protocol = _severities(protocol, protocol_path, seed)
-    spec = get_backend(settings.backend)
-    config = {
-        "synthtrial_version": __version__,
-        "settings": asdict(settings),
-        "protocol": {"source": str(protocol_path), "sha256": rundir.sha256_bytes(to_csv_text(protocol).encode()),
-                     "rows": int(len(protocol))},
-        "faces": {"dir": faces_dir_str, "files": face_inputs, "builtin": faces_dir is None,
-                  **({"refused": refused} if refused else {})},
-        "backend": {"name": spec.name, "summary": spec.summary, "placement_exact": spec.placement_exact},
-        "renderer": asdict(render_config()),
-        "packages": package_versions(),
-    }
-    if options:
-        config["diffusion"] = {k: v for k, v in recorded.items() if k != "device"}
-    jobs, tasks, total = _plan(protocol, run_dir, settings, faces_dir_str, protocol_path, options,
-                               tuple(r["file"] for r in refused))
-    _check_faces(jobs, faces_dir_str, protocol_path, tuple(r["file"] for r in refused))  # every check first
+    config = _run_config(settings, protocol, protocol_path, faces, recorded if options else None)
+    plan = (protocol, run_dir, settings, faces_dir_str, protocol_path)
+    jobs, tasks, total = _plan(*plan, options, excluded)
+    _check_faces(jobs, faces_dir_str, protocol_path, excluded)  # every check first
 
     main = state is None or state.is_main_process
     lock = rundir.locked(run_dir) if main else contextlib.nullcontext()  # shards run under the main's lock
@@ -432,44 +121,99 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
             write_text_atomic(run_dir / rundir.PROTOCOL, to_csv_text(protocol))
             if truth is not None:
                 write_text_atomic(run_dir / rundir.TRUTH, json.dumps(truth, indent=2) + "\n")
-        if state is not None:
+        if state is None:
+            records = _render(tasks, workers, jobs, quality, progress, on_progress)
+        else:
             state.wait_for_everyone()
             if not main:
                 _prepare_run_dir(run_dir, config)  # verifies the main process's config
-            jobs, tasks, total = _plan(protocol, run_dir, settings, faces_dir_str, protocol_path,
-                                       {**options, "device": str(state.device)} if options else options,
-                                       tuple(r["file"] for r in refused))
-            workers = 1
-        all_tasks = tasks
-        if state is not None:
-            tasks = tasks[state.process_index::state.num_processes]
-            total = sum(len(rows) for _, rows in tasks)
-        records: dict[str, list[dict[str, Any]]] = {pid: [] for pid in jobs}
-        done = 0
-        with progress_bar("rendering", total, unit="images", enabled=progress) as update:
-            def finished(pid: str, recs: list[dict[str, Any]]) -> None:
-                nonlocal done
-                records[pid].extend(recs)
-                done += len(recs)
-                update(done)
-                if on_progress is not None:
-                    on_progress(done, total, "")
-
-            _render_all(tasks, workers, finished)
-
-        if state is not None:
+            jobs, tasks, _ = _plan(*plan, {**options, "device": str(state.device)} if options else options, excluded)
+            _render(tasks[state.process_index::state.num_processes], 1, jobs, quality, progress, on_progress)
             state.wait_for_everyone()
             if not main:
                 return run_dir
             records = {pid: [] for pid in jobs}  # every image now has its record: gather them all
-            for job, rows in all_tasks:
-                records[job.patient_id].extend(_render_images(job, rows))
-        manifest, lesions = _tables(protocol, records, settings)
-        rundir.write_manifest(run_dir, manifest, lesions)
-        from synthtrial.run.grids import write_grids
-
-        write_grids(run_dir, manifest)
+            for job, rows in tasks:
+                records[job.patient_id].extend(render_chunk(job, rows, quality))
+        _finish(run_dir, protocol, records, settings)
     return run_dir
+
+
+def _render(tasks: list, workers: int, jobs: dict[str, PatientJob], quality: QualityFilter | None,
+            progress: bool, on_progress: ProgressCallback | None) -> dict[str, list[dict[str, Any]]]:
+    """Render ``tasks`` on ``workers`` processes behind a progress bar; every image's record, by patient."""
+    records: dict[str, list[dict[str, Any]]] = {pid: [] for pid in jobs}
+    total = sum(len(rows) for _, rows in tasks)
+    done = 0
+    with progress_bar("rendering", total, unit="images", enabled=progress) as update:
+        def finished(pid: str, recs: list[dict[str, Any]]) -> None:
+            nonlocal done
+            records[pid].extend(recs)
+            done += len(recs)
+            update(done)
+            if on_progress is not None:
+                on_progress(done, total, "")
+
+        render_all(tasks, workers, finished, quality)
+    return records
+
+
+def _finish(run_dir: Path, protocol: pd.DataFrame, records: dict[str, list[dict[str, Any]]],
+            settings: GenerateSettings) -> None:
+    """The tables and contact sheets of a rendered run. The manifest is written last and any earlier one is
+    removed first, so a run whose grids could not be written (a full disk) has no manifest: verify and every
+    later stage refuse it, and the same command run again finishes it."""
+    from synthtrial.run.grids import write_grids
+
+    manifest, lesions = _tables(protocol, records, settings)
+    (run_dir / rundir.MANIFEST).unlink(missing_ok=True)
+    write_grids(run_dir, manifest)
+    rundir.write_manifest(run_dir, manifest, lesions)
+
+
+def _run_config(settings: GenerateSettings, protocol: pd.DataFrame, protocol_path: Path, faces: dict[str, Any],
+                diffusion: dict[str, Any] | None) -> dict[str, Any]:
+    """What ``config.json`` records: the settings, the protocol's hash, the faces, the backend and packages."""
+    spec = get_backend(settings.backend)
+    config = {
+        "synthtrial_version": __version__,
+        "settings": asdict(settings),
+        "protocol": {"source": str(protocol_path), "sha256": rundir.sha256_bytes(to_csv_text(protocol).encode()),
+                     "rows": int(len(protocol))},
+        "faces": faces,
+        "backend": {"name": spec.name, "summary": spec.summary, "placement_exact": spec.placement_exact},
+        "renderer": asdict(render_config()),
+        "packages": package_versions(),
+    }
+    if diffusion is not None:
+        config["diffusion"] = {k: v for k, v in diffusion.items() if k != "device"}
+    return config
+
+
+def _faces_record(faces_dir: str | os.PathLike[str] | None, quality: QualityFilter | None) -> dict[str, Any]:
+    """``config.json``'s ``faces``: the folder, each portrait's hash and, with a quality filter, those it
+    refused (``[{"file", "reason"}]``; left out of the run). Refusing them all is an error."""
+    from synthtrial.face.faces import FaceError, face_files, read_image
+
+    if faces_dir is None:
+        return {"dir": None, "files": [], "builtin": True}
+    files = face_files(faces_dir)
+    record: dict[str, Any] = {"dir": str(Path(faces_dir)), "builtin": False,
+                              "files": [{"file": p.name, "sha256": rundir.sha256_file(p)} for p in files]}
+    if quality is None:
+        return record
+    refused = []
+    for path in files:
+        try:
+            reason = str(quality.verdicts([read_image(path)])["reason"].iloc[0])
+        except FaceError as exc:
+            reason = str(exc).removeprefix(f"{path}: ")
+        if reason:
+            refused.append({"file": path.name, "reason": reason})
+    if len(refused) == len(files):
+        raise RunError(f"{faces_dir}: {quality.label} refused every portrait ({refused[0]['file']}: "
+                       f"{refused[0]['reason']}) (option --faces; drop --quality-filter to use them anyway)")
+    return {**record, "refused": refused} if refused else record
 
 
 def _check_out(run_dir: Path) -> None:
@@ -551,14 +295,14 @@ def _prepare_run_dir(run_dir: Path, config: dict[str, Any]) -> None:
 
 def _plan(protocol: pd.DataFrame, run_dir: Path, settings: GenerateSettings, faces_dir: str | None,
           protocol_path: Path, options: dict[str, Any], excluded_faces: tuple[str, ...] = ()):
-    jobs: dict[str, _PatientJob] = {}
+    jobs: dict[str, PatientJob] = {}
     tasks = []
     total = 0
     auto_index = 0
     for pid, rows in protocol.groupby("patient_id", sort=False):
         per_day = rows.drop_duplicates("day")
         face = rows["face"].dropna().iloc[0] if rows["face"].notna().any() else None
-        job = _PatientJob(run_dir=str(run_dir), patient_id=str(pid), patient_index=auto_index, face=face,
+        job = PatientJob(run_dir=str(run_dir), patient_id=str(pid), patient_index=auto_index, face=face,
                           faces_dir=faces_dir, protocol_dir=str(protocol_path.parent), settings=settings,
                           days=tuple(int(d) for d in per_day["day"]),
                           severity=tuple(float(s) for s in per_day["severity"]), options=options,
@@ -577,28 +321,13 @@ def _plan(protocol: pd.DataFrame, run_dir: Path, settings: GenerateSettings, fac
             dup = next(n for n in names if names.count(n) > 1)
             raise RunError(f"two rows of patient '{pid}' map to the same file name {dup} "
                            f"(--naming {settings.naming}); use --naming native")
-        for start in range(0, len(items), CHUNK):
-            tasks.append((job, items[start:start + CHUNK]))
+        for start in range(0, len(items), RENDER_CHUNK):
+            tasks.append((job, items[start:start + RENDER_CHUNK]))
         total += len(items)
     return jobs, tasks, total
 
 
-def _check_portraits(faces_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """ImageQX's check of the --faces portraits: ``[{"file", "reason"}]`` for each one refused (left out of the
-    run). Refusing them all is an error."""
-    from synthtrial.graders.imageqx import check_portraits
-    from synthtrial.face.faces import face_files
-
-    files = face_files(faces_dir)
-    refused = [{"file": Path(path).name, "reason": reason}
-               for path, reason in check_portraits(files, grader=_quality_grader()) if reason]
-    if len(refused) == len(files):
-        raise RunError(f"{faces_dir}: ImageQX refused every portrait ({refused[0]['file']}: {refused[0]['reason']}) "
-                       "(option --faces; drop --quality-filter to use them anyway)")
-    return refused
-
-
-def _check_faces(jobs: dict[str, _PatientJob], faces_dir: str | None, protocol_path: Path,
+def _check_faces(jobs: dict[str, PatientJob], faces_dir: str | None, protocol_path: Path,
                  excluded: tuple[str, ...] = ()) -> None:
     """Fail before writing anything if a requested face cannot be found or has no face in it."""
     from synthtrial.face.faces import face_from_request, load_base_faces

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from synthtrial.run.rundir import GRIDS
 from synthtrial.util.atomic import write_bytes_atomic
 
 COLUMNS = 7            # a week per row for daily series
@@ -72,15 +73,15 @@ def triplet_sheet(run_dir: Path, rows: pd.DataFrame, thumb: int = TRIPLET_THUMB)
 
 
 def write_grids(run_dir: Path, manifest: pd.DataFrame) -> list[Path]:
-    """Write ``grids/<patient_id>.jpg`` for every patient of a run, and ``grids/<patient_id>_views.jpg`` (the
-    day-by-day triplets) for patients photographed from more than one view."""
+    """Write ``grids/<patient_id>.jpg`` (:data:`synthtrial.run.rundir.GRIDS`) for every patient of a run, and
+    ``grids/<patient_id>_views.jpg`` (the day-by-day triplets) for patients photographed from more than one view."""
     paths = []
     for pid, rows in manifest.groupby("patient_id", sort=False):
-        path = run_dir / "grids" / f"{pid}.jpg"
+        path = run_dir / GRIDS / f"{pid}.jpg"
         write_bytes_atomic(path, contact_sheet(run_dir, rows))
         paths.append(path)
         if rows["view"].nunique() > 1:
-            path = run_dir / "grids" / f"{pid}_views.jpg"
+            path = run_dir / GRIDS / f"{pid}_views.jpg"
             write_bytes_atomic(path, triplet_sheet(run_dir, rows))
             paths.append(path)
     return paths

@@ -37,13 +37,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from synthtrial import __version__
 from synthtrial.trial import scale
 from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.atomic import write_text_atomic
-from synthtrial.trial.protocol import COLUMNS, DEFAULT_VIEW, PATIENT_ID_PATTERN, write_protocol
+from synthtrial.trial.protocol import (COLUMNS, DEFAULT_VIEW, MAX_DATE, MAX_DAY, MAX_DAY_SPAN, MAX_ROWS, MIN_DATE,
+                                       PATIENT_ID_PATTERN, write_protocol)
 
 DESIGNS = ("baseline-alternating", "abab", "pairs")
 MODEL_EQUATIONS = (
@@ -53,13 +53,28 @@ MODEL_EQUATIONS = (
     "otherwise x = x*2^(-1/washout_half_life)"
 )
 
+#: Limits of a design, checked before any work so one command cannot exhaust the machine; a designed
+#: protocol also stays within what the protocol reader accepts (synthtrial.trial.protocol: MAX_DAY, MAX_DAY_SPAN,
+#: MAX_ROWS, MIN_DATE..MAX_DATE).
+MAX_PATIENTS = 10_000
+MAX_BLOCKS = 500
+MAX_PERIOD_DAYS = 365
+MAX_WASHOUT_DAYS = 365
+#: Limits of a severity model: no spread, noise or daily trend larger than the whole 0-3 scale, and no
+#: half-life longer than the longest protocol (beyond them nothing changes but the arithmetic overflows).
+MAX_SD = scale.SEVERITY_MAX
+MAX_TREND_PER_DAY = scale.SEVERITY_MAX
+MAX_HALF_LIFE_DAYS = MAX_DAY
+#: Fields whose command-line option has another name than ``--<field-name>``.
+_OPTION_NAMES = {"n_patients": "--patients", "trend_per_day": "--trend"}
+
 
 class DesignError(SynthtrialError):
     """A trial design or severity model that cannot be simulated; names the offending option."""
 
 
 def _option(name: str) -> str:
-    return f"{name} (--{name.replace('_', '-')})"
+    return f"{name} ({_OPTION_NAMES.get(name, '--' + name.replace('_', '-'))})"
 
 
 @dataclass(frozen=True)
@@ -113,24 +128,45 @@ class TrialDesign:
                               f"got {list(self.arms)}")
         if self.washout_label in names:
             raise DesignError(f"{_option('washout_label')} '{self.washout_label}' is also an arm")
-        for name, low in (("n_patients", 1), ("blocks", 1), ("period_days", 1), ("washout_days", 0),
-                          ("first_day", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-                raise DesignError(f"{_option(name)} must be a whole number >= {low}, got {value!r}")
+        self._check_sizes()
         if self.design == "baseline-alternating" and self.blocks < 2:
             raise DesignError(f"{_option('blocks')}: baseline-alternating needs at least 2 periods")
         if self.design == "abab" and self.blocks < 2:
             raise DesignError(f"{_option('blocks')}: abab needs at least 2 periods")
-        if self.start_date is not None:
-            try:
-                dt.date.fromisoformat(self.start_date)
-            except (TypeError, ValueError):
-                raise DesignError(f"{_option('start_date')} must be YYYY-MM-DD, got '{self.start_date}'") from None
+        self._check_dates()
         width = max(2, len(str(self.n_patients)))
         if not PATIENT_ID_PATTERN.fullmatch(f"{self.patient_prefix}{self.n_patients:0{width}d}"):
             raise DesignError(f"{_option('patient_prefix')} '{self.patient_prefix}' does not make safe patient "
                               "ids (letters, digits, '_', '.', '-'; starting with a letter or digit)")
+
+    def _check_sizes(self) -> None:
+        """Whole numbers within their limits, and a schedule the protocol reader accepts."""
+        for name, low, high in (("n_patients", 1, MAX_PATIENTS), ("blocks", 1, MAX_BLOCKS),
+                                ("period_days", 1, MAX_PERIOD_DAYS), ("washout_days", 0, MAX_WASHOUT_DAYS),
+                                ("first_day", 0, MAX_DAY)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not low <= value <= high:
+                raise DesignError(f"{_option(name)} must be a whole number >= {low} and <= {high}, got {value!r}")
+        days = self.days_per_patient
+        if days - 1 > MAX_DAY_SPAN or self.first_day + days - 1 > MAX_DAY:
+            raise DesignError(f"the design lasts {days} days per patient from day {self.first_day}; a protocol "
+                              f"spans at most {MAX_DAY_SPAN + 1} days and ends by day {MAX_DAY} (options --blocks, "
+                              "--period-days, --washout-days, --first-day)")
+        if self.n_patients * days > MAX_ROWS:
+            raise DesignError(f"{self.n_patients} patients x {days} days is {self.n_patients * days} rows; a "
+                              f"protocol holds at most {MAX_ROWS} (options --patients, --blocks, --period-days)")
+
+    def _check_dates(self) -> None:
+        if self.start_date is None:
+            return
+        try:
+            start = dt.date.fromisoformat(self.start_date)
+        except (TypeError, ValueError):
+            raise DesignError(f"{_option('start_date')} must be YYYY-MM-DD, got '{self.start_date}'") from None
+        last = start + dt.timedelta(days=self.days_per_patient - 1) if start <= MAX_DATE else start
+        if start < MIN_DATE or last > MAX_DATE:
+            raise DesignError(f"{_option('start_date')} {self.start_date}: the trial's dates must lie between "
+                              f"{MIN_DATE} and {MAX_DATE}")
 
     def patient_ids(self) -> list[str]:
         width = max(2, len(str(self.n_patients)))
@@ -188,13 +224,16 @@ class SeverityModel:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("effect_sd", "baseline_sd", "washin_half_life", "washout_half_life", "noise_sd"):
+        for name, low, high in (("effect_sd", 0, MAX_SD), ("baseline_sd", 0, MAX_SD), ("noise_sd", 0, MAX_SD),
+                                ("washin_half_life", 0, MAX_HALF_LIFE_DAYS),
+                                ("washout_half_life", 0, MAX_HALF_LIFE_DAYS),
+                                ("trend_per_day", -MAX_TREND_PER_DAY, MAX_TREND_PER_DAY)):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise DesignError(f"{_option(name)} must be a finite number >= 0, got {value!r}")
-        for name in ("baseline_mean", "baseline_min", "baseline_max", "trend_per_day"):
+            if not (_is_number(value) and math.isfinite(value) and low <= value <= high):
+                raise DesignError(f"{_option(name)} must be a finite number from {low:g} to {high:g}, got {value!r}")
+        for name in ("baseline_mean", "baseline_min", "baseline_max"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            if not (_is_number(value) and math.isfinite(value)):
                 raise DesignError(f"{_option(name)} must be a finite number, got {value!r}")
         for arm, value in self.effects.items():
             if not math.isfinite(value) or abs(value) > scale.SEVERITY_MAX:
@@ -206,10 +245,14 @@ class SeverityModel:
         if not self.baseline_min <= self.baseline_mean <= self.baseline_max:
             raise DesignError(f"{_option('baseline_mean')} {self.baseline_mean} lies outside "
                               f"[{self.baseline_min}, {self.baseline_max}]")
-        if not -1 < self.ar_phi < 1:
-            raise DesignError(f"{_option('ar_phi')} must lie strictly between -1 and 1, got {self.ar_phi}")
-        if not 0 <= self.missing_rate < 1:
+        if not (_is_number(self.ar_phi) and -1 < self.ar_phi < 1):
+            raise DesignError(f"{_option('ar_phi')} must lie strictly between -1 and 1, got {self.ar_phi!r}")
+        if not (_is_number(self.missing_rate) and 0 <= self.missing_rate < 1):
             raise DesignError(f"{_option('missing_rate')} must lie in [0, 1), got {self.missing_rate}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -346,57 +389,70 @@ def simulate_severity(schedule: pd.DataFrame, model: SeverityModel, seed: int = 
     severity = np.full(len(out), np.nan)
     keep = np.ones(len(out), dtype=bool)
     patients: dict[str, Any] = {}
-    clipped = 0
     # each patient's first effect draw is its baseline's quantile (the truncated normal, all patients at once)
     baselines = _truncated_normal([float(rng.random()) for rng in effect_rngs], model.baseline_mean,
                                   model.baseline_sd, model.baseline_min, model.baseline_max)
     for pid, baseline, effect_rng, noise_rng, missing_rng in zip(pids, baselines, effect_rngs, noise_rngs,
                                                                  missing_rngs, strict=True):
         idx = np.asarray(rows_of[pid])
-        row_days, row_treatments = day_of_row[idx], treatment_of_row[idx]
-        # one value per day (its first row's treatment), shared by every view of that day
-        days_seen, first_row = np.unique(row_days, return_index=True)
-        grid, arm_on_day = treatment_calendar(row_days, row_treatments)
-        first, last = int(grid[0]), int(grid[-1])
-
-        effects = {a: model.effects.get(a, 0.0) + model.effect_sd * float(effect_rng.standard_normal()) for a in active}
-        effect_part = np.zeros(len(grid))
-        for a in active:
-            effect_part += effects[a] * exposure(arm_on_day == a, model.washin_half_life,
-                                                 model.washout_half_life)
-        mu = baseline + model.trend_per_day * (grid - first) + effect_part
-        noise = _ar1(noise_rng, len(grid), model.ar_phi, model.noise_sd)
-        raw = mu + noise
-        s = np.clip(raw, scale.SEVERITY_MIN, scale.SEVERITY_MAX) + 0.0
-        clipped_days = int(((raw < scale.SEVERITY_MIN) | (raw > scale.SEVERITY_MAX)).sum())
-        severity[idx] = s[row_days - first]
-
-        missing_days: list[int] = []
-        if model.missing_rate > 0:
-            dropped = missing_rng.random(len(grid)) < model.missing_rate
-            scheduled = set(days_seen.tolist())
-            missing_days = [int(d) for d in grid[dropped] if d in scheduled]
-            keep[idx] = ~np.isin(row_days, missing_days)
-        clipped += clipped_days
-
-        ref_days = arm_on_day == reference
-        delivered = {a: _mean_difference(effect_part, arm_on_day == a, ref_days) for a in active}
-        in_row_order = row_treatments[np.sort(first_row)].tolist()
-        patients[pid] = {
-            "baseline": baseline,
-            "effects": effects,
-            "delivered_effects": delivered,
-            "period_order": [t for i, t in enumerate(in_row_order) if i == 0 or t != in_row_order[i - 1]],
-            "first_day": first,
-            "last_day": last,
-            "missing_days": missing_days,
-            "clipped_days": clipped_days,
-        }
+        severity[idx], keep[idx], patients[pid] = _simulate_patient(
+            day_of_row[idx], treatment_of_row[idx], model, baseline, reference, active,
+            (effect_rng, noise_rng, missing_rng))
 
     out["severity"] = severity
     out = out.loc[keep].reset_index(drop=True)
     out.attrs.update(schedule.attrs)
+    return SimulatedTrial(protocol=out, truth=_truth(model, seed, reference, active, treatments, patients))
+
+
+def _simulate_patient(row_days: np.ndarray, row_treatments: np.ndarray, model: SeverityModel, baseline: float,
+                      reference: str, active: list[str], rngs: tuple[np.random.Generator, ...]
+                      ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """One patient's severity on each of its rows, which rows are kept (not missing), and its truth."""
+    effect_rng, noise_rng, missing_rng = rngs
+    # one value per day (its first row's treatment), shared by every view of that day
+    days_seen, first_row = np.unique(row_days, return_index=True)
+    grid, arm_on_day = treatment_calendar(row_days, row_treatments)
+    first, last = int(grid[0]), int(grid[-1])
+
+    effects = {a: model.effects.get(a, 0.0) + model.effect_sd * float(effect_rng.standard_normal()) for a in active}
+    effect_part = np.zeros(len(grid))
+    for a in active:
+        effect_part += effects[a] * exposure(arm_on_day == a, model.washin_half_life, model.washout_half_life)
+    mu = baseline + model.trend_per_day * (grid - first) + effect_part
+    noise = _ar1(noise_rng, len(grid), model.ar_phi, model.noise_sd)
+    raw = mu + noise
+    s = np.clip(raw, scale.SEVERITY_MIN, scale.SEVERITY_MAX) + 0.0
+    clipped_days = int(((raw < scale.SEVERITY_MIN) | (raw > scale.SEVERITY_MAX)).sum())
+
+    missing_days: list[int] = []
+    keep = np.ones(len(row_days), dtype=bool)
+    if model.missing_rate > 0:
+        dropped = missing_rng.random(len(grid)) < model.missing_rate
+        scheduled = set(days_seen.tolist())
+        missing_days = [int(d) for d in grid[dropped] if d in scheduled]
+        keep = ~np.isin(row_days, missing_days)
+
+    ref_days = arm_on_day == reference
+    delivered = {a: _mean_difference(effect_part, arm_on_day == a, ref_days) for a in active}
+    in_row_order = row_treatments[np.sort(first_row)].tolist()
     truth = {
+        "baseline": baseline,
+        "effects": effects,
+        "delivered_effects": delivered,
+        "period_order": [t for i, t in enumerate(in_row_order) if i == 0 or t != in_row_order[i - 1]],
+        "first_day": first,
+        "last_day": last,
+        "missing_days": missing_days,
+        "clipped_days": clipped_days,
+    }
+    return s[row_days - first], keep, truth
+
+
+def _truth(model: SeverityModel, seed: int, reference: str, active: list[str], treatments: list[str],
+           patients: dict[str, Any]) -> dict[str, Any]:
+    """The truth file's content: every parameter and every patient's truth, with the arms' summaries."""
+    return {
         "synthtrial_version": __version__,
         "seed": int(seed),
         "reference": reference,
@@ -407,7 +463,7 @@ def simulate_severity(schedule: pd.DataFrame, model: SeverityModel, seed: int = 
         "population_effects": {a: model.effects.get(a, 0.0) for a in active},
         "mean_delivered_effects": {a: _mean([p["delivered_effects"][a] for p in patients.values()])
                                    for a in active},
-        "clipped_days": clipped,
+        "clipped_days": sum(p["clipped_days"] for p in patients.values()),
         "patients": patients,
         "notes": ("effects are in severity units (0-3 scale), negative improves, relative to the reference arm. "
                   "'effects' are each patient's steady-state effects; 'delivered_effects' are the mean effect "
@@ -415,7 +471,6 @@ def simulate_severity(schedule: pd.DataFrame, model: SeverityModel, seed: int = 
                   "carryover applied (no trend, no noise, no clipping): the difference a perfect outcome would "
                   "show. 'clipped_days' counts days whose severity was clipped to the 0-3 scale."),
     }
-    return SimulatedTrial(protocol=out, truth=truth)
 
 
 def simulate_trial(design: TrialDesign, model: SeverityModel, seed: int = 0) -> SimulatedTrial:
@@ -433,6 +488,8 @@ def simulate_trial(design: TrialDesign, model: SeverityModel, seed: int = 0) -> 
 
 def _truncated_normal(quantiles: Sequence[float], mean: float, sd: float, low: float, high: float) -> list[float]:
     """The truncated normal's values at the given quantiles (inverse CDF)."""
+    from scipy import stats
+
     if sd == 0:
         return [float(mean)] * len(quantiles)
     a, b = (low - mean) / sd, (high - mean) / sd
