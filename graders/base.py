@@ -253,6 +253,21 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
+def _same_kind(default: Any, value: Any) -> bool:
+    """Whether a JSON value fits a field of this default (an int field takes no 512.5, a float one an int)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, tuple):
+        return isinstance(value, (list, tuple))
+    return True
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A config dataclass as plain JSON data (tuples as lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
@@ -276,6 +291,10 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str, reserved: Sequ
     bad = [k for k, v in values.items() if _non_finite(v)]
     if bad:
         raise GraderError(f"{where}: setting {bad[0]} must be finite, got {values[bad[0]]!r}")
+    for f in dataclasses.fields(cls):
+        if f.name in values and not _same_kind(f.default, values[f.name]):
+            raise GraderError(f"{where}: setting {f.name} must be of type {type(f.default).__name__}, got "
+                              f"{values[f.name]!r}")
     try:
         return cls(**values)
     except GraderError as exc:
