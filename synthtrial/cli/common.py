@@ -128,8 +128,15 @@ MAX_IMAGE_SIZE = 4096
 MAX_EPOCHS = 100_000
 MAX_STEPS = 10_000_000
 
-Device = Annotated[Optional[str], typer.Option(help="Torch device: cpu, cuda or cuda:N (default: cuda if "
-                                               "available, else cpu).", show_default=False)]
+
+
+def device_option(note: str = "", panel: Optional[str] = None) -> Any:
+    """The ``--device`` option (``note`` adds a sentence, ``panel`` a help panel); :data:`Device` is the plain one."""
+    return Annotated[Optional[str], typer.Option(help=f"Torch device: cpu, cuda or cuda:N (default: cuda if available, "
+                                                 f"else cpu).{note}", show_default=False, rich_help_panel=panel)]
+
+
+Device = device_option()
 Seed = Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Seed: the same seed and inputs write the same "
                                    "bytes.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from synthtrial.util.errors import SynthtrialError
-from synthtrial.cli.common import app, handles_errors, out, PresetName, protocol_app
+from synthtrial.cli.common import Seed, app, handles_errors, out, PresetName, protocol_app
 
 
 @protocol_app.command("check")
@@ -78,7 +78,7 @@ def protocol_design(
                                                "overrides it. anchor: 10 x 140 days, Baseline / Antibiotics / "
                                                "Cream in 28-day periods. quick: 3 x 16 days, Fu et al.'s "
                                                "2-off / 2-on blocks.")] = PresetName.anchor,
-    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same bytes.")] = 0,
+    seed: Seed = 0,
     form: Annotated[Form, typer.Option(help="native, or anchor for the synthetic_acne_images layout.")] = Form.native,
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
     design: Annotated[Optional[DesignName], typer.Option(
