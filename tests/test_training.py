@@ -73,3 +73,20 @@ def test_other_records_damaged_checkpoints_and_bad_plans_are_refused(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(TrainingError, match="steps must be an integer from 1"):
         _run(tmp_path / "b", steps=0)
+
+
+def test_a_checkpoint_write_stopped_at_any_point_resumes_the_old_or_the_new_one(tmp_path, monkeypatch):
+    from synthtrial.util import training
+
+    _run(tmp_path / "a", steps=4, save_every=2)              # checkpoint at step 4
+    ckpt = tmp_path / "a" / CHECKPOINT_DIR
+    state = json.loads((ckpt / "state.json").read_text())
+    # stopped after the new tensors, before the new state: the old pair is still whole
+    (ckpt / "model.next.safetensors").write_bytes(b"half-written next tensors")
+    assert training.read_checkpoint(ckpt, "toy", {"lr": 1e-2}).step == 4
+    # stopped after the new state, before the rename: the next tensors are taken (and renamed)
+    (ckpt / "model.safetensors").rename(ckpt / "model.next.safetensors")
+    (ckpt / "model.safetensors").write_bytes(b"the old tensors")
+    found = training.read_checkpoint(ckpt, "toy", {"lr": 1e-2})
+    assert found.step == state["step"] and not (ckpt / "model.next.safetensors").exists()
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "state.json"}

@@ -11,8 +11,9 @@ Choices, stated once:
   ``rng.cuda.<i>``) and ``state.json`` the rest: the step, the run's ``record`` (data and settings), the
   history and the unfinished log window, the optimiser's param groups and scalar state, the state of every
   other stateful object (LR scheduler, grad scaler), NumPy's and Python's global RNG states and the SHA-256
-  of the tensors file. Nothing is pickled. Both files are written atomically, the tensors first; a pair that
-  does not match (a crash between the two) is refused with one line.
+  of the tensors file. Nothing is pickled. A checkpoint is replaced in three atomic steps: the new tensors
+  beside the old (``model.next.safetensors``), the new ``state.json``, then the rename; whenever the writer is
+  stopped, the state on disk names tensors that are there, so the old or the new checkpoint is resumed.
 * **Resuming** restores all of it, so an interrupted run, resumed, ends with the same bytes as an
   uninterrupted one. A checkpoint written for another ``record`` is refused (one line, naming ``--restart``);
   ``restart=True`` removes the checkpoint and starts over.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 from collections.abc import Callable, Mapping
@@ -37,6 +39,7 @@ from synthtrial.util.errors import SynthtrialError, one_line
 
 CHECKPOINT_DIR = "checkpoint"
 TENSORS_FILE = "model.safetensors"
+NEXT_TENSORS_FILE = "model.next.safetensors"
 STATE_FILE = "state.json"
 #: the most optimiser steps one training may plan (a guard against a typo's hours of work)
 MAX_STEPS = 10_000_000
@@ -143,11 +146,12 @@ def save_checkpoint(folder: Path, *, step: int, model: Mapping[str, Any], optimi
     rng_tensors, rng_json = rng_state()
     tensors = {**{f"model.{k}": v for k, v in model.items()}, **opt_tensors, **rng_tensors}
     data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
-    write_bytes_atomic(folder / TENSORS_FILE, data)
+    write_bytes_atomic(folder / NEXT_TENSORS_FILE, data)
     state = {"kind": kind, "step": step, "record": jsonable(record), "optimizer": opt_json, "rng": rng_json,
              "stateful": {k: jsonable(v.state_dict()) for k, v in (stateful or {}).items() if v is not None},
              **jsonable(dict(extra or {})), "tensors_sha256": hashlib.sha256(data).hexdigest()}
     write_text_atomic(folder / STATE_FILE, json.dumps(state, indent=1) + "\n")
+    os.replace(folder / NEXT_TENSORS_FILE, folder / TENSORS_FILE)
     return folder
 
 
@@ -161,11 +165,16 @@ def read_checkpoint(folder: Path, kind: str, record: Any) -> Checkpoint | None:
         return None
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
-        data = tensors_file.read_bytes()
     except (OSError, ValueError) as exc:
         raise TrainingError(f"{folder}: unreadable checkpoint ({one_line(exc)}); pass --restart to start over") \
             from None
-    if not isinstance(state, dict) or state.get("tensors_sha256") != hashlib.sha256(data).hexdigest():
+    wanted = state.get("tensors_sha256") if isinstance(state, dict) else None
+    for candidate in (tensors_file, folder / NEXT_TENSORS_FILE):     # stopped before the rename: the next one
+        if candidate.is_file() and hashlib.sha256(candidate.read_bytes()).hexdigest() == wanted:
+            if candidate != tensors_file:
+                os.replace(candidate, tensors_file)
+            break
+    else:
         raise TrainingError(f"{folder}: damaged checkpoint ({STATE_FILE} does not match {TENSORS_FILE}); "
                             "pass --restart to start over")
     if state.get("kind") != kind:
