@@ -313,12 +313,13 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> Path:
 ABLATION = (("rpn", "Faster R-CNN (plain RPN)"), ("sadh", "+ SADH"), ("sadh_nwd", "+ SADH + NWD"))
 
 
-def run_ablation(train_runs: Sequence[str | Path], test_run: str | Path, out: str | Path, *, steps: int, batch_size: int,
-                 seed: int, device: str | None = None,
+def run_ablation(train_runs: Sequence[str | Path], test_run: str | Path, out: str | Path, *, steps: int,
+                 batch_size: int, seed: int, device: str | None = None, restart: bool = False,
                  progress: Callable[[str, int, int, str], None] | None = None) -> pd.DataFrame:
     """Train the three RPN variants on the same data with the same seed and evaluate each on ``test_run``.
 
-    Each variant goes to ``out/<head>/`` (resumable); the table is written to ``out/ablation.csv``.
+    Each variant goes to ``out/<head>/`` (resumable; ``restart`` trains every variant again from scratch); the
+    table is written to ``out/ablation.csv``.
     """
     out = Path(out)
     data = load_run_data(train_runs, 512)
@@ -328,7 +329,7 @@ def run_ablation(train_runs: Sequence[str | Path], test_run: str | Path, out: st
             if progress is not None:
                 progress(head, step, steps, status)
         folder = out / head
-        if (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file():
+        if not restart and (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file():
             detector = LesionDetector.from_pretrained(folder, device=device)
             done = detector.record.get("settings", {})
             wanted = {"head": head, "steps": steps, "batch": batch_size, "seed": seed,
@@ -337,8 +338,9 @@ def run_ablation(train_runs: Sequence[str | Path], test_run: str | Path, out: st
                 raise GraderError(f"{folder}: holds a detector trained with other settings "
                                   f"({ {k: done.get(k) for k in wanted} }); use another --out or remove it")
         else:
-            detector = train_detector(data, folder, head=head, steps=steps, batch_size=batch_size, seed=seed, device=device,
-                                      sources=[str(r) for r in train_runs], progress=step_cb)
+            detector = train_detector(data, folder, head=head, steps=steps, batch_size=batch_size, seed=seed,
+                                      device=device, sources=[str(r) for r in train_runs], restart=restart,
+                                      progress=step_cb)
         metrics, _ = evaluate_detector(detector, test_run)
         write_metrics(folder / "metrics.json", metrics)
         rows.append({"variant": label, "head": head, **metrics})

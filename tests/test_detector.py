@@ -293,3 +293,21 @@ def test_trains_on_acne04_voc_boxes(tmp_path, tiny_run):
     assert detector.config.classes == ("lesion",)
     with pytest.raises(GraderError, match="classes"):
         evaluate_detector(detector, tiny_run)
+
+
+def test_ablation_trains_three_variants_resumes_and_restarts(tiny_run, tmp_path):
+    runner = CliRunner()
+    argv = ["graders", "ablation", "--data", str(tiny_run), "--test-data", str(tiny_run), "--out", str(tmp_path / "a"),
+            "--steps", "2", "--batch-size", "1", "-q"]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "a" / "ablation.csv")
+    assert table["head"].tolist() == ["rpn", "sadh", "sadh_nwd"] and "AP50" in result.output
+    weights = {h: (tmp_path / "a" / h / "model.safetensors") for h in table["head"]}
+    stamps = {h: w.stat().st_mtime_ns for h, w in weights.items()}
+    first = {h: w.read_bytes() for h, w in weights.items()}
+    assert runner.invoke(app, argv).exit_code == 0                      # evaluated again, not retrained
+    assert {h: w.stat().st_mtime_ns for h, w in weights.items()} == stamps
+    assert runner.invoke(app, [*argv, "--restart"]).exit_code == 0      # trained again, to the same bytes
+    assert {h: w.stat().st_mtime_ns for h, w in weights.items()} != stamps
+    assert {h: w.read_bytes() for h, w in weights.items()} == first

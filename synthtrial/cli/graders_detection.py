@@ -197,17 +197,19 @@ def ablation_command(
     batch_size: BatchSize = 2,
     seed: Seed = 0,
     device: Device = None,
+    restart: Restart = False,
     quiet: Quiet = False,
 ) -> None:
     """The paper's RPN ablation on one split: plain RPN vs SADH vs SADH + NWD, same data, same seed.
 
-    Variants already trained in OUT/<head>/ with the same settings are evaluated, not retrained.
+    Variants already trained in OUT/<head>/ with the same settings are evaluated, not retrained (--restart
+    trains them again).
     """
     from synthtrial.graders.detector_train import run_ablation
 
     with progress_bar("ablation", steps, unit="steps", enabled=not quiet) as update:
         table = run_ablation([data], test_data, out_dir, steps=steps, batch_size=batch_size, seed=seed, device=device,
-                             progress=lambda head, step, total, status: update(step, f"{head} {status}"))
+                             restart=restart, progress=lambda head, step, total, status: update(step, f"{head} {status}"))
     rows = [{**r, "paper": PAPER_DETECTOR[r["head"]]} for r in table.to_dict("records")]
     out.print(_metric_table(f"RPN ablation: train {data}, test {test_data}", rows,
                             ["variant", *DETECTOR_COLUMNS, "paper"]))
