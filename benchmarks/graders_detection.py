@@ -40,8 +40,8 @@ def main() -> None:
                          "--out runs/gtest --seed 2 --size 512")
     manifest = rundir.read_manifest(args.run)
     images = [read_rgb(args.run / rel) for rel in manifest["image"][:args.images]]
-    detector = LesionDetector.load(args.detector, device=args.device)
-    dermx = DermX.load(args.dermx, device=args.device)
+    detector = LesionDetector.from_pretrained(args.detector, device=args.device)
+    dermx = DermX.from_pretrained(args.dermx, device=args.device)
     counter = LesionCounter()
     rates = {
         "counter (baseline)": _rate(counter.predict, images),

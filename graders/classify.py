@@ -1,5 +1,5 @@
-"""What the image-level classifiers (IGA, ImageQX) share: data, splits, class weights, the training loop,
-resumable safetensors checkpoints and the metrics their papers report.
+"""What the image-level classifiers (IGA, ImageQX) share: data, splits, class weights, their training plan
+and the metrics their papers report.
 
 Choices, stated once:
 
@@ -14,20 +14,19 @@ Choices, stated once:
   ``round(1 / val_fraction)`` folds is held out, so no patient is in both parts.
 * **Class weights.** ``n / (k * n_c)`` over the classes present in the training labels (the "balanced"
   weights); a class absent from the training set gets weight 0.
-* **Checkpoints.** After every epoch the model, the optimiser state (Adam moments as tensors; its scalar
-  settings in JSON) and the epoch number are written to ``OUT/checkpoint/`` (safetensors + JSON, atomic).
-  Every epoch draws its shuffling and augmentation from ``(seed, epoch)``, so a resumed training ends with
-  the same weights as an uninterrupted one.
+* **Training** goes through the shared loop (:mod:`synthtrial.util.training`): a checkpoint after every
+  epoch holding the model, the optimiser, every RNG state and the history. Every epoch draws its shuffling
+  and augmentation from ``(seed, epoch)``, so a resumed training ends with the same weights as an
+  uninterrupted one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,53 +35,11 @@ import numpy as np
 import pandas as pd
 
 from synthtrial.util.images import IMAGENET_MEAN, IMAGENET_STD
-from synthtrial.graders.base import GraderError, load_into, load_state, read_rgb, save_state
+from synthtrial.graders.base import GraderError, check_weights_dtype, check_weights_out, read_rgb, train_grader
 from synthtrial.run import rundir
-
-CHECKPOINT_DIR = "checkpoint"
 
 
 # ------------------------------------------------------------------------------------------ face crop
-
-class NetworkWeights:
-    """``load`` / ``save`` / ``fingerprint`` of a classifier grader that holds ``self.model`` (an ``nn.Module``
-    built from ``self.config``, a dataclass of type ``config_cls``) and ``self.record`` (its training record).
-    Weights are safetensors (float32 or float16) with the config beside them; loading checks they fit."""
-
-    name: str
-    config_cls: type
-    label: str              # how errors name the model, e.g. "IGA"
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike[str], device: str | None = None):
-        tensors, config = load_state(folder, kind=cls.name)
-        try:
-            cfg = cls.config_cls(**config["model"])
-        except (KeyError, TypeError) as exc:
-            raise GraderError(f"{Path(folder) / 'config.json'}: not an {cls.label} config ({exc})") from None
-        grader = cls(cfg, device=device, record=config.get("training"))
-        load_into(grader.model, tensors, folder, "network")
-        return grader
-
-    def save(self, folder: str | os.PathLike[str], dtype: str = "float32") -> Path:
-        import torch
-
-        cast = {"float32": torch.float32, "float16": torch.float16}.get(dtype)
-        if cast is None:
-            raise GraderError(f"weights dtype must be float32 or float16, got {dtype!r}")
-        tensors = {k: (v.to(cast) if v.is_floating_point() else v) for k, v in self.model.state_dict().items()}
-        return save_state(folder, tensors, {"grader": self.name, "model": asdict(self.config),
-                                            "weights_dtype": dtype, "training": self.record})
-
-    def fingerprint(self) -> str:
-        if getattr(self, "_fingerprint", None) is None:
-            digest = hashlib.sha256(repr(sorted(asdict(self.config).items())).encode())
-            for key, value in self.model.state_dict().items():
-                digest.update(key.encode())
-                digest.update(value.detach().to("cpu").contiguous().numpy().tobytes())
-            self._fingerprint = digest.hexdigest()[:12]
-        return self._fingerprint
-
 
 class FaceCropper:
     """Square face crops with MediaPipe BlazeFace: ``crop(image, size) -> (crop, face_found)``."""
@@ -142,15 +99,6 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape[:2]
     interp = cv2.INTER_AREA if min(h, w) >= size else cv2.INTER_CUBIC
     return np.ascontiguousarray(cv2.resize(image, (size, size), interpolation=interp))
-
-
-WEIGHT_DTYPES = ("float32", "float16")
-
-
-def check_weights_dtype(dtype: str) -> str:
-    if dtype not in WEIGHT_DTYPES:
-        raise GraderError(f"--weights-dtype must be float32 or float16, got {dtype!r}")
-    return dtype
 
 
 def check_images(images: Sequence[np.ndarray], who: str) -> None:
@@ -311,41 +259,7 @@ def confusion_png(path: Path, result: dict[str, Any], title: str) -> Path:
     return Path(path)
 
 
-# --------------------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(folder: Path, model: Any, optimizer: Any, state: dict[str, Any]) -> None:
-    """Model + Adam state (tensors) and ``state`` (JSON: epoch, history, ...) under ``folder``."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    opt = optimizer.state_dict()
-    for idx, entry in opt["state"].items():
-        for key, value in entry.items():
-            tensors[f"optim.{idx}.{key}"] = value if hasattr(value, "detach") else _as_tensor(value)
-    save_state(folder, tensors, {"grader": state["grader"], "state": state, "param_groups": opt["param_groups"]})
-
-
-def _as_tensor(value: Any) -> Any:
-    import torch
-
-    return torch.tensor(value)
-
-
-def load_checkpoint(folder: Path, model: Any, optimizer: Any, kind: str, device: Any) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote; returns its ``state``."""
-    tensors, config = load_state(folder, kind=kind)
-    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(model_state)
-    except RuntimeError as exc:
-        raise GraderError(f"{folder}: checkpoint does not fit this model ({str(exc).splitlines()[0]}); "
-                          "train with the same settings or pass --restart") from None
-    opt_state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = value.to(device) if name != "step" else value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": config["param_groups"]})
-    return config["state"]
-
+# ------------------------------------------------------------------------------------------ training
 
 @dataclass
 class Fit:
@@ -361,59 +275,88 @@ class Fit:
     batch_loss: Callable[[np.ndarray, Any, int], Any]
     #: ``validate() -> dict`` run after each epoch (metrics for the history), or None
     validate: Callable[[], dict[str, Any]] | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def fit(model: Any, plan: Fit, out: Path, kind: str, device: Any, *, restart: bool = False,
+def start_training(cls: Any, config: Any, seed: int, out: str | os.PathLike[str], *, data: Sequence[Any],
+                   extra: Sequence[Any], identities: Sequence[str] | None, device: Any, weights_dtype: str,
+                   force: bool) -> tuple[Any, list[Source], list[Source]]:
+    """What every classifier training does first: refuse a bad dtype or ``--out`` before any work, seed torch,
+    build a fresh grader ``cls(config)`` and read the sources: ``(grader, sources, extras)``."""
+    import torch
+
+    check_weights_dtype(weights_dtype)
+    check_weights_out(out, cls.name, force)
+    torch.manual_seed(seed)
+    grader = cls(config, device=device)
+    sources = [read_source(d, identities, "--data") for d in data]
+    return grader, sources, [read_source(d, None, "--extra") for d in extra]
+
+
+def fit_and_save(grader: Any, plan: Fit, out: str | os.PathLike[str], *, sources: Sequence[Source],
+                 extras: Sequence[Source], identities: Sequence[str] | None, settings: Any, restart: bool,
+                 report: Callable[..., None], weights_dtype: str, device: Any, record: dict[str, Any] | None = None,
+                 summary: dict[str, Any] | None = None) -> Any:
+    """What every classifier training does last: :func:`fit` (its record names the data, the settings, the
+    config and ``record``), then the grader saved to ``out`` with its training record (plus ``summary``) and
+    loaded back from there."""
+    record = {"data": [s.where for s in sources], "extra": [s.where for s in extras],
+              "identities": list(identities or []), "settings": asdict(settings), "model": asdict(grader.config),
+              **(record or {})}
+    total = plan.epochs * math.ceil(plan.n_train / plan.batch_size)
+    history = fit(grader.model, plan, Path(out), grader.name, restart=restart, record=record,
+                  progress=lambda done, status: report("training", done, total, status))
+    grader.model.eval()
+    grader.record = {**record, **history, **(summary or {})}
+    grader.save_pretrained(out, weights_dtype)
+    return type(grader).from_pretrained(out, device=device)
+
+
+def fit(model: Any, plan: Fit, out: Path, kind: str, *, restart: bool = False,
         progress: Callable[[int, str], None] | None = None, record: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Adam with a cosine learning rate from ``lr`` to ``lr_final``; checkpoint after every epoch; resume.
+    """Adam with a cosine learning rate from ``lr`` to ``lr_final``, through the shared training loop
+    (:func:`synthtrial.util.training.train_loop`: checkpoint after every epoch, resume, ``restart``).
 
-    Returns the training record (epochs, per-epoch mean loss and validation metrics).
+    Every epoch's order and augmentation come from a generator seeded by ``(seed, epoch)``. Returns the
+    training record (epochs, steps, per-epoch mean loss and validation metrics).
     """
     import torch
 
+    from synthtrial.util.training import Plan
+
     if plan.n_train < 1:
         raise GraderError("no training images (check --data and --identity)")
-    record = json.loads(json.dumps(record))      # as it reads back from the checkpoint's JSON
     optimizer = torch.optim.Adam(model.parameters(), lr=plan.lr)
-    steps_per_epoch = math.ceil(plan.n_train / plan.batch_size)
-    total_steps = steps_per_epoch * plan.epochs
-    ckpt = out / CHECKPOINT_DIR
-    start, history = 0, []
-    if not restart and (ckpt / "model.safetensors").is_file():
-        state = load_checkpoint(ckpt, model, optimizer, kind, device)
-        if state.get("record") != record:
-            raise GraderError(f"{ckpt}: was written by a training with other data or settings; pass --restart "
-                              "to start over")
-        start, history = int(state["epoch"]), list(state["history"])
-    done = start * steps_per_epoch
-    for epoch in range(start, plan.epochs):
+    per_epoch = math.ceil(plan.n_train / plan.batch_size)
+    total = per_epoch * plan.epochs
+    epoch_draws: dict[str, Any] = {}
+
+    def step(i: int) -> dict[str, float]:
+        epoch, b = divmod(i, per_epoch)
+        if b == 0 or epoch_draws.get("epoch") != epoch:      # checkpoints fall on epoch ends
+            gen = torch.Generator().manual_seed(plan.seed * 100_003 + epoch)
+            epoch_draws.update(epoch=epoch, gen=gen, order=torch.randperm(plan.n_train, generator=gen).numpy())
+        lr = plan.lr_final + 0.5 * (plan.lr - plan.lr_final) * (1 + math.cos(math.pi * i / max(1, total)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         model.train()
-        gen = torch.Generator().manual_seed(plan.seed * 100_003 + epoch)
-        order = torch.randperm(plan.n_train, generator=gen).numpy()
-        losses = []
-        for b in range(steps_per_epoch):
-            t = done / max(1, total_steps)
-            lr = plan.lr_final + 0.5 * (plan.lr - plan.lr_final) * (1 + math.cos(math.pi * t))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = plan.batch_loss(order[b * plan.batch_size:(b + 1) * plan.batch_size], gen, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            done += 1
-            if progress is not None:
-                progress(done, f"epoch {epoch + 1}/{plan.epochs} loss {np.mean(losses[-20:]):.3f}")
-        entry: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
+        loss = plan.batch_loss(epoch_draws["order"][b * plan.batch_size:(b + 1) * plan.batch_size],
+                               epoch_draws["gen"], epoch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": float(loss.detach())}
+
+    def summarize(done: int) -> dict[str, Any]:
+        entry: dict[str, Any] = {"epoch": done // per_epoch}
         if plan.validate is not None:
             model.eval()
             with torch.no_grad():
                 entry.update(plan.validate())
-        history.append(entry)
-        save_checkpoint(ckpt, model, optimizer, {"grader": kind, "epoch": epoch + 1, "history": history,
-                                                  "record": record})
-    return {"epochs": plan.epochs, "steps": total_steps, "history": history}
+        return entry
+
+    loop = Plan(total, step, kind, record, save_every=per_epoch, log_every=per_epoch, summarize=summarize)
+    result = train_grader(model, optimizer, loop, out, restart=restart, progress=progress)
+    return {"epochs": plan.epochs, "steps": total, "history": result["history"]}
 
 
 def batches_of(n: int, size: int) -> list[slice]:

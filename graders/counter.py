@@ -15,7 +15,6 @@ flat red marks count as lesions, and an image without a detectable face gets no 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from synthtrial.face.mesh import interocular
-from synthtrial.graders.base import GraderError, fingerprint_of
+from synthtrial.graders.base import GraderComponent, GraderError
 from synthtrial.trial import scale
 
 OUTPUT_COLUMNS = ("count", "red_count", "dark_count", "level", "severity", "face_found")
@@ -50,22 +49,22 @@ class CounterConfig:
                 raise GraderError(f"counter setting {name} must be a positive number, got {value!r}")
 
 
-class LesionCounter:
-    """``LesionCounter().predict(images)`` -> count, red_count, dark_count, level, severity, face_found."""
+class LesionCounter(GraderComponent):
+    """``LesionCounter().predict(images)`` -> count, red_count, dark_count, level, severity, face_found.
+
+    A component without weights: ``save_pretrained`` writes its ``config.json`` only; it runs on the CPU
+    (the device is still checked, as every grader's)."""
 
     name = "counter"
+    label = "counter"
     outcomes = ("count", "severity")
+    config_class = CounterConfig
+    has_weights = False
 
-    def __init__(self, config: CounterConfig | None = None, detector=None) -> None:
-        self.config = config if config is not None else CounterConfig()
+    def __init__(self, config: CounterConfig | None = None, detector=None, *, device=None,
+                 record: dict | None = None) -> None:
+        super().__init__(config, device=device, record=record)
         self._detector = detector     # a synthtrial.face.faces.LandmarkDetector; built on first use when None
-
-    @classmethod
-    def default(cls, device: str | None = None) -> LesionCounter:
-        return cls()
-
-    def fingerprint(self) -> str:
-        return fingerprint_of({"grader": self.name, **asdict(self.config)})
 
     def _landmarks(self, image: np.ndarray) -> np.ndarray | None:
         if self._detector is None:
@@ -135,26 +134,4 @@ class LesionCounter:
             found.pop("peaks")
             rows.append(found)
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS)).astype("float64")
-
-    def save(self, folder) -> None:
-        from pathlib import Path
-
-        from synthtrial.util.atomic import write_text_atomic
-
-        write_text_atomic(Path(folder) / "config.json",
-                          json.dumps({"grader": self.name, **asdict(self.config)}, indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def load(cls, folder, device: str | None = None) -> LesionCounter:
-        from pathlib import Path
-
-        from synthtrial.run import rundir
-
-        config = rundir.read_json(Path(folder) / "config.json")
-        if config.pop("grader", None) != cls.name:
-            raise GraderError(f"{Path(folder) / 'config.json'}: is not a counter config")
-        try:
-            return cls(CounterConfig(**config))
-        except TypeError as exc:
-            raise GraderError(f"{Path(folder) / 'config.json'}: {exc}") from None
 

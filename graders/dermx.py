@@ -27,8 +27,7 @@ Choices, stated once:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,8 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from synthtrial.graders.base import GraderError, fingerprint_of, load_into, load_state, save_state
-from synthtrial.util.device import resolve_device
+from synthtrial.graders.base import MAX_INPUT_SIZE, GraderComponent, GraderError
 from synthtrial.util.images import IMAGENET_MEAN, IMAGENET_STD
 
 CHARACTERISTICS = ("open_comedo", "closed_comedo", "papule", "pustule", "nodule", "scar", "erythema")
@@ -49,39 +47,27 @@ LEVELS = 4
 
 @dataclass
 class DermXConfig:
-    """Plain data: architecture, input size and the training record (``config.json``)."""
+    """Plain data: architecture and input size (``config.json``)."""
 
     backbone: str = "tinynet_e"
     stage: int = 2
     cam_channels: int = 64
-    input_side: int = 256
+    image_size: int = 256
     characteristics: tuple[str, ...] = CHARACTERISTICS
     guided: bool = False
-    training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.characteristics = tuple(self.characteristics)
-        if self.input_side < 64 or self.input_side % 16:
-            raise GraderError(f"dermx input_side must be a multiple of 16 and >= 64, got {self.input_side}")
+        if not 64 <= self.image_size <= MAX_INPUT_SIZE or self.image_size % 16:
+            raise GraderError(f"dermx image_size must be a multiple of 16 from 64 to {MAX_INPUT_SIZE}, got "
+                              f"{self.image_size}")
         if self.stage not in (1, 2, 3, 4):
             raise GraderError(f"dermx stage must be 1-4 (backbone stride 4-32), got {self.stage}")
+        if not 1 <= self.cam_channels <= 1024:
+            raise GraderError(f"dermx cam_channels must be 1-1024, got {self.cam_channels}")
         unknown = [c for c in self.characteristics if c not in CHARACTERISTICS]
         if unknown or not self.characteristics:
             raise GraderError(f"dermx characteristics must be among {', '.join(CHARACTERISTICS)}, got {unknown}")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"grader": "dermx", **asdict(self), "characteristics": list(self.characteristics)}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], where: str) -> DermXConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known - {"grader"})
-        if unknown:
-            raise GraderError(f"{where}: unknown dermx setting(s) {unknown}")
-        try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except (TypeError, ValueError) as exc:
-            raise GraderError(f"{where}: {exc}") from None
 
 
 class DermXNet(nn.Module):
@@ -131,7 +117,7 @@ class DermXNet(nn.Module):
         return diag, chars, cams
 
 
-class _CharacteristicLogits(nn.Module):
+class CharacteristicLogits(nn.Module):
     """The network seen by ``pytorch_grad_cam``: image in, characteristic logits out."""
 
     def __init__(self, net: DermXNet) -> None:
@@ -179,32 +165,18 @@ def to_tensor(images: Sequence[np.ndarray], side: int, device: torch.device) -> 
     return (x - mean) / std
 
 
-class DermX:
-    """``DermX.load(folder).predict(images)`` -> level, severity and one probability per characteristic."""
+class DermX(GraderComponent):
+    """``DermX.from_pretrained(folder).predict(images)`` -> level, severity and one probability per
+    characteristic."""
 
     name = "dermx"
+    label = "DermX"
     outcomes = ("severity",)
-
-    def __init__(self, config: DermXConfig, net: DermXNet | None = None, device: str | None = None,
-                 weights_file: Path | None = None) -> None:
-        self.config = config
-        self.device = resolve_device(device)
-        self.net = (net if net is not None else DermXNet(config)).to(self.device).eval()
-        self._weights_file = weights_file
-
-    def save(self, folder: str | Path) -> Path:
-        return save_state(folder, self.net.state_dict(), self.config.to_json())
+    config_class = DermXConfig
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | None = None) -> DermX:
-        tensors, config = load_state(folder, kind=cls.name)
-        cfg = DermXConfig.from_json(config, str(Path(folder) / "config.json"))
-        net = DermXNet(cfg)
-        load_into(net, tensors, folder, "DermX network")
-        return cls(cfg, net, device=device, weights_file=Path(folder) / "model.safetensors")
-
-    def fingerprint(self) -> str:
-        return fingerprint_of(self.config.to_json(), self._weights_file)
+    def build(cls, config: DermXConfig) -> DermXNet:
+        return DermXNet(config)
 
     @staticmethod
     def _check(image: Any) -> None:
@@ -222,7 +194,7 @@ class DermX:
             for idx in groups.values():
                 for start in range(0, len(idx), 32):
                     part = idx[start:start + 32]
-                    diag, ch = self.net(to_tensor([images[i] for i in part], self.config.input_side, self.device))
+                    diag, ch = self.model(to_tensor([images[i] for i in part], self.config.image_size, self.device))
                     levels[part] = torch.softmax(diag.float(), 1).cpu().numpy()
                     chars[part] = torch.sigmoid(ch.float()).cpu().numpy()
         return levels, chars
@@ -242,9 +214,9 @@ class DermX:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         self._check(image)
-        x = to_tensor([image], self.config.input_side, self.device)
+        x = to_tensor([image], self.config.image_size, self.device)
         n = len(self.config.characteristics)
-        with GradCAM(model=_CharacteristicLogits(self.net).eval(), target_layers=[self.net.cam]) as cam:
+        with GradCAM(model=CharacteristicLogits(self.model).eval(), target_layers=[self.model.cam]) as cam:
             maps = cam(input_tensor=x.expand(n, -1, -1, -1).contiguous(),
                        targets=[ClassifierOutputTarget(k) for k in range(n)])
         maps = torch.from_numpy(np.asarray(maps, np.float32))[:, None]

@@ -2,14 +2,14 @@
 
 Choices, stated once:
 
-* **Data.** Every image of the runs, resized to ``input_side`` (longer side), with its ACNE04 level
+* **Data.** Every image of the runs, resized to ``image_size`` (longer side), with its ACNE04 level
   (manifest ``acne04_level``), which characteristics are present (a lesion of that type drawn on it) and one
   mask per characteristic from the 16-bit instance mask (``masks/...png``, value = lesion_id + 1; the type
   of each id from ``lesions.parquet``), area-averaged to the input size. Everything is held in memory.
 * **Optimisation.** AdamW (lr 2e-3, weight decay 1e-4, cosine decay over the run), batch 8, 10 epochs, horizontal
-  flips; every epoch's order and every step's dropout come from ``(seed, epoch, step)``, so a resumed run
-  ends with the same bytes. A checkpoint (weights + optimiser moments, safetensors) is written to
-  ``OUT/checkpoint/`` after every epoch.
+  flips; every epoch's order and every step's dropout come from ``(seed, epoch, step)``. The shared loop
+  (:mod:`synthtrial.util.training`) writes a checkpoint after every epoch, so a resumed run ends with the
+  same bytes.
 * **Evaluation**: characteristic F1 (threshold 0.5; macro over the characteristics present in the run, and
   micro), level accuracy, severity MAE against the simulated severity, and explanation plausibility: mean
   fuzzy F1 of the Grad-CAM map (``DermX.explain``, image resolution) against the exact mask, over every
@@ -28,14 +28,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from synthtrial.graders.base import WEIGHTS_FILE, GraderError, load_state, read_rgb, save_state
-from synthtrial.util.device import resolve_device
+from synthtrial.graders.base import GraderError, check_weights_out, read_rgb, train_grader
 from synthtrial.graders.dermx import (CHARACTERISTICS, LESION_TYPE, DermX, DermXConfig, DermXNet, dice_loss, fuzzy_f1,
-                           normalise_maps, to_tensor)
-from synthtrial.graders.detector_train import optimizer_tensors, restore_optimizer
+                                      normalise_maps, to_tensor)
 from synthtrial.run import rundir
-
-CHECKPOINT_DIR = "checkpoint"
+from synthtrial.util.device import resolve_device
+from synthtrial.util.training import Plan
 LAMBDA_D, LAMBDA_C, LAMBDA_A = 1.0, 1.0, 10.0
 
 
@@ -70,7 +68,7 @@ def characteristic_masks(run: Path, rel_image: str, lesions: pd.DataFrame,
     return np.stack([code == k for k in range(len(characteristics))])
 
 
-def load_dermx_data(runs: Sequence[str | Path], input_side: int,
+def load_dermx_data(runs: Sequence[str | Path], image_size: int,
                     characteristics: Sequence[str] = CHARACTERISTICS) -> DermXData:
     images, levels, present, masks = [], [], [], []
     for run in runs:
@@ -83,13 +81,13 @@ def load_dermx_data(runs: Sequence[str | Path], input_side: int,
             image = read_rgb(run / rel)
             x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
             m = torch.from_numpy(characteristic_masks(run, rel, rows, characteristics)).float()[None]
-            size = (input_side, input_side) if image.shape[0] == image.shape[1] else None
+            size = (image_size, image_size) if image.shape[0] == image.shape[1] else None
             if size is None:
                 raise GraderError(f"{run / rel}: DermX trains on square images (the run's --size); got "
                                   f"{image.shape[1]} x {image.shape[0]}")
             images.append(F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
                           .round().clamp(0, 255).byte()[0].permute(1, 2, 0).numpy())
-            masks.append(F.adaptive_avg_pool2d(m, size)[0].numpy() if m.shape[-1] != input_side else m[0].numpy())
+            masks.append(F.adaptive_avg_pool2d(m, size)[0].numpy() if m.shape[-1] != image_size else m[0].numpy())
             present.append([float(LESION_TYPE[c] in set(rows["type"])) for c in characteristics])
             levels.append(int(level))
     return DermXData(np.stack(images), np.asarray(levels), np.asarray(present, np.float32),
@@ -111,79 +109,68 @@ def fuzzy_targets(masks: torch.Tensor, cell: int) -> torch.Tensor:
     return flat / flat.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
 
 
-def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epochs: int = 10, batch: int = 8,
-                lr: float = 2e-3, seed: int = 0, input_side: int = 256, device: str | None = None,
-                sources: Sequence[str] = (), progress: Callable[[int, str], None] | None = None) -> DermX:
-    """Train DermX (DermX+ with ``guided``) and save it to ``out``; resumes from ``out/checkpoint``.
+def _batch(data: DermXData, idx: np.ndarray, flip: np.ndarray, image_size: int, dev: torch.device):
+    """Images (flipped where ``flip``), masks, levels and presence of the images ``idx``, on ``dev``."""
+    imgs = np.where(flip[:, None, None, None], data.images[idx][:, :, ::-1], data.images[idx])
+    masks = torch.from_numpy(np.where(flip[:, None, None, None], data.masks[idx][..., ::-1],
+                                      data.masks[idx]).copy()).to(dev)
+    return (to_tensor(list(imgs), image_size, dev), masks, torch.from_numpy(data.levels[idx]).to(dev),
+            torch.from_numpy(data.present[idx]).to(dev))
 
-    ``progress(step, status)`` is called after every step (``epochs * ceil(N / batch)`` steps in all).
-    """
+
+def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epochs: int = 10, batch_size: int = 8,
+                lr: float = 2e-3, seed: int = 0, image_size: int = 256, device: str | None = None,
+                sources: Sequence[str] = (), restart: bool = False, force: bool = False,
+                progress: Callable[[int, str], None] | None = None) -> DermX:
+    """Train DermX (DermX+ with ``guided``) through the shared loop and save it to ``out``; resumes from
+    ``out/checkpoint`` (``restart`` starts over). An ``out`` holding anything but DermX weights is refused
+    unless ``force``. ``progress(step, status)`` is called after every step (``epochs * ceil(N / batch_size)``)."""
+    check_weights_out(out, DermX.name, force)
     dev = resolve_device(device)
-    out = Path(out)
     n = len(data.images)
-    per_epoch = math.ceil(n / batch)
-    settings = {"guided": guided, "epochs": epochs, "batch": batch, "lr": lr, "seed": seed, "input_side": input_side,
-                "sources": [str(s) for s in sources], "images": n}
-    cfg = DermXConfig(input_side=input_side, guided=guided)
+    per_epoch = math.ceil(n / batch_size)
+    settings = {"guided": guided, "epochs": epochs, "batch": batch_size, "lr": lr, "seed": seed,
+                "image_size": image_size, "sources": [str(s) for s in sources], "images": n}
+    cfg = DermXConfig(image_size=image_size, guided=guided)
     torch.manual_seed(seed)
     net = DermXNet(cfg).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    start, history = 0, []
-    ckpt = out / CHECKPOINT_DIR
-    if (ckpt / WEIGHTS_FILE).is_file():
-        tensors, saved = load_state(ckpt, kind="dermx")
-        if saved.get("training", {}).get("settings") != settings:
-            raise GraderError(f"{ckpt}: holds a checkpoint of other settings; use another --out or remove it")
-        net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        restore_optimizer(opt, tensors)
-        start, history = int(saved["training"]["epoch"]), list(saved["training"]["loss_history"])
     weights = torch.tensor(np.bincount(data.levels, minlength=4) + 1.0, dtype=torch.float32)
     class_weight = (weights.sum() / (4 * weights)).to(dev)
     total = epochs * per_epoch
-    net.train()
-    for epoch in range(start, epochs):
+
+    def step(i: int) -> dict[str, float]:
+        epoch, b = divmod(i, per_epoch)
         order = np.random.default_rng([seed, epoch]).permutation(n)
-        sums = np.zeros(3)
-        for b in range(per_epoch):
-            step = epoch * per_epoch + b
-            torch.manual_seed(seed * 1_000_003 + step)
-            idx = order[b * batch:(b + 1) * batch]
-            flip = np.random.default_rng([seed, epoch, b]).random(len(idx)) < 0.5
-            imgs = np.where(flip[:, None, None, None], data.images[idx][:, :, ::-1], data.images[idx])
-            masks = torch.from_numpy(np.where(flip[:, None, None, None], data.masks[idx][..., ::-1],
-                                              data.masks[idx]).copy()).to(dev)
-            x = to_tensor(list(imgs), input_side, dev)
-            levels = torch.from_numpy(data.levels[idx]).to(dev)
-            present = torch.from_numpy(data.present[idx]).to(dev)
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            if guided:
-                diag, chars, cams = net.forward_with_cams(x)
-                maps = F.interpolate(normalise_maps(cams), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-                cell = input_side // cams.shape[-1]
-                attention = dice_loss(maps, fuzzy_targets(masks, cell), present)
-            else:
-                diag, chars = net(x)
-                attention = torch.zeros((), device=dev)
-            ce = F.cross_entropy(diag, levels, weight=class_weight)
-            bce = F.binary_cross_entropy_with_logits(chars, present)
-            loss = LAMBDA_D * ce + LAMBDA_C * bce + (LAMBDA_A * attention if guided else 0)
-            if not torch.isfinite(loss):
-                raise GraderError(f"dermx training diverged at step {step + 1}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sums += [ce.item(), bce.item(), attention.item()]
-            if progress is not None:
-                progress(step + 1, f"loss {loss.item():.3f}")
-        history.append({"epoch": epoch + 1, "ce": round(sums[0] / per_epoch, 5), "bce": round(sums[1] / per_epoch, 5),
-                        "dice": round(sums[2] / per_epoch, 5)})
-        save_state(ckpt, {**{f"model.{k}": v for k, v in net.state_dict().items()}, **optimizer_tensors(opt)},
-                   {**cfg.to_json(), "training": {"settings": settings, "epoch": epoch + 1, "loss_history": history}})
+        torch.manual_seed(seed * 1_000_003 + i)
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        flip = np.random.default_rng([seed, epoch, b]).random(len(idx)) < 0.5
+        x, masks, levels, present = _batch(data, idx, flip, image_size, dev)
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / total))
+        if guided:
+            diag, chars, cams = net.forward_with_cams(x)
+            maps = F.interpolate(normalise_maps(cams), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+            attention = dice_loss(maps, fuzzy_targets(masks, image_size // cams.shape[-1]), present)
+        else:
+            diag, chars = net(x)
+            attention = torch.zeros((), device=dev)
+        ce = F.cross_entropy(diag, levels, weight=class_weight)
+        bce = F.binary_cross_entropy_with_logits(chars, present)
+        loss = LAMBDA_D * ce + LAMBDA_C * bce + (LAMBDA_A * attention if guided else 0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item(), "ce": ce.item(), "bce": bce.item(), "dice": attention.item()}
+
+    net.train()
+    plan = Plan(total, step, DermX.name, settings, save_every=per_epoch, log_every=per_epoch,
+                summarize=lambda done: {"epoch": done // per_epoch})
+    history = train_grader(net, opt, plan, out, restart=restart, progress=progress)["history"]
     net.eval()
-    cfg.training = {"settings": settings, "epoch": epochs, "loss_history": history}
-    DermX(cfg, net, device=str(dev)).save(out)
-    return DermX.load(out, device=str(dev))
+    DermX(cfg, net, device=dev, record={"settings": settings, "epoch": epochs, "loss_history": history}) \
+        .save_pretrained(out)
+    return DermX.from_pretrained(out, device=dev)
 
 
 def evaluate_dermx(dermx: DermX, run: str | Path, *, plausibility: bool = True,

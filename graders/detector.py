@@ -37,8 +37,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,8 +51,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, batched_nms
 
-from synthtrial.graders.base import GraderError, fingerprint_of, load_into, load_state, save_state
-from synthtrial.util.device import resolve_device
+from synthtrial.graders.base import MAX_IMAGE_SIDE, GraderComponent, GraderError
 from synthtrial.util.images import IMAGENET_MEAN, IMAGENET_STD
 from synthtrial.trial import scale
 
@@ -82,7 +80,6 @@ class DetectorConfig:
     score_weight: float = 1.0
     count_threshold: float = 0.5
     detections_per_tile: int = 200
-    training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.classes = tuple(self.classes)
@@ -91,27 +88,20 @@ class DetectorConfig:
             raise GraderError(f"detector head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if not self.classes:
             raise GraderError("detector needs at least one class")
-        if min(self.tile, self.infer_tile, self.image_side) < 32 or not 0 <= self.overlap < self.infer_tile // 2:
-            raise GraderError(f"detector tile {self.tile}, infer_tile {self.infer_tile}, image_side {self.image_side}, "
-                              f"overlap {self.overlap}: need sides >= 32 and 0 <= overlap < infer_tile / 2")
+        sides = {"image_side": self.image_side, "tile": self.tile, "infer_tile": self.infer_tile}
+        for name, value in sides.items():
+            if not 32 <= value <= MAX_IMAGE_SIDE:
+                raise GraderError(f"detector {name} must be 32-{MAX_IMAGE_SIDE} pixels, got {value}")
+        if not 0 <= self.overlap < self.infer_tile // 2:
+            raise GraderError(f"detector overlap {self.overlap}: need 0 <= overlap < infer_tile / 2")
+        if not (1 <= self.fpn_channels <= 1024 and 1 <= self.detections_per_tile <= 10_000
+                and self.anchor_sizes and all(1 <= a <= MAX_IMAGE_SIDE for a in self.anchor_sizes)):
+            raise GraderError("detector fpn_channels must be 1-1024, detections_per_tile 1-10000 and anchor_sizes "
+                              f"1-{MAX_IMAGE_SIDE}")
         if not (self.nwd_constant > 0 and 0 <= self.score_weight <= 2):
             raise GraderError("detector nwd_constant must be > 0 and score_weight in [0, 2]")
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["classes"], data["anchor_sizes"] = list(self.classes), list(self.anchor_sizes)
-        return {"grader": "detector", **data}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], where: str) -> DetectorConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known - {"grader"})
-        if unknown:
-            raise GraderError(f"{where}: unknown detector setting(s) {unknown}")
-        try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except (TypeError, ValueError) as exc:
-            raise GraderError(f"{where}: {exc}") from None
+        if not 0 <= self.count_threshold <= 1:
+            raise GraderError(f"detector count_threshold must be a score in [0, 1], got {self.count_threshold}")
 
 
 # ----------------------------------------------------------------------------------------------- NWD
@@ -303,35 +293,24 @@ def _core_bounds(origins: list[int], tile: int, length: int) -> list[tuple[float
 
 # -------------------------------------------------------------------------------------------- grader
 
-class LesionDetector:
-    """``LesionDetector.load(folder).predict(images)`` -> count, level, severity and per-class counts."""
+class LesionDetector(GraderComponent):
+    """``LesionDetector.from_pretrained(folder).predict(images)`` -> count, level, severity and per-class counts."""
 
     name = "detector"
+    label = "detector"
     outcomes = ("count", "severity")
+    config_class = DetectorConfig
 
-    def __init__(self, config: DetectorConfig, model: FasterRCNN | None = None, device: str | None = None,
-                 weights_file: Path | None = None) -> None:
-        self.config = config
-        self.device = resolve_device(device)
-        self.model = (model if model is not None else build_model(config)).to(self.device).eval()
+    def __init__(self, config: DetectorConfig | None = None, model: FasterRCNN | None = None, *,
+                 device: Any = None, record: dict[str, Any] | None = None) -> None:
+        super().__init__(config, model, device=device, record=record)
         # inference tiles are not resized by torchvision's transform (it would scale them to the training tile)
-        self.model.transform.min_size, self.model.transform.max_size = (config.infer_tile,), config.infer_tile
-        self._weights_file = weights_file
-
-    # --------------------------------------------------------------------------------- persistence
-    def save(self, folder: str | Path) -> Path:
-        return save_state(folder, self.model.state_dict(), self.config.to_json())
+        self.model.transform.min_size, self.model.transform.max_size = (self.config.infer_tile,), \
+            self.config.infer_tile
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | None = None) -> LesionDetector:
-        tensors, config = load_state(folder, kind=cls.name)
-        cfg = DetectorConfig.from_json(config, str(Path(folder) / "config.json"))
-        model = build_model(cfg)
-        load_into(model, tensors, folder, "detector")
-        return cls(cfg, model, device=device, weights_file=Path(folder) / "model.safetensors")
-
-    def fingerprint(self) -> str:
-        return fingerprint_of(self.config.to_json(), self._weights_file)
+    def build(cls, config: DetectorConfig) -> FasterRCNN:
+        return build_model(config)
 
     # ----------------------------------------------------------------------------------- inference
     def _scale(self, image: np.ndarray) -> float:

@@ -11,9 +11,9 @@ Choices, stated once:
   crop set to 0) instead of being kept as a partial box.
 * **Optimiser.** AdamW (lr 2e-3, weight decay 1e-4, 50 warm-up steps, cosine decay, gradient norm clipped
   at 10) rather than the paper's SGD 0.002: the backbone starts from random weights and the CPU budget is
-  a few hundred steps. Every step's draws come from ``(seed, step)``, so a resumed run ends with the same
-  bytes as an uninterrupted one. A checkpoint (weights and optimiser moments, safetensors) is written to
-  ``OUT/checkpoint/`` every ``save_every`` steps.
+  a few hundred steps. Every step's draws come from ``(seed, step)``; the shared loop
+  (:mod:`synthtrial.util.training`) writes a checkpoint every ``save_every`` steps, so a resumed run ends
+  with the same bytes as an uninterrupted one.
 * **Count threshold.** After training, the score threshold for counting is the one (0.05-0.95, step 0.05)
   whose counts have the smallest mean absolute error on (up to 32) training images.
 * **Evaluation** uses pycocotools' ``COCOeval`` (AP@[.5:.95], AP50, AP_small, AR with up to 200 detections per
@@ -28,7 +28,7 @@ import io
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from synthtrial.graders.base import CONFIG_FILE, WEIGHTS_FILE, GraderError, load_state, read_rgb, save_state
+from synthtrial.graders.base import CONFIG_FILE, WEIGHTS_FILE, GraderError, check_weights_out, read_rgb, train_grader
 from synthtrial.graders.detector import CLASSES, NOT_COUNTED, DetectorConfig, LesionDetector, build_model
 from synthtrial.run import rundir
 from synthtrial.trial import scale
 from synthtrial.util.atomic import write_text_atomic
 
-CHECKPOINT_DIR = "checkpoint"
 ACNE04_CLASSES = ("lesion",)
 
 
@@ -135,7 +134,9 @@ def masked_crop(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, x: int
     return crop, shifted[keep], labels[keep]
 
 
-def _batch(data: DetectionData, tile: int, batch: int, rng: np.random.Generator, device: torch.device):
+def masked_batch(data: DetectionData, tile: int, batch: int, rng: np.random.Generator, device: torch.device):
+    """``batch`` masked crops of random images (and a horizontal flip each), drawn with ``rng``: images and
+    torchvision targets (labels shifted by one: 0 is the background)."""
     images, targets = [], []
     for _ in range(batch):
         k = int(rng.integers(len(data.images)))
@@ -159,37 +160,43 @@ def _lr(step: int, steps: int, base: float, warmup: int = 50) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {}
-    for index, state in opt.state_dict()["state"].items():
-        for key, value in state.items():
-            out[f"optimizer.{index}.{key}"] = torch.as_tensor(value)
-    return out
+def load_detection_data(sources: Sequence[str | Path], image_side: int) -> DetectionData:
+    """Training data from ``--data``: run directories (the six lesion classes), or one ACNE04 copy (one class,
+    ``lesion``); the two are not mixed."""
+    from synthtrial.graders.classify import is_run_dir
 
-
-def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    sources = [Path(s) for s in sources]
+    if not sources:
+        raise GraderError("--data: give at least one run directory (or one ACNE04 copy)")
+    for source in sources:
+        if not source.is_dir():
+            raise GraderError(f"--data {source}: no such folder (a run directory or an ACNE04 copy)")
+    runs = [is_run_dir(s) for s in sources]
+    if all(runs):
+        return load_run_data(sources, image_side)
+    if len(sources) > 1:
+        raise GraderError("--data: runs and ACNE04 are not mixed, and only one ACNE04 copy is read")
+    return load_acne04_data(sources[0], image_side)
 
 
 def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nwd", steps: int = 600,
-                   batch: int = 2, lr: float = 2e-3, seed: int = 0, image_side: int = 512, tile: int = 256,
+                   batch_size: int = 2, lr: float = 2e-3, seed: int = 0, image_side: int = 512, tile: int = 256,
                    save_every: int = 100, device: str | None = None, sources: Sequence[str] = (),
+                   restart: bool = False, force: bool = False,
                    progress: Callable[[int, str], None] | None = None) -> LesionDetector:
-    """Train a detector on ``data`` and save it to ``out`` (``model.safetensors`` + ``config.json``).
+    """Train a detector on ``data`` through the shared loop and save it to ``out`` (``model.safetensors`` +
+    ``config.json``).
 
-    Resumes from ``out/checkpoint`` when it holds a checkpoint of the same settings. ``progress(step, status)``
+    Resumes from ``out/checkpoint`` when it holds a checkpoint of the same settings (``restart`` starts over);
+    an ``out`` holding anything but detector weights is refused unless ``force``. ``progress(step, status)``
     is called after every step.
     """
     from synthtrial.util.device import resolve_device
+    from synthtrial.util.training import Plan
 
+    check_weights_out(out, LesionDetector.name, force)
     dev = resolve_device(device)
-    out = Path(out)
-    settings = {"head": head, "steps": steps, "batch": batch, "lr": lr, "seed": seed, "image_side": image_side,
+    settings = {"head": head, "steps": steps, "batch": batch_size, "lr": lr, "seed": seed, "image_side": image_side,
                 "tile": tile, "classes": list(data.classes), "sources": [str(s) for s in sources],
                 "images": len(data.images)}
     cfg = DetectorConfig(head=head, classes=data.classes, image_side=image_side, tile=tile,
@@ -198,49 +205,32 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
     model = build_model(cfg).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    start, history = 0, []
-    ckpt = out / CHECKPOINT_DIR
-    if (ckpt / WEIGHTS_FILE).is_file():
-        tensors, saved = load_state(ckpt, kind="detector")
-        if saved.get("training", {}).get("settings") != settings:
-            raise GraderError(f"{ckpt}: holds a checkpoint of other settings; use another --out or remove it")
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        restore_optimizer(opt, tensors)
-        start, history = int(saved["training"]["step"]), list(saved["training"]["loss_history"])
-    model.train()
-    window: list[float] = []
-    for step in range(start, steps):
-        rng = np.random.default_rng([seed, step])
-        torch.manual_seed(seed * 1_000_003 + step)
-        images, targets = _batch(data, tile, batch, rng, dev)
+
+    def step(i: int) -> dict[str, float]:
+        rng = np.random.default_rng([seed, i])
+        torch.manual_seed(seed * 1_000_003 + i)
+        images, targets = masked_batch(data, tile, batch_size, rng, dev)
         for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr)
+            group["lr"] = _lr(i, steps, lr)
         losses = model(images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise GraderError(f"detector training diverged at step {step + 1} (loss {loss.item()}); lower --lr")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        opt.step()
-        window.append(float(loss.item()))
-        if len(window) == 25 or step == steps - 1:
-            history.append({"step": step + 1, "loss": round(float(np.mean(window)), 5),
-                            **{k: round(float(v.item()), 5) for k, v in losses.items()}})
-            window = []
-        if (step + 1) % save_every == 0 or step == steps - 1:
-            record = {"settings": settings, "step": step + 1, "loss_history": history}
-            save_state(ckpt, {**{f"model.{k}": v for k, v in model.state_dict().items()}, **optimizer_tensors(opt)},
-                       {**cfg.to_json(), "training": record})
-        if progress is not None:
-            progress(step + 1, f"loss {loss.item():.3f}")
+        if torch.isfinite(loss):
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 10.0)
+            opt.step()
+        return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+
+    model.train()
+    plan = Plan(steps, step, LesionDetector.name, settings, save_every=save_every, log_every=25)
+    history = train_grader(model, opt, plan, out, restart=restart, progress=progress)["history"]
     model.eval()
-    detector = LesionDetector(cfg, model, device=str(dev))
-    cfg.count_threshold = calibrate_threshold(detector, data)
-    cfg.training = {"settings": settings, "step": steps, "loss_history": history,
-                    "count_threshold_from": f"{min(32, len(data.images))} training images"}
-    detector.save(out)
-    return LesionDetector.load(out, device=str(dev))
+    detector = LesionDetector(cfg, model, device=dev)
+    detector = LesionDetector(replace(cfg, count_threshold=calibrate_threshold(detector, data)), model, device=dev,
+                              record={"settings": settings, "step": steps, "loss_history": history,
+                                      "count_threshold_from": f"{min(32, len(data.images))} training images"})
+    detector.save_pretrained(out)
+    return LesionDetector.from_pretrained(out, device=dev)
 
 
 def calibrate_threshold(detector: LesionDetector, data: DetectionData, limit: int = 32) -> float:
@@ -323,12 +313,13 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> Path:
 ABLATION = (("rpn", "Faster R-CNN (plain RPN)"), ("sadh", "+ SADH"), ("sadh_nwd", "+ SADH + NWD"))
 
 
-def run_ablation(train_runs: Sequence[str | Path], test_run: str | Path, out: str | Path, *, steps: int, batch: int,
-                 seed: int, device: str | None = None,
+def run_ablation(train_runs: Sequence[str | Path], test_run: str | Path, out: str | Path, *, steps: int,
+                 batch_size: int, seed: int, device: str | None = None, restart: bool = False,
                  progress: Callable[[str, int, int, str], None] | None = None) -> pd.DataFrame:
     """Train the three RPN variants on the same data with the same seed and evaluate each on ``test_run``.
 
-    Each variant goes to ``out/<head>/`` (resumable); the table is written to ``out/ablation.csv``.
+    Each variant goes to ``out/<head>/`` (resumable; ``restart`` trains every variant again from scratch); the
+    table is written to ``out/ablation.csv``.
     """
     out = Path(out)
     data = load_run_data(train_runs, 512)
@@ -338,17 +329,18 @@ def run_ablation(train_runs: Sequence[str | Path], test_run: str | Path, out: st
             if progress is not None:
                 progress(head, step, steps, status)
         folder = out / head
-        if (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file():
-            detector = LesionDetector.load(folder, device=device)
-            done = detector.config.training.get("settings", {})
-            wanted = {"head": head, "steps": steps, "batch": batch, "seed": seed,
+        if not restart and (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file():
+            detector = LesionDetector.from_pretrained(folder, device=device)
+            done = detector.record.get("settings", {})
+            wanted = {"head": head, "steps": steps, "batch": batch_size, "seed": seed,
                       "sources": [str(r) for r in train_runs]}
             if any(done.get(k) != v for k, v in wanted.items()):
                 raise GraderError(f"{folder}: holds a detector trained with other settings "
                                   f"({ {k: done.get(k) for k in wanted} }); use another --out or remove it")
         else:
-            detector = train_detector(data, folder, head=head, steps=steps, batch=batch, seed=seed, device=device,
-                                      sources=[str(r) for r in train_runs], progress=step_cb)
+            detector = train_detector(data, folder, head=head, steps=steps, batch_size=batch_size, seed=seed,
+                                      device=device, sources=[str(r) for r in train_runs], restart=restart,
+                                      progress=step_cb)
         metrics, _ = evaluate_detector(detector, test_run)
         write_metrics(folder / "metrics.json", metrics)
         rows.append({"variant": label, "head": head, **metrics})

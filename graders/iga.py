@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,7 @@ import numpy as np
 import pandas as pd
 
 from synthtrial.graders import classify
-from synthtrial.graders.base import GraderError
-from synthtrial.util.device import resolve_device
+from synthtrial.graders.base import MAX_DEPTH, MAX_WIDTH, GraderComponent, GraderError
 
 N_GRADES = 5
 GROUPS = ((0, 1), (2,), (3, 4))
@@ -64,8 +63,11 @@ class IGAConfig:
             raise GraderError(f"IGA backbone must be 'cifar-resnet' or 'timm:<name>', got {self.backbone!r}")
         if self.depth < 8 or (self.depth - 2) % 6:
             raise GraderError(f"IGA depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110), got {self.depth}")
-        if self.width < 1 or self.stem_stride not in (1, 2) or not 16 <= self.image_size <= 1024:
-            raise GraderError("IGA width must be >= 1, stem stride 1 or 2, image size 16-1024")
+        if self.depth > MAX_DEPTH:
+            raise GraderError(f"IGA depth must be at most {MAX_DEPTH}, got {self.depth}")
+        if not 1 <= self.width <= MAX_WIDTH or self.stem_stride not in (1, 2) or not 16 <= self.image_size <= 1024:
+            raise GraderError(f"IGA width must be 1-{MAX_WIDTH}, stem stride 1 or 2, image size 16-1024; got width "
+                              f"{self.width}, stem stride {self.stem_stride}, image size {self.image_size}")
         if not 0 <= self.dropout < 1 or not 0 <= self.crop_margin <= 1:
             raise GraderError("IGA dropout must be in [0, 1) and crop margin in [0, 1]")
 
@@ -153,29 +155,29 @@ def augment(x: Any, gen: Any, p: float = 0.2, max_degrees: float = 15.0) -> Any:
 
 # ------------------------------------------------------------------------------------------- grader
 
-class IGAGrader(classify.NetworkWeights):
-    """``IGAGrader.load(folder).predict(images, meta)`` -> IGA probabilities, 3-class view, expected grade."""
+class IGAGrader(GraderComponent):
+    """``IGAGrader.from_pretrained(folder).predict(images, meta)`` -> IGA probabilities, 3-class view, expected
+    grade."""
 
     name = "iga"
-    config_cls = IGAConfig
+    config_class = IGAConfig
     label = "IGA"
     outcomes = ("expected_grade",)
 
-    def __init__(self, config: IGAConfig | None = None, model: Any = None, device: str | None = None,
+    def __init__(self, config: IGAConfig | None = None, model: Any = None, *, device: Any = None,
                  record: dict[str, Any] | None = None) -> None:
-        self.config = config if config is not None else IGAConfig()
-        self.device = resolve_device(device)
-        self.model = (model if model is not None else build_network(self.config)).to(self.device).eval()
-        self.record = record or {}
-        self._cropper = classify.FaceCropper(self.config.crop_margin)
-        self._fingerprint: str | None = None
+        super().__init__(config, model, device=device, record=record)
+        self.cropper = classify.FaceCropper(self.config.crop_margin)
 
+    @classmethod
+    def build(cls, config: IGAConfig) -> Any:
+        return build_network(config)
 
     # inference ------------------------------------------------------------------------------------
     def crops(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """``(N, S, S, 3)`` uint8 face crops and whether a face was found in each."""
         classify.check_images(images, "iga")
-        pairs = [self._cropper.crop(image, self.config.image_size) for image in images]
+        pairs = [self.cropper.crop(image, self.config.image_size) for image in images]
         if not pairs:
             return np.zeros((0, self.config.image_size, self.config.image_size, 3), np.uint8), np.zeros(0, bool)
         return np.stack([c for c, _ in pairs]), np.array([f for _, f in pairs])
@@ -254,7 +256,7 @@ def prepare_source(grader: IGAGrader, source: classify.Source, progress=None) ->
     found: list[bool] = []
 
     def one(image: np.ndarray) -> np.ndarray:
-        crop, ok = grader._cropper.crop(image, grader.config.image_size)
+        crop, ok = grader.cropper.crop(image, grader.config.image_size)
         found.append(ok)
         return crop
 
@@ -265,22 +267,21 @@ def prepare_source(grader: IGAGrader, source: classify.Source, progress=None) ->
 def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
           extra: Sequence[str | os.PathLike[str]] = (), identities: Sequence[str] | None = None,
           config: IGAConfig | None = None, settings: TrainSettings | None = None, device: str | None = None,
-          backbone_weights: str | os.PathLike[str] | None = None, restart: bool = False,
+          backbone_weights: str | os.PathLike[str] | None = None, restart: bool = False, force: bool = False,
           weights_dtype: str = "float32", progress=None) -> IGAGrader:
     """Train the IGA grader on ``data`` (runs or ACNE04; ``extra`` runs join the training part only) and save
-    it to ``out`` (``model.safetensors`` + ``config.json``; checkpoints in ``out/checkpoint``)."""
+    it to ``out`` (``model.safetensors`` + ``config.json``; checkpoints in ``out/checkpoint``). An ``out``
+    holding anything but IGA weights is refused unless ``force``."""
     import torch
 
     config = config or IGAConfig()
     settings = settings or TrainSettings()
-    classify.check_weights_dtype(weights_dtype)
-    torch.manual_seed(settings.seed)
-    grader = IGAGrader(config, device=device)
+    grader, sources, extras = classify.start_training(IGAGrader, config, settings.seed, out, data=data, extra=extra,
+                                                      identities=identities, device=device,
+                                                      weights_dtype=weights_dtype, force=force)
     if backbone_weights is not None:
         load_backbone(grader.model, backbone_weights)
     dev = grader.device
-    sources = [classify.read_source(d, identities, "--data") for d in data]
-    extras = [classify.read_source(d, None, "--extra") for d in extra]
     report = progress or (lambda stage, done, total, status="": None)
     images, labels, groups, is_extra = [], [], [], []
     for k, src in enumerate([*sources, *extras]):
@@ -313,21 +314,15 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
         r = classify.report(group_of(y[val_idx]), group_of(pred), GROUP_NAMES)
         return {"val_accuracy3": r["accuracy"], "val_recall3": r["recall"]}
 
-    record = {"data": [s.where for s in sources], "extra": [s.where for s in extras],
-              "identities": list(identities or []), "settings": asdict(settings), "model": asdict(config),
-              "backbone_weights": None if backbone_weights is None else str(backbone_weights)}
     plan = classify.Fit(len(train_idx), settings.epochs, settings.batch_size, settings.lr, settings.lr_final,
                         settings.seed, batch_loss, validate)
-    total = plan.epochs * -(-plan.n_train // plan.batch_size)
-    history = classify.fit(grader.model, plan, Path(out), IGAGrader.name, dev, restart=restart, record=record,
-                           progress=lambda done, status: report("training", done, total, status))
-    grader.model.eval()
-    grader.record = {**record, **history, "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
-                     "train_grade_counts": np.bincount(y[train_idx], minlength=N_GRADES).tolist(),
-                     "class_weights": [round(float(w), 6) for w in weights]}
-    grader._fingerprint = None
-    grader.save(out, weights_dtype)
-    return IGAGrader.load(out, device=device)
+    return classify.fit_and_save(
+        grader, plan, out, sources=sources, extras=extras, identities=identities, settings=settings,
+        restart=restart, report=report, weights_dtype=weights_dtype, device=device,
+        record={"backbone_weights": None if backbone_weights is None else str(backbone_weights)},
+        summary={"n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
+                 "train_grade_counts": np.bincount(y[train_idx], minlength=N_GRADES).tolist(),
+                 "class_weights": [round(float(w), 6) for w in weights]})
 
 
 def load_backbone(model: Any, path: str | os.PathLike[str]) -> None:
@@ -364,6 +359,3 @@ def evaluate(grader: IGAGrader, data: str | os.PathLike[str], identities: Sequen
             "groups": classify.report(group_of(truth_visit), frame["group"].to_numpy(np.int64)[first], GROUP_NAMES),
             "mae_expected_grade": float(np.mean(np.abs(frame["expected_grade"].to_numpy()[first] - truth_visit)))}
 
-
-def with_settings(config: IGAConfig, **changes: Any) -> IGAConfig:
-    return replace(config, **{k: v for k, v in changes.items() if v is not None})

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,7 @@ import numpy as np
 import pandas as pd
 
 from synthtrial.graders import classify
-from synthtrial.graders.base import GraderError, read_rgb
-from synthtrial.util.device import resolve_device
+from synthtrial.graders.base import GraderComponent, GraderError, read_rgb
 
 EXPLANATIONS = ("bad_framing", "bad_light", "blurry", "low_resolution", "too_far")
 EXPLANATION_TEXT = {"bad_framing": "bad framing", "bad_light": "bad light", "blurry": "blurry",
@@ -63,8 +62,8 @@ class ImageQXConfig:
     def __post_init__(self) -> None:
         if not 16 <= self.image_size <= 1024 or not 0 <= self.dropout < 1 or not 0 < self.threshold < 1:
             raise GraderError("ImageQX image size must be 16-1024, dropout in [0, 1), threshold in (0, 1)")
-        if self.min_side < 0:
-            raise GraderError("ImageQX min_side must be >= 0")
+        if not 0 <= self.min_side <= 100_000:
+            raise GraderError(f"ImageQX min_side must be 0-100000, got {self.min_side}")
 
 
 def build_network(config: ImageQXConfig) -> Any:
@@ -200,22 +199,18 @@ def degraded_set(bases: np.ndarray, seed: int, epoch: int, image_size: int) -> t
 
 # ------------------------------------------------------------------------------------------- grader
 
-class ImageQX(classify.NetworkWeights):
-    """``ImageQX.load(folder).verdicts(images)`` -> acceptable, p_acceptable, the five reasons, a text."""
+class ImageQX(GraderComponent):
+    """``ImageQX.from_pretrained(folder).verdicts(images)`` -> acceptable, p_acceptable, the five reasons, a
+    text."""
 
     name = "imageqx"
-    config_cls = ImageQXConfig
+    config_class = ImageQXConfig
     label = "ImageQX"
     outcomes: tuple[str, ...] = ()       # a photo's quality is not a trial outcome
 
-    def __init__(self, config: ImageQXConfig | None = None, device: str | None = None,
-                 record: dict[str, Any] | None = None) -> None:
-        self.config = config if config is not None else ImageQXConfig()
-        self.device = resolve_device(device)
-        self.model = build_network(self.config).to(self.device).eval()
-        self.record = record or {}
-        self._fingerprint: str | None = None
-
+    @classmethod
+    def build(cls, config: ImageQXConfig) -> Any:
+        return build_network(config)
 
     def probabilities(self, inputs: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """``(p_acceptable (N,), p_explanations (N, 5))`` for inputs already at ``image_size``."""
@@ -306,18 +301,17 @@ def base_images(source: classify.Source, size: int, progress=None) -> np.ndarray
 def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
           extra: Sequence[str | os.PathLike[str]] = (), identities: Sequence[str] | None = None,
           config: ImageQXConfig | None = None, settings: TrainSettings | None = None, device: str | None = None,
-          restart: bool = False, weights_dtype: str = "float32", progress=None) -> ImageQX:
-    """Train ImageQX on fresh degradations of the clean images of ``data`` (+ ``extra``) each epoch."""
+          restart: bool = False, force: bool = False, weights_dtype: str = "float32", progress=None) -> ImageQX:
+    """Train ImageQX on fresh degradations of the clean images of ``data`` (+ ``extra``) each epoch. An ``out``
+    holding anything but ImageQX weights is refused unless ``force``."""
     import torch
 
     config = config or ImageQXConfig()
     settings = settings or TrainSettings()
-    classify.check_weights_dtype(weights_dtype)
-    torch.manual_seed(settings.seed)
-    grader = ImageQX(config, device=device)
+    grader, sources, extras = classify.start_training(ImageQX, config, settings.seed, out, data=data, extra=extra,
+                                                      identities=identities, device=device,
+                                                      weights_dtype=weights_dtype, force=force)
     dev = grader.device
-    sources = [classify.read_source(d, identities, "--data") for d in data]
-    extras = [classify.read_source(d, None, "--extra") for d in extra]
     report = progress or (lambda stage, done, total, status="": None)
     bases, groups, is_extra = [], [], []
     for k, src in enumerate([*sources, *extras]):
@@ -360,20 +354,14 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
         r = metrics(grader, val_x, val_y)
         return {"val_quality_macro_f1": r["quality"]["macro_f1"], "val_explanation_macro_f1": r["explanation_macro_f1"]}
 
-    record = {"data": [s.where for s in sources], "extra": [s.where for s in extras],
-              "identities": list(identities or []), "settings": asdict(settings), "model": asdict(config)}
     plan = classify.Fit(len(train_x), settings.epochs, settings.batch_size, settings.lr, settings.lr_final,
                         settings.seed, batch_loss, validate)
-    total = plan.epochs * -(-plan.n_train // plan.batch_size)
-    history = classify.fit(grader.model, plan, Path(out), ImageQX.name, dev, restart=restart, record=record,
-                           progress=lambda done, status: report("training", done, total, status))
-    grader.model.eval()
-    grader.record = {**record, **history, "n_train": int(len(train_x)), "n_val": int(len(va_own)),
-                     "quality_class_weights": [round(float(w), 6) for w in q_weights.tolist()],
-                     "explanation_pos_weight": [round(float(w), 6) for w in pos_weight.tolist()]}
-    grader._fingerprint = None
-    grader.save(out, weights_dtype)
-    return ImageQX.load(out, device=device)
+    return classify.fit_and_save(
+        grader, plan, out, sources=sources, extras=extras, identities=identities, settings=settings,
+        restart=restart, report=report, weights_dtype=weights_dtype, device=device,
+        summary={"n_train": int(len(train_x)), "n_val": int(len(va_own)),
+                 "quality_class_weights": [round(float(w), 6) for w in q_weights.tolist()],
+                 "explanation_pos_weight": [round(float(w), 6) for w in pos_weight.tolist()]})
 
 
 def metrics(grader: ImageQX, inputs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:

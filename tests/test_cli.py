@@ -331,7 +331,7 @@ def test_finetune_then_generate_with_the_lora(tmp_path, tiny_sdxl):
     result = invoke("data", "check", tmp_path / "acne04")
     assert result.exit_code == 0 and "OK" in result.stdout, result.output
     result = invoke("finetune", "--data", tmp_path / "acne04", "--base", tiny_sdxl, "--level", 2, "--out",
-                    tmp_path / "lora", "--resolution", 32, "--max-train-steps", 2, "--gradient-accumulation-steps", 1,
+                    tmp_path / "lora", "--image-size", 32, "--steps", 2, "--gradient-accumulation-steps", 1,
                     "--checkpointing-steps", 2)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -64,8 +64,8 @@ def test_bad_input_and_settings(tmp_path):
     with pytest.raises(GraderError, match="red_threshold must be a positive number"):
         CounterConfig(red_threshold=-1)
     counter = LesionCounter(CounterConfig(red_threshold=3.0))
-    counter.save(tmp_path)
-    again = LesionCounter.load(tmp_path)
+    counter.save_pretrained(tmp_path)
+    again = LesionCounter.from_pretrained(tmp_path)
     assert again.config == counter.config and again.fingerprint() == counter.fingerprint()
     assert again.fingerprint() != LesionCounter().fingerprint()
 

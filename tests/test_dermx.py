@@ -48,20 +48,20 @@ def test_differentiable_cam_equals_the_grad_cam_package():
     from pytorch_grad_cam.utils.image import scale_cam_image
 
     torch.manual_seed(0)
-    dermx = DermX(DermXConfig(input_side=64), device="cpu")
+    dermx = DermX(DermXConfig(image_size=64), device="cpu")
     image = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)
     maps = dermx.explain(image)
     assert maps.shape == (len(CHARACTERISTICS), 48, 80)                  # the image's own aspect
     assert maps.min() >= 0 and maps.max() <= 1
     x = to_tensor([image], 64, torch.device("cpu"))
-    _, _, cams = dermx.net.forward_with_cams(x, create_graph=False)
+    _, _, cams = dermx.model.forward_with_cams(x, create_graph=False)
     # the package min-max scales each map, resizes it to the input, and scales it again
     ours = scale_cam_image(scale_cam_image(cams[0].detach().numpy(), target_size=(x.shape[3], x.shape[2])))
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from synthtrial.graders.dermx import _CharacteristicLogits
-    with GradCAM(model=_CharacteristicLogits(dermx.net).eval(), target_layers=[dermx.net.cam]) as cam:
+    from synthtrial.graders.dermx import CharacteristicLogits
+    with GradCAM(model=CharacteristicLogits(dermx.model).eval(), target_layers=[dermx.model.cam]) as cam:
         theirs = cam(input_tensor=x.expand(len(CHARACTERISTICS), -1, -1, -1).contiguous(),
                      targets=[ClassifierOutputTarget(k) for k in range(len(CHARACTERISTICS))])
     assert np.allclose(ours, theirs, atol=1e-4)
@@ -92,13 +92,13 @@ def _toy(n: int, side: int, seed: int) -> tuple[DermXData, list[tuple[int, int]]
 def toy_dermx(tmp_path_factory):
     data, _ = _toy(16, 64, 0)
     folder = tmp_path_factory.mktemp("dermx") / "w"
-    dermx = train_dermx(data, folder, guided=True, epochs=20, batch=8, lr=1e-2, seed=0, input_side=64, device="cpu")
+    dermx = train_dermx(data, folder, guided=True, epochs=20, batch_size=8, lr=1e-2, seed=0, image_size=64, device="cpu")
     return dermx, folder, data
 
 
 def test_grad_cam_peaks_inside_the_lesion_on_a_trained_toy_case(toy_dermx):
     dermx, _, _ = toy_dermx
-    history = dermx.config.training["loss_history"]
+    history = dermx.record["loss_history"]
     assert all(np.isfinite([h["ce"], h["bce"], h["dice"]]).all() for h in history)
     assert history[-1]["bce"] < history[0]["bce"] and history[-1]["dice"] < history[0]["dice"]
     # a wider-than-tall image with two papules, never seen in training
@@ -117,7 +117,7 @@ def test_grad_cam_peaks_inside_the_lesion_on_a_trained_toy_case(toy_dermx):
 def test_training_resumes_to_the_same_bytes_and_pickles_are_refused(toy_dermx, tmp_path):
     _, folder, _ = toy_dermx
     data, _ = _toy(8, 64, 1)
-    kw = dict(guided=False, epochs=2, batch=4, seed=1, input_side=64, device="cpu")
+    kw = dict(guided=False, epochs=2, batch_size=4, seed=1, image_size=64, device="cpu")
     train_dermx(data, tmp_path / "whole", **kw)
 
     def interrupt(step, status):
@@ -128,14 +128,14 @@ def test_training_resumes_to_the_same_bytes_and_pickles_are_refused(toy_dermx, t
     train_dermx(data, tmp_path / "resumed", **kw)
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == \
         (tmp_path / "resumed" / "model.safetensors").read_bytes()
-    again = DermX.load(folder)
-    assert again.fingerprint() == DermX.load(folder).fingerprint()
-    torch.save(again.net.state_dict(), tmp_path / "whole" / "model.safetensors")
+    again = DermX.from_pretrained(folder)
+    assert again.fingerprint() == DermX.from_pretrained(folder).fingerprint()
+    torch.save(again.model.state_dict(), tmp_path / "whole" / "model.safetensors")
     with pytest.raises(GraderError, match="pickled"):
-        DermX.load(tmp_path / "whole")
+        DermX.from_pretrained(tmp_path / "whole")
     from synthtrial.graders.detector import LesionDetector
     with pytest.raises(GraderError, match="grader 'dermx', not 'detector'"):
-        LesionDetector.load(folder)
+        LesionDetector.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -185,4 +185,4 @@ def test_grade_evaluate_and_explain_on_a_run(tiny_run, toy_dermx, tmp_path):
     from PIL import Image
     assert Image.open(pngs[0]).size == (128, 128)
     result = CliRunner().invoke(app, ["graders", "train", "dermx", "--out", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "run directory" in result.output
+    assert result.exit_code == 2 and "--data" in result.output

@@ -17,7 +17,7 @@ from synthtrial.graders.base import GraderError, get_grader
 from synthtrial.grade import grade_run
 from synthtrial.graders.detector import (CLASSES, DetectorConfig, LesionDetector, NWDRegionProposalNetwork, SADHHead,
                               build_model, nwd, rectify_scores, sbce, tile_origins, wasserstein2)
-from synthtrial.graders.detector_train import (DetectionData, _batch, calibrate_threshold, evaluate_detector, load_run_data,
+from synthtrial.graders.detector_train import (DetectionData, masked_batch, calibrate_threshold, evaluate_detector, load_run_data,
                                     masked_crop, mean_lesion_size, train_detector)
 from synthtrial.run import rundir
 from synthtrial.cli import app
@@ -143,7 +143,7 @@ def test_sadh_nwd_trains_on_a_tiny_run(tiny_run):
     torch.manual_seed(0)
     model = build_model(_tiny_config(nwd_constant=mean_lesion_size(data)))
     model.train()
-    images, targets = _batch(data, 128, 2, np.random.default_rng(0), torch.device("cpu"))
+    images, targets = masked_batch(data, 128, 2, np.random.default_rng(0), torch.device("cpu"))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     history = []
     for step in range(10):
@@ -171,7 +171,7 @@ def test_nwd_branch_learns_its_target(tiny_run):
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("rpn.head.nwd_pred"))
     torch.nn.init.constant_(model.rpn.head.nwd_pred.bias, -3.0)      # start far from the targets (p ~ 0.05)
-    images, targets = _batch(data, 128, 2, np.random.default_rng(1), torch.device("cpu"))
+    images, targets = masked_batch(data, 128, 2, np.random.default_rng(1), torch.device("cpu"))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     values = []
     for step in range(6):
@@ -200,7 +200,7 @@ def _toy_data() -> DetectionData:
 
 def test_training_resumes_to_the_same_bytes_and_writes_safetensors(tmp_path):
     data = _toy_data()
-    kw = dict(head="sadh_nwd", steps=4, batch=1, seed=5, image_side=96, tile=64, save_every=2, device="cpu")
+    kw = dict(head="sadh_nwd", steps=4, batch_size=1, seed=5, image_side=96, tile=64, save_every=2, device="cpu")
     whole = train_detector(data, tmp_path / "whole", **kw)
 
     def interrupt(step, status):
@@ -216,7 +216,7 @@ def test_training_resumes_to_the_same_bytes_and_writes_safetensors(tmp_path):
     assert (tmp_path / "whole" / "model.safetensors").read_bytes()[8:9] == b"{"     # safetensors JSON header
     assert 0.05 <= whole.config.count_threshold <= 0.95
     assert whole.config.nwd_constant == pytest.approx(6.0)
-    history = whole.config.training["loss_history"]
+    history = whole.record["loss_history"]
     assert history[-1]["step"] == 4 and all(math.isfinite(h["loss"]) for h in history)
     with pytest.raises(GraderError, match="other settings"):
         train_detector(data, tmp_path / "resumed", **{**kw, "steps": 6})
@@ -224,24 +224,24 @@ def test_training_resumes_to_the_same_bytes_and_writes_safetensors(tmp_path):
 
 def test_pickles_are_refused(tmp_path):
     detector = LesionDetector(_tiny_config(), device="cpu")
-    detector.save(tmp_path / "w")
-    again = LesionDetector.load(tmp_path / "w", device="cpu")
+    detector.save_pretrained(tmp_path / "w")
+    again = LesionDetector.from_pretrained(tmp_path / "w", device="cpu")
     for key, value in detector.model.state_dict().items():
         assert torch.equal(value, again.model.state_dict()[key])
-    assert again.fingerprint() == LesionDetector.load(tmp_path / "w").fingerprint()
+    assert again.fingerprint() == LesionDetector.from_pretrained(tmp_path / "w").fingerprint()
     torch.save(detector.model.state_dict(), tmp_path / "w" / "model.safetensors")
     with pytest.raises(GraderError, match="pickled"):
-        LesionDetector.load(tmp_path / "w")
+        LesionDetector.from_pretrained(tmp_path / "w")
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "model.pt").write_bytes(pickle.dumps({"x": 1}))
     with pytest.raises(GraderError, match="never loaded"):
-        LesionDetector.load(tmp_path / "p")
+        LesionDetector.from_pretrained(tmp_path / "p")
 
 
 def test_grade_evaluate_and_cli_on_a_run(tiny_run, tmp_path):
     folder = tmp_path / "w"
     torch.manual_seed(0)
-    LesionDetector(_tiny_config(count_threshold=0.05), device="cpu").save(folder)
+    LesionDetector(_tiny_config(count_threshold=0.05), device="cpu").save_pretrained(folder)
     grader = get_grader("detector", folder, device="cpu")
     grade_run(tiny_run, [grader])
     grades = rundir.read_grades(tiny_run)
@@ -253,11 +253,11 @@ def test_grade_evaluate_and_cli_on_a_run(tiny_run, tmp_path):
     assert metrics["lesions"] > 0 and all(r["category_id"] in range(1, 7) for r in results)
     counts = rundir.read_manifest(tiny_run, ("lesion_count",))["lesion_count"].to_numpy(float)
     assert metrics["count_MAE"] == pytest.approx(np.abs(grades["detector_count"].to_numpy() - counts).mean())
-    result = CliRunner().invoke(app, ["graders", "eval", "detector", str(tiny_run), "--weights", str(folder), "-q",
+    result = CliRunner().invoke(app, ["graders", "eval", "detector", "--data", str(tiny_run), "--weights", str(folder), "-q",
                                       "--out", str(tmp_path / "m.json")])
     assert result.exit_code == 0, result.output
     assert "AP50" in result.output and (tmp_path / "m.json").is_file()
-    result = CliRunner().invoke(app, ["graders", "train", "detector", str(tiny_run), "--out", str(tmp_path / "x"),
+    result = CliRunner().invoke(app, ["graders", "train", "detector", "--data", str(tiny_run), "--out", str(tmp_path / "x"),
                                       "--head", "fpn"])
     assert result.exit_code == 2 and "--head 'fpn'" in result.output
 
@@ -289,7 +289,25 @@ def test_trains_on_acne04_voc_boxes(tmp_path, tiny_run):
     assert data.images[0].shape == (43, 64, 3)
     assert data.boxes[0][0].tolist() == pytest.approx([0, 0, 2.0, 8 / 3])      # VOC (0, 0, 3, 4) at 2/3 size
     assert data.true_counts.tolist() == [float(v[1]) for v in LABELS.values()]
-    detector = train_detector(data, tmp_path / "w", steps=2, batch=2, image_side=64, tile=64, device="cpu")
+    detector = train_detector(data, tmp_path / "w", steps=2, batch_size=2, image_side=64, tile=64, device="cpu")
     assert detector.config.classes == ("lesion",)
     with pytest.raises(GraderError, match="classes"):
         evaluate_detector(detector, tiny_run)
+
+
+def test_ablation_trains_three_variants_resumes_and_restarts(tiny_run, tmp_path):
+    runner = CliRunner()
+    argv = ["graders", "ablation", "--data", str(tiny_run), "--test-data", str(tiny_run), "--out", str(tmp_path / "a"),
+            "--steps", "2", "--batch-size", "1", "-q"]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "a" / "ablation.csv")
+    assert table["head"].tolist() == ["rpn", "sadh", "sadh_nwd"] and "AP50" in result.output
+    weights = {h: (tmp_path / "a" / h / "model.safetensors") for h in table["head"]}
+    stamps = {h: w.stat().st_mtime_ns for h, w in weights.items()}
+    first = {h: w.read_bytes() for h, w in weights.items()}
+    assert runner.invoke(app, argv).exit_code == 0                      # evaluated again, not retrained
+    assert {h: w.stat().st_mtime_ns for h, w in weights.items()} == stamps
+    assert runner.invoke(app, [*argv, "--restart"]).exit_code == 0      # trained again, to the same bytes
+    assert {h: w.stat().st_mtime_ns for h, w in weights.items()} != stamps
+    assert {h: w.read_bytes() for h, w in weights.items()} == first

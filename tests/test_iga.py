@@ -68,13 +68,13 @@ def test_training_loss_falls_and_weights_reload_bit_for_bit(trained, tiny_run, t
     manifest = pd.read_parquet(Path(tiny_run) / "manifest.parquet")
     images = [read_rgb(Path(tiny_run) / p) for p in manifest["image"]]
     first = grader.predict(images, manifest)
-    again = iga.IGAGrader.load(out).predict(images, manifest)
+    again = iga.IGAGrader.from_pretrained(out).predict(images, manifest)
     pd.testing.assert_frame_equal(first, again, check_exact=True)
     assert np.allclose(first[[f"p_iga{k}" for k in range(5)]].sum(axis=1), 1)
     assert first["expected_grade"].between(0, 4).all() and (first["views"] == 3).all()
-    grader.save(tmp_path / "copy")
+    grader.save_pretrained(tmp_path / "copy")
     assert (tmp_path / "copy" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
-    assert grader.fingerprint() == iga.IGAGrader.load(tmp_path / "copy").fingerprint()
+    assert grader.fingerprint() == iga.IGAGrader.from_pretrained(tmp_path / "copy").fingerprint()
 
 
 def test_views_of_a_visit_are_fused():
@@ -102,14 +102,34 @@ def test_training_resumes_to_the_same_weights(tiny_run, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         iga.train([tiny_run], tmp_path / "cut", config=TINY, settings=settings, progress=stop_in_epoch_three)
-    ckpt = json.loads((tmp_path / "cut" / "checkpoint" / "config.json").read_text())
-    assert ckpt["state"]["epoch"] == 2
+    ckpt = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
+    assert ckpt["step"] == 4 and ckpt["history"][-1]["epoch"] == 2
     resumed = iga.train([tiny_run], tmp_path / "cut", config=TINY, settings=settings)
     assert (tmp_path / "cut" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert resumed.record["history"] == whole.record["history"]
     assert "val_accuracy3" in whole.record["history"][0] and whole.record["n_val"] == 9
     with pytest.raises(GraderError, match="--restart"):
         iga.train([tiny_run], tmp_path / "cut", config=TINY, settings=iga.TrainSettings(epochs=3, val_fraction=0.5, seed=2))
+
+
+def test_resume_after_epoch_one_with_dropout_and_augmentation_gives_the_same_bytes(tiny_run, tmp_path):
+    """Issue 19: a training killed after epoch 1 and run again ended with other weights (dropout drew from a
+    global RNG that the checkpoint did not hold). The shared loop keeps every RNG state."""
+    config = iga.IGAConfig(depth=8, width=8, image_size=48, stem_stride=1, dropout=0.5)
+    settings = iga.TrainSettings(epochs=3, batch_size=9, val_fraction=0, augment_p=0.5, seed=3)
+    iga.train([tiny_run], tmp_path / "whole", config=config, settings=settings)
+
+    def stop_after_epoch_one(stage, done, total, status=""):
+        if stage == "training" and done == 3:      # 2 steps per epoch: only epoch 1 is checkpointed
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        iga.train([tiny_run], tmp_path / "cut", config=config, settings=settings, progress=stop_after_epoch_one)
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["step"] == 2
+    iga.train([tiny_run], tmp_path / "cut", config=config, settings=settings)
+    assert (tmp_path / "cut" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    restarted = iga.train([tiny_run], tmp_path / "cut", config=config, settings=settings, restart=True)
+    assert restarted.record["history"][0]["step"] == 2
 
 
 def test_pickled_checkpoint_is_refused(trained, tmp_path):
@@ -119,7 +139,7 @@ def test_pickled_checkpoint_is_refused(trained, tmp_path):
     (folder / "config.json").write_text((out / "config.json").read_text())
     torch.save(iga.build_network(TINY).state_dict(), folder / "model.safetensors")
     with pytest.raises(SynthtrialError, match=r"pickled .* refusing") as err:
-        iga.IGAGrader.load(folder)
+        iga.IGAGrader.from_pretrained(folder)
     assert "\n" not in str(err.value)
     (folder / "model.safetensors").unlink()
     torch.save({}, folder / "model.pt")

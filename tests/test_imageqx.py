@@ -86,16 +86,16 @@ def test_training_loss_falls_and_weights_reload_bit_for_bit(trained, face, tmp_p
     losses = [h["loss"] for h in grader.record["history"]]
     assert np.mean(losses[-2:]) < 0.8 * losses[0], losses
     first = grader.predict([face, face[:50, :50]])
-    again = imageqx.ImageQX.load(out).predict([face, face[:50, :50]])
+    again = imageqx.ImageQX.from_pretrained(out).predict([face, face[:50, :50]])
     pd.testing.assert_frame_equal(first, again, check_exact=True)
     assert list(first.columns) == list(imageqx.OUTPUT_COLUMNS)
     assert first.loc[1, "low_resolution"] == 1 and first.loc[1, "acceptable"] == 0     # below min_side
-    grader.save(tmp_path / "copy")
+    grader.save_pretrained(tmp_path / "copy")
     assert (tmp_path / "copy" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     half = tmp_path / "half"
-    grader.save(half, dtype="float16")
+    grader.save_pretrained(half, dtype="float16")
     assert (half / "model.safetensors").stat().st_size < 0.6 * (out / "model.safetensors").stat().st_size
-    assert np.allclose(imageqx.ImageQX.load(half).predict([face])["p_acceptable"], first["p_acceptable"][:1],
+    assert np.allclose(imageqx.ImageQX.from_pretrained(half).predict([face])["p_acceptable"], first["p_acceptable"][:1],
                        atol=0.05)
 
 
@@ -156,7 +156,7 @@ def test_pickled_checkpoint_is_refused(trained, tmp_path):
     config["grader"] = "iga"
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(GraderError, match="not 'imageqx'"):
-        imageqx.ImageQX.load(folder)
+        imageqx.ImageQX.from_pretrained(folder)
 
 
 def test_grade_adds_the_verdict_to_every_row(trained, tiny_run):

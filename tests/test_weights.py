@@ -62,7 +62,7 @@ def test_custom_code_is_refused_without_a_prompt(model_copy, tmp_path):
 
     Image.new("RGB", (32, 32), (200, 150, 130)).save(acne / "acne0_1024" / "a.png")
     result = CliRunner().invoke(app, ["finetune", "--data", str(acne), "--base", str(model_copy), "--out",
-                                      str(tmp_path / "lora"), "--max-train-steps", "1"], input="y\n")
+                                      str(tmp_path / "lora"), "--steps", "1"], input="y\n")
     assert result.exit_code == 2, result.output
     assert "names custom code (auto_map)" in result.stderr and "foreign code ran" not in result.output
 

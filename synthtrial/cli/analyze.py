@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich import box
 from rich.table import Table
 
-from synthtrial.cli.common import RunDir, app, handles_errors, out
+from synthtrial.cli.common import Device, Quiet, RunDir, Seed, app, handles_errors, out
 
 _ANALYSIS_PANEL = "Analysis"
 
@@ -31,10 +31,9 @@ def analyze_command(
                                               rich_help_panel=_ANALYSIS_PANEL)] = 2000,
     alpha: Annotated[float, typer.Option(help="Significance level (CIs are 1 - alpha).",
                                          rich_help_panel=_ANALYSIS_PANEL)] = 0.05,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of the autoencoder and the permutations.")] = 0,
-    device: Annotated[Optional[str], typer.Option(help="Torch device for the autoencoder (default: cuda if "
-                                                  "available, else cpu).", show_default=False)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    seed: Seed = 0,
+    device: Device = None,
+    quiet: Quiet = False,
 ) -> None:
     """Estimate the treatment effects of a run from its images, each beside the truth it simulated.
 

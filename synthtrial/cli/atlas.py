@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from synthtrial.cli.common import app, handles_errors, out
+from synthtrial.cli.common import Seed, app, handles_errors, out
 
 
 @app.command("atlas")
@@ -15,7 +15,7 @@ from synthtrial.cli.common import app, handles_errors, out
 def atlas_command(
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Picture to write: .png, .jpg or .jpeg.")] = Path(
         "atlas.png"),
-    seed: Annotated[int, typer.Option(help="Seed of the skin swatches and lesion shapes.")] = 0,
+    seed: Seed = 0,
     mm_per_px: Annotated[float, typer.Option("--mm-per-px", help="Magnification: millimetres of skin per pixel "
                                              "(0.08: each 12.8 mm tile is 160 px, about 5x a 512-px face).")] = 0.08,
 ) -> None:

@@ -6,22 +6,20 @@ import functools
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Optional
 
+import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
-
-try:  # typer vendors click from 0.2x on; older releases raise click's own exceptions
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
-except ImportError:  # pragma: no cover
-    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 from synthtrial import __version__
 from synthtrial.trial.simulate import PRESETS
 from synthtrial.util.errors import SynthtrialError, one_line
 
 EXIT_BAD_INPUT = 2
+#: the command-line parser's errors: typer's public base class (typer vendors click from 0.2x on) and click's
+CLI_ERRORS = (typer.TyperException, click.ClickException)
 
 
 class OneLineErrors(TyperGroup):
@@ -32,15 +30,17 @@ class OneLineErrors(TyperGroup):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except NoArgsIsHelpError as exc:
-            exc.show()  # a bare command prints its help
-            sys.exit(exc.exit_code)
-        except UsageError as exc:
-            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-            print(f"synthtrial: error: {' '.join(exc.format_message().split())}{hint}", file=sys.stderr)
-            sys.exit(EXIT_BAD_INPUT)
-        except ClickException as exc:
-            print(f"synthtrial: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+        except CLI_ERRORS as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a bare command prints its help
+                exc.show()
+                sys.exit(exc.exit_code)
+            message = " ".join(exc.format_message().split())
+            if hasattr(exc, "ctx"):  # a usage error: bad option values, unknown options
+                ctx = exc.ctx
+                hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                print(f"synthtrial: error: {message}{hint}", file=sys.stderr)
+                sys.exit(EXIT_BAD_INPUT)
+            print(f"synthtrial: error: {message}", file=sys.stderr)
             sys.exit(exc.exit_code)
         except typer.Abort:
             code = 130
@@ -116,6 +116,51 @@ def main_callback(
 
 RunDir = Annotated[Path, typer.Argument(help="A run directory written by [bold]synthtrial generate[/].",
                                         show_default=False)]
+
+# ------------------------------------------------------------------------------ shared options
+# One declaration, one name per meaning, for every command: --device, --seed, --quiet, --batch-size,
+# --image-size (a network's input side), --data (training / evaluation data), --out / --restart / --force
+# of a training. Limits on sizes are part of the declaration, so --help states them and a value beyond is
+# refused in one line before any work.
+
+#: largest batch, image side and step count a command accepts
+MAX_BATCH = 4096
+MAX_IMAGE_SIZE = 4096
+MAX_EPOCHS = 100_000
+MAX_STEPS = 10_000_000
+
+
+
+def device_option(note: str = "", panel: Optional[str] = None) -> Any:
+    """The ``--device`` option (``note`` adds a sentence, ``panel`` a help panel); :data:`Device` is the plain one."""
+    return Annotated[Optional[str], typer.Option(help=f"Torch device: cpu, cuda or cuda:N (default: cuda if available, "
+                                                 f"else cpu).{note}", show_default=False, rich_help_panel=panel)]
+
+
+Device = device_option()
+Seed = Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Seed: the same seed and inputs write the same "
+                                   "bytes.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, max=MAX_BATCH, help="Images (or crops) per step.")]
+Epochs = Annotated[int, typer.Option(min=1, max=MAX_EPOCHS, help="Passes over the training images.")]
+Steps = Annotated[int, typer.Option(min=1, max=MAX_STEPS, help="Optimiser steps.")]
+TrainData = Annotated[list[Path], typer.Option("--data", help="Training data: a run directory (labels from its "
+                                               "manifest) or an ACNE04 copy (repeatable).", show_default=False)]
+EvalData = Annotated[Path, typer.Option("--data", help="A run directory (or, where the grader reads one, an ACNE04 "
+                                        "copy) to evaluate on.", show_default=False)]
+TrainOut = Annotated[Path, typer.Option("--out", "-o", help="Folder for model.safetensors + config.json "
+                                        "(checkpoints in OUT/checkpoint; re-run to resume).", show_default=False)]
+Restart = Annotated[bool, typer.Option("--restart", help="Ignore a checkpoint in OUT/checkpoint and start over (by "
+                                       "default an interrupted training resumes from it).")]
+Force = Annotated[bool, typer.Option("--force", help="Write into OUT even when it holds something else (a run, "
+                                     "another grader's weights).")]
+Weights = Annotated[Optional[Path], typer.Option(help="Weights folder (model.safetensors + config.json; default: "
+                                                 "the shipped weights).", show_default=False)]
+
+
+def image_size_option(low: int, high: int, what: str = "Network input side in pixels") -> Any:
+    """The ``--image-size`` option (a network's input side) with the limits of one network."""
+    return Annotated[int, typer.Option("--image-size", min=low, max=high, help=f"{what}.")]
 
 
 #: --preset choices, from the trial stage's ready-made designs (synthtrial.trial.simulate.PRESETS)

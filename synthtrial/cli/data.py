@@ -9,7 +9,8 @@ import typer
 from rich import box
 from rich.table import Table
 
-from synthtrial.cli.common import app, data_app, faces_app, handles_errors, out
+from synthtrial.cli.common import (BatchSize, Quiet, Restart, Seed, Steps, app, data_app, faces_app, handles_errors,
+                                   image_size_option, out)
 from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.progress import progress_bar
 
@@ -56,34 +57,41 @@ def finetune_command(
                                        "for one adapter with a severity token per level.")] = "all",
     instance_prompt: Annotated[str, typer.Option(help="Prompt; {level} is replaced by the image's level.")]
     = "photo of a person with acne{level}",
-    resolution: Annotated[int, typer.Option(min=8, help="Training resolution.")] = 1024,
-    steps: Annotated[int, typer.Option("--max-train-steps", min=1, help="Optimizer steps.")] = 500,
-    learning_rate: Annotated[float, typer.Option(help="Learning rate (constant schedule).")] = 1e-4,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 1,
-    accumulation: Annotated[int, typer.Option("--gradient-accumulation-steps", min=1, help="Gradient "
+    image_size: image_size_option(8, 4096, "Training resolution: images are resized and centre-cropped to this "
+                                  "side (a multiple of 8)") = 1024,
+    steps: Steps = 500,
+    learning_rate: Annotated[float, typer.Option("--lr", min=0.0, max=10.0, help="Learning rate (constant "
+                                                 "schedule).")] = 1e-4,
+    batch_size: BatchSize = 1,
+    accumulation: Annotated[int, typer.Option("--gradient-accumulation-steps", min=1, max=1024, help="Gradient "
                                               "accumulation.")] = 3,
-    snr_gamma: Annotated[float, typer.Option(help="Min-SNR weighting gamma (0 turns it off).")] = 5.0,
-    rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 4,
-    checkpointing_steps: Annotated[int, typer.Option(min=1, help="Save a resumable checkpoint every N steps.")] = 100,
+    snr_gamma: Annotated[float, typer.Option(min=0.0, max=1e6, help="Min-SNR weighting gamma (0 turns it off).")]
+    = 5.0,
+    rank: Annotated[int, typer.Option(min=1, max=1024, help="LoRA rank.")] = 4,
+    checkpointing_steps: Annotated[int, typer.Option(min=1, max=10_000_000, help="Save a resumable checkpoint every "
+                                                     "N steps.")] = 100,
     mixed_precision: Annotated[Optional[str], typer.Option(help="no | fp16 | bf16 (default: fp16 on CUDA, no on "
                                                            "CPU).", show_default=False)] = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seed.")] = 0,
+    seed: Seed = 0,
+    restart: Restart = False,
+    quiet: Quiet = False,
 ) -> None:
     """DreamBooth fine-tuning with LoRA (peft) on the SDXL UNet, through accelerate: the anchor's recipe by default (1024 px, lr 1e-4 constant, snr_gamma 5, 500 steps, batch 1 x accumulation 3, gradient checkpointing, fp16 on GPU).
 
-    Writes pytorch_lora_weights.safetensors for [bold]synthtrial generate --lora[/]. Checkpoints are safetensors + JSON; re-running the same command resumes from the latest one.
+    Writes pytorch_lora_weights.safetensors for [bold]synthtrial generate --lora[/]. The checkpoint (OUT/checkpoint) is safetensors + JSON; re-running the same command resumes from it (--restart starts over).
     """
     from synthtrial.render.finetune import FinetuneConfig, finetune
 
     if level != "all" and level not in ("0", "1", "2", "3"):
         raise SynthtrialError(f"--level must be 0, 1, 2, 3 or all, got '{level}'")
     config = FinetuneConfig(base=base, level=None if level == "all" else int(level), instance_prompt=instance_prompt,
-                            resolution=resolution, train_batch_size=batch_size,
+                            resolution=image_size, train_batch_size=batch_size,
                             gradient_accumulation_steps=accumulation, learning_rate=learning_rate,
                             snr_gamma=snr_gamma or None, max_train_steps=steps, rank=rank, seed=seed,
                             mixed_precision=mixed_precision, checkpointing_steps=checkpointing_steps)
-    with progress_bar("training", steps, unit="steps") as update:
-        weights = finetune(data, out_dir, config, progress=lambda step, total, status: update(step, status))
+    with progress_bar("training", steps, unit="steps", enabled=not quiet) as update:
+        weights = finetune(data, out_dir, config, restart=restart,
+                           progress=lambda step, total, status: update(step, status))
     out.print(f"[green]wrote[/green] {weights}")
 
 
@@ -95,7 +103,7 @@ def faces_generate(
                                           show_default=False)],
     model: Annotated[str, typer.Option(help="SDXL base: a local folder or a hub id (only a hub id downloads).")]
     = "stabilityai/stable-diffusion-xl-base-1.0",
-    seed: Annotated[int, typer.Option(min=0, help="Seed of the prompts and images.")] = 0,
+    seed: Seed = 0,
     size: Annotated[int, typer.Option(min=64, help="Image side in pixels.")] = 1024,
     steps: Annotated[int, typer.Option(min=1, help="Inference steps.")] = 30,
     guidance: Annotated[float, typer.Option(help="Guidance scale.")] = 7.0,

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from synthtrial.cli.common import RunDir, app, handles_errors, out
+from synthtrial.cli.common import Quiet, RunDir, Seed, app, handles_errors, out
 
 
 class ExportFormat(str, Enum):
@@ -28,14 +28,14 @@ def export_command(
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write (default: "
                                                     "RUN/exports/<format>).", show_default=False)] = None,
     folds: Annotated[int, typer.Option(min=2, help="Folds for the acne04 format (split by patient).")] = 5,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of the patient-to-fold assignment.")] = 0,
+    seed: Seed = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier export (the folder, or the COCO JSON file "
                                         "named by --out); a folder that is not an export is never replaced.")]
     = False,
     link: Annotated[bool, typer.Option("--link", help="imagefolder: hard-link the images instead of copying them "
                                        "(saves space, but editing an exported image then changes the run).")]
     = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Export a run's images and ground truth to a grader's training format.
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from synthtrial.cli.common import app, err, handles_errors, out
+from synthtrial.cli.common import Quiet, Seed, app, device_option, err, handles_errors, out
 from synthtrial.render.base import BACKENDS as BACKEND_SPECS
 
 
@@ -39,7 +39,7 @@ def generate_command(
                                                   "(e.g. ACNE04 level-0 images); default: the public-domain "
                                                   "portraits shipped with scikit-image and matplotlib.",
                                                   show_default=False)] = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seed: the same seed writes the same bytes.")] = 0,
+    seed: Seed = 0,
     size: Annotated[int, typer.Option(min=128, max=4096, help="Image side in pixels.")] = 512,
     workers: Annotated[int, typer.Option(min=1, help="Processes rendering in parallel (does not change the "
                                          "result).")] = 1,
@@ -56,8 +56,7 @@ def generate_command(
     strength: Annotated[Optional[float], _diffusion("Denoising strength (default 0.1 for img2img, 0.75 for "
                                                     "inpaint).")] = None,
     guidance: Annotated[Optional[float], _diffusion("Guidance scale (default 12).")] = None,
-    device: Annotated[Optional[str], _diffusion("Torch device (default: cuda if available). Under accelerate "
-                                                "launch each process takes its own GPU.")] = None,
+    device: device_option(" Under accelerate launch each process takes its own GPU.", _DIFFUSION_PANEL) = None,
     dtype: Annotated[Optional[str], _diffusion("float16 | bfloat16 | float32 (default: float16 on CUDA).")] = None,
     compile_unet: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (CUDA).",
                                                rich_help_panel=_DIFFUSION_PANEL)] = False,
@@ -70,7 +69,7 @@ def generate_command(
     reject: Annotated[bool, typer.Option("--reject", help="With --quality-filter: draw a rejected image again with "
                                          "the next seed (up to 3 attempts; render_attempt in the manifest).")]
     = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Render a protocol into a run directory: an image series per patient with exact lesion ground truth.
 

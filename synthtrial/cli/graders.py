@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich import box
 from rich.table import Table
 
-from synthtrial.cli.common import RunDir, app, graders_app, handles_errors, out
+from synthtrial.cli.common import BatchSize, Device, Quiet, RunDir, app, graders_app, handles_errors, out
 from synthtrial.util.progress import progress_bar
 
 
@@ -23,11 +22,9 @@ def grade_command(
     weights: Annotated[Optional[list[str]], typer.Option(help="Use other weights for a grader: NAME=FOLDER "
                                                          "(safetensors + config.json; repeatable).",
                                                          show_default=False)] = None,
-    device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if available, else cpu).",
-                                                  show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Images per batch (and per resumable "
-                                            "chunk).")] = 64,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    device: Device = None,
+    batch_size: BatchSize = 64,
+    quiet: Quiet = False,
 ) -> None:
     """Score every image of a run with the embedded graders: RUN/grades.parquet (one row per image: image, image_sha256, columns <grader>_<name>) and RUN/grades.json (which columns [bold]synthtrial analyze[/] takes as outcomes).
 

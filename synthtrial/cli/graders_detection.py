@@ -10,77 +10,68 @@ import typer
 from rich import box
 from rich.table import Table
 
-from synthtrial.cli.common import RunDir, graders_app, graders_eval_app, graders_train_app, handles_errors, out
+from synthtrial.cli.common import (BatchSize, Device, Epochs, EvalData, Force, Quiet, Restart, RunDir, Seed, Steps,
+                                   TrainData, TrainOut, Weights, graders_app, graders_eval_app, graders_train_app,
+                                   handles_errors, image_size_option, out)
+from synthtrial.graders.base import MAX_IMAGE_SIDE, MAX_INPUT_SIZE
 from synthtrial.util.progress import progress_bar
-
-Device = Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if available, else cpu).",
-                                               show_default=False)]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-Seed = Annotated[int, typer.Option(min=0, help="Seed: the same seed and data write the same bytes.")]
-Runs = Annotated[Optional[list[Path]], typer.Argument(help="Run directories to train on (synthtrial generate).",
-                                                      show_default=False)]
 
 #: Figures of the papers, printed beside ours.
 PAPER_DETECTOR = {"rpn": "AP .481 (Mask R-CNN, AcneSCU)", "sadh": "AP .497 (+ SADH)",
                   "sadh_nwd": "AP .507 (+ SADH + NWD)"}
 PAPER_DERMX = "characteristic F1 .77-.79, localisation F1 .35-.39 (DermX / DermX+, Jalaboi et al.)"
+Head = Annotated[str, typer.Option(help="RPN head: rpn (torchvision's), sadh (Spatial Aware Double Head) or "
+                                   "sadh_nwd (SADH + NWD branch).")]
+MetricsOut = Annotated[Optional[Path], typer.Option("--out", help="Write the metrics as JSON.", show_default=False)]
 
 
 def _fmt(value: float) -> str:
     return "-" if value != value else f"{value:.3f}"
 
 
-def _weights(name: str, weights: Optional[Path]) -> Path:
-    from synthtrial.graders.base import DEFAULT_WEIGHTS_DIR, WEIGHTS_FILE, GraderError
-
-    folder = weights if weights is not None else DEFAULT_WEIGHTS_DIR / name
-    if weights is None and not (folder / WEIGHTS_FILE).is_file():
-        raise GraderError(f"grader '{name}' has no default weights in {folder}; train them with "
-                          f"`synthtrial graders train {name}` and pass --weights")
-    return folder
-
-
 @graders_train_app.command("detector")
 @handles_errors
 def train_detector_command(
-    runs: Runs = None,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for model.safetensors + config.json "
-                                          "(checkpoints in OUT/checkpoint; re-run to resume).")] = ...,
-    acne04: Annotated[Optional[Path], typer.Option(help="Train on ACNE04's VOC boxes instead of runs "
-                                                   "(one class, 'lesion').", show_default=False)] = None,
-    head: Annotated[str, typer.Option(help="RPN head: rpn (torchvision's), sadh (Spatial Aware Double Head) or "
-                                      "sadh_nwd (SADH + NWD branch).")] = "sadh_nwd",
-    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 600,
-    batch: Annotated[int, typer.Option(min=1, help="Masked crops per step.")] = 2,
-    image_side: Annotated[int, typer.Option(min=64, help="Longer image side the detector works at.")] = 512,
-    tile: Annotated[int, typer.Option(min=64, help="Side of the training crops.")] = 256,
+    data: TrainData,
+    out_dir: TrainOut,
+    head: Head = "sadh_nwd",
+    steps: Steps = 600,
+    batch_size: BatchSize = 2,
+    image_side: Annotated[int, typer.Option(min=64, max=MAX_IMAGE_SIDE, help="Longer image side the detector works at "
+                                            "(every image is resized to it).")] = 512,
+    tile: Annotated[int, typer.Option(min=64, max=2048, help="Side of the training crops.")] = 256,
     seed: Seed = 0,
     device: Device = None,
+    restart: Restart = False,
+    force: Force = False,
     quiet: Quiet = False,
 ) -> None:
     """Train the two-stage lesion detector (Faster R-CNN + FPN, SADH + NWD RPN head) from scratch.
+
+    --data takes run directories (six lesion classes) or one ACNE04 copy (its VOC boxes, one class 'lesion').
 
     Example (the shipped weights, ~55 min on 2 busy CPU cores):
 
       synthtrial generate protocols/graders_train.csv --out runs/gtrain --seed 1 --size 512
 
-      synthtrial graders train detector runs/gtrain --out graders/weights/detector
+      synthtrial graders train detector --data runs/gtrain --out graders/weights/detector
 
-    On ACNE04 (one class, 'lesion'): synthtrial graders train detector --acne04 ACNE04/ --image-side 1024 --out det
+    On ACNE04: synthtrial graders train detector --data ACNE04/ --image-side 1024 --out det
     """
-    from synthtrial.graders.base import GraderError
+    from synthtrial.graders.base import GraderError, check_weights_out
     from synthtrial.graders.detector import HEADS
-    from synthtrial.graders.detector_train import load_acne04_data, load_run_data, train_detector
+    from synthtrial.graders.detector_train import load_detection_data, train_detector
+    from synthtrial.util.device import resolve_device
 
     if head not in HEADS:
         raise GraderError(f"--head '{head}' must be one of {', '.join(HEADS)}")
-    if bool(runs) == (acne04 is not None):
-        raise GraderError("give run directories or --acne04 DIR (not both, not neither)")
-    data = load_acne04_data(acne04, image_side) if acne04 is not None else load_run_data(runs, image_side)
-    sources = [str(acne04)] if acne04 is not None else [str(r) for r in runs]
+    check_weights_out(out_dir, "detector", force)
+    resolve_device(device)
+    detection = load_detection_data(data, image_side)
     with progress_bar("training detector", steps, unit="steps", enabled=not quiet) as update:
-        detector = train_detector(data, out_dir, head=head, steps=steps, batch=batch, seed=seed,
-                                  image_side=image_side, tile=tile, device=device, sources=sources, progress=update)
+        detector = train_detector(detection, out_dir, head=head, steps=steps, batch_size=batch_size, seed=seed,
+                                  image_side=image_side, tile=tile, device=device, sources=[str(d) for d in data],
+                                  restart=restart, force=force, progress=update)
     out.print(f"[green]wrote[/green] {out_dir} (count threshold {detector.config.count_threshold:.2f}, "
               f"NWD constant {detector.config.nwd_constant:.2f} px)")
 
@@ -88,36 +79,41 @@ def train_detector_command(
 @graders_train_app.command("dermx")
 @handles_errors
 def train_dermx_command(
-    runs: Runs = None,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for model.safetensors + config.json "
-                                          "(checkpoints in OUT/checkpoint; re-run to resume).")] = ...,
+    data: TrainData,
+    out_dir: TrainOut,
     guided: Annotated[bool, typer.Option("--guided/--no-guided", help="DermX+: Dice between each characteristic's "
                                          "Grad-CAM and its lesion mask (lambda_A = 10).")] = False,
-    epochs: Annotated[int, typer.Option(min=1, help="Passes over the images.")] = 10,
-    batch: Annotated[int, typer.Option(min=1, help="Images per step.")] = 8,
-    input_side: Annotated[int, typer.Option(min=64, help="Network input side (multiple of 16).")] = 256,
+    epochs: Epochs = 10,
+    batch_size: BatchSize = 8,
+    image_size: image_size_option(64, MAX_INPUT_SIZE, "Network input side in pixels (a multiple of 16)") = 256,
     seed: Seed = 0,
     device: Device = None,
+    restart: Restart = False,
+    force: Force = False,
     quiet: Quiet = False,
 ) -> None:
     """Train DermX (severity + lesion characteristics with Grad-CAM explanations) from scratch on runs.
 
     Example (the shipped weights, ~19 min on 2 busy CPU cores):
 
-      synthtrial graders train dermx runs/gtrain --guided --out graders/weights/dermx
+      synthtrial graders train dermx --data runs/gtrain --guided --out graders/weights/dermx
     """
     import math
 
-    from synthtrial.graders.base import GraderError
+    from synthtrial.graders.base import check_weights_out
+    from synthtrial.graders.dermx import DermXConfig
     from synthtrial.graders.dermx_train import load_dermx_data, train_dermx
+    from synthtrial.util.device import resolve_device
 
-    if not runs:
-        raise GraderError("give at least one run directory to train on")
-    data = load_dermx_data(runs, input_side)
-    total = epochs * math.ceil(len(data.images) / batch)
+    DermXConfig(image_size=image_size, guided=guided)      # refuse a bad size before reading any image
+    check_weights_out(out_dir, "dermx", force)
+    resolve_device(device)
+    dataset = load_dermx_data(data, image_size)
+    total = epochs * math.ceil(len(dataset.images) / batch_size)
     with progress_bar("training dermx", total, unit="steps", enabled=not quiet) as update:
-        train_dermx(data, out_dir, guided=guided, epochs=epochs, batch=batch, seed=seed, input_side=input_side,
-                    device=device, sources=[str(r) for r in runs], progress=update)
+        train_dermx(dataset, out_dir, guided=guided, epochs=epochs, batch_size=batch_size, seed=seed,
+                    image_size=image_size, device=device, sources=[str(d) for d in data], restart=restart,
+                    force=force, progress=update)
     out.print(f"[green]wrote[/green] {out_dir}")
 
 
@@ -136,26 +132,24 @@ DETECTOR_COLUMNS = ["AP", "AP50", "AP_small", "AR", "count_MAE", "count_RMSE", "
 @graders_eval_app.command("detector")
 @handles_errors
 def eval_detector_command(
-    run: RunDir,
-    weights: Annotated[Optional[Path], typer.Option(help="Weights folder (default: the shipped weights).",
-                                                    show_default=False)] = None,
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="Write the metrics as JSON.",
-                                                     show_default=False)] = None,
+    data: EvalData,
+    weights: Weights = None,
+    out_file: MetricsOut = None,
     detections: Annotated[Optional[Path], typer.Option(help="Write the detections as COCO results JSON.",
                                                        show_default=False)] = None,
     device: Device = None,
     quiet: Quiet = False,
 ) -> None:
     """COCO AP, AP50, AP_small, AR (pycocotools), counting MAE / RMSE and Hayashi-level accuracy on a run."""
-    from synthtrial.graders.detector import LesionDetector
+    from synthtrial.graders.base import get_grader
     from synthtrial.graders.detector_train import evaluate_detector, write_metrics
     from synthtrial.util.atomic import write_text_atomic
 
-    detector = LesionDetector.load(_weights("detector", weights), device=device)
+    detector = get_grader("detector", weights, device=device)
     with progress_bar("evaluating detector", 1, unit="images", enabled=not quiet) as update:
-        metrics, results = evaluate_detector(detector, run, progress=update)
+        metrics, results = evaluate_detector(detector, data, progress=update)
     row = {"variant": detector.config.head, **metrics}
-    out.print(_metric_table(f"detector on {run}", [row], ["variant", *DETECTOR_COLUMNS]))
+    out.print(_metric_table(f"detector on {data}", [row], ["variant", *DETECTOR_COLUMNS]))
     if out_file is not None:
         write_metrics(out_file, metrics)
     if detections is not None:
@@ -165,25 +159,23 @@ def eval_detector_command(
 @graders_eval_app.command("dermx")
 @handles_errors
 def eval_dermx_command(
-    run: RunDir,
-    weights: Annotated[Optional[Path], typer.Option(help="Weights folder (default: the shipped weights).",
-                                                    show_default=False)] = None,
+    data: EvalData,
+    weights: Weights = None,
     plausibility: Annotated[bool, typer.Option("--plausibility/--no-plausibility",
                                                help="Also score the Grad-CAM maps against the exact masks.")] = True,
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="Write the metrics as JSON.",
-                                                     show_default=False)] = None,
+    out_file: MetricsOut = None,
     device: Device = None,
     quiet: Quiet = False,
 ) -> None:
     """Characteristic F1, level accuracy, severity MAE and explanation plausibility (fuzzy F1) on a run."""
-    from synthtrial.graders.dermx import DermX
+    from synthtrial.graders.base import get_grader
     from synthtrial.graders.dermx_train import evaluate_dermx
     from synthtrial.graders.detector_train import write_metrics
 
-    dermx = DermX.load(_weights("dermx", weights), device=device)
+    dermx = get_grader("dermx", weights, device=device)
     with progress_bar("evaluating dermx", 1, unit="images", enabled=not quiet) as update:
-        metrics = evaluate_dermx(dermx, run, plausibility=plausibility, progress=update)
-    table = Table(title=f"DermX{'+' if dermx.config.guided else ''} on {run}", box=box.SIMPLE_HEAD, pad_edge=False)
+        metrics = evaluate_dermx(dermx, data, plausibility=plausibility, progress=update)
+    table = Table(title=f"DermX{'+' if dermx.config.guided else ''} on {data}", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("metric"), table.add_column("value", justify="right")
     for key, value in metrics.items():
         table.add_row(key, _fmt(value))
@@ -196,28 +188,30 @@ def eval_dermx_command(
 @graders_app.command("ablation")
 @handles_errors
 def ablation_command(
-    run_train: Annotated[Path, typer.Argument(help="Run to train the three variants on.", show_default=False)],
-    run_test: Annotated[Path, typer.Argument(help="Held-out run to evaluate them on (other seed, other portrait).",
-                                             show_default=False)],
+    data: Annotated[Path, typer.Option("--data", help="Run to train the three variants on.", show_default=False)],
+    test_data: Annotated[Path, typer.Option("--test-data", help="Held-out run to evaluate them on (other seed, "
+                                            "other portrait).", show_default=False)],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the variants (OUT/<head>/, resumable) "
                                           "and OUT/ablation.csv.")] = Path("runs/ablation"),
-    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps per variant.")] = 600,
-    batch: Annotated[int, typer.Option(min=1, help="Masked crops per step.")] = 2,
+    steps: Steps = 600,
+    batch_size: BatchSize = 2,
     seed: Seed = 0,
     device: Device = None,
+    restart: Restart = False,
     quiet: Quiet = False,
 ) -> None:
     """The paper's RPN ablation on one split: plain RPN vs SADH vs SADH + NWD, same data, same seed.
 
-    Variants already trained in OUT/<head>/ with the same settings are evaluated, not retrained.
+    Variants already trained in OUT/<head>/ with the same settings are evaluated, not retrained (--restart
+    trains them again).
     """
     from synthtrial.graders.detector_train import run_ablation
 
     with progress_bar("ablation", steps, unit="steps", enabled=not quiet) as update:
-        table = run_ablation([run_train], run_test, out_dir, steps=steps, batch=batch, seed=seed, device=device,
-                             progress=lambda head, step, total, status: update(step, f"{head} {status}"))
+        table = run_ablation([data], test_data, out_dir, steps=steps, batch_size=batch_size, seed=seed, device=device,
+                             restart=restart, progress=lambda head, step, total, status: update(step, f"{head} {status}"))
     rows = [{**r, "paper": PAPER_DETECTOR[r["head"]]} for r in table.to_dict("records")]
-    out.print(_metric_table(f"RPN ablation: train {run_train}, test {run_test}", rows,
+    out.print(_metric_table(f"RPN ablation: train {data}, test {test_data}", rows,
                             ["variant", *DETECTOR_COLUMNS, "paper"]))
     out.print(f"[green]wrote[/green] {out_dir / 'ablation.csv'}")
 
@@ -228,23 +222,23 @@ def explain_command(
     run: RunDir,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG overlays "
                                           "(<patient>/<image stem>_<characteristic>.png).")] = ...,
-    weights: Annotated[Optional[Path], typer.Option(help="DermX weights folder (default: the shipped weights).",
-                                                    show_default=False)] = None,
+    weights: Weights = None,
     threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Draw the map of each characteristic whose "
                                              "probability reaches this.")] = 0.5,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N images.", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, max=10_000_000, help="Only the first N images.",
+                                                 show_default=False)] = None,
     device: Device = None,
     quiet: Quiet = False,
 ) -> None:
     """DermX's Grad-CAM explanation maps as PNG overlays, one per image and characteristic found."""
     from PIL import Image
 
-    from synthtrial.graders.base import read_rgb
-    from synthtrial.graders.dermx import DermX, overlay
+    from synthtrial.graders.base import get_grader, read_rgb
+    from synthtrial.graders.dermx import overlay
     from synthtrial.run import rundir
     from synthtrial.util.atomic import write_bytes_atomic
 
-    dermx = DermX.load(_weights("dermx", weights), device=device)
+    dermx = get_grader("dermx", weights, device=device)
     manifest = rundir.read_manifest(run)
     images = list(manifest["image"])[:limit]
     written = 0

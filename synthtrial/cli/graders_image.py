@@ -10,12 +10,11 @@ import typer
 from rich import box
 from rich.table import Table
 
-from synthtrial.cli.common import graders_eval_app, graders_train_app, handles_errors, out
+from synthtrial.cli.common import (BatchSize, Device, Epochs, EvalData, Force, Quiet, Restart, Seed, TrainData, TrainOut,
+                                   Weights, graders_eval_app, graders_train_app, handles_errors, image_size_option, out)
+from synthtrial.graders.base import MAX_DEPTH, MAX_WIDTH
 from synthtrial.util.progress import progress_bar
 
-_DATA_HELP = ("A run directory (labels from its manifest) or an ACNE04 copy (labels from its label files; "
-              "repeatable).")
-Data = Annotated[list[Path], typer.Option("--data", help=_DATA_HELP, show_default=False)]
 Extra = Annotated[Optional[list[Path]], typer.Option(help="Generated run(s) mixed into the training part only "
                                                      "(synthetic augmentation of a real training set).",
                                                      show_default=False)]
@@ -23,16 +22,13 @@ Identity = Annotated[Optional[list[str]], typer.Option("--identity", help="Keep 
                                                        "face was made from this base portrait (astronaut, hopper, "
                                                        "a --faces key; repeatable): train on one, evaluate on "
                                                        "another for a held-out-identity test.", show_default=False)]
-Device = Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if available, else cpu).",
-                                               show_default=False)]
-Seed = Annotated[int, typer.Option(min=0, help="Seed of the split, initialisation, shuffling and augmentation.")]
-Restart = Annotated[bool, typer.Option("--restart", help="Ignore a checkpoint in OUT/checkpoint and start over "
-                                       "(by default an interrupted training resumes from it).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 WeightsDtype = Annotated[str, typer.Option(help="Storage dtype of the saved weights: float32 or float16 (half "
                                            "the size; loaded as float32).")]
-Weights = Annotated[Optional[Path], typer.Option(help="Weights folder (model.safetensors + config.json); default: "
-                                                 "the shipped weights.", show_default=False)]
+EvalOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the confusion-matrix PNG and the "
+                                                 "metrics JSON (default: DATA/eval).", show_default=False)]
+LearningRate = Annotated[float, typer.Option("--lr", min=0.0, max=10.0, help="Adam learning rate at the start "
+                                             "(cosine decay).")]
+FinalRate = Annotated[float, typer.Option(min=0.0, max=10.0, help="Learning rate at the end.")]
 
 
 class _Stages:
@@ -92,24 +88,24 @@ def _eval_folder(data: Path, out_dir: Optional[Path]) -> Path:
 @graders_train_app.command("iga")
 @handles_errors
 def train_iga(
-    data: Data,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for model.safetensors + config.json "
-                                          "(and checkpoint/).")],
+    data: TrainData,
+    out_dir: TrainOut,
     extra: Extra = None,
     identity: Identity = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training images (the paper: 1,000).")] = 30,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per step (the paper: 12).")] = 16,
-    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate at the start (cosine decay).")] = 3e-3,
-    lr_final: Annotated[float, typer.Option(min=0.0, help="Learning rate at the end.")] = 3e-4,
+    epochs: Epochs = 30,
+    batch_size: BatchSize = 16,
+    lr: LearningRate = 3e-3,
+    lr_final: FinalRate = 3e-4,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Patients held out for validation "
                                                 "(grouped by patient, stratified by the 3-class view; 0: none).")]
     = 0.2,
     backbone: Annotated[str, typer.Option(help="cifar-resnet (He et al.'s CIFAR ResNet, the paper's), or "
                                           "timm:<model> (e.g. timm:resnet18).")] = "cifar-resnet",
-    depth: Annotated[int, typer.Option(help="CIFAR ResNet depth 6n+2 (the paper: 110, 1.7 M parameters).")] = 8,
-    width: Annotated[int, typer.Option(min=1, help="CIFAR ResNet channels of the first stage (doubled twice; "
-                                       "He et al.: 16).")] = 8,
-    image_size: Annotated[int, typer.Option(min=16, max=1024, help="Face crop side (the paper: 224).")] = 128,
+    depth: Annotated[int, typer.Option(min=8, max=MAX_DEPTH, help="CIFAR ResNet depth 6n+2 (the paper: 110, "
+                                       "1.7 M parameters).")] = 8,
+    width: Annotated[int, typer.Option(min=1, max=MAX_WIDTH, help="CIFAR ResNet channels of the first stage "
+                                       "(doubled twice; He et al.: 16).")] = 8,
+    image_size: image_size_option(16, 1024, "Face crop side in pixels, the network's input (the paper: 224)") = 128,
     crop_margin: Annotated[float, typer.Option(min=0.0, max=1.0, help="Face box widened by this fraction on "
                                                "every side before cropping.")] = 0.1,
     stem_stride: Annotated[int, typer.Option(min=1, max=2, help="2 halves the input in the first convolution "
@@ -124,6 +120,7 @@ def train_iga(
     seed: Seed = 0,
     device: Device = None,
     restart: Restart = False,
+    force: Force = False,
     quiet: Quiet = False,
 ) -> None:
     """Train the IGA severity grader (QuantifiCare recipe) and save it to OUT.
@@ -145,7 +142,7 @@ def train_iga(
     stages = _Stages(not quiet)
     try:
         grader = iga.train(data, out_dir, extra=extra or (), identities=identity, config=config, settings=settings,
-                           device=device, backbone_weights=backbone_weights, restart=restart,
+                           device=device, backbone_weights=backbone_weights, restart=restart, force=force,
                            weights_dtype=weights_dtype, progress=stages)
     finally:
         stages.close()
@@ -158,13 +155,10 @@ def train_iga(
 @graders_eval_app.command("iga")
 @handles_errors
 def eval_iga(
-    data: Annotated[Path, typer.Option("--data", help="A run directory (or an ACNE04 copy) to evaluate on.",
-                                       show_default=False)],
+    data: EvalData,
     weights: Weights = None,
     identity: Identity = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the confusion-matrix PNG and "
-                                                    "the metrics JSON (default: DATA/eval).",
-                                                    show_default=False)] = None,
+    out_dir: EvalOut = None,
     device: Device = None,
     quiet: Quiet = False,
 ) -> None:
@@ -200,26 +194,26 @@ def eval_iga(
 @graders_train_app.command("imageqx")
 @handles_errors
 def train_imageqx(
-    data: Data,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for model.safetensors + config.json "
-                                          "(and checkpoint/).")],
+    data: TrainData,
+    out_dir: TrainOut,
     extra: Extra = None,
     identity: Identity = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Passes; each draws new degradations of every image.")] = 12,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 32,
-    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate at the start (cosine decay).")] = 2e-3,
-    lr_final: Annotated[float, typer.Option(min=0.0, help="Learning rate at the end.")] = 1e-4,
+    epochs: Epochs = 12,
+    batch_size: BatchSize = 32,
+    lr: LearningRate = 2e-3,
+    lr_final: FinalRate = 1e-4,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Patients held out for validation "
                                                 "(0: none).")] = 0.2,
     backbone: Annotated[str, typer.Option(help="timm model name (the paper: efficientnet_b0).")] =
     "efficientnet_b0",
-    image_size: Annotated[int, typer.Option(min=16, max=1024, help="Input side in pixels.")] = 96,
+    image_size: image_size_option(16, 1024) = 96,
     base_size: Annotated[int, typer.Option(min=32, max=2048, help="Side the clean images are brought to "
                                            "before they are degraded.")] = 256,
     weights_dtype: WeightsDtype = "float32",
     seed: Seed = 0,
     device: Device = None,
     restart: Restart = False,
+    force: Force = False,
     quiet: Quiet = False,
 ) -> None:
     """Train ImageQX (quality verdict + five explanations) on degradations of clean images, labels known by construction.
@@ -237,7 +231,8 @@ def train_imageqx(
     stages = _Stages(not quiet)
     try:
         grader = imageqx.train(data, out_dir, extra=extra or (), identities=identity, config=config,
-                               settings=settings, device=device, restart=restart, weights_dtype=weights_dtype,
+                               settings=settings, device=device, restart=restart, force=force,
+                               weights_dtype=weights_dtype,
                                progress=stages)
     finally:
         stages.close()
@@ -251,14 +246,11 @@ def train_imageqx(
 @graders_eval_app.command("imageqx")
 @handles_errors
 def eval_imageqx(
-    data: Annotated[Path, typer.Option("--data", help="A run directory (or image source) whose clean images are "
-                                       "degraded with known labels.", show_default=False)],
+    data: EvalData,
     weights: Weights = None,
     identity: Identity = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of the evaluation degradations.")] = 12345,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the confusion-matrix PNG and "
-                                                    "the metrics JSON (default: DATA/eval).",
-                                                    show_default=False)] = None,
+    seed: Seed = 12345,
+    out_dir: EvalOut = None,
     device: Device = None,
     quiet: Quiet = False,
 ) -> None:

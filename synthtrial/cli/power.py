@@ -12,7 +12,7 @@ from rich import box
 from rich.table import Table
 
 from synthtrial.graders.base import REGISTRY
-from synthtrial.cli.common import PresetName, app, handles_errors, out
+from synthtrial.cli.common import PresetName, Quiet, Seed, app, handles_errors, out
 from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.progress import progress_bar
 
@@ -124,7 +124,7 @@ def power_command(
                                                      rich_help_panel=_RUN)] = None,
     cache: Annotated[Optional[Path], typer.Option(help="Folder keeping every finished replicate; a re-run resumes "
                                                   "from it.", show_default=False, rich_help_panel=_RUN)] = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of the replicates.")] = 0,
+    seed: Seed = 0,
     out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Summary CSV (every estimate goes to "
                                                      "<stem>.estimates.csv beside it); a name without suffix gets "
                                                      ".csv; a .html name writes the report instead.",
@@ -149,7 +149,7 @@ def power_command(
                                                                "(repeatable; default: counter; the detector adds "
                                                                "~10 s per quick replicate).", show_default=False,
                                                                rich_help_panel=_RENDER)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Type I error, power, bias and CI coverage of every analysis over grids of simulated trials.
 

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from synthtrial.util.errors import SynthtrialError
-from synthtrial.cli.common import PresetName, handles_errors, out, protocol_app
+from synthtrial.cli.common import PresetName, Seed, handles_errors, out, protocol_app
 from synthtrial.trial.protocol import MAX_DAY, MAX_DAY_SPAN, MAX_ROWS
 from synthtrial.trial.simulate import (MAX_BLOCKS, MAX_PATIENTS, MAX_PERIOD_DAYS, MAX_SD, MAX_TREND_PER_DAY,
                                        MAX_WASHOUT_DAYS, PRESET_HELP)
@@ -107,7 +107,7 @@ def protocol_design(
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Protocol CSV to write; its truth goes to "
                                            "<stem>.truth.json beside it.", show_default=False)],
     preset: Annotated[PresetName, typer.Option(help=_PRESET_HELP)] = PresetName("anchor"),
-    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same bytes.")] = 0,
+    seed: Seed = 0,
     form: Annotated[Form, typer.Option(help="native, or anchor for the synthetic_acne_images layout.")] = Form.native,
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
     design: Annotated[Optional[DesignName], _schedule(

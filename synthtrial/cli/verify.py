@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from synthtrial.cli.common import RunDir, app, err, handles_errors, out
+from synthtrial.cli.common import Quiet, RunDir, app, err, handles_errors, out
 from synthtrial.util.progress import progress_bar
 
 
 @app.command("verify")
 @handles_errors
 def verify_command(run: RunDir,
-                   quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+                   quiet: Quiet = False) -> None:
     """Check a run: every image and mask against the manifest's sha256, no file missing, unlisted or outside the run, the contact sheets present, the manifest's lesion counts against lesions.parquet, config.json's settings, and the manifest's treatment, severity, date and block against protocol.csv (and its days against truth.json).
 
     Exit status 0 when all holds; 1 with one line per problem otherwise. Re-running the same [bold]synthtrial generate[/] command re-renders what is missing or damaged.

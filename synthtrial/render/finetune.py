@@ -21,39 +21,37 @@ Every sample (image order, flip, noise, timestep, VAE sample) is drawn from a st
 
 Output in ``out_dir``: ``pytorch_lora_weights.safetensors`` (diffusers format, loadable with
 ``pipe.load_lora_weights(out_dir)``), ``finetune_config.json``, ``training_log.json`` (per-step loss
-and lr) and ``checkpoint-{step}/`` every ``checkpointing_steps`` and at the last step, each holding
-``lora.safetensors`` (peft keys), ``optimizer.safetensors`` (optimizer tensors) and ``state.json``
-(step, config, optimizer scalars and param groups, LR-scheduler and grad-scaler state, the log so far).
-Nothing is pickled. Resuming restores the LoRA weights, the full optimizer state (Adam moments and
-step counts), the LR schedule and the fp16 grad scaler.
+and lr) and ``checkpoint/``, the shared training loop's (:mod:`synthtrial.util.training`), written every
+``checkpointing_steps`` and at the last step: the LoRA weights (peft keys), the optimizer, the LR
+schedule, the fp16 grad scaler and every RNG state. Nothing is pickled.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import re
-import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from synthtrial.util.atomic import write_text_atomic
 from synthtrial.util.errors import SynthtrialError, one_line
-from synthtrial.util.weights import check_model_folder, load_safetensors, resolve_model
 from synthtrial.util.seeding import derive_seed
+from synthtrial.util.training import CHECKPOINT_DIR, Plan, read_checkpoint, train_loop
+from synthtrial.util.weights import check_model_folder, resolve_model
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 CONFIG_FILE = "finetune_config.json"
 LOG_FILE = "training_log.json"
 TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 MAX_GRAD_NORM = 1.0
+#: Largest values of the size-like settings (a typo is refused before any memory or time is spent).
+LIMITS = {"resolution": 4096, "train_batch_size": 4096, "gradient_accumulation_steps": 1024,
+          "max_train_steps": 10_000_000, "rank": 1024, "checkpointing_steps": 10_000_000}
 #: Fields that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = frozenset({"max_train_steps", "checkpointing_steps", "gradient_checkpointing"})
 _LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 @dataclass(frozen=True)
@@ -107,6 +105,8 @@ def validate_config(config: FinetuneConfig) -> None:
     for name in ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "rank",
                  "checkpointing_steps"):
         positive_int(name)
+        if getattr(config, name) > LIMITS[name]:
+            raise bad(name, f"must be at most {LIMITS[name]:,}")
     if config.resolution % 8:
         raise bad("resolution", "must be a multiple of 8")
     if not isinstance(config.learning_rate, (int, float)) or not math.isfinite(config.learning_rate) \
@@ -222,100 +222,22 @@ def _sample_index(seed: int, index: int, n: int) -> int:
     return int(np.random.default_rng(derive_seed(seed, "finetune-order", epoch)).permutation(n)[pos])
 
 
-# ----------------------------------------------------------------------------------------- checkpoints
+# ------------------------------------------------------------------------------------------- record
 
-def _config_dict(config: FinetuneConfig) -> dict:
-    return asdict(config)
-
-
-def _config_diff(saved: dict, config: FinetuneConfig) -> list[str]:
-    now = _config_dict(config)
-    return [f.name for f in fields(FinetuneConfig)
-            if f.name not in RESUMABLE_CHANGES and saved.get(f.name) != now[f.name]]
-
-
-def _latest_checkpoint(out_dir: Path, max_steps: int) -> tuple[int, Path] | None:
-    found = []
-    if out_dir.is_dir():
-        for path in out_dir.iterdir():
-            m = _CHECKPOINT.fullmatch(path.name)
-            if m and (path / "state.json").is_file() and int(m.group(1)) <= max_steps:
-                found.append((int(m.group(1)), path))
-    return max(found) if found else None
-
-
-def _tensors_and_scalars(optimizer_state: dict) -> tuple[dict, dict]:
-    import torch
-
-    tensors, scalars = {}, {}
-    for index, state in optimizer_state["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
-            elif isinstance(value, (bool, int, float, str)) or value is None:
-                scalars[f"{index}.{key}"] = value
-            else:
-                raise TypeError(f"optimizer state {key} of type {type(value).__name__} cannot be saved without pickle")
-    return tensors, scalars
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (bool, int, float, str)) or obj is None:
-        return obj
-    if hasattr(obj, "item"):  # 0-d tensors / numpy scalars
-        return obj.item()
-    raise TypeError(f"cannot store {type(obj).__name__} as JSON")
-
-
-def _save_checkpoint(out_dir: Path, step: int, *, lora: dict, optimizer, lr_scheduler, scaler,
-                     config: FinetuneConfig, log: list[dict]) -> Path:
-    from safetensors.torch import save_file
-
-    final = out_dir / f"checkpoint-{step}"
-    tmp = out_dir / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
-    opt_state = optimizer.state_dict()
-    tensors, scalars = _tensors_and_scalars(opt_state)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    state = {
-        "step": step, "config": _config_dict(config), "log": log,
-        "optimizer": {"scalars": scalars, "param_groups": _jsonable(opt_state["param_groups"])},
-        "lr_scheduler": _jsonable({k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"}),
-        "scaler": None if scaler is None else _jsonable(scaler.state_dict()),
-    }
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
-
-
-def _load_optimizer_state(path: Path, state: dict) -> dict:
-    tensors = load_safetensors(path / "optimizer.safetensors")
-    per_param: dict[int, dict] = {}
-    for key, value in list(tensors.items()) + list(state["optimizer"]["scalars"].items()):
-        index, name = key.split(".", 1)
-        per_param.setdefault(int(index), {})[name] = value
-    groups = []
-    for group in state["optimizer"]["param_groups"]:
-        groups.append({k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in group.items()})
-    return {"state": per_param, "param_groups": groups}
+def resume_record(config: FinetuneConfig) -> dict:
+    """What a checkpoint must match to be resumed: the config, less the fields that may change."""
+    return {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
 
 
 # ----------------------------------------------------------------------------------------- training
 
-def finetune(data_dir: Path, out_dir: Path, config: FinetuneConfig, *,
+def finetune(data_dir: Path, out_dir: Path, config: FinetuneConfig, *, restart: bool = False,
              progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Train a LoRA on the ACNE04 images in ``data_dir``; return ``out_dir/pytorch_lora_weights.safetensors``.
 
-    Resumes from the latest ``checkpoint-{step}`` in ``out_dir`` (step <= ``max_train_steps``) when the
-    config matches it (only ``max_train_steps``, ``checkpointing_steps`` and ``gradient_checkpointing``
-    may change), else raises.
+    Resumes from ``out_dir/checkpoint`` (the shared training loop's, :mod:`synthtrial.util.training`) when
+    the config matches it (only ``max_train_steps``, ``checkpointing_steps`` and ``gradient_checkpointing``
+    may change), else raises; ``restart`` starts over.
     ``progress(step, max_train_steps, status)`` is called after every optimizer step (status: the loss).
     """
     validate_config(config)
@@ -323,19 +245,8 @@ def finetune(data_dir: Path, out_dir: Path, config: FinetuneConfig, *,
     examples = training_examples(data_dir, config)
     index = _model_index(config.base)
     kind = _model_kind(config.base, index)
-
-    resume = _latest_checkpoint(out_dir, config.max_train_steps)
-    resume_state = None
-    if resume is not None:
-        try:
-            resume_state = json.loads((resume[1] / "state.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise SynthtrialError(f"{resume[1]}: unreadable checkpoint state ({exc})") from None
-        diff = _config_diff(resume_state.get("config", {}), config)
-        if diff:
-            raise SynthtrialError(
-                f"{resume[1]}: checkpoint was trained with a different config ({', '.join(diff)}); "
-                "use the same config to resume or another output folder")
+    if not restart:  # refuse another run's checkpoint before the base model is loaded
+        read_checkpoint(out_dir / CHECKPOINT_DIR, "lora", resume_record(config))
 
     import torch
     from accelerate import Accelerator
@@ -358,7 +269,7 @@ def finetune(data_dir: Path, out_dir: Path, config: FinetuneConfig, *,
     try:
         accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
                                   mixed_precision=mixed)
-        return _train(accelerator, examples, out_dir, config, kind, data_dir, resume, resume_state, progress)
+        return _train(accelerator, examples, out_dir, config, kind, data_dir, restart, progress)
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
@@ -444,37 +355,27 @@ def _load_frozen(accelerator, examples, config: FinetuneConfig, kind: str) -> _F
 
 @dataclass
 class _Trainable:
-    """The LoRA-wrapped UNet (prepared by accelerate), its parameters, optimizer and schedule, and where the
-    run stands (optimizer step, training log)."""
+    """The LoRA-wrapped UNet (prepared by accelerate), its parameters, optimizer, schedule and grad scaler."""
 
     unet: Any
     params: list
     optimizer: Any
     lr_scheduler: Any
     scaler: Any
-    step: int
-    log: list
 
 
-def _prepare_lora(accelerator, frozen: _Frozen, config: FinetuneConfig, resume, resume_state) -> _Trainable:
-    """Add the LoRA adapter to the UNet (restored from a checkpoint when resuming), build the optimizer and
-    learning-rate schedule, restore their states, and hand them to accelerate."""
+def _prepare_lora(accelerator, frozen: _Frozen, config: FinetuneConfig) -> _Trainable:
+    """Add the LoRA adapter to the UNet, build the optimizer and learning-rate schedule, and hand them to
+    accelerate (a checkpoint's states are put back by the training loop)."""
     import torch
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
-    from peft.utils import set_peft_model_state_dict
 
     unet = frozen.unet
     torch.manual_seed(config.seed)
     unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian",
                                 target_modules=TARGET_MODULES))
-    if resume_state is not None:
-        lora = load_safetensors(resume[1] / "lora.safetensors")
-        result = set_peft_model_state_dict(unet, lora, adapter_name="default")
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise SynthtrialError(f"{resume[1]}: LoRA weights do not fit the base model {config.base}")
     cast_training_params(unet, dtype=torch.float32)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -488,17 +389,8 @@ def _prepare_lora(accelerator, frozen: _Frozen, config: FinetuneConfig, resume, 
     optimizer = optimizer_cls(params, lr=config.learning_rate, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=0,
                                  num_training_steps=config.max_train_steps)
-    step, log = 0, []
-    if resume_state is not None:
-        step, log = int(resume_state["step"]), [e for e in resume_state.get("log", []) if e["step"] <= resume[0]]
-        optimizer.load_state_dict(_load_optimizer_state(resume[1], resume_state))
-        lr_scheduler.load_state_dict(dict(resume_state["lr_scheduler"],
-                                          lr_lambdas=[None] * len(optimizer.param_groups)))
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    scaler = getattr(accelerator, "scaler", None)
-    if resume_state is not None and scaler is not None and resume_state.get("scaler"):
-        scaler.load_state_dict(resume_state["scaler"])
-    return _Trainable(unet, params, optimizer, lr_scheduler, scaler, step, log)
+    return _Trainable(unet, params, optimizer, lr_scheduler, getattr(accelerator, "scaler", None))
 
 
 def _micro_step(accelerator, frozen: _Frozen, train: _Trainable, examples, config: FinetuneConfig,
@@ -557,52 +449,44 @@ def _micro_step(accelerator, frozen: _Frozen, train: _Trainable, examples, confi
 
 
 def _train(accelerator, examples, out_dir: Path, config: FinetuneConfig, kind: str, data_dir: Path,
-           resume, resume_state, progress) -> Path:
-    """Load, prepare the LoRA, then step until ``max_train_steps``, checkpointing as configured."""
+           restart: bool, progress) -> Path:
+    """Load, prepare the LoRA, then run the shared training loop (one step: ``gradient_accumulation_steps``
+    micro-batches) until ``max_train_steps``, checkpointing as configured."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     frozen = _load_frozen(accelerator, examples, config, kind)
-    train = _prepare_lora(accelerator, frozen, config, resume, resume_state)
+    train = _prepare_lora(accelerator, frozen, config)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / CONFIG_FILE, json.dumps({
-        "config": _config_dict(config), "data_dir": str(data_dir.resolve()), "model_type": kind,
+        "config": asdict(config), "data_dir": str(data_dir.resolve()), "model_type": kind,
         "num_images": len(examples), "prompts": {str(lvl): p for _, lvl, p in sorted(examples, key=lambda e: e[1])},
         "target_modules": TARGET_MODULES, "max_grad_norm": MAX_GRAD_NORM}, indent=1) + "\n")
 
     def lora_state() -> dict:
         return get_peft_model_state_dict(accelerator.unwrap_model(train.unet))
 
-    def write_log() -> None:
-        write_text_atomic(out_dir / LOG_FILE, json.dumps({
-            "model_type": kind, "resumed_from": None if resume is None else resume[0], "steps": train.log}) + "\n")
+    def set_lora(state) -> None:
+        result = set_peft_model_state_dict(accelerator.unwrap_model(train.unet), dict(state), adapter_name="default")
+        if getattr(result, "unexpected_keys", None):
+            raise SynthtrialError(f"{out_dir / CHECKPOINT_DIR}: LoRA weights do not fit the base model {config.base}")
 
-    micro = train.step * config.gradient_accumulation_steps
-    micro_losses: list[float] = []
+    def step(i: int) -> dict:
+        acc = config.gradient_accumulation_steps
+        losses = [_micro_step(accelerator, frozen, train, examples, config, i * acc + k) for k in range(acc)]
+        return {"loss": sum(losses) / len(losses), "lr": float(train.lr_scheduler.get_last_lr()[0])}
+
     train.unet.train()
-    while train.step < config.max_train_steps:
-        micro_losses.append(_micro_step(accelerator, frozen, train, examples, config, micro))
-        micro += 1
-        if not accelerator.sync_gradients:
-            continue
-        train.step += 1
-        step = train.step
-        mean_loss = sum(micro_losses) / len(micro_losses)
-        micro_losses = []
-        if not math.isfinite(mean_loss):
-            raise SynthtrialError(f"finetune: loss became {mean_loss} at step {step}; lower learning_rate or "
-                                  "use mixed_precision='no'/'bf16'")
-        train.log.append({"step": step, "loss": mean_loss, "lr": float(train.lr_scheduler.get_last_lr()[0])})
-        if progress is not None:
-            progress(step, config.max_train_steps, f"loss {mean_loss:.4f}")
-        if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
-            _save_checkpoint(out_dir, step, lora=lora_state(), optimizer=train.optimizer,
-                             lr_scheduler=train.lr_scheduler, scaler=train.scaler, config=config, log=train.log)
-            write_log()
-
-    write_log()
+    plan = Plan(config.max_train_steps, step, "lora", resume_record(config), save_every=config.checkpointing_steps,
+                stateful={"lr_scheduler": train.lr_scheduler, "scaler": train.scaler}, get_model=lora_state,
+                set_model=set_lora)
+    result = train_loop(train.unet, train.optimizer, plan, out_dir, restart=restart,
+                        progress=None if progress is None else
+                        lambda done, status: progress(done, config.max_train_steps, status))
+    write_text_atomic(out_dir / LOG_FILE, json.dumps({
+        "model_type": kind, "resumed_from": result["resumed_from"], "steps": result["history"]}) + "\n")
     layers = convert_state_dict_to_diffusers(lora_state())
     pipeline_cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
     pipeline_cls.save_lora_weights(str(out_dir), unet_lora_layers=layers, safe_serialization=True)
