@@ -17,6 +17,7 @@ from synthtrial.trial import scale
 from synthtrial.util.errors import SynthtrialError
 from synthtrial.run.generation import generate, image_stem
 from synthtrial.run.rundir import read_run
+from synthtrial.run.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("patient_id,day,date,block,treatment,severity,view\n"
@@ -328,15 +329,11 @@ def test_two_processes_on_one_new_run_do_not_mix(tmp_path):
     assert "another synthtrial process is writing" in refused or "other settings" in refused
     winner = (7, 8)[[code for code, _ in results].index(0)]
     assert json.loads((out / "config.json").read_text())["settings"]["seed"] == winner
-    from synthtrial.run.verify import verify
-
     assert verify(out) == []
 
 
 def test_verify_reports_the_grids_a_full_disk_left_out(tiny, tmp_path):
     """generate draws the contact sheets last; a run stopped there (a full disk) must not verify."""
-    from synthtrial.run.verify import verify
-
     out = generate(tiny, tmp_path / "run", size=128, progress=False)
     assert verify(out) == []
     (out / "grids" / "a1_views.jpg").unlink()
@@ -535,7 +532,7 @@ def test_full_disk_while_writing_grids_names_the_file_and_leaves_no_verifiable_r
         assert line.startswith(f"synthtrial: error: {run / 'grids' / 'a1.jpg'}: No space left on device"), line
         assert not (run / rundir.MANIFEST).exists()
         with pytest.raises(SynthtrialError):
-            rundir.verify(run)
+            verify(run)
         assert CliRunner().invoke(app, args).exit_code == 0
-        assert rundir.verify(run) == []
+        assert verify(run) == []
         assert files(run) == files(whole)
