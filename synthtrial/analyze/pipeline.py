@@ -44,7 +44,7 @@ from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.progress import progress_bar
 from synthtrial.run import rundir
 from synthtrial.run.rundir import read_run
-from synthtrial.analyze.stats import GRADER_OUTCOME_PREFIX
+from synthtrial.analyze.estimators import GRADER_OUTCOME_PREFIX
 
 #: Outcomes whose effects are on the latent severity scale, where the truth applies directly.
 TRUTH_SCALE_OUTCOMES = ("oracle", "lesion_severity")

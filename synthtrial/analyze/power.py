@@ -256,7 +256,7 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
         raise SynthtrialError(f"rendered must be a RenderedSettings or None, not {type(settings.rendered).__name__}")
     if settings.rendered is not None and settings.rendered.replicates > replicates:
         raise SynthtrialError(f"--rendered {settings.rendered.replicates} exceeds --replicates {replicates}")
-    from synthtrial.analyze.stats import METHODS
+    from synthtrial.analyze.estimators import METHODS
 
     bad = [m for m in settings.methods if m not in METHODS]
     if bad:

@@ -98,7 +98,7 @@ class RenderedSettings:
 
 def is_image_outcome(name: str) -> bool:
     """Whether an outcome column comes from rendered images (the autoencoder's or a grader's)."""
-    from synthtrial.analyze.stats import GRADER_OUTCOME_PREFIX
+    from synthtrial.analyze.estimators import GRADER_OUTCOME_PREFIX
 
     return name == AE_OUTCOME or name.startswith(GRADER_OUTCOME_PREFIX)
 
@@ -116,7 +116,7 @@ def grader_outcomes(name: str) -> tuple[str, ...]:
     outcomes = tuple(getattr(REGISTRY[name].cls(), "outcomes", ()))
     if not outcomes:
         raise SynthtrialError(f"--grader {name}: grades no trial outcome (it judges photo quality)")
-    from synthtrial.analyze.stats import GRADER_OUTCOME_PREFIX
+    from synthtrial.analyze.estimators import GRADER_OUTCOME_PREFIX
 
     return tuple(f"{GRADER_OUTCOME_PREFIX}{name}_{column}" for column in outcomes)
 

@@ -50,7 +50,7 @@ def short_outcome(name: str) -> str:
     """An outcome's label in the 80-column tables: ``grader_counter_severity`` -> ``ctr sev``."""
     if name in _SHORT_OUTCOME:
         return _SHORT_OUTCOME[name]
-    from synthtrial.analyze.stats import GRADER_OUTCOME_PREFIX
+    from synthtrial.analyze.estimators import GRADER_OUTCOME_PREFIX
 
     if name.startswith(GRADER_OUTCOME_PREFIX):
         grader, _, column = name.removeprefix(GRADER_OUTCOME_PREFIX).partition("_")
