@@ -8,9 +8,10 @@ a user runs:
 1. the simulated protocol and its truth are written to a temporary folder and rendered by
    :func:`synthtrial.run.generation.generate` (procedural backend, built-in faces, ``image_size`` pixels, one process);
 2. :func:`synthtrial.grade.grade_run` scores every image with each of ``graders`` (their shipped defaults);
-3. :func:`synthtrial.analyze.pipeline.autoencoder_outcome` trains the convolutional autoencoder on the trial's
-   images (``ae_image_size`` pixels, ``epochs``, the default pre-sigmoid embedding) and reduces each
-   patient's embeddings to the first principal component (``ae_pca``, in that patient's SD units);
+3. :func:`synthtrial.analyze.pipeline.run_outcomes` (through which ``synthtrial analyze`` reads a run's
+   outcomes) adds the graders' columns and trains the convolutional autoencoder on the trial's images
+   (``ae_image_size`` pixels, ``epochs``, the default pre-sigmoid embedding), reducing each patient's
+   embeddings to the first principal component (``ae_pca``, in that patient's SD units);
 4. :func:`synthtrial.analyze.pipeline.daily` averages the views of a day, as ``synthtrial analyze`` does.
 
 The outcome columns carry the names ``analyze`` gives them (``ae_pca``, ``grader_<grader>_<column>``). They
@@ -137,14 +138,16 @@ def render_trial(trial: SimulatedTrial, settings: RenderedSettings, seed: int) -
     """Render, grade and embed one simulated trial (``simulate_trial(...)``'s result); one row per patient-day.
 
     Columns: ``patient_id, day, treatment, block`` and :func:`rendered_outcome_names` (views averaged).
-    The temporary folder is removed afterwards, also on an error.
+    The stages are those a user runs: ``generate``, ``grade`` and ``analyze``'s
+    :func:`~synthtrial.analyze.pipeline.run_outcomes` and :func:`~synthtrial.analyze.pipeline.daily`. The
+    temporary folder is removed afterwards, also on an error.
     """
     import torch
 
+    from synthtrial.analyze.pipeline import ANALYSIS, AnalysisSettings, Timings, daily, run_outcomes
     from synthtrial.grade import grade_run
-    from synthtrial.analyze.pipeline import AnalysisSettings, Timings, autoencoder_outcome, daily, image_outcomes
-    from synthtrial.run.rundir import read_run
     from synthtrial.run.generation import generate
+    from synthtrial.run.rundir import read_run
 
     columns = list(rendered_outcome_names(settings))
     analysis = AnalysisSettings(epochs=settings.epochs, image_size=settings.ae_image_size,
@@ -159,12 +162,8 @@ def render_trial(trial: SimulatedTrial, settings: RenderedSettings, seed: int) -
             if settings.graders:
                 grade_run(run_dir, [_cpu_grader(name) for name in settings.graders])
             manifest, _ = read_run(run_dir)
-            outcomes = image_outcomes(run_dir, manifest)
-            analysis_dir = run_dir / "analysis"
-            analysis_dir.mkdir()
-            ae = autoencoder_outcome(run_dir, manifest, analysis, analysis_dir, Timings(), device="cpu",
-                                     progress=False)
-            outcomes = outcomes.merge(ae[["image", AE_OUTCOME]], on="image", how="left", validate="one_to_one")
+            outcomes = run_outcomes(run_dir, manifest, analysis, run_dir / ANALYSIS, Timings(), device="cpu",
+                                    progress=False)
     finally:
         torch.set_num_threads(threads)
     missing = [c for c in columns if c not in outcomes.columns]
