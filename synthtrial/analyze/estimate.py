@@ -15,14 +15,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from synthtrial.analyze.limits import ALPHA_RANGE, MAX_OUTCOME
 from synthtrial.util.errors import SynthtrialError
 
 #: The missing value of every estimate's fields.
 NAN = float("nan")
 _MAX_SHOWN = 12
-#: A significance level's range, one rule for every command and estimator: CIs are ``1 - alpha``, and a level
-#: of one half or more would call more than half of all null results significant.
-ALPHA_RANGE = (0.0, 0.5)
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,8 @@ def show_names(names: Collection[Any]) -> str:
 
 
 def check_alpha(alpha: Any, option: str = "alpha") -> float:
-    """``alpha`` as a float when it is a finite number in :data:`ALPHA_RANGE` (open); else a one-line error."""
+    """``alpha`` as a float when it is a finite number inside :data:`~synthtrial.analyze.limits.ALPHA_RANGE` (one
+    rule for every command and estimator); else a one-line error naming ``option``."""
     low, high = ALPHA_RANGE
     try:
         value = float(alpha)
@@ -80,6 +79,9 @@ def working_frame(frame: pd.DataFrame, outcome: str, reference: str, need: Seque
         raise SynthtrialError(f"outcome '{outcome}' is not numeric (dtype {values.dtype})")
     y = pd.to_numeric(values, errors="coerce").astype(float).to_numpy()
     keep = np.isfinite(y)
+    if np.any(np.abs(y[keep]) > MAX_OUTCOME):
+        raise SynthtrialError(f"outcome '{outcome}' holds values beyond {MAX_OUTCOME:g} in magnitude (up to "
+                              f"{float(np.abs(y[keep]).max()):g}): too large to analyse")
     columns = {"y": y[keep], "treatment": frame["treatment"].astype(str).to_numpy()[keep]}
     for col in need:
         columns[col] = frame[col].to_numpy()[keep]

@@ -71,8 +71,19 @@ class FitOptions:
     kinetics: nof1.Kinetics | None = None
 
 
+class Series:
+    """What every series says in its estimates' notes: how many rows it dropped for a missing outcome."""
+
+    dropped: int
+    options: FitOptions
+
+    @property
+    def note(self) -> str:
+        return dropped_note(self.dropped, self.options.outcome)
+
+
 @dataclass
-class PatientSeries:
+class PatientSeries(Series):
     """One patient's series: the rows with a value (excluded treatments left out) and every scheduled row."""
 
     patient: str
@@ -89,10 +100,6 @@ class PatientSeries:
     options: FitOptions
 
     @property
-    def note(self) -> str:
-        return dropped_note(self.dropped, self.options.outcome)
-
-    @property
     def n(self) -> int:
         return int(self.days.size)
 
@@ -106,7 +113,7 @@ class PatientSeries:
 
 
 @dataclass
-class PooledSeries:
+class PooledSeries(Series):
     """Every patient's rows with a value (column ``y``), and the arms any of them has."""
 
     frame: pd.DataFrame
@@ -114,10 +121,6 @@ class PooledSeries:
     exposure_columns: dict[str, str] | None
     dropped: int
     options: FitOptions
-
-    @property
-    def note(self) -> str:
-        return dropped_note(self.dropped, self.options.outcome)
 
     @property
     def n(self) -> int:

@@ -48,7 +48,10 @@ from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.progress import progress_bar
 from synthtrial.run import rundir
 from synthtrial.run.rundir import read_run
+from synthtrial.analyze.estimate import check_alpha
 from synthtrial.analyze.estimators import GRADER_OUTCOME_PREFIX
+from synthtrial.analyze.limits import (MAX_AE_IMAGE_SIZE, MAX_EPOCHS, MAX_PERMUTATIONS, MIN_AE_IMAGE_SIZE,
+                                      MIN_PERMUTATIONS)
 
 #: Outcomes whose effects are on the latent severity scale, where the truth applies directly.
 TRUTH_SCALE_OUTCOMES = ("oracle", "lesion_severity")
@@ -57,8 +60,6 @@ BASE_OUTCOMES = ("oracle", "lesion_severity", "lesion_count", "iga")
 #: with the autoencoder, pca.json, embeddings.parquet and the autoencoder's files).
 ANALYSIS, OUTCOMES, EFFECTS, REPORT, EMBEDDINGS = ("analysis", "outcomes.parquet", "effects.csv", "report.html",
                                                    "embeddings.parquet")
-#: Largest autoencoder input side (a 1024 px run already takes 12 MB per image as float32).
-MAX_IMAGE_SIZE = 1024
 EFFECT_COLUMNS = ("outcome", "method", "role", "scope", "arm", "reference", "estimate", "se", "ci_low", "ci_high",
                   "p", "n", "true_effect", "bias", "covered", "residual_sd", "std_estimate", "std_ci_low",
                   "std_ci_high", "std_true_effect", "share", "std_covered", "note")
@@ -83,15 +84,17 @@ class AnalysisSettings:
         self.validate()
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise SynthtrialError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.image_size < 16 or self.image_size > MAX_IMAGE_SIZE or self.image_size & (self.image_size - 1):
-            raise SynthtrialError(f"--image-size must be a power of two from 16 to {MAX_IMAGE_SIZE}, "
-                                  f"got {self.image_size}")
-        if self.n_permutations < 100:
-            raise SynthtrialError(f"--permutations must be >= 100, got {self.n_permutations}")
-        if not 0 < self.alpha < 0.5:
-            raise SynthtrialError(f"--alpha must lie in (0, 0.5), got {self.alpha}")
+        for name, option, low, high in (("epochs", "--epochs", 1, MAX_EPOCHS),
+                                        ("n_permutations", "--permutations", MIN_PERMUTATIONS, MAX_PERMUTATIONS)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+                raise SynthtrialError(f"{option} must be a whole number from {low} to {high}, got {value!r}")
+        size = self.image_size
+        if (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < MIN_AE_IMAGE_SIZE
+                or size > MAX_AE_IMAGE_SIZE or size & (size - 1)):
+            raise SynthtrialError(f"--image-size must be a power of two from {MIN_AE_IMAGE_SIZE} to "
+                                  f"{MAX_AE_IMAGE_SIZE}, got {size!r}")
+        check_alpha(self.alpha, "--alpha")
         if self.embedding not in ("logits", "sigmoid"):
             raise SynthtrialError(f"--embedding must be logits or sigmoid, got {self.embedding!r}")
 

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from synthtrial.analyze.limits import MAX_AE_IMAGE_SIZE, MAX_EPOCHS, MAX_RENDERED, MIN_AE_IMAGE_SIZE
 from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.seeding import derive_seed
 
@@ -73,20 +74,19 @@ class RenderedSettings:
     graders: tuple[str, ...] = ("counter",)
 
     def __post_init__(self) -> None:
-        def whole(name: str, option: str, minimum: int) -> int:
+        def whole(name: str, option: str, minimum: int, maximum: int) -> int:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
                 raise SynthtrialError(f"{option} must be a whole number >= {minimum}, got {value!r}")
+            if value > maximum:
+                raise SynthtrialError(f"{option} must be between {minimum} and {maximum}, got {value}")
             object.__setattr__(self, name, int(value))
             return int(value)
 
-        whole("replicates", "--rendered", 1)
-        size = whole("image_size", "--image-size", MIN_IMAGE_SIZE)
-        if size > MAX_IMAGE_SIZE:
-            raise SynthtrialError(f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, "
-                                  f"got {size}")
-        whole("epochs", "--ae-epochs", 1)
-        ae = whole("ae_image_size", "--ae-image-size", 16)
+        whole("replicates", "--rendered", 1, MAX_RENDERED)
+        size = whole("image_size", "--image-size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+        whole("epochs", "--ae-epochs", 1, MAX_EPOCHS)
+        ae = whole("ae_image_size", "--ae-image-size", MIN_AE_IMAGE_SIZE, MAX_AE_IMAGE_SIZE)
         if ae & (ae - 1) or ae > size:
             raise SynthtrialError(f"--ae-image-size must be a power of two from 16 to --image-size ({size}), got {ae}")
         graders = (self.graders,) if isinstance(self.graders, str) else tuple(self.graders)
