@@ -361,7 +361,10 @@ def staged_folder(folder: Path) -> Iterator[Path]:
             os.rename(old, folder)
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():  # the folder was a link: the link goes, not what it pointed to
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -28,6 +28,9 @@ _SHORT_COLUMN = {"count": "n", "severity": "sev", "expected_grade": "gr"}
 
 
 class PowerMethod(str, Enum):
+    """``--method`` choices: the estimator registry's names (synthtrial.analyze.estimators.METHODS, checked by a
+    test; listed here so that the command line starts without loading the statistics)."""
+
     period = "period"
     randomization = "randomization"
     gls_kinetics = "gls_kinetics"
