@@ -2,6 +2,7 @@
 
 import itertools
 import math
+from dataclasses import astuple
 
 import numpy as np
 import pandas as pd
@@ -42,16 +43,16 @@ def test_period_level_matches_ols_on_period_means_and_recovers_an_exact_effect()
     mids = np.arange(8) * 10.0 + 5
     means = 2.0 - 0.6 * (np.array(labels) == "T") - 0.003 * mids + rng.normal(0, 0.05, 8)
     table = pd.DataFrame({"treatment": labels, "mid": mids, "mean": means, "n": 10})
-    est, se, low, high, p, df, note = nof1.period_level(table, "R", ["T"], trend=True)["T"]
+    est, se, low, high, p, df, note = astuple(nof1.period_level(table, "R", ["T"], trend=True)["T"])
     x = np.column_stack([np.ones(8), np.array(labels) == "T", mids - mids.mean()]).astype(float)
     ols = sm.OLS(means, x).fit()
     assert est == pytest.approx(ols.params[1], abs=1e-12) and se == pytest.approx(ols.bse[1], rel=1e-10)
     assert p == pytest.approx(ols.pvalues[1], rel=1e-8) and df == 5 and "8 periods" in note
     assert low < -0.6 < high
     exact = table.assign(mean=2.0 - 0.6 * (np.array(labels) == "T") - 0.003 * mids)
-    assert nof1.period_level(exact, "R", ["T"])["T"][0] == pytest.approx(-0.6, abs=1e-12)
+    assert nof1.period_level(exact, "R", ["T"])["T"].estimate == pytest.approx(-0.6, abs=1e-12)
     few = table.iloc[:3]
-    assert "leave no df" in nof1.period_level(few, "R", ["T"])["T"][-1]
+    assert "leave no df" in nof1.period_level(few, "R", ["T"])["T"].note
 
 
 def test_design_orders_enumerate_each_randomisation_scheme():
@@ -72,7 +73,8 @@ def test_randomization_test_is_the_exact_enumeration():
     observed = ("A", "B", "B", "A", "A", "B")
     means = np.array([2.0, 1.1, 1.5, 2.2, 1.8, 1.4])
     table = pd.DataFrame({"treatment": observed, "mid": np.arange(6) * 4 + 2.5, "mean": means, "n": 4})
-    stat, p, note = nof1.randomization_test(table, "A", ["B"], orders, trend=False)["B"]
+    found = nof1.randomization_test(table, "A", ["B"], orders, trend=False)["B"]
+    stat, p, note = found.estimate, found.p, found.note
 
     def diff(order):
         order = np.array(order)
@@ -83,7 +85,7 @@ def test_randomization_test_is_the_exact_enumeration():
     assert p == pytest.approx(np.mean(np.abs(brute) >= abs(diff(observed)) - 1e-12))
     assert "exact over 8 orders" in note
     other = table.assign(treatment=["A", "A", "B", "B", "A", "B"])
-    assert math.isnan(nof1.randomization_test(other, "A", ["B"], orders)["B"][1])
+    assert math.isnan(nof1.randomization_test(other, "A", ["B"], orders)["B"].p)
 
 
 def _kinetic_series(effect=-0.8, trend=-0.002, half_life=(3.0, 4.0), phi=0.0, sd=0.0, seed=0):
@@ -105,17 +107,17 @@ def test_gls_kinetics_returns_the_delivered_effect_exactly_on_a_noise_free_serie
     days, treatments, y, delivered = _kinetic_series()
     found = nof1.gls_kinetics(days, treatments, y, "R", ["A", "C"], set(), kinetics=nof1.Kinetics(3.0, 4.0))
     for arm in ("A", "C"):
-        assert found[arm][0] == pytest.approx(delivered[arm], abs=1e-9)
+        assert found[arm].estimate == pytest.approx(delivered[arm], abs=1e-9)
     # unknown kinetics: the profile finds a half-life; a common 3-4 day half-life lies between grid points
     profiled = nof1.gls_kinetics(days, treatments, y, "R", ["A"], set())
-    assert "profile ML" in profiled["A"][-1] and profiled["A"][0] == pytest.approx(delivered["A"], abs=0.05)
+    assert "profile ML" in profiled["A"].note and profiled["A"].estimate == pytest.approx(delivered["A"], abs=0.05)
 
 
 def test_gls_kinetics_covers_and_finds_phi_where_the_step_model_does_not():
     days, treatments, y, delivered = _kinetic_series(phi=0.6, sd=0.1, seed=3)
     kin = nof1.gls_kinetics(days, treatments, y, "R", ["A"], set(), kinetics=nof1.Kinetics(3.0, 4.0))["A"]
-    assert kin[2] < delivered["A"] < kin[3]
-    phi = float(kin[-1].split("phi=")[1].split(" ")[0])
+    assert kin.ci_low < delivered["A"] < kin.ci_high
+    phi = float(kin.note.split("phi=")[1].split(" ")[0])
     assert 0.35 < phi < 0.8
 
 
@@ -124,7 +126,7 @@ def test_hac_equals_a_hand_computed_newey_west():
     days = np.arange(1, 41, dtype=float)
     treatments = np.where(((days - 1) // 5) % 2 == 1, "T", "R")
     y = 1.0 - 0.5 * (treatments == "T") + rng.normal(0, 0.3, 40)
-    est, se, low, high, p, df, note = nof1.hac(days, treatments, y, "R", ["T"], trend=True)["T"]
+    est, se, low, high, p, df, note = astuple(nof1.hac(days, treatments, y, "R", ["T"], trend=True)["T"])
     x = np.column_stack([np.ones(40), treatments == "T", days - days.mean()]).astype(float)
     beta = np.linalg.lstsq(x, y, rcond=None)[0]
     e = y - x @ beta

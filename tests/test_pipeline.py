@@ -1,6 +1,7 @@
 """`analyze`: outcomes per image, effects beside the truth, a report that renders, clear errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,17 +12,23 @@ from synthtrial.util.errors import SynthtrialError
 from synthtrial.run.generation import generate
 from synthtrial.run.rundir import read_run
 from synthtrial.trial.simulate import SeverityModel, TrialDesign, simulate_trial
+from test_hostile import invoke, one_line_exit_2
+
+
+def _rendered_abab(folder, *, n_patients, period_days, seed):
+    """An ABAB trial of 4 periods with a large effect, simulated and rendered at 128 px into ``folder/run``."""
+    design = TrialDesign(design="abab", arms=("Control", "Cream"), n_patients=n_patients, blocks=4,
+                         period_days=period_days)
+    model = SeverityModel(effects={"Cream": -1.0}, effect_sd=0.1, baseline_mean=2.2, baseline_sd=0.2,
+                          baseline_min=1.8, baseline_max=2.6, ar_phi=0.3, noise_sd=0.1)
+    protocol, _ = simulate_trial(design, model, seed=seed).write(folder / "abab.csv")
+    return generate(protocol, folder / "run", size=128, progress=False)
 
 
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory):
     """A small trial with a large effect: 4 patients x 24 days, ABAB in 6-day periods, rendered at 128 px."""
-    folder = tmp_path_factory.mktemp("analyze")
-    design = TrialDesign(design="abab", arms=("Control", "Cream"), n_patients=4, blocks=4, period_days=6)
-    model = SeverityModel(effects={"Cream": -1.0}, effect_sd=0.1, baseline_mean=2.2, baseline_sd=0.2,
-                          baseline_min=1.8, baseline_max=2.6, ar_phi=0.3, noise_sd=0.1)
-    protocol, _ = simulate_trial(design, model, seed=1).write(folder / "abab.csv")
-    run = generate(protocol, folder / "run", size=128, progress=False)
+    run = _rendered_abab(tmp_path_factory.mktemp("analyze"), n_patients=4, period_days=6, seed=1)
     settings = AnalysisSettings(epochs=2, image_size=32, n_permutations=200)
     analysis = analyze_run(run, settings, progress=False)
     return run, analysis
@@ -123,3 +130,107 @@ def test_incomplete_run_is_a_clear_error(tmp_path):
         with pytest.raises(SynthtrialError, match="--device"):
             analyze_run(tmp_path, AnalysisSettings(), device=device, progress=False)
     assert not (tmp_path / "analysis").exists()  # nothing written
+
+
+# ------------------------------------------------------------------------ hostile inputs (issue 19)
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    """A small run (2 patients x 8 days, ABAB in 2-day periods, 128 px) graded by the counter."""
+    from synthtrial.grade import grade_run
+    from synthtrial.graders.base import get_grader
+
+    run = _rendered_abab(tmp_path_factory.mktemp("graded"), n_patients=2, period_days=2, seed=2)
+    grade_run(run, [get_grader("counter", device="cpu")])
+    return run
+
+
+@pytest.fixture()
+def graded_copy(graded, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(graded, tmp_path / "run", ignore=shutil.ignore_patterns(".lock")))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+FAST_AE = ("--epochs", 1, "--image-size", 16, "--permutations", 100, "-q")
+
+
+def test_a_refused_analyze_leaves_the_previous_set_untouched(graded_copy):
+    run = graded_copy
+    assert invoke("analyze", run, *FAST_AE).exit_code == 0
+    before = _files(run / "analysis")
+    assert {"outcomes.parquet", "effects.csv", "report.html", "embeddings.parquet"} <= set(before)
+    grades = pd.read_parquet(run / "grades.parquet")
+    grades["counter_count"] = np.nan  # an all-NaN grade column: the analysis is refused
+    grades.to_parquet(run / "grades.parquet")
+    # other autoencoder settings: the refused attempt trains (and would keep) a new embedding first
+    result = invoke("analyze", run, "--epochs", 2, "--image-size", 16, "--permutations", 100, "-q")
+    one_line_exit_2(result, "grader_counter_count")
+    assert _files(run / "analysis") == before  # same files, same bytes: nothing of the refused attempt
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".analysis")) == []
+
+
+def test_a_truncated_embeddings_cache_is_recomputed(graded_copy):
+    run = graded_copy
+    settings = AnalysisSettings(epochs=1, image_size=16, n_permutations=100)
+    analysis = analyze_run(run, settings, progress=False)
+    whole = (analysis / "embeddings.parquet").read_bytes()
+    (analysis / "embeddings.parquet").write_bytes(whole[: len(whole) // 2])
+    analyze_run(run, settings, progress=False)
+    assert (analysis / "embeddings.parquet").read_bytes() == whole  # retrained, bit for bit on the CPU
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("image outcome", "'image' is the key column"),
+    ("duplicated outcome", "named twice"),
+    ("entry not an object", "must be a JSON object"),
+    ("outcomes not a list", "must be a list of column names"),
+    ("string column", "not numbers"),
+    ("huge grade", "is not a finite grade"),
+    ("infinite grade", "is not a finite grade"),
+])
+def test_hostile_grades_are_one_line_errors(graded_copy, damage, needle):
+    run = graded_copy
+    index = json.loads((run / "grades.json").read_text())
+    entry = index["graders"]["counter"]
+    grades = pd.read_parquet(run / "grades.parquet")
+    if damage == "image outcome":
+        entry["outcomes"] = ["image"]
+    elif damage == "duplicated outcome":
+        entry["outcomes"] = ["counter_count", "counter_count"]
+    elif damage == "entry not an object":
+        index["graders"]["counter"] = ["counter_count"]
+    elif damage == "outcomes not a list":
+        entry["outcomes"] = "counter_count"
+    elif damage == "string column":
+        grades["counter_count"] = grades["counter_count"].astype(str)
+    else:
+        grades.loc[3, "counter_severity"] = 1e308 if damage == "huge grade" else np.inf
+    (run / "grades.json").write_text(json.dumps(index))
+    grades.to_parquet(run / "grades.parquet")
+    one_line_exit_2(invoke("analyze", run, "--no-autoencoder", "--permutations", 100, "-q"), needle)
+    assert not (run / "analysis").exists()
+
+
+def test_size_limits_are_refused_before_any_work(graded_copy):
+    run = graded_copy
+    for args, needle in ((("--epochs", 10 ** 12), "--epochs"), (("--image-size", 4096), "--image-size"),
+                         (("--permutations", 10 ** 9), "--permutations"), (("--alpha", 0.9), "--alpha")):
+        one_line_exit_2(invoke("analyze", run, *args, "-q"), needle)
+    assert not (run / "analysis").exists()
+    with pytest.raises(SynthtrialError, match="--epochs must be a whole number from 1 to 1000"):
+        AnalysisSettings(epochs=10 ** 12)
+    assert "1<=x<=1000" in " ".join(invoke("analyze", "--help").stdout.split())  # the limit is stated
+
+
+def test_outcomes_too_large_to_analyse_are_refused():
+    from synthtrial.analyze.stats import analyze_outcome
+
+    frame = pd.DataFrame({"patient_id": "P1", "day": np.arange(8), "treatment": ["A", "B"] * 4,
+                          "y": [1e308, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0]})
+    with pytest.raises(SynthtrialError, match="outcome 'y' holds values beyond"):
+        analyze_outcome(frame, "y", "A", methods=("welch",))

@@ -112,3 +112,10 @@ def test_bad_settings_are_one_line_errors():
         power_study(SMALL, NOISY, 1, outcomes=("iga",))
     with pytest.raises(SynthtrialError, match="Dask scheduler"):
         power_study(SMALL, NOISY, 1, scheduler="tcp://127.0.0.1:9", methods=("welch",))
+
+
+def test_power_method_choices_are_the_registry():
+    from synthtrial.analyze.estimators import METHODS, REGISTRY
+    from synthtrial.cli.power import PowerMethod
+
+    assert [m.value for m in PowerMethod] == list(METHODS) == list(REGISTRY)

@@ -86,11 +86,11 @@ def test_the_cache_key_follows_the_render_settings():
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"replicates": 0}, "--rendered must be a whole number >= 1"),
-    ({"image_size": 64}, "--image-size must be a whole number >= 128"),
-    ({"image_size": 2048}, "--image-size must be between 128 and 1024"),
+    ({"image_size": 64}, "--size must be a whole number >= 128"),
+    ({"image_size": 2048}, "--size must be between 128 and 1024"),
     ({"epochs": 0}, "--ae-epochs"),
     ({"ae_image_size": 48}, "--ae-image-size must be a power of two"),
-    ({"ae_image_size": 256}, "--ae-image-size must be a power of two from 16 to --image-size"),
+    ({"ae_image_size": 256}, "--ae-image-size must be a power of two from 16 to --size"),
     ({"graders": ("magic",)}, "--grader: unknown grader 'magic'"),
     ({"graders": ("imageqx",)}, "--grader imageqx: grades no trial outcome"),
     ({"graders": ("counter", "counter")}, "--grader: a grader is named twice"),
@@ -126,7 +126,7 @@ def test_power_command_renders_and_prints_the_image_outcomes(tmp_path):
     assert "2 trials (1 rendered)" in result.stdout and "ctr sev = grader_counter_severity" in result.stdout
     report = (tmp_path / "power.html").read_text()
     assert "grader_counter_count" in report and "rendered.image_size" in report
-    for args, message in ((["--image-size", "256"], "--image-size needs --rendered"),
+    for args, message in ((["--size", "256"], "--size needs --rendered"),
                           (["--rendered", "1", "--grader", "imageqx"], "--grader imageqx"),
                           (["--rendered", "3"], "--rendered 3 exceeds --replicates 2")):
         result = runner.invoke(app, ["power", "--preset", "quick", "--replicates", "2", *args])

@@ -14,6 +14,9 @@ import statsmodels.api as sm
 from scipy import stats as sps
 from statsmodels.regression.mixed_linear_model import MixedLM
 
+from synthtrial.analyze import daylevel as D
+from synthtrial.analyze import estimators as E
+from synthtrial.analyze import mixed as M
 from synthtrial.analyze import stats as S
 from synthtrial.analyze.nof1 import Kinetics
 from synthtrial.util.errors import SynthtrialError
@@ -68,9 +71,9 @@ def test_gls_kinetics_is_descriptive_on_a_graders_outcome_only():
     frames = [pd.DataFrame({"patient_id": f"P{i}", "day": np.arange(1, 141), "treatment": schedule,
                             "oracle": 1.0 - 0.5 * (schedule == "T") + rng.normal(0, 0.1, 140)}) for i in range(3)]
     data = pd.concat(frames, ignore_index=True)
-    data[S.GRADER_OUTCOME_PREFIX + "counter_count"] = data["oracle"]
+    data[E.GRADER_OUTCOME_PREFIX + "counter_count"] = data["oracle"]
     kinetics = Kinetics(0.0, 0.0)
-    for outcome, role in (("oracle", "inferential"), (S.GRADER_OUTCOME_PREFIX + "counter_count", "descriptive")):
+    for outcome, role in (("oracle", "inferential"), (E.GRADER_OUTCOME_PREFIX + "counter_count", "descriptive")):
         rows = S.analyze_outcome(data, outcome, "R", methods=("gls_kinetics", "period", "lmm"), kinetics=kinetics)
         own = rows[rows["method"] == "gls_kinetics"]
         assert len(own) == 3 and (own["role"] == role).all(), outcome
@@ -82,10 +85,10 @@ def test_gls_kinetics_is_descriptive_on_a_graders_outcome_only():
 def test_known_effect_is_returned_exactly_by_every_method():
     data = _palindrome_trial()
     result = S.analyze_outcome(data, "severity", "R", n_permutations=500, kinetics=Kinetics(0.0, 0.0))
-    assert set(result["method"]) == set(S.METHODS)
+    assert set(result["method"]) == set(E.METHODS)
     assert len(result) == 7 * 4 + 2  # seven per-patient methods, two pooled variants
     short = result["method"] == "gls_kinetics"  # 40 days: too short for the AR(1) fit to be inferential
-    assert (result.loc[~short, "role"] == result.loc[~short, "method"].map(S.ROLES)).all()
+    assert (result.loc[~short, "role"] == result.loc[~short, "method"].map(E.ROLES)).all()
     assert (result.loc[short, "role"] == "descriptive").all() and result.loc[short, "note"].str.contains("too short").all()
     np.testing.assert_allclose(result["estimate"], 0.7, atol=1e-9)
     with_ci = result[result["method"] != "randomization"]  # a test without a design: estimate only
@@ -97,11 +100,11 @@ def test_known_effect_is_returned_exactly_by_every_method():
         welch = result[(result["method"] == "welch") & (result["scope"] == pid)].iloc[0]
         assert welch["p"] == pytest.approx(sps.ttest_ind(treated, reference, equal_var=False).pvalue, rel=1e-12)
     for trend in (False, True):
-        estimate = S.gls_ar1(data[data["patient_id"] == "P1"], "severity", "R", trend=trend)["T"]
+        estimate = D.gls_ar1(data[data["patient_id"] == "P1"], "severity", "R", trend=trend)["T"]
         assert estimate.estimate == pytest.approx(0.7, abs=1e-9)
         assert estimate.df == 40 - 2 - trend
     for random_slopes in (False, True):
-        estimate = S.mixed_model(data, "severity", "R", trend=False, random_slopes=random_slopes)["T"]
+        estimate = M.mixed_model(data, "severity", "R", trend=False, random_slopes=random_slopes)["T"]
         assert estimate.estimate == pytest.approx(0.7, abs=1e-9)
 
 
@@ -110,7 +113,7 @@ def test_known_effect_is_returned_exactly_by_every_method():
 def test_welch_matches_scipy_estimate_df_p_and_ci():
     rng = np.random.default_rng(3)
     treated, reference = rng.normal(1.0, 2.0, 9), rng.normal(0.0, 0.5, 23)
-    estimate = S.welch_t(treated, reference, alpha=0.1)
+    estimate = D.welch_t(treated, reference, alpha=0.1)
     expected = sps.ttest_ind(treated, reference, equal_var=False)
     ci = expected.confidence_interval(0.9)
     assert estimate.estimate == pytest.approx(treated.mean() - reference.mean(), rel=1e-12)
@@ -121,8 +124,8 @@ def test_welch_matches_scipy_estimate_df_p_and_ci():
 
 
 def test_welch_degenerate_groups_say_why():
-    assert math.isnan(S.welch_t(np.array([1.0]), np.array([0.0, 1.0])).se)
-    flat = S.welch_t(np.array([2.0, 2.0]), np.array([1.0, 1.0]))
+    assert math.isnan(D.welch_t(np.array([1.0]), np.array([0.0, 1.0])).se)
+    flat = D.welch_t(np.array([2.0, 2.0]), np.array([1.0, 1.0]))
     assert (flat.estimate, flat.se, flat.ci_low, flat.ci_high) == (1.0, 0.0, 1.0, 1.0)
     assert "zero variance" in flat.note
 
@@ -150,7 +153,7 @@ def _exact_p(values: np.ndarray, treated: np.ndarray) -> float:
 def test_permutation_exact_matches_brute_force_enumeration(values):
     values = np.asarray(values)
     treated = np.array([True, True, True, False, False, False])
-    result = S.permutation_test(values, treated)
+    result = D.permutation_test(values, treated)
     assert result.note == "exact"
     assert result.p == _exact_p(values, treated)
     assert result.estimate == pytest.approx(values[:3].mean() - values[3:].mean(), abs=1e-12)
@@ -162,13 +165,13 @@ def test_permutation_monte_carlo_approximates_exact_and_counts_the_observed():
     values = rng.normal(size=12) + 0.8 * (np.arange(12) < 6)
     treated = np.arange(12) < 6
     exact = _exact_p(values, treated)
-    assert S.permutation_test(values, treated).p == exact  # 924 relabelings: exact mode
+    assert D.permutation_test(values, treated).p == exact  # 924 relabelings: exact mode
     n = 5000
-    monte_carlo = S.permutation_test(values, treated, n_permutations=n, exact_limit=0, seed=5)
+    monte_carlo = D.permutation_test(values, treated, n_permutations=n, exact_limit=0, seed=5)
     assert "monte carlo" in monte_carlo.note
     assert abs(monte_carlo.p - exact) <= 4 * math.sqrt(exact * (1 - exact) / n) + 1 / n
     assert monte_carlo.p * (n + 1) == pytest.approx(round(monte_carlo.p * (n + 1)))  # (1 + #) / (1 + n)
-    again = S.permutation_test(values, treated, n_permutations=n, exact_limit=0, seed=5)
+    again = D.permutation_test(values, treated, n_permutations=n, exact_limit=0, seed=5)
     assert again == monte_carlo
 
 
@@ -180,10 +183,10 @@ def test_permutation_ci_is_the_set_of_shifts_the_test_accepts(exact_limit, n_tre
     treated = np.arange(values.size) < n_treated
 
     def p_at(shift: float) -> float:
-        return S.permutation_test(values - shift * treated, treated, n_permutations=999, exact_limit=exact_limit,
+        return D.permutation_test(values - shift * treated, treated, n_permutations=999, exact_limit=exact_limit,
                                   seed=4).p
 
-    result = S.permutation_test(values, treated, n_permutations=999, exact_limit=exact_limit, seed=4)
+    result = D.permutation_test(values, treated, n_permutations=999, exact_limit=exact_limit, seed=4)
     assert result.ci_low < result.estimate < result.ci_high
     assert p_at(result.ci_low + 1e-7) > 0.05 and p_at(result.ci_high - 1e-7) > 0.05
     assert p_at(result.ci_low - 1e-7) <= 0.05 and p_at(result.ci_high + 1e-7) <= 0.05
@@ -193,7 +196,7 @@ def test_permutation_ci_is_the_set_of_shifts_the_test_accepts(exact_limit, n_tre
 
 
 def test_permutation_ci_is_unbounded_when_no_shift_can_be_rejected():
-    result = S.permutation_test(np.array([1.0, 2.0, 3.0, 4.0]), np.array([True, True, False, False]))
+    result = D.permutation_test(np.array([1.0, 2.0, 3.0, 4.0]), np.array([True, True, False, False]))
     assert result.p == pytest.approx(2 / 6)
     assert (result.ci_low, result.ci_high) == (-math.inf, math.inf)
 
@@ -213,11 +216,11 @@ def _ar1_series(n_days: int, phi: float, effect: float, rng: np.random.Generator
 def test_gls_ar1_recovers_effect_and_phi_with_and_without_gaps():
     rng = np.random.default_rng(0)
     series = _ar1_series(600, 0.6, -0.4, rng)
-    full = S.gls_ar1(series, "y", "R")["T"]
+    full = D.gls_ar1(series, "y", "R")["T"]
     assert abs(full.estimate + 0.4) < 3 * full.se
     assert abs(_phi(full.note) - 0.6) < 0.15
     gapped = series.drop(index=rng.choice(600, 120, replace=False))
-    estimate = S.gls_ar1(gapped, "y", "R", trend=True)["T"]
+    estimate = D.gls_ar1(gapped, "y", "R", trend=True)["T"]
     assert abs(estimate.estimate + 0.4) < 3 * estimate.se
     assert abs(_phi(estimate.note) - 0.6) < 0.15
     assert "gap" in estimate.note and estimate.df == 480 - 3
@@ -227,7 +230,7 @@ def test_gls_ar1_phi_is_the_full_covariance_reml_optimum_over_gaps():
     """Gap-aware whitening must give the REML of corr = phi^|day_i - day_j| computed with full matrices."""
     rng = np.random.default_rng(1)
     series = _ar1_series(90, 0.5, 0.3, rng).drop(index=[3, 4, 5, 20, 41, 42, 70])
-    result = S.gls_ar1(series, "y", "R")["T"]
+    result = D.gls_ar1(series, "y", "R")["T"]
     phi = _phi(result.note)
     days = series["day"].to_numpy()
     y = series["y"].to_numpy()
@@ -251,7 +254,7 @@ def test_gls_ar1_phi_is_the_full_covariance_reml_optimum_over_gaps():
 def test_gls_ar1_on_a_noise_free_series_is_exact():
     series = _ar1_series(40, 0.0, 0.0, np.random.default_rng(0), sd=0.0)
     series["y"] = 1.0 + 0.25 * (series["treatment"] == "T")
-    estimate = S.gls_ar1(series, "y", "R")["T"]
+    estimate = D.gls_ar1(series, "y", "R")["T"]
     assert (estimate.estimate, estimate.se) == (pytest.approx(0.25, abs=1e-12), 0.0)
     assert "phi undefined" in estimate.note
 
@@ -259,27 +262,27 @@ def test_gls_ar1_on_a_noise_free_series_is_exact():
 def test_gls_ar1_needs_one_row_per_day_and_one_patient():
     series = _ar1_series(40, 0.3, 0.0, np.random.default_rng(2))
     with pytest.raises(SynthtrialError, match="one row per day"):
-        S.gls_ar1(pd.concat([series, series.iloc[:1]]), "y", "R")
+        D.gls_ar1(pd.concat([series, series.iloc[:1]]), "y", "R")
     two = pd.concat([series.assign(patient_id="A"), series.assign(patient_id="B")])
     with pytest.raises(SynthtrialError, match="one patient"):
-        S.gls_ar1(two, "y", "R")
+        D.gls_ar1(two, "y", "R")
 
 
 # --- mixed model -------------------------------------------------------------------------------------------
 
 def test_mixed_model_recovers_population_effect_with_random_slopes():
     data = _simulate(12, 60, -0.5, np.random.default_rng(4), slope_sd=0.2)
-    estimate = S.mixed_model(data, "y", "R", trend=False)["T"]
+    estimate = M.mixed_model(data, "y", "R", trend=False)["T"]
     assert estimate.note.startswith("random intercept + treatment slopes")
     assert abs(estimate.estimate + 0.5) < 3 * estimate.se
     assert estimate.ci_low < -0.5 < estimate.ci_high
     # cluster-robust SEs stay valid when the random-effects structure is wrong: an intercept-only model,
     # which ignores the patients' own effects, still gets an interval as wide and still covers
-    intercept_only = S.mixed_model(data, "y", "R", trend=False, random_slopes=False)["T"]
+    intercept_only = M.mixed_model(data, "y", "R", trend=False, random_slopes=False)["T"]
     assert intercept_only.se == pytest.approx(estimate.se, rel=0.25)
     assert intercept_only.ci_low < -0.5 < intercept_only.ci_high
     assert "CR2 cluster-robust" in estimate.note and estimate.df == pytest.approx(11, abs=0.5)  # balanced: ~G - 1
-    cr1 = S.mixed_model(data, "y", "R", trend=False, correction="CR1")["T"]
+    cr1 = M.mixed_model(data, "y", "R", trend=False, correction="CR1")["T"]
     assert "CR1 cluster-robust" in cr1.note and cr1.df == data["patient_id"].nunique() - 1
     assert cr1.estimate == estimate.estimate
 
@@ -288,8 +291,8 @@ def test_mixed_model_trend_adjustment_removes_period_order_bias():
     # R T R T in 15-day periods: treated days are 15 days later on average, so a trend of -0.02/day
     # shifts the unadjusted difference by -0.3
     data = _simulate(10, 60, -0.5, np.random.default_rng(5), slope_sd=0.1, period=15, trend=-0.02)
-    adjusted = S.mixed_model(data, "y", "R", trend=True)["T"]
-    naive = S.mixed_model(data, "y", "R", trend=False)["T"]
+    adjusted = M.mixed_model(data, "y", "R", trend=True)["T"]
+    naive = M.mixed_model(data, "y", "R", trend=False)["T"]
     assert abs(adjusted.estimate + 0.5) < 3 * adjusted.se
     assert adjusted.ci_low < -0.5 < adjusted.ci_high
     assert naive.estimate - adjusted.estimate == pytest.approx(-0.3, abs=0.08)
@@ -299,7 +302,7 @@ def test_mixed_model_trend_adjustment_removes_period_order_bias():
 def test_mixed_model_falls_back_to_random_intercept_when_slopes_cannot_be_fitted(monkeypatch):
     rng = np.random.default_rng(6)
     two = _simulate(2, 40, -0.5, rng)
-    estimate = S.mixed_model(two, "y", "R")["T"]
+    estimate = M.mixed_model(two, "y", "R")["T"]
     assert estimate.note.startswith("random intercept only: 2 patients cannot identify 2 random effects")
     assert np.isfinite(estimate.se) and estimate.ci_low < estimate.estimate < estimate.ci_high
 
@@ -311,7 +314,7 @@ def test_mixed_model_falls_back_to_random_intercept_when_slopes_cannot_be_fitted
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(MixedLM, "fit", failing_fit)
-    estimate = S.mixed_model(_simulate(8, 30, -0.5, rng), "y", "R")["T"]
+    estimate = M.mixed_model(_simulate(8, 30, -0.5, rng), "y", "R")["T"]
     assert estimate.note.startswith("random intercept only: random-slopes fit failed (LinAlgError")
     assert np.isfinite(estimate.estimate) and np.isfinite(estimate.se)
 
@@ -320,17 +323,17 @@ def test_singular_or_unconverged_random_effects_are_refused():
     names = {"Intercept": 0.2, "T": 0.1}
     fit = SimpleNamespace(converged=True, cov_re=np.array([[0.4, 0.2], [0.2, 0.1]]), scale=1.0,
                           bse_fe=pd.Series(names))
-    assert "singular" in S._slopes_problem(fit, [], None, 1)
+    assert "singular" in M.slopes_problem(fit, [], None, 1)
     fit.cov_re = np.array([[0.4, 0.05], [0.05, 0.1]])
-    assert S._slopes_problem(fit, [], None, 1) == ""
+    assert M.slopes_problem(fit, [], None, 1) == ""
     hessian = "The Hessian matrix at the estimated parameter values is not positive definite"
-    assert "Hessian" in S._slopes_problem(fit, [hessian], None, 1)
+    assert "Hessian" in M.slopes_problem(fit, [hessian], None, 1)
     fit.converged = False
-    assert "did not converge" in S._slopes_problem(fit, [], None, 1)
+    assert "did not converge" in M.slopes_problem(fit, [], None, 1)
 
 
 def test_mixed_model_with_one_patient_says_so():
-    estimate = S.mixed_model(_simulate(1, 20, 0.0, np.random.default_rng(0)), "y", "R")["T"]
+    estimate = M.mixed_model(_simulate(1, 20, 0.0, np.random.default_rng(0)), "y", "R")["T"]
     assert math.isnan(estimate.estimate) and "at least 2 patients" in estimate.note
 
 
@@ -342,9 +345,9 @@ def test_null_rejection_rates_are_near_alpha():
     pooled = welch = 0
     for _ in range(n_sims):
         data = _simulate(5, 12, 0.0, rng, period=3)
-        pooled += S.mixed_model(data, "y", "R", trend=False, random_slopes=False)["T"].p < 0.05
+        pooled += M.mixed_model(data, "y", "R", trend=False, random_slopes=False)["T"].p < 0.05
         own = data[data["patient_id"] == "P00"]
-        welch += S.welch_t(own.loc[own["treatment"] == "T", "y"].to_numpy(),
+        welch += D.welch_t(own.loc[own["treatment"] == "T", "y"].to_numpy(),
                            own.loc[own["treatment"] == "R", "y"].to_numpy()).p < 0.05
     assert 0.01 <= pooled / n_sims <= 0.12
     assert 0.01 <= welch / n_sims <= 0.12
@@ -481,7 +484,7 @@ def test_constant_or_noise_free_outcomes_give_estimates_or_nan_with_notes(value)
     data = pd.DataFrame({"patient_id": np.repeat(["P1", "P2"], 6), "day": np.tile(np.arange(1, 7), 2),
                          "treatment": np.tile(["R", "R", "T", "T", "R", "T"], 2), "y": value})
     result = S.analyze_outcome(data, "y", "R", n_permutations=200, kinetics=Kinetics(0.0, 0.0))
-    assert set(result["method"]) == set(S.METHODS)
+    assert set(result["method"]) == set(E.METHODS)
     assert result["note"].str.len().gt(0).all() or result["se"].notna().any()
     pooled = result[result["scope"] == "pooled"]
     assert pooled["note"].str.contains("no variation").all()

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from synthtrial.util.atomic import write_bytes_atomic, write_text_atomic
+from synthtrial.util.device import resolve_device
 from synthtrial.util.errors import SynthtrialError
 
 __all__ = [
@@ -224,12 +225,6 @@ def _check_images(images: Tensor, config: AutoencoderConfig, what: str) -> None:
 
 # --------------------------------------------------------------------------------------------- training
 
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -266,7 +261,7 @@ def train_autoencoder(images: torch.Tensor, config: AutoencoderConfig, *,
     n = images.shape[0]
     if n == 0:
         raise SynthtrialError("train_autoencoder: no images to train on")
-    dev = _device(device)
+    dev = resolve_device(device)
     images = images.to(torch.float32) if images.dtype != torch.float32 else images
     pin = dev.type == "cuda" and images.device.type == "cpu"
 
@@ -402,7 +397,7 @@ def load_model(path: Path, device: str | torch.device | None = None) -> ConvAuto
     except RuntimeError as exc:
         reason = " ".join(str(exc).split())
         raise SynthtrialError(f"{path}: weights do not fit the config in {config_path.name} ({reason})") from exc
-    model.to(_device(device))
+    model.to(resolve_device(device))
     model.eval()
     return model
 

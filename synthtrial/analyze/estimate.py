@@ -7,6 +7,7 @@ into the columns the estimators fit; every rejection is a one-line :class:`Synth
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,9 +15,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from synthtrial.analyze.limits import ALPHA_RANGE, MAX_OUTCOME
 from synthtrial.util.errors import SynthtrialError
 
-_NAN = float("nan")
+#: The missing value of every estimate's fields.
+NAN = float("nan")
 _MAX_SHOWN = 12
 
 
@@ -33,47 +36,52 @@ class Estimate:
     note: str = ""
 
 
-def _missing(note: str, estimate: float = _NAN) -> Estimate:
-    return Estimate(estimate, _NAN, _NAN, _NAN, _NAN, None, note)
+def missing_estimate(note: str, estimate: float = NAN) -> Estimate:
+    """An estimate without uncertainty (SE, CI and p NaN), saying why in ``note``."""
+    return Estimate(estimate, NAN, NAN, NAN, NAN, None, note)
 
 
-def _join(*parts: str) -> str:
+def join_notes(*parts: str) -> str:
+    """Notes joined by ``; ``, empty ones left out."""
     return "; ".join(part for part in parts if part)
 
 
-def _show(names: Collection[Any]) -> str:
+def show_names(names: Collection[Any]) -> str:
+    """At most a dozen names, comma-separated, then how many more there are."""
     shown = [str(name) for name in list(names)[:_MAX_SHOWN]]
     more = len(names) - len(shown)
     return ", ".join(shown) + (f", ... ({more} more)" if more > 0 else "")
 
 
-def _check_alpha(alpha: float) -> None:
-    if not 0.0 < float(alpha) < 1.0:
-        raise SynthtrialError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
+def check_alpha(alpha: Any, option: str = "alpha") -> float:
+    """``alpha`` as a float when it is a finite number inside :data:`~synthtrial.analyze.limits.ALPHA_RANGE` (one
+    rule for every command and estimator); else a one-line error naming ``option``."""
+    low, high = ALPHA_RANGE
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        value = NAN
+    if isinstance(alpha, bool) or not (math.isfinite(value) and low < value < high):
+        raise SynthtrialError(f"{option} must lie in ({low:g}, {high:g}), got {alpha!r}")
+    return value
 
 
-
-def _term(reference: str) -> str:
-    return f"C(treatment, Treatment({str(reference)!r}))"
-
-
-def _coef_name(reference: str, arm: str) -> str:
-    return f"{_term(reference)}[T.{arm}]"
-
-
-def _working_frame(frame: pd.DataFrame, outcome: str, reference: str, need: Sequence[str]) -> tuple[pd.DataFrame, int]:
+def working_frame(frame: pd.DataFrame, outcome: str, reference: str, need: Sequence[str]) -> tuple[pd.DataFrame, int]:
     """Validated copy with columns ``y``, ``treatment`` (str) and ``need``; rows without an outcome dropped."""
     if not isinstance(frame, pd.DataFrame):
         raise SynthtrialError(f"expected a pandas DataFrame, got {type(frame).__name__}")
     missing = [col for col in (*need, "treatment", outcome) if col not in frame.columns]
     if missing:
-        raise SynthtrialError(f"missing column(s) {_show([repr(m) for m in dict.fromkeys(missing)])} "
-                              f"(columns present: {_show(list(frame.columns))})")
+        raise SynthtrialError(f"missing column(s) {show_names([repr(m) for m in dict.fromkeys(missing)])} "
+                              f"(columns present: {show_names(list(frame.columns))})")
     values = frame[outcome]
     if not pd.api.types.is_numeric_dtype(values):
         raise SynthtrialError(f"outcome '{outcome}' is not numeric (dtype {values.dtype})")
     y = pd.to_numeric(values, errors="coerce").astype(float).to_numpy()
     keep = np.isfinite(y)
+    if np.any(np.abs(y[keep]) > MAX_OUTCOME):
+        raise SynthtrialError(f"outcome '{outcome}' holds values beyond {MAX_OUTCOME:g} in magnitude (up to "
+                              f"{float(np.abs(y[keep]).max()):g}): too large to analyse")
     columns = {"y": y[keep], "treatment": frame["treatment"].astype(str).to_numpy()[keep]}
     for col in need:
         columns[col] = frame[col].to_numpy()[keep]
@@ -88,20 +96,20 @@ def _working_frame(frame: pd.DataFrame, outcome: str, reference: str, need: Sequ
     present = frame["treatment"].astype(str).unique().tolist()
     if str(reference) not in present:
         raise SynthtrialError(f"reference '{reference}' is not a treatment in the data "
-                              f"(treatments present: {_show(present)})")
+                              f"(treatments present: {show_names(present)})")
     if not (work["treatment"] == str(reference)).any():
         raise SynthtrialError(f"no reference ('{reference}') row has a value of '{outcome}'")
     return work, int((~keep).sum())
 
 
-def _arms_in(work: pd.DataFrame, reference: str) -> list[str]:
+def arms_in(work: pd.DataFrame, reference: str) -> list[str]:
     arms = [arm for arm in work["treatment"].unique().tolist() if arm != str(reference)]
     if not arms:
         raise SynthtrialError(f"no arm besides the reference '{reference}' to compare with it")
     return arms
 
 
-def _dropped_note(dropped: int, outcome: str) -> str:
+def dropped_note(dropped: int, outcome: str) -> str:
     return f"dropped {dropped} row(s) with missing '{outcome}'" if dropped else ""
 
 

@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from synthtrial.analyze.estimate import (Estimate, _arms_in, _check_alpha, _dropped_note, _join, _missing,
-                                         _working_frame, t_quantile, t_two_sided_p)
+from synthtrial.analyze.estimate import (Estimate, arms_in, check_alpha, dropped_note, join_notes, missing_estimate,
+                                         working_frame, t_quantile, t_two_sided_p)
 from synthtrial.analyze.robust import cluster_robust_low_rank
 
 #: ``method`` names of the two pooled variants.
@@ -65,23 +65,23 @@ def mixed_model_both(frame: pd.DataFrame, outcome: str, reference: str, *, trend
     their exposure kinetics; then each arm's estimate is the delivered contrast (mean exposure on the arm's
     days minus on reference days, times the steady-state effects) averaged over patients.
     """
-    _check_alpha(alpha)
+    check_alpha(alpha)
     extra = list((exposure_columns or {}).values())
-    work, dropped = _working_frame(frame, outcome, reference, ["patient_id", "day", *extra])
-    arms = _arms_in(work, reference)
-    base_note = _dropped_note(dropped, outcome)
+    work, dropped = working_frame(frame, outcome, reference, ["patient_id", "day", *extra])
+    arms = arms_in(work, reference)
+    base_note = dropped_note(dropped, outcome)
     n_patients = work["patient_id"].nunique()
 
     def missing(note: str) -> dict[str, dict[str, Estimate]]:
-        return {key: {arm: _missing(note) for arm in arms} for key in (CR2, CR1)}
+        return {key: {arm: missing_estimate(note) for arm in arms} for key in (CR2, CR1)}
 
     if n_patients < 2:
-        return missing(_join(f"a mixed model needs at least 2 patients, got {n_patients}", base_note))
+        return missing(join_notes(f"a mixed model needs at least 2 patients, got {n_patients}", base_note))
     if exposure_columns is not None and any(arm not in exposure_columns for arm in arms):
         raise ValueError(f"exposure_columns must name a column for every arm ({', '.join(arms)})")
     y = work["y"].to_numpy(dtype=float)
     if float(np.sum((y - y.mean()) ** 2)) <= 1e-24 * max(1.0, float(y @ y)):
-        return missing(_join("no variation in the outcome: effects and SEs undefined", base_note))
+        return missing(join_notes("no variation in the outcome: effects and SEs undefined", base_note))
     patients = work["patient_id"].to_numpy()
     treatment = work["treatment"].to_numpy()
     if exposure_columns is None:
@@ -103,22 +103,22 @@ def mixed_model_both(frame: pd.DataFrame, outcome: str, reference: str, *, trend
         if n_patients <= n_random:
             reason = f"{n_patients} patients cannot identify {n_random} random effects"
         else:
-            result, caught, error = _fit_mixed(y, x, patients, x[:, :n_random])
-            reason = _slopes_problem(result, caught, error, len(arms))
+            result, caught, error = fit_mixed(y, x, patients, x[:, :n_random])
+            reason = slopes_problem(result, caught, error, len(arms))
             if not reason:
-                note = _join("random intercept + treatment slopes", kinetics_note, trend_note,
+                note = join_notes("random intercept + treatment slopes", kinetics_note, trend_note,
                              _warning_note(caught), base_note)
                 return _mixed_estimates(result, contrasts, arms, alpha, note)
     model_note = f"random intercept only: {reason}" if reason else "random intercept only"
     if np.linalg.matrix_rank(x) < x.shape[1]:
-        return missing(_join("the fixed effects are collinear", model_note, base_note))
+        return missing(join_notes("the fixed effects are collinear", model_note, base_note))
     if y.size - x.shape[1] < 1:
-        return missing(_join(f"{y.size} rows leave no df for {x.shape[1]} coefficients", model_note, base_note))
+        return missing(join_notes(f"{y.size} rows leave no df for {x.shape[1]} coefficients", model_note, base_note))
     fit = random_intercept_reml(x, y, patients)
     if not (math.isfinite(fit.scale) and fit.scale > 1e-14 * max(1.0, float(np.var(y)))):
-        return missing(_join("no residual variation: SEs undefined", model_note, base_note))
+        return missing(join_notes("no residual variation: SEs undefined", model_note, base_note))
     boundary = "boundary fit: intercept variance 0 (REML optimum at the bound, as lme4 reports it)" if fit.tau2 == 0 else ""
-    note = _join(model_note, boundary, kinetics_note, trend_note, base_note)
+    note = join_notes(model_note, boundary, kinetics_note, trend_note, base_note)
     return _mixed_estimates(fit, contrasts, arms, alpha, note)
 
 
@@ -141,7 +141,7 @@ def _contrasts(effect_cols: np.ndarray, treatment: np.ndarray, patients: np.ndar
     return out
 
 
-def _fit_mixed(y: np.ndarray, x: np.ndarray, groups: np.ndarray,
+def fit_mixed(y: np.ndarray, x: np.ndarray, groups: np.ndarray,
                z: np.ndarray) -> tuple[Any, list[str], Exception | None]:
     """statsmodels ``MixedLM`` by REML, its warnings caught (returned as messages) instead of printed."""
     from statsmodels.regression.mixed_linear_model import MixedLM
@@ -167,7 +167,7 @@ def _warning_note(messages: list[str]) -> str:
     return f"statsmodels warned: {' | '.join(messages)}" if messages else ""
 
 
-def _slopes_problem(result: Any, caught: list[str], error: Exception | None, n_arms: int) -> str:
+def slopes_problem(result: Any, caught: list[str], error: Exception | None, n_arms: int) -> str:
     """Why a random-slopes fit cannot be used, or '' when it can."""
     if error is not None:
         return f"random-slopes fit failed ({type(error).__name__}: {' '.join(str(error).split())})"
@@ -277,13 +277,13 @@ def _mixed_estimates(result: Any, contrasts: np.ndarray, arms: Sequence[str], al
                                   (CR1, robust.cr1, g - 1.0, "CR1 cluster-robust SE over {g} patients, "
                                    "t on {df:.0f} df")):
             se = float(np.sqrt(max(float(c @ cov @ c), 0.0)))
-            full = _join(note, how.format(g=g, df=df))
+            full = join_notes(note, how.format(g=g, df=df))
             if np.isfinite(se) and se <= 1e-12 * max(1.0, abs(est)):
                 # every patient's score for this effect is 0 (e.g. identical, noise-free effects): no spread
-                out[key][arm] = Estimate(est, 0.0, est, est, math.nan, float(df), _join(full, "robust SE is 0"))
+                out[key][arm] = Estimate(est, 0.0, est, est, math.nan, float(df), join_notes(full, "robust SE is 0"))
                 continue
             if not (np.isfinite(se) and se > 0 and np.isfinite(df) and df > 0):
-                out[key][arm] = _missing(_join("no finite standard error", full), est)
+                out[key][arm] = missing_estimate(join_notes("no finite standard error", full), est)
                 continue
             q = t_quantile(1.0 - alpha / 2.0, df)
             p = t_two_sided_p(est / se, df)

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from synthtrial.analyze.estimate import t_quantile, t_two_sided_p
+from synthtrial.analyze.estimate import NAN, Estimate, missing_estimate, t_quantile, t_two_sided_p
 from synthtrial.util.errors import SynthtrialError
 
 #: Half-lives (days) tried when the kinetics are not given.
@@ -56,7 +56,6 @@ PHI_BOUND = 0.99
 #: Largest randomisation distribution enumerated exactly; beyond it a seeded Monte-Carlo sample is used.
 EXACT_LIMIT = 20000
 
-_NAN = float("nan")
 
 
 @dataclass(frozen=True)
@@ -297,8 +296,8 @@ def _period_design(labels: Sequence[str], mids: np.ndarray, reference: str, arms
 
 
 def period_level(table: pd.DataFrame, reference: str, arms: Sequence[str], *, trend: bool = True,
-                 alpha: float = 0.05) -> dict[str, tuple[float, float, float, float, float, float, str]]:
-    """OLS of period means on the arms [+ mid-day]: per arm (estimate, se, ci_low, ci_high, p, df, note).
+                 alpha: float = 0.05) -> dict[str, Estimate]:
+    """OLS of period means on the arms [+ mid-day]: an :class:`Estimate` per arm.
 
     ``table``: :func:`periods`' frame or :func:`period_arrays`' mapping (``treatment``, ``mid``, ``mean``).
     """
@@ -311,17 +310,16 @@ def period_level(table: pd.DataFrame, reference: str, arms: Sequence[str], *, tr
     k, p = x.shape
     out = {}
     if k < p:
-        return {a: (_NAN, _NAN, _NAN, _NAN, _NAN, _NAN, f"{k} periods leave no df for {p} coefficients")
-                for a in arms}
+        return {a: missing_estimate(f"{k} periods leave no df for {p} coefficients") for a in arms}
     if np.linalg.matrix_rank(x) < p:
-        return {a: (_NAN, _NAN, _NAN, _NAN, _NAN, _NAN, "periods cannot separate the arms"
-                    + (" from the trend" if trend else "")) for a in arms}
+        return {a: missing_estimate("periods cannot separate the arms" + (" from the trend" if trend else ""))
+                for a in arms}
     beta, *_ = np.linalg.lstsq(x, y, rcond=None)
     df = k - p
     note = f"{k} periods, t on {df} df" + ("; trend-adjusted" if trend else "")
     if df < 1:
-        return {a: (float(beta[1 + i]), _NAN, _NAN, _NAN, _NAN, _NAN,
-                    f"{k} periods leave no df for {p} coefficients") for i, a in enumerate(arms)}
+        return {a: missing_estimate(f"{k} periods leave no df for {p} coefficients", float(beta[1 + i]))
+                for i, a in enumerate(arms)}
     resid = y - x @ beta
     sigma2 = float(resid @ resid) / df
     cov = sigma2 * np.linalg.inv(x.T @ x)
@@ -329,10 +327,10 @@ def period_level(table: pd.DataFrame, reference: str, arms: Sequence[str], *, tr
     for i, arm in enumerate(arms):
         est, se = float(beta[1 + i]), float(math.sqrt(max(cov[1 + i, 1 + i], 0.0)))
         if se == 0.0:
-            out[arm] = (est, 0.0, est, est, _NAN, float(df), note + "; no residual variation")
+            out[arm] = Estimate(est, 0.0, est, est, NAN, float(df), note + "; no residual variation")
             continue
         p_value = t_two_sided_p(est / se, df)
-        out[arm] = (est, se, est - q * se, est + q * se, p_value, float(df), note)
+        out[arm] = Estimate(est, se, est - q * se, est + q * se, p_value, float(df), note)
     return out
 
 
@@ -357,8 +355,8 @@ def design_orders(design) -> list[tuple[str, ...]] | None:
 
 
 def randomization_test(table: pd.DataFrame, reference: str, arms: Sequence[str], orders: Sequence[tuple[str, ...]],
-                       *, trend: bool = True, seed: int = 0) -> dict[str, tuple[float, float, str]]:
-    """Per arm (statistic, two-sided p, note): the period-level estimate against its randomisation distribution.
+                       *, trend: bool = True, seed: int = 0) -> dict[str, Estimate]:
+    """Per arm the period-level estimate with its two-sided p against the randomisation distribution (no SE, no CI).
 
     ``p = #{orders with |stat| >= |observed|} / #orders`` over every order the design could draw (the
     observed one included), exact when there are at most :data:`EXACT_LIMIT`, else over that many drawn
@@ -370,7 +368,7 @@ def randomization_test(table: pd.DataFrame, reference: str, arms: Sequence[str],
         return {}
     matching = [o for o in orders if len(o) == len(labels)]
     if labels not in set(matching):
-        return {a: (_NAN, _NAN, "the patient's periods do not follow the design's scheme") for a in arms}
+        return {a: missing_estimate("the patient's periods do not follow the design's scheme") for a in arms}
     if len(matching) > EXACT_LIMIT:
         rng = np.random.default_rng(seed)
         matching = [labels] + [matching[i] for i in rng.integers(0, len(matching), EXACT_LIMIT)]
@@ -383,7 +381,7 @@ def randomization_test(table: pd.DataFrame, reference: str, arms: Sequence[str],
     def statistic(order: tuple[str, ...]) -> np.ndarray:
         x = _period_design(order, mids, reference, arms, trend)
         if np.linalg.matrix_rank(x) < x.shape[1]:
-            return np.full(len(arms), _NAN)
+            return np.full(len(arms), NAN)
         beta, *_ = np.linalg.lstsq(x, y, rcond=None)
         return beta[1:1 + len(arms)]
 
@@ -395,7 +393,7 @@ def randomization_test(table: pd.DataFrame, reference: str, arms: Sequence[str],
         column = null[:, i]
         usable = np.isfinite(column)
         p = float(np.count_nonzero(np.abs(column[usable]) >= abs(observed[i]) - tol) / usable.sum())
-        out[arm] = (float(observed[i]), p, how + ("; trend-adjusted" if trend else ""))
+        out[arm] = Estimate(float(observed[i]), NAN, NAN, NAN, p, None, how + ("; trend-adjusted" if trend else ""))
     return out
 
 
@@ -417,8 +415,8 @@ def exposures(days: np.ndarray, treatments: np.ndarray, arms: Sequence[str], kin
 def gls_kinetics(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, reference: str, arms: Sequence[str],
                  excluded: set[str], *, kinetics: Kinetics | None = None, trend: bool = True,
                  alpha: float = 0.05, exposure: tuple[Sequence[str], np.ndarray] | None = None,
-                 ) -> dict[str, tuple[float, float, float, float, float, float, str]]:
-    """Delivered effects from GLS-AR(1) on the arms' exposure curves; per arm (est, se, lo, hi, p, df, note).
+                 ) -> dict[str, Estimate]:
+    """Delivered effects from GLS-AR(1) on the arms' exposure curves: an :class:`Estimate` per arm.
 
     ``exposure`` may carry the curves already computed with ``kinetics``: (their arms, rows x arms).
     """
@@ -433,8 +431,7 @@ def gls_kinetics(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, r
     gaps = np.diff(d).astype(float)
     p = 1 + len(all_arms) + int(trend)
     if d.size - p < 3:
-        return {a: (_NAN, _NAN, _NAN, _NAN, _NAN, _NAN, f"too few days ({d.size}) for {p} coefficients and phi")
-                for a in arms}
+        return {a: missing_estimate(f"too few days ({d.size}) for {p} coefficients and phi") for a in arms}
 
     def design(kin: Kinetics) -> np.ndarray:
         if exposure is not None and kin == kinetics and set(all_arms) <= set(exposure[0]):
@@ -454,18 +451,18 @@ def gls_kinetics(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, r
             if best is None or dev < best[0]:
                 best = (dev, h)
         if best is None:
-            return {a: (_NAN, _NAN, _NAN, _NAN, _NAN, _NAN, "exposures are collinear at every half-life") for a in arms}
+            return {a: missing_estimate("exposures are collinear at every half-life") for a in arms}
         kinetics = Kinetics(best[1], best[1])
         kin_note = f"half-life {best[1]:g} d (profile ML over {len(HALF_LIFE_GRID)} values)"
     else:
         kin_note = f"half-lives in {kinetics.washin_half_life:g} d / out {kinetics.washout_half_life:g} d"
     x = design(kinetics)
     if np.linalg.matrix_rank(x) < x.shape[1]:
-        return {a: (_NAN, _NAN, _NAN, _NAN, _NAN, _NAN, "exposures and trend are collinear") for a in arms}
+        return {a: missing_estimate("exposures and trend are collinear") for a in arms}
     df = float(d.size - x.shape[1])
     ref_days = t == reference
     if np.sum((y - y.mean()) ** 2) <= 1e-24 * max(1.0, float(y @ y)):
-        beta, cov, phi, note_phi = np.linalg.lstsq(x, y, rcond=None)[0], np.zeros((x.shape[1],) * 2), _NAN, "no variation"
+        beta, cov, phi, note_phi = np.linalg.lstsq(x, y, rcond=None)[0], np.zeros((x.shape[1],) * 2), NAN, "no variation"
         sigma2 = 0.0
     else:
         moments = AR1Moments(y, x, gaps)
@@ -479,18 +476,18 @@ def gls_kinetics(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, r
         note = "; ".join([note_phi, kin_note, "delivered contrast of steady-state effects"]
                          + (["trend-adjusted"] if trend else []))
         if se == 0.0:
-            out[arm] = (est, 0.0, est, est, _NAN, df, note)
+            out[arm] = Estimate(est, 0.0, est, est, NAN, df, note)
             continue
         arm_df = satterthwaite_df(y, x, gaps, phi, sigma2, c, moments=moments)
         q = t_quantile(1 - alpha / 2, arm_df)
-        out[arm] = (est, se, est - q * se, est + q * se, t_two_sided_p(est / se, arm_df), arm_df,
-                    f"{note}; Satterthwaite t on {arm_df:.1f} df")
+        out[arm] = Estimate(est, se, est - q * se, est + q * se, t_two_sided_p(est / se, arm_df), arm_df,
+                            f"{note}; Satterthwaite t on {arm_df:.1f} df")
     return out
 
 
 def hac(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, reference: str, arms: Sequence[str], *,
-        trend: bool = True, alpha: float = 0.05) -> dict[str, tuple[float, float, float, float, float, float, str]]:
-    """OLS on the days with Newey-West SEs (statsmodels ``cov_type='HAC'``); per arm (est, se, lo, hi, p, df, note)."""
+        trend: bool = True, alpha: float = 0.05) -> dict[str, Estimate]:
+    """OLS on the days with Newey-West SEs (statsmodels ``cov_type='HAC'``): an :class:`Estimate` per arm."""
     import statsmodels.api as sm
 
     order = np.argsort(days, kind="stable")
@@ -500,7 +497,7 @@ def hac(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, reference:
     x = np.column_stack(cols)
     n, p = x.shape
     if not arms or n - p < 2 or np.linalg.matrix_rank(x) < p:
-        return {a: (_NAN, _NAN, _NAN, _NAN, _NAN, _NAN, "too few days or a rank-deficient design") for a in arms}
+        return {a: missing_estimate("too few days or a rank-deficient design") for a in arms}
     lags = int(math.floor(4 * (n / 100) ** (2 / 9)))
     fit = sm.OLS(y, x).fit(cov_type="HAC", cov_kwds={"maxlags": lags, "use_correction": True}, use_t=True)
     df = float(n - p)
@@ -510,9 +507,9 @@ def hac(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, reference:
         est, se = float(fit.params[1 + i]), float(fit.bse[1 + i])
         note = f"Newey-West, {lags} lags, t on {n - p} df" + ("; trend-adjusted" if trend else "")
         if not (np.isfinite(se) and se > 0):
-            out[arm] = (est, _NAN, _NAN, _NAN, _NAN, df, note + "; no residual variation")
+            out[arm] = Estimate(est, NAN, NAN, NAN, NAN, df, note + "; no residual variation")
             continue
-        out[arm] = (est, se, est - q * se, est + q * se, t_two_sided_p(est / se, df), df, note)
+        out[arm] = Estimate(est, se, est - q * se, est + q * se, t_two_sided_p(est / se, df), df, note)
     return out
 
 

@@ -26,12 +26,16 @@ beside the oracle's standardised truth, with the ``share`` of the true effect it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import shutil
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,13 +48,18 @@ from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.progress import progress_bar
 from synthtrial.run import rundir
 from synthtrial.run.rundir import read_run
-from synthtrial.analyze.stats import GRADER_OUTCOME_PREFIX
+from synthtrial.analyze.estimate import check_alpha
+from synthtrial.analyze.estimators import GRADER_OUTCOME_PREFIX
+from synthtrial.analyze.limits import (MAX_AE_IMAGE_SIZE, MAX_EPOCHS, MAX_PERMUTATIONS, MIN_AE_IMAGE_SIZE,
+                                      MIN_PERMUTATIONS)
 
 #: Outcomes whose effects are on the latent severity scale, where the truth applies directly.
 TRUTH_SCALE_OUTCOMES = ("oracle", "lesion_severity")
 BASE_OUTCOMES = ("oracle", "lesion_severity", "lesion_count", "iga")
-#: Largest autoencoder input side (a 1024 px run already takes 12 MB per image as float32).
-MAX_IMAGE_SIZE = 1024
+#: The analysis folder of a run and the files ``analyze`` writes there (with settings.json, timings.json and,
+#: with the autoencoder, pca.json, embeddings.parquet and the autoencoder's files).
+ANALYSIS, OUTCOMES, EFFECTS, REPORT, EMBEDDINGS = ("analysis", "outcomes.parquet", "effects.csv", "report.html",
+                                                   "embeddings.parquet")
 EFFECT_COLUMNS = ("outcome", "method", "role", "scope", "arm", "reference", "estimate", "se", "ci_low", "ci_high",
                   "p", "n", "true_effect", "bias", "covered", "residual_sd", "std_estimate", "std_ci_low",
                   "std_ci_high", "std_true_effect", "share", "std_covered", "note")
@@ -75,15 +84,17 @@ class AnalysisSettings:
         self.validate()
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise SynthtrialError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.image_size < 16 or self.image_size > MAX_IMAGE_SIZE or self.image_size & (self.image_size - 1):
-            raise SynthtrialError(f"--image-size must be a power of two from 16 to {MAX_IMAGE_SIZE}, "
-                                  f"got {self.image_size}")
-        if self.n_permutations < 100:
-            raise SynthtrialError(f"--permutations must be >= 100, got {self.n_permutations}")
-        if not 0 < self.alpha < 0.5:
-            raise SynthtrialError(f"--alpha must lie in (0, 0.5), got {self.alpha}")
+        for name, option, low, high in (("epochs", "--epochs", 1, MAX_EPOCHS),
+                                        ("n_permutations", "--permutations", MIN_PERMUTATIONS, MAX_PERMUTATIONS)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+                raise SynthtrialError(f"{option} must be a whole number from {low} to {high}, got {value!r}")
+        size = self.image_size
+        if (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < MIN_AE_IMAGE_SIZE
+                or size > MAX_AE_IMAGE_SIZE or size & (size - 1)):
+            raise SynthtrialError(f"--image-size must be a power of two from {MIN_AE_IMAGE_SIZE} to "
+                                  f"{MAX_AE_IMAGE_SIZE}, got {size!r}")
+        check_alpha(self.alpha, "--alpha")
         if self.embedding not in ("logits", "sigmoid"):
             raise SynthtrialError(f"--embedding must be logits or sigmoid, got {self.embedding!r}")
 
@@ -169,14 +180,11 @@ def _embeddings(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSetting
     from synthtrial.analyze.embed import (AutoencoderConfig, embed, load_images, redness, save_model,
                                           train_autoencoder)
 
-    cache = analysis_dir / "embeddings.parquet"
+    cache = analysis_dir / EMBEDDINGS
     key = _manifest_key(manifest, settings)
-    if cache.is_file():
-        cached = pd.read_parquet(cache)
-        if ("key" in cached.columns and (cached["key"] == key).all()
-                and cached["image"].tolist() == manifest["image"].tolist()):
-            cols = [c for c in cached.columns if c.startswith("e") and c[1:].isdigit()]
-            return cached[cols].to_numpy(dtype=np.float64), cached["redness"].to_numpy(dtype=np.float64)
+    cached = _cached_embeddings(cache, key, manifest)
+    if cached is not None:
+        return cached
     t0 = time.perf_counter()
     images = load_images([run_dir / p for p in manifest["image"]], settings.image_size)
     red = redness(images)
@@ -204,18 +212,85 @@ def _embeddings(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSetting
     return embeddings.astype(np.float64), red
 
 
+def _cached_embeddings(cache: Path, key: str, manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached embeddings and redness when ``cache`` holds them for this run content and these settings;
+    None (recompute) when it is absent, stale, or damaged (a truncated or foreign file is a cache miss)."""
+    if not cache.is_file():
+        return None
+    try:
+        cached = pd.read_parquet(cache)
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+        return None
+    cols = [c for c in cached.columns if c.startswith("e") and c[1:].isdigit()]
+    if not ({"key", "image", "redness"} <= set(cached.columns) and cols and (cached["key"] == key).all()
+            and cached["image"].tolist() == manifest["image"].tolist()):
+        return None
+    try:
+        return cached[cols].to_numpy(dtype=np.float64), cached["redness"].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+
+
 def daily(outcomes: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """One row per patient and day (views averaged), as the tests expect."""
     keys = ["patient_id", "day", "treatment"] + (["block"] if "block" in outcomes.columns else [])
     return outcomes.groupby(keys, sort=False, as_index=False, dropna=False)[columns].mean()
 
 
-def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | None = None, *,
-                device: str | None = None, progress: bool = True) -> Path:
-    """Analyze a run directory; writes ``RUN/analysis/`` and returns its path (see the module docstring)."""
-    from synthtrial.analyze.report import write_report
+def outcome_columns(outcomes: pd.DataFrame) -> list[str]:
+    """The outcome columns of an outcomes table, in its order (label outcomes, graders', ``ae_pca``)."""
+    return [c for c in outcomes.columns if c in BASE_OUTCOMES or c.startswith(GRADER_OUTCOME_PREFIX) or c == "ae_pca"]
+
+
+def run_outcomes(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSettings, analysis_dir: Path,
+                 timings: Timings, *, device: str | None = None, progress: bool = True) -> pd.DataFrame:
+    """Every outcome of every image: the label outcomes, the graders' and (``settings.autoencoder``) ``ae_pca``,
+    whose cache and model files go to ``analysis_dir``. ``synthtrial analyze`` and rendered power replicates
+    both read a run's outcomes through here."""
+    t0 = time.perf_counter()
+    outcomes = image_outcomes(run_dir, manifest)
+    timings.add("read run", time.perf_counter() - t0)
+    if settings.autoencoder:
+        ae = autoencoder_outcome(run_dir, manifest, settings, analysis_dir, timings, device=device,
+                                 progress=progress)
+        outcomes = outcomes.merge(ae[["image", "ae_pca"]], on="image", how="left", validate="one_to_one")
+    return outcomes
+
+
+def outcome_effects(outcomes: pd.DataFrame, columns: list[str], truth: dict | None, reference: str,
+                    exclude: tuple[str, ...], settings: AnalysisSettings) -> pd.DataFrame:
+    """Every outcome's effects by every method (views of a day averaged), beside the truth, raw and standardised."""
     from synthtrial.analyze.nof1 import Kinetics
     from synthtrial.analyze.stats import analyze_outcome, attach_truth, standardize
+
+    per_day = daily(outcomes, columns)
+    design = _design_of(truth)
+    kinetics = Kinetics.from_truth(truth)
+    with warnings.catch_warnings():
+        # near-constant series (IGA within a patient) and boundary fits make scipy/statsmodels warn; the
+        # effects table says what happened in its note column instead
+        warnings.simplefilter("ignore", RuntimeWarning)
+        effects = pd.concat([analyze_outcome(per_day, column, reference, exclude=exclude, trend=settings.trend,
+                                             n_permutations=settings.n_permutations, seed=settings.seed,
+                                             alpha=settings.alpha, methods=settings.methods, design=design,
+                                             kinetics=kinetics) for column in columns], ignore_index=True)
+        if truth is not None:
+            effects = attach_truth(effects, truth, outcomes_on_truth_scale=TRUTH_SCALE_OUTCOMES)
+        else:
+            for col in ("true_effect", "bias", "covered"):
+                effects[col] = np.nan
+        effects = standardize(effects, per_day, truth, exclude=exclude, trend=settings.trend)
+    return effects[list(EFFECT_COLUMNS)]
+
+
+def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | None = None, *,
+                device: str | None = None, progress: bool = True) -> Path:
+    """Analyze a run directory; writes ``RUN/analysis/`` and returns its path (see the module docstring).
+
+    The folder is written as a set: everything goes to a scratch copy of it, which replaces it only when
+    the whole analysis succeeded, so a refused analysis leaves the previous outputs as they were.
+    """
+    from synthtrial.analyze.report import write_report
 
     settings = settings or AnalysisSettings()
     settings.validate()
@@ -229,54 +304,73 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
     manifest, _ = read_run(run_dir)
     truth = rundir.read_truth(run_dir)
     reference, exclude = _reference_and_exclusions(truth, manifest)
-    analysis_dir = run_dir / "analysis"
-    analysis_dir.mkdir(exist_ok=True)
-    outcomes = image_outcomes(run_dir, manifest)
     timings.add("read run", time.perf_counter() - t0)
-
-    if settings.autoencoder:
-        ae = autoencoder_outcome(run_dir, manifest, settings, analysis_dir, timings, device=device,
-                                 progress=progress)
-        outcomes = outcomes.merge(ae[["image", "ae_pca"]], on="image", how="left", validate="one_to_one")
-    columns = [c for c in outcomes.columns if c in BASE_OUTCOMES or c.startswith(GRADER_OUTCOME_PREFIX) or c == "ae_pca"]
-    buf = io.BytesIO()
-    outcomes.to_parquet(buf, index=False)
-    write_bytes_atomic(analysis_dir / "outcomes.parquet", buf.getvalue())
-
-    t0 = time.perf_counter()
-    per_day = daily(outcomes, columns)
-    design = _design_of(truth)
-    kinetics = Kinetics.from_truth(truth)
-    frames = []
-    with warnings.catch_warnings():
-        # near-constant series (IGA within a patient) and boundary fits make scipy/statsmodels warn; the
-        # effects table says what happened in its note column instead
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for column in columns:
-            frames.append(analyze_outcome(per_day, column, reference, exclude=exclude, trend=settings.trend,
-                                          n_permutations=settings.n_permutations, seed=settings.seed,
-                                          alpha=settings.alpha, methods=settings.methods, design=design,
-                                          kinetics=kinetics))
-        effects = pd.concat(frames, ignore_index=True)
-        if truth is not None:
-            effects = attach_truth(effects, truth, outcomes_on_truth_scale=TRUTH_SCALE_OUTCOMES)
-        else:
-            for col in ("true_effect", "bias", "covered"):
-                effects[col] = np.nan
-        effects = standardize(effects, per_day, truth, exclude=exclude, trend=settings.trend)
-    effects = effects[list(EFFECT_COLUMNS)]
-    write_text_atomic(analysis_dir / "effects.csv", effects.to_csv(index=False, lineterminator="\n"))
-    timings.add("statistics", time.perf_counter() - t0)
-
-    t0 = time.perf_counter()
-    write_report(analysis_dir / "report.html", run_dir=run_dir, outcomes=outcomes, effects=effects, truth=truth,
-                 reference=reference, settings=asdict(settings), timings=timings.stages)
-    timings.add("report", time.perf_counter() - t0)
-    write_text_atomic(analysis_dir / "settings.json", json.dumps(
-        {"settings": asdict(settings), "reference": reference, "excluded": list(exclude),
-         "outcomes": columns}, indent=2) + "\n")
-    write_text_atomic(analysis_dir / "timings.json", json.dumps(timings.stages, indent=2) + "\n")
+    analysis_dir = run_dir / ANALYSIS
+    with rundir.locked(run_dir, what="analysing"), staged_folder(analysis_dir) as stage:
+        outcomes = run_outcomes(run_dir, manifest, settings, stage, timings, device=device, progress=progress)
+        columns = outcome_columns(outcomes)
+        write_bytes_atomic(stage / OUTCOMES, rundir.parquet_bytes(outcomes))
+        t0 = time.perf_counter()
+        effects = outcome_effects(outcomes, columns, truth, reference, exclude, settings)
+        write_text_atomic(stage / EFFECTS, effects.to_csv(index=False, lineterminator="\n"))
+        timings.add("statistics", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        write_report(stage / REPORT, run_dir=run_dir, outcomes=outcomes, effects=effects, truth=truth,
+                     reference=reference, settings=asdict(settings), timings=timings.stages)
+        timings.add("report", time.perf_counter() - t0)
+        write_text_atomic(stage / "settings.json", json.dumps(
+            {"settings": asdict(settings), "reference": reference, "excluded": list(exclude),
+             "outcomes": columns}, indent=2) + "\n")
+        write_text_atomic(stage / "timings.json", json.dumps(timings.stages, indent=2) + "\n")
     return analysis_dir
+
+
+@contextlib.contextmanager
+def staged_folder(folder: Path) -> Iterator[Path]:
+    """A scratch copy of ``folder`` (its files hard-linked) to write into; it takes ``folder``'s place when the
+    block succeeds and is deleted when the block fails, so a failed writer leaves ``folder`` as it was.
+
+    Writes into the copy must replace files (temp file + rename), never edit a linked one in place. Scratch
+    folders a killed writer left behind (``.NAME.*.tmp``, ``.NAME.*.old``) are deleted first; call this under
+    the run's lock.
+    """
+    for stale in [*folder.parent.glob(f".{folder.name}.*.tmp"), *folder.parent.glob(f".{folder.name}.*.old")]:
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; give the permissions mkdir would
+        if folder.is_dir():
+            for item in folder.iterdir():
+                if item.is_file() and not item.is_symlink():
+                    try:
+                        os.link(item, stage / item.name)
+                    except OSError:
+                        shutil.copy2(item, stage / item.name)
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = stage.with_suffix(".old")
+    if folder.exists():
+        os.rename(folder, old)
+    try:
+        os.rename(stage, folder)
+    except BaseException:
+        if old.exists():
+            os.rename(old, folder)
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if old.is_symlink():  # the folder was a link: the link goes, not what it pointed to
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _design_of(truth: dict | None):

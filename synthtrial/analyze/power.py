@@ -31,20 +31,26 @@ Choices, stated once:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from synthtrial.trial import scale
+from synthtrial.analyze.estimate import check_alpha
+from synthtrial.analyze.estimators import METHODS
+from synthtrial.analyze.limits import MAX_DAYS_PER_PATIENT, MAX_PATIENTS, MAX_PERIOD_DAYS, MAX_REPLICATES, MAX_TRIALS
 from synthtrial.analyze.power_render import RenderedSettings
-from synthtrial.util.errors import SynthtrialError
+from synthtrial.trial import scale
+from synthtrial.util.errors import SynthtrialError, one_line
 from synthtrial.util.seeding import derive_seed
 from synthtrial.trial.simulate import SeverityModel, TrialDesign, simulate_trial
 
@@ -71,6 +77,10 @@ def design_from_file(path: str | os.PathLike[str]) -> tuple[TrialDesign, Severit
         model = SeverityModel(**data["model"])
     except TypeError as exc:
         raise SynthtrialError(f"{path}: {exc} (option --design)") from None
+    unknown = [arm for arm in model.effects if arm not in design.arms]
+    if unknown:
+        raise SynthtrialError(f"{path}: model effect '{unknown[0]}' names no arm of the design "
+                              f"({', '.join(design.arms)}) (option --design)")
     return design, model
 
 
@@ -124,8 +134,10 @@ def scenario_grid(designs: Sequence[tuple[str, TrialDesign, SeverityModel]], *, 
         if not np.isfinite(value) or value < 0:
             raise SynthtrialError(f"--effect-scale must be a finite number >= 0, got {value}")
     for value in period_days:
-        if int(value) < 1:
-            raise SynthtrialError(f"--period-days must be >= 1, got {value}")
+        if not 1 <= int(value) <= MAX_PERIOD_DAYS:
+            raise SynthtrialError(f"--period-days must be between 1 and {MAX_PERIOD_DAYS}, got {value}")
+    if n_patients is not None and not 1 <= int(n_patients) <= MAX_PATIENTS:
+        raise SynthtrialError(f"--patients must be between 1 and {MAX_PATIENTS}, got {n_patients}")
     out = []
     for name, design, model in designs:
         own = {a: v for a, v in (effects or {}).items() if a in design.arms}
@@ -133,9 +145,23 @@ def scenario_grid(designs: Sequence[tuple[str, TrialDesign, SeverityModel]], *, 
             design = dataclasses.replace(design, n_patients=int(n_patients))
         for days in (period_days or (design.period_days,)):
             sized = dataclasses.replace(design, period_days=int(days))
+            _check_size(name, sized)
             for factor in effect_scales:
                 out.append(Scenario(name, sized, with_effects(model, own, effect_scale=float(factor)), float(factor)))
     return out
+
+
+def _check_size(name: str, design: TrialDesign) -> None:
+    """Refuse a scenario too large for one simulated trial (:mod:`synthtrial.analyze.limits`), naming it."""
+    if design.n_patients > MAX_PATIENTS:
+        raise SynthtrialError(f"design '{name}': {design.n_patients} patients; a power study simulates at most "
+                              f"{MAX_PATIENTS} per trial (option --design or --patients)")
+    if design.period_days > MAX_PERIOD_DAYS:
+        raise SynthtrialError(f"design '{name}': periods of {design.period_days} days; at most {MAX_PERIOD_DAYS} "
+                              "(option --design or --period-days)")
+    if design.days_per_patient > MAX_DAYS_PER_PATIENT:
+        raise SynthtrialError(f"design '{name}': {design.days_per_patient} days per patient; a power study "
+                              f"simulates at most {MAX_DAYS_PER_PATIENT} (option --design or --period-days)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +176,17 @@ class StudySettings:
     random_slopes: bool = False
     estimate_kinetics: bool = False
     rendered: RenderedSettings | None = None   # None: no replicate is rendered
+
+    def __post_init__(self) -> None:
+        check_alpha(self.alpha, "--alpha")
+        unknown = [o for o in self.outcomes if o not in POWER_OUTCOMES]
+        if unknown:
+            raise SynthtrialError(f"unknown outcome '{unknown[0]}'; power studies use {', '.join(POWER_OUTCOMES)}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise SynthtrialError(f"unknown method '{bad[0]}'; choose from {', '.join(METHODS)}")
+        if self.rendered is not None and not isinstance(self.rendered, RenderedSettings):
+            raise SynthtrialError(f"rendered must be a RenderedSettings or None, not {type(self.rendered).__name__}")
 
     def renders(self, replicate: int) -> bool:
         """Whether replicate ``replicate`` (0-based) is rendered."""
@@ -245,36 +282,10 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
         scenarios = [Scenario("design", scenarios, model, 1.0)]
     settings = dataclasses.replace(settings or StudySettings(), **{
         k: tuple(v) if k in ("methods", "outcomes") else v for k, v in setting_overrides.items()})
-    unknown = [o for o in settings.outcomes if o not in POWER_OUTCOMES]
-    if unknown:
-        raise SynthtrialError(f"unknown outcome '{unknown[0]}'; power studies use {', '.join(POWER_OUTCOMES)}")
-    if replicates < 1:
-        raise SynthtrialError(f"--replicates must be >= 1, got {replicates}")
-    if workers < 0:
-        raise SynthtrialError(f"--workers must be >= 0, got {workers}")
-    if settings.rendered is not None and not isinstance(settings.rendered, RenderedSettings):
-        raise SynthtrialError(f"rendered must be a RenderedSettings or None, not {type(settings.rendered).__name__}")
-    if settings.rendered is not None and settings.rendered.replicates > replicates:
-        raise SynthtrialError(f"--rendered {settings.rendered.replicates} exceeds --replicates {replicates}")
-    from synthtrial.analyze.stats import METHODS
-
-    bad = [m for m in settings.methods if m not in METHODS]
-    if bad:
-        raise SynthtrialError(f"unknown method '{bad[0]}'; choose from {', '.join(METHODS)}")
+    _check_study(scenarios, replicates, settings, workers)
     cache_dir = Path(cache) if cache is not None else None
     keys = [scenario_key(s, settings) for s in scenarios]
-    results: dict[tuple[int, int], pd.DataFrame] = {}
-    todo: list[tuple[int, int]] = []
-    for i, key in enumerate(keys):
-        for r in range(replicates):
-            path = _cache_path(cache_dir, key, r) if cache_dir else None
-            if path is not None and path.is_file():
-                try:
-                    results[(i, r)] = _read_cached(path)
-                    continue
-                except (OSError, ValueError):
-                    pass  # a damaged cache file is recomputed
-            todo.append((i, r))
+    results = _cached(cache_dir, keys, replicates) if cache_dir is not None else {}
     total, done = len(scenarios) * replicates, len(results)
     if on_replicate and done:
         on_replicate(done, total)
@@ -289,53 +300,158 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
             if on_replicate:
                 on_replicate(done, total)
 
-    size = chunk or max(1, min(25, len(todo) // max(1, 8 * max(workers, 1))))
-    chunks = [(i, [r]) for (i, r) in todo if settings.renders(r)]
-    for i in range(len(scenarios)):
-        reps = [r for (j, r) in todo if j == i and not settings.renders(r)]
-        chunks += [(i, reps[k:k + size]) for k in range(0, len(reps), size)]
-    if workers == 0 and scheduler is None:
-        for i, reps in chunks:
+    size = chunk or max(1, min(25, (total - len(results)) // max(1, 8 * max(workers, 1))))
+    chunks = pending_chunks(len(scenarios), replicates, settings, results, size)
+    first = next(chunks, None)
+    if first is None:
+        pass  # everything came from the cache
+    elif workers == 0 and scheduler is None:
+        for i, reps in itertools.chain([first], chunks):
             finished(i, _run_chunk(scenarios[i], settings, reps), reps)
-    elif chunks:
-        _run_dask(chunks, scenarios, settings, workers, scheduler, finished)
+    else:
+        _run_dask(itertools.chain([first], chunks), scenarios, settings, workers, scheduler, finished)
     estimates = pd.concat([results[(i, r)] for i in range(len(scenarios)) for r in range(replicates)],
                           ignore_index=True)
     return estimates, summarize_power(estimates, settings.alpha)
 
 
+def _check_study(scenarios: Sequence[Scenario], replicates: int, settings: StudySettings, workers: int) -> None:
+    """Refuse, before any work, a study beyond :mod:`synthtrial.analyze.limits` or inconsistent settings."""
+    if isinstance(replicates, bool) or not isinstance(replicates, (int, np.integer)) \
+            or not 1 <= replicates <= MAX_REPLICATES:
+        raise SynthtrialError(f"--replicates must be a whole number from 1 to {MAX_REPLICATES}, got {replicates!r}")
+    if len(scenarios) * replicates > MAX_TRIALS:
+        raise SynthtrialError(f"{len(scenarios)} scenarios x {replicates} replicates = "
+                              f"{len(scenarios) * replicates} trials; a power study runs at most {MAX_TRIALS} "
+                              "(fewer --replicates, or a smaller grid)")
+    if workers < 0:
+        raise SynthtrialError(f"--workers must be >= 0, got {workers}")
+    if settings.rendered is not None and settings.rendered.replicates > replicates:
+        raise SynthtrialError(f"--rendered {settings.rendered.replicates} exceeds --replicates {replicates}")
+
+
+def _cached(cache: Path, keys: list[str], replicates: int) -> dict[tuple[int, int], pd.DataFrame]:
+    """Every replicate the cache folder holds intact (a damaged file is left to be recomputed)."""
+    results = {}
+    for i, key in enumerate(keys):
+        for r in range(replicates):
+            path = _cache_path(cache, key, r)
+            if path.is_file():
+                try:
+                    results[(i, r)] = _read_cached(path)
+                except (OSError, ValueError):
+                    pass  # a damaged cache file is recomputed
+    return results
+
+
+def pending_chunks(n_scenarios: int, replicates: int, settings: StudySettings, done: Container[tuple[int, int]],
+            size: int) -> Iterator[tuple[int, list[int]]]:
+    """The work still to do, generated as it is taken (never built whole): each rendered replicate alone and
+    first, then each scenario's other replicates in chunks of ``size``."""
+    for i in range(n_scenarios):
+        for r in range(min(replicates, settings.rendered.replicates if settings.rendered else 0)):
+            if (i, r) not in done:
+                yield i, [r]
+    for i in range(n_scenarios):
+        reps: list[int] = []
+        for r in range(replicates):
+            if (i, r) not in done and not settings.renders(r):
+                reps.append(r)
+                if len(reps) == size:
+                    yield i, reps
+                    reps = []
+        if reps:
+            yield i, reps
+
+
 def local_cluster(workers: int):
-    """The Dask ``LocalCluster`` a power study starts: ``workers`` single-threaded processes, no dashboard."""
+    """The Dask ``LocalCluster`` a power study starts: ``workers`` single-threaded processes, no dashboard.
+
+    Its logs are silenced up to CRITICAL: a failing replicate is reported once, in one line, by the caller,
+    not as a "Compute Failed" traceback per task from every worker. The workers start with Ctrl-C (SIGINT)
+    ignored, a disposition a spawned process inherits: on Ctrl-C in a terminal, which signals every process
+    of the group, this process alone stops and closes the cluster, instead of every worker printing its
+    own KeyboardInterrupt traceback.
+    """
     import logging
+    import signal
+    import threading
 
     from distributed import LocalCluster
 
-    # no dashboard; its HTTP server (always started) takes any free port instead of insisting on 8787
-    return LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True, dashboard_address=":0",
-                        scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR)
+    main = threading.current_thread() is threading.main_thread()  # signal handlers belong to the main thread
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        # no dashboard; its HTTP server (always started) takes any free port instead of insisting on 8787
+        return LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True, dashboard_address=":0",
+                            scheduler_kwargs={"dashboard": False}, silence_logs=logging.CRITICAL)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
-def _run_dask(chunks, scenarios, settings, workers, scheduler, finished) -> None:
+@contextlib.contextmanager
+def _quiet_distributed() -> Iterator[None]:
+    """Silence ``distributed``'s loggers in this process for the block (its client and a local cluster's
+    scheduler and nannies log task errors and shutdown noise that the one-line error replaces)."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("distributed", "tornado", "asyncio")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _run_dask(chunks: Iterator[tuple[int, list[int]]], scenarios, settings, workers, scheduler, finished) -> None:
+    """Run the chunks on Dask, a bounded number in flight; the first failure ends the study in one line."""
     from distributed import Client, as_completed
 
-    if scheduler is not None:
+    with _quiet_distributed():
+        if scheduler is not None:
+            try:
+                client = Client(scheduler, timeout="5s")
+            except (OSError, TimeoutError, ValueError) as exc:
+                raise SynthtrialError(f"cannot reach the Dask scheduler at {scheduler} ({exc}) "
+                                      "(option --scheduler)") from None
+            cluster, ahead = None, 64
+        else:
+            cluster = local_cluster(workers)
+            client, ahead = Client(cluster), 4 * max(1, workers)
         try:
-            client = Client(scheduler, timeout="5s")
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise SynthtrialError(f"cannot reach the Dask scheduler at {scheduler} ({exc}) (option --scheduler)") from None
-        cluster = None
-    else:
-        cluster = local_cluster(workers)
-        client = Client(cluster)
+            pending: dict[Any, tuple[int, list[int]]] = {}
+            queue = as_completed()
+
+            def submit(n: int) -> None:
+                for i, reps in itertools.islice(chunks, n):
+                    future = client.submit(_run_chunk, scenarios[i], settings, reps, pure=False)
+                    pending[future] = (i, reps)
+                    queue.add(future)
+
+            submit(ahead)
+            for future in queue:
+                i, reps = pending.pop(future)
+                finished(i, _result(future, scenarios[i]), reps)
+                submit(1)
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+
+def _result(future: Any, scenario: Scenario) -> list[pd.DataFrame]:
+    """A finished chunk's frames; its error as one line (a SynthtrialError as raised, anything else named)."""
     try:
-        futures = {client.submit(_run_chunk, scenarios[i], settings, reps, pure=False): (i, reps) for i, reps in chunks}
-        for future in as_completed(futures):
-            i, reps = futures[future]
-            finished(i, future.result(), reps)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        return future.result()
+    except SynthtrialError:
+        raise
+    except Exception as exc:  # a worker's error arrives as the exception its task raised
+        raise SynthtrialError(f"a replicate of scenario '{scenario.name}' failed on a Dask worker "
+                              f"({type(exc).__name__}: {one_line(exc)})") from None
 
 
 def summarize_power(estimates: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:

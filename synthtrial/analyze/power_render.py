@@ -8,9 +8,10 @@ a user runs:
 1. the simulated protocol and its truth are written to a temporary folder and rendered by
    :func:`synthtrial.run.generation.generate` (procedural backend, built-in faces, ``image_size`` pixels, one process);
 2. :func:`synthtrial.grade.grade_run` scores every image with each of ``graders`` (their shipped defaults);
-3. :func:`synthtrial.analyze.pipeline.autoencoder_outcome` trains the convolutional autoencoder on the trial's
-   images (``ae_image_size`` pixels, ``epochs``, the default pre-sigmoid embedding) and reduces each
-   patient's embeddings to the first principal component (``ae_pca``, in that patient's SD units);
+3. :func:`synthtrial.analyze.pipeline.run_outcomes` (through which ``synthtrial analyze`` reads a run's
+   outcomes) adds the graders' columns and trains the convolutional autoencoder on the trial's images
+   (``ae_image_size`` pixels, ``epochs``, the default pre-sigmoid embedding), reducing each patient's
+   embeddings to the first principal component (``ae_pca``, in that patient's SD units);
 4. :func:`synthtrial.analyze.pipeline.daily` averages the views of a day, as ``synthtrial analyze`` does.
 
 The outcome columns carry the names ``analyze`` gives them (``ae_pca``, ``grader_<grader>_<column>``). They
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from synthtrial.analyze.limits import MAX_AE_IMAGE_SIZE, MAX_EPOCHS, MAX_RENDERED, MIN_AE_IMAGE_SIZE
 from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.seeding import derive_seed
 
@@ -72,22 +74,21 @@ class RenderedSettings:
     graders: tuple[str, ...] = ("counter",)
 
     def __post_init__(self) -> None:
-        def whole(name: str, option: str, minimum: int) -> int:
+        def whole(name: str, option: str, minimum: int, maximum: int) -> int:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
                 raise SynthtrialError(f"{option} must be a whole number >= {minimum}, got {value!r}")
+            if value > maximum:
+                raise SynthtrialError(f"{option} must be between {minimum} and {maximum}, got {value}")
             object.__setattr__(self, name, int(value))
             return int(value)
 
-        whole("replicates", "--rendered", 1)
-        size = whole("image_size", "--image-size", MIN_IMAGE_SIZE)
-        if size > MAX_IMAGE_SIZE:
-            raise SynthtrialError(f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, "
-                                  f"got {size}")
-        whole("epochs", "--ae-epochs", 1)
-        ae = whole("ae_image_size", "--ae-image-size", 16)
+        whole("replicates", "--rendered", 1, MAX_RENDERED)
+        size = whole("image_size", "--size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+        whole("epochs", "--ae-epochs", 1, MAX_EPOCHS)
+        ae = whole("ae_image_size", "--ae-image-size", MIN_AE_IMAGE_SIZE, MAX_AE_IMAGE_SIZE)
         if ae & (ae - 1) or ae > size:
-            raise SynthtrialError(f"--ae-image-size must be a power of two from 16 to --image-size ({size}), got {ae}")
+            raise SynthtrialError(f"--ae-image-size must be a power of two from 16 to --size ({size}), got {ae}")
         graders = (self.graders,) if isinstance(self.graders, str) else tuple(self.graders)
         if len(set(graders)) != len(graders):
             raise SynthtrialError(f"--grader: a grader is named twice ({', '.join(graders)})")
@@ -98,7 +99,7 @@ class RenderedSettings:
 
 def is_image_outcome(name: str) -> bool:
     """Whether an outcome column comes from rendered images (the autoencoder's or a grader's)."""
-    from synthtrial.analyze.stats import GRADER_OUTCOME_PREFIX
+    from synthtrial.analyze.estimators import GRADER_OUTCOME_PREFIX
 
     return name == AE_OUTCOME or name.startswith(GRADER_OUTCOME_PREFIX)
 
@@ -116,7 +117,7 @@ def grader_outcomes(name: str) -> tuple[str, ...]:
     outcomes = tuple(getattr(REGISTRY[name].cls(), "outcomes", ()))
     if not outcomes:
         raise SynthtrialError(f"--grader {name}: grades no trial outcome (it judges photo quality)")
-    from synthtrial.analyze.stats import GRADER_OUTCOME_PREFIX
+    from synthtrial.analyze.estimators import GRADER_OUTCOME_PREFIX
 
     return tuple(f"{GRADER_OUTCOME_PREFIX}{name}_{column}" for column in outcomes)
 
@@ -137,14 +138,16 @@ def render_trial(trial: SimulatedTrial, settings: RenderedSettings, seed: int) -
     """Render, grade and embed one simulated trial (``simulate_trial(...)``'s result); one row per patient-day.
 
     Columns: ``patient_id, day, treatment, block`` and :func:`rendered_outcome_names` (views averaged).
-    The temporary folder is removed afterwards, also on an error.
+    The stages are those a user runs: ``generate``, ``grade`` and ``analyze``'s
+    :func:`~synthtrial.analyze.pipeline.run_outcomes` and :func:`~synthtrial.analyze.pipeline.daily`. The
+    temporary folder is removed afterwards, also on an error.
     """
     import torch
 
+    from synthtrial.analyze.pipeline import ANALYSIS, AnalysisSettings, Timings, daily, run_outcomes
     from synthtrial.grade import grade_run
-    from synthtrial.analyze.pipeline import AnalysisSettings, Timings, autoencoder_outcome, daily, image_outcomes
-    from synthtrial.run.rundir import read_run
     from synthtrial.run.generation import generate
+    from synthtrial.run.rundir import read_run
 
     columns = list(rendered_outcome_names(settings))
     analysis = AnalysisSettings(epochs=settings.epochs, image_size=settings.ae_image_size,
@@ -159,12 +162,8 @@ def render_trial(trial: SimulatedTrial, settings: RenderedSettings, seed: int) -
             if settings.graders:
                 grade_run(run_dir, [_cpu_grader(name) for name in settings.graders])
             manifest, _ = read_run(run_dir)
-            outcomes = image_outcomes(run_dir, manifest)
-            analysis_dir = run_dir / "analysis"
-            analysis_dir.mkdir()
-            ae = autoencoder_outcome(run_dir, manifest, analysis, analysis_dir, Timings(), device="cpu",
-                                     progress=False)
-            outcomes = outcomes.merge(ae[["image", AE_OUTCOME]], on="image", how="left", validate="one_to_one")
+            outcomes = run_outcomes(run_dir, manifest, analysis, run_dir / ANALYSIS, Timings(), device="cpu",
+                                    progress=False)
     finally:
         torch.set_num_threads(threads)
     missing = [c for c in columns if c not in outcomes.columns]

@@ -281,7 +281,7 @@ def write_report(path: Path, *, run_dir: Path, outcomes: pd.DataFrame, effects: 
         "outlined in its type's colour from the run's exact instance masks.</p>",
         f'<img alt="image strip" src="data:image/png;base64,{image_strip(run_dir, outcomes)}">',
     ]
-    emb_path = run_dir / "analysis" / "embeddings.parquet"
+    emb_path = path.parent / "embeddings.parquet"  # the analysis folder being written
     if "ae_pca" in outcomes and emb_path.is_file():
         emb = pd.read_parquet(emb_path)
         sections += ["<h2>Autoencoder embeddings</h2>",

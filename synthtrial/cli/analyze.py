@@ -8,6 +8,8 @@ import typer
 from rich import box
 from rich.table import Table
 
+from synthtrial.analyze.limits import (ALPHA_RANGE, MAX_AE_IMAGE_SIZE, MAX_EPOCHS, MAX_PERMUTATIONS, MIN_AE_IMAGE_SIZE,
+                                      MIN_PERMUTATIONS)
 from synthtrial.cli.common import Device, Quiet, RunDir, Seed, app, handles_errors, out
 
 _ANALYSIS_PANEL = "Analysis"
@@ -19,17 +21,21 @@ def analyze_command(
     run: RunDir,
     autoencoder: Annotated[bool, typer.Option("--autoencoder/--no-autoencoder",
                                               help="Train the unsupervised autoencoder + PCA outcome.")] = True,
-    epochs: Annotated[int, typer.Option(help="Autoencoder training epochs.", rich_help_panel=_ANALYSIS_PANEL)] = 10,
-    image_size: Annotated[int, typer.Option(help="Autoencoder input size (power of two; Schneider et al.: 256).",
+    epochs: Annotated[int, typer.Option(min=1, max=MAX_EPOCHS, help="Autoencoder training epochs.",
+                                        rich_help_panel=_ANALYSIS_PANEL)] = 10,
+    image_size: Annotated[int, typer.Option(help=f"Autoencoder input size, a power of two from {MIN_AE_IMAGE_SIZE} "
+                                            f"to {MAX_AE_IMAGE_SIZE} (Schneider et al.: 256).",
                                             rich_help_panel=_ANALYSIS_PANEL)] = 256,
     embedding: Annotated[str, typer.Option(help="Autoencoder features for the PCA: 'logits' (the bottleneck before "
                                            "its sigmoid, which saturates) or 'sigmoid' (Schneider et al.'s).",
                                            rich_help_panel=_ANALYSIS_PANEL)] = "logits",
     trend: Annotated[bool, typer.Option("--trend/--no-trend", help="Adjust the pooled model for a linear time "
                                         "trend.", rich_help_panel=_ANALYSIS_PANEL)] = True,
-    permutations: Annotated[int, typer.Option(help="Permutations per permutation test.",
+    permutations: Annotated[int, typer.Option(min=MIN_PERMUTATIONS, max=MAX_PERMUTATIONS,
+                                              help="Permutations per permutation test.",
                                               rich_help_panel=_ANALYSIS_PANEL)] = 2000,
-    alpha: Annotated[float, typer.Option(help="Significance level (CIs are 1 - alpha).",
+    alpha: Annotated[float, typer.Option(help=f"Significance level (CIs are 1 - alpha), strictly between "
+                                         f"{ALPHA_RANGE[0]:g} and {ALPHA_RANGE[1]:g}.",
                                          rich_help_panel=_ANALYSIS_PANEL)] = 0.05,
     seed: Seed = 0,
     device: Device = None,
@@ -37,7 +43,7 @@ def analyze_command(
 ) -> None:
     """Estimate the treatment effects of a run from its images, each beside the truth it simulated.
 
-    Outcomes: the oracle severity, the lesion count (also read on the severity scale), IGA, any grader scores in RUN/grades.parquet, and Schneider et al.'s unsupervised autoencoder + PCA score. Per-patient tests valid on autocorrelated series with kinetics: period-level analysis, randomisation over the design's scheme, GLS-AR(1) with exposure kinetics; descriptive only: Welch t, day-level permutation, GLS-AR(1) with a step, Newey-West. Pooled: linear mixed model with CR2 (Satterthwaite df) and CR1 cluster-robust SEs. Every outcome also on one scale (effect / within-patient residual SD) beside the standardised truth. Writes RUN/analysis/: outcomes.parquet, effects.csv and report.html.
+    Outcomes: the oracle severity, the lesion count (also read on the severity scale), IGA, any grader scores in RUN/grades.parquet, and Schneider et al.'s unsupervised autoencoder + PCA score. Per-patient tests valid on autocorrelated series with kinetics: period-level analysis, randomisation over the design's scheme, GLS-AR(1) with exposure kinetics; descriptive only: Welch t, day-level permutation, GLS-AR(1) with a step, Newey-West. Pooled: linear mixed model with CR2 (Satterthwaite df) and CR1 cluster-robust SEs. Every outcome also on one scale (effect / within-patient residual SD) beside the standardised truth. Writes RUN/analysis/: outcomes.parquet, effects.csv and report.html, as a set (a refused analysis leaves the previous ones as they were).
     """
     import pandas as pd
 

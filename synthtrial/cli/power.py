@@ -11,8 +11,10 @@ import typer
 from rich import box
 from rich.table import Table
 
-from synthtrial.graders.base import REGISTRY
+from synthtrial.analyze.limits import (ALPHA_RANGE, MAX_DAYS_PER_PATIENT, MAX_EPOCHS, MAX_PATIENTS, MAX_PERIOD_DAYS,
+                                      MAX_RENDERED, MAX_REPLICATES, MAX_TRIALS)
 from synthtrial.cli.common import PresetName, Quiet, Seed, app, handles_errors, out
+from synthtrial.graders.base import REGISTRY
 from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.progress import progress_bar
 
@@ -26,6 +28,9 @@ _SHORT_COLUMN = {"count": "n", "severity": "sev", "expected_grade": "gr"}
 
 
 class PowerMethod(str, Enum):
+    """``--method`` choices: the estimator registry's names (synthtrial.analyze.estimators.METHODS, checked by a
+    test; listed here so that the command line starts without loading the statistics)."""
+
     period = "period"
     randomization = "randomization"
     gls_kinetics = "gls_kinetics"
@@ -50,7 +55,7 @@ def short_outcome(name: str) -> str:
     """An outcome's label in the 80-column tables: ``grader_counter_severity`` -> ``ctr sev``."""
     if name in _SHORT_OUTCOME:
         return _SHORT_OUTCOME[name]
-    from synthtrial.analyze.stats import GRADER_OUTCOME_PREFIX
+    from synthtrial.analyze.estimators import GRADER_OUTCOME_PREFIX
 
     if name.startswith(GRADER_OUTCOME_PREFIX):
         grader, _, column = name.removeprefix(GRADER_OUTCOME_PREFIX).partition("_")
@@ -67,8 +72,11 @@ def _default_workers() -> int:
     return max(1, min(cpus, 8))
 
 
-def _output_path(path: Path, option: str, suffixes: tuple[str, ...]) -> Path:
-    """The file an output option will write (a missing suffix gets the first of ``suffixes``), checked now."""
+def _output_path(path: Path, option: str, suffixes: tuple[str, ...], force: bool,
+                 companion: str | None = None) -> Path:
+    """The file an output option will write (a missing suffix gets the first of ``suffixes``), checked now:
+    its folder exists and is writable, and neither it nor its ``companion`` (``<stem><companion>`` beside it)
+    exists unless ``force``."""
     if path.suffix == "":
         path = path.with_name(path.name + suffixes[0])
     elif path.suffix.lower() not in suffixes:
@@ -78,134 +86,181 @@ def _output_path(path: Path, option: str, suffixes: tuple[str, ...]) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise SynthtrialError(f"{parent}: no such directory ({option} {path})")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    written = [path] + ([path.with_name(f"{path.stem}{companion}")] if companion else [])
+    existing = [str(p) for p in written if p.exists() or p.is_symlink()]
+    if existing and not force:
+        raise SynthtrialError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass "
+                              f"--force to overwrite (option {option})")
+    if not os.access(parent, os.W_OK | os.X_OK) or any(p.exists() and not os.access(p, os.W_OK) for p in written):
         raise SynthtrialError(f"{path}: not writable ({option})")
     return path
 
 
+#: The estimates CSV written beside ``--out``'s summary CSV.
+_ESTIMATES_SUFFIX = ".estimates.csv"
+
+Presets = Annotated[Optional[list[PresetName]], typer.Option(
+    "--preset", help="A ready-made design (repeatable; default: quick).", show_default=False, rich_help_panel=_GRID)]
+DesignFiles = Annotated[Optional[list[Path]], typer.Option(
+    "--design", help="A truth file written by [bold]protocol design[/] (repeatable; at most "
+    f"{MAX_PATIENTS} patients, {MAX_DAYS_PER_PATIENT} days each).", show_default=False, rich_help_panel=_GRID)]
+PeriodDays = Annotated[Optional[list[int]], typer.Option(
+    "--period-days", min=1, max=MAX_PERIOD_DAYS, help="Block length(s) in days (repeatable; default: each "
+    "design's own).", show_default=False, rich_help_panel=_GRID)]
+EffectScales = Annotated[Optional[list[float]], typer.Option(
+    "--effect-scale", help="Multiplier(s) of the design's effects (repeatable; 0 = null; default 1).",
+    show_default=False, rich_help_panel=_GRID)]
+Null = Annotated[bool, typer.Option("--null", help="Same as --effect-scale 0: every effect and its spread zero, "
+                                    "so rejection rates are type I errors.", rich_help_panel=_GRID)]
+Effects = Annotated[Optional[list[str]], typer.Option(
+    "--effect", help="Override an arm's population effect, ARM=NUMBER (repeatable).", show_default=False,
+    rich_help_panel=_GRID)]
+Patients = Annotated[Optional[int], typer.Option(
+    "--patients", min=1, max=MAX_PATIENTS, help="Override the number of patients.", show_default=False,
+    rich_help_panel=_GRID)]
+Replicates = Annotated[int, typer.Option(
+    "--replicates", min=1, max=MAX_REPLICATES, help=f"Simulated trials per scenario (at most {MAX_TRIALS} over "
+    "the whole grid).")]
+Methods = Annotated[Optional[list[PowerMethod]], typer.Option(
+    "--method", help="Tests to run (repeatable; default: all but permutation).", show_default=False)]
+Outcomes = Annotated[Optional[list[PowerOutcome]], typer.Option(
+    "--outcome", help="Outcomes (repeatable; default: both).", show_default=False)]
+Alpha = Annotated[float, typer.Option(
+    "--alpha", help=f"Significance level, strictly between {ALPHA_RANGE[0]:g} and {ALPHA_RANGE[1]:g}.")]
+Trend = Annotated[bool, typer.Option("--trend/--no-trend", help="Adjust for a linear time trend.")]
+RandomSlopes = Annotated[bool, typer.Option(
+    "--random-slopes", help="Pooled model with random treatment slopes (statsmodels; ~20x slower than the default "
+    "random intercept, whose cluster-robust SEs already allow them).")]
+EstimateKinetics = Annotated[bool, typer.Option(
+    "--estimate-kinetics", help="gls_kinetics profiles the half-lives per patient instead of using the design's.")]
+Workers = Annotated[Optional[int], typer.Option(
+    "--workers", min=1, help="Dask LocalCluster worker processes (results do not depend on it; default: this "
+    "machine's CPUs, at most 8).", show_default=False, rich_help_panel=_RUN)]
+Scheduler = Annotated[Optional[str], typer.Option(
+    "--scheduler", help="Address of a running Dask scheduler (tcp://HOST:PORT) instead of a local cluster.",
+    show_default=False, rich_help_panel=_RUN)]
+Cache = Annotated[Optional[Path], typer.Option(
+    "--cache", help="Folder keeping every finished replicate; a re-run resumes from it.", show_default=False,
+    rich_help_panel=_RUN)]
+Out = Annotated[Optional[Path], typer.Option(
+    "--out", "-o", help=f"Summary CSV (every estimate goes to <stem>{_ESTIMATES_SUFFIX} beside it); a name without "
+    "suffix gets .csv; a .html name writes the report instead. Existing files are refused without --force.",
+    show_default=False)]
+Report = Annotated[Optional[Path], typer.Option(
+    "--report", help="HTML report with power curves and type I error tables (.html added when missing).",
+    show_default=False)]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite existing --out / --report files (and --out's "
+                                     f"{_ESTIMATES_SUFFIX}).")]
+Rendered = Annotated[int, typer.Option(
+    "--rendered", min=0, max=MAX_RENDERED, help="Also render the first N replicates of each scenario (procedural "
+    "backend, built-in faces) and analyse their image outcomes: the autoencoder/PCA score and the graders'. Costs "
+    "about 3 s per rendered quick-design replicate (48 images at 128 px, counter) and about 50 s per anchor-design "
+    "one (1400 images), per worker.", rich_help_panel=_RENDER)]
+ImageSize = Annotated[Optional[int], typer.Option(
+    "--size", help="Side of the rendered images in pixels (as generate --size), 128 (the least generate draws; the default) to "
+    "1024.", show_default=False, rich_help_panel=_RENDER)]
+AeEpochs = Annotated[Optional[int], typer.Option(
+    "--ae-epochs", min=1, max=MAX_EPOCHS, help="Autoencoder training epochs per rendered replicate (default 3).",
+    show_default=False, rich_help_panel=_RENDER)]
+AeImageSize = Annotated[Optional[int], typer.Option(
+    "--ae-image-size", help="Autoencoder input side, a power of two from 16 to --size (default 64).",
+    show_default=False, rich_help_panel=_RENDER)]
+Graders = Annotated[Optional[list[GraderName]], typer.Option(
+    "--grader", help="Grader scoring the rendered images (repeatable; default: counter; the detector adds ~10 s per "
+    "quick replicate).", show_default=False, rich_help_panel=_RENDER)]
+
+
 @app.command("power")
 @handles_errors
-def power_command(
-    preset: Annotated[Optional[list[PresetName]], typer.Option(help="A ready-made design (repeatable; default: "
-                                                               "quick).", show_default=False, rich_help_panel=_GRID)] = None,
-    design_file: Annotated[Optional[list[Path]], typer.Option("--design", help="A truth file written by "
-                                                              "[bold]protocol design[/] (repeatable).",
-                                                              show_default=False, rich_help_panel=_GRID)] = None,
-    period_days: Annotated[Optional[list[int]], typer.Option(help="Block length(s) in days (repeatable; default: "
-                                                             "each design's own).", show_default=False,
-                                                             rich_help_panel=_GRID)] = None,
-    effect_scale: Annotated[Optional[list[float]], typer.Option(help="Multiplier(s) of the design's effects "
-                                                                "(repeatable; 0 = null; default 1).",
-                                                                show_default=False, rich_help_panel=_GRID)] = None,
-    null: Annotated[bool, typer.Option("--null", help="Same as --effect-scale 0: every effect and its spread zero, "
-                                       "so rejection rates are type I errors.", rich_help_panel=_GRID)] = False,
-    effect: Annotated[Optional[list[str]], typer.Option(help="Override an arm's population effect, ARM=NUMBER "
-                                                        "(repeatable).", show_default=False,
-                                                        rich_help_panel=_GRID)] = None,
-    patients: Annotated[Optional[int], typer.Option(min=1, help="Override the number of patients.",
-                                                    show_default=False, rich_help_panel=_GRID)] = None,
-    replicates: Annotated[int, typer.Option(min=1, help="Simulated trials per scenario.")] = 200,
-    method: Annotated[Optional[list[PowerMethod]], typer.Option(help="Tests to run (repeatable; default: all but "
-                                                                "permutation).", show_default=False)] = None,
-    outcome: Annotated[Optional[list[PowerOutcome]], typer.Option(help="Outcomes (repeatable; default: both).",
-                                                                  show_default=False)] = None,
-    alpha: Annotated[float, typer.Option(help="Significance level.")] = 0.05,
-    trend: Annotated[bool, typer.Option("--trend/--no-trend", help="Adjust for a linear time trend.")] = True,
-    random_slopes: Annotated[bool, typer.Option("--random-slopes", help="Pooled model with random treatment slopes "
-                                                "(statsmodels; ~20x slower than the default random intercept, "
-                                                "whose cluster-robust SEs already allow them).")] = False,
-    estimate_kinetics: Annotated[bool, typer.Option("--estimate-kinetics", help="gls_kinetics profiles the "
-                                                    "half-lives per patient instead of using the design's.")] = False,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Dask LocalCluster worker processes (results do not "
-                                                   "depend on it; default: this machine's CPUs, at most 8).",
-                                                   show_default=False, rich_help_panel=_RUN)] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="Address of a running Dask scheduler (tcp://HOST:PORT) "
-                                                     "instead of a local cluster.", show_default=False,
-                                                     rich_help_panel=_RUN)] = None,
-    cache: Annotated[Optional[Path], typer.Option(help="Folder keeping every finished replicate; a re-run resumes "
-                                                  "from it.", show_default=False, rich_help_panel=_RUN)] = None,
-    seed: Seed = 0,
-    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Summary CSV (every estimate goes to "
-                                                     "<stem>.estimates.csv beside it); a name without suffix gets "
-                                                     ".csv; a .html name writes the report instead.",
-                                                     show_default=False)] = None,
-    report: Annotated[Optional[Path], typer.Option(help="HTML report with power curves and type I error tables "
-                                                   "(.html added when missing).", show_default=False)] = None,
-    rendered: Annotated[int, typer.Option(min=0, help="Also render the first N replicates of each scenario "
-                                          "(procedural backend, built-in faces) and analyse their image outcomes: "
-                                          "the autoencoder/PCA score and the graders'. Costs about 3 s per "
-                                          "rendered quick-design replicate (48 images at 128 px, counter) and "
-                                          "about 50 s per anchor-design one (1400 images), per worker.",
-                                          rich_help_panel=_RENDER)] = 0,
-    image_size: Annotated[Optional[int], typer.Option(help="Side of the rendered images in pixels (default 128, "
-                                                      "the least generate draws).",
-                                                      show_default=False, rich_help_panel=_RENDER)] = None,
-    ae_epochs: Annotated[Optional[int], typer.Option(help="Autoencoder training epochs per rendered replicate "
-                                                     "(default 3).", show_default=False,
-                                                     rich_help_panel=_RENDER)] = None,
-    ae_image_size: Annotated[Optional[int], typer.Option(help="Autoencoder input side, a power of two (default "
-                                                         "64).", show_default=False, rich_help_panel=_RENDER)] = None,
-    grader: Annotated[Optional[list[GraderName]], typer.Option(help="Grader scoring the rendered images "
-                                                               "(repeatable; default: counter; the detector adds "
-                                                               "~10 s per quick replicate).", show_default=False,
-                                                               rich_help_panel=_RENDER)] = None,
-    quiet: Quiet = False,
-) -> None:
+def power_command(preset: Presets = None, design_file: DesignFiles = None, period_days: PeriodDays = None,
+                  effect_scale: EffectScales = None, null: Null = False, effect: Effects = None,
+                  patients: Patients = None, replicates: Replicates = 200, method: Methods = None,
+                  outcome: Outcomes = None, alpha: Alpha = 0.05, trend: Trend = True, random_slopes: RandomSlopes = False,
+                  estimate_kinetics: EstimateKinetics = False, workers: Workers = None, scheduler: Scheduler = None,
+                  cache: Cache = None, seed: Seed = 0, out_path: Out = None, report: Report = None, force: Force = False,
+                  rendered: Rendered = 0, image_size: ImageSize = None, ae_epochs: AeEpochs = None,
+                  ae_image_size: AeImageSize = None, grader: Graders = None, quiet: Quiet = False) -> None:
     """Type I error, power, bias and CI coverage of every analysis over grids of simulated trials.
 
     A scenario is one design x block length x effect scale; each replicate simulates a new trial and analyses the oracle severity and the lesion count (raw and standardised) with the per-patient tests (period-level, randomisation over the design's scheme, GLS-AR(1) with kinetics; descriptive: Welch, GLS-AR(1) with a step, Newey-West) and the pooled mixed model (CR2 and CR1). With --rendered N the first N replicates are also rendered, graded and embedded, so the image outcomes get power and the standardised share too (their tests column counts those replicates). Runs on Dask; the result depends on --seed only.
     """
-    from synthtrial.analyze.power import (DEFAULT_METHODS, POWER_OUTCOMES, StudySettings, design_from_file,
-                                          power_study, scenario_grid)
-    from synthtrial.analyze.power_render import RenderedSettings
-    from synthtrial.trial.simulate import parse_effects, preset as get_preset
+    from synthtrial.analyze.power import DEFAULT_METHODS, POWER_OUTCOMES, StudySettings, power_study, scenario_grid
 
+    csv_path, html_path = _outputs(out_path, report, force)
+    if cache is not None and cache.exists() and not cache.is_dir():
+        raise SynthtrialError(f"{cache} is not a directory (option --cache)")
+    designs = _designs(preset, design_file)
+    effects = _effects(effect, designs)
+    render = _render_settings(rendered, image_size=image_size, epochs=ae_epochs, ae_image_size=ae_image_size,
+                              graders=tuple(g.value for g in grader) if grader else None)
+    grid = scenario_grid(designs, period_days=period_days or (), effect_scales=[0.0] if null else (effect_scale or [1.0]),
+                         effects=effects, n_patients=patients)
+    settings = StudySettings(seed=seed, methods=tuple(m.value for m in method) if method else DEFAULT_METHODS,
+                             outcomes=tuple(o.value for o in outcome) if outcome else POWER_OUTCOMES, alpha=alpha,
+                             trend=trend, random_slopes=random_slopes, estimate_kinetics=estimate_kinetics,
+                             rendered=render)
+    with progress_bar("replicates", len(grid) * replicates, enabled=not quiet) as update:
+        estimates, summary = power_study(grid, replicates=replicates, settings=settings,
+                                         workers=workers or _default_workers(), scheduler=scheduler, cache=cache,
+                                         on_replicate=lambda done, _total: update(done))
+    _print_summary(summary, estimates, grid, replicates, alpha, rendered)
+    _write_outputs(csv_path, html_path, summary, estimates, settings, replicates, grid)
+
+
+def _outputs(out_path: Path | None, report: Path | None, force: bool) -> tuple[Path | None, Path | None]:
+    """The summary CSV and the HTML report to write, each checked before any work."""
     csv_path = html_path = None
     if out_path is not None:
         if out_path.suffix.lower() in (".html", ".htm"):
-            html_path = _output_path(out_path, "--out", (".html", ".htm"))
+            html_path = _output_path(out_path, "--out", (".html", ".htm"), force)
         else:
-            csv_path = _output_path(out_path, "--out", (".csv",))
+            csv_path = _output_path(out_path, "--out", (".csv",), force, companion=_ESTIMATES_SUFFIX)
     if report is not None:
-        html_path = _output_path(report, "--report", (".html", ".htm"))
-    if cache is not None and cache.exists() and not cache.is_dir():
-        raise SynthtrialError(f"{cache} is not a directory (option --cache)")
+        html_path = _output_path(report, "--report", (".html", ".htm"), force)
+    return csv_path, html_path
+
+
+def _designs(preset: list[PresetName] | None, design_file: list[Path] | None) -> list[tuple]:
+    """(name, design, model) of every --preset and --design (default: the quick preset)."""
+    from synthtrial.analyze.power import design_from_file
+    from synthtrial.trial.simulate import preset as get_preset
+
     designs = [(p.value, *get_preset(p.value)) for p in (preset or [])]
     designs += [(path.stem.removesuffix(".truth"), *design_from_file(path)) for path in (design_file or [])]
-    if not designs:
-        designs = [("quick", *get_preset("quick"))]
+    return designs or [("quick", *get_preset("quick"))]
+
+
+def _effects(effect: list[str] | None, designs: list[tuple]) -> dict[str, float] | None:
+    """--effect ARM=NUMBER overrides, each naming an arm of some design."""
+    from synthtrial.trial.simulate import parse_effects
+
     effects = parse_effects(effect) if effect else None
     known_arms = {arm for _, design, _ in designs for arm in design.arms}
     for arm in effects or {}:
         if arm not in known_arms:
             raise SynthtrialError(f"--effect {arm}=...: not an arm of any design ({', '.join(sorted(known_arms))})")
-    scales = [0.0] if null else (effect_scale or [1.0])
-    render_options = {"image_size": image_size, "epochs": ae_epochs, "ae_image_size": ae_image_size,
-                      "graders": tuple(g.value for g in grader) if grader else None}
-    render_options = {k: v for k, v in render_options.items() if v is not None}
-    if rendered == 0 and render_options:
-        option = {"image_size": "--image-size", "epochs": "--ae-epochs", "ae_image_size": "--ae-image-size",
-                  "graders": "--grader"}[next(iter(render_options))]
+    return effects
+
+
+def _render_settings(rendered: int, **options):
+    """The rendered replicates' settings (None without --rendered); a rendering option needs --rendered."""
+    from synthtrial.analyze.power_render import RenderedSettings
+
+    given = {k: v for k, v in options.items() if v is not None}
+    if rendered == 0 and given:
+        option = {"image_size": "--size", "epochs": "--ae-epochs", "ae_image_size": "--ae-image-size",
+                  "graders": "--grader"}[next(iter(given))]
         raise SynthtrialError(f"{option} needs --rendered N (N >= 1 replicates to render)")
-    render = RenderedSettings(replicates=rendered, **render_options) if rendered else None
-    grid = scenario_grid(designs, period_days=period_days or (), effect_scales=scales, effects=effects,
-                         n_patients=patients)
-    settings = StudySettings(seed=seed, methods=tuple(m.value for m in method) if method else DEFAULT_METHODS,
-                             outcomes=tuple(o.value for o in outcome) if outcome else POWER_OUTCOMES, alpha=alpha,
-                             trend=trend, random_slopes=random_slopes, estimate_kinetics=estimate_kinetics,
-                             rendered=render)
-    total = len(grid) * replicates
-    with progress_bar("replicates", total, enabled=not quiet) as update:
-        estimates, summary = power_study(grid, replicates=replicates, settings=settings,
-                                         workers=workers or _default_workers(),
-                                         scheduler=scheduler, cache=cache,
-                                         on_replicate=lambda done, _total: update(done))
-    _print_summary(summary, estimates, grid, replicates, alpha, rendered)
+    return RenderedSettings(replicates=rendered, **given) if rendered else None
+
+
+def _write_outputs(csv_path: Path | None, html_path: Path | None, summary, estimates, settings, replicates: int,
+                   grid) -> None:
     if csv_path is not None:
         from synthtrial.util.atomic import write_text_atomic
 
         write_text_atomic(csv_path, summary.to_csv(index=False, lineterminator="\n"))
-        estimates_path = csv_path.with_name(f"{csv_path.stem}.estimates.csv")
+        estimates_path = csv_path.with_name(f"{csv_path.stem}{_ESTIMATES_SUFFIX}")
         write_text_atomic(estimates_path, estimates.to_csv(index=False, lineterminator="\n"))
         out.print(f"[green]wrote[/green] {csv_path} and {estimates_path}")
     if html_path is not None:

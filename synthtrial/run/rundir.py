@@ -301,28 +301,63 @@ def read_grades(run: str | os.PathLike[str]) -> pd.DataFrame | None:
 
 
 def read_grades_index(run: str | os.PathLike[str]) -> dict[str, Any]:
-    """``RUN/grades.json``'s per-grader entries (``fingerprint``, ``columns``, ``outcomes``); {} when absent."""
+    """``RUN/grades.json``'s per-grader entries (``fingerprint``, ``columns``, ``outcomes``); {} when absent.
+
+    Every entry must be a JSON object whose ``outcomes`` (when given) is a list of distinct column names other
+    than ``image``; anything else is a one-line error naming the file and the grader.
+    """
     path = Path(run) / GRADES_INDEX
     if not path.exists():
         return {}
     graders = read_json(path).get("graders", {})
     if not isinstance(graders, dict):
         raise RunError(f"{path}: 'graders' must be a JSON object")
+    for name, entry in graders.items():
+        if not isinstance(entry, dict):
+            raise RunError(f"{path}: grader {show(name)}: its entry must be a JSON object, not {show(entry)}")
+        outcomes = entry.get("outcomes", [])
+        if not isinstance(outcomes, list) or not all(isinstance(c, str) and c for c in outcomes):
+            raise RunError(f"{path}: grader {show(name)}: 'outcomes' must be a list of column names")
+        if GRADES_KEY in outcomes:
+            raise RunError(f"{path}: grader {show(name)}: '{GRADES_KEY}' is the key column, not an outcome")
     return graders
 
 
+#: Largest magnitude of a grade that ``analyze`` reads: far beyond any count or score, and small enough that
+#: sums of squares over a trial stay finite.
+MAX_GRADE = 1e12
+
+
 def grade_outcomes(run: str | os.PathLike[str]) -> pd.DataFrame | None:
-    """``image`` + the grade columns that are outcomes (as ``grades.json`` names them), or None when ungraded."""
+    """``image`` + the grade columns that are outcomes (as ``grades.json`` names them), or None when ungraded.
+
+    Each outcome is named once (over all graders), is a numeric column, and holds finite values of at most
+    :data:`MAX_GRADE` in magnitude or NaN (an image a grader could not score); else a one-line error.
+    """
     grades = read_grades(run)
     if grades is None:
         return None
+    path = Path(run) / GRADES
     index = read_grades_index(run)
     wanted = [c for entry in index.values() for c in entry.get("outcomes", [])] if index else \
         [c for c in grades.columns if c != GRADES_KEY and pd.api.types.is_numeric_dtype(grades[c])]
+    twice = sorted({c for c in wanted if wanted.count(c) > 1})
+    if twice:
+        raise RunError(f"{Path(run) / GRADES_INDEX}: outcome column {show(twice[0])} is named twice")
     missing = [c for c in wanted if c not in grades.columns]
     if missing:
-        raise RunError(f"{Path(run) / GRADES}: missing the outcome column(s) {missing} named in {GRADES_INDEX}; "
+        raise RunError(f"{path}: missing the outcome column(s) {missing} named in {GRADES_INDEX}; "
                        "run `synthtrial grade` again")
+    for column in wanted:
+        values = grades[column]
+        if not pd.api.types.is_numeric_dtype(values):
+            raise RunError(f"{path}: outcome column {show(column)} holds {values.dtype} values, not numbers")
+        numbers = values.to_numpy(dtype=float, na_value=np.nan)
+        bad = ~np.isnan(numbers) & ~(np.abs(numbers) <= MAX_GRADE)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise RunError(f"{path}: outcome column {show(column)}, image {show(grades[GRADES_KEY].iloc[row])}: "
+                           f"{show(numbers[row])} is not a finite grade of at most {MAX_GRADE:g} in magnitude")
     return grades[[GRADES_KEY, *wanted]]
 
 
