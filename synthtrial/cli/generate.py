@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from synthtrial.run.generation import MAX_WORKERS
 from synthtrial.cli.common import Quiet, Seed, app, device_option, err, handles_errors, out
 from synthtrial.render.base import BACKENDS as BACKEND_SPECS
 
@@ -41,8 +42,8 @@ def generate_command(
                                                   show_default=False)] = None,
     seed: Seed = 0,
     size: Annotated[int, typer.Option(min=128, max=4096, help="Image side in pixels.")] = 512,
-    workers: Annotated[int, typer.Option(min=1, help="Processes rendering in parallel (does not change the "
-                                         "result).")] = 1,
+    workers: Annotated[int, typer.Option(min=1, max=MAX_WORKERS, help="Processes rendering in parallel (does "
+                                         "not change the result).")] = 1,
     naming: Annotated[Naming, typer.Option(help="native: <patient>_<YYYYMMDD>_<view>.png; anchor: "
                                            "synthetic_acne_images' <patient>_<YYYYMMDD>_severity_<N>.png.")]
     = Naming.native,

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from synthtrial.analyze.limits import (ALPHA_RANGE, MAX_DAYS_PER_PATIENT, MAX_EPOCHS, MAX_PATIENTS, MAX_PERIOD_DAYS,
                                       MAX_RENDERED, MAX_REPLICATES, MAX_TRIALS)
+from synthtrial.run.generation import MAX_WORKERS
 from synthtrial.cli.common import PresetName, Quiet, Seed, app, handles_errors, out
 from synthtrial.graders.base import REGISTRY
 from synthtrial.util.errors import SynthtrialError
@@ -134,7 +135,7 @@ RandomSlopes = Annotated[bool, typer.Option(
 EstimateKinetics = Annotated[bool, typer.Option(
     "--estimate-kinetics", help="gls_kinetics profiles the half-lives per patient instead of using the design's.")]
 Workers = Annotated[Optional[int], typer.Option(
-    "--workers", min=1, help="Dask LocalCluster worker processes (results do not depend on it; default: this "
+    "--workers", min=1, max=MAX_WORKERS, help="Dask LocalCluster worker processes (results do not depend on it; default: this "
     "machine's CPUs, at most 8).", show_default=False, rich_help_panel=_RUN)]
 Scheduler = Annotated[Optional[str], typer.Option(
     "--scheduler", help="Address of a running Dask scheduler (tcp://HOST:PORT) instead of a local cluster.",

@@ -40,6 +40,8 @@ BACKENDS = backend_names()
 #: Images a worker renders as one batch (one patient's rows in protocol order); a diffusion backend's bytes
 #: depend on it, so it never changes with the number of workers.
 RENDER_CHUNK = 8
+#: Render processes at most (each holds a face model and a renderer; more only exhausts the machine).
+MAX_WORKERS = 64
 
 __all__ = ["BACKENDS", "GenerateSettings", "NAMINGS", "QualityFilter", "RENDER_CHUNK", "RunError", "generate",
            "image_stem"]
@@ -95,8 +97,8 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
     """
     settings = GenerateSettings(seed=seed, size=size, naming=naming, backend=backend,
                                 quality_filter=quality is not None, reject=reject, yaw_deg=yaw_deg)
-    if workers < 1:
-        raise RunError(f"--workers must be >= 1, got {workers}")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise RunError(f"--workers must be between 1 and {MAX_WORKERS}, got {workers}")
     options, recorded = _backend_options(settings.backend, diffusion)
     state = _distributed_state()
     protocol_path = Path(protocol_path)
