@@ -23,7 +23,7 @@ import importlib
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -34,6 +34,7 @@ import pandas as pd
 from synthtrial.run import rundir
 from synthtrial.util.atomic import write_bytes_atomic, write_text_atomic
 from synthtrial.util.errors import SynthtrialError, one_line
+from synthtrial.util.progress import ProgressCallback
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -231,7 +232,7 @@ def check_weights_out(folder: str | os.PathLike[str], name: str, force: bool = F
 
 
 def train_grader(model: Any, optimizer: Any, plan: Any, out: str | os.PathLike[str], *, restart: bool = False,
-                 progress: Callable[[int, str], None] | None = None) -> dict[str, Any]:
+                 progress: ProgressCallback | None = None) -> dict[str, Any]:
     """:func:`synthtrial.util.training.train_loop` for a grader: its refusals as :class:`GraderError`."""
     from synthtrial.util.training import TrainingError, train_loop
 

@@ -37,6 +37,7 @@ import pandas as pd
 from synthtrial.util.images import IMAGENET_MEAN, IMAGENET_STD
 from synthtrial.graders.base import GraderError, check_weights_dtype, check_weights_out, read_rgb, train_grader
 from synthtrial.run import rundir
+from synthtrial.util.progress import ProgressCallback
 
 
 # ------------------------------------------------------------------------------------------ face crop
@@ -170,14 +171,27 @@ def read_source(path: str | os.PathLike[str], identities: Sequence[str] | None =
 
 
 def load_images(paths: Sequence[Path], prepare: Callable[[np.ndarray], np.ndarray],
-                progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """``(N, S, S, 3)`` uint8: every image read and passed through ``prepare`` (crop / resize)."""
+                progress: ProgressCallback | None = None) -> np.ndarray:
+    """``(N, S, S, 3)`` uint8: every image read and passed through ``prepare`` (crop / resize);
+    ``progress(done, N, "")`` after each."""
     out = []
     for i, path in enumerate(paths):
         out.append(prepare(read_rgb(Path(path))))
         if progress is not None:
-            progress(i + 1)
+            progress(i + 1, len(paths), "")
     return np.stack(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
+
+
+def source_progress(sources: Sequence[Source],
+                    progress: ProgressCallback | None) -> list[ProgressCallback | None]:
+    """One callback per source, each reporting into ``progress`` as one count over the images of all
+    ``sources`` (status: the source being read), for reading several sources behind one bar."""
+    if progress is None:
+        return [None] * len(sources)
+    total = sum(len(s) for s in sources)
+    starts = np.cumsum([0, *(len(s) for s in sources)])[:-1].tolist()
+    return [lambda done, _n, _status, start=start, where=s.where: progress(start + done, total, where)
+            for s, start in zip(sources, starts)]
 
 
 def grouped_split(labels: np.ndarray, groups: np.ndarray, val_fraction: float,
@@ -294,17 +308,15 @@ def start_training(cls: Any, config: Any, seed: int, out: str | os.PathLike[str]
 
 def fit_and_save(grader: Any, plan: Fit, out: str | os.PathLike[str], *, sources: Sequence[Source],
                  extras: Sequence[Source], identities: Sequence[str] | None, settings: Any, restart: bool,
-                 report: Callable[..., None], weights_dtype: str, device: Any, record: dict[str, Any] | None = None,
-                 summary: dict[str, Any] | None = None) -> Any:
+                 progress: ProgressCallback | None, weights_dtype: str, device: Any,
+                 record: dict[str, Any] | None = None, summary: dict[str, Any] | None = None) -> Any:
     """What every classifier training does last: :func:`fit` (its record names the data, the settings, the
-    config and ``record``), then the grader saved to ``out`` with its training record (plus ``summary``) and
-    loaded back from there."""
+    config and ``record``; ``progress`` gets its steps), then the grader saved to ``out`` with its training
+    record (plus ``summary``) and loaded back from there."""
     record = {"data": [s.where for s in sources], "extra": [s.where for s in extras],
               "identities": list(identities or []), "settings": asdict(settings), "model": asdict(grader.config),
               **(record or {})}
-    total = plan.epochs * math.ceil(plan.n_train / plan.batch_size)
-    history = fit(grader.model, plan, Path(out), grader.name, restart=restart, record=record,
-                  progress=lambda done, status: report("training", done, total, status))
+    history = fit(grader.model, plan, Path(out), grader.name, restart=restart, record=record, progress=progress)
     grader.model.eval()
     grader.record = {**record, **history, **(summary or {})}
     grader.save_pretrained(out, weights_dtype)
@@ -312,7 +324,7 @@ def fit_and_save(grader: Any, plan: Fit, out: str | os.PathLike[str], *, sources
 
 
 def fit(model: Any, plan: Fit, out: Path, kind: str, *, restart: bool = False,
-        progress: Callable[[int, str], None] | None = None, record: dict[str, Any] | None = None) -> dict[str, Any]:
+        progress: ProgressCallback | None = None, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Adam with a cosine learning rate from ``lr`` to ``lr_final``, through the shared training loop
     (:func:`synthtrial.util.training.train_loop`: checkpoint after every epoch, resume, ``restart``).
 

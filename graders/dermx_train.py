@@ -19,7 +19,7 @@ Choices, stated once:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from synthtrial.graders.dermx import (CHARACTERISTICS, LESION_TYPE, DermX, DermX
                                       normalise_maps, to_tensor)
 from synthtrial.run import rundir
 from synthtrial.util.device import resolve_device
+from synthtrial.util.progress import ProgressCallback
 from synthtrial.util.training import Plan
 LAMBDA_D, LAMBDA_C, LAMBDA_A = 1.0, 1.0, 10.0
 
@@ -121,10 +122,11 @@ def _batch(data: DermXData, idx: np.ndarray, flip: np.ndarray, image_size: int, 
 def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epochs: int = 10, batch_size: int = 8,
                 lr: float = 2e-3, seed: int = 0, image_size: int = 256, device: str | None = None,
                 sources: Sequence[str] = (), restart: bool = False, force: bool = False,
-                progress: Callable[[int, str], None] | None = None) -> DermX:
+                progress: ProgressCallback | None = None) -> DermX:
     """Train DermX (DermX+ with ``guided``) through the shared loop and save it to ``out``; resumes from
     ``out/checkpoint`` (``restart`` starts over). An ``out`` holding anything but DermX weights is refused
-    unless ``force``. ``progress(step, status)`` is called after every step (``epochs * ceil(N / batch_size)``)."""
+    unless ``force``. ``progress(step, steps, "loss ...")`` is called after every step
+    (``epochs * ceil(N / batch_size)`` steps)."""
     check_weights_out(out, DermX.name, force)
     dev = resolve_device(device)
     n = len(data.images)
@@ -174,8 +176,9 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
 
 
 def evaluate_dermx(dermx: DermX, run: str | Path, *, plausibility: bool = True,
-                   progress: Callable[[int, str], None] | None = None) -> dict[str, float]:
-    """Characteristic F1 (macro, micro), level accuracy, severity MAE and explanation plausibility on a run."""
+                   progress: ProgressCallback | None = None) -> dict[str, float]:
+    """Characteristic F1 (macro, micro), level accuracy, severity MAE and explanation plausibility on a run;
+    ``progress(done, images, "")`` after each image."""
     from sklearn.metrics import f1_score
 
     run = Path(run)
@@ -196,7 +199,7 @@ def evaluate_dermx(dermx: DermX, run: str | Path, *, plausibility: bool = True,
             masks = characteristic_masks(run, rel, rows, chars)
             plaus.extend(fuzzy_f1(maps[c], masks[c]) for c in range(len(chars)) if present[c])
         if progress is not None:
-            progress(k, "")
+            progress(k, len(manifest), "")
     y, p = np.asarray(truth, int), (np.asarray(probs) >= 0.5).astype(int)
     used = [c for c in range(len(chars)) if y[:, c].any()]
     return {"characteristic_F1_macro": float(f1_score(y[:, used], p[:, used], average="macro", zero_division=0)),

@@ -27,7 +27,7 @@ import contextlib
 import io
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from synthtrial.graders.detector import CLASSES, NOT_COUNTED, DetectorConfig, Le
 from synthtrial.run import rundir
 from synthtrial.trial import scale
 from synthtrial.util.atomic import write_text_atomic
+from synthtrial.util.progress import ProgressCallback
 
 ACNE04_CLASSES = ("lesion",)
 
@@ -183,13 +184,13 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
                    batch_size: int = 2, lr: float = 2e-3, seed: int = 0, image_side: int = 512, tile: int = 256,
                    save_every: int = 100, device: str | None = None, sources: Sequence[str] = (),
                    restart: bool = False, force: bool = False,
-                   progress: Callable[[int, str], None] | None = None) -> LesionDetector:
+                   progress: ProgressCallback | None = None) -> LesionDetector:
     """Train a detector on ``data`` through the shared loop and save it to ``out`` (``model.safetensors`` +
     ``config.json``).
 
     Resumes from ``out/checkpoint`` when it holds a checkpoint of the same settings (``restart`` starts over);
-    an ``out`` holding anything but detector weights is refused unless ``force``. ``progress(step, status)``
-    is called after every step.
+    an ``out`` holding anything but detector weights is refused unless ``force``. ``progress(step, steps,
+    "loss ...")`` is called after every step.
     """
     from synthtrial.util.device import resolve_device
     from synthtrial.util.training import Plan
@@ -249,8 +250,9 @@ def calibrate_threshold(detector: LesionDetector, data: DetectionData, limit: in
 # ---------------------------------------------------------------------------------------- evaluation
 
 def evaluate_detector(detector: LesionDetector, run: str | Path,
-                      progress: Callable[[int, str], None] | None = None) -> tuple[dict[str, float], list[dict]]:
-    """COCO AP / AP50 / AP_small / AR (pycocotools) and counting MAE / RMSE / level accuracy on a run.
+                      progress: ProgressCallback | None = None) -> tuple[dict[str, float], list[dict]]:
+    """COCO AP / AP50 / AP_small / AR (pycocotools) and counting MAE / RMSE / level accuracy on a run;
+    ``progress(done, images, "")`` after each image.
 
     Returns the metrics and the detections in COCO results format (``image_id``, ``category_id``, ``bbox``
     as x, y, w, h, ``score``).
@@ -283,7 +285,7 @@ def evaluate_detector(detector: LesionDetector, run: str | Path,
                             "bbox": [round(float(box[0]), 3), round(float(box[1]), 3),
                                      round(float(box[2] - box[0]), 3), round(float(box[3] - box[1]), 3)]})
         if progress is not None:
-            progress(k, "")
+            progress(k, len(manifest), "")
     gt = COCO()
     gt.dataset = {"images": images, "annotations": annotations,
                   "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)]}
@@ -315,19 +317,20 @@ ABLATION = (("rpn", "Faster R-CNN (plain RPN)"), ("sadh", "+ SADH"), ("sadh_nwd"
 
 def run_ablation(train_runs: Sequence[str | Path], test_run: str | Path, out: str | Path, *, steps: int,
                  batch_size: int, seed: int, device: str | None = None, restart: bool = False,
-                 progress: Callable[[str, int, int, str], None] | None = None) -> pd.DataFrame:
+                 progress: ProgressCallback | None = None) -> pd.DataFrame:
     """Train the three RPN variants on the same data with the same seed and evaluate each on ``test_run``.
 
     Each variant goes to ``out/<head>/`` (resumable; ``restart`` trains every variant again from scratch); the
-    table is written to ``out/ablation.csv``.
+    table is written to ``out/ablation.csv``. ``progress(step, steps, "<head> loss ...")`` counts each
+    variant's training steps, its head named in the status.
     """
     out = Path(out)
     data = load_run_data(train_runs, 512)
     rows = []
     for head, label in ABLATION:
-        def step_cb(step: int, status: str, head: str = head) -> None:
+        def step_cb(step: int, total: int, status: str, head: str = head) -> None:
             if progress is not None:
-                progress(head, step, steps, status)
+                progress(step, total, f"{head} {status}")
         folder = out / head
         if not restart and (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file():
             detector = LesionDetector.from_pretrained(folder, device=device)

@@ -37,6 +37,7 @@ import pandas as pd
 
 from synthtrial.graders import classify
 from synthtrial.graders.base import MAX_DEPTH, MAX_WIDTH, GraderComponent, GraderError
+from synthtrial.util.progress import ProgressCallback
 
 N_GRADES = 5
 GROUPS = ((0, 1), (2,), (3, 4))
@@ -251,8 +252,9 @@ class TrainSettings:
     augment_p: float = 0.2
 
 
-def prepare_source(grader: IGAGrader, source: classify.Source, progress=None) -> tuple[np.ndarray, np.ndarray]:
-    """Face crops of every image of ``source`` and whether a face was found."""
+def prepare_source(grader: IGAGrader, source: classify.Source,
+                   progress: ProgressCallback | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Face crops of every image of ``source`` and whether a face was found (``progress`` per image)."""
     found: list[bool] = []
 
     def one(image: np.ndarray) -> np.ndarray:
@@ -268,10 +270,12 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
           extra: Sequence[str | os.PathLike[str]] = (), identities: Sequence[str] | None = None,
           config: IGAConfig | None = None, settings: TrainSettings | None = None, device: str | None = None,
           backbone_weights: str | os.PathLike[str] | None = None, restart: bool = False, force: bool = False,
-          weights_dtype: str = "float32", progress=None) -> IGAGrader:
+          weights_dtype: str = "float32", read_progress: ProgressCallback | None = None,
+          progress: ProgressCallback | None = None) -> IGAGrader:
     """Train the IGA grader on ``data`` (runs or ACNE04; ``extra`` runs join the training part only) and save
     it to ``out`` (``model.safetensors`` + ``config.json``; checkpoints in ``out/checkpoint``). An ``out``
-    holding anything but IGA weights is refused unless ``force``."""
+    holding anything but IGA weights is refused unless ``force``. ``read_progress`` counts the face crops of
+    all sources (status: the source), ``progress`` the training steps (status: the loss)."""
     import torch
 
     config = config or IGAConfig()
@@ -282,10 +286,10 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
     if backbone_weights is not None:
         load_backbone(grader.model, backbone_weights)
     dev = grader.device
-    report = progress or (lambda stage, done, total, status="": None)
     images, labels, groups, is_extra = [], [], [], []
-    for k, src in enumerate([*sources, *extras]):
-        crops, _ = prepare_source(grader, src, lambda i, n=len(src), w=src.where: report(f"cropping {w}", i, n))
+    everything = [*sources, *extras]
+    for k, (src, reading) in enumerate(zip(everything, classify.source_progress(everything, read_progress))):
+        crops, _ = prepare_source(grader, src, reading)
         images.append(crops)
         labels.append(src.meta["iga"].to_numpy(np.int64))
         groups.append(np.array([f"{k}:{g}" for g in src.meta["group"]]))
@@ -318,7 +322,7 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
                         settings.seed, batch_loss, validate)
     return classify.fit_and_save(
         grader, plan, out, sources=sources, extras=extras, identities=identities, settings=settings,
-        restart=restart, report=report, weights_dtype=weights_dtype, device=device,
+        restart=restart, progress=progress, weights_dtype=weights_dtype, device=device,
         record={"backbone_weights": None if backbone_weights is None else str(backbone_weights)},
         summary={"n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
                  "train_grade_counts": np.bincount(y[train_idx], minlength=N_GRADES).tolist(),
@@ -342,11 +346,11 @@ def load_backbone(model: Any, path: str | os.PathLike[str]) -> None:
 
 
 def evaluate(grader: IGAGrader, data: str | os.PathLike[str], identities: Sequence[str] | None = None,
-             progress=None) -> dict[str, Any]:
-    """Visit-level metrics on a run: per-grade and 3-class precision / recall / F1, accuracy, confusion."""
+             progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Visit-level metrics on a run: per-grade and 3-class precision / recall / F1, accuracy, confusion
+    (``progress`` counts the face crops)."""
     source = classify.read_source(data, identities, "--data")
-    report = progress or (lambda done, total: None)
-    crops, found = prepare_source(grader, source, lambda i: report(i, len(source)))
+    crops, found = prepare_source(grader, source, progress)
     visit = visits(source.meta, len(source))
     frame = outputs(grader.log_probs(crops), visit, found)
     first = pd.Series(np.arange(len(visit))).groupby(visit).first().to_numpy()

@@ -41,6 +41,7 @@ import pandas as pd
 
 from synthtrial.graders import classify
 from synthtrial.graders.base import GraderComponent, GraderError, read_rgb
+from synthtrial.util.progress import ProgressCallback
 
 EXPLANATIONS = ("bad_framing", "bad_light", "blurry", "low_resolution", "too_far")
 EXPLANATION_TEXT = {"bad_framing": "bad framing", "bad_light": "bad light", "blurry": "blurry",
@@ -294,16 +295,19 @@ class TrainSettings:
     resample: bool = True           # new degradations every epoch (False: epoch 0's draw every time)
 
 
-def base_images(source: classify.Source, size: int, progress=None) -> np.ndarray:
+def base_images(source: classify.Source, size: int, progress: ProgressCallback | None = None) -> np.ndarray:
+    """The clean images of ``source`` brought to ``size`` (``progress`` per image)."""
     return classify.load_images(source.paths, lambda im: classify.resize_square(im, size), progress)
 
 
 def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
           extra: Sequence[str | os.PathLike[str]] = (), identities: Sequence[str] | None = None,
           config: ImageQXConfig | None = None, settings: TrainSettings | None = None, device: str | None = None,
-          restart: bool = False, force: bool = False, weights_dtype: str = "float32", progress=None) -> ImageQX:
+          restart: bool = False, force: bool = False, weights_dtype: str = "float32",
+          read_progress: ProgressCallback | None = None, progress: ProgressCallback | None = None) -> ImageQX:
     """Train ImageQX on fresh degradations of the clean images of ``data`` (+ ``extra``) each epoch. An ``out``
-    holding anything but ImageQX weights is refused unless ``force``."""
+    holding anything but ImageQX weights is refused unless ``force``. ``read_progress`` counts the images read
+    from all sources (status: the source), ``progress`` the training steps (status: the loss)."""
     import torch
 
     config = config or ImageQXConfig()
@@ -312,11 +316,10 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
                                                       identities=identities, device=device,
                                                       weights_dtype=weights_dtype, force=force)
     dev = grader.device
-    report = progress or (lambda stage, done, total, status="": None)
     bases, groups, is_extra = [], [], []
-    for k, src in enumerate([*sources, *extras]):
-        bases.append(base_images(src, settings.base_size, lambda i, n=len(src), w=src.where:
-                                 report(f"reading {w}", i, n)))
+    everything = [*sources, *extras]
+    for k, (src, reading) in enumerate(zip(everything, classify.source_progress(everything, read_progress))):
+        bases.append(base_images(src, settings.base_size, reading))
         groups.append(np.array([f"{k}:{g}" for g in src.meta["group"]]))
         is_extra.append(np.full(len(src), k >= len(sources)))
     x, g, ex = np.concatenate(bases), np.concatenate(groups), np.concatenate(is_extra)
@@ -358,7 +361,7 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
                         settings.seed, batch_loss, validate)
     return classify.fit_and_save(
         grader, plan, out, sources=sources, extras=extras, identities=identities, settings=settings,
-        restart=restart, report=report, weights_dtype=weights_dtype, device=device,
+        restart=restart, progress=progress, weights_dtype=weights_dtype, device=device,
         summary={"n_train": int(len(train_x)), "n_val": int(len(va_own)),
                  "quality_class_weights": [round(float(w), 6) for w in q_weights.tolist()],
                  "explanation_pos_weight": [round(float(w), 6) for w in pos_weight.tolist()]})
@@ -378,10 +381,11 @@ def metrics(grader: ImageQX, inputs: np.ndarray, labels: np.ndarray) -> dict[str
 
 
 def evaluate(grader: ImageQX, data: str | os.PathLike[str], identities: Sequence[str] | None = None,
-             seed: int = 12345, base_size: int = 256, progress=None) -> dict[str, Any]:
-    """Degrade every image of ``data`` once (recipes from ``seed``) and score the verdicts against the truth."""
+             seed: int = 12345, base_size: int = 256, progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Degrade every image of ``data`` once (recipes from ``seed``) and score the verdicts against the truth
+    (``progress`` counts the images read)."""
     source = classify.read_source(data, identities, "--data")
-    bases = base_images(source, base_size, None if progress is None else lambda i: progress(i, len(source)))
+    bases = base_images(source, base_size, progress)
     inputs, labels = degraded_set(bases, seed, 0, grader.config.image_size)
     return {"data": source.where, "identities": list(identities or []), "images": len(source), "seed": seed,
             **metrics(grader, inputs, labels)}

@@ -120,7 +120,7 @@ def test_training_resumes_to_the_same_bytes_and_pickles_are_refused(toy_dermx, t
     kw = dict(guided=False, epochs=2, batch_size=4, seed=1, image_size=64, device="cpu")
     train_dermx(data, tmp_path / "whole", **kw)
 
-    def interrupt(step, status):
+    def interrupt(step, total, status):
         if step == 3:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):

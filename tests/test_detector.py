@@ -203,7 +203,7 @@ def test_training_resumes_to_the_same_bytes_and_writes_safetensors(tmp_path):
     kw = dict(head="sadh_nwd", steps=4, batch_size=1, seed=5, image_side=96, tile=64, save_every=2, device="cpu")
     whole = train_detector(data, tmp_path / "whole", **kw)
 
-    def interrupt(step, status):
+    def interrupt(step, total, status):
         if step == 3:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):

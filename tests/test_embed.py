@@ -118,8 +118,8 @@ def test_progress_is_reported(data):
     images, _ = data
     seen = []
     _, losses = train_autoencoder(images[:16], AutoencoderConfig(**{**FAST, "epochs": 2}), device="cpu",
-                                  progress=lambda e, n, loss: seen.append((e, n, loss)))
-    assert seen == [(1, 2, losses[0]), (2, 2, losses[1])]
+                                  progress=lambda e, n, status: seen.append((e, n, status)))
+    assert seen == [(1, 2, f"loss {losses[0]:.5f}"), (2, 2, f"loss {losses[1]:.5f}")]
 
 
 def test_training_is_deterministic_and_leaves_global_state(data, trained):

@@ -96,8 +96,8 @@ def test_training_resumes_to_the_same_weights(tiny_run, tmp_path):
     settings = iga.TrainSettings(epochs=3, batch_size=5, val_fraction=0.5, seed=1)
     whole = iga.train([tiny_run], tmp_path / "whole", config=TINY, settings=settings)
 
-    def stop_in_epoch_three(stage, done, total, status=""):
-        if stage == "training" and done == 5:      # 2 steps per epoch: epochs 1 and 2 are checkpointed
+    def stop_in_epoch_three(done, total, status):
+        if done == 5:      # 2 steps per epoch: epochs 1 and 2 are checkpointed
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -119,8 +119,8 @@ def test_resume_after_epoch_one_with_dropout_and_augmentation_gives_the_same_byt
     settings = iga.TrainSettings(epochs=3, batch_size=9, val_fraction=0, augment_p=0.5, seed=3)
     iga.train([tiny_run], tmp_path / "whole", config=config, settings=settings)
 
-    def stop_after_epoch_one(stage, done, total, status=""):
-        if stage == "training" and done == 3:      # 2 steps per epoch: only epoch 1 is checkpointed
+    def stop_after_epoch_one(done, total, status):
+        if done == 3:      # 2 steps per epoch: only epoch 1 is checkpointed
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -174,6 +174,23 @@ def test_a_refused_analyze_leaves_the_previous_set_untouched(graded_copy):
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".analysis")) == []
 
 
+def test_analyze_lock_errors_name_the_run_not_an_option_analyze_lacks(graded_copy):
+    """analyze takes the run as an argument: a busy or unwritable run must not point at --out."""
+    from synthtrial.run import rundir
+
+    run = graded_copy
+    with rundir.locked(run):
+        busy = invoke("analyze", run, *FAST_AE)
+    one_line_exit_2(busy, "another synthtrial process is analysing this run; wait for it to finish")
+    assert "--out" not in busy.stderr and "choose another" not in busy.stderr
+    (run / ".lock").unlink()
+    (run / ".lock").mkdir()  # cannot be opened for writing, as on a read-only run
+    blocked = invoke("analyze", run, *FAST_AE)
+    one_line_exit_2(blocked, "cannot be written")
+    assert "(the run directory given)" in blocked.stderr and "--out" not in blocked.stderr
+    assert not (run / "analysis").exists()
+
+
 def test_a_truncated_embeddings_cache_is_recomputed(graded_copy):
     run = graded_copy
     settings = AnalysisSettings(epochs=1, image_size=16, n_permutations=100)

@@ -76,7 +76,7 @@ def test_same_numbers_with_one_and_two_dask_workers_and_after_resuming(tmp_path)
     files[1].write_bytes(b"not parquet")  # a damaged replicate is recomputed
     calls = []
     resumed, _ = power_study(grid, replicates=3, settings=settings, cache=tmp_path / "cache",
-                             on_replicate=lambda done, total: calls.append(done))
+                             progress=lambda done, total, status: calls.append(done))
     pd.testing.assert_frame_equal(inline, resumed)
     assert calls[0] == 4 and calls[-1] == 6  # four read back, two recomputed
     other, _ = power_study(grid, replicates=3, settings=StudySettings(seed=6, methods=FAST))
@@ -100,6 +100,11 @@ def test_design_from_truth_file(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"design": {}}))
     with pytest.raises(SynthtrialError, match="needs 'design' and 'model'"):
         design_from_file(tmp_path / "bad.json")
+    limits = json.loads(truth_path.read_text())
+    limits["design"]["blocks"] = 10 ** 7                   # a DesignError of TrialDesign's limits
+    (tmp_path / "long.json").write_text(json.dumps(limits))
+    with pytest.raises(SynthtrialError, match=r"^.*long\.json: blocks \(--blocks\) must be .*\(option --design\)$"):
+        design_from_file(tmp_path / "long.json")
     (tmp_path / "notjson.json").write_text("{")
     with pytest.raises(SynthtrialError, match="not JSON"):
         design_from_file(tmp_path / "notjson.json")

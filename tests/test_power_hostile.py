@@ -114,6 +114,19 @@ def test_the_task_list_is_streamed_not_built():
     assert first[0] == (0, [1] + list(range(3, 27))) and first[1] == (0, list(range(27, 52)))
 
 
+@pytest.mark.parametrize("section, values, needle", [
+    ("design", {"n_patients": 10 ** 9}, "n_patients"),
+    ("design", {"design": "zigzag"}, "must be one of baseline-alternating"),
+    ("model", {"noise_sd": 1e308}, "noise_sd"),
+])
+def test_a_design_file_beyond_the_limits_names_the_file_and_the_option(tmp_path, section, values, needle):
+    path = truth_file(tmp_path, **{section: values})
+    result = invoke("power", "--design", path, "--replicates", 2, "--quiet")
+    one_line_exit_2(result, needle)
+    line = " ".join(result.stderr.split())
+    assert "q.truth.json: " in line and line.endswith("(option --design)"), result.stderr
+
+
 def test_an_unknown_arm_in_a_design_file_is_one_line(tmp_path):
     path = truth_file(tmp_path, model={"effects": {"Gel": -0.5}})
     one_line_exit_2(invoke("power", "--design", path, "--replicates", 2, "--quiet"), "'Gel' names no arm")

@@ -100,6 +100,18 @@ def test_lock_refuses_a_second_holder(tmp_path):
         pass
 
 
+def test_lock_names_an_option_only_when_told(tmp_path):
+    """generate chose the run with --out and says so; grade and analyze take it as an argument (the default)."""
+    with rundir.locked(tmp_path / "new"):
+        with pytest.raises(RunError) as by_argument:
+            with rundir.locked(tmp_path / "new", what="analysing"):
+                pass
+        with pytest.raises(RunError, match="wait for it to finish or choose another --out$"):
+            with rundir.locked(tmp_path / "new", option="--out"):
+                pass
+    assert str(by_argument.value).endswith("analysing this run; wait for it to finish")
+
+
 def test_verify_command_exit_status(run):
     from typer.testing import CliRunner
 

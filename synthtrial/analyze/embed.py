@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -50,6 +50,7 @@ from torch.nn import functional as F
 from synthtrial.util.atomic import write_bytes_atomic, write_text_atomic
 from synthtrial.util.device import resolve_device
 from synthtrial.util.errors import SynthtrialError
+from synthtrial.util.progress import ProgressCallback
 
 __all__ = [
     "AutoencoderConfig",
@@ -245,14 +246,14 @@ def _seeded(seed: int) -> Iterator[None]:
 
 def train_autoencoder(images: torch.Tensor, config: AutoencoderConfig, *,
                       device: str | torch.device | None = None,
-                      progress: Callable[[int, int, float], None] | None = None,
+                      progress: ProgressCallback | None = None,
                       ) -> tuple[ConvAutoencoder, list[float]]:
     """Train a fresh :class:`ConvAutoencoder` on ``images`` (N, 3, S, S) in [0, 1]; MSE, Adam(lr).
 
     Returns the model (in eval mode, on ``device``) and the per-epoch mean training loss (each batch's
     MSE weighted by its size, so the mean is over all images of the epoch, as the weights changed during
-    it). ``device`` defaults to CUDA when available. ``progress(epoch, epochs, loss)`` is called after each
-    epoch, epochs counted from 1. ``images`` may live on the CPU (batches are copied to ``device``) or on
+    it). ``device`` defaults to CUDA when available. ``progress(epoch, epochs, "loss ...")`` is called after
+    each epoch, epochs counted from 1. ``images`` may live on the CPU (batches are copied to ``device``) or on
     ``device`` already. A non-finite loss raises :class:`SynthtrialError`.
     """
     if not isinstance(config, AutoencoderConfig):
@@ -296,7 +297,7 @@ def train_autoencoder(images: torch.Tensor, config: AutoencoderConfig, *,
                                   f"try a lower lr than {config.lr}")
         losses.append(mean)
         if progress is not None:
-            progress(epoch, config.epochs, mean)
+            progress(epoch, config.epochs, f"loss {mean:.5f}")
     model.eval()
     return model, losses
 

@@ -193,7 +193,7 @@ def _embeddings(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSetting
     t0 = time.perf_counter()
     with progress_bar("autoencoder", settings.epochs, unit="epochs", enabled=progress) as update:
         model, losses = train_autoencoder(images, config, device=device,
-                                          progress=lambda epoch, epochs, loss: update(epoch, f"loss {loss:.5f}"))
+                                          progress=update)
     timings.add("train autoencoder", time.perf_counter() - t0)
     t0 = time.perf_counter()
     embeddings = embed(model, images, device=device, kind=settings.embedding)

@@ -38,7 +38,7 @@ import io
 import itertools
 import json
 import os
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from typing import Any
 from pathlib import Path
 
@@ -51,8 +51,9 @@ from synthtrial.analyze.limits import MAX_DAYS_PER_PATIENT, MAX_PATIENTS, MAX_PE
 from synthtrial.analyze.power_render import RenderedSettings
 from synthtrial.trial import scale
 from synthtrial.util.errors import SynthtrialError, one_line
+from synthtrial.util.progress import ProgressCallback
 from synthtrial.util.seeding import derive_seed
-from synthtrial.trial.simulate import SeverityModel, TrialDesign, simulate_trial
+from synthtrial.trial.simulate import DesignError, SeverityModel, TrialDesign, simulate_trial
 
 POWER_OUTCOMES = ("oracle", "lesion_severity")
 DEFAULT_METHODS = ("period", "randomization", "gls_kinetics", "lmm", "lmm_cr1", "welch", "gls_ar1", "hac")
@@ -75,8 +76,8 @@ def design_from_file(path: str | os.PathLike[str]) -> tuple[TrialDesign, Severit
     try:
         design = TrialDesign(**{**data["design"], "arms": tuple(data["design"].get("arms", ()))})
         model = SeverityModel(**data["model"])
-    except TypeError as exc:
-        raise SynthtrialError(f"{path}: {exc} (option --design)") from None
+    except (TypeError, DesignError) as exc:     # an unknown field, or a value beyond the design's limits
+        raise SynthtrialError(f"{path}: {one_line(exc)} (option --design)") from None
     unknown = [arm for arm in model.effects if arm not in design.arms]
     if unknown:
         raise SynthtrialError(f"{path}: model effect '{unknown[0]}' names no arm of the design "
@@ -268,13 +269,14 @@ def _write_cached(path: Path, frame: pd.DataFrame) -> None:
 def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityModel | None = None,
                 replicates: int = 100, *, settings: StudySettings | None = None, workers: int = 0,
                 scheduler: str | None = None, cache: str | os.PathLike[str] | None = None, chunk: int | None = None,
-                on_replicate: Callable[[int, int], None] | None = None,
+                progress: ProgressCallback | None = None,
                 **setting_overrides) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run ``replicates`` simulated trials per scenario; return every estimate and the summary.
 
     ``scenarios`` may also be one design with its ``model`` (a one-scenario grid). Keyword arguments
     other than those named are fields of :class:`StudySettings`. The result depends on the settings'
     ``seed`` only, not on ``workers``, the scheduler, chunking or resuming from ``cache``.
+    ``progress(done, total, "")`` counts the replicates (those read back from ``cache`` at once).
     """
     if isinstance(scenarios, TrialDesign):
         if model is None:
@@ -287,8 +289,8 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
     keys = [scenario_key(s, settings) for s in scenarios]
     results = _cached(cache_dir, keys, replicates) if cache_dir is not None else {}
     total, done = len(scenarios) * replicates, len(results)
-    if on_replicate and done:
-        on_replicate(done, total)
+    if progress and done:
+        progress(done, total, "")
 
     def finished(i: int, frames: list[pd.DataFrame], reps: list[int]) -> None:
         nonlocal done
@@ -297,8 +299,8 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
             if cache_dir is not None:
                 _write_cached(_cache_path(cache_dir, keys[i], r), frame)
             done += 1
-            if on_replicate:
-                on_replicate(done, total)
+            if progress:
+                progress(done, total, "")
 
     size = chunk or max(1, min(25, (total - len(results)) // max(1, 8 * max(workers, 1))))
     chunks = pending_chunks(len(scenarios), replicates, settings, results, size)

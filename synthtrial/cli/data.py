@@ -91,7 +91,7 @@ def finetune_command(
                             mixed_precision=mixed_precision, checkpointing_steps=checkpointing_steps)
     with progress_bar("training", steps, unit="steps", enabled=not quiet) as update:
         weights = finetune(data, out_dir, config, restart=restart,
-                           progress=lambda step, total, status: update(step, status))
+                           progress=update)
     out.print(f"[green]wrote[/green] {weights}")
 
 
@@ -118,5 +118,5 @@ def faces_generate(
 
     with progress_bar("portraits", max_tries or 4 * n, unit="tries") as update:
         table = generate_face_bank(n, model, out_dir, seed=seed, size=size, steps=steps, guidance=guidance,
-                                   max_tries=max_tries, progress=lambda tries, total, status: update(tries, status))
+                                   max_tries=max_tries, progress=update)
     out.print(f"[green]kept[/green] {len(table)} of the rendered portraits in {out_dir}")

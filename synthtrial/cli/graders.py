@@ -51,7 +51,7 @@ def grade_command(
     built = [get_grader(n, chosen.get(n), device=device) for n in names]
     with progress_bar("grading", 1, unit="images", enabled=not quiet) as update:
         path = grade_run(run, built, batch_size=batch_size,
-                         progress=lambda done, total, status: update(done, status, total=total))
+                         progress=update)
     out.print(f"[green]wrote[/green] {path} ({', '.join(names)})")
 
 

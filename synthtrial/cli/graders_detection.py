@@ -209,7 +209,7 @@ def ablation_command(
 
     with progress_bar("ablation", steps, unit="steps", enabled=not quiet) as update:
         table = run_ablation([data], test_data, out_dir, steps=steps, batch_size=batch_size, seed=seed, device=device,
-                             restart=restart, progress=lambda head, step, total, status: update(step, f"{head} {status}"))
+                             restart=restart, progress=update)
     rows = [{**r, "paper": PAPER_DETECTOR[r["head"]]} for r in table.to_dict("records")]
     out.print(_metric_table(f"RPN ablation: train {data}, test {test_data}", rows,
                             ["variant", *DETECTOR_COLUMNS, "paper"]))
@@ -256,5 +256,5 @@ def explain_command(
                     rel_path = Path(rel)
                     write_bytes_atomic(out_dir / rel_path.parent.name / f"{rel_path.stem}_{name}.png", buf.getvalue())
                     written += 1
-            update(k)
+            update(k, len(images), "")
     out.print(f"[green]wrote[/green] {written} overlays to {out_dir}")

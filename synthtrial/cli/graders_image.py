@@ -13,7 +13,7 @@ from rich.table import Table
 from synthtrial.cli.common import (BatchSize, Device, Epochs, EvalData, Force, Quiet, Restart, Seed, TrainData, TrainOut,
                                    Weights, graders_eval_app, graders_train_app, handles_errors, image_size_option, out)
 from synthtrial.graders.base import MAX_DEPTH, MAX_WIDTH
-from synthtrial.util.progress import progress_bar
+from synthtrial.util.progress import ProgressCallback, progress_bar
 
 Extra = Annotated[Optional[list[Path]], typer.Option(help="Generated run(s) mixed into the training part only "
                                                      "(synthetic augmentation of a real training set).",
@@ -32,19 +32,22 @@ FinalRate = Annotated[float, typer.Option(min=0.0, max=10.0, help="Learning rate
 
 
 class _Stages:
-    """One progress bar per stage name, for the ``progress(stage, done, total, status)`` callbacks."""
+    """Bars one after the other for a job of several stages (rich draws one live display at a time):
+    :meth:`stage` is the progress callback of one stage; its first call closes the bar before and opens its own."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled, self.stage, self.bar, self.update = enabled, None, None, None
+        self.enabled, self.stage_name, self.bar, self.update = enabled, None, None, None
 
-    def __call__(self, stage: str, done: int, total: int, status: str = "") -> None:
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = progress_bar(stage, total, unit="images" if stage != "training" else "steps",
-                                    enabled=self.enabled)
-            self.update = self.bar.__enter__()
-        self.update(done, status)
+    def stage(self, name: str, unit: str) -> ProgressCallback:
+        def report(done: int, total: int, status: str) -> None:
+            if name != self.stage_name:
+                self.close()
+                self.stage_name = name
+                self.bar = progress_bar(name, total, unit=unit, enabled=self.enabled)
+                self.update = self.bar.__enter__()
+            self.update(done, total, status)
+
+        return report
 
     def close(self) -> None:
         if self.bar is not None:
@@ -143,7 +146,8 @@ def train_iga(
     try:
         grader = iga.train(data, out_dir, extra=extra or (), identities=identity, config=config, settings=settings,
                            device=device, backbone_weights=backbone_weights, restart=restart, force=force,
-                           weights_dtype=weights_dtype, progress=stages)
+                           weights_dtype=weights_dtype, read_progress=stages.stage("cropping faces", "images"),
+                           progress=stages.stage("training", "steps"))
     finally:
         stages.close()
     last = grader.record["history"][-1]
@@ -173,7 +177,7 @@ def eval_iga(
 
     grader = get_grader("iga", weights, device=device)
     with progress_bar("cropping faces", 1, unit="images", enabled=not quiet) as update:
-        result = iga.evaluate(grader, data, identity, progress=lambda done, total: update(done, f"of {total}"))
+        result = iga.evaluate(grader, data, identity, progress=update)
     folder = _eval_folder(data, out_dir)
     classify.confusion_png(folder / "iga_confusion.png", result["groups"], "IGA 3-class view (visits)")
     classify.confusion_png(folder / "iga_confusion_grades.png", result["grades"], "IGA grades (visits)")
@@ -232,8 +236,8 @@ def train_imageqx(
     try:
         grader = imageqx.train(data, out_dir, extra=extra or (), identities=identity, config=config,
                                settings=settings, device=device, restart=restart, force=force,
-                               weights_dtype=weights_dtype,
-                               progress=stages)
+                               weights_dtype=weights_dtype, read_progress=stages.stage("reading", "images"),
+                               progress=stages.stage("training", "steps"))
     finally:
         stages.close()
     last = grader.record["history"][-1]
@@ -263,7 +267,7 @@ def eval_imageqx(
 
     grader = get_grader("imageqx", weights, device=device)
     with progress_bar("reading", 1, unit="images", enabled=not quiet) as update:
-        result = imageqx.evaluate(grader, data, identity, seed=seed, progress=lambda done, total: update(done, f"of {total}"))
+        result = imageqx.evaluate(grader, data, identity, seed=seed, progress=update)
     folder = _eval_folder(data, out_dir)
     classify.confusion_png(folder / "imageqx_confusion.png", result["quality"], "ImageQX quality")
     _write_json(folder / "imageqx_metrics.json", result)

@@ -203,7 +203,7 @@ def power_command(preset: Presets = None, design_file: DesignFiles = None, perio
     with progress_bar("replicates", len(grid) * replicates, enabled=not quiet) as update:
         estimates, summary = power_study(grid, replicates=replicates, settings=settings,
                                          workers=workers or _default_workers(), scheduler=scheduler, cache=cache,
-                                         on_replicate=lambda done, _total: update(done))
+                                         progress=update)
     _print_summary(summary, estimates, grid, replicates, alpha, rendered)
     _write_outputs(csv_path, html_path, summary, estimates, settings, replicates, grid)
 

@@ -19,7 +19,7 @@ def verify_command(run: RunDir,
     from synthtrial.run.verify import verify
 
     with progress_bar("verifying", 1, unit="images", enabled=not quiet) as update:
-        problems = verify(run, progress=lambda done, total, status: update(done, status, total=total))
+        problems = verify(run, progress=update)
     if problems:
         for line in problems:
             err.print(f"{run}: {line}", markup=False)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from synthtrial.graders.base import Grader, GraderError, read_rgb
 from synthtrial.run import rundir
 from synthtrial.run.rundir import GRADES_KEY, GRADES_SHA, RunError
 from synthtrial.util.atomic import write_text_atomic
+from synthtrial.util.progress import ProgressCallback
 
 #: Images graded per saved chunk (resume granularity).
 GRADE_CHUNK = 64
@@ -39,7 +40,7 @@ META_COLUMNS = ("patient_id", "day", "view")
 
 
 def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_size: int = GRADE_CHUNK,
-              progress: Callable[[int, int, str], None] | None = None) -> Path:
+              progress: ProgressCallback | None = None) -> Path:
     """Score every image of ``run`` with ``graders``; write ``RUN/grades.parquet`` and return its path.
 
     Columns: ``image``, ``image_sha256`` and ``<grader>_<column>`` for each grader's output columns, one row per
@@ -60,7 +61,7 @@ def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_s
         raise GraderError(f"grader listed twice: {', '.join(names)} (option --graders)")
     chunks = visit_chunks(sorted_by_visit(manifest), batch_size)
     total, done = len(manifest) * len(graders), 0
-    with rundir.locked(run_dir, what="grading", option=None):
+    with rundir.locked(run_dir, what="grading"):
         keys = manifest[[GRADES_KEY]].assign(**{GRADES_SHA: manifest["sha256"]})
         columns: dict[str, pd.DataFrame] = {}
         for grader in graders:

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from synthtrial.util.atomic import write_text_atomic
 from synthtrial.util.errors import SynthtrialError, one_line
+from synthtrial.util.progress import ProgressCallback
 from synthtrial.util.seeding import derive_seed
 from synthtrial.util.training import CHECKPOINT_DIR, Plan, read_checkpoint, train_loop
 from synthtrial.util.weights import check_model_folder, resolve_model
@@ -232,7 +232,7 @@ def resume_record(config: FinetuneConfig) -> dict:
 # ----------------------------------------------------------------------------------------- training
 
 def finetune(data_dir: Path, out_dir: Path, config: FinetuneConfig, *, restart: bool = False,
-             progress: Callable[[int, int, str], None] | None = None) -> Path:
+             progress: ProgressCallback | None = None) -> Path:
     """Train a LoRA on the ACNE04 images in ``data_dir``; return ``out_dir/pytorch_lora_weights.safetensors``.
 
     Resumes from ``out_dir/checkpoint`` (the shared training loop's, :mod:`synthtrial.util.training`) when
@@ -449,7 +449,7 @@ def _micro_step(accelerator, frozen: _Frozen, train: _Trainable, examples, confi
 
 
 def _train(accelerator, examples, out_dir: Path, config: FinetuneConfig, kind: str, data_dir: Path,
-           restart: bool, progress) -> Path:
+           restart: bool, progress: ProgressCallback | None) -> Path:
     """Load, prepare the LoRA, then run the shared training loop (one step: ``gradient_accumulation_steps``
     micro-batches) until ``max_train_steps``, checkpointing as configured."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -482,9 +482,7 @@ def _train(accelerator, examples, out_dir: Path, config: FinetuneConfig, kind: s
     plan = Plan(config.max_train_steps, step, "lora", resume_record(config), save_every=config.checkpointing_steps,
                 stateful={"lr_scheduler": train.lr_scheduler, "scaler": train.scaler}, get_model=lora_state,
                 set_model=set_lora)
-    result = train_loop(train.unet, train.optimizer, plan, out_dir, restart=restart,
-                        progress=None if progress is None else
-                        lambda done, status: progress(done, config.max_train_steps, status))
+    result = train_loop(train.unet, train.optimizer, plan, out_dir, restart=restart, progress=progress)
     write_text_atomic(out_dir / LOG_FILE, json.dumps({
         "model_type": kind, "resumed_from": result["resumed_from"], "steps": result["history"]}) + "\n")
     layers = convert_state_dict_to_diffusers(lora_state())

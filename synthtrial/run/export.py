@@ -181,7 +181,7 @@ def _read_run(run: Path, fmt: str, *, progress: bool = True) -> _Run:
             for column, digest_column in checks:
                 if not rundir.is_missing(rec[column]) and not rundir.is_missing(rec[digest_column]):
                     rundir.check_sha256(run, rec[column], rec[digest_column], i + 1, digest_column)
-            update(i + 1)
+            update(i + 1, len(manifest), "")
     manifest = manifest.sort_values("image", kind="stable").reset_index(drop=True)
     images = manifest["image"].tolist()
     lesions = None
@@ -542,7 +542,7 @@ def _progress(label: str, total: int, enabled: bool) -> Iterator[Callable[[], No
         def advance() -> None:
             nonlocal done
             done += 1
-            update(done)
+            update(done, total, "")
 
         yield advance
 

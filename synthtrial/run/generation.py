@@ -115,7 +115,8 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
     _check_faces(jobs, faces_dir_str, protocol_path, excluded)  # every check first
 
     main = state is None or state.is_main_process
-    lock = rundir.locked(run_dir) if main else contextlib.nullcontext()  # shards run under the main's lock
+    # shards run under the main's lock
+    lock = rundir.locked(run_dir, option="--out") if main else contextlib.nullcontext()
     with lock:
         if main:
             _prepare_run_dir(run_dir, config)
@@ -152,7 +153,7 @@ def _render(tasks: list, workers: int, jobs: dict[str, PatientJob], quality: Qua
             nonlocal done
             records[pid].extend(recs)
             done += len(recs)
-            update(done)
+            update(done, total, "")
             if on_progress is not None:
                 on_progress(done, total, "")
 

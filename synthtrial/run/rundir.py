@@ -410,10 +410,11 @@ def write_manifest(run: Path, manifest: pd.DataFrame, lesions: pd.DataFrame) -> 
 
 
 @contextlib.contextmanager
-def locked(run: Path, *, what: str = "writing", option: str | None = "--out") -> Iterator[None]:
+def locked(run: Path, *, what: str = "writing", option: str | None = None) -> Iterator[None]:
     """Hold ``RUN/.lock`` (an advisory ``flock``) for the block; a second holder is refused with a one-line
     error. The lock covers the very first write of a new run directory: the folder is created here.
-    ``option`` names the option that chose ``run`` (None: the run was given as an argument, as to ``grade``)."""
+    ``option`` names the option that chose ``run`` (``generate``'s ``--out``); None, the default, when the run
+    was given as an argument, as to ``grade`` and ``analyze``."""
     import fcntl
 
     where = f"(option {option})" if option else "(the run directory given)"

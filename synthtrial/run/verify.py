@@ -21,6 +21,7 @@ from synthtrial.run import rundir
 from synthtrial.run.rundir import CONFIG, LESIONS, MANIFEST, PROTOCOL, TRUTH, RunError
 from synthtrial.trial import scale
 from synthtrial.util.errors import SynthtrialError
+from synthtrial.util.progress import ProgressCallback
 
 #: protocol.csv stores severities rounded to 4 decimals; the manifest keeps the value rendered.
 SEVERITY_TOLERANCE = 0.5e-4 + 1e-9
@@ -36,7 +37,7 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def verify(run: str | os.PathLike[str], *,
-           progress: Callable[[int, int, str], None] | None = None) -> list[str]:
+           progress: ProgressCallback | None = None) -> list[str]:
     """Check a finished run; return one line per problem found (empty when all holds).
     ``progress(done, total, status)`` is called as images are checked."""
     run = rundir.check_run_dir(run)
@@ -83,7 +84,7 @@ def check_config(config: dict[str, Any]) -> list[str]:
 
 
 def check_files(run: Path, manifest: pd.DataFrame, size: int | None,
-                progress: Callable[[int, int, str], None] | None) -> list[str]:
+                progress: ProgressCallback | None) -> list[str]:
     """Every image and mask against its sha256, inside the run, sized as ``config.json`` says; no unlisted
     file under ``images/`` or ``masks/``."""
     problems: list[str] = []

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-#: The one progress-callback signature of the library's long jobs (generate, grade, verify, finetune, faces,
-#: export): ``on_progress(done, total, status)``, called as work is finished. The CLI feeds it to a bar.
+#: The one progress-callback signature of the library's long jobs (generate, grade, verify, training loops,
+#: grader training and evaluation, the autoencoder, power replicates, face banks): ``progress(done, total,
+#: status)``, called as work is finished; ``status`` is a short text (a loss, a source, a detector head) or "".
+#: A job of several stages takes one callback per stage. :class:`progress_bar` yields one, so a bar can be
+#: handed to any of them as it is. ``tests/test_progress.py`` checks that every public ``progress`` parameter
+#: is typed with it.
 ProgressCallback = Callable[[int, int, str], None]
 
 
 class progress_bar:
-    """``with progress_bar("rendering", total, unit="images") as update: update(done, status="...")``.
+    """``with progress_bar("rendering", total, unit="images") as update: update(done, total, "status")``.
 
-    ``update`` takes the absolute count done, an optional status text (a loss, say) and, when the total is
-    only known later, the ``total``. With ``enabled=False`` nothing is drawn and ``update`` does nothing.
+    ``update`` is a :data:`ProgressCallback`: the absolute count done, the total (which may differ from the
+    one the bar opened with, when it is only known later) and a status text (a loss, say). With
+    ``enabled=False`` nothing is drawn and ``update`` does nothing.
     """
 
     def __init__(self, what: str, total: int, *, unit: str = "", enabled: bool = True) -> None:
@@ -36,12 +41,11 @@ class progress_bar:
                                  console=console)
             self._task = self._bar.add_task(what, total=total, status="")
 
-    def __enter__(self) -> Callable[..., None]:
+    def __enter__(self) -> ProgressCallback:
         if self._bar is None:
-            return lambda done, status="", total=None: None
+            return lambda done, total, status: None
         self._bar.__enter__()
-        return lambda done, status="", total=None: self._bar.update(
-            self._task, completed=done, status=status, **({} if total is None else {"total": total}))
+        return lambda done, total, status: self._bar.update(self._task, completed=done, total=total, status=status)
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:

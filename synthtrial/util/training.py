@@ -36,6 +36,7 @@ import numpy as np
 
 from synthtrial.util.atomic import write_bytes_atomic, write_text_atomic
 from synthtrial.util.errors import SynthtrialError, one_line
+from synthtrial.util.progress import ProgressCallback
 
 CHECKPOINT_DIR = "checkpoint"
 TENSORS_FILE = "model.safetensors"
@@ -225,10 +226,10 @@ def _check_plan(plan: Plan) -> None:
 
 
 def train_loop(model: Any, optimizer: Any, plan: Plan, out: Path, *, restart: bool = False,
-               progress: Callable[[int, str], None] | None = None) -> dict[str, Any]:
+               progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Run ``plan`` on ``model`` with ``optimizer``, checkpointing to ``out/checkpoint``; resume from it.
 
-    Returns ``{"steps", "history", "resumed_from"}``. ``progress(step, status)`` is called after every step.
+    Returns ``{"steps", "history", "resumed_from"}``. ``progress(step, steps, "loss ...")`` is called after every step.
     """
     _check_plan(plan)
     folder = Path(out) / CHECKPOINT_DIR
@@ -268,5 +269,5 @@ def train_loop(model: Any, optimizer: Any, plan: Plan, out: Path, *, restart: bo
             save_checkpoint(folder, step=done, model=get_model(), optimizer=optimizer, record=plan.record,
                             kind=plan.kind, stateful=plan.stateful, extra={"history": history, "window": window})
         if progress is not None:
-            progress(done, f"loss {values['loss']:.4f}")
+            progress(done, plan.steps, f"loss {values['loss']:.4f}")
     return {"steps": plan.steps, "history": history, "resumed_from": start or None}
