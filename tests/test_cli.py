@@ -172,6 +172,7 @@ def test_generate_help_lists_only_working_options():
 @pytest.mark.parametrize(("args", "needle"), [
     (["--faces", "NOPE"], "no such folder (option --faces)"),
     (["--size", "64"], "--size"),
+    (["--workers", "65"], "--workers"),
 ])
 def test_generate_errors_are_one_line(tmp_path, args, needle):
     proto = tmp_path / "tiny.csv"
@@ -214,6 +215,7 @@ def test_export_needs_a_run(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["generate", "--size", "abc"], ["protocol", "design", "--bogus"],
+                                  ["power", "--workers", "65"],
                                   ["protocol", "check"], ["export", "x", "--format", "pdf"]])
 def test_usage_errors_are_one_line_exit_2(args):
     result = invoke(*args)

@@ -294,3 +294,12 @@ def test_logit_embedding_is_the_sigmoid_embedding_before_its_sigmoid():
     np.testing.assert_allclose(1 / (1 + np.exp(-logits)), embed(model, images), rtol=0, atol=1e-6)
     with pytest.raises(SynthtrialError, match="kind"):
         embed(model, images, kind="raw")
+
+
+def test_embed_refuses_a_device_that_is_not_one(data, trained):
+    from synthtrial.util.device import DeviceError
+
+    images, _ = data
+    _, model, _ = trained
+    with pytest.raises(DeviceError, match="is not a torch device"):
+        embed(model, images[:2], device="not a device!!")

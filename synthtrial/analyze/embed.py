@@ -329,7 +329,7 @@ def embed(model: ConvAutoencoder, images: torch.Tensor, *, batch_size: int = 64,
         raise SynthtrialError(f"embed: kind must be one of {', '.join(EMBEDDINGS)}, got {kind!r}")
     if int(batch_size) < 1:
         raise SynthtrialError(f"embed: batch_size must be >= 1, got {batch_size!r}")
-    dev = _model_device(model) if device is None else torch.device(device)
+    dev = _model_device(model) if device is None else resolve_device(device)
     model.to(dev)
     was_training = model.training
     model.eval()
