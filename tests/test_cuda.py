@@ -21,6 +21,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from tiny_sdxl import skin_scene  # noqa: E402
+
 from synthtrial.render.diffusion import DiffusionConfig, DiffusionRenderer, inpaint_region  # noqa: E402
 from synthtrial.render.procedural import LesionSpec  # noqa: E402
 
@@ -32,11 +34,7 @@ HALF = ("float16", "bfloat16")
 
 @pytest.fixture(scope="module")
 def scene():
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    base = np.array([205.0, 160.0, 135.0]) + 12 * np.sin(xx / 7.0)[..., None] + rng.normal(0, 3, (SIZE, SIZE, 3))
-    image = np.clip(base, 0, 255).astype(np.uint8)
-    skin = (xx - 32) ** 2 / 26.0**2 + (yy - 32) ** 2 / 29.0**2 < 1.0
+    image, skin = skin_scene(SIZE)
     lesions = [LesionSpec(1, "pustule", 18.0, 22.0, 2.0, 1.0, seed=21),
                LesionSpec(2, "papule", 46.0, 44.0, 2.5, 1.0, seed=22)]
     return image, skin, lesions

@@ -10,6 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from tiny_sdxl import skin_scene  # noqa: E402
+
 from synthtrial.util.errors import SynthtrialError  # noqa: E402
 from synthtrial.render.diffusion import (  # noqa: E402
     DiffusionConfig,
@@ -50,11 +52,7 @@ def lora_dir(tiny_sdxl, tmp_path_factory):
 @pytest.fixture(scope="module")
 def scene():
     """A 64 px skin-coloured test face with texture, a skin mask and three lesions."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    base = np.array([205.0, 160.0, 135.0]) + 12 * np.sin(xx / 7.0)[..., None] + rng.normal(0, 3, (SIZE, SIZE, 3))
-    image = np.clip(base, 0, 255).astype(np.uint8)
-    skin = (xx - 32) ** 2 / 26.0**2 + (yy - 32) ** 2 / 29.0**2 < 1.0
+    image, skin = skin_scene(SIZE)
     lesions = [LesionSpec(1, "papule", 20.0, 24.0, 3.0, 1.0, seed=11),
                LesionSpec(2, "pustule", 42.0, 36.0, 2.5, 1.0, seed=12),
                LesionSpec(3, "open_comedo", 30.0, 48.0, 1.5, 1.0, seed=13)]

@@ -95,3 +95,18 @@ def build_tiny_sd15(folder: Path, *, seed: int = 0) -> Path:
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def skin_scene(size: int = 64) -> tuple:
+    """A skin-coloured test face of ``size`` px with texture and an elliptical skin mask (for the diffusion
+    backends' tests, which add their own lesions)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    base = np.array([205.0, 160.0, 135.0]) + 12 * np.sin(xx / 7.0)[..., None] + rng.normal(0, 3, (size, size, 3))
+    image = np.clip(base, 0, 255).astype(np.uint8)
+    c = size / 2
+    skin = (xx - c) ** 2 / (26.0 * size / 64) ** 2 + (yy - c) ** 2 / (29.0 * size / 64) ** 2 < 1.0
+    return image, skin
+
