@@ -14,6 +14,7 @@ from synthtrial.cli import (  # noqa: E402,F401  (each module registers its comm
     scale, protocol, generate, atlas, data, export, verify, graders, graders_detection, analyze, power,
 )
 from synthtrial.cli import graders_image  # noqa: E402,F401  (graders train|eval iga|imageqx)
+from synthtrial.cli import dataset  # noqa: E402,F401  (graders dataset)
 
 __all__ = ["EXIT_BAD_INPUT", "app", "main"]
 
