@@ -6,8 +6,10 @@ Choices, stated once:
   (manifest ``acne04_level``), which characteristics are present (a lesion of that type drawn on it) and one
   mask per characteristic from the 16-bit instance mask (``masks/...png``, value = lesion_id + 1; the type
   of each id from ``lesions.parquet``), area-averaged to the input size. Everything is held in memory.
-* **Optimisation.** AdamW (lr 2e-3, weight decay 1e-4, cosine decay over the run), batch 8, 10 epochs, horizontal
-  flips; every epoch's order and every step's dropout come from ``(seed, epoch, step)``. The shared loop
+* **Optimisation.** AdamW (lr 2e-3, weight decay 1e-4, cosine decay over the run), batch 8, 10 epochs; every
+  epoch's order and every step's dropout and augmentation come from ``(seed, epoch, step)``.
+* **Augmentation** (``augment``, default on; ``--no-augment``: horizontal flips only): the graders' photometric and
+  geometric augmentation (:mod:`synthtrial.graders.augment`), the characteristic masks moved with the image. The shared loop
   (:mod:`synthtrial.util.training`) writes a checkpoint after every epoch, so a resumed run ends with the
   same bytes.
 * **Evaluation**: characteristic F1 (threshold 0.5; macro over the characteristics present in the run, and
@@ -28,6 +30,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from synthtrial.graders.augment import WIDE, Augmenter, draw_seeds
 from synthtrial.graders.base import GraderError, check_weights_out, read_rgb, train_grader
 from synthtrial.graders.dermx import (CHARACTERISTICS, LESION_TYPE, DermX, DermXConfig, DermXNet, dice_loss, fuzzy_f1,
                                       normalise_maps, to_tensor)
@@ -110,29 +113,36 @@ def fuzzy_targets(masks: torch.Tensor, cell: int) -> torch.Tensor:
     return flat / flat.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
 
 
-def _batch(data: DermXData, idx: np.ndarray, flip: np.ndarray, image_size: int, dev: torch.device):
-    """Images (flipped where ``flip``), masks, levels and presence of the images ``idx``, on ``dev``."""
-    imgs = np.where(flip[:, None, None, None], data.images[idx][:, :, ::-1], data.images[idx])
-    masks = torch.from_numpy(np.where(flip[:, None, None, None], data.masks[idx][..., ::-1],
-                                      data.masks[idx]).copy()).to(dev)
+def training_batch(data: DermXData, idx: np.ndarray, flip: np.ndarray, image_size: int, dev: torch.device,
+           augmenter: Augmenter | None = None, seeds: np.ndarray | None = None):
+    """Images (flipped where ``flip``, or augmented with their masks by ``augmenter``, one seed each), masks,
+    levels and presence of the images ``idx``, on ``dev``."""
+    if augmenter is not None:
+        moved = [augmenter.with_masks(data.images[k], data.masks[k], int(s)) for k, s in zip(idx, seeds)]
+        imgs, masks_np = np.stack([m[0] for m in moved]), np.stack([m[1] for m in moved])
+    else:
+        imgs = np.where(flip[:, None, None, None], data.images[idx][:, :, ::-1], data.images[idx])
+        masks_np = np.where(flip[:, None, None, None], data.masks[idx][..., ::-1], data.masks[idx])
+    masks = torch.from_numpy(np.ascontiguousarray(masks_np)).to(dev)
     return (to_tensor(list(imgs), image_size, dev), masks, torch.from_numpy(data.levels[idx]).to(dev),
             torch.from_numpy(data.present[idx]).to(dev))
 
 
 def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epochs: int = 10, batch_size: int = 8,
                 lr: float = 2e-3, seed: int = 0, image_size: int = 256, device: str | None = None,
-                sources: Sequence[str] = (), restart: bool = False, force: bool = False,
+                sources: Sequence[str] = (), restart: bool = False, force: bool = False, augment: bool = True,
                 progress: ProgressCallback | None = None) -> DermX:
     """Train DermX (DermX+ with ``guided``) through the shared loop and save it to ``out``; resumes from
     ``out/checkpoint`` (``restart`` starts over). An ``out`` holding anything but DermX weights is refused
-    unless ``force``. ``progress(step, steps, "loss ...")`` is called after every step
+    unless ``force``. ``augment`` moves the masks with the graders' augmentation (else flips only).
+    ``progress(step, steps, "loss ...")`` is called after every step
     (``epochs * ceil(N / batch_size)`` steps)."""
     check_weights_out(out, DermX.name, force)
     dev = resolve_device(device)
     n = len(data.images)
     per_epoch = math.ceil(n / batch_size)
     settings = {"guided": guided, "epochs": epochs, "batch": batch_size, "lr": lr, "seed": seed,
-                "image_size": image_size, "sources": [str(s) for s in sources], "images": n}
+                "image_size": image_size, "sources": [str(s) for s in sources], "images": n, "augment": augment}
     cfg = DermXConfig(image_size=image_size, guided=guided)
     torch.manual_seed(seed)
     net = DermXNet(cfg).to(dev)
@@ -140,14 +150,17 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
     weights = torch.tensor(np.bincount(data.levels, minlength=4) + 1.0, dtype=torch.float32)
     class_weight = (weights.sum() / (4 * weights)).to(dev)
     total = epochs * per_epoch
+    augmenter = Augmenter(WIDE) if augment else None
 
     def step(i: int) -> dict[str, float]:
         epoch, b = divmod(i, per_epoch)
         order = np.random.default_rng([seed, epoch]).permutation(n)
         torch.manual_seed(seed * 1_000_003 + i)
         idx = order[b * batch_size:(b + 1) * batch_size]
-        flip = np.random.default_rng([seed, epoch, b]).random(len(idx)) < 0.5
-        x, masks, levels, present = _batch(data, idx, flip, image_size, dev)
+        draws = np.random.default_rng([seed, epoch, b])
+        flip = draws.random(len(idx)) < 0.5
+        seeds = draw_seeds(len(idx), draws) if augmenter is not None else None
+        x, masks, levels, present = training_batch(data, idx, flip, image_size, dev, augmenter, seeds)
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / total))
         if guided:

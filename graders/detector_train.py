@@ -9,6 +9,9 @@ Choices, stated once:
 * **Masked crops** (Zhang et al. 3.1.2): each step draws ``batch`` (default 2) random ``tile`` x ``tile`` crops (and a
   horizontal flip) from random images; a lesion cut by the crop edge is blacked out (its box inside the
   crop set to 0) instead of being kept as a partial box.
+* **Augmentation** (``augment``, default on; ``--no-augment``): before it is cropped, each drawn image gets the
+  graders' photometric and geometric augmentation with its boxes (:mod:`synthtrial.graders.augment`: the boxes
+  move with the lesions), its seed drawn from the step's stream.
 * **Optimiser.** AdamW (lr 2e-3, weight decay 1e-4, 50 warm-up steps, cosine decay, gradient norm clipped
   at 10) rather than the paper's SGD 0.002: the backbone starts from random weights and the CPU budget is
   a few hundred steps. Every step's draws come from ``(seed, step)``; the shared loop
@@ -36,6 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from synthtrial.graders.augment import WIDE, Augmenter, draw_seeds
 from synthtrial.graders.base import CONFIG_FILE, WEIGHTS_FILE, GraderError, check_weights_out, read_rgb, train_grader
 from synthtrial.graders.detector import CLASSES, NOT_COUNTED, DetectorConfig, LesionDetector, build_model
 from synthtrial.run import rundir
@@ -135,16 +139,20 @@ def masked_crop(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, x: int
     return crop, shifted[keep], labels[keep]
 
 
-def masked_batch(data: DetectionData, tile: int, batch: int, rng: np.random.Generator, device: torch.device):
-    """``batch`` masked crops of random images (and a horizontal flip each), drawn with ``rng``: images and
-    torchvision targets (labels shifted by one: 0 is the background)."""
+def masked_batch(data: DetectionData, tile: int, batch: int, rng: np.random.Generator, device: torch.device,
+                 augmenter: Augmenter | None = None):
+    """``batch`` masked crops of random images (and a horizontal flip each), drawn with ``rng``, each image first
+    augmented with its boxes by ``augmenter`` (when given): images and torchvision targets (labels shifted by
+    one: 0 is the background)."""
     images, targets = [], []
     for _ in range(batch):
         k = int(rng.integers(len(data.images)))
-        image = data.images[k]
+        image, boxes, labels = data.images[k], data.boxes[k], data.labels[k]
+        if augmenter is not None:
+            image, boxes, labels = augmenter.with_boxes(image, boxes, labels, int(draw_seeds(1, rng)[0]))
         x = int(rng.integers(max(1, image.shape[1] - tile + 1)))
         y = int(rng.integers(max(1, image.shape[0] - tile + 1)))
-        crop, boxes, labels = masked_crop(image, data.boxes[k], data.labels[k], x, y, tile)
+        crop, boxes, labels = masked_crop(image, boxes, labels, x, y, tile)
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
             boxes = np.stack([tile - boxes[:, 2], boxes[:, 1], tile - boxes[:, 0], boxes[:, 3]], 1) if len(boxes) \
@@ -183,11 +191,12 @@ def load_detection_data(sources: Sequence[str | Path], image_side: int) -> Detec
 def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nwd", steps: int = 600,
                    batch_size: int = 2, lr: float = 2e-3, seed: int = 0, image_side: int = 512, tile: int = 256,
                    save_every: int = 100, device: str | None = None, sources: Sequence[str] = (),
-                   restart: bool = False, force: bool = False,
+                   restart: bool = False, force: bool = False, augment: bool = True,
                    progress: ProgressCallback | None = None) -> LesionDetector:
     """Train a detector on ``data`` through the shared loop and save it to ``out`` (``model.safetensors`` +
     ``config.json``).
 
+    ``augment`` applies the graders' augmentation to every drawn image (see the module docstring).
     Resumes from ``out/checkpoint`` when it holds a checkpoint of the same settings (``restart`` starts over);
     an ``out`` holding anything but detector weights is refused unless ``force``. ``progress(step, steps,
     "loss ...")`` is called after every step.
@@ -199,18 +208,19 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
     dev = resolve_device(device)
     settings = {"head": head, "steps": steps, "batch": batch_size, "lr": lr, "seed": seed, "image_side": image_side,
                 "tile": tile, "classes": list(data.classes), "sources": [str(s) for s in sources],
-                "images": len(data.images)}
+                "images": len(data.images), "augment": augment}
     cfg = DetectorConfig(head=head, classes=data.classes, image_side=image_side, tile=tile,
                          nwd_constant=round(mean_lesion_size(data), 3))
     torch.manual_seed(seed)
     model = build_model(cfg).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    augmenter = Augmenter(WIDE) if augment else None
 
     def step(i: int) -> dict[str, float]:
         rng = np.random.default_rng([seed, i])
         torch.manual_seed(seed * 1_000_003 + i)
-        images, targets = masked_batch(data, tile, batch_size, rng, dev)
+        images, targets = masked_batch(data, tile, batch_size, rng, dev, augmenter)
         for group in opt.param_groups:
             group["lr"] = _lr(i, steps, lr)
         losses = model(images, targets)

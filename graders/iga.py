@@ -13,8 +13,10 @@ Choices, stated once:
   the paper's depth 110, width 16 at 224 px with the CIFAR stem (1.7 M parameters) costs 24.8 GFLOP, ~1,000x. The model card states the cost and how to
   train the paper's settings (``--depth 110 --width 16 --image-size 224 --stem-stride 1``).
 * **Training.** Class-weighted cross-entropy on the 5 grades (balanced weights from the training labels),
-  Adam with a cosine schedule, augmentation as the paper: horizontal flip, rotation (up to 15 degrees) and
-  brightness (x0.8-1.2), each applied with probability 0.2.
+  Adam with a cosine schedule. Augmentation: by default the graders' wide photometric and geometric one
+  (:mod:`synthtrial.graders.augment`, images only: an IGA grade survives any of it); with ``augment=False``
+  (``--no-augment``) the paper's: horizontal flip, rotation (up to 15 degrees) and brightness (x0.8-1.2),
+  each applied with probability ``augment_p`` (0.2).
 * **Views.** A visit is graded from all its photos: the images given together that share ``patient_id`` and
   ``day`` (frontal + left + right from ``generate``) are fused by averaging their per-view log-probabilities
   (a renormalised geometric mean: every view votes, a confident view weighs more), and every image of the
@@ -36,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from synthtrial.graders import classify
+from synthtrial.graders.augment import WIDE, Augmenter, draw_seeds
 from synthtrial.graders.base import MAX_DEPTH, MAX_WIDTH, GraderComponent, GraderError
 from synthtrial.util.progress import ProgressCallback
 
@@ -249,7 +252,8 @@ class TrainSettings:
     val_fraction: float = 0.2
     seed: int = 0
     class_weighted: bool = True
-    augment_p: float = 0.2
+    augment_p: float = 0.2          # the paper's augmentation, used when ``augment`` is off
+    augment: bool = True            # the wide augmentation (synthtrial.graders.augment.WIDE)
 
 
 def prepare_source(grader: IGAGrader, source: classify.Source,
@@ -305,10 +309,15 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
     weight_t = torch.tensor(weights, dtype=torch.float32, device=dev)
     x_train, y_train = x[train_idx], torch.from_numpy(y[train_idx]).to(dev)
 
+    wide = Augmenter(WIDE) if settings.augment else None
+
     def batch_loss(idx: np.ndarray, gen: Any, epoch: int) -> Any:
-        batch = classify.to_tensor(x_train[idx], dev)
-        if settings.augment_p > 0:
-            batch = augment(batch.cpu(), gen, settings.augment_p).to(dev)
+        if wide is not None:
+            batch = classify.to_tensor(wide.images(x_train[idx], draw_seeds(len(idx), gen)), dev)
+        else:
+            batch = classify.to_tensor(x_train[idx], dev)
+            if settings.augment_p > 0:
+                batch = augment(batch.cpu(), gen, settings.augment_p).to(dev)
         return torch.nn.functional.cross_entropy(grader.model(batch), y_train[idx], weight=weight_t)
 
     def validate() -> dict[str, Any]:

@@ -16,6 +16,10 @@ Training images are degradations of clean generated images whose labels are know
   off-centre corner);
 * too far away -- zoomed out to 35-55 % of the side on a plain, slightly noisy background.
 
+Training adds horizontal flips (``AUGMENT``, :data:`synthtrial.graders.augment.FLIPS`; off with ``augment=False``)
+and nothing else: a mirror image keeps every label, where the graders' wide augmentation (blur, darkening,
+shifts, zoom) would contradict them. The degradations above are the rest of ImageQX's augmentation.
+
 A "poor" photo has one or two of these (the explanation labels say which); an "acceptable" one may carry
 mild versions below every threshold (exposure x0.9-1.1, blur sigma < 0.3 %, a shift < 4 %). A photo whose
 shorter side is below ``min_side`` pixels is also "low resolution" and poor by rule, whatever the network says
@@ -40,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from synthtrial.graders import classify
+from synthtrial.graders.augment import FLIPS, Augmenter, draw_seeds
 from synthtrial.graders.base import GraderComponent, GraderError, read_rgb
 from synthtrial.util.progress import ProgressCallback
 
@@ -50,6 +55,8 @@ QUALITY_NAMES = ("acceptable", "poor")
 OUTPUT_COLUMNS = ("p_acceptable", "acceptable", *(f"p_{e}" for e in EXPLANATIONS), *EXPLANATIONS)
 #: weight of the explanation BCE in the loss (the paper: 5)
 BCE_WEIGHT = 5.0
+#: ImageQX's training augmentation: label-safe flips only (see the module docstring)
+AUGMENT = FLIPS
 
 
 @dataclass(frozen=True)
@@ -293,6 +300,7 @@ class TrainSettings:
     seed: int = 0
     base_size: int = 256            # side the clean images are brought to before they are degraded
     resample: bool = True           # new degradations every epoch (False: epoch 0's draw every time)
+    augment: bool = True            # horizontal flips (AUGMENT), label-safe
 
 
 def base_images(source: classify.Source, size: int, progress: ProgressCallback | None = None) -> np.ndarray:
@@ -338,6 +346,7 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
     pos = all_labels.sum(axis=0).astype(np.float64)
     pos_weight = torch.tensor((len(all_labels) - pos) / np.maximum(pos, 1), dtype=torch.float32, device=dev)
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    flips = Augmenter(AUGMENT) if settings.augment else None
 
     def batch_loss(idx: np.ndarray, gen: Any, epoch: int) -> Any:
         draw = epoch if settings.resample else 0
@@ -345,7 +354,8 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
             cache.clear()
             cache[draw] = degraded_set(train_x, settings.seed, draw, config.image_size)
         xs, ys = cache[draw]
-        q, e = grader.model(classify.to_tensor(xs[idx], dev))
+        inputs = xs[idx] if flips is None else flips.images(xs[idx], draw_seeds(len(idx), gen))
+        q, e = grader.model(classify.to_tensor(inputs, dev))
         target = torch.from_numpy(ys[idx]).to(dev)
         ce = torch.nn.functional.cross_entropy(q, target.any(dim=1).long(), weight=q_weights)
         bce = torch.nn.functional.binary_cross_entropy_with_logits(e, target.float(), pos_weight=pos_weight)

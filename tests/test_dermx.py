@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from synthtrial.graders.base import GraderError, get_grader
 from synthtrial.grade import grade_run
 from synthtrial.graders.dermx import CHARACTERISTICS, DermX, DermXConfig, DermXNet, dice_loss, fuzzy_f1, normalise_maps, to_tensor
-from synthtrial.graders.dermx_train import DermXData, characteristic_masks, evaluate_dermx, fuzzy_targets, train_dermx
+from synthtrial.graders.dermx_train import (DermXData, characteristic_masks, evaluate_dermx, fuzzy_targets, train_dermx,
+                                           training_batch)
 from synthtrial.run import rundir
 from synthtrial.cli import app
 
@@ -112,6 +113,25 @@ def test_grad_cam_peaks_inside_the_lesion_on_a_trained_toy_case(toy_dermx):
     peak = np.unravel_index(maps[PAPULE].argmax(), mask.shape)
     assert mask[peak], f"papule map peaks at {peak}, outside the lesions"
     assert fuzzy_f1(maps[PAPULE], mask) > fuzzy_f1(np.full(mask.shape, maps[PAPULE].mean()), mask)
+
+
+def test_augmented_batches_keep_each_mask_on_its_lesion(toy_dermx, tmp_path):
+    """The wide augmentation moves the characteristic masks with the image: the papule mask stays on the red
+    disc (red stays the reddest part of the image under every colour change)."""
+    from synthtrial.graders.augment import WIDE, Augmenter
+
+    _, _, data = toy_dermx
+    idx = np.arange(0, 16, 2)                                      # the images with a papule
+    x, masks, _, _ = training_batch(data, idx, np.zeros(len(idx), bool), 64, torch.device("cpu"), Augmenter(WIDE),
+                                    np.arange(len(idx)) + 5)
+    assert not torch.equal(x, training_batch(data, idx, np.zeros(len(idx), bool), 64, torch.device("cpu"))[0])
+    for image, mask in zip(x.numpy(), masks.numpy()):
+        redness = image[0] - (image[1] + image[2]) / 2
+        inside = mask[PAPULE] > 0.5
+        assert inside.sum() > 100 and redness[inside].mean() > redness[~inside].mean() + 0.5 * redness.std()
+    record = train_dermx(data, tmp_path / "off", epochs=1, batch_size=8, image_size=64, device="cpu",
+                         augment=False).record
+    assert record["settings"]["augment"] is False
 
 
 def test_training_resumes_to_the_same_bytes_and_pickles_are_refused(toy_dermx, tmp_path):

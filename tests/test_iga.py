@@ -38,7 +38,8 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("iga-weights") / "w"
-    settings = iga.TrainSettings(epochs=6, batch_size=18, lr=3e-3, lr_final=1e-3, val_fraction=0, augment_p=0.0)
+    settings = iga.TrainSettings(epochs=6, batch_size=18, lr=3e-3, lr_final=1e-3, val_fraction=0, augment_p=0.0,
+                                 augment=False)
     return iga.train([tiny_run], out, config=TINY, settings=settings), out
 
 
@@ -112,11 +113,13 @@ def test_training_resumes_to_the_same_weights(tiny_run, tmp_path):
         iga.train([tiny_run], tmp_path / "cut", config=TINY, settings=iga.TrainSettings(epochs=3, val_fraction=0.5, seed=2))
 
 
-def test_resume_after_epoch_one_with_dropout_and_augmentation_gives_the_same_bytes(tiny_run, tmp_path):
+@pytest.mark.parametrize("wide", [False, True], ids=["paper-augmentation", "wide-augmentation"])
+def test_resume_after_epoch_one_with_dropout_and_augmentation_gives_the_same_bytes(tiny_run, tmp_path, wide):
     """Issue 19: a training killed after epoch 1 and run again ended with other weights (dropout drew from a
-    global RNG that the checkpoint did not hold). The shared loop keeps every RNG state."""
+    global RNG that the checkpoint did not hold). The shared loop keeps every RNG state; the wide augmentation
+    draws its seeds from the epoch's generator."""
     config = iga.IGAConfig(depth=8, width=8, image_size=48, stem_stride=1, dropout=0.5)
-    settings = iga.TrainSettings(epochs=3, batch_size=9, val_fraction=0, augment_p=0.5, seed=3)
+    settings = iga.TrainSettings(epochs=3, batch_size=9, val_fraction=0, augment_p=0.5, seed=3, augment=wide)
     iga.train([tiny_run], tmp_path / "whole", config=config, settings=settings)
 
     def stop_after_epoch_one(done, total, status):

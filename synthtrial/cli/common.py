@@ -158,6 +158,12 @@ Weights = Annotated[Optional[Path], typer.Option(help="Weights folder (model.saf
                                                  "the shipped weights).", show_default=False)]
 
 
+def augment_option(off: str) -> Any:
+    """The ``--augment/--no-augment`` switch of a training; ``off`` says what ``--no-augment`` leaves."""
+    return Annotated[bool, typer.Option("--augment/--no-augment", help="The graders' photometric and geometric "
+                                        f"training augmentation (synthtrial.graders.augment). --no-augment: {off}.")]
+
+
 def image_size_option(low: int, high: int, what: str = "Network input side in pixels") -> Any:
     """The ``--image-size`` option (a network's input side) with the limits of one network."""
     return Annotated[int, typer.Option("--image-size", min=low, max=high, help=f"{what}.")]

@@ -55,9 +55,9 @@ def dataset_command(
 
     Each split is a normal run directory (synthtrial verify passes); OUT/dataset.json records the recipe, the seeds and per-split counts by Hayashi level and IGA grade. The same options give the same bytes; an interrupted command, run again, finishes.
 
-    Example (the grader training set; about 6 minutes at 512 px with --workers 2 on two free cores):
+    Example (the grader training set; about 12 minutes at 512 px on two busy cores):
 
-      synthtrial graders dataset --out runs/graderset --images 3000 --workers 2
+      synthtrial graders dataset --out runs/graderset --images 3000
 
       synthtrial graders train detector --data runs/graderset/train --out det
     """

@@ -11,8 +11,8 @@ from rich import box
 from rich.table import Table
 
 from synthtrial.cli.common import (BatchSize, Device, Epochs, EvalData, Force, Quiet, Restart, RunDir, Seed, Steps,
-                                   TrainData, TrainOut, Weights, graders_app, graders_eval_app, graders_train_app,
-                                   handles_errors, image_size_option, out)
+                                   TrainData, TrainOut, Weights, augment_option, graders_app, graders_eval_app,
+                                   graders_train_app, handles_errors, image_size_option, out)
 from synthtrial.graders.base import MAX_IMAGE_SIDE, MAX_INPUT_SIZE
 from synthtrial.util.progress import progress_bar
 
@@ -40,6 +40,7 @@ def train_detector_command(
     image_side: Annotated[int, typer.Option(min=64, max=MAX_IMAGE_SIDE, help="Longer image side the detector works at "
                                             "(every image is resized to it).")] = 512,
     tile: Annotated[int, typer.Option(min=64, max=2048, help="Side of the training crops.")] = 256,
+    augment: augment_option("each crop's horizontal flip only") = True,
     seed: Seed = 0,
     device: Device = None,
     restart: Restart = False,
@@ -71,7 +72,7 @@ def train_detector_command(
     with progress_bar("training detector", steps, unit="steps", enabled=not quiet) as update:
         detector = train_detector(detection, out_dir, head=head, steps=steps, batch_size=batch_size, seed=seed,
                                   image_side=image_side, tile=tile, device=device, sources=[str(d) for d in data],
-                                  restart=restart, force=force, progress=update)
+                                  restart=restart, force=force, augment=augment, progress=update)
     out.print(f"[green]wrote[/green] {out_dir} (count threshold {detector.config.count_threshold:.2f}, "
               f"NWD constant {detector.config.nwd_constant:.2f} px)")
 
@@ -86,6 +87,7 @@ def train_dermx_command(
     epochs: Epochs = 10,
     batch_size: BatchSize = 8,
     image_size: image_size_option(64, MAX_INPUT_SIZE, "Network input side in pixels (a multiple of 16)") = 256,
+    augment: augment_option("horizontal flips only") = True,
     seed: Seed = 0,
     device: Device = None,
     restart: Restart = False,
@@ -113,7 +115,7 @@ def train_dermx_command(
     with progress_bar("training dermx", total, unit="steps", enabled=not quiet) as update:
         train_dermx(dataset, out_dir, guided=guided, epochs=epochs, batch_size=batch_size, seed=seed,
                     image_size=image_size, device=device, sources=[str(d) for d in data], restart=restart,
-                    force=force, progress=update)
+                    force=force, augment=augment, progress=update)
     out.print(f"[green]wrote[/green] {out_dir}")
 
 

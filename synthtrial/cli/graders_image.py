@@ -11,7 +11,8 @@ from rich import box
 from rich.table import Table
 
 from synthtrial.cli.common import (BatchSize, Device, Epochs, EvalData, Force, Quiet, Restart, Seed, TrainData, TrainOut,
-                                   Weights, graders_eval_app, graders_train_app, handles_errors, image_size_option, out)
+                                   Weights, augment_option, graders_eval_app, graders_train_app, handles_errors,
+                                   image_size_option, out)
 from synthtrial.graders.base import MAX_DEPTH, MAX_WIDTH
 from synthtrial.util.progress import ProgressCallback, progress_bar
 
@@ -119,6 +120,7 @@ def train_iga(
                                                              show_default=False)] = None,
     no_class_weights: Annotated[bool, typer.Option("--no-class-weights", help="Plain cross-entropy (the "
                                                    "paper's ablation).")] = False,
+    augment: augment_option("the paper's flips, rotation and brightness, each with probability 0.2") = True,
     weights_dtype: WeightsDtype = "float32",
     seed: Seed = 0,
     device: Device = None,
@@ -129,7 +131,8 @@ def train_iga(
     """Train the IGA severity grader (QuantifiCare recipe) and save it to OUT.
 
     Face crops (MediaPipe BlazeFace), a CIFAR ResNet, class-weighted cross-entropy over the five IGA grades,
-    Adam, flips / rotation / brightness each with probability 0.2. Labels: the manifest's 'iga' for runs; for
+    Adam, the graders' wide augmentation (--no-augment: the paper's flips / rotation / brightness each with
+    probability 0.2). Labels: the manifest's 'iga' for runs; for
     ACNE04 the IGA of the expected lesion mix at the severity of the labelled count ([bold]synthtrial scale[/]).
 
     Example (the shipped weights, held-out identity):
@@ -141,7 +144,8 @@ def train_iga(
     config = iga.IGAConfig(backbone=backbone, depth=depth, width=width, image_size=image_size,
                            stem_stride=stem_stride, dropout=dropout, crop_margin=crop_margin)
     settings = iga.TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_final=lr_final,
-                                 val_fraction=val_fraction, seed=seed, class_weighted=not no_class_weights)
+                                 val_fraction=val_fraction, seed=seed, class_weighted=not no_class_weights,
+                                 augment=augment)
     stages = _Stages(not quiet)
     try:
         grader = iga.train(data, out_dir, extra=extra or (), identities=identity, config=config, settings=settings,
@@ -213,6 +217,9 @@ def train_imageqx(
     image_size: image_size_option(16, 1024) = 96,
     base_size: Annotated[int, typer.Option(min=32, max=2048, help="Side the clean images are brought to "
                                            "before they are degraded.")] = 256,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Horizontal flips of the degraded images "
+                                          "(label-safe: nothing else is added to ImageQX's own degradations).")]
+    = True,
     weights_dtype: WeightsDtype = "float32",
     seed: Seed = 0,
     device: Device = None,
@@ -231,7 +238,7 @@ def train_imageqx(
 
     config = imageqx.ImageQXConfig(backbone=backbone, image_size=image_size)
     settings = imageqx.TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_final=lr_final,
-                                     val_fraction=val_fraction, seed=seed, base_size=base_size)
+                                     val_fraction=val_fraction, seed=seed, base_size=base_size, augment=augment)
     stages = _Stages(not quiet)
     try:
         grader = imageqx.train(data, out_dir, extra=extra or (), identities=identity, config=config,
