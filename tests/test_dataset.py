@@ -57,6 +57,23 @@ def test_protocol_has_visits_views_and_one_patient_per_visit_block():
     assert not protocol_frame(test_seed, recipe)["severity"].equals(frame["severity"][:12])
 
 
+def test_both_portraits_alternate_in_train_and_test_seed_and_no_test_portrait_is_made(tmp_path):
+    from synthtrial.run import rundir
+
+    assert [(s.name, s.portrait) for s in splits(Recipe(images=6, train_portrait="both"))] == \
+        [("train", "both"), ("test_seed", "both")]
+    out = tmp_path / "both"
+    result = runner.invoke(app, ["graders", "dataset", "--out", str(out), "--images", "6", "--size", "128",
+                                 "--visits", "1", "--train-portrait", "both", "-q"])
+    assert result.exit_code == 0, result.output
+    manifest = rundir.read_manifest(out / "train", ("image", "patient_id", "identity"))
+    assert [json.loads(v)["base"] for v in manifest.drop_duplicates("patient_id")["identity"]] == \
+        ["astronaut", "hopper"]
+    record = json.loads((out / "dataset.json").read_text())
+    assert set(record["splits"]) == {"train", "test_seed"} and not (out / "test_portrait").exists()
+    assert record["splits"]["train"]["identity_variants"] == 2
+
+
 def test_recipe_refuses_bad_values():
     with pytest.raises(RunError, match="--images must be a multiple of 3"):
         Recipe(images=10)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from synthtrial.cli.common import Quiet, Seed, graders_app, handles_errors, out
 from synthtrial.face.faces import BUILTIN_FACES
-from synthtrial.run.dataset import MAX_IMAGES, VISITS_PER_PATIENT
+from synthtrial.run.dataset import BOTH, MAX_IMAGES, VISITS_PER_PATIENT
 from synthtrial.run.generation import MAX_WORKERS
 from synthtrial.trial import scale
 
@@ -43,15 +43,15 @@ def dataset_command(
                                       "graders crop or tile it).")] = 512,
     seed: Seed = 0,
     train_portrait: Annotated[str, typer.Option(help=f"Built-in portrait of the train and test_seed splits "
-                                                f"({' or '.join(BUILTIN_FACES)}); test_portrait takes the other.")]
-    = "astronaut",
+                                                f"({', '.join(BUILTIN_FACES)} or {BOTH}); test_portrait takes the "
+                                                f"other ({BOTH}: no test_portrait split).")] = "astronaut",
     visits: Annotated[int, typer.Option(min=1, max=100, help="Visits per patient, one every 7 days (lesions "
                                         "resolve between visits and leave marks).")] = VISITS_PER_PATIENT,
     workers: Annotated[int, typer.Option(min=1, max=MAX_WORKERS, help="Processes rendering in parallel (does "
                                          "not change the result).")] = 1,
     quiet: Quiet = False,
 ) -> None:
-    """Render a grader training set: thousands of images of one built-in portrait in all its identity variants, three views per visit, severities stratified so every Hayashi level is a quarter of the visits, marks and scars present; and two held-out sets: test_seed (same portrait, new seed) and test_portrait (the other portrait).
+    """Render a grader training set: thousands of images of one built-in portrait in all its identity variants, three views per visit, severities stratified so every Hayashi level is a quarter of the visits, marks and scars present; and two held-out sets: test_seed (same portrait, new seed) and test_portrait (the other portrait). --train-portrait both: both portraits in train and test_seed, no test_portrait.
 
     Each split is a normal run directory (synthtrial verify passes); OUT/dataset.json records the recipe, the seeds and per-split counts by Hayashi level and IGA grade. The same options give the same bytes; an interrupted command, run again, finishes.
 

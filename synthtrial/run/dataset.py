@@ -6,14 +6,17 @@ Three splits, each a normal run directory under ``OUT`` (``synthtrial verify`` p
 * ``test_seed``: the same portrait at a new seed (new identity variants, new lesion courses);
 * ``test_portrait``: the other built-in portrait (train on one, test on the other) at a third seed.
 
+``--train-portrait both`` puts both portraits (patients alternating) in ``train`` and ``test_seed`` and
+renders no ``test_portrait`` (the set for final weights, once the cross-portrait test has been made).
+
 Choices, stated once:
 
 * **Patients and identities.** Every patient is a new identity variant of the split's portrait
   (:func:`synthtrial.face.faces.identity_for`: variant 0 is the portrait as it is; the others are mirror
   images on odd variants, each with its own geometry, framing, lighting gradient, exposure and colour
   temperature). The portrait is handed to ``generate`` as a one-image ``--faces`` folder
-  (``OUT/portraits/<name>/<name>.png``, its pixels exactly the built-in portrait's), so a split's patients
-  cycle through that one portrait's variants only. The skin stays the portrait's own: skin tone and light are
+  (``OUT/portraits/<name>/<name>.png``, its pixels exactly the built-in portrait's; ``both``: a folder of the
+  two), so a split's patients cycle through that portrait's variants only. The skin stays the portrait's own: skin tone and light are
   what the graders' augmentation (:mod:`synthtrial.graders.augment`) takes away as a cue.
 * **Visits.** A patient has :data:`VISITS_PER_PATIENT` visits (the last patient of a split fewer), one every
   :data:`VISIT_DAYS` days, each photographed frontal, left and right (so ``--images`` is a multiple of 3).
@@ -60,6 +63,8 @@ DATASET_FILE = "dataset.json"
 PORTRAITS = "portraits"
 PROTOCOLS = "protocols"
 SPLITS = ("train", "test_seed", "test_portrait")
+#: ``--train-portrait`` value for a set of both built-in portraits (no ``test_portrait`` split)
+BOTH = "both"
 #: Visits per patient and days between two visits (see the module docstring).
 VISITS_PER_PATIENT = 8
 VISIT_DAYS = 7
@@ -82,8 +87,8 @@ class Recipe:
     visits_per_patient: int = VISITS_PER_PATIENT
 
     def __post_init__(self) -> None:
-        if self.train_portrait not in BUILTIN_FACES:
-            raise RunError(f"--train-portrait must be one of {', '.join(BUILTIN_FACES)}, "
+        if self.train_portrait not in (*BUILTIN_FACES, BOTH):
+            raise RunError(f"--train-portrait must be one of {', '.join((*BUILTIN_FACES, BOTH))}, "
                            f"got '{self.train_portrait}'")
         if self.test_images is None:
             object.__setattr__(self, "test_images", max(len(VIEWS), len(VIEWS) * round(self.images / 15)))
@@ -98,9 +103,6 @@ class Recipe:
         if not 128 <= self.size <= 4096:
             raise RunError(f"--size must be between 128 and 4096 pixels, got {self.size}")
 
-    @property
-    def test_portrait(self) -> str:
-        return next(p for p in BUILTIN_FACES if p != self.train_portrait)
 
 
 @dataclass(frozen=True)
@@ -112,13 +114,17 @@ class Split:
 
 
 def splits(recipe: Recipe) -> list[Split]:
-    """The three splits of a recipe: name, portrait, render seed, images."""
+    """The splits of a recipe (three; two with ``both`` portraits): name, portrait, render seed, images."""
     def seed_of(name: str) -> int:
         return recipe.seed if name == "train" else derive_seed("dataset", recipe.seed, name, bits=32)
 
-    return [Split("train", recipe.train_portrait, seed_of("train"), recipe.images),
-            Split("test_seed", recipe.train_portrait, seed_of("test_seed"), recipe.test_images),
-            Split("test_portrait", recipe.test_portrait, seed_of("test_portrait"), recipe.test_images)]
+    trained = recipe.train_portrait
+    plan = [Split("train", trained, seed_of("train"), recipe.images),
+            Split("test_seed", trained, seed_of("test_seed"), recipe.test_images)]
+    if trained != BOTH:
+        other = next(p for p in BUILTIN_FACES if p != trained)
+        plan.append(Split("test_portrait", other, seed_of("test_portrait"), recipe.test_images))
+    return plan
 
 
 def visit_severities(visits: int, rng: np.random.Generator) -> np.ndarray:
@@ -188,7 +194,7 @@ def split_summary(run: str | os.PathLike[str]) -> dict[str, Any]:
     manifest = rundir.read_manifest(run, ("image", "patient_id", "view", "identity", "lesion_count",
                                           "acne04_level", "iga", "n_mark", "n_scar"))
     iga = manifest["iga"].to_numpy(np.int64)
-    identities = {json.loads(v)["variant"] for v in manifest["identity"]}
+    identities = {(json.loads(v)["base"], json.loads(v)["variant"]) for v in manifest["identity"]}
     return {
         "images": int(len(manifest)), "patients": int(manifest["patient_id"].nunique()),
         "identity_variants": len(identities),
@@ -252,13 +258,15 @@ def _write_record(out: Path, record: dict[str, Any]) -> None:
 
 
 def _write_portrait(out: Path, name: str) -> Path:
-    """The built-in portrait ``name`` as the one image of ``OUT/portraits/<name>/`` (its exact pixels, PNG)."""
+    """``OUT/portraits/<name>/`` holding the built-in portrait ``name`` (``both``: each of them) as
+    ``<portrait>.png``, its exact pixels."""
     from synthtrial.face.faces import builtin_face
     from synthtrial.run.rendering import png_bytes
 
     folder = out / PORTRAITS / name
-    path = folder / f"{name}.png"
-    data = png_bytes(builtin_face(name).image)
-    if not path.is_file() or path.read_bytes() != data:
-        write_bytes_atomic(path, data)
+    for portrait in BUILTIN_FACES if name == BOTH else (name,):
+        path = folder / f"{portrait}.png"
+        data = png_bytes(builtin_face(portrait).image)
+        if not path.is_file() or path.read_bytes() != data:
+            write_bytes_atomic(path, data)
     return folder
