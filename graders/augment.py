@@ -80,8 +80,8 @@ class AugmentConfig:
 
     @property
     def photometric(self) -> bool:
-        return any(p > 0 for p in (self.jitter_p, self.gamma_p, self.white_balance_p, self.light_p, self.blur_p, self.noise_p,
-                                   self.jpeg_p))
+        return any(p > 0 for p in (self.jitter_p, self.gamma_p, self.white_balance_p, self.light_p, self.blur_p,
+                                   self.noise_p, self.jpeg_p))
 
 
 #: the graders' augmentation (detector, DermX, IGA)

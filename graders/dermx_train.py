@@ -7,11 +7,11 @@ Choices, stated once:
   mask per characteristic from the 16-bit instance mask (``masks/...png``, value = lesion_id + 1; the type
   of each id from ``lesions.parquet``), area-averaged to the input size. Everything is held in memory.
 * **Optimisation.** AdamW (lr 2e-3, weight decay 1e-4, cosine decay over the run), batch 8, 10 epochs; every
-  epoch's order and every step's dropout and augmentation come from ``(seed, epoch, step)``.
-* **Augmentation** (``augment``, default on; ``--no-augment``: horizontal flips only): the graders' photometric and
-  geometric augmentation (:mod:`synthtrial.graders.augment`), the characteristic masks moved with the image. The shared loop
+  epoch's order and every step's dropout and augmentation come from ``(seed, epoch, step)``. The shared loop
   (:mod:`synthtrial.util.training`) writes a checkpoint after every epoch, so a resumed run ends with the
   same bytes.
+* **Augmentation** (``augment``, default on; ``--no-augment``: horizontal flips only): the graders' photometric
+  and geometric augmentation (:mod:`synthtrial.graders.augment`), the characteristic masks moved with the image.
 * **Evaluation**: characteristic F1 (threshold 0.5; macro over the characteristics present in the run, and
   micro), level accuracy, severity MAE against the simulated severity, and explanation plausibility: mean
   fuzzy F1 of the Grad-CAM map (``DermX.explain``, image resolution) against the exact mask, over every

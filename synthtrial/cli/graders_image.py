@@ -10,9 +10,9 @@ import typer
 from rich import box
 from rich.table import Table
 
-from synthtrial.cli.common import (BatchSize, Device, Epochs, EvalData, Force, Quiet, Restart, Seed, TrainData, TrainOut,
-                                   Weights, augment_option, graders_eval_app, graders_train_app, handles_errors,
-                                   image_size_option, out)
+from synthtrial.cli.common import (BatchSize, Device, Epochs, EvalData, Force, Quiet, Restart, Seed, TrainData,
+                                   TrainOut, Weights, augment_option, graders_eval_app, graders_train_app,
+                                   handles_errors, image_size_option, out)
 from synthtrial.graders.base import MAX_DEPTH, MAX_WIDTH
 from synthtrial.util.progress import ProgressCallback, progress_bar
 

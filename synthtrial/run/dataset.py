@@ -16,8 +16,9 @@ Choices, stated once:
   images on odd variants, each with its own geometry, framing, lighting gradient, exposure and colour
   temperature). The portrait is handed to ``generate`` as a one-image ``--faces`` folder
   (``OUT/portraits/<name>/<name>.png``, its pixels exactly the built-in portrait's; ``both``: a folder of the
-  two), so a split's patients cycle through that portrait's variants only. The skin stays the portrait's own: skin tone and light are
-  what the graders' augmentation (:mod:`synthtrial.graders.augment`) takes away as a cue.
+  two), so a split's patients cycle through that portrait's variants only. The skin stays the portrait's own:
+  skin tone and light are what the graders' augmentation (:mod:`synthtrial.graders.augment`) takes away as a
+  cue.
 * **Visits.** A patient has :data:`VISITS_PER_PATIENT` visits (the last patient of a split fewer), one every
   :data:`VISIT_DAYS` days, each photographed frontal, left and right (so ``--images`` is a multiple of 3).
   Seven days between visits is longer than a papule or pustule lasts and shorter than most marks, so
@@ -102,7 +103,6 @@ class Recipe:
             raise RunError(f"--seed must be >= 0, got {self.seed}")
         if not 128 <= self.size <= 4096:
             raise RunError(f"--size must be between 128 and 4096 pixels, got {self.size}")
-
 
 
 @dataclass(frozen=True)
