@@ -3,8 +3,9 @@
 :func:`verify` lists every problem it finds, one line each, instead of stopping at the first: every image and
 mask against the manifest's sha256, no file missing or unlisted, no file that resolves outside the run, the
 contact sheets present, the manifest's lesion counts (simulated and visible) against ``lesions.parquet``, each
-lesion's ``visible`` flag against the visibility rule, ``config.json``'s required settings, and the manifest's simulated columns (treatment, severity, date, block per patient, day and view)
-against ``protocol.csv`` and ``truth.json``. A table that cannot be read at all is the one problem listed.
+lesion's ``visible`` flag against the visibility rule, ``config.json``'s required settings, and the manifest's
+simulated columns (treatment, severity, date, block per patient, day and view) against ``protocol.csv`` and
+``truth.json``. A table that cannot be read at all is the one problem listed.
 """
 
 from __future__ import annotations
