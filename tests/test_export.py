@@ -3,6 +3,7 @@
 import csv
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -310,3 +311,99 @@ def test_refuses_to_replace_a_folder_that_is_not_an_export(tmp_path):
     assert (keep / "notes.txt").read_text() == "keep me"
     with pytest.raises(SynthtrialError, match="would replace the run directory"):
         export_run(run, "coco", run)
+
+
+# ------------------------------------------------------------------------------------------- visibility
+
+def add_visibility(run: Path) -> pd.DataFrame:
+    """The visibility columns generate writes: every third lesion hidden (contrast NaN for the first), and the
+    manifest's visible_count of the visible active lesions."""
+    lesions = pd.read_parquet(run / "lesions.parquet")
+    lesions["visible"] = [j % 3 != 0 for j in range(len(lesions))]
+    lesions["contrast"] = [float("nan") if j == 0 else 2.0 + (j % 3) * 4 for j in range(len(lesions))]
+    lesions.to_parquet(run / "lesions.parquet", index=False)
+    manifest = pd.read_parquet(run / "manifest.parquet")
+    active = lesions[lesions["visible"] & lesions["type"].isin(CATEGORIES[:5])].groupby("image").size()
+    manifest["visible_count"] = [int(active.get(image, 0)) for image in manifest["image"]]
+    manifest.to_parquet(run / "manifest.parquet", index=False)
+    return lesions
+
+
+def test_coco_carries_stage_visibility_and_contrast_and_filters_on_them(tmp_path):
+    run = make_run(tmp_path)
+    lesions = add_visibility(run)
+    full = json.loads(export_run(run, "coco").read_text())
+    assert full["info"]["lesions"] == "all" and len(full["annotations"]) == len(lesions)
+    first = full["annotations"][0]["attributes"]
+    assert set(first) == {"stage", "visible", "contrast"} and first["stage"] == "active"
+    by_key = {(r.image, r.lesion_id): r for r in lesions.itertuples(index=False)}
+    files = {im["id"]: im["file_name"] for im in full["images"]}
+    for ann in full["annotations"]:
+        les = by_key[(files[ann["image_id"]], ann["lesion_id"])]
+        assert ann["attributes"]["visible"] == les.visible
+        assert (ann["attributes"]["contrast"] is None) == math.isnan(les.contrast)
+
+    visible = json.loads(export_run(run, "coco", tmp_path / "v.json", visible_only=True).read_text())
+    assert visible["info"]["lesions"] == "visible"
+    assert len(visible["annotations"]) == int(lesions["visible"].sum()) > 0
+    assert all(a["attributes"]["visible"] for a in visible["annotations"])
+    both = json.loads(export_run(run, "coco", tmp_path / "b.json", visible_only=True, active_only=True).read_text())
+    wanted = lesions["visible"] & lesions["type"].isin(CATEGORIES[:5])
+    assert both["info"]["lesions"] == "visible active" and len(both["annotations"]) == int(wanted.sum()) > 0
+    assert all(a["category_id"] <= 5 for a in both["annotations"])
+    active = json.loads(export_run(run, "coco", tmp_path / "a.json", active_only=True).read_text())
+    assert len(active["annotations"]) == int(lesions["type"].isin(CATEGORIES[:5]).sum())
+
+
+def test_acne04_counts_are_the_simulated_ones_unless_visible_only(tmp_path):
+    from synthtrial.trial.scale import acne04_level_from_count
+
+    run = make_run(tmp_path)
+    add_visibility(run)
+    manifest = pd.read_parquet(run / "manifest.parquet").set_index("image")
+    stem = {Path(image).stem + ".jpg": image for image in manifest.index}
+
+    def lines(out):
+        return [line.split() for k in range(3) for line in (out / f"NNEW_test_{k}.txt").read_text().splitlines()]
+
+    simulated = lines(export_run(run, "acne04", tmp_path / "s", folds=3))
+    assert all(int(c) == manifest.loc[stem[n], "lesion_count"] and int(g) == manifest.loc[stem[n], "acne04_level"]
+               for n, g, c in simulated)
+    visible = lines(export_run(run, "acne04", tmp_path / "v", folds=3, visible_only=True))
+    assert len(visible) == len(manifest)
+    for name, grade, count in visible:
+        assert int(count) == manifest.loc[stem[name], "visible_count"]
+        assert int(grade) == acne04_level_from_count(int(count))
+    assert any(int(c) != manifest.loc[stem[n], "lesion_count"] for n, _, c in visible)
+
+
+def test_visibility_options_are_checked(tmp_path):
+    run = make_run(tmp_path)
+    with pytest.raises(SynthtrialError, match="lesions.parquet: has no column 'visible'.*--visible-only"):
+        export_run(run, "coco", visible_only=True)
+    with pytest.raises(SynthtrialError, match="--active-only applies to --format coco, not acne04"):
+        export_run(run, "acne04", folds=3, active_only=True)
+    with pytest.raises(SynthtrialError, match="--visible-only applies to --format coco or acne04, not imagefolder"):
+        export_run(run, "imagefolder", visible_only=True)
+    lesions = pd.read_parquet(run / "lesions.parquet")
+    lesions["visible"] = ["yes"] * len(lesions)
+    lesions.to_parquet(run / "lesions.parquet", index=False)
+    with pytest.raises(SynthtrialError, match="row 1, column 'visible': 'yes' is not true or false"):
+        export_run(run, "coco")
+    assert not (run / "exports").exists()
+
+
+def test_export_command_visibility_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from synthtrial.cli import app
+
+    run = make_run(tmp_path)
+    refused = CliRunner().invoke(app, ["export", str(run), "-f", "coco", "--visible-only", "-q"])
+    assert refused.exit_code == 2 and "has no column 'visible'" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    add_visibility(run)
+    done = CliRunner().invoke(app, ["export", str(run), "-f", "coco", "--visible-only", "--active-only", "-q"])
+    assert done.exit_code == 0, done.output
+    doc = json.loads((run / "exports" / "coco" / "annotations.json").read_text())
+    assert doc["info"]["lesions"] == "visible active"

@@ -272,7 +272,8 @@ def test_diffusion_backend_batches_and_resumes_to_the_same_bytes(tmp_path, tiny_
 
 def test_inpaint_backend_draws_the_procedural_lesion_table(tmp_path, tiny_sdxl):
     """Same protocol and seed: the sdxl-inpaint run's lesion table (boxes, mask areas) equals the procedural run's,
-    because the backend draws its lesion map with the run's own procedural settings."""
+    because the backend draws its lesion map with the run's own procedural settings; only the visibility, measured
+    on each backend's own image, may differ."""
     proto = tmp_path / "p.csv"
     proto.write_text("patient_id,day,treatment,severity\n" + "".join(f"z1,{d},Control,{2.6 - 0.8 * d}\n"
                                                                      for d in range(3)))
@@ -282,7 +283,9 @@ def test_inpaint_backend_draws_the_procedural_lesion_table(tmp_path, tiny_sdxl):
     procedural = generate(proto, tmp_path / "procedural", size=128, progress=False)
     a, b = read_run(inpaint)[1], read_run(procedural)[1]
     assert len(a) > 10 and (a["intensity"] < 1).any()
-    pd.testing.assert_frame_equal(a, b)
+    measured = ["area_px", "contrast", "visible"]
+    pd.testing.assert_frame_equal(a.drop(columns=measured), b.drop(columns=measured))
+    assert (a["area_px"] == b["area_px"]).all()  # the same masks
     config = json.loads((inpaint / "config.json").read_text())
     assert config["renderer"]["size_at_zero_intensity"] == 1.0 and config["backend"]["name"] == "sdxl-inpaint"
 
@@ -536,3 +539,25 @@ def test_full_disk_while_writing_grids_names_the_file_and_leaves_no_verifiable_r
         assert CliRunner().invoke(app, args).exit_code == 0
         assert verify(run) == []
         assert files(run) == files(whole)
+
+
+def test_visibility_is_measured_on_every_lesion_and_counted(quick_run):
+    """Every lesion has its area in the written mask, a contrast and a flag by the stated rule; the manifest's
+    visible counts count the flags; lesions with no pixels are never visible; visibility depends on the type
+    (inflammatory lesions stand out more than closed comedones)."""
+    from synthtrial.render.visibility import is_visible
+
+    manifest, lesions = read_run(quick_run)
+    assert (lesions["area_px"] <= lesions["mask_area"]).all()
+    assert (lesions["visible"] == is_visible(lesions["contrast"], lesions["area_px"])).all()
+    assert not lesions.loc[lesions["area_px"] == 0, "visible"].any()
+    assert lesions["contrast"].notna().mean() > 0.95
+    visible = lesions[lesions["visible"]]
+    for rec in manifest.itertuples():
+        mine = visible[visible["image"] == rec.image]
+        assert rec.visible_count == int(mine["type"].isin(scale.LESION_TYPES).sum())
+        assert rec.n_visible_papule == int((mine["type"] == "papule").sum())
+    share = lesions.groupby("type")["visible"].mean()
+    assert share["papule"] > 0.5 > share["closed_comedo"]
+    config = json.loads((quick_run / "config.json").read_text())
+    assert config["visibility"]["visible_delta_e"] == 5.0

@@ -123,3 +123,23 @@ def test_verify_command_exit_status(run):
     (run / pd.read_parquet(run / "manifest.parquet")["image"][0]).unlink()
     bad = runner.invoke(app, ["verify", str(run), "-q"])
     assert bad.exit_code == 1 and "missing (manifest row 1)" in bad.stderr and "1 problem" in bad.stderr
+
+
+def test_verify_checks_the_visible_counts_and_flags(run):
+    """The manifest's visible counts against lesions.parquet's visible flags, and each flag against the rule."""
+    manifest, lesions = rundir.read_run(run)
+    assert (manifest["visible_count"] <= manifest["lesion_count"]).all() and manifest["visible_count"].sum() > 0
+    broken = pd.read_parquet(run / "manifest.parquet")
+    broken.loc[1, "visible_count"] += 1
+    broken.loc[4, "n_visible_mark"] += 2
+    rundir.write_table(run / "manifest.parquet", broken)
+    table = pd.read_parquet(run / "lesions.parquet")
+    hidden = int(table.index[~table["visible"] & (table["area_px"] >= 4) & table["contrast"].notna()][0])
+    table.loc[hidden, "visible"] = True  # a lesion the rule calls hidden
+    rundir.write_table(run / "lesions.parquet", table)
+    text = "\n".join(verify(run))
+    assert "row 2, column 'visible_count'" in text and "row 5, column 'n_visible_mark'" in text
+    assert f"lesions.parquet: row {hidden + 1}, column 'visible': True but contrast" in text
+    table["visible"] = table["visible"].astype(object)
+    rundir.write_table(run / "lesions.parquet", table.drop(columns="contrast"))
+    assert "lesions.parquet: missing column 'contrast' (the visibility measurement)" in "\n".join(verify(run))

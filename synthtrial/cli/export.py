@@ -35,6 +35,12 @@ def export_command(
     link: Annotated[bool, typer.Option("--link", help="imagefolder: hard-link the images instead of copying them "
                                        "(saves space, but editing an exported image then changes the run).")]
     = False,
+    visible_only: Annotated[bool, typer.Option("--visible-only", help="coco: only the lesions the image shows "
+                                               "(lesions.parquet's visible); acne04: the visible counts "
+                                               "(visible_count) and their level instead of the simulated ones.")]
+    = False,
+    active_only: Annotated[bool, typer.Option("--active-only", help="coco: only active lesions (no marks or "
+                                              "scars).")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Export a run's images and ground truth to a grader's training format.
@@ -43,5 +49,6 @@ def export_command(
     """
     from synthtrial.run.export import export_run
 
-    path = export_run(run, fmt.value, out_dir, folds=folds, seed=seed, force=force, link=link, progress=not quiet)
+    path = export_run(run, fmt.value, out_dir, folds=folds, seed=seed, force=force, link=link, progress=not quiet,
+                      visible_only=visible_only, active_only=active_only)
     out.print(f"[green]wrote[/green] {path}")

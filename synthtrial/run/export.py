@@ -34,6 +34,7 @@ import pandas as pd
 from synthtrial.trial import scale
 from synthtrial.util.atomic import temp_prefix, write_text_atomic
 from synthtrial.run import rundir
+from synthtrial.run.coco_masks import mask_shapes
 from synthtrial.util.errors import SynthtrialError, one_line
 from synthtrial.util.progress import progress_bar
 from synthtrial.trial.protocol import PATIENT_ID_PATTERN
@@ -45,6 +46,8 @@ CATEGORIES = scale.ALL_LESION_TYPES
 CATEGORY_IDS = {name: i + 1 for i, name in enumerate(CATEGORIES)}
 #: JPEG quality of the ACNE04 export (fixed, so the bytes are reproducible).
 JPEG_QUALITY = 95
+#: Lesion columns a COCO annotation carries in its ``attributes``, where the run's lesion table has them.
+ATTRIBUTES = ("stage", "visible", "contrast")
 #: Columns of the imagefolder ``metadata.csv`` after ``file_name``.
 METADATA_COLUMNS = ("patient_id", "day", "date", "treatment", "view", "severity", "acne04_level", "iga",
                     "lesion_count", "n_open_comedo", "n_closed_comedo", "n_papule", "n_pustule", "n_nodule",
@@ -67,14 +70,18 @@ FORMAT_HELP = {
     images: file_name relative to the run directory, width, height, patient_id, day, severity,
     acne04_level, iga. annotations: bbox (x, y, w, h) from the lesion's x0, y0, x1, y1; area from the
     lesion's mask where the run has one, else w*h; segmentation polygons traced from the mask; iscrowd 0;
-    lesion_id. categories, fixed ids: 1 open_comedo, 2 closed_comedo, 3 papule, 4 pustule, 5 nodule,
-    6 mark, 7 scar (supercategory acne). Point the loader's image root at the run directory.
+    lesion_id; attributes: stage (onset, active, resolving, residual), visible (true/false) and contrast
+    (CIE76 delta E to the surrounding skin; null when unknown), where the run has them. categories, fixed
+    ids: 1 open_comedo, 2 closed_comedo, 3 papule, 4 pustule, 5 nodule, 6 mark, 7 scar (supercategory
+    acne). --visible-only keeps the visible lesions only, --active-only the active ones only (no marks or
+    scars); info.lesions says which. Point the loader's image root at the run directory.
     """,
     "acne04": """The ACNE04 / LDL label layout (Wu et al. 2019), for grade + count models.
 
     Writes RUN/exports/acne04/ (or --out): JPEGImages/<image stem>.jpg (JPEG quality 95) and
     NNEW_trainval_K.txt / NNEW_test_K.txt for K = 0 .. folds-1, one line 'filename grade count' per image
-    (grade = ACNE04 level, count = lesion count). Folds split by patient: all images of a patient are on the
+    (grade = ACNE04 level, count = lesion count: the simulated active lesions; with --visible-only the visible
+    ones, visible_count, and the ACNE04 level of that count). Folds split by patient: all images of a patient are on the
     same side of every fold. Patients are shuffled with --seed and dealt round-robin; fold K's test set is
     the patients dealt to fold K. Needs at least as many patients as folds.
     """,
@@ -91,7 +98,7 @@ FORMAT_HELP = {name: inspect.cleandoc(text) for name, text in FORMAT_HELP.items(
 
 def export_run(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str] | None = None, *,
                folds: int = 5, seed: int = 0, force: bool = False, link: bool = False,
-               progress: bool = False) -> Path:
+               progress: bool = False, visible_only: bool = False, active_only: bool = False) -> Path:
     """Convert the run directory ``run_dir`` to the training-set format ``fmt`` (one of :data:`EXPORT_FORMATS`).
 
     ``out`` is the export's folder (default ``RUN/exports/<fmt>``); for ``coco`` it may also be a file name
@@ -100,12 +107,18 @@ def export_run(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike
     is refused even then. An ``out`` inside the run
     directory is refused unless it lies under ``RUN/exports/`` (an export never overwrites the run's own
     files). ``folds`` and ``seed`` set the ACNE04 patient folds. ``link`` hard-links the imagefolder's images
-    instead of copying them (no extra space; but editing an exported image then edits the run). Every image
+    instead of copying them (no extra space; but editing an exported image then edits the run). ``visible_only``
+    (coco, acne04) exports the visible lesions only (ACNE04: the visible counts); ``active_only`` (coco) leaves
+    marks and scars out. Every image
     is checked against the manifest's sha256 first. Returns the COCO JSON file for ``coco`` and the export
     folder otherwise. See :data:`FORMAT_HELP` for each format.
     """
     if fmt not in EXPORT_FORMATS:
         raise SynthtrialError(f"unknown export format {rundir.show(fmt)}; choose one of: {', '.join(EXPORT_FORMATS)}")
+    for flag, name, formats in ((visible_only, "--visible-only", ("coco", "acne04")),
+                                (active_only, "--active-only", ("coco",))):
+        if flag and fmt not in formats:
+            raise SynthtrialError(f"{name} applies to --format {' or '.join(formats)}, not {fmt}")
     if fmt == "acne04":
         folds = _check_int_option(folds, "folds", minimum=2)
         seed = _check_int_option(seed, "seed", minimum=0)
@@ -129,7 +142,7 @@ def export_run(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike
             raise SynthtrialError(f"{target}: already exists; pass --force to replace it (option --out)")
     elif not coco_file:
         _check_folder(target, fmt, force=force)
-    run_info = _read_run(run, fmt, progress=progress)
+    run_info = _read_run(run, fmt, progress=progress, visible_only=visible_only, active_only=active_only)
     run_info.progress, run_info.link = progress, link
     if fmt == "coco":
         if coco_file:
@@ -161,16 +174,20 @@ class _Run:
         self.images = images          # checked relative POSIX paths, same order as manifest
         self.progress = False         # draw progress bars
         self.link = False             # imagefolder: hard-link images instead of copying them
+        self.lesion_filter = "all"    # coco: which lesions (all, visible, active, visible active); acne04: counts
 
 
-def _read_run(run: Path, fmt: str, *, progress: bool = True) -> _Run:
+def _read_run(run: Path, fmt: str, *, progress: bool = True, visible_only: bool = False,
+              active_only: bool = False) -> _Run:
     """The run through :mod:`synthtrial.run.rundir`'s validated readers (a table that resolves outside the run
     is refused), and every image, and for COCO every mask, checked against the manifest's sha256 and
-    mask_sha256 (a truncated, edited, deleted or foreign file is refused, not exported)."""
+    mask_sha256 (a truncated, edited, deleted or foreign file is refused, not exported). With ``visible_only``
+    or ``active_only``, COCO keeps those lesions only."""
     rundir.check_run_dir(run)
     rundir.read_config(run)
     config_bytes = rundir.run_file(run, rundir.CONFIG).read_bytes()
-    manifest = rundir.read_manifest(run, _MANIFEST_COLUMNS[fmt])
+    wanted = _MANIFEST_COLUMNS[fmt] + (("visible_count",) if visible_only and fmt == "acne04" else ())
+    manifest = rundir.read_manifest(run, wanted)
     manifest = manifest.assign(_row=np.arange(1, len(manifest) + 1))
     if fmt == "coco":
         manifest = manifest.assign(_mask=[_mask_of(run, rec) for rec in manifest.to_dict(orient="records")])
@@ -187,8 +204,33 @@ def _read_run(run: Path, fmt: str, *, progress: bool = True) -> _Run:
     lesions = None
     if fmt == "coco":
         lesions = rundir.read_lesions(run, set(images))
-        lesions = lesions[["image", "lesion_id", "type", "x0", "y0", "x1", "y1", "_row"]]
-    return _Run(run, manifest, lesions, config_bytes, images)
+        lesions = _chosen_lesions(run, lesions, visible_only=visible_only, active_only=active_only)
+    run_info = _Run(run, manifest, lesions, config_bytes, images)
+    run_info.lesion_filter = " ".join([*(["visible"] if visible_only else []), *(["active"] if active_only else [])]) \
+        or "all"
+    return run_info
+
+
+def _chosen_lesions(run: Path, lesions: pd.DataFrame, *, visible_only: bool, active_only: bool) -> pd.DataFrame:
+    """The lesion columns COCO needs (with the :data:`ATTRIBUTES` the run has), the visible and/or active
+    lesions only where asked; ``visible`` must then be a column of true/false values."""
+    path = run / rundir.LESIONS
+    if visible_only and "visible" not in lesions.columns:
+        raise SynthtrialError(f"{path}: has no column 'visible' (the visibility measurement), which --visible-only "
+                              "needs; re-run `synthtrial generate` with this version to add it")
+    if "visible" in lesions.columns:
+        bad = [i for i, v in enumerate(lesions["visible"].tolist()) if not isinstance(v, (bool, np.bool_))]
+        if bad:
+            raise SynthtrialError(f"{path}: row {bad[0] + 1}, column 'visible': "
+                                  f"{rundir.show(lesions['visible'].iloc[bad[0]])} is not true or false")
+    keep = np.ones(len(lesions), bool)
+    if visible_only:
+        keep &= lesions["visible"].to_numpy(bool)
+    if active_only:
+        keep &= lesions["type"].isin(scale.LESION_TYPES).to_numpy()
+    columns = ["image", "lesion_id", "type", "x0", "y0", "x1", "y1", "_row",
+               *(c for c in ATTRIBUTES if c in lesions.columns)]
+    return lesions.loc[keep, columns]
 
 
 def _mask_of(run: Path, rec: dict[str, Any]) -> str | None:
@@ -240,7 +282,7 @@ def _coco_json(run: _Run) -> str:
                 advance()
                 continue
             shapes = {} if rundir.is_missing(rec["_mask"]) else \
-                _mask_shapes(run.root / rec["_mask"], width, height, frame["lesion_id"].tolist())
+                mask_shapes(run.root / rec["_mask"], width, height, frame["lesion_id"].tolist())
             for les in frame.to_dict(orient="records"):
                 x0, y0 = float(les["x0"]), float(les["y0"])
                 w, h = float(les["x1"]) - x0, float(les["y1"]) - y0
@@ -253,6 +295,9 @@ def _coco_json(run: _Run) -> str:
                     "iscrowd": 0,
                     "lesion_id": int(les["lesion_id"]),
                 }
+                attributes = _attributes(les)
+                if attributes:
+                    ann["attributes"] = attributes
                 shape = shapes.get(int(les["lesion_id"]))
                 if shape is not None:
                     ann["area"] = float(shape[0])
@@ -265,11 +310,24 @@ def _coco_json(run: _Run) -> str:
         "version": _version(),
         "url": "",
         "config_sha256": hashlib.sha256(run.config_bytes).hexdigest(),
+        "lesions": run.lesion_filter,
     }
     categories = [{"id": CATEGORY_IDS[name], "name": name, "supercategory": "acne"} for name in CATEGORIES]
     doc = {"info": info, "licenses": [], "images": images_out, "annotations": annotations,
            "categories": categories}
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False) + "\n"
+
+
+def _attributes(les: dict[str, Any]) -> dict[str, Any]:
+    """An annotation's ``attributes``: stage, visible and contrast, where the lesion table has them."""
+    out: dict[str, Any] = {}
+    if "stage" in les:
+        out["stage"] = None if rundir.is_missing(les["stage"]) else str(les["stage"])
+    if "visible" in les:
+        out["visible"] = bool(les["visible"])
+    if "contrast" in les:
+        out["contrast"] = None if rundir.is_missing(les["contrast"]) else float(les["contrast"])
+    return out
 
 
 def _image_size(root: Path, rel: str, rec: dict[str, Any], manifest_path: Path) -> tuple[int, int]:
@@ -287,78 +345,6 @@ def _image_size(root: Path, rel: str, rec: dict[str, Any], manifest_path: Path) 
             raise SynthtrialError(f"{manifest_path}: row {rec['_row']}, column '{column}': {rundir.show(stated)} but "
                                   f"{rel} is {width}x{height}")
     return int(width), int(height)
-
-
-def _mask_shapes(path: Path, width: int, height: int,
-                 lesion_ids: list[int]) -> dict[int, tuple[int, list[list[float]]]]:
-    """Per lesion id: (pixel area, COCO polygons) from the label map at ``path``.
-
-    Lesions with no pixels in the map are left out (they keep their box and no segmentation).
-    """
-    from PIL import Image, UnidentifiedImageError
-    from scipy import ndimage
-
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("I;16", "I;16L", "I;16B", "I", "L"):
-                raise SynthtrialError(f"{path}: is a {im.mode} image; a lesion mask is a 16-bit label map "
-                                      "(pixel = lesion_id + 1, 0 = no lesion)")
-            labels = np.asarray(im).astype(np.int64)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise SynthtrialError(f"{path}: cannot be read as a lesion mask ({one_line(exc)})") from None
-    if labels.shape != (height, width):
-        raise SynthtrialError(f"{path}: is {labels.shape[1]}x{labels.shape[0]} but its image is {width}x{height}")
-    if labels.min(initial=0) < 0:
-        raise SynthtrialError(f"{path}: has negative labels; a lesion mask holds lesion_id + 1, 0 = no lesion")
-    wanted = {lid + 1 for lid in lesion_ids}
-    top = max(wanted, default=0)
-    clipped = np.where(labels <= top, labels, 0)  # labels of lesions not listed cannot be exported
-    boxes = ndimage.find_objects(clipped, max_label=top) if top else []
-    shapes: dict[int, tuple[int, list[list[float]]]] = {}
-    for lid in sorted(lesion_ids):
-        box = boxes[lid] if lid < len(boxes) else None
-        if box is None:
-            continue
-        binary = clipped[box] == lid + 1
-        area = int(binary.sum())
-        if not area:
-            continue
-        shapes[lid] = (area, _polygons(binary, box[1].start, box[0].start))
-    return shapes
-
-
-def _polygons(binary: np.ndarray, x_off: int, y_off: int) -> list[list[float]]:
-    """COCO polygons (outer boundaries only) of a boolean crop whose top-left pixel is (x_off, y_off).
-
-    Contours run along pixel edges' midpoints; in COCO's continuous coordinates (pixel (c, r) covers
-    [c, c+1) x [r, r+1)) they lie inside the union of the mask's pixels. Holes are dropped (COCO polygons
-    cannot express them); the area reported beside them is the exact pixel count.
-    """
-    from skimage import measure
-
-    padded = np.pad(binary.astype(np.uint8), 1)
-    polygons = []
-    for contour in measure.find_contours(padded, 0.5, positive_orientation="high"):
-        if len(contour) < 4:
-            continue
-        ys = contour[:, 0] - 1 + y_off + 0.5
-        xs = contour[:, 1] - 1 + x_off + 0.5
-        signed = 0.5 * float(np.sum(xs[:-1] * ys[1:] - xs[1:] * ys[:-1]))
-        if signed >= 0:  # with positive_orientation="high", islands run this way round and holes the other
-            continue
-        points = np.column_stack([xs, ys])
-        if (points[0] == points[-1]).all():
-            points = points[:-1]
-        # drop the points in the middle of a straight run: the outline keeps its exact shape (coordinates
-        # are multiples of 0.5, so the test is exact)
-        before = points - np.roll(points, 1, axis=0)
-        after = np.roll(points, -1, axis=0) - points
-        cross = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
-        dot = (before * after).sum(axis=1)
-        points = points[(cross != 0) | (dot <= 0)]
-        if len(points) >= 3:
-            polygons.append((np.round(points.ravel(), 2) + 0.0).tolist())
-    return polygons
 
 
 # ---------------------------------------------------------------------------------------------- acne04
@@ -386,8 +372,12 @@ def _plan_acne04(run: _Run, *, folds: int, seed: int) -> tuple[dict[str, str], d
             raise SynthtrialError(f"{manifest_path}: row {row}, column 'image': {rundir.show(image)} and "
                                   f"{rundir.show(names[name])} both become JPEGImages/{name}")
         names[name] = image
-        grade = rundir.as_int(rec["acne04_level"], manifest_path, row, "acne04_level")
-        count = rundir.as_int(rec["lesion_count"], manifest_path, row, "lesion_count")
+        if run.lesion_filter == "visible":
+            count = rundir.as_int(rec["visible_count"], manifest_path, row, "visible_count")
+            grade = int(scale.acne04_level_from_count(count))
+        else:
+            grade = rundir.as_int(rec["acne04_level"], manifest_path, row, "acne04_level")
+            count = rundir.as_int(rec["lesion_count"], manifest_path, row, "lesion_count")
         lines.append((rec["patient_id"], f"{name} {grade} {count}\n"))
     labels = {}
     for k in range(folds):

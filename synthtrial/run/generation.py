@@ -27,6 +27,7 @@ from synthtrial import __version__
 from synthtrial.render.base import BACKENDS as BACKEND_SPECS
 from synthtrial.render.base import backend_names, get_backend
 from synthtrial.render.procedural import render_config
+from synthtrial.render.visibility import visibility_rule
 from synthtrial.run import rundir
 from synthtrial.run.rendering import (NAMINGS, GenerateSettings, PatientJob, QualityFilter, render_all,
                                       render_chunk)
@@ -186,6 +187,7 @@ def _run_config(settings: GenerateSettings, protocol: pd.DataFrame, protocol_pat
         "faces": faces,
         "backend": {"name": spec.name, "summary": spec.summary, "placement_exact": spec.placement_exact},
         "renderer": asdict(render_config()),
+        "visibility": visibility_rule(),
         "packages": package_versions(),
     }
     if diffusion is not None:
@@ -363,5 +365,6 @@ def _tables(protocol: pd.DataFrame, records: dict[str, list[dict[str, Any]]],
     manifest["quality_acceptable"] = pd.array(manifest["quality_acceptable"].tolist(), dtype="boolean")
     manifest["quality_p"] = pd.to_numeric(manifest["quality_p"], errors="coerce").astype("float64")
     lesions = pd.DataFrame(lesion_rows, columns=list(rundir.LESION_COLUMNS))
-    lesions = lesions.astype({"day": "int64", "lesion_id": "int64", "age_days": "int64", "mask_area": "int64"})
+    lesions = lesions.astype({"day": "int64", "lesion_id": "int64", "age_days": "int64", "mask_area": "int64",
+                              "area_px": "int64", "contrast": "float64", "visible": "bool"})
     return manifest, lesions

@@ -25,6 +25,7 @@ import pandas as pd
 
 from synthtrial.render.base import LesionSpec, RenderRequest, get_backend
 from synthtrial.render.procedural import photo_stats, render_config
+from synthtrial.render.visibility import measure_visibility
 from synthtrial.run import rundir
 from synthtrial.run.rundir import RunError
 from synthtrial.trial import scale
@@ -144,10 +145,11 @@ def _patient_state(job: PatientJob):
 
 
 def _record(run_dir: Path, row: dict[str, Any]) -> dict[str, Any] | None:
-    """The image's record when the image, its mask and the record agree byte for byte; else None (redo it)."""
+    """The image's record when the image, its mask and the record agree byte for byte; else None (redo it).
+    A record without the visibility measurement (written by an earlier synthtrial) is redone too."""
     try:
         record = json.loads((run_dir / row["part"]).read_text())
-        if rundir.sha256_file(run_dir / row["image"]) == record["sha256"] and \
+        if "visible_count" in record and rundir.sha256_file(run_dir / row["image"]) == record["sha256"] and \
                 rundir.sha256_file(run_dir / row["mask"]) == record["mask_sha256"]:
             return record
     except (OSError, ValueError, KeyError, TypeError):
@@ -243,15 +245,21 @@ def _write_image(run_dir: Path, face, course, prepared: dict[str, Any], result,
     write_bytes_atomic(run_dir / row["image"], image_bytes)
     write_bytes_atomic(run_dir / row["mask"], mask_bytes)
     counts = {t: 0 for t in scale.ALL_LESION_TYPES}
+    seen = {t: 0 for t in scale.ALL_LESION_TYPES}
+    sight = measure_visibility(result.image, label, [spec.lesion_id for spec in specs], skin=prepared["face"].skin)
     lesions = []
-    for state, spec, area, box in zip(states, specs, areas, result.boxes, strict=True):
+    for state, spec, area, box, look in zip(states, specs, areas, result.boxes,
+                                            sight.itertuples(index=False), strict=True):
         counts[state.type] += 1
+        seen[state.type] += bool(look.visible)
         lesions.append({
             "lesion_id": state.lesion_id, "type": state.type,
             "x0": float(box[0]), "y0": float(box[1]), "x1": float(box[2]), "y1": float(box[3]),
             "cx": round(spec.cx, 3), "cy": round(spec.cy, 3), "radius_px": round(spec.radius_px, 3),
             "mask_area": area, "stage": state.stage, "age_days": int(state.age_days),
             "intensity": round(state.intensity, 4), "diameter_mm": round(state.diameter_mm, 3),
+            "area_px": int(look.area_px), "contrast": None if np.isnan(look.contrast) else float(look.contrast),
+            "visible": bool(look.visible),
         })
     n_active = sum(counts[t] for t in scale.LESION_TYPES)
     n_inflammatory = counts["papule"] + counts["pustule"] + counts["nodule"]
@@ -261,6 +269,7 @@ def _write_image(run_dir: Path, face, course, prepared: dict[str, Any], result,
         "width": int(result.image.shape[1]), "height": int(result.image.shape[0]),
         "lesion_count": n_active, "target_count": course.target(row["day"]),
         **{f"n_{t}": c for t, c in counts.items()},
+        "visible_count": sum(seen[t] for t in scale.LESION_TYPES), **{f"n_visible_{t}": c for t, c in seen.items()},
         "acne04_level": int(scale.acne04_level_from_count(n_active)),
         "iga": int(scale.iga_from_counts(n_inflammatory, counts["nodule"])),
         "identity": face.identity.to_json(), "face_source": face.source,

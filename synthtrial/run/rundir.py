@@ -64,14 +64,19 @@ CONFIG_REQUIRED = {"settings": ("backend", "size", "seed"), "protocol": ("rows",
 
 #: Lesion counts per type in the manifest, in the scale's type order.
 COUNT_COLUMNS = tuple(f"n_{t}" for t in scale.ALL_LESION_TYPES)
-#: The manifest's columns, in the order ``generate`` writes them.
+#: Visible lesions per type in the manifest (``synthtrial.render.visibility``: lesions whose ``visible`` is true).
+VISIBLE_COUNT_COLUMNS = tuple(f"n_visible_{t}" for t in scale.ALL_LESION_TYPES)
+#: The manifest's columns, in the order ``generate`` writes them. ``visible_count`` counts the visible active
+#: lesions (``lesion_count``'s types: no marks or scars).
 MANIFEST_COLUMNS = ("image", "mask", "patient_id", "day", "date", "block", "treatment", "view", "severity",
-                    "lesion_count", "target_count", *COUNT_COLUMNS, "acne04_level", "iga", "identity",
+                    "lesion_count", "target_count", *COUNT_COLUMNS, "visible_count", *VISIBLE_COUNT_COLUMNS,
+                    "acne04_level", "iga", "identity",
                     "face_source", "seed", "backend", "sha256", "mask_sha256", "width", "height", "mm_per_px",
                     "quality_acceptable", "quality_p", "quality_reason", "render_attempt")
 #: The lesion table's columns, in the order ``generate`` writes them.
 LESION_COLUMNS = ("image", "patient_id", "day", "view", "lesion_id", "type", "x0", "y0", "x1", "y1", "cx", "cy",
-                  "radius_px", "mask_area", "stage", "age_days", "intensity", "diameter_mm")
+                  "radius_px", "mask_area", "stage", "age_days", "intensity", "diameter_mm", "area_px", "contrast",
+                  "visible")
 #: The grade table's key; its columns are the two keys, then ``<grader>_<name>``.
 GRADES_KEY = "image"
 #: The grade table's second key: the image's sha256 from the manifest when it was graded.

@@ -2,9 +2,10 @@
 
 :func:`verify` lists every problem it finds, one line each, instead of stopping at the first: every image and
 mask against the manifest's sha256, no file missing or unlisted, no file that resolves outside the run, the
-contact sheets present, the manifest's lesion counts against ``lesions.parquet``, ``config.json``'s required
-settings, and the manifest's simulated columns (treatment, severity, date, block per patient, day and view)
-against ``protocol.csv`` and ``truth.json``. A table that cannot be read at all is the one problem listed.
+contact sheets present, the manifest's lesion counts (simulated and visible) against ``lesions.parquet``, each
+lesion's ``visible`` flag against the visibility rule, ``config.json``'s required settings, and the manifest's
+simulated columns (treatment, severity, date, block per patient, day and view) against ``protocol.csv`` and
+``truth.json``. A table that cannot be read at all is the one problem listed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from synthtrial.run import rundir
@@ -116,21 +118,47 @@ def check_files(run: Path, manifest: pd.DataFrame, size: int | None,
 
 
 def check_counts(manifest: pd.DataFrame, lesions: pd.DataFrame) -> list[str]:
-    """The manifest's ``lesion_count`` and ``n_<type>`` against the lesion table."""
-    problems = []
-    active = lesions[lesions["type"].isin(scale.LESION_TYPES)].groupby("image").size()
-    per_type = lesions.groupby(["image", "type"]).size()
-    for i, rec in enumerate(manifest.itertuples(index=False), start=1):
-        n = int(active.get(rec.image, 0))
-        if n != rec.lesion_count:
-            problems.append(f"{MANIFEST}: row {i}, column 'lesion_count': {rec.lesion_count} but {LESIONS} has "
-                            f"{n} active lesions on {rec.image}")
-        for t in scale.ALL_LESION_TYPES:
-            n_t = int(per_type.get((rec.image, t), 0))
-            if n_t != getattr(rec, f"n_{t}"):
-                problems.append(f"{MANIFEST}: row {i}, column 'n_{t}': {getattr(rec, f'n_{t}')} but {LESIONS} has "
-                                f"{n_t}")
+    """The manifest's ``lesion_count`` and ``n_<type>`` against the lesion table, and its visible counts
+    (``visible_count``, ``n_visible_<type>``) against the lesions whose ``visible`` is true."""
+    problems = check_visibility(lesions)
+    groups = [("n_", "lesion_count", "active", lesions)]
+    if "visible" in lesions.columns and pd.api.types.is_bool_dtype(lesions["visible"]):
+        groups.append(("n_visible_", "visible_count", "visible active", lesions[lesions["visible"].to_numpy(bool)]))
+    for prefix, total, what, subset in groups:
+        active = subset[subset["type"].isin(scale.LESION_TYPES)].groupby("image").size()
+        per_type = subset.groupby(["image", "type"]).size()
+        for i, rec in enumerate(manifest.itertuples(index=False), start=1):
+            n = int(active.get(rec.image, 0))
+            if n != getattr(rec, total):
+                problems.append(f"{MANIFEST}: row {i}, column '{total}': {getattr(rec, total)} but {LESIONS} has "
+                                f"{n} {what} lesions on {rec.image}")
+            for t in scale.ALL_LESION_TYPES:
+                n_t = int(per_type.get((rec.image, t), 0))
+                if n_t != getattr(rec, f"{prefix}{t}"):
+                    problems.append(f"{MANIFEST}: row {i}, column '{prefix}{t}': {getattr(rec, f'{prefix}{t}')} but "
+                                    f"{LESIONS} has {n_t}")
     return problems
+
+
+def check_visibility(lesions: pd.DataFrame) -> list[str]:
+    """``lesions.parquet``'s ``visible`` flags against the stated rule on its ``contrast`` and ``area_px``
+    (:func:`synthtrial.render.visibility.is_visible`), the first 20 that break it; a missing column is the one
+    problem listed."""
+    from synthtrial.render.visibility import is_visible
+
+    missing = [c for c in ("area_px", "contrast", "visible") if c not in lesions.columns]
+    if missing:
+        return [f"{LESIONS}: missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
+                "(the visibility measurement); re-run `synthtrial generate` to add it"]
+    flags = lesions["visible"]
+    if not pd.api.types.is_bool_dtype(flags):
+        return [f"{LESIONS}: column 'visible' holds {flags.dtype} values, not true/false"]
+    contrast = pd.to_numeric(lesions["contrast"], errors="coerce").to_numpy(dtype=float)
+    area = pd.to_numeric(lesions["area_px"], errors="coerce").to_numpy(dtype=float)
+    wrong = np.flatnonzero(is_visible(contrast, area) != flags.to_numpy(dtype=bool))
+    return [f"{LESIONS}: row {int(lesions['_row'].iloc[j])}, column 'visible': {bool(flags.iloc[j])} but contrast "
+            f"{rundir.show(lesions['contrast'].iloc[j])} and area_px {rundir.show(lesions['area_px'].iloc[j])} "
+            "make it " + str(not bool(flags.iloc[j])) for j in wrong[:20]]
 
 
 def check_protocol(run: Path, manifest: pd.DataFrame, recorded_sha: Any) -> list[str]:
