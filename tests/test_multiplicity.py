@@ -207,7 +207,7 @@ def test_missing_day_schedule_is_the_designs_when_days_are_missing():
     pd.testing.assert_frame_equal(schedule, design_schedule(design, 4))
     complete = simulate_trial(design, SeverityModel(effects={"Cream": -0.5}), seed=4)
     assert missing_day_schedule(complete.truth, design, 4) is None
-    assert missing_day_schedule(trial.truth, None, 4) is None
+    assert missing_day_schedule(trial.truth, None, 4) is None      # neither the design nor the rows
     # the analysis of the trial with missing days uses the design's treatment on each missing day
     data = trial.protocol.assign(oracle=trial.protocol["severity"])
     options = E.FitOptions(outcome="oracle", reference="Control", kinetics=nof1.Kinetics(2.0, 2.0))
@@ -237,3 +237,27 @@ def test_gls_kinetics_is_exact_on_a_noise_free_series_missing_its_periods_first_
     assert fit["estimate"].item() == pytest.approx(delivered, abs=1e-9)
     blind = S.analyze_outcome(data, "oracle", "R", methods=("gls_kinetics",), kinetics=kinetics)
     assert abs(blind["estimate"].item() - delivered) > 1e-3   # the previous-day rule misplaces the wash-in
+
+
+def test_without_a_design_a_missing_day_joins_the_period_it_belongs_to():
+    # R R T T R R without day 3 (the T period's first day): the R period before is complete -> T
+    got = nof1.missing_day_treatments(np.array([1, 2, 4, 5, 6]), np.array(list("RRTRR")), [3])
+    assert got.tolist() == ["T"]
+    # R R R T T T R R R without day 3 (the first R period's last day): that period spans 2 of 3 days -> R
+    got = nof1.missing_day_treatments(np.array([1, 2, 4, 5, 6, 7, 8, 9]), np.array(list("RRTTTRRR")), [3])
+    assert got.tolist() == ["R"]
+    # inside a period, and before the first row: the period's treatment, the first row's
+    got = nof1.missing_day_treatments(np.array([2, 3, 5, 6]), np.array(list("RRRT")), [1, 4])
+    assert got.tolist() == ["R", "R"]
+
+
+def test_a_user_protocols_missing_days_take_the_rule_when_the_truth_has_no_design():
+    design = TrialDesign(design="abab", arms=("Control", "Cream"), n_patients=2, blocks=4, period_days=4)
+    schedule = design_schedule(design, 0)
+    dropped = {"P01": [5], "P02": [4]}          # P01 lacks its Cream period's first day, P02 its Control's last
+    keep = ~pd.Series([d in dropped.get(p, []) for p, d in zip(schedule["patient_id"], schedule["day"])])
+    data = schedule[keep.to_numpy()]
+    truth = {"patients": {pid: {"missing_days": days} for pid, days in dropped.items()}}
+    got = missing_day_schedule(truth, None, None, data)
+    merged = got.merge(schedule[["patient_id", "day", "treatment"]], on=["patient_id", "day"], suffixes=("", "_plan"))
+    assert len(merged) == len(schedule) and (merged["treatment"] == merged["treatment_plan"]).all()

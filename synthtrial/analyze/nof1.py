@@ -447,6 +447,38 @@ def patient_calendar(days: np.ndarray, treatments: np.ndarray, scheduled_days: n
             np.concatenate([treatments, np.asarray(scheduled_treatments).astype(str)[absent]]))
 
 
+def missing_day_treatments(days: np.ndarray, treatments: np.ndarray, missing_days: Sequence[int]) -> np.ndarray:
+    """The treatment of each of ``missing_days`` (scheduled days without a row) from one patient's rows alone.
+
+    The rule, for when the schedule itself is not known: a missing day belongs to the period of the nearest
+    row. Where the rows before and after are equally far and on different treatments (a lone missing day at
+    a period boundary), it joins the earlier period if that period's rows span fewer days than the patient's
+    longest run on that treatment (the earlier period lacks its last day), else the later one (the later
+    period lacks its first day). Days before the first row or after the last take the nearest row's.
+    """
+    order = np.argsort(days, kind="stable")
+    days = np.asarray(days).astype(np.int64)[order]
+    treatments = np.asarray(treatments).astype(str)[order]
+    starts = np.flatnonzero(np.r_[True, treatments[1:] != treatments[:-1]])
+    ends = np.r_[starts[1:], days.size] - 1
+    span = days[ends] - days[starts] + 1                          # days each observed run covers
+    run_of = np.repeat(np.arange(starts.size), ends - starts + 1)
+    longest = {t: int(span[treatments[starts] == t].max()) for t in set(treatments[starts].tolist())}
+    out = []
+    for day in np.asarray(missing_days, dtype=np.int64):
+        after = int(np.searchsorted(days, day))
+        if after == 0 or after == days.size:
+            out.append(treatments[min(after, days.size - 1)])
+            continue
+        before_gap, after_gap = day - days[after - 1], days[after] - day
+        earlier, later = treatments[after - 1], treatments[after]
+        if before_gap != after_gap or earlier == later:
+            out.append(earlier if before_gap < after_gap or earlier == later else later)
+            continue
+        out.append(earlier if span[run_of[after - 1]] < longest[earlier] else later)
+    return np.asarray(out, dtype=str)
+
+
 def gls_kinetics(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, reference: str, arms: Sequence[str],
                  excluded: set[str], *, kinetics: Kinetics | None = None, trend: bool = True,
                  alpha: float = 0.05, exposure: tuple[Sequence[str], np.ndarray] | None = None,

@@ -269,7 +269,7 @@ def outcome_effects(outcomes: pd.DataFrame, columns: list[str], truth: dict | No
     per_day = daily(outcomes, columns)
     design = _design_of(truth)
     kinetics = Kinetics.from_truth(truth)
-    schedule = missing_day_schedule(truth, design, (truth or {}).get("seed"))
+    schedule = missing_day_schedule(truth, design, (truth or {}).get("seed"), per_day)
     with warnings.catch_warnings():
         # near-constant series (IGA within a patient) and boundary fits make scipy/statsmodels warn; the
         # effects table says what happened in its note column instead
@@ -289,18 +289,31 @@ def outcome_effects(outcomes: pd.DataFrame, columns: list[str], truth: dict | No
     return effects[list(EFFECT_COLUMNS)]
 
 
-def missing_day_schedule(truth: dict | None, design, seed) -> pd.DataFrame | None:
-    """The simulated design's schedule (every scheduled day and its treatment) when the truth lists missing
-    days, so that they keep their scheduled treatment in the exposure curves; None when nothing is missing or
-    the design or its seed is not known (then a day without a row continues the previous day's treatment)."""
+def missing_day_schedule(truth: dict | None, design, seed, data: pd.DataFrame | None = None) -> pd.DataFrame | None:
+    """Every scheduled day and its treatment when the truth lists missing days, so that they keep their
+    treatment in the exposure curves: the simulated design's schedule (rebuilt from its seed) when known, else
+    ``data``'s rows plus each listed missing day with the treatment of the period it belongs to
+    (:func:`synthtrial.analyze.nof1.missing_day_treatments`). None when nothing is missing (or neither is given):
+    then a day without a row continues the previous day's treatment."""
+    from synthtrial.analyze.nof1 import missing_day_treatments
     from synthtrial.trial.simulate import design_schedule
 
     patients = (truth or {}).get("patients") or {}
-    missing = isinstance(patients, dict) and any(
-        isinstance(p, dict) and p.get("missing_days") for p in patients.values())
-    if not missing or design is None or isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    missing = {str(pid): p["missing_days"] for pid, p in patients.items()
+               if isinstance(p, dict) and p.get("missing_days")} if isinstance(patients, dict) else {}
+    if not missing:
         return None
-    return design_schedule(design, int(seed))
+    if design is not None and not isinstance(seed, bool) and isinstance(seed, (int, np.integer)):
+        return design_schedule(design, int(seed))
+    if data is None:
+        return None
+    frames = []
+    for pid, rows in data.groupby(data["patient_id"].astype(str), sort=False):
+        days = rows["day"].to_numpy(dtype=np.int64)
+        lacking = np.setdiff1d(np.asarray(missing.get(pid, []), dtype=np.int64), days)
+        frames.append(pd.DataFrame({"patient_id": pid, "day": np.r_[days, lacking], "treatment": np.r_[
+            rows["treatment"].astype(str).to_numpy(), missing_day_treatments(days, rows["treatment"], lacking)]}))
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
 def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | None = None, *,
