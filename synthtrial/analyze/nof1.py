@@ -18,7 +18,7 @@ days, kinetics included, which is what ``truth.json``'s ``delivered_effects`` ho
   arm starts an ABAB series, each pair's order, the order of the active arms' cycle). Valid by
   construction under the sharp null for a randomised design, whatever the serial correlation or trend.
   A fixed-order design (the anchor protocol) has no randomisation distribution: the row says so
-  (estimate given, p NaN). Gives a p-value, not a CI. Its smallest attainable p is 2 / (number of orders)
+  (estimate given, p NaN, role ``not available``; so is a design whose smallest attainable p exceeds alpha). Gives a p-value, not a CI. Its smallest attainable p is 2 / (number of orders)
   (an order and its mirror image give the same |statistic|): randomised pairs need at least 6 pairs
   (64 orders) before anything can be rejected at alpha 0.05, and an ABAB series (2 orders) never can.
 * ``gls_kinetics`` — **GLS with AR(1) errors where the treatment enters through its exposure**: each arm's
