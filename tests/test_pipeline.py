@@ -82,6 +82,25 @@ def test_oracle_and_lesion_count_recover_the_truth(analysed):
     assert len(per_patient) == 4 and (per_patient["estimate"] < 0).all()
 
 
+def test_effects_carry_adjusted_responder_calls_and_the_fixed_order_test_is_not_available(analysed):
+    from statsmodels.stats.multitest import multipletests
+
+    _, analysis = analysed
+    effects = pd.read_csv(analysis / "effects.csv")
+    period = effects[(effects["method"] == "period") & (effects["outcome"] == "oracle")]
+    assert len(period) == 4
+    np.testing.assert_allclose(period["p_holm"], multipletests(period["p"], method="holm")[1])
+    np.testing.assert_allclose(period["p_bh"], multipletests(period["p"], method="fdr_bh")[1])
+    expected = (period["p_holm"] < 0.05) & (period["estimate"] < 0)
+    assert period["responder_holm"].astype(str).tolist() == expected.astype(str).tolist()
+    pooled = effects[effects["scope"] == "pooled"]
+    assert pooled["p_holm"].isna().all() and pooled["responder"].isna().all()
+    randomization = effects[effects["method"] == "randomization"]
+    assert (randomization["role"] == "not available").all()
+    report = (analysis / "report.html").read_text()
+    assert "Responders" in report and "p_holm" in report and "not available" in report
+
+
 def test_report_renders_every_section(analysed):
     _, analysis = analysed
     report = (analysis / "report.html").read_text()

@@ -40,6 +40,9 @@ from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.seeding import derive_seed
 
 INFERENTIAL, DESCRIPTIVE = "inferential", "descriptive"
+#: The role of a test that cannot reject on this design (a randomisation test with too few orders): its row
+#: keeps the estimate (and the p, where there is one) but is neither a test nor a description to rely on.
+NOT_AVAILABLE = "not available"
 #: ``scope`` of pooled estimates (per-patient ones carry the patient id).
 POOLED = "pooled"
 #: ``gls_kinetics`` is inferential on series at least this long: it held its size on the anchor design's
@@ -98,6 +101,7 @@ class PatientSeries(Series):
     exposure: tuple[list[str], np.ndarray] | None   # every arm's exposure on the scheduled rows (known kinetics)
     dropped: int
     options: FitOptions
+    calendar: tuple[np.ndarray, np.ndarray] | None = None  # rows + missing scheduled days (the exposures' calendar)
 
     @property
     def n(self) -> int:
@@ -147,9 +151,9 @@ class Estimator(ABC):
     pooled: ClassVar[bool] = False
     uses_exposure: ClassVar[bool] = False   # fitted on the exposure curves when the kinetics are known
 
-    def role_on(self, n: int, outcome: str) -> tuple[str, str]:
-        """The role of an estimate from ``n`` observations of ``outcome``, and a note when it differs from
-        the role by design."""
+    def role_on(self, n: int, outcome: str, options: FitOptions | None = None) -> tuple[str, str]:
+        """The role of an estimate from ``n`` observations of ``outcome`` (fitted with ``options``), and a note
+        when it differs from the role by design."""
         return self.role, ""
 
     def nobs(self, data: Any, arm: str) -> int:
@@ -185,11 +189,24 @@ class Randomization(Period):
         return nof1.randomization_test(data.periods, o.reference, data.arms, o.orders, trend=o.trend,
                                        seed=stream_seed(o.seed, data.patient))
 
+    def role_on(self, n: int, outcome: str, options: FitOptions | None = None) -> tuple[str, str]:
+        """Not available where the design is known and gives the test no chance to reject at alpha: a fixed
+        order (no randomisation distribution), or too few orders (smallest attainable p above alpha)."""
+        if options is None or not options.design_known:
+            return self.role, ""
+        if options.orders is None:
+            return NOT_AVAILABLE, "not available: it cannot reject on a fixed-order design"
+        smallest = nof1.smallest_attainable_p(options.orders)
+        if smallest > options.alpha:
+            return NOT_AVAILABLE, (f"not available: {len(options.orders)} possible orders, smallest attainable "
+                                   f"p {smallest:.4g} > alpha {options.alpha:g}")
+        return self.role, ""
+
 
 class GLSKinetics(Estimator):
     name, role, uses_exposure = "gls_kinetics", INFERENTIAL, True
 
-    def role_on(self, n: int, outcome: str) -> tuple[str, str]:
+    def role_on(self, n: int, outcome: str, options: FitOptions | None = None) -> tuple[str, str]:
         if n < GLS_KINETICS_MIN_DAYS:
             return DESCRIPTIVE, (f"descriptive: {n} days is too short for the AR(1) fit to hold its size "
                                  f"(needs {GLS_KINETICS_MIN_DAYS})")
@@ -202,7 +219,7 @@ class GLSKinetics(Estimator):
         o = data.options
         return nof1.gls_kinetics(data.scheduled_days, data.scheduled_treatments, data.scheduled_values, o.reference,
                                  data.arms, set(o.excluded), kinetics=o.kinetics, trend=o.trend, alpha=o.alpha,
-                                 exposure=data.exposure)
+                                 exposure=data.exposure, calendar=data.calendar)
 
 
 class MixedModel(Estimator):
@@ -279,11 +296,13 @@ def choose(methods: Sequence[str]) -> list[Estimator]:
 
 
 def prepare(data: pd.DataFrame, options: FitOptions, *, with_exposure: bool = False,
-            ) -> tuple[PooledSeries | None, list[PatientSeries]]:
+            schedule: pd.DataFrame | None = None) -> tuple[PooledSeries | None, list[PatientSeries]]:
     """A tidy frame (one row per patient per day) validated into the pooled series and each patient's.
 
     Patients without a reference value or without any arm value are left out; the pooled series is None when
     no arm has a value. ``with_exposure`` computes each arm's exposure curves from ``options.kinetics``.
+    ``schedule`` (``patient_id``, ``day``, ``treatment``: every scheduled day, e.g. the simulated design's)
+    gives the exposure curves the treatment of the days that have no row (:func:`calendars`).
     """
     outcome, reference, excluded = options.outcome, options.reference, options.excluded
     work, _ = working_frame(data, outcome, reference, ["patient_id", "day"])
@@ -308,7 +327,8 @@ def prepare(data: pd.DataFrame, options: FitOptions, *, with_exposure: bool = Fa
     work = work[~work["treatment"].isin(excluded)].reset_index(drop=True)
     if not (work["treatment"] == reference).any():
         raise SynthtrialError(f"no reference ('{reference}') row has a value of '{outcome}'")
-    exposure = (_exposures_by_row(patient_of_row, day_of_row, treatments, arms, options.kinetics)
+    calendar_of = calendars(patient_of_row, day_of_row, treatments, schedule)
+    exposure = (_exposures_by_row(patient_of_row, day_of_row, treatments, arms, options.kinetics, calendar_of)
                 if with_exposure and options.kinetics is not None else None)
     pooled = _pooled(work, arms, exposure, np.isfinite(value) & kept, int(dropped_by_patient.sum()), options)
     days = pd.to_numeric(data["day"], errors="coerce").to_numpy(dtype=float)
@@ -324,8 +344,31 @@ def prepare(data: pd.DataFrame, options: FitOptions, *, with_exposure: bool = Fa
         patients.append(PatientSeries(
             pid, own_arms, w_day[idx], own_t, w_y[idx], days[rows], treatments[rows], value[rows],
             None if blocks is None else blocks[rows], None if exposure is None else (arms, exposure[rows]),
-            int(dropped_by_patient.get(pid, 0)), options))
+            int(dropped_by_patient.get(pid, 0)), options, calendar_of.get(pid)))
     return pooled, patients
+
+
+def calendars(patients: np.ndarray, days: np.ndarray, treatments: np.ndarray, schedule: pd.DataFrame | None,
+              ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each patient's exposure calendar: its rows plus the days ``schedule`` lists that it has no row for (a
+    missing day takes its scheduled treatment, not the previous day's). A patient whose rows disagree with the
+    schedule on a day, or whom the schedule does not list, keeps its rows alone (the previous-day rule)."""
+    if schedule is None:
+        return {}
+    by_patient = schedule.groupby(schedule["patient_id"].astype(str), sort=False)
+    own_days = pd.to_numeric(pd.Series(days), errors="coerce").to_numpy(dtype=float)
+    out = {}
+    for pid, rows in pd.Series(np.arange(patients.size)).groupby(patients, sort=False).indices.items():
+        if pid not in by_patient.groups or not np.isfinite(own_days[rows]).all():
+            continue
+        planned = by_patient.get_group(pid)
+        planned_on = dict(zip(planned["day"].astype(np.int64), planned["treatment"].astype(str)))
+        mine = own_days[rows].astype(np.int64)
+        if any(planned_on.get(int(d), t) != t for d, t in zip(mine, treatments[rows])):
+            continue
+        out[pid] = nof1.patient_calendar(mine, treatments[rows], planned["day"].to_numpy(),
+                                         planned["treatment"].to_numpy())
+    return out
 
 
 def _pooled(work: pd.DataFrame, arms: list[str], exposure: np.ndarray | None, used: np.ndarray, dropped: int,
@@ -342,10 +385,10 @@ def _pooled(work: pd.DataFrame, arms: list[str], exposure: np.ndarray | None, us
 
 
 def _exposures_by_row(patients: np.ndarray, days: np.ndarray, treatments: np.ndarray, arms: Sequence[str],
-                      kinetics: nof1.Kinetics) -> np.ndarray:
-    """Each arm's exposure on every row, computed over each patient's own calendar."""
+                      kinetics: nof1.Kinetics, calendar_of: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Each arm's exposure on every row, computed over each patient's own calendar (:func:`calendars`)."""
     out = np.zeros((patients.size, len(arms)))
     days = pd.to_numeric(pd.Series(days), errors="coerce").to_numpy(dtype=float)
-    for rows in pd.Series(np.arange(patients.size)).groupby(patients, sort=False).indices.values():
-        out[rows] = nof1.exposures(days[rows], treatments[rows], arms, kinetics)
+    for pid, rows in pd.Series(np.arange(patients.size)).groupby(patients, sort=False).indices.items():
+        out[rows] = nof1.exposures(days[rows], treatments[rows], arms, kinetics, calendar_of.get(pid))
     return out

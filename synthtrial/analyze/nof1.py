@@ -18,7 +18,7 @@ days, kinetics included, which is what ``truth.json``'s ``delivered_effects`` ho
   arm starts an ABAB series, each pair's order, the order of the active arms' cycle). Valid by
   construction under the sharp null for a randomised design, whatever the serial correlation or trend.
   A fixed-order design (the anchor protocol) has no randomisation distribution: the row says so
-  (estimate given, p NaN). Gives a p-value, not a CI. Its smallest attainable p is 2 / (number of orders)
+  (estimate given, p NaN, role ``not available``; so is a design whose smallest attainable p exceeds alpha). Gives a p-value, not a CI. Its smallest attainable p is 2 / (number of orders)
   (an order and its mirror image give the same |statistic|): randomised pairs need at least 6 pairs
   (64 orders) before anything can be rejected at alpha 0.05, and an ABAB series (2 orders) never can.
 * ``gls_kinetics`` — **GLS with AR(1) errors where the treatment enters through its exposure**: each arm's
@@ -354,6 +354,20 @@ def design_orders(design) -> list[tuple[str, ...]] | None:
     return [tuple(itertools.chain.from_iterable(choice)) for choice in itertools.product(pairs, repeat=design.blocks)]
 
 
+def smallest_attainable_p(orders: Sequence[tuple[str, ...]]) -> float:
+    """The smallest p the randomisation test can give over ``orders``: 2 / N when every order's mirror image
+    (the two labels swapped) is also an order (their statistics have the same size), else 1 / N."""
+    if not orders:
+        return 1.0
+    labels = sorted({label for order in orders for label in order})
+    mirrored = False
+    if len(labels) == 2:
+        swap = {labels[0]: labels[1], labels[1]: labels[0]}
+        known = set(map(tuple, orders))
+        mirrored = all(tuple(swap[label] for label in order) in known for order in known)
+    return min(1.0, (2.0 if mirrored else 1.0) / len(set(map(tuple, orders))))
+
+
 def randomization_test(table: pd.DataFrame, reference: str, arms: Sequence[str], orders: Sequence[tuple[str, ...]],
                        *, trend: bool = True, seed: int = 0) -> dict[str, Estimate]:
     """Per arm the period-level estimate with its two-sided p against the randomisation distribution (no SE, no CI).
@@ -399,26 +413,80 @@ def randomization_test(table: pd.DataFrame, reference: str, arms: Sequence[str],
 
 # ----------------------------------------------------------------------------------- kinetics GLS, HAC
 
-def exposures(days: np.ndarray, treatments: np.ndarray, arms: Sequence[str], kinetics: Kinetics) -> np.ndarray:
+def exposures(days: np.ndarray, treatments: np.ndarray, arms: Sequence[str], kinetics: Kinetics,
+              calendar: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Each arm's exposure on each given day (columns follow ``arms``), over the patient's full calendar.
 
-    As in the simulator, a day the schedule skips continues the previous day's treatment.
+    ``calendar`` (days, treatments) adds the scheduled days that have no row (missing days) with their
+    scheduled treatment (:func:`patient_calendar`); a day neither lists continues the previous day's
+    treatment, as the simulator assumes for days a protocol skips.
     """
     from synthtrial.trial.simulate import exposure, treatment_calendar
 
-    grid, on_day = treatment_calendar(days, np.asarray(treatments).astype(str))
+    cal_days, cal_treatments = (days, treatments) if calendar is None else calendar
+    grid, on_day = treatment_calendar(cal_days, np.asarray(cal_treatments).astype(str))
     index = np.asarray(days).astype(np.int64) - grid[0]
     columns = [exposure(on_day == arm, kinetics.washin_half_life, kinetics.washout_half_life)[index] for arm in arms]
     return np.column_stack(columns) if columns else np.zeros((len(days), 0))
 
 
+def patient_calendar(days: np.ndarray, treatments: np.ndarray, scheduled_days: np.ndarray | None,
+                     scheduled_treatments: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """One patient's rows plus the scheduled days they lack (missing days), each with its treatment.
+
+    The rows' own treatments come first (a row's treatment is what was given); a scheduled day without a
+    row takes the schedule's treatment. Without a schedule the rows alone are the calendar.
+    """
+    days = np.asarray(days)
+    treatments = np.asarray(treatments).astype(str)
+    if scheduled_days is None or len(scheduled_days) == 0:
+        return days, treatments
+    scheduled_days = np.asarray(scheduled_days).astype(np.int64)
+    absent = ~np.isin(scheduled_days, np.asarray(days).astype(np.int64))
+    return (np.concatenate([days.astype(np.int64), scheduled_days[absent]]),
+            np.concatenate([treatments, np.asarray(scheduled_treatments).astype(str)[absent]]))
+
+
+def missing_day_treatments(days: np.ndarray, treatments: np.ndarray, missing_days: Sequence[int]) -> np.ndarray:
+    """The treatment of each of ``missing_days`` (scheduled days without a row) from one patient's rows alone.
+
+    The rule, for when the schedule itself is not known: a missing day belongs to the period of the nearest
+    row. Where the rows before and after are equally far and on different treatments (a lone missing day at
+    a period boundary), it joins the earlier period if that period's rows span fewer days than the patient's
+    longest run on that treatment (the earlier period lacks its last day), else the later one (the later
+    period lacks its first day). Days before the first row or after the last take the nearest row's.
+    """
+    order = np.argsort(days, kind="stable")
+    days = np.asarray(days).astype(np.int64)[order]
+    treatments = np.asarray(treatments).astype(str)[order]
+    starts = np.flatnonzero(np.r_[True, treatments[1:] != treatments[:-1]])
+    ends = np.r_[starts[1:], days.size] - 1
+    span = days[ends] - days[starts] + 1                          # days each observed run covers
+    run_of = np.repeat(np.arange(starts.size), ends - starts + 1)
+    longest = {t: int(span[treatments[starts] == t].max()) for t in set(treatments[starts].tolist())}
+    out = []
+    for day in np.asarray(missing_days, dtype=np.int64):
+        after = int(np.searchsorted(days, day))
+        if after == 0 or after == days.size:
+            out.append(treatments[min(after, days.size - 1)])
+            continue
+        before_gap, after_gap = day - days[after - 1], days[after] - day
+        earlier, later = treatments[after - 1], treatments[after]
+        if before_gap != after_gap or earlier == later:
+            out.append(earlier if before_gap < after_gap or earlier == later else later)
+            continue
+        out.append(earlier if span[run_of[after - 1]] < longest[earlier] else later)
+    return np.asarray(out, dtype=str)
+
+
 def gls_kinetics(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, reference: str, arms: Sequence[str],
                  excluded: set[str], *, kinetics: Kinetics | None = None, trend: bool = True,
                  alpha: float = 0.05, exposure: tuple[Sequence[str], np.ndarray] | None = None,
-                 ) -> dict[str, Estimate]:
+                 calendar: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Estimate]:
     """Delivered effects from GLS-AR(1) on the arms' exposure curves: an :class:`Estimate` per arm.
 
-    ``exposure`` may carry the curves already computed with ``kinetics``: (their arms, rows x arms).
+    ``exposure`` may carry the curves already computed with ``kinetics``: (their arms, rows x arms);
+    ``calendar`` is the patient's full calendar (:func:`patient_calendar`) the curves run over.
     """
     treatments = treatments.astype(str)
     use = np.isfinite(values) & ~np.isin(treatments, list(excluded))
@@ -437,7 +505,7 @@ def gls_kinetics(days: np.ndarray, treatments: np.ndarray, values: np.ndarray, r
         if exposure is not None and kin == kinetics and set(all_arms) <= set(exposure[0]):
             x = exposure[1][:, [list(exposure[0]).index(a) for a in all_arms]][use][order]
         else:
-            x = exposures(days, treatments, all_arms, kin)[use][order]
+            x = exposures(days, treatments, all_arms, kin, calendar)[use][order]
         cols = [np.ones(d.size), x] + ([(d - d.mean())[:, None].astype(float)] if trend else [])
         return np.column_stack(cols)
 

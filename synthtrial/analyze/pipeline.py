@@ -21,7 +21,9 @@ descriptive). When the run was simulated, ``truth.json`` gives the design (so th
 the design's scheme) and the kinetics (so ``gls_kinetics`` and the pooled model use the true half-lives).
 Outcomes on the severity scale (oracle, lesion_severity) are set beside the truth: bias and CI coverage.
 Every outcome is also put on one scale (``std_*``: effect / the outcome's within-patient residual SD)
-beside the oracle's standardised truth, with the ``share`` of the true effect it recovers.
+beside the oracle's standardised truth, with the ``share`` of the true effect it recovers. Per-patient rows
+carry Holm/BH-adjusted p-values and responder calls (:mod:`synthtrial.analyze.multiplicity`); a day missing
+from a simulated run keeps its scheduled treatment in the exposure curves (:func:`missing_day_schedule`).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ BASE_OUTCOMES = ("oracle", "lesion_severity", "lesion_count", "iga")
 ANALYSIS, OUTCOMES, EFFECTS, REPORT, EMBEDDINGS = ("analysis", "outcomes.parquet", "effects.csv", "report.html",
                                                    "embeddings.parquet")
 EFFECT_COLUMNS = ("outcome", "method", "role", "scope", "arm", "reference", "estimate", "se", "ci_low", "ci_high",
-                  "p", "n", "true_effect", "bias", "covered", "residual_sd", "std_estimate", "std_ci_low",
+                  "p", "n", "p_holm", "p_bh", "responder", "responder_holm", "responder_bh", "true_effect", "bias", "covered", "residual_sd", "std_estimate", "std_ci_low",
                   "std_ci_high", "std_true_effect", "share", "std_covered", "note")
 
 
@@ -260,12 +262,14 @@ def run_outcomes(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSettin
 def outcome_effects(outcomes: pd.DataFrame, columns: list[str], truth: dict | None, reference: str,
                     exclude: tuple[str, ...], settings: AnalysisSettings) -> pd.DataFrame:
     """Every outcome's effects by every method (views of a day averaged), beside the truth, raw and standardised."""
+    from synthtrial.analyze.multiplicity import adjust_responders
     from synthtrial.analyze.nof1 import Kinetics
     from synthtrial.analyze.stats import analyze_outcome, attach_truth, standardize
 
     per_day = daily(outcomes, columns)
     design = _design_of(truth)
     kinetics = Kinetics.from_truth(truth)
+    schedule = missing_day_schedule(truth, design, (truth or {}).get("seed"), per_day)
     with warnings.catch_warnings():
         # near-constant series (IGA within a patient) and boundary fits make scipy/statsmodels warn; the
         # effects table says what happened in its note column instead
@@ -273,14 +277,43 @@ def outcome_effects(outcomes: pd.DataFrame, columns: list[str], truth: dict | No
         effects = pd.concat([analyze_outcome(per_day, column, reference, exclude=exclude, trend=settings.trend,
                                              n_permutations=settings.n_permutations, seed=settings.seed,
                                              alpha=settings.alpha, methods=settings.methods, design=design,
-                                             kinetics=kinetics) for column in columns], ignore_index=True)
+                                             kinetics=kinetics, schedule=schedule) for column in columns],
+                            ignore_index=True)
         if truth is not None:
             effects = attach_truth(effects, truth, outcomes_on_truth_scale=TRUTH_SCALE_OUTCOMES)
         else:
             for col in ("true_effect", "bias", "covered"):
                 effects[col] = np.nan
         effects = standardize(effects, per_day, truth, exclude=exclude, trend=settings.trend)
+        effects = adjust_responders(effects, settings.alpha)
     return effects[list(EFFECT_COLUMNS)]
+
+
+def missing_day_schedule(truth: dict | None, design, seed, data: pd.DataFrame | None = None) -> pd.DataFrame | None:
+    """Every scheduled day and its treatment when the truth lists missing days, so that they keep their
+    treatment in the exposure curves: the simulated design's schedule (rebuilt from its seed) when known, else
+    ``data``'s rows plus each listed missing day with the treatment of the period it belongs to
+    (:func:`synthtrial.analyze.nof1.missing_day_treatments`). None when nothing is missing (or neither is given):
+    then a day without a row continues the previous day's treatment."""
+    from synthtrial.analyze.nof1 import missing_day_treatments
+    from synthtrial.trial.simulate import design_schedule
+
+    patients = (truth or {}).get("patients") or {}
+    missing = {str(pid): p["missing_days"] for pid, p in patients.items()
+               if isinstance(p, dict) and p.get("missing_days")} if isinstance(patients, dict) else {}
+    if not missing:
+        return None
+    if design is not None and not isinstance(seed, bool) and isinstance(seed, (int, np.integer)):
+        return design_schedule(design, int(seed))
+    if data is None:
+        return None
+    frames = []
+    for pid, rows in data.groupby(data["patient_id"].astype(str), sort=False):
+        days = rows["day"].to_numpy(dtype=np.int64)
+        lacking = np.setdiff1d(np.asarray(missing.get(pid, []), dtype=np.int64), days)
+        frames.append(pd.DataFrame({"patient_id": pid, "day": np.r_[days, lacking], "treatment": np.r_[
+            rows["treatment"].astype(str).to_numpy(), missing_day_treatments(days, rows["treatment"], lacking)]}))
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
 def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | None = None, *,

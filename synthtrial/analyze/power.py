@@ -25,6 +25,10 @@ Choices, stated once:
 * A rejection rate is over the tests that returned a p-value; rows without one are counted in ``no_p``
   (a failed fit, or a randomisation test that a fixed-order design does not have), never dropped
   silently. MC SE of a rate r over n tests: ``sqrt(r (1 - r) / n)``.
+* Responders: each replicate's per-patient rows get Holm/BH-adjusted p-values and responder calls over its
+  patients (:mod:`synthtrial.analyze.multiplicity`); the summary's ``familywise*`` columns are the share of
+  trials with at least one call (the family-wise error under the null). A replicate with missing days gives
+  them their scheduled treatment in the exposure curves (the design's schedule, rebuilt from its seed).
 * Rendered replicates travel to the workers one per chunk, ahead of the others, so a few slow ones do not
   queue behind one worker.
 """
@@ -197,13 +201,15 @@ class StudySettings:
 def scenario_key(scenario: Scenario, settings: StudySettings) -> str:
     """A short hash of everything that changes a replicate's numbers (the cache folder's name)."""
     blob = json.dumps({"design": dataclasses.asdict(scenario.design), "model": dataclasses.asdict(scenario.model),
-                       "settings": dataclasses.asdict(settings), "version": 3}, sort_keys=True, default=str)
+                       "settings": dataclasses.asdict(settings), "version": 4}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def run_replicate(scenario: Scenario, settings: StudySettings, replicate: int) -> pd.DataFrame:
     """Every estimate of one simulated trial, beside its truth, raw and standardised."""
+    from synthtrial.analyze.multiplicity import adjust_responders
     from synthtrial.analyze.nof1 import Kinetics
+    from synthtrial.analyze.pipeline import missing_day_schedule
     from synthtrial.analyze.stats import analyze_outcome, attach_truth, standardize
 
     design, model = scenario.design, scenario.model
@@ -221,12 +227,15 @@ def run_replicate(scenario: Scenario, settings: StudySettings, replicate: int) -
         outcomes += image_columns
     exclude = (design.washout_label,)
     kinetics = None if settings.estimate_kinetics else Kinetics(model.washin_half_life, model.washout_half_life)
+    schedule = missing_day_schedule(trial.truth, design, trial_seed)
     frames = [analyze_outcome(data, outcome, design.reference, exclude=exclude, trend=settings.trend,
                               seed=replicate, alpha=settings.alpha, methods=settings.methods,
-                              random_slopes=settings.random_slopes, design=design, kinetics=kinetics)
+                              random_slopes=settings.random_slopes, design=design, kinetics=kinetics,
+                              schedule=schedule)
               for outcome in outcomes]
     effects = attach_truth(pd.concat(frames, ignore_index=True), trial.truth, outcomes_on_truth_scale=POWER_OUTCOMES)
     effects = standardize(effects, data, trial.truth, exclude=exclude, trend=settings.trend)
+    effects = adjust_responders(effects, settings.alpha)
     effects.insert(0, "replicate", replicate)
     for i, (col, value) in enumerate((("scenario", scenario.name), ("design_name", scenario.design_name),
                                       ("period_days", design.period_days), ("effect_scale", scenario.effect_scale))):
@@ -251,7 +260,7 @@ def _read_cached(path: Path) -> pd.DataFrame:
     """A cached replicate as run_replicate made it: parquet gives a flag column without a None back as bool,
     where a fresh replicate holds objects (True, False or None), and concatenation would then differ."""
     frame = pd.read_parquet(path)
-    for col in ("covered", "std_covered"):
+    for col in ("covered", "std_covered", "responder", "responder_holm", "responder_bh"):
         if col in frame.columns:
             frame[col] = frame[col].astype(object)
     return frame
@@ -458,7 +467,11 @@ def _result(future: Any, scenario: Scenario) -> list[pd.DataFrame]:
 
 def summarize_power(estimates: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """Per scenario/outcome/method/arm: rejection rate (power, or type I error where the effect is 0), MC SE,
-    tests with and without a p-value, bias, CI coverage, and the standardised share and coverage."""
+    tests with and without a p-value, bias, CI coverage, the standardised share and coverage, and for the
+    per-patient rows the share of trials with at least one responder call, unadjusted, Holm and BH
+    (:func:`synthtrial.analyze.multiplicity.familywise`; the family-wise error where the effect is 0)."""
+    from synthtrial.analyze.multiplicity import familywise
+
     data = estimates.assign(rejected=estimates["p"] < alpha,
                             level=np.where(estimates["scope"] == "pooled", "pooled", "per patient"))
     rows = []
@@ -480,4 +493,10 @@ def summarize_power(estimates: pd.DataFrame, alpha: float = 0.05) -> pd.DataFram
             "share": float(share.median()) if share.notna().any() else np.nan,
             "std_coverage": float(std_covered.mean()) if len(std_covered) else np.nan,
         })
-    return pd.DataFrame(rows)
+    summary = pd.DataFrame(rows)
+    if "responder" not in estimates.columns or summary.empty:
+        return summary
+    fw = familywise(estimates.assign(level=data["level"]), SUMMARY_KEYS).rename(columns={"trials": "fw_trials"})
+    merged = summary.merge(fw, on=SUMMARY_KEYS, how="left", validate="one_to_one")
+    merged["fw_trials"] = merged["fw_trials"].fillna(0).astype("int64")
+    return merged

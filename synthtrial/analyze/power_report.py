@@ -21,11 +21,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from synthtrial.analyze.estimators import NOT_AVAILABLE
 from synthtrial.analyze.power_render import is_image_outcome
 from synthtrial.util.atomic import write_text_atomic
 
 _COLUMNS = ["scenario", "outcome", "method", "role", "level", "arm", "population_effect", "rejection_rate", "mc_se",
-            "tests", "no_p", "bias", "coverage", "share", "std_coverage"]
+            "tests", "no_p", "bias", "coverage", "share", "std_coverage", "fw_trials", "familywise", "familywise_holm",
+            "familywise_bh"]
 
 
 def _png(fig) -> str:
@@ -53,7 +55,7 @@ def power_curves(summary: pd.DataFrame, alpha: float) -> list[tuple[str, str]]:
         for ax, ((outcome, arm), grp) in zip(axes.flat, panels, strict=False):
             for (method, role, level), line in grp.groupby(["method", "role", "level"], sort=False):
                 line = line.sort_values("effect_scale")
-                if line["rejection_rate"].notna().sum() == 0:
+                if line["rejection_rate"].notna().sum() == 0 or role == NOT_AVAILABLE:
                     continue
                 ax.plot(line["effect_scale"], line["rejection_rate"], marker="o", ms=3,
                         ls="-" if role == "inferential" else "--",
@@ -93,7 +95,12 @@ def write_power_report(path: str | Path, summary: pd.DataFrame, *, settings: Any
                 "Rates are over the tests that returned a p-value; <i>no_p</i> counts the rest (failed fits, or a "
                 "randomisation test a fixed-order design does not have). MC SE = sqrt(r(1-r)/tests). "
                 "Descriptive methods are not valid tests on autocorrelated series with kinetics; they are shown "
-                "because the anchors report them.</p>"]
+                "because the anchors report them. A method <i>not available</i> on a design (a randomisation test "
+                "on a fixed order or with too few orders, which cannot reject) has no power curve. "
+                "<i>familywise</i>, <i>familywise_holm</i>, <i>familywise_bh</i>: the share of the "
+                "<i>fw_trials</i> trials in which at least one patient is called a responder (the per-patient test "
+                "rejects with a beneficial estimate), unadjusted and with Holm and Benjamini-Hochberg adjustment "
+                "across the patients; under the null, the family-wise error.</p>"]
     rendered = getattr(settings, "rendered", None)
     if rendered is not None:
         graders = ", ".join(rendered.graders) or "none"

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from synthtrial.analyze.estimators import NOT_AVAILABLE
 from synthtrial.run import rundir
 from synthtrial.util.atomic import write_text_atomic
 
@@ -120,6 +121,35 @@ def _per_patient_method(effects: pd.DataFrame) -> str:
         if (effects["method"] == method).any() and effects.loc[effects["method"] == method, "ci_low"].notna().any():
             return method
     return "welch"
+
+
+def per_patient_table(effects: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """Per outcome, method, role and arm: patients, mean estimate, share rejected at ``alpha`` (blank where the
+    method is not available on the design) and CI coverage of the truth."""
+    return (effects[effects["scope"] != "pooled"]
+            .assign(rejected=lambda d: (d["p"] < alpha).astype(float).where(d["role"] != NOT_AVAILABLE))
+            .groupby(["outcome", "method", "role", "arm"], as_index=False, sort=False)
+            .agg(patients=("scope", "nunique"), mean_estimate=("estimate", "mean"),
+                 rejected=("rejected", "mean"), coverage=("covered", lambda c: c.dropna().astype(bool).mean()
+                                                       if c.notna().any() else np.nan)))
+
+
+def responder_table(effects: pd.DataFrame) -> pd.DataFrame:
+    """Per outcome, inferential per-patient method and arm: the patients called responders (unadjusted, Holm,
+    BH) and each patient's p, Holm and BH p."""
+    if "responder" not in effects.columns:
+        return pd.DataFrame()
+    rows = effects[(effects["scope"] != "pooled") & (effects["role"] == "inferential") & effects["p"].notna()]
+    if rows.empty:
+        return pd.DataFrame()
+
+    def called(group: pd.Series) -> str:
+        return ", ".join(rows.loc[group.index[group.eq(True).to_numpy()], "scope"].astype(str)) or "none"
+
+    return (rows.groupby(["outcome", "method", "arm"], as_index=False, sort=False)
+            .agg(patients=("scope", "nunique"), responders=("responder", called),
+                 holm=("responder_holm", called), bh=("responder_bh", called),
+                 min_p=("p", "min"), min_p_holm=("p_holm", "min"), min_p_bh=("p_bh", "min")))
 
 
 def forest_figure(effects: pd.DataFrame) -> str:
@@ -248,12 +278,7 @@ def write_report(path: Path, *, run_dir: Path, outcomes: pd.DataFrame, effects: 
     """Write ``report.html``: summary table, trajectories, embedding plot, forest plot, settings."""
     pooled = effects[effects["scope"] == "pooled"][["outcome", "method", "arm", "estimate", "se", "ci_low", "ci_high",
                                                      "p", "true_effect", "bias", "covered", "note"]]
-    per_patient = (effects[effects["scope"] != "pooled"]
-                   .assign(rejected=lambda d: d["p"] < settings.get("alpha", 0.05))
-                   .groupby(["outcome", "method", "role", "arm"], as_index=False, sort=False)
-                   .agg(patients=("scope", "nunique"), mean_estimate=("estimate", "mean"),
-                        rejected=("rejected", "mean"), coverage=("covered", lambda c: c.dropna().astype(bool).mean()
-                                                              if c.notna().any() else np.nan)))
+    per_patient, responders = per_patient_table(effects, settings.get("alpha", 0.05)), responder_table(effects)
     one_scale = effects[(effects["scope"] == "pooled") & (effects["method"] == "lmm")][
         ["outcome", "arm", "residual_sd", "std_estimate", "std_ci_low", "std_ci_high", "std_true_effect", "share",
          "std_covered"]] if "std_estimate" in effects else pd.DataFrame()
@@ -272,8 +297,16 @@ def write_report(path: Path, *, run_dir: Path, outcomes: pd.DataFrame, effects: 
         "<h2>Per-patient tests</h2>",
         "<p><i>inferential</i> methods hold their size on autocorrelated series with kinetics; <i>descriptive</i> "
         "ones (Welch, day-level permutation, GLS with a step, Newey-West) do not and are shown because the "
-        "anchors report them.</p>",
+        "anchors report them; <i>not available</i>: the design leaves the test no chance to reject (a "
+        "randomisation test on a fixed order or with too few orders), so its row is no test (rejected blank).</p>",
         _table(per_patient),
+        "<h2>Responders</h2>",
+        "<p>Per inferential per-patient test: a patient is a responder when the test rejects at alpha with a "
+        "beneficial (negative) estimate; <i>p_holm</i> (family-wise) and <i>p_bh</i> (false discovery rate) "
+        "adjust the p-values across the patients of one outcome, method and arm. <i>responders</i>, "
+        "<i>holm</i> and <i>bh</i> list the patients called without adjustment, after Holm and after BH; "
+        "<i>min_p*</i> are the family's smallest p-values.</p>",
+        _table(responders),
         "<h2>Trajectories</h2>",
         f'<img alt="trajectories" src="data:image/png;base64,{trajectories_figure(outcomes, reference)}">',
         "<h2>What the outcomes measured</h2>",

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from synthtrial.analyze.limits import (ALPHA_RANGE, MAX_DAYS_PER_PATIENT, MAX_EPOCHS, MAX_PATIENTS, MAX_PERIOD_DAYS,
                                       MAX_RENDERED, MAX_REPLICATES, MAX_TRIALS)
+from synthtrial.analyze.estimators import NOT_AVAILABLE
 from synthtrial.run.generation import MAX_WORKERS
 from synthtrial.cli.common import PresetName, Quiet, Seed, app, handles_errors, out
 from synthtrial.graders.base import REGISTRY
@@ -291,14 +292,20 @@ def _print_summary(summary, estimates, grid, replicates: int, alpha: float, rend
                 table.add_section()
             table.add_row(f"[bold]{short_outcome(outcome_name)}[/bold]")
             for rec in group.itertuples(index=False):
-                name = rec.method + ("*" if rec.role == "descriptive" else "")
+                name = rec.method + {"descriptive": "*", NOT_AVAILABLE: "†"}.get(rec.role, "")
                 table.add_row(" " + name, rec.arm, _num(rec.rejection_rate, 3), _num(rec.mc_se, 3), str(rec.tests),
                               str(rec.no_p), _num(rec.bias, 3, sign=True), _num(rec.coverage, 2),
                               _num(rec.share, 2))
         out.print(table)
+        _print_familywise(rows, scenario)
     out.print(f"rate: share of tests with p < {alpha} (type I error where the effect is 0, else power); "
               "cover: 95% CI coverage of the delivered truth; share: median standardised estimate / "
-              "standardised truth; * descriptive only (not a valid test on these series)", soft_wrap=False)
+              "standardised truth; * descriptive only (not a valid test on these series); † not available: "
+              "the design leaves the test no chance to reject (fixed order, or too few orders)", soft_wrap=False)
+    if "familywise" in summary.columns:
+        out.print(f"responders: share of trials in which at least one patient's test rejects at {alpha} with a "
+                  "beneficial estimate (the family-wise error where the effect is 0), unadjusted and with Holm "
+                  "and Benjamini-Hochberg adjustment across the trial's patients", soft_wrap=False)
     if rendered:
         from synthtrial.analyze.power_render import is_image_outcome
 
@@ -312,6 +319,24 @@ def _print_summary(summary, estimates, grid, replicates: int, alpha: float, rend
     for method_name, grp in lacking.groupby("method", sort=False):
         reason = grp["note"].astype(str).str.split(";").str[0].value_counts().index[0]
         out.print(f"no p-value for {len(grp)} {method_name} row(s), e.g.: {reason}")
+
+
+def _print_familywise(rows, scenario) -> None:
+    """Per outcome and per-patient inferential method: the share of trials with at least one responder call."""
+    if "familywise" not in rows.columns:
+        return
+    chosen = rows[(rows["level"] == "per patient") & (rows["role"] == "inferential") & (rows["fw_trials"] > 0)]
+    if chosen.empty:
+        return
+    what = ("family-wise error" if scenario.effect_scale == 0 else "share of trials") + " with a responder call"
+    table = Table(title=f"{scenario.name}: {what}", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, padding=(0, 1))
+    for col in ("outcome", "method", "arm", "trials", "unadj.", "Holm", "BH"):
+        table.add_column(col, justify="left" if col in ("outcome", "method", "arm") else "right", no_wrap=True)
+    for rec in chosen.itertuples(index=False):
+        table.add_row(short_outcome(rec.outcome), rec.method, rec.arm, str(rec.fw_trials), _num(rec.familywise, 3),
+                      _num(rec.familywise_holm, 3), _num(rec.familywise_bh, 3))
+    out.print(table)
 
 
 def _num(value: float, digits: int, sign: bool = False) -> str:
