@@ -178,17 +178,39 @@ def _files(folder: Path) -> dict[str, bytes]:
 FAST_AE = ("--epochs", 1, "--image-size", 16, "--permutations", 100, "-q")
 
 
-def test_a_refused_analyze_leaves_the_previous_set_untouched(graded_copy):
+def _all_nan_grades(run: Path) -> str:
+    grades = pd.read_parquet(run / "grades.parquet")
+    grades["counter_count"] = np.nan  # an all-NaN grade column: the analysis is refused
+    grades.to_parquet(run / "grades.parquet")
+    return "grader_counter_count"
+
+
+def _one_arm(run: Path) -> str:
+    manifest = pd.read_parquet(run / "manifest.parquet")
+    manifest["treatment"] = manifest["treatment"].iloc[0]  # every image under one arm: nothing to compare
+    manifest.to_parquet(run / "manifest.parquet")
+    return "no arm besides the reference"
+
+
+def _one_day(run: Path) -> str:
+    manifest = pd.read_parquet(run / "manifest.parquet")
+    keep = manifest[manifest["day"] == manifest["day"].min()]  # a one-day run (its lesions kept with it)
+    keep.to_parquet(run / "manifest.parquet")
+    lesions = pd.read_parquet(run / "lesions.parquet")
+    lesions[lesions["image"].isin(keep["image"])].to_parquet(run / "lesions.parquet")
+    return "no arm besides the reference"
+
+
+@pytest.mark.parametrize("damage", [_all_nan_grades, _one_arm, _one_day])
+def test_a_refused_analyze_leaves_the_previous_set_untouched(graded_copy, damage):
     run = graded_copy
     assert invoke("analyze", run, *FAST_AE).exit_code == 0
     before = _files(run / "analysis")
     assert {"outcomes.parquet", "effects.csv", "report.html", "embeddings.parquet"} <= set(before)
-    grades = pd.read_parquet(run / "grades.parquet")
-    grades["counter_count"] = np.nan  # an all-NaN grade column: the analysis is refused
-    grades.to_parquet(run / "grades.parquet")
+    needle = damage(run)
     # other autoencoder settings: the refused attempt trains (and would keep) a new embedding first
     result = invoke("analyze", run, "--epochs", 2, "--image-size", 16, "--permutations", 100, "-q")
-    one_line_exit_2(result, "grader_counter_count")
+    one_line_exit_2(result, needle)
     assert _files(run / "analysis") == before  # same files, same bytes: nothing of the refused attempt
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".analysis")) == []
 
