@@ -22,8 +22,8 @@ MAX_TRIALS = 100_000
 MAX_RENDERED = 1000
 #: Patients per simulated trial (``power --patients`` and a ``--design`` file's ``n_patients``).
 MAX_PATIENTS = 1000
-#: Days of one treatment period (``power --period-days``) and of one patient's whole schedule.
-MAX_PERIOD_DAYS = 365
+#: Days of one patient's whole schedule in a power study (the period length's limit is the design's own,
+#: :data:`synthtrial.trial.simulate.MAX_PERIOD_DAYS`).
 MAX_DAYS_PER_PATIENT = 3650
 #: Largest magnitude of an outcome value the estimators take: far beyond any severity, count or score, and
 #: small enough that sums of squares over a trial stay finite.

@@ -51,13 +51,13 @@ import pandas as pd
 
 from synthtrial.analyze.estimate import check_alpha
 from synthtrial.analyze.estimators import METHODS
-from synthtrial.analyze.limits import MAX_DAYS_PER_PATIENT, MAX_PATIENTS, MAX_PERIOD_DAYS, MAX_REPLICATES, MAX_TRIALS
+from synthtrial.analyze.limits import MAX_DAYS_PER_PATIENT, MAX_PATIENTS, MAX_REPLICATES, MAX_TRIALS
 from synthtrial.analyze.power_render import RenderedSettings
 from synthtrial.trial import scale
 from synthtrial.util.errors import SynthtrialError, one_line
 from synthtrial.util.progress import ProgressCallback
 from synthtrial.util.seeding import derive_seed
-from synthtrial.trial.simulate import DesignError, SeverityModel, TrialDesign, simulate_trial
+from synthtrial.trial.simulate import MAX_PERIOD_DAYS, DesignError, SeverityModel, TrialDesign, simulate_trial
 
 POWER_OUTCOMES = ("oracle", "lesion_severity")
 DEFAULT_METHODS = ("period", "randomization", "gls_kinetics", "lmm", "lmm_cr1", "welch", "gls_ar1", "hac")
@@ -161,9 +161,6 @@ def _check_size(name: str, design: TrialDesign) -> None:
     if design.n_patients > MAX_PATIENTS:
         raise SynthtrialError(f"design '{name}': {design.n_patients} patients; a power study simulates at most "
                               f"{MAX_PATIENTS} per trial (option --design or --patients)")
-    if design.period_days > MAX_PERIOD_DAYS:
-        raise SynthtrialError(f"design '{name}': periods of {design.period_days} days; at most {MAX_PERIOD_DAYS} "
-                              "(option --design or --period-days)")
     if design.days_per_patient > MAX_DAYS_PER_PATIENT:
         raise SynthtrialError(f"design '{name}': {design.days_per_patient} days per patient; a power study "
                               f"simulates at most {MAX_DAYS_PER_PATIENT} (option --design or --period-days)")

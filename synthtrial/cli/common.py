@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 from synthtrial import __version__
 from synthtrial.trial.simulate import PRESETS
 from synthtrial.util.errors import SynthtrialError, one_line
+from synthtrial.util.training import MAX_STEPS
 
 EXIT_BAD_INPUT = 2
 #: the command-line parser's errors: typer's public base class (typer vendors click from 0.2x on) and click's
@@ -123,11 +124,10 @@ RunDir = Annotated[Path, typer.Argument(help="A run directory written by [bold]s
 # of a training. Limits on sizes are part of the declaration, so --help states them and a value beyond is
 # refused in one line before any work.
 
-#: largest batch, image side and step count a command accepts
+#: largest batch, image side and epoch count a command accepts (steps: the training loop's own MAX_STEPS)
 MAX_BATCH = 4096
 MAX_IMAGE_SIZE = 4096
 MAX_EPOCHS = 100_000
-MAX_STEPS = 10_000_000
 
 
 

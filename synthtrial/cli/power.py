@@ -11,11 +11,11 @@ import typer
 from rich import box
 from rich.table import Table
 
-from synthtrial.analyze.limits import (ALPHA_RANGE, MAX_DAYS_PER_PATIENT, MAX_EPOCHS, MAX_PATIENTS, MAX_PERIOD_DAYS,
-                                      MAX_RENDERED, MAX_REPLICATES, MAX_TRIALS)
-from synthtrial.analyze.estimators import NOT_AVAILABLE
+from synthtrial.analyze.limits import (ALPHA_RANGE, MAX_DAYS_PER_PATIENT, MAX_EPOCHS, MAX_PATIENTS, MAX_RENDERED,
+                                      MAX_REPLICATES, MAX_TRIALS)
 from synthtrial.run.generation import MAX_WORKERS
 from synthtrial.cli.common import PresetName, Quiet, Seed, app, handles_errors, out
+from synthtrial.trial.simulate import MAX_PERIOD_DAYS
 from synthtrial.graders.base import REGISTRY
 from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.progress import progress_bar
@@ -275,6 +275,8 @@ def _write_outputs(csv_path: Path | None, html_path: Path | None, summary, estim
 
 def _print_summary(summary, estimates, grid, replicates: int, alpha: float, rendered: int = 0) -> None:
     """One table per scenario, each fitting 80 columns."""
+    from synthtrial.analyze.estimators import NOT_AVAILABLE  # the statistics stack loads only when it is used
+
     for scenario in grid:
         rows = summary[summary["scenario"] == scenario.name]
         if scenario.effect_scale == 0:
