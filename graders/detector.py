@@ -5,8 +5,10 @@ Choices, stated once:
 * **Model.** torchvision's :class:`~torchvision.models.detection.FasterRCNN`, unchanged, on a light
   backbone trained from scratch (timm ``tinynet_e`` feature stages at strides 4, 8 and 16, random init)
   with torchvision's :class:`~torchvision.ops.FeaturePyramidNetwork` (64 channels). Anchors are sized for
-  small lesions: 6, 12 and 24 px at strides 4, 8 and 16, ratios 0.5 / 1 / 2 (Zhang et al. use scale 8 on
-  P2-P5 for 1024 px crops of 3500 x 5000 photos; our lesions are 3-20 px). RPN and R-CNN positives need
+  small lesions: ``anchors_per_level`` sizes on each of the three levels (strides 4, 8 and 16, finest
+  first), ratios 0.5 / 1 / 2; training fits them to the lesion sizes of its data (two per level,
+  ``detector_train.fit_anchor_sizes``), the config default is one size per level, 6 / 12 / 24 px (Zhang et
+  al. use scale 8 on P2-P5 for 1024 px crops of 3500 x 5000 photos; our lesions are 3-20 px). RPN and R-CNN positives need
   IoU > 0.5, as in the paper. The box head is a two-layer MLP of 256 units (torchvision's 1024 would
   triple the weights for nothing at this size).
 * **RPN head** (``head``): ``rpn`` is torchvision's :class:`RPNHead` (the plain baseline); ``sadh`` is the
@@ -27,9 +29,13 @@ Choices, stated once:
   the tile whose core holds its centre, then class-wise NMS (IoU 0.5) merges the tiles. Training uses the
   paper's *masked crops*: lesions cut by a crop edge are blacked out rather than kept as partial boxes
   (``detector_train.masked_crop``).
-* **Counting** (the LDL route): detections above ``count_threshold`` (chosen on the training images to
-  minimise the counts' mean absolute error) of the active lesion classes (all but ``scar``) are the lesion count;
-  it gives the ACNE04 / Hayashi level and a 0-3 severity through :mod:`synthtrial.trial.scale`.
+* **Counting** (the LDL route): detections above ``count_threshold`` of the active lesion classes (all but
+  ``scar``) are the ``visible_count`` -- what the detector sees, the threshold chosen on training images to
+  match the number of target lesions there. The simulated lesion count also holds lesions too faint to see
+  (most closed comedones), in a proportion that changes with the lesion mix, so ``count`` is a calibrated
+  estimate of it: ``count_bias + sum_c count_weights[c] * n_c`` over the per-class counts (weights >= 0,
+  least squares on training images, ``detector_train.fit_count_weights``); without weights it is the visible
+  count. ``count`` gives the ACNE04 / Hayashi level and a 0-3 severity through :mod:`synthtrial.trial.scale`.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ CLASSES = ("open_comedo", "closed_comedo", "papule", "pustule", "nodule", "scar"
 #: Classes that are not counted as active lesions.
 NOT_COUNTED = ("scar",)
 HEADS = ("rpn", "sadh", "sadh_nwd")
+#: Feature levels of the backbone (strides 4, 8, 16)
+PYRAMID_LEVELS = 3
 
 
 @dataclass
@@ -71,6 +79,7 @@ class DetectorConfig:
     backbone: str = "tinynet_e"
     fpn_channels: int = 64
     anchor_sizes: tuple[int, ...] = (6, 12, 24)
+    anchors_per_level: int = 1
     image_side: int = 512
     tile: int = 256
     infer_tile: int = 512
@@ -79,6 +88,8 @@ class DetectorConfig:
     nwd_weight: float = 1.0
     score_weight: float = 1.0
     count_threshold: float = 0.5
+    count_weights: tuple[float, ...] = ()
+    count_bias: float = 0.0
     detections_per_tile: int = 200
 
     def __post_init__(self) -> None:
@@ -86,6 +97,9 @@ class DetectorConfig:
         self.anchor_sizes = tuple(int(s) for s in self.anchor_sizes)
         if self.head not in HEADS:
             raise GraderError(f"detector head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.anchors_per_level < 1 or len(self.anchor_sizes) != PYRAMID_LEVELS * self.anchors_per_level:
+            raise GraderError(f"detector anchor_sizes: need {PYRAMID_LEVELS} x anchors_per_level sizes "
+                              f"({self.anchors_per_level} per level), got {len(self.anchor_sizes)}")
         if not self.classes:
             raise GraderError("detector needs at least one class")
         sides = {"image_side": self.image_side, "tile": self.tile, "infer_tile": self.infer_tile}
@@ -100,6 +114,13 @@ class DetectorConfig:
                               f"1-{MAX_IMAGE_SIDE}")
         if not (self.nwd_constant > 0 and 0 <= self.score_weight <= 2):
             raise GraderError("detector nwd_constant must be > 0 and score_weight in [0, 2]")
+        self.count_weights = tuple(float(w) for w in self.count_weights)
+        if self.count_weights and (len(self.count_weights) != len(self.classes)
+                                   or not all(0 <= w < 1e6 for w in self.count_weights)):
+            raise GraderError(f"detector count_weights: need one weight in [0, 1e6) per class ({len(self.classes)}), "
+                              f"got {list(self.count_weights)}")
+        if not -1e6 < self.count_bias < 1e6:
+            raise GraderError(f"detector count_bias must be in (-1e6, 1e6), got {self.count_bias}")
         if not 0 <= self.count_threshold <= 1:
             raise GraderError(f"detector count_threshold must be a score in [0, 1], got {self.count_threshold}")
 
@@ -247,8 +268,9 @@ class TimmFPN(nn.Module):
 def build_model(cfg: DetectorConfig) -> FasterRCNN:
     """The Faster R-CNN of ``cfg`` (random init)."""
     backbone = TimmFPN(cfg.backbone, cfg.fpn_channels)
-    levels = len(cfg.anchor_sizes)
-    anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * levels)
+    levels, per = PYRAMID_LEVELS, cfg.anchors_per_level
+    anchors = AnchorGenerator(tuple(tuple(cfg.anchor_sizes[k * per:(k + 1) * per]) for k in range(levels)),
+                              ((0.5, 1.0, 2.0),) * levels)
     num_anchors = anchors.num_anchors_per_location()[0]
     head = RPNHead(cfg.fpn_channels, num_anchors) if cfg.head == "rpn" else \
         SADHHead(cfg.fpn_channels, num_anchors, nwd=cfg.head == "sadh_nwd")
@@ -358,14 +380,18 @@ class LesionDetector(GraderComponent):
 
     def counts(self, found: dict[str, np.ndarray], threshold: float | None = None) -> dict[str, float]:
         """Per-class counts above the count threshold, the lesion count, its level and severity."""
-        threshold = self.config.count_threshold if threshold is None else threshold
+        cfg = self.config
+        threshold = cfg.count_threshold if threshold is None else threshold
         labels = found["labels"][found["scores"] >= threshold]
-        row = {f"n_{name}": float((labels == k).sum()) for k, name in enumerate(self.config.classes)}
-        count = float(sum(v for k, v in row.items() if k[2:] not in NOT_COUNTED))
-        return {"count": count, "level": float(scale.acne04_level_from_count(count)),
-                "severity": float(scale.severity_from_count(count)), **row}
+        per_class = [float((labels == k).sum()) for k in range(len(cfg.classes))]
+        visible = float(sum(n for n, name in zip(per_class, cfg.classes) if name not in NOT_COUNTED))
+        count = max(0.0, cfg.count_bias + float(np.dot(cfg.count_weights, per_class))) if cfg.count_weights \
+            else visible
+        return {"count": count, "visible_count": visible, "level": float(scale.acne04_level_from_count(count)),
+                "severity": float(scale.severity_from_count(count)),
+                **{f"n_{name}": n for name, n in zip(cfg.classes, per_class)}}
 
     def predict(self, images: Sequence[np.ndarray], meta: pd.DataFrame | None = None) -> pd.DataFrame:
         rows = [self.counts(self.detect(image)) for image in images]
-        columns = ["count", "level", "severity", *(f"n_{c}" for c in self.config.classes)]
+        columns = ["count", "visible_count", "level", "severity", *(f"n_{c}" for c in self.config.classes)]
         return pd.DataFrame(rows, columns=columns).astype("float64")

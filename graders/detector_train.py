@@ -6,9 +6,18 @@ Choices, stated once:
   not a detector class). ACNE04 gives Pascal VOC boxes without a type (``synthtrial.data.acne04``): a
   detector trained on it has the one class ``lesion``; the two sources are not mixed. Images are resized
   so that their longer side is ``image_side``; all images are held in memory as uint8.
-* **Masked crops** (Zhang et al. 3.1.2): each step draws ``batch`` (default 2) random ``tile`` x ``tile`` crops (and a
-  horizontal flip) from random images; a lesion cut by the crop edge is blacked out (its box inside the
-  crop set to 0) instead of being kept as a partial box.
+* **Targets: the visible lesions** (``visible_only``, default on; ``--all-lesions`` for every simulated one): a
+  lesion the renderer measured as invisible (``lesions.parquet``'s ``visible``: contrast below 5 ΔE or
+  smaller than 4 px) is not a target -- a detector taught to find what is not in the pixels learns to
+  hallucinate. It is not a negative either in effect: it looks like the skin around it.
+* **Masked crops where lesions are** (Zhang et al. 3.1.2): each step draws ``batch`` (default 2) ``tile`` x
+  ``tile`` crops (and a horizontal flip) from random images; with probability ``focus`` (0.75) the crop is
+  centred, up to a quarter tile off, on a target lesion drawn at random (so crops land where lesions are
+  dense, as the paper samples), otherwise anywhere. A lesion cut by the crop edge is blacked out (its box
+  inside the crop set to 0) instead of being kept as a partial box.
+* **Anchors from the lesion sizes** (``fit_anchors``, default on): two anchor sizes per pyramid level, the
+  sextile midpoints (1/12, 3/12, ..., 11/12 quantiles) of the target boxes' sqrt(w h) at the detector's scale,
+  smallest on the finest level; recorded in the config.
 * **Augmentation** (``augment``, default on; ``--no-augment``): before it is cropped, each drawn image gets the
   graders' photometric and geometric augmentation with its boxes (:mod:`synthtrial.graders.augment`: the boxes
   move with the lesions), its seed drawn from the step's stream.
@@ -17,8 +26,10 @@ Choices, stated once:
   a few hundred steps. Every step's draws come from ``(seed, step)``; the shared loop
   (:mod:`synthtrial.util.training`) writes a checkpoint every ``save_every`` steps, so a resumed run ends
   with the same bytes as an uninterrupted one.
-* **Count threshold.** After training, the score threshold for counting is the one (0.05-0.95, step 0.05)
-  whose counts have the smallest mean absolute error on (up to 32) training images.
+* **Count calibration.** After training, on up to 200 training images: the score threshold for counting is the
+  one (0.05-0.95, step 0.05) whose active-detection counts have the smallest mean absolute error against the
+  target lesions there (the visible ones by default), then the per-class count weights and bias that map
+  those counts to the simulated lesion count (:func:`fit_count_weights`; see ``detector.py``, "Counting").
 * **Evaluation** uses pycocotools' ``COCOeval`` (AP@[.5:.95], AP50, AP_small, AR with up to 200 detections per
   image), plus counting MAE / RMSE against the manifest's ``lesion_count`` and Hayashi-level accuracy against
   its ``acne04_level``.
@@ -48,6 +59,8 @@ from synthtrial.util.atomic import write_text_atomic
 from synthtrial.util.progress import ProgressCallback
 
 ACNE04_CLASSES = ("lesion",)
+#: Training images the count threshold and count weights are fitted on
+CALIBRATION_IMAGES = 200
 
 
 @dataclass
@@ -72,14 +85,21 @@ def _resize(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC)), factor
 
 
-def load_run_data(runs: Sequence[str | Path], image_side: int, classes: tuple[str, ...] = CLASSES) -> DetectionData:
-    """Every image of the runs with its boxes of ``classes`` (resized so the longer side is ``image_side``)."""
+def load_run_data(runs: Sequence[str | Path], image_side: int, classes: tuple[str, ...] = CLASSES, *,
+                  visible_only: bool = False) -> DetectionData:
+    """Every image of the runs with its boxes of ``classes`` (resized so the longer side is ``image_side``);
+    with ``visible_only`` only the lesions the run marks ``visible``."""
     data = DetectionData([], [], [], tuple(classes), [], np.zeros(0))
     counts = []
     for run in runs:
         manifest = rundir.read_manifest(run, ("image", "patient_id", "lesion_count"))
         lesions = rundir.read_lesions(run, set(manifest["image"]))
         lesions = lesions[lesions["type"].isin(classes)]
+        if visible_only:
+            if "visible" not in lesions.columns:
+                raise GraderError(f"{run}: its lesion table has no 'visible' column (rendered before visibility was "
+                                  "measured); generate it again, or train with --all-lesions")
+            lesions = lesions[lesions["visible"].astype(bool)]
         by_image = dict(tuple(lesions.groupby("image", sort=False)))
         for rel, count in zip(manifest["image"], manifest["lesion_count"]):
             image, factor = _resize(read_rgb(Path(run) / rel), image_side)
@@ -112,6 +132,21 @@ def load_acne04_data(root: str | Path, image_side: int) -> DetectionData:
     return data
 
 
+def fit_anchor_sizes(data: DetectionData, levels: int = 3, per_level: int = 2) -> tuple[int, ...]:
+    """``levels * per_level`` anchor sizes (px, ascending, finest level first): the midpoints of equal-mass bins
+    of the target boxes' sqrt(w h), rounded, at least 2 px and strictly increasing."""
+    boxes = np.concatenate([b for b in data.boxes if len(b)] or [np.zeros((0, 4), np.float32)])
+    if not len(boxes):
+        raise GraderError("the training data has no lesion boxes of the detector's classes")
+    sizes = np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None))
+    n = levels * per_level
+    picks = np.quantile(sizes, (2 * np.arange(n) + 1) / (2 * n))
+    out: list[int] = []
+    for value in picks:
+        out.append(max(int(round(float(value))), 2, out[-1] + 1 if out else 2))
+    return tuple(out)
+
+
 def mean_lesion_size(data: DetectionData) -> float:
     """The NWD constant C: mean of (w + h) / 2 over every box (pixels at the detector's scale)."""
     boxes = np.concatenate([b for b in data.boxes if len(b)] or [np.zeros((0, 4), np.float32)])
@@ -139,19 +174,33 @@ def masked_crop(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, x: int
     return crop, shifted[keep], labels[keep]
 
 
+def crop_origin(shape: tuple[int, ...], boxes: np.ndarray, tile: int, focus: float,
+                rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner of a training crop: with probability ``focus`` centred (up to a quarter tile off) on one
+    of ``boxes`` drawn at random, otherwise uniform; always inside the image where the image is larger."""
+    height, width = shape[:2]
+    x_max, y_max = max(0, width - tile), max(0, height - tile)
+    if len(boxes) and rng.random() < focus:
+        box = boxes[int(rng.integers(len(boxes)))]
+        jitter = rng.uniform(-tile / 4, tile / 4, 2)
+        x = int(round((box[0] + box[2]) / 2 + jitter[0] - tile / 2))
+        y = int(round((box[1] + box[3]) / 2 + jitter[1] - tile / 2))
+        return min(max(x, 0), x_max), min(max(y, 0), y_max)
+    return int(rng.integers(x_max + 1)), int(rng.integers(y_max + 1))
+
+
 def masked_batch(data: DetectionData, tile: int, batch: int, rng: np.random.Generator, device: torch.device,
-                 augmenter: Augmenter | None = None):
+                 augmenter: Augmenter | None = None, focus: float = 0.0):
     """``batch`` masked crops of random images (and a horizontal flip each), drawn with ``rng``, each image first
-    augmented with its boxes by ``augmenter`` (when given): images and torchvision targets (labels shifted by
-    one: 0 is the background)."""
+    augmented with its boxes by ``augmenter`` (when given) and cropped where :func:`crop_origin` puts it: images
+    and torchvision targets (labels shifted by one: 0 is the background)."""
     images, targets = [], []
     for _ in range(batch):
         k = int(rng.integers(len(data.images)))
         image, boxes, labels = data.images[k], data.boxes[k], data.labels[k]
         if augmenter is not None:
             image, boxes, labels = augmenter.with_boxes(image, boxes, labels, int(draw_seeds(1, rng)[0]))
-        x = int(rng.integers(max(1, image.shape[1] - tile + 1)))
-        y = int(rng.integers(max(1, image.shape[0] - tile + 1)))
+        x, y = crop_origin(image.shape, boxes, tile, focus, rng)
         crop, boxes, labels = masked_crop(image, boxes, labels, x, y, tile)
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
@@ -169,9 +218,9 @@ def _lr(step: int, steps: int, base: float, warmup: int = 50) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def load_detection_data(sources: Sequence[str | Path], image_side: int) -> DetectionData:
-    """Training data from ``--data``: run directories (the six lesion classes), or one ACNE04 copy (one class,
-    ``lesion``); the two are not mixed."""
+def load_detection_data(sources: Sequence[str | Path], image_side: int, *, visible_only: bool = True) -> DetectionData:
+    """Training data from ``--data``: run directories (the six lesion classes; with ``visible_only`` their visible
+    lesions), or one ACNE04 copy (one class, ``lesion``); the two are not mixed."""
     from synthtrial.graders.classify import is_run_dir
 
     sources = [Path(s) for s in sources]
@@ -182,7 +231,7 @@ def load_detection_data(sources: Sequence[str | Path], image_side: int) -> Detec
             raise GraderError(f"--data {source}: no such folder (a run directory or an ACNE04 copy)")
     runs = [is_run_dir(s) for s in sources]
     if all(runs):
-        return load_run_data(sources, image_side)
+        return load_run_data(sources, image_side, visible_only=visible_only)
     if len(sources) > 1:
         raise GraderError("--data: runs and ACNE04 are not mixed, and only one ACNE04 copy is read")
     return load_acne04_data(sources[0], image_side)
@@ -191,12 +240,15 @@ def load_detection_data(sources: Sequence[str | Path], image_side: int) -> Detec
 def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nwd", steps: int = 600,
                    batch_size: int = 2, lr: float = 2e-3, seed: int = 0, image_side: int = 512, tile: int = 256,
                    save_every: int = 100, device: str | None = None, sources: Sequence[str] = (),
-                   restart: bool = False, force: bool = False, augment: bool = True,
+                   restart: bool = False, force: bool = False, augment: bool = True, focus: float = 0.75,
+                   fit_anchors: bool = True, backbone: str = "tinynet_e",
                    progress: ProgressCallback | None = None) -> LesionDetector:
     """Train a detector on ``data`` through the shared loop and save it to ``out`` (``model.safetensors`` +
     ``config.json``).
 
-    ``augment`` applies the graders' augmentation to every drawn image (see the module docstring).
+    ``augment`` applies the graders' augmentation to every drawn image, ``focus`` is the share of crops centred
+    on a lesion and ``fit_anchors`` sizes the anchors from the data (see the module docstring); ``backbone`` is
+    a timm model name.
     Resumes from ``out/checkpoint`` when it holds a checkpoint of the same settings (``restart`` starts over);
     an ``out`` holding anything but detector weights is refused unless ``force``. ``progress(step, steps,
     "loss ...")`` is called after every step.
@@ -208,9 +260,11 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
     dev = resolve_device(device)
     settings = {"head": head, "steps": steps, "batch": batch_size, "lr": lr, "seed": seed, "image_side": image_side,
                 "tile": tile, "classes": list(data.classes), "sources": [str(s) for s in sources],
-                "images": len(data.images), "augment": augment}
-    cfg = DetectorConfig(head=head, classes=data.classes, image_side=image_side, tile=tile,
-                         nwd_constant=round(mean_lesion_size(data), 3))
+                "images": len(data.images), "augment": augment, "focus": focus, "fit_anchors": fit_anchors,
+                "backbone": backbone}
+    anchors = dict(anchor_sizes=fit_anchor_sizes(data), anchors_per_level=2) if fit_anchors else {}
+    cfg = DetectorConfig(head=head, classes=data.classes, image_side=image_side, tile=tile, backbone=backbone,
+                         nwd_constant=round(mean_lesion_size(data), 3), **anchors)
     torch.manual_seed(seed)
     model = build_model(cfg).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -220,7 +274,7 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
     def step(i: int) -> dict[str, float]:
         rng = np.random.default_rng([seed, i])
         torch.manual_seed(seed * 1_000_003 + i)
-        images, targets = masked_batch(data, tile, batch_size, rng, dev, augmenter)
+        images, targets = masked_batch(data, tile, batch_size, rng, dev, augmenter, focus)
         for group in opt.param_groups:
             group["lr"] = _lr(i, steps, lr)
         losses = model(images, targets)
@@ -237,39 +291,104 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
     history = train_grader(model, opt, plan, out, restart=restart, progress=progress)["history"]
     model.eval()
     detector = LesionDetector(cfg, model, device=dev)
-    detector = LesionDetector(replace(cfg, count_threshold=calibrate_threshold(detector, data)), model, device=dev,
-                              record={"settings": settings, "step": steps, "loss_history": history,
-                                      "count_threshold_from": f"{min(32, len(data.images))} training images"})
+    sample = detect_sample(detector, data, CALIBRATION_IMAGES)
+    threshold = calibrate_threshold(detector, data, sample=sample)
+    weights, bias = fit_count_weights(detector, data, threshold, sample)
+    detector = LesionDetector(replace(cfg, count_threshold=threshold, count_weights=weights, count_bias=bias), model,
+                              device=dev, record={"settings": settings, "step": steps, "loss_history": history,
+                                                  "count_calibration_from": f"{len(sample[0])} training images"})
     detector.save_pretrained(out)
     return LesionDetector.from_pretrained(out, device=dev)
 
 
-def calibrate_threshold(detector: LesionDetector, data: DetectionData, limit: int = 32) -> float:
-    """The score threshold (0.05-0.95) whose active-lesion counts have the smallest MAE on up to ``limit`` images."""
+def _target_counts(data: DetectionData) -> np.ndarray:
+    """Per image, the target boxes of the counted (active) classes: the visible count when the data holds the
+    visible lesions only."""
+    counted = [k for k, c in enumerate(data.classes) if c not in NOT_COUNTED]
+    return np.array([float(np.isin(labels, counted).sum()) for labels in data.labels])
+
+
+def detect_sample(detector: LesionDetector, data: DetectionData, limit: int) -> tuple[np.ndarray, list[dict]]:
+    """Up to ``limit`` training images spread evenly over ``data`` and the detector's detections on each."""
     picks = np.linspace(0, len(data.images) - 1, min(limit, len(data.images))).round().astype(int)
-    found = [detector.detect(data.images[k]) for k in picks]
+    return picks, [detector.detect(data.images[k]) for k in picks]
+
+
+def calibrate_threshold(detector: LesionDetector, data: DetectionData, limit: int = 32,
+                        sample: tuple[np.ndarray, list[dict]] | None = None) -> float:
+    """The score threshold (0.05-0.95) whose active-lesion counts have the smallest MAE against the target lesions
+    on up to ``limit`` images (or on ``sample``, from :func:`detect_sample`)."""
+    picks, found = sample if sample is not None else detect_sample(detector, data, limit)
+    target = _target_counts(data)[picks]
     counted = [k for k, c in enumerate(detector.config.classes) if c not in NOT_COUNTED]
     grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
     errors = []
     for t in grid:
         pred = np.array([np.isin(f["labels"][f["scores"] >= t], counted).sum() for f in found], float)
-        errors.append(np.abs(pred - data.true_counts[picks]).mean())
+        errors.append(np.abs(pred - target).mean())
     return float(grid[int(np.argmin(errors))])
+
+
+def fit_count_weights(detector: LesionDetector, data: DetectionData, threshold: float,
+                      sample: tuple[np.ndarray, list[dict]]) -> tuple[tuple[float, ...], float]:
+    """Per-class weights (>= 0, 0 for classes not counted) and a bias mapping the detector's per-class counts at
+    ``threshold`` to the simulated lesion count (``data.true_counts``), by bounded least squares."""
+    from scipy.optimize import lsq_linear
+
+    picks, found = sample
+    classes = detector.config.classes
+    counted = np.array([c not in NOT_COUNTED for c in classes])
+    x = np.array([[float((f["labels"][f["scores"] >= threshold] == k).sum()) for k in range(len(classes))]
+                  for f in found]).reshape(len(found), len(classes))
+    design = np.column_stack([x[:, counted], np.ones(len(found))])
+    lower = np.r_[np.zeros(int(counted.sum())), -np.inf]
+    fit = lsq_linear(design, data.true_counts[picks], bounds=(lower, np.inf))
+    weights = np.zeros(len(classes))
+    weights[counted] = fit.x[:-1]
+    return tuple(round(float(w), 4) for w in weights), round(float(fit.x[-1]), 4)
 
 
 # ---------------------------------------------------------------------------------------- evaluation
 
+def coco_stats(images: list[dict], annotations: list[dict], results: list[dict],
+               classes: Sequence[str]) -> np.ndarray:
+    """pycocotools' twelve ``COCOeval`` box statistics (max 10 / 100 / 200 detections); NaN without detections.
+    Annotations with ``iscrowd`` 1 are ignore regions: neither missed nor matched (a detection on one is no
+    false positive)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": annotations,
+                  "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        if not results:
+            return np.full(12, np.nan)
+        evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
+        evaluator.params.maxDets = [10, 100, 200]
+        evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+    return np.asarray(evaluator.stats, float)
+
+
+def _count_metrics(pred: np.ndarray, truth: np.ndarray, levels: np.ndarray | None, suffix: str) -> dict[str, float]:
+    out = {f"count_MAE{suffix}": float(np.abs(pred - truth).mean()),
+           f"count_RMSE{suffix}": float(np.sqrt(((pred - truth) ** 2).mean()))}
+    if levels is not None:
+        out["level_accuracy"] = float((scale.acne04_level_from_count(pred) == levels).mean())
+    return out
+
+
 def evaluate_detector(detector: LesionDetector, run: str | Path,
                       progress: ProgressCallback | None = None) -> tuple[dict[str, float], list[dict]]:
-    """COCO AP / AP50 / AP_small / AR (pycocotools) and counting MAE / RMSE / level accuracy on a run;
-    ``progress(done, images, "")`` after each image.
+    """COCO AP / AP50 / AP_small / AR (pycocotools) and counting MAE / RMSE / level accuracy on a run, against
+    the simulated truth (every lesion) and, where the run measured visibility, the visible truth (``_visible``
+    metrics: invisible lesions are ignore regions, counts against ``visible_count``); ``progress(done, images,
+    "")`` after each image.
 
     Returns the metrics and the detections in COCO results format (``image_id``, ``category_id``, ``bbox``
     as x, y, w, h, ``score``).
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     classes = detector.config.classes
     if tuple(classes) != CLASSES:
         raise GraderError(f"evaluation on a synthtrial run needs a detector of the classes {', '.join(CLASSES)}; "
@@ -277,6 +396,7 @@ def evaluate_detector(detector: LesionDetector, run: str | Path,
     manifest = rundir.read_manifest(run, ("image", "patient_id", "lesion_count", "acne04_level"))
     lesions = rundir.read_lesions(run, set(manifest["image"]))
     lesions = lesions[lesions["type"].isin(classes)]
+    has_visible = "visible" in lesions.columns and "visible_count" in manifest.columns
     images, annotations, results, counts = [], [], [], []
     by_image = dict(tuple(lesions.groupby("image", sort=False)))
     for k, rel in enumerate(manifest["image"], start=1):
@@ -287,7 +407,8 @@ def evaluate_detector(detector: LesionDetector, run: str | Path,
             for r in rows.itertuples(index=False):
                 w, h = float(r.x1 - r.x0), float(r.y1 - r.y0)
                 annotations.append({"id": len(annotations) + 1, "image_id": k, "category_id": classes.index(r.type) + 1,
-                                    "bbox": [float(r.x0), float(r.y0), w, h], "area": w * h, "iscrowd": 0})
+                                    "bbox": [float(r.x0), float(r.y0), w, h], "area": w * h, "iscrowd": 0,
+                                    "visible": bool(r.visible) if has_visible else True})
         found = detector.detect(image)
         counts.append(detector.counts(found)["count"])
         for box, label, score in zip(found["boxes"], found["labels"], found["scores"]):
@@ -296,25 +417,20 @@ def evaluate_detector(detector: LesionDetector, run: str | Path,
                                      round(float(box[2] - box[0]), 3), round(float(box[3] - box[1]), 3)]})
         if progress is not None:
             progress(k, len(manifest), "")
-    gt = COCO()
-    gt.dataset = {"images": images, "annotations": annotations,
-                  "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)]}
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-        stats = np.full(12, np.nan)
-        if results:
-            evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
-            evaluator.params.maxDets = [10, 100, 200]
-            evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
-            stats = evaluator.stats
-    truth = manifest["lesion_count"].to_numpy(float)
-    pred = np.asarray(counts)
-    levels = scale.acne04_level_from_count(pred)
-    metrics = {"AP": float(stats[0]), "AP50": float(stats[1]), "AP_small": float(stats[3]),
-               "AR": float(stats[8]), "count_MAE": float(np.abs(pred - truth).mean()),
-               "count_RMSE": float(np.sqrt(((pred - truth) ** 2).mean())),
-               "level_accuracy": float((levels == manifest["acne04_level"].to_numpy(int)).mean()),
+    stats = coco_stats(images, [{k: v for k, v in a.items() if k != "visible"} for a in annotations], results,
+                       classes)
+    pred = np.asarray(counts, float)
+    metrics = {"AP": float(stats[0]), "AP50": float(stats[1]), "AP_small": float(stats[3]), "AR": float(stats[8]),
+               **_count_metrics(pred, manifest["lesion_count"].to_numpy(float),
+                                manifest["acne04_level"].to_numpy(int), ""),
                "images": float(len(manifest)), "lesions": float(len(annotations))}
+    if has_visible:
+        ignored = [{**{k: v for k, v in a.items() if k != "visible"}, "iscrowd": int(not a["visible"])}
+                   for a in annotations]
+        vis = coco_stats(images, ignored, results, classes)
+        metrics.update({"AP_visible": float(vis[0]), "AP50_visible": float(vis[1]), "AR_visible": float(vis[8]),
+                        **_count_metrics(pred, manifest["visible_count"].to_numpy(float), None, "_visible"),
+                        "lesions_visible": float(sum(a["visible"] for a in annotations))})
     return metrics, results
 
 
@@ -335,7 +451,7 @@ def run_ablation(train_runs: Sequence[str | Path], test_run: str | Path, out: st
     variant's training steps, its head named in the status.
     """
     out = Path(out)
-    data = load_run_data(train_runs, 512)
+    data = load_run_data(train_runs, 512, visible_only=True)
     rows = []
     for head, label in ABLATION:
         def step_cb(step: int, total: int, status: str, head: str = head) -> None:

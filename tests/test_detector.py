@@ -253,10 +253,13 @@ def test_grade_evaluate_and_cli_on_a_run(tiny_run, tmp_path):
     assert metrics["lesions"] > 0 and all(r["category_id"] in range(1, 7) for r in results)
     counts = rundir.read_manifest(tiny_run, ("lesion_count",))["lesion_count"].to_numpy(float)
     assert metrics["count_MAE"] == pytest.approx(np.abs(grades["detector_count"].to_numpy() - counts).mean())
+    visible = rundir.read_manifest(tiny_run, ("visible_count",))["visible_count"].to_numpy(float)
+    assert metrics["count_MAE_visible"] == pytest.approx(np.abs(grades["detector_count"].to_numpy() - visible).mean())
+    assert 0 < metrics["lesions_visible"] < metrics["lesions"] and "AP50_visible" in metrics
     result = CliRunner().invoke(app, ["graders", "eval", "detector", "--data", str(tiny_run), "--weights", str(folder), "-q",
                                       "--out", str(tmp_path / "m.json")])
     assert result.exit_code == 0, result.output
-    assert "AP50" in result.output and (tmp_path / "m.json").is_file()
+    assert "AP50" in result.output and "visible" in result.output and (tmp_path / "m.json").is_file()
     result = CliRunner().invoke(app, ["graders", "train", "detector", "--data", str(tiny_run), "--out", str(tmp_path / "x"),
                                       "--head", "fpn"])
     assert result.exit_code == 2 and "--head 'fpn'" in result.output
