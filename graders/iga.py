@@ -22,8 +22,8 @@ Choices, stated once:
   counts by the scale's own rule (any nodule lifts it to 3). ``grade_from`` says which route fills ``grade``
   and ``group`` ("classifier" or "counts"); training picks it on the validation patients (``iga_train``).
 * **Default** (the shipped weights): depth 14 (two blocks per stage), width 16, 384 px crops with a 10 %
-  margin, stem stride 4, count head: 0.18 M parameters, about 0.3 GMAC per image. The paper's network is
-  ``depth=110, width=16, image_size=224, stem_stride=1, count_head=False`` (24.8 GFLOP per image).
+  margin, stem stride 4, count head: 0.17 M parameters, 0.54 GFLOP per image. The paper's network is
+  ``depth=110, width=16, image_size=224, stem_stride=1, count_head=False`` (1.7 M, 24.8 GFLOP per image).
 * **Views.** A visit is graded from all its photos: the images given together that share ``patient_id`` and
   ``day`` (frontal + left + right from ``generate``) are fused by averaging their per-view log-probabilities
   (a renormalised geometric mean: every view votes, a confident view weighs more) and their per-view

@@ -54,7 +54,7 @@ COUNT_TARGETS = ("simulated", "visible")
 
 @dataclass(frozen=True)
 class TrainSettings:
-    epochs: int = 12
+    epochs: int = 20
     batch_size: int = 16
     lr: float = 3e-3
     lr_final: float = 1e-4
