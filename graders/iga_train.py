@@ -3,7 +3,8 @@
 Choices, stated once:
 
 * **Data.** Face crops of every training image are made once per training (BlazeFace, a few ms per 512 px
-  image) and held in memory as uint8 (3,000 crops of 384 px: 1.3 GB); each step augments its batch from them.
+  image) and held in memory as uint8, once (3,000 crops of 384 px: 1.3 GB); each step augments its batch from
+  them.
 * **Loss.** Class-weighted cross-entropy on the five grades (balanced weights from the training labels), plus,
   with the count head, ``count_weight`` times the squared error of ``log(1 + count)`` for the inflammatory and
   the nodule count (summed over the two). The log scale because the IGA's boundaries (2.5, 10.5, 30.5
@@ -151,7 +152,8 @@ def read_training_data(grader: IGAGrader, sources: Sequence[classify.Source], ex
         parts["groups"].append(np.array([f"{k}:{g}" for g in src.meta["group"]]))
         parts["visit"].append(np.array([f"{k}:{p}:{d}" for p, d in zip(src.meta["patient_id"], src.meta["day"])]))
         parts["extra"].append(np.full(len(src), k >= len(sources)))
-    data = TrainingData(*(np.concatenate(parts[k]) for k in ("crops", "grades", "counts", "groups", "visit", "extra")))
+    data = TrainingData(*(np.concatenate(parts[k]) if len(parts[k]) > 1 else parts[k][0]     # one source: no copy
+                          for k in ("crops", "grades", "counts", "groups", "visit", "extra")))
     if ((data.grades < 0) | (data.grades >= N_GRADES)).any():
         raise GraderError("IGA labels must be grades 0-4 (manifest column 'iga')")
     data.visit = np.unique(data.visit, return_inverse=True)[1]
@@ -215,8 +217,7 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
     val_idx = own[va_own]
     weights = classify.class_weights(d.grades[train_idx], N_GRADES) if settings.class_weighted else np.ones(N_GRADES)
     calibrate_count_head(grader, d.crops[train_idx[:32]], d.counts[train_idx])
-    batch_loss = make_batch_loss(grader, d.crops[train_idx], d.grades[train_idx], d.counts[train_idx], weights,
-                                 settings)
+    batch_loss = make_batch_loss(grader, d, train_idx, weights, settings)
 
     def validate() -> dict[str, Any]:
         if not len(val_idx):
@@ -267,22 +268,24 @@ def calibrate_count_head(grader: IGAGrader, crops: np.ndarray, counts: np.ndarra
         counter.density.bias.add_(torch.from_numpy(np.log(shift)).to(counter.density.bias))
 
 
-def make_batch_loss(grader: IGAGrader, crops: np.ndarray, grades: np.ndarray, counts: np.ndarray,
-                    class_weights: np.ndarray, settings: TrainSettings) -> Any:
-    """``loss(indices, generator, epoch)`` of one training batch (module docstring: loss, augmentation)."""
+def make_batch_loss(grader: IGAGrader, data: TrainingData, rows: np.ndarray, class_weights: np.ndarray,
+                    settings: TrainSettings) -> Any:
+    """``loss(indices, generator, epoch)`` of one training batch, ``indices`` into ``rows`` of ``data`` (module
+    docstring: loss, augmentation). The crops are read in place, never copied."""
     import torch
 
     dev = grader.device
     weight_t = torch.tensor(class_weights, dtype=torch.float32, device=dev)
-    grades_t = torch.from_numpy(grades).to(dev)
-    counts_t = torch.from_numpy(counts.astype(np.float32)).to(dev)
+    grades_t = torch.from_numpy(data.grades[rows]).to(dev)
+    counts_t = torch.from_numpy(data.counts[rows].astype(np.float32)).to(dev)
     wide = Augmenter(WIDE) if settings.augment else None
 
     def batch_loss(idx: np.ndarray, gen: Any, epoch: int) -> Any:
+        crops = data.crops[rows[idx]]
         if wide is not None:
-            batch = classify.to_tensor(wide.images(crops[idx], draw_seeds(len(idx), gen)), dev)
+            batch = classify.to_tensor(wide.images(crops, draw_seeds(len(idx), gen)), dev)
         else:
-            batch = classify.to_tensor(crops[idx], dev)
+            batch = classify.to_tensor(crops, dev)
             if settings.augment_p > 0:
                 batch = augment(batch.cpu(), gen, settings.augment_p).to(dev)
         logits, predicted = grader.model.both(batch)
@@ -334,20 +337,19 @@ def evaluate(grader: IGAGrader, data: str | os.PathLike[str], identities: Sequen
               "grades": classify.report(truth_visit, pred, GRADE_NAMES),
               "groups": classify.report(group_of(truth_visit), frame["group"].to_numpy(np.int64)[first], GROUP_NAMES),
               "mae_expected_grade": float(np.mean(np.abs(frame["expected_grade"].to_numpy()[first] - truth_visit)))}
-    routes = {"classifier": frame[[f"p_iga{k}" for k in range(N_GRADES)]].to_numpy().argmax(axis=1)[first]}
+    # each route's 3-class call: the classifier's most probable group (as ``group``), the counts' IGA group
+    routes = {"classifier": frame[[f"p_group{k}" for k in range(len(GROUP_NAMES))]].to_numpy().argmax(axis=1)[first]}
     if counts is not None:
-        routes["counts"] = frame["count_grade"].to_numpy(np.int64)[first]
-        result["counts"] = count_metrics(source, frame["inflammatory_count"].to_numpy()[first], visit, first)
-    result["routes"] = {name: classify.report(group_of(truth_visit), group_of(g), GROUP_NAMES)
-                        for name, g in routes.items()}
+        routes["counts"] = frame["count_group"].to_numpy(np.int64)[first]
+        result["counts"] = count_metrics(source, frame["inflammatory_count"].to_numpy()[first], first)
+    result["routes"] = {name: classify.report(group_of(truth_visit), g, GROUP_NAMES) for name, g in routes.items()}
     visible = visible_iga(source, visit)
     if visible is not None:
         result["visible"] = classify.report(group_of(visible), frame["group"].to_numpy(np.int64)[first], GROUP_NAMES)
     return result
 
 
-def count_metrics(source: classify.Source, predicted: np.ndarray, visit: np.ndarray,
-                  first: np.ndarray) -> dict[str, float]:
+def count_metrics(source: classify.Source, predicted: np.ndarray, first: np.ndarray) -> dict[str, float]:
     """Mean absolute error and Spearman r of a visit's predicted inflammatory count against its simulated one."""
     from scipy.stats import spearmanr
 
