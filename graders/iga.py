@@ -1,53 +1,69 @@
 """The IGA severity grader, after QuantifiCare's recipe (Bernhard et al.): face crop -> CIFAR-style ResNet ->
-the five IGA grades (0 clear ... 4 severe), their 3-class clinical view (0-1 / 2 / 3-4) and an expected grade.
+the five IGA grades (0 clear ... 4 severe), their 3-class clinical view (0-1 / 2 / 3-4) and an expected grade,
+and, beside them, the visit's inflammatory lesion count (joint grading and counting, as LDL does).
 
 Choices, stated once:
 
-* **Network.** He et al.'s CIFAR ResNet (depth ``6n + 2``: three stages of ``n`` basic blocks, 16/32/64
-  channels, parameter-free "option A" shortcuts), dropout before the linear head; depth 110 is the paper's
-  1.7 M-parameter model. ``stem_stride`` 2 lets the first convolution halve a large input (224 px) so the
-  CIFAR stages run on CIFAR-like feature maps. Any timm model can replace it (``backbone="timm:<name>"``,
-  trained from scratch or from the user's own safetensors backbone weights).
-* **Default** (the shipped weights): depth 8 (one block per stage), width 8, 128 px crops with a 10 % margin,
-  stem stride 2: 19 k parameters, 0.025 GFLOP per image -- small enough to train 30 epochs on a shared CPU;
-  the paper's depth 110, width 16 at 224 px with the CIFAR stem (1.7 M parameters) costs 24.8 GFLOP, ~1,000x. The model card states the cost and how to
-  train the paper's settings (``--depth 110 --width 16 --image-size 224 --stem-stride 1``).
-* **Training.** Class-weighted cross-entropy on the 5 grades (balanced weights from the training labels),
-  Adam with a cosine schedule. Augmentation: by default the graders' wide photometric and geometric one
-  (:mod:`synthtrial.graders.augment`, images only: an IGA grade survives any of it); with ``augment=False``
-  (``--no-augment``) the paper's: horizontal flip, rotation (up to 15 degrees) and brightness (x0.8-1.2),
-  each applied with probability ``augment_p`` (0.2).
+* **Resolution.** IGA is defined by counting inflammatory lesions (papules, pustules, nodules;
+  :func:`synthtrial.trial.scale.iga_from_counts`), so the network must see them. At the shipped render size
+  (512 px, 0.42 mm/px) a 3.5 mm papule spans 8 px and BlazeFace's face box, widened 10 %, spans 450-540 px: a
+  384 px face crop keeps a papule at about 6 px (at the former 128 px it was 1-3 px). Face crops rather than
+  native-resolution tiles, because the crop already holds the face at about native resolution, keeps the
+  whole face (every lesion counted once, no tile bookkeeping) and keeps the views' fusion as it is.
+* **Network.** He et al.'s CIFAR ResNet (depth ``6n + 2``: three stages of ``n`` basic blocks, ``w``/``2w``/``4w``
+  channels, parameter-free "option A" shortcuts), dropout before the linear head; depth 110, width 16 is the
+  paper's 1.7 M-parameter model. The stem brings a large input down to CIFAR-like feature maps: stride 1 is the
+  CIFAR stem (one 3x3 convolution), 2 halves the input in it, 4 adds a second stride-2 3x3 convolution (a 384 px
+  crop becomes 96 x 96 before the stages, 24 x 24 after them). Any timm model can replace it
+  (``backbone="timm:<name>"``, trained from scratch or from the user's own safetensors backbone weights).
+* **Count head** (``count_head``): a 1x1 convolution on the last feature map, softplus, summed over the map:
+  a density map whose sum is the count (each lesion adds where it is, whatever the face's framing), two
+  channels: inflammatory lesions and nodules. The counts give a second route to the grade: IGA from the
+  counts by the scale's own rule (any nodule lifts it to 3). ``grade_from`` says which route fills ``grade``
+  and ``group`` ("classifier" or "counts"); training picks it on the validation patients (``iga_train``).
+* **Default** (the shipped weights): depth 14 (two blocks per stage), width 16, 384 px crops with a 10 %
+  margin, stem stride 4, count head: 0.17 M parameters, 0.54 GFLOP per image. The paper's network is
+  ``depth=110, width=16, image_size=224, stem_stride=1, count_head=False`` (1.7 M, 24.8 GFLOP per image).
 * **Views.** A visit is graded from all its photos: the images given together that share ``patient_id`` and
   ``day`` (frontal + left + right from ``generate``) are fused by averaging their per-view log-probabilities
-  (a renormalised geometric mean: every view votes, a confident view weighs more), and every image of the
-  visit gets the visit's grade. Without ``meta`` (or without those columns) each image is its own visit.
+  (a renormalised geometric mean: every view votes, a confident view weighs more) and their per-view
+  ``log(1 + count)`` (a geometric mean of the counts, the scale the count head is trained on), and every image of
+  the visit gets the visit's grade and counts. Without ``meta`` (or without those columns) each image is its
+  own visit.
 * **Outputs** (columns): ``p_iga0..p_iga4``, ``p_group0..p_group2`` (sums over 0-1 / 2 / 3-4), ``grade``
-  and ``group`` (most probable), ``expected_grade`` (sum of k * p_k; the outcome ``analyze`` uses), ``views``
-  (images fused) and ``face_found``.
+  and ``group`` (of the ``grade_from`` route), ``expected_grade`` (sum of k * p_k), ``views`` (images fused) and
+  ``face_found``; with the count head also ``inflammatory_count``, ``nodule_count``, ``count_grade`` and
+  ``count_group`` (the counts' route). ``analyze`` takes ``expected_grade`` and, with the count head,
+  ``inflammatory_count`` as outcomes.
+
+Training and evaluation live in :mod:`synthtrial.graders.iga_train`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from synthtrial.graders import classify
-from synthtrial.graders.augment import WIDE, Augmenter, draw_seeds
 from synthtrial.graders.base import MAX_DEPTH, MAX_WIDTH, GraderComponent, GraderError
-from synthtrial.util.progress import ProgressCallback
+from synthtrial.trial import scale
 
 N_GRADES = 5
 GROUPS = ((0, 1), (2,), (3, 4))
 GRADE_NAMES = ("0 clear", "1 almost clear", "2 mild", "3 moderate", "4 severe")
 GROUP_NAMES = ("0-1", "2", "3-4")
+#: what the count head counts, one channel each
+COUNT_NAMES = ("inflammatory", "nodule")
+#: where ``grade`` and ``group`` come from
+GRADE_ROUTES = ("classifier", "counts")
+STEM_STRIDES = (1, 2, 4)
 OUTPUT_COLUMNS = (*(f"p_iga{k}" for k in range(N_GRADES)), *(f"p_group{k}" for k in range(len(GROUPS))),
                   "grade", "group", "expected_grade", "views", "face_found")
+COUNT_COLUMNS = ("inflammatory_count", "nodule_count", "count_grade", "count_group")
 
 
 @dataclass(frozen=True)
@@ -55,12 +71,14 @@ class IGAConfig:
     """The architecture and preprocessing (plain data, stored in ``config.json``)."""
 
     backbone: str = "cifar-resnet"      # or "timm:<model name>"
-    depth: int = 8                      # CIFAR ResNet depth, 6n + 2 (110: the paper)
-    width: int = 8                      # channels of the first stage, doubled twice (He et al.: 16)
-    stem_stride: int = 2                # 1: the CIFAR stem; 2: halve the input first
-    image_size: int = 128               # face crop side in pixels (the paper: 224)
+    depth: int = 14                     # CIFAR ResNet depth, 6n + 2 (110: the paper)
+    width: int = 16                     # channels of the first stage, doubled twice (He et al.: 16)
+    stem_stride: int = 4                # 1: the CIFAR stem; 2: halve the input first; 4: quarter it
+    image_size: int = 384               # face crop side in pixels (the paper: 224)
     dropout: float = 0.2
     crop_margin: float = 0.1            # face box widened by this fraction on every side
+    count_head: bool = True             # the inflammatory / nodule count head
+    grade_from: str = "classifier"      # which route fills grade / group: "classifier" or "counts"
 
     def __post_init__(self) -> None:
         if not (self.backbone == "cifar-resnet" or self.backbone.startswith("timm:")):
@@ -69,17 +87,47 @@ class IGAConfig:
             raise GraderError(f"IGA depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110), got {self.depth}")
         if self.depth > MAX_DEPTH:
             raise GraderError(f"IGA depth must be at most {MAX_DEPTH}, got {self.depth}")
-        if not 1 <= self.width <= MAX_WIDTH or self.stem_stride not in (1, 2) or not 16 <= self.image_size <= 1024:
-            raise GraderError(f"IGA width must be 1-{MAX_WIDTH}, stem stride 1 or 2, image size 16-1024; got width "
-                              f"{self.width}, stem stride {self.stem_stride}, image size {self.image_size}")
+        if not 1 <= self.width <= MAX_WIDTH or self.stem_stride not in STEM_STRIDES or not 16 <= self.image_size <= 1024:
+            raise GraderError(f"IGA width must be 1-{MAX_WIDTH}, stem stride 1, 2 or 4, image size 16-1024; got "
+                              f"width {self.width}, stem stride {self.stem_stride}, image size {self.image_size}")
         if not 0 <= self.dropout < 1 or not 0 <= self.crop_margin <= 1:
             raise GraderError("IGA dropout must be in [0, 1) and crop margin in [0, 1]")
+        if self.grade_from not in GRADE_ROUTES:
+            raise GraderError(f"IGA grade_from must be 'classifier' or 'counts', got {self.grade_from!r}")
+        if self.grade_from == "counts" and not self.count_head:
+            raise GraderError("IGA grade_from 'counts' needs the count head (count_head true)")
 
 
 # ------------------------------------------------------------------------------------------ network
 
 def build_network(config: IGAConfig) -> Any:
-    """The classifier ``images (N, 3, S, S) in [0, 1] -> logits (N, 5)`` for ``config``."""
+    """The network of ``config``: ``net(images)`` -> logits ``(N, 5)`` for ``(N, 3, S, S)`` images in [0, 1];
+    ``net.both(images)`` -> ``(logits, counts)``, counts ``(N, 2)`` (inflammatory, nodules) or None without
+    the count head."""
+    return cifar_resnet(config) if config.backbone == "cifar-resnet" else timm_net(config)
+
+
+def count_head(channels: int) -> Any:
+    """A density map (1x1 convolution, softplus) summed over the feature map: ``(N, C, H, W) -> (N, 2)``."""
+    import torch
+    from torch import nn
+
+    class CountHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.density = nn.Conv2d(channels, len(COUNT_NAMES), 1)
+            nn.init.normal_(self.density.weight, std=0.01)
+            with torch.no_grad():      # about 0.02 inflammatory lesions and 0.001 nodules per position at the start
+                self.density.bias.copy_(torch.tensor([-4.0, -7.0]))
+
+        def forward(self, features):
+            return nn.functional.softplus(self.density(features)).sum(dim=(2, 3))
+
+    return CountHead()
+
+
+def cifar_resnet(config: IGAConfig) -> Any:
+    """He et al.'s CIFAR ResNet of ``config`` (module docstring), with the count head if asked."""
     import torch
     from torch import nn
 
@@ -104,8 +152,11 @@ def build_network(config: IGAConfig) -> Any:
         def __init__(self, cfg: IGAConfig) -> None:
             super().__init__()
             n, w = (cfg.depth - 2) // 6, cfg.width
-            self.stem = nn.Sequential(nn.Conv2d(3, w, 3, cfg.stem_stride, 1, bias=False), nn.BatchNorm2d(w),
-                                      nn.ReLU(inplace=True))
+            stem = [nn.Conv2d(3, w, 3, min(cfg.stem_stride, 2), 1, bias=False), nn.BatchNorm2d(w),
+                    nn.ReLU(inplace=True)]
+            if cfg.stem_stride == 4:
+                stem += [nn.Conv2d(w, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            self.stem = nn.Sequential(*stem)
             layers, cin = [], w
             for stage, cout in enumerate((w, 2 * w, 4 * w)):
                 for i in range(n):
@@ -117,9 +168,21 @@ def build_network(config: IGAConfig) -> Any:
             for m in self.modules():
                 if isinstance(m, (nn.Conv2d, nn.Linear)):
                     nn.init.kaiming_normal_(m.weight)
+            self.counter = count_head(cin) if cfg.count_head else None
+
+        def both(self, x):
+            features = self.features(self.stem(classify.normalize(x)))
+            return self.head(features), (self.counter(features) if self.counter is not None else None)
 
         def forward(self, x):
-            return self.head(self.features(self.stem(classify.normalize(x))))
+            return self.both(x)[0]
+
+    return CifarResNet(config)
+
+
+def timm_net(config: IGAConfig) -> Any:
+    """A timm model (from scratch) with the grade head and, if asked, the count head on its feature map."""
+    from torch import nn
 
     class TimmNet(nn.Module):
         def __init__(self, cfg: IGAConfig) -> None:
@@ -132,36 +195,29 @@ def build_network(config: IGAConfig) -> Any:
                 raise GraderError(f"IGA backbone {cfg.backbone!r}: {exc}") from None
             n = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
             self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(n, N_GRADES))
+            self.counter = count_head(self.backbone.num_features) if cfg.count_head else None
+
+        def both(self, x):
+            features = self.backbone.forward_features(classify.normalize(x))
+            logits = self.head(self.backbone.forward_head(features, pre_logits=True))
+            if self.counter is None:
+                return logits, None
+            if features.ndim != 4:
+                raise GraderError("the IGA count head needs a convolutional timm backbone (a feature map); "
+                                  "pass --no-count-head for this one")
+            return logits, self.counter(features)
 
         def forward(self, x):
-            return self.head(self.backbone(classify.normalize(x)))
+            return self.both(x)[0]
 
-    return CifarResNet(config) if config.backbone == "cifar-resnet" else TimmNet(config)
-
-
-def augment(x: Any, gen: Any, p: float = 0.2, max_degrees: float = 15.0) -> Any:
-    """The paper's augmentation on a [0, 1] batch: flip, rotation, brightness, each with probability ``p``."""
-    import torch
-    from torchvision.transforms.v2 import functional as F
-
-    draws = torch.rand(len(x), 6, generator=gen)
-    out = []
-    for img, d in zip(x, draws):
-        if d[0] < p:
-            img = torch.flip(img, dims=(2,))
-        if d[1] < p:
-            img = F.rotate(img, float((d[2] * 2 - 1) * max_degrees), interpolation=F.InterpolationMode.BILINEAR)
-        if d[3] < p:
-            img = (img * float(0.8 + 0.4 * d[4])).clamp(0, 1)
-        out.append(img)
-    return torch.stack(out)
+    return TimmNet(config)
 
 
 # ------------------------------------------------------------------------------------------- grader
 
 class IGAGrader(GraderComponent):
     """``IGAGrader.from_pretrained(folder).predict(images, meta)`` -> IGA probabilities, 3-class view, expected
-    grade."""
+    grade and, with the count head, the inflammatory and nodule counts and their IGA."""
 
     name = "iga"
     config_class = IGAConfig
@@ -172,6 +228,8 @@ class IGAGrader(GraderComponent):
                  record: dict[str, Any] | None = None) -> None:
         super().__init__(config, model, device=device, record=record)
         self.cropper = classify.FaceCropper(self.config.crop_margin)
+        if self.config.count_head:
+            self.outcomes = ("expected_grade", "inflammatory_count")
 
     @classmethod
     def build(cls, config: IGAConfig) -> Any:
@@ -186,21 +244,32 @@ class IGAGrader(GraderComponent):
             return np.zeros((0, self.config.image_size, self.config.image_size, 3), np.uint8), np.zeros(0, bool)
         return np.stack([c for c, _ in pairs]), np.array([f for _, f in pairs])
 
-    def log_probs(self, crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """``(N, 5)`` float64 log-probabilities of the grades, one row per crop."""
+    def heads(self, crops: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(N, 5)`` float64 log-probabilities of the grades and ``(N, 2)`` counts (None without the count
+        head), one row per crop."""
         import torch
 
         self.model.eval()
-        out = []
+        logps, counts = [], []
         with torch.inference_mode():
             for part in classify.batches_of(len(crops), batch_size):
-                logits = self.model(classify.to_tensor(crops[part], self.device))
-                out.append(torch.log_softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64))
-        return np.concatenate(out) if out else np.zeros((0, N_GRADES))
+                logits, count = self.model.both(classify.to_tensor(crops[part], self.device))
+                logps.append(torch.log_softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64))
+                if count is not None:
+                    counts.append(count.float().cpu().numpy().astype(np.float64))
+        logp = np.concatenate(logps) if logps else np.zeros((0, N_GRADES))
+        if not self.config.count_head:
+            return logp, None
+        return logp, (np.concatenate(counts) if counts else np.zeros((0, len(COUNT_NAMES))))
+
+    def log_probs(self, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """``(N, 5)`` float64 log-probabilities of the grades, one row per crop."""
+        return self.heads(crops, batch_size)[0]
 
     def predict(self, images: Sequence[np.ndarray], meta: pd.DataFrame | None = None) -> pd.DataFrame:
         crops, found = self.crops(images)
-        return outputs(self.log_probs(crops), visits(meta, len(images)), found)
+        logp, counts = self.heads(crops)
+        return outputs(logp, visits(meta, len(images)), found, counts, self.config.grade_from)
 
 
 def visits(meta: pd.DataFrame | None, n: int) -> np.ndarray:
@@ -223,152 +292,42 @@ def fuse(log_probs: np.ndarray, visit: np.ndarray) -> np.ndarray:
     return fused
 
 
-def outputs(log_probs: np.ndarray, visit: np.ndarray, found: np.ndarray) -> pd.DataFrame:
+def fuse_counts(counts: np.ndarray, visit: np.ndarray) -> np.ndarray:
+    """Per-image counts of the image's visit: ``exp(mean log(1 + count)) - 1`` over its views, per column."""
+    logs = np.log1p(np.maximum(counts, 0.0))
+    means = pd.DataFrame(logs).groupby(visit).transform("mean").to_numpy()
+    return np.expm1(means)
+
+
+def grade_from_counts(counts: np.ndarray) -> np.ndarray:
+    """IGA grades of ``(N, 2)`` (inflammatory, nodule) counts by the scale's rule (nodules capped at the
+    inflammatory count, of which they are part)."""
+    inflammatory = np.maximum(counts[:, 0], 0.0)
+    return np.asarray(scale.iga_from_counts(inflammatory, np.clip(counts[:, 1], 0.0, inflammatory)), dtype=np.int64)
+
+
+def outputs(log_probs: np.ndarray, visit: np.ndarray, found: np.ndarray, counts: np.ndarray | None = None,
+            grade_from: str = "classifier") -> pd.DataFrame:
+    """The output columns (module docstring) of per-image log-probabilities and counts, views fused."""
     p = fuse(log_probs, visit)
     groups = np.stack([p[:, list(g)].sum(axis=1) for g in GROUPS], axis=1)
-    counts = np.bincount(visit, minlength=visit.max() + 1)[visit] if len(visit) else np.zeros(0)
+    n_views = np.bincount(visit, minlength=visit.max() + 1)[visit] if len(visit) else np.zeros(0)
     data = {**{f"p_iga{k}": p[:, k] for k in range(N_GRADES)},
             **{f"p_group{k}": groups[:, k] for k in range(len(GROUPS))},
             "grade": p.argmax(axis=1) if len(p) else np.zeros(0), "group": groups.argmax(axis=1) if len(p) else
-            np.zeros(0), "expected_grade": p @ np.arange(N_GRADES, dtype=np.float64), "views": counts,
+            np.zeros(0), "expected_grade": p @ np.arange(N_GRADES, dtype=np.float64), "views": n_views,
             "face_found": found}
-    return pd.DataFrame(data, columns=list(OUTPUT_COLUMNS)).astype("float64")
+    columns = list(OUTPUT_COLUMNS)
+    if counts is not None:
+        fused = fuse_counts(counts, visit)
+        grade = grade_from_counts(fused)
+        data.update(inflammatory_count=fused[:, 0], nodule_count=np.minimum(fused[:, 1], fused[:, 0]),
+                    count_grade=grade, count_group=group_of(grade))
+        columns += COUNT_COLUMNS
+        if grade_from == "counts":
+            data.update(grade=grade, group=group_of(grade))
+    return pd.DataFrame(data, columns=columns).astype("float64")
 
 
 def group_of(grade: np.ndarray) -> np.ndarray:
-    from synthtrial.trial import scale
-
     return np.asarray(scale.iga_group(np.asarray(grade, dtype=np.int64)), dtype=np.int64)
-
-
-# ---------------------------------------------------------------------------------- train / evaluate
-
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: int = 30
-    batch_size: int = 16
-    lr: float = 3e-3
-    lr_final: float = 3e-4
-    val_fraction: float = 0.2
-    seed: int = 0
-    class_weighted: bool = True
-    augment_p: float = 0.2          # the paper's augmentation, used when ``augment`` is off
-    augment: bool = True            # the wide augmentation (synthtrial.graders.augment.WIDE)
-
-
-def prepare_source(grader: IGAGrader, source: classify.Source,
-                   progress: ProgressCallback | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Face crops of every image of ``source`` and whether a face was found (``progress`` per image)."""
-    found: list[bool] = []
-
-    def one(image: np.ndarray) -> np.ndarray:
-        crop, ok = grader.cropper.crop(image, grader.config.image_size)
-        found.append(ok)
-        return crop
-
-    crops = classify.load_images(source.paths, one, progress)
-    return crops, np.array(found, dtype=bool)
-
-
-def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
-          extra: Sequence[str | os.PathLike[str]] = (), identities: Sequence[str] | None = None,
-          config: IGAConfig | None = None, settings: TrainSettings | None = None, device: str | None = None,
-          backbone_weights: str | os.PathLike[str] | None = None, restart: bool = False, force: bool = False,
-          weights_dtype: str = "float32", read_progress: ProgressCallback | None = None,
-          progress: ProgressCallback | None = None) -> IGAGrader:
-    """Train the IGA grader on ``data`` (runs or ACNE04; ``extra`` runs join the training part only) and save
-    it to ``out`` (``model.safetensors`` + ``config.json``; checkpoints in ``out/checkpoint``). An ``out``
-    holding anything but IGA weights is refused unless ``force``. ``read_progress`` counts the face crops of
-    all sources (status: the source), ``progress`` the training steps (status: the loss)."""
-    import torch
-
-    config = config or IGAConfig()
-    settings = settings or TrainSettings()
-    grader, sources, extras = classify.start_training(IGAGrader, config, settings.seed, out, data=data, extra=extra,
-                                                      identities=identities, device=device,
-                                                      weights_dtype=weights_dtype, force=force)
-    if backbone_weights is not None:
-        load_backbone(grader.model, backbone_weights)
-    dev = grader.device
-    images, labels, groups, is_extra = [], [], [], []
-    everything = [*sources, *extras]
-    for k, (src, reading) in enumerate(zip(everything, classify.source_progress(everything, read_progress))):
-        crops, _ = prepare_source(grader, src, reading)
-        images.append(crops)
-        labels.append(src.meta["iga"].to_numpy(np.int64))
-        groups.append(np.array([f"{k}:{g}" for g in src.meta["group"]]))
-        is_extra.append(np.full(len(src), k >= len(sources)))
-    x, y, g, ex = (np.concatenate(a) for a in (images, labels, groups, is_extra))
-    if ((y < 0) | (y >= N_GRADES)).any():
-        raise GraderError("IGA labels must be grades 0-4 (manifest column 'iga')")
-    own = np.flatnonzero(~ex)
-    tr_own, va_own = classify.grouped_split(group_of(y[own]), g[own], settings.val_fraction, settings.seed)
-    train_idx = np.sort(np.concatenate([own[tr_own], np.flatnonzero(ex)]))
-    val_idx = own[va_own]
-    weights = classify.class_weights(y[train_idx], N_GRADES) if settings.class_weighted else np.ones(N_GRADES)
-    weight_t = torch.tensor(weights, dtype=torch.float32, device=dev)
-    x_train, y_train = x[train_idx], torch.from_numpy(y[train_idx]).to(dev)
-
-    wide = Augmenter(WIDE) if settings.augment else None
-
-    def batch_loss(idx: np.ndarray, gen: Any, epoch: int) -> Any:
-        if wide is not None:
-            batch = classify.to_tensor(wide.images(x_train[idx], draw_seeds(len(idx), gen)), dev)
-        else:
-            batch = classify.to_tensor(x_train[idx], dev)
-            if settings.augment_p > 0:
-                batch = augment(batch.cpu(), gen, settings.augment_p).to(dev)
-        return torch.nn.functional.cross_entropy(grader.model(batch), y_train[idx], weight=weight_t)
-
-    def validate() -> dict[str, Any]:
-        if not len(val_idx):
-            return {}
-        pred = grader.log_probs(x[val_idx]).argmax(axis=1)
-        r = classify.report(group_of(y[val_idx]), group_of(pred), GROUP_NAMES)
-        return {"val_accuracy3": r["accuracy"], "val_recall3": r["recall"]}
-
-    plan = classify.Fit(len(train_idx), settings.epochs, settings.batch_size, settings.lr, settings.lr_final,
-                        settings.seed, batch_loss, validate)
-    return classify.fit_and_save(
-        grader, plan, out, sources=sources, extras=extras, identities=identities, settings=settings,
-        restart=restart, progress=progress, weights_dtype=weights_dtype, device=device,
-        record={"backbone_weights": None if backbone_weights is None else str(backbone_weights)},
-        summary={"n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
-                 "train_grade_counts": np.bincount(y[train_idx], minlength=N_GRADES).tolist(),
-                 "class_weights": [round(float(w), 6) for w in weights]})
-
-
-def load_backbone(model: Any, path: str | os.PathLike[str]) -> None:
-    """Load a user's safetensors weights into a timm backbone (``backbone.*`` keys or bare keys)."""
-    from synthtrial.util.weights import load_safetensors
-
-    path = Path(path)
-    if not hasattr(model, "backbone"):
-        raise GraderError("--backbone-weights needs a timm backbone (--backbone timm:<name>)")
-    if path.suffix != ".safetensors" or not path.is_file():
-        raise GraderError(f"--backbone-weights {path}: must be an existing .safetensors file (pickles are refused)")
-    state = load_safetensors(path)
-    state = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in state.items()}
-    missing, _ = model.backbone.load_state_dict(state, strict=False)
-    if len(missing) == len(model.backbone.state_dict()):
-        raise GraderError(f"--backbone-weights {path}: no tensor matches the backbone's parameter names")
-
-
-def evaluate(grader: IGAGrader, data: str | os.PathLike[str], identities: Sequence[str] | None = None,
-             progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """Visit-level metrics on a run: per-grade and 3-class precision / recall / F1, accuracy, confusion
-    (``progress`` counts the face crops)."""
-    source = classify.read_source(data, identities, "--data")
-    crops, found = prepare_source(grader, source, progress)
-    visit = visits(source.meta, len(source))
-    frame = outputs(grader.log_probs(crops), visit, found)
-    first = pd.Series(np.arange(len(visit))).groupby(visit).first().to_numpy()
-    truth = source.meta["iga"].to_numpy(np.int64)
-    truth_visit = pd.Series(truth).groupby(visit).max().to_numpy()     # views of a visit share one grade
-    pred = frame["grade"].to_numpy(np.int64)[first]
-    return {"data": source.where, "identities": list(identities or []), "images": len(source),
-            "visits": int(len(first)), "faces_found": float(found.mean()) if len(found) else float("nan"),
-            "grades": classify.report(truth_visit, pred, GRADE_NAMES),
-            "groups": classify.report(group_of(truth_visit), frame["group"].to_numpy(np.int64)[first], GROUP_NAMES),
-            "mae_expected_grade": float(np.mean(np.abs(frame["expected_grade"].to_numpy()[first] - truth_visit)))}
-
