@@ -1,4 +1,5 @@
-"""The truth's estimands (synthtrial.trial.estimands), worked out by hand from the exposure kinetics.
+"""The truth's estimands (synthtrial.trial.estimands), worked out by hand from the exposure kinetics, and an
+older truth file's estimands recomputed (synthtrial.analyze.estimands.with_estimands).
 
 With half-lives of 1 day an exposure halves every day: on a dosing day ``x <- 1 - (1 - x) / 2``, on any other
 day ``x <- x / 2``; with a half-life of 0 it switches at once. Each test writes the exposure curves out as
@@ -9,6 +10,7 @@ import json
 
 import pytest
 
+from synthtrial.analyze.estimands import with_estimands
 from synthtrial.trial.estimands import DEFINITIONS
 from synthtrial.trial.simulate import (SeverityModel, TrialDesign, design_schedule, preset, simulate_severity,
                                       simulate_trial)
@@ -110,3 +112,35 @@ def test_a_patient_without_an_arm_has_none_and_the_means_skip_it():
     assert truth["mean_carryover_effects"]["Y"] == pytest.approx(p1["carryover_effects"]["Y"], abs=1e-15)
     # P02 is on X for four days without washout, so X's mean exposure contrast averages 1 and 1
     assert p2["delivered_effects"]["X"] == -0.9 and p1["delivered_effects"]["X"] == -0.9
+
+
+# --------------------------------------------------------------------------- older truth files (analyze side)
+
+NEW_TRIAL_KEYS = ("mean_effects", "mean_direct_effects", "mean_carryover_effects", "population_delivered_effects",
+                  "population_direct_effects", "population_carryover_effects", "estimands")
+NEW_PATIENT_KEYS = ("direct_effects", "carryover_effects", "own_exposure", "exposure_contrasts")
+
+
+def older(truth: dict) -> dict:
+    """A truth as files were written before the estimands: without their keys."""
+    old = {k: v for k, v in json.loads(json.dumps(truth)).items() if k not in NEW_TRIAL_KEYS}
+    old["patients"] = {pid: {k: v for k, v in p.items() if k not in NEW_PATIENT_KEYS}
+                       for pid, p in old["patients"].items()}
+    return old
+
+
+def test_an_older_truth_gets_its_estimands_back_from_its_design_and_seed():
+    design = TrialDesign(design="baseline-alternating", arms=("B", "X", "Y"), n_patients=3, blocks=4, period_days=3)
+    model = _quiet(effects={"X": -0.9, "Y": -0.5}, effect_sd=0.2, washin_half_life=1.0, washout_half_life=2.0,
+                   noise_sd=0.1, missing_rate=0.2)
+    truth = json.loads(json.dumps(simulate_trial(design, model, seed=3).truth))
+    old = older(truth)
+    assert "population_delivered_effects" not in old
+    assert with_estimands(old) == truth
+    assert with_estimands(truth) is truth                   # a current file is left alone
+    tampered = json.loads(json.dumps(old))
+    tampered["patients"]["P02"]["delivered_effects"]["X"] += 0.01   # not the trial its design makes
+    assert with_estimands(tampered) == tampered
+    no_design = {k: v for k, v in old.items() if k != "design"}    # a user's protocol simulated: no design
+    assert with_estimands(no_design) == no_design
+    assert with_estimands(None) is None

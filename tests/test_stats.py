@@ -536,7 +536,7 @@ def test_constant_or_noise_free_outcomes_give_estimates_or_nan_with_notes(value)
     assert standardized["std_estimate"].isna().all()  # no residual variation: no scale
 
 
-def test_standardize_puts_outcomes_on_one_scale_and_reports_the_share():
+def test_standardize_puts_outcomes_on_one_scale_and_reports_the_calibration():
     rng = np.random.default_rng(11)
     data = _simulate(6, 40, -0.6, rng, noise_sd=0.3)
     data["oracle"] = data["y"]
@@ -549,7 +549,17 @@ def test_standardize_puts_outcomes_on_one_scale_and_reports_the_share():
     out = S.standardize(effects, data, truth, trend=False).set_index("outcome")
     assert out.loc["oracle", "residual_sd"] == pytest.approx(0.3, rel=0.1)
     assert out.loc["rescaled", "std_estimate"] == pytest.approx(out.loc["oracle", "std_estimate"], rel=1e-9)
-    assert out.loc["rescaled", "share"] == pytest.approx(out.loc["oracle", "share"], rel=1e-9)
-    assert out.loc["oracle", "share"] == pytest.approx(out.loc["oracle", "estimate"] / -0.6, rel=1e-9)
+    # the calibration slope is in the outcome's own units per severity unit: 3 times the oracle's on the x3 scale
+    assert out.loc["rescaled", "calibration_slope"] == pytest.approx(3 * out.loc["oracle", "calibration_slope"],
+                                                                     rel=1e-9)
+    assert out.loc["oracle", "calibration_slope"] == pytest.approx(out.loc["oracle", "estimate"] / -0.6, rel=1e-9)
+    assert out.loc["oracle", "calibration_lo"] == pytest.approx(out.loc["oracle", "ci_high"] / -0.6, rel=1e-9)
     assert out["std_true_effect"].nunique() == 1
-    assert out.loc["noisier", "share"] < 0.7 * out.loc["oracle", "share"]  # noise dilutes the standardised effect
+    # noise is not attenuation: the noisier outcome dilutes the standardised effect (the old "share" fell below
+    # 0.7) but its calibration slope stays near 1, only with a wider interval that still holds 1
+    assert out.loc["noisier", "std_estimate"] > 0.7 * out.loc["oracle", "std_estimate"]  # both negative: smaller
+    noisier = out.loc["noisier"]
+    assert noisier["calibration_lo"] < 1 < noisier["calibration_hi"]
+    assert (noisier["calibration_hi"] - noisier["calibration_lo"]
+            > out.loc["oracle", "calibration_hi"] - out.loc["oracle", "calibration_lo"])
+    assert out.loc["noisier", "residual_sd"] > 1.5 * out.loc["oracle", "residual_sd"]   # the noise figure

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from synthtrial.analyze import nof1
+from synthtrial.analyze.calibration import calibration_slope, standardized_interval
 from synthtrial.analyze.estimands import PATIENT_DELIVERED, POPULATION_DELIVERED, TABLES, truth_tables
 from synthtrial.analyze.estimate import NAN, check_alpha, join_notes, show_names
 from synthtrial.analyze.estimators import METHODS, POOLED, FitOptions, choose, prepare
@@ -29,8 +30,8 @@ RESULT_COLUMNS = ("outcome", "method", "role", "estimand", "scope", "arm", "refe
 #: Columns :func:`attach_truth` adds.
 TRUTH_COLUMNS = ("true_effect", "bias", "covered", "true_steady_state", "true_carryover", "true_sample_mean")
 #: Columns :func:`standardize` adds.
-STANDARD_COLUMNS = ("residual_sd", "std_estimate", "std_ci_low", "std_ci_high", "std_true_effect", "share",
-                    "std_covered")
+STANDARD_COLUMNS = ("residual_sd", "residual_df", "std_estimate", "std_ci_low", "std_ci_high", "std_true_effect",
+                    "std_covered", "calibration_slope", "calibration_lo", "calibration_hi")
 
 # ---------------------------------------------------------------------------------------------------
 # The whole analysis of one outcome, and the truth beside it
@@ -147,13 +148,19 @@ def residual_sd(data: pd.DataFrame, outcome: str, *, exclude: Sequence[str] = ()
     """An outcome's within-patient residual SD: OLS ``y ~ patient + treatment [+ day within patient]``.
 
     ``sqrt(RSS / (n - p))`` over the rows with a value (rows in ``exclude`` left out); NaN when the model
-    leaves no degrees of freedom or no variation.
+    leaves no degrees of freedom or no variation. :func:`residual_sd_df` also gives its df ``n - p``.
     """
+    return residual_sd_df(data, outcome, exclude=exclude, trend=trend)[0]
+
+
+def residual_sd_df(data: pd.DataFrame, outcome: str, *, exclude: Sequence[str] = (),
+                   trend: bool = True) -> tuple[float, float]:
+    """:func:`residual_sd` and its residual degrees of freedom ``n - p`` (NaN, NaN where it is NaN)."""
     treatment = data["treatment"].astype(str).to_numpy(dtype=object)
     y = pd.to_numeric(data[outcome], errors="coerce").to_numpy(dtype=float)
     keep = np.isfinite(y) & ~np.isin(treatment, [str(e) for e in exclude])
     if keep.sum() < 3:
-        return NAN
+        return NAN, NAN
     y = y[keep]
     _, patient = np.unique(data["patient_id"].astype(str).to_numpy(dtype=object)[keep], return_inverse=True)
     _, arm = np.unique(treatment[keep], return_inverse=True)
@@ -164,42 +171,70 @@ def residual_sd(data: pd.DataFrame, outcome: str, *, exclude: Sequence[str] = ()
     x = np.column_stack(cols)
     rank = np.linalg.matrix_rank(x)
     if y.size - rank < 1:
-        return NAN
+        return NAN, NAN
     beta, *_ = np.linalg.lstsq(x, y, rcond=None)
     rss = float(np.sum((y - x @ beta) ** 2))
-    noise_free = rss <= 1e-20 * max(1.0, float(y @ y))  # rounding, not variation
-    return NAN if noise_free else math.sqrt(rss / (y.size - rank))
+    if rss <= 1e-20 * max(1.0, float(y @ y)):  # rounding, not variation
+        return NAN, NAN
+    return math.sqrt(rss / (y.size - rank)), float(y.size - rank)
 
 
 def standardize(effects: pd.DataFrame, data: pd.DataFrame, truth: Mapping[str, Any] | None = None, *,
-                exclude: Sequence[str] = (), trend: bool = True, truth_outcome: str = "oracle") -> pd.DataFrame:
-    """Every outcome's effects on one scale: divided by that outcome's within-patient residual SD.
+                exclude: Sequence[str] = (), trend: bool = True, truth_outcome: str = "oracle",
+                alpha: float = 0.05) -> pd.DataFrame:
+    """Every outcome's effects on one scale, and each outcome's calibration against the truth.
 
-    Adds ``residual_sd``, ``std_estimate``, ``std_ci_low``, ``std_ci_high`` (the CI divided by the same SD,
-    which is treated as known), ``std_true_effect`` (the delivered truth divided by the residual SD of
-    ``truth_outcome``, the oracle severity: the standardised effect a perfect grader would show, the same for
-    every outcome), ``share`` (``std_estimate / std_true_effect``: the share of the true effect the outcome
-    recovers) and ``std_covered``. Without a truth or the oracle column the truth columns are NaN.
+    Adds (:data:`STANDARD_COLUMNS`; :mod:`synthtrial.analyze.calibration` states the formulas):
+
+    * ``residual_sd`` and ``residual_df``: the outcome's within-patient residual SD (:func:`residual_sd_df`),
+      its noise figure;
+    * ``std_estimate``, ``std_ci_low``, ``std_ci_high``: the effect divided by that SD, with a delta-method
+      interval that carries the SD's own uncertainty (``residual_df``);
+    * ``std_true_effect``: the truth of the row's estimand on the severity scale divided by the residual SD of
+      ``truth_outcome`` (the oracle severity): the standardised effect a perfect grader would show, the same
+      for every outcome; ``std_covered`` whether the standardised interval holds it;
+    * ``calibration_slope``, ``calibration_lo``, ``calibration_hi`` (level ``1 - alpha``): the attenuation
+      figure. Per-patient rows: the outcome's per-patient estimates of one method regressed on their true
+      effects (severity scale) over the trial's patients and arms, through the origin, the same on each of the
+      method's rows; pooled rows: the estimate and its CI over the row's true effect.
+
+    Without a truth (or without the oracle column, for the standardised truth) those columns are NaN.
     """
-    sds = {o: (residual_sd(data, o, exclude=exclude, trend=trend) if o in data.columns else NAN)
+    sds = {o: (residual_sd_df(data, o, exclude=exclude, trend=trend) if o in data.columns else (NAN, NAN))
            for o in effects["outcome"].unique()}
-    sd = effects["outcome"].map(sds).to_numpy(dtype=float)
-    columns: dict[str, Any] = {"residual_sd": sd}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for col in ("estimate", "ci_low", "ci_high"):
-            columns[f"std_{col}"] = effects[col].to_numpy(dtype=float) / sd
+    sd = effects["outcome"].map({o: v[0] for o, v in sds.items()}).to_numpy(dtype=float)
+    df = effects["outcome"].map({o: v[1] for o, v in sds.items()}).to_numpy(dtype=float)
+    std, low, high = standardized_interval(*(effects[c] for c in ("estimate", "se", "ci_low", "ci_high")), sd, df,
+                                           alpha)
+    severity_truth = np.full(len(effects), NAN)
+    if truth is not None:
+        keep = [c for c in ("outcome", "estimand", "scope", "arm", "reference", "estimate", "ci_low", "ci_high")
+                if c in effects.columns]
+        severity_truth = attach_truth(effects[keep], truth, outcomes_on_truth_scale=list(sds))["true_effect"]
+        severity_truth = severity_truth.to_numpy(dtype=float)
     truth_sd = NAN
     if truth is not None and truth_outcome in data.columns:
-        truth_sd = sds[truth_outcome] if truth_outcome in sds else residual_sd(data, truth_outcome, exclude=exclude,
-                                                                              trend=trend)
-    if truth is not None and math.isfinite(truth_sd):
-        on_truth = attach_truth(effects[["outcome", "scope", "arm", "reference", "estimate", "ci_low", "ci_high"]],
-                                truth, outcomes_on_truth_scale=list(sds))
-        std_truth = on_truth["true_effect"].to_numpy(dtype=float) / truth_sd
-    else:
-        std_truth = np.full(len(effects), NAN)
-    columns["std_true_effect"] = std_truth
+        truth_sd = sds[truth_outcome][0] if truth_outcome in sds else residual_sd(data, truth_outcome,
+                                                                                 exclude=exclude, trend=trend)
+    std_truth = severity_truth / truth_sd if math.isfinite(truth_sd) else np.full(len(effects), NAN)
+    return effects.assign(residual_sd=sd, residual_df=df, std_estimate=std, std_ci_low=low, std_ci_high=high,
+                          std_true_effect=std_truth, std_covered=_covered(std_truth, low, high, effects.index),
+                          **_calibration(effects, severity_truth, alpha))
+
+
+def _calibration(effects: pd.DataFrame, severity_truth: np.ndarray, alpha: float) -> dict[str, np.ndarray]:
+    """The calibration columns of :func:`standardize`."""
+    out = {name: np.full(len(effects), NAN) for name in ("calibration_slope", "calibration_lo", "calibration_hi")}
+    estimate = effects["estimate"].to_numpy(dtype=float)
+    pooled = (effects["scope"] == POOLED).to_numpy()
+    for rows in effects[~pooled].groupby(["outcome", "method"], sort=False).indices.values():
+        index = np.flatnonzero(~pooled)[rows]
+        slope, lo, hi = calibration_slope(estimate[index], severity_truth[index], alpha)
+        out["calibration_slope"][index], out["calibration_lo"][index], out["calibration_hi"][index] = slope, lo, hi
     with np.errstate(divide="ignore", invalid="ignore"):
-        columns["share"] = columns["std_estimate"] / np.where(std_truth != 0, std_truth, NAN)
-    columns["std_covered"] = _covered(std_truth, columns["std_ci_low"], columns["std_ci_high"], effects.index)
-    return effects.assign(**columns)
+        truth = np.where(pooled & (severity_truth != 0), severity_truth, NAN)
+        bounds = np.sort(np.column_stack([effects["ci_low"].to_numpy(dtype=float) / truth,
+                                          effects["ci_high"].to_numpy(dtype=float) / truth]), axis=1)
+        out["calibration_slope"][pooled] = (estimate / truth)[pooled]
+    out["calibration_lo"][pooled], out["calibration_hi"][pooled] = bounds[pooled, 0], bounds[pooled, 1]
+    return out
