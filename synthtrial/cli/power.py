@@ -301,9 +301,10 @@ def _print_summary(summary, estimates, grid, replicates: int, alpha: float, rend
         out.print(table)
         _print_familywise(rows, scenario)
     out.print(f"rate: share of tests with p < {alpha} (type I error where the effect is 0, else power); "
-              "cover: 95% CI coverage of the delivered truth; calib: median calibration slope (estimate "
-              "regressed on the truth through 0; 1 = nothing lost on the severity scale); * descriptive only (not a valid test on these series); † not available: "
-              "the design leaves the test no chance to reject (fixed order, or too few orders)", soft_wrap=False)
+              "cover: 95% CI coverage of each method's own estimand (docs/analysis.md, Estimands); calib: median "
+              "calibration slope (estimate regressed on the truth through 0; 1 = nothing lost on the severity "
+              "scale); * descriptive only (not a valid test on these series); † not available: the design leaves "
+              "the test no chance to reject (fixed order, or too few orders)", soft_wrap=False)
     if "familywise" in summary.columns:
         out.print(f"responders: share of trials in which at least one patient's test rejects at {alpha} with a "
                   "beneficial estimate (the family-wise error where the effect is 0), unadjusted and with Holm "
