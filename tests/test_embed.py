@@ -15,6 +15,7 @@ from synthtrial.analyze.embed import (
     embed,
     load_images,
     load_model,
+    patient_scores,
     pca_1d,
     redness,
     save_model,
@@ -224,6 +225,69 @@ def test_pca_refuses_degenerate_input():
         pca_1d(np.ones((1, 4)))
     with pytest.raises(SynthtrialError):
         pca_1d(np.random.default_rng(0).random((5, 4)), align_with=np.arange(4))
+
+
+def _marks_and_lesions(effect: float = 6.0, seed: int = 0, days: int = 40):
+    """One patient's embeddings driven by active lesions L and red marks M: reference days 0-19 (L fluctuates,
+    M steady), treated days 20-39 (L falls by ``effect``, and the resolved lesions turn into marks: M rises by
+    more). Redness follows the marks more than the lesions, as on the rendered images."""
+    rng = np.random.default_rng(seed)
+    treated = np.arange(days) >= days // 2
+    lesions = 10.0 - effect * treated + rng.normal(0, 1.5, days)
+    marks = 5.0 + 1.2 * effect * treated + rng.normal(0, 0.3, days)
+    u, v = np.zeros(16), np.zeros(16)
+    u[0], v[1] = 1.0, 1.0
+    embeddings = lesions[:, None] * u + marks[:, None] * v + rng.normal(0, 0.05, (days, 16))
+    return embeddings, lesions, 0.3 * lesions + marks, ~treated
+
+
+def test_patient_scores_keep_their_sign_when_marks_rise_while_lesions_fall():
+    embeddings, lesions, red, reference = _marks_and_lesions()
+    patients = np.full(len(lesions), "P1")
+    scores, summary = patient_scores(embeddings, patients, reference, np.round(lesions))
+    assert scores[~reference].mean() < scores[reference].mean()          # lesions fell: so does the score
+    assert np.corrcoef(scores[reference], lesions[reference])[0, 1] > 0.9
+    assert summary["sign"]["P1"] == "lesion count on reference days"
+    # the old orientation (covariance with redness over every day) follows the marks and turns the effect round
+    old, _ = pca_1d(embeddings, align_with=red)
+    assert old[~reference].mean() > old[reference].mean()
+
+
+def test_patient_scores_are_in_reference_sd_units_so_responders_are_not_shrunk():
+    a = _marks_and_lesions(effect=2.0, seed=1)
+    b = _marks_and_lesions(effect=6.0, seed=2)
+    embeddings = np.vstack([a[0], b[0]])
+    patients = np.repeat(["A", "B"], len(a[1]))
+    reference = np.concatenate([a[3], b[3]])
+    scores, summary = patient_scores(embeddings, patients, reference, np.concatenate([a[1], b[1]]))
+    for pid in ("A", "B"):   # origin: the patient's reference mean
+        assert scores[(patients == pid) & reference].mean() == pytest.approx(0.0, abs=1e-9)
+    ref_scores = [scores[(patients == pid) & reference] for pid in ("A", "B")]
+    pooled = np.sqrt(sum(np.sum((r - r.mean()) ** 2) for r in ref_scores) / sum(r.size - 1 for r in ref_scores))
+    assert pooled == pytest.approx(1.0, rel=1e-9) and summary["unit_from"] == "reference-arm images"
+
+    def effect(values, pid):
+        own = patients == pid
+        return values[own & ~reference].mean() - values[own & reference].mean()
+
+    # B's effect is three times A's in the embedding; the reference-SD unit keeps that ratio near 3, where each
+    # patient's total SD (which holds its own effect) brought it close to 1
+    assert effect(scores, "B") / effect(scores, "A") == pytest.approx(3.0, rel=0.2)
+    total = scores.copy()
+    for pid in ("A", "B"):
+        total[patients == pid] /= scores[patients == pid].std()
+    assert effect(total, "B") / effect(total, "A") < 1.6
+
+
+def test_patient_scores_without_reference_images_or_lesion_variation():
+    embeddings, lesions, _, _ = _marks_and_lesions()
+    patients = np.array(["P1"] * 38 + ["P2"] * 2)
+    scores, summary = patient_scores(embeddings, patients, np.zeros(40, dtype=bool), lesions)
+    assert np.isnan(scores[38:]).all()                                   # two images: no component
+    assert summary["sign"]["P1"].startswith("canonical") and summary["unit_from"] == "all images"
+    assert scores[:38].mean() == pytest.approx(0.0, abs=1e-9) and scores[:38].std(ddof=1) == pytest.approx(1.0)
+    canonical, _ = pca_1d(embeddings[:38])
+    assert np.corrcoef(scores[:38], canonical)[0, 1] == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------------------------------------- redness

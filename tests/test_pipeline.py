@@ -45,11 +45,14 @@ def test_writes_outcomes_effects_and_report(analysed):
     for col in ("oracle", "lesion_count", "lesion_severity", "iga", "ae_pca"):
         assert outcomes[col].notna().all(), col
     np.testing.assert_allclose(outcomes["oracle"], manifest["severity"])
-    # the unsupervised score is fitted and standardised per patient (a pooled first component would only
-    # tell the faces apart): mean 0 and SD 1 within every patient
-    per_patient = outcomes.groupby("patient_id")["ae_pca"]
-    np.testing.assert_allclose(per_patient.mean(), 0, atol=1e-9)
-    np.testing.assert_allclose(per_patient.std(ddof=0), 1, rtol=1e-6)
+    # the unsupervised score is fitted per patient (a pooled first component would only tell the faces apart),
+    # centred on each patient's reference (Control) images and in units of their pooled within-patient SD
+    reference = outcomes[outcomes["treatment"] == "Control"].groupby("patient_id")["ae_pca"]
+    np.testing.assert_allclose(reference.mean(), 0, atol=1e-9)
+    pooled_sd = np.sqrt(reference.apply(lambda v: ((v - v.mean()) ** 2).sum()).sum() / (reference.size() - 1).sum())
+    assert pooled_sd == pytest.approx(1.0, rel=1e-6)
+    pca = json.loads((analysis / "pca.json").read_text())
+    assert set(pca["sign"]) == set(outcomes["patient_id"]) and "lesion count" in pca["orientation"]
     effects = pd.read_csv(analysis / "effects.csv")
     assert list(effects.columns) == list(EFFECT_COLUMNS)
     assert set(effects["method"]) == set(AnalysisSettings().methods)
@@ -65,7 +68,11 @@ def test_oracle_and_lesion_count_recover_the_truth(analysed):
     pooled = effects[(effects["scope"] == "pooled") & (effects["method"] == "lmm")].set_index("outcome")
     for outcome in ("oracle", "lesion_severity"):
         row = pooled.loc[outcome]
-        assert row["true_effect"] == pytest.approx(truth["mean_delivered_effects"]["Cream"])
+        # the CR2 interval is for the population: its truth is the population effect delivered through these
+        # schedules; the patients' mean delivered contrast is kept beside it
+        assert row["estimand"] == "population_delivered"
+        assert row["true_effect"] == pytest.approx(truth["population_delivered_effects"]["Cream"])
+        assert row["true_sample_mean"] == pytest.approx(truth["mean_delivered_effects"]["Cream"])
         assert row["covered"] in (True, "True")
         assert row["p"] < 0.01
         assert "exposure kinetics" in row["note"]  # the truth's half-lives were used
@@ -73,8 +80,9 @@ def test_oracle_and_lesion_count_recover_the_truth(analysed):
     # one scale: every outcome's standardised effect beside the same standardised truth
     assert pooled["std_true_effect"].nunique() == 1 and pooled["std_true_effect"].iloc[0] < 0
     oracle = pooled.loc["oracle"]
-    assert oracle["share"] == pytest.approx(oracle["estimate"] / oracle["true_effect"], rel=1e-9)
-    assert pooled.loc["lesion_severity", "share"] > 0.5 and np.isfinite(pooled.loc["ae_pca", "share"])
+    assert oracle["calibration_slope"] == pytest.approx(oracle["estimate"] / oracle["true_effect"], rel=1e-9)
+    assert (pooled.loc["lesion_severity", "calibration_slope"] > 0.5
+            and np.isfinite(pooled.loc["ae_pca", "calibration_slope"]))
     randomization = effects[effects["method"] == "randomization"]
     assert randomization["note"].str.contains("order is fixed").all()  # the truth's ABAB design is not randomised
     per_patient = effects[(effects["scope"] != "pooled") & (effects["outcome"] == "oracle")
@@ -99,6 +107,35 @@ def test_effects_carry_adjusted_responder_calls_and_the_fixed_order_test_is_not_
     assert (randomization["role"] == "not available").all()
     report = (analysis / "report.html").read_text()
     assert "Responders" in report and "p_holm" in report and "not available" in report
+
+
+def test_a_truth_file_written_before_the_estimands_is_still_read(analysed):
+    """An older truth.json (no carryover, no population values): analyze reads it; with its design and seed the
+    estimands are recomputed (the same table as with a current file), without them only the pooled truth, whose
+    interval is for the population, stays blank, and no estimate changes."""
+    from test_estimands import older
+
+    from synthtrial.analyze.estimands import with_estimands
+    from synthtrial.analyze.pipeline import outcome_effects
+
+    run, analysis = analysed
+    outcomes = pd.read_parquet(analysis / "outcomes.parquet")
+    truth = json.loads((run / "truth.json").read_text())
+    settings = AnalysisSettings(autoencoder=False, methods=("period", "lmm"))
+
+    def effects(t):
+        return outcome_effects(outcomes, ["oracle"], t, "Control", ("Washout",), settings)
+
+    current = effects(truth)
+    pd.testing.assert_frame_equal(effects(with_estimands(older(truth))), current)
+    bare = older({k: v for k, v in truth.items() if k not in ("design", "seed")})
+    old = effects(with_estimands(bare))
+    pooled = (old["scope"] == "pooled").to_numpy()
+    assert old.loc[pooled, "true_effect"].isna().all() and old.loc[pooled, "covered"].isna().all()
+    np.testing.assert_allclose(old.loc[pooled, "true_sample_mean"], truth["mean_delivered_effects"]["Cream"])
+    for col in ("estimate", "se", "p", "true_effect", "true_steady_state"):
+        np.testing.assert_array_equal(old.loc[~pooled, col], current.loc[~pooled, col])
+    assert old["true_carryover"].isna().all() and current["true_carryover"].notna().all()
 
 
 def test_report_renders_every_section(analysed):

@@ -35,7 +35,7 @@ def test_power_grows_with_the_effect_scale_and_the_null_is_scale_zero():
     assert rate[1.0] == 1.0 and rate[0.2] < 0.9 and rate[0.0] < 0.3
     strong = summary[summary["effect_scale"] == 1.0].iloc[0]
     assert strong["quantity"] == "power" and abs(strong["bias"]) < 0.05 and strong["coverage"] > 0.8
-    assert strong["share"] == pytest.approx(1.0, abs=0.1)  # the oracle recovers its own standardised truth
+    assert strong["calibration"] == pytest.approx(1.0, abs=0.1)  # the oracle recovers its own truth
 
 
 def test_grid_covers_designs_block_lengths_and_scales():

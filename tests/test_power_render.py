@@ -61,7 +61,7 @@ def test_only_the_first_replicates_are_rendered_and_the_summary_counts_them(stud
         assert pooled.loc[(scale, "oracle"), "tests"] == 2 and pooled.loc[(scale, "lesion_severity"), "tests"] == 2
     per_patient = summary[(summary["level"] == "per patient") & summary["outcome"].isin(IMAGE_OUTCOMES)]
     assert (per_patient["tests"] == TINY.n_patients).all()
-    assert np.isnan(pooled.loc[(1.0, "ae_pca"), "bias"]) and np.isfinite(pooled.loc[(1.0, "ae_pca"), "share"])
+    assert np.isnan(pooled.loc[(1.0, "ae_pca"), "bias"]) and np.isfinite(pooled.loc[(1.0, "ae_pca"), "calibration"])
 
 
 def test_image_outcomes_do_not_depend_on_the_number_of_dask_workers(study, tmp_path):

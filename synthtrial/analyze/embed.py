@@ -60,6 +60,7 @@ __all__ = [
     "load_images",
     "load_model",
     "pca_1d",
+    "patient_scores",
     "redness",
     "save_model",
     "train_autoencoder",
@@ -468,6 +469,66 @@ def pca_1d(embeddings: np.ndarray, align_with: np.ndarray | None = None) -> tupl
             scores = -scores
     ratio = min(float(singular[0] ** 2) / total, 1.0)
     return scores, PCA1D(component=component, mean=mean, explained_variance_ratio=ratio, sign=sign)
+
+
+def patient_scores(embeddings: np.ndarray, patients: np.ndarray, on_reference: np.ndarray,
+                   lesion_count: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Per-patient first-component scores on a scale that neither the treatment nor red marks can bend.
+
+    Each patient's embeddings (at least 3 images; fewer get NaN) go through :func:`pca_1d`. Then, using only
+    the patient's **reference-arm images** (``on_reference``: untreated days, e.g. the baseline period):
+
+    * **sign**: the scores are flipped when their covariance with ``lesion_count`` (active lesions, which do not
+      count red marks) is negative there, so the score grows with the lesion count. Orienting by redness over
+      all days followed the marks, which stay red after a lesion resolves and rise while lesions fall, and
+      orienting on treated days would let the treatment choose the sign. Where the reference images leave the
+      covariance 0 or undefined, the canonical orientation of :func:`pca_1d` is kept;
+    * **origin**: the patient's mean score on its reference images (its mean over all images without them);
+    * **unit**: the pooled within-patient SD of the reference images' scores over all patients (each about
+      its own reference mean; ``n - 1`` df per patient). A patient's total SD includes its treatment effect,
+      so dividing by it shrank the responders. Without two reference images anywhere the pooled SD over all
+      images is used instead.
+
+    Returns the scores (``len(patients)``) and a summary for ``pca.json``: the unit, which images it came from,
+    and per patient the explained variance ratio and what set the sign.
+    """
+    x = np.asarray(embeddings, dtype=np.float64)
+    patients = np.asarray(patients).astype(str)
+    on_reference = np.asarray(on_reference, dtype=bool)
+    count = np.asarray(lesion_count, dtype=np.float64)
+    scores = np.full(len(patients), np.nan)
+    explained, signs = {}, {}
+    for pid in dict.fromkeys(patients.tolist()):
+        idx = np.flatnonzero(patients == pid)
+        if idx.size < 3:
+            continue
+        s, pca = pca_1d(x[idx])
+        ref = on_reference[idx] & np.isfinite(count[idx])
+        covariance = float(np.dot(s[ref] - s[ref].mean(), count[idx][ref] - count[idx][ref].mean())) if ref.sum() > 1 \
+            else 0.0
+        if covariance < 0:
+            s = -s
+        signs[pid] = ("lesion count on reference days" if covariance != 0 else
+                      "canonical (no lesion-count covariance on reference days)")
+        scores[idx] = s - (s[on_reference[idx]].mean() if on_reference[idx].any() else s.mean())
+        explained[pid] = round(float(pca.explained_variance_ratio), 4)
+    unit, source = _pooled_sd(scores, patients, on_reference), "reference-arm images"
+    if not unit > 0:
+        unit, source = _pooled_sd(scores, patients, np.ones(len(patients), dtype=bool)), "all images"
+    unit = unit if unit > 0 else 1.0
+    return scores / unit, {"unit": unit, "unit_from": source, "explained_variance_ratio": explained, "sign": signs}
+
+
+def _pooled_sd(scores: np.ndarray, patients: np.ndarray, use: np.ndarray) -> float:
+    """Pooled within-patient SD of ``scores[use]`` (each patient about its own mean); NaN without df."""
+    squares, df = 0.0, 0
+    for pid in dict.fromkeys(patients.tolist()):
+        own = scores[(patients == pid) & use]
+        own = own[np.isfinite(own)]
+        if own.size > 1:
+            squares += float(np.sum((own - own.mean()) ** 2))
+            df += own.size - 1
+    return math.sqrt(squares / df) if df else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------- redness

@@ -12,16 +12,20 @@ Outcomes per image (``RUN/analysis/outcomes.parquet``):
 * ``ae_pca`` — Schneider et al.'s unsupervised pipeline: a convolutional autoencoder trained on the run's
   images, its 64-d embeddings (by default the bottleneck before its sigmoid, which saturates and leaves a
   spread of ~1e-4; ``embedding="sigmoid"`` is Schneider's variant), and each patient's first principal component (as Schneider et al. did for
-  their one participant; pooled, the component would tell the faces apart), oriented to grow with skin
-  redness (a label-free choice; a component's sign is arbitrary) and standardised within the patient.
+  their one participant; pooled, the component would tell the faces apart). A component's sign is arbitrary:
+  it is oriented to grow with the lesion count on the reference arm's images, centred on the reference mean
+  and put in units of the pooled reference-day SD, none of which the treatment or red marks can move.
 
 Views of one day are averaged, then each outcome goes through every method of
 :mod:`synthtrial.analyze.stats` (``effects.csv``; ``role`` says which are valid tests and which are
 descriptive). When the run was simulated, ``truth.json`` gives the design (so the randomisation test knows
 the design's scheme) and the kinetics (so ``gls_kinetics`` and the pooled model use the true half-lives).
-Outcomes on the severity scale (oracle, lesion_severity) are set beside the truth: bias and CI coverage.
-Every outcome is also put on one scale (``std_*``: effect / the outcome's within-patient residual SD)
-beside the oracle's standardised truth, with the ``share`` of the true effect it recovers. Per-patient rows
+Each row names the estimand it targets (``estimand``); outcomes on the severity scale (oracle,
+lesion_severity) are set beside that estimand's truth: bias and CI coverage, with the steady-state effect, the
+carryover part and (pooled rows) the patients' sample mean beside it. Every outcome gets a calibration slope
+against the truth (its attenuation, apart from its noise, ``residual_sd``) and is put on one scale (``std_*``:
+effect / the outcome's within-patient residual SD, intervals carrying that SD's uncertainty) beside the
+oracle's standardised truth. Per-patient rows
 carry Holm/BH-adjusted p-values and responder calls (:mod:`synthtrial.analyze.multiplicity`); a day missing
 from a simulated run keeps its scheduled treatment in the exposure curves (:func:`missing_day_schedule`).
 """
@@ -50,6 +54,7 @@ from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.progress import progress_bar
 from synthtrial.run import rundir
 from synthtrial.run.rundir import read_run
+from synthtrial.analyze.estimands import with_estimands
 from synthtrial.analyze.estimate import check_alpha
 from synthtrial.analyze.estimators import GRADER_OUTCOME_PREFIX
 from synthtrial.analyze.limits import (MAX_AE_IMAGE_SIZE, MAX_EPOCHS, MAX_PERMUTATIONS, MIN_AE_IMAGE_SIZE,
@@ -62,9 +67,11 @@ BASE_OUTCOMES = ("oracle", "lesion_severity", "lesion_count", "iga")
 #: with the autoencoder, pca.json, embeddings.parquet and the autoencoder's files).
 ANALYSIS, OUTCOMES, EFFECTS, REPORT, EMBEDDINGS = ("analysis", "outcomes.parquet", "effects.csv", "report.html",
                                                    "embeddings.parquet")
-EFFECT_COLUMNS = ("outcome", "method", "role", "scope", "arm", "reference", "estimate", "se", "ci_low", "ci_high",
-                  "p", "n", "p_holm", "p_bh", "responder", "responder_holm", "responder_bh", "true_effect", "bias", "covered", "residual_sd", "std_estimate", "std_ci_low",
-                  "std_ci_high", "std_true_effect", "share", "std_covered", "note")
+EFFECT_COLUMNS = ("outcome", "method", "role", "estimand", "scope", "arm", "reference", "estimate", "se", "ci_low",
+                  "ci_high", "p", "n", "p_holm", "p_bh", "responder", "responder_holm", "responder_bh", "true_effect",
+                  "bias", "covered", "true_steady_state", "true_carryover", "true_sample_mean", "calibration_slope",
+                  "calibration_lo", "calibration_hi", "residual_sd", "residual_df", "std_estimate", "std_ci_low",
+                  "std_ci_high", "std_true_effect", "std_covered", "note")
 
 
 @dataclass(frozen=True)
@@ -144,34 +151,41 @@ def _manifest_key(manifest: pd.DataFrame, settings: AnalysisSettings) -> str:
 
 
 def autoencoder_outcome(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSettings, analysis_dir: Path,
-                        timings: Timings, *, device: str | None = None, progress: bool = True) -> pd.DataFrame:
+                        timings: Timings, *, device: str | None = None, progress: bool = True,
+                        reference: str | None = None) -> pd.DataFrame:
     """Per-image ``ae_pca`` score from the autoencoder's embeddings (cached by content and settings).
 
     Schneider et al. reduce one participant's embeddings to their first principal component. With many
     patients a pooled component separates the faces, and even a shared within-patient one follows the few
-    patients who vary most; so the PCA is fitted per patient, as in the original, each oriented to grow with
-    that patient's skin redness (label-free) and standardised within the patient (effects in SD units).
+    patients who vary most; so the PCA is fitted per patient, as in the original. Its sign, origin and unit
+    come from the reference arm's images only (:func:`synthtrial.analyze.embed.patient_scores`): oriented to
+    grow with the lesion count there, centred on the patient's reference mean, in units of the pooled
+    reference-day SD. ``reference`` defaults to the run truth's reference arm (else the first treatment).
     """
-    from synthtrial.analyze.embed import pca_1d
+    from synthtrial.analyze.embed import patient_scores
 
     embeddings, red = _embeddings(run_dir, manifest, settings, analysis_dir, timings, device=device,
                                   progress=progress)
+    if reference is None:
+        reference, _ = _reference_and_exclusions(rundir.read_truth(run_dir), manifest)
     t0 = time.perf_counter()
-    scores = np.zeros(len(manifest))
-    explained = {}
-    for pid, idx in manifest.groupby("patient_id", sort=False).indices.items():
-        if len(idx) < 3:
-            scores[idx] = np.nan
-            continue
-        s, pca = pca_1d(embeddings[idx], align_with=red[idx])
-        scores[idx] = (s - s.mean()) / (s.std() or 1.0)
-        explained[str(pid)] = round(float(pca.explained_variance_ratio), 4)
+    patients = manifest["patient_id"].astype(str).to_numpy()
+    scores, summary = patient_scores(embeddings, patients, manifest["treatment"].astype(str).to_numpy() == reference,
+                                     manifest["lesion_count"].to_numpy(dtype=float))
+    redness_r = {}
+    for pid, idx in manifest.groupby(patients, sort=False).indices.items():
+        if np.isfinite(scores[idx]).all() and np.std(red[idx]) > 0 and np.std(scores[idx]) > 0:
+            redness_r[str(pid)] = round(float(np.corrcoef(scores[idx], red[idx])[0, 1]), 4)
     timings.add("embed + PCA", time.perf_counter() - t0)
     write_text_atomic(analysis_dir / "pca.json", json.dumps({
         "fitted": "per patient (first principal component of that patient's embeddings)",
-        "orientation": "scores grow with the patient's mean skin redness (CIELAB a*, label-free)",
-        "units": "standard deviations of the patient's score",
-        "explained_variance_ratio": explained,
+        "orientation": f"scores grow with the lesion count on the reference arm's ({reference}) images",
+        "origin": "the patient's mean score on the reference arm's images",
+        "units": f"pooled within-patient SD of the scores on the {summary['unit_from']} "
+                 f"({summary['unit']:.6g} embedding units)",
+        "sign": summary["sign"],
+        "explained_variance_ratio": summary["explained_variance_ratio"],
+        "redness_correlation": redness_r,
     }, indent=2) + "\n")
     return pd.DataFrame({"image": manifest["image"].to_numpy(), "ae_pca": scores})
 
@@ -245,7 +259,8 @@ def outcome_columns(outcomes: pd.DataFrame) -> list[str]:
 
 
 def run_outcomes(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSettings, analysis_dir: Path,
-                 timings: Timings, *, device: str | None = None, progress: bool = True) -> pd.DataFrame:
+                 timings: Timings, *, device: str | None = None, progress: bool = True,
+                 reference: str | None = None) -> pd.DataFrame:
     """Every outcome of every image: the label outcomes, the graders' and (``settings.autoencoder``) ``ae_pca``,
     whose cache and model files go to ``analysis_dir``. ``synthtrial analyze`` and rendered power replicates
     both read a run's outcomes through here."""
@@ -254,7 +269,7 @@ def run_outcomes(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSettin
     timings.add("read run", time.perf_counter() - t0)
     if settings.autoencoder:
         ae = autoencoder_outcome(run_dir, manifest, settings, analysis_dir, timings, device=device,
-                                 progress=progress)
+                                 progress=progress, reference=reference)
         outcomes = outcomes.merge(ae[["image", "ae_pca"]], on="image", how="left", validate="one_to_one")
     return outcomes
 
@@ -264,7 +279,7 @@ def outcome_effects(outcomes: pd.DataFrame, columns: list[str], truth: dict | No
     """Every outcome's effects by every method (views of a day averaged), beside the truth, raw and standardised."""
     from synthtrial.analyze.multiplicity import adjust_responders
     from synthtrial.analyze.nof1 import Kinetics
-    from synthtrial.analyze.stats import analyze_outcome, attach_truth, standardize
+    from synthtrial.analyze.stats import TRUTH_COLUMNS, analyze_outcome, attach_truth, standardize
 
     per_day = daily(outcomes, columns)
     design = _design_of(truth)
@@ -282,9 +297,9 @@ def outcome_effects(outcomes: pd.DataFrame, columns: list[str], truth: dict | No
         if truth is not None:
             effects = attach_truth(effects, truth, outcomes_on_truth_scale=TRUTH_SCALE_OUTCOMES)
         else:
-            for col in ("true_effect", "bias", "covered"):
+            for col in TRUTH_COLUMNS:
                 effects[col] = np.nan
-        effects = standardize(effects, per_day, truth, exclude=exclude, trend=settings.trend)
+        effects = standardize(effects, per_day, truth, exclude=exclude, trend=settings.trend, alpha=settings.alpha)
         effects = adjust_responders(effects, settings.alpha)
     return effects[list(EFFECT_COLUMNS)]
 
@@ -335,12 +350,13 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
     timings = Timings()
     t0 = time.perf_counter()
     manifest, _ = read_run(run_dir)
-    truth = rundir.read_truth(run_dir)
+    truth = with_estimands(rundir.read_truth(run_dir))
     reference, exclude = _reference_and_exclusions(truth, manifest)
     timings.add("read run", time.perf_counter() - t0)
     analysis_dir = run_dir / ANALYSIS
     with rundir.locked(run_dir, what="analysing"), staged_folder(analysis_dir) as stage:
-        outcomes = run_outcomes(run_dir, manifest, settings, stage, timings, device=device, progress=progress)
+        outcomes = run_outcomes(run_dir, manifest, settings, stage, timings, device=device, progress=progress,
+                                reference=reference)
         columns = outcome_columns(outcomes)
         write_bytes_atomic(stage / OUTCOMES, rundir.parquet_bytes(outcomes))
         t0 = time.perf_counter()
@@ -422,4 +438,5 @@ def _design_of(truth: dict | None):
 def analysis_summary(effects: pd.DataFrame) -> pd.DataFrame:
     """The pooled CR2 rows of an effects table: what the CLI prints."""
     pooled = effects[(effects["scope"] == "pooled") & (effects["method"] == "lmm")]
-    return pooled[["outcome", "arm", "estimate", "ci_low", "ci_high", "p", "true_effect", "covered", "share"]]
+    return pooled[["outcome", "arm", "estimate", "ci_low", "ci_high", "p", "true_effect", "covered",
+                   "calibration_slope"]]

@@ -231,7 +231,7 @@ def run_replicate(scenario: Scenario, settings: StudySettings, replicate: int) -
                               schedule=schedule)
               for outcome in outcomes]
     effects = attach_truth(pd.concat(frames, ignore_index=True), trial.truth, outcomes_on_truth_scale=POWER_OUTCOMES)
-    effects = standardize(effects, data, trial.truth, exclude=exclude, trend=settings.trend)
+    effects = standardize(effects, data, trial.truth, exclude=exclude, trend=settings.trend, alpha=settings.alpha)
     effects = adjust_responders(effects, settings.alpha)
     effects.insert(0, "replicate", replicate)
     for i, (col, value) in enumerate((("scenario", scenario.name), ("design_name", scenario.design_name),
@@ -464,7 +464,8 @@ def _result(future: Any, scenario: Scenario) -> list[pd.DataFrame]:
 
 def summarize_power(estimates: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """Per scenario/outcome/method/arm: rejection rate (power, or type I error where the effect is 0), MC SE,
-    tests with and without a p-value, bias, CI coverage, the standardised share and coverage, and for the
+    tests with and without a p-value, bias, CI coverage, the median calibration slope (estimate on the truth,
+    :func:`synthtrial.analyze.stats.standardize`), the standardised coverage, and for the
     per-patient rows the share of trials with at least one responder call, unadjusted, Holm and BH
     (:func:`synthtrial.analyze.multiplicity.familywise`; the family-wise error where the effect is 0)."""
     from synthtrial.analyze.multiplicity import familywise
@@ -479,7 +480,8 @@ def summarize_power(estimates: pd.DataFrame, alpha: float = 0.05) -> pd.DataFram
         effect = float(grp["population_effect"].iloc[0])
         covered = grp["covered"].dropna().astype(bool)
         std_covered = grp["std_covered"].dropna().astype(bool) if "std_covered" in grp else pd.Series(dtype=bool)
-        share = grp["share"].replace([np.inf, -np.inf], np.nan) if "share" in grp else pd.Series(dtype=float)
+        slope = (grp["calibration_slope"].replace([np.inf, -np.inf], np.nan) if "calibration_slope" in grp
+                 else pd.Series(dtype=float))
         rows.append({
             **dict(zip(SUMMARY_KEYS, keys)), "population_effect": effect,
             "quantity": "type I error" if effect == 0 else "power",
@@ -487,7 +489,7 @@ def summarize_power(estimates: pd.DataFrame, alpha: float = 0.05) -> pd.DataFram
             "tests": n, "no_p": int((~has_p).sum()),
             "mean_estimate": float(grp["estimate"].mean()), "mean_truth": float(grp["true_effect"].mean()),
             "bias": float(grp["bias"].mean()), "coverage": float(covered.mean()) if len(covered) else np.nan,
-            "share": float(share.median()) if share.notna().any() else np.nan,
+            "calibration": float(slope.median()) if slope.notna().any() else np.nan,
             "std_coverage": float(std_covered.mean()) if len(std_covered) else np.nan,
         })
     summary = pd.DataFrame(rows)

@@ -16,7 +16,7 @@ a user runs:
 
 The outcome columns carry the names ``analyze`` gives them (``ae_pca``, ``grader_<grader>_<column>``). They
 are not on the severity scale, so they have no raw truth (bias and coverage are NaN); the standardised
-effect, its share of the standardised truth and its coverage come from :func:`~synthtrial.analyze.stats.
+effect, its coverage of the standardised truth and the calibration slope come from :func:`~synthtrial.analyze.stats.
 standardize` as for every outcome.
 
 Choices, stated once:

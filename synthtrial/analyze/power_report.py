@@ -5,7 +5,7 @@ per method (solid: inferential, dashed: descriptive; the null's 0.05 and its two
 the type I error table (effect scale 0), the power/bias/coverage table, and the settings. Image outcomes of
 rendered replicates (``ae_pca``, ``grader_*``) get their own panels and rows; their ``tests`` column counts
 the rendered replicates they rest on, and having no truth on the severity scale they show no bias or
-coverage, only the standardised share and its coverage.
+coverage, only their calibration slope and standardised coverage.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from synthtrial.analyze.power_render import is_image_outcome
 from synthtrial.util.atomic import write_text_atomic
 
 _COLUMNS = ["scenario", "outcome", "method", "role", "level", "arm", "population_effect", "rejection_rate", "mc_se",
-            "tests", "no_p", "bias", "coverage", "share", "std_coverage", "fw_trials", "familywise", "familywise_holm",
+            "tests", "no_p", "bias", "coverage", "calibration", "std_coverage", "fw_trials", "familywise", "familywise_holm",
             "familywise_bh"]
 
 
@@ -108,17 +108,17 @@ def write_power_report(path: str | Path, summary: pd.DataFrame, *, settings: Any
             f"<p>Image outcomes: the first {rendered.replicates} trial(s) of each scenario were also rendered "
             f"(procedural backend, {rendered.image_size} px, built-in faces) and scored by the graders ({graders}; "
             "columns <i>grader_&lt;grader&gt;_&lt;column&gt;</i>) and by the autoencoder + per-patient PCA "
-            f"(<i>ae_pca</i>: {rendered.epochs} epoch(s) at {rendered.ae_image_size} px). Their rates, shares and "
+            f"(<i>ae_pca</i>: {rendered.epochs} epoch(s) at {rendered.ae_image_size} px). Their rates, calibration slopes and "
             "coverages rest on those trials only (<i>tests</i>, and wider MC SEs); they have no truth on the "
-            "severity scale, so <i>bias</i> and <i>coverage</i> are blank and <i>share</i> (the median "
-            "standardised estimate over the standardised truth) says how much of the true effect they "
-            "recover.</p>")
+            "severity scale, so <i>bias</i> and <i>coverage</i> are blank and <i>calibration</i> (the median "
+            "calibration slope: their estimates regressed on the true effects, in their units per severity unit) "
+            "says how much of the true effect they show, apart from their noise.</p>")
     for title, png in power_curves(summary, alpha):
         sections.append(f"<h2>Power curves: {html.escape(title)}</h2>"
                         f'<img alt="power curves {html.escape(title)}" src="data:image/png;base64,{png}">')
     if len(null):
         sections += ["<h2>Type I error (effect scale 0)</h2>",
-                     _table(null[[c for c in _COLUMNS if c in null.columns and c not in ("share",)]])]
+                     _table(null[[c for c in _COLUMNS if c in null.columns and c not in ("calibration",)]])]
     if len(effect):
         sections += ["<h2>Power, bias and coverage</h2>", _table(effect[[c for c in _COLUMNS if c in effect.columns]])]
     values = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(settings or {})

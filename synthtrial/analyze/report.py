@@ -2,7 +2,8 @@
 
 Per-patient trajectories of the truth beside each outcome with treatment periods shaded, the autoencoder
 embedding's principal components coloured by treatment, and a forest plot of every estimate beside the
-truth it should recover.
+truth it should recover. Tables state the estimand each method targets once (not per row), show each
+outcome's calibration slope beside its noise, and number the pooled rows' notes instead of repeating them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from synthtrial.analyze.estimands import DESCRIPTIONS
 from synthtrial.analyze.estimators import NOT_AVAILABLE
 from synthtrial.run import rundir
 from synthtrial.util.atomic import write_text_atomic
@@ -273,23 +275,84 @@ def image_strip(run_dir: Path, outcomes: pd.DataFrame, *, max_patients: int = 10
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def estimand_table(effects: pd.DataFrame) -> pd.DataFrame:
+    """Each estimand in the effects, what it is and which methods target it."""
+    if "estimand" not in effects.columns:
+        return pd.DataFrame()
+    grouped = effects.groupby("estimand", sort=False)["method"].agg(lambda m: ", ".join(dict.fromkeys(m)))
+    return pd.DataFrame({"estimand": grouped.index, "methods": grouped.to_numpy(),
+                         "what it is": [DESCRIPTIONS.get(e, "") for e in grouped.index]})
+
+
+def calibration_table(effects: pd.DataFrame) -> pd.DataFrame:
+    """Per outcome and method (per-patient methods over their patients and arms; pooled rows per arm): the
+    calibration slope with its CI, beside the outcome's residual SD (its noise)."""
+    if "calibration_slope" not in effects.columns:
+        return pd.DataFrame()
+    rows = effects[effects["calibration_slope"].notna() & (effects["role"] != "descriptive")]
+    per_patient = rows[rows["scope"] != "pooled"].assign(arm="all")
+    pooled = rows[rows["scope"] == "pooled"]
+    keys = ["outcome", "method", "arm"]
+    return (pd.concat([pooled, per_patient]).drop_duplicates(keys)
+            [keys + ["calibration_slope", "calibration_lo", "calibration_hi", "residual_sd"]]
+            .rename(columns={"calibration_slope": "slope", "calibration_lo": "slope_low",
+                             "calibration_hi": "slope_high"}))
+
+
+def numbered_notes(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """``frame`` with its ``note`` column replaced by note numbers, and the notes listed once below it."""
+    if "note" not in frame.columns or frame.empty:
+        return frame, ""
+    notes = list(dict.fromkeys(frame["note"].fillna("").astype(str)))
+    number = {note: i + 1 for i, note in enumerate(notes)}
+    listed = "".join(f"<li>{html.escape(note) or '(none)'}</li>" for note in notes)
+    return frame.assign(note=frame["note"].fillna("").astype(str).map(number)), f"<ol class=notes>{listed}</ol>"
+
+
+def _truth_line(truth: dict) -> str:
+    def show(key: str) -> str:
+        return ", ".join(f"{a} {v:+.3f}" for a, v in (truth.get(key) or {}).items() if v is not None) or "n/a"
+
+    return ("<p>Simulation truth: steady-state population effects " + html.escape(show("population_effects"))
+            + "; delivered through these schedules, population " + html.escape(show("population_delivered_effects"))
+            + " (carryover part " + html.escape(show("population_carryover_effects")) + "), mean over the patients "
+            + html.escape(show("mean_delivered_effects")) + ".</p>")
+
+
 def write_report(path: Path, *, run_dir: Path, outcomes: pd.DataFrame, effects: pd.DataFrame, truth: dict | None,
                  reference: str, settings: dict[str, Any], timings: dict[str, float]) -> Path:
     """Write ``report.html``: summary table, trajectories, embedding plot, forest plot, settings."""
-    pooled = effects[effects["scope"] == "pooled"][["outcome", "method", "arm", "estimate", "se", "ci_low", "ci_high",
-                                                     "p", "true_effect", "bias", "covered", "note"]]
+    pooled_columns = ["outcome", "method", "arm", "estimate", "se", "ci_low", "ci_high", "p", "true_effect", "bias",
+                      "covered", "true_sample_mean", "note"]
+    pooled, pooled_notes = numbered_notes(effects[effects["scope"] == "pooled"][
+        [c for c in pooled_columns if c in effects.columns]])
     per_patient, responders = per_patient_table(effects, settings.get("alpha", 0.05)), responder_table(effects)
     one_scale = effects[(effects["scope"] == "pooled") & (effects["method"] == "lmm")][
-        ["outcome", "arm", "residual_sd", "std_estimate", "std_ci_low", "std_ci_high", "std_true_effect", "share",
+        ["outcome", "arm", "std_estimate", "std_ci_low", "std_ci_high", "std_true_effect",
          "std_covered"]] if "std_estimate" in effects else pd.DataFrame()
     sections = [
+        "<h2>Estimands</h2>",
+        "<p>What each method's estimate targets; <i>true_effect</i>, <i>bias</i> and <i>covered</i> are measured "
+        "against it (docs/analysis.md states each in ICH E9(R1) terms).</p>",
+        _table(estimand_table(effects)),
         "<h2>Pooled effects (linear mixed model)</h2>",
         "<p><i>lmm</i>: CR2 cluster-robust SE with Satterthwaite df (the small-sample choice); <i>lmm_cr1</i>: "
-        "CR1 with G - 1 df. In a balanced design the two SEs coincide; the df differ.</p>",
-        _table(pooled),
+        "CR1 with G - 1 df. In a balanced design the two SEs coincide; the df differ. Their interval is for the "
+        "population: <i>true_effect</i> is the population effect delivered through these schedules, "
+        "<i>true_sample_mean</i> the mean of these patients' delivered contrasts. <i>note</i>: the numbered "
+        "notes below the table.</p>",
+        _table(pooled), pooled_notes,
+        "<h2>Calibration: attenuation apart from noise</h2>",
+        "<p><i>slope</i>: each outcome's estimates regressed on the true effects they target (severity scale) "
+        "through the origin, per patient and arm for a per-patient method (<i>arm</i> all), the estimate over "
+        "its truth for a pooled row, with its CI (<i>slope_low</i>, <i>slope_high</i>). In the outcome's units "
+        "per severity unit: 1 on the severity scale means nothing is lost; noise widens the interval but does "
+        "not move the slope. <i>residual_sd</i>: the outcome's within-patient residual SD, its noise. "
+        "Descriptive methods left out.</p>",
+        _table(calibration_table(effects)),
         "<h2>All outcomes on one scale</h2>",
-        "<p>Each effect divided by its outcome's within-patient residual SD, beside the oracle's standardised "
-        "truth; <i>share</i> = the part of the true effect the outcome recovers.</p>",
+        "<p>Each pooled effect divided by its outcome's within-patient residual SD, beside the oracle's "
+        "standardised truth; the interval carries the SD's own uncertainty (delta method).</p>",
         _table(one_scale),
         "<p>Effects are differences from the reference arm "
         f"<b>{html.escape(reference)}</b> in the outcome's own units; the truth (the mean effect the schedule "
@@ -326,11 +389,7 @@ def write_report(path: Path, *, run_dir: Path, outcomes: pd.DataFrame, effects: 
                  "<h2>Time per stage (s)</h2>",
                  _table(pd.DataFrame({"stage": list(timings), "seconds": list(timings.values())}), floats=2)]
     if truth is not None:
-        pop = truth.get("population_effects", {})
-        sections.insert(0, "<p>Simulation truth: population effects " + html.escape(
-            ", ".join(f"{a} {v:+.3f}" for a, v in pop.items())) + "; mean delivered effects " + html.escape(
-            ", ".join(f"{a} {v:+.3f}" for a, v in (truth.get("mean_delivered_effects") or {}).items()
-                      if v is not None)) + ".</p>")
+        sections.insert(0, _truth_line(truth))
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>synthtrial analysis: {html.escape(run_dir.name)}</title>
 <style>
@@ -338,7 +397,7 @@ body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
 table {{ border-collapse: collapse; font-size: 12px; margin: 0.5em 0 1.5em; }}
 th, td {{ border: 1px solid #ddd; padding: 3px 7px; text-align: right; }}
 th {{ background: #f4f4f4; }} td:first-child, th:first-child {{ text-align: left; }}
-img {{ max-width: 100%; }}
+img {{ max-width: 100%; }} ol.notes {{ font-size: 11px; color: #555; }}
 </style></head><body>
 <h1>synthtrial analysis: {html.escape(str(run_dir))}</h1>
 <p>{len(outcomes)} images, {outcomes['patient_id'].nunique()} patients.</p>

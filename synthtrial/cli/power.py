@@ -184,7 +184,7 @@ def power_command(preset: Presets = None, design_file: DesignFiles = None, perio
                   ae_image_size: AeImageSize = None, grader: Graders = None, quiet: Quiet = False) -> None:
     """Type I error, power, bias and CI coverage of every analysis over grids of simulated trials.
 
-    A scenario is one design x block length x effect scale; each replicate simulates a new trial and analyses the oracle severity and the lesion count (raw and standardised) with the per-patient tests (period-level, randomisation over the design's scheme, GLS-AR(1) with kinetics; descriptive: Welch, GLS-AR(1) with a step, Newey-West) and the pooled mixed model (CR2 and CR1). With --rendered N the first N replicates are also rendered, graded and embedded, so the image outcomes get power and the standardised share too (their tests column counts those replicates). Runs on Dask; the result depends on --seed only.
+    A scenario is one design x block length x effect scale; each replicate simulates a new trial and analyses the oracle severity and the lesion count (raw and standardised) with the per-patient tests (period-level, randomisation over the design's scheme, GLS-AR(1) with kinetics; descriptive: Welch, GLS-AR(1) with a step, Newey-West) and the pooled mixed model (CR2 and CR1). With --rendered N the first N replicates are also rendered, graded and embedded, so the image outcomes get power and a calibration slope too (their tests column counts those replicates). Runs on Dask; the result depends on --seed only.
     """
     from synthtrial.analyze.power import DEFAULT_METHODS, POWER_OUTCOMES, StudySettings, power_study, scenario_grid
 
@@ -287,7 +287,7 @@ def _print_summary(summary, estimates, grid, replicates: int, alpha: float, rend
         table = Table(title=f"{scenario.name}: {trials}, {scenario.design.n_patients} patients x "
                             f"{scenario.design.days_per_patient} d; effects {effects}", title_justify="left",
                       box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, padding=(0, 1))
-        for col in ("method", "arm", "rate", "MC SE", "tests", "no p", "bias", "cover", "share"):
+        for col in ("method", "arm", "rate", "MC SE", "tests", "no p", "bias", "cover", "calib"):
             table.add_column(col, justify="left" if col in ("method", "arm") else "right", no_wrap=True)
         for k, (outcome_name, group) in enumerate(rows.groupby("outcome", sort=False)):
             if k:
@@ -297,13 +297,14 @@ def _print_summary(summary, estimates, grid, replicates: int, alpha: float, rend
                 name = rec.method + {"descriptive": "*", NOT_AVAILABLE: "†"}.get(rec.role, "")
                 table.add_row(" " + name, rec.arm, _num(rec.rejection_rate, 3), _num(rec.mc_se, 3), str(rec.tests),
                               str(rec.no_p), _num(rec.bias, 3, sign=True), _num(rec.coverage, 2),
-                              _num(rec.share, 2))
+                              _num(rec.calibration, 2))
         out.print(table)
         _print_familywise(rows, scenario)
     out.print(f"rate: share of tests with p < {alpha} (type I error where the effect is 0, else power); "
-              "cover: 95% CI coverage of the delivered truth; share: median standardised estimate / "
-              "standardised truth; * descriptive only (not a valid test on these series); † not available: "
-              "the design leaves the test no chance to reject (fixed order, or too few orders)", soft_wrap=False)
+              "cover: 95% CI coverage of each method's own estimand (docs/analysis.md, Estimands); calib: median "
+              "calibration slope (estimate regressed on the truth through 0; 1 = nothing lost on the severity "
+              "scale); * descriptive only (not a valid test on these series); † not available: the design leaves "
+              "the test no chance to reject (fixed order, or too few orders)", soft_wrap=False)
     if "familywise" in summary.columns:
         out.print(f"responders: share of trials in which at least one patient's test rejects at {alpha} with a "
                   "beneficial estimate (the family-wise error where the effect is 0), unadjusted and with Holm "
@@ -315,7 +316,7 @@ def _print_summary(summary, estimates, grid, replicates: int, alpha: float, rend
         legend = ", ".join(f"{short_outcome(o)} = {o}" for o in names)
         out.print(f"image outcomes, from the first {rendered} replicate(s) of each scenario, rendered: {legend} "
                   "(AE-PCA: autoencoder + per-patient PCA; grader_*: a grader's column). They have no truth on "
-                  "the severity scale: bias and cover are '-', share is on the standardised scale",
+                  "the severity scale: bias and cover are '-', calib is in their units per severity unit",
                   soft_wrap=False)
     lacking = estimates[estimates["p"].isna()]
     for method_name, grp in lacking.groupby("method", sort=False):
