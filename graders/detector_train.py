@@ -351,10 +351,11 @@ def fit_count_weights(detector: LesionDetector, data: DetectionData, threshold: 
 # ---------------------------------------------------------------------------------------- evaluation
 
 def coco_stats(images: list[dict], annotations: list[dict], results: list[dict],
-               classes: Sequence[str]) -> np.ndarray:
+               classes: Sequence[str], *, agnostic: bool = False) -> np.ndarray:
     """pycocotools' twelve ``COCOeval`` box statistics (max 10 / 100 / 200 detections); NaN without detections.
     Annotations with ``iscrowd`` 1 are ignore regions: neither missed nor matched (a detection on one is no
-    false positive)."""
+    false positive). ``agnostic`` scores lesions whatever their class (COCOeval's ``useCats = 0``): where a
+    lesion is, not which kind."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -367,6 +368,7 @@ def coco_stats(images: list[dict], annotations: list[dict], results: list[dict],
             return np.full(12, np.nan)
         evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
         evaluator.params.maxDets = [10, 100, 200]
+        evaluator.params.useCats = 0 if agnostic else 1
         evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
     return np.asarray(evaluator.stats, float)
 
@@ -381,10 +383,10 @@ def _count_metrics(pred: np.ndarray, truth: np.ndarray, levels: np.ndarray | Non
 
 def evaluate_detector(detector: LesionDetector, run: str | Path,
                       progress: ProgressCallback | None = None) -> tuple[dict[str, float], list[dict]]:
-    """COCO AP / AP50 / AP_small / AR (pycocotools) and counting MAE / RMSE / level accuracy on a run, against
-    the simulated truth (every lesion) and, where the run measured visibility, the visible truth (``_visible``
-    metrics: invisible lesions are ignore regions, counts against ``visible_count``); ``progress(done, images,
-    "")`` after each image.
+    """COCO AP / AP50 / AP_small / AR (pycocotools; ``AP50_any_class`` whatever the class) and counting MAE / RMSE /
+    level accuracy on a run, against the simulated truth (every lesion; the grader's ``count``) and, where the
+    run measured visibility, the visible truth (``_visible`` metrics: invisible lesions are ignore regions, the
+    grader's ``visible_count`` against the manifest's); ``progress(done, images, "")`` after each image.
 
     Returns the metrics and the detections in COCO results format (``image_id``, ``category_id``, ``bbox``
     as x, y, w, h, ``score``).
@@ -397,7 +399,7 @@ def evaluate_detector(detector: LesionDetector, run: str | Path,
     lesions = rundir.read_lesions(run, set(manifest["image"]))
     lesions = lesions[lesions["type"].isin(classes)]
     has_visible = "visible" in lesions.columns and "visible_count" in manifest.columns
-    images, annotations, results, counts = [], [], [], []
+    images, annotations, results, counts, seen = [], [], [], [], []
     by_image = dict(tuple(lesions.groupby("image", sort=False)))
     for k, rel in enumerate(manifest["image"], start=1):
         image = read_rgb(Path(run) / rel)
@@ -410,26 +412,30 @@ def evaluate_detector(detector: LesionDetector, run: str | Path,
                                     "bbox": [float(r.x0), float(r.y0), w, h], "area": w * h, "iscrowd": 0,
                                     "visible": bool(r.visible) if has_visible else True})
         found = detector.detect(image)
-        counts.append(detector.counts(found)["count"])
+        row = detector.counts(found)
+        counts.append(row["count"]), seen.append(row["visible_count"])
         for box, label, score in zip(found["boxes"], found["labels"], found["scores"]):
             results.append({"image_id": k, "category_id": int(label) + 1, "score": round(float(score), 5),
                             "bbox": [round(float(box[0]), 3), round(float(box[1]), 3),
                                      round(float(box[2] - box[0]), 3), round(float(box[3] - box[1]), 3)]})
         if progress is not None:
             progress(k, len(manifest), "")
-    stats = coco_stats(images, [{k: v for k, v in a.items() if k != "visible"} for a in annotations], results,
-                       classes)
+    plain = [{k: v for k, v in a.items() if k != "visible"} for a in annotations]
+    stats = coco_stats(images, plain, results, classes)
     pred = np.asarray(counts, float)
     metrics = {"AP": float(stats[0]), "AP50": float(stats[1]), "AP_small": float(stats[3]), "AR": float(stats[8]),
+               "AP50_any_class": float(coco_stats(images, plain, results, classes, agnostic=True)[1]),
                **_count_metrics(pred, manifest["lesion_count"].to_numpy(float),
                                 manifest["acne04_level"].to_numpy(int), ""),
                "images": float(len(manifest)), "lesions": float(len(annotations))}
     if has_visible:
-        ignored = [{**{k: v for k, v in a.items() if k != "visible"}, "iscrowd": int(not a["visible"])}
-                   for a in annotations]
+        ignored = [{**a, "iscrowd": int(not a["visible"])} for a in plain]
         vis = coco_stats(images, ignored, results, classes)
-        metrics.update({"AP_visible": float(vis[0]), "AP50_visible": float(vis[1]), "AR_visible": float(vis[8]),
-                        **_count_metrics(pred, manifest["visible_count"].to_numpy(float), None, "_visible"),
+        metrics.update({"AP_visible": float(vis[0]), "AP50_visible": float(vis[1]), "AP_small_visible": float(vis[3]),
+                        "AR_visible": float(vis[8]),
+                        "AP50_any_class_visible": float(coco_stats(images, ignored, results, classes, agnostic=True)[1]),
+                        **_count_metrics(np.asarray(seen, float), manifest["visible_count"].to_numpy(float), None,
+                                         "_visible"),
                         "lesions_visible": float(sum(a["visible"] for a in annotations))})
     return metrics, results
 

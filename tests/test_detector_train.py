@@ -120,3 +120,11 @@ def test_count_weights_map_detections_to_the_simulated_count():
     assert row["visible_count"] == row["n_papule"] + row["n_open_comedo"]      # scars are not counted
     with pytest.raises(GraderError, match="count_weights"):
         DetectorConfig(count_weights=(1.0, 2.0))
+
+
+def test_any_class_ap_scores_where_not_which():
+    images = [{"id": 1, "file_name": "a.png", "height": 64, "width": 64}]
+    papule = {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10.0, 10.0, 6.0, 6.0], "area": 36.0, "iscrowd": 0}
+    called_pustule = [{"image_id": 1, "category_id": 4, "score": 0.9, "bbox": [10.0, 10.0, 6.0, 6.0]}]
+    assert coco_stats(images, [papule], called_pustule, CLASSES)[1] == pytest.approx(0.0)
+    assert coco_stats(images, [papule], called_pustule, CLASSES, agnostic=True)[1] == pytest.approx(1.0)

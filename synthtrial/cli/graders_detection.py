@@ -137,7 +137,7 @@ def _metric_table(title: str, rows: list[dict], columns: list[str]) -> Table:
     return table
 
 
-DETECTOR_COLUMNS = ["AP", "AP50", "AP_small", "AR", "count_MAE", "count_RMSE", "level_accuracy"]
+DETECTOR_COLUMNS = ["AP", "AP50", "AP50_any_class", "AP_small", "AR", "count_MAE", "count_RMSE", "level_accuracy"]
 
 
 def truth_rows(variant: str, metrics: dict[str, float]) -> list[dict]:
