@@ -79,8 +79,8 @@ def pack_areas(areas: np.ndarray) -> np.ndarray:
 
 def unpack_areas(packed: torch.Tensor, channels: int) -> torch.Tensor:
     """``(..., H, W)`` packed areas as ``(..., C, H, W)`` float 0/1."""
-    bits = (1 << torch.arange(channels, device=packed.device)).view(-1, 1, 1)
-    return ((packed.long().unsqueeze(-3) & bits) > 0).float()
+    bits = (1 << torch.arange(channels, device=packed.device, dtype=torch.uint8)).view(-1, 1, 1)
+    return (packed.to(torch.uint8).unsqueeze(-3) & bits).bool().float()
 
 
 @cache
@@ -110,7 +110,11 @@ def read_instance_mask(run: Path, rel_image: str) -> np.ndarray:
 def characteristic_masks(run: Path, rel_image: str, lesions: pd.DataFrame,
                          characteristics: Sequence[str] = CHARACTERISTICS) -> np.ndarray:
     """(C, H, W) bool masks of each characteristic on one image, from its instance mask (the lesions given)."""
-    instance = read_instance_mask(run, rel_image)
+    return masks_of(read_instance_mask(run, rel_image), lesions, characteristics)
+
+
+def masks_of(instance: np.ndarray, lesions: pd.DataFrame, characteristics: Sequence[str]) -> np.ndarray:
+    """(C, H, W) bool masks of each characteristic in an instance mask (the lesions given)."""
     lookup = np.zeros(int(instance.max()) + 2, np.int64) - 1
     ids = lesions["lesion_id"].to_numpy(np.int64)
     of_type = {LESION_TYPE[c]: k for k, c in enumerate(characteristics)}
@@ -139,8 +143,9 @@ def image_truth(run: Path, rel_image: str, rows: pd.DataFrame, characteristics: 
     the image's lesions."""
     counted = counted_lesions(rows, truth, run)
     present = np.array([LESION_TYPE[c] in set(counted["type"]) for c in characteristics])
-    masks = characteristic_masks(run, rel_image, counted, characteristics)
-    instance_area = np.bincount(read_instance_mask(run, rel_image).ravel())
+    instance = read_instance_mask(run, rel_image)
+    masks = masks_of(instance, counted, characteristics)
+    instance_area = np.bincount(instance.ravel())
     reach = halo_reach()
     for k, c in enumerate(characteristics):
         factor = reach.get(LESION_TYPE[c], 1.0)
@@ -191,25 +196,30 @@ def load_dermx_data(runs: Sequence[str | Path], image_size: int,
 
 
 def training_batch(data: DermXData, idx: np.ndarray, flip: np.ndarray, image_size: int, dev: torch.device,
-                   augmenter: Augmenter | None = None, seeds: np.ndarray | None = None):
+                   augmenter: Augmenter | None = None, seeds: np.ndarray | None = None, with_areas: bool = True):
     """Images (flipped where ``flip``, or augmented with their areas by ``augmenter``, one seed each),
-    explanation areas ``(B, C, S, S)`` 0/1, levels and presence of the images ``idx``, on ``dev``."""
-    if augmenter is not None:
+    explanation areas ``(B, C, S, S)`` 0/1 (None unless ``with_areas``), levels and presence of the images
+    ``idx``, on ``dev``."""
+    packed = None
+    if augmenter is not None and with_areas:
         moved = [augmenter.with_masks(data.images[k], data.areas[k][None], int(s)) for k, s in zip(idx, seeds)]
         imgs, packed = np.stack([m[0] for m in moved]), np.stack([m[1][0] for m in moved])
+    elif augmenter is not None:
+        imgs = augmenter.images(data.images[idx], seeds)
     else:
         imgs = np.where(flip[:, None, None, None], data.images[idx][:, :, ::-1], data.images[idx])
-        packed = np.where(flip[:, None, None], data.areas[idx][..., ::-1], data.areas[idx])
-    areas = unpack_areas(torch.from_numpy(np.ascontiguousarray(packed)).to(dev), data.present.shape[1])
+        if with_areas:
+            packed = np.where(flip[:, None, None], data.areas[idx][..., ::-1], data.areas[idx])
+    areas = None if packed is None else \
+        unpack_areas(torch.from_numpy(np.ascontiguousarray(packed)).to(dev), data.present.shape[1])
     return (to_tensor(list(imgs), image_size, dev), areas, torch.from_numpy(data.levels[idx]).to(dev),
             torch.from_numpy(data.present[idx]).to(dev))
 
 
 def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epochs: int = 10, batch_size: int = 8,
                 lr: float = 2e-3, seed: int = 0, image_size: int = 256, backbone: str = "plain",
-                device: str | None = None,
-                sources: Sequence[str] = (), restart: bool = False, force: bool = False, augment: bool = True,
-                progress: ProgressCallback | None = None) -> DermX:
+                device: str | None = None, sources: Sequence[str] = (), restart: bool = False, force: bool = False,
+                augment: bool = True, progress: ProgressCallback | None = None) -> DermX:
     """Train DermX (DermX+ with ``guided``) through the shared loop and save it to ``out``; resumes from
     ``out/checkpoint`` (``restart`` starts over). An ``out`` holding anything but DermX weights is refused
     unless ``force``. ``augment`` moves the masks with the graders' augmentation (else flips only).
@@ -241,7 +251,8 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
         draws = np.random.default_rng([seed, epoch, b])
         flip = draws.random(len(idx)) < 0.5
         seeds = draw_seeds(len(idx), draws) if augmenter is not None else None
-        x, areas, levels, present = training_batch(data, idx, flip, image_size, dev, augmenter, seeds)
+        x, areas, levels, present = training_batch(data, idx, flip, image_size, dev, augmenter, seeds,
+                                                   with_areas=guided)
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / total))
         if guided:
