@@ -7,7 +7,6 @@ refused, the grader seam."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -185,12 +184,9 @@ def test_training_resumes_to_the_same_bytes_and_pickles_are_refused(toy_dermx, t
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from synthtrial.run.generation import generate
+    from conftest import render_small_run
 
-    folder = tmp_path_factory.mktemp("dermx-run")
-    pd.DataFrame({"patient_id": ["B1", "B1", "B2"], "day": [1, 2, 1], "treatment": ["Control"] * 3,
-                  "severity": [2.8, 0.4, 1.6], "face": ["hopper"] * 3}).to_csv(folder / "p.csv", index=False)
-    return generate(folder / "p.csv", folder / "run", size=128, seed=4, progress=False)
+    return render_small_run(tmp_path_factory, "dermx-run", "B", "hopper", [2.8, 0.4, 1.6], size=128, seed=4)
 
 
 def test_characteristic_masks_follow_the_instance_masks(tiny_run):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -79,12 +78,9 @@ def test_plausibility_is_averaged_over_found_characteristics_then_over_character
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from synthtrial.run.generation import generate
+    from conftest import render_small_run
 
-    folder = tmp_path_factory.mktemp("dermx-eval")
-    pd.DataFrame({"patient_id": ["B1", "B1", "B2", "B2"], "day": [1, 2, 1, 2], "treatment": ["Control"] * 4,
-                  "severity": [2.8, 0.1, 1.6, 0.6], "face": ["hopper"] * 4}).to_csv(folder / "p.csv", index=False)
-    return generate(folder / "p.csv", folder / "run", size=128, seed=4, progress=False)
+    return render_small_run(tmp_path_factory, "dermx-eval", "B", "hopper", [2.8, 0.1, 1.6, 0.6], size=128, seed=4)
 
 
 def test_evaluation_on_a_tiny_run_and_its_cli(tiny_run, tmp_path):
