@@ -67,6 +67,11 @@ class DermXConfig:
         if not 64 <= self.image_size <= MAX_INPUT_SIZE or self.image_size % 16:
             raise GraderError(f"dermx image_size must be a multiple of 16 from 64 to {MAX_INPUT_SIZE}, got "
                               f"{self.image_size}")
+        if self.backbone != "plain":
+            import timm
+
+            if not timm.is_model(self.backbone):
+                raise GraderError(f"dermx backbone must be plain or a timm model name, got '{self.backbone}'")
         if self.stage not in (1, 2, 3, 4):
             raise GraderError(f"dermx stage must be 1-4 (backbone stride 4-32), got {self.stage}")
         if not 1 <= self.cam_channels <= 1024:

@@ -237,6 +237,14 @@ def test_explanation_areas_reach_the_erythema_halo(tiny_run):
     assert checked > 0
 
 
+@pytest.mark.parametrize("option, value", [("--truth", "seen"), ("--backbone", "no_such_net")])
+def test_bad_truth_or_backbone_is_refused_before_reading(tiny_run, tmp_path, option, value):
+    result = CliRunner().invoke(app, ["graders", "train", "dermx", "--data", str(tiny_run), "--out",
+                                      str(tmp_path / "w"), option, value, "-q"])
+    assert result.exit_code == 2 and f"'{value}'" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()
+
+
 def test_grade_evaluate_and_explain_on_a_run(tiny_run, toy_dermx, tmp_path):
     _, folder, _ = toy_dermx
     grader = get_grader("dermx", folder, device="cpu")
