@@ -183,7 +183,7 @@ def load_dermx_data(runs: Sequence[str | Path], image_size: int,
                 raise GraderError(f"{run / rel}: DermX trains on square images (the run's --size); got "
                                   f"{image.shape[1]} x {image.shape[0]}")
             has, area = image_truth(run, rel, by_image.get(rel, lesions.iloc[:0]), characteristics, truth)
-            x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+            x = torch.from_numpy(np.require(image, requirements=["W"])).permute(2, 0, 1)[None].float()
             images.append(F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
                                         align_corners=False).round().clamp(0, 255).byte()[0].permute(1, 2, 0).numpy())
             pooled = F.adaptive_max_pool2d(torch.from_numpy(area).float()[None], image_size)[0].numpy() > 0

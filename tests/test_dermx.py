@@ -15,8 +15,8 @@ from synthtrial.graders.base import GraderError, get_grader
 from synthtrial.grade import grade_run
 from synthtrial.graders.dermx import CHARACTERISTICS, DermX, DermXConfig, DermXNet, dice_loss, fuzzy_f1, normalise_maps, to_tensor
 from synthtrial.graders.dermx_eval import evaluate_dermx
-from synthtrial.graders.dermx_train import (DermXData, characteristic_masks, halo_reach, image_truth, pack_areas,
-                                           train_dermx, training_batch, unpack_areas)
+from synthtrial.graders.dermx_train import (DermXData, characteristic_masks, halo_reach, image_truth,
+                                           load_dermx_data, pack_areas, train_dermx, training_batch, unpack_areas)
 from synthtrial.run import rundir
 from synthtrial.cli import app
 
@@ -235,6 +235,23 @@ def test_explanation_areas_reach_the_erythema_halo(tiny_run):
                 assert areas[PAPULE][ring].all()
                 checked += 1
     assert checked > 0
+
+
+def test_loaded_data_carries_levels_truth_and_areas_at_the_input_size(tiny_run):
+    """Each image at 64 px with the manifest's level, the visible truth and its explanation areas max-pooled to
+    64 px and packed (bit k = characteristic k)."""
+    data = load_dermx_data([tiny_run], 64)
+    manifest, lesions = rundir.read_manifest(tiny_run, ("image", "acne04_level")), rundir.read_lesions(tiny_run)
+    assert data.images.shape == (len(manifest), 64, 64, 3) and data.truth == "visible"
+    assert data.levels.tolist() == manifest["acne04_level"].tolist()
+    for k, rel in enumerate(manifest["image"]):
+        has, areas = image_truth(tiny_run, rel, lesions[lesions["image"] == rel], CHARACTERISTICS, "visible")
+        assert data.present[k].tolist() == has.astype(float).tolist()
+        pooled = torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(areas).float(), 64)
+        assert torch.equal(unpack_areas(torch.from_numpy(data.areas[k]), len(CHARACTERISTICS)), pooled)
+    assert data.present.sum() > 0
+    with pytest.raises(GraderError, match="--truth must be one of"):
+        load_dermx_data([tiny_run], 64, truth="seen")
 
 
 @pytest.mark.parametrize("option, value", [("--truth", "seen"), ("--backbone", "no_such_net")])
