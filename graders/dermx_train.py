@@ -1,21 +1,37 @@
-"""Training and evaluation of DermX (``synthtrial.graders.dermx``) on synthtrial runs, whose masks are pixel-exact.
+"""Training of DermX (``synthtrial.graders.dermx``) on synthtrial runs, whose masks are pixel-exact; the data and
+explanation areas that :mod:`synthtrial.graders.dermx_eval` scores against.
 
 Choices, stated once:
 
-* **Data.** Every image of the runs, resized to ``image_size`` (longer side), with its ACNE04 level
-  (manifest ``acne04_level``), which characteristics are present (a lesion of that type drawn on it) and one
-  mask per characteristic from the 16-bit instance mask (``masks/...png``, value = lesion_id + 1; the type
-  of each id from ``lesions.parquet``), area-averaged to the input size. Everything is held in memory.
+* **Data.** Every image of the runs, resized to ``image_size`` (longer side; square images), with its
+  ACNE04 / Hayashi level (manifest ``acne04_level``, from the simulated count), which characteristics it
+  shows and each characteristic's explanation area. Everything is held in memory; the explanation areas as
+  one byte per pixel (bit k = characteristic k), so 3,000 images at 256 px take 0.6 GB in all.
+* **Truth** (``truth``): ``visible`` (default) -- an image has a characteristic when at least one lesion of
+  that type is visible on it (``lesions.parquet``'s ``visible``: contrast and size, see
+  :mod:`synthtrial.render.visibility`); ``simulated`` -- when the course puts at least one on the face,
+  drawn or not (the old rule: a closed comedo a quarter of which can be seen, or a lesion turned away in a
+  side view, still counts). A perfect grader can only see the visible truth, so that is what it is trained
+  on; the evaluation reports both.
+* **Explanation areas** (the reference a Grad-CAM map is scored against, and DermX+'s attention target):
+  the instance masks of the characteristic's counted lesions, each widened to the erythema halo the renderer
+  draws around it: a disc about the lesion's centre of ``reach x r``, ``r = sqrt(mask pixels / pi)`` (the
+  radius of a round mask of that area; the mask's edge sits at one radius) and ``reach`` the type's
+  ``halo_factor`` (:func:`synthtrial.render.procedural.default_looks`): papule 2.5, pustule 2.4, nodule 2.0,
+  1 (no halo, the mask alone) for comedones, marks (erythema) and scars. So a papule's area reaches 1.5 radii
+  past its edge: 2.6 mm for a 3.5 mm papule, 6 px at the shipped trial's 0.42 mm/px. Resized to the input
+  and to the CAM grid by max-pooling (a cell belongs to the area when any of its pixels does): the paper
+  notes that its linear downscaling shrank the targets of small characteristics "to an almost empty mask",
+  and a comedo of 4 px covers 2 % of a 16 px cell.
 * **Optimisation.** AdamW (lr 2e-3, weight decay 1e-4, cosine decay over the run), batch 8, 10 epochs; every
   epoch's order and every step's dropout and augmentation come from ``(seed, epoch, step)``. The shared loop
   (:mod:`synthtrial.util.training`) writes a checkpoint after every epoch, so a resumed run ends with the
-  same bytes.
-* **Augmentation** (``augment``, default on; ``--no-augment``: horizontal flips only): the graders' photometric
-  and geometric augmentation (:mod:`synthtrial.graders.augment`), the characteristic masks moved with the image.
-* **Evaluation**: characteristic F1 (threshold 0.5; macro over the characteristics present in the run, and
-  micro), level accuracy, severity MAE against the simulated severity, and explanation plausibility: mean
-  fuzzy F1 of the Grad-CAM map (``DermX.explain``, image resolution) against the exact mask, over every
-  (image, characteristic present) pair.
+  same bytes. The level cross-entropy is class-weighted (balanced weights from the training levels).
+* **DermX+** (``guided``): ``lambda_A x Dice`` between each characteristic's differentiable Grad-CAM (at the
+  CAM grid, scaled to max 1) and its explanation area max-pooled to that grid, over the characteristics the
+  image shows.
+* **Augmentation** (``augment``, default on; off: horizontal flips only): the graders' photometric and
+  geometric augmentation (:mod:`synthtrial.graders.augment`), the explanation areas moved with the image.
 """
 
 from __future__ import annotations
@@ -23,8 +39,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -32,13 +50,15 @@ import torch.nn.functional as F
 
 from synthtrial.graders.augment import WIDE, Augmenter, draw_seeds
 from synthtrial.graders.base import GraderError, check_weights_out, read_rgb, train_grader
-from synthtrial.graders.dermx import (CHARACTERISTICS, LESION_TYPE, DermX, DermXConfig, DermXNet, dice_loss, fuzzy_f1,
+from synthtrial.graders.dermx import (CHARACTERISTICS, LESION_TYPE, DermX, DermXConfig, DermXNet, dice_loss,
                                       normalise_maps, to_tensor)
 from synthtrial.run import rundir
 from synthtrial.util.device import resolve_device
 from synthtrial.util.progress import ProgressCallback
 from synthtrial.util.training import Plan
+
 LAMBDA_D, LAMBDA_C, LAMBDA_A = 1.0, 1.0, 10.0
+TRUTHS = ("visible", "simulated")
 
 
 @dataclass
@@ -46,12 +66,34 @@ class DermXData:
     images: np.ndarray      # (N, S, S, 3) uint8 at the input size
     levels: np.ndarray      # (N,) int
     present: np.ndarray     # (N, C) float 0/1
-    masks: np.ndarray       # (N, C, S, S) float32 in [0, 1] (area fraction of each pixel covered)
+    areas: np.ndarray       # (N, S, S) uint8: bit k set where characteristic k's explanation area lies
+    truth: str = "visible"  # what ``present`` and ``areas`` count (module docstring)
 
 
-def characteristic_masks(run: Path, rel_image: str, lesions: pd.DataFrame,
-                         characteristics: Sequence[str] = CHARACTERISTICS) -> np.ndarray:
-    """(C, H, W) bool masks of each characteristic on one image, from its instance mask."""
+def pack_areas(areas: np.ndarray) -> np.ndarray:
+    """``(..., C, H, W)`` bool areas (C <= 8) as ``(..., H, W)`` uint8, bit k = area k."""
+    areas = np.asarray(areas, bool)
+    bits = (1 << np.arange(areas.shape[-3], dtype=np.uint16)).reshape(-1, 1, 1)
+    return (areas * bits).sum(axis=-3).astype(np.uint8)
+
+
+def unpack_areas(packed: torch.Tensor, channels: int) -> torch.Tensor:
+    """``(..., H, W)`` packed areas as ``(..., C, H, W)`` float 0/1."""
+    bits = (1 << torch.arange(channels, device=packed.device, dtype=torch.uint8)).view(-1, 1, 1)
+    return (packed.to(torch.uint8).unsqueeze(-3) & bits).bool().float()
+
+
+@cache
+def halo_reach() -> dict[str, float]:
+    """Each lesion type's explanation reach in radii: its erythema halo's (module docstring), 1 without one."""
+    from synthtrial.render.procedural import default_looks
+
+    return {t: (look.halo_factor if look.halo_strength > 0 and look.halo_factor > 1 else 1.0)
+            for t, look in default_looks().items()}
+
+
+def read_instance_mask(run: Path, rel_image: str) -> np.ndarray:
+    """An image's 16-bit instance mask (value = lesion_id + 1) as int64."""
     from PIL import Image
 
     path = run / rundir.mask_path_for(rel_image)
@@ -62,6 +104,17 @@ def characteristic_masks(run: Path, rel_image: str, lesions: pd.DataFrame,
         raise GraderError(f"{path}: cannot read the instance mask ({exc})") from None
     if instance.ndim != 2:
         raise GraderError(f"{path}: an instance mask must be a single-channel 16-bit PNG")
+    return instance
+
+
+def characteristic_masks(run: Path, rel_image: str, lesions: pd.DataFrame,
+                         characteristics: Sequence[str] = CHARACTERISTICS) -> np.ndarray:
+    """(C, H, W) bool masks of each characteristic on one image, from its instance mask (the lesions given)."""
+    return masks_of(read_instance_mask(run, rel_image), lesions, characteristics)
+
+
+def masks_of(instance: np.ndarray, lesions: pd.DataFrame, characteristics: Sequence[str]) -> np.ndarray:
+    """(C, H, W) bool masks of each characteristic in an instance mask (the lesions given)."""
     lookup = np.zeros(int(instance.max()) + 2, np.int64) - 1
     ids = lesions["lesion_id"].to_numpy(np.int64)
     of_type = {LESION_TYPE[c]: k for k, c in enumerate(characteristics)}
@@ -72,66 +125,101 @@ def characteristic_masks(run: Path, rel_image: str, lesions: pd.DataFrame,
     return np.stack([code == k for k in range(len(characteristics))])
 
 
+def counted_lesions(lesions: pd.DataFrame, truth: str, where: Path) -> pd.DataFrame:
+    """The lesions that count under ``truth`` (module docstring)."""
+    if truth not in TRUTHS:
+        raise GraderError(f"--truth must be one of {', '.join(TRUTHS)}, got '{truth}'")
+    if truth == "simulated":
+        return lesions
+    if "visible" not in lesions.columns:
+        raise GraderError(f"{where / rundir.LESIONS}: has no column 'visible' (a run rendered before the visibility "
+                          "measurement); render it again or use --truth simulated")
+    return lesions[lesions["visible"].to_numpy(bool)]
+
+
+def image_truth(run: Path, rel_image: str, rows: pd.DataFrame, characteristics: Sequence[str],
+                truth: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(present (C,) bool, explanation areas (C, H, W) bool)`` of one image, at its own resolution; ``rows``:
+    the image's lesions."""
+    counted = counted_lesions(rows, truth, run)
+    present = np.array([LESION_TYPE[c] in set(counted["type"]) for c in characteristics])
+    instance = read_instance_mask(run, rel_image)
+    masks = masks_of(instance, counted, characteristics)
+    instance_area = np.bincount(instance.ravel())
+    reach = halo_reach()
+    for k, c in enumerate(characteristics):
+        factor = reach.get(LESION_TYPE[c], 1.0)
+        if factor <= 1 or not present[k]:
+            continue
+        canvas = masks[k].astype(np.uint8)
+        for row in counted[counted["type"] == LESION_TYPE[c]].itertuples():
+            pixels = instance_area[row.lesion_id + 1] if row.lesion_id + 1 < len(instance_area) else 0
+            if pixels:
+                radius = factor * math.sqrt(pixels / math.pi)
+                # cx, cy are continuous (pixel k spans k .. k + 1); cv2 draws at pixel centres
+                cv2.circle(canvas, (int(round((row.cx - 0.5) * 16)), int(round((row.cy - 0.5) * 16))),
+                           int(round(radius * 16)), 1, thickness=-1, shift=4)
+        masks[k] = canvas > 0
+    return present, masks
+
+
 def load_dermx_data(runs: Sequence[str | Path], image_size: int,
-                    characteristics: Sequence[str] = CHARACTERISTICS) -> DermXData:
-    images, levels, present, masks = [], [], [], []
-    for run in runs:
-        run = Path(run)
+                    characteristics: Sequence[str] = CHARACTERISTICS, truth: str = "visible",
+                    progress: ProgressCallback | None = None) -> DermXData:
+    """Every image of ``runs`` at the input size with its level, characteristics and explanation areas
+    (module docstring); ``progress(done, images, run)`` after each image."""
+    images, levels, present, areas = [], [], [], []
+    tables = []
+    for run in map(Path, runs):
         manifest = rundir.read_manifest(run, ("image", "patient_id", "acne04_level"))
-        lesions = rundir.read_lesions(run, set(manifest["image"]))
+        tables.append((run, manifest, rundir.read_lesions(run, set(manifest["image"]))))
+    total = sum(len(m) for _, m, _ in tables)
+    for run, manifest, lesions in tables:
+        counted_lesions(lesions.iloc[:0], truth, run)            # refuse a run without the truth's column now
         by_image = dict(tuple(lesions.groupby("image", sort=False)))
         for rel, level in zip(manifest["image"], manifest["acne04_level"]):
-            rows = by_image.get(rel, lesions.iloc[:0])
             image = read_rgb(run / rel)
-            x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-            m = torch.from_numpy(characteristic_masks(run, rel, rows, characteristics)).float()[None]
-            size = (image_size, image_size) if image.shape[0] == image.shape[1] else None
-            if size is None:
+            if image.shape[0] != image.shape[1]:
                 raise GraderError(f"{run / rel}: DermX trains on square images (the run's --size); got "
                                   f"{image.shape[1]} x {image.shape[0]}")
-            images.append(F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-                          .round().clamp(0, 255).byte()[0].permute(1, 2, 0).numpy())
-            masks.append(F.adaptive_avg_pool2d(m, size)[0].numpy() if m.shape[-1] != image_size else m[0].numpy())
-            present.append([float(LESION_TYPE[c] in set(rows["type"])) for c in characteristics])
+            has, area = image_truth(run, rel, by_image.get(rel, lesions.iloc[:0]), characteristics, truth)
+            x = torch.from_numpy(np.require(image, requirements=["W"])).permute(2, 0, 1)[None].float()
+            images.append(F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
+                                        align_corners=False).round().clamp(0, 255).byte()[0].permute(1, 2, 0).numpy())
+            pooled = F.adaptive_max_pool2d(torch.from_numpy(area).float()[None], image_size)[0].numpy() > 0
+            areas.append(pack_areas(pooled))
+            present.append(has.astype(np.float32))
             levels.append(int(level))
-    return DermXData(np.stack(images), np.asarray(levels), np.asarray(present, np.float32),
-                     np.stack(masks).astype(np.float32))
-
-
-def fuzzy_targets(masks: torch.Tensor, cell: int) -> torch.Tensor:
-    """DermX+'s fuzzy maps: masks blurred with a Gaussian of sigma = half a CAM cell, each scaled to max 1."""
-    sigma = max(0.5, cell / 2)
-    radius = int(math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=masks.dtype, device=masks.device)
-    kernel = torch.exp(-t ** 2 / (2 * sigma ** 2))
-    kernel = kernel / kernel.sum()
-    b, c, h, w = masks.shape
-    flat = masks.reshape(b * c, 1, h, w)
-    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
-    flat = flat.reshape(b, c, h, w)
-    return flat / flat.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+            if progress is not None:
+                progress(len(images), total, str(run))
+    return DermXData(np.stack(images), np.asarray(levels), np.asarray(present, np.float32), np.stack(areas), truth)
 
 
 def training_batch(data: DermXData, idx: np.ndarray, flip: np.ndarray, image_size: int, dev: torch.device,
-           augmenter: Augmenter | None = None, seeds: np.ndarray | None = None):
-    """Images (flipped where ``flip``, or augmented with their masks by ``augmenter``, one seed each), masks,
-    levels and presence of the images ``idx``, on ``dev``."""
-    if augmenter is not None:
-        moved = [augmenter.with_masks(data.images[k], data.masks[k], int(s)) for k, s in zip(idx, seeds)]
-        imgs, masks_np = np.stack([m[0] for m in moved]), np.stack([m[1] for m in moved])
+                   augmenter: Augmenter | None = None, seeds: np.ndarray | None = None, with_areas: bool = True):
+    """Images (flipped where ``flip``, or augmented with their areas by ``augmenter``, one seed each),
+    explanation areas ``(B, C, S, S)`` 0/1 (None unless ``with_areas``), levels and presence of the images
+    ``idx``, on ``dev``."""
+    packed = None
+    if augmenter is not None and with_areas:
+        moved = [augmenter.with_masks(data.images[k], data.areas[k][None], int(s)) for k, s in zip(idx, seeds)]
+        imgs, packed = np.stack([m[0] for m in moved]), np.stack([m[1][0] for m in moved])
+    elif augmenter is not None:
+        imgs = augmenter.images(data.images[idx], seeds)
     else:
         imgs = np.where(flip[:, None, None, None], data.images[idx][:, :, ::-1], data.images[idx])
-        masks_np = np.where(flip[:, None, None, None], data.masks[idx][..., ::-1], data.masks[idx])
-    masks = torch.from_numpy(np.ascontiguousarray(masks_np)).to(dev)
-    return (to_tensor(list(imgs), image_size, dev), masks, torch.from_numpy(data.levels[idx]).to(dev),
+        if with_areas:
+            packed = np.where(flip[:, None, None], data.areas[idx][..., ::-1], data.areas[idx])
+    areas = None if packed is None else \
+        unpack_areas(torch.from_numpy(np.ascontiguousarray(packed)).to(dev), data.present.shape[1])
+    return (to_tensor(list(imgs), image_size, dev), areas, torch.from_numpy(data.levels[idx]).to(dev),
             torch.from_numpy(data.present[idx]).to(dev))
 
 
 def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epochs: int = 10, batch_size: int = 8,
-                lr: float = 2e-3, seed: int = 0, image_size: int = 256, device: str | None = None,
-                sources: Sequence[str] = (), restart: bool = False, force: bool = False, augment: bool = True,
-                progress: ProgressCallback | None = None) -> DermX:
+                lr: float = 2e-3, seed: int = 0, image_size: int = 256, backbone: str = "plain",
+                device: str | None = None, sources: Sequence[str] = (), restart: bool = False, force: bool = False,
+                augment: bool = True, progress: ProgressCallback | None = None) -> DermX:
     """Train DermX (DermX+ with ``guided``) through the shared loop and save it to ``out``; resumes from
     ``out/checkpoint`` (``restart`` starts over). An ``out`` holding anything but DermX weights is refused
     unless ``force``. ``augment`` moves the masks with the graders' augmentation (else flips only).
@@ -142,8 +230,11 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
     n = len(data.images)
     per_epoch = math.ceil(n / batch_size)
     settings = {"guided": guided, "epochs": epochs, "batch": batch_size, "lr": lr, "seed": seed,
-                "image_size": image_size, "sources": [str(s) for s in sources], "images": n, "augment": augment}
-    cfg = DermXConfig(image_size=image_size, guided=guided)
+                "image_size": image_size, "sources": [str(s) for s in sources], "images": n, "augment": augment,
+                "truth": data.truth, "backbone": backbone,
+                "level_counts": np.bincount(data.levels, minlength=4).tolist(),
+                "prevalence": [round(float(p), 4) for p in data.present.mean(axis=0)]}
+    cfg = DermXConfig(image_size=image_size, guided=guided, backbone=backbone)
     torch.manual_seed(seed)
     net = DermXNet(cfg).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -160,13 +251,14 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
         draws = np.random.default_rng([seed, epoch, b])
         flip = draws.random(len(idx)) < 0.5
         seeds = draw_seeds(len(idx), draws) if augmenter is not None else None
-        x, masks, levels, present = training_batch(data, idx, flip, image_size, dev, augmenter, seeds)
+        x, areas, levels, present = training_batch(data, idx, flip, image_size, dev, augmenter, seeds,
+                                                   with_areas=guided)
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / total))
         if guided:
             diag, chars, cams = net.forward_with_cams(x)
-            maps = F.interpolate(normalise_maps(cams), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-            attention = dice_loss(maps, fuzzy_targets(masks, image_size // cams.shape[-1]), present)
+            targets = F.adaptive_max_pool2d(areas, cams.shape[-2:])
+            attention = dice_loss(normalise_maps(cams), targets, present)
         else:
             diag, chars = net(x)
             attention = torch.zeros((), device=dev)
@@ -186,39 +278,3 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
     DermX(cfg, net, device=dev, record={"settings": settings, "epoch": epochs, "loss_history": history}) \
         .save_pretrained(out)
     return DermX.from_pretrained(out, device=dev)
-
-
-def evaluate_dermx(dermx: DermX, run: str | Path, *, plausibility: bool = True,
-                   progress: ProgressCallback | None = None) -> dict[str, float]:
-    """Characteristic F1 (macro, micro), level accuracy, severity MAE and explanation plausibility on a run;
-    ``progress(done, images, "")`` after each image."""
-    from sklearn.metrics import f1_score
-
-    run = Path(run)
-    chars = dermx.config.characteristics
-    manifest = rundir.read_manifest(run, ("image", "patient_id", "acne04_level", "severity"))
-    lesions = rundir.read_lesions(run, set(manifest["image"]))
-    by_image = dict(tuple(lesions.groupby("image", sort=False)))
-    truth, probs, levels, severity, plaus = [], [], [], [], []
-    for k, rel in enumerate(manifest["image"], start=1):
-        image = read_rgb(run / rel)
-        rows = by_image.get(rel, lesions.iloc[:0])
-        present = [LESION_TYPE[c] in set(rows["type"]) for c in chars]
-        level_p, char_p = dermx.probabilities([image])
-        truth.append(present), probs.append(char_p[0])
-        levels.append(int(level_p[0].argmax())), severity.append(float(level_p[0] @ np.arange(4)))
-        if plausibility and any(present):
-            maps = dermx.explain(image)
-            masks = characteristic_masks(run, rel, rows, chars)
-            plaus.extend(fuzzy_f1(maps[c], masks[c]) for c in range(len(chars)) if present[c])
-        if progress is not None:
-            progress(k, len(manifest), "")
-    y, p = np.asarray(truth, int), (np.asarray(probs) >= 0.5).astype(int)
-    used = [c for c in range(len(chars)) if y[:, c].any()]
-    return {"characteristic_F1_macro": float(f1_score(y[:, used], p[:, used], average="macro", zero_division=0)),
-            "characteristic_F1_micro": float(f1_score(y, p, average="micro", zero_division=0)),
-            **{f"F1_{chars[c]}": float(f1_score(y[:, c], p[:, c], zero_division=0)) for c in used},
-            "level_accuracy": float((np.asarray(levels) == manifest["acne04_level"].to_numpy(int)).mean()),
-            "severity_MAE": float(np.abs(np.asarray(severity) - manifest["severity"].to_numpy(float)).mean()),
-            "plausibility_F1": float(np.nanmean(plaus)) if plaus else float("nan"),
-            "images": float(len(manifest))}

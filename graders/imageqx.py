@@ -16,9 +16,15 @@ Training images are degradations of clean generated images whose labels are know
   off-centre corner);
 * too far away -- zoomed out to 35-55 % of the side on a plain, slightly noisy background.
 
-Training adds horizontal flips (``AUGMENT``, :data:`synthtrial.graders.augment.FLIPS`; off with ``augment=False``)
-and nothing else: a mirror image keeps every label, where the graders' wide augmentation (blur, darkening,
-shifts, zoom) would contradict them. The degradations above are the rest of ImageQX's augmentation.
+Training adds horizontal flips (``AUGMENT``, :data:`synthtrial.graders.augment.FLIPS`; off with ``augment=False``):
+a mirror image keeps every label, where the graders' wide augmentation (blur, darkening, shifts, zoom) would
+contradict them. ``looks=True`` (``--looks``) adds :data:`LOOKS`, changes of a photo's look far inside every
+label's margin, so that a portrait's own skin tone, light and colour are no cue (train on one portrait, grade
+another): brightness and contrast x0.85-1.15 (an acceptable exposure is x0.9-1.1, bad light starts at x0.5
+and x1.7), saturation x0.8-1.2, a hue turn of up to 0.02, gamma 0.85-1.2, white balance up to 0.08 / 0.1 and a
+side light of up to +-10 %; no blur, noise, JPEG, shift or zoom (those are labels). They act on the
+network's input (after the degradation), where they cost a seventh of what they would on the 256 px base.
+The degradations above are the rest of ImageQX's augmentation.
 
 A "poor" photo has one or two of these (the explanation labels say which); an "acceptable" one may carry
 mild versions below every threshold (exposure x0.9-1.1, blur sigma < 0.3 %, a shift < 4 %). A photo whose
@@ -35,7 +41,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +63,9 @@ OUTPUT_COLUMNS = ("p_acceptable", "acceptable", *(f"p_{e}" for e in EXPLANATIONS
 BCE_WEIGHT = 5.0
 #: ImageQX's training augmentation: label-safe flips only (see the module docstring)
 AUGMENT = FLIPS
+#: ``--looks``: label-safe changes of a photo's look on top of the flips (module docstring)
+LOOKS = replace(FLIPS, jitter_p=0.8, brightness=0.15, contrast=0.15, saturation=0.2, hue=0.02, gamma_p=0.5,
+                gamma=(0.85, 1.2), white_balance_p=0.8, temperature=0.08, tint=0.1, light_p=0.5, light=0.1)
 
 
 @dataclass(frozen=True)
@@ -301,6 +310,7 @@ class TrainSettings:
     base_size: int = 256            # side the clean images are brought to before they are degraded
     resample: bool = True           # new degradations every epoch (False: epoch 0's draw every time)
     augment: bool = True            # horizontal flips (AUGMENT), label-safe
+    looks: bool = False             # LOOKS on top: label-safe changes of the look (module docstring)
 
 
 def base_images(source: classify.Source, size: int, progress: ProgressCallback | None = None) -> np.ndarray:
@@ -346,7 +356,7 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
     pos = all_labels.sum(axis=0).astype(np.float64)
     pos_weight = torch.tensor((len(all_labels) - pos) / np.maximum(pos, 1), dtype=torch.float32, device=dev)
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    flips = Augmenter(AUGMENT) if settings.augment else None
+    flips = Augmenter(LOOKS if settings.looks else AUGMENT) if settings.augment or settings.looks else None
 
     def batch_loss(idx: np.ndarray, gen: Any, epoch: int) -> Any:
         draw = epoch if settings.resample else 0

@@ -61,6 +61,20 @@ def quick_run_256(tmp_path_factory):
                     progress=False)
 
 
+def render_small_run(tmp_path_factory, name, prefix, face, severities, *, size, seed):
+    """A run of one portrait: patient ``<prefix>1`` on days 1, 2, then ``<prefix>2`` ..., one visit per severity."""
+    import pandas as pd
+
+    from synthtrial.run.generation import generate
+
+    folder = tmp_path_factory.mktemp(name)
+    n = len(severities)
+    pd.DataFrame({"patient_id": [f"{prefix}{i // 2 + 1}" for i in range(n)], "day": [i % 2 + 1 for i in range(n)],
+                  "treatment": ["Control"] * n, "severity": list(severities),
+                  "face": [face] * n}).to_csv(folder / "p.csv", index=False)
+    return generate(folder / "p.csv", folder / "run", size=size, seed=seed, progress=False)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` need a GPU: skipped where ``torch.cuda.is_available()`` is False."""
     marked = [item for item in items if item.get_closest_marker("cuda") is not None]

@@ -1,11 +1,12 @@
-"""DermX: fuzzy F1 and Dice against hand-computed values, the differentiable Grad-CAM against the grad-cam
-package, maps with the image's aspect peaking inside the lesion masks on a trained toy case, characteristic
-masks from a run's instance masks, resumable training to the same bytes, pickles refused, the grader seam."""
+"""DermX: fuzzy F1 and Dice against hand-computed values, packed explanation areas, the differentiable Grad-CAM
+against the grad-cam package (at the input's and at the CAM's resolution), maps with the image's aspect peaking
+inside the lesion masks on a trained toy case, DermX+'s attention loss falling in a few steps, characteristic
+masks and explanation areas from a run's instance masks, resumable training to the same bytes, pickles
+refused, the grader seam."""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -13,8 +14,9 @@ from typer.testing import CliRunner
 from synthtrial.graders.base import GraderError, get_grader
 from synthtrial.grade import grade_run
 from synthtrial.graders.dermx import CHARACTERISTICS, DermX, DermXConfig, DermXNet, dice_loss, fuzzy_f1, normalise_maps, to_tensor
-from synthtrial.graders.dermx_train import (DermXData, characteristic_masks, evaluate_dermx, fuzzy_targets, train_dermx,
-                                           training_batch)
+from synthtrial.graders.dermx_eval import evaluate_dermx
+from synthtrial.graders.dermx_train import (DermXData, characteristic_masks, halo_reach, image_truth,
+                                           load_dermx_data, pack_areas, train_dermx, training_batch, unpack_areas)
 from synthtrial.run import rundir
 from synthtrial.cli import app
 
@@ -36,13 +38,20 @@ def test_fuzzy_f1_and_dice_match_hand_computed_values():
     assert dice_loss(maps, target, torch.zeros(1, 1)).item() == 0.0
 
 
-def test_fuzzy_targets_peak_at_one_on_the_lesion():
-    masks = torch.zeros(1, 1, 32, 32)
-    masks[0, 0, 10:14, 20:24] = 1
-    fuzzy = fuzzy_targets(masks, 8)
-    assert fuzzy.max().item() == pytest.approx(1.0)
-    assert fuzzy[0, 0, 11:13, 21:23].min() > fuzzy[0, 0, 0, 0]
-    assert tuple(np.unravel_index(fuzzy[0, 0].argmax().item(), (32, 32))) in {(11, 21), (11, 22), (12, 21), (12, 22)}
+def test_packed_areas_round_trip_and_pool_to_the_cam_grid():
+    areas = np.zeros((2, len(CHARACTERISTICS), 32, 32), bool)
+    areas[0, PAPULE, 10:14, 20:24] = True
+    areas[0, 0, :, :3] = True
+    areas[1, -1, 31, 31] = True
+    packed = pack_areas(areas)
+    assert packed.shape == (2, 32, 32) and packed.dtype == np.uint8
+    assert packed[0, 10, 20] == 1 << PAPULE and packed[0, 10, 0] == 1 and packed[1, 31, 31] == 1 << 6
+    back = unpack_areas(torch.from_numpy(packed), len(CHARACTERISTICS))
+    assert torch.equal(back, torch.from_numpy(areas).float())
+    # max-pooled to an 8 x 8 grid of 4 px cells: the papule's 4 x 4 block touches cells (2, 5) and (3, 5)
+    grid = torch.nn.functional.adaptive_max_pool2d(back, 8)
+    assert grid[0, PAPULE].nonzero().tolist() == [[2, 5], [3, 5]]
+    assert grid[1, -1].nonzero().tolist() == [[7, 7]]
 
 
 def test_differentiable_cam_equals_the_grad_cam_package():
@@ -66,6 +75,10 @@ def test_differentiable_cam_equals_the_grad_cam_package():
         theirs = cam(input_tensor=x.expand(len(CHARACTERISTICS), -1, -1, -1).contiguous(),
                      targets=[ClassifierOutputTarget(k) for k in range(len(CHARACTERISTICS))])
     assert np.allclose(ours, theirs, atol=1e-4)
+    # at the CAM's own resolution: the package's min-max scaling, nothing resized
+    grid = dermx.explain(image, grid=True)
+    assert grid.shape == (len(CHARACTERISTICS), *cams.shape[-2:])
+    assert np.allclose(grid, scale_cam_image(scale_cam_image(cams[0].detach().numpy())), atol=1e-4)
 
 
 def _toy(n: int, side: int, seed: int) -> tuple[DermXData, list[tuple[int, int]]]:
@@ -86,7 +99,7 @@ def _toy(n: int, side: int, seed: int) -> tuple[DermXData, list[tuple[int, int]]
             centres.append((int(cy), int(cx)))
         images.append(image), masks.append(m), present.append(p)
     levels = np.array([i % 2 for i in range(n)])
-    return DermXData(np.stack(images), levels, np.stack(present), np.stack(masks)), centres
+    return DermXData(np.stack(images), levels, np.stack(present), pack_areas(np.stack(masks) > 0)), centres
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +126,17 @@ def test_grad_cam_peaks_inside_the_lesion_on_a_trained_toy_case(toy_dermx):
     peak = np.unravel_index(maps[PAPULE].argmax(), mask.shape)
     assert mask[peak], f"papule map peaks at {peak}, outside the lesions"
     assert fuzzy_f1(maps[PAPULE], mask) > fuzzy_f1(np.full(mask.shape, maps[PAPULE].mean()), mask)
+
+
+def test_guided_attention_loss_falls_in_a_few_steps(tmp_path):
+    """DermX+'s Dice between the papule's Grad-CAM and its area falls within six steps on eight toy images;
+    unguided DermX has no attention term."""
+    data, _ = _toy(8, 64, 3)
+    kw = dict(epochs=6, batch_size=8, lr=1e-2, seed=0, image_size=64, device="cpu", augment=False)
+    dice = [h["dice"] for h in train_dermx(data, tmp_path / "plus", guided=True, **kw).record["loss_history"]]
+    assert len(dice) == 6 and dice[-1] < dice[0] - 0.05, dice
+    plain = train_dermx(data, tmp_path / "plain", guided=False, **kw).record["loss_history"]
+    assert all(h["dice"] == 0.0 for h in plain)
 
 
 def test_augmented_batches_keep_each_mask_on_its_lesion(toy_dermx, tmp_path):
@@ -160,12 +184,9 @@ def test_training_resumes_to_the_same_bytes_and_pickles_are_refused(toy_dermx, t
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from synthtrial.run.generation import generate
+    from conftest import render_small_run
 
-    folder = tmp_path_factory.mktemp("dermx-run")
-    pd.DataFrame({"patient_id": ["B1", "B1", "B2"], "day": [1, 2, 1], "treatment": ["Control"] * 3,
-                  "severity": [2.8, 0.4, 1.6], "face": ["hopper"] * 3}).to_csv(folder / "p.csv", index=False)
-    return generate(folder / "p.csv", folder / "run", size=128, seed=4, progress=False)
+    return render_small_run(tmp_path_factory, "dermx-run", "B", "hopper", [2.8, 0.4, 1.6], size=128, seed=4)
 
 
 def test_characteristic_masks_follow_the_instance_masks(tiny_run):
@@ -185,6 +206,60 @@ def test_characteristic_masks_follow_the_instance_masks(tiny_run):
             c = CHARACTERISTICS.index("erythema" if row.type == "mark" else row.type)
             assert masks[c][pixels].all()
     assert masks.any(0).sum() == (instance > 0).sum()
+
+
+def test_explanation_areas_reach_the_erythema_halo(tiny_run):
+    """Comedones, marks and scars: the area is the mask; papules, pustules, nodules: a disc of the halo's reach
+    (2.5, 2.4, 2.0 radii) about each lesion besides its mask. Visible presence is a subset of simulated."""
+    from PIL import Image
+
+    assert halo_reach()["papule"] == 2.5 and halo_reach()["nodule"] == 2.0 and halo_reach()["open_comedo"] == 1.0
+    manifest, lesions = rundir.read_manifest(tiny_run), rundir.read_lesions(tiny_run)
+    checked = 0
+    for rel in manifest["image"]:
+        rows = lesions[lesions["image"] == rel]
+        has, areas = image_truth(tiny_run, rel, rows, CHARACTERISTICS, "simulated")
+        visible, _ = image_truth(tiny_run, rel, rows, CHARACTERISTICS, "visible")
+        assert (visible <= has).all()
+        masks = characteristic_masks(tiny_run, rel, rows)
+        assert (areas >= masks).all()
+        for c in ("open_comedo", "closed_comedo", "scar", "erythema"):
+            assert np.array_equal(areas[CHARACTERISTICS.index(c)], masks[CHARACTERISTICS.index(c)])
+        instance = np.asarray(Image.open(tiny_run / rundir.mask_path_for(rel))).astype(int)
+        yy, xx = np.mgrid[:instance.shape[0], :instance.shape[1]]
+        for row in rows[rows["type"] == "papule"].itertuples():
+            pixels = (instance == row.lesion_id + 1).sum()
+            if pixels >= 4:
+                reach = 2.5 * np.sqrt(pixels / np.pi)
+                ring = np.abs(np.hypot(xx + 0.5 - row.cx, yy + 0.5 - row.cy) - 0.8 * reach) < 0.5
+                assert areas[PAPULE][ring].all()
+                checked += 1
+    assert checked > 0
+
+
+def test_loaded_data_carries_levels_truth_and_areas_at_the_input_size(tiny_run):
+    """Each image at 64 px with the manifest's level, the visible truth and its explanation areas max-pooled to
+    64 px and packed (bit k = characteristic k)."""
+    data = load_dermx_data([tiny_run], 64)
+    manifest, lesions = rundir.read_manifest(tiny_run, ("image", "acne04_level")), rundir.read_lesions(tiny_run)
+    assert data.images.shape == (len(manifest), 64, 64, 3) and data.truth == "visible"
+    assert data.levels.tolist() == manifest["acne04_level"].tolist()
+    for k, rel in enumerate(manifest["image"]):
+        has, areas = image_truth(tiny_run, rel, lesions[lesions["image"] == rel], CHARACTERISTICS, "visible")
+        assert data.present[k].tolist() == has.astype(float).tolist()
+        pooled = torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(areas).float(), 64)
+        assert torch.equal(unpack_areas(torch.from_numpy(data.areas[k]), len(CHARACTERISTICS)), pooled)
+    assert data.present.sum() > 0
+    with pytest.raises(GraderError, match="--truth must be one of"):
+        load_dermx_data([tiny_run], 64, truth="seen")
+
+
+@pytest.mark.parametrize("option, value", [("--truth", "seen"), ("--backbone", "no_such_net")])
+def test_bad_truth_or_backbone_is_refused_before_reading(tiny_run, tmp_path, option, value):
+    result = CliRunner().invoke(app, ["graders", "train", "dermx", "--data", str(tiny_run), "--out",
+                                      str(tmp_path / "w"), option, value, "-q"])
+    assert result.exit_code == 2 and f"'{value}'" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()
 
 
 def test_grade_evaluate_and_explain_on_a_run(tiny_run, toy_dermx, tmp_path):

@@ -28,12 +28,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """Two patients x two days of one portrait at 256 px (acne from mild to severe)."""
-    from synthtrial.run.generation import generate
+    from conftest import render_small_run
 
-    folder = tmp_path_factory.mktemp("detector")
-    pd.DataFrame({"patient_id": ["A1", "A1", "A2", "A2"], "day": [1, 2, 1, 2], "treatment": ["Control"] * 4,
-                  "severity": [2.5, 1.0, 3.0, 0.5], "face": ["astronaut"] * 4}).to_csv(folder / "p.csv", index=False)
-    return generate(folder / "p.csv", folder / "run", size=256, seed=3, progress=False)
+    return render_small_run(tmp_path_factory, "detector", "A", "astronaut", [2.5, 1.0, 3.0, 0.5], size=256, seed=3)
 
 
 def _tiny_config(**kw) -> DetectorConfig:

@@ -185,3 +185,28 @@ def test_cli_train_and_eval(tiny_run, tmp_path):
     result = runner.invoke(app, ["graders", "train", "imageqx", "--data", str(tiny_run), "--out", str(out),
                                  "--weights-dtype", "int8", "-q"])
     assert result.exit_code == 2 and "float32 or float16" in result.output
+
+
+def test_looks_change_the_colour_but_keep_every_quality_label(tiny_run, tmp_path):
+    """--looks: colour, exposure and light change, within the acceptable exposure's reach; an edge stays where
+    it was (or mirrored) and as sharp (no blur, shift or zoom); training with it records it."""
+    import dataclasses
+
+    from synthtrial.graders.augment import Augmenter
+
+    looks = imageqx.LOOKS
+    assert looks.affine_p == looks.blur_p == looks.noise_p == looks.jpeg_p == 0 and looks.photometric
+    image = np.full((32, 32, 3), (150, 110, 90), np.uint8)
+    image[:, 16:] = (220, 190, 170)
+    changed = 0
+    for seed in range(12):
+        out = Augmenter(looks).image(image, seed).astype(float)
+        steps = np.abs(np.diff(out.mean(axis=2), axis=1))
+        assert (steps.argmax(axis=1) == 15).all()                # the edge (mirrored or not) between 15 and 16
+        assert (steps.max(axis=1) > 5 * np.delete(steps, 15, axis=1).max(axis=1)).all()     # one sharp edge
+        assert 0.6 < out.mean() / image.mean() < 1.6
+        changed += np.abs(out.mean(axis=(0, 1)) - image.mean(axis=(0, 1))).max() > 2
+    assert changed >= 8
+    settings = dataclasses.replace(SETTINGS, epochs=1, looks=True)
+    grader = imageqx.train([tiny_run], tmp_path / "w", config=TINY, settings=settings)
+    assert grader.record["settings"]["looks"] is True

@@ -20,6 +20,11 @@ def test_safetensors_loads_and_pickles_are_refused(tmp_path):
     torch.save({"w": torch.ones(2)}, tmp_path / "fake.safetensors")
     with pytest.raises(WeightsError, match="fake.safetensors: is a pickled .* refusing to load it"):
         load_safetensors(tmp_path / "fake.safetensors")
+    # a safetensors header of 0x0d80 bytes starts with 0x80, the first byte of a pickle: still safetensors
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    header += b" " * (0x0D80 - len(header))
+    (tmp_path / "long.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
+    assert load_safetensors(tmp_path / "long.safetensors")["w"].tolist() == [0.0, 0.0]
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "ok.safetensors").read_bytes()[:20])
     with pytest.raises(WeightsError, match="cut.safetensors: is not a valid safetensors file"):
         load_safetensors(tmp_path / "cut.safetensors")

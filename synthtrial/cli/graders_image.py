@@ -258,6 +258,10 @@ def train_imageqx(
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Horizontal flips of the degraded images "
                                           "(label-safe: nothing else is added to ImageQX's own degradations).")]
     = True,
+    looks: Annotated[bool, typer.Option("--looks/--no-looks", help="Also vary each training image's look "
+                                        "(brightness, contrast, colour, gamma, white balance, side light) well "
+                                        "inside every label's margin: train on one portrait, grade another.")]
+    = False,
     weights_dtype: WeightsDtype = "float32",
     seed: Seed = 0,
     device: Device = None,
@@ -270,13 +274,18 @@ def train_imageqx(
     Each epoch degrades every image afresh (blur / motion blur, under- and over-exposure and colour casts,
     down-sampling, off-centre and cut-off crops, zoom-out); loss CE + 5 BCE, class-weighted.
 
-    Example (the shipped weights): synthtrial graders train imageqx --data runs/graders --identity astronaut --out graders/weights/imageqx --weights-dtype float16
+    Example (cross-portrait: train on the grader set's astronaut, evaluate on its hopper split):
+
+      synthtrial graders train imageqx --data runs/graderset/train --out runs/weights/imageqx --looks --epochs 4 --weights-dtype float16
+
+      synthtrial graders eval imageqx --data runs/graderset/test_portrait --weights runs/weights/imageqx
     """
     from synthtrial.graders import imageqx
 
     config = imageqx.ImageQXConfig(backbone=backbone, image_size=image_size)
     settings = imageqx.TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_final=lr_final,
-                                     val_fraction=val_fraction, seed=seed, base_size=base_size, augment=augment)
+                                     val_fraction=val_fraction, seed=seed, base_size=base_size, augment=augment,
+                                     looks=looks)
     stages = _Stages(not quiet)
     try:
         grader = imageqx.train(data, out_dir, extra=extra or (), identities=identity, config=config,

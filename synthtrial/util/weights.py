@@ -34,10 +34,14 @@ class WeightsError(SynthtrialError):
 
 
 def is_pickle(path: Path) -> bool:
-    """True when a file starts like a pickle or a ``torch.save`` zip archive."""
+    """True when a file starts like a pickle or a ``torch.save`` zip archive (and not like safetensors: an
+    8-byte little-endian header length, then the JSON header's ``{``; a header of 128 + 256 k bytes starts
+    with the byte a pickle starts with)."""
     with open(path, "rb") as fh:
-        head = fh.read(2)
-    return head[:1] == b"\x80" or head == b"PK"
+        head = fh.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return False
+    return head[:1] == b"\x80" or head[:2] == b"PK"
 
 
 def load_safetensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, Any]:

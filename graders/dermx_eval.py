@@ -1,0 +1,178 @@
+"""Evaluation of DermX on a run: levels, characteristics where they vary, and Grad-CAM plausibility as the paper
+measures it.
+
+Choices, stated once:
+
+* **Level**: accuracy of the predicted ACNE04 / Hayashi level (arg-max) against the manifest's
+  ``acne04_level``, the predicted levels' histogram beside the true one (a network that says one level for
+  every image shows there), and the MAE of ``severity`` (the expected level) against the simulated severity.
+* **Characteristics** (threshold 0.5): per characteristic its prevalence (share of images that show it) and
+  absent share beside precision, recall, F1 and support, against the ``visible`` truth where the run has it
+  (else the ``simulated`` one; :mod:`synthtrial.graders.dermx_train`), and the F1 against the simulated truth.
+  Macro F1 over the characteristics present in the run; the record says whether every characteristic is
+  absent from at least :data:`MIN_ABSENT` of the images (``rarely_absent`` names those that are not: on
+  them a network that always says "present" scores a high F1 without reading anything).
+* **The varied subset** (``*_varied``): where some characteristic is rarely absent (on the grader training
+  set's held-out splits, visible marks are on 91 % of the images, papules, pustules and open comedones on
+  80-82 %: a patient's earlier visits leave marks, and every level from 1 up shows every active type), the
+  same metrics on the largest subset :func:`varied_subset` finds in which every characteristic is absent
+  from at least a quarter of the images. It is chosen from the truth alone, never from the predictions.
+* **Plausibility** (Jalaboi et al., DermX paper eqs. 6-8 and Tables 6-7): fuzzy F1, sensitivity and
+  specificity of each characteristic's Grad-CAM map (``DermX.explain(grid=True)``: the grad-cam package's
+  map, min-max scaled to [0, 1], at the CAM layer's own resolution; no threshold: the paper compares the
+  activations themselves, not a binarised map) against the characteristic's explanation area
+  (:func:`synthtrial.graders.dermx_train.image_truth`: lesion masks widened to their erythema halo)
+  max-pooled to the same grid. Averaged as the paper does: per characteristic over the images where both the
+  truth and the network say the characteristic is there (so localisation is scored apart from
+  identification), then the mean over characteristics (the paper's "Mean" row: 0.39 DermX, 0.36 DermX+).
+  The same over every image where the truth has it (missed ones included; the paper's Tables B.19 / B.21)
+  is reported as ``plausibility_F1_all_present``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from synthtrial.graders.base import read_rgb
+from synthtrial.graders.dermx import LEVELS, DermX, fuzzy_scores
+from synthtrial.graders.dermx_train import image_truth
+from synthtrial.run import rundir
+from synthtrial.util.progress import ProgressCallback
+
+#: least share of images a characteristic must be absent from for its F1 to say something (issue 20)
+MIN_ABSENT = 0.25
+PLAUSIBILITY = ("F1", "sensitivity", "specificity")
+
+
+def prevalence_table(truth: np.ndarray, predicted: np.ndarray, names: Sequence[str]) -> pd.DataFrame:
+    """Per characteristic (rows ``names``): prevalence, absent share, precision, recall, F1 (0 where undefined)
+    and support, from ``(N, C)`` 0/1 truth and predictions."""
+    y, p = np.asarray(truth, bool), np.asarray(predicted, bool)
+    tp, fp, fn = (y & p).sum(0), (~y & p).sum(0), (y & ~p).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
+        recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0)
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+    prevalence = y.mean(0) if len(y) else np.zeros(y.shape[1])
+    return pd.DataFrame({"prevalence": prevalence, "absent": 1 - prevalence, "precision": precision,
+                         "recall": recall, "F1": f1, "support": y.sum(0)}, index=list(names))
+
+
+def varied_subset(present: np.ndarray, min_absent: float = MIN_ABSENT) -> np.ndarray:
+    """A boolean selection of the images (rows of ``(N, C)`` 0/1 ``present``) in which every characteristic
+    that is ever absent is absent from at least ``min_absent`` of the selected images. Greedy and
+    deterministic: while some characteristic falls short, drop the image that has it and has the most of
+    the characteristics that fall short (the last such image on a tie)."""
+    y = np.asarray(present, bool)
+    keep = np.ones(len(y), bool)
+    possible = (~y).any(axis=0)
+    while keep.any():
+        absent = (~y[keep]).mean(axis=0)
+        short = possible & (absent < min_absent)
+        if not short.any():
+            break
+        worst = int(np.argmin(np.where(short, absent, np.inf)))
+        candidates = np.flatnonzero(keep & y[:, worst])
+        score = y[candidates][:, short].sum(axis=1)
+        keep[candidates[np.flatnonzero(score == score.max())[-1]]] = False
+    return keep
+
+
+def plausibility_summary(records: list[tuple[int, bool, tuple[float, float, float]]],
+                         names: Sequence[str]) -> dict[str, Any]:
+    """The paper's averaging of ``(characteristic, predicted present, (F1, sensitivity, specificity))`` records
+    (each for an image whose truth has the characteristic): per characteristic the mean over the records the
+    network also found, then the mean over characteristics; ``*_all_present`` over every record."""
+    frame = pd.DataFrame([(c, hit, *scores) for c, hit, scores in records],
+                         columns=["c", "hit", *PLAUSIBILITY])
+    out: dict[str, Any] = {"per_characteristic": {}}
+    for suffix, part in (("", frame[frame["hit"]] if len(frame) else frame), ("_all_present", frame)):
+        means = part.groupby("c")[list(PLAUSIBILITY)].mean() if len(part) else pd.DataFrame(columns=PLAUSIBILITY)
+        for metric in PLAUSIBILITY:
+            out[f"plausibility_{metric}{suffix}"] = float(means[metric].mean()) if len(means) else float("nan")
+        if not suffix:
+            counts = part.groupby("c").size() if len(part) else pd.Series(dtype=int)
+            out["per_characteristic"] = {names[c]: {**{m: float(means.loc[c, m]) for m in PLAUSIBILITY},
+                                                    "samples": int(counts[c])} for c in means.index}
+    return out
+
+
+def evaluate_dermx(dermx: DermX, run: str | Path, *, plausibility: bool = True,
+                   progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Level, characteristic and plausibility metrics of ``dermx`` on a run (module docstring);
+    ``progress(done, images, "")`` after each image."""
+    run = Path(run)
+    chars = dermx.config.characteristics
+    manifest = rundir.read_manifest(run, ("image", "patient_id", "acne04_level", "severity"))
+    lesions = rundir.read_lesions(run, set(manifest["image"]))
+    truth = "visible" if "visible" in lesions.columns else "simulated"
+    by_image = dict(tuple(lesions.groupby("image", sort=False)))
+    present, simulated, probs, level_probs, records = [], [], [], [], []
+    for k, rel in enumerate(manifest["image"], start=1):
+        image = read_rgb(run / rel)
+        rows = by_image.get(rel, lesions.iloc[:0])
+        has, areas = image_truth(run, rel, rows, chars, truth)
+        present.append(has)
+        simulated.append(image_truth(run, rel, rows, chars, "simulated")[0] if truth != "simulated" else has)
+        level_p, char_p = dermx.probabilities([image])
+        level_probs.append(level_p[0]), probs.append(char_p[0])
+        if plausibility and has.any():
+            maps = dermx.explain(image, grid=True)
+            grid = F.adaptive_max_pool2d(torch.from_numpy(areas).float(), maps.shape[-2:]).numpy()
+            records.extend((c, bool(char_p[0, c] >= 0.5), fuzzy_scores(maps[c], grid[c]))
+                           for c in range(len(chars)) if has[c])
+        if progress is not None:
+            progress(k, len(manifest), "")
+    return summarize(manifest, chars, truth, np.asarray(present), np.asarray(simulated), np.asarray(probs),
+                     np.asarray(level_probs), records if plausibility else None)
+
+
+def summarize(manifest: pd.DataFrame, chars: Sequence[str], truth: str, present: np.ndarray, simulated: np.ndarray,
+              probs: np.ndarray, level_probs: np.ndarray,
+              records: list[tuple[int, bool, tuple[float, float, float]]] | None) -> dict[str, Any]:
+    """The metrics record of :func:`evaluate_dermx` from its per-image arrays."""
+    from sklearn.metrics import f1_score
+
+    predicted = probs >= 0.5
+    table = prevalence_table(present, predicted, chars)
+    table["F1_simulated"] = prevalence_table(simulated, predicted, chars)["F1"]
+    table["prevalence_simulated"] = simulated.mean(0)
+    used = [c for c in range(len(chars)) if present[:, c].any()]
+    levels = manifest["acne04_level"].to_numpy(int)
+    guess = level_probs.argmax(1)
+    result: dict[str, Any] = {
+        "images": int(len(manifest)), "truth": truth,
+        "level_accuracy": float((guess == levels).mean()),
+        "level_true": np.bincount(levels, minlength=LEVELS).tolist(),
+        "level_predicted": np.bincount(guess, minlength=LEVELS).tolist(),
+        "severity_MAE": float(np.abs(level_probs @ np.arange(LEVELS) - manifest["severity"].to_numpy(float)).mean()),
+        "characteristic_F1_macro": float(table["F1"].iloc[used].mean()) if used else float("nan"),
+        "characteristic_F1_micro": float(f1_score(present, predicted, average="micro", zero_division=0)),
+        "characteristic_F1_macro_simulated": float(table["F1_simulated"].iloc[used].mean()) if used else float("nan"),
+        "rarely_absent": [c for c in chars if table.loc[c, "absent"] < MIN_ABSENT],
+        "characteristics": {c: {k: (int(v) if k == "support" else float(v)) for k, v in row.items()}
+                            for c, row in table.iterrows()},
+    }
+    result["every_characteristic_absent_from_a_quarter"] = not result["rarely_absent"]
+    chosen = varied_subset(present)
+    varied = prevalence_table(present[chosen], predicted[chosen], chars)
+    used_varied = [c for c in range(len(chars)) if present[chosen, c].any()]
+    result["varied_images"] = int(chosen.sum())
+    result["characteristic_F1_macro_varied"] = (float(varied["F1"].iloc[used_varied].mean()) if used_varied
+                                                 else float("nan"))
+    for c, row in varied.iterrows():
+        result["characteristics"][c].update({"prevalence_varied": float(row["prevalence"]),
+                                             "F1_varied": float(row["F1"])})
+    if records is not None:
+        plaus = plausibility_summary(records, chars)
+        for c, scores in plaus.pop("per_characteristic").items():
+            result["characteristics"][c].update({f"plausibility_{k}": v for k, v in scores.items()})
+        result.update(plaus)
+    return result
