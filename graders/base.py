@@ -12,6 +12,11 @@ fingerprint (config + serialised weights). Nothing is ever unpickled: :func:`loa
 only and refuses a pickle with a one-line error naming the file; NaN or infinite tensors and config values
 are refused at load.
 
+Two optional capabilities sit beside the protocol. A :class:`DetectingGrader` (the detector) also returns
+what it found in each image, which the grading stage keeps in ``RUN/detections.parquet``. A
+:class:`SequenceGrader` (the tracker) grades a patient's series rather than single images: the stage runs it
+after the image graders, on the detections of a grader it ``needs``, which must be run in the same call.
+
 The grading stage that runs graders over a run directory lives in :mod:`synthtrial.grade`.
 """
 
@@ -83,14 +88,42 @@ class Grader(Protocol):
         ...
 
 
+@runtime_checkable
+class DetectingGrader(Protocol):
+    """A grader that also keeps what it found: boxes, classes and scores (``RUN/detections.parquet``)."""
+
+    def predict_detections(self, images: Sequence[np.ndarray],
+                           meta: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``(predict's frame, detections)``: one row per detection with ``index`` (the image's position in
+        ``images``), ``x0, y0, x1, y1`` (pixels of the image), ``class``, ``score`` and ``counted`` (whether it
+        is part of the grader's lesion count)."""
+        ...
+
+
+@runtime_checkable
+class SequenceGrader(Protocol):
+    """A grader of a patient's series: it reads the detections of the graders it ``needs`` (run in the same
+    ``grade`` call) and every image of the run, and returns per-image grades and a table of its own."""
+
+    needs: tuple[str, ...]
+    #: the file its table goes to (one of :data:`synthtrial.run.rundir.GRADE_TABLES`)
+    table: str
+
+    def grade_series(self, manifest: pd.DataFrame, detections: pd.DataFrame, read_image: Any,
+                     progress: ProgressCallback | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``(grades, table)``: one row of grades per ``manifest`` row, in its order; the table keyed by ``image``."""
+        ...
+
+
 @dataclass(frozen=True)
 class GraderSpec:
-    """A registry entry: where the class lives and what it is."""
+    """A registry entry: where the class lives and what it is; ``needs`` the graders whose output it reads."""
 
     name: str
     target: str            # "module:Class", a :class:`GraderComponent`
     summary: str
     needs_weights: bool = True
+    needs: tuple[str, ...] = ()
 
     def cls(self) -> Any:
         module, _, attr = self.target.partition(":")
@@ -122,12 +155,18 @@ register(GraderSpec("detector", "synthtrial.graders.detector:LesionDetector",
 register(GraderSpec("dermx", "synthtrial.graders.dermx:DermX",
                     "DermX: ACNE04 level and expected severity explained by lesion characteristics (probabilities; "
                     "Grad-CAM maps with `synthtrial graders explain`)"))
+register(GraderSpec("tracker", "synthtrial.graders.tracker:LesionTracker",
+                    "lesion tracker: the detector's lesions linked visit to visit in face-mesh coordinates; "
+                    "persisting, new and resolved lesions per visit (all and inflammatory)",
+                    needs_weights=False, needs=("detector",)))
 
 
 def available() -> list[str]:
-    """Names of the graders that can be used now (built in, or with default weights shipped)."""
-    return [name for name, spec in REGISTRY.items()
-            if not spec.needs_weights or (DEFAULT_WEIGHTS_DIR / name / WEIGHTS_FILE).is_file()]
+    """Names of the graders that can be used now (built in, or with default weights shipped, and so are the
+    graders whose output they read)."""
+    ready = {name for name, spec in REGISTRY.items()
+             if not spec.needs_weights or (DEFAULT_WEIGHTS_DIR / name / WEIGHTS_FILE).is_file()}
+    return [name for name, spec in REGISTRY.items() if name in ready and all(n in ready for n in spec.needs)]
 
 
 def get_grader(name: str, weights: str | os.PathLike[str] | None = None, device: Any = None) -> Grader:

@@ -392,6 +392,22 @@ class LesionDetector(GraderComponent):
                 **{f"n_{name}": n for name, n in zip(cfg.classes, per_class)}}
 
     def predict(self, images: Sequence[np.ndarray], meta: pd.DataFrame | None = None) -> pd.DataFrame:
-        rows = [self.counts(self.detect(image)) for image in images]
+        return self.predict_detections(images, meta)[0]
+
+    def predict_detections(self, images: Sequence[np.ndarray],
+                           meta: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """:meth:`predict`'s counts and every detection (``index`` of its image, box, ``class``, ``score``,
+        ``counted``: an active class at or above the count threshold), as ``synthtrial grade`` keeps them."""
+        found = [self.detect(image) for image in images]
         columns = ["count", "visible_count", "level", "severity", *(f"n_{c}" for c in self.config.classes)]
-        return pd.DataFrame(rows, columns=columns).astype("float64")
+        grades = pd.DataFrame([self.counts(f) for f in found], columns=columns).astype("float64")
+        classes = np.asarray(self.config.classes, dtype=object)
+        frames = [pd.DataFrame({"index": k, "x0": f["boxes"][:, 0], "y0": f["boxes"][:, 1], "x1": f["boxes"][:, 2],
+                                "y1": f["boxes"][:, 3], "class": classes[f["labels"]], "score": f["scores"],
+                                "counted": (f["scores"] >= self.config.count_threshold)
+                                & ~np.isin(classes[f["labels"]], NOT_COUNTED)})
+                  for k, f in enumerate(found)]
+        detections = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+            columns=["index", "x0", "y0", "x1", "y1", "class", "score", "counted"])
+        return grades, detections.astype({"index": "int64", "x0": "float64", "y0": "float64", "x1": "float64",
+                                          "y1": "float64", "score": "float64", "counted": "bool"})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from synthtrial.graders.base import GraderError, get_grader
+from synthtrial.graders.base import GraderError, get_grader, read_rgb
 from synthtrial.grade import grade_run
 from synthtrial.graders.detector import (CLASSES, DetectorConfig, LesionDetector, NWDRegionProposalNetwork, SADHHead,
                               build_model, nwd, rectify_scores, sbce, tile_origins, wasserstein2)
@@ -311,3 +312,20 @@ def test_ablation_trains_three_variants_resumes_and_restarts(tiny_run, tmp_path)
     assert runner.invoke(app, [*argv, "--restart"]).exit_code == 0      # trained again, to the same bytes
     assert {h: w.stat().st_mtime_ns for h, w in weights.items()} != stamps
     assert {h: w.read_bytes() for h, w in weights.items()} == first
+
+
+def test_detections_kept_are_the_ones_counted(tiny_run):
+    detector = get_grader("detector", device="cpu")       # the shipped weights: they find lesions here
+    threshold = detector.config.count_threshold
+    manifest = rundir.read_manifest(tiny_run)
+    images = [read_rgb(Path(tiny_run) / rel) for rel in manifest["image"][:2]]
+    grades, found = detector.predict_detections(images)
+    assert grades.equals(detector.predict(images))
+    assert list(found.columns) == ["index", "x0", "y0", "x1", "y1", "class", "score", "counted"]
+    assert set(found["index"]) <= {0, 1} and set(found["class"]) <= set(CLASSES)
+    assert (found["x0"] <= found["x1"]).all() and (found["x1"] <= 256).all()
+    counted = found[found["counted"]].groupby("index").size().reindex([0, 1], fill_value=0)
+    assert grades["count"].tolist() == counted.astype(float).tolist() and counted.sum() > 0
+    assert not found.loc[found["class"] == "scar", "counted"].any()
+    active = found[found["class"] != "scar"]
+    assert (active["counted"] == (active["score"] >= threshold)).all() and (~active["counted"]).any()

@@ -186,3 +186,68 @@ def test_grade_writes_nothing_through_a_link_out_of_the_run(run, tmp_path):
     with pytest.raises(SynthtrialError, match="resolves outside the run directory"):
         grade_run(run, [Mean()])
     assert list(elsewhere.iterdir()) == [] and not (run / "grades.parquet").exists()
+
+
+class Spots(Mean):
+    """A toy detecting grader: per image one counted box whose x0 is the image's mean pixel value."""
+
+    name = "spots"
+
+    def fingerprint(self):
+        return fingerprint_of({"grader": "spots"})
+
+    def predict(self, images, meta=None):
+        return self.predict_detections(images, meta)[0]
+
+    def predict_detections(self, images, meta=None):
+        values = self.predict_values(images)
+        detections = pd.DataFrame({"index": range(len(images)), "x0": values, "y0": 1.0, "x1": [v + 4 for v in values],
+                                   "y1": 5.0, "class": "papule", "score": 0.9, "counted": True})
+        return pd.DataFrame({"value": values}), detections
+
+    def predict_values(self, images):
+        return Mean.predict(self, images)["value"].tolist()
+
+
+def test_detections_are_kept_by_image_and_sha256_and_resumed(run):
+    grade_run(run, [Spots()], batch_size=4)
+    manifest = pd.read_parquet(run / "manifest.parquet")
+    found = rundir.read_grade_table(run, rundir.DETECTIONS)
+    assert list(found.columns) == list(rundir.GRADE_TABLES[rundir.DETECTIONS])
+    assert sorted(found["image"]) == sorted(manifest["image"])
+    assert dict(zip(found["image"], found["image_sha256"])) == dict(zip(manifest["image"], manifest["sha256"]))
+    assert found["x0"].tolist() == pytest.approx(own_means(run, found))
+    assert rundir.read_grades_index(run)["spots"]["tables"] == [rundir.DETECTIONS]
+    before = (run / rundir.DETECTIONS).read_bytes()
+    again = Spots()
+    grade_run(run, [again], batch_size=4)
+    assert again.graded == 0 and (run / rundir.DETECTIONS).read_bytes() == before
+    # a chunk whose detections were lost is graded again, and only that one
+    parts = sorted((run / PARTS_DIR).glob("spots-*/*.detections.parquet"))
+    assert len(parts) == 3
+    parts[1].unlink()
+    again = Spots()
+    grade_run(run, [again], batch_size=4)
+    assert again.graded == 4 and (run / rundir.DETECTIONS).read_bytes() == before
+
+
+def test_detections_follow_their_images(run):
+    grade_run(run, [Spots()], batch_size=4)
+    rel = pd.read_parquet(run / "manifest.parquet")["image"][5]
+    replace_image(run, rel, update_manifest=True)
+    grade_run(run, [Mean()], batch_size=4)   # another grader: the detections of the changed image go
+    found = rundir.read_grade_table(run, rundir.DETECTIONS)
+    assert rel not in set(found["image"]) and len(found) == 11
+    assert "spots" in rundir.read_grades_index(run)
+    grade_run(run, [Spots()], batch_size=4)
+    found = rundir.read_grade_table(run, rundir.DETECTIONS)
+    assert found.loc[found["image"] == rel, "x0"].item() == pytest.approx(200.0) and len(found) == 12
+
+
+def test_two_detecting_graders_in_one_call_are_refused(run):
+    class Other(Spots):
+        name = "other"
+
+    with pytest.raises(SynthtrialError, match="both keep detections"):
+        grade_run(run, [Spots(), Other()])
+    assert not (run / "grades.parquet").exists()

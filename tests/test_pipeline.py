@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from synthtrial.analyze.pipeline import EFFECT_COLUMNS, AnalysisSettings, analyze_run, image_outcomes
+from synthtrial.analyze.pipeline import (EFFECT_COLUMNS, AnalysisSettings, analyze_run, daily, image_outcomes,
+                                         new_lesion_periods)
 from synthtrial.util.errors import SynthtrialError
 from synthtrial.run.generation import generate
 from synthtrial.run.rundir import read_run
@@ -57,7 +58,7 @@ def test_writes_outcomes_effects_and_report(analysed):
     assert list(effects.columns) == list(EFFECT_COLUMNS)
     assert set(effects["method"]) == set(AnalysisSettings().methods)
     assert set(effects.loc[effects["method"].isin(["welch", "permutation", "gls_ar1", "hac"]), "role"]) == {"descriptive"}
-    assert set(effects["outcome"]) == {"oracle", "lesion_severity", "lesion_count", "iga", "ae_pca"}
+    assert set(effects["outcome"]) == {"oracle", "lesion_severity", "lesion_count", "iga", "new_inflammatory", "ae_pca"}
     assert (effects["arm"] == "Cream").all() and (effects["reference"] == "Control").all()
 
 
@@ -88,6 +89,45 @@ def test_oracle_and_lesion_count_recover_the_truth(analysed):
     per_patient = effects[(effects["scope"] != "pooled") & (effects["outcome"] == "oracle")
                           & (effects["method"] == "welch")]
     assert len(per_patient) == 4 and (per_patient["estimate"] < 0).all()
+
+
+def test_new_inflammatory_lesions_per_period_beside_the_other_outcomes(analysed):
+    run, analysis = analysed
+    outcomes = pd.read_parquet(analysis / "outcomes.parquet")
+    first = outcomes.groupby("patient_id")["day"].transform("min") == outcomes["day"]
+    assert outcomes.loc[first, "new_inflammatory"].isna().all() and outcomes.loc[~first, "new_inflammatory"].notna().all()
+    assert outcomes["new_inflammatory"].sum() > 0
+    effects = pd.read_csv(analysis / "effects.csv")
+    rows = effects[effects["outcome"] == "new_inflammatory"]
+    assert set(rows["method"]) == set(AnalysisSettings().methods)
+    pooled = rows[(rows["scope"] == "pooled") & (rows["method"] == "lmm")].iloc[0]
+    oracle = effects[(effects["outcome"] == "oracle") & (effects["scope"] == "pooled") & (effects["method"] == "lmm")]
+    assert pooled["std_true_effect"] == pytest.approx(oracle["std_true_effect"].item()) and np.isfinite(pooled["share"])
+    periods = pd.read_csv(analysis / "new_lesions.csv")
+    assert len(periods) == 4 * 4 and periods.groupby("patient_id")["period"].max().eq(4).all()
+    # each period's count is the sum of its visits' new lesions (the first visit has none to compare with)
+    per_day = daily(outcomes, ["new_inflammatory"])
+    for (pid, period), row in periods.set_index(["patient_id", "period"]).iterrows():
+        days = per_day[(per_day["patient_id"] == pid) & (per_day["day"].sub(row["mid_day"]).abs() < 3)]
+        assert row["new_inflammatory"] == pytest.approx(days["new_inflammatory"].sum())
+        assert row["visits_new_inflammatory"] == days["new_inflammatory"].notna().sum()
+
+
+def test_new_lesion_periods_on_a_hand_table():
+    nan = np.nan
+    per_day = pd.DataFrame({
+        "patient_id": "P", "day": [1, 2, 3, 4, 5, 6, 7, 8],
+        "treatment": ["A", "A", "A", "Washout", "B", "B", "B", "A"], "block": [1, 1, 1, 1, 2, 2, 2, 3],
+        "new_inflammatory": [nan, 2, 1, 4, 0, 0, 1, 3],
+        "grader_tracker_new_inflammatory": [nan, 3, nan, 5, 1, 0, 0, nan]})
+    table = new_lesion_periods(per_day, exclude=("Washout",))
+    assert table["treatment"].tolist() == ["A", "B", "A"] and table["period"].tolist() == [1, 2, 3]
+    assert table["mid_day"].tolist() == [2.0, 6.0, 8.0]
+    assert table["new_inflammatory"].tolist() == [3.0, 1.0, 3.0]
+    assert table["visits_new_inflammatory"].tolist() == [2, 3, 1]
+    assert table["grader_tracker_new_inflammatory"].tolist()[:2] == [3.0, 1.0]
+    assert np.isnan(table["grader_tracker_new_inflammatory"].iloc[2])
+    assert table["visits_grader_tracker_new_inflammatory"].tolist() == [1, 3, 0]
 
 
 def test_effects_carry_adjusted_responder_calls_and_the_fixed_order_test_is_not_available(analysed):

@@ -143,3 +143,29 @@ def test_verify_checks_the_visible_counts_and_flags(run):
     table["visible"] = table["visible"].astype(object)
     rundir.write_table(run / "lesions.parquet", table.drop(columns="contrast"))
     assert "lesions.parquet: missing column 'contrast' (the visibility measurement)" in "\n".join(verify(run))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("nan box", "row 2, column 'x0': nan is not a finite number"),
+    ("flipped box", "row 1, column 'y1': less than y0"),
+    ("no score", "missing column 'score'"),
+    ("no image", "row 1, column 'image': nan is not a path"),
+])
+def test_a_damaged_grade_table_is_one_line(run, damage, message):
+    assert rundir.read_grade_table(run, rundir.DETECTIONS) is None
+    table = pd.DataFrame({"image": ["images/a.png", "images/b.png"], "image_sha256": ["0" * 64] * 2,
+                          "x0": [1.0, 2.0], "y0": [1.0, 1.0], "x1": [3.0, 4.0], "y1": [3.0, 3.0],
+                          "class": ["papule", "nodule"], "score": [0.9, 0.8], "counted": [True, False]})
+    if damage == "nan box":
+        table.loc[1, "x0"] = float("nan")
+    elif damage == "flipped box":
+        table.loc[0, "y1"] = 0.0
+    elif damage == "no score":
+        table = table.drop(columns="score")
+    else:
+        table["image"] = table["image"].astype(object)
+        table.loc[0, "image"] = None
+    rundir.write_table(run / rundir.DETECTIONS, table)
+    with pytest.raises(RunError, match=message.replace("(", r"\(").replace(")", r"\)")) as caught:
+        rundir.read_grade_table(run, rundir.DETECTIONS)
+    assert str(caught.value).startswith(str(run / rundir.DETECTIONS)) and "\n" not in str(caught.value)

@@ -7,6 +7,11 @@ Outcomes per image (``RUN/analysis/outcomes.parquet``):
   on the severity scale through the inverse of the scale's count map (so its effect is comparable with the
   truth);
 * ``iga`` — the IGA grade the drawn lesions imply;
+* ``new_inflammatory`` — the new inflammatory lesions since the previous visit (papules, pustules and nodules
+  of ``lesions.parquet`` inflammatory for the first time in that patient's series of that view, counted as the
+  tracker counts its tracks: :func:`synthtrial.graders.tracker.changes_by_image`; NaN at a series' first
+  visit), the simulated truth of the endpoint "new inflammatory lesions per period" beside the tracker's
+  ``grader_tracker_new_inflammatory`` when the run was graded with it;
 * ``grader_<grader>_<column>`` — the outcome columns of ``RUN/grades.parquet`` (as ``RUN/grades.json`` names
   them) when graders have scored the run (``synthtrial grade``);
 * ``ae_pca`` — Schneider et al.'s unsupervised pipeline: a convolutional autoencoder trained on the run's
@@ -25,7 +30,12 @@ lesion_severity) are set beside that estimand's truth: bias and CI coverage, wit
 carryover part and (pooled rows) the patients' sample mean beside it. Every outcome gets a calibration slope
 against the truth (its attenuation, apart from its noise, ``residual_sd``) and is put on one scale (``std_*``:
 effect / the outcome's within-patient residual SD, intervals carrying that SD's uncertainty) beside the
-oracle's standardised truth. Per-patient rows
+oracle's standardised truth.
+New lesions are an incidence: a count per visit, which the period-level methods (``period``,
+``randomization``) turn into one value per treatment period — the period's count divided by its visits, so with
+the equal periods of a design the per-period count up to one factor — and the other methods analyse day by day
+like any outcome; ``new_lesions.csv`` lists the count of every patient's periods (:func:`new_lesion_periods`).
+Per-patient rows
 carry Holm/BH-adjusted p-values and responder calls (:mod:`synthtrial.analyze.multiplicity`); a day missing
 from a simulated run keeps its scheduled treatment in the exposure curves (:func:`missing_day_schedule`).
 """
@@ -62,11 +72,14 @@ from synthtrial.analyze.limits import (MAX_AE_IMAGE_SIZE, MAX_EPOCHS, MAX_PERMUT
 
 #: Outcomes whose effects are on the latent severity scale, where the truth applies directly.
 TRUTH_SCALE_OUTCOMES = ("oracle", "lesion_severity")
-BASE_OUTCOMES = ("oracle", "lesion_severity", "lesion_count", "iga")
+BASE_OUTCOMES = ("oracle", "lesion_severity", "lesion_count", "iga", "new_inflammatory")
+#: The endpoint counted per treatment period in ``analysis/new_lesions.csv``: the truth's and the tracker's.
+NEW_LESION_OUTCOMES = ("new_inflammatory", f"{GRADER_OUTCOME_PREFIX}tracker_new_inflammatory")
 #: The analysis folder of a run and the files ``analyze`` writes there (with settings.json, timings.json and,
 #: with the autoencoder, pca.json, embeddings.parquet and the autoencoder's files).
 ANALYSIS, OUTCOMES, EFFECTS, REPORT, EMBEDDINGS = ("analysis", "outcomes.parquet", "effects.csv", "report.html",
                                                    "embeddings.parquet")
+NEW_LESIONS = "new_lesions.csv"
 EFFECT_COLUMNS = ("outcome", "method", "role", "estimand", "scope", "arm", "reference", "estimate", "se", "ci_low",
                   "ci_high", "p", "n", "p_holm", "p_bh", "responder", "responder_holm", "responder_bh", "true_effect",
                   "bias", "covered", "true_steady_state", "true_carryover", "true_sample_mean", "calibration_slope",
@@ -135,11 +148,58 @@ def image_outcomes(run_dir: Path, manifest: pd.DataFrame) -> pd.DataFrame:
     out["lesion_count"] = manifest["lesion_count"].astype(float)
     out["lesion_severity"] = scale.severity_from_count(manifest["lesion_count"].to_numpy(dtype=float))
     out["iga"] = manifest["iga"].astype(float)
+    out["new_inflammatory"] = new_inflammatory_truth(run_dir, manifest)
     grades = rundir.grade_outcomes(run_dir)
     if grades is not None:
         renamed = grades.rename(columns={c: f"{GRADER_OUTCOME_PREFIX}{c}" for c in grades.columns if c != "image"})
         out = out.merge(renamed, on="image", how="left", validate="one_to_one")
     return out
+
+
+def new_inflammatory_truth(run_dir: Path, manifest: pd.DataFrame) -> np.ndarray:
+    """The simulated new inflammatory lesions of every manifest row since the previous visit of its series
+    (patient and view; NaN at the first visit): the lesion table's ``lesion_id`` counted as the tracker counts
+    its tracks."""
+    from synthtrial.graders.tracker import changes_by_image
+
+    lesions = rundir.read_lesions(run_dir, set(manifest["image"]))
+    active = lesions[lesions["type"].isin(scale.LESION_TYPES)]
+    changes = changes_by_image(manifest, active, id_column="lesion_id", class_column="type")
+    return changes["new_inflammatory"].to_numpy(dtype=float)
+
+
+def new_lesion_periods(per_day: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The new inflammatory lesions of every patient's treatment periods (one row per patient and period, in day
+    order; :data:`NEW_LESION_OUTCOMES` present in ``per_day``, the views of a day averaged): ``period`` (1, 2,
+    ...), ``treatment``, ``mid_day``, and per outcome its count (the sum over the period's visits that have a
+    value) and ``visits_<outcome>`` (how many). Periods as the period-level methods cut them
+    (:func:`synthtrial.analyze.nof1.period_arrays`: a run of days on one treatment, a new block starts one;
+    excluded treatments such as washout end a period and are left out)."""
+    from synthtrial.analyze.nof1 import period_arrays
+
+    columns = [c for c in NEW_LESION_OUTCOMES if c in per_day.columns]
+    frames = []
+    for pid, rows in per_day.groupby(per_day["patient_id"].astype(str), sort=True):
+        blocks = rows["block"].to_numpy() if "block" in rows.columns else None
+        table: dict[str, object] = {}
+        for column in columns:
+            values = rows[column].to_numpy(dtype=float)
+            # finite stand-ins, so that every column is cut into the same periods: sums and visits with a value
+            total, present = (period_arrays(rows["day"].to_numpy(), rows["treatment"].to_numpy(), v, set(exclude),
+                                            blocks) for v in (np.nan_to_num(values), np.isfinite(values) * 1.0))
+            table.setdefault("treatment", total["treatment"])
+            table.setdefault("mid_day", total["mid"])
+            visits = np.round(present["mean"] * present["n"]).astype(int)
+            table[column] = np.where(visits > 0, np.round(total["mean"] * total["n"], 6), np.nan)
+            table[f"visits_{column}"] = visits
+        if table:
+            frame = pd.DataFrame(table)
+            frames.append(frame.assign(patient_id=pid, period=np.arange(1, len(frame) + 1)))
+    head = ["patient_id", "period", "treatment", "mid_day"]
+    if not frames:
+        return pd.DataFrame(columns=head)
+    result = pd.concat(frames, ignore_index=True)
+    return result[head + [c for c in result.columns if c not in head]]
 
 
 def _manifest_key(manifest: pd.DataFrame, settings: AnalysisSettings) -> str:
@@ -362,6 +422,8 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
         t0 = time.perf_counter()
         effects = outcome_effects(outcomes, columns, truth, reference, exclude, settings)
         write_text_atomic(stage / EFFECTS, effects.to_csv(index=False, lineterminator="\n"))
+        periods = new_lesion_periods(daily(outcomes, columns), exclude)
+        write_text_atomic(stage / NEW_LESIONS, periods.to_csv(index=False, lineterminator="\n"))
         timings.add("statistics", time.perf_counter() - t0)
         t0 = time.perf_counter()
         write_report(stage / REPORT, run_dir=run_dir, outcomes=outcomes, effects=effects, truth=truth,

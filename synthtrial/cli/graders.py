@@ -28,6 +28,8 @@ def grade_command(
 ) -> None:
     """Score every image of a run with the embedded graders: RUN/grades.parquet (one row per image: image, image_sha256, columns <grader>_<name>) and RUN/grades.json (which columns [bold]synthtrial analyze[/] takes as outcomes).
 
+    The detector also keeps its boxes in RUN/detections.parquet; the tracker (list it after the detector: --graders detector,tracker) links them visit to visit into RUN/tracks.parquet and counts persisting, new and resolved lesions per image.
+
     Each image is checked against the manifest's sha256 before it is graded. Interrupted? Run the same command again: finished chunks are kept (a chunk is kept by what it holds, so another --batch-size, or images changed since, are graded afresh). Grades of other graders already in the file are kept for the images that did not change.
     """
     from synthtrial.graders.base import GraderError, available, get_grader

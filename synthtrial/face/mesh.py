@@ -6,6 +6,9 @@ connection lists, once per process. An eye's centre is the mean of its contour l
 the face frame's definition) or the midpoint of its two corners (``eyes="corners"``, the lesion counter's
 definition since its thresholds were chosen; both are kept so neither changes its numbers). The head turns
 about a vertical axis :data:`PIVOT_DEPTH_IOD` inter-ocular distances behind the eyes (about 8 cm, the neck).
+Points of one image are carried onto another image of the same face through the mesh (:func:`mesh_coordinates`:
+piecewise affine, triangle by triangle), so a head turn or a framing change moves them with the skin; a point
+off the mesh falls back on the face frame (a similarity: shift, scale and roll only).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 __all__ = ["EYE_CORNERS", "PIVOT_DEPTH_IOD", "barycentric", "eye_centres", "eye_depth", "face_coordinates",
-           "frame", "interocular", "mesh_triangles", "pivot", "topology"]
+           "frame", "in_frame", "interocular", "mesh_coordinates", "mesh_triangles", "pivot", "topology"]
 
 #: Depth of the head's vertical turning axis behind the eyes, in interocular distances (about 8 cm).
 PIVOT_DEPTH_IOD = 1.25
@@ -112,6 +115,36 @@ def face_coordinates(landmarks: np.ndarray, shape: tuple[int, int]) -> tuple[np.
     yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
     dx, dy = xx - origin[0], yy - origin[1]
     return (dx * axes[0, 0] + dy * axes[0, 1]) / iod, (dx * axes[1, 0] + dy * axes[1, 1]) / iod
+
+
+def in_frame(points: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """Pixel points (N, 2) in the face frame of ``landmarks`` (x across, y down; unit = interocular distance):
+    :func:`face_coordinates` for chosen points."""
+    origin, iod, axes = frame(landmarks)
+    return (np.atleast_2d(np.asarray(points, dtype=np.float64)) - origin) @ axes.T / iod
+
+
+def mesh_coordinates(points: np.ndarray, landmarks: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel points (N, 2) of an image with face-mesh ``landmarks`` (468, 2), carried onto the ``reference``
+    mesh (468, 2) of the same face and given in the reference's face frame (:func:`in_frame`).
+
+    A point inside a mesh triangle keeps its barycentric weights in that triangle of the reference (where
+    triangles overlap, as on a turned cheek, the one it lies deepest in); a point on no triangle is placed by the
+    face frame alone. Returns the positions (N, 2) and whether each was placed through the mesh (N,).
+    """
+    pts = np.atleast_2d(np.asarray(points, dtype=np.float64))
+    placed = in_frame(pts, landmarks)
+    on_mesh = np.zeros(len(pts), dtype=bool)
+    if not len(pts):
+        return placed.reshape(0, 2), on_mesh
+    tris = mesh_triangles()
+    weights = barycentric(pts, np.asarray(landmarks, dtype=np.float64)[:, :2][tris])   # (N, T, 3)
+    depth = weights.min(axis=2)                                                           # > 0 inside
+    best = depth.argmax(axis=1)
+    on_mesh = depth[np.arange(len(pts)), best] >= 0
+    ref = in_frame(np.asarray(reference, dtype=np.float64)[:, :2], reference)[tris[best]]  # (N, 3, 2)
+    through_mesh = np.einsum("nk,nkd->nd", weights[np.arange(len(pts)), best], ref)
+    return np.where(on_mesh[:, None], through_mesh, placed), on_mesh
 
 
 def eye_depth(depth: np.ndarray) -> float:

@@ -13,6 +13,18 @@ A chunk file that cannot be read or does not hold its images' grades is graded a
 the manifest sorted by patient and day (so reordering rows keeps them) and never split a visit (the images
 of one patient-day), so a grader that fuses a visit's views (IGA) sees all of them in one call. Grades other
 graders left in ``grades.parquet`` are kept only for images whose sha256 is unchanged.
+
+Graders may write a table beside the grades (:data:`synthtrial.run.rundir.GRADE_TABLES`), keyed by image and
+image_sha256 like the grades. A :class:`~synthtrial.graders.base.DetectingGrader` (the detector) keeps every
+detection in ``RUN/detections.parquet``, saved per chunk beside the chunk's grades
+(``<key>.detections.parquet``, written first: a chunk counts as done only with both). A
+:class:`~synthtrial.graders.base.SequenceGrader` (the tracker) runs after the image graders on the detections
+of the grader it ``needs``, which must be graded in the same call (its chunks are reused, so that costs
+nothing when it is done); its grades and its table (``RUN/tracks.parquet``) are saved whole under a key that
+hashes its fingerprint, the fingerprints of the graders it reads and every image's path, sha256, patient, day
+and view. ``grades.json`` names each grader's tables and what it ``needs``; a grader's table is kept, like its
+grades, only for unchanged images, and goes when its grades go; grades and tables of a grader that reads one
+graded now are dropped unless it is graded now too (they were made from other detections).
 """
 
 from __future__ import annotations
@@ -26,9 +38,9 @@ from typing import Any
 
 import pandas as pd
 
-from synthtrial.graders.base import Grader, GraderError, read_rgb
+from synthtrial.graders.base import DetectingGrader, Grader, GraderError, SequenceGrader, read_rgb
 from synthtrial.run import rundir
-from synthtrial.run.rundir import GRADES_KEY, GRADES_SHA, RunError
+from synthtrial.run.rundir import DETECTIONS, GRADE_TABLES, GRADES_KEY, GRADES_SHA, RunError
 from synthtrial.util.atomic import write_text_atomic
 from synthtrial.util.progress import ProgressCallback
 
@@ -59,36 +71,153 @@ def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_s
     names = [g.name for g in graders]
     if len(set(names)) != len(names):
         raise GraderError(f"grader listed twice: {', '.join(names)} (option --graders)")
+    per_image, series = _split(graders)
     chunks = visit_chunks(sorted_by_visit(manifest), batch_size)
     total, done = len(manifest) * len(graders), 0
     with rundir.locked(run_dir, what="grading"):
         keys = manifest[[GRADES_KEY]].assign(**{GRADES_SHA: manifest["sha256"]})
         columns: dict[str, pd.DataFrame] = {}
-        for grader in graders:
+        tables: dict[str, pd.DataFrame] = {}
+        for grader in per_image:
             fingerprint = grader.fingerprint()
             folder = rundir.run_file(run_dir, f"{PARTS_DIR}/{grader.name}-{fingerprint}")  # not linked out
-            frames, kept = [], set()
+            frames, found, kept = [], [], set()
             for chunk in chunks:
                 part = folder / f"{chunk_key(chunk, fingerprint)}.parquet"
-                frames.append(_chunk_grades(run_dir, grader, part, chunk))
-                kept.add(part.name)
+                graded, detections = _chunk_grades(run_dir, grader, part, chunk)
+                frames.append(graded), found.append(detections)
+                kept.update({part.name, _table_part(part, DETECTIONS).name})
                 done += len(chunk)
                 if progress is not None:
                     progress(done, total, grader.name)
             _remove_other_parts(folder, kept)
-            graded = pd.concat(frames, ignore_index=True)
-            columns[grader.name] = keys.merge(graded, on=[GRADES_KEY, GRADES_SHA], how="left",
-                                              validate="one_to_one").drop(columns=[GRADES_KEY, GRADES_SHA])
+            columns[grader.name] = _aligned(keys, pd.concat(frames, ignore_index=True))
+            if isinstance(grader, DetectingGrader):
+                tables[DETECTIONS] = pd.concat(found, ignore_index=True)
+        for grader in series:
+            def counted(k: int, _: int, status: str, start: int = done) -> None:
+                if progress is not None:
+                    progress(start + k, total, status)
+
+            graded, tables[grader.table] = _series_grades(run_dir, grader, manifest, tables[DETECTIONS],
+                                                          [g for g in per_image if g.name in grader.needs], counted)
+            columns[grader.name] = _aligned(keys, graded)
+            done += len(manifest)
         grades = pd.concat([keys, *columns.values()], axis=1)
         grades, index = _keep_other_graders(run_dir, grades, names)
         for grader in graders:
             index[grader.name] = {"fingerprint": grader.fingerprint(),
                                   "columns": list(columns[grader.name].columns),
                                   "outcomes": [f"{grader.name}_{c}" for c in grader.outcomes]}
+            if isinstance(grader, DetectingGrader):
+                index[grader.name]["tables"] = [DETECTIONS]
+            if isinstance(grader, SequenceGrader):
+                index[grader.name].update(tables=[grader.table], needs=list(grader.needs))
+        _write_tables(run_dir, keys, tables, index)
         path = rundir.write_table(run_dir / rundir.GRADES, grades)
         write_text_atomic(run_dir / rundir.GRADES_INDEX, json.dumps({"graders": index}, indent=2, sort_keys=True)
                           + "\n")
     return path
+
+
+def _split(graders: Sequence[Grader]) -> tuple[list[Grader], list[Grader]]:
+    """The image graders and the sequence graders, the latter checked: what each needs is graded in this call
+    and keeps detections, and at most one grader keeps detections."""
+    series = [g for g in graders if isinstance(g, SequenceGrader)]
+    per_image = [g for g in graders if not isinstance(g, SequenceGrader)]
+    detecting = [g.name for g in per_image if isinstance(g, DetectingGrader)]
+    if len(detecting) > 1:
+        raise GraderError(f"graders {detecting[0]} and {detecting[1]} both keep detections in {DETECTIONS}; grade "
+                          "with one of them at a time (option --graders)")
+    for grader in series:
+        for need in grader.needs:
+            if need not in detecting:
+                raise GraderError(f"grader '{grader.name}' reads the detections of '{need}': grade both in one call "
+                                  f"(synthtrial grade RUN --graders {need},{grader.name}); the finished chunks of "
+                                  f"'{need}' are reused, not graded again")
+        if grader.table not in GRADE_TABLES or grader.table == DETECTIONS:
+            raise GraderError(f"grader '{grader.name}' writes an unknown table {grader.table!r}")
+    return per_image, series
+
+
+def _aligned(keys: pd.DataFrame, graded: pd.DataFrame) -> pd.DataFrame:
+    """A grader's ``<grader>_<column>`` columns in the order of ``keys`` (manifest order), matched by image and
+    sha256."""
+    return keys.merge(graded, on=[GRADES_KEY, GRADES_SHA], how="left",
+                      validate="one_to_one").drop(columns=[GRADES_KEY, GRADES_SHA])
+
+
+def _table_part(part: Path, table: str) -> Path:
+    """Where a chunk's rows of ``table`` are saved beside its grades: ``<key>.<table stem>.parquet``."""
+    return part.with_name(f"{part.stem}.{Path(table).stem}.parquet")
+
+
+def _series_grades(run_dir: Path, grader: Any, manifest: pd.DataFrame, detections: pd.DataFrame,
+                   sources: list[Grader], progress: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A sequence grader's grades (``image``, ``image_sha256``, ``<grader>_<column>``) and table (``image``,
+    ``image_sha256``, its columns): saved ones when their key matches, else graded now and saved."""
+    wanted = manifest[["image", "sha256"]].rename(columns={"sha256": GRADES_SHA}).reset_index(drop=True)
+    fingerprint = "+".join([grader.fingerprint(), *(g.fingerprint() for g in sources)])
+    folder = rundir.run_file(run_dir, f"{PARTS_DIR}/{grader.name}-{grader.fingerprint()}")
+    part = folder / f"{chunk_key(sorted_by_visit(manifest), fingerprint)}.parquet"
+    table_part = _table_part(part, grader.table)
+    if part.is_file() and table_part.is_file():
+        try:
+            saved, table = rundir.read_parquet(part), rundir.read_parquet(table_part)
+        except RunError:
+            saved = table = None  # damaged: graded again below
+        if saved is not None and _holds(saved.sort_values(GRADES_KEY, ignore_index=True),
+                                        wanted.sort_values(GRADES_KEY, ignore_index=True), grader):
+            return saved, table
+    rows = {rel: (i + 1, digest) for i, (rel, digest) in enumerate(zip(manifest["image"], manifest["sha256"]))}
+
+    def read_image(rel: str) -> Any:
+        row, digest = rows[rel]
+        rundir.check_sha256(run_dir, rel, digest, row)
+        return read_rgb(run_dir / rel)
+
+    frame, table = grader.grade_series(manifest.reset_index(drop=True), detections, read_image, progress)
+    _check_output(grader, frame, len(manifest))
+    frame = pd.concat([wanted, frame.reset_index(drop=True).add_prefix(f"{grader.name}_")], axis=1)
+    rundir.write_table(table_part, _keyed(table, manifest))
+    rundir.write_table(part, frame)
+    table = rundir.read_parquet(table_part)   # as a resumed run reads it, so both write the same bytes
+    _remove_other_parts(folder, {part.name, table_part.name})
+    return frame, table
+
+
+def _keyed(table: pd.DataFrame, chunk: pd.DataFrame, index: str = "image") -> pd.DataFrame:
+    """A grader's table keyed like the grades: ``image`` and ``image_sha256`` first (``index``: the column naming
+    each row's image, a path or a position in ``chunk``)."""
+    images = chunk["image"].reset_index(drop=True)
+    digests = dict(zip(images, chunk["sha256"]))
+    rel = images.iloc[table[index].to_numpy()].to_numpy() if index != "image" else table["image"].to_numpy()
+    rest = table.drop(columns=[index])
+    keyed = pd.concat([pd.DataFrame({GRADES_KEY: rel, GRADES_SHA: [digests[r] for r in rel]}),
+                       rest.reset_index(drop=True)], axis=1)
+    return keyed.astype({GRADES_KEY: "object", GRADES_SHA: "object"})
+
+
+def _write_tables(run_dir: Path, keys: pd.DataFrame, written: dict[str, pd.DataFrame], index: dict[str, Any]) -> None:
+    """Write the tables graded now; keep a carried-over grader's table for its unchanged images; delete a table
+    whose grader's grades are gone."""
+    owned = {t for entry in index.values() for t in entry.get("tables", [])}
+    for name in GRADE_TABLES:
+        path = run_dir / name
+        if name in written:
+            rundir.write_table(rundir.run_file(run_dir, name), written[name])
+        elif name in owned:
+            try:
+                old = rundir.read_grade_table(run_dir, name)
+            except RunError:
+                old = None
+            if old is None:
+                continue
+            mine = old[[GRADES_KEY, GRADES_SHA]].merge(keys, how="left", indicator=True)["_merge"] == "both"
+            if not mine.all():
+                rundir.write_table(rundir.run_file(run_dir, name), old[mine.to_numpy()].reset_index(drop=True))
+        elif path.is_file() and not path.is_symlink():
+            path.unlink()
 
 
 def sorted_by_visit(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -117,25 +246,36 @@ def chunk_key(chunk: pd.DataFrame, fingerprint: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
-def _chunk_grades(run_dir: Path, grader: Grader, part: Path, chunk: pd.DataFrame) -> pd.DataFrame:
-    """The chunk's grades (``image``, ``image_sha256``, ``<grader>_<column>``): from ``part`` when it holds
-    them, else graded now (each image checked against its sha256 first) and saved to ``part``."""
+def _chunk_grades(run_dir: Path, grader: Grader, part: Path,
+                  chunk: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The chunk's grades (``image``, ``image_sha256``, ``<grader>_<column>``) and, for a detecting grader, its
+    detections (``image``, ``image_sha256``, box, class, score, counted): from ``part`` (and the detections
+    beside it) when they hold them, else graded now (each image checked against its sha256 first) and saved."""
     wanted = chunk[["image", "sha256"]].rename(columns={"sha256": GRADES_SHA}).reset_index(drop=True)
-    if part.is_file():
+    detecting = isinstance(grader, DetectingGrader)
+    found_part = _table_part(part, DETECTIONS)
+    if part.is_file() and (found_part.is_file() or not detecting):
         try:
             saved = rundir.read_parquet(part)
+            found = rundir.read_parquet(found_part) if detecting else None
         except RunError:
-            saved = None  # damaged: graded again below
-        if saved is not None and _holds(saved, wanted, grader):
-            return saved
+            saved = found = None  # damaged: graded again below
+        if saved is not None and _holds(saved, wanted, grader) and (
+                found is None or set(zip(found[GRADES_KEY], found[GRADES_SHA])) <= set(zip(wanted[GRADES_KEY],
+                                                                                          wanted[GRADES_SHA]))):
+            return saved, found
     for row, rel, digest in zip(chunk.index + 1, chunk["image"], chunk["sha256"]):
         rundir.check_sha256(run_dir, rel, digest, int(row))
     images = [read_rgb(run_dir / rel) for rel in chunk["image"]]
-    frame = grader.predict(images, chunk.reset_index(drop=True))
+    meta = chunk.reset_index(drop=True)
+    frame, found = grader.predict_detections(images, meta) if detecting else (grader.predict(images, meta), None)
     _check_output(grader, frame, len(chunk))
     frame = pd.concat([wanted, frame.reset_index(drop=True).add_prefix(f"{grader.name}_")], axis=1)
+    if detecting:
+        rundir.write_table(found_part, _keyed(found, chunk, index="index"))  # first: a chunk is done with its grades
+        found = rundir.read_parquet(found_part)   # as a resumed run reads it, so both write the same bytes
     rundir.write_table(part, frame)
-    return frame
+    return frame, found
 
 
 def _holds(saved: pd.DataFrame, wanted: pd.DataFrame, grader: Grader) -> bool:
@@ -157,7 +297,8 @@ def _keep_other_graders(run_dir: Path, grades: pd.DataFrame,
                         names: list[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
     """``grades`` with the columns of graders not run now from the old ``grades.parquet``, on rows whose image
     and sha256 are unchanged (a changed image's old grades are dropped, not carried over), and the index
-    entries of those graders. An old file without ``image_sha256`` or that cannot be read is not carried over."""
+    entries of those graders. An old file without ``image_sha256`` or that cannot be read is not carried over;
+    nor are the grades of a grader that reads the output of one run now (they were made from other output)."""
     try:
         old, index = rundir.read_grades(run_dir), rundir.read_grades_index(run_dir)
     except RunError:
@@ -165,9 +306,11 @@ def _keep_other_graders(run_dir: Path, grades: pd.DataFrame,
     if old is None or GRADES_SHA not in old.columns:
         return grades, {}
     mine = [GRADES_KEY, GRADES_SHA]
-    keep = [c for c in old.columns if c not in mine and not any(c.startswith(f"{n}_") for n in names)]
     others = {name: entry for name, entry in index.items() if name not in names and isinstance(entry, dict)
-              and all(c in keep for c in entry.get("columns", []))}
+              and not set(entry.get("needs") or []) & set(names)}
+    keep = [c for c in old.columns if c not in mine and not any(c.startswith(f"{n}_") for n in names)
+            and not any(c in entry.get("columns", []) for n, entry in index.items() if n not in others)]
+    others = {name: entry for name, entry in others.items() if all(c in keep for c in entry.get("columns", []))}
     if keep:
         old = old.drop_duplicates(mine)
         grades = grades.merge(old[[*mine, *keep]], on=mine, how="left", validate="one_to_one")

@@ -13,8 +13,11 @@ through a symbolic link, is refused), atomic table writes, and the lock that kee
     RUN/manifest.parquet   one row per image (also manifest.csv)
     RUN/lesions.parquet    one row per lesion per image
     RUN/grades.parquet     one row per image: image, image_sha256, <grader>_<name> (``synthtrial grade``)
-    RUN/grades.json        per grader: fingerprint, columns, outcome columns
-    RUN/.grades/<grader>-<fingerprint>/<content key>.parquet   one graded chunk (resume)
+    RUN/grades.json        per grader: fingerprint, columns, outcome columns, the tables it wrote
+    RUN/detections.parquet one row per detection: image, image_sha256, box, class, score, counted (the detector)
+    RUN/tracks.parquet     one row per tracked detection: image, image_sha256, track_id, box, class, score,
+                           face position (the tracker)
+    RUN/.grades/<grader>-<fingerprint>/<content key>[.<table>].parquet   one graded chunk (resume)
     RUN/images/<patient>/<patient>_<YYYYMMDD|dNNN>_<view>.png
     RUN/masks/<patient>/<same stem>.png     16-bit instance map: lesion_id + 1, 0 = no lesion
     RUN/grids/<patient>.jpg                  contact sheet of the series
@@ -52,6 +55,8 @@ MANIFEST_CSV = "manifest.csv"
 LESIONS = "lesions.parquet"
 GRADES = "grades.parquet"
 GRADES_INDEX = "grades.json"
+DETECTIONS = "detections.parquet"
+TRACKS = "tracks.parquet"
 IMAGES = "images"
 MASKS = "masks"
 GRIDS = "grids"
@@ -81,6 +86,15 @@ LESION_COLUMNS = ("image", "patient_id", "day", "view", "lesion_id", "type", "x0
 GRADES_KEY = "image"
 #: The grade table's second key: the image's sha256 from the manifest when it was graded.
 GRADES_SHA = "image_sha256"
+#: The tables graders write beside the grades (``synthtrial grade``), each keyed by image and image_sha256 like
+#: the grades, and their columns. A detection is ``counted`` when it is part of the detector's lesion count (an
+#: active class at or above its count threshold); ``face_x``/``face_y`` place a tracked detection in face
+#: coordinates (interocular distances, :func:`synthtrial.face.mesh.mesh_coordinates`).
+BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+GRADE_TABLES = {
+    DETECTIONS: ("image", "image_sha256", *BOX_COLUMNS, "class", "score", "counted"),
+    TRACKS: ("image", "image_sha256", "track_id", *BOX_COLUMNS, "class", "score", "face_x", "face_y"),
+}
 
 _MAX_SHOWN = 120
 
@@ -303,6 +317,33 @@ def read_grades(run: str | os.PathLike[str]) -> pd.DataFrame | None:
         dup = grades[GRADES_KEY][grades[GRADES_KEY].duplicated()].iloc[0]
         raise RunError(f"{path}: column '{GRADES_KEY}': {show(dup)} is listed twice")
     return grades
+
+
+def read_grade_table(run: str | os.PathLike[str], name: str) -> pd.DataFrame | None:
+    """A table a grader wrote beside the grades (:data:`GRADE_TABLES`: ``detections.parquet``,
+    ``tracks.parquet``), validated: its columns present, image paths as text, finite boxes with ``x0 <= x1`` and
+    ``y0 <= y1``; None when the run has none."""
+    if name not in GRADE_TABLES:
+        raise ValueError(f"unknown grade table {name!r}; choose from {', '.join(GRADE_TABLES)}")
+    path = Path(run) / name
+    if not (path.exists() or path.is_symlink()):
+        return None
+    table = read_parquet(run_file(run, name))
+    require_columns(table, GRADE_TABLES[name], path)
+    bad = [i for i, v in enumerate(table["image"].tolist()) if not isinstance(v, str) or not v]
+    if bad:
+        raise RunError(f"{path}: row {bad[0] + 1}, column 'image': {show(table['image'].iloc[bad[0]])} is not a path")
+    boxes = {c: pd.to_numeric(table[c], errors="coerce").to_numpy(dtype=np.float64) for c in BOX_COLUMNS}
+    for column, values in boxes.items():
+        wrong = np.flatnonzero(~np.isfinite(values))
+        if wrong.size:
+            raise RunError(f"{path}: row {wrong[0] + 1}, column '{column}': {show(table[column].iloc[wrong[0]])} is "
+                           "not a finite number")
+    for lo, hi in (("x0", "x1"), ("y0", "y1")):
+        wrong = np.flatnonzero(boxes[hi] < boxes[lo])
+        if wrong.size:
+            raise RunError(f"{path}: row {wrong[0] + 1}, column '{hi}': less than {lo}")
+    return table.assign(**boxes).reset_index(drop=True)
 
 
 def read_grades_index(run: str | os.PathLike[str]) -> dict[str, Any]:
