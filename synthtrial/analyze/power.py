@@ -198,7 +198,7 @@ class StudySettings:
 def scenario_key(scenario: Scenario, settings: StudySettings) -> str:
     """A short hash of everything that changes a replicate's numbers (the cache folder's name)."""
     blob = json.dumps({"design": dataclasses.asdict(scenario.design), "model": dataclasses.asdict(scenario.model),
-                       "settings": dataclasses.asdict(settings), "version": 4}, sort_keys=True, default=str)
+                       "settings": dataclasses.asdict(settings), "version": 5}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -228,7 +228,7 @@ def run_replicate(scenario: Scenario, settings: StudySettings, replicate: int) -
     frames = [analyze_outcome(data, outcome, design.reference, exclude=exclude, trend=settings.trend,
                               seed=replicate, alpha=settings.alpha, methods=settings.methods,
                               random_slopes=settings.random_slopes, design=design, kinetics=kinetics,
-                              schedule=schedule)
+                              schedule=schedule, ar_phi=model.ar_phi)
               for outcome in outcomes]
     effects = attach_truth(pd.concat(frames, ignore_index=True), trial.truth, outcomes_on_truth_scale=POWER_OUTCOMES)
     effects = standardize(effects, data, trial.truth, exclude=exclude, trend=settings.trend)
