@@ -29,6 +29,9 @@ Choices, stated once:
   patients (:mod:`synthtrial.analyze.multiplicity`); the summary's ``familywise*`` columns are the share of
   trials with at least one call (the family-wise error under the null). A replicate with missing days gives
   them their scheduled treatment in the exposure curves (the design's schedule, rebuilt from its seed).
+* Roles: each row's role comes from the rules of :mod:`synthtrial.analyze.roles` with the scenario's own
+  AR(1) phi and kinetics, so a ``--design`` no grid holds is labelled as ``analyze`` would label it;
+  :mod:`synthtrial.analyze.grid` builds the size-and-coverage grid that checks those rules.
 * Rendered replicates travel to the workers one per chunk, ahead of the others, so a few slow ones do not
   queue behind one worker.
 """
