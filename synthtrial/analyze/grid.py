@@ -45,8 +45,8 @@ GRID_METHODS = ("period", "randomization", "gls_kinetics", "lmm", "lmm_cr1")
 #: An inferential method's CI must cover its estimand at least this often in every cell.
 MIN_COVERAGE = 0.93
 #: Columns of :func:`grid_table`, one row per cell x method x arm.
-TABLE_COLUMNS = ("cell", "period_days", "phi", "trend", "carryover", "order", "method", "level", "role", "size",
-                 "size_mc_se", "null_tests", "power", "coverage", "effect_tests", "check")
+TABLE_COLUMNS = ("cell", "period_days", "phi", "trend", "carryover", "order", "method", "level", "arm", "role",
+                 "size", "size_mc_se", "null_tests", "power", "coverage", "effect_tests", "check")
 
 
 def cell_name(period_days: int, phi: float, trend: bool, carryover: bool, randomized: bool) -> str:
@@ -87,10 +87,10 @@ def grid_table(summary: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """Per cell x method x arm of a grid study's summary: role, size (± MC SE), power, coverage and the check."""
     rows = []
     keys = ["design_name", "outcome", "method", "level", "arm"]
-    for (cell, _, method, level, _), grp in summary.groupby(keys, sort=False):
+    for (cell, _, method, level, arm), grp in summary.groupby(keys, sort=False):
         null, effect = grp[grp["effect_scale"] == 0], grp[grp["effect_scale"] != 0]
         roles = sorted(set(grp["role"]))
-        row = {"cell": cell, **_cell_fields(cell), "method": method, "level": level,
+        row = {"cell": cell, **_cell_fields(cell), "method": method, "level": level, "arm": arm,
                "role": roles[0] if len(roles) == 1 else " / ".join(roles),
                "size": _first(null, "rejection_rate"), "size_mc_se": _first(null, "mc_se"),
                "null_tests": int(null["tests"].sum()), "power": _first(effect, "rejection_rate"),

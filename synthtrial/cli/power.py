@@ -214,7 +214,8 @@ def power_command(preset: Presets = None, design_file: DesignFiles = None, perio
     if grid is not None:
         from synthtrial.analyze.grid import GRID_METHODS, grid_designs
 
-        designs, scales, default_methods, default_outcomes = grid_designs(grid.value), [0.0, 1.0], GRID_METHODS, ("oracle",)
+        designs, scales = grid_designs(grid.value), [0.0, 1.0]
+        default_methods, default_outcomes = GRID_METHODS, ("oracle",)
     else:
         designs, default_methods, default_outcomes = _designs(preset, design_file), DEFAULT_METHODS, POWER_OUTCOMES
         scales = [0.0] if null else (effect_scale or [1.0])
@@ -259,14 +260,15 @@ def _grid_outputs(summary, grid: str, path: Path | None, *, replicates: int, see
         written = write_grid(path, table, grid=grid, replicates=replicates, seed=seed, alpha=alpha)
         out.print(f"[green]wrote[/green] {written[0]} and {written[1]}")
     else:
-        view = Table(title=f"grid {grid}: {replicates} null and {replicates} effect trials per cell", box=box.SIMPLE_HEAD,
-                     title_justify="left", pad_edge=False, collapse_padding=True, padding=(0, 1))
-        for col in ("cell", "method", "role", "size", "MC SE", "power", "cover"):
-            view.add_column(col, justify="left" if col in ("cell", "method", "role") else "right", no_wrap=True)
+        view = Table(title=f"grid {grid}: {replicates} null and {replicates} effect trials per cell",
+                     box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False, collapse_padding=True, padding=(0, 1))
+        for col in ("cell", "method", "size", "MC SE", "power", "cover"):
+            view.add_column(col, justify="left" if col in ("cell", "method") else "right", no_wrap=True)
         for rec in table.itertuples(index=False):
-            view.add_row(rec.cell, rec.method, rec.role, _num(rec.size, 3), _num(rec.size_mc_se, 3), _num(rec.power, 3),
-                         _num(rec.coverage, 3))
+            view.add_row(rec.cell, _marked(rec.method, rec.role), _num(rec.size, 3), _num(rec.size_mc_se, 3),
+                         _num(rec.power, 3), _num(rec.coverage, 3))
         out.print(view)
+        out.print("* descriptive on the cell by the role rules (not checked); † not available", soft_wrap=False)
     bad = grid_violations(table, alpha)
     inferential = int((table["role"] == "inferential").sum())
     if bad.empty:
@@ -342,8 +344,6 @@ def _write_outputs(csv_path: Path | None, html_path: Path | None, summary, estim
 
 def _print_summary(summary, estimates, grid, replicates: int, alpha: float, rendered: int = 0) -> None:
     """One table per scenario, each fitting 80 columns."""
-    from synthtrial.analyze.estimators import NOT_AVAILABLE  # the statistics stack loads only when it is used
-
     for scenario in grid:
         rows = summary[summary["scenario"] == scenario.name]
         if scenario.effect_scale == 0:
@@ -361,10 +361,9 @@ def _print_summary(summary, estimates, grid, replicates: int, alpha: float, rend
                 table.add_section()
             table.add_row(f"[bold]{short_outcome(outcome_name)}[/bold]")
             for rec in group.itertuples(index=False):
-                name = rec.method + {"descriptive": "*", NOT_AVAILABLE: "†"}.get(rec.role, "")
-                table.add_row(" " + name, rec.arm, _num(rec.rejection_rate, 3), _num(rec.mc_se, 3), str(rec.tests),
-                              str(rec.no_p), _num(rec.bias, 3, sign=True), _num(rec.coverage, 2),
-                              _num(rec.share, 2))
+                table.add_row(" " + _marked(rec.method, rec.role), rec.arm, _num(rec.rejection_rate, 3),
+                              _num(rec.mc_se, 3), str(rec.tests), str(rec.no_p), _num(rec.bias, 3, sign=True),
+                              _num(rec.coverage, 2), _num(rec.share, 2))
         out.print(table)
         _print_familywise(rows, scenario)
     out.print(f"rate: share of tests with p < {alpha} (type I error where the effect is 0, else power); "
@@ -406,6 +405,13 @@ def _print_familywise(rows, scenario) -> None:
         table.add_row(short_outcome(rec.outcome), rec.method, rec.arm, str(rec.fw_trials), _num(rec.familywise, 3),
                       _num(rec.familywise_holm, 3), _num(rec.familywise_bh, 3))
     out.print(table)
+
+
+def _marked(method: str, role: str) -> str:
+    """A method's name with its role's mark: ``*`` descriptive, ``†`` not available, none for inferential."""
+    from synthtrial.analyze.estimators import DESCRIPTIVE, NOT_AVAILABLE  # the statistics stack loads when used
+
+    return method + {DESCRIPTIVE: "*", NOT_AVAILABLE: "†"}.get(role, "")
 
 
 def _num(value: float, digits: int, sign: bool = False) -> str:
