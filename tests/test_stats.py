@@ -407,8 +407,8 @@ def test_analyze_outcome_methods_subset_and_washout_as_an_arm_when_not_excluded(
 
 # --- truth ---------------------------------------------------------------------------------------------
 
-def _truth() -> dict:
-    """A small truth of the shape ``protocols/trial.truth.json`` has."""
+def _old_truth() -> dict:
+    """A small truth of the shape truth files had before the estimands (no carryover, no population values)."""
     return {
         "reference": "R",
         "population_effects": {"A": -0.9, "B": -0.5},
@@ -420,6 +420,16 @@ def _truth() -> dict:
                    "delivered_effects": {"A": -0.75, "B": -0.52}},
         },
     }
+
+
+def _truth() -> dict:
+    """A small truth of the shape ``protocols/trial.truth.json`` has (with the estimands)."""
+    truth = _old_truth()
+    truth["population_delivered_effects"] = {"A": -0.85, "B": -0.54}
+    truth["population_carryover_effects"] = {"A": -0.02, "B": -0.1}
+    truth["patients"]["P1"]["carryover_effects"] = {"A": -0.01, "B": -0.2}
+    truth["patients"]["P2"]["carryover_effects"] = {"A": -0.03, "B": -0.15}
+    return truth
 
 
 def test_attach_truth_bias_and_coverage():
@@ -438,6 +448,37 @@ def test_attach_truth_bias_and_coverage():
     assert list(out["covered"]) == [True, False, True, True, None, None, None]
     assert list(effects.columns) == ["outcome", "method", "scope", "arm", "reference", "estimate", "ci_low",
                                      "ci_high"]  # the input is left alone
+
+
+def test_attach_truth_sets_each_row_against_its_estimand():
+    truth = _truth()
+    truth["population_delivered_effects"]["A"] = -0.78          # the population value differs from the sample mean
+    effects = pd.DataFrame([
+        ("severity", "lmm", "population_delivered", "pooled", "A", "R", -0.80, -0.90, -0.79),
+        ("severity", "period", "patient_delivered", "P1", "B", "R", -0.50, -0.60, -0.40),
+        ("severity", "period", "patient_delivered", "P2", "A", "B", -0.20, -0.30, -0.10),
+    ], columns=["outcome", "method", "estimand", "scope", "arm", "reference", "estimate", "ci_low", "ci_high"])
+    out = S.attach_truth(effects, truth, outcomes_on_truth_scale=["severity"])
+    np.testing.assert_allclose(out["true_effect"], [-0.78, -0.58, -0.75 + 0.52])
+    assert list(out["covered"]) == [False, True, True]     # against the population, not the sample mean -0.85
+    np.testing.assert_allclose(out["true_sample_mean"], [-0.85, np.nan, np.nan])
+    np.testing.assert_allclose(out["true_steady_state"], [-0.9, -0.6, -0.8 + 0.4])
+    np.testing.assert_allclose(out["true_carryover"], [-0.02, -0.2, -0.03 + 0.15])
+
+
+def test_attach_truth_reads_a_truth_written_before_the_estimands():
+    """An older truth.json (no population values, no carryover) is still read: what it has is used, the rest
+    is NaN, and the pooled row gets no truth rather than the sample mean its interval is not for."""
+    effects = pd.DataFrame([
+        ("severity", "lmm", "pooled", "A", "R", -0.80, -0.90, -0.70),
+        ("severity", "welch", "P1", "A", "R", -0.90, -0.93, -0.80),
+    ], columns=["outcome", "method", "scope", "arm", "reference", "estimate", "ci_low", "ci_high"])
+    out = S.attach_truth(effects, _old_truth(), outcomes_on_truth_scale=["severity"])
+    np.testing.assert_allclose(out["true_effect"], [np.nan, -0.95])
+    np.testing.assert_allclose(out["true_sample_mean"], [-0.85, np.nan])
+    np.testing.assert_allclose(out["true_steady_state"], [-0.9, -1.0])
+    assert out["true_carryover"].isna().all()
+    assert list(out["covered"]) == [None, False]
 
 
 def test_attach_truth_on_the_shipped_trial():
@@ -501,7 +542,7 @@ def test_standardize_puts_outcomes_on_one_scale_and_reports_the_share():
     data["oracle"] = data["y"]
     data["rescaled"] = 3.0 * data["y"] + 7.0           # the same information on another scale
     data["noisier"] = data["y"] + rng.normal(0, 0.6, len(data))
-    truth = {"reference": "R", "mean_delivered_effects": {"T": -0.6},
+    truth = {"reference": "R", "mean_delivered_effects": {"T": -0.6}, "population_delivered_effects": {"T": -0.6},
              "patients": {pid: {"delivered_effects": {"T": -0.6}} for pid in data["patient_id"].unique()}}
     frames = [S.analyze_outcome(data, o, "R", methods=["lmm"], trend=False) for o in ("oracle", "rescaled", "noisier")]
     effects = S.attach_truth(pd.concat(frames, ignore_index=True), truth, outcomes_on_truth_scale=("oracle",))

@@ -16,6 +16,8 @@ Methods and what they may be used for (``role``), chosen by simulation (README.m
 * descriptive, per patient — ``welch``, ``permutation`` (day-level), ``gls_ar1`` (treatment as a step) and
   ``hac`` (Newey-West): they read the autocorrelation, the wash-in ramp or a slow trend as effect or as
   noise and do not hold their size on the shipped designs (:mod:`synthtrial.analyze.daylevel`, ``nof1.hac``).
+* every per-patient method estimates the patient's delivered contrast, the pooled model the population's
+  (``Estimator.estimand``; :mod:`synthtrial.analyze.estimands`).
 * The role on a design is decided by what holds there (:mod:`synthtrial.analyze.roles` states the rules):
   ``gls_kinetics`` is descriptive on series too short for their autocorrelation (fewer than
   :data:`GLS_KINETICS_MIN_DAYS` days or :data:`GLS_KINETICS_MIN_EFFECTIVE_DAYS` effectively independent
@@ -36,6 +38,7 @@ import pandas as pd
 
 from synthtrial.analyze import nof1, roles
 from synthtrial.analyze.daylevel import gls_ar1_arrays, permutation_test, welch_t
+from synthtrial.analyze.estimands import PATIENT_DELIVERED, POPULATION_DELIVERED
 from synthtrial.analyze.estimate import (NAN, Estimate, dropped_note, join_notes, missing_estimate, show_names,
                                          working_frame)
 from synthtrial.analyze.mixed import CR1, CR2, mixed_model_both
@@ -167,6 +170,7 @@ class Estimator(ABC):
     role: str
     pooled: ClassVar[bool] = False
     uses_exposure: ClassVar[bool] = False   # fitted on the exposure curves when the kinetics are known
+    estimand: ClassVar[str] = PATIENT_DELIVERED  # what its estimate targets (:mod:`synthtrial.analyze.estimands`)
 
     def role_on(self, n: int, outcome: str, options: FitOptions | None = None, data: Any = None,
                 estimate: Estimate | None = None) -> tuple[str, str]:
@@ -266,6 +270,7 @@ class GLSKinetics(Estimator):
 
 class MixedModel(Estimator):
     role, pooled, uses_exposure = INFERENTIAL, True, True
+    estimand = POPULATION_DELIVERED
 
     def __init__(self, name: str) -> None:
         self.name = name

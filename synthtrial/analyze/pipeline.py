@@ -62,9 +62,10 @@ BASE_OUTCOMES = ("oracle", "lesion_severity", "lesion_count", "iga")
 #: with the autoencoder, pca.json, embeddings.parquet and the autoencoder's files).
 ANALYSIS, OUTCOMES, EFFECTS, REPORT, EMBEDDINGS = ("analysis", "outcomes.parquet", "effects.csv", "report.html",
                                                    "embeddings.parquet")
-EFFECT_COLUMNS = ("outcome", "method", "role", "scope", "arm", "reference", "estimate", "se", "ci_low", "ci_high",
-                  "p", "n", "p_holm", "p_bh", "responder", "responder_holm", "responder_bh", "true_effect", "bias", "covered", "residual_sd", "std_estimate", "std_ci_low",
-                  "std_ci_high", "std_true_effect", "share", "std_covered", "note")
+EFFECT_COLUMNS = ("outcome", "method", "role", "estimand", "scope", "arm", "reference", "estimate", "se", "ci_low",
+                  "ci_high", "p", "n", "p_holm", "p_bh", "responder", "responder_holm", "responder_bh", "true_effect",
+                  "bias", "covered", "true_steady_state", "true_carryover", "true_sample_mean", "residual_sd",
+                  "std_estimate", "std_ci_low", "std_ci_high", "std_true_effect", "share", "std_covered", "note")
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,7 @@ def outcome_effects(outcomes: pd.DataFrame, columns: list[str], truth: dict | No
     """Every outcome's effects by every method (views of a day averaged), beside the truth, raw and standardised."""
     from synthtrial.analyze.multiplicity import adjust_responders
     from synthtrial.analyze.nof1 import Kinetics
-    from synthtrial.analyze.stats import analyze_outcome, attach_truth, standardize
+    from synthtrial.analyze.stats import TRUTH_COLUMNS, analyze_outcome, attach_truth, standardize
 
     per_day = daily(outcomes, columns)
     design = _design_of(truth)
@@ -284,7 +285,7 @@ def outcome_effects(outcomes: pd.DataFrame, columns: list[str], truth: dict | No
         if truth is not None:
             effects = attach_truth(effects, truth, outcomes_on_truth_scale=TRUTH_SCALE_OUTCOMES)
         else:
-            for col in ("true_effect", "bias", "covered"):
+            for col in TRUTH_COLUMNS:
                 effects[col] = np.nan
         effects = standardize(effects, per_day, truth, exclude=exclude, trend=settings.trend)
         effects = adjust_responders(effects, settings.alpha)

@@ -18,15 +18,16 @@ import numpy as np
 import pandas as pd
 
 from synthtrial.analyze import nof1
+from synthtrial.analyze.estimands import PATIENT_DELIVERED, POPULATION_DELIVERED, TABLES, truth_tables
 from synthtrial.analyze.estimate import NAN, check_alpha, join_notes, show_names
 from synthtrial.analyze.estimators import METHODS, POOLED, FitOptions, choose, prepare
 from synthtrial.util.errors import SynthtrialError
 
 #: Columns of the frame :func:`analyze_outcome` returns.
-RESULT_COLUMNS = ("outcome", "method", "role", "scope", "arm", "reference", "estimate", "se", "ci_low", "ci_high",
+RESULT_COLUMNS = ("outcome", "method", "role", "estimand", "scope", "arm", "reference", "estimate", "se", "ci_low", "ci_high",
                   "p", "n", "note")
 #: Columns :func:`attach_truth` adds.
-TRUTH_COLUMNS = ("true_effect", "bias", "covered")
+TRUTH_COLUMNS = ("true_effect", "bias", "covered", "true_steady_state", "true_carryover", "true_sample_mean")
 #: Columns :func:`standardize` adds.
 STANDARD_COLUMNS = ("residual_sd", "std_estimate", "std_ci_low", "std_ci_high", "std_true_effect", "share",
                     "std_covered")
@@ -75,7 +76,8 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
             for arm, est in estimator.fit(unit).items():
                 n = estimator.nobs(unit, arm)
                 role, why = estimator.role_on(n, outcome, options, unit, est)
-                rows.append({"outcome": outcome, "method": estimator.name, "role": role, "scope": scope, "arm": arm,
+                rows.append({"outcome": outcome, "method": estimator.name, "role": role,
+                             "estimand": estimator.estimand, "scope": scope, "arm": arm,
                              "reference": options.reference, "estimate": est.estimate, "se": est.se,
                              "ci_low": est.ci_low, "ci_high": est.ci_high, "p": est.p, "n": int(n),
                              "note": join_notes(est.note, unit.note, why)})
@@ -84,13 +86,17 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
 
 def attach_truth(effects: pd.DataFrame, truth: Mapping[str, Any], *,
                  outcomes_on_truth_scale: Collection[str] = ("severity",)) -> pd.DataFrame:
-    """Add ``true_effect``, ``bias`` and ``covered`` from a simulation truth (``<stem>.truth.json``).
+    """Add the columns of :data:`TRUTH_COLUMNS` from a simulation truth (``<stem>.truth.json``).
 
-    Pooled rows get ``mean_delivered_effects[arm]``, patient rows that patient's
-    ``delivered_effects[arm]``: the difference a perfect outcome would show (kinetics included). A
-    contrast against another reference than the truth's is the difference of the two delivered effects.
-    Only outcomes in ``outcomes_on_truth_scale`` (the 0-3 severity scale) have a truth; other rows, and
-    arms or patients the truth does not know, get NaN and ``covered`` None (also when the CI is NaN).
+    Each row is set against the estimand it targets (its ``estimand`` column; without one, pooled rows target
+    the population and per-patient rows the patient, :mod:`synthtrial.analyze.estimands`): ``true_effect`` is
+    that estimand's value, ``bias`` and ``covered`` are measured against it; ``true_steady_state`` is the
+    steady-state effect of the same scope (patient's, or the population's), ``true_carryover`` the carryover
+    part of ``true_effect`` and ``true_sample_mean`` (pooled rows) the mean of the trial's patients' delivered
+    contrasts, the estimand of an interval conditional on these patients. A contrast against another reference
+    than the truth's is the difference of the two arms' values. Only outcomes in ``outcomes_on_truth_scale``
+    (the 0-3 severity scale) have a truth; other rows, arms or patients the truth does not know, and values an
+    older truth file lacks get NaN, and ``covered`` None (also when the CI is NaN).
     """
     if not isinstance(effects, pd.DataFrame):
         raise SynthtrialError(f"expected a pandas DataFrame of effects, got {type(effects).__name__}")
@@ -103,29 +109,34 @@ def attach_truth(effects: pd.DataFrame, truth: Mapping[str, Any], *,
             raise SynthtrialError(f"truth lacks key '{key}' (expected the shape of <stem>.truth.json)")
     truth_reference = str(truth["reference"])
     on_scale = {str(name) for name in outcomes_on_truth_scale}
-    patients = truth["patients"] or {}
 
-    def delivered(scope: str) -> Mapping[str, Any] | None:
-        if scope == POOLED:
-            return truth["mean_delivered_effects"]
-        entry = patients.get(scope) if isinstance(patients, Mapping) else None
-        return None if entry is None else entry.get("delivered_effects")
-
-    def effect_of(table: Mapping[str, Any], arm: str) -> float:
+    def effect_of(table: Mapping[str, Any] | None, arm: str) -> float:
+        if not isinstance(table, Mapping):
+            return NAN
         if arm == truth_reference:
             return 0.0
         value = table.get(arm)
         return NAN if value is None else float(value)
 
     columns = [effects[c].astype(str).to_numpy(dtype=object) for c in ("outcome", "scope", "arm", "reference")]
-    tables = {scope: delivered(scope) for scope in set(columns[1].tolist())}
-    true_effect = []
-    for outcome, scope, arm, reference in zip(*columns):
-        table = tables[scope] if outcome in on_scale else None
-        true_effect.append(NAN if table is None else effect_of(table, arm) - effect_of(table, reference))
-    true_effect = np.asarray(true_effect, dtype=float)
+    if "estimand" in effects.columns:
+        estimands = effects["estimand"].astype(str).to_numpy(dtype=object)
+    else:
+        estimands = np.where(columns[1] == POOLED, POPULATION_DELIVERED, PATIENT_DELIVERED)
+    cache: dict[tuple[str, str], dict[str, Any]] = {}
+    values = {key: np.full(len(effects), NAN) for key in TABLES}
+    for i, (outcome, scope, arm, reference, estimand) in enumerate(zip(*columns, estimands)):
+        if outcome not in on_scale:
+            continue
+        if (scope, estimand) not in cache:
+            cache[scope, estimand] = truth_tables(truth, scope, estimand)
+        for key, table in cache[scope, estimand].items():
+            values[key][i] = effect_of(table, arm) - effect_of(table, reference)
+    true_effect = values["truth"]
     return effects.assign(true_effect=true_effect, bias=effects["estimate"].to_numpy(dtype=float) - true_effect,
-                          covered=_covered(true_effect, effects["ci_low"], effects["ci_high"], effects.index))
+                          covered=_covered(true_effect, effects["ci_low"], effects["ci_high"], effects.index),
+                          true_steady_state=values["steady_state"], true_carryover=values["carryover"],
+                          true_sample_mean=values["sample_mean"])
 
 
 def _covered(truth: np.ndarray, low: Any, high: Any, index: pd.Index) -> pd.Series:

@@ -20,7 +20,8 @@ Two plain-data configs drive it:
 
 :func:`simulate_trial` returns the protocol (the same normalised frame :mod:`synthtrial.trial.protocol`
 reads) and ``truth``: every parameter, and every patient's baseline, true effects and the mean
-effect the schedule actually delivered (kinetics included).
+effect the schedule actually delivered (kinetics included), split into its direct and carryover parts,
+with sample means and population values (:mod:`synthtrial.trial.estimands` defines each).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import pandas as pd
 
 from synthtrial import __version__
 from synthtrial.trial import scale
+from synthtrial.trial.estimands import mean_difference, patient_estimands, trial_estimands
 from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.atomic import write_text_atomic
 from synthtrial.trial.protocol import (COLUMNS, DEFAULT_VIEW, MAX_DATE, MAX_DAY, MAX_DAY_SPAN, MAX_ROWS, MIN_DATE,
@@ -417,8 +419,10 @@ def _simulate_patient(row_days: np.ndarray, row_treatments: np.ndarray, model: S
 
     effects = {a: model.effects.get(a, 0.0) + model.effect_sd * float(effect_rng.standard_normal()) for a in active}
     effect_part = np.zeros(len(grid))
+    curves = {}
     for a in active:
-        effect_part += effects[a] * exposure(arm_on_day == a, model.washin_half_life, model.washout_half_life)
+        curves[a] = exposure(arm_on_day == a, model.washin_half_life, model.washout_half_life)
+        effect_part += effects[a] * curves[a]
     mu = baseline + model.trend_per_day * (grid - first) + effect_part
     noise = _ar1(noise_rng, len(grid), model.ar_phi, model.noise_sd)
     raw = mu + noise
@@ -434,12 +438,13 @@ def _simulate_patient(row_days: np.ndarray, row_treatments: np.ndarray, model: S
         keep = ~np.isin(row_days, missing_days)
 
     ref_days = arm_on_day == reference
-    delivered = {a: _mean_difference(effect_part, arm_on_day == a, ref_days) for a in active}
+    delivered = {a: mean_difference(effect_part, arm_on_day == a, ref_days) for a in active}
     in_row_order = row_treatments[np.sort(first_row)].tolist()
     truth = {
         "baseline": baseline,
         "effects": effects,
         "delivered_effects": delivered,
+        **patient_estimands(effects, delivered, curves, arm_on_day, reference),
         "period_order": [t for i, t in enumerate(in_row_order) if i == 0 or t != in_row_order[i - 1]],
         "first_day": first,
         "last_day": last,
@@ -451,7 +456,9 @@ def _simulate_patient(row_days: np.ndarray, row_treatments: np.ndarray, model: S
 
 def _truth(model: SeverityModel, seed: int, reference: str, active: list[str], treatments: list[str],
            patients: dict[str, Any]) -> dict[str, Any]:
-    """The truth file's content: every parameter and every patient's truth, with the arms' summaries."""
+    """The truth file's content: every parameter and every patient's truth, with the arms' summaries and
+    estimands (:mod:`synthtrial.trial.estimands`)."""
+    population = {a: model.effects.get(a, 0.0) for a in active}
     return {
         "synthtrial_version": __version__,
         "seed": int(seed),
@@ -460,16 +467,21 @@ def _truth(model: SeverityModel, seed: int, reference: str, active: list[str], t
         "treatments": treatments,
         "model": dataclasses.asdict(model),
         "equations": MODEL_EQUATIONS,
-        "population_effects": {a: model.effects.get(a, 0.0) for a in active},
+        "population_effects": population,
         "mean_delivered_effects": {a: _mean([p["delivered_effects"][a] for p in patients.values()])
                                    for a in active},
+        **trial_estimands(population, patients, active),
         "clipped_days": sum(p["clipped_days"] for p in patients.values()),
         "patients": patients,
         "notes": ("effects are in severity units (0-3 scale), negative improves, relative to the reference arm. "
                   "'effects' are each patient's steady-state effects; 'delivered_effects' are the mean effect "
                   "on that arm's days minus the mean effect on reference days, with wash-in, washout and "
                   "carryover applied (no trend, no noise, no clipping): the difference a perfect outcome would "
-                  "show. 'clipped_days' counts days whose severity was clipped to the 0-3 scale."),
+                  "show; it splits into 'direct_effects' (the arm's own effect at the exposure its days reach) "
+                  "and 'carryover_effects' (exposure on days an arm is not given), defined under 'estimands'. "
+                  "'mean_*' average over the trial's patients, 'population_*' hold the population effects through "
+                  "the patients' mean exposure contrasts. 'clipped_days' counts days whose severity was clipped "
+                  "to the 0-3 scale."),
     }
 
 
@@ -507,12 +519,6 @@ def _ar1(rng: np.random.Generator, n: int, phi: float, sd: float) -> np.ndarray:
     for t in range(1, n):
         e[t] = phi * e[t - 1] + innovation * z[t]
     return e
-
-
-def _mean_difference(values: np.ndarray, on: np.ndarray, ref: np.ndarray) -> float | None:
-    if not on.any() or not ref.any():
-        return None
-    return float(values[on].mean() - values[ref].mean())
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
