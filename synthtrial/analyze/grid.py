@@ -17,8 +17,9 @@ Choices, stated once:
   of the effect (SD 0.1) around a population effect of -0.3.
 * Outcome: the oracle severity (the methods, not the graders, are checked); the inferential-by-design
   methods only (:data:`GRID_METHODS`): the descriptive ones are not claimed to hold anywhere.
-* Coverage is of the effect scenario's truth, the estimand each row names (``true_effect``); the
-  randomisation test gives no CI and has none.
+* Coverage is of the effect scenario's truth, the estimand each row names (``estimand``, ``true_effect``:
+  the patient's delivered contrast per patient, the population's for the pooled model;
+  :mod:`synthtrial.analyze.estimands`); the randomisation test gives no CI and has none.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ GRID_METHODS = ("period", "randomization", "gls_kinetics", "lmm", "lmm_cr1")
 MIN_COVERAGE = 0.93
 #: Columns of :func:`grid_table`, one row per cell x method x arm.
 TABLE_COLUMNS = ("cell", "period_days", "phi", "trend", "carryover", "order", "method", "level", "arm", "role",
-                 "size", "size_mc_se", "null_tests", "power", "coverage", "effect_tests", "check")
+                 "estimand", "size", "size_mc_se", "null_tests", "power", "coverage", "effect_tests", "check")
 
 
 def cell_name(period_days: int, phi: float, trend: bool, carryover: bool, randomized: bool) -> str:
@@ -92,6 +93,7 @@ def grid_table(summary: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         roles = sorted(set(grp["role"]))
         row = {"cell": cell, **_cell_fields(cell), "method": method, "level": level, "arm": arm,
                "role": roles[0] if len(roles) == 1 else " / ".join(roles),
+               "estimand": grp["estimand"].iloc[0] if "estimand" in grp else "",
                "size": _first(null, "rejection_rate"), "size_mc_se": _first(null, "mc_se"),
                "null_tests": int(null["tests"].sum()), "power": _first(effect, "rejection_rate"),
                "coverage": _first(effect, "coverage"), "effect_tests": int(effect["tests"].sum())}
@@ -154,8 +156,8 @@ def write_grid(path: str | Path, table: pd.DataFrame, *, grid: str, replicates: 
                f"coverage >= {MIN_COVERAGE:g})." if bad.empty else
                f"**Check: {len(bad)} of {inferential} inferential rows fail** (size <= {alpha:g} + 2 MC SE, "
                f"coverage >= {MIN_COVERAGE:g}):\n\n" + markdown_table(bad, ("cell", "method", "role", "check")))
-    shown = ("period_days", "phi", "trend", "carryover", "order", "method", "role", "size", "size_mc_se", "power",
-             "coverage", "check")
+    shown = ("period_days", "phi", "trend", "carryover", "order", "method", "role", "estimand", "size", "size_mc_se",
+             "power", "coverage", "check")
     text = (f"# Size-and-coverage grid ({grid})\n\n"
             f"Written by `synthtrial power --grid {grid} --replicates {replicates} --seed {seed} --grid-table "
             f"{path.name}` ({replicates} null and {replicates} effect trials per cell; {GRID_PATIENTS} patients, "

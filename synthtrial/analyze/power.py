@@ -201,7 +201,7 @@ class StudySettings:
 def scenario_key(scenario: Scenario, settings: StudySettings) -> str:
     """A short hash of everything that changes a replicate's numbers (the cache folder's name)."""
     blob = json.dumps({"design": dataclasses.asdict(scenario.design), "model": dataclasses.asdict(scenario.model),
-                       "settings": dataclasses.asdict(settings), "version": 5}, sort_keys=True, default=str)
+                       "settings": dataclasses.asdict(settings), "version": 6}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -484,7 +484,8 @@ def summarize_power(estimates: pd.DataFrame, alpha: float = 0.05) -> pd.DataFram
         std_covered = grp["std_covered"].dropna().astype(bool) if "std_covered" in grp else pd.Series(dtype=bool)
         share = grp["share"].replace([np.inf, -np.inf], np.nan) if "share" in grp else pd.Series(dtype=float)
         rows.append({
-            **dict(zip(SUMMARY_KEYS, keys)), "population_effect": effect,
+            **dict(zip(SUMMARY_KEYS, keys)), **({"estimand": grp["estimand"].iloc[0]} if "estimand" in grp else {}),
+            "population_effect": effect,
             "quantity": "type I error" if effect == 0 else "power",
             "rejection_rate": rate, "mc_se": float(np.sqrt(rate * (1 - rate) / n)) if n else np.nan,
             "tests": n, "no_p": int((~has_p).sum()),
