@@ -18,8 +18,11 @@ Methods and what they may be used for (``role``), chosen by simulation (README.m
   noise and do not hold their size on the shipped designs (:mod:`synthtrial.analyze.daylevel`, ``nof1.hac``).
 * every per-patient method estimates the patient's delivered contrast, the pooled model the population's
   (``Estimator.estimand``; :mod:`synthtrial.analyze.estimands`).
-* ``gls_kinetics`` is demoted to descriptive on series shorter than :data:`GLS_KINETICS_MIN_DAYS` and on a
-  grader's outcome (:data:`DESCRIPTIVE_ON_GRADER_OUTCOMES`).
+* The role on a design is decided by what holds there (:mod:`synthtrial.analyze.roles` states the rules):
+  ``gls_kinetics`` is descriptive on series too short for their autocorrelation (fewer than
+  :data:`GLS_KINETICS_MIN_DAYS` days or :data:`GLS_KINETICS_MIN_EFFECTIVE_DAYS` effectively independent
+  ones) and on a grader's outcome (:data:`DESCRIPTIVE_ON_GRADER_OUTCOMES`); ``period`` is descriptive where
+  carryover with a fixed order biases it; ``randomization`` is ``not available`` where it cannot reject.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from synthtrial.analyze import nof1
+from synthtrial.analyze import nof1, roles
 from synthtrial.analyze.daylevel import gls_ar1_arrays, permutation_test, welch_t
 from synthtrial.analyze.estimands import PATIENT_DELIVERED, POPULATION_DELIVERED
 from synthtrial.analyze.estimate import (NAN, Estimate, dropped_note, join_notes, missing_estimate, show_names,
@@ -42,15 +45,17 @@ from synthtrial.analyze.mixed import CR1, CR2, mixed_model_both
 from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.seeding import derive_seed
 
-INFERENTIAL, DESCRIPTIVE = "inferential", "descriptive"
+INFERENTIAL, DESCRIPTIVE = roles.INFERENTIAL, roles.DESCRIPTIVE
 #: The role of a test that cannot reject on this design (a randomisation test with too few orders): its row
 #: keeps the estimate (and the p, where there is one) but is neither a test nor a description to rely on.
 NOT_AVAILABLE = "not available"
 #: ``scope`` of pooled estimates (per-patient ones carry the patient id).
 POOLED = "pooled"
 #: ``gls_kinetics`` is inferential on series at least this long: it held its size on the anchor design's
-#: 140 days (4.7-5.1% at alpha 0.05 over 500 null trials) but rejected 6.4-6.6% on the quick design's 16.
-GLS_KINETICS_MIN_DAYS = 100
+#: 140 days (4.7-5.1% at alpha 0.05 over 500 null trials) but rejected 6.4-6.6% on the quick design's 16;
+#: and with at least so many effectively independent days (:func:`synthtrial.analyze.roles.gls_kinetics_role`).
+GLS_KINETICS_MIN_DAYS = roles.GLS_KINETICS_MIN_DAYS
+GLS_KINETICS_MIN_EFFECTIVE_DAYS = roles.GLS_KINETICS_MIN_EFFECTIVE_DAYS
 #: Outcome columns read off the images by a grader are named ``grader_<grader>_<column>`` (``analyze``'s naming).
 GRADER_OUTCOME_PREFIX = "grader_"
 #: Methods that are only descriptive on a grader's outcome: a grader counts lesions that live for days to weeks,
@@ -75,6 +80,7 @@ class FitOptions:
     design_known: bool = False
     orders: tuple[tuple[str, ...], ...] | None = None   # the design's possible period orders (None: fixed/unknown)
     kinetics: nof1.Kinetics | None = None
+    ar_phi: float | None = None   # the design's AR(1) coefficient (a simulated trial's), None where unknown
 
 
 class Series:
@@ -118,6 +124,17 @@ class PatientSeries(Series):
     def on(self, arm: str) -> np.ndarray:
         return self.values[self.treatments == arm]
 
+    @cached_property
+    def carryover_bias(self) -> float:
+        """The period-level estimate's bias from carryover on this schedule, as a share of the delivered contrast
+        (:func:`roles.period_carryover_bias`; 0 without known kinetics)."""
+        o = self.options
+        if o.kinetics is None:
+            return 0.0
+        return roles.period_carryover_bias(self.scheduled_days, self.scheduled_treatments, self.scheduled_values,
+                                           set(o.excluded), self.blocks, o.reference, self.arms, o.kinetics,
+                                           trend=o.trend, calendar=self.calendar)
+
 
 @dataclass
 class PooledSeries(Series):
@@ -155,9 +172,11 @@ class Estimator(ABC):
     uses_exposure: ClassVar[bool] = False   # fitted on the exposure curves when the kinetics are known
     estimand: ClassVar[str] = PATIENT_DELIVERED  # what its estimate targets (:mod:`synthtrial.analyze.estimands`)
 
-    def role_on(self, n: int, outcome: str, options: FitOptions | None = None) -> tuple[str, str]:
-        """The role of an estimate from ``n`` observations of ``outcome`` (fitted with ``options``), and a note
-        when it differs from the role by design."""
+    def role_on(self, n: int, outcome: str, options: FitOptions | None = None, data: Any = None,
+                estimate: Estimate | None = None) -> tuple[str, str]:
+        """The role of an ``estimate`` from ``n`` observations of ``outcome`` (fitted with ``options`` on
+        ``data``, the series it came from), and a note when it differs from the role by design or states an
+        assumption the design strains."""
         return self.role, ""
 
     def nobs(self, data: Any, arm: str) -> int:
@@ -174,6 +193,21 @@ class Period(Estimator):
 
     def nobs(self, data: PatientSeries, arm: str) -> int:
         return len(data.periods["mean"])
+
+    def role_on(self, n: int, outcome: str, options: FitOptions | None = None, data: Any = None,
+                estimate: Estimate | None = None) -> tuple[str, str]:
+        """Descriptive where carryover with a fixed order biases the estimate (:func:`roles.period_role`); a
+        note where neighbouring period means correlate (a conservative test)."""
+        if options is None or not isinstance(data, PatientSeries):
+            return self.role, ""
+        lengths = np.asarray(data.periods["n"], dtype=float)
+        note = roles.period_correlation_note(options.ar_phi, float(np.median(lengths)) if lengths.size else NAN)
+        kinetics = options.kinetics
+        if (options.design_known and options.orders is None and options.trend and kinetics is not None
+                and kinetics.washout_half_life > 0):
+            role, why = roles.period_role(data.carryover_bias, kinetics.washout_half_life)
+            return role, join_notes(why, note)
+        return self.role, note
 
     def fit(self, data: PatientSeries) -> dict[str, Estimate]:
         o = data.options
@@ -193,7 +227,8 @@ class Randomization(Period):
         return nof1.randomization_test(data.periods, o.reference, data.arms, o.orders, trend=o.trend,
                                        seed=stream_seed(o.seed, data.patient))
 
-    def role_on(self, n: int, outcome: str, options: FitOptions | None = None) -> tuple[str, str]:
+    def role_on(self, n: int, outcome: str, options: FitOptions | None = None, data: Any = None,
+                estimate: Estimate | None = None) -> tuple[str, str]:
         """Not available where the design is known and gives the test no chance to reject at alpha: a fixed
         order (no randomisation distribution), or too few orders (smallest attainable p above alpha)."""
         if options is None or not options.design_known:
@@ -210,10 +245,17 @@ class Randomization(Period):
 class GLSKinetics(Estimator):
     name, role, uses_exposure = "gls_kinetics", INFERENTIAL, True
 
-    def role_on(self, n: int, outcome: str, options: FitOptions | None = None) -> tuple[str, str]:
-        if n < GLS_KINETICS_MIN_DAYS:
-            return DESCRIPTIVE, (f"descriptive: {n} days is too short for the AR(1) fit to hold its size "
-                                 f"(needs {GLS_KINETICS_MIN_DAYS})")
+    def role_on(self, n: int, outcome: str, options: FitOptions | None = None, data: Any = None,
+                estimate: Estimate | None = None) -> tuple[str, str]:
+        """Descriptive on a series too short for its autocorrelation (:func:`roles.gls_kinetics_role`: the design's
+        phi where known, else the patient's REML estimate) and on a grader's outcome."""
+        if options is not None and options.ar_phi is not None:
+            phi, source = options.ar_phi, "the design's"
+        else:
+            phi, source = roles.phi_from_note(estimate.note if estimate is not None else ""), "REML estimate"
+        role, why = roles.gls_kinetics_role(n, phi, source)
+        if role != self.role:
+            return role, why
         if self.name in DESCRIPTIVE_ON_GRADER_OUTCOMES and str(outcome).startswith(GRADER_OUTCOME_PREFIX):
             return DESCRIPTIVE, ("descriptive on a grader's outcome: lesions persist longer than AR(1) noise, "
                                  "and the test over-rejects (15% at 5%)")

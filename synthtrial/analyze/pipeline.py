@@ -344,6 +344,7 @@ def outcome_effects(outcomes: pd.DataFrame, columns: list[str], truth: dict | No
     per_day = daily(outcomes, columns)
     design = _design_of(truth)
     kinetics = Kinetics.from_truth(truth)
+    ar_phi = _ar_phi_of(truth)
     schedule = missing_day_schedule(truth, design, (truth or {}).get("seed"), per_day)
     with warnings.catch_warnings():
         # near-constant series (IGA within a patient) and boundary fits make scipy/statsmodels warn; the
@@ -352,7 +353,8 @@ def outcome_effects(outcomes: pd.DataFrame, columns: list[str], truth: dict | No
         effects = pd.concat([analyze_outcome(per_day, column, reference, exclude=exclude, trend=settings.trend,
                                              n_permutations=settings.n_permutations, seed=settings.seed,
                                              alpha=settings.alpha, methods=settings.methods, design=design,
-                                             kinetics=kinetics, schedule=schedule) for column in columns],
+                                             kinetics=kinetics, schedule=schedule, ar_phi=ar_phi)
+                             for column in columns],
                             ignore_index=True)
         if truth is not None:
             effects = attach_truth(effects, truth, outcomes_on_truth_scale=TRUTH_SCALE_OUTCOMES)
@@ -482,6 +484,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _ar_phi_of(truth: dict | None) -> float | None:
+    """The simulated AR(1) coefficient in a truth file (the role rules use it), or None."""
+    value = ((truth or {}).get("model") or {}).get("ar_phi")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and -1 < value < 1 else None
 
 
 def _design_of(truth: dict | None):

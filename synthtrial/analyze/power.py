@@ -29,6 +29,9 @@ Choices, stated once:
   patients (:mod:`synthtrial.analyze.multiplicity`); the summary's ``familywise*`` columns are the share of
   trials with at least one call (the family-wise error under the null). A replicate with missing days gives
   them their scheduled treatment in the exposure curves (the design's schedule, rebuilt from its seed).
+* Roles: each row's role comes from the rules of :mod:`synthtrial.analyze.roles` with the scenario's own
+  AR(1) phi and kinetics, so a ``--design`` no grid holds is labelled as ``analyze`` would label it;
+  :mod:`synthtrial.analyze.grid` builds the size-and-coverage grid that checks those rules.
 * Rendered replicates travel to the workers one per chunk, ahead of the others, so a few slow ones do not
   queue behind one worker.
 """
@@ -198,7 +201,7 @@ class StudySettings:
 def scenario_key(scenario: Scenario, settings: StudySettings) -> str:
     """A short hash of everything that changes a replicate's numbers (the cache folder's name)."""
     blob = json.dumps({"design": dataclasses.asdict(scenario.design), "model": dataclasses.asdict(scenario.model),
-                       "settings": dataclasses.asdict(settings), "version": 4}, sort_keys=True, default=str)
+                       "settings": dataclasses.asdict(settings), "version": 7}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -228,7 +231,7 @@ def run_replicate(scenario: Scenario, settings: StudySettings, replicate: int) -
     frames = [analyze_outcome(data, outcome, design.reference, exclude=exclude, trend=settings.trend,
                               seed=replicate, alpha=settings.alpha, methods=settings.methods,
                               random_slopes=settings.random_slopes, design=design, kinetics=kinetics,
-                              schedule=schedule)
+                              schedule=schedule, ar_phi=model.ar_phi)
               for outcome in outcomes]
     effects = attach_truth(pd.concat(frames, ignore_index=True), trial.truth, outcomes_on_truth_scale=POWER_OUTCOMES)
     effects = standardize(effects, data, trial.truth, exclude=exclude, trend=settings.trend, alpha=settings.alpha)
@@ -483,7 +486,8 @@ def summarize_power(estimates: pd.DataFrame, alpha: float = 0.05) -> pd.DataFram
         slope = (grp["calibration_slope"].replace([np.inf, -np.inf], np.nan) if "calibration_slope" in grp
                  else pd.Series(dtype=float))
         rows.append({
-            **dict(zip(SUMMARY_KEYS, keys)), "population_effect": effect,
+            **dict(zip(SUMMARY_KEYS, keys)), **({"estimand": grp["estimand"].iloc[0]} if "estimand" in grp else {}),
+            "population_effect": effect,
             "quantity": "type I error" if effect == 0 else "power",
             "rejection_rate": rate, "mc_se": float(np.sqrt(rate * (1 - rate) / n)) if n else np.nan,
             "tests": n, "no_p": int((~has_p).sum()),

@@ -25,9 +25,9 @@ from synthtrial.analyze.estimators import NOT_AVAILABLE
 from synthtrial.analyze.power_render import is_image_outcome
 from synthtrial.util.atomic import write_text_atomic
 
-_COLUMNS = ["scenario", "outcome", "method", "role", "level", "arm", "population_effect", "rejection_rate", "mc_se",
-            "tests", "no_p", "bias", "coverage", "calibration", "std_coverage", "fw_trials", "familywise", "familywise_holm",
-            "familywise_bh"]
+_COLUMNS = ["scenario", "outcome", "method", "role", "estimand", "level", "arm", "population_effect", "rejection_rate",
+            "mc_se", "tests", "no_p", "bias", "coverage", "calibration", "std_coverage", "fw_trials", "familywise",
+            "familywise_holm", "familywise_bh"]
 
 
 def _png(fig) -> str:
@@ -134,7 +134,7 @@ def write_power_report(path: str | Path, summary: pd.DataFrame, *, settings: Any
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
 table {{ border-collapse: collapse; font-size: 12px; margin: 0.5em 0 1.5em; }}
 th, td {{ border: 1px solid #ddd; padding: 3px 7px; text-align: right; }}
-th {{ background: #f4f4f4; }} td:nth-child(-n+6), th:nth-child(-n+6) {{ text-align: left; }}
+th {{ background: #f4f4f4; }} td:nth-child(-n+7), th:nth-child(-n+7) {{ text-align: left; }}
 img {{ max-width: 100%; }}
 </style></head><body>
 <h1>synthtrial power study</h1>

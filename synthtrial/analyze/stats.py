@@ -40,7 +40,8 @@ STANDARD_COLUMNS = ("residual_sd", "residual_df", "std_estimate", "std_ci_low", 
 def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude: Sequence[str] = (),
                     trend: bool = True, n_permutations: int = 2000, seed: int = 0, alpha: float = 0.05,
                     methods: Sequence[str] = METHODS, random_slopes: bool = True, design: Any = None,
-                    kinetics: nof1.Kinetics | None = None, schedule: pd.DataFrame | None = None) -> pd.DataFrame:
+                    kinetics: nof1.Kinetics | None = None, schedule: pd.DataFrame | None = None,
+                    ar_phi: float | None = None) -> pd.DataFrame:
     """Every arm against ``reference`` on one outcome, by each method; one tidy row per (method, scope, arm).
 
     Rows whose treatment is in ``exclude`` (e.g. washout days) are left out of every estimate, but they
@@ -56,7 +57,8 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
     ``treatment`` of every scheduled day, e.g. the simulated design's) gives a missing day its scheduled
     treatment in the exposure curves; without it a day that has no row continues the previous day's treatment.
     A role is ``not available`` where the design leaves the method no chance to reject (the randomisation
-    test on a fixed order or with too few orders).
+    test on a fixed order or with too few orders). ``ar_phi`` (the simulated design's AR(1) coefficient) enters
+    the role rules (:mod:`synthtrial.analyze.roles`); without it ``gls_kinetics`` uses its REML estimate.
     """
     alpha = check_alpha(alpha)
     chosen = choose(methods)
@@ -64,7 +66,8 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
     options = FitOptions(outcome=outcome, reference=str(reference), excluded=frozenset(str(e) for e in exclude),
                          trend=trend, alpha=alpha, n_permutations=n_permutations, seed=seed,
                          random_slopes=random_slopes, design_known=design is not None,
-                         orders=None if design is None else nof1.design_orders(design), kinetics=kinetics)
+                         orders=None if design is None else nof1.design_orders(design), kinetics=kinetics,
+                         ar_phi=ar_phi)
     pooled, patients = prepare(data, options, with_exposure=any(e.uses_exposure for e in chosen), schedule=schedule)
     rows: list[dict[str, Any]] = []
     for estimator in chosen:
@@ -73,7 +76,7 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
             scope = POOLED if estimator.pooled else unit.patient
             for arm, est in estimator.fit(unit).items():
                 n = estimator.nobs(unit, arm)
-                role, why = estimator.role_on(n, outcome, options)
+                role, why = estimator.role_on(n, outcome, options, unit, est)
                 rows.append({"outcome": outcome, "method": estimator.name, "role": role,
                              "estimand": estimator.estimand, "scope": scope, "arm": arm,
                              "reference": options.reference, "estimate": est.estimate, "se": est.se,

@@ -44,6 +44,13 @@ class PowerMethod(str, Enum):
     hac = "hac"
 
 
+class GridName(str, Enum):
+    """``--grid`` choices: synthtrial.analyze.grid.GRIDS (checked by a test)."""
+
+    full = "full"
+    small = "small"
+
+
 class PowerOutcome(str, Enum):
     oracle = "oracle"
     lesion_severity = "lesion_severity"
@@ -101,6 +108,15 @@ def _output_path(path: Path, option: str, suffixes: tuple[str, ...], force: bool
 #: The estimates CSV written beside ``--out``'s summary CSV.
 _ESTIMATES_SUFFIX = ".estimates.csv"
 
+GridOption = Annotated[Optional[GridName], typer.Option(
+    "--grid", help="Run the size-and-coverage grid instead of --preset/--design: pairs designs over period length x "
+    "AR(1) phi x trend x carryover x fixed/randomised order (full: 2-28 days, phi 0.3-0.95, 96 cells; small: the "
+    "corners, 32), a null and an effect scenario per cell, oracle outcome, the inferential methods; checks every "
+    "method labelled inferential (size <= alpha + 2 MC SE, coverage >= 0.93).", show_default=False,
+    rich_help_panel=_GRID)]
+GridTable = Annotated[Optional[Path], typer.Option(
+    "--grid-table", help="With --grid: write the grid table as Markdown (.md) and CSV beside it (e.g. docs/grid.md).",
+    show_default=False, rich_help_panel=_GRID)]
 Presets = Annotated[Optional[list[PresetName]], typer.Option(
     "--preset", help="A ready-made design (repeatable; default: quick).", show_default=False, rich_help_panel=_GRID)]
 DesignFiles = Annotated[Optional[list[Path]], typer.Option(
@@ -181,32 +197,85 @@ def power_command(preset: Presets = None, design_file: DesignFiles = None, perio
                   estimate_kinetics: EstimateKinetics = False, workers: Workers = None, scheduler: Scheduler = None,
                   cache: Cache = None, seed: Seed = 0, out_path: Out = None, report: Report = None, force: Force = False,
                   rendered: Rendered = 0, image_size: ImageSize = None, ae_epochs: AeEpochs = None,
-                  ae_image_size: AeImageSize = None, grader: Graders = None, quiet: Quiet = False) -> None:
+                  ae_image_size: AeImageSize = None, grader: Graders = None, grid: GridOption = None,
+                  grid_table: GridTable = None, quiet: Quiet = False) -> None:
     """Type I error, power, bias and CI coverage of every analysis over grids of simulated trials.
 
-    A scenario is one design x block length x effect scale; each replicate simulates a new trial and analyses the oracle severity and the lesion count (raw and standardised) with the per-patient tests (period-level, randomisation over the design's scheme, GLS-AR(1) with kinetics; descriptive: Welch, GLS-AR(1) with a step, Newey-West) and the pooled mixed model (CR2 and CR1). With --rendered N the first N replicates are also rendered, graded and embedded, so the image outcomes get power and a calibration slope too (their tests column counts those replicates). Runs on Dask; the result depends on --seed only.
+    A scenario is one design x block length x effect scale; each replicate simulates a new trial and analyses the oracle severity and the lesion count (raw and standardised) with the per-patient tests (period-level, randomisation over the design's scheme, GLS-AR(1) with kinetics; descriptive: Welch, GLS-AR(1) with a step, Newey-West) and the pooled mixed model (CR2 and CR1). With --rendered N the first N replicates are also rendered, graded and embedded, so the image outcomes get power and a calibration slope too (their tests column counts those replicates). With --grid the scenarios are the size-and-coverage grid's cells, and a table per cell and method (role, size, power, coverage) checks every method labelled inferential. Runs on Dask; the result depends on --seed only.
     """
     from synthtrial.analyze.power import DEFAULT_METHODS, POWER_OUTCOMES, StudySettings, power_study, scenario_grid
 
     csv_path, html_path = _outputs(out_path, report, force)
     if cache is not None and cache.exists() and not cache.is_dir():
         raise SynthtrialError(f"{cache} is not a directory (option --cache)")
-    designs = _designs(preset, design_file)
+    table_path = _grid_table_path(grid, grid_table, force, preset=preset, design=design_file, period_days=period_days,
+                                  effect_scale=effect_scale, null=null, effect=effect, patients=patients,
+                                  rendered=rendered)
+    if grid is not None:
+        from synthtrial.analyze.grid import GRID_METHODS, grid_designs
+
+        designs, scales = grid_designs(grid.value), [0.0, 1.0]
+        default_methods, default_outcomes = GRID_METHODS, ("oracle",)
+    else:
+        designs, default_methods, default_outcomes = _designs(preset, design_file), DEFAULT_METHODS, POWER_OUTCOMES
+        scales = [0.0] if null else (effect_scale or [1.0])
     effects = _effects(effect, designs)
     render = _render_settings(rendered, image_size=image_size, epochs=ae_epochs, ae_image_size=ae_image_size,
                               graders=tuple(g.value for g in grader) if grader else None)
-    grid = scenario_grid(designs, period_days=period_days or (), effect_scales=[0.0] if null else (effect_scale or [1.0]),
-                         effects=effects, n_patients=patients)
-    settings = StudySettings(seed=seed, methods=tuple(m.value for m in method) if method else DEFAULT_METHODS,
-                             outcomes=tuple(o.value for o in outcome) if outcome else POWER_OUTCOMES, alpha=alpha,
+    scenarios = scenario_grid(designs, period_days=period_days or (), effect_scales=scales, effects=effects,
+                              n_patients=patients)
+    settings = StudySettings(seed=seed, methods=tuple(m.value for m in method) if method else default_methods,
+                             outcomes=tuple(o.value for o in outcome) if outcome else default_outcomes, alpha=alpha,
                              trend=trend, random_slopes=random_slopes, estimate_kinetics=estimate_kinetics,
                              rendered=render)
-    with progress_bar("replicates", len(grid) * replicates, enabled=not quiet) as update:
-        estimates, summary = power_study(grid, replicates=replicates, settings=settings,
+    with progress_bar("replicates", len(scenarios) * replicates, enabled=not quiet) as update:
+        estimates, summary = power_study(scenarios, replicates=replicates, settings=settings,
                                          workers=workers or _default_workers(), scheduler=scheduler, cache=cache,
                                          progress=update)
-    _print_summary(summary, estimates, grid, replicates, alpha, rendered)
-    _write_outputs(csv_path, html_path, summary, estimates, settings, replicates, grid)
+    if grid is not None:
+        _grid_outputs(summary, grid.value, table_path, replicates=replicates, seed=seed, alpha=alpha)
+    else:
+        _print_summary(summary, estimates, scenarios, replicates, alpha, rendered)
+    _write_outputs(csv_path, html_path, summary, estimates, settings, replicates, scenarios)
+
+
+def _grid_table_path(grid: GridName | None, table: Path | None, force: bool, **others) -> Path | None:
+    """--grid-table's file, checked now; --grid refuses the options that make other scenarios (one line)."""
+    if grid is None:
+        if table is not None:
+            raise SynthtrialError("--grid-table needs --grid")
+        return None
+    given = [name for name, value in others.items() if value]
+    if given:
+        raise SynthtrialError(f"--grid makes its own scenarios; drop --{given[0].replace('_', '-')}")
+    return None if table is None else _output_path(table, "--grid-table", (".md",), force, companion=".csv")
+
+
+def _grid_outputs(summary, grid: str, path: Path | None, *, replicates: int, seed: int, alpha: float) -> None:
+    """The grid table (written to ``path`` with its CSV, else printed) and the check's verdict."""
+    from synthtrial.analyze.grid import MIN_COVERAGE, grid_table, grid_violations, write_grid
+
+    table = grid_table(summary, alpha)
+    if path is not None:
+        written = write_grid(path, table, grid=grid, replicates=replicates, seed=seed, alpha=alpha)
+        out.print(f"[green]wrote[/green] {written[0]} and {written[1]}")
+    else:
+        view = Table(title=f"grid {grid}: {replicates} null and {replicates} effect trials per cell",
+                     box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False, collapse_padding=True, padding=(0, 1))
+        for col in ("cell", "method", "size", "MC SE", "power", "cover"):
+            view.add_column(col, justify="left" if col in ("cell", "method") else "right", no_wrap=True)
+        for rec in table.itertuples(index=False):
+            view.add_row(rec.cell, _marked(rec.method, rec.role), _num(rec.size, 3), _num(rec.size_mc_se, 3),
+                         _num(rec.power, 3), _num(rec.coverage, 3))
+        out.print(view)
+        out.print("* descriptive on the cell by the role rules (not checked); † not available", soft_wrap=False)
+    bad = grid_violations(table, alpha)
+    inferential = int((table["role"] == "inferential").sum())
+    if bad.empty:
+        out.print(f"check: all {inferential} inferential rows hold (size <= {alpha:g} + 2 MC SE, coverage >= "
+                  f"{MIN_COVERAGE:g})", soft_wrap=False)
+    for rec in bad.itertuples(index=False):
+        out.print(f"check FAILS: {rec.cell} {rec.method} ({rec.level}): {rec.check}", soft_wrap=False)
 
 
 def _outputs(out_path: Path | None, report: Path | None, force: bool) -> tuple[Path | None, Path | None]:
@@ -275,8 +344,6 @@ def _write_outputs(csv_path: Path | None, html_path: Path | None, summary, estim
 
 def _print_summary(summary, estimates, grid, replicates: int, alpha: float, rendered: int = 0) -> None:
     """One table per scenario, each fitting 80 columns."""
-    from synthtrial.analyze.estimators import NOT_AVAILABLE  # the statistics stack loads only when it is used
-
     for scenario in grid:
         rows = summary[summary["scenario"] == scenario.name]
         if scenario.effect_scale == 0:
@@ -294,10 +361,9 @@ def _print_summary(summary, estimates, grid, replicates: int, alpha: float, rend
                 table.add_section()
             table.add_row(f"[bold]{short_outcome(outcome_name)}[/bold]")
             for rec in group.itertuples(index=False):
-                name = rec.method + {"descriptive": "*", NOT_AVAILABLE: "†"}.get(rec.role, "")
-                table.add_row(" " + name, rec.arm, _num(rec.rejection_rate, 3), _num(rec.mc_se, 3), str(rec.tests),
-                              str(rec.no_p), _num(rec.bias, 3, sign=True), _num(rec.coverage, 2),
-                              _num(rec.calibration, 2))
+                table.add_row(" " + _marked(rec.method, rec.role), rec.arm, _num(rec.rejection_rate, 3),
+                              _num(rec.mc_se, 3), str(rec.tests), str(rec.no_p), _num(rec.bias, 3, sign=True),
+                              _num(rec.coverage, 2), _num(rec.calibration, 2))
         out.print(table)
         _print_familywise(rows, scenario)
     out.print(f"rate: share of tests with p < {alpha} (type I error where the effect is 0, else power); "
@@ -340,6 +406,13 @@ def _print_familywise(rows, scenario) -> None:
         table.add_row(short_outcome(rec.outcome), rec.method, rec.arm, str(rec.fw_trials), _num(rec.familywise, 3),
                       _num(rec.familywise_holm, 3), _num(rec.familywise_bh, 3))
     out.print(table)
+
+
+def _marked(method: str, role: str) -> str:
+    """A method's name with its role's mark: ``*`` descriptive, ``†`` not available, none for inferential."""
+    from synthtrial.analyze.estimators import DESCRIPTIVE, NOT_AVAILABLE  # the statistics stack loads when used
+
+    return method + {DESCRIPTIVE: "*", NOT_AVAILABLE: "†"}.get(role, "")
 
 
 def _num(value: float, digits: int, sign: bool = False) -> str:

@@ -1,0 +1,83 @@
+"""The size-and-coverage grid: its cells, `synthtrial power --grid` at tiny scale, and the check's logic."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from synthtrial.analyze import grid as G
+from synthtrial.cli import app
+from synthtrial.cli.power import GridName
+from synthtrial.util.errors import SynthtrialError
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_grid_cells_span_the_ranges():
+    cells = G.grid_designs("full")
+    assert len(cells) == 96 and len({name for name, _, _ in cells}) == 96
+    assert {d.period_days for _, d, _ in cells} == {2, 7, 14, 28}
+    assert {m.ar_phi for _, _, m in cells} == {0.3, 0.6, 0.95}
+    assert {m.trend_per_day for _, _, m in cells} == {0.0, G.GRID_TREND}
+    assert {(m.washin_half_life, m.washout_half_life) for _, _, m in cells} == {(0.0, 0.0), G.GRID_KINETICS}
+    assert {d.randomize for _, d, _ in cells} == {False, True}
+    assert {d.days_per_patient for _, d, _ in cells} == {24, 84, 168, 336}
+    small = G.grid_designs("small")
+    assert len(small) == 32 and {d.period_days for _, d, _ in small} == {2, 28}
+    assert {g.value for g in GridName} == set(G.GRIDS)
+    with pytest.raises(SynthtrialError, match="unknown grid 'huge'"):
+        G.grid_designs("huge")
+
+
+def _row(cell, method, role, size, se, coverage):
+    return {"cell": cell, "method": method, "level": "per patient", "role": role, "size": size, "size_mc_se": se,
+            "coverage": coverage}
+
+
+def test_the_check_reports_every_inferential_row_that_fails_and_nothing_else():
+    table = pd.DataFrame([
+        _row("a", "period", "inferential", 0.050, 0.005, 0.95),          # holds
+        _row("a", "gls_kinetics", "inferential", 0.067, 0.003, 0.95),    # size: 0.067 > 0.05 + 0.006
+        _row("b", "lmm", "inferential", 0.058, 0.005, 0.95),             # within 2 MC SE: holds
+        _row("b", "lmm_cr1", "inferential", 0.040, 0.005, 0.92),         # coverage below 0.93
+        _row("c", "gls_kinetics", "descriptive", 0.150, 0.005, 0.50),    # not claimed: not checked
+        _row("c", "randomization", "not available", np.nan, np.nan, np.nan),
+        _row("d", "randomization", "inferential", 0.031, 0.004, np.nan),  # no CI: size alone
+    ])
+    bad = G.grid_violations(table)
+    assert list(zip(bad["cell"], bad["method"])) == [("a", "gls_kinetics"), ("b", "lmm_cr1")]
+    assert bad["check"].tolist() == ["size 0.067 > 0.05 + 2 x 0.003", "coverage 0.920 < 0.93"]
+    assert [G.check_row(row) for row in table.to_dict("records")] == [
+        "ok", bad["check"].iloc[0], "ok", bad["check"].iloc[1], "", "", "ok"]
+
+
+def test_grid_command_at_tiny_scale_writes_the_table(tmp_path):
+    path = tmp_path / "grid.md"
+    result = invoke("power", "--grid", "small", "--replicates", 1, "--workers", 1, "--grid-table", path, "--quiet")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "grid.csv")
+    assert tuple(table.columns) == G.TABLE_COLUMNS
+    assert len(table) == 32 * len(G.GRID_METHODS) and set(table["method"]) == set(G.GRID_METHODS)
+    assert set(table["cell"]) == {name for name, _, _ in G.grid_designs("small")}
+    assert (table["null_tests"] > 0).any() and set(table["period_days"]) == {2, 28}
+    rand = table[table["method"] == "randomization"].set_index("order")["role"]
+    assert set(rand["fixed"]) == {"not available"} and set(rand["random"]) == {"inferential"}
+    gls = table[table["method"] == "gls_kinetics"].set_index(["period_days", "phi"])["role"]
+    assert set(gls[(28, 0.3)]) == {"inferential"} and set(gls[(28, 0.95)]) == {"descriptive"}
+    assert set(gls[(2, 0.3)]) == {"descriptive"}                         # 24 days
+    checked = table["role"] == "inferential"
+    assert table.loc[checked, "check"].notna().all() and table.loc[~checked, "check"].isna().all()
+    text = path.read_text()
+    assert text.startswith("# Size-and-coverage grid (small)") and "**Check:" in text and "grid.csv" in text
+    assert "check" in result.stdout
+
+
+def test_grid_refuses_options_that_make_other_scenarios(tmp_path):
+    result = invoke("power", "--grid", "small", "--preset", "quick")
+    assert result.exit_code == 2 and "--grid makes its own scenarios; drop --preset" in result.stderr
+    result = invoke("power", "--preset", "quick", "--grid-table", tmp_path / "grid.md")
+    assert result.exit_code == 2 and "--grid-table needs --grid" in result.stderr
+    result = invoke("power", "--grid", "small", "--grid-table", tmp_path / "grid.txt")
+    assert result.exit_code == 2 and "'.txt'" in result.stderr
