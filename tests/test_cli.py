@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -272,6 +273,8 @@ def test_analyze_command(tiny_run):
     assert result.exit_code == 0, result.output
     assert "pooled effects" in result.stdout
     assert (tiny_run / "analysis" / "report.html").is_file()
+    outcomes = set(pd.read_csv(tiny_run / "analysis" / "effects.csv")["outcome"])
+    assert "oracle" in outcomes and "new_inflammatory" not in outcomes   # no new lesions on a first visit
 
 
 @pytest.mark.parametrize("backend", ["sdxl-inpaint", "sdxl-img2img"])
