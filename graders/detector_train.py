@@ -429,7 +429,7 @@ def evaluate_detector(detector: LesionDetector, run: str | Path,
                                 manifest["acne04_level"].to_numpy(int), ""),
                "images": float(len(manifest)), "lesions": float(len(annotations))}
     if has_visible:
-        ignored = [{**a, "iscrowd": int(not a["visible"])} for a in plain]
+        ignored = [{**a, "iscrowd": int(not v["visible"])} for a, v in zip(plain, annotations)]
         vis = coco_stats(images, ignored, results, classes)
         metrics.update({"AP_visible": float(vis[0]), "AP50_visible": float(vis[1]), "AP_small_visible": float(vis[3]),
                         "AR_visible": float(vis[8]),

@@ -325,7 +325,7 @@ def test_detections_kept_are_the_ones_counted(tiny_run):
     assert set(found["index"]) <= {0, 1} and set(found["class"]) <= set(CLASSES)
     assert (found["x0"] <= found["x1"]).all() and (found["x1"] <= 256).all()
     counted = found[found["counted"]].groupby("index").size().reindex([0, 1], fill_value=0)
-    assert grades["count"].tolist() == counted.astype(float).tolist() and counted.sum() > 0
+    assert grades["visible_count"].tolist() == counted.astype(float).tolist() and counted.sum() > 0
     assert not found.loc[found["class"] == "scar", "counted"].any()
     active = found[found["class"] != "scar"]
     assert (active["counted"] == (active["score"] >= threshold)).all() and (~active["counted"]).any()
