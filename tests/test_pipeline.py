@@ -102,7 +102,7 @@ def test_new_inflammatory_lesions_per_period_beside_the_other_outcomes(analysed)
     assert set(rows["method"]) == set(AnalysisSettings().methods)
     pooled = rows[(rows["scope"] == "pooled") & (rows["method"] == "lmm")].iloc[0]
     oracle = effects[(effects["outcome"] == "oracle") & (effects["scope"] == "pooled") & (effects["method"] == "lmm")]
-    assert pooled["std_true_effect"] == pytest.approx(oracle["std_true_effect"].item()) and np.isfinite(pooled["share"])
+    assert pooled["std_true_effect"] == pytest.approx(oracle["std_true_effect"].item()) and np.isfinite(pooled["calibration_slope"])
     periods = pd.read_csv(analysis / "new_lesions.csv")
     assert len(periods) == 4 * 4 and periods.groupby("patient_id")["period"].max().eq(4).all()
     # each period's count is the sum of its visits' new lesions (the first visit has none to compare with)

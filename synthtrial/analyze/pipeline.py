@@ -338,17 +338,17 @@ def outcome_effects(outcomes: pd.DataFrame, columns: list[str], truth: dict | No
                     exclude: tuple[str, ...], settings: AnalysisSettings) -> pd.DataFrame:
     """Every outcome's effects by every method (views of a day averaged), beside the truth, raw and standardised.
 
-    An outcome with no value on any reference day is left out when others have one: new lesions are undefined
-    at a series' first visit, so a run whose reference days are all first visits has none to compare with."""
+    A new-lesion outcome (:data:`NEW_LESION_OUTCOMES`) with no value on any reference day is left out: new
+    lesions are undefined at a series' first visit, so a run whose reference days are all first visits has
+    none to compare with (any other outcome without a reference value is refused, as before)."""
     from synthtrial.analyze.multiplicity import adjust_responders
     from synthtrial.analyze.nof1 import Kinetics
     from synthtrial.analyze.stats import TRUTH_COLUMNS, analyze_outcome, attach_truth, standardize
 
     per_day = daily(outcomes, columns)
     on_reference = per_day["treatment"].astype(str) == str(reference)
-    estimable = [c for c in columns
-                 if np.isfinite(pd.to_numeric(per_day.loc[on_reference, c], errors="coerce").astype(float)).any()]
-    columns = estimable or columns
+    columns = [c for c in columns if c not in NEW_LESION_OUTCOMES
+               or np.isfinite(pd.to_numeric(per_day.loc[on_reference, c], errors="coerce").astype(float)).any()]
     design = _design_of(truth)
     kinetics = Kinetics.from_truth(truth)
     ar_phi = _ar_phi_of(truth)
