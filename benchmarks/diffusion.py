@@ -271,12 +271,15 @@ def run_autoencoder(args, device, batches: list[int]) -> list[dict]:
 
 
 def run_graders(args, device, batches: list[int]) -> list[dict]:
-    from synthtrial.graders.base import available, get_grader
+    from synthtrial.graders.base import REGISTRY, available, get_grader
 
     size = 64 if args.tiny else 512
     rng = np.random.default_rng(0)
     rows = []
     for name in available():
+        if REGISTRY[name].needs:       # a series grader (the tracker) reads other graders' detections, not images
+            rows.append(row("graders", grader=name, skipped=f"grades a series from {', '.join(REGISTRY[name].needs)}"))
+            continue
         try:
             grader = get_grader(name, device=str(device))
         except Exception as exc:  # noqa: BLE001 - a grader that cannot be built here is reported, not fatal
