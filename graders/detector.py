@@ -378,13 +378,19 @@ class LesionDetector(GraderComponent):
                 "labels": (lab[order] - 1).cpu().numpy().astype(np.int64),
                 "scores": s[order].cpu().numpy().astype(np.float64)}
 
+    def counted(self, found: dict[str, np.ndarray], threshold: float | None = None) -> np.ndarray:
+        """Which of ``found``'s detections are counted: an active class (not :data:`NOT_COUNTED`) at or above
+        the count threshold (``threshold`` instead, when given)."""
+        threshold = self.config.count_threshold if threshold is None else threshold
+        active = ~np.isin(np.asarray(self.config.classes, dtype=object)[found["labels"]], NOT_COUNTED)
+        return (found["scores"] >= threshold) & active
+
     def counts(self, found: dict[str, np.ndarray], threshold: float | None = None) -> dict[str, float]:
         """Per-class counts above the count threshold, the lesion count, its level and severity."""
         cfg = self.config
-        threshold = cfg.count_threshold if threshold is None else threshold
-        labels = found["labels"][found["scores"] >= threshold]
+        labels = found["labels"][found["scores"] >= (cfg.count_threshold if threshold is None else threshold)]
         per_class = [float((labels == k).sum()) for k in range(len(cfg.classes))]
-        visible = float(sum(n for n, name in zip(per_class, cfg.classes) if name not in NOT_COUNTED))
+        visible = float(self.counted(found, threshold).sum())
         count = max(0.0, cfg.count_bias + float(np.dot(cfg.count_weights, per_class))) if cfg.count_weights \
             else visible
         return {"count": count, "visible_count": visible, "level": float(scale.acne04_level_from_count(count)),
@@ -404,8 +410,7 @@ class LesionDetector(GraderComponent):
         classes = np.asarray(self.config.classes, dtype=object)
         frames = [pd.DataFrame({"index": k, "x0": f["boxes"][:, 0], "y0": f["boxes"][:, 1], "x1": f["boxes"][:, 2],
                                 "y1": f["boxes"][:, 3], "class": classes[f["labels"]], "score": f["scores"],
-                                "counted": (f["scores"] >= self.config.count_threshold)
-                                & ~np.isin(classes[f["labels"]], NOT_COUNTED)})
+                                "counted": self.counted(f)})
                   for k, f in enumerate(found)]
         detections = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
             columns=["index", "x0", "y0", "x1", "y1", "class", "score", "counted"])

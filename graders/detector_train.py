@@ -132,12 +132,18 @@ def load_acne04_data(root: str | Path, image_side: int) -> DetectionData:
     return data
 
 
-def fit_anchor_sizes(data: DetectionData, levels: int = 3, per_level: int = 2) -> tuple[int, ...]:
-    """``levels * per_level`` anchor sizes (px, ascending, finest level first): the midpoints of equal-mass bins
-    of the target boxes' sqrt(w h), rounded, at least 2 px and strictly increasing."""
+def _all_boxes(data: DetectionData) -> np.ndarray:
+    """Every target box of ``data`` in one ``(N, 4)`` array; refused when there is none."""
     boxes = np.concatenate([b for b in data.boxes if len(b)] or [np.zeros((0, 4), np.float32)])
     if not len(boxes):
         raise GraderError("the training data has no lesion boxes of the detector's classes")
+    return boxes
+
+
+def fit_anchor_sizes(data: DetectionData, levels: int = 3, per_level: int = 2) -> tuple[int, ...]:
+    """``levels * per_level`` anchor sizes (px, ascending, finest level first): the midpoints of equal-mass bins
+    of the target boxes' sqrt(w h), rounded, at least 2 px and strictly increasing."""
+    boxes = _all_boxes(data)
     sizes = np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None))
     n = levels * per_level
     picks = np.quantile(sizes, (2 * np.arange(n) + 1) / (2 * n))
@@ -149,9 +155,7 @@ def fit_anchor_sizes(data: DetectionData, levels: int = 3, per_level: int = 2) -
 
 def mean_lesion_size(data: DetectionData) -> float:
     """The NWD constant C: mean of (w + h) / 2 over every box (pixels at the detector's scale)."""
-    boxes = np.concatenate([b for b in data.boxes if len(b)] or [np.zeros((0, 4), np.float32)])
-    if not len(boxes):
-        raise GraderError("the training data has no lesion boxes of the detector's classes")
+    boxes = _all_boxes(data)
     return float(np.mean(((boxes[:, 2] - boxes[:, 0]) + (boxes[:, 3] - boxes[:, 1])) / 2))
 
 
@@ -320,11 +324,10 @@ def calibrate_threshold(detector: LesionDetector, data: DetectionData, limit: in
     on up to ``limit`` images (or on ``sample``, from :func:`detect_sample`)."""
     picks, found = sample if sample is not None else detect_sample(detector, data, limit)
     target = _target_counts(data)[picks]
-    counted = [k for k, c in enumerate(detector.config.classes) if c not in NOT_COUNTED]
     grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
     errors = []
     for t in grid:
-        pred = np.array([np.isin(f["labels"][f["scores"] >= t], counted).sum() for f in found], float)
+        pred = np.array([detector.counted(f, t).sum() for f in found], float)
         errors.append(np.abs(pred - target).mean())
     return float(grid[int(np.argmin(errors))])
 
@@ -338,8 +341,8 @@ def fit_count_weights(detector: LesionDetector, data: DetectionData, threshold: 
     picks, found = sample
     classes = detector.config.classes
     counted = np.array([c not in NOT_COUNTED for c in classes])
-    x = np.array([[float((f["labels"][f["scores"] >= threshold] == k).sum()) for k in range(len(classes))]
-                  for f in found]).reshape(len(found), len(classes))
+    rows = [detector.counts(f, threshold) for f in found]
+    x = np.array([[row[f"n_{c}"] for c in classes] for row in rows]).reshape(len(found), len(classes))
     design = np.column_stack([x[:, counted], np.ones(len(found))])
     lower = np.r_[np.zeros(int(counted.sum())), -np.inf]
     fit = lsq_linear(design, data.true_counts[picks], bounds=(lower, np.inf))
@@ -399,7 +402,7 @@ def evaluate_detector(detector: LesionDetector, run: str | Path,
     lesions = rundir.read_lesions(run, set(manifest["image"]))
     lesions = lesions[lesions["type"].isin(classes)]
     has_visible = "visible" in lesions.columns and "visible_count" in manifest.columns
-    images, annotations, results, counts, seen = [], [], [], [], []
+    images, annotations, visible, results, counts, seen = [], [], [], [], [], []
     by_image = dict(tuple(lesions.groupby("image", sort=False)))
     for k, rel in enumerate(manifest["image"], start=1):
         image = read_rgb(Path(run) / rel)
@@ -409,8 +412,8 @@ def evaluate_detector(detector: LesionDetector, run: str | Path,
             for r in rows.itertuples(index=False):
                 w, h = float(r.x1 - r.x0), float(r.y1 - r.y0)
                 annotations.append({"id": len(annotations) + 1, "image_id": k, "category_id": classes.index(r.type) + 1,
-                                    "bbox": [float(r.x0), float(r.y0), w, h], "area": w * h, "iscrowd": 0,
-                                    "visible": bool(r.visible) if has_visible else True})
+                                    "bbox": [float(r.x0), float(r.y0), w, h], "area": w * h, "iscrowd": 0})
+                visible.append(bool(r.visible) if has_visible else True)
         found = detector.detect(image)
         row = detector.counts(found)
         counts.append(row["count"]), seen.append(row["visible_count"])
@@ -420,23 +423,22 @@ def evaluate_detector(detector: LesionDetector, run: str | Path,
                                      round(float(box[2] - box[0]), 3), round(float(box[3] - box[1]), 3)]})
         if progress is not None:
             progress(k, len(manifest), "")
-    plain = [{k: v for k, v in a.items() if k != "visible"} for a in annotations]
-    stats = coco_stats(images, plain, results, classes)
+    stats = coco_stats(images, annotations, results, classes)
     pred = np.asarray(counts, float)
     metrics = {"AP": float(stats[0]), "AP50": float(stats[1]), "AP_small": float(stats[3]), "AR": float(stats[8]),
-               "AP50_any_class": float(coco_stats(images, plain, results, classes, agnostic=True)[1]),
+               "AP50_any_class": float(coco_stats(images, annotations, results, classes, agnostic=True)[1]),
                **_count_metrics(pred, manifest["lesion_count"].to_numpy(float),
                                 manifest["acne04_level"].to_numpy(int), ""),
                "images": float(len(manifest)), "lesions": float(len(annotations))}
     if has_visible:
-        ignored = [{**a, "iscrowd": int(not v["visible"])} for a, v in zip(plain, annotations)]
+        ignored = [{**a, "iscrowd": int(not v)} for a, v in zip(annotations, visible)]
         vis = coco_stats(images, ignored, results, classes)
         metrics.update({"AP_visible": float(vis[0]), "AP50_visible": float(vis[1]), "AP_small_visible": float(vis[3]),
                         "AR_visible": float(vis[8]),
                         "AP50_any_class_visible": float(coco_stats(images, ignored, results, classes, agnostic=True)[1]),
                         **_count_metrics(np.asarray(seen, float), manifest["visible_count"].to_numpy(float), None,
                                          "_visible"),
-                        "lesions_visible": float(sum(a["visible"] for a in annotations))})
+                        "lesions_visible": float(sum(visible))})
     return metrics, results
 
 
