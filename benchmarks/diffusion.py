@@ -22,7 +22,7 @@ CPU) and, for the UNet-bound tasks, with and without ``torch.compile`` of the UN
   anchor's "9 s/it" on a T4) and per micro-step.
 * ``autoencoder`` -- :func:`synthtrial.analyze.embed.train_autoencoder` (its own bf16 autocast on CUDA),
   256 px (``--tiny``: 32), training images/s per batch size.
-* ``graders`` -- every grader :func:`synthtrial.graders.base.available` lists, ``predict`` on random images; a grader
+* ``graders`` -- every grader :func:`synthtrial.graders.base.image_graders` lists, ``predict`` on random images; a grader
   that cannot be built here (a missing package, say) is listed as skipped with the reason.
 
 Each figure is the mean of ``--repeats`` timed calls after one warm-up call (which includes compilation
@@ -271,15 +271,12 @@ def run_autoencoder(args, device, batches: list[int]) -> list[dict]:
 
 
 def run_graders(args, device, batches: list[int]) -> list[dict]:
-    from synthtrial.graders.base import REGISTRY, available, get_grader
+    from synthtrial.graders.base import get_grader, image_graders
 
     size = 64 if args.tiny else 512
     rng = np.random.default_rng(0)
     rows = []
-    for name in available():
-        if REGISTRY[name].needs:       # a series grader (the tracker) reads other graders' detections, not images
-            rows.append(row("graders", grader=name, skipped=f"grades a series from {', '.join(REGISTRY[name].needs)}"))
-            continue
+    for name in image_graders():
         try:
             grader = get_grader(name, device=str(device))
         except Exception as exc:  # noqa: BLE001 - a grader that cannot be built here is reported, not fatal

@@ -4,7 +4,7 @@ in the same run (decoding the same PNG files), so figures from different machine
     python benchmarks/graders.py [RUN] [--images 48] [--batch 16] [--weights NAME=FOLDER ...] [--threads N]
 
 RUN defaults to runs/quick (make it with `synthtrial generate protocols/quick.csv --out runs/quick`). Every grader
-that `synthtrial graders list` shows with weights is measured (the registry, ``synthtrial.graders.base.available()``), plus
+that `synthtrial graders list` shows with weights and that grades single images is measured (``synthtrial.graders.base.image_graders()``; the tracker grades series), plus
 those given --weights. Each grader runs once untimed (model load, MediaPipe start-up) and then over the images
 in batches of --batch with the run's manifest rows as ``meta`` (IGA fuses the views of a visit).
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 # this script shares its name with the `graders` package: keep its own folder off the import path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from synthtrial.graders.base import REGISTRY, available, get_grader, read_rgb  # noqa: E402
+from synthtrial.graders.base import REGISTRY, get_grader, image_graders, read_rgb  # noqa: E402
 from synthtrial.run import rundir  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     weights = dict(item.split("=", 1) for item in args.weights)
-    names = list(dict.fromkeys([*available(), *weights]))
+    names = list(dict.fromkeys([*image_graders(), *weights]))
     manifest = rundir.read_manifest(args.run, ("image", "patient_id", "day", "view")).iloc[:args.images]
     paths = [args.run / rel for rel in manifest["image"]]
     start = time.perf_counter()

@@ -169,6 +169,12 @@ def available() -> list[str]:
     return [name for name, spec in REGISTRY.items() if name in ready and all(n in ready for n in spec.needs)]
 
 
+def image_graders() -> list[str]:
+    """The :func:`available` graders that grade single images: all but the series graders (those that read
+    other graders' output, as the tracker reads the detector's boxes)."""
+    return [name for name in available() if not REGISTRY[name].needs]
+
+
 def get_grader(name: str, weights: str | os.PathLike[str] | None = None, device: Any = None) -> Grader:
     """Build a registered grader: from ``weights`` (a folder), else its :meth:`~GraderComponent.default`."""
     if name not in REGISTRY:

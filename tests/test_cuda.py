@@ -229,16 +229,14 @@ def test_autoencoder_decisions_match_cpu():
 
 def test_graders_give_the_cpu_decisions_on_cuda(request):
     """Every grader that can be built: the same outputs on CUDA as on the CPU (numbers within 1e-3, labels equal)."""
-    from synthtrial.graders.base import SequenceGrader, available, get_grader
+    from synthtrial.graders.base import get_grader, image_graders
 
     pytest.importorskip("mediapipe", reason="the test face (and the counter's landmarks) need MediaPipe")
     face256 = request.getfixturevalue("face256")
 
     images = [face256.image, np.ascontiguousarray(face256.image[:, ::-1])]
     compared = 0
-    for name in available():
-        if isinstance(get_grader(name, device="cpu"), SequenceGrader):
-            continue  # the tracker grades a run's series from the detector's boxes, not images (tests/test_tracker.py)
+    for name in image_graders():       # the tracker grades a run's series: tests/test_tracker.py
         cpu = get_grader(name, device="cpu").predict(images)
         gpu = get_grader(name, device="cuda").predict(images)
         assert list(cpu.columns) == list(gpu.columns) and len(cpu) == len(gpu) == 2

@@ -12,7 +12,7 @@ from synthtrial.cli import app
 from synthtrial.face.mesh import in_frame, interocular, mesh_coordinates, mesh_triangles
 from synthtrial.grade import grade_run
 from synthtrial.grade.evaluate import evaluate_run_tracks
-from synthtrial.graders.base import GraderError, available, get_grader
+from synthtrial.graders.base import GraderError, available, get_grader, image_graders
 from synthtrial.graders.tracker import (CHANGE_COLUMNS, LesionTracker, TrackerConfig, changes_by_image, link,
                                         visit_changes)
 from synthtrial.run import rundir
@@ -232,6 +232,7 @@ def no_mesh(image):
 
 def test_tracker_needs_the_detector_in_the_same_call(quick_run_256, tmp_path):
     assert "tracker" in available() and available().index("tracker") > available().index("detector")
+    assert "detector" in image_graders() and "tracker" not in image_graders()   # it grades series, not images
     with pytest.raises(GraderError, match="--graders detector,tracker"):
         grade_run(quick_run_256, [get_grader("tracker")])
     result = CliRunner().invoke(app, ["graders", "eval", "tracker", "--data", str(quick_run_256)])
