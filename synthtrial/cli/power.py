@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from enum import Enum
 from pathlib import Path
@@ -228,10 +229,25 @@ def power_command(preset: Presets = None, design_file: DesignFiles = None, perio
                              outcomes=tuple(o.value for o in outcome) if outcome else default_outcomes, alpha=alpha,
                              trend=trend, random_slopes=random_slopes, estimate_kinetics=estimate_kinetics,
                              rendered=render)
-    with progress_bar("replicates", len(scenarios) * replicates, enabled=not quiet) as update:
-        estimates, summary = power_study(scenarios, replicates=replicates, settings=settings,
-                                         workers=workers or _default_workers(), scheduler=scheduler, cache=cache,
-                                         progress=update)
+    pooled_reps = 0
+    if grid is not None:
+        from synthtrial.analyze.grid import GRID_POOLED_METHODS, pooled_replicates
+
+        pooled_settings = dataclasses.replace(
+            settings, methods=tuple(m for m in settings.methods if m in GRID_POOLED_METHODS))
+        pooled_reps = pooled_replicates(replicates) if pooled_settings.methods else 0
+    run = dict(workers=workers or _default_workers(), scheduler=scheduler, cache=cache)
+    with progress_bar("replicates", len(scenarios) * (replicates + pooled_reps), enabled=not quiet) as update:
+        estimates, summary = power_study(scenarios, replicates=replicates, settings=settings, progress=update, **run)
+        if pooled_reps:
+            from synthtrial.analyze.grid import known_pooled, merge_pooled
+
+            done = len(scenarios) * replicates
+            pooled_estimates, pooled_summary = power_study(
+                scenarios, replicates=pooled_reps, settings=pooled_settings,
+                known=known_pooled(estimates, [s.name for s in scenarios]),
+                progress=lambda n, total, text: update(done + n, done + total, text), **run)
+            estimates, summary = merge_pooled(estimates, pooled_estimates), merge_pooled(summary, pooled_summary)
     if grid is not None:
         _grid_outputs(summary, grid.value, table_path, replicates=replicates, seed=seed, alpha=alpha)
     else:
