@@ -53,7 +53,10 @@ def test_the_check_reports_every_inferential_row_that_fails_and_nothing_else():
         "ok", bad["check"].iloc[0], "ok", bad["check"].iloc[1], "", "", "ok"]
 
 
-def test_grid_command_at_tiny_scale_writes_the_table(tmp_path):
+def test_grid_command_at_tiny_scale_writes_the_table(tmp_path, monkeypatch):
+    import synthtrial.cli.power as power_cli
+
+    monkeypatch.setattr(power_cli, "MAX_TRIALS", 100)   # the pooled study (64 x 4 trials) runs in batches
     path = tmp_path / "grid.md"
     result = invoke("power", "--grid", "small", "--replicates", 1, "--workers", 1, "--grid-table", path, "--quiet")
     assert result.exit_code == 0, result.output

@@ -66,9 +66,10 @@ def pooled_replicates(replicates: int) -> int:
 
 def known_pooled(estimates: pd.DataFrame, scenario_names: Sequence[str]) -> dict[tuple[int, int], pd.DataFrame]:
     """The pooled methods' rows of the grid's main study, per (scenario index, replicate): what the pooled study
-    computes for those trials (the pooled fit does not depend on the other methods), so it need not again."""
+    computes for those trials (the pooled fit does not depend on the other methods), so it need not again.
+    Scenarios not named are left out."""
     index = {name: i for i, name in enumerate(scenario_names)}
-    pooled = estimates[estimates["method"].isin(GRID_POOLED_METHODS)]
+    pooled = estimates[estimates["method"].isin(GRID_POOLED_METHODS) & estimates["scenario"].isin(index)]
     return {(index[name], int(r)): frame.reset_index(drop=True)
             for (name, r), frame in pooled.groupby(["scenario", "replicate"], sort=False)}
 

@@ -204,7 +204,8 @@ def power_command(preset: Presets = None, design_file: DesignFiles = None, perio
 
     A scenario is one design x block length x effect scale; each replicate simulates a new trial and analyses the oracle severity and the lesion count (raw and standardised) with the per-patient tests (period-level, randomisation over the design's scheme, GLS-AR(1) with kinetics; descriptive: Welch, GLS-AR(1) with a step, Newey-West) and the pooled mixed model (CR2 and CR1). With --rendered N the first N replicates are also rendered, graded and embedded, so the image outcomes get power and a calibration slope too (their tests column counts those replicates). With --grid the scenarios are the size-and-coverage grid's cells, and a table per cell and method (role, size, power, coverage) checks every method labelled inferential. Runs on Dask; the result depends on --seed only.
     """
-    from synthtrial.analyze.power import DEFAULT_METHODS, POWER_OUTCOMES, StudySettings, power_study, scenario_grid
+    from synthtrial.analyze.power import (DEFAULT_METHODS, POWER_OUTCOMES, StudySettings, power_study, scenario_grid,
+                                          summarize_power)
 
     csv_path, html_path = _outputs(out_path, report, force)
     if cache is not None and cache.exists() and not cache.is_dir():
@@ -240,19 +241,37 @@ def power_command(preset: Presets = None, design_file: DesignFiles = None, perio
     with progress_bar("replicates", len(scenarios) * (replicates + pooled_reps), enabled=not quiet) as update:
         estimates, summary = power_study(scenarios, replicates=replicates, settings=settings, progress=update, **run)
         if pooled_reps:
-            from synthtrial.analyze.grid import known_pooled, merge_pooled
+            from synthtrial.analyze.grid import merge_pooled
 
-            done = len(scenarios) * replicates
-            pooled_estimates, pooled_summary = power_study(
-                scenarios, replicates=pooled_reps, settings=pooled_settings,
-                known=known_pooled(estimates, [s.name for s in scenarios]),
-                progress=lambda n, total, text: update(done + n, done + total, text), **run)
-            estimates, summary = merge_pooled(estimates, pooled_estimates), merge_pooled(summary, pooled_summary)
+            pooled_estimates = _pooled_grid_study(scenarios, estimates, pooled_reps, pooled_settings, update,
+                                                  done=len(scenarios) * replicates, **run)
+            estimates = merge_pooled(estimates, pooled_estimates)
+            summary = merge_pooled(summary, summarize_power(pooled_estimates, settings.alpha))
     if grid is not None:
         _grid_outputs(summary, grid.value, table_path, replicates=replicates, seed=seed, alpha=alpha)
     else:
         _print_summary(summary, estimates, scenarios, replicates, alpha, rendered)
     _write_outputs(csv_path, html_path, summary, estimates, settings, replicates, scenarios)
+
+
+def _pooled_grid_study(scenarios, estimates, replicates: int, settings, update, *, done: int, **run):
+    """The grid's pooled methods on ``replicates`` trials per scenario (the main study's trials reused), run in
+    batches of scenarios that each stay within a power study's trial limit; every estimate."""
+    import pandas as pd
+
+    from synthtrial.analyze.grid import known_pooled
+    from synthtrial.analyze.power import power_study
+
+    batch = max(1, MAX_TRIALS // replicates)
+    frames = []
+    for start in range(0, len(scenarios), batch):
+        part = scenarios[start:start + batch]
+        offset = done + start * replicates
+        frame, _ = power_study(part, replicates=replicates, settings=settings,
+                               known=known_pooled(estimates, [s.name for s in part]),
+                               progress=lambda n, total, text, o=offset: update(o + n, None, text), **run)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
 
 
 def _grid_table_path(grid: GridName | None, table: Path | None, force: bool, **others) -> Path | None:
