@@ -1,3 +1,5 @@
 """synthtrial: simulated multimodal N-of-1 acne trials."""
 
-__version__ = "0.1.0"
+from synthtrial.version import __version__
+
+__all__ = ["__version__"]
