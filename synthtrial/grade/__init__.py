@@ -5,9 +5,30 @@ grades per image and the index of outcome columns that ``analyze`` reads. Owns: 
 evaluation of a grade count, and of the tracker's tracks, against the simulated and the visible truth (``evaluate``).
 """
 
-from synthtrial.grade.evaluate import (count_agreement, evaluate_count, evaluate_run_count, evaluate_run_tracks,
-                                      evaluate_tracks, tracking_metrics)
-from synthtrial.grade.stage import GRADE_CHUNK, PARTS_DIR, grade_run, visit_chunks
+from __future__ import annotations
 
-__all__ = ["GRADE_CHUNK", "PARTS_DIR", "count_agreement", "evaluate_count", "evaluate_run_count", "evaluate_run_tracks",
-           "evaluate_tracks", "grade_run", "tracking_metrics", "visit_chunks"]
+from typing import Any
+
+#: What the stage exports, by module; loaded on first use, so that ``import synthtrial`` (which makes this
+#: package callable, :mod:`synthtrial`) stays light.
+_FROM_EVALUATE = ("count_agreement", "evaluate_count", "evaluate_run_count", "evaluate_run_tracks", "evaluate_tracks",
+                  "tracking_metrics")
+_FROM_STAGE = ("GRADE_CHUNK", "PARTS_DIR", "grade_run", "visit_chunks")
+
+__all__ = sorted([*_FROM_EVALUATE, *_FROM_STAGE])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_EVALUATE:
+        from synthtrial.grade import evaluate
+
+        return getattr(evaluate, name)
+    if name in _FROM_STAGE:
+        from synthtrial.grade import stage
+
+        return getattr(stage, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
