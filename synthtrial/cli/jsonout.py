@@ -37,7 +37,7 @@ def plain(value: Any) -> Any:
     return str(value)  # paths, timestamps
 
 
-def emit(document: dict[str, Any]) -> None:
+def emit(document: Any) -> None:
     """Write ``document`` to stdout as one JSON document (indented, UTF-8, a final newline)."""
     sys.stdout.write(json.dumps(plain(document), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     sys.stdout.flush()
