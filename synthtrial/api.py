@@ -111,7 +111,7 @@ class PowerResult:
 
 # ---------------------------------------------------------------------------------------------- functions
 
-def design(preset: str = "quick", out: PathLike = "trial.csv", *, seed: int = 0, form: str = "native",
+def design(preset: str, out: PathLike, *, seed: int = 0, form: str = "native",
            force: bool = False, **changes: Any) -> DesignResult:
     """Design a trial from a preset, simulate its severities and write ``out`` and its ``.truth.json``.
 
@@ -136,10 +136,7 @@ def design(preset: str = "quick", out: PathLike = "trial.csv", *, seed: int = 0,
 
     design_fields = {f.name for f in dataclasses.fields(TrialDesign)}
     model_fields = {f.name for f in dataclasses.fields(SeverityModel)}
-    unknown = sorted(set(changes) - design_fields - model_fields)
-    if unknown:
-        raise SynthtrialError(f"design(): unknown setting '{unknown[0]}'; a design takes "
-                              f"{', '.join(sorted(design_fields))} and a model {', '.join(sorted(model_fields))}")
+    _check_settings("design", changes, design_fields | model_fields)
     trial_design, model = design_with_overrides(
         preset, {k: v for k, v in changes.items() if k in design_fields},
         {k: v for k, v in changes.items() if k in model_fields})
@@ -251,6 +248,7 @@ def analyze(run: PathLike | GenerateResult, *, device: str | None = None, progre
     from synthtrial.run import rundir
     from synthtrial.run.rundir import read_json
 
+    _check_settings("analyze", settings, {f.name for f in dataclasses.fields(AnalysisSettings)})
     run_dir = run.run if isinstance(run, GenerateResult) else Path(run)
     folder = analyze_run(run_dir, AnalysisSettings(**settings), device=device, progress=progress)
     effects = pd.read_csv(folder / EFFECTS)
@@ -283,10 +281,11 @@ def power(designs: str | PathLike | DesignResult | Sequence[str | PathLike | Des
     ...           0.0      3
     ...           1.0      3
     """
-    from synthtrial.analyze.power import design_from_file, power_study, scenario_grid
+    from synthtrial.analyze.power import StudySettings, design_from_file, power_study, scenario_grid
     from synthtrial.trial.simulate import preset
     from synthtrial.util.progress import progress_bar
 
+    _check_settings("power", settings, {f.name for f in dataclasses.fields(StudySettings)})
     named = []
     for item in [designs] if isinstance(designs, (str, os.PathLike, DesignResult)) else list(designs):
         if isinstance(item, DesignResult):
@@ -301,3 +300,12 @@ def power(designs: str | PathLike | DesignResult | Sequence[str | PathLike | Des
         estimates, summary = power_study(grid, replicates=replicates, workers=workers, scheduler=scheduler,
                                          cache=cache, progress=update, **settings)
     return PowerResult(summary=summary, estimates=estimates, scenarios=tuple(s.name for s in grid))
+
+
+def _check_settings(function: str, given: Mapping[str, Any], known: set[str]) -> None:
+    """A one-line error naming the first keyword ``function`` does not take, and those it does."""
+    from synthtrial.util.errors import SynthtrialError
+
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise SynthtrialError(f"{function}(): unknown setting '{unknown[0]}'; it takes {', '.join(sorted(known))}")

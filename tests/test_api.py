@@ -83,8 +83,18 @@ def test_design_keeps_what_it_wrote_and_refuses_another_trial(tmp_path):
         synthtrial.design("quick", tmp_path / "t.csv", n_patients=2, blocks=1, seed=1)
     assert (tmp_path / "t.csv").read_bytes() == before
     assert synthtrial.design("quick", tmp_path / "t.csv", n_patients=2, blocks=1, seed=1, force=True).truth != first.truth
-    with pytest.raises(SynthtrialError, match="unknown setting 'patients'"):
+    with pytest.raises(SynthtrialError, match=r"design\(\): unknown setting 'patients'; it takes .*n_patients"):
         synthtrial.design("quick", tmp_path / "u.csv", patients=2)
+    assert not (tmp_path / "u.csv").exists()
+
+
+def test_unknown_settings_are_one_line_errors(tmp_path):
+    from synthtrial.util.errors import SynthtrialError
+
+    with pytest.raises(SynthtrialError, match=r"analyze\(\): unknown setting 'permutations'; it takes .*n_permutations"):
+        synthtrial.analyze(tmp_path, permutations=100)
+    with pytest.raises(SynthtrialError, match=r"power\(\): unknown setting 'replicate'; it takes .*methods"):
+        synthtrial.power("quick", replicate=3)
 
 
 def test_power_takes_a_designed_trial(tmp_path):

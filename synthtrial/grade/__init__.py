@@ -5,10 +5,6 @@ grades per image and the index of outcome columns that ``analyze`` reads. Owns: 
 evaluation of a grade count, and of the tracker's tracks, against the simulated and the visible truth (``evaluate``).
 """
 
-from __future__ import annotations
-
-from typing import Any
-
 #: What the stage exports, by module; loaded on first use, so that ``import synthtrial`` (which makes this
 #: package callable, :mod:`synthtrial`) stays light.
 _FROM_EVALUATE = ("count_agreement", "evaluate_count", "evaluate_run_count", "evaluate_run_tracks", "evaluate_tracks",
@@ -18,7 +14,7 @@ _FROM_STAGE = ("GRADE_CHUNK", "PARTS_DIR", "grade_run", "visit_chunks")
 __all__ = sorted([*_FROM_EVALUATE, *_FROM_STAGE])
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _FROM_EVALUATE:
         from synthtrial.grade import evaluate
 
