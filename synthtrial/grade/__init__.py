@@ -3,6 +3,7 @@
 In: a run directory (``synthtrial.run``) and grader components (``synthtrial.graders``). Out: one row of
 grades per image and the index of outcome columns that ``analyze`` reads. Owns: the grades files, and the
 evaluation of a grade count, and of the tracker's tracks, against the simulated and the visible truth (``evaluate``).
+Calling the package, ``synthtrial.grade(run)``, calls :func:`synthtrial.api.grade` (see :mod:`synthtrial`).
 """
 
 #: What the stage exports, by module; loaded on first use, so that ``import synthtrial`` (which makes this
