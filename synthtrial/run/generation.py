@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from synthtrial import __version__
+from synthtrial.version import __version__
 from synthtrial.render.base import BACKENDS as BACKEND_SPECS
 from synthtrial.render.base import backend_names, get_backend
 from synthtrial.render.procedural import render_config

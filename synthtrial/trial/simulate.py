@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from synthtrial import __version__
+from synthtrial.version import __version__
 from synthtrial.trial import scale
 from synthtrial.trial.estimands import mean_difference, patient_estimands, trial_estimands
 from synthtrial.util.errors import SynthtrialError
