@@ -27,7 +27,7 @@ def test_quickstart_executes(tmp_path):
                  if "welch" in o.get("data", {}).get("text/plain", "") and "role" in o["data"]["text/plain"])
     role_of = {line.split()[1]: line.split()[-1] for line in roles.splitlines()[1:] if len(line.split()) >= 4}
     assert role_of["period"] == "inferential" and role_of["lmm"] == "inferential"
-    assert all(role_of[m] == "descriptive" for m in ("welch", "permutation", "gls_ar1", "hac"))
+    assert all(role_of[m] == "descriptive" for m in ("welch", "permutation", "gls_ar1", "hac", "lmm_cr1"))
     text = " ".join(cell.source for cell in nb.cells)
     for step in ("synthtrial.design(", "synthtrial.generate(", "synthtrial.grade(", "synthtrial.analyze(",
                  "export_run(", "synthtrial.power("):
