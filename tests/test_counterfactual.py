@@ -11,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from synthtrial.analyze.individual import individual_errors, patient_contrasts, summary
+from synthtrial.analyze.pipeline import AnalysisSettings, analyze_run
 from synthtrial.cli import app
 from synthtrial.run import rundir
 from synthtrial.run.generation import generate
@@ -182,7 +183,7 @@ def test_interrupted_counterfactual_generation_resumes_to_the_same_bytes(run, pr
     assert files(cut) == files(run)
 
 
-def test_individual_effects_and_the_analysis_hook(run):
+def test_individual_effects_and_the_analysis_hook(run, tmp_path):
     effects = rundir.read_individual_effects(run)
     factual = rundir.read_manifest(run, ("day", "severity", "lesion_count", "treatment")).drop_duplicates(
         ["patient_id", "day"])
@@ -204,3 +205,9 @@ def test_individual_effects_and_the_analysis_hook(run):
     assert table["error"].tolist() == pytest.approx([-1.0 - contrasts.loc["P01", "ite_severity"],
                                                      -20.0 - contrasts.loc["P01", "ite_count"]])
     assert set(summary(table)["patients"]) == {1}
+    copy = shutil.copytree(run, tmp_path / "run")
+    analysis = analyze_run(copy, AnalysisSettings(autoencoder=False, n_permutations=200), progress=False)
+    written = pd.read_csv(analysis / "individual_effects.csv")
+    assert set(written["outcome"]) == {"oracle", "lesion_severity", "lesion_count"}
+    assert set(written["scope"]) == {"P01", "P02"} and written["error"].notna().all()
+    assert "Against the individual effects" in (analysis / "report.html").read_text()

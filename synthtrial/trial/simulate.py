@@ -263,8 +263,7 @@ class SimulatedTrial:
 
     protocol: pd.DataFrame
     truth: dict[str, Any]
-    #: with ``counterfactual=True``: one row per kept protocol row and arm, the severity under that arm given on
-    #: every day (columns patient_id, day, arm, severity; :mod:`synthtrial.trial.counterfactual`)
+    #: ``counterfactual=True``: patient_id, day, arm, severity per row and arm (synthtrial.trial.counterfactual)
     counterfactual: pd.DataFrame | None = None
 
     def write(self, path: str | os.PathLike[str], form: str = "native") -> tuple[Path, Path]:
@@ -417,16 +416,14 @@ def simulate_severity(schedule: pd.DataFrame, model: SeverityModel, seed: int = 
         "severity": np.concatenate([worlds[a][keep] for a in arms])})
     out = out.loc[keep].reset_index(drop=True)
     out.attrs.update(schedule.attrs)
-    return SimulatedTrial(protocol=out, truth=_truth(model, seed, reference, active, treatments, patients),
-                          counterfactual=cf)
+    return SimulatedTrial(out, _truth(model, seed, reference, active, treatments, patients), cf)
 
 
 def _simulate_patient(row_days: np.ndarray, row_treatments: np.ndarray, model: SeverityModel, baseline: float,
                       reference: str, active: list[str], rngs: tuple[np.random.Generator, ...],
                       always: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str, Any]]:
     """One patient's severity on each of its rows, which rows are kept (not missing), its truth, and its
-    severity on each row were each arm of ``always`` given on every day (the same baseline, effects, trend
-    and noise)."""
+    severity on each row were each arm of ``always`` given on every day (all draws the same)."""
     effect_rng, noise_rng, missing_rng = rngs
     # one value per day (its first row's treatment), shared by every view of that day
     days_seen, first_row = np.unique(row_days, return_index=True)
