@@ -211,3 +211,27 @@ def test_individual_effects_and_the_analysis_hook(run, tmp_path):
     assert set(written["outcome"]) == {"oracle", "lesion_severity", "lesion_count"}
     assert set(written["scope"]) == {"P01", "P02"} and written["error"].notna().all()
     assert "Against the individual effects" in (analysis / "report.html").read_text()
+
+
+def test_reach_covers_every_pixel_the_differing_lesions_change():
+    """Without grain, two renderings whose lesion sets differ are identical outside the reach of the lesions
+    that differ, also where those overlap, merge halos with or sit under the shared ones; the reach is local."""
+    from synthtrial.render.procedural import LESION_TYPES, LesionSpec, PhotoStats, ProceduralRenderer
+
+    rng = np.random.default_rng(5)
+    n = 160
+    yy, xx = np.mgrid[:n, :n]
+    skin = np.hypot(xx - n / 2, yy - n / 2) < 0.45 * n
+    image = np.full((n, n, 3), (200, 160, 140), np.uint8)
+    stats = PhotoStats((1.0, 0.2), 0.0, 0.8, (200.0, 160.0, 140.0))
+    lesions = [LesionSpec(i, str(rng.choice(LESION_TYPES)), float(rng.uniform(40, 120)), float(rng.uniform(40, 120)),
+                          float(rng.uniform(1.5, 4.0)), float(rng.uniform(0.3, 1.0)), int(rng.integers(1 << 30)))
+               for i in range(30)]
+    renderer = ProceduralRenderer()
+    shared, only_a, only_b = lesions[:20], lesions[20:25], lesions[25:]
+    a = renderer(image, shared + only_a, skin_mask=skin, stats=stats, seed=1).image
+    b = renderer(image, only_b + shared, skin_mask=skin, stats=stats, seed=1).image
+    inside = renderer.reach(only_a + only_b, (n, n), stats)
+    assert (a != b).any(axis=2)[inside].any()
+    assert not (a != b).any(axis=2)[~inside].any()
+    assert inside.mean() < 0.6
