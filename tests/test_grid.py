@@ -84,6 +84,10 @@ def test_grid_command_at_tiny_scale_writes_the_table(tmp_path, monkeypatch):
 
 
 def test_grid_refuses_options_that_make_other_scenarios(tmp_path):
+    result = invoke("power", "--preset", "quick", "--pooled-replicates", 8)
+    assert result.exit_code == 2 and "--pooled-replicates needs --grid" in result.stderr
+    result = invoke("power", "--grid", "small", "--replicates", 4, "--pooled-replicates", 2)
+    assert result.exit_code == 2 and "--pooled-replicates 2 is below --replicates 4" in result.stderr
     result = invoke("power", "--grid", "small", "--preset", "quick")
     assert result.exit_code == 2 and "--grid makes its own scenarios; drop --preset" in result.stderr
     result = invoke("power", "--preset", "quick", "--grid-table", tmp_path / "grid.md")

@@ -182,7 +182,7 @@ def markdown_table(table: pd.DataFrame, columns: Sequence[str]) -> str:
 
 
 def write_grid(path: str | Path, table: pd.DataFrame, *, grid: str, replicates: int, seed: int,
-               alpha: float = 0.05) -> tuple[Path, Path]:
+               alpha: float = 0.05, pooled_trials: int | None = None) -> tuple[Path, Path]:
     """Write the grid table as Markdown (``path``, with the check's verdict) and as CSV beside it."""
     path = Path(path)
     csv_path = path.with_suffix(".csv")
@@ -195,12 +195,13 @@ def write_grid(path: str | Path, table: pd.DataFrame, *, grid: str, replicates: 
                f"coverage >= {MIN_COVERAGE:g}):\n\n" + markdown_table(bad, ("cell", "method", "role", "check")))
     shown = ("period_days", "phi", "trend", "carryover", "order", "method", "role", "estimand", "size", "size_mc_se",
              "power", "coverage", "check")
+    pooled = pooled_trials or pooled_replicates(replicates)
+    option = "" if pooled == GRID_PATIENTS * replicates else f" --pooled-replicates {pooled}"
     text = (f"# Size-and-coverage grid ({grid})\n\n"
             f"Written by `synthtrial power --grid {grid} --replicates {replicates} --seed {seed} --grid-table "
-            f"{path.name}` ({replicates} null and {replicates} effect trials per cell for the per-patient methods, "
-            f"{pooled_replicates(replicates)} of each for the pooled model, so that every row rests on "
-            f"{pooled_replicates(replicates)} tests; {GRID_PATIENTS} patients, {GRID_PAIRS} pairs of periods, oracle "
-            f"outcome, alpha {alpha:g}; per-patient rates over patients x trials). Data: [{csv_path.name}]({csv_path.name}). How the cells are built: "
+            f"{path.name}{option}` ({replicates} null and {replicates} effect trials per cell for the per-patient "
+            f"methods ({GRID_PATIENTS * replicates} tests per row: {GRID_PATIENTS} patients), {pooled} of each for the "
+            f"pooled model (one test per trial); {GRID_PAIRS} pairs of periods, oracle outcome, alpha {alpha:g}). Data: [{csv_path.name}]({csv_path.name}). How the cells are built: "
             "`synthtrial/analyze/grid.py`; the role rules: `synthtrial/analyze/roles.py` and docs/analysis.md.\n\n"
             f"{verdict}\n\n{markdown_table(table, shown)}\n")
     write_text_atomic(path, text)
