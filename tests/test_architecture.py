@@ -11,10 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 #: stage packages in data-flow order; a module may import its own stage and earlier ones only
-STAGES = ("util", "trial", "data", "face", "lesions", "render", "run", "graders", "grade", "analyze", "cli")
+STAGES = ("util", "trial", "data", "face", "lesions", "render", "run", "graders", "grade", "analyze", "view", "cli")
 #: ranks: ``data`` (readers of outside data sets) sits beside ``trial``
 RANK = {"util": 0, "trial": 1, "data": 1, "face": 2, "lesions": 3, "render": 4, "run": 5, "graders": 6,
-        "grade": 7, "analyze": 8, "cli": 9}
+        "grade": 7, "analyze": 8, "view": 9, "cli": 10}
 
 
 def project_modules() -> dict[str, Path]:
