@@ -380,3 +380,55 @@ def test_browser_run_page_shows_accuracy_and_effects(browser, server, run):
     assert browser.find_elements(By.CSS_SELECTOR, "#effects .truth-mark")
     links = browser.find_elements(By.CSS_SELECTOR, "#patients a")
     assert [a.text for a in links] == ["P1", "P2"]
+
+
+def test_browser_static_site_shows_detections_tracks_and_gradcam(browser, run, tmp_path):
+    """The --static site, served by a plain static file server, works like the live one: a grader's detections
+    and the tracker's tracks drawn as boxes on the image they belong to, and a Grad-CAM overlay replacing it."""
+    import functools
+    import http.server
+    import threading
+
+    from selenium.webdriver.common.by import By
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    m = manifest(copy)
+    sha = dict(zip(m["image"], m["sha256"]))
+    lesions = pd.read_parquet(copy / "lesions.parquet")
+    image = "images/P1/P1_d002_frontal.png"
+    boxes = lesions[lesions["image"] == image].head(5)[["image", "x0", "y0", "x1", "y1"]].reset_index(drop=True)
+    boxes = boxes.assign(image_sha256=sha[image], **{"class": "papule"})
+    boxes.assign(score=0.8, counted=True).to_parquet(copy / "detections.parquet")
+    boxes.head(3).assign(track_id=[7, 8, 9], score=0.8, face_x=0.0, face_y=0.0).to_parquet(copy / "tracks.parquet")
+    index = json.loads((copy / "grades.json").read_text())
+    index["graders"]["counter"]["tables"] = ["detections.parquet"]
+    index["graders"]["tracker"] = {"columns": [], "outcomes": [], "tables": ["tracks.parquet"]}
+    (copy / "grades.json").write_text(json.dumps(index))
+    (copy / "gradcam" / "P1").mkdir(parents=True)
+    Image.new("RGB", (128, 128), (200, 30, 30)).save(copy / "gradcam" / "P1" / "P1_d002_frontal_papules.png")
+    site = write_static(load(copy), tmp_path / "site")
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        open_page(browser, f"http://127.0.0.1:{httpd.server_address[1]}/index.html#P1/1/frontal")
+        assert wait_for(browser, PHOTO).endswith("run/images/P1/P1_d002_frontal.png")
+        browser.find_element(By.CSS_SELECTOR, "#layer-toggles input[data-layer='detections.parquet']").click()
+        assert len(browser.find_elements(By.CSS_SELECTOR, "rect.detection-box[data-layer='detections.parquet']")) == 5
+        browser.find_element(By.CSS_SELECTOR, "#layer-toggles input[data-layer='tracks.parquet']").click()
+        labels = [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#box-layer text")]
+        assert labels == ["7", "8", "9"]
+        browser.find_element(By.TAG_NAME, "body").send_keys("\ue014")        # → : the next day has none
+        wait_for(browser, "return document.getElementById('day-label').textContent.startsWith('day 3')")
+        assert not browser.find_elements(By.CSS_SELECTOR, "rect.detection-box")
+        browser.find_element(By.TAG_NAME, "body").send_keys("\ue012")        # ←
+        from selenium.webdriver.support.ui import Select
+
+        Select(browser.find_element(By.ID, "gradcam")).select_by_value("papules")
+        assert wait_for(browser, PHOTO).endswith("gradcam/P1/P1_d002_frontal_papules.png")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -91,14 +91,29 @@ def _number(value: Any) -> float | None:
 
 def _records(frame: pd.DataFrame, columns: tuple[str, ...], digits: int = 2) -> list[list[Any]]:
     """Rows of ``frame``'s ``columns`` as lists of JSON-safe values: text and booleans as they are, numbers
-    rounded to ``digits`` decimals, None for a missing value."""
+    rounded to ``digits`` decimals, None for a missing value (column-wise: a run's tables are long)."""
     def cell(v: Any) -> Any:
         if isinstance(v, (str, bool, np.bool_)):
             return v if isinstance(v, str) else bool(v)
         number = _number(v)
         return None if number is None else round(number, digits)
 
-    return [[cell(v) for v in row] for row in frame[list(columns)].itertuples(index=False)]
+    values = []
+    for column in columns:
+        series = frame[column]
+        if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+            numbers = np.round(series.to_numpy(dtype=np.float64, na_value=np.nan), digits)
+            values.append([v if math.isfinite(v) else None for v in numbers.tolist()])
+        else:
+            values.append([cell(v) for v in series.tolist()])
+    return [list(row) for row in zip(*values)]
+
+
+def _by_image(frame: pd.DataFrame, columns: tuple[str, ...]) -> dict[str, list[list[Any]]]:
+    """:func:`_records` of ``frame`` split by its ``image`` column."""
+    records = _records(frame, columns)
+    positions = frame.reset_index(drop=True).groupby("image", sort=False).indices
+    return {image: [records[i] for i in index] for image, index in positions.items()}
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -153,44 +168,37 @@ class RunView:
         """``data/patient/<id>.json``: per day its date, treatment and views (image, type map, lesion boxes,
         each grader table's boxes, Grad-CAM overlays), and the trajectory series (one value per day)."""
         rows = self.rows_of(patient)
-        lesions = self.lesions[self.lesions["patient_id"] == patient] if "patient_id" in self.lesions else \
-            self.lesions[self.lesions["image"].isin(set(rows["image"]))]
-        by_image = dict(tuple(lesions.groupby("image", sort=False)))
-        tables = {name: dict(tuple(t[t["image"].isin(set(rows["image"]))].groupby("image", sort=False)))
-                  for name, t in self.tables.items()}
+        images = set(rows["image"])
+        lesions = self.lesions[self.lesions["image"].isin(images)]
+        lesions = lesions.assign(type=[TYPES.index(t) + 1 for t in lesions["type"]])
+        by_image = {"lesions": _by_image(lesions, ("x0", "y0", "x1", "y1", "type",
+                                                   *(c for c in ("lesion_id", "visible") if c in lesions)))}
+        for name, table in self.tables.items():
+            found = table[table["image"].isin(images)]
+            found = found.assign(cls=found["class"].astype(str))
+            by_image[name] = _by_image(found, ("x0", "y0", "x1", "y1", "cls", "track_id" if name == TRACKS else "score",
+                                               *(("counted",) if "counted" in found else ())))
+        visits: dict[int, list[dict[str, Any]]] = {}
+        columns = ["image", "patient_id", "view", "width", "height", "day", "treatment", *(["date"] if "date" in rows
+                                                                                           else [])]
+        for row in rows[columns].to_dict("records"):      # plain dicts: per-row pandas access is slow
+            visits.setdefault(int(row["day"]), []).append(row)
         days = []
-        for day, visit in rows.groupby("day", sort=True):
-            first = visit.iloc[0]
-            views = {}
-            for row in visit.itertuples(index=False):
-                views[row.view] = self._image_entry(row, by_image, tables)
-            date = first["date"] if "date" in visit and not rundir.is_missing(first["date"]) else None
-            days.append({"day": int(day), "date": None if date is None else str(pd.Timestamp(date).date()),
-                         "treatment": str(first["treatment"]), "views": views})
+        for day in sorted(visits):
+            first = visits[day][0]
+            date = None if rundir.is_missing(first.get("date")) else str(pd.Timestamp(first["date"]).date())
+            days.append({"day": day, "date": date, "treatment": str(first["treatment"]),
+                         "views": {row["view"]: self._image_entry(row, by_image) for row in visits[day]}})
         return {"id": patient, "days": days, "series": self.series(rows)}
 
-    def _image_entry(self, row: Any, by_image: dict[str, pd.DataFrame],
-                     tables: dict[str, dict[str, pd.DataFrame]]) -> dict[str, Any]:
-        stem = PurePosixPath(row.image).stem
-        lesions = by_image.get(row.image, pd.DataFrame(columns=["type"]))
-        lesion_rows = lesions.assign(type=[TYPES.index(t) + 1 for t in lesions["type"]])
-        extra = [c for c in ("lesion_id", "visible") if c in lesion_rows]
-        entry: dict[str, Any] = {
-            "image": f"run/{row.image}", "typemap": f"data/typemap/{row.patient_id}/{stem}.png",
-            "width": int(row.width), "height": int(row.height),
-            "lesions": _records(lesion_rows, ("x0", "y0", "x1", "y1", "type", *extra)),
-            "boxes": {}, "gradcam": {c: f"gradcam/{row.patient_id}/{p.name}"
-                                     for c, p in sorted(self.gradcam.get(row.image, {}).items())}}
-        for name, groups in tables.items():
-            found = groups.get(row.image)
-            if found is None:
-                entry["boxes"][name] = []
-                continue
-            label = "track_id" if name == TRACKS else "score"
-            found = found.assign(cls=found["class"].astype(str))
-            entry["boxes"][name] = _records(found, ("x0", "y0", "x1", "y1", "cls", label,
-                                                    *(("counted",) if "counted" in found else ())))
-        return entry
+    def _image_entry(self, row: dict[str, Any], by_image: dict[str, dict[str, list[list[Any]]]]) -> dict[str, Any]:
+        """One image of a patient's page: its URLs, size, lesion boxes and each grader table's boxes."""
+        image, pid = row["image"], row["patient_id"]
+        return {"image": f"run/{image}", "typemap": f"data/typemap/{pid}/{PurePosixPath(image).stem}.png",
+                "width": int(row["width"]), "height": int(row["height"]),
+                "lesions": by_image["lesions"].get(image, []),
+                "boxes": {name: found.get(image, []) for name, found in by_image.items() if name != "lesions"},
+                "gradcam": {c: f"gradcam/{pid}/{p.name}" for c, p in sorted(self.gradcam.get(image, {}).items())}}
 
     def series(self, rows: pd.DataFrame) -> list[dict[str, Any]]:
         """The trajectory of one patient's ``rows``: every series' mean per day (None where missing)."""
@@ -282,7 +290,7 @@ class RunView:
         for pid in self.patients:
             site[f"data/patient/{pid}.json"] = as_json(lambda pid=pid: self.patient(pid))
         for row in self.manifest.itertuples(index=False):
-            path = rundir.run_file(self.run, row.image)
+            path = self.run.joinpath(*PurePosixPath(row.image).parts)   # checked inside the run by load()
             site[f"run/{row.image}"] = ("image/png", path.read_bytes)
             site[f"data/typemap/{row.patient_id}/{PurePosixPath(row.image).stem}.png"] = (
                 "image/png", lambda image=row.image: self.typemap(image))
