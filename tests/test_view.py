@@ -164,6 +164,21 @@ def test_gradcam_overlays_are_found_and_served(run, tmp_path):
         load(run, tmp_path / "missing")
 
 
+def test_damaged_tables_are_one_line_errors(run, tmp_path):
+    from typer.testing import CliRunner
+
+    from synthtrial.cli import app
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "analysis" / "outcomes.parquet").write_bytes(b"not parquet")
+    with pytest.raises(view_data.RunError, match="outcomes.parquet: cannot be read"):
+        load(copy)
+    result = CliRunner().invoke(app, ["view", str(copy), "--static", str(tmp_path / "s")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
 # ----------------------------------------------------------------------------------- traversal guard
 
 TRAVERSALS = ["/../config.json", "/run/../config.json", "/run/images/P1/../../manifest.parquet",
