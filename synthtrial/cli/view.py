@@ -43,9 +43,9 @@ def view_command(
         out.print(f"[green]wrote[/green] {written} (serve it: python -m http.server -d {written})", soft_wrap=True)
         return
     server = start(view, port)
-    out.print(f"synthtrial view: open {url_of(server)}  (serving {run}; Ctrl-C stops)", markup=False,
-              soft_wrap=True)
-    try:
+    try:  # Ctrl-C at any moment from here on stops the server and ends with status 0
+        out.print(f"synthtrial view: open {url_of(server)}  (serving {run}; Ctrl-C stops)", markup=False,
+                  soft_wrap=True)
         threading.Event().wait()
     except KeyboardInterrupt:
         pass
