@@ -11,11 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 #: stage packages in data-flow order; a module may import its own stage and earlier ones only
-STAGES = ("util", "trial", "data", "face", "lesions", "render", "run", "graders", "grade", "analyze", "cli", "api")
+STAGES = ("util", "trial", "data", "face", "lesions", "render", "run", "graders", "grade", "analyze", "view", "cli",
+          "api")
 #: ranks: ``data`` (readers of outside data sets) sits beside ``trial``; ``api`` (the scripting facade, one module)
 #: beside ``cli``, both thin layers over the stages
 RANK = {"util": 0, "trial": 1, "data": 1, "face": 2, "lesions": 3, "render": 4, "run": 5, "graders": 6,
-        "grade": 7, "analyze": 8, "cli": 9, "api": 9}
+        "grade": 7, "analyze": 8, "view": 9, "cli": 10, "api": 10}
 
 
 def project_modules() -> dict[str, Path]:
