@@ -51,6 +51,8 @@ def test_the_check_reports_every_inferential_row_that_fails_and_nothing_else():
     assert bad["check"].tolist() == ["size 0.067 > 0.05 + 2 x 0.003", "coverage 0.920 < 0.93"]
     assert [G.check_row(row) for row in table.to_dict("records")] == [
         "ok", bad["check"].iloc[0], "ok", bad["check"].iloc[1], "", "", "ok"]
+    holding = table.drop(index=[1, 3])
+    assert G.grid_violations(holding).empty and list(G.grid_violations(holding).columns) == [*table.columns, "check"]
 
 
 def test_grid_command_at_tiny_scale_writes_the_table(tmp_path, monkeypatch):

@@ -160,7 +160,9 @@ def check_row(row: dict | pd.Series, alpha: float = 0.05) -> str:
 def grid_violations(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """The rows of a grid table (or any frame with its columns) whose inferential method fails the check."""
     checks = table.apply(lambda row: check_row(row, alpha), axis=1) if len(table) else pd.Series(dtype=str)
-    return table[(checks != "") & (checks != "ok")].assign(check=checks)
+    failed = (checks != "") & (checks != "ok")
+    # the checks of the failing rows only: assigning a longer Series to an empty frame takes its index (pandas 3)
+    return table[failed].assign(check=checks[failed])
 
 
 def _cell(value: object, column: str) -> str:
