@@ -247,8 +247,12 @@ def run_replicate(scenario: Scenario, settings: StudySettings, replicate: int) -
 def _run_chunk(scenario: Scenario, settings: StudySettings, replicates: list[int]) -> list[pd.DataFrame]:
     import warnings
 
+    from synthtrial.analyze.power_batch import batch_applies, run_chunk_batched
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        if batch_applies(scenario, settings):  # the same frames, computed across replicates as arrays
+            return run_chunk_batched(scenario, settings, replicates)
         return [run_replicate(scenario, settings, r) for r in replicates]
 
 
