@@ -22,6 +22,8 @@ Choices, stated once:
   :data:`~synthtrial.analyze.power.POWER_OUTCOMES`, a design in which every order holds every arm, and
   every other :class:`~synthtrial.analyze.power.StudySettings` field at its default. Anything else runs
   today's path, replicate by replicate.
+* ``SYNTHTRIAL_POWER_VECTORISED=0`` in the environment (inherited by Dask's local workers) makes every chunk
+  run today's path: for benchmarks and comparisons (``benchmarks/power_vectorized.py``).
 * A replicate that meets what the batch leaves to today's code (a series without variation or with a zero
   SE, a patient left without an arm by missing days, fewer than two patients, a randomisation distribution
   beyond the exact limit) is recomputed by ``run_replicate``; the others are not affected.
@@ -33,6 +35,7 @@ Choices, stated once:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,11 +43,11 @@ import numpy as np
 import pandas as pd
 
 from synthtrial.analyze import batch_patient as bp
-from synthtrial.analyze.batch_mixed import cluster_robust_ri_batch, pooled_contrasts
+from synthtrial.analyze.batch_mixed import cluster_robust_ri_batch, pooled_contrasts, random_intercept_reml_batch
 from synthtrial.analyze.estimands import PATIENT_DELIVERED, POPULATION_DELIVERED
 from synthtrial.analyze.estimate import join_notes
 from synthtrial.analyze.estimators import INFERENTIAL, POOLED, FitOptions
-from synthtrial.analyze.mixed import CR1, CR2, random_intercept_reml
+from synthtrial.analyze.mixed import CR1, CR2
 from synthtrial.analyze.power_batch_rows import finish_rows
 from synthtrial.analyze.nof1 import Kinetics, design_orders, exposures
 from synthtrial.trial import scale
@@ -53,6 +56,8 @@ from synthtrial.util.seeding import derive_seed
 
 #: Methods the batched path fits (``permutation`` runs today's path).
 BATCH_METHODS = (*bp.PATIENT_METHODS, CR2, CR1)
+#: The environment variable that turns the vectorised path off ("0").
+SWITCH = "SYNTHTRIAL_POWER_VECTORISED"
 #: StudySettings fields the batched path reads; any other field must keep its default.
 _READ = ("seed", "methods", "outcomes", "alpha", "trend", "random_slopes", "estimate_kinetics", "rendered")
 
@@ -61,6 +66,8 @@ def batch_applies(scenario: Any, settings: Any) -> bool:
     """Whether :func:`run_chunk_batched` covers this scenario and these settings (see the module docstring)."""
     from synthtrial.analyze.power import POWER_OUTCOMES
 
+    if os.environ.get(SWITCH, "1").strip() == "0":
+        return False
     defaults = type(settings)()
     others = [f.name for f in dataclasses.fields(settings) if f.name not in _READ]
     return (settings.rendered is None and not settings.random_slopes and not settings.estimate_kinetics
@@ -197,22 +204,21 @@ class _Chunk:
         if np.linalg.matrix_rank(x) < x.shape[1] or day.size - x.shape[1] < 1:
             self.fallback.update(members)
             return
-        fits, ys, at = [], [], []
+        ys, at = [], []
         for r in members:
             for k, outcome in enumerate(self.outcomes):
                 y = np.concatenate([self.values[outcome][r, i][plan.rows][plan.use] for i, plan in enumerate(plans)])
                 if float(np.sum((y - y.mean()) ** 2)) <= 1e-24 * max(1.0, float(y @ y)):
                     self.fallback.add(r)
                     continue
-                fit = random_intercept_reml(x, y, patients)
-                if not (np.isfinite(fit.scale) and fit.scale > 1e-14 * max(1.0, float(np.var(y)))):
-                    self.fallback.add(r)
-                    continue
-                fits.append(fit)
                 ys.append(y)
                 at.append((r, k))
-        if not fits:
+        if not ys:
             return
+        fits = random_intercept_reml_batch(x, np.stack(ys), patients)
+        for fit, (r, _), y in zip(fits, at, ys, strict=True):
+            if not (np.isfinite(fit.scale) and fit.scale > 1e-14 * max(1.0, float(np.var(y)))):
+                self.fallback.add(r)
         resid = np.stack([fit.y - fit.x @ fit.fe_params for fit in fits])
         robust = cluster_robust_ri_batch(x, resid, fits[0].clusters, np.array([f.scale for f in fits]),
                                          np.array([f.tau2 for f in fits]), contrasts)
