@@ -113,13 +113,11 @@ def pooled_contrasts(effect_cols: np.ndarray, treatment: np.ndarray, rows_of: Se
 
 def _ri_parts(x: np.ndarray, ys: np.ndarray, clusters: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """Per-cluster sums of every fit (the shared design's once), with the one-fit code's operations."""
-    f_count = ys.shape[0]
     return {"n": np.array([len(i) for i in clusters], dtype=float),
             "sxx": np.stack([x[i].T @ x[i] for i in clusters]), "sx": np.stack([x[i].sum(axis=0) for i in clusters]),
-            "sxy": np.stack([np.matmul(np.broadcast_to(x[i].T, (f_count, *x[i].T.shape)), ys[:, i, None])[:, :, 0]
-                             for i in clusters], axis=1),
-            # one cluster of one fit at a time: a row sum or dot product of a stack differs in the last bit,
+            # one cluster of one fit at a time: a stacked product, row sum or dot product differs in the last bit,
             # and the REML optimum moves with the last bits of its flat likelihood
+            "sxy": np.array([[x[i].T @ y[i] for i in clusters] for y in ys]),
             "sy": np.array([[y[i].sum() for i in clusters] for y in ys]),
             "yy": np.array([[y[i] @ y[i] for i in clusters] for y in ys])}
 
@@ -143,7 +141,7 @@ def _exp(t: np.ndarray) -> np.ndarray:
     return np.array([np.exp(v) for v in t])
 
 
-def _bounded_brent(func, low: np.ndarray, high: np.ndarray, xatol: float = 1e-9,
+def bounded_brent(func, low: np.ndarray, high: np.ndarray, xatol: float = 1e-9,
                    maxfun: int = 500) -> tuple[np.ndarray, np.ndarray]:
     """scipy's ``minimize_scalar(method="bounded")`` (Brent's method) run for many functions at once, each on
     its own interval: ``func(x)`` evaluates every function at its x (F,). Every step is scipy's, element by
@@ -219,7 +217,7 @@ def random_intercept_reml_batch(x: np.ndarray, ys: np.ndarray, groups: np.ndarra
         sub = {k: (v[search] if k in ("sxy", "sy", "yy") else v) for k, v in parts.items()}
         low = np.log(grid[np.maximum(best[search] - 1, 1)])
         high = np.log(grid[np.minimum(best[search] + 1, grid.size - 1)])
-        found_x, found_f = _bounded_brent(
+        found_x, found_f = bounded_brent(
             lambda t: _ri_deviance_batch(_exp(t)[:, None], sub, dof)[0][:, 0], low, high)
         take = found_f <= dev[rows[search], best[search]]
         ratio[search] = np.where(take, _exp(found_x), ratio[search])
