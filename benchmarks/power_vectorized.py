@@ -73,7 +73,7 @@ def rounds(scenario, settings, args) -> tuple[list[float], list[float], dict[int
         reps = list(range(offset * k, offset * (k + 1)))
         start = time.perf_counter()
         for i in range(0, len(reps), CHUNK):
-            frames = run_chunk_batched(scenario, settings, reps[i:i + CHUNK])
+            frames = run_chunk_batched(scenario, settings, reps[i:i + CHUNK], run_replicate)
             batched.update({r: f for r, f in zip(reps[i:i + CHUNK], frames, strict=True) if r in today})
         batch_rates.append(60 * len(reps) / (time.perf_counter() - start))
         print(f"round {k + 1}: today's path {today_rates[-1]:7.0f} trials/min ({args.baseline} trials) | "
@@ -96,7 +96,7 @@ def main() -> int:
         print(f"the vectorised path does not cover {args.preset} (or {SWITCH}=0 is set)")
         return 1
     run_replicate(scenario, settings, 0)
-    run_chunk_batched(scenario, settings, [0, 1])  # imports and caches warm
+    run_chunk_batched(scenario, settings, [0, 1], run_replicate)  # imports and caches warm
     design = scenario.design
     print(f"{args.preset}: {design.n_patients} patients x {design.days_per_patient} days, outcomes oracle + "
           f"lesion_severity, every default method; one core (this process), alternating rounds")

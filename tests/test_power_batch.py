@@ -45,7 +45,7 @@ def test_batched_frames_equal_todays_on_a_fixed_seed(name):
     assert batch_applies(scenario, settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        batched = run_chunk_batched(scenario, settings, [0, 1, 2])
+        batched = run_chunk_batched(scenario, settings, [0, 1, 2], run_replicate)
         for r, frame in enumerate(batched):
             assert_same_frames(run_replicate(scenario, settings, r), frame)
     roles = set(batched[0]["role"])
@@ -55,7 +55,7 @@ def test_batched_frames_equal_todays_on_a_fixed_seed(name):
 def test_the_designs_reach_carryover_missing_days_and_randomised_orders():
     # what the equality test above covers: a carryover role note, missing days, orders that differ by patient
     scenario = scenario_grid([("anchor-7d", *ANCHOR_SHORT)])[0]
-    frame = run_chunk_batched(scenario, StudySettings(), [0])[0]
+    frame = run_chunk_batched(scenario, StudySettings(), [0], run_replicate)[0]
     assert frame.loc[frame["method"] == "period", "note"].str.contains("carryover").any()
     batch = simulate_batch(*RANDOMISED_MISSING, seeds=[1, 2, 3])
     assert (~batch.kept).any() and len({order for orders in batch.orders for order in orders}) > 1

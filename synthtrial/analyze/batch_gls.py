@@ -49,24 +49,29 @@ class AR1MomentsBatch:
         """The number of series."""
         return self._first.shape[0]
 
-    def gram(self, phis: np.ndarray) -> np.ndarray:
+    def rho(self, phis: np.ndarray) -> np.ndarray:
+        """``phi ** gap`` for each series' phis (S, G) and each distinct gap (the one power both gram and logdet use)."""
+        return np.asarray(phis, dtype=float)[:, :, None] ** self._gaps[None, None, :]
+
+    def gram(self, phis: np.ndarray, rho: np.ndarray | None = None) -> np.ndarray:
         """The whitened ``[X | y]' [X | y]`` of series s at each of its phis ``phis[s]``: (S, G, q, q)."""
         phis = np.asarray(phis, dtype=float)
-        rho = phis[:, :, None] ** self._gaps[None, None, :]
+        rho = self.rho(phis) if rho is None else rho
         inv = 1.0 / (1.0 - rho ** 2)
         weights = np.concatenate([inv, rho * inv, rho * rho * inv], axis=2)
         out = np.matmul(weights, self._stack) + self._first[:, None, :]
         return out.reshape(phis.shape[0], phis.shape[1], self.p + 1, self.p + 1)
 
-    def logdet(self, phis: np.ndarray) -> np.ndarray:
-        phis = np.asarray(phis, dtype=float)
-        return np.log(1.0 - (phis[:, :, None] ** self._gaps[None, None, :]) ** 2) @ self._counts
+    def logdet(self, phis: np.ndarray, rho: np.ndarray | None = None) -> np.ndarray:
+        rho = self.rho(phis) if rho is None else rho
+        return np.log(1.0 - rho ** 2) @ self._counts
 
     def deviance(self, phis: np.ndarray, reml: bool = True) -> np.ndarray:
         """-2 (restricted) log-likelihood at each series' phis (S, G), as ``AR1Moments.deviance``."""
         p = self.p
         dof = self.n - p if reml else self.n
-        gram = self.gram(phis)
+        rho = self.rho(phis)
+        gram = self.gram(phis, rho)
         with np.errstate(divide="ignore", invalid="ignore"):
             try:
                 diag = np.linalg.cholesky(gram).diagonal(axis1=2, axis2=3)
@@ -74,7 +79,7 @@ class AR1MomentsBatch:
                 ok = np.ones(rss.shape, bool)
             except np.linalg.LinAlgError:
                 rss, logdet_xx, ok = self._singular(gram)
-            dev = self.logdet(phis) + dof * np.log(np.maximum(rss, 1e-300)) + (logdet_xx if reml else 0.0)
+            dev = self.logdet(phis, rho) + dof * np.log(np.maximum(rss, 1e-300)) + (logdet_xx if reml else 0.0)
         return np.where((rss > 0) & ok & np.isfinite(dev), dev, 1e300)
 
     def _singular(self, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ Choices, stated once:
 * Coverage (:func:`batch_applies`): no rendered replicates, no random slopes, known kinetics (not
   ``estimate_kinetics``), the methods ``period``, ``randomization``, ``gls_kinetics``, ``lmm``, ``lmm_cr1``,
   ``welch``, ``gls_ar1``, ``hac`` (not the day-level ``permutation``), the outcomes of
-  :data:`~synthtrial.analyze.power.POWER_OUTCOMES`, a design in which every order holds every arm, and
+  ``power.POWER_OUTCOMES``, a design in which every order holds every arm, and
   every other :class:`~synthtrial.analyze.power.StudySettings` field at its default. Anything else runs
   today's path, replicate by replicate.
 * ``SYNTHTRIAL_POWER_VECTORISED=0`` in the environment (inherited by Dask's local workers) makes every chunk
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,25 +62,24 @@ SWITCH = "SYNTHTRIAL_POWER_VECTORISED"
 _READ = ("seed", "methods", "outcomes", "alpha", "trend", "random_slopes", "estimate_kinetics", "rendered")
 
 
-def batch_applies(scenario: Any, settings: Any) -> bool:
-    """Whether :func:`run_chunk_batched` covers this scenario and these settings (see the module docstring)."""
-    from synthtrial.analyze.power import POWER_OUTCOMES
-
+def batch_applies(scenario: Any, settings: Any, outcomes: Sequence[str] = ("oracle", "lesion_severity")) -> bool:
+    """Whether :func:`run_chunk_batched` covers this scenario and these settings (see the module docstring);
+    ``outcomes``: the rendering-free outcomes (``power.POWER_OUTCOMES``)."""
     if os.environ.get(SWITCH, "1").strip() == "0":
         return False
     defaults = type(settings)()
     others = [f.name for f in dataclasses.fields(settings) if f.name not in _READ]
     return (settings.rendered is None and not settings.random_slopes and not settings.estimate_kinetics
             and all(m in BATCH_METHODS for m in settings.methods) and len(settings.methods) > 0
-            and all(o in POWER_OUTCOMES for o in settings.outcomes) and len(settings.outcomes) > 0
+            and all(o in outcomes for o in settings.outcomes) and len(settings.outcomes) > 0
             and all(getattr(settings, name) == getattr(defaults, name) for name in others)
             and batch_covers(scenario.design))
 
 
-def run_chunk_batched(scenario: Any, settings: Any, replicates: Sequence[int]) -> list[pd.DataFrame]:
-    """``[run_replicate(scenario, settings, r) for r in replicates]``, computed as arrays (the module docstring)."""
-    from synthtrial.analyze.power import run_replicate
-
+def run_chunk_batched(scenario: Any, settings: Any, replicates: Sequence[int],
+                      redo: Callable[[Any, Any, int], pd.DataFrame]) -> list[pd.DataFrame]:
+    """``[redo(scenario, settings, r) for r in replicates]`` computed as arrays (the module docstring); ``redo`` is
+    today's path (``power.run_replicate``), called for the replicates the batch leaves to it."""
     design, model = scenario.design, scenario.model
     replicates = list(replicates)
     seeds = [derive_seed("power", settings.seed, r, bits=32) for r in replicates]
@@ -88,7 +87,7 @@ def run_chunk_batched(scenario: Any, settings: Any, replicates: Sequence[int]) -
     chunk = _Chunk(scenario, settings, batch, replicates)
     frames = chunk.frames()
     for k in sorted(chunk.fallback):
-        frames[k] = run_replicate(scenario, settings, replicates[k])
+        frames[k] = redo(scenario, settings, replicates[k])
     return frames
 
 
@@ -250,9 +249,10 @@ class _Chunk:
     def frames(self) -> list[pd.DataFrame]:
         patient = self._patient_fits()
         pooled = self._pooled_fits()
-        return finish_rows(self, self._rows(patient, pooled))
+        rows = self._rows(patient, pooled)
+        return [None] * len(self.replicates) if rows is None else finish_rows(self, rows)
 
-    def _rows(self, patient: dict, pooled: dict) -> dict[str, np.ndarray]:
+    def _rows(self, patient: dict, pooled: dict) -> dict[str, np.ndarray] | None:
         """Every result row of the chunk as columns, sorted as analyze_outcome and run_replicate order them."""
         n_o, n_p = len(self.outcomes), self.scenario.design.n_patients
         parts: list[dict[str, Any]] = []
@@ -262,8 +262,9 @@ class _Chunk:
                     s_count, a_count = fitted.estimate.shape
                     arm_pos = [self.batch.arms.index(a) for a in fitted.arms]
                     grid = np.repeat(series, a_count)
-                    notes = [join_notes(fitted.notes[s][j], fitted.role_notes[j])
-                             for s in range(s_count) for j in range(a_count)]
+                    notes = ([note for row in fitted.notes for note in row] if not any(fitted.role_notes) else
+                             [join_notes(fitted.notes[s][j], fitted.role_notes[j])
+                              for s in range(s_count) for j in range(a_count)])
                     parts.append({"rep": grid // (n_o * n_p), "out": grid // n_p % n_o, "meth": np.full(grid.size, m_idx),
                                   "pat": grid % n_p, "arm_order": np.tile(np.arange(a_count), s_count),
                                   "arm_idx": np.tile(arm_pos, s_count), "method": method, "role": fitted.role,
@@ -283,6 +284,11 @@ class _Chunk:
                                   "role": INFERENTIAL, "estimand": POPULATION_DELIVERED,
                                   "note": [v[5] for v in fits[method]], "n": np.full(len(arms), n_rows),
                                   **{c: est[:, j] for j, c in enumerate(("estimate", "se", "ci_low", "ci_high", "p"))}})
+        kept = [part for part in parts if len(part["rep"])]
+        if not kept:                     # nothing the batch fits (e.g. the pooled model of one patient)
+            self.fallback.update(range(len(self.replicates)))
+            return None
+        parts = kept
         columns: dict[str, Any] = {}
         for name in ("rep", "out", "meth", "pat", "arm_order", "arm_idx", "estimate", "se", "ci_low", "ci_high", "p",
                      "n"):

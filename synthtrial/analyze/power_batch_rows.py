@@ -55,18 +55,14 @@ def finish_rows(chunk: Any, rows: dict[str, np.ndarray]) -> list[pd.DataFrame]:
     columns.update(calibration(rows, truth, pooled, settings.alpha))
     columns.update(responders(rows, pooled, settings.alpha))
     columns["population_effect"] = population[arm]
-    frame = pd.DataFrame(columns)
+    lead = {"scenario": np.full(rep.size, scenario.name, dtype=object),
+            "design_name": np.full(rep.size, scenario.design_name, dtype=object),
+            "period_days": np.full(rep.size, design.period_days, dtype="int64"),
+            "effect_scale": np.full(rep.size, float(scenario.effect_scale)),
+            "replicate": np.asarray(chunk.replicates, dtype="int64")[rep]}
+    frame = pd.DataFrame({**lead, **columns})
     bounds = np.searchsorted(rep, np.arange(len(chunk.replicates) + 1))
-    frames = []
-    for k, r in enumerate(chunk.replicates):
-        part = frame.iloc[bounds[k]:bounds[k + 1]].reset_index(drop=True)
-        part.insert(0, "replicate", r)
-        for i, (col, value) in enumerate((("scenario", scenario.name), ("design_name", scenario.design_name),
-                                          ("period_days", design.period_days),
-                                          ("effect_scale", scenario.effect_scale))):
-            part.insert(i, col, value)
-        frames.append(part)
-    return frames
+    return [frame.iloc[bounds[k]:bounds[k + 1]].reset_index(drop=True) for k in range(len(chunk.replicates))]
 
 
 def covered(truth: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
