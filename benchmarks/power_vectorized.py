@@ -1,6 +1,6 @@
 """`synthtrial power` vectorised across replicates against today's path: trials per minute, the ratio, and identity.
 
-    python benchmarks/power_vectorized.py [--preset anchor] [--replicates 300] [--baseline 12] [--rounds 3]
+    python benchmarks/power_vectorized.py [--preset anchor] [--replicates 200] [--baseline 8] [--rounds 3]
                                           [--workers 2]
 
 Both paths run in this process (one core), in alternating rounds so that both meet the same load on a shared
@@ -84,8 +84,8 @@ def rounds(scenario, settings, args) -> tuple[list[float], list[float], dict[int
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="anchor", choices=sorted(PRESETS))
-    parser.add_argument("--replicates", type=int, default=300, help="vectorised trials per round")
-    parser.add_argument("--baseline", type=int, default=12, help="today's-path trials per round")
+    parser.add_argument("--replicates", type=int, default=200, help="vectorised trials per round")
+    parser.add_argument("--baseline", type=int, default=8, help="today's-path trials per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="Dask workers of the power_study run (0: skip)")
     args = parser.parse_args()

@@ -5,8 +5,13 @@ A power study fits :func:`synthtrial.analyze.mixed.random_intercept_reml` to man
 :func:`synthtrial.analyze.robust.cluster_robust_low_rank` computes for each of those fits (working covariance
 ``V_g = scale I + tau2 1 1'``), with the per-cluster algebra that depends on the design alone (the orthonormal
 basis of ``[1, X_g]`` and ``X_g`` on it) done once, and the rest batched over the fits; the numbers agree with
-the one-fit function to rounding (``tests/test_power_batch.py``). :func:`pooled_contrasts` is the arms'
-delivered contrasts of :func:`synthtrial.analyze.mixed.mixed_model_both`, for a design.
+the one-fit function to rounding (``tests/test_power_batch.py``).
+
+:func:`random_intercept_reml_batch` is :func:`~synthtrial.analyze.mixed.random_intercept_reml` for F outcomes on
+one design: the same grid, then scipy's bounded Brent search run for every fit at once (:func:`bounded_brent`
+takes scipy's steps element by element). Each fit's per-cluster sums are taken one cluster at a time, as the
+one-fit code takes them: the REML optimum of a flat likelihood moves with the last bits of those sums, and so
+the fits equal the one-fit function's to the last bit.
 """
 
 from __future__ import annotations
@@ -88,25 +93,6 @@ def cluster_robust_ri_batch(x: np.ndarray, resid: np.ndarray, clusters: Sequence
         with np.errstate(divide="ignore", invalid="ignore"):
             df[:, j] = np.where(denominator > 0, trace ** 2 / denominator, np.nan)
     return [RobustCov(cr1=cr1[i], cr2=cr2[i], df_cr2=df[i], clusters=g_count) for i in range(f_count)]
-
-
-def pooled_contrasts(effect_cols: np.ndarray, treatment: np.ndarray, rows_of: Sequence[np.ndarray], reference: str,
-                     arms: Sequence[str], n_coef: int) -> np.ndarray:
-    """Each arm's contrast over the coefficients, averaged over the patients (``rows_of``: each one's rows, in
-    first-appearance order) who have the arm and the reference; the arm's own coefficient where none has."""
-    out = np.zeros((len(arms), n_coef))
-    for i, arm in enumerate(arms):
-        per_patient = []
-        for rows in rows_of:
-            own_t, own_cols = treatment[rows], effect_cols[rows]
-            on, ref = own_t == arm, own_t == reference
-            if on.any() and ref.any():
-                per_patient.append(own_cols[on].mean(axis=0) - own_cols[ref].mean(axis=0))
-        if per_patient:
-            out[i, 1:1 + len(arms)] = np.mean(per_patient, axis=0)
-        else:
-            out[i, 1 + i] = 1.0
-    return out
 
 
 # ------------------------------------------------------------------------------------- REML, batched

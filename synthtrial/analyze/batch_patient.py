@@ -51,6 +51,12 @@ def t_interval(est: np.ndarray, se: np.ndarray, df: Any, alpha: float) -> tuple[
     return est - q * se, est + q * se, p
 
 
+def rounding_only(est: np.ndarray, se: np.ndarray) -> np.ndarray:
+    """Series (rows of S x A) whose SE is 0 or rounding noise (an exact fit): today's code keeps the noise as an
+    SE, so the intervals built on it are noise too; the batch leaves those series to it."""
+    return ~(se > 1e-12 * np.maximum(1.0, np.abs(est))).all(axis=1)
+
+
 def _missing(s_count: int, arms: list[str], note: str, estimate: np.ndarray | None = None) -> tuple:
     est = np.full((s_count, len(arms)), NAN) if estimate is None else estimate
     nan = np.full(est.shape, NAN)
@@ -139,7 +145,7 @@ def fit_period(plan: PatientPlan, means: np.ndarray, fallback: set[int]) -> Fitt
     diag = np.diag(np.linalg.inv(x.T @ x))[1:1 + len(arms)]
     est = beta[:, 1:1 + len(arms)]
     se = np.sqrt(np.maximum(sigma2[:, None] * diag[None, :], 0.0))
-    fallback.update(np.flatnonzero((se == 0).any(axis=1)).tolist())
+    fallback.update(np.flatnonzero(rounding_only(est, se)).tolist())
     low, high, pval = t_interval(est, se, float(df), o.alpha)
     note = f"{k} periods, t on {df} df" + ("; trend-adjusted" if o.trend else "")
     return Fitted(arms, est, se, low, high, pval, [[note] * len(arms)] * s_count, n, role, [why] * len(arms))
@@ -209,7 +215,7 @@ def fit_welch(plan: PatientPlan, y: np.ndarray, fallback: set[int], series: np.n
             continue
         vx, vy = x.var(axis=1, ddof=1) / x.shape[1], ref.var(axis=1, ddof=1) / ref.shape[1]
         se = np.sqrt(vx + vy)
-        fallback.update(series[se == 0].tolist())
+        fallback.update(series[rounding_only(est[:, None], se[:, None])].tolist())
         with np.errstate(divide="ignore", invalid="ignore"):
             df = (vx + vy) ** 2 / (vx ** 2 / (x.shape[1] - 1) + vy ** 2 / (ref.shape[1] - 1))
         low, high, pval = t_interval(est, se, df, o.alpha)
@@ -243,7 +249,7 @@ def fit_hac(plan: PatientPlan, y: np.ndarray, fallback: set[int], series: np.nda
     cov = np.matmul(np.matmul(xxi[None], meat), xxi.T[None]) * (n / float(n - p))
     est = params[:, 1:1 + len(arms)]
     se = np.sqrt(np.diagonal(cov, axis1=1, axis2=2)[:, 1:1 + len(arms)])
-    fallback.update(series[~(np.isfinite(se) & (se > 0)).all(axis=1)].tolist())
+    fallback.update(series[rounding_only(est, se)].tolist())
     df = float(n - p)
     low, high, pval = t_interval(est, se, df, o.alpha)
     note = f"Newey-West, {lags} lags, t on {n - p} df" + ("; trend-adjusted" if o.trend else "")
@@ -286,7 +292,7 @@ def fit_gls_kinetics(plan: PatientPlan, y: np.ndarray, fallback: set[int], serie
     est = np.matmul(np.broadcast_to(contrasts, (s_count, *contrasts.shape)), beta[:, :, None])[:, :, 0]
     var = np.einsum("ai,sij,aj->sa", contrasts, cov, contrasts)
     se = np.sqrt(np.maximum(var, 0.0))
-    fallback.update(series[(se == 0).any(axis=1)].tolist())
+    fallback.update(series[rounding_only(est, se)].tolist())
     df = satterthwaite_batch(moments, phi, sigma2, contrasts)
     low, high, pval = t_interval(est, se, df, o.alpha)
     kin = f"half-lives in {o.kinetics.washin_half_life:g} d / out {o.kinetics.washout_half_life:g} d"
@@ -316,6 +322,7 @@ def fit_gls_ar1(plan: PatientPlan, y: np.ndarray, fallback: set[int], series: np
     cov = (rss / (n - p))[:, None, None] * xx_inv
     est = beta[:, 1:1 + len(arms)]
     se = np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2)[:, 1:1 + len(arms)], 0.0))
+    fallback.update(series[rounding_only(est, se)].tolist())
     low, high, pval = t_interval(est, se, float(n - p), o.alpha)
     pval = np.where(se > 0, pval, NAN)
     n_gaps = int(np.count_nonzero(gaps > 1))

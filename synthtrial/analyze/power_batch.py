@@ -43,11 +43,11 @@ import numpy as np
 import pandas as pd
 
 from synthtrial.analyze import batch_patient as bp
-from synthtrial.analyze.batch_mixed import cluster_robust_ri_batch, pooled_contrasts, random_intercept_reml_batch
+from synthtrial.analyze.batch_mixed import cluster_robust_ri_batch, random_intercept_reml_batch
 from synthtrial.analyze.estimands import PATIENT_DELIVERED, POPULATION_DELIVERED
 from synthtrial.analyze.estimate import join_notes
 from synthtrial.analyze.estimators import INFERENTIAL, POOLED, FitOptions
-from synthtrial.analyze.mixed import CR1, CR2
+from synthtrial.analyze.mixed import CR1, CR2, pooled_contrasts
 from synthtrial.analyze.power_batch_rows import finish_rows
 from synthtrial.analyze.nof1 import Kinetics, design_orders, exposures
 from synthtrial.trial import scale
@@ -198,8 +198,7 @@ class _Chunk:
         if o.trend:
             cols.append((day - pd.Series(day).groupby(patients).transform("mean").to_numpy())[:, None])
         x = np.column_stack(cols)
-        rows_of = list(pd.Series(np.arange(patients.size)).groupby(patients, sort=False).indices.values())
-        contrasts = pooled_contrasts(effect_cols, treatment, rows_of, self.scenario.design.reference, arms, x.shape[1])
+        contrasts = pooled_contrasts(effect_cols, treatment, patients, self.scenario.design.reference, arms, x.shape[1])
         if np.linalg.matrix_rank(x) < x.shape[1] or day.size - x.shape[1] < 1:
             self.fallback.update(members)
             return
