@@ -93,7 +93,7 @@ def mixed_model_both(frame: pd.DataFrame, outcome: str, reference: str, *, trend
         day = work["day"].to_numpy(dtype=float)
         cols.append((day - pd.Series(day).groupby(patients).transform("mean").to_numpy())[:, None])
     x = np.column_stack(cols)
-    contrasts = _contrasts(effect_cols, treatment, patients, reference, arms, x.shape[1])
+    contrasts = pooled_contrasts(effect_cols, treatment, patients, reference, arms, x.shape[1])
     kinetics_note = "treatments through their exposure kinetics (delivered contrast)" if exposure_columns else ""
     trend_note = "trend-adjusted" if trend else ""
     n_random = 1 + len(arms)
@@ -122,7 +122,7 @@ def mixed_model_both(frame: pd.DataFrame, outcome: str, reference: str, *, trend
     return _mixed_estimates(fit, contrasts, arms, alpha, note)
 
 
-def _contrasts(effect_cols: np.ndarray, treatment: np.ndarray, patients: np.ndarray, reference: str,
+def pooled_contrasts(effect_cols: np.ndarray, treatment: np.ndarray, patients: np.ndarray, reference: str,
                arms: Sequence[str], n_coef: int) -> np.ndarray:
     """Rows: each arm's contrast over the coefficients, averaged over the patients who have the arm."""
     out = np.zeros((len(arms), n_coef))

@@ -19,7 +19,9 @@ Choices, stated once:
   processes; ``scheduler`` connects to a running cluster instead; ``workers = 0`` runs in this process
   (library use, tests). Replicates travel in chunks; each finished replicate is written to the cache
   folder (``<cache>/<scenario key>/r<replicate>.parquet``, atomically) when one is given, and a re-run
-  reads it instead of recomputing (the key hashes every setting that changes a number).
+  reads it instead of recomputing (the key hashes every setting that changes a number). A chunk runs
+  vectorised across its replicates where :mod:`synthtrial.analyze.power_batch` covers the settings (the
+  same numbers, several times faster), else replicate by replicate.
 * Kinetics: ``gls_kinetics`` is given the scenario's true half-lives (what an analyst who knows the
   drug's pharmacokinetics would use) unless ``estimate_kinetics``, which profiles them per patient.
 * A rejection rate is over the tests that returned a p-value; rows without one are counted in ``no_p``
@@ -247,8 +249,12 @@ def run_replicate(scenario: Scenario, settings: StudySettings, replicate: int) -
 def _run_chunk(scenario: Scenario, settings: StudySettings, replicates: list[int]) -> list[pd.DataFrame]:
     import warnings
 
+    from synthtrial.analyze.power_batch import batch_applies, run_chunk_batched
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        if batch_applies(scenario, settings, POWER_OUTCOMES):  # the same frames, computed as arrays
+            return run_chunk_batched(scenario, settings, replicates, run_replicate)
         return [run_replicate(scenario, settings, r) for r in replicates]
 
 
