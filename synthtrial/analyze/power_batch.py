@@ -46,7 +46,7 @@ from synthtrial.analyze import batch_patient as bp
 from synthtrial.analyze.batch_mixed import cluster_robust_ri_batch, random_intercept_reml_batch
 from synthtrial.analyze.estimands import PATIENT_DELIVERED, POPULATION_DELIVERED
 from synthtrial.analyze.estimate import join_notes
-from synthtrial.analyze.estimators import INFERENTIAL, POOLED, FitOptions
+from synthtrial.analyze.estimators import POOLED, REGISTRY, FitOptions
 from synthtrial.analyze.mixed import CR1, CR2, pooled_contrasts
 from synthtrial.analyze.power_batch_rows import finish_rows
 from synthtrial.analyze.nof1 import Kinetics, design_orders, exposures
@@ -273,6 +273,7 @@ class _Chunk:
                                                                                  "ci_high", "p")}})
             elif method in (CR2, CR1):
                 keys = sorted(pooled)
+                role, why = REGISTRY[method].role_on(0, "")      # the pooled model's role depends on its inference
                 for r, k in keys:
                     arms, fits, n_rows = pooled[(r, k)]
                     est = np.array([v[:5] for v in fits[method]])
@@ -280,8 +281,8 @@ class _Chunk:
                                   "meth": np.full(len(arms), m_idx), "pat": np.full(len(arms), -1),
                                   "arm_order": np.arange(len(arms)),
                                   "arm_idx": np.array([self.batch.arms.index(a) for a in arms]), "method": method,
-                                  "role": INFERENTIAL, "estimand": POPULATION_DELIVERED,
-                                  "note": [v[5] for v in fits[method]], "n": np.full(len(arms), n_rows),
+                                  "role": role, "estimand": POPULATION_DELIVERED,
+                                  "note": [join_notes(v[5], why) for v in fits[method]], "n": np.full(len(arms), n_rows),
                                   **{c: est[:, j] for j, c in enumerate(("estimate", "se", "ci_low", "ci_high", "p"))}})
         kept = [part for part in parts if len(part["rep"])]
         if not kept:                     # nothing the batch fits (e.g. the pooled model of one patient)
