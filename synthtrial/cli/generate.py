@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from synthtrial.run.generation import MAX_WORKERS
-from synthtrial.cli.common import Quiet, Seed, app, device_option, err, handles_errors, out
+from synthtrial.cli.common import Quiet, Scheduler, Seed, app, device_option, err, handles_errors, out
 from synthtrial.render.base import BACKENDS as BACKEND_SPECS
 
 
@@ -44,6 +44,7 @@ def generate_command(
     size: Annotated[int, typer.Option(min=128, max=4096, help="Image side in pixels.")] = 512,
     workers: Annotated[int, typer.Option(min=1, max=MAX_WORKERS, help="Processes rendering in parallel (does "
                                          "not change the result).")] = 1,
+    scheduler: Scheduler = None,
     naming: Annotated[Naming, typer.Option(help="native: <patient>_<YYYYMMDD>_<view>.png; anchor: "
                                            "synthetic_acne_images' <patient>_<YYYYMMDD>_severity_<N>.png.")]
     = Naming.native,
@@ -93,7 +94,8 @@ def generate_command(
         quality = get_grader("imageqx", device="cpu")
     run_dir = generate(protocol, out_dir, faces_dir=faces, seed=seed, size=size, naming=naming.value,
                        workers=workers, progress=not quiet, backend=backend.value, diffusion=diffusion or None,
-                       quality=quality, reject=reject, yaw_deg=yaw)
+                       quality=quality, reject=reject, yaw_deg=yaw,
+                       scheduler=scheduler)
     from synthtrial.run.rundir import GRIDS, read_config
 
     if quality_filter and faces is not None:

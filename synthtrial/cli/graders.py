@@ -8,7 +8,9 @@ import typer
 from rich import box
 from rich.table import Table
 
-from synthtrial.cli.common import BatchSize, Device, Quiet, RunDir, app, graders_app, handles_errors, out
+from synthtrial.cli.common import (BatchSize, Device, Quiet, RunDir, Scheduler, app, graders_app, handles_errors,
+                                   out)
+from synthtrial.util.cluster import MAX_WORKERS
 from synthtrial.util.progress import progress_bar
 
 
@@ -24,6 +26,10 @@ def grade_command(
                                                          show_default=False)] = None,
     device: Device = None,
     batch_size: BatchSize = 64,
+    workers: Annotated[Optional[int], typer.Option(min=1, max=MAX_WORKERS, help="Grade on a local Dask cluster of "
+                                                   "this many processes (the result does not change).",
+                                                   show_default=False)] = None,
+    scheduler: Scheduler = None,
     quiet: Quiet = False,
 ) -> None:
     """Score every image of a run with the embedded graders: RUN/grades.parquet (one row per image: image, image_sha256, columns <grader>_<name>) and RUN/grades.json (which columns [bold]synthtrial analyze[/] takes as outcomes).
@@ -52,8 +58,7 @@ def grade_command(
         resolve_device(device)
     built = [get_grader(n, chosen.get(n), device=device) for n in names]
     with progress_bar("grading", 1, unit="images", enabled=not quiet) as update:
-        path = grade_run(run, built, batch_size=batch_size,
-                         progress=update)
+        path = grade_run(run, built, batch_size=batch_size, progress=update, workers=workers, scheduler=scheduler)
     out.print(f"[green]wrote[/green] {path} ({', '.join(names)})")
 
 
