@@ -10,7 +10,7 @@ from rich.table import Table
 
 from synthtrial.analyze.limits import (ALPHA_RANGE, MAX_AE_IMAGE_SIZE, MAX_EPOCHS, MAX_PERMUTATIONS, MIN_AE_IMAGE_SIZE,
                                       MIN_PERMUTATIONS)
-from synthtrial.cli.common import Device, Quiet, RunDir, Seed, app, handles_errors, out
+from synthtrial.cli.common import Device, Quiet, RunLocation, Seed, app, handles_errors, out
 
 _ANALYSIS_PANEL = "Analysis"
 
@@ -18,7 +18,7 @@ _ANALYSIS_PANEL = "Analysis"
 @app.command("analyze")
 @handles_errors
 def analyze_command(
-    run: RunDir,
+    run: RunLocation,
     autoencoder: Annotated[bool, typer.Option("--autoencoder/--no-autoencoder",
                                               help="Train the unsupervised autoencoder + PCA outcome.")] = True,
     epochs: Annotated[int, typer.Option(min=1, max=MAX_EPOCHS, help="Autoencoder training epochs.",
@@ -53,7 +53,7 @@ def analyze_command(
                                 trend=trend,
                                 n_permutations=permutations, seed=seed, alpha=alpha)
     folder = analyze_run(run, settings, device=device, progress=not quiet)
-    summary = analysis_summary(pd.read_csv(folder / "effects.csv"))
+    summary = analysis_summary(pd.read_csv(f"{folder}/effects.csv"))
     table = Table(title="pooled effects (mixed model, CR2) beside the truth", title_justify="left",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, padding=(0, 1))
 
@@ -68,4 +68,4 @@ def analyze_command(
         table.add_row(rec.outcome, rec.arm, f"{num(rec.estimate)} [{num(rec.ci_low)}, {num(rec.ci_high)}]",
                       f"{rec.p:.0e}", truth)
     out.print(table)
-    out.print(f"[green]wrote[/green] {folder} (open {folder / 'report.html'})")
+    out.print(f"[green]wrote[/green] {folder} (open {folder}/report.html)")

@@ -118,6 +118,11 @@ def main_callback(
 RunDir = Annotated[Path, typer.Argument(help="A run directory written by [bold]synthtrial generate[/].",
                                         show_default=False)]
 
+#: The run of the stages that also read and write object storage (synthtrial.run.remote): a folder or a URL.
+RunLocation = Annotated[str, typer.Argument(help="A run directory written by [bold]synthtrial generate[/]: a folder, "
+                                            "or a URL of object storage (s3://bucket/run, gs://..., file://...).",
+                                            show_default=False)]
+
 #: ``--scheduler`` of ``generate`` and ``grade``: the work goes to a running Dask cluster (synthtrial.util.cluster).
 Scheduler = Annotated[Optional[str], typer.Option(
     "--scheduler", help="Address of a running Dask scheduler (tcp://HOST:PORT): its workers do the work and write "

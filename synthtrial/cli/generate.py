@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -34,8 +35,9 @@ def _diffusion(help: str, **limits) -> typer.models.OptionInfo:
 @handles_errors
 def generate_command(
     protocol: Annotated[Path, typer.Argument(help="Protocol CSV (native or anchor form).")] = Path("protocols/trial.csv"),
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory to write "
-                                                    "(default: runs/<protocol name>).", show_default=False)] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory to write: a folder, or a URL "
+                                                   "of object storage (s3://bucket/run, gs://..., file://...) "
+                                                   "(default: runs/<protocol name>).", show_default=False)] = None,
     faces: Annotated[Optional[Path], typer.Option(help="Folder of frontal portraits to use as patients' faces "
                                                   "(e.g. ACNE04 level-0 images); default: the public-domain "
                                                   "portraits shipped with scikit-image and matplotlib.",
@@ -96,9 +98,13 @@ def generate_command(
                        workers=workers, progress=not quiet, backend=backend.value, diffusion=diffusion or None,
                        quality=quality, reject=reject, yaw_deg=yaw,
                        scheduler=scheduler)
-    from synthtrial.run.rundir import GRIDS, read_config
+    from synthtrial.run.rundir import CONFIG, GRIDS
 
     if quality_filter and faces is not None:
-        for item in read_config(run_dir)["faces"].get("refused", []):
+        import fsspec
+
+        with fsspec.open(f"{run_dir}/{CONFIG}", "rt", encoding="utf-8") as fh:   # a folder or object storage
+            refused = json.load(fh)["faces"].get("refused", [])
+        for item in refused:
             err.print(f"synthtrial: portrait {faces / item['file']} left out: {item['reason']}", markup=False)
-    out.print(f"[green]wrote[/green] {run_dir}  (look at {run_dir / GRIDS})")
+    out.print(f"[green]wrote[/green] {run_dir}  (look at {run_dir}/{GRIDS})")

@@ -8,8 +8,8 @@ import typer
 from rich import box
 from rich.table import Table
 
-from synthtrial.cli.common import (BatchSize, Device, Quiet, RunDir, Scheduler, app, graders_app, handles_errors,
-                                   out)
+from synthtrial.cli.common import (BatchSize, Device, Quiet, RunLocation, Scheduler, app, graders_app,
+                                   handles_errors, out)
 from synthtrial.util.cluster import MAX_WORKERS
 from synthtrial.util.progress import progress_bar
 
@@ -17,7 +17,7 @@ from synthtrial.util.progress import progress_bar
 @app.command("grade")
 @handles_errors
 def grade_command(
-    run: RunDir,
+    run: RunLocation,
     graders: Annotated[Optional[str], typer.Option(help="Comma-separated graders to run (default: every grader "
                                                    "with weights; see [bold]synthtrial graders list[/]).",
                                                    show_default=False)] = None,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import typer
 
-from synthtrial.cli.common import Quiet, RunDir, app, err, handles_errors, out
+from synthtrial.cli.common import Quiet, RunLocation, app, err, handles_errors, out
 from synthtrial.util.progress import progress_bar
 
 
 @app.command("verify")
 @handles_errors
-def verify_command(run: RunDir,
+def verify_command(run: RunLocation,
                    quiet: Quiet = False) -> None:
     """Check a run: every image and mask against the manifest's sha256, no file missing, unlisted or outside the run, the contact sheets present, the manifest's lesion counts against lesions.parquet, config.json's settings, and the manifest's treatment, severity, date and block against protocol.csv (and its days against truth.json).
 

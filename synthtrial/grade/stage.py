@@ -41,6 +41,7 @@ import pandas as pd
 
 from synthtrial.graders.base import DetectingGrader, Grader, GraderError, SequenceGrader, read_rgb
 from synthtrial.run import rundir
+from synthtrial.run.remote import on_storage
 from synthtrial.run.rundir import DETECTIONS, GRADE_TABLES, GRADES_KEY, GRADES_SHA, RunError
 from synthtrial.util.atomic import write_text_atomic
 from synthtrial.util.cluster import MAX_WORKERS, client_for
@@ -53,6 +54,7 @@ PARTS_DIR = ".grades"
 META_COLUMNS = ("patient_id", "day", "view")
 
 
+@on_storage("run", what="grading")
 def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_size: int = GRADE_CHUNK,
               progress: ProgressCallback | None = None, workers: int | None = None,
               scheduler: str | None = None) -> Path:

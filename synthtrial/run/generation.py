@@ -32,6 +32,7 @@ from synthtrial.run import rundir
 from synthtrial.run.rendering import (NAMINGS, GenerateSettings, PatientJob, QualityFilter, render_all,
                                       render_chunk, render_dask)
 from synthtrial.run.rundir import RunError
+from synthtrial.run.remote import on_storage
 from synthtrial.trial.protocol import has_severity, read_protocol, to_csv_text
 from synthtrial.util.atomic import write_text_atomic
 from synthtrial.util.cluster import client_for
@@ -80,6 +81,7 @@ def package_versions() -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------- the command
 
+@on_storage("out", option="--out")
 def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
              faces_dir: str | os.PathLike[str] | None = None, seed: int = 0, size: int = 512,
              naming: str = "native", workers: int = 1, progress: bool = True, backend: str = "procedural",
