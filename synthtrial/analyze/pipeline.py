@@ -65,6 +65,7 @@ from synthtrial.util.atomic import write_bytes_atomic, write_text_atomic
 from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.progress import progress_bar
 from synthtrial.run import rundir
+from synthtrial.run.remote import on_storage
 from synthtrial.run.rundir import read_run
 from synthtrial.analyze.estimands import with_estimands
 from synthtrial.analyze.estimate import check_alpha
@@ -402,6 +403,7 @@ def missing_day_schedule(truth: dict | None, design, seed, data: pd.DataFrame | 
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
+@on_storage("run_dir", what="analysing")
 def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | None = None, *,
                 device: str | None = None, progress: bool = True) -> Path:
     """Analyze a run directory; writes ``RUN/analysis/`` and returns its path (see the module docstring).

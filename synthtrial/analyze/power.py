@@ -40,7 +40,6 @@ Choices, stated once:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -59,6 +58,7 @@ from synthtrial.analyze.estimators import METHODS
 from synthtrial.analyze.limits import MAX_DAYS_PER_PATIENT, MAX_PATIENTS, MAX_REPLICATES, MAX_TRIALS
 from synthtrial.analyze.power_render import RenderedSettings
 from synthtrial.trial import scale
+from synthtrial.util.cluster import client_for, local_cluster, run_tasks  # noqa: F401 (local_cluster: benchmarks)
 from synthtrial.util.errors import SynthtrialError, one_line
 from synthtrial.util.progress import ProgressCallback
 from synthtrial.util.seeding import derive_seed
@@ -389,94 +389,13 @@ def pending_chunks(n_scenarios: int, replicates: int, settings: StudySettings, d
             yield i, reps
 
 
-def local_cluster(workers: int):
-    """The Dask ``LocalCluster`` a power study starts: ``workers`` single-threaded processes, no dashboard.
-
-    Its logs are silenced up to CRITICAL: a failing replicate is reported once, in one line, by the caller,
-    not as a "Compute Failed" traceback per task from every worker. The workers start with Ctrl-C (SIGINT)
-    ignored, a disposition a spawned process inherits: on Ctrl-C in a terminal, which signals every process
-    of the group, this process alone stops and closes the cluster, instead of every worker printing its
-    own KeyboardInterrupt traceback.
-    """
-    import logging
-    import signal
-    import threading
-
-    from distributed import LocalCluster
-
-    main = threading.current_thread() is threading.main_thread()  # signal handlers belong to the main thread
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-    try:
-        # no dashboard; its HTTP server (always started) takes any free port instead of insisting on 8787
-        return LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True, dashboard_address=":0",
-                            scheduler_kwargs={"dashboard": False}, silence_logs=logging.CRITICAL)
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
-
-
-@contextlib.contextmanager
-def _quiet_distributed() -> Iterator[None]:
-    """Silence ``distributed``'s loggers in this process for the block (its client and a local cluster's
-    scheduler and nannies log task errors and shutdown noise that the one-line error replaces)."""
-    import logging
-
-    loggers = [logging.getLogger(name) for name in ("distributed", "tornado", "asyncio")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def _run_dask(chunks: Iterator[tuple[int, list[int]]], scenarios, settings, workers, scheduler, finished) -> None:
     """Run the chunks on Dask, a bounded number in flight; the first failure ends the study in one line."""
-    from distributed import Client, as_completed
-
-    with _quiet_distributed():
-        if scheduler is not None:
-            try:
-                client = Client(scheduler, timeout="5s")
-            except (OSError, TimeoutError, ValueError) as exc:
-                raise SynthtrialError(f"cannot reach the Dask scheduler at {scheduler} ({exc}) "
-                                      "(option --scheduler)") from None
-            cluster, ahead = None, 64
-        else:
-            cluster = local_cluster(workers)
-            client, ahead = Client(cluster), 4 * max(1, workers)
-        try:
-            pending: dict[Any, tuple[int, list[int]]] = {}
-            queue = as_completed()
-
-            def submit(n: int) -> None:
-                for i, reps in itertools.islice(chunks, n):
-                    future = client.submit(_run_chunk, scenarios[i], settings, reps, pure=False)
-                    pending[future] = (i, reps)
-                    queue.add(future)
-
-            submit(ahead)
-            for future in queue:
-                i, reps = pending.pop(future)
-                finished(i, _result(future, scenarios[i]), reps)
-                submit(1)
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
-
-
-def _result(future: Any, scenario: Scenario) -> list[pd.DataFrame]:
-    """A finished chunk's frames; its error as one line (a SynthtrialError as raised, anything else named)."""
-    try:
-        return future.result()
-    except SynthtrialError:
-        raise
-    except Exception as exc:  # a worker's error arrives as the exception its task raised
-        raise SynthtrialError(f"a replicate of scenario '{scenario.name}' failed on a Dask worker "
-                              f"({type(exc).__name__}: {one_line(exc)})") from None
+    with client_for(workers, scheduler) as client:
+        run_tasks(client, _run_chunk, (((i, reps), (scenarios[i], settings, reps)) for i, reps in chunks),
+                  lambda tag, frames: finished(tag[0], frames, tag[1]),
+                  ahead=64 if scheduler is not None else 4 * max(1, workers),
+                  failed=lambda tag, exc: f"a replicate of scenario '{scenarios[tag[0]].name}' failed on a Dask worker")
 
 
 def summarize_power(estimates: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:

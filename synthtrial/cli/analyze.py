@@ -10,7 +10,7 @@ from rich.table import Table
 
 from synthtrial.analyze.limits import (ALPHA_RANGE, MAX_AE_IMAGE_SIZE, MAX_EPOCHS, MAX_PERMUTATIONS, MIN_AE_IMAGE_SIZE,
                                       MIN_PERMUTATIONS)
-from synthtrial.cli.common import Device, Quiet, RunDir, Seed, app, handles_errors, out
+from synthtrial.cli.common import Device, Quiet, RunLocation, Seed, app, handles_errors, out
 from synthtrial.cli.jsonout import emit, json_option
 
 _ANALYSIS_PANEL = "Analysis"
@@ -22,7 +22,7 @@ POOLED_KEYS = ("outcome", "arm", "estimate", "ci_low", "ci_high", "p", "true_eff
 @app.command("analyze")
 @handles_errors
 def analyze_command(
-    run: RunDir,
+    run: RunLocation,
     autoencoder: Annotated[bool, typer.Option("--autoencoder/--no-autoencoder",
                                               help="Train the unsupervised autoencoder + PCA outcome.")] = True,
     epochs: Annotated[int, typer.Option(min=1, max=MAX_EPOCHS, help="Autoencoder training epochs.",
@@ -62,10 +62,10 @@ def analyze_command(
                                 trend=trend,
                                 n_permutations=permutations, seed=seed, alpha=alpha)
     folder = analyze_run(run, settings, device=device, progress=not quiet)
-    summary = analysis_summary(pd.read_csv(folder / EFFECTS))
+    summary = analysis_summary(pd.read_csv(f"{folder}/{EFFECTS}"))
     if as_json:
-        emit({"analysis": str(folder), "report": str(folder / REPORT), "effects": str(folder / EFFECTS),
-              "outcomes": str(folder / OUTCOMES), "alpha": alpha,
+        emit({"analysis": str(folder), "report": f"{folder}/{REPORT}", "effects": f"{folder}/{EFFECTS}",
+              "outcomes": f"{folder}/{OUTCOMES}", "alpha": alpha,
               "pooled": [{key: _json_cell(key, getattr(rec, key)) for key in POOLED_KEYS}
                          for rec in summary.itertuples(index=False)]})
         return
@@ -83,7 +83,7 @@ def analyze_command(
         table.add_row(rec.outcome, rec.arm, f"{num(rec.estimate)} [{num(rec.ci_low)}, {num(rec.ci_high)}]",
                       format_p(rec.p), truth)
     out.print(table)
-    out.print(f"[green]wrote[/green] {folder} (open {folder / 'report.html'})")
+    out.print(f"[green]wrote[/green] {folder} (open {folder}/{REPORT})")
 
 
 def _json_cell(key: str, value: object) -> object:

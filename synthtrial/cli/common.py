@@ -118,6 +118,17 @@ def main_callback(
 RunDir = Annotated[Path, typer.Argument(help="A run directory written by [bold]synthtrial generate[/].",
                                         show_default=False)]
 
+#: The run of the stages that also read and write object storage (synthtrial.run.remote): a folder or a URL.
+RunLocation = Annotated[str, typer.Argument(help="A run directory written by [bold]synthtrial generate[/]: a folder, "
+                                            "or a URL of object storage (s3://bucket/run, gs://..., file://...).",
+                                            show_default=False)]
+
+#: ``--scheduler`` of ``generate`` and ``grade``: the work goes to a running Dask cluster (synthtrial.util.cluster).
+Scheduler = Annotated[Optional[str], typer.Option(
+    "--scheduler", help="Address of a running Dask scheduler (tcp://HOST:PORT): its workers do the work and write "
+    "the files (they must reach the run directory by the same path); the result is the same bytes.",
+    show_default=False)]
+
 # ------------------------------------------------------------------------------ shared options
 # One declaration, one name per meaning, for every command: --device, --seed, --quiet, --batch-size,
 # --image-size (a network's input side), --data (training / evaluation data), --out / --restart / --force

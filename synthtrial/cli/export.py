@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from synthtrial.cli.common import Quiet, RunDir, Seed, app, handles_errors, out
+from synthtrial.cli.common import Quiet, RunLocation, Seed, app, handles_errors, out
 
 
 class ExportFormat(str, Enum):
@@ -20,7 +20,7 @@ class ExportFormat(str, Enum):
 @app.command("export")
 @handles_errors
 def export_command(
-    run: RunDir,
+    run: RunLocation,
     fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="coco: detection JSON of the lesion boxes "
                                               "and masks; acne04: ACNE04 label lines (filename level count) "
                                               "with patient-wise folds; imagefolder: a Hugging Face imagefolder "

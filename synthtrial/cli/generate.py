@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -9,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from synthtrial.run.generation import MAX_WORKERS
-from synthtrial.cli.common import Quiet, Seed, app, device_option, err, handles_errors, out
+from synthtrial.cli.common import Quiet, Scheduler, Seed, app, device_option, err, handles_errors, out
 from synthtrial.render.base import BACKENDS as BACKEND_SPECS
 
 
@@ -34,8 +35,9 @@ def _diffusion(help: str, **limits) -> typer.models.OptionInfo:
 @handles_errors
 def generate_command(
     protocol: Annotated[Path, typer.Argument(help="Protocol CSV (native or anchor form).")] = Path("protocols/trial.csv"),
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory to write "
-                                                    "(default: runs/<protocol name>).", show_default=False)] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory to write: a folder, or a URL "
+                                                   "of object storage (s3://bucket/run, gs://..., file://...) "
+                                                   "(default: runs/<protocol name>).", show_default=False)] = None,
     faces: Annotated[Optional[Path], typer.Option(help="Folder of frontal portraits to use as patients' faces "
                                                   "(e.g. ACNE04 level-0 images); default: the public-domain "
                                                   "portraits shipped with scikit-image and matplotlib.",
@@ -44,6 +46,7 @@ def generate_command(
     size: Annotated[int, typer.Option(min=128, max=4096, help="Image side in pixels.")] = 512,
     workers: Annotated[int, typer.Option(min=1, max=MAX_WORKERS, help="Processes rendering in parallel (does "
                                          "not change the result).")] = 1,
+    scheduler: Scheduler = None,
     naming: Annotated[Naming, typer.Option(help="native: <patient>_<YYYYMMDD>_<view>.png; anchor: "
                                            "synthetic_acne_images' <patient>_<YYYYMMDD>_severity_<N>.png.")]
     = Naming.native,
@@ -100,10 +103,15 @@ def generate_command(
         quality = get_grader("imageqx", device="cpu")
     run_dir = generate(protocol, out_dir, faces_dir=faces, seed=seed, size=size, naming=naming.value,
                        workers=workers, progress=not quiet, backend=backend.value, diffusion=diffusion or None,
-                       quality=quality, reject=reject, yaw_deg=yaw, counterfactual=counterfactual)
-    from synthtrial.run.rundir import GRIDS, read_config
+                       quality=quality, reject=reject, yaw_deg=yaw, counterfactual=counterfactual,
+                       scheduler=scheduler)
+    from synthtrial.run.rundir import CONFIG, GRIDS
 
     if quality_filter and faces is not None:
-        for item in read_config(run_dir)["faces"].get("refused", []):
+        import fsspec
+
+        with fsspec.open(f"{run_dir}/{CONFIG}", "rt", encoding="utf-8") as fh:   # a folder or object storage
+            refused = json.load(fh)["faces"].get("refused", [])
+        for item in refused:
             err.print(f"synthtrial: portrait {faces / item['file']} left out: {item['reason']}", markup=False)
-    out.print(f"[green]wrote[/green] {run_dir}  (look at {run_dir / GRIDS})")
+    out.print(f"[green]wrote[/green] {run_dir}  (look at {run_dir}/{GRIDS})")

@@ -8,8 +8,10 @@ import typer
 from rich import box
 from rich.table import Table
 
-from synthtrial.cli.common import BatchSize, Device, Quiet, RunDir, app, graders_app, handles_errors, out
+from synthtrial.cli.common import (BatchSize, Device, Quiet, RunLocation, Scheduler, app, graders_app,
+                                   handles_errors, out)
 from synthtrial.cli.jsonout import emit, json_option
+from synthtrial.util.cluster import MAX_WORKERS
 from synthtrial.util.progress import progress_bar
 
 GradersJson = json_option("the list")
@@ -18,7 +20,7 @@ GradersJson = json_option("the list")
 @app.command("grade")
 @handles_errors
 def grade_command(
-    run: RunDir,
+    run: RunLocation,
     graders: Annotated[Optional[str], typer.Option(help="Comma-separated graders to run (default: every grader "
                                                    "with weights; see [bold]synthtrial graders list[/]).",
                                                    show_default=False)] = None,
@@ -27,6 +29,10 @@ def grade_command(
                                                          show_default=False)] = None,
     device: Device = None,
     batch_size: BatchSize = 64,
+    workers: Annotated[Optional[int], typer.Option(min=1, max=MAX_WORKERS, help="Grade on a local Dask cluster of "
+                                                   "this many processes (the result does not change).",
+                                                   show_default=False)] = None,
+    scheduler: Scheduler = None,
     quiet: Quiet = False,
 ) -> None:
     """Score every image of a run with the embedded graders: RUN/grades.parquet (one row per image: image, image_sha256, columns <grader>_<name>) and RUN/grades.json (which columns [bold]synthtrial analyze[/] takes as outcomes).
@@ -55,8 +61,7 @@ def grade_command(
         resolve_device(device)
     built = [get_grader(n, chosen.get(n), device=device) for n in names]
     with progress_bar("grading", 1, unit="images", enabled=not quiet) as update:
-        path = grade_run(run, built, batch_size=batch_size,
-                         progress=update)
+        path = grade_run(run, built, batch_size=batch_size, progress=update, workers=workers, scheduler=scheduler)
     out.print(f"[green]wrote[/green] {path} ({', '.join(names)})")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from synthtrial.cli.common import Quiet, RunDir, app, err, handles_errors, out
+from synthtrial.cli.common import Quiet, RunLocation, app, err, handles_errors, out
 from synthtrial.cli.jsonout import emit, json_option
 from synthtrial.util.progress import progress_bar
 
@@ -13,7 +13,7 @@ VerifyJson = json_option("the verdict")
 
 @app.command("verify")
 @handles_errors
-def verify_command(run: RunDir,
+def verify_command(run: RunLocation,
                    quiet: Quiet = False,
                    as_json: VerifyJson = False) -> None:
     """Check a run: every image and mask against the manifest's sha256, no file missing, unlisted or outside the run, the contact sheets present, the manifest's lesion counts against lesions.parquet, config.json's settings, and the manifest's treatment, severity, date and block against protocol.csv (and its days against truth.json).

@@ -29,6 +29,7 @@ graded now are dropped unless it is graded now too (they were made from other de
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,8 +41,10 @@ import pandas as pd
 
 from synthtrial.graders.base import DetectingGrader, Grader, GraderError, SequenceGrader, read_rgb
 from synthtrial.run import rundir
+from synthtrial.run.remote import on_storage
 from synthtrial.run.rundir import DETECTIONS, GRADE_TABLES, GRADES_KEY, GRADES_SHA, RunError
 from synthtrial.util.atomic import write_text_atomic
+from synthtrial.util.cluster import MAX_WORKERS, client_for
 from synthtrial.util.progress import ProgressCallback
 
 #: Images graded per saved chunk (resume granularity).
@@ -51,14 +54,20 @@ PARTS_DIR = ".grades"
 META_COLUMNS = ("patient_id", "day", "view")
 
 
+@on_storage("run", what="grading")
 def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_size: int = GRADE_CHUNK,
-              progress: ProgressCallback | None = None) -> Path:
+              progress: ProgressCallback | None = None, workers: int | None = None,
+              scheduler: str | None = None) -> Path:
     """Score every image of ``run`` with ``graders``; write ``RUN/grades.parquet`` and return its path.
 
     Columns: ``image``, ``image_sha256`` and ``<grader>_<column>`` for each grader's output columns, one row per
     manifest row in manifest order. Columns of other graders already in the file are kept where their image is
     unchanged. Each chunk of about ``batch_size`` images is saved under ``RUN/.grades/`` as it is done, so a
     re-run resumes. ``progress(done, total, status)`` is called after each chunk.
+
+    With ``scheduler`` (a Dask scheduler's address) or ``workers`` (a local Dask cluster of that many processes)
+    the chunks of the image graders are graded, and saved, by the cluster's workers, which must reach the run by
+    the same path; this process assembles the tables. The result is the same bytes as graded here.
     """
     run_dir = Path(run)
     manifest = rundir.read_manifest(run_dir, ("image", "sha256", *META_COLUMNS))
@@ -74,22 +83,29 @@ def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_s
     per_image, series = _split(graders)
     chunks = visit_chunks(sorted_by_visit(manifest), batch_size)
     total, done = len(manifest) * len(graders), 0
-    with rundir.locked(run_dir, what="grading"):
+    if workers is not None and not 1 <= workers <= MAX_WORKERS:
+        raise GraderError(f"--workers must be between 1 and {MAX_WORKERS}, got {workers}")
+    # the cluster is reached before the first write: an unreachable --scheduler leaves nothing behind
+    dask = workers is not None or scheduler is not None
+    cluster = client_for(workers, scheduler) if dask else contextlib.nullcontext()
+    with cluster as client, rundir.locked(run_dir, what="grading"):
         keys = manifest[[GRADES_KEY]].assign(**{GRADES_SHA: manifest["sha256"]})
         columns: dict[str, pd.DataFrame] = {}
         tables: dict[str, pd.DataFrame] = {}
         for grader in per_image:
             fingerprint = grader.fingerprint()
             folder = rundir.run_file(run_dir, f"{PARTS_DIR}/{grader.name}-{fingerprint}")  # not linked out
-            frames, found, kept = [], [], set()
-            for chunk in chunks:
-                part = folder / f"{chunk_key(chunk, fingerprint)}.parquet"
-                graded, detections = _chunk_grades(run_dir, grader, part, chunk)
-                frames.append(graded), found.append(detections)
-                kept.update({part.name, _table_part(part, DETECTIONS).name})
-                done += len(chunk)
+            parts = [folder / f"{chunk_key(chunk, fingerprint)}.parquet" for chunk in chunks]
+
+            def counted(n: int, status: str = grader.name) -> None:
+                nonlocal done
+                done += n
                 if progress is not None:
-                    progress(done, total, grader.name)
+                    progress(done, total, status)
+
+            graded = _grade_chunks(run_dir, grader, parts, chunks, client, counted)
+            frames, found = [g for g, _ in graded], [d for _, d in graded]
+            kept = {name for part in parts for name in (part.name, _table_part(part, DETECTIONS).name)}
             _remove_other_parts(folder, kept)
             columns[grader.name] = _aligned(keys, pd.concat(frames, ignore_index=True))
             if isinstance(grader, DetectingGrader):
@@ -118,6 +134,34 @@ def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_s
         write_text_atomic(run_dir / rundir.GRADES_INDEX, json.dumps({"graders": index}, indent=2, sort_keys=True)
                           + "\n")
     return path
+
+
+def _grade_chunks(run_dir: Path, grader: Grader, parts: list[Path], chunks: list[pd.DataFrame], client: Any,
+                  counted: Any) -> list[tuple[pd.DataFrame, pd.DataFrame | None]]:
+    """Every chunk's grades (and detections), in chunk order: graded here one after the other, or, given a Dask
+    ``client``, by its workers (the grader sent to each once; a lost worker's chunk is graded again elsewhere:
+    a chunk is saved atomically, so it is either whole or absent). ``counted(n)`` follows each chunk."""
+    if client is None:
+        graded = []
+        for part, chunk in zip(parts, chunks, strict=True):
+            graded.append(_chunk_grades(run_dir, grader, part, chunk))
+            counted(len(chunk))
+        return graded
+    from synthtrial.util.cluster import run_tasks
+
+    where = run_dir.absolute()   # a worker's working folder is its own
+    shared = client.scatter(grader, broadcast=True, hash=False)
+    results: dict[int, tuple[pd.DataFrame, pd.DataFrame | None]] = {}
+
+    def finished(k: int, result: tuple[pd.DataFrame, pd.DataFrame | None]) -> None:
+        results[k] = result
+        counted(len(chunks[k]))
+
+    run_tasks(client, _chunk_grades, ((k, (where, shared, where / part.relative_to(run_dir), chunk))
+                                      for k, (part, chunk) in enumerate(zip(parts, chunks, strict=True))), finished,
+              failed=lambda k, exc: f"grader '{grader.name}' failed on a Dask worker")
+    rundir.remove_stale_temps(run_dir)   # a worker lost mid-write leaves its temp file: none survives the run
+    return [results[k] for k in range(len(chunks))]
 
 
 def _split(graders: Sequence[Grader]) -> tuple[list[Grader], list[Grader]]:

@@ -34,6 +34,7 @@ import pandas as pd
 from synthtrial.trial import scale
 from synthtrial.util.atomic import temp_prefix, write_text_atomic
 from synthtrial.run import rundir
+from synthtrial.run.remote import on_storage
 from synthtrial.run.coco_masks import mask_shapes
 from synthtrial.util.errors import SynthtrialError, one_line
 from synthtrial.util.progress import progress_bar
@@ -96,6 +97,7 @@ FORMAT_HELP = {
 FORMAT_HELP = {name: inspect.cleandoc(text) for name, text in FORMAT_HELP.items()}
 
 
+@on_storage("run_dir", what="exporting")
 def export_run(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str] | None = None, *,
                folds: int = 5, seed: int = 0, force: bool = False, link: bool = False,
                progress: bool = False, visible_only: bool = False, active_only: bool = False) -> Path:

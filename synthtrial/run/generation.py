@@ -30,10 +30,12 @@ from synthtrial.render.procedural import render_config
 from synthtrial.render.visibility import visibility_rule
 from synthtrial.run import rundir
 from synthtrial.run.rendering import (NAMINGS, GenerateSettings, PatientJob, QualityFilter, render_all,
-                                      render_chunk)
+                                      render_chunk, render_dask)
 from synthtrial.run.rundir import RunError
+from synthtrial.run.remote import on_storage
 from synthtrial.trial.protocol import has_severity, read_protocol, to_csv_text
 from synthtrial.util.atomic import write_text_atomic
+from synthtrial.util.cluster import client_for
 from synthtrial.util.progress import ProgressCallback, progress_bar
 
 #: The backends ``--backend`` accepts, from the registry (synthtrial.render.base.BACKENDS).
@@ -79,12 +81,13 @@ def package_versions() -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------- the command
 
+@on_storage("out", option="--out")
 def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
              faces_dir: str | os.PathLike[str] | None = None, seed: int = 0, size: int = 512,
              naming: str = "native", workers: int = 1, progress: bool = True, backend: str = "procedural",
              diffusion: dict[str, Any] | None = None, quality: QualityFilter | None = None, reject: bool = False,
              yaw_deg: float = 25.0, on_progress: ProgressCallback | None = None,
-             counterfactual: bool = False) -> Path:
+             counterfactual: bool = False, scheduler: str | None = None) -> Path:
     """Render every row of a protocol into a run directory and return its path (see the module docstring).
 
     ``out`` defaults to ``runs/<protocol stem>``. ``on_progress(done, total, status)`` is called after each chunk
@@ -98,6 +101,8 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
     one per GPU) each process renders its share of the images and the main process writes the one manifest.
     ``counterfactual`` also renders every arm's counterfactual world under ``RUN/counterfactual/``
     (:mod:`synthtrial.run.counterfactual`), after the factual run, which it leaves byte for byte as it is.
+    With ``scheduler`` (a Dask scheduler's address) the chunks are rendered, and their files written, by that
+    cluster's workers (``workers`` is then unused); this process writes the tables and contact sheets.
     """
     settings = GenerateSettings(seed=seed, size=size, naming=naming, backend=backend,
                                 quality_filter=quality is not None, reject=reject, yaw_deg=yaw_deg)
@@ -122,7 +127,9 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
     main = state is None or state.is_main_process
     # shards run under the main's lock
     lock = rundir.locked(run_dir, option="--out") if main else contextlib.nullcontext()
-    with lock:
+    # the cluster is reached before the first write: an unreachable --scheduler leaves nothing behind
+    cluster = client_for(None, scheduler) if scheduler is not None and state is None else contextlib.nullcontext()
+    with cluster as client, lock:
         if main:
             _prepare_run_dir(run_dir, config)
             rundir.remove_stale_temps(run_dir)
@@ -130,7 +137,7 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
             if truth is not None:
                 write_text_atomic(run_dir / rundir.TRUTH, json.dumps(truth, indent=2) + "\n")
         if state is None:
-            records = _render(tasks, workers, jobs, quality, progress, on_progress)
+            records = _render(tasks, workers, jobs, quality, progress, on_progress, client)
         else:
             state.wait_for_everyone()
             if not main:
@@ -186,8 +193,10 @@ def _render_worlds(worlds: dict[str, pd.DataFrame], plan: tuple, options: dict[s
 
 
 def _render(tasks: list, workers: int, jobs: dict[str, PatientJob], quality: QualityFilter | None,
-            progress: bool, on_progress: ProgressCallback | None) -> dict[str, list[dict[str, Any]]]:
-    """Render ``tasks`` on ``workers`` processes behind a progress bar; every image's record, by patient."""
+            progress: bool, on_progress: ProgressCallback | None,
+            client: Any = None) -> dict[str, list[dict[str, Any]]]:
+    """Render ``tasks`` on ``workers`` processes (or on the Dask cluster of ``client``) behind a progress bar;
+    every image's record, by patient."""
     records: dict[str, list[dict[str, Any]]] = {pid: [] for pid in jobs}
     total = sum(len(rows) for _, rows in tasks)
     done = 0
@@ -200,8 +209,29 @@ def _render(tasks: list, workers: int, jobs: dict[str, PatientJob], quality: Qua
             if on_progress is not None:
                 on_progress(done, total, "")
 
-        render_all(tasks, workers, finished, quality)
+        if client is None:
+            render_all(tasks, workers, finished, quality)
+        else:
+            _render_on_cluster(tasks, client, finished, quality)
     return records
+
+
+def _render_on_cluster(tasks: list, client: Any, finished, quality: QualityFilter | None) -> None:
+    """The chunks rendered by the Dask cluster of ``client``, with absolute paths (a worker's working folder
+    is its own); afterwards the temp files of a worker lost mid-write are removed, so none survives the run."""
+    from dataclasses import replace
+
+    def absolute(value: str | None) -> str | None:
+        return None if value is None else str(Path(value).absolute())
+
+    moved = {}
+    for job, _ in tasks:
+        if job.patient_id not in moved:
+            moved[job.patient_id] = replace(job, run_dir=absolute(job.run_dir), faces_dir=absolute(job.faces_dir),
+                                            protocol_dir=absolute(job.protocol_dir))
+    render_dask([(moved[job.patient_id], rows) for job, rows in tasks], client, finished, quality)
+    if tasks:
+        rundir.remove_stale_temps(Path(tasks[0][0].run_dir))
 
 
 def _finish(run_dir: Path, protocol: pd.DataFrame, records: dict[str, list[dict[str, Any]]],

@@ -30,10 +30,11 @@ from synthtrial.run import rundir
 from synthtrial.run.rundir import RunError
 from synthtrial.trial import scale
 from synthtrial.util.atomic import write_bytes_atomic, write_text_atomic
+from synthtrial.util.cluster import run_tasks, terminate_as_interrupt
 from synthtrial.util.seeding import derive_seed
 
 __all__ = ["GenerateSettings", "MAX_RENDER_ATTEMPTS", "NAMINGS", "PatientJob", "QualityFilter", "png_bytes",
-           "render_all", "render_chunk"]
+           "render_all", "render_chunk", "render_dask"]
 
 NAMINGS = ("native", "anchor")
 #: With a quality filter and ``reject``, a rejected image is drawn again with the next derived seed, at most this
@@ -336,14 +337,6 @@ def _worker_init(parent: int, quality: QualityFilter | None) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so the workers are stopped (and the command ends) as for Ctrl-C."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise _Terminated
-
-
 def render_all(tasks: Sequence[tuple[PatientJob, list[dict[str, Any]]]], workers: int,
                finished: Callable[[str, list[dict[str, Any]]], None], quality: QualityFilter | None = None) -> None:
     """Render every task (a patient's job and a chunk of its rows) on ``workers`` processes, calling
@@ -356,17 +349,25 @@ def render_all(tasks: Sequence[tuple[PatientJob, list[dict[str, Any]]]], workers
 
     ctx = mp.get_context("spawn")
     pool = ctx.Pool(processes=workers, initializer=_worker_init, initargs=(os.getpid(), quality))
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
-        for pid, recs in pool.imap_unordered(_work, tasks):
-            finished(pid, recs)
+        with terminate_as_interrupt():
+            for pid, recs in pool.imap_unordered(_work, tasks):
+                finished(pid, recs)
         pool.close()
     except BaseException:
         pool.terminate()   # Ctrl-C, SIGTERM or an error: stop rendering now; finished images are kept
         raise
     finally:
         pool.join()
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
 
+
+def render_dask(tasks: Sequence[tuple[PatientJob, list[dict[str, Any]]]], client: Any,
+                finished: Callable[[str, list[dict[str, Any]]], None], quality: QualityFilter | None = None) -> None:
+    """Render every task on the Dask cluster of ``client``: each chunk is rendered, and its images, masks and
+    records written, by a worker (the run directory must be one the workers can reach, by the same path);
+    ``finished(patient_id, records)`` is called here as each chunk is done. The quality filter is sent to
+    every worker once. A lost worker's chunk is rendered again elsewhere (a chunk writes only what is missing,
+    atomically, so a half-done one is finished, not duplicated); Ctrl-C or SIGTERM cancels what is pending."""
+    shared = client.scatter(quality, broadcast=True, hash=False) if quality is not None else None
+    run_tasks(client, render_chunk, ((job.patient_id, (job, rows, shared)) for job, rows in tasks), finished,
+              failed=lambda pid, exc: f"rendering patient '{pid}' failed on a Dask worker")

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from synthtrial.run import rundir
+from synthtrial.run.remote import on_storage
 from synthtrial.run.rundir import CONFIG, LESIONS, MANIFEST, PROTOCOL, TRUTH, RunError
 from synthtrial.trial import scale
 from synthtrial.util.errors import SynthtrialError
@@ -41,6 +42,7 @@ CONFIG_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
+@on_storage("run", write=False)
 def verify(run: str | os.PathLike[str], *,
            progress: ProgressCallback | None = None) -> list[str]:
     """Check a finished run; return one line per problem found (empty when all holds).

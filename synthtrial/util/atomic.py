@@ -1,4 +1,8 @@
-"""Atomic file writes: a temp file in the target's folder, then a rename, so no reader sees half a file."""
+"""Atomic file writes: a temp file in the target's folder, then a rename, so no reader sees half a file.
+
+A URL of object storage (``s3://bucket/key``, :mod:`synthtrial.util.storage`) is written the same way in the
+store's terms: a temp key beside the target, then a copy inside the store and the temp key's deletion.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,20 @@ from pathlib import Path
 TEMP_NAME_CHARS = 32
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename.
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path | str:
+    """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename (a URL of object
+    storage: via a temp key and a copy, returned as given).
 
     A failed write (a full disk, a read-only folder) leaves ``path`` as it was and no temp file, and raises an
     ``OSError`` (of the same kind) whose ``filename`` is ``path``, never the hidden temp file or nothing.
     """
-    path = Path(path)
+    from synthtrial.util import storage
+
+    if storage.is_remote(path):
+        fs, key = storage.filesystem(str(path))
+        storage.put_atomic(fs, key, data)
+        return str(path)
+    path = Path(storage.local_path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
     try:
@@ -46,7 +57,7 @@ def _umask() -> int:
     return mask
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path | str:
     """Write UTF-8 text atomically (newlines as given)."""
     return write_bytes_atomic(path, text.encode("utf-8"))
 
