@@ -187,7 +187,7 @@ def test_analyze_takes_ratings_as_outcomes(rated_run):
 
 def test_power_with_raters_prints_rated_outcomes(tmp_path):
     out = tmp_path / "power.csv"
-    result = invoke("power", "--preset", "quick", "--raters", 1, "--raters", 3, "--replicates", 3, "--null",
+    result = invoke("power", "--preset", "quick", "--raters", 1, "--raters", 3, "--replicates", 3, "--effect-scale", 0,
                     "--effect-scale", 1, "--method", "period", "--method", "lmm", "--outcome", "oracle",
                     "--workers", 1, "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
