@@ -183,6 +183,7 @@ def test_analyze_takes_ratings_as_outcomes(rated_run):
     assert panel["calibration_slope"].notna().all() and (panel["calibration_slope"] > 0).all()
     agreement = pd.read_csv(folder / "agreement.csv")
     assert set(agreement["statistic"]) >= {"ICC(2,1)", "ICC(2,k)", "alpha (interval)", "kappa (quadratic)"}
+    assert "Rater panel agreement" in (folder / "report.html").read_text()
 
 
 def test_power_with_raters_prints_rated_outcomes(tmp_path):
