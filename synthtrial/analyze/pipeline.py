@@ -14,6 +14,9 @@ Outcomes per image (``RUN/analysis/outcomes.parquet``):
   ``grader_tracker_new_inflammatory`` when the run was graded with it;
 * ``grader_<grader>_<column>`` — the outcome columns of ``RUN/grades.parquet`` (as ``RUN/grades.json`` names
   them) when graders have scored the run (``synthtrial grade``);
+* ``grader_rater_<name>_<column>``, ``grader_raters_mean_<column>`` — a simulated rater panel's counts and grades
+  (``synthtrial rate``; :func:`synthtrial.grade.ratings.rating_outcomes`), read like a grader's, with the panel's
+  agreement in ``analysis/agreement.csv``;
 * ``ae_pca`` — Schneider et al.'s unsupervised pipeline: a convolutional autoencoder trained on the run's
   images, its 64-d embeddings (by default the bottleneck before its sigmoid, which saturates and leaves a
   spread of ~1e-4; ``embedding="sigmoid"`` is Schneider's variant), and each patient's first principal component (as Schneider et al. did for
@@ -83,6 +86,8 @@ NEW_LESION_OUTCOMES = ("new_inflammatory", f"{GRADER_OUTCOME_PREFIX}tracker_new_
 ANALYSIS, OUTCOMES, EFFECTS, REPORT, EMBEDDINGS = ("analysis", "outcomes.parquet", "effects.csv", "report.html",
                                                    "embeddings.parquet")
 NEW_LESIONS = "new_lesions.csv"
+#: The rater panel's agreement (``synthtrial rate``), written beside the effects when the run was rated.
+AGREEMENT = "agreement.csv"
 EFFECT_COLUMNS = ("outcome", "method", "role", "estimand", "scope", "arm", "reference", "estimate", "se", "ci_low",
                   "ci_high", "p", "n", "p_holm", "p_bh", "responder", "responder_holm", "responder_bh", "true_effect",
                   "bias", "covered", "true_steady_state", "true_carryover", "true_sample_mean", "calibration_slope",
@@ -152,10 +157,12 @@ def image_outcomes(run_dir: Path, manifest: pd.DataFrame) -> pd.DataFrame:
     out["lesion_severity"] = scale.severity_from_count(manifest["lesion_count"].to_numpy(dtype=float))
     out["iga"] = manifest["iga"].astype(float)
     out["new_inflammatory"] = new_inflammatory_truth(run_dir, manifest)
-    grades = rundir.grade_outcomes(run_dir)
-    if grades is not None:
-        renamed = grades.rename(columns={c: f"{GRADER_OUTCOME_PREFIX}{c}" for c in grades.columns if c != "image"})
-        out = out.merge(renamed, on="image", how="left", validate="one_to_one")
+    from synthtrial.grade.ratings import rating_outcomes
+
+    for grades in (rundir.grade_outcomes(run_dir), rating_outcomes(run_dir, manifest["image"])):  # graders, raters
+        if grades is not None:
+            renamed = grades.rename(columns={c: f"{GRADER_OUTCOME_PREFIX}{c}" for c in grades.columns if c != "image"})
+            out = out.merge(renamed, on="image", how="left", validate="one_to_one")
     return out
 
 
@@ -439,6 +446,7 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
         individual = individual_errors(run_dir, effects, reference)  # runs made with --counterfactual
         if individual is not None:
             write_text_atomic(stage / INDIVIDUAL, individual.to_csv(index=False, lineterminator="\n"))
+        write_agreement(run_dir, stage)
         periods = new_lesion_periods(daily(outcomes, columns), exclude)
         write_text_atomic(stage / NEW_LESIONS, periods.to_csv(index=False, lineterminator="\n"))
         timings.add("statistics", time.perf_counter() - t0)
@@ -451,6 +459,18 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
              "outcomes": columns}, indent=2) + "\n")
         write_text_atomic(stage / "timings.json", json.dumps(timings.stages, indent=2) + "\n")
     return analysis_dir
+
+
+def write_agreement(run_dir: Path, folder: Path) -> None:
+    """``agreement.csv`` beside the effects: the rater panel's agreement as ``synthtrial rate`` recorded it (removed
+    when the run has no ratings)."""
+    from synthtrial.grade.ratings import agreement_of_run
+
+    agreement = agreement_of_run(run_dir)
+    if agreement is None:
+        (folder / AGREEMENT).unlink(missing_ok=True)
+    else:
+        write_text_atomic(folder / AGREEMENT, agreement.to_csv(index=False, lineterminator="\n"))
 
 
 @contextlib.contextmanager

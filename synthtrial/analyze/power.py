@@ -183,6 +183,8 @@ class StudySettings:
     random_slopes: bool = False
     estimate_kinetics: bool = False
     rendered: RenderedSettings | None = None   # None: no replicate is rendered
+    raters: tuple[int, ...] = ()               # rater panel sizes: rated_count_k<K> outcomes (power_raters)
+    panel: Any = None                          # the raters' Panel (None: the defaults)
 
     def __post_init__(self) -> None:
         check_alpha(self.alpha, "--alpha")
@@ -192,6 +194,10 @@ class StudySettings:
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise SynthtrialError(f"unknown method '{bad[0]}'; choose from {', '.join(METHODS)}")
+        if self.raters or self.panel is not None:
+            from synthtrial.analyze.power_raters import check_raters
+
+            object.__setattr__(self, "raters", check_raters(self.raters, self.panel))
         if self.rendered is not None and not isinstance(self.rendered, RenderedSettings):
             raise SynthtrialError(f"rendered must be a RenderedSettings or None, not {type(self.rendered).__name__}")
 
@@ -202,8 +208,9 @@ class StudySettings:
 
 def scenario_key(scenario: Scenario, settings: StudySettings) -> str:
     """A short hash of everything that changes a replicate's numbers (the cache folder's name)."""
+    chosen = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("raters", "panel") or v}  # unused: old keys
     blob = json.dumps({"design": dataclasses.asdict(scenario.design), "model": dataclasses.asdict(scenario.model),
-                       "settings": dataclasses.asdict(settings), "version": 7}, sort_keys=True, default=str)
+                       "settings": chosen, "version": 7}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -227,6 +234,12 @@ def run_replicate(scenario: Scenario, settings: StudySettings, replicate: int) -
         data = data.merge(images[["patient_id", "day", *image_columns]], on=["patient_id", "day"], how="left",
                           validate="one_to_one")
         outcomes += image_columns
+    if settings.raters:
+        from synthtrial.analyze.power_raters import rated_outcomes
+
+        rated = rated_outcomes(trial.protocol, settings.raters, settings.panel, trial_seed)
+        data = data.merge(rated, on=["patient_id", "day"], how="left", validate="one_to_one")
+        outcomes += [c for c in rated.columns if c not in ("patient_id", "day")]
     exclude = (design.washout_label,)
     kinetics = None if settings.estimate_kinetics else Kinetics(model.washin_half_life, model.washout_half_life)
     schedule = missing_day_schedule(trial.truth, design, trial_seed)

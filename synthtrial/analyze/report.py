@@ -384,6 +384,9 @@ def write_report(path: Path, *, run_dir: Path, outcomes: pd.DataFrame, effects: 
         emb = pd.read_parquet(emb_path)
         sections += ["<h2>Autoencoder embeddings</h2>",
                      f'<img alt="embeddings" src="data:image/png;base64,{embedding_figure(emb, outcomes, reference)}">']
+    agreement = path.parent / "agreement.csv"  # analyze writes it beside the report when the run was rated
+    if agreement.is_file():
+        sections += ["<h2>Rater panel agreement (observed beside implied)</h2>", _table(pd.read_csv(agreement))]
     sections += ["<h2>Estimates beside the truth</h2>",
                  f'<img alt="forest plot" src="data:image/png;base64,{forest_figure(effects)}">',
                  "<h2>Settings</h2>",

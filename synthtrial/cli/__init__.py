@@ -17,6 +17,7 @@ from synthtrial.cli import graders_image  # noqa: E402,F401  (graders train|eval
 from synthtrial.cli import dataset  # noqa: E402,F401  (graders dataset)
 from synthtrial.cli import graders_tracking  # noqa: E402,F401  (graders eval tracker)
 from synthtrial.cli import view  # noqa: E402,F401  (view: the run browser)
+from synthtrial.cli import rate  # noqa: E402,F401  (rate: a simulated rater panel)
 
 __all__ = ["EXIT_BAD_INPUT", "app", "main"]
 

@@ -188,6 +188,13 @@ AeEpochs = Annotated[Optional[int], typer.Option(
 AeImageSize = Annotated[Optional[int], typer.Option(
     "--ae-image-size", help="Autoencoder input side, a power of two from 16 to --size (default 64).",
     show_default=False, rich_help_panel=_RENDER)]
+RaterCounts = Annotated[Optional[list[int]], typer.Option(
+    "--raters", min=1, max=100, help="Also let a simulated panel of K raters read each replicate's lesions (no "
+    "rendering) and analyse their mean count, outcome rated_count_kK (repeatable: --raters 1 --raters 5; "
+    "docs/raters.md).", show_default=False, rich_help_panel=_GRID)]
+RaterPanel = Annotated[Optional[Path], typer.Option(
+    "--panel", help="With --raters: the panel's parameters (JSON, as for rate --panel; default: docs/raters.md's).",
+    show_default=False, rich_help_panel=_GRID)]
 Graders = Annotated[Optional[list[GraderName]], typer.Option(
     "--grader", help="Grader scoring the rendered images (repeatable; default: counter; the detector adds ~10 s per "
     "quick replicate).", show_default=False, rich_help_panel=_RENDER)]
@@ -204,6 +211,7 @@ def power_command(preset: Presets = None, design_file: DesignFiles = None, perio
                   rendered: Rendered = 0, image_size: ImageSize = None, ae_epochs: AeEpochs = None,
                   ae_image_size: AeImageSize = None, grader: Graders = None, grid: GridOption = None,
                   grid_table: GridTable = None, pooled_replicates: PooledReplicates = None,
+                  raters: RaterCounts = None, panel: RaterPanel = None,
                   quiet: Quiet = False) -> None:
     """Type I error, power, bias and CI coverage of every analysis over grids of simulated trials.
 
@@ -234,7 +242,7 @@ def power_command(preset: Presets = None, design_file: DesignFiles = None, perio
     settings = StudySettings(seed=seed, methods=tuple(m.value for m in method) if method else default_methods,
                              outcomes=tuple(o.value for o in outcome) if outcome else default_outcomes, alpha=alpha,
                              trend=trend, random_slopes=random_slopes, estimate_kinetics=estimate_kinetics,
-                             rendered=render)
+                             rendered=render, **_rater_settings(raters, panel))
     pooled_reps = 0
     if grid is not None:
         from synthtrial.analyze.grid import GRID_POOLED_METHODS, pooled_replicates as default_pooled
@@ -261,6 +269,9 @@ def power_command(preset: Presets = None, design_file: DesignFiles = None, perio
                       pooled_replicates=pooled_reps)
     else:
         _print_summary(summary, estimates, scenarios, replicates, alpha, rendered)
+        if raters:
+            out.print("rated_count_kK: the mean lesion count of K simulated raters reading each replicate's lesions "
+                      "(docs/raters.md); calib: lesions per severity unit", soft_wrap=False)
     _write_outputs(csv_path, html_path, summary, estimates, settings, replicates, scenarios)
 
 
@@ -358,6 +369,17 @@ def _effects(effect: list[str] | None, designs: list[tuple]) -> dict[str, float]
         if arm not in known_arms:
             raise SynthtrialError(f"--effect {arm}=...: not an arm of any design ({', '.join(sorted(known_arms))})")
     return effects
+
+
+def _rater_settings(raters: list[int] | None, panel: Path | None) -> dict:
+    """StudySettings' rater fields for --raters and --panel (--panel needs --raters; the file is read now)."""
+    if not raters:
+        if panel is not None:
+            raise SynthtrialError("--panel needs --raters K")
+        return {}
+    from synthtrial.grade.raters import load_panel
+
+    return {"raters": tuple(raters), "panel": load_panel(panel)}
 
 
 def _render_settings(rendered: int, **options):
