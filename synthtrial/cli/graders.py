@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich import box
 from rich.table import Table
 
 from synthtrial.cli.common import BatchSize, Device, Quiet, RunDir, app, graders_app, handles_errors, out
-from synthtrial.util.progress import progress_bar
+from synthtrial.util.progress import ProgressCallback, progress_bar
 
 
 @app.command("grade")
 @handles_errors
 def grade_command(
     run: RunDir,
-    graders: Annotated[Optional[str], typer.Option(help="Comma-separated graders to run (default: every grader "
-                                                   "with weights; see [bold]synthtrial graders list[/]).",
+    graders: Annotated[Optional[str], typer.Option(help="Comma-separated graders to run (default: the graders "
+                                                   "whose model card meets its targets; see [bold]synthtrial "
+                                                   "graders list[/]). Others run when named, with a warning.",
                                                    show_default=False)] = None,
     weights: Annotated[Optional[list[str]], typer.Option(help="Use other weights for a grader: NAME=FOLDER "
                                                          "(safetensors + config.json; repeatable).",
@@ -32,10 +33,11 @@ def grade_command(
 
     Each image is checked against the manifest's sha256 before it is graded. Interrupted? Run the same command again: finished chunks are kept (a chunk is kept by what it holds, so another --batch-size, or images changed since, are graded afresh). Grades of other graders already in the file are kept for the images that did not change.
     """
-    from synthtrial.graders.base import GraderError, available, get_grader
+    from synthtrial.graders.base import GraderError, get_grader
+    from synthtrial.graders.cards import default_graders
     from synthtrial.grade import grade_run
 
-    names = [n.strip() for n in graders.split(",") if n.strip()] if graders else available()
+    names = [n.strip() for n in graders.split(",") if n.strip()] if graders else default_graders()
     chosen: dict[str, str] = {}
     for item in weights or []:
         name, sep, folder = item.partition("=")
@@ -51,10 +53,41 @@ def grade_command(
 
         resolve_device(device)
     built = [get_grader(n, chosen.get(n), device=device) for n in names]
-    with progress_bar("grading", 1, unit="images", enabled=not quiet) as update:
-        path = grade_run(run, built, batch_size=batch_size,
-                         progress=update)
+    with GraderBars(enabled=not quiet) as update:
+        path = grade_run(run, built, batch_size=batch_size, progress=update)
     out.print(f"[green]wrote[/green] {path} ({', '.join(names)})")
+
+
+class GraderBars:
+    """One progress bar per grader, counting its images: ``grade_run`` reports ``(done, images, grader)``, and a
+    new grader closes the bar of the one before and opens its own, so each ETA is at that grader's own rate.
+    ``bar`` makes a bar (:class:`~synthtrial.util.progress.progress_bar`'s signature; a fake one in tests)."""
+
+    def __init__(self, *, enabled: bool = True, bar: Callable[..., Any] = progress_bar) -> None:
+        self._enabled, self._bar = enabled, bar
+        self._open: Any = None
+        self._update: ProgressCallback | None = None
+        self._grader: str | None = None
+
+    def __enter__(self) -> ProgressCallback:
+        return self.update
+
+    def update(self, done: int, total: int, grader: str) -> None:
+        if grader != self._grader:
+            self.close()
+            self._grader, self._open = grader, self._bar(f"grading {grader}", total, unit="images",
+                                                         enabled=self._enabled)
+            self._update = self._open.__enter__()
+        if self._update is not None:
+            self._update(done, total, "")
+
+    def close(self, *exc: object) -> None:
+        if self._open is not None:
+            self._open.__exit__(*(exc or (None, None, None)))
+        self._open = self._update = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(*exc)
 
 
 @graders_app.command("list")
@@ -62,12 +95,17 @@ def grade_command(
 def graders_list() -> None:
     """List the graders, what each reports, and whether its weights are here."""
     from synthtrial.graders.base import DEFAULT_WEIGHTS_DIR, REGISTRY, WEIGHTS_FILE
+    from synthtrial.graders.cards import card_status, default_graders
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("grader", "weights", "what it reports"):
+    for col in ("grader", "weights", "graded by default", "what it reports"):
         table.add_column(col)
+    chosen = default_graders()
     for name, spec in REGISTRY.items():
         have = "none needed" if not spec.needs_weights else (
             "default" if (DEFAULT_WEIGHTS_DIR / name / WEIGHTS_FILE).is_file() else "train first")
-        table.add_row(name, have, spec.summary)
+        status = card_status(name)
+        why = "yes" if name in chosen else f"no: {status.reason}" if not status.meets_targets else \
+            f"no: reads {', '.join(n for n in spec.needs if n not in chosen)}"
+        table.add_row(name, have, why, spec.summary)
     out.print(table)

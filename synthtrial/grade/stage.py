@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from typing import Any
 import pandas as pd
 
 from synthtrial.graders.base import DetectingGrader, Grader, GraderError, SequenceGrader, read_rgb
+from synthtrial.graders.cards import BelowTargetsWarning, below_targets_line, grader_card
 from synthtrial.run import rundir
 from synthtrial.run.rundir import DETECTIONS, GRADE_TABLES, GRADES_KEY, GRADES_SHA, RunError
 from synthtrial.util.atomic import write_text_atomic
@@ -58,7 +60,11 @@ def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_s
     Columns: ``image``, ``image_sha256`` and ``<grader>_<column>`` for each grader's output columns, one row per
     manifest row in manifest order. Columns of other graders already in the file are kept where their image is
     unchanged. Each chunk of about ``batch_size`` images is saved under ``RUN/.grades/`` as it is done, so a
-    re-run resumes. ``progress(done, total, status)`` is called after each chunk.
+    re-run resumes. ``progress(done, images, grader)`` counts one grader's images at a time: called with the
+    images already saved (a resumed run) as each grader starts, then after each chunk it grades; ``images`` is
+    the run's image count, so a bar per grader (its ``status``) shows an ETA at that grader's own rate.
+    A grader whose model card does not meet its targets (:mod:`synthtrial.graders.cards`) is graded, with a
+    :class:`~synthtrial.graders.cards.BelowTargetsWarning`, and ``grades.json`` records ``meets_targets``.
     """
     run_dir = Path(run)
     manifest = rundir.read_manifest(run_dir, ("image", "sha256", *META_COLUMNS))
@@ -73,42 +79,36 @@ def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_s
         raise GraderError(f"grader listed twice: {', '.join(names)} (option --graders)")
     per_image, series = _split(graders)
     chunks = visit_chunks(sorted_by_visit(manifest), batch_size)
-    total, done = len(manifest) * len(graders), 0
+    cards = {g.name: grader_card(g) for g in graders}
+    for status in cards.values():
+        if status is not None and not status.meets_targets:
+            warnings.warn(BelowTargetsWarning(below_targets_line(status.grader, status.reason)), stacklevel=2)
     with rundir.locked(run_dir, what="grading"):
         keys = manifest[[GRADES_KEY]].assign(**{GRADES_SHA: manifest["sha256"]})
         columns: dict[str, pd.DataFrame] = {}
         tables: dict[str, pd.DataFrame] = {}
         for grader in per_image:
-            fingerprint = grader.fingerprint()
-            folder = rundir.run_file(run_dir, f"{PARTS_DIR}/{grader.name}-{fingerprint}")  # not linked out
-            frames, found, kept = [], [], set()
-            for chunk in chunks:
-                part = folder / f"{chunk_key(chunk, fingerprint)}.parquet"
-                graded, detections = _chunk_grades(run_dir, grader, part, chunk)
-                frames.append(graded), found.append(detections)
-                kept.update({part.name, _table_part(part, DETECTIONS).name})
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, total, grader.name)
-            _remove_other_parts(folder, kept)
-            columns[grader.name] = _aligned(keys, pd.concat(frames, ignore_index=True))
-            if isinstance(grader, DetectingGrader):
-                tables[DETECTIONS] = pd.concat(found, ignore_index=True)
+            columns[grader.name], detections = _image_grades(run_dir, grader, chunks, keys, progress)
+            if detections is not None:
+                tables[DETECTIONS] = detections
         for grader in series:
-            def counted(k: int, _: int, status: str, start: int = done) -> None:
-                if progress is not None:
-                    progress(start + k, total, status)
-
+            if progress is not None:
+                progress(0, len(manifest), grader.name)
             graded, tables[grader.table] = _series_grades(run_dir, grader, manifest, tables[DETECTIONS],
-                                                          [g for g in per_image if g.name in grader.needs], counted)
+                                                          [g for g in per_image if g.name in grader.needs], progress)
             columns[grader.name] = _aligned(keys, graded)
-            done += len(manifest)
+            if progress is not None:
+                progress(len(manifest), len(manifest), grader.name)
         grades = pd.concat([keys, *columns.values()], axis=1)
         grades, index = _keep_other_graders(run_dir, grades, names)
         for grader in graders:
             index[grader.name] = {"fingerprint": grader.fingerprint(),
                                   "columns": list(columns[grader.name].columns),
                                   "outcomes": [f"{grader.name}_{c}" for c in grader.outcomes]}
+            if cards[grader.name] is not None:
+                index[grader.name]["meets_targets"] = cards[grader.name].meets_targets
+                if not cards[grader.name].meets_targets:
+                    index[grader.name]["below_targets"] = cards[grader.name].reason
             if isinstance(grader, DetectingGrader):
                 index[grader.name]["tables"] = [DETECTIONS]
             if isinstance(grader, SequenceGrader):
@@ -118,6 +118,33 @@ def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_s
         write_text_atomic(run_dir / rundir.GRADES_INDEX, json.dumps({"graders": index}, indent=2, sort_keys=True)
                           + "\n")
     return path
+
+
+def _image_grades(run_dir: Path, grader: Grader, chunks: list[pd.DataFrame], keys: pd.DataFrame,
+                  progress: ProgressCallback | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """An image grader's ``<grader>_<column>`` columns (in ``keys``' order) and, for a detecting grader, its
+    detections: chunk by chunk, saved chunks reused, the bar counting this grader's images."""
+    fingerprint = grader.fingerprint()
+    folder = rundir.run_file(run_dir, f"{PARTS_DIR}/{grader.name}-{fingerprint}")  # not linked out
+    frames, found, kept = [], [], set()
+    parts = [folder / f"{chunk_key(chunk, fingerprint)}.parquet" for chunk in chunks]
+    saved = {p for p in parts if p.is_file()}    # resumed: counted done before the bar times anything
+    total, done = len(keys), sum(len(c) for c, p in zip(chunks, parts) if p in saved)
+    if progress is not None:
+        progress(done, total, grader.name)
+    for chunk, part in zip(chunks, parts):
+        graded, detections = _chunk_grades(run_dir, grader, part, chunk)
+        frames.append(graded), found.append(detections)
+        kept.update({part.name, _table_part(part, DETECTIONS).name})
+        if part not in saved:
+            done += len(chunk)
+            if progress is not None:
+                progress(min(done, total), total, grader.name)
+    if progress is not None and done < total:   # a saved chunk that could not be read was graded again
+        progress(total, total, grader.name)
+    _remove_other_parts(folder, kept)
+    return (_aligned(keys, pd.concat(frames, ignore_index=True)),
+            pd.concat(found, ignore_index=True) if isinstance(grader, DetectingGrader) else None)
 
 
 def _split(graders: Sequence[Grader]) -> tuple[list[Grader], list[Grader]]:
