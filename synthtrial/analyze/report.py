@@ -72,9 +72,9 @@ def trajectories_figure(outcomes: pd.DataFrame, reference: str, max_patients: in
 
 
 def trajectories_axes(outcomes: pd.DataFrame, reference: str, max_patients: int = 12) -> Any:
-    """The figure of small multiples: per patient, the truth (oracle) and the lesion count on the severity axis, every grader
-    outcome (on that axis when it is a severity, else z-scored on the right axis, dashed) and the unsupervised
-    score (z-scored, right axis), treatment periods shaded."""
+    """The figure of small multiples: per patient, the truth (oracle) and the lesion count on the severity axis,
+    every grader outcome (on that axis when it is a severity, else z-scored on the right axis, dashed) and the
+    unsupervised score (z-scored, right axis), treatment periods shaded."""
     plt = pyplot()
     daily = outcomes.groupby(["patient_id", "day", "treatment"], sort=False, as_index=False).mean(numeric_only=True)
     patients = list(dict.fromkeys(daily["patient_id"]))[:max_patients]

@@ -1,5 +1,5 @@
-"""The report's tables and figure helpers: HTML cells at one precision, notes said once as footnotes, the pooled answer (CR1 only
-where it differs from CR2), and the per-patient results as a patients x methods grid.
+"""The report's tables and figure helpers: HTML cells at one precision, notes said once as footnotes, the pooled
+answer (CR1 only where it differs from CR2), and the per-patient results as a patients x methods grid.
 
 Notes: ``effects.csv``'s ``note`` holds clauses separated by "; " (a fit's df, "trend-adjusted", ...). The report
 numbers each distinct clause once (:class:`Footnotes`) and marks a row, or a method's column, with the numbers of
