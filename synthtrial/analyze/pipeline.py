@@ -35,6 +35,8 @@ New lesions are an incidence: a count per visit, which the period-level methods 
 ``randomization``) turn into one value per treatment period — the period's count divided by its visits, so with
 the equal periods of a design the per-period count up to one factor — and the other methods analyse day by day
 like any outcome; ``new_lesions.csv`` lists the count of every patient's periods (:func:`new_lesion_periods`).
+A run made with ``generate --counterfactual`` also gets ``individual_effects.csv``: each per-patient estimate
+against the patient's own effect (:mod:`synthtrial.analyze.individual`).
 Per-patient rows
 carry Holm/BH-adjusted p-values and responder calls (:mod:`synthtrial.analyze.multiplicity`); a day missing
 from a simulated run keeps its scheduled treatment in the exposure curves (:func:`missing_day_schedule`).
@@ -423,6 +425,7 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
     The folder is written as a set: everything goes to a scratch copy of it, which replaces it only when
     the whole analysis succeeded, so a refused analysis leaves the previous outputs as they were.
     """
+    from synthtrial.analyze.individual import INDIVIDUAL, individual_errors
     from synthtrial.analyze.report import write_report
 
     settings = settings or AnalysisSettings()
@@ -447,12 +450,15 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
         t0 = time.perf_counter()
         effects = outcome_effects(outcomes, columns, truth, reference, exclude, settings)
         write_text_atomic(stage / EFFECTS, effects.to_csv(index=False, lineterminator="\n"))
+        individual = individual_errors(run_dir, effects, reference)  # runs made with --counterfactual
+        if individual is not None:
+            write_text_atomic(stage / INDIVIDUAL, individual.to_csv(index=False, lineterminator="\n"))
         periods = new_lesion_periods(daily(outcomes, columns), exclude)
         write_text_atomic(stage / NEW_LESIONS, periods.to_csv(index=False, lineterminator="\n"))
         timings.add("statistics", time.perf_counter() - t0)
         t0 = time.perf_counter()
         write_report(stage / REPORT, run_dir=run_dir, outcomes=outcomes, effects=effects, truth=truth,
-                     reference=reference, settings=asdict(settings), timings=timings.stages)
+                     reference=reference, settings=asdict(settings), timings=timings.stages, individual=individual)
         timings.add("report", time.perf_counter() - t0)
         write_text_atomic(stage / "settings.json", json.dumps(
             {"settings": asdict(settings), "reference": reference, "excluded": list(exclude),

@@ -353,6 +353,18 @@ def patients_section(effects: pd.DataFrame, alpha: float, notes: Footnotes) -> l
     return parts
 
 
+def individual_section(individual: pd.DataFrame) -> list[str]:
+    """Each per-patient estimate against the patient's own effect (counterfactual worlds)."""
+    from synthtrial.analyze.individual import summary
+
+    return ["<h3>Against the individual effects (counterfactual worlds)</h3>",
+            "<p>Each per-patient estimate against the patient's own effect, read off the images of its series "
+            "under the reference arm (<i>rmse_individual</i>), beside its error against the patients' average "
+            "(<i>rmse_average</i>); <i>sd_individual</i>: how much the patients' effects differ. In the outcome's "
+            "units (severity; lesions for lesion_count). Rows: individual_effects.csv.</p>",
+            html_table(summary(individual))]
+
+
 def details_section(run_dir: Path, path: Path, outcomes: pd.DataFrame, effects: pd.DataFrame, reference: str,
                     settings: dict[str, Any], timings: dict[str, float]) -> list[str]:
     """Section 5: estimands, calibration, responders, the image strip, embeddings, settings and timings."""
@@ -394,9 +406,11 @@ def details_section(run_dir: Path, path: Path, outcomes: pd.DataFrame, effects: 
 
 
 def write_report(path: Path, *, run_dir: Path, outcomes: pd.DataFrame, effects: pd.DataFrame, truth: dict | None,
-                 reference: str, settings: dict[str, Any], timings: dict[str, float]) -> Path:
+                 reference: str, settings: dict[str, Any], timings: dict[str, float],
+                 individual: pd.DataFrame | None = None) -> Path:
     """Write ``report.html``: the answer first (pooled effects beside the truth), then grader accuracy,
-    trajectories, per-patient grids and the details (see the module docstring)."""
+    trajectories, per-patient grids (and, for a run with counterfactual worlds, each outcome's error against the
+    individual effects) and the details (see the module docstring)."""
     alpha = float(settings.get("alpha", 0.05))
     notes = Footnotes()
     sections = [_truth_line(truth)] if truth is not None else []
@@ -408,6 +422,8 @@ def write_report(path: Path, *, run_dir: Path, outcomes: pd.DataFrame, effects: 
                  "unsupervised score; treatment periods shaded.</p>",
                  _img("trajectories", trajectories_figure(outcomes, reference))]
     sections += patients_section(effects, alpha, notes)
+    if individual is not None:
+        sections += individual_section(individual)
     sections += ["<h2>Notes</h2>", notes.html() or "<p>(none)</p>"]
     sections += details_section(run_dir, path, outcomes, effects, reference, settings, timings)
     doc = f"""<!doctype html>

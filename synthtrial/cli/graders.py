@@ -9,7 +9,10 @@ from rich import box
 from rich.table import Table
 
 from synthtrial.cli.common import BatchSize, Device, Quiet, RunDir, app, graders_app, handles_errors, out
+from synthtrial.cli.jsonout import emit, json_option
 from synthtrial.util.progress import ProgressCallback, progress_bar
+
+GradersJson = json_option("the list")
 
 
 @app.command("grade")
@@ -92,20 +95,34 @@ class GraderBars:
 
 @graders_app.command("list")
 @handles_errors
-def graders_list() -> None:
-    """List the graders, what each reports, and whether its weights are here."""
-    from synthtrial.graders.base import DEFAULT_WEIGHTS_DIR, REGISTRY, WEIGHTS_FILE
+def graders_list(as_json: GradersJson = False) -> None:
+    """List the graders, what each reports, whether its weights are here and whether [bold]synthtrial grade[/] runs it by default.
+
+    --json keys: [bold]graders[/], a list with per grader [bold]name[/], [bold]weights[/] ("none needed", "default" or "train first"), [bold]ready[/] (true where [bold]synthtrial grade[/] can run it now), [bold]default[/] (true where [bold]synthtrial grade[/] runs it when no --graders are named: its model card meets its targets), [bold]why[/] (what its card says, or the default grader it reads), [bold]needs[/] (the graders whose output it reads) and [bold]summary[/] (what it reports).
+    """
+    from synthtrial.graders.base import DEFAULT_WEIGHTS_DIR, REGISTRY, WEIGHTS_FILE, available
     from synthtrial.graders.cards import card_status, default_graders
 
+    ready, chosen = set(available()), default_graders()
+
+    def why(name: str) -> str:
+        status = card_status(name)
+        if not status.meets_targets:
+            return status.reason
+        missing = [n for n in REGISTRY[name].needs if n not in chosen]
+        return f"reads {', '.join(missing)}, not a default grader" if missing else status.reason
+
+    rows = [{"name": name, "weights": "none needed" if not spec.needs_weights else (
+                "default" if (DEFAULT_WEIGHTS_DIR / name / WEIGHTS_FILE).is_file() else "train first"),
+             "ready": name in ready, "default": name in chosen, "why": why(name), "needs": list(spec.needs),
+             "summary": spec.summary}
+            for name, spec in REGISTRY.items()]
+    if as_json:
+        emit({"graders": rows})
+        return
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("grader", "weights", "graded by default", "what it reports"):
         table.add_column(col)
-    chosen = default_graders()
-    for name, spec in REGISTRY.items():
-        have = "none needed" if not spec.needs_weights else (
-            "default" if (DEFAULT_WEIGHTS_DIR / name / WEIGHTS_FILE).is_file() else "train first")
-        status = card_status(name)
-        why = "yes" if name in chosen else f"no: {status.reason}" if not status.meets_targets else \
-            f"no: reads {', '.join(n for n in spec.needs if n not in chosen)}"
-        table.add_row(name, have, why, spec.summary)
+    for row in rows:
+        table.add_row(row["name"], row["weights"], "yes" if row["default"] else f"no: {row['why']}", row["summary"])
     out.print(table)
