@@ -389,6 +389,7 @@ class GraderComponent:
         self.record = dict(record or {})
         self.weights_dtype = "float32"
         self.model = None
+        self.weights_folder: Path | None = None   # set by from_pretrained
         if self.has_weights:
             self.model = (model if model is not None else self.build(self.config)).to(self.device).eval()
         self._fingerprint: str | None = None
@@ -442,6 +443,7 @@ class GraderComponent:
             load_into(model, tensors, folder, f"{cls.label or cls.name} network")
         grader = cls(config, model, device=device, record=record)
         grader.weights_dtype = dtype
+        grader.weights_folder = Path(folder)   # whose model card (graders/cards.py) speaks for these weights
         return grader
 
     @classmethod

@@ -193,8 +193,9 @@ def grade(run: PathLike | GenerateResult, graders: Sequence[str] | str | None = 
           progress: bool = True) -> GradeResult:
     """Score every image of a run with the embedded graders (``RUN/grades.parquet``) and load the grades.
 
-    ``graders``: names (a list, or comma-separated), default every grader with weights (``synthtrial graders
-    list``); list the tracker after the detector. ``weights`` maps a grader to another weights folder.
+    ``graders``: names (a list, or comma-separated), default the graders whose model card meets its targets
+    (``synthtrial graders list``, :func:`synthtrial.graders.cards.default_graders`); list the tracker after the
+    detector. ``weights`` maps a grader to another weights folder.
     Re-running resumes: finished chunks are kept.
 
     >>> import synthtrial
@@ -205,14 +206,15 @@ def grade(run: PathLike | GenerateResult, graders: Sequence[str] | str | None = 
     ('grades.parquet', 8, ['counter_count', 'counter_severity'])
     """
     from synthtrial.grade.stage import grade_run
-    from synthtrial.graders.base import GraderError, available, get_grader
+    from synthtrial.graders.base import GraderError, get_grader
+    from synthtrial.graders.cards import default_graders
     from synthtrial.run import rundir
     from synthtrial.run.rundir import read_json
     from synthtrial.util.progress import progress_bar
 
     run_dir = run.run if isinstance(run, GenerateResult) else Path(run)
     names = ([n.strip() for n in graders.split(",") if n.strip()] if isinstance(graders, str)
-             else list(graders) if graders else available())
+             else list(graders) if graders else default_graders())
     stray = [n for n in (weights or {}) if n not in names]
     if stray:
         raise GraderError(f"weights for '{stray[0]}', which is not among the graders run ({', '.join(names)})")

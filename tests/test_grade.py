@@ -251,3 +251,59 @@ def test_two_detecting_graders_in_one_call_are_refused(run):
     with pytest.raises(SynthtrialError, match="both keep detections"):
         grade_run(run, [Spots(), Other()])
     assert not (run / "grades.parquet").exists()
+
+
+class Half(Mean):
+    """Another toy grader (half the mean), so a call grades with two."""
+
+    name = "half"
+
+    def fingerprint(self):
+        return fingerprint_of({"grader": "half"})
+
+    def predict(self, images, meta=None):
+        return super().predict(images, meta).assign(value=lambda d: d["value"] / 2)
+
+
+def test_progress_counts_images_per_grader(run):
+    """Issue 22: the bar's total is the run's images, one grader at a time (its name the status), starting at
+    the images already saved, so each grader's ETA is at its own rate."""
+    n = len(pd.read_parquet(run / "manifest.parquet"))
+    calls = []
+    grade_run(run, [Mean(), Half()], batch_size=4, progress=lambda *a: calls.append(a))
+    assert [c[2] for c in calls] == ["mean"] * (1 + -(-n // 4)) + ["half"] * (1 + -(-n // 4))
+    for name in ("mean", "half"):
+        mine = [c for c in calls if c[2] == name]
+        assert {c[1] for c in mine} == {n}                      # total = images, not graders x images
+        assert mine[0][0] == 0 and mine[-1][0] == n
+        assert [c[0] for c in mine] == sorted(c[0] for c in mine)
+    again = []
+    grade_run(run, [Mean(), Half()], batch_size=4, progress=lambda *a: again.append(a))
+    assert again == [(n, n, "mean"), (n, n, "half")]          # resumed: done before anything is timed
+
+
+def test_the_cli_opens_one_bar_per_grader():
+    from synthtrial.cli.graders import GraderBars
+
+    events = []
+
+    class FakeBar:
+        def __init__(self, what, total, *, unit, enabled):
+            self.what = what
+            events.append(("open", what, total, unit))
+
+        def __enter__(self):
+            return lambda done, total, status: events.append(("update", self.what, done, total))
+
+        def __exit__(self, *exc):
+            events.append(("close", self.what))
+
+    with GraderBars(bar=FakeBar) as update:
+        for name in ("counter", "iga"):
+            for done in (0, 24, 48):
+                update(done, 48, name)
+    assert events == [("open", "grading counter", 48, "images"), ("update", "grading counter", 0, 48),
+                      ("update", "grading counter", 24, 48), ("update", "grading counter", 48, 48),
+                      ("close", "grading counter"), ("open", "grading iga", 48, "images"),
+                      ("update", "grading iga", 0, 48), ("update", "grading iga", 24, 48),
+                      ("update", "grading iga", 48, 48), ("close", "grading iga")]

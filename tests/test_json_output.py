@@ -71,7 +71,8 @@ def test_graders_list_json():
     rows = {row["name"]: row for row in json.loads(result.stdout)["graders"]}
     assert rows["counter"]["weights"] == "none needed" and rows["counter"]["ready"] is True
     assert rows["tracker"]["needs"] == ["detector"]
-    assert all(set(row) == {"name", "weights", "ready", "needs", "summary"} for row in rows.values())
+    assert all(set(row) == {"name", "weights", "ready", "default", "why", "needs", "summary"} for row in rows.values())
+    assert rows["counter"]["default"] is True     # which graders `grade` runs unnamed: tests/test_cards.py
 
 
 def test_analyze_json_and_readable_p_values(graded_run):

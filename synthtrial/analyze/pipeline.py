@@ -161,9 +161,25 @@ def image_outcomes(run_dir: Path, manifest: pd.DataFrame) -> pd.DataFrame:
 
     for grades in (rundir.grade_outcomes(run_dir), rating_outcomes(run_dir, manifest["image"])):  # graders, raters
         if grades is not None:
+            warn_below_targets(run_dir, list(grades.columns))
             renamed = grades.rename(columns={c: f"{GRADER_OUTCOME_PREFIX}{c}" for c in grades.columns if c != "image"})
             out = out.merge(renamed, on="image", how="left", validate="one_to_one")
     return out
+
+
+def warn_below_targets(run_dir: Path, columns: list[str]) -> list[str]:
+    """Repeat ``grade``'s warning for each grader graded below its targets (``grades.json``'s ``meets_targets``)
+    whose columns become outcomes; returns the lines warned."""
+    from synthtrial.graders.cards import BelowTargetsWarning, below_targets_line
+
+    lines = []
+    for name, entry in rundir.read_grades_index(run_dir).items():
+        used = [c for c in entry.get("outcomes", []) if c in columns]
+        if used and entry.get("meets_targets") is False:
+            lines.append(below_targets_line(name, str(entry.get("below_targets", "below its targets")))
+                         + f"; analysed as outcome(s) {', '.join(GRADER_OUTCOME_PREFIX + c for c in used)}")
+            warnings.warn(BelowTargetsWarning(lines[-1]), stacklevel=2)
+    return lines
 
 
 def new_inflammatory_truth(run_dir: Path, manifest: pd.DataFrame) -> np.ndarray:

@@ -1,9 +1,13 @@
-"""The analysis report: one self-contained HTML file with the figures a methodologist looks at first.
+"""The analysis report: one self-contained HTML file that leads with the answer.
 
-Per-patient trajectories of the truth beside each outcome with treatment periods shaded, the autoencoder
-embedding's principal components coloured by treatment, and a forest plot of every estimate beside the
-truth it should recover. Tables state the estimand each method targets once (not per row), show each
-outcome's calibration slope beside its noise, and number the pooled rows' notes instead of repeating them.
+Order: (1) the answer — every outcome's pooled estimate (mixed model, CR2) beside its truth, as a forest plot on
+one scale (each effect over its outcome's within-patient residual SD, beside the standardised truth) and a table
+in the outcome's own units with the raw truth (the severity-scale estimand every outcome targets) on every row;
+(2) grader accuracy (:mod:`synthtrial.analyze.report_graders`); (3) the trajectories, truth beside every outcome
+and grader; (4) per-patient results as a patients x methods grid per outcome; (5) details: estimands, calibration,
+responders, the image strip, embeddings, settings and timings. Notes are said once, as numbered footnotes
+(:mod:`synthtrial.analyze.report_tables`); CR1 appears only where it differs from CR2; a method the design
+leaves no chance to reject is left out of the grid with one line saying why.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ import numpy as np
 import pandas as pd
 
 from synthtrial.analyze.estimands import DESCRIPTIONS
-from synthtrial.analyze.estimators import NOT_AVAILABLE
+from synthtrial.analyze.estimators import GRADER_OUTCOME_PREFIX
+from synthtrial.analyze.report_graders import grader_section
+from synthtrial.analyze.report_tables import (Footnotes, answer_table, html_table, patient_grid, png, pyplot,
+                                             unavailable_lines)
 from synthtrial.run import rundir
 from synthtrial.util.atomic import write_text_atomic
 
@@ -32,77 +39,104 @@ OUTCOME_LABELS = {
 }
 
 
-def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _colours(treatments: list[str], reference: str) -> dict[str, str]:
     order = [reference] + [t for t in treatments if t != reference]
     return {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(order)}
 
 
+#: Colours of the grader outcomes on the trajectories, in order.
+GRADER_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
+
+
+def _severity_scale(column: str) -> bool:
+    """Outcomes on the 0-3 severity scale, drawn on the trajectories' own axis (others are z-scored)."""
+    return column in ("oracle", "lesion_severity") or column.endswith("_severity")
+
+
+def trajectory_outcomes(outcomes: pd.DataFrame) -> list[str]:
+    """The grader outcomes drawn on the trajectories (``grader_*`` columns with at least one value)."""
+    return [c for c in outcomes.columns if c.startswith(GRADER_OUTCOME_PREFIX) and outcomes[c].notna().any()]
+
+
+def _shade_periods(ax: Any, days: np.ndarray, treat: np.ndarray, colours: dict[str, str]) -> None:
+    start = 0
+    for i in range(1, len(days) + 1):
+        if i == len(days) or treat[i] != treat[start]:
+            ax.axvspan(days[start] - 0.5, days[i - 1] + 0.5, color=colours[treat[start]], alpha=0.25, lw=0)
+            start = i
+
+
 def trajectories_figure(outcomes: pd.DataFrame, reference: str, max_patients: int = 12) -> str:
-    """Small multiples: oracle and lesion-count severity (left axis), unsupervised score (right axis)."""
-    import matplotlib
+    """:func:`trajectories_axes` as base64 PNG."""
+    return png(trajectories_axes(outcomes, reference, max_patients))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def trajectories_axes(outcomes: pd.DataFrame, reference: str, max_patients: int = 12) -> Any:
+    """The figure of small multiples: per patient, the truth (oracle) and the lesion count on the severity axis,
+    every grader outcome (on that axis when it is a severity, else z-scored on the right axis, dashed) and the
+    unsupervised score (z-scored, right axis), treatment periods shaded."""
+    plt = pyplot()
     daily = outcomes.groupby(["patient_id", "day", "treatment"], sort=False, as_index=False).mean(numeric_only=True)
     patients = list(dict.fromkeys(daily["patient_id"]))[:max_patients]
     colours = _colours(list(dict.fromkeys(daily["treatment"])), reference)
+    graders = trajectory_outcomes(outcomes)
+    styles = {c: GRADER_COLOURS[i % len(GRADER_COLOURS)] for i, c in enumerate(graders)}
+    right = [c for c in [*graders, "ae_pca"] if c in outcomes and not _severity_scale(c)]
     cols = 2 if len(patients) > 1 else 1
     rows = int(np.ceil(len(patients) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 2.2 * rows), squeeze=False, sharey=True)
     for ax, pid in zip(axes.flat, patients, strict=False):
         rows_p = daily[daily["patient_id"] == pid].sort_values("day")
         days = rows_p["day"].to_numpy()
-        treat = rows_p["treatment"].to_numpy()
-        start = 0
-        for i in range(1, len(days) + 1):
-            if i == len(days) or treat[i] != treat[start]:
-                ax.axvspan(days[start] - 0.5, days[i - 1] + 0.5, color=colours[treat[start]], alpha=0.25, lw=0)
-                start = i
-        ax.plot(days, rows_p["oracle"], color="black", lw=1.4, label="truth (oracle)")
-        ax.plot(days, rows_p["lesion_severity"], color="#d62728", lw=0.9, alpha=0.8, label="lesion count")
-        if "ae_pca" in rows_p:
+        _shade_periods(ax, days, rows_p["treatment"].to_numpy(), colours)
+        ax.plot(days, rows_p["oracle"], color="black", lw=1.4)
+        ax.plot(days, rows_p["lesion_severity"], color="#d62728", lw=0.9, alpha=0.8)
+        for c in graders:
+            if _severity_scale(c):
+                ax.plot(days, rows_p[c], color=styles[c], lw=0.9, alpha=0.9)
+        if right:
             twin = ax.twinx()
-            z = (rows_p["ae_pca"] - outcomes["ae_pca"].mean()) / (outcomes["ae_pca"].std() or 1.0)
-            twin.plot(days, z, color="#1f77b4", lw=0.9, alpha=0.8, label="autoencoder PCA (z)")
+            for c in right:
+                z = (rows_p[c] - outcomes[c].mean()) / (outcomes[c].std() or 1.0)
+                twin.plot(days, z, color=styles.get(c, "#1f77b4"), lw=0.9, alpha=0.8,
+                          ls="--" if c != "ae_pca" else "-")
             twin.set_yticks([])
         ax.set_title(f"patient {pid}", fontsize=9, loc="left")
         ax.set_ylim(-0.1, 3.1)
         ax.set_ylabel("severity")
     for ax in list(axes.flat)[len(patients):]:
         ax.axis("off")
+    fig.legend(handles=_trajectory_legend(plt, outcomes, graders, styles, colours), loc="lower center", ncol=4,
+               fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def _trajectory_legend(plt: Any, outcomes: pd.DataFrame, graders: list[str], styles: dict[str, str],
+                       colours: dict[str, str]) -> list[Any]:
     handles = [plt.Line2D([], [], color="black", label="truth (oracle)"),
                plt.Line2D([], [], color="#d62728", label="lesion count (severity scale)")]
+    handles += [plt.Line2D([], [], color=styles[c], ls="-" if _severity_scale(c) else "--",
+                           label=c[len(GRADER_OUTCOME_PREFIX):] + ("" if _severity_scale(c) else " (z, right axis)"))
+                for c in graders]
     if "ae_pca" in outcomes:
         handles.append(plt.Line2D([], [], color="#1f77b4", label="autoencoder PCA (z, right axis)"))
-    handles += [plt.matplotlib.patches.Patch(color=c, alpha=0.4, label=t) for t, c in colours.items()]
-    fig.legend(handles=handles, loc="upper center", ncol=min(6, len(handles)), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, 1.02))
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    return _png(fig)
+    return handles + [plt.matplotlib.patches.Patch(color=c, alpha=0.4, label=t) for t, c in colours.items()]
 
 
-def embedding_figure(embeddings: pd.DataFrame, outcomes: pd.DataFrame, reference: str) -> str:
-    """First two principal components of the autoencoder embeddings, coloured by treatment."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def embedding_axes(embeddings: pd.DataFrame, outcomes: pd.DataFrame, reference: str) -> Any:
+    """The figure of the first two principal components of the autoencoder embeddings, coloured by treatment.
+    At most five ticks per axis, with a shared scale factor where the values are small, so the tick labels
+    never overlap however little the embeddings spread (a small run's)."""
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     cols = [c for c in embeddings.columns if c.startswith("e") and c[1:].isdigit()]
     x = embeddings[cols].to_numpy(dtype=float)
     x = x - x.mean(axis=0)
     _, s, vt = np.linalg.svd(x, full_matrices=False)
-    pcs = x @ vt[:2].T
+    pcs = np.zeros((len(x), 2))
+    pcs[:, :min(2, vt.shape[0])] = x @ vt[:2].T
     ratio = (s[:2] ** 2) / max((s ** 2).sum(), 1e-12)
     treat = embeddings[["image"]].merge(outcomes[["image", "treatment"]], on="image", how="left")["treatment"]
     colours = _colours(list(dict.fromkeys(treat)), reference)
@@ -110,30 +144,21 @@ def embedding_figure(embeddings: pd.DataFrame, outcomes: pd.DataFrame, reference
     for t, c in colours.items():
         sel = (treat == t).to_numpy()
         ax.scatter(pcs[sel, 0], pcs[sel, 1], s=8, alpha=0.6, color=c if t != reference else "#555555", label=t)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=5))
+        formatter = ScalarFormatter(useMathText=True)
+        formatter.set_powerlimits((-2, 3))
+        axis.set_major_formatter(formatter)
     ax.set_xlabel(f"PC1 ({ratio[0]:.0%} of variance)")
     ax.set_ylabel(f"PC2 ({ratio[1]:.0%})" if len(ratio) > 1 else "PC2")
     ax.legend(fontsize=8, markerscale=2)
     ax.set_title("autoencoder embeddings", fontsize=10, loc="left")
-    return _png(fig)
+    return fig
 
 
-def _per_patient_method(effects: pd.DataFrame) -> str:
-    """The per-patient method the forest plot shows: the first inferential one with CIs that ran."""
-    for method in ("gls_kinetics", "period", "welch"):
-        if (effects["method"] == method).any() and effects.loc[effects["method"] == method, "ci_low"].notna().any():
-            return method
-    return "welch"
-
-
-def per_patient_table(effects: pd.DataFrame, alpha: float) -> pd.DataFrame:
-    """Per outcome, method, role and arm: patients, mean estimate, share rejected at ``alpha`` (blank where the
-    method is not available on the design) and CI coverage of the truth."""
-    return (effects[effects["scope"] != "pooled"]
-            .assign(rejected=lambda d: (d["p"] < alpha).astype(float).where(d["role"] != NOT_AVAILABLE))
-            .groupby(["outcome", "method", "role", "arm"], as_index=False, sort=False)
-            .agg(patients=("scope", "nunique"), mean_estimate=("estimate", "mean"),
-                 rejected=("rejected", "mean"), coverage=("covered", lambda c: c.dropna().astype(bool).mean()
-                                                       if c.notna().any() else np.nan)))
+def embedding_figure(embeddings: pd.DataFrame, outcomes: pd.DataFrame, reference: str) -> str:
+    """:func:`embedding_axes` as base64 PNG."""
+    return png(embedding_axes(embeddings, outcomes, reference))
 
 
 def responder_table(effects: pd.DataFrame) -> pd.DataFrame:
@@ -155,60 +180,33 @@ def responder_table(effects: pd.DataFrame) -> pd.DataFrame:
 
 
 def forest_figure(effects: pd.DataFrame) -> str:
-    """Pooled (mixed model, CR2) and per-patient (GLS with kinetics, else period-level) estimates with CIs
-    beside the truth; one panel per outcome, sharing the rows, so an arm and patient can be read across
-    outcomes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    per_patient = _per_patient_method(effects)
-    shown = effects[((effects["method"] == "lmm") & (effects["scope"] == "pooled"))
-                    | ((effects["method"] == per_patient) & (effects["scope"] != "pooled"))]
-    outcomes = list(dict.fromkeys(shown["outcome"]))
-    rows = (shown[["arm", "scope"]].drop_duplicates()
-            .sort_values(["arm", "scope"], key=lambda s: s.map(lambda v: (v != "pooled", v))))
-    labels = [f"{r.arm} · {'pooled' if r.scope == 'pooled' else r.scope}" for r in rows.itertuples(index=False)]
-    position = {(r.arm, r.scope): len(labels) - 1 - i for i, r in enumerate(rows.itertuples(index=False))}
-    ncols = min(3, len(outcomes))
-    nrows = int(np.ceil(len(outcomes) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 1.2, 0.2 * len(labels) * nrows + 1.2),
-                             squeeze=False, sharey=True)
-    for ax, outcome in zip(axes.flat, outcomes, strict=False):
-        for rec in shown[shown["outcome"] == outcome].itertuples(index=False):
-            y = position[(rec.arm, rec.scope)]
-            colour = "#d62728" if rec.scope == "pooled" else "#333333"
-            if np.isfinite(rec.ci_low) and np.isfinite(rec.ci_high):
-                ax.plot([rec.ci_low, rec.ci_high], [y, y], color=colour, lw=1)
-            ax.plot(rec.estimate, y, "D" if rec.scope == "pooled" else "o", color=colour, ms=3.5)
-            if pd.notna(rec.true_effect):
-                ax.plot(rec.true_effect, y, "x", color="#2ca02c", ms=6, mew=1.5)
-        ax.axvline(0, color="#999999", lw=0.8, ls=":")
-        ax.set_title(OUTCOME_LABELS.get(outcome, outcome), fontsize=9, loc="left")
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(outcomes):]:
-        ax.axis("off")
-    axes[0, 0].set_yticks(range(len(labels)))
-    axes[0, 0].set_yticklabels(labels[::-1], fontsize=7)
-    fig.text(0.5, 0.0, "effect vs reference in each outcome's units: red = pooled mixed model (CR2), black = "
-             f"per-patient {per_patient}, green x = truth", ha="center", fontsize=8)
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
-    return _png(fig)
-
-
-def _table(frame: pd.DataFrame, floats: int = 3) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, (float, np.floating)):
-            return "" if not np.isfinite(v) else (f"{v:.2e}" if 0 < abs(v) < 10 ** -floats else f"{v:.{floats}f}")
-        if v is None or (isinstance(v, float) and np.isnan(v)):
-            return ""
-        return html.escape(str(v))
-
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
-                   for row in frame.itertuples(index=False))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    """The answer at a glance: per outcome and arm, the pooled estimate (mixed model, CR2) with its CI beside
+    the truth, all on one scale (each effect over its outcome's within-patient residual SD, so outcomes in counts,
+    grades and severity read side by side); in raw units where the run has no standardised figures."""
+    plt = pyplot()
+    pooled = effects[(effects["scope"] == "pooled") & (effects["method"] == "lmm")]
+    std = "std_estimate" in pooled.columns and pooled["std_estimate"].notna().any()
+    est, low, high, true = (("std_estimate", "std_ci_low", "std_ci_high", "std_true_effect") if std else
+                            ("estimate", "ci_low", "ci_high", "true_effect"))
+    labels = [f"{OUTCOME_LABELS.get(r.outcome, r.outcome)} · {r.arm}" for r in pooled.itertuples(index=False)]
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(labels) + 1.2))
+    for y, rec in enumerate(pooled.itertuples(index=False)):
+        y = len(labels) - 1 - y
+        lo, hi = getattr(rec, low), getattr(rec, high)
+        if np.isfinite(lo) and np.isfinite(hi):
+            ax.plot([lo, hi], [y, y], color="#d62728", lw=1.2)
+        ax.plot(getattr(rec, est), y, "D", color="#d62728", ms=4)
+        if pd.notna(getattr(rec, true)):
+            ax.plot(getattr(rec, true), y, "x", color="#2ca02c", ms=7, mew=1.8)
+    ax.axvline(0, color="#999999", lw=0.8, ls=":")
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels[::-1], fontsize=8)
+    ax.set_xlabel("effect / within-patient residual SD (standardised)" if std else "effect in the outcome's units",
+                  fontsize=8)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_title("pooled estimate and CI (red) beside the truth (green x)", fontsize=9, loc="left")
+    fig.tight_layout()
+    return png(fig)
 
 
 #: Outline colours of the lesion types in the image strip.
@@ -299,16 +297,6 @@ def calibration_table(effects: pd.DataFrame) -> pd.DataFrame:
                              "calibration_hi": "slope_high"}))
 
 
-def numbered_notes(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """``frame`` with its ``note`` column replaced by note numbers, and the notes listed once below it."""
-    if "note" not in frame.columns or frame.empty:
-        return frame, ""
-    notes = list(dict.fromkeys(frame["note"].fillna("").astype(str)))
-    number = {note: i + 1 for i, note in enumerate(notes)}
-    listed = "".join(f"<li>{html.escape(note) or '(none)'}</li>" for note in notes)
-    return frame.assign(note=frame["note"].fillna("").astype(str).map(number)), f"<ol class=notes>{listed}</ol>"
-
-
 def _truth_line(truth: dict) -> str:
     def show(key: str) -> str:
         return ", ".join(f"{a} {v:+.3f}" for a, v in (truth.get(key) or {}).items() if v is not None) or "n/a"
@@ -319,92 +307,128 @@ def _truth_line(truth: dict) -> str:
             + html.escape(show("mean_delivered_effects")) + ".</p>")
 
 
-def write_report(path: Path, *, run_dir: Path, outcomes: pd.DataFrame, effects: pd.DataFrame, truth: dict | None,
-                 reference: str, settings: dict[str, Any], timings: dict[str, float],
-                 individual: pd.DataFrame | None = None) -> Path:
-    """Write ``report.html``: summary table, trajectories, embedding plot, forest plot, settings (and, for a run
-    with counterfactual worlds, each outcome's error against the individual effects)."""
-    pooled_columns = ["outcome", "method", "arm", "estimate", "se", "ci_low", "ci_high", "p", "true_effect", "bias",
-                      "covered", "true_sample_mean", "note"]
-    pooled, pooled_notes = numbered_notes(effects[effects["scope"] == "pooled"][
-        [c for c in pooled_columns if c in effects.columns]])
-    per_patient, responders = per_patient_table(effects, settings.get("alpha", 0.05)), responder_table(effects)
-    one_scale = effects[(effects["scope"] == "pooled") & (effects["method"] == "lmm")][
-        ["outcome", "arm", "std_estimate", "std_ci_low", "std_ci_high", "std_true_effect",
-         "std_covered"]] if "std_estimate" in effects else pd.DataFrame()
-    sections = [
-        "<h2>Estimands</h2>",
+def _img(alt: str, data: str) -> str:
+    return f'<img alt="{alt}" src="data:image/png;base64,{data}">'
+
+
+def answer_section(effects: pd.DataFrame, reference: str, alpha: float, notes: Footnotes) -> list[str]:
+    """Section 1: the forest plot and the table of every outcome's pooled estimate beside its truth."""
+    table, differing = answer_table(effects, notes, alpha)
+    cr1 = (f"CR1 (<i>lmm_cr1</i>, G - 1 df) is shown only where it differs from CR2 at this precision or in its "
+           f"decision at alpha {alpha:g}: {differing} row(s)." if differing else
+           f"CR1 (<i>lmm_cr1</i>, G - 1 df) agrees with CR2 on every row at this precision and in its decision at "
+           f"alpha {alpha:g}, so it is not shown (it is in effects.csv).")
+    return [
+        "<h2>1. Pooled effects beside the truth</h2>",
+        "<h3>Estimates beside the truth</h3>",
+        _img("forest plot", forest_figure(effects)),
+        "<h3>All outcomes on one scale</h3>",
+        "<p>Linear mixed model, CR2 cluster-robust SE with Satterthwaite df, each arm against the reference "
+        f"<b>{html.escape(reference)}</b> in the outcome's own units. <i>truth (severity)</i>: the population "
+        "effect delivered through these schedules on the 0-3 severity scale, the estimand of every outcome "
+        "(the raw truth; outcomes on other scales are read against it through their calibration <i>slope</i>, "
+        "the outcome's units per severity unit); <i>covered</i>: whether the CI holds it (outcomes on the "
+        "severity scale). <i>standardised</i>: the effect over the outcome's within-patient residual SD, beside "
+        f"the standardised truth. {cr1} Numbers in <i>notes</i> refer to the notes below.</p>",
+        html_table(table, raw=tuple(table.columns), cls="answer"),
+    ]
+
+
+def patients_section(effects: pd.DataFrame, alpha: float, notes: Footnotes) -> list[str]:
+    """Section 4: per outcome, the patients x methods grid; unavailable methods named once with the reason."""
+    parts = ["<h2>4. Per-patient tests</h2>",
+             "<p>One grid per outcome: a row per patient (and arm), a column per method, each cell the estimate "
+             f"(<b>*</b>: the test rejects at alpha {alpha:g}); <i>truth</i> is the patient's delivered effect. "
+             "Inferential methods first; <i>(d)</i> marks descriptive ones (Welch, day-level permutation, GLS with "
+             "a step, Newey-West), shown because the anchors report them. The last rows give each method's share "
+             "of patients rejected and of CIs covering the truth.</p>"]
+    parts += [f"<p class=unavailable>{html.escape(line)}</p>" for line in unavailable_lines(effects)]
+    for i, outcome in enumerate(dict.fromkeys(effects.loc[effects["scope"] != "pooled", "outcome"])):
+        grid = patient_grid(effects, outcome, alpha, notes)
+        if grid.empty:
+            continue
+        title = html.escape(OUTCOME_LABELS.get(outcome, outcome))
+        parts.append(f"<details{' open' if i == 0 else ''}><summary>{title}</summary>"
+                     f"{html_table(grid, raw=tuple(grid.columns), cls='grid', raw_header=True)}</details>")
+    return parts
+
+
+def individual_section(individual: pd.DataFrame) -> list[str]:
+    """Each per-patient estimate against the patient's own effect (counterfactual worlds)."""
+    from synthtrial.analyze.individual import summary
+
+    return ["<h3>Against the individual effects (counterfactual worlds)</h3>",
+            "<p>Each per-patient estimate against the patient's own effect, read off the images of its series "
+            "under the reference arm (<i>rmse_individual</i>), beside its error against the patients' average "
+            "(<i>rmse_average</i>); <i>sd_individual</i>: how much the patients' effects differ. In the outcome's "
+            "units (severity; lesions for lesion_count). Rows: individual_effects.csv.</p>",
+            html_table(summary(individual))]
+
+
+def details_section(run_dir: Path, path: Path, outcomes: pd.DataFrame, effects: pd.DataFrame, reference: str,
+                    settings: dict[str, Any], timings: dict[str, float]) -> list[str]:
+    """Section 5: estimands, calibration, responders, the image strip, embeddings, settings and timings."""
+    parts = [
+        "<h2>5. Details</h2>",
+        "<h3>Estimands</h3>",
         "<p>What each method's estimate targets; <i>true_effect</i>, <i>bias</i> and <i>covered</i> are measured "
         "against it (docs/analysis.md states each in ICH E9(R1) terms).</p>",
-        _table(estimand_table(effects)),
-        "<h2>Pooled effects (linear mixed model)</h2>",
-        "<p><i>lmm</i>: CR2 cluster-robust SE with Satterthwaite df (the small-sample choice); <i>lmm_cr1</i>: "
-        "CR1 with G - 1 df. In a balanced design the two SEs coincide; the df differ. Their interval is for the "
-        "population: <i>true_effect</i> is the population effect delivered through these schedules, "
-        "<i>true_sample_mean</i> the mean of these patients' delivered contrasts. <i>note</i>: the numbered "
-        "notes below the table.</p>",
-        _table(pooled), pooled_notes,
-        "<h2>Calibration: attenuation apart from noise</h2>",
+        html_table(estimand_table(effects)),
+        "<h3>Calibration: attenuation apart from noise</h3>",
         "<p><i>slope</i>: each outcome's estimates regressed on the true effects they target (severity scale) "
         "through the origin, per patient and arm for a per-patient method (<i>arm</i> all), the estimate over "
         "its truth for a pooled row, with its CI (<i>slope_low</i>, <i>slope_high</i>). In the outcome's units "
         "per severity unit: 1 on the severity scale means nothing is lost; noise widens the interval but does "
         "not move the slope. <i>residual_sd</i>: the outcome's within-patient residual SD, its noise. "
         "Descriptive methods left out.</p>",
-        _table(calibration_table(effects)),
-        "<h2>All outcomes on one scale</h2>",
-        "<p>Each pooled effect divided by its outcome's within-patient residual SD, beside the oracle's "
-        "standardised truth; the interval carries the SD's own uncertainty (delta method).</p>",
-        _table(one_scale),
-        "<p>Effects are differences from the reference arm "
-        f"<b>{html.escape(reference)}</b> in the outcome's own units; the truth (the mean effect the schedule "
-        "delivered, wash-in and carryover included) applies to outcomes on the severity scale.</p>",
-        "<h2>Per-patient tests</h2>",
-        "<p><i>inferential</i> methods hold their size on autocorrelated series with kinetics; <i>descriptive</i> "
-        "ones (Welch, day-level permutation, GLS with a step, Newey-West) do not and are shown because the "
-        "anchors report them; <i>not available</i>: the design leaves the test no chance to reject (a "
-        "randomisation test on a fixed order or with too few orders), so its row is no test (rejected blank).</p>",
-        _table(per_patient),
-        "<h2>Responders</h2>",
+        html_table(calibration_table(effects)),
+        "<h3>Responders</h3>",
         "<p>Per inferential per-patient test: a patient is a responder when the test rejects at alpha with a "
         "beneficial (negative) estimate; <i>p_holm</i> (family-wise) and <i>p_bh</i> (false discovery rate) "
         "adjust the p-values across the patients of one outcome, method and arm. <i>responders</i>, "
         "<i>holm</i> and <i>bh</i> list the patients called without adjustment, after Holm and after BH; "
         "<i>min_p*</i> are the family's smallest p-values.</p>",
-        _table(responders),
-        "<h2>Trajectories</h2>",
-        f'<img alt="trajectories" src="data:image/png;base64,{trajectories_figure(outcomes, reference)}">',
-        "<h2>What the outcomes measured</h2>",
+        html_table(responder_table(effects)),
+        "<h3>What the outcomes measured</h3>",
         "<p>Each patient's frontal image on the first day and at the end of every treatment period, every lesion "
         "outlined in its type's colour from the run's exact instance masks.</p>",
-        f'<img alt="image strip" src="data:image/png;base64,{image_strip(run_dir, outcomes)}">',
+        _img("image strip", image_strip(run_dir, outcomes)),
     ]
     emb_path = path.parent / "embeddings.parquet"  # the analysis folder being written
     if "ae_pca" in outcomes and emb_path.is_file():
-        emb = pd.read_parquet(emb_path)
-        sections += ["<h2>Autoencoder embeddings</h2>",
-                     f'<img alt="embeddings" src="data:image/png;base64,{embedding_figure(emb, outcomes, reference)}">']
+        parts += ["<h3>Autoencoder embeddings</h3>",
+                  _img("embeddings", embedding_figure(pd.read_parquet(emb_path), outcomes, reference))]
     agreement = path.parent / "agreement.csv"  # analyze writes it beside the report when the run was rated
     if agreement.is_file():
-        sections += ["<h2>Rater panel agreement (observed beside implied)</h2>", _table(pd.read_csv(agreement))]
-    sections += ["<h2>Estimates beside the truth</h2>",
-                 f'<img alt="forest plot" src="data:image/png;base64,{forest_figure(effects)}">',
-                 "<h2>Settings</h2>",
-                 _table(pd.DataFrame({"setting": list(settings), "value": [str(v) for v in settings.values()]})),
-                 "<h2>Time per stage (s)</h2>",
-                 _table(pd.DataFrame({"stage": list(timings), "seconds": list(timings.values())}), floats=2)]
-    if individual is not None:
-        from synthtrial.analyze.individual import summary
+        parts += ["<h3>Rater panel agreement (observed beside implied)</h3>", html_table(pd.read_csv(agreement))]
+    return parts + [
+        "<h3>Settings</h3>",
+        html_table(pd.DataFrame({"setting": list(settings), "value": [str(v) for v in settings.values()]})),
+        "<h3>Time per stage (s)</h3>",
+        html_table(pd.DataFrame({"stage": list(timings), "seconds": list(timings.values())}), floats=2)]
 
-        sections[sections.index("<h2>Responders</h2>"):sections.index("<h2>Responders</h2>")] = [
-            "<h2>Against the individual effects (counterfactual worlds)</h2>",
-            "<p>Each per-patient estimate against the patient's own effect, read off the images of its series "
-            "under the reference arm (<i>rmse_individual</i>), beside its error against the patients' average "
-            "(<i>rmse_average</i>); <i>sd_individual</i>: how much the patients' effects differ. In the outcome's "
-            "units (severity; lesions for lesion_count). Rows: individual_effects.csv.</p>",
-            _table(summary(individual))]
-    if truth is not None:
-        sections.insert(0, _truth_line(truth))
+
+def write_report(path: Path, *, run_dir: Path, outcomes: pd.DataFrame, effects: pd.DataFrame, truth: dict | None,
+                 reference: str, settings: dict[str, Any], timings: dict[str, float],
+                 individual: pd.DataFrame | None = None) -> Path:
+    """Write ``report.html``: the answer first (pooled effects beside the truth), then grader accuracy,
+    trajectories, per-patient grids (and, for a run with counterfactual worlds, each outcome's error against the
+    individual effects) and the details (see the module docstring)."""
+    alpha = float(settings.get("alpha", 0.05))
+    notes = Footnotes()
+    sections = [_truth_line(truth)] if truth is not None else []
+    sections += answer_section(effects, reference, alpha, notes)
+    sections += ["<h2>2. Grader accuracy</h2>", grader_section(run_dir, outcomes),
+                 "<h2>3. Trajectories</h2>",
+                 "<p>Per patient: the truth, the lesion count on the severity scale, every grader outcome (a "
+                 "severity on the same axis; counts and grades z-scored on the right axis, dashed) and the "
+                 "unsupervised score; treatment periods shaded.</p>",
+                 _img("trajectories", trajectories_figure(outcomes, reference))]
+    sections += patients_section(effects, alpha, notes)
+    if individual is not None:
+        sections += individual_section(individual)
+    sections += ["<h2>Notes</h2>", notes.html() or "<p>(none)</p>"]
+    sections += details_section(run_dir, path, outcomes, effects, reference, settings, timings)
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>synthtrial analysis: {html.escape(run_dir.name)}</title>
 <style>
@@ -412,10 +436,12 @@ body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
 table {{ border-collapse: collapse; font-size: 12px; margin: 0.5em 0 1.5em; }}
 th, td {{ border: 1px solid #ddd; padding: 3px 7px; text-align: right; }}
 th {{ background: #f4f4f4; }} td:first-child, th:first-child {{ text-align: left; }}
-img {{ max-width: 100%; }} ol.notes {{ font-size: 11px; color: #555; }}
+img {{ max-width: 100%; }} ol.notes {{ font-size: 11px; color: #555; }} sup {{ color: #777; }}
+p.warn {{ color: #a15c00; }} p.unavailable {{ color: #555; font-style: italic; }}
 </style></head><body>
 <h1>synthtrial analysis: {html.escape(str(run_dir))}</h1>
-<p>{len(outcomes)} images, {outcomes['patient_id'].nunique()} patients.</p>
+<p>{len(outcomes)} images, {outcomes['patient_id'].nunique()} patients; effects against
+<b>{html.escape(reference)}</b>.</p>
 {''.join(sections)}
 </body></html>
 """

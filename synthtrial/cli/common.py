@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import click
 import typer
@@ -15,7 +17,7 @@ from typer.core import TyperGroup
 
 from synthtrial.version import __version__
 from synthtrial.trial.simulate import PRESETS
-from synthtrial.util.errors import SynthtrialError, one_line
+from synthtrial.util.errors import SynthtrialError, SynthtrialWarning, one_line
 from synthtrial.util.training import MAX_STEPS
 
 EXIT_BAD_INPUT = 2
@@ -81,13 +83,30 @@ def fail(message: str) -> None:
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Show each :class:`SynthtrialWarning` as one line on stderr (``synthtrial: warning: ...``)."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, SynthtrialWarning):
+                print(f"synthtrial: warning: {one_line(message)}", file=sys.stderr)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
 def handles_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a :class:`SynthtrialError` into one line on stderr and exit status 2."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with one_line_warnings():
+                return func(*args, **kwargs)
         except SynthtrialError as exc:
             fail(one_line(exc))
         except OSError as exc:  # a full disk, a vanished folder, a permission: the file and the reason, one line

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich import box
@@ -12,7 +12,7 @@ from synthtrial.cli.common import (BatchSize, Device, Quiet, RunLocation, Schedu
                                    handles_errors, out)
 from synthtrial.cli.jsonout import emit, json_option
 from synthtrial.util.cluster import MAX_WORKERS
-from synthtrial.util.progress import progress_bar
+from synthtrial.util.progress import ProgressCallback, progress_bar
 
 GradersJson = json_option("the list")
 
@@ -21,8 +21,9 @@ GradersJson = json_option("the list")
 @handles_errors
 def grade_command(
     run: RunLocation,
-    graders: Annotated[Optional[str], typer.Option(help="Comma-separated graders to run (default: every grader "
-                                                   "with weights; see [bold]synthtrial graders list[/]).",
+    graders: Annotated[Optional[str], typer.Option(help="Comma-separated graders to run (default: the graders "
+                                                   "whose model card meets its targets; see [bold]synthtrial "
+                                                   "graders list[/]). Others run when named, with a warning.",
                                                    show_default=False)] = None,
     weights: Annotated[Optional[list[str]], typer.Option(help="Use other weights for a grader: NAME=FOLDER "
                                                          "(safetensors + config.json; repeatable).",
@@ -41,10 +42,11 @@ def grade_command(
 
     Each image is checked against the manifest's sha256 before it is graded. Interrupted? Run the same command again: finished chunks are kept (a chunk is kept by what it holds, so another --batch-size, or images changed since, are graded afresh). Grades of other graders already in the file are kept for the images that did not change.
     """
-    from synthtrial.graders.base import GraderError, available, get_grader
+    from synthtrial.graders.base import GraderError, get_grader
+    from synthtrial.graders.cards import default_graders
     from synthtrial.grade import grade_run
 
-    names = [n.strip() for n in graders.split(",") if n.strip()] if graders else available()
+    names = [n.strip() for n in graders.split(",") if n.strip()] if graders else default_graders()
     chosen: dict[str, str] = {}
     for item in weights or []:
         name, sep, folder = item.partition("=")
@@ -60,31 +62,73 @@ def grade_command(
 
         resolve_device(device)
     built = [get_grader(n, chosen.get(n), device=device) for n in names]
-    with progress_bar("grading", 1, unit="images", enabled=not quiet) as update:
+    with GraderBars(enabled=not quiet) as update:
         path = grade_run(run, built, batch_size=batch_size, progress=update, workers=workers, scheduler=scheduler)
     out.print(f"[green]wrote[/green] {path} ({', '.join(names)})")
+
+
+class GraderBars:
+    """One progress bar per grader, counting its images: ``grade_run`` reports ``(done, images, grader)``, and a
+    new grader closes the bar of the one before and opens its own, so each ETA is at that grader's own rate.
+    ``bar`` makes a bar (:class:`~synthtrial.util.progress.progress_bar`'s signature; a fake one in tests)."""
+
+    def __init__(self, *, enabled: bool = True, bar: Callable[..., Any] = progress_bar) -> None:
+        self._enabled, self._bar = enabled, bar
+        self._open: Any = None
+        self._update: ProgressCallback | None = None
+        self._grader: str | None = None
+
+    def __enter__(self) -> ProgressCallback:
+        return self.update
+
+    def update(self, done: int, total: int, grader: str) -> None:
+        if grader != self._grader:
+            self.close()
+            self._grader, self._open = grader, self._bar(f"grading {grader}", total, unit="images",
+                                                         enabled=self._enabled)
+            self._update = self._open.__enter__()
+        if self._update is not None:
+            self._update(done, total, "")
+
+    def close(self, *exc: object) -> None:
+        if self._open is not None:
+            self._open.__exit__(*(exc or (None, None, None)))
+        self._open = self._update = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(*exc)
 
 
 @graders_app.command("list")
 @handles_errors
 def graders_list(as_json: GradersJson = False) -> None:
-    """List the graders, what each reports, and whether its weights are here.
+    """List the graders, what each reports, whether its weights are here and whether [bold]synthtrial grade[/] runs it by default.
 
-    --json keys: [bold]graders[/], a list with per grader [bold]name[/], [bold]weights[/] ("none needed", "default" or "train first"), [bold]ready[/] (true where [bold]synthtrial grade[/] can run it now), [bold]needs[/] (the graders whose output it reads) and [bold]summary[/] (what it reports).
+    --json keys: [bold]graders[/], a list with per grader [bold]name[/], [bold]weights[/] ("none needed", "default" or "train first"), [bold]ready[/] (true where [bold]synthtrial grade[/] can run it now), [bold]default[/] (true where [bold]synthtrial grade[/] runs it when no --graders are named: its model card meets its targets), [bold]why[/] (what its card says, or the default grader it reads), [bold]needs[/] (the graders whose output it reads) and [bold]summary[/] (what it reports).
     """
     from synthtrial.graders.base import DEFAULT_WEIGHTS_DIR, REGISTRY, WEIGHTS_FILE, available
+    from synthtrial.graders.cards import card_status, default_graders
 
-    ready = set(available())
+    ready, chosen = set(available()), default_graders()
+
+    def why(name: str) -> str:
+        status = card_status(name)
+        if not status.meets_targets:
+            return status.reason
+        missing = [n for n in REGISTRY[name].needs if n not in chosen]
+        return f"reads {', '.join(missing)}, not a default grader" if missing else status.reason
+
     rows = [{"name": name, "weights": "none needed" if not spec.needs_weights else (
                 "default" if (DEFAULT_WEIGHTS_DIR / name / WEIGHTS_FILE).is_file() else "train first"),
-             "ready": name in ready, "needs": list(spec.needs), "summary": spec.summary}
+             "ready": name in ready, "default": name in chosen, "why": why(name), "needs": list(spec.needs),
+             "summary": spec.summary}
             for name, spec in REGISTRY.items()]
     if as_json:
         emit({"graders": rows})
         return
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("grader", "weights", "what it reports"):
+    for col in ("grader", "weights", "graded by default", "what it reports"):
         table.add_column(col)
     for row in rows:
-        table.add_row(row["name"], row["weights"], row["summary"])
+        table.add_row(row["name"], row["weights"], "yes" if row["default"] else f"no: {row['why']}", row["summary"])
     out.print(table)

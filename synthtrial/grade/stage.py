@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from typing import Any
 import pandas as pd
 
 from synthtrial.graders.base import DetectingGrader, Grader, GraderError, SequenceGrader, read_rgb
+from synthtrial.graders.cards import BelowTargetsWarning, below_targets_line, grader_card
 from synthtrial.run import rundir
 from synthtrial.run.remote import on_storage
 from synthtrial.run.rundir import DETECTIONS, GRADE_TABLES, GRADES_KEY, GRADES_SHA, RunError
@@ -63,11 +65,16 @@ def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_s
     Columns: ``image``, ``image_sha256`` and ``<grader>_<column>`` for each grader's output columns, one row per
     manifest row in manifest order. Columns of other graders already in the file are kept where their image is
     unchanged. Each chunk of about ``batch_size`` images is saved under ``RUN/.grades/`` as it is done, so a
-    re-run resumes. ``progress(done, total, status)`` is called after each chunk.
+    re-run resumes.
 
     With ``scheduler`` (a Dask scheduler's address) or ``workers`` (a local Dask cluster of that many processes)
     the chunks of the image graders are graded, and saved, by the cluster's workers, which must reach the run by
     the same path; this process assembles the tables. The result is the same bytes as graded here.
+    ``progress(done, images, grader)`` counts one grader's images at a time: called with the
+    images already saved (a resumed run) as each grader starts, then after each chunk it grades; ``images`` is
+    the run's image count, so a bar per grader (its ``status``) shows an ETA at that grader's own rate.
+    A grader whose model card does not meet its targets (:mod:`synthtrial.graders.cards`) is graded, with a
+    :class:`~synthtrial.graders.cards.BelowTargetsWarning`, and ``grades.json`` records ``meets_targets``.
     """
     run_dir = Path(run)
     manifest = rundir.read_manifest(run_dir, ("image", "sha256", *META_COLUMNS))
@@ -82,9 +89,12 @@ def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_s
         raise GraderError(f"grader listed twice: {', '.join(names)} (option --graders)")
     per_image, series = _split(graders)
     chunks = visit_chunks(sorted_by_visit(manifest), batch_size)
-    total, done = len(manifest) * len(graders), 0
     if workers is not None and not 1 <= workers <= MAX_WORKERS:
         raise GraderError(f"--workers must be between 1 and {MAX_WORKERS}, got {workers}")
+    cards = {g.name: grader_card(g) for g in graders}
+    for status in cards.values():
+        if status is not None and not status.meets_targets:
+            warnings.warn(BelowTargetsWarning(below_targets_line(status.grader, status.reason)), stacklevel=2)
     # the cluster is reached before the first write: an unreachable --scheduler leaves nothing behind
     dask = workers is not None or scheduler is not None
     cluster = client_for(workers, scheduler) if dask else contextlib.nullcontext()
@@ -93,38 +103,27 @@ def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_s
         columns: dict[str, pd.DataFrame] = {}
         tables: dict[str, pd.DataFrame] = {}
         for grader in per_image:
-            fingerprint = grader.fingerprint()
-            folder = rundir.run_file(run_dir, f"{PARTS_DIR}/{grader.name}-{fingerprint}")  # not linked out
-            parts = [folder / f"{chunk_key(chunk, fingerprint)}.parquet" for chunk in chunks]
-
-            def counted(n: int, status: str = grader.name) -> None:
-                nonlocal done
-                done += n
-                if progress is not None:
-                    progress(done, total, status)
-
-            graded = _grade_chunks(run_dir, grader, parts, chunks, client, counted)
-            frames, found = [g for g, _ in graded], [d for _, d in graded]
-            kept = {name for part in parts for name in (part.name, _table_part(part, DETECTIONS).name)}
-            _remove_other_parts(folder, kept)
-            columns[grader.name] = _aligned(keys, pd.concat(frames, ignore_index=True))
-            if isinstance(grader, DetectingGrader):
-                tables[DETECTIONS] = pd.concat(found, ignore_index=True)
+            columns[grader.name], detections = _image_grades(run_dir, grader, chunks, keys, progress, client)
+            if detections is not None:
+                tables[DETECTIONS] = detections
         for grader in series:
-            def counted(k: int, _: int, status: str, start: int = done) -> None:
-                if progress is not None:
-                    progress(start + k, total, status)
-
+            if progress is not None:
+                progress(0, len(manifest), grader.name)
             graded, tables[grader.table] = _series_grades(run_dir, grader, manifest, tables[DETECTIONS],
-                                                          [g for g in per_image if g.name in grader.needs], counted)
+                                                          [g for g in per_image if g.name in grader.needs], progress)
             columns[grader.name] = _aligned(keys, graded)
-            done += len(manifest)
+            if progress is not None:
+                progress(len(manifest), len(manifest), grader.name)
         grades = pd.concat([keys, *columns.values()], axis=1)
         grades, index = _keep_other_graders(run_dir, grades, names)
         for grader in graders:
             index[grader.name] = {"fingerprint": grader.fingerprint(),
                                   "columns": list(columns[grader.name].columns),
                                   "outcomes": [f"{grader.name}_{c}" for c in grader.outcomes]}
+            if cards[grader.name] is not None:
+                index[grader.name]["meets_targets"] = cards[grader.name].meets_targets
+                if not cards[grader.name].meets_targets:
+                    index[grader.name]["below_targets"] = cards[grader.name].reason
             if isinstance(grader, DetectingGrader):
                 index[grader.name]["tables"] = [DETECTIONS]
             if isinstance(grader, SequenceGrader):
@@ -136,16 +135,44 @@ def grade_run(run: str | os.PathLike[str], graders: Sequence[Grader], *, batch_s
     return path
 
 
+def _image_grades(run_dir: Path, grader: Grader, chunks: list[pd.DataFrame], keys: pd.DataFrame,
+                  progress: ProgressCallback | None, client: Any = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """An image grader's ``<grader>_<column>`` columns (in ``keys``' order) and, for a detecting grader, its
+    detections: chunk by chunk (here, or on the Dask cluster of ``client``), saved chunks reused, the bar
+    counting this grader's images."""
+    fingerprint = grader.fingerprint()
+    folder = rundir.run_file(run_dir, f"{PARTS_DIR}/{grader.name}-{fingerprint}")  # not linked out
+    parts = [folder / f"{chunk_key(chunk, fingerprint)}.parquet" for chunk in chunks]
+    saved = {k for k, part in enumerate(parts) if part.is_file()}   # resumed: counted done before the bar times
+    total, done = len(keys), sum(len(chunks[k]) for k in saved)
+    if progress is not None:
+        progress(done, total, grader.name)
+
+    def counted(k: int) -> None:
+        nonlocal done
+        if k not in saved:
+            done += len(chunks[k])
+            if progress is not None:
+                progress(min(done, total), total, grader.name)
+
+    graded = _grade_chunks(run_dir, grader, parts, chunks, client, counted)
+    if progress is not None and done < total:   # a saved chunk that could not be read was graded again
+        progress(total, total, grader.name)
+    _remove_other_parts(folder, {name for part in parts for name in (part.name, _table_part(part, DETECTIONS).name)})
+    return (_aligned(keys, pd.concat([g for g, _ in graded], ignore_index=True)),
+            pd.concat([d for _, d in graded], ignore_index=True) if isinstance(grader, DetectingGrader) else None)
+
+
 def _grade_chunks(run_dir: Path, grader: Grader, parts: list[Path], chunks: list[pd.DataFrame], client: Any,
                   counted: Any) -> list[tuple[pd.DataFrame, pd.DataFrame | None]]:
     """Every chunk's grades (and detections), in chunk order: graded here one after the other, or, given a Dask
     ``client``, by its workers (the grader sent to each once; a lost worker's chunk is graded again elsewhere:
-    a chunk is saved atomically, so it is either whole or absent). ``counted(n)`` follows each chunk."""
+    a chunk is saved atomically, so it is either whole or absent). ``counted(k)`` follows chunk ``k``."""
     if client is None:
         graded = []
-        for part, chunk in zip(parts, chunks, strict=True):
+        for k, (part, chunk) in enumerate(zip(parts, chunks, strict=True)):
             graded.append(_chunk_grades(run_dir, grader, part, chunk))
-            counted(len(chunk))
+            counted(k)
         return graded
     from synthtrial.util.cluster import run_tasks
 
@@ -155,7 +182,7 @@ def _grade_chunks(run_dir: Path, grader: Grader, parts: list[Path], chunks: list
 
     def finished(k: int, result: tuple[pd.DataFrame, pd.DataFrame | None]) -> None:
         results[k] = result
-        counted(len(chunks[k]))
+        counted(k)
 
     run_tasks(client, _chunk_grades, ((k, (where, shared, where / part.relative_to(run_dir), chunk))
                                       for k, (part, chunk) in enumerate(zip(parts, chunks, strict=True))), finished,

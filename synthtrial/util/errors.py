@@ -13,6 +13,11 @@ class SynthtrialError(Exception):
     """Bad input or a refused action, described in one line the user can act on."""
 
 
+class SynthtrialWarning(UserWarning):
+    """Something the user should know that does not stop the work (a grader used below its targets); the CLI
+    prints it as one line on stderr."""
+
+
 class ProtocolError(SynthtrialError):
     """A protocol CSV that cannot be read; names the file, the spreadsheet row and the column."""
 
