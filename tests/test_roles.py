@@ -164,3 +164,11 @@ def test_power_design_outside_the_grid_labels_each_method_by_the_same_rule(tmp_p
     assert "conservative" in notes[("high", "period")] and "conservative" not in notes[("low", "period")]
     _, by_library = power_study(high[0], high[1], 1, methods=("gls_kinetics",), outcomes=("oracle",))
     assert by_library["role"].item() == "descriptive"
+
+
+def test_the_pooled_test_is_cr2_and_cr1_is_a_comparison():
+    from synthtrial.analyze.estimators import REGISTRY
+
+    assert roles.pooled_role("lmm") == "inferential" and roles.pooled_role("lmm_cr1") == "descriptive"
+    assert REGISTRY["lmm"].role_on(40, "oracle") == ("inferential", "")
+    assert REGISTRY["lmm_cr1"].role_on(40, "oracle") == ("descriptive", roles.CR1_NOTE)
