@@ -14,6 +14,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from synthtrial import __version__
+from synthtrial.cli.helpformat import prepare_help
 from synthtrial.trial.simulate import PRESETS
 from synthtrial.util.errors import SynthtrialError, one_line
 from synthtrial.util.training import MAX_STEPS
@@ -24,9 +25,11 @@ CLI_ERRORS = (typer.TyperException, click.ClickException)
 
 
 class OneLineErrors(TyperGroup):
-    """Usage errors (bad option values, unknown options) as one line on stderr and exit status 2."""
+    """Usage errors (bad option values, unknown options) as one line on stderr and exit status 2; help in
+    the plain layout of :mod:`synthtrial.cli.helpformat`."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        prepare_help(self)  # plain help that renders well at 80 columns (synthtrial.cli.helpformat)
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:

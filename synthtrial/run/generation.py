@@ -32,7 +32,7 @@ from synthtrial.run import rundir
 from synthtrial.run.rendering import (NAMINGS, GenerateSettings, PatientJob, QualityFilter, render_all,
                                       render_chunk)
 from synthtrial.run.rundir import RunError
-from synthtrial.trial.protocol import has_severity, read_protocol, to_csv_text
+from synthtrial.trial.protocol import has_severity, read_protocol, resolve_protocol, to_csv_text
 from synthtrial.util.atomic import write_text_atomic
 from synthtrial.util.progress import ProgressCallback, progress_bar
 
@@ -86,7 +86,9 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
              yaw_deg: float = 25.0, on_progress: ProgressCallback | None = None) -> Path:
     """Render every row of a protocol into a run directory and return its path (see the module docstring).
 
-    ``out`` defaults to ``runs/<protocol stem>``. ``on_progress(done, total, status)`` is called after each chunk
+    ``out`` defaults to ``runs/<protocol stem>``. A shipped protocol is found by name (``trial``,
+    ``protocols/trial.csv``) where no such file exists (:func:`~synthtrial.trial.protocol.resolve_protocol`).
+    ``on_progress(done, total, status)`` is called after each chunk
     of images.
     ``diffusion`` holds the backend's options (:class:`synthtrial.render.diffusion.DiffusionConfig` fields for
     the sdxl backends). ``quality`` is a quality filter (:class:`QualityFilter`, e.g. ImageQX, which the CLI's
@@ -102,7 +104,7 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
         raise RunError(f"--workers must be between 1 and {MAX_WORKERS}, got {workers}")
     options, recorded = _backend_options(settings.backend, diffusion)
     state = _distributed_state()
-    protocol_path = Path(protocol_path)
+    protocol_path = resolve_protocol(protocol_path)
     protocol = read_protocol(protocol_path)
     run_dir = Path(out) if out is not None else Path("runs") / protocol_path.stem
     _check_out(run_dir)
