@@ -33,7 +33,9 @@ def _diffusion(help: str, **limits) -> typer.models.OptionInfo:
 @app.command("generate")
 @handles_errors
 def generate_command(
-    protocol: Annotated[Path, typer.Argument(help="Protocol CSV (native or anchor form).")] = Path("protocols/trial.csv"),
+    protocol: Annotated[Path, typer.Argument(help="Protocol CSV (native or anchor form). A shipped protocol is "
+                                             "found by name from any directory: trial, quick, views, graders "
+                                             "(or protocols/<name>.csv).")] = Path("protocols/trial.csv"),
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory to write "
                                                     "(default: runs/<protocol name>).", show_default=False)] = None,
     faces: Annotated[Optional[Path], typer.Option(help="Folder of frontal portraits to use as patients' faces "
