@@ -63,6 +63,8 @@ from synthtrial.util.seeding import derive_seed
 from synthtrial.trial.simulate import MAX_PERIOD_DAYS, DesignError, SeverityModel, TrialDesign, simulate_trial
 
 POWER_OUTCOMES = ("oracle", "lesion_severity")
+#: Largest share of a study's replicates one chunk (one step of the progress bar) holds, where there are enough.
+PROGRESS_STEP = 1 / 32
 DEFAULT_METHODS = ("period", "randomization", "gls_kinetics", "lmm", "lmm_cr1", "welch", "gls_ar1", "hac")
 SUMMARY_KEYS = ["scenario", "design_name", "period_days", "effect_scale", "outcome", "method", "role", "level", "arm"]
 
@@ -285,7 +287,9 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
     ``scenarios`` may also be one design with its ``model`` (a one-scenario grid). Keyword arguments
     other than those named are fields of :class:`StudySettings`. The result depends on the settings'
     ``seed`` only, not on ``workers``, the scheduler, chunking or resuming from ``cache``.
-    ``progress(done, total, "")`` counts the replicates (those read back from ``cache`` at once).
+    ``progress(done, total, status)`` counts the replicates (those read back from ``cache`` at once), in
+    chunks of at most :data:`PROGRESS_STEP` of them (and at most 25 replicates); before the first, on Dask,
+    the status names the start-up phases (starting the cluster, the workers loading the statistics).
     """
     if isinstance(scenarios, TrialDesign):
         if model is None:
@@ -301,6 +305,10 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
     if progress and done:
         progress(done, total, "")
 
+    def phase(status: str) -> None:
+        if progress:
+            progress(done, total, status)
+
     def finished(i: int, frames: list[pd.DataFrame], reps: list[int]) -> None:
         nonlocal done
         for r, frame in zip(reps, frames, strict=True):
@@ -311,7 +319,7 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
             if progress:
                 progress(done, total, "")
 
-    size = chunk or max(1, min(25, (total - len(results)) // max(1, 8 * max(workers, 1))))
+    size = chunk or max(1, min(25, (total - len(results)) // max(round(1 / PROGRESS_STEP), 8 * max(workers, 1))))
     chunks = pending_chunks(len(scenarios), replicates, settings, results, size)
     first = next(chunks, None)
     if first is None:
@@ -320,7 +328,7 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
         for i, reps in itertools.chain([first], chunks):
             finished(i, _run_chunk(scenarios[i], settings, reps), reps)
     else:
-        _run_dask(itertools.chain([first], chunks), scenarios, settings, workers, scheduler, finished)
+        _run_dask(itertools.chain([first], chunks), scenarios, settings, workers, scheduler, finished, phase)
     estimates = pd.concat([results[(i, r)] for i in range(len(scenarios)) for r in range(replicates)],
                           ignore_index=True)
     return estimates, summarize_power(estimates, settings.alpha)
@@ -418,12 +426,23 @@ def _quiet_distributed() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _run_dask(chunks: Iterator[tuple[int, list[int]]], scenarios, settings, workers, scheduler, finished) -> None:
-    """Run the chunks on Dask, a bounded number in flight; the first failure ends the study in one line."""
+def warm_up_worker() -> None:
+    """Import what a replicate needs (the statistics stack takes seconds), so a worker's first chunk does not."""
+    import synthtrial.analyze.multiplicity  # noqa: F401
+    import synthtrial.analyze.nof1  # noqa: F401
+    import synthtrial.analyze.pipeline  # noqa: F401
+    import synthtrial.analyze.stats  # noqa: F401
+
+
+def _run_dask(chunks: Iterator[tuple[int, list[int]]], scenarios, settings, workers, scheduler, finished,
+              phase) -> None:
+    """Run the chunks on Dask, a bounded number in flight; the first failure ends the study in one line.
+    ``phase(status)`` names each start-up step (the cluster, the workers' imports) as it begins."""
     from distributed import Client, as_completed
 
     with _quiet_distributed():
         if scheduler is not None:
+            phase(f"connecting to the Dask scheduler at {scheduler}")
             try:
                 client = Client(scheduler, timeout="5s")
             except (OSError, TimeoutError, ValueError) as exc:
@@ -431,9 +450,13 @@ def _run_dask(chunks: Iterator[tuple[int, list[int]]], scenarios, settings, work
                                       "(option --scheduler)") from None
             cluster, ahead = None, 64
         else:
+            phase(f"starting a local Dask cluster of {max(1, workers)} worker{'s' if workers > 1 else ''}")
             cluster = local_cluster(workers)
             client, ahead = Client(cluster), 4 * max(1, workers)
         try:
+            phase("the workers are loading the statistics")
+            client.run(warm_up_worker)
+            phase("")
             pending: dict[Any, tuple[int, list[int]]] = {}
             queue = as_completed()
 

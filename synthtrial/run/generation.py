@@ -88,8 +88,9 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
 
     ``out`` defaults to ``runs/<protocol stem>``. A shipped protocol is found by name (``trial``,
     ``protocols/trial.csv``) where no such file exists (:func:`~synthtrial.trial.protocol.resolve_protocol`).
-    ``on_progress(done, total, status)`` is called after each chunk
-    of images.
+    ``on_progress(done, total, status)`` is called as each image is finished (per chunk of images for a
+    backend that draws a batch at once), and with ``done`` unchanged while a patient's face and lesion course
+    are built (the status says so).
     ``diffusion`` holds the backend's options (:class:`synthtrial.render.diffusion.DiffusionConfig` fields for
     the sdxl backends). ``quality`` is a quality filter (:class:`QualityFilter`, e.g. ImageQX, which the CLI's
     ``--quality-filter`` builds): it scores every image and the manifest records its verdict
@@ -152,15 +153,19 @@ def _render(tasks: list, workers: int, jobs: dict[str, PatientJob], quality: Qua
     total = sum(len(rows) for _, rows in tasks)
     done = 0
     with progress_bar("rendering", total, unit="images", enabled=progress) as update:
-        def finished(pid: str, recs: list[dict[str, Any]]) -> None:
+        def tell(images: int, status: str) -> None:  # per image (and a status while a patient is prepared)
             nonlocal done
-            records[pid].extend(recs)
-            done += len(recs)
-            update(done, total, "")
+            done = min(total, done + images)
+            update(done, total, status)
             if on_progress is not None:
-                on_progress(done, total, "")
+                on_progress(done, total, status)
 
-        render_all(tasks, workers, finished, quality)
+        def finished(pid: str, recs: list[dict[str, Any]]) -> None:
+            records[pid].extend(recs)
+
+        render_all(tasks, workers, finished, quality, tell)
+        if done < total:  # the last images' news still in the workers' queue: the chunks are all in
+            tell(total - done, "")
     return records
 
 
