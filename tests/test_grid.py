@@ -53,7 +53,10 @@ def test_the_check_reports_every_inferential_row_that_fails_and_nothing_else():
         "ok", bad["check"].iloc[0], "ok", bad["check"].iloc[1], "", "", "ok"]
 
 
-def test_grid_command_at_tiny_scale_writes_the_table(tmp_path):
+def test_grid_command_at_tiny_scale_writes_the_table(tmp_path, monkeypatch):
+    import synthtrial.cli.power as power_cli
+
+    monkeypatch.setattr(power_cli, "MAX_TRIALS", 100)   # the pooled study (64 x 4 trials) runs in batches
     path = tmp_path / "grid.md"
     result = invoke("power", "--grid", "small", "--replicates", 1, "--workers", 1, "--grid-table", path, "--quiet")
     assert result.exit_code == 0, result.output
@@ -67,6 +70,12 @@ def test_grid_command_at_tiny_scale_writes_the_table(tmp_path):
     gls = table[table["method"] == "gls_kinetics"].set_index(["period_days", "phi"])["role"]
     assert set(gls[(28, 0.3)]) == {"inferential"} and set(gls[(28, 0.95)]) == {"descriptive"}
     assert set(gls[(2, 0.3)]) == {"descriptive"}                         # 24 days
+    # the pooled model runs on GRID_PATIENTS x --replicates trials: as many tests per row as a per-patient method
+    tests = table.set_index("method")["null_tests"]
+    assert set(tests["lmm"]) == {G.pooled_replicates(1)} == set(tests["period"]) == {G.GRID_PATIENTS}
+    pooled = table.set_index("method")["role"]
+    assert set(pooled["lmm"]) == {"inferential"} and set(pooled["lmm_cr1"]) == {"descriptive"}
+    assert list(table["method"][:len(G.GRID_METHODS)]) == list(G.GRID_METHODS)   # method order kept per cell
     checked = table["role"] == "inferential"
     assert table.loc[checked, "check"].notna().all() and table.loc[~checked, "check"].isna().all()
     text = path.read_text()
@@ -75,9 +84,38 @@ def test_grid_command_at_tiny_scale_writes_the_table(tmp_path):
 
 
 def test_grid_refuses_options_that_make_other_scenarios(tmp_path):
+    result = invoke("power", "--preset", "quick", "--pooled-replicates", 8)
+    assert result.exit_code == 2 and "--pooled-replicates needs --grid" in result.stderr
+    result = invoke("power", "--grid", "small", "--replicates", 4, "--pooled-replicates", 2)
+    assert result.exit_code == 2 and "--pooled-replicates 2 is below --replicates 4" in result.stderr
     result = invoke("power", "--grid", "small", "--preset", "quick")
     assert result.exit_code == 2 and "--grid makes its own scenarios; drop --preset" in result.stderr
     result = invoke("power", "--preset", "quick", "--grid-table", tmp_path / "grid.md")
     assert result.exit_code == 2 and "--grid-table needs --grid" in result.stderr
     result = invoke("power", "--grid", "small", "--grid-table", tmp_path / "grid.txt")
     assert result.exit_code == 2 and "'.txt'" in result.stderr
+
+
+def test_merge_pooled_takes_the_pooled_rows_from_the_pooled_study_in_the_main_order():
+    main = pd.DataFrame({"scenario": ["b", "b", "b", "a", "a", "a"], "method": ["period", "lmm", "lmm_cr1"] * 2,
+                         "tests": [8, 2, 2, 8, 2, 2]})
+    pooled = pd.DataFrame({"scenario": ["a", "a", "b", "b"], "method": ["lmm", "lmm_cr1"] * 2, "tests": [8, 8, 9, 9]})
+    merged = G.merge_pooled(main, pooled)
+    assert merged.to_dict("list") == {"scenario": ["b", "b", "b", "a", "a", "a"],
+                                      "method": ["period", "lmm", "lmm_cr1"] * 2, "tests": [8, 9, 9, 8, 8, 8]}
+
+
+def test_the_pooled_study_reuses_the_main_studys_trials_and_gets_the_same_numbers():
+    from synthtrial.analyze.power import StudySettings, power_study, scenario_grid
+
+    scenarios = scenario_grid([G.grid_designs("small")[5]], effect_scales=[1.0])
+    main = StudySettings(methods=G.GRID_METHODS, outcomes=("oracle",), seed=3)
+    pooled = StudySettings(methods=G.GRID_POOLED_METHODS, outcomes=("oracle",), seed=3)
+    estimates, _ = power_study(scenarios, replicates=2, settings=main)
+    known = G.known_pooled(estimates, [s.name for s in scenarios])
+    assert sorted(known) == [(0, 0), (0, 1)]
+    reused, summary = power_study(scenarios, replicates=3, settings=pooled, known=known)
+    fresh, fresh_summary = power_study(scenarios, replicates=3, settings=pooled)
+    pd.testing.assert_frame_equal(reused, fresh)
+    pd.testing.assert_frame_equal(summary, fresh_summary)
+    assert set(reused["method"]) == set(G.GRID_POOLED_METHODS) and sorted(set(reused["replicate"])) == [0, 1, 2]

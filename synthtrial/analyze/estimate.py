@@ -53,6 +53,21 @@ def show_names(names: Collection[Any]) -> str:
     return ", ".join(shown) + (f", ... ({more} more)" if more > 0 else "")
 
 
+def format_p(p: Any) -> str:
+    """A p-value as people read it, the one format of every printed p: two decimals from 0.1 (``0.41``), three
+    below (``0.042``, ``0.004``: the digits that matter beside an alpha of 0.05 or 0.01), ``<0.001`` below
+    0.001, and ``n/a`` where there is none (NaN, None, not a probability)."""
+    try:
+        value = float(p)
+    except (TypeError, ValueError):
+        return "n/a"
+    if not math.isfinite(value) or not 0 <= value <= 1:
+        return "n/a"
+    if value < 0.001:
+        return "<0.001"
+    return f"{value:.3f}" if round(value, 3) < 0.1 else f"{value:.2f}"
+
+
 def check_alpha(alpha: Any, option: str = "alpha") -> float:
     """``alpha`` as a float when it is a finite number inside :data:`~synthtrial.analyze.limits.ALPHA_RANGE` (one
     rule for every command and estimator); else a one-line error naming ``option``."""

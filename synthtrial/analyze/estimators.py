@@ -11,8 +11,9 @@ Methods and what they may be used for (``role``), chosen by simulation (README.m
 * inferential, per patient — ``period`` (period-level analysis), ``randomization`` (over the design's own
   randomisation scheme; none exists for a fixed order), ``gls_kinetics`` (GLS-AR(1) with the treatment
   entering through its exposure kinetics); see :mod:`synthtrial.analyze.nof1`.
-* inferential, pooled — ``lmm`` (mixed model, CR2 cluster-robust SE, Satterthwaite df) and ``lmm_cr1``
-  (CR1, G - 1 df), one fit shared by both; see :mod:`synthtrial.analyze.mixed`.
+* inferential, pooled — ``lmm`` (mixed model, CR2 cluster-robust SE, Satterthwaite df); ``lmm_cr1`` (CR1,
+  G - 1 df) shares its fit and is descriptive, shown for comparison (:data:`roles.CR1_NOTE`); see
+  :mod:`synthtrial.analyze.mixed`.
 * descriptive, per patient — ``welch``, ``permutation`` (day-level), ``gls_ar1`` (treatment as a step) and
   ``hac`` (Newey-West): they read the autocorrelation, the wash-in ramp or a slow trend as effect or as
   noise and do not hold their size on the shipped designs (:mod:`synthtrial.analyze.daylevel`, ``nof1.hac``).
@@ -269,11 +270,16 @@ class GLSKinetics(Estimator):
 
 
 class MixedModel(Estimator):
-    role, pooled, uses_exposure = INFERENTIAL, True, True
+    pooled, uses_exposure = True, True
     estimand = POPULATION_DELIVERED
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.role = roles.pooled_role(name)
+
+    def role_on(self, n: int, outcome: str, options: FitOptions | None = None, data: Any = None,
+                estimate: Estimate | None = None) -> tuple[str, str]:
+        return self.role, roles.CR1_NOTE if self.role == DESCRIPTIVE else ""
 
     def fit(self, data: PooledSeries) -> dict[str, Estimate]:
         fitted = data.mixed[self.name]

@@ -17,6 +17,13 @@ Choices, stated once:
   of the effect (SD 0.1) around a population effect of -0.3.
 * Outcome: the oracle severity (the methods, not the graders, are checked); the inferential-by-design
   methods only (:data:`GRID_METHODS`): the descriptive ones are not claimed to hold anywhere.
+* Tests per row: a per-patient method gives :data:`GRID_PATIENTS` tests per trial, the pooled model one, so
+  the pooled methods (:data:`GRID_POOLED_METHODS`) run on :func:`pooled_replicates` trials per scenario
+  (``GRID_PATIENTS`` x ``--replicates``; the first ``--replicates`` are the same trials as the per-patient
+  rows', taken from that study, :func:`known_pooled`): every row's size then rests on as many tests (2,000 at 500 replicates, MC SE 0.005 at 0.05). With
+  500 trials a pooled row's MC SE is 0.010, and a size of 0.05 exceeds 0.05 + 2 MC SE by chance in about one
+  row in forty: the small grid's first run flagged ``lmm`` at 0.078 in one cell whose next 1,500 trials
+  rejected 0.034-0.042 (0.0475 over all 2,000).
 * Coverage is of the effect scenario's truth, the estimand each row names (``estimand``, ``true_effect``:
   the patient's delivered contrast per patient, the population's for the pooled model;
   :mod:`synthtrial.analyze.estimands`); the randomisation test gives no CI and has none.
@@ -43,11 +50,41 @@ GRID_EFFECT = -0.3
 GRID_TREND = -0.001
 GRID_KINETICS = (3.0, 4.0)          # wash-in and washout half-lives (days) of the cells with carryover
 GRID_METHODS = ("period", "randomization", "gls_kinetics", "lmm", "lmm_cr1")
+#: The methods with one test per trial; the grid runs them on :func:`pooled_replicates` trials.
+GRID_POOLED_METHODS = ("lmm", "lmm_cr1")
 #: An inferential method's CI must cover its estimand at least this often in every cell.
 MIN_COVERAGE = 0.93
 #: Columns of :func:`grid_table`, one row per cell x method x arm.
 TABLE_COLUMNS = ("cell", "period_days", "phi", "trend", "carryover", "order", "method", "level", "arm", "role",
                  "estimand", "size", "size_mc_se", "null_tests", "power", "coverage", "effect_tests", "check")
+
+
+def pooled_replicates(replicates: int) -> int:
+    """Trials per scenario for the pooled methods: as many tests as a per-patient row gets from ``replicates``."""
+    return GRID_PATIENTS * int(replicates)
+
+
+def known_pooled(estimates: pd.DataFrame, scenario_names: Sequence[str]) -> dict[tuple[int, int], pd.DataFrame]:
+    """The pooled methods' rows of the grid's main study, per (scenario index, replicate): what the pooled study
+    computes for those trials (the pooled fit does not depend on the other methods), so it need not again.
+    Scenarios not named are left out."""
+    index = {name: i for i, name in enumerate(scenario_names)}
+    pooled = estimates[estimates["method"].isin(GRID_POOLED_METHODS) & estimates["scenario"].isin(index)]
+    return {(index[name], int(r)): frame.reset_index(drop=True)
+            for (name, r), frame in pooled.groupby(["scenario", "replicate"], sort=False)}
+
+
+def merge_pooled(frame: pd.DataFrame, pooled: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (a summary or the estimates of the grid's main study) with its pooled methods' rows replaced by
+    those of ``pooled`` (the study of :data:`GRID_POOLED_METHODS` on :func:`pooled_replicates` trials), in the
+    main study's scenario order and :data:`GRID_METHODS`' method order."""
+    keep = frame[~frame["method"].isin(GRID_POOLED_METHODS)]
+    merged = pd.concat([keep, pooled[pooled["method"].isin(GRID_POOLED_METHODS)]], ignore_index=True)
+    scenario_order = {name: i for i, name in enumerate(dict.fromkeys(frame["scenario"]))}
+    method_order = {name: i for i, name in enumerate(GRID_METHODS)}
+    order = pd.DataFrame({"s": merged["scenario"].map(scenario_order),
+                          "m": merged["method"].map(lambda m: method_order.get(m, len(method_order)))})
+    return merged.loc[order.sort_values(["s", "m"], kind="stable").index].reset_index(drop=True)
 
 
 def cell_name(period_days: int, phi: float, trend: bool, carryover: bool, randomized: bool) -> str:
@@ -145,7 +182,7 @@ def markdown_table(table: pd.DataFrame, columns: Sequence[str]) -> str:
 
 
 def write_grid(path: str | Path, table: pd.DataFrame, *, grid: str, replicates: int, seed: int,
-               alpha: float = 0.05) -> tuple[Path, Path]:
+               alpha: float = 0.05, pooled_trials: int | None = None) -> tuple[Path, Path]:
     """Write the grid table as Markdown (``path``, with the check's verdict) and as CSV beside it."""
     path = Path(path)
     csv_path = path.with_suffix(".csv")
@@ -158,11 +195,13 @@ def write_grid(path: str | Path, table: pd.DataFrame, *, grid: str, replicates: 
                f"coverage >= {MIN_COVERAGE:g}):\n\n" + markdown_table(bad, ("cell", "method", "role", "check")))
     shown = ("period_days", "phi", "trend", "carryover", "order", "method", "role", "estimand", "size", "size_mc_se",
              "power", "coverage", "check")
+    pooled = pooled_trials or pooled_replicates(replicates)
+    option = "" if pooled == GRID_PATIENTS * replicates else f" --pooled-replicates {pooled}"
     text = (f"# Size-and-coverage grid ({grid})\n\n"
             f"Written by `synthtrial power --grid {grid} --replicates {replicates} --seed {seed} --grid-table "
-            f"{path.name}` ({replicates} null and {replicates} effect trials per cell; {GRID_PATIENTS} patients, "
-            f"{GRID_PAIRS} pairs of periods, oracle outcome, alpha {alpha:g}; per-patient rates over patients x "
-            f"trials). Data: [{csv_path.name}]({csv_path.name}). How the cells are built: "
+            f"{path.name}{option}` ({replicates} null and {replicates} effect trials per cell for the per-patient "
+            f"methods ({GRID_PATIENTS * replicates} tests per row: {GRID_PATIENTS} patients), {pooled} of each for the "
+            f"pooled model (one test per trial); {GRID_PAIRS} pairs of periods, oracle outcome, alpha {alpha:g}). Data: [{csv_path.name}]({csv_path.name}). How the cells are built: "
             "`synthtrial/analyze/grid.py`; the role rules: `synthtrial/analyze/roles.py` and docs/analysis.md.\n\n"
             f"{verdict}\n\n{markdown_table(table, shown)}\n")
     write_text_atomic(path, text)

@@ -35,6 +35,8 @@ New lesions are an incidence: a count per visit, which the period-level methods 
 ``randomization``) turn into one value per treatment period — the period's count divided by its visits, so with
 the equal periods of a design the per-period count up to one factor — and the other methods analyse day by day
 like any outcome; ``new_lesions.csv`` lists the count of every patient's periods (:func:`new_lesion_periods`).
+A run made with ``generate --counterfactual`` also gets ``individual_effects.csv``: each per-patient estimate
+against the patient's own effect (:mod:`synthtrial.analyze.individual`).
 Per-patient rows
 carry Holm/BH-adjusted p-values and responder calls (:mod:`synthtrial.analyze.multiplicity`); a day missing
 from a simulated run keeps its scheduled treatment in the exposure curves (:func:`missing_day_schedule`).
@@ -430,6 +432,7 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
     The folder is written as a set: everything goes to a scratch copy of it, which replaces it only when
     the whole analysis succeeded, so a refused analysis leaves the previous outputs as they were.
     """
+    from synthtrial.analyze.individual import INDIVIDUAL, individual_errors
     from synthtrial.analyze.report import write_report
 
     settings = settings or AnalysisSettings()
@@ -455,6 +458,9 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
         effects = outcome_effects(outcomes, columns, truth, reference, exclude, settings, progress=progress,
                                   on_progress=on_progress)
         write_text_atomic(stage / EFFECTS, effects.to_csv(index=False, lineterminator="\n"))
+        individual = individual_errors(run_dir, effects, reference)  # runs made with --counterfactual
+        if individual is not None:
+            write_text_atomic(stage / INDIVIDUAL, individual.to_csv(index=False, lineterminator="\n"))
         periods = new_lesion_periods(daily(outcomes, columns), exclude)
         write_text_atomic(stage / NEW_LESIONS, periods.to_csv(index=False, lineterminator="\n"))
         timings.add("statistics", time.perf_counter() - t0)
@@ -462,7 +468,8 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
         with progress_bar("report", 1, enabled=progress, sink=on_progress) as update:
             update(0, 1, "writing report.html")
             write_report(stage / REPORT, run_dir=run_dir, outcomes=outcomes, effects=effects, truth=truth,
-                         reference=reference, settings=asdict(settings), timings=timings.stages)
+                         reference=reference, settings=asdict(settings), timings=timings.stages,
+                         individual=individual)
             update(1, 1, "")
         timings.add("report", time.perf_counter() - t0)
         write_text_atomic(stage / "settings.json", json.dumps(

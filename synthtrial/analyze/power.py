@@ -45,7 +45,7 @@ import io
 import itertools
 import json
 import os
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from typing import Any
 from pathlib import Path
 
@@ -280,7 +280,7 @@ def _write_cached(path: Path, frame: pd.DataFrame) -> None:
 def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityModel | None = None,
                 replicates: int = 100, *, settings: StudySettings | None = None, workers: int = 0,
                 scheduler: str | None = None, cache: str | os.PathLike[str] | None = None, chunk: int | None = None,
-                progress: ProgressCallback | None = None,
+                progress: ProgressCallback | None = None, known: Mapping[tuple[int, int], pd.DataFrame] | None = None,
                 **setting_overrides) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run ``replicates`` simulated trials per scenario; return every estimate and the summary.
 
@@ -290,6 +290,9 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
     ``progress(done, total, status)`` counts the replicates (those read back from ``cache`` at once), in
     chunks of at most :data:`PROGRESS_STEP` of them (and at most 25 replicates); before the first, on Dask,
     the status names the start-up phases (starting the cluster, the workers loading the statistics).
+    ``known``: replicates already computed, by (scenario index, replicate) — each exactly what
+    :func:`run_replicate` gives for these settings (e.g. the pooled rows of a study of more methods on the same
+    trials, :func:`synthtrial.analyze.grid.known_pooled`); used as if read from the cache, and written to it.
     """
     if isinstance(scenarios, TrialDesign):
         if model is None:
@@ -301,6 +304,11 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
     cache_dir = Path(cache) if cache is not None else None
     keys = [scenario_key(s, settings) for s in scenarios]
     results = _cached(cache_dir, keys, replicates) if cache_dir is not None else {}
+    for (i, r), frame in (known or {}).items():
+        if (i, r) not in results and 0 <= i < len(scenarios) and 0 <= r < replicates:
+            results[(i, r)] = frame
+            if cache_dir is not None:
+                _write_cached(_cache_path(cache_dir, keys[i], r), frame)
     total, done = len(scenarios) * replicates, len(results)
     if progress and done:
         progress(done, total, "")

@@ -320,8 +320,10 @@ def _truth_line(truth: dict) -> str:
 
 
 def write_report(path: Path, *, run_dir: Path, outcomes: pd.DataFrame, effects: pd.DataFrame, truth: dict | None,
-                 reference: str, settings: dict[str, Any], timings: dict[str, float]) -> Path:
-    """Write ``report.html``: summary table, trajectories, embedding plot, forest plot, settings."""
+                 reference: str, settings: dict[str, Any], timings: dict[str, float],
+                 individual: pd.DataFrame | None = None) -> Path:
+    """Write ``report.html``: summary table, trajectories, embedding plot, forest plot, settings (and, for a run
+    with counterfactual worlds, each outcome's error against the individual effects)."""
     pooled_columns = ["outcome", "method", "arm", "estimate", "se", "ci_low", "ci_high", "p", "true_effect", "bias",
                       "covered", "true_sample_mean", "note"]
     pooled, pooled_notes = numbered_notes(effects[effects["scope"] == "pooled"][
@@ -388,6 +390,16 @@ def write_report(path: Path, *, run_dir: Path, outcomes: pd.DataFrame, effects: 
                  _table(pd.DataFrame({"setting": list(settings), "value": [str(v) for v in settings.values()]})),
                  "<h2>Time per stage (s)</h2>",
                  _table(pd.DataFrame({"stage": list(timings), "seconds": list(timings.values())}), floats=2)]
+    if individual is not None:
+        from synthtrial.analyze.individual import summary
+
+        sections[sections.index("<h2>Responders</h2>"):sections.index("<h2>Responders</h2>")] = [
+            "<h2>Against the individual effects (counterfactual worlds)</h2>",
+            "<p>Each per-patient estimate against the patient's own effect, read off the images of its series "
+            "under the reference arm (<i>rmse_individual</i>), beside its error against the patients' average "
+            "(<i>rmse_average</i>); <i>sd_individual</i>: how much the patients' effects differ. In the outcome's "
+            "units (severity; lesions for lesion_count). Rows: individual_effects.csv.</p>",
+            _table(summary(individual))]
     if truth is not None:
         sections.insert(0, _truth_line(truth))
     doc = f"""<!doctype html>

@@ -16,6 +16,7 @@ from synthtrial.cli import (  # noqa: E402,F401  (each module registers its comm
 from synthtrial.cli import graders_image  # noqa: E402,F401  (graders train|eval iga|imageqx)
 from synthtrial.cli import dataset  # noqa: E402,F401  (graders dataset)
 from synthtrial.cli import graders_tracking  # noqa: E402,F401  (graders eval tracker)
+from synthtrial.cli import view  # noqa: E402,F401  (view: the run browser)
 
 __all__ = ["EXIT_BAD_INPUT", "app", "main"]
 

@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from synthtrial import __version__
 from synthtrial.cli.helpformat import prepare_help
+from synthtrial.version import __version__
 from synthtrial.trial.simulate import PRESETS
 from synthtrial.util.errors import SynthtrialError, one_line
 from synthtrial.util.training import MAX_STEPS

@@ -72,6 +72,13 @@ def generate_command(
     reject: Annotated[bool, typer.Option("--reject", help="With --quality-filter: draw a rejected image again with "
                                          "the next seed (up to 3 attempts; render_attempt in the manifest).")]
     = False,
+    counterfactual: Annotated[bool, typer.Option("--counterfactual", help="Also render every patient's series had "
+                                                 "it received each arm of the design on every day (same face, same "
+                                                 "lesions until the worlds diverge) into counterfactual/<arm>/, "
+                                                 "each a run directory, with the individual effects (factual minus "
+                                                 "counterfactual severity and lesion count per patient-day) in "
+                                                 "counterfactual/individual_effects.parquet. Needs the simulation "
+                                                 "truth.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Render a protocol into a run directory: an image series per patient with exact lesion ground truth.
@@ -95,7 +102,7 @@ def generate_command(
         quality = get_grader("imageqx", device="cpu")
     run_dir = generate(protocol, out_dir, faces_dir=faces, seed=seed, size=size, naming=naming.value,
                        workers=workers, progress=not quiet, backend=backend.value, diffusion=diffusion or None,
-                       quality=quality, reject=reject, yaw_deg=yaw)
+                       quality=quality, reject=reject, yaw_deg=yaw, counterfactual=counterfactual)
     from synthtrial.run.rundir import GRIDS, read_config
 
     if quality_filter and faces is not None:

@@ -9,7 +9,10 @@ from rich import box
 from rich.table import Table
 
 from synthtrial.cli.common import BatchSize, Device, Quiet, RunDir, app, graders_app, handles_errors, out
+from synthtrial.cli.jsonout import emit, json_option
 from synthtrial.util.progress import progress_bar
+
+GradersJson = json_option("the list")
 
 
 @app.command("grade")
@@ -59,15 +62,24 @@ def grade_command(
 
 @graders_app.command("list")
 @handles_errors
-def graders_list() -> None:
-    """List the graders, what each reports, and whether its weights are here."""
-    from synthtrial.graders.base import DEFAULT_WEIGHTS_DIR, REGISTRY, WEIGHTS_FILE
+def graders_list(as_json: GradersJson = False) -> None:
+    """List the graders, what each reports, and whether its weights are here.
 
+    --json keys: [bold]graders[/], a list with per grader [bold]name[/], [bold]weights[/] ("none needed", "default" or "train first"), [bold]ready[/] (true where [bold]synthtrial grade[/] can run it now), [bold]needs[/] (the graders whose output it reads) and [bold]summary[/] (what it reports).
+    """
+    from synthtrial.graders.base import DEFAULT_WEIGHTS_DIR, REGISTRY, WEIGHTS_FILE, available
+
+    ready = set(available())
+    rows = [{"name": name, "weights": "none needed" if not spec.needs_weights else (
+                "default" if (DEFAULT_WEIGHTS_DIR / name / WEIGHTS_FILE).is_file() else "train first"),
+             "ready": name in ready, "needs": list(spec.needs), "summary": spec.summary}
+            for name, spec in REGISTRY.items()]
+    if as_json:
+        emit({"graders": rows})
+        return
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("grader", "weights", "what it reports"):
         table.add_column(col)
-    for name, spec in REGISTRY.items():
-        have = "none needed" if not spec.needs_weights else (
-            "default" if (DEFAULT_WEIGHTS_DIR / name / WEIGHTS_FILE).is_file() else "train first")
-        table.add_row(name, have, spec.summary)
+    for row in rows:
+        table.add_row(row["name"], row["weights"], row["summary"])
     out.print(table)

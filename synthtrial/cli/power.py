@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from enum import Enum
 from pathlib import Path
@@ -117,6 +118,10 @@ GridOption = Annotated[Optional[GridName], typer.Option(
 GridTable = Annotated[Optional[Path], typer.Option(
     "--grid-table", help="With --grid: write the grid table as Markdown (.md) and CSV beside it (e.g. docs/grid.md).",
     show_default=False, rich_help_panel=_GRID)]
+PooledReplicates = Annotated[Optional[int], typer.Option(
+    "--pooled-replicates", min=1, max=MAX_REPLICATES, help="With --grid: trials per scenario for the pooled model "
+    "(one test per trial; default: patients x --replicates, as many tests as a per-patient row; the first "
+    "--replicates are the per-patient rows' trials).", show_default=False, rich_help_panel=_GRID)]
 Presets = Annotated[Optional[list[PresetName]], typer.Option(
     "--preset", help="A ready-made design (repeatable; default: quick).", show_default=False, rich_help_panel=_GRID)]
 DesignFiles = Annotated[Optional[list[Path]], typer.Option(
@@ -199,12 +204,14 @@ def power_command(preset: Presets = None, design_file: DesignFiles = None, perio
                   cache: Cache = None, seed: Seed = 0, out_path: Out = None, report: Report = None, force: Force = False,
                   rendered: Rendered = 0, image_size: ImageSize = None, ae_epochs: AeEpochs = None,
                   ae_image_size: AeImageSize = None, grader: Graders = None, grid: GridOption = None,
-                  grid_table: GridTable = None, quiet: Quiet = False) -> None:
+                  grid_table: GridTable = None, pooled_replicates: PooledReplicates = None,
+                  quiet: Quiet = False) -> None:
     """Type I error, power, bias and CI coverage of every analysis over grids of simulated trials.
 
     A scenario is one design x block length x effect scale; each replicate simulates a new trial and analyses the oracle severity and the lesion count (raw and standardised) with the per-patient tests (period-level, randomisation over the design's scheme, GLS-AR(1) with kinetics; descriptive: Welch, GLS-AR(1) with a step, Newey-West) and the pooled mixed model (CR2 and CR1). With --rendered N the first N replicates are also rendered, graded and embedded, so the image outcomes get power and a calibration slope too (their tests column counts those replicates). With --grid the scenarios are the size-and-coverage grid's cells, and a table per cell and method (role, size, power, coverage) checks every method labelled inferential. Runs on Dask; the result depends on --seed only.
     """
-    from synthtrial.analyze.power import DEFAULT_METHODS, POWER_OUTCOMES, StudySettings, power_study, scenario_grid
+    from synthtrial.analyze.power import (DEFAULT_METHODS, POWER_OUTCOMES, StudySettings, power_study, scenario_grid,
+                                          summarize_power)
 
     csv_path, html_path = _outputs(out_path, report, force)
     if cache is not None and cache.exists() and not cache.is_dir():
@@ -229,15 +236,53 @@ def power_command(preset: Presets = None, design_file: DesignFiles = None, perio
                              outcomes=tuple(o.value for o in outcome) if outcome else default_outcomes, alpha=alpha,
                              trend=trend, random_slopes=random_slopes, estimate_kinetics=estimate_kinetics,
                              rendered=render)
-    with progress_bar("replicates", len(scenarios) * replicates, enabled=not quiet) as update:
-        estimates, summary = power_study(scenarios, replicates=replicates, settings=settings,
-                                         workers=workers or _default_workers(), scheduler=scheduler, cache=cache,
-                                         progress=update)
+    pooled_reps = 0
     if grid is not None:
-        _grid_outputs(summary, grid.value, table_path, replicates=replicates, seed=seed, alpha=alpha)
+        from synthtrial.analyze.grid import GRID_POOLED_METHODS, pooled_replicates as default_pooled
+
+        pooled_settings = dataclasses.replace(
+            settings, methods=tuple(m for m in settings.methods if m in GRID_POOLED_METHODS))
+        pooled_reps = (pooled_replicates or default_pooled(replicates)) if pooled_settings.methods else 0
+        if pooled_reps < replicates:
+            raise SynthtrialError(f"--pooled-replicates {pooled_reps} is below --replicates {replicates}")
+    elif pooled_replicates is not None:
+        raise SynthtrialError("--pooled-replicates needs --grid")
+    run = dict(workers=workers or _default_workers(), scheduler=scheduler, cache=cache)
+    with progress_bar("replicates", len(scenarios) * (replicates + pooled_reps), enabled=not quiet) as update:
+        estimates, summary = power_study(scenarios, replicates=replicates, settings=settings, progress=update, **run)
+        if pooled_reps:
+            from synthtrial.analyze.grid import merge_pooled
+
+            pooled_estimates = _pooled_grid_study(scenarios, estimates, pooled_reps, pooled_settings, update,
+                                                  done=len(scenarios) * replicates, **run)
+            estimates = merge_pooled(estimates, pooled_estimates)
+            summary = merge_pooled(summary, summarize_power(pooled_estimates, settings.alpha))
+    if grid is not None:
+        _grid_outputs(summary, grid.value, table_path, replicates=replicates, seed=seed, alpha=alpha,
+                      pooled_replicates=pooled_reps)
     else:
         _print_summary(summary, estimates, scenarios, replicates, alpha, rendered)
     _write_outputs(csv_path, html_path, summary, estimates, settings, replicates, scenarios)
+
+
+def _pooled_grid_study(scenarios, estimates, replicates: int, settings, update, *, done: int, **run):
+    """The grid's pooled methods on ``replicates`` trials per scenario (the main study's trials reused), run in
+    batches of scenarios that each stay within a power study's trial limit; every estimate."""
+    import pandas as pd
+
+    from synthtrial.analyze.grid import known_pooled
+    from synthtrial.analyze.power import power_study
+
+    batch = max(1, MAX_TRIALS // replicates)
+    frames = []
+    for start in range(0, len(scenarios), batch):
+        part = scenarios[start:start + batch]
+        offset = done + start * replicates
+        frame, _ = power_study(part, replicates=replicates, settings=settings,
+                               known=known_pooled(estimates, [s.name for s in part]),
+                               progress=lambda n, total, text, o=offset: update(o + n, None, text), **run)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
 
 
 def _grid_table_path(grid: GridName | None, table: Path | None, force: bool, **others) -> Path | None:
@@ -252,13 +297,15 @@ def _grid_table_path(grid: GridName | None, table: Path | None, force: bool, **o
     return None if table is None else _output_path(table, "--grid-table", (".md",), force, companion=".csv")
 
 
-def _grid_outputs(summary, grid: str, path: Path | None, *, replicates: int, seed: int, alpha: float) -> None:
+def _grid_outputs(summary, grid: str, path: Path | None, *, replicates: int, seed: int, alpha: float,
+                  pooled_replicates: int) -> None:
     """The grid table (written to ``path`` with its CSV, else printed) and the check's verdict."""
     from synthtrial.analyze.grid import MIN_COVERAGE, grid_table, grid_violations, write_grid
 
     table = grid_table(summary, alpha)
     if path is not None:
-        written = write_grid(path, table, grid=grid, replicates=replicates, seed=seed, alpha=alpha)
+        written = write_grid(path, table, grid=grid, replicates=replicates, seed=seed, alpha=alpha,
+                             pooled_trials=pooled_replicates)
         out.print(f"[green]wrote[/green] {written[0]} and {written[1]}")
     else:
         view = Table(title=f"grid {grid}: {replicates} null and {replicates} effect trials per cell",

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from synthtrial.util.errors import SynthtrialError
 from synthtrial.cli.common import PresetName, Seed, handles_errors, out, protocol_app
+from synthtrial.cli.jsonout import emit, json_option
 from synthtrial.trial.protocol import MAX_DAY, MAX_DAY_SPAN, MAX_ROWS
 from synthtrial.trial.simulate import (MAX_BLOCKS, MAX_PATIENTS, MAX_PERIOD_DAYS, MAX_SD, MAX_TREND_PER_DAY,
                                        MAX_WASHOUT_DAYS, PRESET_HELP, PRESETS)
@@ -21,17 +22,19 @@ from synthtrial.trial.simulate import (MAX_BLOCKS, MAX_PATIENTS, MAX_PERIOD_DAYS
 def protocol_check(
     file: Annotated[Path, typer.Argument(help="Protocol CSV, in the native or the anchor form.",
                                          show_default=False)],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    as_json: json_option("the summary") = False,
 ) -> None:
     """Validate a protocol CSV and summarise it: patients, days, treatments, blocks, severity range.
 
     Both forms are read: the anchor form of synthetic_acne_images ([italic],patient_id,date,block,day,treatment,AcneSeverity[/]) and the native form ([italic]patient_id,day,date,treatment,block,severity,view,face[/], the last four optional). Any problem is reported as one line naming the file, the row (as a spreadsheet numbers it) and the column, with exit status 2.
+
+    --json keys: [bold]source[/], [bold]form[/] (native or anchor), [bold]rows[/], [bold]patients[/], [bold]patient_ids[/], [bold]days_per_patient[/] ({min, max}), [bold]day_range[/] and [bold]date_range[/] (first and last; dates null without dates), [bold]treatments[/] (rows per treatment), [bold]blocks[/], [bold]views[/], [bold]severity[/] ({min, max, mean}, null without severities), [bold]acne04_levels[/] (rows per level, null without severities), [bold]faces[/].
     """
     from synthtrial.trial.protocol import read_protocol, summarize
 
     summary = summarize(read_protocol(file))
     if as_json:
-        out.print_json(data=summary)
+        emit(summary)
         return
     table = Table(title=f"{file}  ({summary['form']} form)", show_header=False, title_justify="left")
     table.add_column(style="bold")

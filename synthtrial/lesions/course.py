@@ -226,11 +226,12 @@ class LesionCourse:
 
     ``days`` and ``severity`` give the latent severity on the days the protocol has; the process runs
     over every day from the first to the last (severity interpolated across gaps), so a lesion's life does
-    not depend on which days were photographed, after a burn-in of :data:`BURN_IN_DAYS` days.
+    not depend on which days were photographed, after a burn-in of :data:`BURN_IN_DAYS` days at the first
+    day's severity (or at ``burn_in_severity``: :func:`counterfactual_course`).
     """
 
     def __init__(self, face, days: Sequence[int], severity: Sequence[float], *, seed: int,
-                 patient_id: str) -> None:
+                 patient_id: str, burn_in_severity: float | None = None) -> None:
         days_arr = np.asarray(days, dtype=np.int64)
         sev_arr = np.asarray(severity, dtype=np.float64)
         if days_arr.ndim != 1 or len(days_arr) == 0 or len(days_arr) != len(sev_arr):
@@ -241,6 +242,9 @@ class LesionCourse:
         self.start_day = self.first_day - BURN_IN_DAYS
         grid = np.arange(self.start_day, self.last_day + 1)
         self.severity = np.interp(grid, days_arr, sev_arr)  # held at the first value through the burn-in
+        if burn_in_severity is not None:  # a counterfactual world keeps the factual one's history
+            self.severity[grid < self.first_day] = burn_in_severity
+        self.seed, self.patient_id = seed, patient_id
         self.targets = np.rint(scale.expected_lesion_count(self.severity)).astype(int)
         self.face = face
         self.lesions: list[Lesion] = []
@@ -371,3 +375,29 @@ class LesionCourse:
 
     def target(self, day: int) -> int:
         return int(self.targets[day - self.start_day])
+
+
+def counterfactual_course(factual: LesionCourse, days: Sequence[int], severity: Sequence[float]) -> LesionCourse:
+    """The patient's lesions in a counterfactual world with ``severity`` on ``days`` (the same face and seed).
+
+    The process runs from the same random streams as ``factual`` with the factual burn-in (the history before
+    the first day no assignment changes), so it makes the same draws, and the same lesions, until the first
+    day the two worlds' targets differ; from then on the shared lesions keep the courses they were born with
+    (one world may end a lesion early) and new births draw differently. A lesion is the factual one (same
+    ``lesion_id``) when it was born the same day at the same anchor with the same seed; every later birth
+    is the counterfactual world's own and is numbered after the factual run's last lesion, so one id never
+    names two different lesions of a factual-counterfactual pair.
+    """
+    cf = LesionCourse(factual.face, days, severity, seed=factual.seed, patient_id=factual.patient_id,
+                      burn_in_severity=float(factual.severity[0]))
+    if cf.start_day != factual.start_day:
+        raise ValueError("a counterfactual course must cover the factual course's days")
+    next_id = len(factual.lesions)
+    shared = True
+    for k, lesion in enumerate(cf.lesions):  # both in birth order, ids 0, 1, ...
+        twin = factual.lesions[k] if k < len(factual.lesions) else None
+        shared = shared and twin is not None and (twin.born, twin.triangle, twin.seed) == (
+            lesion.born, lesion.triangle, lesion.seed) and np.array_equal(twin.bary, lesion.bary)
+        if not shared:
+            lesion.lesion_id, next_id = next_id, next_id + 1
+    return cf

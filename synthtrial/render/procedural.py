@@ -377,6 +377,27 @@ class ProceduralRenderer:
         """The :class:`~synthtrial.render.base.Renderer` protocol: each request drawn on its own."""
         return [self(r.image, r.lesions, skin_mask=r.skin_mask, stats=r.stats, seed=r.seed) for r in requests]
 
+    def reach(self, lesions: Sequence[LesionSpec], shape: tuple[int, int], stats: PhotoStats) -> np.ndarray:
+        """(H, W) bool: where drawing ``lesions`` into an image of ``shape`` under ``stats`` can change a pixel,
+        whatever other lesions are drawn with them: each lesion's drawing window (as :meth:`__call__` draws it)
+        widened by the layer blur, through which a lesion drawn on top reads the canvas below it. Outside it,
+        adding or removing these lesions changes nothing but the grain (fresh noise on every changed pixel).
+        """
+        h, w = shape
+        out = np.zeros((h, w), bool)
+        kr = math.ceil(3 * max(float(stats.blur_sigma), float(self.config.min_blur_sigma)))
+        for i, les in enumerate(lesions):
+            _check_lesion(i, les)
+            strength = float(les.intensity)
+            r = float(les.radius_px) * (self.config.size_at_zero_intensity
+                                        + (1 - self.config.size_at_zero_intensity) * strength)
+            if r <= 0 or strength <= 0:
+                continue
+            half = r * _template(self.config.looks[les.type], _as_int(les.seed, "seed") & _U64).extent + 2 * kr + 2
+            out[max(0, math.floor(les.cy - half)):max(0, math.ceil(les.cy + half)),
+                max(0, math.floor(les.cx - half)):max(0, math.ceil(les.cx + half))] = True
+        return out
+
     # -- per call ---------------------------------------------------------------------------------
 
     def _frame(self, image: np.ndarray, weight: np.ndarray, stats: PhotoStats) -> _Frame:

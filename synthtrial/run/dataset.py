@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from synthtrial import __version__
+from synthtrial.version import __version__
 from synthtrial.face.faces import BUILTIN_FACES
 from synthtrial.run import rundir
 from synthtrial.run.rundir import RunError

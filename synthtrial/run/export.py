@@ -574,6 +574,6 @@ def _check_int_option(value: Any, name: str, *, minimum: int) -> int:
 
 
 def _version() -> str:
-    from synthtrial import __version__
+    from synthtrial.version import __version__
 
     return __version__

@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from synthtrial import __version__
+from synthtrial.version import __version__
 from synthtrial.render.base import BACKENDS as BACKEND_SPECS
 from synthtrial.render.base import backend_names, get_backend
 from synthtrial.render.procedural import render_config
@@ -83,7 +83,8 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
              faces_dir: str | os.PathLike[str] | None = None, seed: int = 0, size: int = 512,
              naming: str = "native", workers: int = 1, progress: bool = True, backend: str = "procedural",
              diffusion: dict[str, Any] | None = None, quality: QualityFilter | None = None, reject: bool = False,
-             yaw_deg: float = 25.0, on_progress: ProgressCallback | None = None) -> Path:
+             yaw_deg: float = 25.0, on_progress: ProgressCallback | None = None,
+             counterfactual: bool = False) -> Path:
     """Render every row of a protocol into a run directory and return its path (see the module docstring).
 
     ``out`` defaults to ``runs/<protocol stem>``. A shipped protocol is found by name (``trial``,
@@ -98,6 +99,8 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
     next derived seed (``render_attempt``); with ``faces_dir`` the portraits are checked first and refused ones
     are left out, each with its reason in ``config.json``. Under ``accelerate launch`` (several processes, e.g.
     one per GPU) each process renders its share of the images and the main process writes the one manifest.
+    ``counterfactual`` also renders every arm's counterfactual world under ``RUN/counterfactual/``
+    (:mod:`synthtrial.run.counterfactual`), after the factual run, which it leaves byte for byte as it is.
     """
     settings = GenerateSettings(seed=seed, size=size, naming=naming, backend=backend,
                                 quality_filter=quality is not None, reject=reject, yaw_deg=yaw_deg)
@@ -113,6 +116,7 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
     faces = _faces_record(faces_dir, quality)
     excluded = tuple(r["file"] for r in faces.get("refused", ()))
     truth, protocol = _severities(protocol, protocol_path, seed)
+    worlds = _worlds(protocol, truth, protocol_path, quality, state) if counterfactual else {}
     config = _run_config(settings, protocol, protocol_path, faces, recorded if options else None)
     plan = (protocol, run_dir, settings, faces_dir_str, protocol_path)
     jobs, tasks, total = _plan(*plan, options, excluded)
@@ -143,7 +147,45 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
             for job, rows in tasks:
                 records[job.patient_id].extend(render_chunk(job, rows, quality))
         _finish(run_dir, protocol, records, settings)
+        if worlds:
+            _render_worlds(worlds, plan, options, excluded, config, (jobs, tasks), workers, progress, on_progress)
     return run_dir
+
+
+def _worlds(protocol: pd.DataFrame, truth: dict | None, protocol_path: Path, quality, state) -> dict:
+    """Each arm's counterfactual protocol, checked before anything is written."""
+    from synthtrial.run.counterfactual import counterfactual_protocols
+    from synthtrial.trial.simulate import truth_path_for
+
+    if quality is not None or state is not None:
+        raise RunError("--counterfactual renders pairs of images in one process: it cannot be combined with "
+                       "--quality-filter or run under accelerate launch")
+    source = str(truth_path_for(protocol_path)) if truth_path_for(protocol_path).is_file() else str(protocol_path)
+    return counterfactual_protocols(protocol, truth, source)
+
+
+def _render_worlds(worlds: dict[str, pd.DataFrame], plan: tuple, options: dict[str, Any], excluded: tuple[str, ...],
+                   config: dict[str, Any], factual: tuple, workers: int, progress: bool,
+                   on_progress: ProgressCallback | None) -> None:
+    """Render each counterfactual world into its own run directory, paired with the finished factual run, then
+    write the individual effects (:mod:`synthtrial.run.counterfactual`)."""
+    from synthtrial.run.counterfactual import individual_effects, pair_tasks, world_config
+
+    _, run_dir, settings, faces_dir, protocol_path = plan
+    for arm, world in worlds.items():
+        world_dir = rundir.counterfactual_dir(run_dir, arm)
+        text = to_csv_text(world)
+        world_dir.mkdir(parents=True, exist_ok=True)
+        _prepare_run_dir(world_dir, world_config(config, arm, rundir.sha256_bytes(text.encode()), len(world),
+                                                 config["protocol"]["sha256"]))
+        rundir.remove_stale_temps(world_dir)
+        write_text_atomic(world_dir / rundir.PROTOCOL, text)
+        jobs, tasks = pair_tasks(*_plan(world, world_dir, settings, faces_dir, protocol_path, options, excluded)[:2],
+                                 *factual, run_dir)
+        _finish(world_dir, world, _render(tasks, workers, jobs, None, progress, on_progress), settings)
+    table = individual_effects(run_dir, list(worlds))
+    rundir.write_table(run_dir / rundir.INDIVIDUAL_EFFECTS, table)
+    write_text_atomic(run_dir / rundir.INDIVIDUAL_EFFECTS_CSV, table.to_csv(index=False, lineterminator="\n"))
 
 
 def _render(tasks: list, workers: int, jobs: dict[str, PatientJob], quality: QualityFilter | None,

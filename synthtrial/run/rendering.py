@@ -115,6 +115,9 @@ class PatientJob:
     severity: tuple[float, ...]
     options: dict[str, Any] = field(default_factory=dict)   # the backend's options (e.g. DiffusionConfig fields)
     excluded_faces: tuple[str, ...] = ()                     # --faces portraits the quality filter refused
+    #: a counterfactual world's job: the factual severities of ``days`` (``severity`` holds the world's own);
+    #: its rows name the factual image of the same patient, day and view (``factual``)
+    factual_severity: tuple[float, ...] | None = None
 
 
 _CACHE: dict[tuple, Any] = {}
@@ -144,9 +147,15 @@ def _patient_state(job: PatientJob):
             bases = load_base_faces(job.faces_dir, exclude=job.excluded_faces)
             identity = identity_for(job.patient_index, bases, job.settings.seed)
             face = make_face(next(b for b in bases if b.key == identity.base), identity, size)
-        course = LesionCourse(face, job.days, job.severity, seed=job.settings.seed, patient_id=job.patient_id)
+        factual = LesionCourse(face, job.days, job.factual_severity or job.severity, seed=job.settings.seed,
+                               patient_id=job.patient_id)
+        course = factual
+        if job.factual_severity is not None:
+            from synthtrial.lesions.course import counterfactual_course
+
+            course = counterfactual_course(factual, job.days, job.severity)
         _CACHE.clear()  # one patient at a time per process keeps memory flat
-        _CACHE[key] = (face, course, {}, _renderer(job))
+        _CACHE[key] = (face, course, {}, _renderer(job), factual)
     return _CACHE[key]
 
 
@@ -185,9 +194,11 @@ def render_chunk(job: PatientJob, rows: list[dict[str, Any]], quality: QualityFi
         raise RunError("--quality-filter needs a quality grader (generate(..., quality=...))")
     if (job.run_dir, job.patient_id) not in _CACHE:
         tell(0, f"{job.patient_id}: face and lesion course")
-    face, course, views, renderer = _patient_state(job)
+    face, course, views, renderer, factual = _patient_state(job)
 
     def finish(k: int, p: dict[str, Any], result) -> None:
+        if job.factual_severity is not None:  # a counterfactual world: paired with its factual image
+            result = _paired(renderer, _prepare(job, face, factual, views, p["row"]), p, result)
         if records[k] is None:
             verdict = _quality(job, quality, renderer, p, result) if job.settings.quality_filter else None
             if verdict is not None:
@@ -205,6 +216,24 @@ def render_chunk(job: PatientJob, rows: list[dict[str, Any]], quality: QualityFi
                                             strict=True)):
             finish(k, p, result)
     return records  # type: ignore[return-value]
+
+
+def _paired(renderer, factual: dict[str, Any], prepared: dict[str, Any], result):
+    """A counterfactual image paired with its factual one: the factual pixels wherever the lesions that differ
+    between the two worlds cannot reach (``renderer.reach``; the grain there is the factual draw), this world's
+    rendering inside. A backend that cannot say where its lesions reach keeps its whole rendering."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    if not callable(getattr(renderer, "reach", None)):
+        return result
+    ours, theirs = set(prepared["specs"]), set(factual["specs"])
+    differ = [s for s in prepared["specs"] if s not in theirs] + [s for s in factual["specs"] if s not in ours]
+    with Image.open(prepared["row"]["factual"]) as im:
+        image = np.asarray(im.convert("RGB"))
+    inside = renderer.reach(differ, image.shape[:2], prepared["stats"])
+    return replace(result, image=np.where(inside[..., None], result.image, image))
 
 
 def _request(prepared: dict[str, Any]) -> RenderRequest:

@@ -24,6 +24,10 @@ through a symbolic link, is refused), atomic table writes, and the lock that kee
     RUN/grids/<patient>_views.jpg            day-by-day views, for patients photographed from several views
     RUN/.parts/<patient>/<same stem>.json    one record per finished image (resume)
     RUN/.lock                                held by the process writing the run
+    RUN/counterfactual/<arm>/                each arm's counterfactual world (``generate --counterfactual``):
+                                             a run directory of this same layout, paired with the run
+    RUN/counterfactual/individual_effects.parquet   factual minus counterfactual severity and lesion count per
+                                             patient, day and arm (also .csv)
 """
 
 from __future__ import annotations
@@ -62,6 +66,12 @@ MASKS = "masks"
 GRIDS = "grids"
 PARTS = ".parts"
 LOCK = ".lock"
+COUNTERFACTUAL = "counterfactual"
+INDIVIDUAL_EFFECTS = f"{COUNTERFACTUAL}/individual_effects.parquet"
+INDIVIDUAL_EFFECTS_CSV = f"{COUNTERFACTUAL}/individual_effects.csv"
+#: The individual-effects table's columns: the factual value, the world's (``_cf``) and their difference.
+INDIVIDUAL_EFFECT_COLUMNS = ("patient_id", "day", "arm", "treatment", "severity", "severity_cf", "ite_severity",
+                             "lesion_count", "lesion_count_cf", "ite_count")
 #: Files that make a finished run.
 RUN_FILES = (MANIFEST, LESIONS, CONFIG)
 #: What ``config.json`` must record, per section (``generate`` writes more): checked by ``synthtrial verify``.
@@ -188,6 +198,27 @@ def read_truth(run: str | os.PathLike[str]) -> dict[str, Any] | None:
     if not (path.exists() or path.is_symlink()):
         return None
     return read_json(run_file(run, TRUTH), what="the simulation truth (a JSON object)")
+
+
+def counterfactual_dir(run: str | os.PathLike[str], arm: str) -> Path:
+    """The run directory of ``arm``'s counterfactual world."""
+    return Path(run) / COUNTERFACTUAL / arm
+
+
+def counterfactual_worlds(run: str | os.PathLike[str]) -> dict[str, Path]:
+    """The counterfactual worlds a run has (arm -> folder), in name order; empty without ``--counterfactual``."""
+    folder = Path(run) / COUNTERFACTUAL
+    return {p.name: p for p in sorted(folder.iterdir()) if p.is_dir()} if folder.is_dir() else {}
+
+
+def read_individual_effects(run: str | os.PathLike[str]) -> pd.DataFrame | None:
+    """The individual treatment effects of a run made with ``--counterfactual`` (None without them)."""
+    path = Path(run) / INDIVIDUAL_EFFECTS
+    if not (path.exists() or path.is_symlink()):
+        return None
+    table = read_parquet(run_file(run, INDIVIDUAL_EFFECTS))
+    require_columns(table, INDIVIDUAL_EFFECT_COLUMNS, path)
+    return table
 
 
 def read_parquet(path: Path) -> pd.DataFrame:

@@ -5,7 +5,10 @@ mask against the manifest's sha256, no file missing or unlisted, no file that re
 contact sheets present, the manifest's lesion counts (simulated and visible) against ``lesions.parquet``, each
 lesion's ``visible`` flag against the visibility rule, ``config.json``'s required settings, and the manifest's
 simulated columns (treatment, severity, date, block per patient, day and view) against ``protocol.csv`` and
-``truth.json``. A table that cannot be read at all is the one problem listed.
+``truth.json``. A table that cannot be read at all is the one problem listed. A run made with
+``--counterfactual`` has each world under ``counterfactual/<arm>/`` checked the same way (its lines prefixed
+with the folder), one image per factual image, and ``counterfactual/individual_effects.parquet`` against the
+manifests it is computed from.
 """
 
 from __future__ import annotations
@@ -64,6 +67,40 @@ def verify(run: str | os.PathLike[str], *,
     problems += check_protocol(run, manifest, recorded.get("sha256"))
     problems += check_truth(run, manifest)
     problems += check_grids(run, manifest)
+    problems += check_counterfactual(run, manifest)
+    return problems
+
+
+def check_counterfactual(run: Path, manifest: pd.DataFrame) -> list[str]:
+    """Each counterfactual world as a run of its own, paired image for image with the factual run, and the
+    individual-effects table as its manifests make it (nothing for a run without worlds)."""
+    from synthtrial.run.counterfactual import individual_effects
+
+    worlds = rundir.counterfactual_worlds(run)
+    problems = []
+    keys = set(zip(manifest["patient_id"], manifest["day"], manifest["view"]))
+    for arm, folder in worlds.items():
+        prefix = f"{rundir.COUNTERFACTUAL}/{arm}/"
+        try:
+            own = verify(folder)
+            pairs = set(zip(*(rundir.read_manifest(folder, ("day", "view"))[c] for c in ("patient_id", "day", "view"))))
+        except RunError as exc:
+            problems.append(f"{prefix}: {exc}; re-run the generate command to finish it")
+            continue
+        problems += [prefix + line for line in own]
+        if pairs != keys:
+            problems.append(f"{prefix}{MANIFEST}: its patients, days and views are not the factual run's "
+                            f"({len(pairs ^ keys)} differ)")
+    if worlds and not problems:
+        try:
+            stored = rundir.read_individual_effects(run)
+            if stored is None:
+                return [f"{rundir.INDIVIDUAL_EFFECTS}: missing; re-run the generate command to write it"]
+            if not stored.equals(individual_effects(run, list(dict.fromkeys(stored["arm"])))):
+                problems.append(f"{rundir.INDIVIDUAL_EFFECTS}: does not match the manifests of the run and its "
+                                "counterfactual worlds")
+        except RunError as exc:
+            problems.append(str(exc))
     return problems
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from synthtrial import __version__
+from synthtrial.version import __version__
 from synthtrial.trial import scale
 from synthtrial.trial.estimands import mean_difference, patient_estimands, trial_estimands
 from synthtrial.util.errors import SynthtrialError
@@ -263,6 +263,8 @@ class SimulatedTrial:
 
     protocol: pd.DataFrame
     truth: dict[str, Any]
+    #: ``counterfactual=True``: patient_id, day, arm, severity per row and arm (synthtrial.trial.counterfactual)
+    counterfactual: pd.DataFrame | None = None
 
     def write(self, path: str | os.PathLike[str], form: str = "native") -> tuple[Path, Path]:
         """Write the protocol CSV and its truth file (``<stem>.truth.json`` beside it)."""
@@ -353,7 +355,8 @@ def exposure(given: np.ndarray, washin_half_life: float, washout_half_life: floa
 # ---------------------------------------------------------------------------------------- simulation
 
 def simulate_severity(schedule: pd.DataFrame, model: SeverityModel, seed: int = 0,
-                      reference: str | None = None, no_effect: Sequence[str] = ()) -> SimulatedTrial:
+                      reference: str | None = None, no_effect: Sequence[str] = (),
+                      counterfactual: bool = False) -> SimulatedTrial:
     """Fill the ``severity`` column of a schedule by simulation and return it with the truth.
 
     Works on any normalised protocol frame (a designed schedule or a user's file without severities).
@@ -361,7 +364,8 @@ def simulate_severity(schedule: pd.DataFrame, model: SeverityModel, seed: int = 
     skips, the previous day's treatment is assumed to continue. ``reference`` (default: the first
     row's treatment) is the arm every effect is measured against; treatments named in ``no_effect``
     (washout days) are neither reference nor arms. Every other treatment is an arm, with effect 0 unless
-    ``model.effects`` gives one.
+    ``model.effects`` gives one. ``counterfactual`` also gives every row's severity under each arm given on
+    every day, from the same draws (``SimulatedTrial.counterfactual``).
     """
     if schedule.empty:
         raise DesignError("the schedule has no rows")
@@ -391,26 +395,35 @@ def simulate_severity(schedule: pd.DataFrame, model: SeverityModel, seed: int = 
     severity = np.full(len(out), np.nan)
     keep = np.ones(len(out), dtype=bool)
     patients: dict[str, Any] = {}
+    arms = [reference, *active] if counterfactual else []
+    worlds = {arm: np.full(len(out), np.nan) for arm in arms}
     # each patient's first effect draw is its baseline's quantile (the truncated normal, all patients at once)
     baselines = _truncated_normal([float(rng.random()) for rng in effect_rngs], model.baseline_mean,
                                   model.baseline_sd, model.baseline_min, model.baseline_max)
     for pid, baseline, effect_rng, noise_rng, missing_rng in zip(pids, baselines, effect_rngs, noise_rngs,
                                                                  missing_rngs, strict=True):
         idx = np.asarray(rows_of[pid])
-        severity[idx], keep[idx], patients[pid] = _simulate_patient(
+        severity[idx], keep[idx], patients[pid], paths = _simulate_patient(
             day_of_row[idx], treatment_of_row[idx], model, baseline, reference, active,
-            (effect_rng, noise_rng, missing_rng))
+            (effect_rng, noise_rng, missing_rng), arms)
+        for arm, path in paths.items():
+            worlds[arm][idx] = path
 
     out["severity"] = severity
+    cf = None if not counterfactual else pd.DataFrame({
+        "patient_id": np.tile(patient_of_row[keep], len(arms)), "day": np.tile(day_of_row[keep], len(arms)),
+        "arm": np.repeat(np.asarray(arms, dtype=object), int(keep.sum())),
+        "severity": np.concatenate([worlds[a][keep] for a in arms])})
     out = out.loc[keep].reset_index(drop=True)
     out.attrs.update(schedule.attrs)
-    return SimulatedTrial(protocol=out, truth=_truth(model, seed, reference, active, treatments, patients))
+    return SimulatedTrial(out, _truth(model, seed, reference, active, treatments, patients), cf)
 
 
 def _simulate_patient(row_days: np.ndarray, row_treatments: np.ndarray, model: SeverityModel, baseline: float,
-                      reference: str, active: list[str], rngs: tuple[np.random.Generator, ...]
-                      ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """One patient's severity on each of its rows, which rows are kept (not missing), and its truth."""
+                      reference: str, active: list[str], rngs: tuple[np.random.Generator, ...],
+                      always: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str, Any]]:
+    """One patient's severity on each of its rows, which rows are kept (not missing), its truth, and its
+    severity on each row were each arm of ``always`` given on every day (all draws the same)."""
     effect_rng, noise_rng, missing_rng = rngs
     # one value per day (its first row's treatment), shared by every view of that day
     days_seen, first_row = np.unique(row_days, return_index=True)
@@ -451,7 +464,14 @@ def _simulate_patient(row_days: np.ndarray, row_treatments: np.ndarray, model: S
         "missing_days": missing_days,
         "clipped_days": clipped_days,
     }
-    return s[row_days - first], keep, truth
+    paths = {}
+    for arm in always:  # the same arithmetic on a calendar of one arm: equal bits until the calendars differ
+        part = np.zeros(len(grid))
+        for a in active:
+            part += effects[a] * exposure(np.full(len(grid), a == arm), model.washin_half_life, model.washout_half_life)
+        raw_arm = baseline + model.trend_per_day * (grid - first) + part + noise
+        paths[arm] = (np.clip(raw_arm, scale.SEVERITY_MIN, scale.SEVERITY_MAX) + 0.0)[row_days - first]
+    return s[row_days - first], keep, truth, paths
 
 
 def _truth(model: SeverityModel, seed: int, reference: str, active: list[str], treatments: list[str],
@@ -485,15 +505,17 @@ def _truth(model: SeverityModel, seed: int, reference: str, active: list[str], t
     }
 
 
-def simulate_trial(design: TrialDesign, model: SeverityModel, seed: int = 0) -> SimulatedTrial:
-    """Design a schedule and simulate it: the protocol CSV and truth.json of a synthetic trial."""
+def simulate_trial(design: TrialDesign, model: SeverityModel, seed: int = 0,
+                   counterfactual: bool = False) -> SimulatedTrial:
+    """Design a schedule and simulate it: the protocol CSV and truth.json of a synthetic trial (and, with
+    ``counterfactual``, each arm's severities as :func:`simulate_severity` gives them)."""
     unknown = [a for a in model.effects if a not in design.arms]
     if unknown:
         raise DesignError(f"effect (--effect {unknown[0]}=...) names no arm of the design "
                           f"({', '.join(design.arms)})")
     schedule = design_schedule(design, seed)
     trial = simulate_severity(schedule, model, seed, reference=design.reference,
-                              no_effect=(design.washout_label,))
+                              no_effect=(design.washout_label,), counterfactual=counterfactual)
     trial.truth = {"design": dataclasses.asdict(design), **trial.truth}
     return trial
 
