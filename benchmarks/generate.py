@@ -34,10 +34,10 @@ def main() -> None:
         rows = [f"B1,{d},Control,{args.severity}" for d in range(args.images)]
         protocol.write_text("patient_id,day,treatment,severity\n" + "\n".join(rows) + "\n")
 
-        stamps: list[tuple[int, float]] = []  # (images done, time): reported per finished chunk
+        stamps: list[tuple[int, float]] = []  # (images done, time): reported per finished image
         start = time.perf_counter()
-        run = generate(protocol, tmp / "run", size=args.size, progress=False,
-                       on_progress=lambda done, total, status: stamps.append((done, time.perf_counter())))
+        run = generate(protocol, tmp / "run", size=args.size, progress=False,  # done 0: a status (the face), no image
+                       on_progress=lambda done, total, status: done and stamps.append((done, time.perf_counter())))
         total_s = time.perf_counter() - start
         (n0, t0_), (n1, t1_) = stamps[0], stamps[-1]
         steady = (t1_ - t0_) / max(1, n1 - n0)

@@ -93,7 +93,7 @@ def polygon_area(flat):
 
 def test_coco_matches_the_run(tmp_path):
     run = make_run(tmp_path)
-    path = export_run(run, "coco")
+    path = export_run(run, "coco", image_root=run)  # file_name relative to the run, as the manifest has it
     assert path == run / "exports" / "coco" / "annotations.json"
     doc = json.loads(path.read_text(encoding="utf-8"))
     manifest = pd.read_parquet(run / "manifest.parquet")
@@ -332,7 +332,7 @@ def add_visibility(run: Path) -> pd.DataFrame:
 def test_coco_carries_stage_visibility_and_contrast_and_filters_on_them(tmp_path):
     run = make_run(tmp_path)
     lesions = add_visibility(run)
-    full = json.loads(export_run(run, "coco").read_text())
+    full = json.loads(export_run(run, "coco", image_root=run).read_text())
     assert full["info"]["lesions"] == "all" and len(full["annotations"]) == len(lesions)
     first = full["annotations"][0]["attributes"]
     assert set(first) == {"stage", "visible", "contrast"} and first["stage"] == "active"

@@ -189,8 +189,8 @@ class ConvAutoencoder(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- images
 
-def load_images(paths: Sequence[Path], image_size: int) -> torch.Tensor:
-    """Read images as float32 RGB in [0, 1], shape (N, 3, S, S).
+def load_images(paths: Sequence[Path], image_size: int, progress: ProgressCallback | None = None) -> torch.Tensor:
+    """Read images as float32 RGB in [0, 1], shape (N, 3, S, S); ``progress(i, N, "")`` after each image.
 
     Each image is converted to RGB (alpha dropped, grey expanded) and resized to S x S with PIL's bicubic
     filter, which is antialiased when shrinking. A non-square image is stretched, not cropped (run
@@ -212,6 +212,8 @@ def load_images(paths: Sequence[Path], image_size: int) -> torch.Tensor:
             rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
         array = np.asarray(rgb, dtype=np.uint8)
         out[i] = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+        if progress is not None:
+            progress(i + 1, len(paths), "")
     return out
 
 
@@ -248,13 +250,15 @@ def _seeded(seed: int) -> Iterator[None]:
 def train_autoencoder(images: torch.Tensor, config: AutoencoderConfig, *,
                       device: str | torch.device | None = None,
                       progress: ProgressCallback | None = None,
+                      batch_progress: ProgressCallback | None = None,
                       ) -> tuple[ConvAutoencoder, list[float]]:
     """Train a fresh :class:`ConvAutoencoder` on ``images`` (N, 3, S, S) in [0, 1]; MSE, Adam(lr).
 
     Returns the model (in eval mode, on ``device``) and the per-epoch mean training loss (each batch's
     MSE weighted by its size, so the mean is over all images of the epoch, as the weights changed during
     it). ``device`` defaults to CUDA when available. ``progress(epoch, epochs, "loss ...")`` is called after
-    each epoch, epochs counted from 1. ``images`` may live on the CPU (batches are copied to ``device``) or on
+    each epoch, epochs counted from 1; ``batch_progress(batches, epochs x batches per epoch, "epoch E/N")``
+    after each batch (a finer bar). ``images`` may live on the CPU (batches are copied to ``device``) or on
     ``device`` already. A non-finite loss raises :class:`SynthtrialError`.
     """
     if not isinstance(config, AutoencoderConfig):
@@ -275,6 +279,7 @@ def train_autoencoder(images: torch.Tensor, config: AutoencoderConfig, *,
     shuffle.manual_seed(config.seed)
 
     losses: list[float] = []
+    per_epoch = -(-n // config.batch_size)
     for epoch in range(1, config.epochs + 1):
         model.train()
         order = torch.randperm(n, generator=shuffle)
@@ -292,6 +297,9 @@ def train_autoencoder(images: torch.Tensor, config: AutoencoderConfig, *,
             loss.backward()
             optimizer.step()
             total += loss.detach().to(torch.float64) * len(index)
+            if batch_progress is not None:
+                batch_progress((epoch - 1) * per_epoch + start // config.batch_size + 1, config.epochs * per_epoch,
+                               f"epoch {epoch}/{config.epochs}")
         mean = float(total.item()) / n
         if not math.isfinite(mean):
             raise SynthtrialError(f"autoencoder training diverged at epoch {epoch} (loss {mean}); "

@@ -66,7 +66,7 @@ import pandas as pd
 from synthtrial.trial import scale
 from synthtrial.util.atomic import write_bytes_atomic, write_text_atomic
 from synthtrial.util.errors import SynthtrialError
-from synthtrial.util.progress import progress_bar
+from synthtrial.util.progress import ProgressCallback, progress_bar
 from synthtrial.run import rundir
 from synthtrial.run.remote import on_storage
 from synthtrial.run.rundir import read_run
@@ -238,7 +238,7 @@ def _manifest_key(manifest: pd.DataFrame, settings: AnalysisSettings) -> str:
 
 def autoencoder_outcome(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSettings, analysis_dir: Path,
                         timings: Timings, *, device: str | None = None, progress: bool = True,
-                        reference: str | None = None) -> pd.DataFrame:
+                        reference: str | None = None, on_progress: ProgressCallback | None = None) -> pd.DataFrame:
     """Per-image ``ae_pca`` score from the autoencoder's embeddings (cached by content and settings).
 
     Schneider et al. reduce one participant's embeddings to their first principal component. With many
@@ -251,7 +251,7 @@ def autoencoder_outcome(run_dir: Path, manifest: pd.DataFrame, settings: Analysi
     from synthtrial.analyze.embed import patient_scores
 
     embeddings, red = _embeddings(run_dir, manifest, settings, analysis_dir, timings, device=device,
-                                  progress=progress)
+                                  progress=progress, on_progress=on_progress)
     if reference is None:
         reference, _ = _reference_and_exclusions(rundir.read_truth(run_dir), manifest)
     t0 = time.perf_counter()
@@ -277,8 +277,10 @@ def autoencoder_outcome(run_dir: Path, manifest: pd.DataFrame, settings: Analysi
 
 
 def _embeddings(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSettings, analysis_dir: Path,
-                timings: Timings, *, device: str | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 64) autoencoder embeddings and per-image redness, trained once per run content and settings."""
+                timings: Timings, *, device: str | None, progress: bool,
+                on_progress: ProgressCallback | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 64) autoencoder embeddings and per-image redness, trained once per run content and settings; a bar
+    per image loaded and per training batch."""
     from synthtrial.analyze.embed import (AutoencoderConfig, embed, load_images, redness, save_model,
                                           train_autoencoder)
 
@@ -288,14 +290,14 @@ def _embeddings(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSetting
     if cached is not None:
         return cached
     t0 = time.perf_counter()
-    images = load_images([run_dir / p for p in manifest["image"]], settings.image_size)
+    with progress_bar("loading images", len(manifest), unit="images", enabled=progress, sink=on_progress) as update:
+        images = load_images([run_dir / p for p in manifest["image"]], settings.image_size, progress=update)
     red = redness(images)
     timings.add("load images", time.perf_counter() - t0)
     config = AutoencoderConfig(image_size=settings.image_size, epochs=settings.epochs, seed=settings.seed)
     t0 = time.perf_counter()
-    with progress_bar("autoencoder", settings.epochs, unit="epochs", enabled=progress) as update:
-        model, losses = train_autoencoder(images, config, device=device,
-                                          progress=update)
+    with progress_bar("autoencoder", settings.epochs, unit="batches", enabled=progress, sink=on_progress) as update:
+        model, losses = train_autoencoder(images, config, device=device, batch_progress=update)
     timings.add("train autoencoder", time.perf_counter() - t0)
     t0 = time.perf_counter()
     embeddings = embed(model, images, device=device, kind=settings.embedding)
@@ -346,7 +348,7 @@ def outcome_columns(outcomes: pd.DataFrame) -> list[str]:
 
 def run_outcomes(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSettings, analysis_dir: Path,
                  timings: Timings, *, device: str | None = None, progress: bool = True,
-                 reference: str | None = None) -> pd.DataFrame:
+                 reference: str | None = None, on_progress: ProgressCallback | None = None) -> pd.DataFrame:
     """Every outcome of every image: the label outcomes, the graders' and (``settings.autoencoder``) ``ae_pca``,
     whose cache and model files go to ``analysis_dir``. ``synthtrial analyze`` and rendered power replicates
     both read a run's outcomes through here."""
@@ -355,20 +357,23 @@ def run_outcomes(run_dir: Path, manifest: pd.DataFrame, settings: AnalysisSettin
     timings.add("read run", time.perf_counter() - t0)
     if settings.autoencoder:
         ae = autoencoder_outcome(run_dir, manifest, settings, analysis_dir, timings, device=device,
-                                 progress=progress, reference=reference)
+                                 progress=progress, reference=reference, on_progress=on_progress)
         outcomes = outcomes.merge(ae[["image", "ae_pca"]], on="image", how="left", validate="one_to_one")
     return outcomes
 
 
 def outcome_effects(outcomes: pd.DataFrame, columns: list[str], truth: dict | None, reference: str,
-                    exclude: tuple[str, ...], settings: AnalysisSettings) -> pd.DataFrame:
+                    exclude: tuple[str, ...], settings: AnalysisSettings, *, progress: bool = False,
+                    on_progress: ProgressCallback | None = None) -> pd.DataFrame:
     """Every outcome's effects by every method (views of a day averaged), beside the truth, raw and standardised.
 
     A new-lesion outcome (:data:`NEW_LESION_OUTCOMES`) with no value on any reference day is left out: new
     lesions are undefined at a series' first visit, so a run whose reference days are all first visits has
-    none to compare with (any other outcome without a reference value is refused, as before)."""
+    none to compare with (any other outcome without a reference value is refused, as before). A bar (and
+    ``on_progress``) counts each method of each outcome, then the truth, standardising and adjusting steps."""
     from synthtrial.analyze.multiplicity import adjust_responders
     from synthtrial.analyze.nof1 import Kinetics
+    from synthtrial.analyze.estimators import choose
     from synthtrial.analyze.stats import TRUTH_COLUMNS, analyze_outcome, attach_truth, standardize
 
     per_day = daily(outcomes, columns)
@@ -379,14 +384,24 @@ def outcome_effects(outcomes: pd.DataFrame, columns: list[str], truth: dict | No
     kinetics = Kinetics.from_truth(truth)
     ar_phi = _ar_phi_of(truth)
     schedule = missing_day_schedule(truth, design, (truth or {}).get("seed"), per_day)
-    with warnings.catch_warnings():
+    steps = len(columns) * len(choose(settings.methods)) + 3  # each method of each outcome; truth, scale, adjust
+    done = 0
+    with warnings.catch_warnings(), progress_bar("statistics", steps, unit="steps", enabled=progress,
+                                                 sink=on_progress) as update:
         # near-constant series (IGA within a patient) and boundary fits make scipy/statsmodels warn; the
         # effects table says what happened in its note column instead
         warnings.simplefilter("ignore", RuntimeWarning)
+
+        def step(status: str) -> None:
+            nonlocal done
+            done += 1
+            update(done, steps, status)
+
         effects = pd.concat([analyze_outcome(per_day, column, reference, exclude=exclude, trend=settings.trend,
                                              n_permutations=settings.n_permutations, seed=settings.seed,
                                              alpha=settings.alpha, methods=settings.methods, design=design,
-                                             kinetics=kinetics, schedule=schedule, ar_phi=ar_phi)
+                                             kinetics=kinetics, schedule=schedule, ar_phi=ar_phi,
+                                             on_method=lambda method, column=column: step(f"{column} {method}"))
                              for column in columns],
                             ignore_index=True)
         if truth is not None:
@@ -394,8 +409,11 @@ def outcome_effects(outcomes: pd.DataFrame, columns: list[str], truth: dict | No
         else:
             for col in TRUTH_COLUMNS:
                 effects[col] = np.nan
+        step("truth")
         effects = standardize(effects, per_day, truth, exclude=exclude, trend=settings.trend, alpha=settings.alpha)
+        step("standardised effects")
         effects = adjust_responders(effects, settings.alpha)
+        step("multiplicity")
     return effects[list(EFFECT_COLUMNS)]
 
 
@@ -428,8 +446,13 @@ def missing_day_schedule(truth: dict | None, design, seed, data: pd.DataFrame | 
 
 @on_storage("run_dir", what="analysing")
 def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | None = None, *,
-                device: str | None = None, progress: bool = True) -> Path:
+                device: str | None = None, progress: bool = True,
+                on_progress: ProgressCallback | None = None) -> Path:
     """Analyze a run directory; writes ``RUN/analysis/`` and returns its path (see the module docstring).
+
+    Each phase that takes a while draws a bar (``progress``) and tells ``on_progress(done, total, status)``,
+    the status naming the phase: loading images (per image), autoencoder (per batch), statistics (per method
+    of each outcome), report.
 
     The folder is written as a set: everything goes to a scratch copy of it, which replaces it only when
     the whole analysis succeeded, so a refused analysis leaves the previous outputs as they were.
@@ -453,11 +476,12 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
     analysis_dir = run_dir / ANALYSIS
     with rundir.locked(run_dir, what="analysing"), staged_folder(analysis_dir) as stage:
         outcomes = run_outcomes(run_dir, manifest, settings, stage, timings, device=device, progress=progress,
-                                reference=reference)
+                                reference=reference, on_progress=on_progress)
         columns = outcome_columns(outcomes)
         write_bytes_atomic(stage / OUTCOMES, rundir.parquet_bytes(outcomes))
         t0 = time.perf_counter()
-        effects = outcome_effects(outcomes, columns, truth, reference, exclude, settings)
+        effects = outcome_effects(outcomes, columns, truth, reference, exclude, settings, progress=progress,
+                                  on_progress=on_progress)
         write_text_atomic(stage / EFFECTS, effects.to_csv(index=False, lineterminator="\n"))
         individual = individual_errors(run_dir, effects, reference)  # runs made with --counterfactual
         if individual is not None:
@@ -467,8 +491,12 @@ def analyze_run(run_dir: str | os.PathLike[str], settings: AnalysisSettings | No
         write_text_atomic(stage / NEW_LESIONS, periods.to_csv(index=False, lineterminator="\n"))
         timings.add("statistics", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        write_report(stage / REPORT, run_dir=run_dir, outcomes=outcomes, effects=effects, truth=truth,
-                     reference=reference, settings=asdict(settings), timings=timings.stages, individual=individual)
+        with progress_bar("report", 1, enabled=progress, sink=on_progress) as update:
+            update(0, 1, "writing report.html")
+            write_report(stage / REPORT, run_dir=run_dir, outcomes=outcomes, effects=effects, truth=truth,
+                         reference=reference, settings=asdict(settings), timings=timings.stages,
+                         individual=individual)
+            update(1, 1, "")
         timings.add("report", time.perf_counter() - t0)
         write_text_atomic(stage / "settings.json", json.dumps(
             {"settings": asdict(settings), "reference": reference, "excluded": list(exclude),

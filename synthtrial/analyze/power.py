@@ -65,6 +65,8 @@ from synthtrial.util.seeding import derive_seed
 from synthtrial.trial.simulate import MAX_PERIOD_DAYS, DesignError, SeverityModel, TrialDesign, simulate_trial
 
 POWER_OUTCOMES = ("oracle", "lesion_severity")
+#: Largest share of a study's replicates one chunk (one step of the progress bar) holds, where there are enough.
+PROGRESS_STEP = 1 / 32
 DEFAULT_METHODS = ("period", "randomization", "gls_kinetics", "lmm", "lmm_cr1", "welch", "gls_ar1", "hac")
 SUMMARY_KEYS = ["scenario", "design_name", "period_days", "effect_scale", "outcome", "method", "role", "level", "arm"]
 
@@ -304,7 +306,9 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
     ``scenarios`` may also be one design with its ``model`` (a one-scenario grid). Keyword arguments
     other than those named are fields of :class:`StudySettings`. The result depends on the settings'
     ``seed`` only, not on ``workers``, the scheduler, chunking or resuming from ``cache``.
-    ``progress(done, total, "")`` counts the replicates (those read back from ``cache`` at once).
+    ``progress(done, total, status)`` counts the replicates (those read back from ``cache`` at once), in
+    chunks of at most :data:`PROGRESS_STEP` of them (and at most 25 replicates); before the first, on Dask,
+    the status names the start-up phases (starting the cluster, the workers loading the statistics).
     ``known``: replicates already computed, by (scenario index, replicate) — each exactly what
     :func:`run_replicate` gives for these settings (e.g. the pooled rows of a study of more methods on the same
     trials, :func:`synthtrial.analyze.grid.known_pooled`); used as if read from the cache, and written to it.
@@ -328,6 +332,10 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
     if progress and done:
         progress(done, total, "")
 
+    def phase(status: str) -> None:
+        if progress:
+            progress(done, total, status)
+
     def finished(i: int, frames: list[pd.DataFrame], reps: list[int]) -> None:
         nonlocal done
         for r, frame in zip(reps, frames, strict=True):
@@ -338,7 +346,7 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
             if progress:
                 progress(done, total, "")
 
-    size = chunk or max(1, min(25, (total - len(results)) // max(1, 8 * max(workers, 1))))
+    size = chunk or max(1, min(25, (total - len(results)) // max(round(1 / PROGRESS_STEP), 8 * max(workers, 1))))
     chunks = pending_chunks(len(scenarios), replicates, settings, results, size)
     first = next(chunks, None)
     if first is None:
@@ -347,7 +355,7 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
         for i, reps in itertools.chain([first], chunks):
             finished(i, _run_chunk(scenarios[i], settings, reps), reps)
     else:
-        _run_dask(itertools.chain([first], chunks), scenarios, settings, workers, scheduler, finished)
+        _run_dask(itertools.chain([first], chunks), scenarios, settings, workers, scheduler, finished, phase)
     estimates = pd.concat([results[(i, r)] for i in range(len(scenarios)) for r in range(replicates)],
                           ignore_index=True)
     return estimates, summarize_power(estimates, settings.alpha)
@@ -402,9 +410,24 @@ def pending_chunks(n_scenarios: int, replicates: int, settings: StudySettings, d
             yield i, reps
 
 
-def _run_dask(chunks: Iterator[tuple[int, list[int]]], scenarios, settings, workers, scheduler, finished) -> None:
-    """Run the chunks on Dask, a bounded number in flight; the first failure ends the study in one line."""
+def warm_up_worker() -> None:
+    """Import what a replicate needs (the statistics stack takes seconds), so a worker's first chunk does not."""
+    import synthtrial.analyze.multiplicity  # noqa: F401
+    import synthtrial.analyze.nof1  # noqa: F401
+    import synthtrial.analyze.pipeline  # noqa: F401
+    import synthtrial.analyze.stats  # noqa: F401
+
+
+def _run_dask(chunks: Iterator[tuple[int, list[int]]], scenarios, settings, workers, scheduler, finished,
+              phase) -> None:
+    """Run the chunks on Dask, a bounded number in flight; the first failure ends the study in one line.
+    ``phase(status)`` names each start-up step (the cluster, the workers' imports) as it begins."""
+    phase(f"connecting to the Dask scheduler at {scheduler}" if scheduler is not None else
+          f"starting a local Dask cluster of {max(1, workers)} worker{'s' if workers > 1 else ''}")
     with client_for(workers, scheduler) as client:
+        phase("the workers are loading the statistics")
+        client.run(warm_up_worker)
+        phase("")
         run_tasks(client, _run_chunk, (((i, reps), (scenarios[i], settings, reps)) for i, reps in chunks),
                   lambda tag, frames: finished(tag[0], frames, tag[1]),
                   ahead=64 if scheduler is not None else 4 * max(1, workers),

@@ -11,7 +11,7 @@ one scale. Every estimate is the difference *arm minus reference*.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,7 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
                     trend: bool = True, n_permutations: int = 2000, seed: int = 0, alpha: float = 0.05,
                     methods: Sequence[str] = METHODS, random_slopes: bool = True, design: Any = None,
                     kinetics: nof1.Kinetics | None = None, schedule: pd.DataFrame | None = None,
-                    ar_phi: float | None = None) -> pd.DataFrame:
+                    ar_phi: float | None = None, on_method: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Every arm against ``reference`` on one outcome, by each method; one tidy row per (method, scope, arm).
 
     Rows whose treatment is in ``exclude`` (e.g. washout days) are left out of every estimate, but they
@@ -59,6 +59,7 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
     A role is ``not available`` where the design leaves the method no chance to reject (the randomisation
     test on a fixed order or with too few orders). ``ar_phi`` (the simulated design's AR(1) coefficient) enters
     the role rules (:mod:`synthtrial.analyze.roles`); without it ``gls_kinetics`` uses its REML estimate.
+    ``on_method(name)`` is called as each method is done (a progress bar's step).
     """
     alpha = check_alpha(alpha)
     chosen = choose(methods)
@@ -82,6 +83,8 @@ def analyze_outcome(data: pd.DataFrame, outcome: str, reference: str, *, exclude
                              "reference": options.reference, "estimate": est.estimate, "se": est.se,
                              "ci_low": est.ci_low, "ci_high": est.ci_high, "p": est.p, "n": int(n),
                              "note": join_notes(est.note, unit.note, why)})
+        if on_method is not None:
+            on_method(estimator.name)
     return pd.DataFrame(rows, columns=list(RESULT_COLUMNS)).astype({"n": "int64"})
 
 

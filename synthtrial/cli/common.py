@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from synthtrial.cli.helpformat import prepare_help
 from synthtrial.version import __version__
 from synthtrial.trial.simulate import PRESETS
 from synthtrial.util.errors import SynthtrialError, SynthtrialWarning, one_line
@@ -26,9 +27,11 @@ CLI_ERRORS = (typer.TyperException, click.ClickException)
 
 
 class OneLineErrors(TyperGroup):
-    """Usage errors (bad option values, unknown options) as one line on stderr and exit status 2."""
+    """Usage errors (bad option values, unknown options) as one line on stderr and exit status 2; help in
+    the plain layout of :mod:`synthtrial.cli.helpformat`."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        prepare_help(self)  # plain help that renders well at 80 columns (synthtrial.cli.helpformat)
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:

@@ -34,7 +34,9 @@ def _diffusion(help: str, **limits) -> typer.models.OptionInfo:
 @app.command("generate")
 @handles_errors
 def generate_command(
-    protocol: Annotated[Path, typer.Argument(help="Protocol CSV (native or anchor form).")] = Path("protocols/trial.csv"),
+    protocol: Annotated[Path, typer.Argument(help="Protocol CSV (native or anchor form). A shipped protocol is "
+                                             "found by name from any directory: trial, quick, views, graders "
+                                             "(or protocols/<name>.csv).")] = Path("protocols/trial.csv"),
     out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory to write: a folder, or a URL "
                                                    "of object storage (s3://bucket/run, gs://..., file://...) "
                                                    "(default: runs/<protocol name>).", show_default=False)] = None,

@@ -145,7 +145,8 @@ Replicates = Annotated[int, typer.Option(
     "--replicates", min=1, max=MAX_REPLICATES, help=f"Simulated trials per scenario (at most {MAX_TRIALS} over "
     "the whole grid).")]
 Methods = Annotated[Optional[list[PowerMethod]], typer.Option(
-    "--method", help="Tests to run (repeatable; default: all but permutation).", show_default=False)]
+    "--method", metavar="<method>", help="Tests to run (repeatable): " + ", ".join(m.value for m in PowerMethod) +
+    " (default: all but permutation).", show_default=False)]
 Outcomes = Annotated[Optional[list[PowerOutcome]], typer.Option(
     "--outcome", help="Outcomes (repeatable; default: both).", show_default=False)]
 Alpha = Annotated[float, typer.Option(

@@ -14,7 +14,7 @@ from synthtrial.cli.common import PresetName, Seed, handles_errors, out, protoco
 from synthtrial.cli.jsonout import emit, json_option
 from synthtrial.trial.protocol import MAX_DAY, MAX_DAY_SPAN, MAX_ROWS
 from synthtrial.trial.simulate import (MAX_BLOCKS, MAX_PATIENTS, MAX_PERIOD_DAYS, MAX_SD, MAX_TREND_PER_DAY,
-                                       MAX_WASHOUT_DAYS, PRESET_HELP)
+                                       MAX_WASHOUT_DAYS, PRESET_HELP, PRESETS)
 
 
 @protocol_app.command("check")
@@ -75,16 +75,32 @@ _DESIGN_PANEL = "Schedule"
 _MODEL_PANEL = "Severity model"
 
 
-def _schedule(help: str, **limits) -> typer.models.OptionInfo:
-    return typer.Option(help=help, rich_help_panel=_DESIGN_PANEL, **limits)
+def _preset_values(field: str, part: int) -> str:
+    """What ``--preset`` gives a schedule (``part`` 0) or severity-model (``part`` 1) option, per preset."""
+    def show(value) -> str:
+        if isinstance(value, bool):
+            return "random" if value else "fixed"
+        if isinstance(value, dict):
+            return " ".join(f"{k}={v:g}" for k, v in value.items()) or "none"
+        if isinstance(value, tuple):
+            return ",".join(value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    return "from --preset: " + "; ".join(f"{name} {show(getattr(PRESETS[name][part], field))}" for name in PRESETS)
 
 
-def _model(help: str) -> typer.models.OptionInfo:
-    return typer.Option(help=help, rich_help_panel=_MODEL_PANEL)
+def _schedule(help: str, field: str, **limits) -> typer.models.OptionInfo:
+    return typer.Option(help=help, rich_help_panel=_DESIGN_PANEL, show_default=_preset_values(field, 0), **limits)
+
+
+def _model(help: str, field: str) -> typer.models.OptionInfo:
+    return typer.Option(help=help, rich_help_panel=_MODEL_PANEL, show_default=_preset_values(field, 1))
 
 
 _PRESET_HELP = "Start from a ready-made trial; every other option overrides it. " + " ".join(
-    f"{name}: {text}." for name, text in PRESET_HELP.items())
+    f"{name}: {text}." for name, text in PRESET_HELP.items()) + (
+    " Both presets keep a fixed order of periods (pass --randomize to draw it per patient); the shipped "
+    "protocols/trial.csv and protocols/quick.csv are --preset anchor and --preset quick with --seed 0.")
 
 
 _DESIGN_HELP = f"""Design an N-of-1 trial and simulate every patient's acne severity, keeping the truth.
@@ -99,8 +115,9 @@ _DESIGN_HELP = f"""Design an N-of-1 trial and simulate every patient's acne seve
 
       synthtrial protocol design --preset quick --seed 3 --out quick.csv
 
-      synthtrial protocol design --design pairs --arms Control,Cream --blocks 3 --period-days 7
-      --effect Cream=-0.4 --patients 20 --out pairs.csv
+      synthtrial protocol design --design pairs --arms Control,Cream --blocks 3 --period-days 7 --effect Cream=-0.4 --patients 20 --out pairs.csv
+
+    The schedule and severity-model options default to the chosen preset's values (each option lists them). --design pairs draws each pair's order (AB or BA) per patient unless --fixed-order is given, so the randomisation test has orders to permute; the presets themselves are fixed-order.
     """
 
 
@@ -115,40 +132,43 @@ def protocol_design(
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
     design: Annotated[Optional[DesignName], _schedule(
         "baseline-alternating: a reference period, then the active arms in turn; abab: the two arms "
-        "alternate; pairs: blocks of two periods, AB or BA.")] = None,
+        "alternate; pairs: blocks of two periods, AB or BA.", "design")] = None,
     arms: Annotated[Optional[str], _schedule("Comma-separated treatment names, reference (control/baseline) "
-                                             "first.")] = None,
-    patients: Annotated[Optional[int], _schedule("Number of patients.", min=1, max=MAX_PATIENTS)] = None,
-    blocks: Annotated[Optional[int], _schedule("Periods (pairs of periods for the pairs design).", min=1,
+                                             "first.", "arms")] = None,
+    patients: Annotated[Optional[int], _schedule("Number of patients.", "n_patients", min=1, max=MAX_PATIENTS)] = None,
+    blocks: Annotated[Optional[int], _schedule("Periods (pairs of periods for the pairs design).", "blocks", min=1,
                                                max=MAX_BLOCKS)] = None,
-    period_days: Annotated[Optional[int], _schedule("Days in one treatment period.", min=1,
+    period_days: Annotated[Optional[int], _schedule("Days in one treatment period.", "period_days", min=1,
                                                     max=MAX_PERIOD_DAYS)] = None,
     washout_days: Annotated[Optional[int], _schedule("Washout days between periods (treatment 'Washout', no "
-                                                     "block).", min=0, max=MAX_WASHOUT_DAYS)] = None,
-    randomize: Annotated[Optional[bool], typer.Option("--randomize/--fixed-order", help="Draw the order of "
-                                                      "periods per patient.", rich_help_panel=_DESIGN_PANEL)] = None,
-    start_date: Annotated[Optional[str], _schedule("Date of the first day (YYYY-MM-DD).")] = None,
-    first_day: Annotated[Optional[int], _schedule("Number of the first day (the anchor uses 1).", min=0,
+                                                     "block).", "washout_days", min=0, max=MAX_WASHOUT_DAYS)] = None,
+    randomize: Annotated[Optional[bool], typer.Option(
+        "--randomize/--fixed-order", help="Draw the order of periods per patient (which arm starts abab, each "
+        "pair's order, the order of the active arms' cycle), or keep the design's fixed order.",
+        show_default="random with --design pairs; else " + _preset_values("randomize", 0),
+        rich_help_panel=_DESIGN_PANEL)] = None,
+    start_date: Annotated[Optional[str], _schedule("Date of the first day (YYYY-MM-DD).", "start_date")] = None,
+    first_day: Annotated[Optional[int], _schedule("Number of the first day (the anchor uses 1).", "first_day", min=0,
                                                   max=MAX_DAY)] = None,
     effect: Annotated[Optional[list[str]], _model(
         "Population effect of an arm on severity (0-3 scale; negative improves), as ARM=NUMBER; repeat per arm. "
-        "Arms not named have no effect.")] = None,
-    effect_sd: Annotated[Optional[float], _model(f"SD of each patient's own effect around it (0-{MAX_SD:g}).")]
+        "Arms not named have no effect.", "effects")] = None,
+    effect_sd: Annotated[Optional[float], _model(f"SD of each patient's own effect around it (0-{MAX_SD:g}).", "effect_sd")]
     = None,
-    baseline_mean: Annotated[Optional[float], _model("Mean baseline severity.")] = None,
-    baseline_sd: Annotated[Optional[float], _model(f"SD of baseline severity between patients (0-{MAX_SD:g}).")]
+    baseline_mean: Annotated[Optional[float], _model("Mean baseline severity.", "baseline_mean")] = None,
+    baseline_sd: Annotated[Optional[float], _model(f"SD of baseline severity between patients (0-{MAX_SD:g}).", "baseline_sd")]
     = None,
-    baseline_min: Annotated[Optional[float], _model("Lowest baseline (the normal is truncated).")] = None,
-    baseline_max: Annotated[Optional[float], _model("Highest baseline.")] = None,
+    baseline_min: Annotated[Optional[float], _model("Lowest baseline (the normal is truncated).", "baseline_min")] = None,
+    baseline_max: Annotated[Optional[float], _model("Highest baseline.", "baseline_max")] = None,
     trend: Annotated[Optional[float], _model(f"Linear trend in severity per day (at most {MAX_TREND_PER_DAY:g} "
-                                             "either way).")] = None,
+                                             "either way).", "trend_per_day")] = None,
     washin_half_life: Annotated[Optional[float], _model("Days for a treatment to reach half its effect (0: at "
-                                                        "once).")] = None,
+                                                        "once).", "washin_half_life")] = None,
     washout_half_life: Annotated[Optional[float], _model("Days for an effect to halve after stopping (carryover; "
-                                                         "0: at once).")] = None,
-    ar_phi: Annotated[Optional[float], _model("AR(1) autocorrelation of day-to-day noise.")] = None,
-    noise_sd: Annotated[Optional[float], _model(f"Stationary SD of the day-to-day noise (0-{MAX_SD:g}).")] = None,
-    missing_rate: Annotated[Optional[float], _model("Chance that a day is missing (dropped).")] = None,
+                                                         "0: at once).", "washout_half_life")] = None,
+    ar_phi: Annotated[Optional[float], _model("AR(1) autocorrelation of day-to-day noise.", "ar_phi")] = None,
+    noise_sd: Annotated[Optional[float], _model(f"Stationary SD of the day-to-day noise (0-{MAX_SD:g}).", "noise_sd")] = None,
+    missing_rate: Annotated[Optional[float], _model("Chance that a day is missing (dropped).", "missing_rate")] = None,
 ) -> None:
     """Design an N-of-1 trial and simulate its severities (the --help text is _DESIGN_HELP)."""
     from synthtrial.trial.simulate import design_with_overrides, parse_effects

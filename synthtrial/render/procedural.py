@@ -321,6 +321,10 @@ class ProceduralRenderer:
     calls (only a cache of lesion shapes, which depend on a lesion's seed and look alone).
     """
 
+    #: Each request is drawn on its own, so a batch may be drawn one request at a time with the same bytes
+    #: (``generate`` then counts progress per image). A backend without this attribute is drawn a batch at once.
+    independent_requests = True
+
     def __init__(self, config: ProceduralConfig | None = None):
         self.config = config if config is not None else ProceduralConfig()
         missing = [t for t in LESION_TYPES if t not in self.config.looks]

@@ -4,8 +4,15 @@ Hugging Face ``imagefolder``.
 :func:`export_run` reads the run-directory contract (``manifest.parquet``, ``lesions.parquet``,
 ``config.json``, ``images/...`` and the optional ``masks/<patient_id>/<image stem>.png`` label maps)
 and writes one export per format. Every export is built in a temp folder beside its target and
-renamed into place at the end (an earlier export of the same format is replaced), so a failure leaves
-nothing half-written; the same run always gives the same bytes.
+renamed into place at the end, so a failure leaves nothing half-written; the same run written to the same
+place always gives the same bytes.
+
+One rule for what already exists where an export goes (:data:`REPLACE_RULE`, the CLI's ``--force`` help):
+an earlier export is replaced only with ``force``, whether the place was named (``--out``) or is the
+default ``RUN/exports/<format>``; anything else there is never replaced.
+
+COCO's ``file_name`` is relative to the folder the JSON is written to (or to ``image_root``), so the JSON
+loads where it lies: a loader's image root is the JSON's folder (``info.image_root`` says the same).
 
 Bad input raises :class:`~synthtrial.util.errors.SynthtrialError` with one line naming the run, the file,
 the row (manifest and lesion rows count from 1) and the column.
@@ -21,6 +28,7 @@ import io
 import json
 import math
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -47,6 +55,9 @@ CATEGORIES = scale.ALL_LESION_TYPES
 CATEGORY_IDS = {name: i + 1 for i, name in enumerate(CATEGORIES)}
 #: JPEG quality of the ACNE04 export (fixed, so the bytes are reproducible).
 JPEG_QUALITY = 95
+#: The one rule for an existing export (stated here once; ``synthtrial export --force`` shows it).
+REPLACE_RULE = ("an earlier export (the folder, or the COCO JSON file named by --out) is replaced only with --force, "
+                "at --out and at the default RUN/exports/<format> alike; anything else there is never replaced")
 #: Lesion columns a COCO annotation carries in its ``attributes``, where the run's lesion table has them.
 ATTRIBUTES = ("stage", "visible", "contrast")
 #: Columns of the imagefolder ``metadata.csv`` after ``file_name``.
@@ -68,14 +79,15 @@ FORMAT_HELP = {
     "coco": """COCO detection JSON for lesion detectors (MMDetection, Detectron2, torchvision).
 
     Writes RUN/exports/coco/annotations.json (or --out: a folder, or a file name ending in .json).
-    images: file_name relative to the run directory, width, height, patient_id, day, severity,
+    images: file_name relative to the JSON's folder (or to --image-root), width, height, patient_id, day, severity,
     acne04_level, iga. annotations: bbox (x, y, w, h) from the lesion's x0, y0, x1, y1; area from the
     lesion's mask where the run has one, else w*h; segmentation polygons traced from the mask; iscrowd 0;
-    lesion_id; attributes: stage (onset, active, resolving, residual), visible (true/false) and contrast
-    (CIE76 delta E to the surrounding skin; null when unknown), where the run has them. categories, fixed
-    ids: 1 open_comedo, 2 closed_comedo, 3 papule, 4 pustule, 5 nodule, 6 mark, 7 scar (supercategory
-    acne). --visible-only keeps the visible lesions only, --active-only the active ones only (no marks or
-    scars); info.lesions says which. Point the loader's image root at the run directory.
+    lesion_id; attributes: stage (the lesion's phase: onset, active, resolving, or residual for marks and
+    scars), visible (true/false) and contrast (CIE76 delta E to the surrounding skin; null when unknown),
+    where the run has them. categories, fixed ids: 1 open_comedo, 2 closed_comedo, 3 papule, 4 pustule,
+    5 nodule, 6 mark, 7 scar (supercategory acne). --visible-only keeps the visible lesions only,
+    --active-only the active lesion types only (no marks or scars); info.lesions says which. Point the
+    loader's image root at the JSON's folder (info.image_root: the root relative to it, "." by default).
     """,
     "acne04": """The ACNE04 / LDL label layout (Wu et al. 2019), for grade + count models.
 
@@ -100,19 +112,20 @@ FORMAT_HELP = {name: inspect.cleandoc(text) for name, text in FORMAT_HELP.items(
 @on_storage("run_dir", what="exporting")
 def export_run(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str] | None = None, *,
                folds: int = 5, seed: int = 0, force: bool = False, link: bool = False,
-               progress: bool = False, visible_only: bool = False, active_only: bool = False) -> Path:
+               progress: bool = False, visible_only: bool = False, active_only: bool = False,
+               image_root: str | os.PathLike[str] | None = None) -> Path:
     """Convert the run directory ``run_dir`` to the training-set format ``fmt`` (one of :data:`EXPORT_FORMATS`).
 
     ``out`` is the export's folder (default ``RUN/exports/<fmt>``); for ``coco`` it may also be a file name
-    ending in ``.json``. One rule for what exists there, whether ``out`` was given or not: an earlier export
-    (of the same format, or a COCO file) is replaced only with ``force``; any other existing, non-empty folder
-    is refused even then. An ``out`` inside the run
+    ending in ``.json``. One rule for what exists there (:data:`REPLACE_RULE`), whether ``out`` was given or
+    not: an earlier export (of the same format, or a COCO file) is replaced only with ``force``; any other
+    existing, non-empty folder is refused even then. An ``out`` inside the run
     directory is refused unless it lies under ``RUN/exports/`` (an export never overwrites the run's own
     files). ``folds`` and ``seed`` set the ACNE04 patient folds. ``link`` hard-links the imagefolder's images
     instead of copying them (no extra space; but editing an exported image then edits the run). ``visible_only``
     (coco, acne04) exports the visible lesions only (ACNE04: the visible counts); ``active_only`` (coco) leaves
-    marks and scars out. Every image
-    is checked against the manifest's sha256 first. Returns the COCO JSON file for ``coco`` and the export
+    marks and scars out. COCO's ``file_name`` is relative to the JSON's folder, or to the existing folder
+    ``image_root`` (coco only). Every image is checked against the manifest's sha256 first. Returns the COCO JSON file for ``coco`` and the export
     folder otherwise. See :data:`FORMAT_HELP` for each format.
     """
     if fmt not in EXPORT_FORMATS:
@@ -121,6 +134,10 @@ def export_run(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike
                                 (active_only, "--active-only", ("coco",))):
         if flag and fmt not in formats:
             raise SynthtrialError(f"{name} applies to --format {' or '.join(formats)}, not {fmt}")
+    if image_root is not None and fmt != "coco":
+        raise SynthtrialError(f"--image-root applies to --format coco, not {fmt}")
+    if image_root is not None and not Path(image_root).is_dir():
+        raise SynthtrialError(f"{image_root}: no such folder (option --image-root)")
     if fmt == "acne04":
         folds = _check_int_option(folds, "folds", minimum=2)
         seed = _check_int_option(seed, "seed", minimum=0)
@@ -147,6 +164,9 @@ def export_run(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike
     run_info = _read_run(run, fmt, progress=progress, visible_only=visible_only, active_only=active_only)
     run_info.progress, run_info.link = progress, link
     if fmt == "coco":
+        json_folder = target.parent if coco_file else target
+        run_info.image_prefix = _relative(run, Path(image_root) if image_root is not None else json_folder)
+        run_info.image_root = "." if image_root is None else _relative(Path(image_root), json_folder)
         if coco_file:
             return write_text_atomic(target, _coco_json(run_info))
         with _building(target) as tmp:
@@ -177,6 +197,8 @@ class _Run:
         self.progress = False         # draw progress bars
         self.link = False             # imagefolder: hard-link images instead of copying them
         self.lesion_filter = "all"    # coco: which lesions (all, visible, active, visible active); acne04: counts
+        self.image_prefix = "."       # coco: the run directory relative to the image root (file_name's prefix)
+        self.image_root = "."         # coco: the image root relative to the JSON's folder (info.image_root)
 
 
 def _read_run(run: Path, fmt: str, *, progress: bool = True, visible_only: bool = False,
@@ -270,7 +292,7 @@ def _coco_json(run: _Run) -> str:
             width, height = _image_size(run.root, rel, rec, manifest_path)
             images_out.append({
                 "id": image_id,
-                "file_name": rel,
+                "file_name": posixpath.normpath(posixpath.join(run.image_prefix, rel)),
                 "width": width,
                 "height": height,
                 "patient_id": rec["patient_id"],
@@ -313,11 +335,17 @@ def _coco_json(run: _Run) -> str:
         "url": "",
         "config_sha256": hashlib.sha256(run.config_bytes).hexdigest(),
         "lesions": run.lesion_filter,
+        "image_root": run.image_root,
     }
     categories = [{"id": CATEGORY_IDS[name], "name": name, "supercategory": "acne"} for name in CATEGORIES]
     doc = {"info": info, "licenses": [], "images": images_out, "annotations": annotations,
            "categories": categories}
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False) + "\n"
+
+
+def _relative(path: Path, start: Path) -> str:
+    """``path`` relative to the folder ``start`` (both resolved, so ``..`` steps hold on disk), POSIX style."""
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 
 def _attributes(les: dict[str, Any]) -> dict[str, Any]:

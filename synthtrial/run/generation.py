@@ -33,7 +33,7 @@ from synthtrial.run.rendering import (NAMINGS, GenerateSettings, PatientJob, Qua
                                       render_chunk, render_dask)
 from synthtrial.run.rundir import RunError
 from synthtrial.run.remote import on_storage
-from synthtrial.trial.protocol import has_severity, read_protocol, to_csv_text
+from synthtrial.trial.protocol import has_severity, read_protocol, resolve_protocol, to_csv_text
 from synthtrial.util.atomic import write_text_atomic
 from synthtrial.util.cluster import client_for
 from synthtrial.util.progress import ProgressCallback, progress_bar
@@ -90,8 +90,11 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
              counterfactual: bool = False, scheduler: str | None = None) -> Path:
     """Render every row of a protocol into a run directory and return its path (see the module docstring).
 
-    ``out`` defaults to ``runs/<protocol stem>``. ``on_progress(done, total, status)`` is called after each chunk
-    of images.
+    ``out`` defaults to ``runs/<protocol stem>``. A shipped protocol is found by name (``trial``,
+    ``protocols/trial.csv``) where no such file exists (:func:`~synthtrial.trial.protocol.resolve_protocol`).
+    ``on_progress(done, total, status)`` is called as each image is finished (per chunk of images for a
+    backend that draws a batch at once), and with ``done`` unchanged while a patient's face and lesion course
+    are built (the status says so).
     ``diffusion`` holds the backend's options (:class:`synthtrial.render.diffusion.DiffusionConfig` fields for
     the sdxl backends). ``quality`` is a quality filter (:class:`QualityFilter`, e.g. ImageQX, which the CLI's
     ``--quality-filter`` builds): it scores every image and the manifest records its verdict
@@ -110,7 +113,7 @@ def generate(protocol_path: str | os.PathLike[str], out: str | os.PathLike[str] 
         raise RunError(f"--workers must be between 1 and {MAX_WORKERS}, got {workers}")
     options, recorded = _backend_options(settings.backend, diffusion)
     state = _distributed_state()
-    protocol_path = Path(protocol_path)
+    protocol_path = resolve_protocol(protocol_path)
     protocol = read_protocol(protocol_path)
     run_dir = Path(out) if out is not None else Path("runs") / protocol_path.stem
     _check_out(run_dir)
@@ -201,18 +204,22 @@ def _render(tasks: list, workers: int, jobs: dict[str, PatientJob], quality: Qua
     total = sum(len(rows) for _, rows in tasks)
     done = 0
     with progress_bar("rendering", total, unit="images", enabled=progress) as update:
-        def finished(pid: str, recs: list[dict[str, Any]]) -> None:
+        def tell(images: int, status: str) -> None:  # per image (and a status while a patient is prepared)
             nonlocal done
-            records[pid].extend(recs)
-            done += len(recs)
-            update(done, total, "")
+            done = min(total, done + images)
+            update(done, total, status)
             if on_progress is not None:
-                on_progress(done, total, "")
+                on_progress(done, total, status)
+
+        def finished(pid: str, recs: list[dict[str, Any]]) -> None:
+            records[pid].extend(recs)
 
         if client is None:
-            render_all(tasks, workers, finished, quality)
-        else:
-            _render_on_cluster(tasks, client, finished, quality)
+            render_all(tasks, workers, finished, quality, tell)
+        else:   # the cluster reports per chunk
+            _render_on_cluster(tasks, client, lambda pid, recs: (finished(pid, recs), tell(len(recs), "")), quality)
+        if done < total:  # the last images' news still in the workers' queue: the chunks are all in
+            tell(total - done, "")
     return records
 
 

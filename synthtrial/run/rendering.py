@@ -2,7 +2,10 @@
 through the backend, and write each image, its instance mask and its record (``RUN/.parts``) atomically.
 
 A chunk is always rendered whole (a diffusion backend's output depends on its batch), and only the images
-that are missing or whose bytes no longer match their record are written. Chunks are spread over spawned
+that are missing or whose bytes no longer match their record are written. A renderer whose requests are
+independent (``independent_requests``, the procedural one) draws the chunk one request at a time, in the
+same order and with the same bytes, so progress is told per image (:data:`ImageProgress`), from the worker
+processes too (through a queue the parent drains while it waits). Chunks are spread over spawned
 processes; each builds its renderer and the patient's state once, and exits when its parent dies. The
 optional quality filter (:class:`QualityFilter`, e.g. ImageQX, built by the caller) is handed to each worker
 once, when the pool starts.
@@ -33,10 +36,13 @@ from synthtrial.util.atomic import write_bytes_atomic, write_text_atomic
 from synthtrial.util.cluster import run_tasks, terminate_as_interrupt
 from synthtrial.util.seeding import derive_seed
 
-__all__ = ["GenerateSettings", "MAX_RENDER_ATTEMPTS", "NAMINGS", "PatientJob", "QualityFilter", "png_bytes",
-           "render_all", "render_chunk", "render_dask"]
+__all__ = ["GenerateSettings", "ImageProgress", "MAX_RENDER_ATTEMPTS", "NAMINGS", "PatientJob", "QualityFilter",
+           "png_bytes", "render_all", "render_chunk", "render_dask"]
 
 NAMINGS = ("native", "anchor")
+#: ``tell(images, status)``: ``images`` more images of the chunk are finished (0: only the status changed, e.g.
+#: "P01: face and lesion course" while a patient's state is built).
+ImageProgress = Callable[[int, str], None]
 #: With a quality filter and ``reject``, a rejected image is drawn again with the next derived seed, at most this
 #: many times.
 MAX_RENDER_ATTEMPTS = 3
@@ -117,7 +123,7 @@ class PatientJob:
 
 _CACHE: dict[tuple, Any] = {}
 _RENDERERS: dict[str, Any] = {}   # one renderer per process and configuration: models load once
-_WORKER: dict[str, Any] = {"quality": None}   # a pool worker's quality filter, set once when the pool starts
+_WORKER: dict[str, Any] = {"quality": None, "events": None}   # a pool worker's quality filter and progress queue
 
 
 def _renderer(job: PatientJob):
@@ -167,32 +173,49 @@ def _record(run_dir: Path, row: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def render_chunk(job: PatientJob, rows: list[dict[str, Any]],
-                 quality: QualityFilter | None = None) -> list[dict[str, Any]]:
+def render_chunk(job: PatientJob, rows: list[dict[str, Any]], quality: QualityFilter | None = None,
+                 tell: ImageProgress | None = None) -> list[dict[str, Any]]:
     """Render the images of one patient's chunk that are missing or damaged; returns every row's record.
 
     Whenever any image of the chunk must be (re)drawn, the whole chunk goes through the backend's
     ``render_batch``, so the batch, and with it every image's bytes, is the same as on the first run (a
     diffusion backend's output depends on its batch); only the images that need it are written. With
-    ``settings.quality_filter`` every new image gets ``quality``'s verdict.
+    ``settings.quality_filter`` every new image gets ``quality``'s verdict. ``tell`` hears of each image as it
+    is finished (an intact one at once) and of the patient's state being built.
     """
+    tell = tell or (lambda images, status: None)
     run_dir = Path(job.run_dir)
     records = [_record(run_dir, row) for row in rows]
-    if any(r is None for r in records):
-        if job.settings.quality_filter and quality is None:
-            raise RunError("--quality-filter needs a quality grader (generate(..., quality=...))")
-        face, course, views, renderer, factual = _patient_state(job)
+    intact = sum(r is not None for r in records)
+    if intact:
+        tell(intact, job.patient_id)
+    if intact == len(rows):
+        return records  # type: ignore[return-value]
+    if job.settings.quality_filter and quality is None:
+        raise RunError("--quality-filter needs a quality grader (generate(..., quality=...))")
+    if (job.run_dir, job.patient_id) not in _CACHE:
+        tell(0, f"{job.patient_id}: face and lesion course")
+    face, course, views, renderer, factual = _patient_state(job)
+
+    def finish(k: int, p: dict[str, Any], result) -> None:
+        if job.factual_severity is not None:  # a counterfactual world: paired with its factual image
+            result = _paired(renderer, _prepare(job, face, factual, views, p["row"]), p, result)
+        if records[k] is None:
+            verdict = _quality(job, quality, renderer, p, result) if job.settings.quality_filter else None
+            if verdict is not None:
+                p, result = verdict.pop("prepared"), verdict.pop("result")
+            records[k] = _write_image(run_dir, face, course, p, result, verdict)
+            tell(1, job.patient_id)
+
+    if getattr(renderer, "independent_requests", False):  # one request at a time: the same bytes, told per image
+        for k, row in enumerate(rows):
+            p = _prepare(job, face, course, views, row)
+            finish(k, p, renderer.render_batch([_request(p)])[0])
+    else:
         prepared = [_prepare(job, face, course, views, row) for row in rows]
-        results = renderer.render_batch([_request(p) for p in prepared])
-        if job.factual_severity is not None:
-            results = [_paired(renderer, _prepare(job, face, factual, views, p["row"]), p, result)
-                       for p, result in zip(prepared, results, strict=True)]
-        for k, (p, result) in enumerate(zip(prepared, results, strict=True)):
-            if records[k] is None:
-                verdict = _quality(job, quality, renderer, p, result) if job.settings.quality_filter else None
-                if verdict is not None:
-                    p, result = verdict.pop("prepared"), verdict.pop("result")
-                records[k] = _write_image(run_dir, face, course, p, result, verdict)
+        for k, (p, result) in enumerate(zip(prepared, renderer.render_batch([_request(p) for p in prepared]),
+                                            strict=True)):
+            finish(k, p, result)
     return records  # type: ignore[return-value]
 
 
@@ -320,13 +343,16 @@ def _box_window(box: np.ndarray, shape: tuple[int, int]) -> tuple[slice, slice]:
 
 def _work(task: tuple[PatientJob, list[dict[str, Any]]]) -> tuple[str, list[dict[str, Any]]]:
     job, rows = task
-    return job.patient_id, render_chunk(job, rows, _WORKER["quality"])
+    events = _WORKER["events"]
+    return job.patient_id, render_chunk(job, rows, _WORKER["quality"],
+                                        None if events is None else lambda n, status: events.put((n, status)))
 
 
-def _worker_init(parent: int, quality: QualityFilter | None) -> None:
-    """In each worker: keep the quality filter, leave Ctrl-C to the parent, and exit when the parent is gone
-    (even after kill -9)."""
+def _worker_init(parent: int, quality: QualityFilter | None, events=None) -> None:
+    """In each worker: keep the quality filter and the parent's progress queue, leave Ctrl-C to the parent,
+    and exit when the parent is gone (even after kill -9)."""
     _WORKER["quality"] = quality
+    _WORKER["events"] = events
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
@@ -338,21 +364,42 @@ def _worker_init(parent: int, quality: QualityFilter | None) -> None:
 
 
 def render_all(tasks: Sequence[tuple[PatientJob, list[dict[str, Any]]]], workers: int,
-               finished: Callable[[str, list[dict[str, Any]]], None], quality: QualityFilter | None = None) -> None:
+               finished: Callable[[str, list[dict[str, Any]]], None], quality: QualityFilter | None = None,
+               tell: ImageProgress | None = None) -> None:
     """Render every task (a patient's job and a chunk of its rows) on ``workers`` processes, calling
-    ``finished(patient_id, records)`` in the parent as each chunk is done (in any order)."""
+    ``finished(patient_id, records)`` in the parent as each chunk is done (in any order) and ``tell`` (in the
+    parent too) as each image is (see :func:`render_chunk`)."""
     if workers == 1:
         for job, rows in tasks:
-            finished(job.patient_id, render_chunk(job, rows, quality))
+            finished(job.patient_id, render_chunk(job, rows, quality, tell))
         return
     import multiprocessing as mp
+    import queue as queues
 
     ctx = mp.get_context("spawn")
-    pool = ctx.Pool(processes=workers, initializer=_worker_init, initargs=(os.getpid(), quality))
+    events = ctx.Queue() if tell is not None else None
+    pool = ctx.Pool(processes=workers, initializer=_worker_init, initargs=(os.getpid(), quality, events))
+
+    def drain() -> None:
+        while events is not None:
+            try:
+                tell(*events.get_nowait())
+            except queues.Empty:
+                return
+
     try:
         with terminate_as_interrupt():
-            for pid, recs in pool.imap_unordered(_work, tasks):
+            results = pool.imap_unordered(_work, tasks)
+            left = len(tasks)
+            while left:
+                try:
+                    pid, recs = results.next(timeout=0.2)
+                except mp.TimeoutError:
+                    drain()
+                    continue
+                drain()
                 finished(pid, recs)
+                left -= 1
         pool.close()
     except BaseException:
         pool.terminate()   # Ctrl-C, SIGTERM or an error: stop rendering now; finished images are kept

@@ -10,6 +10,11 @@ Two forms are read and normalised to one typed DataFrame (:data:`COLUMNS`):
 
 Every rejection is a :class:`~synthtrial.util.errors.ProtocolError` naming the file, the row as a
 spreadsheet shows it (the header is row 1) and the column.
+
+The shipped protocols (``trial``, ``quick``, ``views``, the graders' ...) are package data in
+``synthtrial/protocols/`` (copies of the repository's ``protocols/``, which the tests keep identical):
+:func:`resolve_protocol` finds one by name (``trial``, ``trial.csv`` or ``protocols/trial.csv``) when no such file
+exists where the user stands, so the README's commands work from any directory. A file that exists always wins.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ import pandas as pd
 from synthtrial.trial import scale
 from synthtrial.util.atomic import write_text_atomic
 from synthtrial.util.errors import ProtocolError
+
+#: Folder of the shipped protocols (package data) and their ``<stem>.truth.json`` files.
+SHIPPED_PROTOCOLS = Path(__file__).resolve().parents[1] / "protocols"
 
 #: Columns of the normalised protocol, in order.
 COLUMNS = ("patient_id", "day", "date", "block", "treatment", "severity", "view", "face")
@@ -59,6 +67,24 @@ _BOMS = (
 )
 
 
+def shipped_protocols() -> list[str]:
+    """The names of the shipped protocols (``trial``, ``quick``, ...), sorted."""
+    return sorted(p.stem for p in SHIPPED_PROTOCOLS.glob("*.csv"))
+
+
+def resolve_protocol(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself when it exists; else the shipped protocol it names (``trial``, ``trial.csv`` or
+    ``protocols/trial.csv``); else ``path`` unchanged (reading it then says "no such file")."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        return path
+    parent = path.parent.as_posix()
+    if parent not in (".", "protocols") or path.suffix.lower() not in ("", ".csv"):
+        return path
+    shipped = SHIPPED_PROTOCOLS / f"{path.stem if path.suffix else path.name}.csv"
+    return shipped if shipped.is_file() else path
+
+
 def read_protocol(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a protocol CSV in either form and return the normalised, validated DataFrame.
 
@@ -66,12 +92,15 @@ def read_protocol(path: str | os.PathLike[str]) -> pd.DataFrame:
     ``date`` datetime64 (NaT where the file gives no date), ``block`` Int64 (nullable), ``treatment`` str,
     ``severity`` float64 (NaN where the trial simulator must fill it in), ``view`` str, ``face`` object
     (None where not given). Rows are ordered by patient (in order of first appearance), day and view.
-    ``frame.attrs`` records ``source`` (the path) and ``form`` ("anchor" or "native").
+    ``frame.attrs`` records ``source`` (the path) and ``form`` ("anchor" or "native"). A shipped protocol is
+    found by name where no such file exists (:func:`resolve_protocol`).
     """
-    path = Path(path)
+    path = resolve_protocol(path)
     name = str(path)
     if not path.exists():
-        raise ProtocolError("no such file", file=name)
+        shipped = ", ".join(shipped_protocols())
+        raise ProtocolError(f"no such file (the shipped protocols, usable by name from anywhere: {shipped})",
+                            file=name)
     if path.is_dir():
         raise ProtocolError("is a directory, not a CSV file", file=name)
     if not path.is_file():

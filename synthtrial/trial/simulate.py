@@ -603,10 +603,14 @@ def design_with_overrides(name: str, design_changes: dict[str, Any] | None = Non
     """A preset with some fields replaced (``None`` values are ignored), as ``protocol design`` builds it.
 
     When the arms change and the effects do not, the preset's effects are kept for the arms that remain.
+    Naming the ``pairs`` design draws each pair's order per patient unless ``randomize`` is given (False: the
+    fixed order); a preset used as it is keeps its own order (both presets are fixed-order).
     """
     base_design, base_model = preset(name)
     design_changes = {k: v for k, v in (design_changes or {}).items() if v is not None}
     model_changes = {k: v for k, v in (model_changes or {}).items() if v is not None}
+    if design_changes.get("design") == "pairs":
+        design_changes.setdefault("randomize", True)
     if "arms" in design_changes and "effects" not in model_changes:
         model_changes["effects"] = {a: v for a, v in base_model.effects.items() if a in design_changes["arms"]}
     return dataclasses.replace(base_design, **design_changes), dataclasses.replace(base_model, **model_changes)

@@ -22,11 +22,16 @@ class progress_bar:
 
     ``update`` is a :data:`ProgressCallback`: the absolute count done, the total (which may differ from the
     one the bar opened with, when it is only known later) and a status text (a loss, say). With
-    ``enabled=False`` nothing is drawn and ``update`` does nothing.
+    ``enabled=False`` nothing is drawn. ``sink`` (a :data:`ProgressCallback`, e.g. a library caller's
+    ``on_progress`` or a test's recorder) hears every update too, drawn or not, its status prefixed with
+    ``what`` (``"loading images"``, ``"statistics: lesion_count"``), so one sink follows a job of several
+    phases.
     """
 
-    def __init__(self, what: str, total: int, *, unit: str = "", enabled: bool = True) -> None:
+    def __init__(self, what: str, total: int, *, unit: str = "", enabled: bool = True,
+                 sink: ProgressCallback | None = None) -> None:
         self._bar = None
+        self._what, self._sink = what, sink
         if enabled:
             from rich.console import Console
 
@@ -42,10 +47,17 @@ class progress_bar:
             self._task = self._bar.add_task(what, total=total, status="")
 
     def __enter__(self) -> ProgressCallback:
-        if self._bar is None:
-            return lambda done, total, status: None
-        self._bar.__enter__()
-        return lambda done, total, status: self._bar.update(self._task, completed=done, total=total, status=status)
+        sink, what = self._sink, self._what
+
+        def update(done: int, total: int, status: str) -> None:
+            if self._bar is not None:
+                self._bar.update(self._task, completed=done, total=total, status=status)
+            if sink is not None:
+                sink(done, total, f"{what}: {status}" if status else what)
+
+        if self._bar is not None:
+            self._bar.__enter__()
+        return update
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
