@@ -67,6 +67,17 @@ def test_an_out_holding_a_run_or_another_config_is_refused_without_force(tmp_pat
         check_weights_out(run / "config.json", "iga", force=True)
 
 
+def _option_entries(help_text: str) -> list[str]:
+    """Each option of a --help as one string: its first line with its wrapped continuation lines."""
+    entries: list[str] = []
+    for line in help_text.splitlines():
+        if line.lstrip().startswith("-"):
+            entries.append(line.strip())
+        elif entries and line.startswith(" " * 8) and line.strip():
+            entries[-1] += " " + line.strip()
+    return entries
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["graders", "train", "detector", "--image-side", "1000000"], "--image-side"),
     (["graders", "train", "detector", "--tile", "100000"], "--tile"),
@@ -84,7 +95,7 @@ def test_size_options_have_stated_limits_refused_before_any_work(argv, needle, t
     runner = CliRunner()
     help_text = runner.invoke(app, [argv[0], *argv[1:3 if argv[0] == "graders" else 1], "--help"],
                               env={"COLUMNS": "250"}).output
-    assert any(needle in line and "<=x<=" in line for line in help_text.splitlines()), help_text
+    assert any(needle in entry and "<=x<=" in entry for entry in _option_entries(help_text)), help_text
     result = runner.invoke(app, [*argv, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
     _one_line_refusal(result, needle)
     assert not (tmp_path / "out").exists()
