@@ -442,8 +442,12 @@ def summarize_power(estimates: pd.DataFrame, alpha: float = 0.05) -> pd.DataFram
     (:func:`synthtrial.analyze.multiplicity.familywise`; the family-wise error where the effect is 0)."""
     from synthtrial.analyze.multiplicity import familywise
 
-    data = estimates.assign(rejected=estimates["p"] < alpha,
-                            level=np.where(estimates["scope"] == "pooled", "pooled", "per patient"))
+    level = np.where(estimates["scope"] == "pooled", "pooled", "per patient")
+    # only the columns summarised: pandas' arrow-backed strings make every take of the wide frame costly
+    wanted = [c for c in estimates.columns if c in {*SUMMARY_KEYS, "p", "population_effect", "covered", "std_covered",
+                                                    "calibration_slope", "estimand", "estimate", "true_effect",
+                                                    "bias"}]
+    data = estimates[wanted].assign(rejected=estimates["p"] < alpha, level=level)
     rows = []
     for keys, grp in data.groupby(SUMMARY_KEYS, sort=False):
         has_p = grp["p"].notna()
@@ -468,7 +472,9 @@ def summarize_power(estimates: pd.DataFrame, alpha: float = 0.05) -> pd.DataFram
     summary = pd.DataFrame(rows)
     if "responder" not in estimates.columns or summary.empty:
         return summary
-    fw = familywise(estimates.assign(level=data["level"]), SUMMARY_KEYS).rename(columns={"trials": "fw_trials"})
+    fw_columns = [c for c in estimates.columns
+                  if c in {*SUMMARY_KEYS, "scope", "replicate", "responder", "responder_holm", "responder_bh"}]
+    fw = familywise(estimates[fw_columns].assign(level=level), SUMMARY_KEYS).rename(columns={"trials": "fw_trials"})
     merged = summary.merge(fw, on=SUMMARY_KEYS, how="left", validate="one_to_one")
     merged["fw_trials"] = merged["fw_trials"].fillna(0).astype("int64")
     return merged
