@@ -36,7 +36,7 @@ Choices, stated once:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import cv2
@@ -88,6 +88,20 @@ class AugmentConfig:
 WIDE = AugmentConfig()
 #: ImageQX's: a horizontal flip and nothing that could change a quality label
 FLIPS = AugmentConfig(**{f.name: 0.0 for f in fields(AugmentConfig) if f.name.endswith("_p")})
+
+
+def scaled(config: AugmentConfig, strength: float) -> AugmentConfig:
+    """``config`` with every photometric range shrunk towards "no change" by ``strength`` (1: as given, 0: no
+    colour, gamma, white-balance or light change at all); probabilities, blur, noise, JPEG and geometry stay.
+    Measured on the IGA grader (256 crops, 120 steps): at WIDE's full colour range its losses did not fall,
+    at 0.4 of it they did (``synthtrial graders train iga --augment-strength``)."""
+    if not 0 <= strength <= 1:
+        raise ValueError(f"augmentation strength must be in [0, 1], got {strength}")
+    s = float(strength)
+    return replace(config, brightness=config.brightness * s, contrast=config.contrast * s,
+                   saturation=config.saturation * s, hue=config.hue * s, temperature=config.temperature * s,
+                   tint=config.tint * s, light=config.light * s,
+                   gamma=(1 - s * (1 - config.gamma[0]), 1 + s * (config.gamma[1] - 1)))
 
 
 class ImageOnly(v2.Transform):

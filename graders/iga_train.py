@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from synthtrial.graders import classify
-from synthtrial.graders.augment import WIDE, Augmenter, draw_seeds
+from synthtrial.graders.augment import WIDE, Augmenter, draw_seeds, scaled
 from synthtrial.graders.base import GraderError
 from synthtrial.graders.iga import (COUNT_NAMES, GRADE_NAMES, GRADE_ROUTES, GROUP_NAMES, N_GRADES, IGAConfig,
                                     IGAGrader, grade_from_counts, group_of, outputs, visits)
@@ -64,6 +64,7 @@ class TrainSettings:
     class_weighted: bool = True
     augment_p: float = 0.2          # the paper's augmentation, used when ``augment`` is off
     augment: bool = True            # the wide augmentation (synthtrial.graders.augment.WIDE)
+    augment_strength: float = 1.0   # its photometric ranges scaled by this (synthtrial.graders.augment.scaled)
     count_weight: float = 1.0       # weight of the count head's loss beside the cross-entropy
     count_target: str = "simulated"  # or "visible"
     grade_from: str = "auto"        # or "classifier" / "counts"
@@ -73,6 +74,8 @@ class TrainSettings:
             raise GraderError(f"--count-target must be simulated or visible, got {self.count_target!r}")
         if self.grade_from not in ("auto", *GRADE_ROUTES):
             raise GraderError(f"--grade-from must be auto, classifier or counts, got {self.grade_from!r}")
+        if not 0 <= self.augment_strength <= 1:
+            raise GraderError(f"--augment-strength must be in [0, 1], got {self.augment_strength}")
         if not 0 <= self.count_weight <= 100:
             raise GraderError(f"--count-weight must be in [0, 100], got {self.count_weight}")
 
@@ -278,7 +281,7 @@ def make_batch_loss(grader: IGAGrader, data: TrainingData, rows: np.ndarray, cla
     weight_t = torch.tensor(class_weights, dtype=torch.float32, device=dev)
     grades_t = torch.from_numpy(data.grades[rows]).to(dev)
     counts_t = torch.from_numpy(data.counts[rows].astype(np.float32)).to(dev)
-    wide = Augmenter(WIDE) if settings.augment else None
+    wide = Augmenter(scaled(WIDE, settings.augment_strength)) if settings.augment else None
 
     def batch_loss(idx: np.ndarray, gen: Any, epoch: int) -> Any:
         crops = data.crops[rows[idx]]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from synthtrial.graders.augment import FLIPS, WIDE, AugmentConfig, Augmenter, draw_seeds
+from synthtrial.graders.augment import FLIPS, WIDE, AugmentConfig, Augmenter, draw_seeds, scaled
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -153,3 +153,21 @@ def test_detector_crops_keep_their_boxes_on_the_lesions_under_augmentation():
                 assert inside.mean() > 0.5, (step, x0, y0)          # the disc is under its box
                 seen += 1
     assert seen > 10
+
+
+def test_scaled_shrinks_the_colour_ranges_and_keeps_geometry(face256):
+    image = face256.image
+    none, half = scaled(WIDE, 0.0), scaled(WIDE, 0.5)
+    assert scaled(WIDE, 1.0) == WIDE
+    assert half.saturation == pytest.approx(WIDE.saturation / 2) and half.hue == pytest.approx(WIDE.hue / 2)
+    assert half.gamma == pytest.approx(((1 + WIDE.gamma[0]) / 2, (1 + WIDE.gamma[1]) / 2))
+    assert (none.degrees, none.scale, none.jitter_p, none.blur_sigma) == (WIDE.degrees, WIDE.scale, WIDE.jitter_p,
+                                                                          WIDE.blur_sigma)
+    with pytest.raises(ValueError, match="strength"):
+        scaled(WIDE, 1.5)
+    # at strength 0 with geometry, blur, noise and JPEG off, the colour steps change nothing at all
+    still = dataclasses.replace(none, hflip=0.0, affine_p=0.0, blur_p=0.0, noise_p=0.0, jpeg_p=0.0)
+    out = Augmenter(still).image(image, 3)
+    assert np.abs(out.astype(int) - image.astype(int)).max() <= 1
+    wide = Augmenter(dataclasses.replace(WIDE, hflip=0.0, affine_p=0.0, blur_p=0.0, noise_p=0.0, jpeg_p=0.0))
+    assert np.abs(wide.image(image, 3).astype(int) - image.astype(int)).mean() > 2
