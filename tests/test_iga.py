@@ -371,8 +371,13 @@ def test_paper_settings_and_config_errors(tmp_path):
         assert not (tmp_path / "w").exists()
 
 
-def test_shipped_weights_without_count_head_still_load():
-    grader = iga.IGAGrader.default()
-    assert not grader.config.count_head and grader.outcomes == ("expected_grade",)
-    frame = grader.predict([np.full((96, 96, 3), 180, np.uint8)])
+def test_weights_without_count_head_still_load_and_the_shipped_ones_count(tmp_path):
+    plain = iga.IGAGrader(iga.IGAConfig(depth=8, width=4, image_size=32, stem_stride=1, count_head=False))
+    plain.save_pretrained(tmp_path / "plain")
+    loaded = iga.IGAGrader.from_pretrained(tmp_path / "plain")
+    assert not loaded.config.count_head and loaded.outcomes == ("expected_grade",)
+    frame = loaded.predict([np.full((96, 96, 3), 180, np.uint8)])
     assert list(frame.columns) == list(iga.OUTPUT_COLUMNS)
+    shipped = iga.IGAGrader.default()
+    assert shipped.config.count_head and "inflammatory_count" in shipped.outcomes
+    assert set(iga.COUNT_COLUMNS) <= set(shipped.predict([np.full((96, 96, 3), 180, np.uint8)]).columns)
