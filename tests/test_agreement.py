@@ -109,3 +109,57 @@ def test_one_rater_has_no_agreement_but_a_retest_sd():
     rows = result.set_index(["variable", "statistic"])
     assert np.isnan(rows.loc[("count", "ICC(2,1)"), "observed"])
     assert rows.loc[("count", "test-retest SD"), "observed"] > 0
+
+
+def _tabulated(reading, names):
+    """The long table :func:`observed_agreement` reads, from a :func:`read_arrays` reading."""
+    frames = []
+    for k, name in enumerate(names):
+        parts = [(np.arange(reading["count"].shape[1]), False, {c: reading[c][k] for c in ("count", "iga",
+                                                                                            "hayashi_level")})]
+        if reading["reread"] is not None:
+            parts.append((reading["reread"][k][0], True, reading["reread"][k][1]))
+        for idx, again, one in parts:
+            frames.append(pd.DataFrame({"rater": name, "image_index": idx, "reread": again, "count": one["count"],
+                                        "iga": one["iga"], "hayashi_level": one["hayashi_level"]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+@pytest.mark.parametrize("case", ["default", "gappy"])
+def test_array_agreement_equals_the_libraries(case):
+    """The simulation's numpy statistics give pingouin's ICCs, sklearn's weighted kappa and the krippendorff
+    package's alphas: on a default panel's reading, and on hand-made grades with unused levels between used ones
+    (sklearn weights label indices, not values), a constant rater and two identical raters."""
+    from synthtrial.grade.agreement import array_agreement, reading_of
+    from synthtrial.grade.raters import read_arrays
+
+    if case == "default":
+        counts = np.random.default_rng(4).integers(0, 50, size=60)
+        images, lesions = papule_table(counts)
+        lesions["type"] = np.random.default_rng(5).choice(["papule", "open_comedo", "pustule", "nodule", "mark"],
+                                                          len(lesions))
+        lesions["diameter_mm"] = np.random.default_rng(6).uniform(0.5, 4.0, len(lesions))
+        panel = Panel(reread_fraction=0.3)
+        raters = draw_raters(panel, 4, seed=2)
+        reading = read_arrays(reading_table(images, lesions, panel), panel, raters, seed=2)
+    else:
+        rng = np.random.default_rng(9)
+        grades = rng.choice([0, 2, 4], size=(4, 50))
+        grades[2] = 2           # a constant rater
+        grades[3] = grades[0]   # two identical raters
+        reading = {"count": rng.integers(0, 9, size=(4, 50)), "iga": grades,
+                   "hayashi_level": rng.choice([1, 3], size=(4, 50)), "reread": None}
+    names = [f"r{k}" for k in range(reading["count"].shape[0])]
+    fast = array_agreement(reading)
+    tabulated = _tabulated(reading, names)
+    slow = observed_agreement(tabulated)
+    again = array_agreement(reading_of(tabulated))
+    assert list(fast) == list(slow)
+    for key, value in slow.items():
+        if np.isnan(value):
+            assert np.isnan(fast[key]), key
+        else:
+            assert fast[key] == pytest.approx(value, abs=1e-9), key
+        assert again[key] == fast[key] or (np.isnan(again[key]) and np.isnan(fast[key])), key
+    if case == "default":
+        assert np.isfinite(fast[("count", "test-retest SD")])

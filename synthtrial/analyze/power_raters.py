@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from synthtrial.grade.raters import MAX_RATERS, Panel, draw_raters, read_all, reading_table
+from synthtrial.grade.raters import MAX_RATERS, Panel, draw_raters, read_arrays, reading_table
 from synthtrial.util.errors import SynthtrialError
 
 __all__ = ["RATED_PREFIX", "check_raters", "rated_outcome_names", "rated_outcomes", "trial_lesions"]
@@ -84,9 +84,8 @@ def rated_outcomes(protocol: pd.DataFrame, raters: Sequence[int], panel: Panel |
     panel = panel or Panel()
     images, lesions = trial_lesions(protocol, seed)
     people = draw_raters(panel, max(sizes), seed)
-    reads = read_all(reading_table(images, lesions, panel), panel, people, seed, stream="power", rereads=False)
-    counts = reads.pivot(index="image_index", columns="rater", values="count")[[r.name for r in people]]
-    counts = counts.to_numpy(dtype=float)
+    reads = read_arrays(reading_table(images, lesions, panel), panel, people, seed, stream="power", rereads=False)
+    counts = reads["count"].T.astype(float)  # images x raters, no table of readings built per replicate
     out = images[["patient_id", "day"]].copy()
     for k in sizes:
         out[f"{RATED_PREFIX}{k}"] = counts[:, :k].mean(axis=1)

@@ -52,7 +52,8 @@ from synthtrial.util.errors import SynthtrialError
 from synthtrial.util.seeding import derived_rng
 
 __all__ = ["ACTIVE_TYPES", "CONFUSED_AS", "DEFAULTS", "Panel", "PanelError", "RATING_COLUMNS", "Rater", "draw_raters",
-           "expected_reads", "load_panel", "panel_from_dict", "read_all", "read_images", "reading_table"]
+           "expected_reads", "load_panel", "panel_from_dict", "read_all", "read_arrays", "read_images",
+           "read_panel_once", "reading_table"]
 
 ACTIVE_TYPES = scale.LESION_TYPES
 #: What a confused residue is counted as.
@@ -256,30 +257,47 @@ def reading_table(images: pd.DataFrame, lesions: pd.DataFrame, panel: Panel) -> 
 
 
 def _detected(table: dict[str, np.ndarray], u: np.ndarray) -> np.ndarray:
-    """(images, types) counts of the lesions whose uniform draw ``u`` falls under their chance of being counted."""
-    hit = u < table["p"]
-    out = np.zeros((int(table["n_images"]), len(ACTIVE_TYPES)))
-    np.add.at(out, (table["image"][hit], table["type"][hit]), 1.0)
-    return out
+    """(readers, images, types) counts of the lesions whose uniform draw ``u`` (readers x lesion rows) falls under
+    their chance of being counted."""
+    n_images, n_types = int(table["n_images"]), len(ACTIVE_TYPES)
+    cell = table["image"] * n_types + table["type"]
+    readers = u.shape[0]
+    hit = u < table["p"][None, :]
+    flat = (np.arange(readers)[:, None] * (n_images * n_types) + cell[None, :])[hit]
+    counts = np.bincount(flat, minlength=readers * n_images * n_types)
+    return counts.reshape(readers, n_images, n_types).astype(float)
+
+
+def read_panel_once(table: dict[str, np.ndarray], panel: Panel, raters: list[Rater], u: np.ndarray,
+                    z: np.ndarray) -> dict[str, np.ndarray]:
+    """Every rater's reading of every image at once: ``u`` uniform draws (raters x lesion rows), ``z`` standard
+    normals (raters x images). Returns the count, IGA and Hayashi level (raters x images) and the per-type counts
+    (raters x images x types)."""
+    detected = _detected(table, u)
+    total = detected.sum(axis=2)
+    scale_ = np.array([r.scale for r in raters])[:, None]
+    drift = np.array([r.drift for r in raters])[:, None]
+    bias = np.array([r.bias for r in raters])[:, None]
+    factor = scale_ * np.exp(drift * table["calendar_day"][None, :] / 100.0)
+    noise_sd = np.sqrt(panel.read_sd**2 + (panel.read_cv * total) ** 2)
+    count = np.maximum(0.0, np.rint(factor * total + bias + noise_sd * z))
+    k, n = count.shape
+    per_type = _split(count.ravel(), detected.reshape(k * n, -1)).reshape(k, n, -1)
+    shrink = np.exp(-np.array([r.threshold_shift for r in raters]))[:, None]
+    inflammatory = per_type[:, :, [ACTIVE_TYPES.index(t) for t in scale.INFLAMMATORY_TYPES]].sum(axis=2)
+    nodule = per_type[:, :, ACTIVE_TYPES.index("nodule")]
+    iga = scale.iga_from_counts(inflammatory * shrink, nodule * shrink)
+    level = scale.acne04_level_from_count(count * shrink)
+    return {"count": count.astype(np.int64), "per_type": per_type.astype(np.int64),
+            "iga": np.asarray(iga, np.int64), "hayashi_level": np.asarray(level, np.int64)}
 
 
 def read_images(table: dict[str, np.ndarray], panel: Panel, rater: Rater, u: np.ndarray,
                 z: np.ndarray) -> dict[str, np.ndarray]:
     """One rater's reading of every image: ``u`` uniform draws per lesion row, ``z`` standard normals per image.
     Returns the count, the per-type counts (images x types), IGA and Hayashi level."""
-    detected = _detected(table, u)
-    total = detected.sum(axis=1)
-    factor = rater.scale * np.exp(rater.drift * table["calendar_day"] / 100.0)
-    noise_sd = np.sqrt(panel.read_sd**2 + (panel.read_cv * total) ** 2)
-    count = np.maximum(0.0, np.rint(factor * total + rater.bias + noise_sd * z))
-    per_type = _split(count, detected)
-    shrink = math.exp(-rater.threshold_shift)
-    inflammatory = per_type[:, [ACTIVE_TYPES.index(t) for t in scale.INFLAMMATORY_TYPES]].sum(axis=1)
-    nodule = per_type[:, ACTIVE_TYPES.index("nodule")]
-    iga = scale.iga_from_counts(inflammatory * shrink, nodule * shrink)
-    level = scale.acne04_level_from_count(count * shrink)
-    return {"count": count.astype(np.int64), "per_type": per_type.astype(np.int64),
-            "iga": np.asarray(iga, np.int64), "hayashi_level": np.asarray(level, np.int64)}
+    reading = read_panel_once(table, panel, [rater], u[None, :], z[None, :])
+    return {key: value[0] for key, value in reading.items()}
 
 
 def _split(count: np.ndarray, detected: np.ndarray) -> np.ndarray:
@@ -297,31 +315,58 @@ def _split(count: np.ndarray, detected: np.ndarray) -> np.ndarray:
     return base + (rank < left[:, None])
 
 
+def read_arrays(table: dict[str, np.ndarray], panel: Panel, raters: list[Rater], seed: int,
+                stream: object = "read", rereads: bool = True) -> dict[str, Any]:
+    """Every rater's reading of every image as arrays (:func:`read_panel_once`'s, raters x images), plus
+    ``reread``: per rater the indices of the images it read again and that second reading (``None`` without
+    rereads). Rater k draws from its own stream (``stream``, ``seed``, k): its first reading's uniforms and
+    normals, then which images it rereads, then the second reading's; :func:`read_all` tabulates the same draws."""
+    n_images, n_lesions = int(table["n_images"]), len(table["p"])
+    draws = {"u": [], "z": [], "again": [], "u2": [], "z2": []}
+    again_too = rereads and panel.reread_fraction > 0
+    for k in range(len(raters)):
+        rng = derived_rng(stream, seed, k)
+        draws["u"].append(rng.random(n_lesions))
+        draws["z"].append(rng.standard_normal(n_images))
+        if again_too:
+            draws["again"].append(np.flatnonzero(rng.random(n_images) < panel.reread_fraction))
+            draws["u2"].append(rng.random(n_lesions))
+            draws["z2"].append(rng.standard_normal(n_images))
+    first = read_panel_once(table, panel, raters, np.stack(draws["u"]).reshape(len(raters), n_lesions),
+                            np.stack(draws["z"]))
+    first["reread"] = None
+    if again_too:
+        second = read_panel_once(table, panel, raters, np.stack(draws["u2"]).reshape(len(raters), n_lesions),
+                                 np.stack(draws["z2"]))
+        first["reread"] = [(idx, {key: value[k][idx] for key, value in second.items()})
+                           for k, idx in enumerate(draws["again"])]
+    return first
+
+
 def read_all(table: dict[str, np.ndarray], panel: Panel, raters: list[Rater], seed: int,
              stream: object = "read", rereads: bool = True) -> pd.DataFrame:
     """Every rater's reading of every image (rater by rater, images in ``table`` order), with each rater's rereads
     (a ``reread_fraction`` of the images) after its first reads; the columns of :data:`RATING_COLUMNS` but
     ``image``, which is the image's index (``image_index``). ``stream`` names the draws (another stream: another
     reading by the same panel, as the agreement's simulation uses)."""
-    n_images, n_lesions = int(table["n_images"]), len(table["p"])
+    reading = read_arrays(table, panel, raters, seed, stream, rereads)
+    n_images = int(table["n_images"])
     frames = []
     for k, rater in enumerate(raters):
-        rng = derived_rng(stream, seed, k)
-        first = read_images(table, panel, rater, rng.random(n_lesions), rng.standard_normal(n_images))
-        parts = [(np.arange(n_images), False, first)]
-        if rereads and panel.reread_fraction > 0:
-            again = np.flatnonzero(rng.random(n_images) < panel.reread_fraction)
-            second = read_images(table, panel, rater, rng.random(n_lesions), rng.standard_normal(n_images))
-            parts.append((again, True, {key: value[again] for key, value in second.items()}))
-        for idx, reread, reading in parts:
-            frame = pd.DataFrame({"rater": rater.name, "image_index": idx, "reread": reread,
-                                  "count": reading["count"]})
+        parts = [(np.arange(n_images), False, {key: reading[key][k] for key in _READ_KEYS})]
+        if reading["reread"] is not None:
+            parts.append((reading["reread"][k][0], True, reading["reread"][k][1]))
+        for idx, reread, one in parts:
+            frame = pd.DataFrame({"rater": rater.name, "image_index": idx, "reread": reread, "count": one["count"]})
             for t, name in enumerate(ACTIVE_TYPES):
-                frame[f"n_{name}"] = reading["per_type"][:, t]
-            frame["iga"] = reading["iga"]
-            frame["hayashi_level"] = reading["hayashi_level"]
+                frame[f"n_{name}"] = one["per_type"][:, t]
+            frame["iga"] = one["iga"]
+            frame["hayashi_level"] = one["hayashi_level"]
             frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+_READ_KEYS = ("count", "per_type", "iga", "hayashi_level")
 
 
 def expected_reads(table: dict[str, np.ndarray], panel: Panel, raters: list[Rater]) -> tuple[np.ndarray, np.ndarray]:
