@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -409,6 +410,9 @@ def test_browser_run_page_shows_accuracy_and_effects(browser, server, run):
     effects = pd.read_csv(run / "analysis" / "effects.csv")
     assert len(pooled) == int((~effects["scope"].isin(["P1", "P2"])).sum()) > 0
     assert browser.find_elements(By.CSS_SELECTOR, "#effects .truth-mark")
+    header = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#effects thead th")]
+    shown_p = [r.find_elements(By.TAG_NAME, "td")[header.index("p")].text for r in pooled]
+    assert all(re.fullmatch(r"<0\.001|0\.\d\d\d?|1\.00|–", p) for p in shown_p), shown_p   # as format_p prints
     links = browser.find_elements(By.CSS_SELECTOR, "#patients a")
     assert [a.text for a in links] == ["P1", "P2"]
 
