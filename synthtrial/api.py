@@ -210,7 +210,7 @@ def grade(run: PathLike | GenerateResult, graders: Sequence[str] | str | None = 
     from synthtrial.graders.cards import default_graders
     from synthtrial.run import rundir
     from synthtrial.run.rundir import read_json
-    from synthtrial.util.progress import progress_bar
+    from synthtrial.util.progress import StageBars
 
     run_dir = run.run if isinstance(run, GenerateResult) else Path(run)
     names = ([n.strip() for n in graders.split(",") if n.strip()] if isinstance(graders, str)
@@ -219,7 +219,7 @@ def grade(run: PathLike | GenerateResult, graders: Sequence[str] | str | None = 
     if stray:
         raise GraderError(f"weights for '{stray[0]}', which is not among the graders run ({', '.join(names)})")
     built = [get_grader(n, (weights or {}).get(n), device=device) for n in names]
-    with progress_bar("grading", 1, unit="images", enabled=progress) as update:
+    with StageBars("grading", unit="images", enabled=progress) as update:   # one bar per grader, as the CLI
         path = grade_run(run_dir, built, batch_size=batch_size, progress=update)
     index = read_json(run_dir / rundir.GRADES_INDEX).get("graders", {})
     outcomes = [c for n in names for c in index.get(n, {}).get("outcomes", [])]

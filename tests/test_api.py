@@ -102,3 +102,33 @@ def test_power_takes_a_designed_trial(tmp_path):
     study = synthtrial.power(trial, replicates=2, progress=False, methods=("lmm",), outcomes=("oracle",))
     assert study.scenarios == ("d 2d x1",)
     assert set(study.summary["method"]) == {"lmm"} and len(study.estimates) == 2
+
+
+def test_grade_opens_one_bar_per_grader_counting_images(tmp_path, monkeypatch):
+    """synthtrial.grade shows what `synthtrial grade` shows: a bar per grader, each counting that grader's images."""
+    opened = []
+
+    class FakeBar:
+        def __init__(self, what, total, *, unit, enabled):
+            opened.append((what, total, unit))
+
+        def __enter__(self):
+            return lambda done, total, status: None
+
+        def __exit__(self, *exc):
+            pass
+
+    class Stop(Exception):
+        pass
+
+    def fake_grade_run(run, graders, *, batch_size, progress):
+        for grader in graders:
+            for done in (0, 3, 6):
+                progress(done, 6, grader.name)
+        raise Stop
+
+    monkeypatch.setattr("synthtrial.util.progress.progress_bar", FakeBar)
+    monkeypatch.setattr("synthtrial.grade.stage.grade_run", fake_grade_run)
+    with pytest.raises(Stop):
+        synthtrial.grade(tmp_path, ["counter", "iga"])
+    assert opened == [("grading counter", 6, "images"), ("grading iga", 6, "images")]

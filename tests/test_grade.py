@@ -283,7 +283,7 @@ def test_progress_counts_images_per_grader(run):
 
 
 def test_the_cli_opens_one_bar_per_grader():
-    from synthtrial.cli.graders import GraderBars
+    from synthtrial.util.progress import StageBars
 
     events = []
 
@@ -298,7 +298,7 @@ def test_the_cli_opens_one_bar_per_grader():
         def __exit__(self, *exc):
             events.append(("close", self.what))
 
-    with GraderBars(bar=FakeBar) as update:
+    with StageBars("grading", unit="images", bar=FakeBar) as update:
         for name in ("counter", "iga"):
             for done in (0, 24, 48):
                 update(done, 48, name)

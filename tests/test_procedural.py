@@ -3,6 +3,7 @@ and dark skin, follow the light, and come back bit-identical for the same seed."
 
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -397,6 +398,20 @@ def test_grain_restores_the_noise_level_inside_a_dark_plug():
     assert before == pytest.approx(6.0, rel=0.1)
     assert photo_stats(clean, cores).noise_sigma < 0.9 * before
     assert photo_stats(grainy, cores).noise_sigma == pytest.approx(before, rel=0.08)
+
+
+def test_stacked_dark_plugs_on_very_dark_skin_stay_finite():
+    # nine overlapping open comedones on near-black skin push L* below -16; the grain's darkening ratio
+    # must clamp at 0 (black) instead of becoming NaN and casting to uint8 with a RuntimeWarning
+    rgb = (10, 8, 6)
+    img, mask = synth_face(rgb, n=120, noise=4.0, seed=2)
+    st = PhotoStats((1.0, 0.0), 4.0, 0.5, rgb)
+    plugs = [one("open_comedo", cx=60.5 + i % 3, cy=60.5 + i // 3, r=6.0, seed=i, lesion_id=i) for i in range(9)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = RENDER(img, plugs, skin_mask=mask, stats=st, seed=0).image
+    assert out[58:63, 58:63].mean() < 8                 # the plugs' core is black (plus grain)
+    assert (out != img).any()
 
 
 def test_a_lesion_keeps_its_shape_when_it_moves(light_face):

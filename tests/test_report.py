@@ -285,3 +285,11 @@ def test_image_strip_outlines_lesions_in_their_type_colour(quick_run_256):
     assert changed.any()  # outlines were drawn
     outline = first[changed]
     assert all(tuple(px) in set(TYPE_COLOURS.values()) for px in outline)  # in the types' colours only
+
+
+def test_report_prints_p_values_as_every_command_does():
+    """The report's p-values are format_p's (0.41, 0.042, <0.001), never scientific; "" where there is none."""
+    from synthtrial.analyze.report_tables import p_value
+
+    assert [p_value(p) for p in (0.41, 0.0421, 0.0012, 3.1e-07, float("nan"), None)] == \
+        ["0.41", "0.042", "0.001", "<0.001", "", ""]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -211,6 +212,22 @@ def test_server_answers_listed_paths_and_404_for_the_rest(run, server):
         assert b"day-slider" in r.read()
 
 
+def test_both_pages_share_one_layout(view):
+    """index.html and run.html are layout.html filled in: same head and header, their own title, nav mark, main
+    and script; the layout and the fragments are not served themselves."""
+    site = view.site()
+    pages = {name: site[name][1]().decode("utf-8") for name in ("index.html", "run.html")}
+    heads = {name: html[:html.index("<main")] for name, html in pages.items()}
+    assert heads["index.html"].replace("patients", "run").replace('"index.html" class="current"', '"index.html"') \
+        == heads["run.html"].replace('"run.html" class="current"', '"run.html"')
+    assert '<a href="index.html" class="current">Patients</a>' in pages["index.html"]
+    assert '<a href="run.html" class="current">Run</a>' in pages["run.html"]
+    assert 'src="assets/patient.js"' in pages["index.html"] and 'id="day-slider"' in pages["index.html"]
+    assert 'src="assets/run.js"' in pages["run.html"] and 'id="accuracy"' in pages["run.html"]
+    assert all("$" not in html for html in pages.values())      # every placeholder filled
+    assert not {k for k in site if k.endswith(("layout.html", ".main.html"))}
+
+
 def test_port_taken_explicitly_is_an_error_default_falls_back(view):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -393,6 +410,9 @@ def test_browser_run_page_shows_accuracy_and_effects(browser, server, run):
     effects = pd.read_csv(run / "analysis" / "effects.csv")
     assert len(pooled) == int((~effects["scope"].isin(["P1", "P2"])).sum()) > 0
     assert browser.find_elements(By.CSS_SELECTOR, "#effects .truth-mark")
+    header = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#effects thead th")]
+    shown_p = [r.find_elements(By.TAG_NAME, "td")[header.index("p")].text for r in pooled]
+    assert all(re.fullmatch(r"<0\.001|0\.\d\d\d?|1\.00|–", p) for p in shown_p), shown_p   # as format_p prints
     links = browser.find_elements(By.CSS_SELECTOR, "#patients a")
     assert [a.text for a in links] == ["P1", "P2"]
 

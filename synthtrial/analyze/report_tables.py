@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from synthtrial.analyze.estimate import format_p
 from synthtrial.analyze.estimators import NOT_AVAILABLE, POOLED
 
 #: Decimals of estimates and intervals in the report.
@@ -62,10 +63,11 @@ def number(value: Any, digits: int = DIGITS) -> str:
 
 
 def p_value(p: Any) -> str:
-    """A p-value in two significant digits (0.043, 0.0012, 3.1e-07); "" where there is none."""
+    """A p-value as every command prints it (:func:`~synthtrial.analyze.estimate.format_p`: ``0.41``, ``0.042``,
+    ``<0.001``); "" where there is none."""
     if p is None or not np.isfinite(p):
         return ""
-    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+    return format_p(p)
 
 
 def interval(estimate: Any, low: Any, high: Any, digits: int = DIGITS) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich import box
@@ -12,7 +12,7 @@ from synthtrial.cli.common import (BatchSize, Device, Quiet, RunLocation, Schedu
                                    handles_errors, out)
 from synthtrial.cli.jsonout import emit, json_option
 from synthtrial.util.cluster import MAX_WORKERS
-from synthtrial.util.progress import ProgressCallback, progress_bar
+from synthtrial.util.progress import StageBars
 
 GradersJson = json_option("the list")
 
@@ -62,41 +62,9 @@ def grade_command(
 
         resolve_device(device)
     built = [get_grader(n, chosen.get(n), device=device) for n in names]
-    with GraderBars(enabled=not quiet) as update:
+    with StageBars("grading", unit="images", enabled=not quiet) as update:
         path = grade_run(run, built, batch_size=batch_size, progress=update, workers=workers, scheduler=scheduler)
     out.print(f"[green]wrote[/green] {path} ({', '.join(names)})")
-
-
-class GraderBars:
-    """One progress bar per grader, counting its images: ``grade_run`` reports ``(done, images, grader)``, and a
-    new grader closes the bar of the one before and opens its own, so each ETA is at that grader's own rate.
-    ``bar`` makes a bar (:class:`~synthtrial.util.progress.progress_bar`'s signature; a fake one in tests)."""
-
-    def __init__(self, *, enabled: bool = True, bar: Callable[..., Any] = progress_bar) -> None:
-        self._enabled, self._bar = enabled, bar
-        self._open: Any = None
-        self._update: ProgressCallback | None = None
-        self._grader: str | None = None
-
-    def __enter__(self) -> ProgressCallback:
-        return self.update
-
-    def update(self, done: int, total: int, grader: str) -> None:
-        if grader != self._grader:
-            self.close()
-            self._grader, self._open = grader, self._bar(f"grading {grader}", total, unit="images",
-                                                         enabled=self._enabled)
-            self._update = self._open.__enter__()
-        if self._update is not None:
-            self._update(done, total, "")
-
-    def close(self, *exc: object) -> None:
-        if self._open is not None:
-            self._open.__exit__(*(exc or (None, None, None)))
-        self._open = self._update = None
-
-    def __exit__(self, *exc: object) -> None:
-        self.close(*exc)
 
 
 @graders_app.command("list")

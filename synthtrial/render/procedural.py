@@ -462,7 +462,9 @@ class ProceduralRenderer:
         # (sRGB ~ Y^(1/2.4), L* + 16 ~ Y^(1/3)); fresh grain restores it, so lesions are not too clean
         noise = float(stats.noise_sigma)
         if noise > 0:
-            ratio = np.minimum((new_lab[:, 0, 0] + 16) / np.maximum(lab[:, 0, 0] + 16, 1e-3), 1)
+            # L' + 16 < 0 (stacked dark cores on very dark skin) is black, as lab2rgb clamps it: ratio 0, not a
+            # negative base that cv2.pow would turn into NaN
+            ratio = np.clip((new_lab[:, 0, 0] + 16) / np.maximum(lab[:, 0, 0] + 16, 1e-3), 0, 1)
             keep = cv2.pow(ratio, 0.25).ravel()
             gstd = noise * np.sqrt(np.maximum(1 - keep * keep, 0))
             rng = np.random.default_rng([seed & _U64, 0x67A1, *(_as_int(les.seed, "seed") & _U64 for les in lesions)])

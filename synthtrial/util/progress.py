@@ -62,3 +62,37 @@ class progress_bar:
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.__exit__(*exc)
+
+
+class StageBars:
+    """One bar per stage of a job that reports ``progress(done, total, stage)`` (``grade_run``: one grader's images
+    at a time): a new stage closes the bar before and opens ``"{what} {stage}"``, so each count and ETA is that
+    stage's own. ``with StageBars("grading", unit="images") as update: ...``; ``bar`` makes a bar
+    (:class:`progress_bar`'s signature; a fake one in tests)."""
+
+    def __init__(self, what: str, *, unit: str = "", enabled: bool = True,
+                 bar: Callable[..., object] | None = None) -> None:
+        self._what, self._unit, self._enabled, self._bar = what, unit, enabled, bar or progress_bar
+        self._open: object = None
+        self._update: ProgressCallback | None = None
+        self._stage: str | None = None
+
+    def __enter__(self) -> ProgressCallback:
+        return self.update
+
+    def update(self, done: int, total: int, stage: str) -> None:
+        if stage != self._stage:
+            self.close()
+            self._stage = stage
+            self._open = self._bar(f"{self._what} {stage}", total, unit=self._unit, enabled=self._enabled)
+            self._update = self._open.__enter__()
+        if self._update is not None:
+            self._update(done, total, "")
+
+    def close(self, *exc: object) -> None:
+        if self._open is not None:
+            self._open.__exit__(*(exc or (None, None, None)))
+        self._open = self._update = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(*exc)

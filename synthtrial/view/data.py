@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -63,7 +64,11 @@ EFFECT_COLUMNS = ("outcome", "method", "role", "scope", "arm", "reference", "est
 MANIFEST_NEEDS = ("image", "mask", "patient_id", "day", "view", "treatment", "severity", "lesion_count", "iga",
                   "sha256", "width", "height")
 _CHARACTERISTIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-PAGES = ("index.html", "run.html")
+#: The pages: URL -> (nav label, title, its ``<main>`` fragment, its script). Each is ``layout.html`` (the shared
+#: head, header and nav) filled in with :class:`string.Template`; the fragments are not served themselves.
+PAGES = {"index.html": ("Patients", "patients", "index.main.html", "patient.js"),
+         "run.html": ("Run", "run", "run.main.html", "run.js")}
+LAYOUT = "layout.html"
 
 
 def scale_of(name: str) -> str:
@@ -300,12 +305,28 @@ class RunView:
 
 
 def assets() -> dict[str, tuple[str, Callable[[], bytes]]]:
-    """The web app's files shipped in the package (``synthtrial/view/assets``): name -> (type, reader)."""
+    """The web app's files shipped in the package (``synthtrial/view/assets``): name -> (type, reader); the
+    pages (:data:`PAGES`) are made from the layout and their fragments, which are not listed themselves."""
     kinds = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
              ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
     folder = resources.files("synthtrial.view") / "assets"
-    return {item.name: (kinds[Path(item.name).suffix], item.read_bytes) for item in folder.iterdir()
-            if item.is_file() and Path(item.name).suffix in kinds}
+    parts = {LAYOUT, *(fragment for _, _, fragment, _ in PAGES.values())}
+    files = {item.name: (kinds[Path(item.name).suffix], item.read_bytes) for item in folder.iterdir()
+             if item.is_file() and Path(item.name).suffix in kinds and item.name not in parts}
+    for name in PAGES:
+        files[name] = (kinds[".html"], lambda name=name: page(name))
+    return files
+
+
+def page(name: str) -> bytes:
+    """The HTML of page ``name`` (a key of :data:`PAGES`): the layout with its title, nav, main and script."""
+    folder = resources.files("synthtrial.view") / "assets"
+    _, title, fragment, script = PAGES[name]
+    current = ' class="current"'
+    nav = "".join(f'<a href="{url}"{current if url == name else ""}>{label}</a>' for url, (label, *_) in PAGES.items())
+    layout = string.Template((folder / LAYOUT).read_text(encoding="utf-8"))
+    return layout.substitute(title=title, nav=nav, main=(folder / fragment).read_text(encoding="utf-8"),
+                             script=script).encode("utf-8")
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -34,6 +34,13 @@ function fmt(value, digits) {
   return Number.isInteger(value) && digits === undefined ? String(value) : value.toFixed(digits === undefined ? 2 : digits);
 }
 
+// a p-value as every command prints it (synthtrial.analyze.estimate.format_p): 0.41, 0.042, <0.001
+function fmtP(value) {
+  if (value === null || value === undefined || Number.isNaN(value)) return "–";
+  if (value < 0.001) return "<0.001";
+  return value.toFixed(Math.round(value * 1000) / 1000 < 0.1 ? 3 : 2);
+}
+
 // a linear map from [d0, d1] to [r0, r1] (a constant domain maps to the middle)
 function linear(d0, d1, r0, r1) {
   if (d1 === d0) return () => (r0 + r1) / 2;

@@ -91,7 +91,7 @@ function effects(page, index) {
       const tr = h("tr", {}, null, body);
       for (const c of columns) {
         const v = row[col[c]];
-        h("td", {class: typeof v === "string" ? "text" : ""}, c === "p" ? fmt(v, 3) : fmt(v), tr);
+        h("td", {class: typeof v === "string" ? "text" : ""}, c === "p" ? fmtP(v) : fmt(v), tr);
       }
       intervalCell(row, col, h("td", {class: "text"}, null, tr));
     }
