@@ -114,10 +114,26 @@ def test_the_pooled_study_reuses_the_main_studys_trials_and_gets_the_same_number
     main = StudySettings(methods=G.GRID_METHODS, outcomes=("oracle",), seed=3)
     pooled = StudySettings(methods=G.GRID_POOLED_METHODS, outcomes=("oracle",), seed=3)
     estimates, _ = power_study(scenarios, replicates=2, settings=main)
-    known = G.known_pooled(estimates, [s.name for s in scenarios])
+    known = G.known_pooled(G.pooled_trials(estimates), [s.name for s in scenarios])
     assert sorted(known) == [(0, 0), (0, 1)]
     reused, summary = power_study(scenarios, replicates=3, settings=pooled, known=known)
     fresh, fresh_summary = power_study(scenarios, replicates=3, settings=pooled)
     pd.testing.assert_frame_equal(reused, fresh)
     pd.testing.assert_frame_equal(summary, fresh_summary)
     assert set(reused["method"]) == set(G.GRID_POOLED_METHODS) and sorted(set(reused["replicate"])) == [0, 1, 2]
+
+
+def test_known_pooled_picks_each_batchs_scenarios_from_rows_grouped_once():
+    estimates = pd.DataFrame({"scenario": ["a", "a", "b", "b", "c", "a", "c"],
+                              "replicate": [0, 0, 0, 0, 0, 1, 1],
+                              "method": ["lmm", "period", "lmm_cr1", "lmm", "lmm", "lmm", "period"],
+                              "estimate": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]})
+    trials = G.pooled_trials(estimates)
+    assert {name: sorted(reps) for name, reps in trials.items()} == {"a": [0, 1], "b": [0], "c": [0]}
+    second = G.known_pooled(trials, ["c", "b"])             # indices within the batch
+    assert sorted(second) == [(0, 0), (1, 0)]
+    assert second[(1, 0)].to_dict("list") == {"scenario": ["b", "b"], "replicate": [0, 0],
+                                              "method": ["lmm_cr1", "lmm"], "estimate": [3.0, 4.0]}
+    assert list(second[(0, 0)].index) == [0]
+    assert G.known_pooled(trials, ["a"])[(0, 1)]["estimate"].tolist() == [6.0]
+    assert G.known_pooled(trials, ["z"]) == {}

@@ -31,7 +31,7 @@ Choices, stated once:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -64,14 +64,22 @@ def pooled_replicates(replicates: int) -> int:
     return GRID_PATIENTS * int(replicates)
 
 
-def known_pooled(estimates: pd.DataFrame, scenario_names: Sequence[str]) -> dict[tuple[int, int], pd.DataFrame]:
-    """The pooled methods' rows of the grid's main study, per (scenario index, replicate): what the pooled study
-    computes for those trials (the pooled fit does not depend on the other methods), so it need not again.
+def pooled_trials(estimates: pd.DataFrame) -> dict[str, dict[int, pd.DataFrame]]:
+    """The pooled methods' rows of the grid's main study, per scenario name and replicate, grouped once (the
+    pooled study runs in batches of scenarios; :func:`known_pooled` picks each batch's)."""
+    pooled = estimates[estimates["method"].isin(GRID_POOLED_METHODS)]
+    trials: dict[str, dict[int, pd.DataFrame]] = {}
+    for (name, r), frame in pooled.groupby(["scenario", "replicate"], sort=False):
+        trials.setdefault(name, {})[int(r)] = frame.reset_index(drop=True)
+    return trials
+
+
+def known_pooled(trials: Mapping[str, Mapping[int, pd.DataFrame]],
+                 scenario_names: Sequence[str]) -> dict[tuple[int, int], pd.DataFrame]:
+    """Per (scenario index, replicate) of ``scenario_names``, the rows :func:`pooled_trials` holds: what the pooled
+    study computes for those trials (the pooled fit does not depend on the other methods), so it need not again.
     Scenarios not named are left out."""
-    index = {name: i for i, name in enumerate(scenario_names)}
-    pooled = estimates[estimates["method"].isin(GRID_POOLED_METHODS) & estimates["scenario"].isin(index)]
-    return {(index[name], int(r)): frame.reset_index(drop=True)
-            for (name, r), frame in pooled.groupby(["scenario", "replicate"], sort=False)}
+    return {(i, r): frame for i, name in enumerate(scenario_names) for r, frame in trials.get(name, {}).items()}
 
 
 def merge_pooled(frame: pd.DataFrame, pooled: pd.DataFrame) -> pd.DataFrame:

@@ -88,22 +88,45 @@ def adjust_responders(effects: pd.DataFrame, alpha: float = 0.05, *, within: Seq
                                                  dtype=object))
 
 
+def group_ids(frame: pd.DataFrame, keys: Sequence[str], *, dropna: bool = True) -> np.ndarray:
+    """Each row's group of ``keys``, numbered as ``frame.groupby(keys, sort=False, dropna=dropna)`` numbers them (in
+    order of first appearance); -1 for a row with a missing key where ``dropna`` (pandas leaves it out)."""
+    ids = frame.groupby(list(keys), sort=False, dropna=dropna).ngroup()
+    return ids.fillna(-1).to_numpy(dtype=np.int64)
+
+
 def familywise(estimates: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """Per ``keys`` (a summary's keys), over the simulated trials (``replicate``) whose family has at least one
     call: ``trials`` and the share with at least one responder call, unadjusted, Holm and BH (``familywise``,
-    ``familywise_holm``, ``familywise_bh``; under the null, the family-wise error). Per-patient rows only."""
-    rows = estimates[estimates["scope"].astype(str) != POOLED]
+    ``familywise_holm``, ``familywise_bh``; under the null, the family-wise error). Per-patient rows only.
+
+    Computed on group numbers (:func:`group_ids`) and counts, with the rows of a ``groupby`` over keys and trial
+    (missing keys a group of their own), in the order of each group's first trial with a call."""
+    per_patient = (estimates["scope"].astype(str) != POOLED).to_numpy()
     columns = ["trials", "familywise", "familywise_holm", "familywise_bh"]
-    if rows.empty:
+    if not per_patient.any():
         return pd.DataFrame(columns=[*keys, *columns])
-    called = rows[["responder", "responder_holm", "responder_bh"]]
-    frame = rows[list(keys) + ["replicate"]].assign(
-        has=called["responder"].notna().to_numpy(),
-        **{c: called[c].eq(True).to_numpy() for c in called.columns})
-    per_trial = frame.groupby([*keys, "replicate"], sort=False, dropna=False)[
-        ["has", "responder", "responder_holm", "responder_bh"]].any()
-    per_trial = per_trial[per_trial["has"]]
-    out = per_trial.groupby(list(keys), sort=False, dropna=False).agg(
-        trials=("has", "size"), familywise=("responder", "mean"), familywise_holm=("responder_holm", "mean"),
-        familywise_bh=("responder_bh", "mean"))
-    return out.reset_index()
+    group = group_ids(estimates, keys, dropna=False)[per_patient]
+    _, replicate = np.unique(estimates["replicate"].to_numpy()[per_patient], return_inverse=True)
+    _, first_row, trial = np.unique(group * (replicate.max() + 1) + replicate.reshape(-1),
+                                    return_index=True, return_inverse=True)
+    trial = trial.reshape(-1)
+
+    def per_trial(flags: pd.Series) -> np.ndarray:          # any row of the trial's family
+        return np.bincount(trial, weights=flags.to_numpy(dtype=float)[per_patient], minlength=first_row.size) > 0
+
+    has = per_trial(estimates["responder"].notna())
+    calls = {name: per_trial(estimates[column].eq(True)) for name, column in
+             (("familywise", "responder"), ("familywise_holm", "responder_holm"), ("familywise_bh", "responder_bh"))}
+    trial_group = group[first_row]                              # each trial's group
+    trials = np.bincount(trial_group[has], minlength=group.max() + 1)
+    starts = np.full(trials.size, first_row.max() + 1)
+    np.minimum.at(starts, trial_group[has], first_row[has])     # where each group's first trial with a call starts
+    kept = np.flatnonzero(trials)
+    kept = kept[np.argsort(starts[kept], kind="stable")]
+    rows = np.flatnonzero(per_patient)[starts[kept]]
+    out = estimates[list(keys)].iloc[rows].reset_index(drop=True)
+    out["trials"] = trials[kept].astype("int64")
+    for name, hit in calls.items():
+        out[name] = np.bincount(trial_group[has & hit], minlength=trials.size)[kept] / trials[kept]
+    return out

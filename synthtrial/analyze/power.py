@@ -17,7 +17,8 @@ Choices, stated once:
   result depends on ``seed`` only, never on the number of workers or on resuming.
 * Engine: Dask (``distributed``). ``workers >= 1`` starts a ``LocalCluster`` of that many single-threaded
   processes; ``scheduler`` connects to a running cluster instead; ``workers = 0`` runs in this process
-  (library use, tests). Replicates travel in chunks; each finished replicate is written to the cache
+  (library use, tests). Replicates travel in chunks, and each chunk comes back as one frame (the client
+  concatenates tens of frames, not one per replicate); each finished replicate is written to the cache
   folder (``<cache>/<scenario key>/r<replicate>.parquet``, atomically) when one is given, and a re-run
   reads it instead of recomputing (the key hashes every setting that changes a number). A chunk runs
   vectorised across its replicates where :mod:`synthtrial.analyze.power_batch` covers the settings (the
@@ -261,16 +262,30 @@ def run_replicate(scenario: Scenario, settings: StudySettings, replicate: int) -
     return effects
 
 
-def _run_chunk(scenario: Scenario, settings: StudySettings, replicates: list[int]) -> list[pd.DataFrame]:
+def _run_chunk(scenario: Scenario, settings: StudySettings, replicates: list[int]) -> pd.DataFrame:
+    """The chunk's replicates' frames (:func:`run_replicate`) as one, concatenated in order: one frame per chunk
+    travels back, so the client concatenates tens of frames, not one per replicate."""
     import warnings
 
-    from synthtrial.analyze.power_batch import batch_applies, run_chunk_batched
+    from synthtrial.analyze.power_batch import batch_applies, run_chunk_frame
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        if batch_applies(scenario, settings, POWER_OUTCOMES):  # the same frames, computed as arrays
-            return run_chunk_batched(scenario, settings, replicates, run_replicate)
-        return [run_replicate(scenario, settings, r) for r in replicates]
+        if batch_applies(scenario, settings, POWER_OUTCOMES):  # the same frame, computed as arrays
+            return run_chunk_frame(scenario, settings, replicates, run_replicate)
+        return pd.concat([run_replicate(scenario, settings, r) for r in replicates], ignore_index=True)
+
+
+def _runs(frame: pd.DataFrame, replicates: list[int]) -> list[tuple[int, pd.DataFrame]]:
+    """A chunk's frame (its ``replicates`` ascending) cut where the replicates skip one (a gap read from the cache),
+    as (first replicate, rows of the run): runs that, sorted, put every replicate in order."""
+    cuts = [k for k in range(1, len(replicates)) if replicates[k] != replicates[k - 1] + 1]
+    if not cuts:
+        return [(replicates[0], frame)]
+    rows = np.searchsorted(frame["replicate"].to_numpy(), [replicates[k] for k in cuts])
+    bounds = [0, *rows.tolist(), len(frame)]
+    return [(replicates[k], frame.iloc[bounds[j]:bounds[j + 1]])
+            for j, k in enumerate([0, *cuts])]
 
 
 def _cache_path(cache: Path, key: str, replicate: int) -> Path:
@@ -331,23 +346,27 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
     total, done = len(scenarios) * replicates, len(results)
     if progress and done:
         progress(done, total, "")
+    size = chunk or max(1, min(25, (total - done) // max(round(1 / PROGRESS_STEP), 8 * max(workers, 1))))
+    chunks = pending_chunks(len(scenarios), replicates, settings, results, size)
+    runs: dict[tuple[int, int], pd.DataFrame] = dict(results)   # (scenario, first replicate): a run's rows
 
     def phase(status: str) -> None:
         if progress:
             progress(done, total, status)
 
-    def finished(i: int, frames: list[pd.DataFrame], reps: list[int]) -> None:
+    def finished(i: int, frame: pd.DataFrame, reps: list[int]) -> None:
         nonlocal done
-        for r, frame in zip(reps, frames, strict=True):
-            results[(i, r)] = frame
-            if cache_dir is not None:
-                _write_cached(_cache_path(cache_dir, keys[i], r), frame)
+        runs.update({(i, first): rows for first, rows in _runs(frame, reps)})
+        if cache_dir is not None:
+            from synthtrial.analyze.power_batch import split_replicates
+
+            for r, one in split_replicates(frame):
+                _write_cached(_cache_path(cache_dir, keys[i], r), one)
+        for _ in reps:
             done += 1
             if progress:
                 progress(done, total, "")
 
-    size = chunk or max(1, min(25, (total - len(results)) // max(round(1 / PROGRESS_STEP), 8 * max(workers, 1))))
-    chunks = pending_chunks(len(scenarios), replicates, settings, results, size)
     first = next(chunks, None)
     if first is None:
         pass  # everything came from the cache
@@ -356,8 +375,7 @@ def power_study(scenarios: Sequence[Scenario] | TrialDesign, model: SeverityMode
             finished(i, _run_chunk(scenarios[i], settings, reps), reps)
     else:
         _run_dask(itertools.chain([first], chunks), scenarios, settings, workers, scheduler, finished, phase)
-    estimates = pd.concat([results[(i, r)] for i in range(len(scenarios)) for r in range(replicates)],
-                          ignore_index=True)
+    estimates = pd.concat([runs[key] for key in sorted(runs)], ignore_index=True)
     return estimates, summarize_power(estimates, settings.alpha)
 
 
@@ -429,7 +447,7 @@ def _run_dask(chunks: Iterator[tuple[int, list[int]]], scenarios, settings, work
         client.run(warm_up_worker)
         phase("")
         run_tasks(client, _run_chunk, (((i, reps), (scenarios[i], settings, reps)) for i, reps in chunks),
-                  lambda tag, frames: finished(tag[0], frames, tag[1]),
+                  lambda tag, frame: finished(tag[0], frame, tag[1]),
                   ahead=64 if scheduler is not None else 4 * max(1, workers),
                   failed=lambda tag, exc: f"a replicate of scenario '{scenarios[tag[0]].name}' failed on a Dask worker")
 
@@ -439,35 +457,52 @@ def summarize_power(estimates: pd.DataFrame, alpha: float = 0.05) -> pd.DataFram
     tests with and without a p-value, bias, CI coverage, the median calibration slope (estimate on the truth,
     :func:`synthtrial.analyze.stats.standardize`), the standardised coverage, and for the
     per-patient rows the share of trials with at least one responder call, unadjusted, Holm and BH
-    (:func:`synthtrial.analyze.multiplicity.familywise`; the family-wise error where the effect is 0)."""
-    from synthtrial.analyze.multiplicity import familywise
+    (:func:`synthtrial.analyze.multiplicity.familywise`; the family-wise error where the effect is 0).
+
+    Rows are grouped once (:func:`synthtrial.analyze.multiplicity.group_ids`, pandas' numbering of the groups) and
+    counted with array operations; each mean and median is pandas' own on the group's values in row order, so
+    the numbers are those of a ``groupby`` loop, without taking the wide frame's rows per group."""
+    from synthtrial.analyze.multiplicity import familywise, group_ids
 
     level = np.where(estimates["scope"] == "pooled", "pooled", "per patient")
-    # only the columns summarised: pandas' arrow-backed strings make every take of the wide frame costly
-    wanted = [c for c in estimates.columns if c in {*SUMMARY_KEYS, "p", "population_effect", "covered", "std_covered",
-                                                    "calibration_slope", "estimand", "estimate", "true_effect",
-                                                    "bias"}]
-    data = estimates[wanted].assign(rejected=estimates["p"] < alpha, level=level)
+    keyed = estimates[[c for c in estimates.columns if c in SUMMARY_KEYS]].assign(level=level)
+    ids = group_ids(keyed, SUMMARY_KEYS)
+    groups = int(ids.max()) + 1 if ids.size else 0
+    order = np.argsort(ids, kind="stable")                         # each group's rows, in frame order
+    bounds = np.searchsorted(ids[order], np.arange(groups + 1))
+    first = order[bounds[:-1]]
+
+    def count(mask: np.ndarray) -> np.ndarray:
+        return np.bincount(ids[mask & (ids >= 0)], minlength=groups)
+
+    p = estimates["p"].to_numpy(dtype=float)
+    has_p = ~np.isnan(p)
+    tests, rejected, size = count(has_p), count(has_p & (p < alpha)), count(np.ones(ids.size, dtype=bool))
+    shares = {name: _share(estimates[name], count) if name in estimates else (np.zeros(groups, int),) * 2
+              for name in ("covered", "std_covered")}
+    slope = (estimates["calibration_slope"].replace([np.inf, -np.inf], np.nan).to_numpy(dtype=float)
+             if "calibration_slope" in estimates else None)
+    values = {name: estimates[name].to_numpy(dtype=float) for name in ("estimate", "true_effect", "bias")}
+    effects = estimates["population_effect"].to_numpy(dtype=float)[first]
+    estimands = estimates["estimand"].to_numpy()[first] if "estimand" in estimates else None
     rows = []
-    for keys, grp in data.groupby(SUMMARY_KEYS, sort=False):
-        has_p = grp["p"].notna()
-        n = int(has_p.sum())
-        rate = float(grp.loc[has_p, "rejected"].mean()) if n else np.nan
-        effect = float(grp["population_effect"].iloc[0])
-        covered = grp["covered"].dropna().astype(bool)
-        std_covered = grp["std_covered"].dropna().astype(bool) if "std_covered" in grp else pd.Series(dtype=bool)
-        slope = (grp["calibration_slope"].replace([np.inf, -np.inf], np.nan) if "calibration_slope" in grp
-                 else pd.Series(dtype=float))
+    for g, keys in enumerate(keyed[SUMMARY_KEYS].iloc[first].itertuples(index=False, name=None)):
+        at = order[bounds[g]:bounds[g + 1]]
+        n = int(tests[g])
+        rate = rejected[g] / n if n else np.nan
+        group_slope = pd.Series(slope[at]) if slope is not None else pd.Series(dtype=float)
+        (cov_k, cov_n), (std_k, std_n) = ((k[g], m[g]) for k, m in (shares["covered"], shares["std_covered"]))
         rows.append({
-            **dict(zip(SUMMARY_KEYS, keys)), **({"estimand": grp["estimand"].iloc[0]} if "estimand" in grp else {}),
-            "population_effect": effect,
-            "quantity": "type I error" if effect == 0 else "power",
+            **dict(zip(SUMMARY_KEYS, keys)), **({"estimand": estimands[g]} if estimands is not None else {}),
+            "population_effect": float(effects[g]),
+            "quantity": "type I error" if effects[g] == 0 else "power",
             "rejection_rate": rate, "mc_se": float(np.sqrt(rate * (1 - rate) / n)) if n else np.nan,
-            "tests": n, "no_p": int((~has_p).sum()),
-            "mean_estimate": float(grp["estimate"].mean()), "mean_truth": float(grp["true_effect"].mean()),
-            "bias": float(grp["bias"].mean()), "coverage": float(covered.mean()) if len(covered) else np.nan,
-            "calibration": float(slope.median()) if slope.notna().any() else np.nan,
-            "std_coverage": float(std_covered.mean()) if len(std_covered) else np.nan,
+            "tests": n, "no_p": int(size[g] - n),
+            **{name: float(pd.Series(values[column][at]).mean()) for name, column in
+               (("mean_estimate", "estimate"), ("mean_truth", "true_effect"), ("bias", "bias"))},
+            "coverage": cov_k / cov_n if cov_n else np.nan,
+            "calibration": float(group_slope.median()) if group_slope.notna().any() else np.nan,
+            "std_coverage": std_k / std_n if std_n else np.nan,
         })
     summary = pd.DataFrame(rows)
     if "responder" not in estimates.columns or summary.empty:
@@ -478,3 +513,11 @@ def summarize_power(estimates: pd.DataFrame, alpha: float = 0.05) -> pd.DataFram
     merged = summary.merge(fw, on=SUMMARY_KEYS, how="left", validate="one_to_one")
     merged["fw_trials"] = merged["fw_trials"].fillna(0).astype("int64")
     return merged
+
+
+def _share(flags: pd.Series, count) -> tuple[np.ndarray, np.ndarray]:
+    """Per group (``count(mask)``: rows per group): the flags that are true and those that are set (not None)."""
+    present = flags.notna().to_numpy()
+    true = np.zeros(present.size, dtype=bool)
+    true[present] = flags.to_numpy(dtype=object)[present].astype(bool)
+    return count(true), count(present)

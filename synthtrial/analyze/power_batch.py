@@ -76,19 +76,43 @@ def batch_applies(scenario: Any, settings: Any, outcomes: Sequence[str] = ("orac
             and batch_covers(scenario.design))
 
 
-def run_chunk_batched(scenario: Any, settings: Any, replicates: Sequence[int],
-                      redo: Callable[[Any, Any, int], pd.DataFrame]) -> list[pd.DataFrame]:
-    """``[redo(scenario, settings, r) for r in replicates]`` computed as arrays (the module docstring); ``redo`` is
-    today's path (``power.run_replicate``), called for the replicates the batch leaves to it."""
+def run_chunk_frame(scenario: Any, settings: Any, replicates: Sequence[int],
+                    redo: Callable[[Any, Any, int], pd.DataFrame]) -> pd.DataFrame:
+    """``pd.concat([redo(scenario, settings, r) for r in replicates], ignore_index=True)`` computed as arrays (the
+    module docstring): the chunk's one frame, its replicates' rows in order. ``redo`` is today's path
+    (``power.run_replicate``), called for the replicates the batch leaves to it."""
     design, model = scenario.design, scenario.model
     replicates = list(replicates)
     seeds = [derive_seed("power", settings.seed, r, bits=32) for r in replicates]
     batch = simulate_batch(design, model, seeds)
     chunk = _Chunk(scenario, settings, batch, replicates)
-    frames = chunk.frames()
-    for k in sorted(chunk.fallback):
-        frames[k] = redo(scenario, settings, replicates[k])
-    return frames
+    made = chunk.frame()
+    if made is not None and not chunk.fallback:
+        return made[0]
+    parts, start = [], 0          # runs of replicates the batch computed, and each replicate left to redo
+    for k in range(len(replicates) + 1):
+        if k == len(replicates) or k in chunk.fallback:
+            if made is not None and k > start:
+                parts.append(made[0].iloc[made[1][start]:made[1][k]])
+            if k < len(replicates):
+                parts.append(redo(scenario, settings, replicates[k]))
+            start = k + 1
+    return pd.concat(parts, ignore_index=True)
+
+
+def run_chunk_batched(scenario: Any, settings: Any, replicates: Sequence[int],
+                      redo: Callable[[Any, Any, int], pd.DataFrame]) -> list[pd.DataFrame]:
+    """``[redo(scenario, settings, r) for r in replicates]`` computed as arrays: :func:`run_chunk_frame` split into
+    each replicate's frame."""
+    return [frame for _, frame in split_replicates(run_chunk_frame(scenario, settings, replicates, redo))]
+
+
+def split_replicates(frame: pd.DataFrame) -> list[tuple[int, pd.DataFrame]]:
+    """(replicate, its frame) for each run of rows of one ``replicate`` in ``frame`` (a chunk's frame), in order."""
+    reps = frame["replicate"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, reps[1:] != reps[:-1]]) if reps.size else np.array([], dtype=int)
+    ends = np.r_[starts[1:], reps.size]
+    return [(int(reps[a]), frame.iloc[a:b].reset_index(drop=True)) for a, b in zip(starts.tolist(), ends.tolist())]
 
 
 class _Chunk:
@@ -245,11 +269,12 @@ class _Chunk:
         return out
 
     # ---------------------------------------------------------------- rows
-    def frames(self) -> list[pd.DataFrame]:
+    def frame(self) -> tuple[pd.DataFrame, np.ndarray] | None:
+        """The chunk's frame and each replicate's first row (:func:`finish_rows`); None where the batch fits nothing."""
         patient = self._patient_fits()
         pooled = self._pooled_fits()
         rows = self._rows(patient, pooled)
-        return [None] * len(self.replicates) if rows is None else finish_rows(self, rows)
+        return None if rows is None else finish_rows(self, rows)
 
     def _rows(self, patient: dict, pooled: dict) -> dict[str, np.ndarray] | None:
         """Every result row of the chunk as columns, sorted as analyze_outcome and run_replicate order them."""

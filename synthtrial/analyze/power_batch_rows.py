@@ -22,8 +22,9 @@ from synthtrial.analyze.estimators import POOLED
 from synthtrial.analyze.multiplicity import BENEFICIAL_SIGN
 
 
-def finish_rows(chunk: Any, rows: dict[str, np.ndarray]) -> list[pd.DataFrame]:
-    """Each replicate's frame, as run_replicate returns it, from the chunk's sorted result rows."""
+def finish_rows(chunk: Any, rows: dict[str, np.ndarray]) -> tuple[pd.DataFrame, np.ndarray]:
+    """The chunk's frame, each replicate's rows as run_replicate returns them, from the chunk's sorted result rows;
+    and where each replicate's rows start (``bounds[k]:bounds[k + 1]``: the rows of the k-th replicate)."""
     batch, settings, scenario = chunk.batch, chunk.settings, chunk.scenario
     design, model = scenario.design, scenario.model
     rep, out, pat, arm = rows["rep"], rows["out"], rows["pat"], rows["arm_idx"]
@@ -61,8 +62,7 @@ def finish_rows(chunk: Any, rows: dict[str, np.ndarray]) -> list[pd.DataFrame]:
             "effect_scale": np.full(rep.size, float(scenario.effect_scale)),
             "replicate": np.asarray(chunk.replicates, dtype="int64")[rep]}
     frame = pd.DataFrame({**lead, **columns})
-    bounds = np.searchsorted(rep, np.arange(len(chunk.replicates) + 1))
-    return [frame.iloc[bounds[k]:bounds[k + 1]].reset_index(drop=True) for k in range(len(chunk.replicates))]
+    return frame, np.searchsorted(rep, np.arange(len(chunk.replicates) + 1))
 
 
 def covered(truth: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:

@@ -43,6 +43,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from synthtrial.analyze import nof1
+from synthtrial.analyze.mixed import CR1
 
 INFERENTIAL, DESCRIPTIVE = "inferential", "descriptive"
 #: ``gls_kinetics`` needs series at least this long (it rejected 6.4-6.6% on the quick design's 16 days).
@@ -68,7 +69,7 @@ def effective_days(n: int, phi: float) -> float:
 
 def pooled_role(method: str) -> str:
     """The pooled model's role by its inference: ``lmm`` (CR2) inferential, ``lmm_cr1`` (CR1) descriptive."""
-    return DESCRIPTIVE if method == "lmm_cr1" else INFERENTIAL
+    return DESCRIPTIVE if method == CR1 else INFERENTIAL
 
 
 def phi_from_note(note: str) -> float | None:

@@ -281,16 +281,17 @@ def _pooled_grid_study(scenarios, estimates, replicates: int, settings, update, 
     batches of scenarios that each stay within a power study's trial limit; every estimate."""
     import pandas as pd
 
-    from synthtrial.analyze.grid import known_pooled
+    from synthtrial.analyze.grid import known_pooled, pooled_trials
     from synthtrial.analyze.power import power_study
 
     batch = max(1, MAX_TRIALS // replicates)
+    trials = pooled_trials(estimates)      # grouped once, not once per batch
     frames = []
     for start in range(0, len(scenarios), batch):
         part = scenarios[start:start + batch]
         offset = done + start * replicates
         frame, _ = power_study(part, replicates=replicates, settings=settings,
-                               known=known_pooled(estimates, [s.name for s in part]),
+                               known=known_pooled(trials, [s.name for s in part]),
                                progress=lambda n, total, text, o=offset: update(o + n, None, text), **run)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
@@ -454,7 +455,7 @@ def _print_summary(summary, estimates, grid, replicates: int, alpha: float, rend
                   "(AE-PCA: autoencoder + per-patient PCA; grader_*: a grader's column). They have no truth on "
                   "the severity scale: bias and cover are '-', calib is in their units per severity unit",
                   soft_wrap=False)
-    lacking = estimates[estimates["p"].isna()]
+    lacking = estimates.loc[estimates["p"].isna(), ["method", "note"]]   # two columns, not the wide frame's rows
     for method_name, grp in lacking.groupby("method", sort=False):
         reason = grp["note"].astype(str).str.split(";").str[0].value_counts().index[0]
         out.print(f"no p-value for {len(grp)} {method_name} row(s), e.g.: {reason}")
