@@ -16,7 +16,8 @@ Choices, stated once:
   than an HSV round trip) (0.8); gamma 0.7-1.4 (0.5); white balance, red x(1 + t) and blue x(1 - t) with
   t up to 0.2 (colour temperature) and green x(1 - g) with g up to 0.25 (tint) (0.8); light from one side,
   a linear ramp of up to +-20 % across half the image in a random direction (0.5); Gaussian blur, sigma
-  0.1-1.2 px (0.2); Gaussian noise, sigma 0.02 (0.3); JPEG, quality 40-95 (0.3).
+  0.1-1.2 px (0.2); Gaussian noise, sigma 0.02 (0.3); JPEG, quality 40-95 (0.3). A sharpness change
+  (``sharpness_p``, off in :data:`WIDE`) is there for the detector's wider recipe.
 * **Geometric**: a horizontal flip (0.5; faces are photographed upright, so no vertical flips), and with
   probability 0.7 a rotation of up to 10 degrees, a scale of x0.85-1.15 and a shift of up to 5 % of the side,
   bilinear, the uncovered border black. Masks are resampled nearest-neighbour (their values are kept).
@@ -77,11 +78,13 @@ class AugmentConfig:
     noise_sigma: float = 0.02
     jpeg_p: float = 0.3
     jpeg_quality: tuple[int, int] = (40, 95)
+    sharpness_p: float = 0.0
+    sharpness: tuple[float, float] = (1.0, 1.0)
 
     @property
     def photometric(self) -> bool:
         return any(p > 0 for p in (self.jitter_p, self.gamma_p, self.white_balance_p, self.light_p, self.blur_p,
-                                   self.noise_p, self.jpeg_p))
+                                   self.noise_p, self.jpeg_p, self.sharpness_p))
 
 
 #: the graders' augmentation (detector, DermX, IGA)
@@ -190,6 +193,21 @@ class LightGradient(ImageOnly):
         return (image * ramp).clamp_(0, 1)
 
 
+class RandomSharpness(ImageOnly):
+    """Sharpness times a factor uniform in ``factor`` (torchvision's ``adjust_sharpness``: below 1 softer, above 1
+    crisper, so skin texture and wrinkles are no cue either way)."""
+
+    def __init__(self, factor: tuple[float, float]) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"factor": float(torch.empty(1).uniform_(*self.factor))}
+
+    def apply(self, image: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+        return F.adjust_sharpness(image, params["factor"])
+
+
 class RandomJPEG(ImageOnly):
     """A JPEG round trip (OpenCV) of a uint8 image at a quality uniform in ``quality`` (torchvision's own
     ``v2.JPEG`` goes through ``torchvision.io``, deprecated from 0.29 on)."""
@@ -227,6 +245,7 @@ def build_pipeline(config: AugmentConfig) -> v2.Compose:
         (c.white_balance_p, WhiteBalance(c.temperature, c.tint)),
         (c.light_p, LightGradient(c.light)),
         (c.blur_p, v2.GaussianBlur(blur_kernel, sigma=c.blur_sigma)),
+        (c.sharpness_p, RandomSharpness(c.sharpness)),
         (c.noise_p, v2.GaussianNoise(sigma=c.noise_sigma, clip=True)),
     ]
     photometric = [v2.RandomApply([t], p=p) for p, t in steps if p > 0]

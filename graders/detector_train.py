@@ -19,8 +19,12 @@ Choices, stated once:
   sextile midpoints (1/12, 3/12, ..., 11/12 quantiles) of the target boxes' sqrt(w h) at the detector's scale,
   smallest on the finest level; recorded in the config.
 * **Augmentation** (``augment``, default on; ``--no-augment``): before it is cropped, each drawn image gets the
-  graders' photometric and geometric augmentation with its boxes (:mod:`synthtrial.graders.augment`: the boxes
+  graders' photometric and geometric augmentation (``augmentation``: :data:`WIDE`, or the detector's wider
+  :data:`DETECTOR_AUGMENT`) with its boxes (:mod:`synthtrial.graders.augment`: the boxes
   move with the lesions), its seed drawn from the step's stream.
+* **Marks** (``marks`` / ``--marks``): visible post-inflammatory marks become targets of a seventh class that is
+  never counted, so the detector learns them as what they are instead of meeting them only as background that
+  a random RoI sample may miss; evaluation scores the six lesion classes and leaves mark detections out.
 * **Optimiser.** AdamW (lr 2e-3, weight decay 1e-4, 50 warm-up steps, cosine decay, gradient norm clipped
   at 10) rather than the paper's SGD 0.002: the backbone starts from random weights and the CPU budget is
   a few hundred steps. Every step's draws come from ``(seed, step)``; the shared loop
@@ -42,7 +46,7 @@ import io
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +54,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from synthtrial.graders.augment import WIDE, Augmenter, draw_seeds
+from synthtrial.graders.augment import WIDE, AugmentConfig, Augmenter, draw_seeds
 from synthtrial.graders.base import CONFIG_FILE, WEIGHTS_FILE, GraderError, check_weights_out, read_rgb, train_grader
-from synthtrial.graders.detector import CLASSES, NOT_COUNTED, DetectorConfig, LesionDetector, build_model
+from synthtrial.graders.detector import CLASSES, MARK, NOT_COUNTED, DetectorConfig, LesionDetector, build_model
 from synthtrial.run import rundir
 from synthtrial.trial import scale
 from synthtrial.util.atomic import write_text_atomic
 from synthtrial.util.progress import ProgressCallback
 
 ACNE04_CLASSES = ("lesion",)
+#: The detector's own, wider augmentation (``--augment detector``): :data:`WIDE` plus a stronger colour
+#: temperature and tint (a ruddy face such as hopper's, CIELAB a* ~31 on the cheeks against ~11 for astronaut's,
+#: must lie inside the range), a wider scale, more blur and a sharpness change both ways (hopper's skin has
+#: about twice the Laplacian contrast of astronaut's: wrinkles and texture must be no cue).
+DETECTOR_AUGMENT = replace(WIDE, scale=(0.8, 1.25), temperature=0.3, tint=0.3, saturation=0.6, blur_p=0.3,
+                           blur_sigma=(0.1, 1.5), sharpness_p=0.4, sharpness=(0.3, 3.0))
+AUGMENTS = {"wide": WIDE, "detector": DETECTOR_AUGMENT}
 #: Training images the count threshold and count weights are fitted on
 CALIBRATION_IMAGES = 200
 
@@ -222,9 +233,10 @@ def _lr(step: int, steps: int, base: float, warmup: int = 50) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def load_detection_data(sources: Sequence[str | Path], image_side: int, *, visible_only: bool = True) -> DetectionData:
-    """Training data from ``--data``: run directories (the six lesion classes; with ``visible_only`` their visible
-    lesions), or one ACNE04 copy (one class, ``lesion``); the two are not mixed."""
+def load_detection_data(sources: Sequence[str | Path], image_side: int, *, visible_only: bool = True,
+                        marks: bool = False) -> DetectionData:
+    """Training data from ``--data``: run directories (the six lesion classes, and ``mark`` with ``marks``; with
+    ``visible_only`` their visible lesions), or one ACNE04 copy (one class, ``lesion``); the two are not mixed."""
     from synthtrial.graders.classify import is_run_dir
 
     sources = [Path(s) for s in sources]
@@ -235,7 +247,7 @@ def load_detection_data(sources: Sequence[str | Path], image_side: int, *, visib
             raise GraderError(f"--data {source}: no such folder (a run directory or an ACNE04 copy)")
     runs = [is_run_dir(s) for s in sources]
     if all(runs):
-        return load_run_data(sources, image_side, visible_only=visible_only)
+        return load_run_data(sources, image_side, CLASSES + (MARK,) if marks else CLASSES, visible_only=visible_only)
     if len(sources) > 1:
         raise GraderError("--data: runs and ACNE04 are not mixed, and only one ACNE04 copy is read")
     return load_acne04_data(sources[0], image_side)
@@ -245,14 +257,16 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
                    batch_size: int = 2, lr: float = 2e-3, seed: int = 0, image_side: int = 512, tile: int = 256,
                    save_every: int = 100, device: str | None = None, sources: Sequence[str] = (),
                    restart: bool = False, force: bool = False, augment: bool = True, focus: float = 0.75,
-                   fit_anchors: bool = True, backbone: str = "tinynet_e",
-                   progress: ProgressCallback | None = None) -> LesionDetector:
+                   fit_anchors: bool = True, backbone: str = "tinynet_e", anchor_ratios: Sequence[float] = (0.5, 1, 2),
+                   rpn_iou: tuple[float, float] = (0.5, 0.3), highpass_sigma: float = 0.0,
+                   augmentation: AugmentConfig = WIDE, progress: ProgressCallback | None = None) -> LesionDetector:
     """Train a detector on ``data`` through the shared loop and save it to ``out`` (``model.safetensors`` +
     ``config.json``).
 
     ``augment`` applies the graders' augmentation to every drawn image, ``focus`` is the share of crops centred
     on a lesion and ``fit_anchors`` sizes the anchors from the data (see the module docstring); ``backbone`` is
-    a timm model name.
+    a timm model name; ``anchor_ratios``, ``rpn_iou`` (the RPN's foreground and background IoU) and
+    ``highpass_sigma`` go to :class:`DetectorConfig`; ``augmentation`` is the augmentation used when ``augment``.
     Resumes from ``out/checkpoint`` when it holds a checkpoint of the same settings (``restart`` starts over);
     an ``out`` holding anything but detector weights is refused unless ``force``. ``progress(step, steps,
     "loss ...")`` is called after every step.
@@ -266,14 +280,22 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
                 "tile": tile, "classes": list(data.classes), "sources": [str(s) for s in sources],
                 "images": len(data.images), "augment": augment, "focus": focus, "fit_anchors": fit_anchors,
                 "backbone": backbone}
+    def plain(value: Any) -> Any:
+        return json.loads(json.dumps(value))
+    extra = plain({"anchor_ratios": [float(r) for r in anchor_ratios], "rpn_iou": [float(v) for v in rpn_iou],
+                   "highpass_sigma": float(highpass_sigma), "augmentation": asdict(augmentation) if augment else None})
+    if extra != plain({"anchor_ratios": [0.5, 1.0, 2.0], "rpn_iou": [0.5, 0.3], "highpass_sigma": 0.0,
+                       "augmentation": asdict(WIDE) if augment else None}):
+        settings.update(extra)      # recorded when not the first recipe's, so its checkpoints still resume
     anchors = dict(anchor_sizes=fit_anchor_sizes(data), anchors_per_level=2) if fit_anchors else {}
     cfg = DetectorConfig(head=head, classes=data.classes, image_side=image_side, tile=tile, backbone=backbone,
-                         nwd_constant=round(mean_lesion_size(data), 3), **anchors)
+                         nwd_constant=round(mean_lesion_size(data), 3), anchor_ratios=tuple(anchor_ratios),
+                         rpn_fg_iou=rpn_iou[0], rpn_bg_iou=rpn_iou[1], highpass_sigma=highpass_sigma, **anchors)
     torch.manual_seed(seed)
     model = build_model(cfg).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    augmenter = Augmenter(WIDE) if augment else None
+    augmenter = Augmenter(augmentation) if augment else None
 
     def step(i: int) -> dict[str, float]:
         rng = np.random.default_rng([seed, i])
@@ -376,6 +398,28 @@ def coco_stats(images: list[dict], annotations: list[dict], results: list[dict],
     return np.asarray(evaluator.stats, float)
 
 
+def per_class_ap50(images: list[dict], annotations: list[dict], results: list[dict],
+                   classes: Sequence[str]) -> dict[str, float]:
+    """Each class's AP50 (COCOeval's 101-point interpolated precision at IoU 0.5, all areas, 200 detections per
+    image); NaN for a class without (non-ignored) truth. The mean of the non-NaN values is COCO's AP50."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": annotations,
+                  "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        if not results:
+            return {c: float("nan") for c in classes}
+        evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
+        evaluator.params.maxDets = [10, 100, 200]
+        evaluator.evaluate(), evaluator.accumulate()
+    precision = evaluator.eval["precision"][0, :, :, 0, -1]        # IoU 0.5, recall points, class, all areas, 200
+    return {c: float(precision[:, k].mean()) if (precision[:, k] > -1).all() else float("nan")
+            for k, c in enumerate(classes)}
+
+
 def _count_metrics(pred: np.ndarray, truth: np.ndarray, levels: np.ndarray | None, suffix: str) -> dict[str, float]:
     out = {f"count_MAE{suffix}": float(np.abs(pred - truth).mean()),
            f"count_RMSE{suffix}": float(np.sqrt(((pred - truth) ** 2).mean()))}
@@ -392,12 +436,14 @@ def evaluate_detector(detector: LesionDetector, run: str | Path,
     grader's ``visible_count`` against the manifest's); ``progress(done, images, "")`` after each image.
 
     Returns the metrics and the detections in COCO results format (``image_id``, ``category_id``, ``bbox``
-    as x, y, w, h, ``score``).
+    as x, y, w, h, ``score``). A detector with the ``mark`` class is scored on the six lesion classes: its mark
+    detections are left out (a mark is no lesion, so a mark called a mark is neither a hit nor a false alarm).
+    ``AP50_<class>_visible`` is each class's AP50 against the visible truth (NaN where no lesion of it is visible).
     """
-    classes = detector.config.classes
-    if tuple(classes) != CLASSES:
-        raise GraderError(f"evaluation on a synthtrial run needs a detector of the classes {', '.join(CLASSES)}; "
-                          f"this one has {', '.join(classes)}")
+    if tuple(detector.config.classes) not in (CLASSES, CLASSES + (MARK,)):
+        raise GraderError(f"evaluation on a synthtrial run needs a detector of the classes {', '.join(CLASSES)} "
+                          f"(and optionally {MARK}); this one has {', '.join(detector.config.classes)}")
+    classes = CLASSES
     manifest = rundir.read_manifest(run, ("image", "patient_id", "lesion_count", "acne04_level"))
     lesions = rundir.read_lesions(run, set(manifest["image"]))
     lesions = lesions[lesions["type"].isin(classes)]
@@ -418,6 +464,8 @@ def evaluate_detector(detector: LesionDetector, run: str | Path,
         row = detector.counts(found)
         counts.append(row["count"]), seen.append(row["visible_count"])
         for box, label, score in zip(found["boxes"], found["labels"], found["scores"]):
+            if label >= len(classes):
+                continue
             results.append({"image_id": k, "category_id": int(label) + 1, "score": round(float(score), 5),
                             "bbox": [round(float(box[0]), 3), round(float(box[1]), 3),
                                      round(float(box[2] - box[0]), 3), round(float(box[3] - box[1]), 3)]})
@@ -432,10 +480,12 @@ def evaluate_detector(detector: LesionDetector, run: str | Path,
                "images": float(len(manifest)), "lesions": float(len(annotations))}
     if has_visible:
         ignored = [{**a, "iscrowd": int(not v)} for a, v in zip(annotations, visible)]
+        per_class = per_class_ap50(images, ignored, results, classes)
         vis = coco_stats(images, ignored, results, classes)
         metrics.update({"AP_visible": float(vis[0]), "AP50_visible": float(vis[1]), "AP_small_visible": float(vis[3]),
                         "AR_visible": float(vis[8]),
                         "AP50_any_class_visible": float(coco_stats(images, ignored, results, classes, agnostic=True)[1]),
+                        **{f"AP50_{c}_visible": v for c, v in per_class.items()},
                         **_count_metrics(np.asarray(seen, float), manifest["visible_count"].to_numpy(float), None,
                                          "_visible"),
                         "lesions_visible": float(sum(visible))})
@@ -449,17 +499,21 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> Path:
 ABLATION = (("rpn", "Faster R-CNN (plain RPN)"), ("sadh", "+ SADH"), ("sadh_nwd", "+ SADH + NWD"))
 
 
-def run_ablation(train_runs: Sequence[str | Path], test_run: str | Path, out: str | Path, *, steps: int,
-                 batch_size: int, seed: int, device: str | None = None, restart: bool = False,
-                 progress: ProgressCallback | None = None) -> pd.DataFrame:
-    """Train the three RPN variants on the same data with the same seed and evaluate each on ``test_run``.
+def run_ablation(train_runs: Sequence[str | Path], test_run: str | Path | Sequence[str | Path], out: str | Path, *,
+                 steps: int, batch_size: int, seed: int, device: str | None = None, restart: bool = False,
+                 marks: bool = False, progress: ProgressCallback | None = None, **recipe: Any) -> pd.DataFrame:
+    """Train the three RPN variants on the same data with the same seed and evaluate each on ``test_run`` (one
+    run or several: the held-out seed and the held-out portrait).
 
     Each variant goes to ``out/<head>/`` (resumable; ``restart`` trains every variant again from scratch); the
-    table is written to ``out/ablation.csv``. ``progress(step, steps, "<head> loss ...")`` counts each
-    variant's training steps, its head named in the status.
+    table (one row per variant and test run, column ``test``) is written to ``out/ablation.csv``. ``marks``
+    adds the mark class; ``recipe`` (lr, tile, backbone, focus, anchor_ratios, rpn_iou, highpass_sigma,
+    augmentation, ...) goes to :func:`train_detector` for every variant alike. ``progress(step, steps, "<head>
+    loss ...")`` counts each variant's training steps, its head named in the status.
     """
     out = Path(out)
-    data = load_run_data(train_runs, 512, visible_only=True)
+    tests = [test_run] if isinstance(test_run, (str, Path)) else list(test_run)
+    data = load_run_data(train_runs, 512, CLASSES + (MARK,) if marks else CLASSES, visible_only=True)
     rows = []
     for head, label in ABLATION:
         def step_cb(step: int, total: int, status: str, head: str = head) -> None:
@@ -477,10 +531,12 @@ def run_ablation(train_runs: Sequence[str | Path], test_run: str | Path, out: st
         else:
             detector = train_detector(data, folder, head=head, steps=steps, batch_size=batch_size, seed=seed,
                                       device=device, sources=[str(r) for r in train_runs], restart=restart,
-                                      progress=step_cb)
-        metrics, _ = evaluate_detector(detector, test_run)
-        write_metrics(folder / "metrics.json", metrics)
-        rows.append({"variant": label, "head": head, **metrics})
+                                      progress=step_cb, **recipe)
+        for test in tests:
+            metrics, _ = evaluate_detector(detector, test)
+            name = "metrics.json" if len(tests) == 1 else f"metrics_{Path(test).name}.json"
+            write_metrics(folder / name, metrics)
+            rows.append({"variant": label, "head": head, "test": str(test), **metrics})
     table = pd.DataFrame(rows)
     write_text_atomic(out / "ablation.csv", table.to_csv(index=False))
     return table

@@ -128,3 +128,151 @@ def test_any_class_ap_scores_where_not_which():
     called_pustule = [{"image_id": 1, "category_id": 4, "score": 0.9, "bbox": [10.0, 10.0, 6.0, 6.0]}]
     assert coco_stats(images, [papule], called_pustule, CLASSES)[1] == pytest.approx(0.0)
     assert coco_stats(images, [papule], called_pustule, CLASSES, agnostic=True)[1] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------- recipe (issue 20, item 3)
+
+def test_ap50_matches_a_hand_computed_precision_recall_curve():
+    """Two papules, three detections ranked hit (0.9), false alarm (0.8), hit (0.7): precision 1, 1/2, 2/3 at
+    recall 1/2, 1/2, 1. COCO's 101-point interpolation gives 1 at recall 0-0.50 (51 points) and 2/3 at
+    0.51-1.00 (50 points): AP50 = (51 + 50 * 2/3) / 101."""
+    from synthtrial.graders.detector_train import per_class_ap50
+
+    images = [{"id": 1, "file_name": "a.png", "height": 64, "width": 64}]
+    truth = [{"id": k + 1, "image_id": 1, "category_id": 3, "bbox": [x, 10.0, 6.0, 6.0], "area": 36.0, "iscrowd": 0}
+             for k, x in enumerate((10.0, 40.0))]
+    found = [{"image_id": 1, "category_id": 3, "score": 0.9, "bbox": [10.0, 10.0, 6.0, 6.0]},
+             {"image_id": 1, "category_id": 3, "score": 0.8, "bbox": [25.0, 40.0, 6.0, 6.0]},
+             {"image_id": 1, "category_id": 3, "score": 0.7, "bbox": [41.0, 10.0, 6.0, 6.0]}]   # IoU 30/42 > 0.5
+    expected = (51 + 50 * 2 / 3) / 101
+    assert coco_stats(images, truth, found, CLASSES)[1] == pytest.approx(expected, abs=1e-9)
+    per = per_class_ap50(images, truth, found, CLASSES)
+    assert per["papule"] == pytest.approx(expected, abs=1e-9)
+    assert all(np.isnan(v) for c, v in per.items() if c != "papule")        # no truth of the other classes
+    shifted = [found[0], found[1], {**found[2], "bbox": [43.0, 10.0, 6.0, 6.0]}]    # IoU 18/54 < 0.5: a miss
+    assert per_class_ap50(images, truth, shifted, CLASSES)["papule"] == pytest.approx(51 / 101, abs=1e-9)
+
+
+def test_highpass_input_ignores_skin_tone_but_keeps_the_lesion():
+    import torch
+
+    from synthtrial.graders.detector import highpass
+
+    torch.manual_seed(0)
+    skin = torch.rand(1, 3, 64, 64) * 0.1 + 0.4
+    lesion = skin.clone()
+    lesion[:, 0, 30:36, 30:36] += 0.3
+    toned = skin + torch.tensor([0.2, -0.1, 0.05]).view(1, 3, 1, 1)          # another skin tone, same texture
+    assert torch.allclose(highpass(toned, 4.0), highpass(skin, 4.0), atol=1e-5)
+    assert (highpass(lesion, 4.0) - highpass(skin, 4.0))[0, 0, 30:36, 30:36].mean() > 0.2
+    model = build_model(DetectorConfig(image_side=96, tile=64, infer_tile=96, highpass_sigma=4.0))
+    model.eval()
+    with torch.no_grad():
+        a, b = model.backbone(skin), model.backbone(toned)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    with pytest.raises(GraderError, match="highpass_sigma"):
+        DetectorConfig(highpass_sigma=-1)
+
+
+def test_anchor_ratios_and_rpn_iou_reach_torchvision():
+    model = build_model(DetectorConfig(anchor_sizes=(3, 5, 7), anchor_ratios=(1.0,), rpn_fg_iou=0.3, rpn_bg_iou=0.15))
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [1, 1, 1]
+    assert model.rpn.proposal_matcher.high_threshold == 0.3 and model.rpn.proposal_matcher.low_threshold == 0.15
+    assert model.rpn.head.cls_logits.out_channels == 1
+    with pytest.raises(GraderError, match="IoU"):
+        DetectorConfig(rpn_fg_iou=0.3, rpn_bg_iou=0.3)
+
+
+def test_marks_are_a_class_that_is_never_counted(tiny_run):
+    import torch
+
+    from synthtrial.graders.detector import MARK, LesionDetector
+
+    data = load_run_data([tiny_run], 256, CLASSES + (MARK,), visible_only=True)
+    lesions = rundir.read_lesions(tiny_run)
+    visible_marks = int(((lesions["type"] == MARK) & lesions["visible"].astype(bool)).sum())
+    assert visible_marks > 0 and sum(int((lab == len(CLASSES)).sum()) for lab in data.labels) == visible_marks
+    torch.manual_seed(0)
+    detector = LesionDetector(DetectorConfig(classes=CLASSES + (MARK,), image_side=96, tile=64, infer_tile=96),
+                              device="cpu")
+    found = {"labels": np.array([CLASSES.index("papule"), len(CLASSES), len(CLASSES)]),
+             "scores": np.full(3, 0.9), "boxes": np.zeros((3, 4))}
+    row = detector.counts(found, threshold=0.5)
+    assert row["visible_count"] == 1 and row["n_mark"] == 2 and row["count"] == 1
+
+
+def test_the_detector_recipe_trains_reloads_bit_for_bit_and_its_loss_falls(tmp_path):
+    import torch
+
+    from synthtrial.graders.detector import LesionDetector
+    from synthtrial.graders.detector_train import DETECTOR_AUGMENT, masked_batch, train_detector
+
+    rng = np.random.default_rng(0)
+    images, boxes, labels = [], [], []
+    for _ in range(3):
+        image = np.full((96, 96, 3), 180, np.uint8)
+        b = []
+        for _ in range(4):
+            x, y = rng.integers(4, 84, 2)
+            image[y:y + 6, x:x + 6] = (200, 40, 40)
+            b.append([x, y, x + 6, y + 6])
+        images.append(image), boxes.append(np.array(b, np.float32)), labels.append(np.full(4, 2, np.int64))
+    data = DetectionData(images, boxes, labels, CLASSES, ["a", "b", "c"], np.full(3, 4.0))
+    recipe = dict(anchor_ratios=(1.0,), rpn_iou=(0.3, 0.15), highpass_sigma=4.0, augmentation=DETECTOR_AUGMENT)
+    trained = train_detector(data, tmp_path / "det", steps=3, batch_size=1, seed=2, image_side=96, tile=64,
+                             device="cpu", **recipe)
+    again = LesionDetector.from_pretrained(tmp_path / "det", device="cpu")
+    assert again.config.highpass_sigma == 4.0 and again.config.anchor_ratios == (1.0,)
+    assert again.config.rpn_fg_iou == 0.3 and trained.record["settings"]["rpn_iou"] == [0.3, 0.15]
+    for (name, a), (_, b) in zip(trained.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    same = np.random.default_rng(1)
+    torch.manual_seed(0)
+    model = build_model(DetectorConfig(image_side=96, tile=64, infer_tile=96, anchor_sizes=(4, 6, 8),
+                                       nwd_constant=6.0, anchor_ratios=(1.0,), rpn_fg_iou=0.3, rpn_bg_iou=0.15,
+                                       highpass_sigma=4.0))
+    model.train()
+    batch = masked_batch(data, 64, 2, same, torch.device("cpu"))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    totals = []
+    for step in range(10):
+        torch.manual_seed(step)
+        loss = sum(model(*batch).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        totals.append(loss.item())
+    assert np.isfinite(totals).all() and np.mean(totals[-3:]) < np.mean(totals[:3]), totals
+
+
+def test_detector_augmentation_changes_sharpness_and_wide_stays_as_it_was():
+    import torch
+
+    from synthtrial.graders.augment import WIDE, Augmenter, RandomSharpness
+    from synthtrial.graders.detector_train import DETECTOR_AUGMENT
+
+    assert not any(isinstance(t, RandomSharpness) for t in _transforms(Augmenter(WIDE).pipeline))
+    assert any(isinstance(t, RandomSharpness) for t in _transforms(Augmenter(DETECTOR_AUGMENT).pipeline))
+    image = (np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8)
+    sharper = RandomSharpness((3.0, 3.0))
+    pixels = torch.from_numpy(image).permute(2, 0, 1)
+    assert sharper.apply(pixels, {"factor": 3.0}).float().std() > pixels.float().std()   # crisper: more contrast
+    aug = Augmenter(DETECTOR_AUGMENT)
+    assert np.array_equal(aug.image(image, 7), aug.image(image, 7))
+
+
+def _transforms(pipeline):
+    for t in getattr(pipeline, "transforms", []):
+        yield t
+        yield from _transforms(t)
+
+
+def test_cli_refuses_bad_anchor_ratios(tiny_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from synthtrial.cli import app
+
+    result = CliRunner().invoke(app, ["graders", "train", "detector", "--data", str(tiny_run), "--out",
+                                      str(tmp_path / "d"), "--anchor-ratios", "1,x", "--quiet"])
+    assert result.exit_code == 2 and "--anchor-ratios" in result.output
+    assert not (tmp_path / "d").exists()

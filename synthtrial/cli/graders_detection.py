@@ -22,7 +22,35 @@ PAPER_DETECTOR = {"rpn": "AP .481 (Mask R-CNN, AcneSCU)", "sadh": "AP .497 (+ SA
 PAPER_DERMX = "characteristic F1 .77-.79, localisation F1 .35-.39 (DermX / DermX+, Jalaboi et al.)"
 Head = Annotated[str, typer.Option(help="RPN head: rpn (torchvision's), sadh (Spatial Aware Double Head) or "
                                    "sadh_nwd (SADH + NWD branch).")]
+LearningRate = Annotated[float, typer.Option("--lr", min=0.0, max=10.0, help="AdamW learning rate after the "
+                                            "warm-up (cosine decay).")]
+Marks = Annotated[bool, typer.Option("--marks/--no-marks", help="Also detect post-inflammatory marks as their own "
+                                     "class (never counted), so that they are told apart from active lesions.")]
+AnchorRatios = Annotated[str, typer.Option(help="Anchor aspect ratios (h / w), comma-separated.")]
+RpnIou = Annotated[float, typer.Option(min=0.05, max=0.95, help="RPN foreground IoU (background: half of it); "
+                                       "0.5 as in the paper, lower for lesions of a few pixels.")]
+Highpass = Annotated[float, typer.Option(min=0.0, max=64.0, help="Feed the network each pixel's difference from "
+                                         "a Gaussian blur of this sigma (px; 0: off), so skin tone and light are "
+                                         "no cue.")]
+Augmentation = Annotated[str, typer.Option(help="Augmentation when on: wide (the graders') or detector (wider "
+                                           "colour temperature, scale, blur and sharpness).")]
 MetricsOut = Annotated[Optional[Path], typer.Option("--out", help="Write the metrics as JSON.", show_default=False)]
+
+
+def recipe_options(lr: float, anchor_ratios: str, rpn_iou: float, highpass: float, augmentation: str) -> dict:
+    """The detector training options shared by ``graders train detector`` and ``graders ablation``, checked."""
+    from synthtrial.graders.base import GraderError
+    from synthtrial.graders.detector_train import AUGMENTS
+
+    try:
+        ratios = tuple(float(r) for r in anchor_ratios.split(","))
+    except ValueError:
+        raise GraderError(f"--anchor-ratios {anchor_ratios!r}: give numbers separated by commas, e.g. 0.7,1,1.4") \
+            from None
+    if augmentation not in AUGMENTS:
+        raise GraderError(f"--augmentation must be one of {', '.join(AUGMENTS)}, got {augmentation!r}")
+    return {"lr": lr, "anchor_ratios": ratios, "rpn_iou": (rpn_iou, rpn_iou / 2), "highpass_sigma": highpass,
+            "augmentation": AUGMENTS[augmentation]}
 
 
 def _fmt(value: float) -> str:
@@ -49,6 +77,12 @@ def train_detector_command(
                                               "training lesions (2 per level) or 6/12/24 px.")] = True,
     backbone: Annotated[str, typer.Option(help="timm backbone (random init; features at strides 4, 8, 16).")]
     = "tinynet_e",
+    lr: LearningRate = 2e-3,
+    marks: Marks = False,
+    anchor_ratios: AnchorRatios = "0.5,1,2",
+    rpn_iou: RpnIou = 0.5,
+    highpass: Highpass = 0.0,
+    augmentation: Augmentation = "wide",
     seed: Seed = 0,
     device: Device = None,
     restart: Restart = False,
@@ -74,14 +108,15 @@ def train_detector_command(
 
     if head not in HEADS:
         raise GraderError(f"--head '{head}' must be one of {', '.join(HEADS)}")
+    recipe = recipe_options(lr, anchor_ratios, rpn_iou, highpass, augmentation)
     check_weights_out(out_dir, "detector", force)
     resolve_device(device)
-    detection = load_detection_data(data, image_side, visible_only=visible_only)
+    detection = load_detection_data(data, image_side, visible_only=visible_only, marks=marks)
     with progress_bar("training detector", steps, unit="steps", enabled=not quiet) as update:
         detector = train_detector(detection, out_dir, head=head, steps=steps, batch_size=batch_size, seed=seed,
                                   image_side=image_side, tile=tile, device=device, sources=[str(d) for d in data],
                                   restart=restart, force=force, augment=augment, focus=focus,
-                                  fit_anchors=fit_anchors, backbone=backbone, progress=update)
+                                  fit_anchors=fit_anchors, backbone=backbone, progress=update, **recipe)
     out.print(f"[green]wrote[/green] {out_dir} (count threshold {detector.config.count_threshold:.2f}, "
               f"NWD constant {detector.config.nwd_constant:.2f} px)")
 
@@ -256,12 +291,20 @@ def eval_dermx_command(
 @handles_errors
 def ablation_command(
     data: Annotated[Path, typer.Option("--data", help="Run to train the three variants on.", show_default=False)],
-    test_data: Annotated[Path, typer.Option("--test-data", help="Held-out run to evaluate them on (other seed, "
-                                            "other portrait).", show_default=False)],
+    test_data: Annotated[list[Path], typer.Option("--test-data", help="Held-out run to evaluate them on (other "
+                                                  "seed, other portrait; repeatable).", show_default=False)],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the variants (OUT/<head>/, resumable) "
                                           "and OUT/ablation.csv.")] = Path("runs/ablation"),
     steps: Steps = 600,
     batch_size: BatchSize = 2,
+    tile: Annotated[int, typer.Option(min=64, max=2048, help="Side of the training crops.")] = 256,
+    backbone: Annotated[str, typer.Option(help="timm backbone (random init).")] = "tinynet_e",
+    lr: LearningRate = 2e-3,
+    marks: Marks = False,
+    anchor_ratios: AnchorRatios = "0.5,1,2",
+    rpn_iou: RpnIou = 0.5,
+    highpass: Highpass = 0.0,
+    augmentation: Augmentation = "wide",
     seed: Seed = 0,
     device: Device = None,
     restart: Restart = False,
@@ -274,13 +317,15 @@ def ablation_command(
     """
     from synthtrial.graders.detector_train import run_ablation
 
+    recipe = recipe_options(lr, anchor_ratios, rpn_iou, highpass, augmentation)
     with progress_bar("ablation", steps, unit="steps", enabled=not quiet) as update:
         table = run_ablation([data], test_data, out_dir, steps=steps, batch_size=batch_size, seed=seed, device=device,
-                             restart=restart, progress=update)
-    rows = [{**row, "paper": PAPER_DETECTOR[r["head"]]} for r in table.to_dict("records")
-            for row in truth_rows(r["variant"], r)]
-    out.print(_metric_table(f"RPN ablation: train {data}, test {test_data}", rows,
-                            ["variant", "truth", "AP", "AP50", "count_MAE", "level_accuracy", "paper"]))
+                             restart=restart, marks=marks, progress=update, tile=tile, backbone=backbone, **recipe)
+    for test in test_data:
+        chosen = table[table["test"] == str(test)].to_dict("records")
+        rows = [{**row, "paper": PAPER_DETECTOR[r["head"]]} for r in chosen for row in truth_rows(r["variant"], r)]
+        out.print(_metric_table(f"RPN ablation: train {data}, test {test}", rows,
+                                ["variant", "truth", "AP", "AP50", "count_MAE", "level_accuracy", "paper"]))
     out.print(f"[green]wrote[/green] {out_dir / 'ablation.csv'}")
 
 
