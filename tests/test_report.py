@@ -6,6 +6,7 @@ shows what it measured."""
 import base64
 import io
 import json
+import shutil
 from html.parser import HTMLParser
 from itertools import combinations
 
@@ -91,17 +92,27 @@ def reported(tmp_path_factory):
     with a 1-epoch autoencoder. Returns the run, its analysis folder and the report parsed."""
     from synthtrial.analyze.pipeline import AnalysisSettings, analyze_run
     from synthtrial.grade import grade_run
+    from synthtrial.graders import base
     from synthtrial.graders.base import get_grader
+    from synthtrial.graders.iga import IGAGrader
 
     run = _abab_run(tmp_path_factory.mktemp("report"), patients=3, days_per_period=2)
     manifest = pd.read_parquet(run / "manifest.parquet")
-    iga = get_grader("iga", device="cpu")
+    # the shipped IGA weights copied without their evaluation.json: a grader below its targets (not measured)
+    uncarded = tmp_path_factory.mktemp("iga-uncarded")
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(base.DEFAULT_WEIGHTS_DIR / "iga" / name, uncarded / name)
+    iga = IGAGrader.from_pretrained(uncarded, device="cpu")
     truth = dict(zip(manifest["image"], manifest["iga"]))
+    inflammatory = manifest[["n_papule", "n_pustule", "n_nodule"]].sum(axis=1)
+    counts = dict(zip(manifest["image"], inflammatory))
 
     def drawn_iga(images, meta):
         grade = np.array([truth[i] for i in meta["image"]], dtype=float)
         grade[::3] = np.clip(grade[::3] + 1, 0, 4)
-        return pd.DataFrame({"grade": grade, "expected_grade": grade + 0.25})
+        frame = pd.DataFrame({"grade": grade, "expected_grade": grade + 0.25})
+        return frame.assign(**{c: [float(counts[i]) for i in meta["image"]] for c in iga.outcomes
+                               if c not in frame})
 
     iga.predict = drawn_iga
     with pytest.warns(UserWarning, match="grader 'iga' is not a default grader"):
