@@ -239,7 +239,8 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
                     if len(va_own) else (None, None))
     # every epoch's labels are known before its images are made: weights from all of them
     draws = range(settings.epochs) if settings.resample else (0,)
-    all_labels = np.stack([plan_degradation(np.random.default_rng([settings.seed, e, i]), recipe=settings.recipe)["labels"]
+    all_labels = np.stack([plan_degradation(np.random.default_rng([settings.seed, e, i]),
+                                            recipe=settings.recipe)["labels"]
                            for e in draws for i in range(len(train_x))])
     poor = all_labels.any(axis=1).astype(np.int64)
     q_weights = torch.tensor(classify.class_weights(poor, 2), dtype=torch.float32, device=dev)

@@ -8,9 +8,10 @@ face's own look, background, sharpness and tone must be no cue:
 
 * **Every image** (acceptable or poor) first gets, with probability 0.6, a new background and clothes
   (:func:`scene`: stripes, a gradient, blocks or a coloured texture in random -- often saturated or dark --
-  colours, in place of each uniform region that touches the border, :func:`background_masks`), an exposure x0.8-1.25 and, half the time, a white
-  balance of x0.93-1.07 per channel; at the end, capture variation: an unsharp mask (amount 0.3-2, a third
-  of the images), sensor noise (sigma 1-8 grey levels, half) and JPEG (quality 40-95, half).
+  colours, in place of each uniform region that touches the border, :func:`background_masks`), an exposure
+  x0.8-1.25 and, half the time, a white balance of x0.93-1.07 per channel (neither on a bad-light photo, whose
+  exposure or cast must stay beyond its threshold); at the end, capture variation: an unsharp mask (amount
+  0.3-2, a third of the images), sensor noise (sigma 1-8 grey levels, half) and JPEG (quality 40-95, half).
 * **Sharpness on an absolute scale.** An acceptable photo may be softened, by a Gaussian blur of sigma at most
   0.4 % of the side or by down- and up-sampling by 1.25-2.2x (about the same effective sigma); blurry starts
   at sigma 0.8 % of the side (2x the acceptable maximum; or a motion-blur line of 3-8 %), low resolution at a
@@ -67,7 +68,7 @@ def plan_degradation(rng: np.random.Generator, p_clean: float = 0.35, recipe: st
         if 0 in chosen and 4 in chosen:        # off-centre and zoomed-out are drawn as one or the other
             chosen.remove(int(rng.choice([0, 4])))
         labels[chosen] = 1
-    steps = capture_before(rng) if varied else []
+    steps = capture_before(rng, light=not labels[1]) if varied else []
     if clean:
         steps += mild_steps(rng, varied)
     else:
@@ -77,11 +78,14 @@ def plan_degradation(rng: np.random.Generator, p_clean: float = 0.35, recipe: st
     return {"labels": labels, "steps": steps}
 
 
-def capture_before(rng: np.random.Generator) -> list[tuple[str, dict[str, float]]]:
-    """"varied": a new background, an acceptable exposure and white balance (every image)."""
+def capture_before(rng: np.random.Generator, light: bool = True) -> list[tuple[str, dict[str, float]]]:
+    """"varied": a new background and, unless the photo is to have bad light (whose exposure and cast must stay
+    beyond their thresholds), an acceptable exposure and white balance."""
     steps: list[tuple[str, dict[str, float]]] = []
     if rng.random() < 0.6:
         steps.append(("scene", {"kind": float(rng.integers(len(SCENE_KINDS))), "seed": float(rng.integers(2**31))}))
+    if not light:
+        return steps
     steps.append(("exposure", {"gain": float(np.exp(rng.uniform(math.log(0.8), math.log(1.25))))}))
     if rng.random() < 0.5:
         steps.append(("balance", {f"g{c}": rng.uniform(0.93, 1.07) for c in range(3)}))
@@ -290,9 +294,9 @@ def _noise(out: np.ndarray, p: dict[str, float], rng: Any) -> np.ndarray:
 
 
 def _jpeg(out: np.ndarray, p: dict[str, float], rng: Any) -> np.ndarray:
-    ok, data = cv2.imencode(".jpg", np.clip(out + 0.5, 0, 255).astype(np.uint8),
-                            [cv2.IMWRITE_JPEG_QUALITY, int(p["quality"])])
-    return cv2.imdecode(data, cv2.IMREAD_UNCHANGED).astype(np.float32)
+    rgb = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(p["quality"])])
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1].astype(np.float32)     # OpenCV codes BGR
 
 
 #: steps that keep the framing
