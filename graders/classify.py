@@ -291,6 +291,24 @@ class Fit:
     validate: Callable[[], dict[str, Any]] | None = None
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """What every classifier training is told; a grader's own settings add fields to it (and may declare other
+    defaults for these)."""
+
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 2e-3
+    lr_final: float = 1e-4
+    val_fraction: float = 0.2
+    seed: int = 0
+
+    def plan(self, n_train: int, batch_loss: Callable[[np.ndarray, Any, int], Any],
+             validate: Callable[[], dict[str, Any]] | None = None) -> Fit:
+        """The :class:`Fit` of these settings for ``n_train`` images."""
+        return Fit(n_train, self.epochs, self.batch_size, self.lr, self.lr_final, self.seed, batch_loss, validate)
+
+
 def start_training(cls: Any, config: Any, seed: int, out: str | os.PathLike[str], *, data: Sequence[Any],
                    extra: Sequence[Any], identities: Sequence[str] | None, device: Any, weights_dtype: str,
                    force: bool) -> tuple[Any, list[Source], list[Source]]:

@@ -54,13 +54,10 @@ COUNT_TARGETS = ("simulated", "visible")
 
 
 @dataclass(frozen=True)
-class TrainSettings:
+class TrainSettings(classify.TrainSettings):
     epochs: int = 20
     batch_size: int = 16
     lr: float = 3e-3
-    lr_final: float = 1e-4
-    val_fraction: float = 0.2
-    seed: int = 0
     class_weighted: bool = True
     augment_p: float = 0.2          # the paper's augmentation, used when ``augment`` is off
     augment: bool = True            # the wide augmentation (synthtrial.graders.augment.WIDE)
@@ -234,8 +231,7 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
                          val_balanced3_counts=balanced_accuracy(reports["counts"]))
         return entry
 
-    plan = classify.Fit(len(train_idx), settings.epochs, settings.batch_size, settings.lr, settings.lr_final,
-                        settings.seed, batch_loss, validate)
+    plan = settings.plan(len(train_idx), batch_loss, validate)
     trained = classify.fit_and_save(
         grader, plan, out, sources=sources, extras=extras, identities=identities, settings=settings,
         restart=restart, progress=progress, weights_dtype=weights_dtype, device=device,

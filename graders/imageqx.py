@@ -6,30 +6,26 @@ too far away; sigmoids); loss ``CE + 5 * BCE``, the CE class-weighted (balanced 
 by its negatives/positives ratio.
 
 Training images are degradations of clean generated images whose labels are known by construction
-(:func:`plan_degradation` draws a recipe, :func:`apply_degradation` applies it):
-
-* blurry -- Gaussian blur (sigma 0.6-2 % of the side) or a motion-blur line kernel (3-8 % of the side);
-* bad light -- under-exposure (x0.2-0.5), over-exposure (x1.7-2.6, clipped) or a colour cast (one channel
-  x1.35-1.7);
-* low resolution -- down-sampled by 5-10x (area), up-sampled back (nearest or bilinear);
-* bad framing -- the face pushed off-centre (shift 25-40 % of the side) or a cut-off crop (zoom x1.7-2.3 on an
-  off-centre corner);
-* too far away -- zoomed out to 35-55 % of the side on a plain, slightly noisy background.
+(:mod:`synthtrial.graders.imageqx_degrade`: ``plan_degradation`` draws a recipe, ``apply_degradation`` applies
+it). The default recipe, "varied", draws a new background, exposure, white balance, softening, sharpening,
+sensor noise and JPEG within the acceptable bounds on every image and states blur on an absolute scale, so that
+a portrait's own look, background and sharpness are no cue (train on one portrait, grade another); "narrow"
+(``--recipe narrow``) is the earlier one: clean renders with barely any acceptable variation. A "poor" photo
+has one or two of: blurry (Gaussian or motion blur), bad light (under- / over-exposure, a colour cast), low
+resolution (5-10x down-sampling), bad framing (off-centre, cut off), too far away (zoomed out).
 
 Training adds horizontal flips (``AUGMENT``, :data:`synthtrial.graders.augment.FLIPS`; off with ``augment=False``):
 a mirror image keeps every label, where the graders' wide augmentation (blur, darkening, shifts, zoom) would
 contradict them. ``looks=True`` (``--looks``) adds :data:`LOOKS`, changes of a photo's look far inside every
 label's margin, so that a portrait's own skin tone, light and colour are no cue (train on one portrait, grade
-another): brightness and contrast x0.85-1.15 (an acceptable exposure is x0.9-1.1, bad light starts at x0.5
-and x1.7), saturation x0.8-1.2, a hue turn of up to 0.02, gamma 0.85-1.2, white balance up to 0.08 / 0.1 and a
-side light of up to +-10 %; no blur, noise, JPEG, shift or zoom (those are labels). They act on the
+another): brightness and contrast x0.85-1.15 (bad light starts at x0.5 and x1.7), saturation x0.8-1.2, a hue
+turn of up to 0.02, gamma 0.85-1.2, white balance up to 0.08 / 0.1 and a side light of up to +-10 %; no blur,
+noise, JPEG, shift or zoom (the recipe draws those, each within its label's bounds). They act on the
 network's input (after the degradation), where they cost a seventh of what they would on the 256 px base.
 The degradations above are the rest of ImageQX's augmentation.
 
-A "poor" photo has one or two of these (the explanation labels say which); an "acceptable" one may carry
-mild versions below every threshold (exposure x0.9-1.1, blur sigma < 0.3 %, a shift < 4 %). A photo whose
-shorter side is below ``min_side`` pixels is also "low resolution" and poor by rule, whatever the network says
-(it only sees the image resized to ``image_size``).
+A photo whose shorter side is below ``min_side`` pixels is also "low resolution" and poor by rule, whatever the
+network says (it only sees the image resized to ``image_size``).
 
 Three uses: ``synthtrial grade`` adds the verdict to every image (this class is a grader); :meth:`ImageQX.verdicts`
 gives the verdict and a one-line reason per image for the generator's quality filter; :func:`check_portraits`
@@ -38,23 +34,21 @@ checks ``--faces`` portraits before use.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 
 from synthtrial.graders import classify
 from synthtrial.graders.augment import FLIPS, Augmenter, draw_seeds
 from synthtrial.graders.base import GraderComponent, GraderError, read_rgb
+from synthtrial.graders.imageqx_degrade import EXPLANATIONS, check_recipe, degraded_set, plan_degradation
 from synthtrial.util.progress import ProgressCallback
 
-EXPLANATIONS = ("bad_framing", "bad_light", "blurry", "low_resolution", "too_far")
 EXPLANATION_TEXT = {"bad_framing": "bad framing", "bad_light": "bad light", "blurry": "blurry",
                     "low_resolution": "low resolution", "too_far": "too far away"}
 QUALITY_NAMES = ("acceptable", "poor")
@@ -105,113 +99,6 @@ def build_network(config: ImageQXConfig) -> Any:
             return self.quality(features), self.explain(features)
 
     return Net()
-
-
-# ------------------------------------------------------------------------------------- degradations
-
-def plan_degradation(rng: np.random.Generator, p_clean: float = 0.35) -> dict[str, Any]:
-    """A recipe: ``{"labels": (5,) 0/1, "steps": [(kind, params), ...]}``; poor iff any label is 1."""
-    steps: list[tuple[str, dict[str, float]]] = []
-    labels = np.zeros(len(EXPLANATIONS), np.int64)
-    if rng.random() < p_clean:
-        if rng.random() < 0.5:
-            steps.append(("shift", {"dx": rng.uniform(-0.04, 0.04), "dy": rng.uniform(-0.04, 0.04)}))
-        if rng.random() < 0.5:
-            steps.append(("exposure", {"gain": rng.uniform(0.9, 1.1)}))
-        if rng.random() < 0.5:
-            steps.append(("blur", {"sigma": rng.uniform(0.0, 0.003)}))
-        return {"labels": labels, "steps": steps}
-    k = 1 if rng.random() < 0.7 else 2
-    chosen = sorted(rng.choice(len(EXPLANATIONS), size=k, replace=False).tolist())
-    if 0 in chosen and 4 in chosen:        # off-centre and zoomed-out are drawn as one or the other
-        chosen.remove(int(rng.choice([0, 4])))
-    for c in chosen:
-        labels[c] = 1
-    if labels[0]:
-        if rng.random() < 0.5:
-            angle, dist = rng.uniform(0, 2 * math.pi), rng.uniform(0.25, 0.4)
-            steps.append(("shift", {"dx": dist * math.cos(angle), "dy": dist * math.sin(angle)}))
-        else:
-            steps.append(("cutoff", {"zoom": rng.uniform(1.7, 2.3), "cx": rng.choice([0.15, 0.85]),
-                                     "cy": rng.uniform(0.1, 0.9)}))
-    if labels[4]:
-        steps.append(("zoomout", {"scale": rng.uniform(0.35, 0.55), "noise": rng.uniform(2, 8)}))
-    if labels[1]:
-        kind = rng.integers(3)
-        if kind == 0:
-            steps.append(("exposure", {"gain": rng.uniform(0.2, 0.5)}))
-        elif kind == 1:
-            steps.append(("exposure", {"gain": rng.uniform(1.7, 2.6)}))
-        else:
-            steps.append(("cast", {"channel": int(rng.integers(3)), "gain": rng.uniform(1.35, 1.7)}))
-    if labels[2]:
-        if rng.random() < 0.5:
-            steps.append(("blur", {"sigma": rng.uniform(0.006, 0.02)}))
-        else:
-            steps.append(("motion", {"length": rng.uniform(0.03, 0.08), "angle": rng.uniform(0, 180)}))
-    if labels[3]:
-        steps.append(("lowres", {"factor": rng.uniform(5, 10), "nearest": float(rng.random() < 0.5)}))
-    return {"labels": labels, "steps": steps}
-
-
-def apply_degradation(image: np.ndarray, recipe: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
-    """``image`` (H, W, 3) uint8 with the recipe's steps applied in order; same shape."""
-    out = image.astype(np.float32)
-    h, w = out.shape[:2]
-    side = float(min(h, w))
-    background = np.concatenate([out[0], out[-1], out[:, 0], out[:, -1]]).mean(axis=0)
-    for kind, p in recipe["steps"]:
-        if kind == "shift":
-            m = np.float32([[1, 0, p["dx"] * w], [0, 1, p["dy"] * h]])
-            out = cv2.warpAffine(out, m, (w, h), borderMode=cv2.BORDER_CONSTANT, borderValue=background.tolist())
-        elif kind == "cutoff":
-            z = p["zoom"]
-            cx, cy = p["cx"] * w, p["cy"] * h
-            m = np.float32([[z, 0, w / 2 - z * cx], [0, z, h / 2 - z * cy]])
-            out = cv2.warpAffine(out, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-        elif kind == "zoomout":
-            s = p["scale"]
-            canvas = np.empty_like(out)
-            canvas[:] = background
-            noise = rng.normal(0, p["noise"], size=(h, w, 1)).astype(np.float32)
-            canvas = canvas + cv2.GaussianBlur(noise, (0, 0), 3)[..., None]
-            small = cv2.resize(out, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-            y0, x0 = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
-            canvas[y0:y0 + small.shape[0], x0:x0 + small.shape[1]] = small
-            out = canvas
-        elif kind == "exposure":
-            out = out * p["gain"]
-        elif kind == "cast":
-            out[..., p["channel"]] *= p["gain"]
-        elif kind == "blur":
-            sigma = p["sigma"] * side
-            if sigma >= 0.3:
-                out = cv2.GaussianBlur(out, (0, 0), sigma)
-        elif kind == "motion":
-            n = max(3, int(round(p["length"] * side)) | 1)
-            kernel = np.zeros((n, n), np.float32)
-            kernel[n // 2, :] = 1.0
-            rot = cv2.getRotationMatrix2D((n / 2 - 0.5, n / 2 - 0.5), p["angle"], 1.0)
-            kernel = cv2.warpAffine(kernel, rot, (n, n))
-            out = cv2.filter2D(out, -1, kernel / max(kernel.sum(), 1e-6), borderType=cv2.BORDER_REFLECT)
-        elif kind == "lowres":
-            small = cv2.resize(out, (max(4, round(w / p["factor"])), max(4, round(h / p["factor"]))),
-                               interpolation=cv2.INTER_AREA)
-            out = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST if p["nearest"] else cv2.INTER_LINEAR)
-        else:  # pragma: no cover - recipes come from plan_degradation
-            raise GraderError(f"unknown degradation step {kind!r}")
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
-
-
-def degraded_set(bases: np.ndarray, seed: int, epoch: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One degraded copy of each base image (recipe from ``(seed, epoch, i)``), resized: ``(x, labels)``."""
-    xs, ys = [], []
-    for i, base in enumerate(bases):
-        rng = np.random.default_rng([seed, epoch, i])
-        recipe = plan_degradation(rng)
-        xs.append(classify.resize_square(apply_degradation(base, recipe, rng), image_size))
-        ys.append(recipe["labels"])
-    return np.stack(xs), np.stack(ys)
 
 
 # ------------------------------------------------------------------------------------------- grader
@@ -300,17 +187,20 @@ def check_portraits(paths: Sequence[str | os.PathLike[str]], grader: ImageQX | N
 # ---------------------------------------------------------------------------------- train / evaluate
 
 @dataclass(frozen=True)
-class TrainSettings:
-    epochs: int = 12
-    batch_size: int = 32
-    lr: float = 2e-3
-    lr_final: float = 1e-4
-    val_fraction: float = 0.2
-    seed: int = 0
+class TrainSettings(classify.TrainSettings):
     base_size: int = 256            # side the clean images are brought to before they are degraded
     resample: bool = True           # new degradations every epoch (False: epoch 0's draw every time)
     augment: bool = True            # horizontal flips (AUGMENT), label-safe
     looks: bool = False             # LOOKS on top: label-safe changes of the look (module docstring)
+    recipe: str = "varied"          # the degradation recipe (imageqx_degrade): "varied" or "narrow"
+
+    def __post_init__(self) -> None:
+        check_recipe(self.recipe)
+
+
+def trained_recipe(grader: ImageQX) -> str:
+    """The degradation recipe ``grader`` was trained with ("narrow" for weights older than the option)."""
+    return str(grader.record.get("settings", {}).get("recipe", "narrow"))
 
 
 def base_images(source: classify.Source, size: int, progress: ProgressCallback | None = None) -> np.ndarray:
@@ -345,11 +235,12 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
     strata = np.zeros(len(own), np.int64)       # the labels are drawn later: group only
     tr_own, va_own = classify.grouped_split(strata, g[own], settings.val_fraction, settings.seed)
     train_x = x[np.sort(np.concatenate([own[tr_own], np.flatnonzero(ex)]))]
-    val_x, val_y = (degraded_set(x[own[va_own]], settings.seed + 1, 10_000, config.image_size)
+    val_x, val_y = (degraded_set(x[own[va_own]], settings.seed + 1, 10_000, config.image_size, settings.recipe)
                     if len(va_own) else (None, None))
     # every epoch's labels are known before its images are made: weights from all of them
     draws = range(settings.epochs) if settings.resample else (0,)
-    all_labels = np.stack([plan_degradation(np.random.default_rng([settings.seed, e, i]))["labels"]
+    all_labels = np.stack([plan_degradation(np.random.default_rng([settings.seed, e, i]),
+                                            recipe=settings.recipe)["labels"]
                            for e in draws for i in range(len(train_x))])
     poor = all_labels.any(axis=1).astype(np.int64)
     q_weights = torch.tensor(classify.class_weights(poor, 2), dtype=torch.float32, device=dev)
@@ -362,7 +253,7 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
         draw = epoch if settings.resample else 0
         if draw not in cache:
             cache.clear()
-            cache[draw] = degraded_set(train_x, settings.seed, draw, config.image_size)
+            cache[draw] = degraded_set(train_x, settings.seed, draw, config.image_size, settings.recipe)
         xs, ys = cache[draw]
         inputs = xs[idx] if flips is None else flips.images(xs[idx], draw_seeds(len(idx), gen))
         q, e = grader.model(classify.to_tensor(inputs, dev))
@@ -377,8 +268,7 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
         r = metrics(grader, val_x, val_y)
         return {"val_quality_macro_f1": r["quality"]["macro_f1"], "val_explanation_macro_f1": r["explanation_macro_f1"]}
 
-    plan = classify.Fit(len(train_x), settings.epochs, settings.batch_size, settings.lr, settings.lr_final,
-                        settings.seed, batch_loss, validate)
+    plan = settings.plan(len(train_x), batch_loss, validate)
     return classify.fit_and_save(
         grader, plan, out, sources=sources, extras=extras, identities=identities, settings=settings,
         restart=restart, progress=progress, weights_dtype=weights_dtype, device=device,
@@ -401,11 +291,13 @@ def metrics(grader: ImageQX, inputs: np.ndarray, labels: np.ndarray) -> dict[str
 
 
 def evaluate(grader: ImageQX, data: str | os.PathLike[str], identities: Sequence[str] | None = None,
-             seed: int = 12345, base_size: int = 256, progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """Degrade every image of ``data`` once (recipes from ``seed``) and score the verdicts against the truth
-    (``progress`` counts the images read)."""
+             seed: int = 12345, base_size: int = 256, recipe: str | None = None,
+             progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Degrade every image of ``data`` once (recipes from ``seed``; ``recipe`` defaults to the one the grader
+    was trained with) and score the verdicts against the truth (``progress`` counts the images read)."""
+    recipe = check_recipe(recipe) if recipe is not None else trained_recipe(grader)
     source = classify.read_source(data, identities, "--data")
     bases = base_images(source, base_size, progress)
-    inputs, labels = degraded_set(bases, seed, 0, grader.config.image_size)
+    inputs, labels = degraded_set(bases, seed, 0, grader.config.image_size, recipe)
     return {"data": source.where, "identities": list(identities or []), "images": len(source), "seed": seed,
-            **metrics(grader, inputs, labels)}
+            "recipe": recipe, **metrics(grader, inputs, labels)}

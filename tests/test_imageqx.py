@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from synthtrial.graders import classify, imageqx
+from synthtrial.graders import classify, imageqx, imageqx_degrade
 from synthtrial.graders.base import GraderError, get_grader, read_rgb
 from synthtrial.grade import grade_run
 from synthtrial.util.errors import SynthtrialError
@@ -60,24 +60,24 @@ def test_degradations_carry_their_labels(face):
     clean = 0
     for i in range(300):
         rng = np.random.default_rng([7, i])
-        recipe = imageqx.plan_degradation(rng)
+        recipe = imageqx_degrade.plan_degradation(rng)
         labels = recipe["labels"]
         assert labels.sum() <= 2 and not (labels[0] and labels[4])
         seen += labels
         clean += labels.sum() == 0
         if i < 40:
-            out = imageqx.apply_degradation(face, recipe, rng)
+            out = imageqx_degrade.apply_degradation(face, recipe, rng)
             assert out.shape == face.shape and out.dtype == np.uint8
     assert (seen > 30).all() and 60 < clean < 160
-    blur = imageqx.apply_degradation(face, {"labels": None, "steps": [("blur", {"sigma": 0.02})]}, None)
+    blur = imageqx_degrade.apply_degradation(face, {"labels": None, "steps": [("blur", {"sigma": 0.02})]}, None)
     assert np.abs(np.diff(blur.astype(float), axis=1)).mean() < 0.5 * np.abs(np.diff(face.astype(float), axis=1)).mean()
-    dark = imageqx.apply_degradation(face, {"labels": None, "steps": [("exposure", {"gain": 0.3})]}, None)
+    dark = imageqx_degrade.apply_degradation(face, {"labels": None, "steps": [("exposure", {"gain": 0.3})]}, None)
     assert dark.mean() < 0.4 * face.mean()
-    far = imageqx.apply_degradation(face, {"labels": None, "steps": [("zoomout", {"scale": 0.4, "noise": 0})]},
+    far = imageqx_degrade.apply_degradation(face, {"labels": None, "steps": [("zoomout", {"scale": 0.4, "noise": 0})]},
                                     np.random.default_rng(0))
     assert far[:20].std() < face[:20].std() + 1        # the border is now plain background
-    x1, y1 = imageqx.degraded_set(face[None], seed=3, epoch=0, image_size=40)
-    x2, y2 = imageqx.degraded_set(face[None], seed=3, epoch=0, image_size=40)
+    x1, y1 = imageqx_degrade.degraded_set(face[None], seed=3, epoch=0, image_size=40)
+    x2, y2 = imageqx_degrade.degraded_set(face[None], seed=3, epoch=0, image_size=40)
     assert x1.shape == (1, 40, 40, 3) and np.array_equal(x1, x2) and np.array_equal(y1, y2)
 
 
@@ -101,7 +101,7 @@ def test_training_loss_falls_and_weights_reload_bit_for_bit(trained, face, tmp_p
 
 def test_class_weights_follow_the_drawn_labels(trained):
     grader, _ = trained
-    labels = np.stack([imageqx.plan_degradation(np.random.default_rng([SETTINGS.seed, 0, i]))["labels"]
+    labels = np.stack([imageqx_degrade.plan_degradation(np.random.default_rng([SETTINGS.seed, 0, i]))["labels"]
                        for i in range(grader.record["n_train"])])     # resample=False: epoch 0's draw
     poor = labels.any(axis=1).astype(int)
     assert grader.record["quality_class_weights"] == pytest.approx(classify.class_weights(poor, 2).tolist(), abs=1e-5)
@@ -180,11 +180,15 @@ def test_cli_train_and_eval(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "quality verdict" in result.output and "too far away" in result.output
     metrics = json.loads((tmp_path / "ev" / "imageqx_metrics.json").read_text())
-    assert metrics["images"] == 6 and sum(metrics["quality"]["support"]) == 6
+    assert metrics["images"] == 6 and sum(metrics["quality"]["support"]) == 6 and metrics["recipe"] == "varied"
     assert (tmp_path / "ev" / "imageqx_confusion.png").is_file()
     result = runner.invoke(app, ["graders", "train", "imageqx", "--data", str(tiny_run), "--out", str(out),
                                  "--weights-dtype", "int8", "-q"])
     assert result.exit_code == 2 and "float32 or float16" in result.output
+    result = runner.invoke(app, ["graders", "train", "imageqx", "--data", str(tiny_run), "--out", str(tmp_path / "r"),
+                                 "--recipe", "wide", "-q"])
+    assert result.exit_code == 2 and "--recipe must be varied or narrow, got 'wide'" in result.output
+    assert not (tmp_path / "r").exists()
 
 
 def test_looks_change_the_colour_but_keep_every_quality_label(tiny_run, tmp_path):

@@ -266,6 +266,9 @@ def train_imageqx(
                                         "(brightness, contrast, colour, gamma, white balance, side light) well "
                                         "inside every label's margin: train on one portrait, grade another.")]
     = False,
+    recipe: Annotated[str, typer.Option(help="Degradation recipe: varied (backgrounds, exposure, softening, noise, "
+                                        "JPEG within the acceptable bounds on every image; blur on an absolute "
+                                        "scale) or narrow (the earlier one: clean renders).")] = "varied",
     weights_dtype: WeightsDtype = "float32",
     seed: Seed = 0,
     device: Device = None,
@@ -276,7 +279,8 @@ def train_imageqx(
     """Train ImageQX (quality verdict + five explanations) on degradations of clean images, labels known by construction.
 
     Each epoch degrades every image afresh (blur / motion blur, under- and over-exposure and colour casts,
-    down-sampling, off-centre and cut-off crops, zoom-out); loss CE + 5 BCE, class-weighted.
+    down-sampling, off-centre and cut-off crops, zoom-out; with the varied recipe also new backgrounds and
+    acceptable exposure, softening, noise and JPEG on every image); loss CE + 5 BCE, class-weighted.
 
     Example (cross-portrait: train on the grader set's astronaut, evaluate on its hopper split):
 
@@ -289,7 +293,7 @@ def train_imageqx(
     config = imageqx.ImageQXConfig(backbone=backbone, image_size=image_size)
     settings = imageqx.TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_final=lr_final,
                                      val_fraction=val_fraction, seed=seed, base_size=base_size, augment=augment,
-                                     looks=looks)
+                                     looks=looks, recipe=recipe)
     stages = _Stages(not quiet)
     try:
         grader = imageqx.train(data, out_dir, extra=extra or (), identities=identity, config=config,
@@ -312,6 +316,8 @@ def eval_imageqx(
     weights: Weights = None,
     identity: Identity = None,
     seed: Seed = 12345,
+    recipe: Annotated[Optional[str], typer.Option(help="Degradation recipe (varied or narrow); default: the one "
+                                                  "the weights were trained with.")] = None,
     out_dir: EvalOut = None,
     device: Device = None,
     quiet: Quiet = False,
@@ -325,11 +331,11 @@ def eval_imageqx(
 
     grader = get_grader("imageqx", weights, device=device)
     with progress_bar("reading", 1, unit="images", enabled=not quiet) as update:
-        result = imageqx.evaluate(grader, data, identity, seed=seed, progress=update)
+        result = imageqx.evaluate(grader, data, identity, seed=seed, recipe=recipe, progress=update)
     folder = _eval_folder(data, out_dir)
     classify.confusion_png(folder / "imageqx_confusion.png", result["quality"], "ImageQX quality")
     _write_json(folder / "imageqx_metrics.json", result)
-    out.print(f"{result['images']} degraded images of {result['data']}"
+    out.print(f"{result['images']} degraded images ({result['recipe']} recipe) of {result['data']}"
               + (f", identities {', '.join(result['identities'])}" if result["identities"] else ""))
     out.print(_report_table(result["quality"], "quality verdict (paper: macro F1 0.73)"))
     out.print(_confusion_table(result["quality"], "quality confusion"))
