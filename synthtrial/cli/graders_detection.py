@@ -113,12 +113,13 @@ def train_dermx_command(
 ) -> None:
     """Train DermX (severity + lesion characteristics with Grad-CAM explanations) from scratch on runs.
 
-    Example (DermX and DermX+ on the grader training set: 752 steps of 16 images each, 0.3-1 s a step on 2 CPU
-    cores, so 4-13 min each plus a minute or two reading the 3,000 images):
+    Example (DermX and DermX+ on the grader training set, sized for about an hour each alone on 2 CPU cores:
+    188 steps of 16 images an epoch, about 1 s a step, plus about 14 min reading the 3,000 images; see the
+    model card's "How to retrain"):
 
-      synthtrial graders train dermx --data runs/graderset/train --out runs/weights/dermx --epochs 4 --batch-size 16
+      synthtrial graders train dermx --data runs/graderset/train --out runs/weights/dermx --epochs 12 --batch-size 16
 
-      synthtrial graders train dermx --data runs/graderset/train --out runs/weights/dermx+ --guided --epochs 4 --batch-size 16
+      synthtrial graders train dermx --data runs/graderset/train --out runs/weights/dermx+ --guided --epochs 10 --batch-size 16
     """
     import math
 
@@ -272,20 +273,24 @@ def _dermx_label(dermx: Any, fallback: str, taken: Collection[str] = ()) -> str:
 
 
 def _print_dermx(title: str, metrics: dict, plausibility: bool) -> None:
-    columns = {"prevalence": "prev.", "precision": "prec.", "recall": "recall", "F1": "F1",
-               "F1_simulated": "F1 sim.", "prevalence_varied": "prev. var.", "F1_varied": "F1 var."}
+    tables = [("characteristics ({truth} truth; var.: varied subset)",
+               {"prevalence": "prev.", "precision": "prec.", "recall": "recall", "F1": "F1",
+                "F1_simulated": "F1 sim.", "prevalence_varied": "prev. var.", "F1_varied": "F1 var."})]
     if plausibility:
-        columns.update({"plausibility_F1": "loc. F1", "plausibility_F1_uniform": "loc. chance",
-                        "plausibility_samples": "loc. n"})
-    table = Table(title=f"{title}: characteristics ({metrics['truth']} truth; var.: varied subset; loc.: "
-                  "plausibility, chance: an all-ones map)", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("characteristic", no_wrap=True)
-    for header in columns.values():
-        table.add_column(header, justify="right")
-    for name, row in metrics["characteristics"].items():
-        table.add_row(name, *[str(row[c]) if c == "plausibility_samples" and c in row else
-                              _fmt(row.get(c, float("nan"))) for c in columns])
-    out.print(table)
+        tables.append(("plausibility (chance: an all-ones map)",
+                       {"plausibility_F1": "loc. F1", "plausibility_F1_uniform": "chance",
+                        "plausibility_sensitivity": "sens.", "plausibility_specificity": "spec.",
+                        "plausibility_samples": "n"}))
+    for caption, columns in tables:
+        table = Table(title=f"{title}: {caption.format(truth=metrics['truth'])}", box=box.SIMPLE_HEAD,
+                      pad_edge=False)
+        table.add_column("characteristic", no_wrap=True)
+        for header in columns.values():
+            table.add_column(header, justify="right")
+        for name, row in metrics["characteristics"].items():
+            table.add_row(name, *[str(row[c]) if c == "plausibility_samples" and c in row else
+                                  _fmt(row.get(c, float("nan"))) for c in columns])
+        out.print(table)
     summary = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     summary.add_column("metric"), summary.add_column("value", justify="right")
     for key, value in metrics.items():
