@@ -138,6 +138,26 @@ def weights_sha256(folder: str | os.PathLike[str]) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
+def update_card(folder: str | os.PathLike[str], figures: dict[str, dict[str, Any]], measured_by: str) -> Path:
+    """Merge ``figures`` (per evaluation set) into ``FOLDER/evaluation.json`` (created when missing), each set's
+    ``measured_by`` the command given and ``weights_sha256`` that of the folder's weights now; figures the card
+    holds for other weights (another sha256) are dropped, not kept beside the new ones."""
+    from synthtrial.util.atomic import write_text_atomic
+
+    folder = Path(folder)
+    sha = weights_sha256(folder)
+    if sha is None:
+        raise GraderError(f"{folder / WEIGHTS_FILE}: no weights to write a card for")
+    card = read_card(folder) or {}
+    if card.get("weights_sha256") != sha:
+        card = {"about": card.get("about", "Figures measured on these weights, read by synthtrial.graders.cards "
+                                  "against issue 20's targets.")}
+    card.setdefault("figures", {}).update(figures)
+    card.setdefault("measured_by", {}).update({on: measured_by for on in figures})
+    card["weights_sha256"] = sha
+    return Path(write_text_atomic(folder / CARD_FILE, json.dumps(card, indent=2, sort_keys=True) + "\n"))
+
+
 def card_status(name: str, folder: str | os.PathLike[str] | None = None) -> CardStatus:
     """Grader ``name``'s card (in ``folder``, default: its shipped weights) against :data:`TARGETS`."""
     if name not in REGISTRY:

@@ -26,12 +26,23 @@ Choices, stated once:
   truth and the network say the characteristic is there (so localisation is scored apart from
   identification), then the mean over characteristics (the paper's "Mean" row: 0.39 DermX, 0.36 DermX+).
   The same over every image where the truth has it (missed ones included; the paper's Tables B.19 / B.21)
-  is reported as ``plausibility_F1_all_present``.
+  is reported as ``plausibility_F1_all_present``. Beside each F1 its chance level ``F1_uniform``: the F1 of a
+  map that is 1 on every cell (``2 f / (1 + f)`` for an area covering a share ``f`` of the cells, reported as
+  ``area_share``): a map that does not beat it localises nothing. On the grader set's 512 px images at the
+  default 256 px input (32 x 32 cells of 16 image px, 6.7 mm at the shipped trial's 0.42 mm/px) a papule's area
+  covers 3-4 % of the cells, a comedo's 0.4 %, so ``F1_uniform`` is 0.01-0.07 (the shipped weights scored 0.04
+  against 0.035 on 20 hopper images: diffuse maps of a head that says "present" for everything). The paper's
+  dermatologist maps cover far more of their images, so its 0.35-0.39 is a lower bar there than here.
+* **Several weights side by side** (:func:`evaluate_dermx_models`; DermX+ beside unguided DermX): each image
+  and its truth read once, every model scored on the same images, :func:`side_by_side` sets their headline
+  figures in one table.
+* **Model card** (:func:`card_figures`): the figures ``evaluation.json`` (:mod:`synthtrial.graders.cards`)
+  reads for an evaluation set; the held-out seed's varied subset fills ``varied_characteristics``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +51,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from synthtrial.graders.base import read_rgb
+from synthtrial.graders.base import GraderError, read_rgb
 from synthtrial.graders.dermx import LEVELS, DermX, fuzzy_scores
 from synthtrial.graders.dermx_train import image_truth
 from synthtrial.run import rundir
@@ -48,7 +59,8 @@ from synthtrial.util.progress import ProgressCallback
 
 #: least share of images a characteristic must be absent from for its F1 to say something (issue 20)
 MIN_ABSENT = 0.25
-PLAUSIBILITY = ("F1", "sensitivity", "specificity")
+#: per record: the paper's three scores, then the chance F1 of an all-ones map and the area's share of the cells
+PLAUSIBILITY = ("F1", "sensitivity", "specificity", "F1_uniform", "area_share")
 
 
 def prevalence_table(truth: np.ndarray, predicted: np.ndarray, names: Sequence[str]) -> pd.DataFrame:
@@ -85,12 +97,13 @@ def varied_subset(present: np.ndarray, min_absent: float = MIN_ABSENT) -> np.nda
     return keep
 
 
-def plausibility_summary(records: list[tuple[int, bool, tuple[float, float, float]]],
-                         names: Sequence[str]) -> dict[str, Any]:
-    """The paper's averaging of ``(characteristic, predicted present, (F1, sensitivity, specificity))`` records
-    (each for an image whose truth has the characteristic): per characteristic the mean over the records the
-    network also found, then the mean over characteristics; ``*_all_present`` over every record."""
-    frame = pd.DataFrame([(c, hit, *scores) for c, hit, scores in records],
+def plausibility_summary(records: list[tuple[int, bool, tuple[float, ...]]], names: Sequence[str]) -> dict[str, Any]:
+    """The paper's averaging of ``(characteristic, predicted present, scores)`` records (each for an image whose
+    truth has the characteristic; scores in :data:`PLAUSIBILITY` order, missing trailing ones NaN): per
+    characteristic the mean over the records the network also found, then the mean over characteristics;
+    ``*_all_present`` over every record."""
+    pad = (float("nan"),) * len(PLAUSIBILITY)
+    frame = pd.DataFrame([(c, hit, *(tuple(scores) + pad)[:len(PLAUSIBILITY)]) for c, hit, scores in records],
                          columns=["c", "hit", *PLAUSIBILITY])
     out: dict[str, Any] = {"per_characteristic": {}}
     for suffix, part in (("", frame[frame["hit"]] if len(frame) else frame), ("_all_present", frame)):
@@ -108,35 +121,58 @@ def evaluate_dermx(dermx: DermX, run: str | Path, *, plausibility: bool = True,
                    progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Level, characteristic and plausibility metrics of ``dermx`` on a run (module docstring);
     ``progress(done, images, "")`` after each image."""
+    return evaluate_dermx_models({"dermx": dermx}, run, plausibility=plausibility, progress=progress)["dermx"]
+
+
+def evaluate_dermx_models(models: Mapping[str, DermX], run: str | Path, *, plausibility: bool = True,
+                          progress: ProgressCallback | None = None) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate_dermx` of several models (same characteristics) on the same run, each image and its truth
+    read once: ``{label: metrics}``."""
     run = Path(run)
-    chars = dermx.config.characteristics
+    chars = next(iter(models.values())).config.characteristics
+    if any(m.config.characteristics != chars for m in models.values()):
+        raise GraderError("dermx: the weights compared must name the same characteristics")
     manifest = rundir.read_manifest(run, ("image", "patient_id", "acne04_level", "severity"))
     lesions = rundir.read_lesions(run, set(manifest["image"]))
     truth = "visible" if "visible" in lesions.columns else "simulated"
     by_image = dict(tuple(lesions.groupby("image", sort=False)))
-    present, simulated, probs, level_probs, records = [], [], [], [], []
+    present, simulated = [], []
+    scored: dict[str, tuple[list, list, list]] = {label: ([], [], []) for label in models}
     for k, rel in enumerate(manifest["image"], start=1):
         image = read_rgb(run / rel)
         rows = by_image.get(rel, lesions.iloc[:0])
         has, areas = image_truth(run, rel, rows, chars, truth)
         present.append(has)
         simulated.append(image_truth(run, rel, rows, chars, "simulated")[0] if truth != "simulated" else has)
-        level_p, char_p = dermx.probabilities([image])
-        level_probs.append(level_p[0]), probs.append(char_p[0])
-        if plausibility and has.any():
-            maps = dermx.explain(image, grid=True)
-            grid = F.adaptive_max_pool2d(torch.from_numpy(areas).float(), maps.shape[-2:]).numpy()
-            records.extend((c, bool(char_p[0, c] >= 0.5), fuzzy_scores(maps[c], grid[c]))
-                           for c in range(len(chars)) if has[c])
+        pooled: dict[tuple[int, ...], np.ndarray] = {}
+        for label, dermx in models.items():
+            probs, level_probs, records = scored[label]
+            level_p, char_p = dermx.probabilities([image])
+            level_probs.append(level_p[0]), probs.append(char_p[0])
+            if plausibility and has.any():
+                maps = dermx.explain(image, grid=True)
+                shape = tuple(maps.shape[-2:])
+                if shape not in pooled:
+                    pooled[shape] = F.adaptive_max_pool2d(torch.from_numpy(areas).float(), shape).numpy()
+                records.extend((c, bool(char_p[0, c] >= 0.5), map_scores(maps[c], pooled[shape][c]))
+                               for c in range(len(chars)) if has[c])
         if progress is not None:
             progress(k, len(manifest), "")
-    return summarize(manifest, chars, truth, np.asarray(present), np.asarray(simulated), np.asarray(probs),
-                     np.asarray(level_probs), records if plausibility else None)
+    return {label: summarize(manifest, chars, truth, np.asarray(present), np.asarray(simulated), np.asarray(probs),
+                             np.asarray(level_probs), records if plausibility else None)
+            for label, (probs, level_probs, records) in scored.items()}
+
+
+def map_scores(cam: np.ndarray, area: np.ndarray) -> tuple[float, ...]:
+    """One plausibility record's scores (:data:`PLAUSIBILITY`): the paper's fuzzy F1, sensitivity and
+    specificity of ``cam`` against ``area`` (same grid), the F1 of an all-ones map and the area's share."""
+    area = np.asarray(area, np.float64)
+    return (*fuzzy_scores(cam, area), fuzzy_scores(np.ones_like(area), area)[0], float(area.mean()))
 
 
 def summarize(manifest: pd.DataFrame, chars: Sequence[str], truth: str, present: np.ndarray, simulated: np.ndarray,
               probs: np.ndarray, level_probs: np.ndarray,
-              records: list[tuple[int, bool, tuple[float, float, float]]] | None) -> dict[str, Any]:
+              records: list[tuple[int, bool, tuple[float, ...]]] | None) -> dict[str, Any]:
     """The metrics record of :func:`evaluate_dermx` from its per-image arrays."""
     from sklearn.metrics import f1_score
 
@@ -165,6 +201,8 @@ def summarize(manifest: pd.DataFrame, chars: Sequence[str], truth: str, present:
     varied = prevalence_table(present[chosen], predicted[chosen], chars)
     used_varied = [c for c in range(len(chars)) if present[chosen, c].any()]
     result["varied_images"] = int(chosen.sum())
+    result["varied_levels"] = np.bincount(levels[chosen], minlength=LEVELS).tolist()
+    result["varied_composition"] = composition(present[chosen], chars)
     result["characteristic_F1_macro_varied"] = (float(varied["F1"].iloc[used_varied].mean()) if used_varied
                                                  else float("nan"))
     for c, row in varied.iterrows():
@@ -176,3 +214,53 @@ def summarize(manifest: pd.DataFrame, chars: Sequence[str], truth: str, present:
             result["characteristics"][c].update({f"plausibility_{k}": v for k, v in scores.items()})
         result.update(plaus)
     return result
+
+
+COMEDONES, INFLAMMATORY = ("open_comedo", "closed_comedo"), ("papule", "pustule", "nodule")
+
+
+def composition(present: np.ndarray, names: Sequence[str]) -> dict[str, int]:
+    """How many of the images (rows of ``(N, C)`` 0/1 ``present``) show no lesion, comedones only (no
+    inflammatory lesion), and nodules."""
+    y = np.asarray(present, bool)
+    col = {n: y[:, k] for k, n in enumerate(names)}
+    none = np.zeros(len(y), bool)
+    comedo = np.any([col.get(n, none) for n in COMEDONES], axis=0)
+    inflamed = np.any([col.get(n, none) for n in INFLAMMATORY], axis=0)
+    return {"no_lesion": int((~y.any(axis=1)).sum()), "comedones_only": int((comedo & ~inflamed).sum()),
+            "with_nodules": int(col.get("nodule", none).sum())}
+
+
+#: the headline figures :func:`side_by_side` compares
+HEADLINE = ("level_accuracy", "severity_MAE", "characteristic_F1_macro", "characteristic_F1_macro_varied",
+            "characteristic_F1_micro", "plausibility_F1", "plausibility_F1_uniform", "plausibility_sensitivity",
+            "plausibility_specificity", "plausibility_F1_all_present")
+
+
+def side_by_side(results: Mapping[str, dict[str, Any]]) -> pd.DataFrame:
+    """The headline figures (rows) of each model's metrics (columns, in the order given); NaN where a model's
+    record lacks one (no plausibility scored)."""
+    return pd.DataFrame({label: [float(m.get(k, float("nan"))) for k in HEADLINE] for label, m in results.items()},
+                        index=list(HEADLINE))
+
+
+#: card figure name -> metrics key, per evaluation set (issue 20's targets read these; graders/cards.py)
+CARD_KEYS = {"level_accuracy": "level_accuracy", "severity_mae": "severity_MAE",
+             "characteristic_macro_f1": "characteristic_F1_macro",
+             "characteristic_micro_f1": "characteristic_F1_micro",
+             "characteristic_macro_f1_varied": "characteristic_F1_macro_varied",
+             "plausibility_f1": "plausibility_F1", "plausibility_f1_uniform": "plausibility_F1_uniform"}
+
+
+def card_figures(metrics: dict[str, Any], on: str) -> dict[str, dict[str, float]]:
+    """The ``evaluation.json`` figures of one evaluation (``on``: the card's set, e.g. ``held_out_seed``), rounded
+    to 3 places; on the held-out seed its varied subset also fills ``varied_characteristics`` (the set issue 20's
+    characteristic target is measured on), with the subset's prevalences."""
+    figures = {on: {card: round(float(metrics[key]), 3) for card, key in CARD_KEYS.items()
+                    if key in metrics and np.isfinite(metrics[key])}}
+    if on == "held_out_seed":
+        figures["varied_characteristics"] = {
+            "characteristic_macro_f1": round(float(metrics["characteristic_F1_macro_varied"]), 3),
+            "images": int(metrics["varied_images"]),
+            "prevalence": {c: round(row["prevalence_varied"], 3) for c, row in metrics["characteristics"].items()}}
+    return figures

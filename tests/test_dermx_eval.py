@@ -110,3 +110,106 @@ def test_evaluation_on_a_tiny_run_and_its_cli(tiny_run, tmp_path):
     assert "closed_comedo" in result.output and "prev." in result.output and "plausibility_F1" in result.output
     written = json.loads((tmp_path / "m.json").read_text())
     assert written["characteristics"]["papule"]["prevalence"] == pytest.approx(table["papule"]["prevalence"])
+
+
+def test_map_scores_carry_the_chance_level_of_an_all_ones_map():
+    from synthtrial.graders.dermx_eval import map_scores
+
+    area = np.zeros((4, 4))
+    area[0, :2] = 1.0                                    # 2 of 16 cells: f = 1/8
+    cam = np.zeros((4, 4))
+    cam[0, 0], cam[1, 1] = 1.0, 0.5
+    f1, sens, spec, uniform, share = map_scores(cam, area)
+    # sum min = 1; sum cam 1.5, sum area 2 -> 2 / 3.5; sens 1/2; spec: (14 - .5) / 14; uniform 2 * 2 / (16 + 2)
+    assert (f1, sens, spec) == pytest.approx((2 / 3.5, 0.5, 13.5 / 14))
+    assert uniform == pytest.approx(2 * (1 / 8) / (1 + 1 / 8)) and share == 0.125
+    out = plausibility_summary([(0, True, map_scores(cam, area)), (0, True, fuzzy_scores(cam, area))], ["a"])
+    assert out["plausibility_F1_uniform"] == pytest.approx(uniform)    # a record without it counts as missing
+    assert out["per_characteristic"]["a"]["area_share"] == 0.125
+
+
+def test_composition_and_side_by_side_on_hand_cases():
+    from synthtrial.graders.dermx_eval import HEADLINE, composition, side_by_side
+
+    names = ["open_comedo", "closed_comedo", "papule", "nodule"]
+    present = np.array([[0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 1, 1]], bool)
+    assert composition(present, names) == {"no_lesion": 1, "comedones_only": 2, "with_nodules": 1}
+    frame = side_by_side({"DermX": {"level_accuracy": 0.5, "plausibility_F1": 0.2},
+                          "DermX+": {"level_accuracy": 0.25}})
+    assert list(frame.columns) == ["DermX", "DermX+"] and list(frame.index) == list(HEADLINE)
+    assert frame.loc["level_accuracy"].tolist() == [0.5, 0.25]
+    assert frame.loc["plausibility_F1", "DermX"] == 0.2 and np.isnan(frame.loc["plausibility_F1", "DermX+"])
+
+
+def test_plausibility_pipeline_against_hand_pooled_areas(tiny_run, monkeypatch):
+    """A network whose map is 1 on every cell and that finds every characteristic: its plausibility F1 is, per
+    characteristic, the mean over the images that show it of 2 f / (1 + f), f the share of the 8 x 8 cells (16 px
+    blocks of the 128 px image) that the explanation area touches -- computed here with a reshape, apart from
+    the evaluation's max-pooling."""
+    import torch
+
+    from synthtrial.graders.dermx_train import image_truth
+    from synthtrial.run import rundir
+
+    torch.manual_seed(0)
+    dermx = DermX(DermXConfig(image_size=64), device="cpu")
+    n = len(CHARACTERISTICS)
+    monkeypatch.setattr(dermx, "explain", lambda image, grid=False: np.ones((n, 8, 8), np.float32))
+    monkeypatch.setattr(dermx, "probabilities", lambda images: (np.full((1, 4), 0.25), np.ones((1, n))))
+    metrics = evaluate_dermx(dermx, tiny_run)
+    manifest, lesions = rundir.read_manifest(tiny_run), rundir.read_lesions(tiny_run)
+    expected: dict[int, list[float]] = {}
+    for rel in manifest["image"]:
+        has, areas = image_truth(tiny_run, rel, lesions[lesions["image"] == rel], CHARACTERISTICS, "visible")
+        assert areas.shape[1:] == (128, 128)
+        for c in np.flatnonzero(has):
+            f = areas[c].reshape(8, 16, 8, 16).any(axis=(1, 3)).mean()
+            expected.setdefault(c, []).append(2 * f / (1 + f))
+    assert expected
+    for c, values in expected.items():
+        row = metrics["characteristics"][CHARACTERISTICS[c]]
+        assert row["plausibility_F1"] == pytest.approx(np.mean(values))
+        assert row["plausibility_F1_uniform"] == pytest.approx(np.mean(values))
+        assert row["plausibility_sensitivity"] == pytest.approx(1.0)
+    assert metrics["plausibility_F1"] == pytest.approx(np.mean([np.mean(v) for v in expected.values()]))
+
+
+def test_two_weights_side_by_side_and_the_card(tiny_run, tmp_path):
+    """DermX+ beside DermX: each model's metrics equal its own evaluation; --beside prints both, --card writes
+    the figures (with the varied subset's) into the weights' evaluation.json, which the targets then read."""
+    import torch
+
+    from synthtrial.graders.cards import card_status, read_card, weights_sha256
+    from synthtrial.graders.dermx_eval import evaluate_dermx_models
+
+    torch.manual_seed(0)
+    plain, plus = tmp_path / "dx", tmp_path / "dxplus"
+    DermX(DermXConfig(image_size=64), device="cpu").save_pretrained(plain)
+    DermX(DermXConfig(image_size=64, guided=True), device="cpu").save_pretrained(plus)
+    a, b = DermX.from_pretrained(plain, device="cpu"), DermX.from_pretrained(plus, device="cpu")
+    both = evaluate_dermx_models({"DermX": a, "DermX+": b}, tiny_run)
+    alone = evaluate_dermx(b, tiny_run)
+    assert json.dumps(both["DermX+"], sort_keys=True) == json.dumps(alone, sort_keys=True)
+    assert set(both) == {"DermX", "DermX+"}
+    (plain / "evaluation.json").write_text(json.dumps({"figures": {"held_out_portrait": {"level_accuracy": 0.9}},
+                                                       "weights_sha256": "old"}))
+    result = CliRunner().invoke(app, ["graders", "eval", "dermx", "--data", str(tiny_run), "--weights", str(plain),
+                                      "--beside", str(plus), "--card", "held_out_seed", "--out",
+                                      str(tmp_path / "m.json"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "side by side" in result.output and "DermX+" in result.output
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert 0 < written["plausibility_F1_uniform_all_present"] <= 1
+    assert written["beside"]["DermX+"]["level_accuracy"] == alone["level_accuracy"]
+    card = read_card(plain)
+    assert card["weights_sha256"] == weights_sha256(plain)
+    assert set(card["figures"]) == {"held_out_seed", "varied_characteristics"}       # the stale figures dropped
+    assert card["figures"]["held_out_seed"]["level_accuracy"] == round(both["DermX"]["level_accuracy"], 3)
+    assert card["figures"]["varied_characteristics"]["characteristic_macro_f1"] == \
+        round(both["DermX"]["characteristic_F1_macro_varied"], 3)
+    assert "--card held_out_seed" in card["measured_by"]["held_out_seed"]
+    status = card_status("dermx", plain)
+    assert [c.value for c in status.checks][0] == card["figures"]["held_out_seed"]["level_accuracy"]
+    bad = CliRunner().invoke(app, ["graders", "eval", "dermx", "--data", str(tiny_run), "--weights", str(plain),
+                                   "--card", "varied_characteristics"])
+    assert bad.exit_code == 2 and "--card must be one of" in bad.output

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich import box
@@ -147,12 +148,13 @@ def train_dermx_command(
 ) -> None:
     """Train DermX (severity + lesion characteristics with Grad-CAM explanations) from scratch on runs.
 
-    Example (DermX and DermX+ on the grader training set: 752 steps of 16 images each, 0.3-1 s a step on 2 CPU
-    cores, so 4-13 min each plus a minute or two reading the 3,000 images):
+    Example (DermX and DermX+ on the grader training set, sized for about an hour each alone on 2 CPU cores:
+    188 steps of 16 images an epoch, about 1 s a step, plus about 14 min reading the 3,000 images; see the
+    model card's "How to retrain"):
 
-      synthtrial graders train dermx --data runs/graderset/train --out runs/weights/dermx --epochs 4 --batch-size 16
+      synthtrial graders train dermx --data runs/graderset/train --out runs/weights/dermx --epochs 12 --batch-size 16
 
-      synthtrial graders train dermx --data runs/graderset/train --out runs/weights/dermx+ --guided --epochs 4 --batch-size 16
+      synthtrial graders train dermx --data runs/graderset/train --out runs/weights/dermx+ --guided --epochs 10 --batch-size 16
     """
     import math
 
@@ -238,9 +240,16 @@ def eval_detector_command(
 def eval_dermx_command(
     data: EvalData,
     weights: Weights = None,
+    beside: Annotated[Optional[Path], typer.Option(help="Other DermX weights (e.g. DermX+ beside unguided DermX) "
+                                                   "scored on the same images and shown beside.",
+                                                   show_default=False)] = None,
     plausibility: Annotated[bool, typer.Option("--plausibility/--no-plausibility",
                                                help="Also score the Grad-CAM maps against the explanation areas "
                                                "(lesion masks widened to their erythema).")] = True,
+    card: Annotated[Optional[str], typer.Option(help="Write the figures into the weights' evaluation.json as this "
+                                                "evaluation set: held_out_seed (its varied subset also fills "
+                                                "varied_characteristics), held_out_portrait or shipped_trial.",
+                                                show_default=False)] = None,
     out_file: MetricsOut = None,
     device: Device = None,
     quiet: Quiet = False,
@@ -249,42 +258,83 @@ def eval_dermx_command(
 
     Plausibility is the paper's: fuzzy F1 (and sensitivity, specificity) of each characteristic's Grad-CAM,
     at the CAM's resolution, against its explanation area, over the images where truth and network both
-    find the characteristic, averaged per characteristic and then over characteristics.
+    find the characteristic, averaged per characteristic and then over characteristics; beside it the F1 of
+    an all-ones map (chance). Characteristic F1 also on the varied subset (every characteristic absent from a
+    quarter of its images).
+
+    Example (DermX and DermX+ side by side on the held-out seed, DermX's card filled):
+
+      synthtrial graders eval dermx --data runs/graderset/test_seed --weights graders/weights/dermx --beside runs/weights/dermx+ --card held_out_seed --out runs/weights/dermx_test_seed.json
     """
-    from synthtrial.graders.base import get_grader
-    from synthtrial.graders.dermx_eval import MIN_ABSENT, evaluate_dermx
+    from synthtrial.graders.base import DEFAULT_WEIGHTS_DIR, GraderError, get_grader
+    from synthtrial.graders.cards import SETS, update_card
+    from synthtrial.graders.dermx_eval import MIN_ABSENT, card_figures, evaluate_dermx_models, side_by_side
     from synthtrial.graders.detector_train import write_metrics
 
+    if card is not None and (card not in SETS or card == "varied_characteristics"):
+        raise GraderError(f"--card must be one of held_out_seed, held_out_portrait, shipped_trial, got '{card}'")
     dermx = get_grader("dermx", weights, device=device)
+    models = {_dermx_label(dermx, "weights"): dermx}
+    if beside is not None:
+        other = get_grader("dermx", beside, device=device)
+        models[_dermx_label(other, "beside", set(models))] = other
     with progress_bar("evaluating dermx", 1, unit="images", enabled=not quiet) as update:
-        metrics = evaluate_dermx(dermx, data, plausibility=plausibility, progress=update)
-    columns = {"prevalence": "prev.", "precision": "prec.", "recall": "recall", "F1": "F1",
-               "F1_simulated": "F1 sim.", "F1_varied": "F1 var."}
+        results = evaluate_dermx_models(models, data, plausibility=plausibility, progress=update)
+    metrics = next(iter(results.values()))
+    for label, result in results.items():
+        _print_dermx(f"{label} on {data}", result, plausibility)
+    if len(results) > 1:
+        frame = side_by_side(results)
+        out.print(_metric_table(f"side by side on {data}", [{"metric": k, **row} for k, row in frame.iterrows()],
+                                ["metric", *frame.columns]))
+    if metrics["rarely_absent"]:
+        out.print(f"[yellow]absent from fewer than {MIN_ABSENT:.0%} of the images:[/yellow] "
+                  f"{', '.join(metrics['rarely_absent'])} (their F1 says little; see the varied subset)")
+    out.print(f"paper: {PAPER_DERMX}")
+    if out_file is not None:
+        write_metrics(out_file, {**metrics, "beside": {label: m for label, m in list(results.items())[1:]}}
+                      if len(results) > 1 else metrics)
+    if card is not None:
+        folder = weights if weights is not None else DEFAULT_WEIGHTS_DIR / "dermx"
+        command = f"synthtrial graders eval dermx --data {data} --weights {folder}" + \
+            (f" --beside {beside}" if beside is not None else "") + f" --card {card}"
+        written = update_card(folder, card_figures(metrics, card), command)
+        out.print(f"[green]wrote[/green] {written} ({card})")
+
+
+def _dermx_label(dermx: Any, fallback: str, taken: Collection[str] = ()) -> str:
+    label = "DermX+" if dermx.config.guided else "DermX"
+    return label if label not in taken else f"{label} ({fallback})"
+
+
+def _print_dermx(title: str, metrics: dict, plausibility: bool) -> None:
+    tables = [("characteristics ({truth} truth; var.: varied subset)",
+               {"prevalence": "prev.", "precision": "prec.", "recall": "recall", "F1": "F1",
+                "F1_simulated": "F1 sim.", "prevalence_varied": "prev. var.", "F1_varied": "F1 var."})]
     if plausibility:
-        columns.update({"plausibility_F1": "loc. F1", "plausibility_samples": "loc. n"})
-    table = Table(title=f"DermX{'+' if dermx.config.guided else ''} on {data}: characteristics ({metrics['truth']} "
-                  "truth; var.: varied subset; loc.: plausibility)", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("characteristic", no_wrap=True)
-    for header in columns.values():
-        table.add_column(header, justify="right")
-    for name, row in metrics["characteristics"].items():
-        table.add_row(name, *[str(row[c]) if c == "plausibility_samples" and c in row else
-                              _fmt(row.get(c, float("nan"))) for c in columns])
-    out.print(table)
+        tables.append(("plausibility (chance: an all-ones map)",
+                       {"plausibility_F1": "loc. F1", "plausibility_F1_uniform": "chance",
+                        "plausibility_sensitivity": "sens.", "plausibility_specificity": "spec.",
+                        "plausibility_samples": "n"}))
+    for caption, columns in tables:
+        table = Table(title=f"{title}: {caption.format(truth=metrics['truth'])}", box=box.SIMPLE_HEAD,
+                      pad_edge=False)
+        table.add_column("characteristic", no_wrap=True)
+        for header in columns.values():
+            table.add_column(header, justify="right")
+        for name, row in metrics["characteristics"].items():
+            table.add_row(name, *[str(row[c]) if c == "plausibility_samples" and c in row else
+                                  _fmt(row.get(c, float("nan"))) for c in columns])
+        out.print(table)
     summary = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     summary.add_column("metric"), summary.add_column("value", justify="right")
     for key, value in metrics.items():
         if isinstance(value, float):
             summary.add_row(key, _fmt(value))
-    summary.add_row("varied subset (images)", str(metrics["varied_images"]))
+    summary.add_row("varied subset (images)", f"{metrics['varied_images']}, levels {metrics['varied_levels']}, "
+                    + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in metrics["varied_composition"].items()))
     summary.add_row("levels true / predicted", f"{metrics['level_true']} / {metrics['level_predicted']}")
     out.print(summary)
-    if metrics["rarely_absent"]:
-        out.print(f"[yellow]absent from fewer than {MIN_ABSENT:.0%} of the images:[/yellow] "
-                  f"{', '.join(metrics['rarely_absent'])} (their F1 says little)")
-    out.print(f"paper: {PAPER_DERMX}")
-    if out_file is not None:
-        write_metrics(out_file, metrics)
 
 
 @graders_app.command("ablation")
