@@ -375,12 +375,10 @@ def fit_count_weights(detector: LesionDetector, data: DetectionData, threshold: 
 
 # ---------------------------------------------------------------------------------------- evaluation
 
-def coco_stats(images: list[dict], annotations: list[dict], results: list[dict],
-               classes: Sequence[str], *, agnostic: bool = False) -> np.ndarray:
-    """pycocotools' twelve ``COCOeval`` box statistics (max 10 / 100 / 200 detections); NaN without detections.
-    Annotations with ``iscrowd`` 1 are ignore regions: neither missed nor matched (a detection on one is no
-    false positive). ``agnostic`` scores lesions whatever their class (COCOeval's ``useCats = 0``): where a
-    lesion is, not which kind."""
+def _coco_evaluator(images: list[dict], annotations: list[dict], results: list[dict], classes: Sequence[str],
+                    agnostic: bool = False) -> Any:
+    """A pycocotools ``COCOeval`` of ``results`` against the truth, evaluated and accumulated (max 10 / 100 /
+    200 detections per image); None without detections."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -390,11 +388,25 @@ def coco_stats(images: list[dict], annotations: list[dict], results: list[dict],
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
         if not results:
-            return np.full(12, np.nan)
+            return None
         evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
         evaluator.params.maxDets = [10, 100, 200]
         evaluator.params.useCats = 0 if agnostic else 1
-        evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+        evaluator.evaluate(), evaluator.accumulate()
+    return evaluator
+
+
+def coco_stats(images: list[dict], annotations: list[dict], results: list[dict],
+               classes: Sequence[str], *, agnostic: bool = False) -> np.ndarray:
+    """pycocotools' twelve ``COCOeval`` box statistics (max 10 / 100 / 200 detections); NaN without detections.
+    Annotations with ``iscrowd`` 1 are ignore regions: neither missed nor matched (a detection on one is no
+    false positive). ``agnostic`` scores lesions whatever their class (COCOeval's ``useCats = 0``): where a
+    lesion is, not which kind."""
+    evaluator = _coco_evaluator(images, annotations, results, classes, agnostic)
+    if evaluator is None:
+        return np.full(12, np.nan)
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.summarize()
     return np.asarray(evaluator.stats, float)
 
 
@@ -402,19 +414,9 @@ def per_class_ap50(images: list[dict], annotations: list[dict], results: list[di
                    classes: Sequence[str]) -> dict[str, float]:
     """Each class's AP50 (COCOeval's 101-point interpolated precision at IoU 0.5, all areas, 200 detections per
     image); NaN for a class without (non-ignored) truth. The mean of the non-NaN values is COCO's AP50."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    gt = COCO()
-    gt.dataset = {"images": images, "annotations": annotations,
-                  "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)]}
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-        if not results:
-            return {c: float("nan") for c in classes}
-        evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
-        evaluator.params.maxDets = [10, 100, 200]
-        evaluator.evaluate(), evaluator.accumulate()
+    evaluator = _coco_evaluator(images, annotations, results, classes)
+    if evaluator is None:
+        return {c: float("nan") for c in classes}
     precision = evaluator.eval["precision"][0, :, :, 0, -1]        # IoU 0.5, recall points, class, all areas, 200
     return {c: float(precision[:, k].mean()) if (precision[:, k] > -1).all() else float("nan")
             for k, c in enumerate(classes)}

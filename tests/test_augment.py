@@ -98,12 +98,12 @@ def test_same_seed_same_bytes_other_seed_other_bytes_and_the_global_rng_untouche
 
 
 def test_imageqx_flips_are_label_safe(face256):
-    from synthtrial.graders import imageqx
+    from synthtrial.graders import imageqx, imageqx_degrade
 
     assert imageqx.AUGMENT == FLIPS and not FLIPS.photometric and FLIPS.affine_p == 0
     rng = np.random.default_rng(0)
-    degraded = imageqx.apply_degradation(face256.image, {"labels": None, "steps": [("blur", {"sigma": 0.01}),
-                                                                                     ("exposure", {"gain": 0.3})]}, rng)
+    steps = [("blur", {"sigma": 0.01}), ("exposure", {"gain": 0.3})]
+    degraded = imageqx_degrade.apply_degradation(face256.image, {"labels": None, "steps": steps}, rng)
     flips = Augmenter(FLIPS)
     seen = set()
     for seed in range(12):
