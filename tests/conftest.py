@@ -61,6 +61,25 @@ def quick_run_256(tmp_path_factory):
                     progress=False)
 
 
+@pytest.fixture()
+def toy_detection_data():
+    """Three 96 px grey images with four 6 px red papules each: a detector learns them in a few steps."""
+    from synthtrial.graders.detector import CLASSES
+    from synthtrial.graders.detector_train import DetectionData
+
+    rng = np.random.default_rng(0)
+    images, boxes, labels = [], [], []
+    for _ in range(3):
+        image = np.full((96, 96, 3), 180, np.uint8)
+        b = []
+        for _ in range(4):
+            x, y = rng.integers(4, 84, 2)
+            image[y:y + 6, x:x + 6] = (200, 40, 40)
+            b.append([x, y, x + 6, y + 6])
+        images.append(image), boxes.append(np.array(b, np.float32)), labels.append(np.full(4, 2, np.int64))
+    return DetectionData(images, boxes, labels, CLASSES, ["a", "b", "c"], np.full(3, 4.0))
+
+
 def render_small_run(tmp_path_factory, name, prefix, face, severities, *, size, seed):
     """A run of one portrait: patient ``<prefix>1`` on days 1, 2, then ``<prefix>2`` ..., one visit per severity."""
     import pandas as pd

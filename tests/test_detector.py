@@ -18,7 +18,7 @@ from synthtrial.graders.base import GraderError, get_grader, read_rgb
 from synthtrial.grade import grade_run
 from synthtrial.graders.detector import (CLASSES, DetectorConfig, LesionDetector, NWDRegionProposalNetwork, SADHHead,
                               build_model, nwd, rectify_scores, sbce, tile_origins, wasserstein2)
-from synthtrial.graders.detector_train import (DetectionData, masked_batch, calibrate_threshold, evaluate_detector, load_run_data,
+from synthtrial.graders.detector_train import (masked_batch, calibrate_threshold, evaluate_detector, load_run_data,
                                     masked_crop, mean_lesion_size, train_detector)
 from synthtrial.run import rundir
 from synthtrial.cli import app
@@ -182,22 +182,8 @@ def test_nwd_branch_learns_its_target(tiny_run):
     assert np.isfinite(values).all() and values[-1] < values[0] * 0.5, values
 
 
-def _toy_data() -> DetectionData:
-    rng = np.random.default_rng(0)
-    images, boxes, labels = [], [], []
-    for _ in range(3):
-        image = np.full((96, 96, 3), 180, np.uint8)
-        b = []
-        for _ in range(4):
-            x, y = rng.integers(4, 84, 2)
-            image[y:y + 6, x:x + 6] = (200, 40, 40)
-            b.append([x, y, x + 6, y + 6])
-        images.append(image), boxes.append(np.array(b, np.float32)), labels.append(np.full(4, 2, np.int64))
-    return DetectionData(images, boxes, labels, CLASSES, ["a", "b", "c"], np.array([4.0, 4.0, 4.0]))
-
-
-def test_training_resumes_to_the_same_bytes_and_writes_safetensors(tmp_path):
-    data = _toy_data()
+def test_training_resumes_to_the_same_bytes_and_writes_safetensors(tmp_path, toy_detection_data):
+    data = toy_detection_data
     kw = dict(head="sadh_nwd", steps=4, batch_size=1, seed=5, image_side=96, tile=64, save_every=2, device="cpu")
     whole = train_detector(data, tmp_path / "whole", **kw)
 
@@ -263,8 +249,8 @@ def test_grade_evaluate_and_cli_on_a_run(tiny_run, tmp_path):
     assert result.exit_code == 2 and "--head 'fpn'" in result.output
 
 
-def test_calibrated_threshold_minimises_count_error():
-    data = _toy_data()
+def test_calibrated_threshold_minimises_count_error(toy_detection_data):
+    data = toy_detection_data
     torch.manual_seed(0)
     detector = LesionDetector(DetectorConfig(image_side=96, tile=64, infer_tile=96), device="cpu")
     t = calibrate_threshold(detector, data)

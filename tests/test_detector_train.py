@@ -201,23 +201,13 @@ def test_marks_are_a_class_that_is_never_counted(tiny_run):
     assert row["visible_count"] == 1 and row["n_mark"] == 2 and row["count"] == 1
 
 
-def test_the_detector_recipe_trains_reloads_bit_for_bit_and_its_loss_falls(tmp_path):
+def test_the_detector_recipe_trains_reloads_bit_for_bit_and_its_loss_falls(tmp_path, toy_detection_data):
     import torch
 
     from synthtrial.graders.detector import LesionDetector
     from synthtrial.graders.detector_train import DETECTOR_AUGMENT, masked_batch, train_detector
 
-    rng = np.random.default_rng(0)
-    images, boxes, labels = [], [], []
-    for _ in range(3):
-        image = np.full((96, 96, 3), 180, np.uint8)
-        b = []
-        for _ in range(4):
-            x, y = rng.integers(4, 84, 2)
-            image[y:y + 6, x:x + 6] = (200, 40, 40)
-            b.append([x, y, x + 6, y + 6])
-        images.append(image), boxes.append(np.array(b, np.float32)), labels.append(np.full(4, 2, np.int64))
-    data = DetectionData(images, boxes, labels, CLASSES, ["a", "b", "c"], np.full(3, 4.0))
+    data = toy_detection_data
     recipe = dict(anchor_ratios=(1.0,), rpn_iou=(0.3, 0.15), highpass_sigma=4.0, augmentation=DETECTOR_AUGMENT)
     trained = train_detector(data, tmp_path / "det", steps=3, batch_size=1, seed=2, image_side=96, tile=64,
                              device="cpu", **recipe)
