@@ -48,7 +48,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from synthtrial.graders.augment import WIDE, Augmenter, draw_seeds
+from synthtrial.graders.augment import WIDE, Augmenter, draw_seeds, scaled
 from synthtrial.graders.base import GraderError, check_weights_out, read_rgb, train_grader
 from synthtrial.graders.dermx import (CHARACTERISTICS, LESION_TYPE, DermX, DermXConfig, DermXNet, dice_loss,
                                       normalise_maps, to_tensor)
@@ -219,18 +219,23 @@ def training_batch(data: DermXData, idx: np.ndarray, flip: np.ndarray, image_siz
 def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epochs: int = 10, batch_size: int = 8,
                 lr: float = 2e-3, seed: int = 0, image_size: int = 256, backbone: str = "plain",
                 device: str | None = None, sources: Sequence[str] = (), restart: bool = False, force: bool = False,
-                augment: bool = True, progress: ProgressCallback | None = None) -> DermX:
+                augment: bool = True, augment_strength: float = 1.0,
+                progress: ProgressCallback | None = None) -> DermX:
     """Train DermX (DermX+ with ``guided``) through the shared loop and save it to ``out``; resumes from
     ``out/checkpoint`` (``restart`` starts over). An ``out`` holding anything but DermX weights is refused
-    unless ``force``. ``augment`` moves the masks with the graders' augmentation (else flips only).
+    unless ``force``. ``augment`` moves the masks with the graders' augmentation (else flips only), its
+    photometric ranges scaled by ``augment_strength`` (:func:`synthtrial.graders.augment.scaled`).
     ``progress(step, steps, "loss ...")`` is called after every step
     (``epochs * ceil(N / batch_size)`` steps)."""
     check_weights_out(out, DermX.name, force)
+    if not 0 <= augment_strength <= 1:
+        raise GraderError(f"--augment-strength must be in [0, 1], got {augment_strength}")
     dev = resolve_device(device)
     n = len(data.images)
     per_epoch = math.ceil(n / batch_size)
     settings = {"guided": guided, "epochs": epochs, "batch": batch_size, "lr": lr, "seed": seed,
                 "image_size": image_size, "sources": [str(s) for s in sources], "images": n, "augment": augment,
+                "augment_strength": augment_strength,
                 "truth": data.truth, "backbone": backbone,
                 "level_counts": np.bincount(data.levels, minlength=4).tolist(),
                 "prevalence": [round(float(p), 4) for p in data.present.mean(axis=0)]}
@@ -241,7 +246,7 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
     weights = torch.tensor(np.bincount(data.levels, minlength=4) + 1.0, dtype=torch.float32)
     class_weight = (weights.sum() / (4 * weights)).to(dev)
     total = epochs * per_epoch
-    augmenter = Augmenter(WIDE) if augment else None
+    augmenter = Augmenter(scaled(WIDE, augment_strength)) if augment else None
 
     def step(i: int) -> dict[str, float]:
         epoch, b = divmod(i, per_epoch)

@@ -158,6 +158,28 @@ def test_augmented_batches_keep_each_mask_on_its_lesion(toy_dermx, tmp_path):
     assert record["settings"]["augment"] is False
 
 
+def test_augment_strength_narrows_the_colour_ranges_and_is_recorded(toy_dermx, tmp_path):
+    """--augment-strength (the IGA lesson: the full colour range stopped learning) scales DermX's augmentation:
+    a weaker one changes the same images' colours less, the record keeps it, and out-of-range is refused."""
+    from synthtrial.graders.augment import WIDE, Augmenter, scaled
+
+    _, _, data = toy_dermx
+    idx, flips, cpu = np.arange(8), np.zeros(8, bool), torch.device("cpu")
+    plain = training_batch(data, idx, flips, 64, cpu)[0]
+    seeds = np.arange(8) + 11
+    shift = {s: (training_batch(data, idx, flips, 64, cpu, Augmenter(scaled(WIDE, s)), seeds)[0] - plain)
+             .mean(dim=(2, 3)).abs().mean().item() for s in (0.2, 1.0)}
+    assert shift[0.2] < 0.6 * shift[1.0], shift
+    kw = dict(epochs=1, batch_size=8, image_size=64, device="cpu")
+    weak = train_dermx(data, tmp_path / "weak", augment_strength=0.4, **kw)
+    assert weak.record["settings"]["augment_strength"] == 0.4
+    full = train_dermx(data, tmp_path / "full", **kw)
+    assert (tmp_path / "weak" / "model.safetensors").read_bytes() != (tmp_path / "full" / "model.safetensors").read_bytes()
+    assert full.record["settings"]["augment_strength"] == 1.0
+    with pytest.raises(GraderError, match="--augment-strength"):
+        train_dermx(data, tmp_path / "bad", augment_strength=1.5, **kw)
+
+
 def test_training_resumes_to_the_same_bytes_and_pickles_are_refused(toy_dermx, tmp_path):
     _, folder, _ = toy_dermx
     data, _ = _toy(8, 64, 1)

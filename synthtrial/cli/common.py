@@ -197,6 +197,12 @@ def augment_option(off: str) -> Any:
                                         f"training augmentation (synthtrial.graders.augment). --no-augment: {off}.")]
 
 
+#: ``--augment-strength``: the wide augmentation's photometric ranges scaled (synthtrial.graders.augment.scaled)
+AugmentStrength = Annotated[float, typer.Option(min=0.0, max=1.0, help="Scale of the wide augmentation's colour, "
+                                                "gamma, white-balance and light ranges (1: the full ranges; at 1 "
+                                                "the IGA network learned nothing in 8 epochs, at 0.4 it learns).")]
+
+
 def image_size_option(low: int, high: int, what: str = "Network input side in pixels") -> Any:
     """The ``--image-size`` option (a network's input side) with the limits of one network."""
     return Annotated[int, typer.Option("--image-size", min=low, max=high, help=f"{what}.")]

@@ -11,9 +11,9 @@ import typer
 from rich import box
 from rich.table import Table
 
-from synthtrial.cli.common import (BatchSize, Device, Epochs, EvalData, Force, Quiet, Restart, RunDir, Seed, Steps,
-                                   TrainData, TrainOut, Weights, augment_option, graders_app, graders_eval_app,
-                                   graders_train_app, handles_errors, image_size_option, out)
+from synthtrial.cli.common import (AugmentStrength, BatchSize, Device, Epochs, EvalData, Force, Quiet, Restart,
+                                   RunDir, Seed, Steps, TrainData, TrainOut, Weights, augment_option, graders_app,
+                                   graders_eval_app, graders_train_app, handles_errors, image_size_option, out)
 from synthtrial.graders.base import MAX_IMAGE_SIDE, MAX_INPUT_SIZE
 from synthtrial.util.progress import progress_bar
 
@@ -140,6 +140,7 @@ def train_dermx_command(
                                        "shows, lesions.parquet's 'visible') or simulated (every lesion of the "
                                        "course).")] = "visible",
     augment: augment_option("horizontal flips only") = True,
+    augment_strength: AugmentStrength = 1.0,
     seed: Seed = 0,
     device: Device = None,
     restart: Restart = False,
@@ -176,7 +177,8 @@ def train_dermx_command(
     with progress_bar("training dermx", total, unit="steps", enabled=not quiet) as update:
         train_dermx(dataset, out_dir, guided=guided, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                     image_size=image_size, backbone=backbone, device=device, sources=[str(d) for d in data],
-                    restart=restart, force=force, augment=augment, progress=update)
+                    restart=restart, force=force, augment=augment, augment_strength=augment_strength,
+                    progress=update)
     out.print(f"[green]wrote[/green] {out_dir}")
 
 

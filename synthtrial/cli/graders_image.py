@@ -10,8 +10,8 @@ import typer
 from rich import box
 from rich.table import Table
 
-from synthtrial.cli.common import (BatchSize, Device, Epochs, EvalData, Force, Quiet, Restart, Seed, TrainData,
-                                   TrainOut, Weights, augment_option, graders_eval_app, graders_train_app,
+from synthtrial.cli.common import (AugmentStrength, BatchSize, Device, Epochs, EvalData, Force, Quiet, Restart, Seed,
+                                   TrainData, TrainOut, Weights, augment_option, graders_eval_app, graders_train_app,
                                    handles_errors, image_size_option, out)
 from synthtrial.graders.base import MAX_DEPTH, MAX_WIDTH
 from synthtrial.util.progress import ProgressCallback, progress_bar
@@ -132,10 +132,7 @@ def train_iga(
     no_class_weights: Annotated[bool, typer.Option("--no-class-weights", help="Plain cross-entropy (the "
                                                    "paper's ablation).")] = False,
     augment: augment_option("the paper's flips, rotation and brightness, each with probability 0.2") = True,
-    augment_strength: Annotated[float, typer.Option(min=0.0, max=1.0, help="Scale of the wide augmentation's "
-                                                    "colour, gamma, white-balance and light ranges (1: the "
-                                                    "full ranges; at 1 the network learned nothing in 8 "
-                                                    "epochs, at 0.4 it learns).")] = 1.0,
+    augment_strength: AugmentStrength = 1.0,
     weights_dtype: WeightsDtype = "float32",
     seed: Seed = 0,
     device: Device = None,
