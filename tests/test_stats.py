@@ -65,19 +65,21 @@ def _palindrome_trial(effect: float = 0.7, n_patients: int = 4) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def test_gls_kinetics_is_descriptive_on_a_graders_outcome_only():
+def test_gls_kinetics_is_descriptive_on_a_graders_or_raters_outcome_only():
     rng = np.random.default_rng(3)
     schedule = np.repeat(["R", "T", "R", "T", "R"], 28)              # 140 days: long enough for gls_kinetics
     frames = [pd.DataFrame({"patient_id": f"P{i}", "day": np.arange(1, 141), "treatment": schedule,
                             "oracle": 1.0 - 0.5 * (schedule == "T") + rng.normal(0, 0.1, 140)}) for i in range(3)]
     data = pd.concat(frames, ignore_index=True)
     data[E.GRADER_OUTCOME_PREFIX + "counter_count"] = data["oracle"]
+    data[E.RATED_OUTCOME_PREFIX + "1"] = data["oracle"]             # power --raters 1's outcome
     kinetics = Kinetics(0.0, 0.0)
-    for outcome, role in (("oracle", "inferential"), (E.GRADER_OUTCOME_PREFIX + "counter_count", "descriptive")):
+    for outcome, role in (("oracle", "inferential"), (E.GRADER_OUTCOME_PREFIX + "counter_count", "descriptive"),
+                          (E.RATED_OUTCOME_PREFIX + "1", "descriptive")):
         rows = S.analyze_outcome(data, outcome, "R", methods=("gls_kinetics", "period", "lmm"), kinetics=kinetics)
         own = rows[rows["method"] == "gls_kinetics"]
         assert len(own) == 3 and (own["role"] == role).all(), outcome
-        assert own["note"].str.contains("grader's outcome").all() == (role == "descriptive")
+        assert own["note"].str.contains("grader's or rater's outcome").all() == (role == "descriptive")
         assert (rows.loc[rows["method"] != "gls_kinetics", "role"] == "inferential").all()
         np.testing.assert_allclose(own["estimate"], -0.5, atol=0.05)  # the estimate itself is the same
 

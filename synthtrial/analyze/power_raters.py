@@ -12,7 +12,8 @@ flag (``respect_visibility`` has nothing to act on).
 Outcome ``rated_count_k<K>``: the mean count of the panel's first K raters, per patient-day, for every K asked
 (the K are nested: the 1-rater outcome is the first rater of the 5-rater panel). A rated count is a grader's
 outcome: it has no truth on the severity scale, and its calibration slope (lesions per severity unit) says how
-much of the effect the panel recovers.
+much of the effect the panel recovers. ``gls_kinetics`` is descriptive on it, as on a grader's outcome
+(:data:`synthtrial.analyze.estimators.RATED_OUTCOME_PREFIX`: it over-rejected on one rater's counts).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from synthtrial.analyze.estimators import RATED_OUTCOME_PREFIX
 from synthtrial.grade.raters import MAX_RATERS, Panel, draw_raters, read_arrays, reading_table
 from synthtrial.util.errors import SynthtrialError
 
 __all__ = ["RATED_PREFIX", "check_raters", "rated_outcome_names", "rated_outcomes", "trial_lesions"]
 
-RATED_PREFIX = "rated_count_k"
+RATED_PREFIX = RATED_OUTCOME_PREFIX
 _FACE: dict[str, object] = {}
 
 
