@@ -26,7 +26,12 @@ Choices, stated once:
 * **Optimisation.** AdamW (lr 2e-3, weight decay 1e-4, cosine decay over the run), batch 8, 10 epochs; every
   epoch's order and every step's dropout and augmentation come from ``(seed, epoch, step)``. The shared loop
   (:mod:`synthtrial.util.training`) writes a checkpoint after every epoch, so a resumed run ends with the
-  same bytes. The level cross-entropy is class-weighted (balanced weights from the training levels).
+  same bytes. The level cross-entropy is class-weighted (balanced weights from the training levels); with
+  ``balanced`` (``--balanced-characteristics``) each characteristic's BCE weighs its positives by its
+  negatives / positives ratio in the training images (:func:`characteristic_pos_weight`, clipped to
+  [0.1, 10]): without it a characteristic present on 80 % of the images is learned as "always present" and one
+  on 6 % as "never" (measured: recall 1.0 on open comedones, papules, pustules and erythema, 0 on closed
+  comedones and scars, after 6 epochs on the grader set).
 * **DermX+** (``guided``): ``lambda_A x Dice`` between each characteristic's differentiable Grad-CAM (at the
   CAM grid, scaled to max 1) and its explanation area max-pooled to that grid, over the characteristics the
   image shows.
@@ -58,6 +63,18 @@ from synthtrial.util.progress import ProgressCallback
 from synthtrial.util.training import Plan
 
 LAMBDA_D, LAMBDA_C, LAMBDA_A = 1.0, 1.0, 10.0
+#: the range of a characteristic's positive weight with ``balanced``
+POS_WEIGHT_RANGE = (0.1, 10.0)
+
+
+def characteristic_pos_weight(present: np.ndarray) -> np.ndarray:
+    """Per characteristic, negatives / positives among the training images (``present``: images x
+    characteristics, 0/1), clipped to :data:`POS_WEIGHT_RANGE` (a characteristic on no image gets the upper end)."""
+    positives = present.sum(axis=0).astype(float)
+    negatives = len(present) - positives
+    with np.errstate(divide="ignore"):
+        ratio = np.where(positives > 0, negatives / np.maximum(positives, 1), POS_WEIGHT_RANGE[1])
+    return np.clip(ratio, *POS_WEIGHT_RANGE).astype(np.float32)
 TRUTHS = ("visible", "simulated")
 
 
@@ -219,12 +236,13 @@ def training_batch(data: DermXData, idx: np.ndarray, flip: np.ndarray, image_siz
 def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epochs: int = 10, batch_size: int = 8,
                 lr: float = 2e-3, seed: int = 0, image_size: int = 256, backbone: str = "plain",
                 device: str | None = None, sources: Sequence[str] = (), restart: bool = False, force: bool = False,
-                augment: bool = True, augment_strength: float = 1.0,
+                augment: bool = True, augment_strength: float = 1.0, balanced: bool = False,
                 progress: ProgressCallback | None = None) -> DermX:
     """Train DermX (DermX+ with ``guided``) through the shared loop and save it to ``out``; resumes from
     ``out/checkpoint`` (``restart`` starts over). An ``out`` holding anything but DermX weights is refused
     unless ``force``. ``augment`` moves the masks with the graders' augmentation (else flips only), its
-    photometric ranges scaled by ``augment_strength`` (:func:`synthtrial.graders.augment.scaled`).
+    photometric ranges scaled by ``augment_strength`` (:func:`synthtrial.graders.augment.scaled`); ``balanced``
+    weighs each characteristic's positives by its negatives / positives ratio (module docstring).
     ``progress(step, steps, "loss ...")`` is called after every step
     (``epochs * ceil(N / batch_size)`` steps)."""
     check_weights_out(out, DermX.name, force)
@@ -235,7 +253,7 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
     per_epoch = math.ceil(n / batch_size)
     settings = {"guided": guided, "epochs": epochs, "batch": batch_size, "lr": lr, "seed": seed,
                 "image_size": image_size, "sources": [str(s) for s in sources], "images": n, "augment": augment,
-                "augment_strength": augment_strength,
+                "augment_strength": augment_strength, "balanced_characteristics": balanced,
                 "truth": data.truth, "backbone": backbone,
                 "level_counts": np.bincount(data.levels, minlength=4).tolist(),
                 "prevalence": [round(float(p), 4) for p in data.present.mean(axis=0)]}
@@ -245,6 +263,7 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     weights = torch.tensor(np.bincount(data.levels, minlength=4) + 1.0, dtype=torch.float32)
     class_weight = (weights.sum() / (4 * weights)).to(dev)
+    pos_weight = torch.from_numpy(characteristic_pos_weight(data.present)).to(dev) if balanced else None
     total = epochs * per_epoch
     augmenter = Augmenter(scaled(WIDE, augment_strength)) if augment else None
 
@@ -268,7 +287,7 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
             diag, chars = net(x)
             attention = torch.zeros((), device=dev)
         ce = F.cross_entropy(diag, levels, weight=class_weight)
-        bce = F.binary_cross_entropy_with_logits(chars, present)
+        bce = F.binary_cross_entropy_with_logits(chars, present, pos_weight=pos_weight)
         loss = LAMBDA_D * ce + LAMBDA_C * bce + (LAMBDA_A * attention if guided else 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -180,6 +180,28 @@ def test_augment_strength_narrows_the_colour_ranges_and_is_recorded(toy_dermx, t
         train_dermx(data, tmp_path / "bad", augment_strength=1.5, **kw)
 
 
+def test_balanced_characteristics_weigh_positives_by_their_rarity(toy_dermx, tmp_path):
+    """negatives / positives per characteristic, clipped to [0.1, 10] (hand-computed), and the BCE it weighs:
+    a rare characteristic's missed positive costs more than without the weights."""
+    from synthtrial.graders.dermx_train import characteristic_pos_weight
+
+    present = np.array([[1, 0, 1, 1], [1, 0, 0, 1], [1, 0, 0, 1], [0, 0, 0, 1]], np.float32)
+    np.testing.assert_allclose(characteristic_pos_weight(present), [1 / 3, 10.0, 3.0, 0.1], rtol=1e-6)
+    import dataclasses
+
+    _, _, data = toy_dermx
+    uneven = data.present.copy()
+    uneven[:, PAPULE] = np.arange(len(uneven)) < 3 * len(uneven) // 4   # papules on 3/4 of the images: 1/3
+    data = dataclasses.replace(data, present=uneven)
+    np.testing.assert_allclose(characteristic_pos_weight(uneven)[PAPULE], 1 / 3, rtol=1e-6)
+    kw = dict(epochs=1, batch_size=8, image_size=64, device="cpu", augment=False)
+    plain = train_dermx(data, tmp_path / "plain", **kw).record
+    weighted = train_dermx(data, tmp_path / "balanced", balanced=True, **kw).record
+    assert weighted["settings"]["balanced_characteristics"] is True
+    assert plain["settings"]["balanced_characteristics"] is False
+    assert weighted["loss_history"][0]["bce"] != pytest.approx(plain["loss_history"][0]["bce"], rel=1e-3)
+
+
 def test_training_resumes_to_the_same_bytes_and_pickles_are_refused(toy_dermx, tmp_path):
     _, folder, _ = toy_dermx
     data, _ = _toy(8, 64, 1)

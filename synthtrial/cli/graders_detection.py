@@ -141,6 +141,10 @@ def train_dermx_command(
                                        "course).")] = "visible",
     augment: augment_option("horizontal flips only") = True,
     augment_strength: AugmentStrength = 1.0,
+    balanced_characteristics: Annotated[bool, typer.Option(
+        "--balanced-characteristics/--plain-characteristics", help="Weigh each characteristic's positives by "
+        "its negatives / positives ratio in the training images (else a common one is learned as always "
+        "present, a rare one as never).")] = False,
     seed: Seed = 0,
     device: Device = None,
     restart: Restart = False,
@@ -178,7 +182,7 @@ def train_dermx_command(
         train_dermx(dataset, out_dir, guided=guided, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                     image_size=image_size, backbone=backbone, device=device, sources=[str(d) for d in data],
                     restart=restart, force=force, augment=augment, augment_strength=augment_strength,
-                    progress=update)
+                    balanced=balanced_characteristics, progress=update)
     out.print(f"[green]wrote[/green] {out_dir}")
 
 
