@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _numbers(value):
+    """Every number of a card figure: a number, a list of them, or a mapping of them (the varied subset's
+    prevalence per characteristic)."""
+    if isinstance(value, dict):
+        return [v for item in value.values() for v in _numbers(item)]
     return value if isinstance(value, list) else [value]
 
 
