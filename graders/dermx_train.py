@@ -72,9 +72,10 @@ def characteristic_pos_weight(present: np.ndarray) -> np.ndarray:
     characteristics, 0/1), clipped to :data:`POS_WEIGHT_RANGE` (a characteristic on no image gets the upper end)."""
     positives = present.sum(axis=0).astype(float)
     negatives = len(present) - positives
-    with np.errstate(divide="ignore"):
-        ratio = np.where(positives > 0, negatives / np.maximum(positives, 1), POS_WEIGHT_RANGE[1])
+    ratio = np.where(positives > 0, negatives / np.maximum(positives, 1), POS_WEIGHT_RANGE[1])
     return np.clip(ratio, *POS_WEIGHT_RANGE).astype(np.float32)
+
+
 TRUTHS = ("visible", "simulated")
 
 

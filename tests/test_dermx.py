@@ -174,7 +174,8 @@ def test_augment_strength_narrows_the_colour_ranges_and_is_recorded(toy_dermx, t
     weak = train_dermx(data, tmp_path / "weak", augment_strength=0.4, **kw)
     assert weak.record["settings"]["augment_strength"] == 0.4
     full = train_dermx(data, tmp_path / "full", **kw)
-    assert (tmp_path / "weak" / "model.safetensors").read_bytes() != (tmp_path / "full" / "model.safetensors").read_bytes()
+    weak_bytes = (tmp_path / "weak" / "model.safetensors").read_bytes()
+    assert weak_bytes != (tmp_path / "full" / "model.safetensors").read_bytes()
     assert full.record["settings"]["augment_strength"] == 1.0
     with pytest.raises(GraderError, match="--augment-strength"):
         train_dermx(data, tmp_path / "bad", augment_strength=1.5, **kw)

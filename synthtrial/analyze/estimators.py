@@ -22,8 +22,9 @@ Methods and what they may be used for (``role``), chosen by simulation (README.m
 * The role on a design is decided by what holds there (:mod:`synthtrial.analyze.roles` states the rules):
   ``gls_kinetics`` is descriptive on series too short for their autocorrelation (fewer than
   :data:`GLS_KINETICS_MIN_DAYS` days or :data:`GLS_KINETICS_MIN_EFFECTIVE_DAYS` effectively independent
-  ones) and on a grader's or a simulated rater's outcome (:data:`DESCRIPTIVE_ON_GRADER_OUTCOMES`); ``period`` is descriptive where
-  carryover with a fixed order biases it; ``randomization`` is ``not available`` where it cannot reject.
+  ones) and on a grader's or a simulated rater's outcome (:data:`DESCRIPTIVE_ON_GRADER_OUTCOMES`); ``period``
+  is descriptive where carryover with a fixed order biases it; ``randomization`` is ``not available`` where it
+  cannot reject.
 """
 
 from __future__ import annotations
