@@ -14,7 +14,14 @@ Choices, stated once:
   ``tile`` crops (and a horizontal flip) from random images; with probability ``focus`` (0.75) the crop is
   centred, up to a quarter tile off, on a target lesion drawn at random (so crops land where lesions are
   dense, as the paper samples), otherwise anywhere. A lesion cut by the crop edge is blacked out (its box
-  inside the crop set to 0) instead of being kept as a partial box.
+  inside the crop set to 0) instead of being kept as a partial box. ``balance`` (0-1, default 0) weights the
+  lesion a focused crop is centred on by its class's frequency to the power ``-balance``: at 0 every lesion is
+  equally likely (papules and marks fill most crops; a class as rare as visible closed comedones, 2 % of the
+  grader set's, is met a few hundred times in a training), at 1 every class is; the image is drawn with the
+  same weights summed over its lesions, so the pair is drawn from that one distribution.
+* **Fine-tuning** (``init``): training may start from a detector's saved weights instead of a random
+  initialisation (the same architecture: every config field but the count calibration must agree); a fresh
+  optimiser, warm-up and cosine schedule then run for ``steps``. The start's weights hash is recorded.
 * **Anchors from the lesion sizes** (``fit_anchors``, default on): two anchor sizes per pyramid level, the
   sextile midpoints (1/12, 3/12, ..., 11/12 quantiles) of the target boxes' sqrt(w h) at the detector's scale,
   smallest on the finest level; recorded in the config.
@@ -204,18 +211,50 @@ def crop_origin(shape: tuple[int, ...], boxes: np.ndarray, tile: int, focus: flo
     return int(rng.integers(x_max + 1)), int(rng.integers(y_max + 1))
 
 
+def class_weights(data: DetectionData, balance: float) -> np.ndarray:
+    """Per class, the weight of one of its lesions when a focused crop picks its centre: the class's share of the
+    target boxes to the power ``-balance`` (0: every lesion alike; 1: every class alike); 0 for an absent class."""
+    labels = np.concatenate([lab for lab in data.labels if len(lab)] or [np.zeros(0, np.int64)])
+    freq = np.bincount(labels, minlength=len(data.classes)).astype(float)
+    with np.errstate(divide="ignore"):
+        return np.where(freq > 0, (freq / max(freq.sum(), 1.0)) ** -float(balance), 0.0)
+
+
+def balanced_origin(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, weights: np.ndarray, tile: int,
+                    rng: np.random.Generator) -> tuple[int, int]:
+    """A focused crop's corner (:func:`crop_origin` with ``focus`` 1) centred on a lesion drawn with its class's
+    weight; uniform when the image has no weighted lesion."""
+    w = weights[labels] if len(labels) else np.zeros(0)
+    if not len(w) or w.sum() <= 0:
+        return crop_origin(image.shape, boxes[:0], tile, 0.0, rng)
+    pick = int(rng.choice(len(w), p=w / w.sum()))
+    return crop_origin(image.shape, boxes[pick:pick + 1], tile, 1.0, rng)
+
+
 def masked_batch(data: DetectionData, tile: int, batch: int, rng: np.random.Generator, device: torch.device,
-                 augmenter: Augmenter | None = None, focus: float = 0.0):
+                 augmenter: Augmenter | None = None, focus: float = 0.0, balance: float = 0.0):
     """``batch`` masked crops of random images (and a horizontal flip each), drawn with ``rng``, each image first
-    augmented with its boxes by ``augmenter`` (when given) and cropped where :func:`crop_origin` puts it: images
-    and torchvision targets (labels shifted by one: 0 is the background)."""
+    augmented with its boxes by ``augmenter`` (when given) and cropped where :func:`crop_origin` puts it (with
+    ``balance`` > 0, a focused crop's image and lesion are drawn class-weighted: module docstring): images and
+    torchvision targets (labels shifted by one: 0 is the background)."""
+    weights = class_weights(data, balance) if balance > 0 else None
+    image_p = None
+    if weights is not None:
+        per_image = np.array([weights[lab].sum() if len(lab) else 0.0 for lab in data.labels])
+        image_p = per_image / per_image.sum() if per_image.sum() > 0 else None
     images, targets = [], []
     for _ in range(batch):
-        k = int(rng.integers(len(data.images)))
+        focused = image_p is not None and rng.random() < focus
+        k = int(rng.choice(len(data.images), p=image_p)) if focused else int(rng.integers(len(data.images)))
         image, boxes, labels = data.images[k], data.boxes[k], data.labels[k]
         if augmenter is not None:
             image, boxes, labels = augmenter.with_boxes(image, boxes, labels, int(draw_seeds(1, rng)[0]))
-        x, y = crop_origin(image.shape, boxes, tile, focus, rng)
+        if weights is None:
+            x, y = crop_origin(image.shape, boxes, tile, focus, rng)
+        elif focused:
+            x, y = balanced_origin(image, boxes, labels, weights, tile, rng)
+        else:
+            x, y = crop_origin(image.shape, boxes, tile, 0.0, rng)
         crop, boxes, labels = masked_crop(image, boxes, labels, x, y, tile)
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
@@ -259,14 +298,16 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
                    restart: bool = False, force: bool = False, augment: bool = True, focus: float = 0.75,
                    fit_anchors: bool = True, backbone: str = "tinynet_e", anchor_ratios: Sequence[float] = (0.5, 1, 2),
                    rpn_iou: tuple[float, float] = (0.5, 0.3), highpass_sigma: float = 0.0,
-                   augmentation: AugmentConfig = WIDE, progress: ProgressCallback | None = None) -> LesionDetector:
+                   augmentation: AugmentConfig = WIDE, balance: float = 0.0, init: str | Path | None = None,
+                   progress: ProgressCallback | None = None) -> LesionDetector:
     """Train a detector on ``data`` through the shared loop and save it to ``out`` (``model.safetensors`` +
     ``config.json``).
 
     ``augment`` applies the graders' augmentation to every drawn image, ``focus`` is the share of crops centred
     on a lesion and ``fit_anchors`` sizes the anchors from the data (see the module docstring); ``backbone`` is
     a timm model name; ``anchor_ratios``, ``rpn_iou`` (the RPN's foreground and background IoU) and
-    ``highpass_sigma`` go to :class:`DetectorConfig`; ``augmentation`` is the augmentation used when ``augment``.
+    ``highpass_sigma`` go to :class:`DetectorConfig`; ``augmentation`` is the augmentation used when ``augment``;
+    ``balance`` weights focused crops by class and ``init`` names weights to fine-tune (module docstring).
     Resumes from ``out/checkpoint`` when it holds a checkpoint of the same settings (``restart`` starts over);
     an ``out`` holding anything but detector weights is refused unless ``force``. ``progress(step, steps,
     "loss ...")`` is called after every step.
@@ -287,12 +328,24 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
     if extra != plain({"anchor_ratios": [0.5, 1.0, 2.0], "rpn_iou": [0.5, 0.3], "highpass_sigma": 0.0,
                        "augmentation": asdict(WIDE) if augment else None}):
         settings.update(extra)      # recorded when not the first recipe's, so its checkpoints still resume
+    if not 0 <= balance <= 1:
+        raise GraderError(f"detector balance must be 0-1, got {balance}")
+    if balance:
+        settings["balance"] = float(balance)
+    start = None
+    if init is not None:
+        start = LesionDetector.from_pretrained(init, device="cpu")
+        settings["init"] = {"from": str(init), "weights_sha256": rundir.sha256_file(Path(init) / WEIGHTS_FILE)}
     anchors = dict(anchor_sizes=fit_anchor_sizes(data), anchors_per_level=2) if fit_anchors else {}
     cfg = DetectorConfig(head=head, classes=data.classes, image_side=image_side, tile=tile, backbone=backbone,
                          nwd_constant=round(mean_lesion_size(data), 3), anchor_ratios=tuple(anchor_ratios),
                          rpn_fg_iou=rpn_iou[0], rpn_bg_iou=rpn_iou[1], highpass_sigma=highpass_sigma, **anchors)
     torch.manual_seed(seed)
-    model = build_model(cfg).to(dev)
+    model = build_model(cfg)
+    if start is not None:
+        check_same_architecture(cfg, start.config, init)
+        model.load_state_dict({k: v.float() for k, v in start.model.state_dict().items()})
+    model = model.to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     augmenter = Augmenter(augmentation) if augment else None
@@ -300,7 +353,7 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
     def step(i: int) -> dict[str, float]:
         rng = np.random.default_rng([seed, i])
         torch.manual_seed(seed * 1_000_003 + i)
-        images, targets = masked_batch(data, tile, batch_size, rng, dev, augmenter, focus)
+        images, targets = masked_batch(data, tile, batch_size, rng, dev, augmenter, focus, balance)
         for group in opt.param_groups:
             group["lr"] = _lr(i, steps, lr)
         losses = model(images, targets)
@@ -325,6 +378,19 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
                                                   "count_calibration_from": f"{len(sample[0])} training images"})
     detector.save_pretrained(out)
     return LesionDetector.from_pretrained(out, device=dev)
+
+
+#: config fields a fine-tuning start may differ in (set after training)
+CALIBRATION_FIELDS = ("count_threshold", "count_weights", "count_bias")
+
+
+def check_same_architecture(cfg: DetectorConfig, start: DetectorConfig, where: Any) -> None:
+    """Refuse (one line naming the fields) to fine-tune from weights of another architecture or scale."""
+    wanted, have = asdict(cfg), asdict(start)
+    differ = [k for k in wanted if k not in CALIBRATION_FIELDS and wanted[k] != have.get(k)]
+    if differ:
+        raise GraderError(f"--init {where}: its detector differs from this training's in "
+                          + ", ".join(f"{k} ({have.get(k)!r} there, {wanted[k]!r} here)" for k in differ))
 
 
 def _target_counts(data: DetectionData) -> np.ndarray:

@@ -266,3 +266,58 @@ def test_cli_refuses_bad_anchor_ratios(tiny_run, tmp_path):
                                       str(tmp_path / "d"), "--anchor-ratios", "1,x", "--quiet"])
     assert result.exit_code == 2 and "--anchor-ratios" in result.output
     assert not (tmp_path / "d").exists()
+
+
+def test_balance_draws_a_rare_class_as_often_as_a_common_one():
+    import torch
+
+    from synthtrial.graders.detector_train import class_weights, masked_batch
+
+    rng = np.random.default_rng(0)
+    images, boxes, labels = [], [], []
+    for k in range(20):                    # 19 images of 8 papules, one image with a single scar
+        image = np.full((256, 256, 3), 180, np.uint8)
+        n = 1 if k == 0 else 8
+        xy = rng.integers(8, 240, (n, 2)).astype(np.float32)
+        boxes.append(np.concatenate([xy, xy + 6], 1)), labels.append(np.full(n, 5 if k == 0 else 2, np.int64))
+        images.append(image)
+    data = DetectionData(images, boxes, labels, CLASSES, [str(k) for k in range(20)], np.zeros(20))
+    w = class_weights(data, 1.0)
+    assert w[5] / w[2] == pytest.approx(152.0) and w[0] == 0.0          # 152 papules against one scar
+    assert class_weights(data, 0.0)[[2, 5]].tolist() == [1.0, 1.0]
+
+    def scar_share(balance: float) -> float:
+        draw = np.random.default_rng(3)
+        hits = 0
+        for _ in range(60):
+            _, targets = masked_batch(data, 64, 4, draw, torch.device("cpu"), focus=1.0, balance=balance)
+            hits += sum(int((t["labels"] == 6).any()) for t in targets)
+        return hits / 240
+
+    assert scar_share(1.0) > 0.35            # about half the crops centre on the one scar
+    assert scar_share(0.0) < 0.12            # unweighted: its image is one in 20
+
+
+def test_fine_tuning_starts_from_the_given_weights_and_refuses_another_architecture(tmp_path, toy_detection_data):
+    import torch
+
+    from synthtrial.graders.detector import LesionDetector
+    from synthtrial.graders.detector_train import train_detector
+
+    data = toy_detection_data
+    first = train_detector(data, tmp_path / "a", steps=2, batch_size=1, seed=2, image_side=96, tile=64, device="cpu",
+                           anchor_ratios=(1.0,))
+    tuned = train_detector(data, tmp_path / "b", steps=1, batch_size=1, seed=2, image_side=96, tile=64, device="cpu",
+                           anchor_ratios=(1.0,), lr=0.0, init=tmp_path / "a")
+    for (name, a), (_, b) in zip(first.model.state_dict().items(), tuned.model.state_dict().items()):
+        if a.is_floating_point() and "running" not in name:
+            assert torch.equal(a, b), name                # lr 0: the start's weights, not a fresh initialisation
+    fresh = train_detector(data, tmp_path / "c", steps=1, batch_size=1, seed=2, image_side=96, tile=64, device="cpu",
+                           anchor_ratios=(1.0,), lr=0.0)
+    assert not torch.equal(fresh.model.state_dict()["roi_heads.box_predictor.cls_score.weight"],
+                           tuned.model.state_dict()["roi_heads.box_predictor.cls_score.weight"])
+    assert tuned.record["settings"]["init"]["weights_sha256"] == rundir.sha256_file(tmp_path / "a" / "model.safetensors")
+    assert LesionDetector.from_pretrained(tmp_path / "b").record["settings"]["init"]["from"] == str(tmp_path / "a")
+    with pytest.raises(GraderError, match="differs from this training's in anchor_ratios"):
+        train_detector(data, tmp_path / "d", steps=1, batch_size=1, seed=2, image_side=96, tile=64, device="cpu",
+                       anchor_ratios=(0.5, 1.0, 2.0), init=tmp_path / "a")

@@ -84,6 +84,14 @@ def train_detector_command(
     rpn_iou: RpnIou = 0.5,
     highpass: Highpass = 0.0,
     augmentation: Augmentation = "wide",
+    balance: Annotated[float, typer.Option(min=0.0, max=1.0, help="Class balance of the focused crops: a lesion "
+                                           "is picked with weight (its class's share)^-BALANCE; 0 every lesion "
+                                           "alike, 1 every class alike (rare ones such as scars met as often as "
+                                           "papules).")] = 0.0,
+    init: Annotated[Optional[Path], typer.Option(help="Fine-tune: start from these detector weights (a folder "
+                                                 "with model.safetensors + config.json of the same "
+                                                 "architecture) instead of a random initialisation.",
+                                                 show_default=False)] = None,
     seed: Seed = 0,
     device: Device = None,
     restart: Restart = False,
@@ -117,7 +125,8 @@ def train_detector_command(
         detector = train_detector(detection, out_dir, head=head, steps=steps, batch_size=batch_size, seed=seed,
                                   image_side=image_side, tile=tile, device=device, sources=[str(d) for d in data],
                                   restart=restart, force=force, augment=augment, focus=focus,
-                                  fit_anchors=fit_anchors, backbone=backbone, progress=update, **recipe)
+                                  fit_anchors=fit_anchors, backbone=backbone, balance=balance, init=init,
+                                  progress=update, **recipe)
     out.print(f"[green]wrote[/green] {out_dir} (count threshold {detector.config.count_threshold:.2f}, "
               f"NWD constant {detector.config.nwd_constant:.2f} px)")
 
