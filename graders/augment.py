@@ -99,7 +99,9 @@ def scaled(config: AugmentConfig, strength: float) -> AugmentConfig:
     Measured on the IGA grader (256 crops, 120 steps): at WIDE's full colour range its losses did not fall,
     at 0.4 of it they did (``synthtrial graders train iga --augment-strength``)."""
     if not 0 <= strength <= 1:
-        raise ValueError(f"augmentation strength must be in [0, 1], got {strength}")
+        from synthtrial.graders.base import GraderError
+
+        raise GraderError(f"--augment-strength (the augmentation's strength) must be in [0, 1], got {strength}")
     s = float(strength)
     return replace(config, brightness=config.brightness * s, contrast=config.contrast * s,
                    saturation=config.saturation * s, hue=config.hue * s, temperature=config.temperature * s,

@@ -247,8 +247,7 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
     ``progress(step, steps, "loss ...")`` is called after every step
     (``epochs * ceil(N / batch_size)`` steps)."""
     check_weights_out(out, DermX.name, force)
-    if not 0 <= augment_strength <= 1:
-        raise GraderError(f"--augment-strength must be in [0, 1], got {augment_strength}")
+    augmentation = scaled(WIDE, augment_strength)
     dev = resolve_device(device)
     n = len(data.images)
     per_epoch = math.ceil(n / batch_size)
@@ -266,7 +265,7 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
     class_weight = (weights.sum() / (4 * weights)).to(dev)
     pos_weight = torch.from_numpy(characteristic_pos_weight(data.present)).to(dev) if balanced else None
     total = epochs * per_epoch
-    augmenter = Augmenter(scaled(WIDE, augment_strength)) if augment else None
+    augmenter = Augmenter(augmentation) if augment else None
 
     def step(i: int) -> dict[str, float]:
         epoch, b = divmod(i, per_epoch)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from synthtrial.graders.augment import FLIPS, WIDE, AugmentConfig, Augmenter, draw_seeds, scaled
+from synthtrial.graders.base import GraderError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -163,7 +164,7 @@ def test_scaled_shrinks_the_colour_ranges_and_keeps_geometry(face256):
     assert half.gamma == pytest.approx(((1 + WIDE.gamma[0]) / 2, (1 + WIDE.gamma[1]) / 2))
     assert (none.degrees, none.scale, none.jitter_p, none.blur_sigma) == (WIDE.degrees, WIDE.scale, WIDE.jitter_p,
                                                                           WIDE.blur_sigma)
-    with pytest.raises(ValueError, match="strength"):
+    with pytest.raises(GraderError, match="--augment-strength"):
         scaled(WIDE, 1.5)
     # at strength 0 with geometry, blur, noise and JPEG off, the colour steps change nothing at all
     still = dataclasses.replace(none, hflip=0.0, affine_p=0.0, blur_p=0.0, noise_p=0.0, jpeg_p=0.0)
