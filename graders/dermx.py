@@ -16,6 +16,15 @@ Choices, stated once:
   (sum of k x p_k) on the 0-3 scale, the outcome ``analyze`` uses.
 * **Characteristics**: open comedo, closed comedo, papule, pustule, nodule, scar, erythema (the generator's
   post-inflammatory ``mark``); an image has a characteristic when at least one such lesion is drawn on it.
+* **Presence read from the maps** (``presence``, fitted after training on training images:
+  :func:`synthtrial.graders.dermx_train.fit_presence`): the pooled characteristic head learns prevalence (on the
+  grader set it said "present" on every image for the four common characteristics and never for closed
+  comedones and scars), while each characteristic's map does show where its lesions are. So a characteristic's
+  score is a logistic model of :data:`PRESENCE_FEATURES` -- its head logit and the peak, top-5 mean and mean
+  of its (unnormalised) Grad-CAM map, the last three as ``log1p`` -- whose threshold for F1 on the
+  calibration images is folded into the bias, so that "present" stays ``score >= 0.5`` for every consumer.
+  The scores are decisions on a probability scale, not calibrated probabilities. Weights without ``presence``
+  (empty) use the head's sigmoid, as trained.
 * **Loss** ``L = lambda_D * CE + lambda_C * BCE`` (1 and 1); DermX+ (``guided=True``) adds
   ``lambda_A * Dice`` (lambda_A = 10) between each present characteristic's Grad-CAM map and its explanation
   area at the CAM's resolution (:mod:`synthtrial.graders.dermx_train`).
@@ -45,6 +54,9 @@ from torch import Tensor, nn
 from synthtrial.graders.base import MAX_INPUT_SIZE, GraderComponent, GraderError
 from synthtrial.util.images import IMAGENET_MEAN, IMAGENET_STD
 
+#: what a characteristic's presence model reads (module docstring): its head logit, then log1p of its map's
+#: peak, top-5 mean and mean
+PRESENCE_FEATURES = ("logit", "log1p_cam_peak", "log1p_cam_top5", "log1p_cam_mean")
 CHARACTERISTICS = ("open_comedo", "closed_comedo", "papule", "pustule", "nodule", "scar", "erythema")
 #: the run's lesion type behind each characteristic
 LESION_TYPE = {c: ("mark" if c == "erythema" else c) for c in CHARACTERISTICS}
@@ -61,9 +73,17 @@ class DermXConfig:
     image_size: int = 256
     characteristics: tuple[str, ...] = CHARACTERISTICS
     guided: bool = False
+    #: per characteristic: a weight per PRESENCE_FEATURES and a bias (empty: the head's sigmoid)
+    presence: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self) -> None:
         self.characteristics = tuple(self.characteristics)
+        self.presence = tuple(tuple(float(v) for v in row) for row in self.presence)
+        if self.presence and (len(self.presence) != len(self.characteristics)
+                              or any(len(row) != len(PRESENCE_FEATURES) + 1 for row in self.presence)
+                              or not np.isfinite(np.asarray(self.presence)).all()):
+            raise GraderError(f"dermx presence: need one row of {len(PRESENCE_FEATURES) + 1} finite numbers per "
+                              f"characteristic ({len(self.characteristics)}), or none")
         if not 64 <= self.image_size <= MAX_INPUT_SIZE or self.image_size % 16:
             raise GraderError(f"dermx image_size must be a multiple of 16 from 64 to {MAX_INPUT_SIZE}, got "
                               f"{self.image_size}")
@@ -131,7 +151,10 @@ class DermXNet(nn.Module):
 
     def forward_with_cams(self, x: Tensor, create_graph: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """Logits and every characteristic's Grad-CAM map ``(B, C, h, w)`` (not normalised), differentiable."""
-        feats = self.features(x)
+        return self.heads_with_cams(self.features(x), create_graph)
+
+    def heads_with_cams(self, feats: Tensor, create_graph: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward_with_cams` from the ``cam`` layer's features (which may carry no graph)."""
         pooled = feats.mean(dim=(2, 3))
         if not pooled.requires_grad:
             pooled = pooled.detach().requires_grad_(True)
@@ -154,6 +177,14 @@ class CharacteristicLogits(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)[1]
+
+
+def presence_features(chars: Tensor, cams: Tensor) -> Tensor:
+    """``(B, C, 4)`` :data:`PRESENCE_FEATURES` from characteristic logits ``(B, C)`` and unnormalised maps
+    ``(B, C, h, w)``."""
+    flat = cams.flatten(2)
+    top = flat.topk(min(5, flat.shape[2]), dim=2).values.mean(2)
+    return torch.stack([chars, torch.log1p(flat.amax(2)), torch.log1p(top), torch.log1p(flat.mean(2))], dim=2)
 
 
 def normalise_maps(cams: Tensor, eps: float = 1e-7) -> Tensor:
@@ -229,14 +260,27 @@ class DermX(GraderComponent):
         for i, image in enumerate(images):
             self._check(image)
             groups.setdefault(image.shape, []).append(i)
-        with torch.inference_mode():
-            for idx in groups.values():
-                for start in range(0, len(idx), 32):
-                    part = idx[start:start + 32]
-                    diag, ch = self.model(to_tensor([images[i] for i in part], self.config.image_size, self.device))
-                    levels[part] = torch.softmax(diag.float(), 1).cpu().numpy()
-                    chars[part] = torch.sigmoid(ch.float()).cpu().numpy()
+        for idx in groups.values():
+            for start in range(0, len(idx), 32):
+                part = idx[start:start + 32]
+                diag, ch = self.scores(to_tensor([images[i] for i in part], self.config.image_size, self.device))
+                levels[part] = torch.softmax(diag.float(), 1).cpu().numpy()
+                chars[part] = torch.sigmoid(ch.float()).cpu().numpy()
         return levels, chars
+
+    def scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Level logits and characteristic scores (logits; from the maps where the config has ``presence``) of a
+        normalised batch; nothing keeps a graph."""
+        if not self.config.presence:
+            with torch.inference_mode():
+                return self.model(x)
+        with torch.no_grad():
+            feats = self.model.features(x)
+        with torch.enable_grad():
+            diag, chars, cams = self.model.heads_with_cams(feats, create_graph=False)
+        weights = torch.tensor(self.config.presence, dtype=torch.float32, device=feats.device)
+        score = (presence_features(chars.detach(), cams.detach()) * weights[:, :-1]).sum(-1) + weights[:, -1]
+        return diag.detach(), score
 
     def predict(self, images: Sequence[np.ndarray], meta: pd.DataFrame | None = None) -> pd.DataFrame:
         levels, chars = self.probabilities(images)

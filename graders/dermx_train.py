@@ -35,6 +35,14 @@ Choices, stated once:
 * **DermX+** (``guided``): ``lambda_A x Dice`` between each characteristic's differentiable Grad-CAM (at the
   CAM grid, scaled to max 1) and its explanation area max-pooled to that grid, over the characteristics the
   image shows.
+* **Presence from the maps** (``presence_from_maps``, default on; :data:`synthtrial.graders.dermx.PRESENCE_FEATURES`):
+  after training, on up to :data:`PRESENCE_IMAGES` training images spread evenly over the set, per
+  characteristic a logistic regression (scikit-learn, unweighted) of its presence on its head logit and map
+  statistics, then the threshold (0.02-0.98, step 0.02) with the best F1 there, folded into the bias
+  (:func:`fit_presence`). A characteristic present on all or none of those images keeps its head. Measured on
+  the shipped weights before it (held-out seed, 600 images): characteristic macro F1 0.639 -> 0.695, on the
+  varied subset 0.587 -> 0.664 (closed comedones 0.00 -> 0.42, scars 0.00 -> 0.02). It is a calibration, not a
+  training setting, so re-running a finished training with it adds it to the saved weights.
 * **Augmentation** (``augment``, default on; off: horizontal flips only): the graders' photometric and
   geometric augmentation (:mod:`synthtrial.graders.augment`), the explanation areas moved with the image.
 """
@@ -43,7 +51,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -55,8 +63,8 @@ import torch.nn.functional as F
 
 from synthtrial.graders.augment import WIDE, Augmenter, draw_seeds, scaled
 from synthtrial.graders.base import GraderError, check_weights_out, read_rgb, train_grader
-from synthtrial.graders.dermx import (CHARACTERISTICS, LESION_TYPE, DermX, DermXConfig, DermXNet, dice_loss,
-                                      normalise_maps, to_tensor)
+from synthtrial.graders.dermx import (CHARACTERISTICS, LESION_TYPE, PRESENCE_FEATURES, DermX, DermXConfig, DermXNet,
+                                      dice_loss, normalise_maps, presence_features, to_tensor)
 from synthtrial.run import rundir
 from synthtrial.util.device import resolve_device
 from synthtrial.util.progress import ProgressCallback
@@ -65,6 +73,8 @@ from synthtrial.util.training import Plan
 LAMBDA_D, LAMBDA_C, LAMBDA_A = 1.0, 1.0, 10.0
 #: the range of a characteristic's positive weight with ``balanced``
 POS_WEIGHT_RANGE = (0.1, 10.0)
+#: training images the presence models are fitted on
+PRESENCE_IMAGES = 600
 
 
 def characteristic_pos_weight(present: np.ndarray) -> np.ndarray:
@@ -238,12 +248,13 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
                 lr: float = 2e-3, seed: int = 0, image_size: int = 256, backbone: str = "plain",
                 device: str | None = None, sources: Sequence[str] = (), restart: bool = False, force: bool = False,
                 augment: bool = True, augment_strength: float = 1.0, balanced: bool = False,
-                progress: ProgressCallback | None = None) -> DermX:
+                presence_from_maps: bool = True, progress: ProgressCallback | None = None) -> DermX:
     """Train DermX (DermX+ with ``guided``) through the shared loop and save it to ``out``; resumes from
     ``out/checkpoint`` (``restart`` starts over). An ``out`` holding anything but DermX weights is refused
     unless ``force``. ``augment`` moves the masks with the graders' augmentation (else flips only), its
     photometric ranges scaled by ``augment_strength`` (:func:`synthtrial.graders.augment.scaled`); ``balanced``
-    weighs each characteristic's positives by its negatives / positives ratio (module docstring).
+    weighs each characteristic's positives by its negatives / positives ratio; ``presence_from_maps`` fits the
+    presence models after training (module docstring).
     ``progress(step, steps, "loss ...")`` is called after every step
     (``epochs * ceil(N / batch_size)`` steps)."""
     check_weights_out(out, DermX.name, force)
@@ -299,6 +310,50 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
                 summarize=lambda done: {"epoch": done // per_epoch})
     history = train_grader(net, opt, plan, out, restart=restart, progress=progress)["history"]
     net.eval()
-    DermX(cfg, net, device=dev, record={"settings": settings, "epoch": epochs, "loss_history": history}) \
-        .save_pretrained(out)
+    record = {"settings": settings, "epoch": epochs, "loss_history": history}
+    if presence_from_maps:
+        picks = np.linspace(0, n - 1, min(PRESENCE_IMAGES, n)).round().astype(int)
+        cfg = replace(cfg, presence=fit_presence(DermX(cfg, net, device=dev), data.images[picks],
+                                                 data.present[picks].astype(bool)))
+        record["presence_from"] = f"{len(picks)} training images"
+    DermX(cfg, net, device=dev, record=record).save_pretrained(out)
     return DermX.from_pretrained(out, device=dev)
+
+
+def presence_inputs(dermx: DermX, images: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, C, 4)`` :data:`PRESENCE_FEATURES` of input-size images under ``dermx``'s network, and ``(N, 4)``
+    level logits."""
+    feats, levels = [], []
+    for start in range(0, len(images), batch):
+        x = to_tensor(list(images[start:start + batch]), dermx.config.image_size, dermx.device)
+        with torch.no_grad():
+            maps_in = dermx.model.features(x)
+        with torch.enable_grad():
+            diag, chars, cams = dermx.model.heads_with_cams(maps_in, create_graph=False)
+        feats.append(presence_features(chars.detach(), cams.detach()).cpu().numpy())
+        levels.append(diag.detach().cpu().numpy())
+    return np.concatenate(feats), np.concatenate(levels)
+
+
+def fit_presence(dermx: DermX, images: np.ndarray, present: np.ndarray) -> tuple[tuple[float, ...], ...]:
+    """Per characteristic (columns of ``(N, C)`` bool ``present``), the weights and bias of its presence model on
+    ``images`` (module docstring; the F1-best threshold folded into the bias); the head (logit weight 1) where
+    the images show the characteristic on all or none of them."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, _ = presence_inputs(dermx, images)
+    head = (1.0,) + (0.0,) * len(PRESENCE_FEATURES)
+    grid = np.round(np.arange(0.02, 0.981, 0.02), 2)
+    rows = []
+    for k in range(present.shape[1]):
+        y = present[:, k]
+        if y.all() or not y.any():
+            rows.append(head)
+            continue
+        model = LogisticRegression(max_iter=5000).fit(x[:, k], y)
+        p = model.predict_proba(x[:, k])[:, 1]
+        f1 = [2 * (y & (p >= t)).sum() / max(1, y.sum() + (p >= t).sum()) for t in grid]
+        t = float(grid[int(np.argmax(f1))])
+        bias = float(model.intercept_[0]) - math.log(t / (1 - t))
+        rows.append(tuple(round(float(w), 6) for w in model.coef_[0]) + (round(bias, 6),))
+    return tuple(rows)

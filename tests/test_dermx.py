@@ -326,3 +326,36 @@ def test_grade_evaluate_and_explain_on_a_run(tiny_run, toy_dermx, tmp_path):
     assert Image.open(pngs[0]).size == (128, 128)
     result = CliRunner().invoke(app, ["graders", "train", "dermx", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--data" in result.output
+
+
+def test_presence_models_fold_the_f1_threshold_into_the_bias_and_reach_predict(toy_dermx, tmp_path):
+    """fit_presence: on its calibration images, "score >= 0.5" is the F1-best decision of its logistic model;
+    a characteristic shown on every image keeps its head; weights without presence use the head's sigmoid."""
+    from dataclasses import replace
+
+    from synthtrial.graders.dermx import PRESENCE_FEATURES, presence_features
+    from synthtrial.graders.dermx_train import fit_presence, presence_inputs
+
+    dermx, folder, data = toy_dermx
+    assert len(dermx.config.presence) == len(CHARACTERISTICS)               # fitted by default, saved, reloaded
+    assert dermx.record["presence_from"] == f"{len(data.images)} training images"
+    present = data.present.astype(bool).copy()
+    present[:, 0] = True                                                    # shown on every image: the head
+    rows = fit_presence(dermx, data.images, present)
+    assert rows[0] == (1.0,) + (0.0,) * len(PRESENCE_FEATURES)
+    x, _ = presence_inputs(dermx, data.images)
+    papule = np.asarray(rows[PAPULE])
+    decided = (x[:, PAPULE] @ papule[:-1] + papule[-1]) >= 0
+    f1 = 2 * (decided & present[:, PAPULE]).sum() / (decided.sum() + present[:, PAPULE].sum())
+    assert f1 > 0.9                                                         # the toy's papules are plain to see
+    _, chars = dermx.probabilities(list(data.images))
+    np.testing.assert_array_equal(chars[:, PAPULE] >= 0.5, decided)          # the same decision in probabilities
+    head = DermX(replace(dermx.config, presence=()), dermx.model, device="cpu")
+    _, sig = head.probabilities(list(data.images[:4]))
+    with torch.no_grad():
+        logits = dermx.model(to_tensor(list(data.images[:4]), 64, torch.device("cpu")))[1]
+    np.testing.assert_allclose(sig, torch.sigmoid(logits).numpy(), rtol=1e-5)
+    feats = presence_features(torch.tensor([[2.0]]), torch.tensor([[[[0.0, 1.0], [3.0, 0.0]]]]))
+    np.testing.assert_allclose(feats[0, 0].numpy(), [2.0, np.log1p(3.0), np.log1p(1.0), np.log1p(1.0)], rtol=1e-6)
+    with pytest.raises(GraderError, match="presence"):
+        replace(dermx.config, presence=((1.0, 2.0),))

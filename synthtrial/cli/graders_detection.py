@@ -154,6 +154,10 @@ def train_dermx_command(
         "--balanced-characteristics/--plain-characteristics", help="Weigh each characteristic's positives by "
         "its negatives / positives ratio in the training images (else a common one is learned as always "
         "present, a rare one as never).")] = False,
+    presence_from_maps: Annotated[bool, typer.Option(
+        "--presence-from-maps/--presence-from-head", help="After training, fit each characteristic's presence "
+        "on its head logit and its Grad-CAM map's peak and mass (600 training images, F1-best threshold); "
+        "re-running a finished training adds it. --presence-from-head: the pooled head's sigmoid alone.")] = True,
     seed: Seed = 0,
     device: Device = None,
     restart: Restart = False,
@@ -191,7 +195,7 @@ def train_dermx_command(
         train_dermx(dataset, out_dir, guided=guided, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                     image_size=image_size, backbone=backbone, device=device, sources=[str(d) for d in data],
                     restart=restart, force=force, augment=augment, augment_strength=augment_strength,
-                    balanced=balanced_characteristics, progress=update)
+                    balanced=balanced_characteristics, presence_from_maps=presence_from_maps, progress=update)
     out.print(f"[green]wrote[/green] {out_dir}")
 
 
