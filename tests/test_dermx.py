@@ -330,28 +330,28 @@ def test_grade_evaluate_and_explain_on_a_run(tiny_run, toy_dermx, tmp_path):
 
 def test_presence_models_fold_the_f1_threshold_into_the_bias_and_reach_predict(toy_dermx, tmp_path):
     """fit_presence: on its calibration images, "score >= 0.5" is the F1-best decision of its logistic model;
-    a characteristic shown on every image keeps its head; weights without presence use the head's sigmoid."""
+    a characteristic shown on every image keeps its head; weights without presence use the head's sigmoid;
+    --presence-from-maps fits and saves them after training."""
     from dataclasses import replace
 
     from synthtrial.graders.dermx import PRESENCE_FEATURES, presence_features
     from synthtrial.graders.dermx_train import fit_presence, presence_inputs
 
-    dermx, folder, data = toy_dermx
-    assert len(dermx.config.presence) == len(CHARACTERISTICS)               # fitted by default, saved, reloaded
-    assert dermx.record["presence_from"] == f"{len(data.images)} training images"
+    dermx, _, data = toy_dermx
+    assert dermx.config.presence == ()                                      # off by default
     present = data.present.astype(bool).copy()
     present[:, 0] = True                                                    # shown on every image: the head
     rows = fit_presence(dermx, data.images, present)
-    assert rows[0] == (1.0,) + (0.0,) * len(PRESENCE_FEATURES)
+    assert len(rows) == len(CHARACTERISTICS) and rows[0] == (1.0,) + (0.0,) * len(PRESENCE_FEATURES)
     x, _ = presence_inputs(dermx, data.images)
     papule = np.asarray(rows[PAPULE])
     decided = (x[:, PAPULE] @ papule[:-1] + papule[-1]) >= 0
     f1 = 2 * (decided & present[:, PAPULE]).sum() / (decided.sum() + present[:, PAPULE].sum())
     assert f1 > 0.9                                                         # the toy's papules are plain to see
-    _, chars = dermx.probabilities(list(data.images))
+    fitted = DermX(replace(dermx.config, presence=rows), dermx.model, device="cpu")
+    _, chars = fitted.probabilities(list(data.images))
     np.testing.assert_array_equal(chars[:, PAPULE] >= 0.5, decided)          # the same decision in probabilities
-    head = DermX(replace(dermx.config, presence=()), dermx.model, device="cpu")
-    _, sig = head.probabilities(list(data.images[:4]))
+    _, sig = dermx.probabilities(list(data.images[:4]))
     with torch.no_grad():
         logits = dermx.model(to_tensor(list(data.images[:4]), 64, torch.device("cpu")))[1]
     np.testing.assert_allclose(sig, torch.sigmoid(logits).numpy(), rtol=1e-5)
@@ -359,3 +359,7 @@ def test_presence_models_fold_the_f1_threshold_into_the_bias_and_reach_predict(t
     np.testing.assert_allclose(feats[0, 0].numpy(), [2.0, np.log1p(3.0), np.log1p(1.0), np.log1p(1.0)], rtol=1e-6)
     with pytest.raises(GraderError, match="presence"):
         replace(dermx.config, presence=((1.0, 2.0),))
+    trained = train_dermx(data, tmp_path / "maps", epochs=1, batch_size=8, image_size=64, device="cpu",
+                          presence_from_maps=True)
+    assert len(trained.config.presence) == len(CHARACTERISTICS)              # saved and reloaded
+    assert trained.record["presence_from"] == f"{len(data.images)} training images"

@@ -157,7 +157,7 @@ def train_dermx_command(
     presence_from_maps: Annotated[bool, typer.Option(
         "--presence-from-maps/--presence-from-head", help="After training, fit each characteristic's presence "
         "on its head logit and its Grad-CAM map's peak and mass (600 training images, F1-best threshold); "
-        "re-running a finished training adds it. --presence-from-head: the pooled head's sigmoid alone.")] = True,
+        "re-running a finished training adds it. Default: the pooled head's sigmoid alone.")] = False,
     seed: Seed = 0,
     device: Device = None,
     restart: Restart = False,
