@@ -266,6 +266,11 @@ def test_cli_refuses_bad_anchor_ratios(tiny_run, tmp_path):
                                       str(tmp_path / "d"), "--anchor-ratios", "1,x", "--quiet"])
     assert result.exit_code == 2 and "--anchor-ratios" in result.output
     assert not (tmp_path / "d").exists()
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(app, ["graders", "train", "detector", "--data", str(tiny_run), "--out",
+                                      str(tmp_path / "d"), "--init", str(tmp_path / "empty"), "--quiet"])
+    assert result.exit_code == 2 and "no model.safetensors" in result.output
+    assert not (tmp_path / "d").exists()
 
 
 def test_balance_draws_a_rare_class_as_often_as_a_common_one():

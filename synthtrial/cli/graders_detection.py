@@ -120,6 +120,10 @@ def train_detector_command(
     recipe = recipe_options(lr, anchor_ratios, rpn_iou, highpass, augmentation)
     check_weights_out(out_dir, "detector", force)
     resolve_device(device)
+    if init is not None:                  # a missing or foreign --init is refused before the images are read
+        from synthtrial.graders.detector import LesionDetector
+
+        LesionDetector.from_pretrained(init, device="cpu")
     detection = load_detection_data(data, image_side, visible_only=visible_only, marks=marks)
     with progress_bar("training detector", steps, unit="steps", enabled=not quiet) as update:
         detector = train_detector(detection, out_dir, head=head, steps=steps, batch_size=batch_size, seed=seed,
