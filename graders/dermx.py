@@ -16,7 +16,7 @@ Choices, stated once:
   (sum of k x p_k) on the 0-3 scale, the outcome ``analyze`` uses.
 * **Characteristics**: open comedo, closed comedo, papule, pustule, nodule, scar, erythema (the generator's
   post-inflammatory ``mark``); an image has a characteristic when at least one such lesion is drawn on it.
-* **Presence read from the maps** (``presence``, fitted after training on training images:
+* **Presence read from the maps** (``presence``; opt-in, fitted after training on training images:
   :func:`synthtrial.graders.dermx_train.fit_presence`): the pooled characteristic head learns prevalence (on the
   grader set it said "present" on every image for the four common characteristics and never for closed
   comedones and scars), while each characteristic's map does show where its lesions are. So a characteristic's
@@ -274,13 +274,18 @@ class DermX(GraderComponent):
         if not self.config.presence:
             with torch.inference_mode():
                 return self.model(x)
+        diag, feats = self.map_features(x)
+        weights = torch.tensor(self.config.presence, dtype=torch.float32, device=feats.device)
+        return diag, (feats * weights[:, :-1]).sum(-1) + weights[:, -1]
+
+    def map_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Level logits ``(B, 4)`` and :data:`PRESENCE_FEATURES` ``(B, C, 4)`` of a normalised batch (the maps
+        need gradients through the small heads only); nothing keeps a graph."""
         with torch.no_grad():
             feats = self.model.features(x)
         with torch.enable_grad():
             diag, chars, cams = self.model.heads_with_cams(feats, create_graph=False)
-        weights = torch.tensor(self.config.presence, dtype=torch.float32, device=feats.device)
-        score = (presence_features(chars.detach(), cams.detach()) * weights[:, :-1]).sum(-1) + weights[:, -1]
-        return diag.detach(), score
+        return diag.detach(), presence_features(chars.detach(), cams.detach())
 
     def predict(self, images: Sequence[np.ndarray], meta: pd.DataFrame | None = None) -> pd.DataFrame:
         levels, chars = self.probabilities(images)

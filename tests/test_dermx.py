@@ -343,7 +343,7 @@ def test_presence_models_fold_the_f1_threshold_into_the_bias_and_reach_predict(t
     present[:, 0] = True                                                    # shown on every image: the head
     rows = fit_presence(dermx, data.images, present)
     assert len(rows) == len(CHARACTERISTICS) and rows[0] == (1.0,) + (0.0,) * len(PRESENCE_FEATURES)
-    x, _ = presence_inputs(dermx, data.images)
+    x = presence_inputs(dermx, data.images)
     papule = np.asarray(rows[PAPULE])
     decided = (x[:, PAPULE] @ papule[:-1] + papule[-1]) >= 0
     f1 = 2 * (decided & present[:, PAPULE]).sum() / (decided.sum() + present[:, PAPULE].sum())

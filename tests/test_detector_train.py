@@ -321,7 +321,8 @@ def test_fine_tuning_starts_from_the_given_weights_and_refuses_another_architect
                            anchor_ratios=(1.0,), lr=0.0)
     assert not torch.equal(fresh.model.state_dict()["roi_heads.box_predictor.cls_score.weight"],
                            tuned.model.state_dict()["roi_heads.box_predictor.cls_score.weight"])
-    assert tuned.record["settings"]["init"]["weights_sha256"] == rundir.sha256_file(tmp_path / "a" / "model.safetensors")
+    start_sha = rundir.sha256_file(tmp_path / "a" / "model.safetensors")
+    assert tuned.record["settings"]["init"]["weights_sha256"] == start_sha
     assert LesionDetector.from_pretrained(tmp_path / "b").record["settings"]["init"]["from"] == str(tmp_path / "a")
     with pytest.raises(GraderError, match="differs from this training's in anchor_ratios"):
         train_detector(data, tmp_path / "d", steps=1, batch_size=1, seed=2, image_side=96, tile=64, device="cpu",
