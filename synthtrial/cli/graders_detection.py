@@ -98,7 +98,7 @@ def train_detector_command(
     force: Force = False,
     quiet: Quiet = False,
 ) -> None:
-    """Train the two-stage lesion detector (Faster R-CNN + FPN, SADH + NWD RPN head) from scratch.
+    """Train the two-stage lesion detector (Faster R-CNN + FPN, SADH + NWD RPN head), from scratch or --init.
 
     --data takes run directories (six lesion classes) or one ACNE04 copy (its VOC boxes, one class 'lesion').
 
