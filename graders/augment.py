@@ -47,6 +47,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from synthtrial.graders.base import GraderError
+
 #: the largest seed a caller draws (a torch seed takes 64 bits; 31 keep it a plain int everywhere)
 SEED_HIGH = 2**31 - 1
 
@@ -99,8 +101,6 @@ def scaled(config: AugmentConfig, strength: float) -> AugmentConfig:
     Measured on the IGA grader (256 crops, 120 steps): at WIDE's full colour range its losses did not fall,
     at 0.4 of it they did (``synthtrial graders train iga --augment-strength``)."""
     if not 0 <= strength <= 1:
-        from synthtrial.graders.base import GraderError
-
         raise GraderError(f"--augment-strength (the augmentation's strength) must be in [0, 1], got {strength}")
     s = float(strength)
     return replace(config, brightness=config.brightness * s, contrast=config.contrast * s,

@@ -231,17 +231,32 @@ def balanced_origin(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, we
     return crop_origin(image.shape, boxes[pick:pick + 1], tile, 1.0, rng)
 
 
+@dataclass(frozen=True)
+class BalancedDraw:
+    """What class-balanced focused crops draw from (:func:`balanced_draw`, computed once per training): the
+    weight of a lesion of each class, and each image's probability (None when no lesion has a weight)."""
+
+    weights: np.ndarray
+    image_p: np.ndarray | None
+
+
+def balanced_draw(data: DetectionData, balance: float) -> BalancedDraw | None:
+    """The :class:`BalancedDraw` of ``data`` at ``balance`` (module docstring); None at 0 (unweighted crops)."""
+    if balance <= 0:
+        return None
+    weights = class_weights(data, balance)
+    per_image = np.array([weights[lab].sum() if len(lab) else 0.0 for lab in data.labels])
+    return BalancedDraw(weights, per_image / per_image.sum() if per_image.sum() > 0 else None)
+
+
 def masked_batch(data: DetectionData, tile: int, batch: int, rng: np.random.Generator, device: torch.device,
-                 augmenter: Augmenter | None = None, focus: float = 0.0, balance: float = 0.0):
+                 augmenter: Augmenter | None = None, focus: float = 0.0, balanced: BalancedDraw | None = None):
     """``batch`` masked crops of random images (and a horizontal flip each), drawn with ``rng``, each image first
     augmented with its boxes by ``augmenter`` (when given) and cropped where :func:`crop_origin` puts it (with
-    ``balance`` > 0, a focused crop's image and lesion are drawn class-weighted: module docstring): images and
-    torchvision targets (labels shifted by one: 0 is the background)."""
-    weights = class_weights(data, balance) if balance > 0 else None
-    image_p = None
-    if weights is not None:
-        per_image = np.array([weights[lab].sum() if len(lab) else 0.0 for lab in data.labels])
-        image_p = per_image / per_image.sum() if per_image.sum() > 0 else None
+    ``balanced``, from :func:`balanced_draw`, a focused crop's image and lesion are drawn class-weighted: module
+    docstring): images and torchvision targets (labels shifted by one: 0 is the background)."""
+    weights = balanced.weights if balanced is not None else None
+    image_p = balanced.image_p if balanced is not None else None
     images, targets = [], []
     for _ in range(batch):
         focused = image_p is not None and rng.random() < focus
@@ -341,19 +356,21 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
                          nwd_constant=round(mean_lesion_size(data), 3), anchor_ratios=tuple(anchor_ratios),
                          rpn_fg_iou=rpn_iou[0], rpn_bg_iou=rpn_iou[1], highpass_sigma=highpass_sigma, **anchors)
     torch.manual_seed(seed)
-    model = build_model(cfg)
     if start is not None:
         check_same_architecture(cfg, start.config, init)
+    model = build_model(cfg)
+    if start is not None:
         model.load_state_dict({k: v.float() for k, v in start.model.state_dict().items()})
     model = model.to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     augmenter = Augmenter(augmentation) if augment else None
+    balanced = balanced_draw(data, balance)
 
     def step(i: int) -> dict[str, float]:
         rng = np.random.default_rng([seed, i])
         torch.manual_seed(seed * 1_000_003 + i)
-        images, targets = masked_batch(data, tile, batch_size, rng, dev, augmenter, focus, balance)
+        images, targets = masked_batch(data, tile, batch_size, rng, dev, augmenter, focus, balanced)
         for group in opt.param_groups:
             group["lr"] = _lr(i, steps, lr)
         losses = model(images, targets)

@@ -276,7 +276,7 @@ def test_cli_refuses_bad_anchor_ratios(tiny_run, tmp_path):
 def test_balance_draws_a_rare_class_as_often_as_a_common_one():
     import torch
 
-    from synthtrial.graders.detector_train import class_weights, masked_batch
+    from synthtrial.graders.detector_train import balanced_draw, class_weights, masked_batch
 
     rng = np.random.default_rng(0)
     images, boxes, labels = [], [], []
@@ -295,7 +295,8 @@ def test_balance_draws_a_rare_class_as_often_as_a_common_one():
         draw = np.random.default_rng(3)
         hits = 0
         for _ in range(60):
-            _, targets = masked_batch(data, 64, 4, draw, torch.device("cpu"), focus=1.0, balance=balance)
+            _, targets = masked_batch(data, 64, 4, draw, torch.device("cpu"), focus=1.0,
+                                      balanced=balanced_draw(data, balance))
             hits += sum(int((t["labels"] == 6).any()) for t in targets)
         return hits / 240
 
