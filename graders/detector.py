@@ -44,9 +44,11 @@ Choices, stated once:
   ``scar``) are the ``visible_count`` -- what the detector sees, the threshold chosen on training images to
   match the number of target lesions there. The simulated lesion count also holds lesions too faint to see
   (most closed comedones), in a proportion that changes with the lesion mix, so ``count`` is a calibrated
-  estimate of it: ``count_bias + sum_c count_weights[c] * n_c`` over the per-class counts (weights >= 0,
-  least squares on training images, ``detector_train.fit_count_weights``); without weights it is the visible
-  count. ``count`` gives the ACNE04 / Hayashi level and a 0-3 severity through :mod:`synthtrial.trial.scale`.
+  estimate of it: ``count_bias + sum_c count_weights[c] * f_c`` over per-class features ``f_c`` -- the counts
+  above the threshold or, with ``count_soft_floor`` > 0, the sums of the scores from the floor on (a soft
+  count) -- then, where there is one, the monotone ``count_curve``; without weights it is the visible count.
+  :mod:`synthtrial.graders.detector_count` fits all of it. ``count`` gives the ACNE04 / Hayashi level and a
+  0-3 severity through :mod:`synthtrial.trial.scale`.
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ class DetectorConfig:
     count_threshold: float = 0.5
     count_weights: tuple[float, ...] = ()
     count_bias: float = 0.0
+    count_soft_floor: float = 0.0
+    count_curve: tuple[tuple[float, float], ...] = ()
     detections_per_tile: int = 200
 
     def __post_init__(self) -> None:
@@ -147,8 +151,15 @@ class DetectorConfig:
                               f"got {list(self.count_weights)}")
         if not -1e6 < self.count_bias < 1e6:
             raise GraderError(f"detector count_bias must be in (-1e6, 1e6), got {self.count_bias}")
-        if not 0 <= self.count_threshold <= 1:
-            raise GraderError(f"detector count_threshold must be a score in [0, 1], got {self.count_threshold}")
+        if not 0 <= self.count_threshold <= 1 or not 0 <= self.count_soft_floor < 1:
+            raise GraderError(f"detector count_threshold must be a score in [0, 1] and count_soft_floor in [0, 1), "
+                              f"got {self.count_threshold} and {self.count_soft_floor}")
+        self.count_curve = tuple((float(x), float(y)) for x, y in self.count_curve)
+        xs, ys = np.array([p[0] for p in self.count_curve]), np.array([p[1] for p in self.count_curve])
+        if self.count_curve and (len(xs) < 2 or np.any(np.diff(xs) <= 0) or np.any(np.diff(ys) < 0)
+                                 or not np.all(np.isfinite(xs)) or not np.all((ys >= 0) & (ys < 1e6))):
+            raise GraderError("detector count_curve: need at least two (x, y) points with x increasing, y not "
+                              "decreasing and 0 <= y < 1e6")
 
 
 # ----------------------------------------------------------------------------------------------- NWD
@@ -426,13 +437,39 @@ class LesionDetector(GraderComponent):
         active = ~np.isin(np.asarray(self.config.classes, dtype=object)[found["labels"]], NOT_COUNTED)
         return (found["scores"] >= threshold) & active
 
+    def count_features(self, found: dict[str, np.ndarray], threshold: float | None = None,
+                       soft_floor: float | None = None) -> np.ndarray:
+        """Per class, what ``count_weights`` multiply: the number of detections at or above the count threshold
+        or, with a soft floor (``count_soft_floor``, or ``soft_floor`` when given) above 0, the sum of the
+        scores of the detections at or above the floor -- each detection counts as the probability that it is
+        a lesion, so faint lesions found at low scores still move the count."""
+        cfg = self.config
+        floor = cfg.count_soft_floor if soft_floor is None else soft_floor
+        k = len(cfg.classes)
+        if floor > 0:
+            keep = found["scores"] >= floor
+            return np.bincount(found["labels"][keep], weights=found["scores"][keep], minlength=k)[:k]
+        labels = found["labels"][found["scores"] >= (cfg.count_threshold if threshold is None else threshold)]
+        return np.bincount(labels, minlength=k)[:k].astype(np.float64)
+
+    def count_from_features(self, features: np.ndarray) -> np.ndarray:
+        """``count`` from :meth:`count_features` (one row per image, or one image): the linear estimate
+        ``count_bias + features @ count_weights``, then the monotone ``count_curve`` (linear between its
+        points, flat beyond them) where there is one, else clipped at 0."""
+        cfg = self.config
+        linear = cfg.count_bias + np.asarray(features, np.float64) @ np.asarray(cfg.count_weights, np.float64)
+        if cfg.count_curve:
+            xs, ys = np.array(cfg.count_curve).T
+            return np.interp(linear, xs, ys)
+        return np.maximum(linear, 0.0)
+
     def counts(self, found: dict[str, np.ndarray], threshold: float | None = None) -> dict[str, float]:
         """Per-class counts above the count threshold, the lesion count, its level and severity."""
         cfg = self.config
         labels = found["labels"][found["scores"] >= (cfg.count_threshold if threshold is None else threshold)]
         per_class = [float((labels == k).sum()) for k in range(len(cfg.classes))]
         visible = float(self.counted(found, threshold).sum())
-        count = max(0.0, cfg.count_bias + float(np.dot(cfg.count_weights, per_class))) if cfg.count_weights \
+        count = float(self.count_from_features(self.count_features(found, threshold))) if cfg.count_weights \
             else visible
         return {"count": count, "visible_count": visible, "level": float(scale.acne04_level_from_count(count)),
                 "severity": float(scale.severity_from_count(count)),

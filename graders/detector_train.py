@@ -37,10 +37,10 @@ Choices, stated once:
   a few hundred steps. Every step's draws come from ``(seed, step)``; the shared loop
   (:mod:`synthtrial.util.training`) writes a checkpoint every ``save_every`` steps, so a resumed run ends
   with the same bytes as an uninterrupted one.
-* **Count calibration.** After training, on up to 200 training images: the score threshold for counting is the
-  one (0.05-0.95, step 0.05) whose active-detection counts have the smallest mean absolute error against the
-  target lesions there (the visible ones by default), then the per-class count weights and bias that map
-  those counts to the simulated lesion count (:func:`fit_count_weights`; see ``detector.py``, "Counting").
+* **Count calibration.** After training, on up to 200 training images
+  (:mod:`synthtrial.graders.detector_count`): the visible count's score threshold, then the per-class weights,
+  bias and monotone curve that map the detections to the simulated lesion count (see ``detector.py``,
+  "Counting").
 * **Evaluation** uses pycocotools' ``COCOeval`` (AP@[.5:.95], AP50, AP_small, AR with up to 200 detections per
   image), plus counting MAE / RMSE against the manifest's ``lesion_count`` and Hayashi-level accuracy against
   its ``acne04_level``.
@@ -63,7 +63,8 @@ import torch
 
 from synthtrial.graders.augment import WIDE, AugmentConfig, Augmenter, draw_seeds
 from synthtrial.graders.base import CONFIG_FILE, WEIGHTS_FILE, GraderError, check_weights_out, read_rgb, train_grader
-from synthtrial.graders.detector import CLASSES, MARK, NOT_COUNTED, DetectorConfig, LesionDetector, build_model
+from synthtrial.graders.detector import CLASSES, MARK, DetectorConfig, LesionDetector, build_model
+from synthtrial.graders.detector_count import SOFT_FLOOR, calibrate
 from synthtrial.run import rundir
 from synthtrial.trial import scale
 from synthtrial.util.atomic import write_text_atomic
@@ -77,8 +78,6 @@ ACNE04_CLASSES = ("lesion",)
 DETECTOR_AUGMENT = replace(WIDE, scale=(0.8, 1.25), temperature=0.3, tint=0.3, saturation=0.6, blur_p=0.3,
                            blur_sigma=(0.1, 1.5), sharpness_p=0.4, sharpness=(0.3, 3.0))
 AUGMENTS = {"wide": WIDE, "detector": DETECTOR_AUGMENT}
-#: Training images the count threshold and count weights are fitted on
-CALIBRATION_IMAGES = 200
 
 
 @dataclass
@@ -314,7 +313,7 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
                    fit_anchors: bool = True, backbone: str = "tinynet_e", anchor_ratios: Sequence[float] = (0.5, 1, 2),
                    rpn_iou: tuple[float, float] = (0.5, 0.3), highpass_sigma: float = 0.0,
                    augmentation: AugmentConfig = WIDE, balance: float = 0.0, init: str | Path | None = None,
-                   progress: ProgressCallback | None = None) -> LesionDetector:
+                   soft_floor: float = SOFT_FLOOR, progress: ProgressCallback | None = None) -> LesionDetector:
     """Train a detector on ``data`` through the shared loop and save it to ``out`` (``model.safetensors`` +
     ``config.json``).
 
@@ -322,7 +321,8 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
     on a lesion and ``fit_anchors`` sizes the anchors from the data (see the module docstring); ``backbone`` is
     a timm model name; ``anchor_ratios``, ``rpn_iou`` (the RPN's foreground and background IoU) and
     ``highpass_sigma`` go to :class:`DetectorConfig`; ``augmentation`` is the augmentation used when ``augment``;
-    ``balance`` weights focused crops by class and ``init`` names weights to fine-tune (module docstring).
+    ``balance`` weights focused crops by class and ``init`` names weights to fine-tune (module docstring);
+    ``soft_floor`` goes to the count calibration (:mod:`synthtrial.graders.detector_count`).
     Resumes from ``out/checkpoint`` when it holds a checkpoint of the same settings (``restart`` starts over);
     an ``out`` holding anything but detector weights is refused unless ``force``. ``progress(step, steps,
     "loss ...")`` is called after every step.
@@ -386,19 +386,15 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
     plan = Plan(steps, step, LesionDetector.name, settings, save_every=save_every, log_every=25)
     history = train_grader(model, opt, plan, out, restart=restart, progress=progress)["history"]
     model.eval()
-    detector = LesionDetector(cfg, model, device=dev)
-    sample = detect_sample(detector, data, CALIBRATION_IMAGES)
-    threshold = calibrate_threshold(detector, data, sample=sample)
-    weights, bias = fit_count_weights(detector, data, threshold, sample)
-    detector = LesionDetector(replace(cfg, count_threshold=threshold, count_weights=weights, count_bias=bias), model,
-                              device=dev, record={"settings": settings, "step": steps, "loss_history": history,
-                                                  "count_calibration_from": f"{len(sample[0])} training images"})
+    detector = LesionDetector(cfg, model, device=dev, record={"settings": settings, "step": steps,
+                                                              "loss_history": history})
+    detector = calibrate(detector, data, soft_floor=soft_floor)
     detector.save_pretrained(out)
     return LesionDetector.from_pretrained(out, device=dev)
 
 
 #: config fields a fine-tuning start may differ in (set after training)
-CALIBRATION_FIELDS = ("count_threshold", "count_weights", "count_bias")
+CALIBRATION_FIELDS = ("count_threshold", "count_weights", "count_bias", "count_soft_floor", "count_curve")
 
 
 def check_same_architecture(cfg: DetectorConfig, start: DetectorConfig, where: Any) -> None:
@@ -408,52 +404,6 @@ def check_same_architecture(cfg: DetectorConfig, start: DetectorConfig, where: A
     if differ:
         raise GraderError(f"--init {where}: its detector differs from this training's in "
                           + ", ".join(f"{k} ({have.get(k)!r} there, {wanted[k]!r} here)" for k in differ))
-
-
-def _target_counts(data: DetectionData) -> np.ndarray:
-    """Per image, the target boxes of the counted (active) classes: the visible count when the data holds the
-    visible lesions only."""
-    counted = [k for k, c in enumerate(data.classes) if c not in NOT_COUNTED]
-    return np.array([float(np.isin(labels, counted).sum()) for labels in data.labels])
-
-
-def detect_sample(detector: LesionDetector, data: DetectionData, limit: int) -> tuple[np.ndarray, list[dict]]:
-    """Up to ``limit`` training images spread evenly over ``data`` and the detector's detections on each."""
-    picks = np.linspace(0, len(data.images) - 1, min(limit, len(data.images))).round().astype(int)
-    return picks, [detector.detect(data.images[k]) for k in picks]
-
-
-def calibrate_threshold(detector: LesionDetector, data: DetectionData, limit: int = 32,
-                        sample: tuple[np.ndarray, list[dict]] | None = None) -> float:
-    """The score threshold (0.05-0.95) whose active-lesion counts have the smallest MAE against the target lesions
-    on up to ``limit`` images (or on ``sample``, from :func:`detect_sample`)."""
-    picks, found = sample if sample is not None else detect_sample(detector, data, limit)
-    target = _target_counts(data)[picks]
-    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
-    errors = []
-    for t in grid:
-        pred = np.array([detector.counted(f, t).sum() for f in found], float)
-        errors.append(np.abs(pred - target).mean())
-    return float(grid[int(np.argmin(errors))])
-
-
-def fit_count_weights(detector: LesionDetector, data: DetectionData, threshold: float,
-                      sample: tuple[np.ndarray, list[dict]]) -> tuple[tuple[float, ...], float]:
-    """Per-class weights (>= 0, 0 for classes not counted) and a bias mapping the detector's per-class counts at
-    ``threshold`` to the simulated lesion count (``data.true_counts``), by bounded least squares."""
-    from scipy.optimize import lsq_linear
-
-    picks, found = sample
-    classes = detector.config.classes
-    counted = np.array([c not in NOT_COUNTED for c in classes])
-    rows = [detector.counts(f, threshold) for f in found]
-    x = np.array([[row[f"n_{c}"] for c in classes] for row in rows]).reshape(len(found), len(classes))
-    design = np.column_stack([x[:, counted], np.ones(len(found))])
-    lower = np.r_[np.zeros(int(counted.sum())), -np.inf]
-    fit = lsq_linear(design, data.true_counts[picks], bounds=(lower, np.inf))
-    weights = np.zeros(len(classes))
-    weights[counted] = fit.x[:-1]
-    return tuple(round(float(w), 4) for w in weights), round(float(fit.x[-1]), 4)
 
 
 # ---------------------------------------------------------------------------------------- evaluation

@@ -92,36 +92,6 @@ def test_ignore_regions_neither_miss_nor_match():
     assert np.isnan(coco_stats(images, [seen], [], CLASSES)).all()
 
 
-def test_count_weights_map_detections_to_the_simulated_count():
-    import torch
-
-    from synthtrial.graders.detector import LesionDetector
-    from synthtrial.graders.detector_train import fit_count_weights
-
-    torch.manual_seed(0)
-    detector = LesionDetector(DetectorConfig(image_side=96, tile=64, infer_tile=96), device="cpu")
-    papule, comedo, scar = CLASSES.index("papule"), CLASSES.index("open_comedo"), CLASSES.index("scar")
-    rng = np.random.default_rng(1)
-    found, truth = [], []
-    for _ in range(30):
-        n_pap, n_com, n_scar = rng.integers(0, 20, 3)
-        labels = np.r_[np.full(n_pap, papule), np.full(n_com, comedo), np.full(n_scar, scar)].astype(np.int64)
-        found.append({"labels": labels, "scores": np.full(len(labels), 0.9), "boxes": np.zeros((len(labels), 4))})
-        truth.append(3.0 + 1.0 * n_pap + 2.0 * n_com)        # every seen comedo stands for two simulated ones
-    data = DetectionData([np.zeros((8, 8, 3), np.uint8)] * 30, [np.zeros((0, 4))] * 30, [np.zeros(0)] * 30, CLASSES,
-                         ["x"] * 30, np.array(truth))
-    weights, bias = fit_count_weights(detector, data, 0.5, (np.arange(30), found))
-    assert weights[papule] == pytest.approx(1.0, abs=1e-3) and weights[comedo] == pytest.approx(2.0, abs=1e-3)
-    assert weights[scar] == 0.0 and bias == pytest.approx(3.0, abs=1e-3)
-    calibrated = LesionDetector(DetectorConfig(image_side=96, tile=64, infer_tile=96, count_weights=weights,
-                                               count_bias=bias), detector.model, device="cpu")
-    row = calibrated.counts(found[0], threshold=0.5)
-    assert row["count"] == pytest.approx(truth[0], abs=1e-2)
-    assert row["visible_count"] == row["n_papule"] + row["n_open_comedo"]      # scars are not counted
-    with pytest.raises(GraderError, match="count_weights"):
-        DetectorConfig(count_weights=(1.0, 2.0))
-
-
 def test_any_class_ap_scores_where_not_which():
     images = [{"id": 1, "file_name": "a.png", "height": 64, "width": 64}]
     papule = {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10.0, 10.0, 6.0, 6.0], "area": 36.0, "iscrowd": 0}

@@ -224,3 +224,7 @@ graders_app.add_typer(graders_train_app, name="train")
 graders_eval_app = typer.Typer(help="Evaluate a grader on a run with known truth, as its paper reports it.",
                                no_args_is_help=True)
 graders_app.add_typer(graders_eval_app, name="eval")
+#: ``synthtrial graders calibrate NAME``: refit a grader's calibration on runs, the network unchanged
+graders_calibrate_app = typer.Typer(help="Refit a trained grader's calibration on runs with known truth (the "
+                                         "network is unchanged).", no_args_is_help=True)
+graders_app.add_typer(graders_calibrate_app, name="calibrate")

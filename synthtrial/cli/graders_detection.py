@@ -1,4 +1,5 @@
-"""`synthtrial graders train|eval detector|dermx`, `graders ablation`, `graders explain`: the localisation graders."""
+"""`synthtrial graders train|eval detector|dermx`, `graders calibrate detector`, `graders ablation`, `graders
+explain`: the localisation graders."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from rich.table import Table
 
 from synthtrial.cli.common import (AugmentStrength, BatchSize, Device, Epochs, EvalData, Force, Quiet, Restart,
                                    RunDir, Seed, Steps, TrainData, TrainOut, Weights, augment_option, graders_app,
-                                   graders_eval_app, graders_train_app, handles_errors, image_size_option, out)
+                                   graders_calibrate_app, graders_eval_app, graders_train_app, handles_errors,
+                                   image_size_option, out)
 from synthtrial.graders.base import MAX_IMAGE_SIDE, MAX_INPUT_SIZE
 from synthtrial.util.progress import progress_bar
 
@@ -133,6 +135,57 @@ def train_detector_command(
                                   progress=update, **recipe)
     out.print(f"[green]wrote[/green] {out_dir} (count threshold {detector.config.count_threshold:.2f}, "
               f"NWD constant {detector.config.nwd_constant:.2f} px)")
+
+
+SoftFloor = Annotated[float, typer.Option(min=0.0, max=0.99, help="Count each detection from this score on with its "
+                                          "score (a soft count); 0: count the detections above the visible-count "
+                                          "threshold.")]
+
+
+@graders_calibrate_app.command("detector")
+@handles_errors
+def calibrate_detector_command(
+    data: Annotated[list[Path], typer.Option("--data", help="Run directories with known lesion counts "
+                                             "(repeatable).", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the recalibrated weights (the same "
+                                          "model.safetensors, a new config.json).", show_default=False)],
+    weights: Weights = None,
+    images: Annotated[int, typer.Option(min=2, max=100_000, help="Images the calibration is fitted on, spread "
+                                        "evenly over --data.")] = 200,
+    soft_floor: SoftFloor = 0.05,
+    curve: Annotated[bool, typer.Option("--curve/--linear", help="Map the linear estimate through a monotone "
+                                        "(isotonic) curve fitted on the same images, or keep it linear.")] = True,
+    device: Device = None,
+    force: Force = False,
+    quiet: Quiet = False,
+) -> None:
+    """Refit the detector's count calibration on runs: the visible-count threshold, the per-class weights and bias that map its detections to the simulated lesion count, and a monotone curve.
+
+    The network is not retrained: OUT gets the same model.safetensors and a config.json with the new calibration (see graders/detector_count.py). Use it to calibrate shipped weights to your runs' lesion mix.
+
+    Example (the shipped weights' calibration):
+
+      synthtrial graders calibrate detector --weights runs/weights/detector-v4 --data runs/graderset/train --images 600 --out graders/weights/detector
+    """
+    from synthtrial.graders.base import GraderError, check_weights_out, get_grader
+    from synthtrial.graders.classify import is_run_dir
+    from synthtrial.graders.detector_count import calibrate
+    from synthtrial.graders.detector_train import load_run_data
+
+    check_weights_out(out_dir, "detector", force)
+    for run in data:
+        if not is_run_dir(run):
+            raise GraderError(f"--data {run}: not a run directory (calibration needs each image's lesion count)")
+    detector = get_grader("detector", weights, device=device)
+    detection = load_run_data(data, detector.config.image_side, detector.config.classes, visible_only=True)
+    with progress_bar("calibrating detector", min(images, len(detection.images)), unit="images",
+                      enabled=not quiet) as update:
+        calibrated = calibrate(detector, detection, images=images, soft_floor=soft_floor, curve=curve,
+                               source=f"images of {', '.join(str(d) for d in data)}", progress=update)
+    calibrated.save_pretrained(out_dir)
+    cfg = calibrated.config
+    out.print(f"[green]wrote[/green] {out_dir} (visible-count threshold {cfg.count_threshold:.2f}, soft floor "
+              f"{cfg.count_soft_floor:.2f}, {len(cfg.count_curve)} curve points)")
 
 
 @graders_train_app.command("dermx")
