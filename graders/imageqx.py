@@ -9,8 +9,12 @@ Training images are degradations of clean generated images whose labels are know
 (:mod:`synthtrial.graders.imageqx_degrade`: ``plan_degradation`` draws a recipe, ``apply_degradation`` applies
 it). The default recipe, "varied", draws a new background, exposure, white balance, softening, sharpening,
 sensor noise and JPEG within the acceptable bounds on every image and states blur on an absolute scale, so that
-a portrait's own look, background and sharpness are no cue (train on one portrait, grade another); "narrow"
-(``--recipe narrow``) is the earlier one: clean renders with barely any acceptable variation. A "poor" photo
+a portrait's own look, background and sharpness are no cue (train on one portrait, grade another); "wide"
+(``--recipe wide``) widens the acceptable looks and framings further; "narrow" (``--recipe narrow``) is the
+earlier one: clean renders with barely any acceptable variation. ``photos`` (``--photos N``) mixes N crops of
+scikit-image's bundled photographs (scenes, objects, textures; no face) into the training part, degraded by the
+same recipe, so that what is learnt is the degradation on any content and not the look of the one portrait a
+cross-portrait training has (:func:`photo_bases`). A "poor" photo
 has one or two of: blurry (Gaussian or motion blur), bad light (under- / over-exposure, a colour cast), low
 resolution (5-10x down-sampling), bad framing (off-centre, cut off), too far away (zoomed out).
 
@@ -192,15 +196,50 @@ class TrainSettings(classify.TrainSettings):
     resample: bool = True           # new degradations every epoch (False: epoch 0's draw every time)
     augment: bool = True            # horizontal flips (AUGMENT), label-safe
     looks: bool = False             # LOOKS on top: label-safe changes of the look (module docstring)
-    recipe: str = "varied"          # the degradation recipe (imageqx_degrade): "varied" or "narrow"
+    recipe: str = "varied"          # the degradation recipe (imageqx_degrade): "varied", "wide" or "narrow"
+    photos: int = 0                 # PHOTOS crops mixed into the training part (photo_bases)
 
     def __post_init__(self) -> None:
         check_recipe(self.recipe)
+        if not 0 <= self.photos <= 100_000:
+            raise GraderError(f"--photos must be 0-100000, got {self.photos}")
 
 
 def trained_recipe(grader: ImageQX) -> str:
     """The degradation recipe ``grader`` was trained with ("narrow" for weights older than the option)."""
     return str(grader.record.get("settings", {}).get("recipe", "narrow"))
+
+
+#: scikit-image's bundled photographs (no download): scenes, objects, textures, none a face; ``photo_bases``
+PHOTOS = ("chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "immunohistochemistry", "camera", "brick",
+          "grass", "gravel", "moon", "coins")
+
+
+def photo_bases(n: int, size: int, seed: int) -> np.ndarray:
+    """``n`` clean training images of other content than a face (``--photos``): square crops (40-100 % of the
+    shorter side, anywhere, mirrored half the time) of :data:`PHOTOS`, grey ones tinted, brought to ``size``.
+    They teach what a degradation looks like on any content, so that the verdict does not rest on the one
+    portrait of the training set: their labels come from the same recipes."""
+    from skimage import data as images
+
+    photos = []
+    for name in PHOTOS:
+        photo = np.asarray(getattr(images, name)())
+        photos.append(np.repeat(photo[..., None], 3, axis=2) if photo.ndim == 2 else photo[..., :3])
+    rng = np.random.default_rng([seed, 7])
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        photo = photos[int(rng.integers(len(photos)))]
+        h, w = photo.shape[:2]
+        side = int(rng.uniform(0.4, 1.0) * min(h, w))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = photo[y:y + side, x:x + side].astype(np.float32)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        if np.ptp(crop.reshape(-1, 3).mean(axis=0)) < 1e-6:            # a grey photo: a random tint
+            crop = crop * rng.uniform(0.75, 1.0, size=3).astype(np.float32)
+        out[i] = classify.resize_square(np.clip(crop + 0.5, 0, 255).astype(np.uint8), size)
+    return out
 
 
 def base_images(source: classify.Source, size: int, progress: ProgressCallback | None = None) -> np.ndarray:
@@ -235,6 +274,8 @@ def train(data: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *
     strata = np.zeros(len(own), np.int64)       # the labels are drawn later: group only
     tr_own, va_own = classify.grouped_split(strata, g[own], settings.val_fraction, settings.seed)
     train_x = x[np.sort(np.concatenate([own[tr_own], np.flatnonzero(ex)]))]
+    if settings.photos:
+        train_x = np.concatenate([train_x, photo_bases(settings.photos, settings.base_size, settings.seed)])
     val_x, val_y = (degraded_set(x[own[va_own]], settings.seed + 1, 10_000, config.image_size, settings.recipe)
                     if len(va_own) else (None, None))
     # every epoch's labels are known before its images are made: weights from all of them

@@ -26,6 +26,15 @@ face's own look, background, sharpness and tone must be no cue:
   off-centre, or a x1.7-2.3 zoom on an off-centre corner), too far away (zoomed out to 35-55 % of the side on
   a plain, slightly noisy background).
 
+``"wide"`` is "varied" with a wider acceptable class and bad light further out (:data:`WIDE_LIGHT`), for training
+on one portrait and grading another: an acceptable photo's exposure is x0.7-1.4, its white balance x0.86-1.14 per
+channel (three times in four) and its saturation x0.7-1.3 (half the time); unless the photo is to be badly framed
+or too far away, half the photos are zoomed x1-1.5 about a point near the face's centre (cropping the top of the
+head, the shoulders or the chin, as tight portraits do) and three in ten shifted by up to 6 % of the side; bad
+light is an exposure of x0.12-0.4 or x2-3, or a one-channel cast of x1.65-2.2. Measured on the grader set's
+portraits: hopper's clean renders are x0.84 the astronaut's brightness and redder (R/G 1.37 against 1.16), and
+tightly framed (the cap cut by the top edge) -- inside the wide acceptable range, at the edge of the varied one.
+
 ``"narrow"`` is the earlier recipe (kept by option, ``--recipe narrow``): clean renders, with an acceptable
 photo carrying only sub-threshold shifts (< 4 %), exposure x0.9-1.1 and a blur of sigma < 0.3 %; blurry from
 sigma 0.6 %; no backgrounds, noise, JPEG or re-sampling. Weights trained before the option existed were trained
@@ -44,22 +53,26 @@ from synthtrial.graders.base import GraderError
 from synthtrial.graders.classify import resize_square
 
 EXPLANATIONS = ("bad_framing", "bad_light", "blurry", "low_resolution", "too_far")
-RECIPES = ("varied", "narrow")
+RECIPES = ("varied", "wide", "narrow")
 #: the largest blur an acceptable "varied" photo may carry, and where "blurry" starts (Gaussian sigma / side)
 SOFT_MAX, BLUR_MIN = 0.004, 0.008
 SCENE_KINDS = ("stripes", "gradient", "blocks", "texture")
+#: "wide": an acceptable photo's exposure, white balance (x1 +- this per channel) and saturation; bad light's
+#: under-exposure, over-exposure and one-channel cast, each kept apart from the acceptable range by a margin
+WIDE_LIGHT = {"exposure": (0.7, 1.4), "balance": 0.14, "saturation": (0.7, 1.3),
+              "poor": ((0.12, 0.4), (2.0, 3.0), (1.65, 2.2))}
 
 
 def check_recipe(recipe: str, option: str = "--recipe") -> str:
     if recipe not in RECIPES:
-        raise GraderError(f"{option} must be {' or '.join(RECIPES)}, got {recipe!r}")
+        raise GraderError(f"{option} must be {', '.join(RECIPES[:-1])} or {RECIPES[-1]}, got {recipe!r}")
     return recipe
 
 
 def plan_degradation(rng: np.random.Generator, p_clean: float = 0.35, recipe: str = "varied") -> dict[str, Any]:
     """A recipe: ``{"labels": (5,) 0/1, "steps": [(kind, params), ...]}``; poor iff any label is 1."""
     check_recipe(recipe)
-    varied = recipe == "varied"
+    varied, wide = recipe in ("varied", "wide"), recipe == "wide"
     labels = np.zeros(len(EXPLANATIONS), np.int64)
     clean = rng.random() < p_clean
     if not clean:
@@ -68,28 +81,48 @@ def plan_degradation(rng: np.random.Generator, p_clean: float = 0.35, recipe: st
         if 0 in chosen and 4 in chosen:        # off-centre and zoomed-out are drawn as one or the other
             chosen.remove(int(rng.choice([0, 4])))
         labels[chosen] = 1
-    steps = capture_before(rng, light=not labels[1]) if varied else []
-    if clean:
+    steps = capture_before(rng, light=not labels[1], wide=wide) if varied else []
+    if wide and not (labels[0] or labels[4]):
+        steps += framing_steps(rng)
+    if clean and not wide:
         steps += mild_steps(rng, varied)
-    else:
-        steps += poor_steps(rng, labels, BLUR_MIN if varied else 0.006)
+    elif not clean:
+        steps += poor_steps(rng, labels, BLUR_MIN if varied else 0.006, wide=wide)
     if varied:
         steps += capture_after(rng, soften=not (labels[2] or labels[3]))
     return {"labels": labels, "steps": steps}
 
 
-def capture_before(rng: np.random.Generator, light: bool = True) -> list[tuple[str, dict[str, float]]]:
-    """"varied": a new background and, unless the photo is to have bad light (whose exposure and cast must stay
-    beyond their thresholds), an acceptable exposure and white balance."""
+def capture_before(rng: np.random.Generator, light: bool = True,
+                   wide: bool = False) -> list[tuple[str, dict[str, float]]]:
+    """"varied" / "wide": a new background and, unless the photo is to have bad light (whose exposure and cast must
+    stay beyond their thresholds), an acceptable exposure and white balance ("wide": the wider :data:`WIDE_LIGHT`
+    ranges and a saturation change)."""
     steps: list[tuple[str, dict[str, float]]] = []
     if rng.random() < 0.6:
         steps.append(("scene", {"kind": float(rng.integers(len(SCENE_KINDS))), "seed": float(rng.integers(2**31))}))
     if not light:
         return steps
-    steps.append(("exposure", {"gain": float(np.exp(rng.uniform(math.log(0.8), math.log(1.25))))}))
-    if rng.random() < 0.5:
-        steps.append(("balance", {f"g{c}": rng.uniform(0.93, 1.07) for c in range(3)}))
+    (lo, hi), balance = ((0.8, 1.25), 0.07) if not wide else (WIDE_LIGHT["exposure"], WIDE_LIGHT["balance"])
+    steps.append(("exposure", {"gain": float(np.exp(rng.uniform(math.log(lo), math.log(hi))))}))
+    if rng.random() < 0.5 or wide and rng.random() < 0.5:
+        steps.append(("balance", {f"g{c}": rng.uniform(1 - balance, 1 + balance) for c in range(3)}))
+    if wide and rng.random() < 0.5:
+        steps.append(("saturation", {"gain": rng.uniform(*WIDE_LIGHT["saturation"])}))
     return steps
+
+
+def framing_steps(rng: np.random.Generator) -> list[tuple[str, dict[str, float]]]:
+    """"wide": an acceptable framing -- a small shift, or (half the time) a x1-1.5 zoom about a point near the
+    face's centre (the upper middle of the photo), which crops the top of the head, the shoulders or the chin
+    as tight portraits do while the face stays central (bad framing pushes it 25-40 % of the side off-centre, or
+    zooms x1.7-2.3 on a corner)."""
+    r = rng.random()
+    if r < 0.5:
+        return [("cutoff", {"zoom": rng.uniform(1.0, 1.5), "cx": rng.uniform(0.45, 0.55), "cy": rng.uniform(0.35, 0.55)})]
+    if r < 0.8:
+        return [("shift", {"dx": rng.uniform(-0.06, 0.06), "dy": rng.uniform(-0.06, 0.06)})]
+    return []
 
 
 def capture_after(rng: np.random.Generator, soften: bool) -> list[tuple[str, dict[str, float]]]:
@@ -124,8 +157,9 @@ def mild_steps(rng: np.random.Generator, varied: bool) -> list[tuple[str, dict[s
     return steps
 
 
-def poor_steps(rng: np.random.Generator, labels: np.ndarray, blur_min: float) -> list[tuple[str, dict[str, float]]]:
-    """The steps of the drawn explanation labels (module docstring)."""
+def poor_steps(rng: np.random.Generator, labels: np.ndarray, blur_min: float,
+               wide: bool = False) -> list[tuple[str, dict[str, float]]]:
+    """The steps of the drawn explanation labels (module docstring; "wide": bad light from :data:`WIDE_LIGHT`)."""
     steps: list[tuple[str, dict[str, float]]] = []
     if labels[0]:
         if rng.random() < 0.5:
@@ -138,12 +172,13 @@ def poor_steps(rng: np.random.Generator, labels: np.ndarray, blur_min: float) ->
         steps.append(("zoomout", {"scale": rng.uniform(0.35, 0.55), "noise": rng.uniform(2, 8)}))
     if labels[1]:
         kind = rng.integers(3)
+        dark, bright, cast = WIDE_LIGHT["poor"] if wide else ((0.2, 0.5), (1.7, 2.6), (1.35, 1.7))
         if kind == 0:
-            steps.append(("exposure", {"gain": rng.uniform(0.2, 0.5)}))
+            steps.append(("exposure", {"gain": rng.uniform(*dark)}))
         elif kind == 1:
-            steps.append(("exposure", {"gain": rng.uniform(1.7, 2.6)}))
+            steps.append(("exposure", {"gain": rng.uniform(*bright)}))
         else:
-            steps.append(("cast", {"channel": int(rng.integers(3)), "gain": rng.uniform(1.35, 1.7)}))
+            steps.append(("cast", {"channel": int(rng.integers(3)), "gain": rng.uniform(*cast)}))
     if labels[2]:
         if rng.random() < 0.5:
             steps.append(("blur", {"sigma": rng.uniform(blur_min, 0.02)}))
@@ -285,6 +320,11 @@ def _cast(out: np.ndarray, p: dict[str, float], rng: Any) -> np.ndarray:
     return out
 
 
+def _saturation(out: np.ndarray, p: dict[str, float], rng: Any) -> np.ndarray:
+    grey = out.mean(axis=2, keepdims=True)
+    return grey + p["gain"] * (out - grey)
+
+
 def _sharpen(out: np.ndarray, p: dict[str, float], rng: Any) -> np.ndarray:
     return out + p["amount"] * (out - cv2.GaussianBlur(out, (0, 0), 1.0))
 
@@ -302,7 +342,8 @@ def _jpeg(out: np.ndarray, p: dict[str, float], rng: Any) -> np.ndarray:
 #: steps that keep the framing
 FILTERS = {"scene": _scene, "exposure": lambda out, p, rng: out * p["gain"], "cast": _cast,
            "balance": lambda out, p, rng: out * np.float32([p["g0"], p["g1"], p["g2"]]),
-           "blur": _blur, "motion": _motion, "lowres": _lowres, "sharpen": _sharpen, "noise": _noise, "jpeg": _jpeg}
+           "saturation": _saturation, "blur": _blur, "motion": _motion, "lowres": _lowres, "sharpen": _sharpen,
+           "noise": _noise, "jpeg": _jpeg}
 #: steps that move or scale the picture
 REFRAMES = {"shift": _shift, "cutoff": _cutoff, "zoomout": _zoomout}
 

@@ -186,8 +186,8 @@ def test_cli_train_and_eval(tiny_run, tmp_path):
                                  "--weights-dtype", "int8", "-q"])
     assert result.exit_code == 2 and "float32 or float16" in result.output
     result = runner.invoke(app, ["graders", "train", "imageqx", "--data", str(tiny_run), "--out", str(tmp_path / "r"),
-                                 "--recipe", "wide", "-q"])
-    assert result.exit_code == 2 and "--recipe must be varied or narrow, got 'wide'" in result.output
+                                 "--recipe", "broad", "-q"])
+    assert result.exit_code == 2 and "--recipe must be varied, wide or narrow, got 'broad'" in result.output
     assert not (tmp_path / "r").exists()
 
 
@@ -214,3 +214,16 @@ def test_looks_change_the_colour_but_keep_every_quality_label(tiny_run, tmp_path
     settings = dataclasses.replace(SETTINGS, epochs=1, looks=True)
     grader = imageqx.train([tiny_run], tmp_path / "w", config=TINY, settings=settings)
     assert grader.record["settings"]["looks"] is True
+
+
+def test_photos_are_seeded_crops_of_other_content_and_join_the_training_part(tiny_run, tmp_path):
+    a, b = imageqx.photo_bases(6, 48, seed=3), imageqx.photo_bases(6, 48, seed=3)
+    assert a.shape == (6, 48, 48, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert not np.array_equal(a, imageqx.photo_bases(6, 48, seed=4))
+    assert len({x.tobytes() for x in a}) == 6 and all(x.std() > 5 for x in a)    # six different, textured crops
+    settings = imageqx.TrainSettings(epochs=1, batch_size=6, val_fraction=0, base_size=48, photos=5)
+    grader = imageqx.train([tiny_run], tmp_path / "w", config=TINY, settings=settings)
+    images = len(pd.read_parquet(Path(tiny_run) / "manifest.parquet"))
+    assert grader.record["n_train"] == images + 5 and grader.record["settings"]["photos"] == 5
+    with pytest.raises(GraderError, match="--photos must be 0-100000"):
+        imageqx.TrainSettings(photos=-1)

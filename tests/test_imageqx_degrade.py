@@ -108,12 +108,54 @@ def test_the_earlier_recipe_stays_available():
         a = qd.plan_degradation(np.random.default_rng([14, i]))["labels"]
         b = qd.plan_degradation(np.random.default_rng([14, i]), recipe="narrow")["labels"]
         assert np.array_equal(a, b)
-    with pytest.raises(GraderError, match="--recipe must be varied or narrow, got 'x'"):
+    with pytest.raises(GraderError, match="--recipe must be varied, wide or narrow, got 'x'"):
         qd.plan_degradation(np.random.default_rng(0), recipe="x")
-    with pytest.raises(GraderError, match="--recipe must be varied or narrow"):
+    with pytest.raises(GraderError, match="--recipe must be varied, wide or narrow"):
         imageqx.TrainSettings(recipe="x")
     assert imageqx.trained_recipe(SimpleNamespace(record={"settings": {}})) == "narrow"      # older weights
     assert imageqx.trained_recipe(SimpleNamespace(record={"settings": {"recipe": "varied"}})) == "varied"
+
+
+def test_the_wide_recipe_widens_acceptable_looks_and_framing_and_keeps_a_margin_to_poor():
+    light, seen = qd.WIDE_LIGHT, set()
+    for i in range(400):
+        rng = np.random.default_rng([15, i])
+        plan = qd.plan_degradation(rng, recipe="wide")
+        labels, steps = plan["labels"], plan["steps"]
+        assert np.array_equal(labels, qd.plan_degradation(np.random.default_rng([15, i]))["labels"])
+        kinds = [k for k, _ in steps]
+        seen |= set(kinds)
+        framing = [p for k, p in steps if k in ("shift", "cutoff")]
+        if labels[0] or labels[4]:          # the poor framing only: no acceptable reframing on top
+            assert len(framing) <= 1
+        else:
+            assert len(framing) <= 1
+            for p in framing:
+                if "zoom" in p:
+                    assert 1.0 <= p["zoom"] <= 1.5 and abs(p["cx"] - 0.5) <= 0.05 and 0.35 <= p["cy"] <= 0.55
+                else:
+                    assert max(abs(p["dx"]), abs(p["dy"])) <= 0.06
+        gains = [p["gain"] for k, p in steps if k == "exposure"]
+        casts = [p["gain"] for k, p in steps if k == "cast"]
+        if labels[1]:                       # bad light: beyond the acceptable range by a margin
+            assert len(gains) + len(casts) == 1 and not {"balance", "saturation"} & set(kinds)
+            assert all(g <= 0.4 or g >= 2.0 for g in gains) and all(g >= 1.65 for g in casts)
+        else:
+            assert len(gains) == 1 and light["exposure"][0] <= gains[0] <= light["exposure"][1] and not casts
+            for k, p in steps:
+                if k == "balance":
+                    assert all(abs(p[f"g{c}"] - 1) <= light["balance"] for c in range(3))
+                    assert max(p[f"g{c}"] for c in range(3)) / min(p[f"g{c}"] for c in range(3)) < 1.65
+    assert {"cutoff", "shift", "balance", "saturation", "scene", "jpeg"} <= seen
+    # the varied recipe is left as it was: no saturation, its own exposure range
+    for i in range(100):
+        plan = qd.plan_degradation(np.random.default_rng([16, i]))
+        assert "saturation" not in {k for k, _ in plan["steps"]}
+        assert all(0.8 <= p["gain"] <= 1.25 for k, p in plan["steps"] if k == "exposure" and not plan["labels"][1])
+    grey = np.full((8, 8, 3), 100, np.uint8)
+    grey[..., 0] = 160
+    out = qd.apply_degradation(grey, {"labels": None, "steps": [("saturation", {"gain": 0.5})]}, None)
+    assert out[0, 0].tolist() == [140, 110, 110]      # half-way to the grey mean 120
 
 
 def test_degraded_sets_are_reproducible_per_seed_and_epoch():

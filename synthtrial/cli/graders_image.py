@@ -265,7 +265,13 @@ def train_imageqx(
     = False,
     recipe: Annotated[str, typer.Option(help="Degradation recipe: varied (backgrounds, exposure, softening, noise, "
                                         "JPEG within the acceptable bounds on every image; blur on an absolute "
-                                        "scale) or narrow (the earlier one: clean renders).")] = "varied",
+                                        "scale), wide (varied, plus wider acceptable exposure, colour and "
+                                        "saturation, tight and shifted framings, and bad light further out) or "
+                                        "narrow (the earlier one: clean renders).")] = "varied",
+    photos: Annotated[int, typer.Option(min=0, max=100_000, help="Also train on this many crops of scikit-image's "
+                                        "bundled photos (scenes, objects, textures; no face), degraded by the same "
+                                        "recipe, so that the verdict rests on the degradation and not on the "
+                                        "training portrait.")] = 0,
     weights_dtype: WeightsDtype = "float32",
     seed: Seed = 0,
     device: Device = None,
@@ -290,7 +296,7 @@ def train_imageqx(
     config = imageqx.ImageQXConfig(backbone=backbone, image_size=image_size)
     settings = imageqx.TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_final=lr_final,
                                      val_fraction=val_fraction, seed=seed, base_size=base_size, augment=augment,
-                                     looks=looks, recipe=recipe)
+                                     looks=looks, recipe=recipe, photos=photos)
     stages = _Stages(not quiet)
     try:
         grader = imageqx.train(data, out_dir, extra=extra or (), identities=identity, config=config,
@@ -313,7 +319,7 @@ def eval_imageqx(
     weights: Weights = None,
     identity: Identity = None,
     seed: Seed = 12345,
-    recipe: Annotated[Optional[str], typer.Option(help="Degradation recipe (varied or narrow); default: the one "
+    recipe: Annotated[Optional[str], typer.Option(help="Degradation recipe (varied, wide or narrow); default: the one "
                                                   "the weights were trained with.")] = None,
     out_dir: EvalOut = None,
     device: Device = None,
