@@ -19,7 +19,7 @@ PAPULE, COMEDO, SCAR = CLASSES.index("papule"), CLASSES.index("open_comedo"), CL
 
 def tiny_detector(**config) -> LesionDetector:
     torch.manual_seed(0)
-    return LesionDetector(DetectorConfig(image_side=96, tile=64, infer_tile=96, **config), device="cpu")
+    return LesionDetector(DetectorConfig(**{"image_side": 96, "tile": 64, "infer_tile": 96, **config}), device="cpu")
 
 
 def found_of(labels, scores):
@@ -124,3 +124,30 @@ def test_calibrate_fits_everything_on_the_sample_and_saves_it(toy_detection_data
     assert [again.counts(again.detect(im))["count"] for im in data.images] == predicted
     with pytest.raises(GraderError, match="at least 2 images"):
         calibrate(detector, data, images=1)
+
+
+def test_cli_recalibrates_saved_weights_without_touching_the_network(tmp_path_factory, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from conftest import render_small_run
+    from synthtrial.cli import app
+
+    run = render_small_run(tmp_path_factory, "calibrate", "C", "astronaut", [2.5, 0.5, 3.0], size=128, seed=5)
+    folder = tmp_path / "start"
+    tiny_detector(image_side=128, infer_tile=128).save_pretrained(folder)
+    out = tmp_path / "calibrated"
+    result = CliRunner().invoke(app, ["graders", "calibrate", "detector", "--weights", str(folder), "--data", str(run),
+                                      "--out", str(out), "--images", "3", "--soft-floor", "0.2", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    config = json.loads((out / "config.json").read_text())
+    assert config["count_soft_floor"] == 0.2 and len(config["count_weights"]) == len(CLASSES)
+    assert config["training"]["count_calibration"]["images"] == 3 and "soft floor 0.20" in result.output
+    bad = CliRunner().invoke(app, ["graders", "calibrate", "detector", "--weights", str(folder), "--data", str(tmp_path),
+                                   "--out", str(tmp_path / "x"), "-q"])
+    assert bad.exit_code == 2 and "not a run directory" in bad.output and not (tmp_path / "x").exists()
+    onto_run = CliRunner().invoke(app, ["graders", "calibrate", "detector", "--weights", str(folder), "--data",
+                                        str(run), "--out", str(run), "-q"])
+    assert onto_run.exit_code == 2 and "is a run directory" in onto_run.output
