@@ -25,6 +25,11 @@ Choices, stated once:
   calibration images is folded into the bias, so that "present" stays ``score >= 0.5`` for every consumer.
   The scores are decisions on a probability scale, not calibrated probabilities. Weights without ``presence``
   (empty) use the head's sigmoid, as trained.
+* **Count head** (``count_head``; opt-in): a 1x1 convolution on the ``cam`` features, softplus, summed over the
+  grid -- a lesion density whose sum is the image's simulated active-lesion count (the count the Hayashi level is
+  defined on), trained jointly with the rest (``lambda_N`` x the squared error of ``log(1 + count)``): joint
+  grading and counting, as LDL does and as the IGA grader's count head did. The level still comes from the
+  diagnosis head; ``predict`` adds the ``count`` column.
 * **Loss** ``L = lambda_D * CE + lambda_C * BCE`` (1 and 1); DermX+ (``guided=True``) adds
   ``lambda_A * Dice`` (lambda_A = 10) between each present characteristic's Grad-CAM map and its explanation
   area at the CAM's resolution (:mod:`synthtrial.graders.dermx_train`).
@@ -75,6 +80,7 @@ class DermXConfig:
     guided: bool = False
     #: per characteristic: a weight per PRESENCE_FEATURES and a bias (empty: the head's sigmoid)
     presence: tuple[tuple[float, ...], ...] = ()
+    count_head: bool = False          # a lesion-count head on the ``cam`` features (module docstring)
 
     def __post_init__(self) -> None:
         self.characteristics = tuple(self.characteristics)
@@ -137,6 +143,7 @@ class DermXNet(nn.Module):
                                        nn.Linear(64, n))
         self.reduce = nn.Sequential(nn.Linear(cfg.cam_channels, 32), nn.ReLU())
         self.diagnosis = nn.Linear(32 + n, LEVELS)
+        self.counter = nn.Conv2d(cfg.cam_channels, 1, 1) if cfg.count_head else None
 
     def features(self, x: Tensor) -> Tensor:
         body = self.body(x)
@@ -148,6 +155,13 @@ class DermXNet(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.heads(self.features(x).mean(dim=(2, 3)))
+
+    def count(self, feats: Tensor) -> Tensor:
+        """The lesion count ``(B,)`` from the ``cam`` features: a density (1x1 conv, softplus) summed over the
+        grid. Only with ``count_head``."""
+        if self.counter is None:
+            raise GraderError("dermx: these weights have no count head")
+        return F.softplus(self.counter(feats)).sum(dim=(1, 2, 3))
 
     def forward_with_cams(self, x: Tensor, create_graph: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """Logits and every characteristic's Grad-CAM map ``(B, C, h, w)`` (not normalised), differentiable."""
@@ -255,7 +269,12 @@ class DermX(GraderComponent):
 
     def probabilities(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(N, 4) level probabilities and (N, C) characteristic probabilities."""
+        return self.outputs(images)[:2]
+
+    def outputs(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`probabilities` and, with a count head, the lesion count per image (else None)."""
         levels, chars = np.zeros((len(images), LEVELS)), np.zeros((len(images), len(self.config.characteristics)))
+        counts = np.zeros(len(images)) if self.config.count_head else None
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(images):
             self._check(image)
@@ -263,10 +282,14 @@ class DermX(GraderComponent):
         for idx in groups.values():
             for start in range(0, len(idx), 32):
                 part = idx[start:start + 32]
-                diag, ch = self.scores(to_tensor([images[i] for i in part], self.config.image_size, self.device))
+                x = to_tensor([images[i] for i in part], self.config.image_size, self.device)
+                diag, ch = self.scores(x)
                 levels[part] = torch.softmax(diag.float(), 1).cpu().numpy()
                 chars[part] = torch.sigmoid(ch.float()).cpu().numpy()
-        return levels, chars
+                if counts is not None:
+                    with torch.inference_mode():
+                        counts[part] = self.model.count(self.model.features(x)).float().cpu().numpy()
+        return levels, chars, counts
 
     def scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Level logits and characteristic scores (logits; from the maps where the config has ``presence``) of a
@@ -288,11 +311,13 @@ class DermX(GraderComponent):
         return diag.detach(), presence_features(chars.detach(), cams.detach())
 
     def predict(self, images: Sequence[np.ndarray], meta: pd.DataFrame | None = None) -> pd.DataFrame:
-        levels, chars = self.probabilities(images)
+        levels, chars, counts = self.outputs(images)
         frame = pd.DataFrame({"severity": levels @ np.arange(LEVELS, dtype=float),
                               "level": levels.argmax(1).astype(float)})
         for k, name in enumerate(self.config.characteristics):
             frame[f"p_{name}"] = chars[:, k]
+        if counts is not None:
+            frame["count"] = counts
         return frame.astype("float64")
 
     def explain(self, image: np.ndarray, grid: bool = False) -> np.ndarray:

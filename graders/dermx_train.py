@@ -72,7 +72,7 @@ from synthtrial.util.device import resolve_device
 from synthtrial.util.progress import ProgressCallback
 from synthtrial.util.training import Plan
 
-LAMBDA_D, LAMBDA_C, LAMBDA_A = 1.0, 1.0, 10.0
+LAMBDA_D, LAMBDA_C, LAMBDA_A, LAMBDA_N = 1.0, 1.0, 10.0, 1.0
 #: the range of a characteristic's positive weight with ``balanced``
 POS_WEIGHT_RANGE = (0.1, 10.0)
 #: training images the presence models are fitted on
@@ -98,6 +98,7 @@ class DermXData:
     present: np.ndarray     # (N, C) float 0/1
     areas: np.ndarray       # (N, S, S) uint8: bit k set where characteristic k's explanation area lies
     truth: str = "visible"  # what ``present`` and ``areas`` count (module docstring)
+    counts: np.ndarray | None = None    # (N,) the simulated active-lesion count (the count head's target)
 
 
 def pack_areas(areas: np.ndarray) -> np.ndarray:
@@ -198,16 +199,16 @@ def load_dermx_data(runs: Sequence[str | Path], image_size: int,
                     progress: ProgressCallback | None = None) -> DermXData:
     """Every image of ``runs`` at the input size with its level, characteristics and explanation areas
     (module docstring); ``progress(done, images, run)`` after each image."""
-    images, levels, present, areas = [], [], [], []
+    images, levels, present, areas, counts = [], [], [], [], []
     tables = []
     for run in map(Path, runs):
-        manifest = rundir.read_manifest(run, ("image", "patient_id", "acne04_level"))
+        manifest = rundir.read_manifest(run, ("image", "patient_id", "acne04_level", "lesion_count"))
         tables.append((run, manifest, rundir.read_lesions(run, set(manifest["image"]))))
     total = sum(len(m) for _, m, _ in tables)
     for run, manifest, lesions in tables:
         counted_lesions(lesions.iloc[:0], truth, run)            # refuse a run without the truth's column now
         by_image = dict(tuple(lesions.groupby("image", sort=False)))
-        for rel, level in zip(manifest["image"], manifest["acne04_level"]):
+        for rel, level, count in zip(manifest["image"], manifest["acne04_level"], manifest["lesion_count"]):
             image = read_rgb(run / rel)
             if image.shape[0] != image.shape[1]:
                 raise GraderError(f"{run / rel}: DermX trains on square images (the run's --size); got "
@@ -220,9 +221,11 @@ def load_dermx_data(runs: Sequence[str | Path], image_size: int,
             areas.append(pack_areas(pooled))
             present.append(has.astype(np.float32))
             levels.append(int(level))
+            counts.append(float(count))
             if progress is not None:
                 progress(len(images), total, str(run))
-    return DermXData(np.stack(images), np.asarray(levels), np.asarray(present, np.float32), np.stack(areas), truth)
+    return DermXData(np.stack(images), np.asarray(levels), np.asarray(present, np.float32), np.stack(areas), truth,
+                     np.asarray(counts, np.float32))
 
 
 def training_batch(data: DermXData, idx: np.ndarray, flip: np.ndarray, image_size: int, dev: torch.device,
@@ -250,13 +253,14 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
                 lr: float = 2e-3, seed: int = 0, image_size: int = 256, backbone: str = "plain",
                 device: str | None = None, sources: Sequence[str] = (), restart: bool = False, force: bool = False,
                 augment: bool = True, augment_strength: float = 1.0, balanced: bool = False,
-                presence_from_maps: bool = False, progress: ProgressCallback | None = None) -> DermX:
+                presence_from_maps: bool = False, count_head: bool = False,
+                progress: ProgressCallback | None = None) -> DermX:
     """Train DermX (DermX+ with ``guided``) through the shared loop and save it to ``out``; resumes from
     ``out/checkpoint`` (``restart`` starts over). An ``out`` holding anything but DermX weights is refused
     unless ``force``. ``augment`` moves the masks with the graders' augmentation (else flips only), its
     photometric ranges scaled by ``augment_strength`` (:func:`synthtrial.graders.augment.scaled`); ``balanced``
     weighs each characteristic's positives by its negatives / positives ratio; ``presence_from_maps`` fits the
-    presence models after training (module docstring).
+    presence models after training; ``count_head`` adds the lesion-count head and its loss (``dermx.py``).
     ``progress(step, steps, "loss ...")`` is called after every step
     (``epochs * ceil(N / batch_size)`` steps)."""
     check_weights_out(out, DermX.name, force)
@@ -270,9 +274,19 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
                 "truth": data.truth, "backbone": backbone,
                 "level_counts": np.bincount(data.levels, minlength=4).tolist(),
                 "prevalence": [round(float(p), 4) for p in data.present.mean(axis=0)]}
-    cfg = DermXConfig(image_size=image_size, guided=guided, backbone=backbone)
+    if count_head:
+        if data.counts is None:
+            raise GraderError("dermx count head: the training data has no lesion counts")
+        settings["count_head"] = True       # recorded only when on, so earlier checkpoints still resume
+    cfg = DermXConfig(image_size=image_size, guided=guided, backbone=backbone, count_head=count_head)
     torch.manual_seed(seed)
-    net = DermXNet(cfg).to(dev)
+    net = DermXNet(cfg)
+    if count_head:              # start at the mean count, spread evenly over the grid
+        cells = (image_size // 8) ** 2
+        with torch.no_grad():
+            net.counter.weight.zero_()
+            net.counter.bias.fill_(math.log(math.expm1(max(float(data.counts.mean()), 1e-3) / cells)))
+    net = net.to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     weights = torch.tensor(np.bincount(data.levels, minlength=4) + 1.0, dtype=torch.float32)
     class_weight = (weights.sum() / (4 * weights)).to(dev)
@@ -292,20 +306,27 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
                                                    with_areas=guided)
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / total))
+        feats = net.features(x)
         if guided:
-            diag, chars, cams = net.forward_with_cams(x)
+            diag, chars, cams = net.heads_with_cams(feats)
             targets = F.adaptive_max_pool2d(areas, cams.shape[-2:])
             attention = dice_loss(normalise_maps(cams), targets, present)
         else:
-            diag, chars = net(x)
+            diag, chars = net.heads(feats.mean(dim=(2, 3)))
             attention = torch.zeros((), device=dev)
         ce = F.cross_entropy(diag, levels, weight=class_weight)
         bce = F.binary_cross_entropy_with_logits(chars, present, pos_weight=pos_weight)
         loss = LAMBDA_D * ce + LAMBDA_C * bce + (LAMBDA_A * attention if guided else 0)
+        logs = {"ce": ce.item(), "bce": bce.item(), "dice": attention.item()}
+        if count_head:
+            target = torch.from_numpy(data.counts[idx]).to(dev)
+            count_loss = F.mse_loss(torch.log1p(net.count(feats)), torch.log1p(target))
+            loss = loss + LAMBDA_N * count_loss
+            logs["count"] = count_loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"loss": loss.item(), "ce": ce.item(), "bce": bce.item(), "dice": attention.item()}
+        return {"loss": loss.item(), **logs}
 
     net.train()
     plan = Plan(total, step, DermX.name, settings, save_every=per_epoch, log_every=per_epoch,

@@ -7,6 +7,7 @@ refused, the grader seam."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -289,6 +290,7 @@ def test_loaded_data_carries_levels_truth_and_areas_at_the_input_size(tiny_run):
     manifest, lesions = rundir.read_manifest(tiny_run, ("image", "acne04_level")), rundir.read_lesions(tiny_run)
     assert data.images.shape == (len(manifest), 64, 64, 3) and data.truth == "visible"
     assert data.levels.tolist() == manifest["acne04_level"].tolist()
+    assert data.counts.tolist() == rundir.read_manifest(tiny_run, ("lesion_count",))["lesion_count"].astype(float).tolist()
     for k, rel in enumerate(manifest["image"]):
         has, areas = image_truth(tiny_run, rel, lesions[lesions["image"] == rel], CHARACTERISTICS, "visible")
         assert data.present[k].tolist() == has.astype(float).tolist()
@@ -363,3 +365,28 @@ def test_presence_models_fold_the_f1_threshold_into_the_bias_and_reach_predict(t
                           presence_from_maps=True)
     assert len(trained.config.presence) == len(CHARACTERISTICS)              # saved and reloaded
     assert trained.record["presence_from"] == f"{len(data.images)} training images"
+
+
+def test_count_head_learns_the_count_jointly_and_reaches_predict(tmp_path):
+    """With a count head the count loss falls, the grader reports a count that follows the lesions (discs drawn
+    here: 0 on half the toy images, 6 on the others), and the weights reload to the same outputs; without it
+    there is no count."""
+    from dataclasses import replace
+
+    data, _ = _toy(16, 64, 5)
+    data = replace(data, counts=data.present[:, PAPULE] * 6.0)
+    kw = dict(epochs=8, batch_size=8, lr=1e-2, seed=0, image_size=64, device="cpu", augment=False)
+    dermx = train_dermx(data, tmp_path / "counts", count_head=True, **kw)
+    losses = [h["count"] for h in dermx.record["loss_history"]]
+    assert dermx.config.count_head and dermx.record["settings"]["count_head"] and losses[-1] < losses[0] / 2, losses
+    frame = dermx.predict(list(data.images))
+    with_lesion = data.present[:, PAPULE] > 0
+    assert frame["count"].to_numpy()[with_lesion].mean() > frame["count"].to_numpy()[~with_lesion].mean() + 2
+    again = DermX.from_pretrained(tmp_path / "counts", device="cpu").predict(list(data.images))
+    pd.testing.assert_frame_equal(frame, again)
+    plain = train_dermx(data, tmp_path / "plain", epochs=1, batch_size=8, image_size=64, device="cpu")
+    assert "count" not in plain.predict(list(data.images[:2])).columns and "count_head" not in plain.record["settings"]
+    with pytest.raises(GraderError, match="no count head"):
+        plain.model.count(plain.model.features(torch.zeros(1, 3, 64, 64)))
+    with pytest.raises(GraderError, match="no lesion counts"):
+        train_dermx(replace(data, counts=None), tmp_path / "none", count_head=True, **kw)

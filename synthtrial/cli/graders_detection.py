@@ -215,6 +215,9 @@ def train_dermx_command(
         "--presence-from-maps/--presence-from-head", help="After training, fit each characteristic's presence "
         "on its head logit and its Grad-CAM map's peak and mass (600 training images, F1-best threshold); "
         "re-running a finished training adds it. Default: the pooled head's sigmoid alone.")] = False,
+    count_head: Annotated[bool, typer.Option(
+        "--count-head/--no-count-head", help="Also learn each image's lesion count (a density head on the Grad-CAM "
+        "layer, trained jointly: grading and counting as LDL does); grades gain a count column.")] = False,
     seed: Seed = 0,
     device: Device = None,
     restart: Restart = False,
@@ -252,7 +255,8 @@ def train_dermx_command(
         train_dermx(dataset, out_dir, guided=guided, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                     image_size=image_size, backbone=backbone, device=device, sources=[str(d) for d in data],
                     restart=restart, force=force, augment=augment, augment_strength=augment_strength,
-                    balanced=balanced_characteristics, presence_from_maps=presence_from_maps, progress=update)
+                    balanced=balanced_characteristics, presence_from_maps=presence_from_maps,
+                    count_head=count_head, progress=update)
     out.print(f"[green]wrote[/green] {out_dir}")
 
 
