@@ -31,6 +31,7 @@ import numpy as np
 
 from synthtrial.graders.base import GraderError
 from synthtrial.graders.detector import NOT_COUNTED, LesionDetector
+from synthtrial.util.progress import ProgressCallback
 
 #: Images the count threshold, weights and curve are fitted on (at most)
 CALIBRATION_IMAGES = 200
@@ -48,7 +49,7 @@ def target_counts(data: Any) -> np.ndarray:
 
 
 def detect_sample(detector: LesionDetector, data: Any, limit: int,
-                  progress: Any = None) -> tuple[np.ndarray, list[dict]]:
+                  progress: ProgressCallback | None = None) -> tuple[np.ndarray, list[dict]]:
     """Up to ``limit`` images spread evenly over ``data`` and the detector's detections on each
     (``progress(done, total, "")`` after each)."""
     picks = np.linspace(0, len(data.images) - 1, min(limit, len(data.images))).round().astype(int)
@@ -116,7 +117,7 @@ def fit_count_curve(linear: Sequence[float], truth: Sequence[float]) -> tuple[tu
 
 def calibrate(detector: LesionDetector, data: Any, *, images: int = CALIBRATION_IMAGES,
               soft_floor: float = SOFT_FLOOR, curve: bool = True, source: str = "training images",
-              progress: Any = None) -> LesionDetector:
+              progress: ProgressCallback | None = None) -> LesionDetector:
     """``detector`` with its count calibration (threshold, weights, bias, floor, curve; module docstring) fitted
     on up to ``images`` images of ``data`` (a ``DetectionData`` whose ``true_counts`` are the simulated active
     lesion counts); the network is shared, the record gains ``count_calibration``."""
