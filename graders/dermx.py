@@ -282,30 +282,35 @@ class DermX(GraderComponent):
         for idx in groups.values():
             for start in range(0, len(idx), 32):
                 part = idx[start:start + 32]
-                x = to_tensor([images[i] for i in part], self.config.image_size, self.device)
-                diag, ch = self.scores(x)
+                diag, ch, feats = self.scores(to_tensor([images[i] for i in part], self.config.image_size,
+                                                        self.device))
                 levels[part] = torch.softmax(diag.float(), 1).cpu().numpy()
                 chars[part] = torch.sigmoid(ch.float()).cpu().numpy()
                 if counts is not None:
-                    with torch.inference_mode():
-                        counts[part] = self.model.count(self.model.features(x)).float().cpu().numpy()
+                    with torch.no_grad():
+                        counts[part] = self.model.count(feats).float().cpu().numpy()
         return levels, chars, counts
 
-    def scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Level logits and characteristic scores (logits; from the maps where the config has ``presence``) of a
-        normalised batch; nothing keeps a graph."""
-        if not self.config.presence:
-            with torch.inference_mode():
-                return self.model(x)
-        diag, feats = self.map_features(x)
-        weights = torch.tensor(self.config.presence, dtype=torch.float32, device=feats.device)
-        return diag, (feats * weights[:, :-1]).sum(-1) + weights[:, -1]
+    def scores(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Level logits, characteristic scores (logits; from the maps where the config has ``presence``) and the
+        ``cam`` layer's features (for the count head) of a normalised batch; nothing keeps a graph."""
+        with torch.no_grad():
+            feats = self.model.features(x)
+            if not self.config.presence:
+                return (*self.model.heads(feats.mean(dim=(2, 3))), feats)
+        diag, maps = self._map_features(feats)
+        weights = torch.tensor(self.config.presence, dtype=torch.float32, device=maps.device)
+        return diag, (maps * weights[:, :-1]).sum(-1) + weights[:, -1], feats
 
     def map_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Level logits ``(B, 4)`` and :data:`PRESENCE_FEATURES` ``(B, C, 4)`` of a normalised batch (the maps
         need gradients through the small heads only); nothing keeps a graph."""
         with torch.no_grad():
             feats = self.model.features(x)
+        return self._map_features(feats)
+
+    def _map_features(self, feats: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`map_features` from the ``cam`` layer's features."""
         with torch.enable_grad():
             diag, chars, cams = self.model.heads_with_cams(feats, create_graph=False)
         return diag.detach(), presence_features(chars.detach(), cams.detach())

@@ -466,8 +466,7 @@ class LesionDetector(GraderComponent):
     def counts(self, found: dict[str, np.ndarray], threshold: float | None = None) -> dict[str, float]:
         """Per-class counts above the count threshold, the lesion count, its level and severity."""
         cfg = self.config
-        labels = found["labels"][found["scores"] >= (cfg.count_threshold if threshold is None else threshold)]
-        per_class = [float((labels == k).sum()) for k in range(len(cfg.classes))]
+        per_class = self.count_features(found, threshold, soft_floor=0.0).tolist()
         visible = float(self.counted(found, threshold).sum())
         count = float(self.count_from_features(self.count_features(found, threshold))) if cfg.count_weights \
             else visible

@@ -131,9 +131,8 @@ def calibrate(detector: LesionDetector, data: Any, *, images: int = CALIBRATION_
     cfg = replace(detector.config, count_threshold=threshold, count_weights=weights, count_bias=bias,
                   count_soft_floor=float(soft_floor), count_curve=())
     if curve:
-        linear = LesionDetector(cfg, detector.model, device=detector.device)
-        features = np.array([linear.count_features(f) for f in sample[1]])
-        estimate = cfg.count_bias + features @ np.asarray(cfg.count_weights)
+        features = np.array([detector.count_features(f, threshold, soft_floor) for f in sample[1]])
+        estimate = bias + features @ np.asarray(weights)          # the linear estimate, before any curve
         cfg = replace(cfg, count_curve=fit_count_curve(estimate, data.true_counts[sample[0]]))
     record = {**detector.record, "count_calibration_from": f"{len(sample[0])} {source}",
               "count_calibration": {"images": int(len(sample[0])), "source": source, "soft_floor": float(soft_floor),
