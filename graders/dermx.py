@@ -28,8 +28,14 @@ Choices, stated once:
 * **Count head** (``count_head``; opt-in): a 1x1 convolution on the ``cam`` features, softplus, summed over the
   grid -- a lesion density whose sum is the image's simulated active-lesion count (the count the Hayashi level is
   defined on), trained jointly with the rest (``lambda_N`` x the squared error of ``log(1 + count)``): joint
-  grading and counting, as LDL does and as the IGA grader's count head did. The level still comes from the
-  diagnosis head; ``predict`` adds the ``count`` column.
+  grading and counting, as LDL does and as the IGA grader's count head did. ``predict`` adds the ``count``
+  column.
+* **Level route** (``level_from``): ``classifier`` (the default) -- the level is the diagnosis head's arg-max and
+  ``severity`` its expectation; ``count`` (with a count head) -- the level is the Hayashi level of the count
+  (:func:`synthtrial.trial.scale.acne04_level_from_count`) and ``severity`` the severity that count stands for
+  (:func:`~synthtrial.trial.scale.severity_from_count`), the way the Hayashi level itself is defined. Training
+  chooses it on training images (:func:`synthtrial.graders.dermx_train.choose_level_route`), as the IGA
+  grader chooses its ``grade_from``.
 * **Loss** ``L = lambda_D * CE + lambda_C * BCE`` (1 and 1); DermX+ (``guided=True``) adds
   ``lambda_A * Dice`` (lambda_A = 10) between each present characteristic's Grad-CAM map and its explanation
   area at the CAM's resolution (:mod:`synthtrial.graders.dermx_train`).
@@ -57,6 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from synthtrial.graders.base import MAX_INPUT_SIZE, GraderComponent, GraderError
+from synthtrial.trial import scale
 from synthtrial.util.images import IMAGENET_MEAN, IMAGENET_STD
 
 #: what a characteristic's presence model reads (module docstring): its head logit, then log1p of its map's
@@ -66,6 +73,8 @@ CHARACTERISTICS = ("open_comedo", "closed_comedo", "papule", "pustule", "nodule"
 #: the run's lesion type behind each characteristic
 LESION_TYPE = {c: ("mark" if c == "erythema" else c) for c in CHARACTERISTICS}
 LEVELS = 4
+#: where ``level`` and ``severity`` come from (module docstring, "Level route")
+LEVEL_ROUTES = ("classifier", "count")
 
 
 @dataclass
@@ -81,6 +90,7 @@ class DermXConfig:
     #: per characteristic: a weight per PRESENCE_FEATURES and a bias (empty: the head's sigmoid)
     presence: tuple[tuple[float, ...], ...] = ()
     count_head: bool = False          # a lesion-count head on the ``cam`` features (module docstring)
+    level_from: str = "classifier"    # "classifier" or "count": the route of level and severity (module docstring)
 
     def __post_init__(self) -> None:
         self.characteristics = tuple(self.characteristics)
@@ -98,6 +108,10 @@ class DermXConfig:
 
             if not timm.is_model(self.backbone):
                 raise GraderError(f"dermx backbone must be plain or a timm model name, got '{self.backbone}'")
+        if self.level_from not in LEVEL_ROUTES:
+            raise GraderError(f"dermx level_from must be {' or '.join(LEVEL_ROUTES)}, got {self.level_from!r}")
+        if self.level_from == "count" and not self.count_head:
+            raise GraderError("dermx level_from 'count' needs the count head (count_head true)")
         if self.stage not in (1, 2, 3, 4):
             raise GraderError(f"dermx stage must be 1-4 (backbone stride 4-32), got {self.stage}")
         if not 1 <= self.cam_channels <= 1024:
@@ -315,10 +329,22 @@ class DermX(GraderComponent):
             diag, chars, cams = self.model.heads_with_cams(feats, create_graph=False)
         return diag.detach(), presence_features(chars.detach(), cams.detach())
 
+    def grades(self, levels: np.ndarray, counts: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Level (int) and severity (float, 0-3) per image from :meth:`outputs`' level probabilities and counts,
+        by the config's ``level_from`` route (module docstring)."""
+        if self.config.level_from == "count":
+            if counts is None:
+                raise GraderError("dermx: level_from 'count' needs the counts of a count head")
+            counts = np.maximum(np.asarray(counts, np.float64), 0.0)
+            return (np.asarray(scale.acne04_level_from_count(counts), int),
+                    np.asarray(scale.severity_from_count(counts), np.float64))
+        levels = np.asarray(levels, np.float64)
+        return levels.argmax(1), levels @ np.arange(LEVELS, dtype=np.float64)
+
     def predict(self, images: Sequence[np.ndarray], meta: pd.DataFrame | None = None) -> pd.DataFrame:
         levels, chars, counts = self.outputs(images)
-        frame = pd.DataFrame({"severity": levels @ np.arange(LEVELS, dtype=float),
-                              "level": levels.argmax(1).astype(float)})
+        level, severity = self.grades(levels, counts)
+        frame = pd.DataFrame({"severity": severity, "level": level.astype(float)})
         for k, name in enumerate(self.config.characteristics):
             frame[f"p_{name}"] = chars[:, k]
         if counts is not None:

@@ -3,9 +3,12 @@ measures it.
 
 Choices, stated once:
 
-* **Level**: accuracy of the predicted ACNE04 / Hayashi level (arg-max) against the manifest's
-  ``acne04_level``, the predicted levels' histogram beside the true one (a network that says one level for
-  every image shows there), and the MAE of ``severity`` (the expected level) against the simulated severity.
+* **Level**: accuracy of the predicted ACNE04 / Hayashi level (by the weights' ``level_from`` route:
+  :meth:`DermX.grades`) against the manifest's ``acne04_level``, the predicted levels' histogram beside the
+  true one (a network that says one level for every image shows there), and the MAE of ``severity`` against
+  the simulated severity. Weights with a count head also get both routes' accuracies
+  (``level_accuracy_classifier``, ``level_accuracy_count``) and the count's MAE against the simulated
+  active-lesion count (``count_MAE``).
 * **Characteristics** (threshold 0.5): per characteristic its prevalence (share of images that show it) and
   absent share beside precision, recall, F1 and support, against the ``visible`` truth where the run has it
   (else the ``simulated`` one; :mod:`synthtrial.graders.dermx_train`), and the F1 against the simulated truth.
@@ -55,6 +58,7 @@ from synthtrial.graders.base import GraderError, read_rgb
 from synthtrial.graders.dermx import LEVELS, DermX, fuzzy_scores
 from synthtrial.graders.dermx_train import image_truth
 from synthtrial.run import rundir
+from synthtrial.trial import scale
 from synthtrial.util.progress import ProgressCallback
 
 #: least share of images a characteristic must be absent from for its F1 to say something (issue 20)
@@ -132,12 +136,12 @@ def evaluate_dermx_models(models: Mapping[str, DermX], run: str | Path, *, plaus
     chars = next(iter(models.values())).config.characteristics
     if any(m.config.characteristics != chars for m in models.values()):
         raise GraderError("dermx: the weights compared must name the same characteristics")
-    manifest = rundir.read_manifest(run, ("image", "patient_id", "acne04_level", "severity"))
+    manifest = rundir.read_manifest(run, ("image", "patient_id", "acne04_level", "severity", "lesion_count"))
     lesions = rundir.read_lesions(run, set(manifest["image"]))
     truth = "visible" if "visible" in lesions.columns else "simulated"
     by_image = dict(tuple(lesions.groupby("image", sort=False)))
     present, simulated = [], []
-    scored: dict[str, tuple[list, list, list]] = {label: ([], [], []) for label in models}
+    scored: dict[str, tuple[list, list, list, list]] = {label: ([], [], [], []) for label in models}
     for k, rel in enumerate(manifest["image"], start=1):
         image = read_rgb(run / rel)
         rows = by_image.get(rel, lesions.iloc[:0])
@@ -146,9 +150,10 @@ def evaluate_dermx_models(models: Mapping[str, DermX], run: str | Path, *, plaus
         simulated.append(image_truth(run, rel, rows, chars, "simulated")[0] if truth != "simulated" else has)
         pooled: dict[tuple[int, ...], np.ndarray] = {}
         for label, dermx in models.items():
-            probs, level_probs, records = scored[label]
-            level_p, char_p = dermx.probabilities([image])
+            probs, level_probs, counts, records = scored[label]
+            level_p, char_p, count = dermx.outputs([image])
             level_probs.append(level_p[0]), probs.append(char_p[0])
+            counts.append(float(count[0]) if count is not None else float("nan"))
             if plausibility and has.any():
                 maps = dermx.explain(image, grid=True)
                 shape = tuple(maps.shape[-2:])
@@ -158,9 +163,21 @@ def evaluate_dermx_models(models: Mapping[str, DermX], run: str | Path, *, plaus
                                for c in range(len(chars)) if has[c])
         if progress is not None:
             progress(k, len(manifest), "")
-    return {label: summarize(manifest, chars, truth, np.asarray(present), np.asarray(simulated), np.asarray(probs),
-                             np.asarray(level_probs), records if plausibility else None)
-            for label, (probs, level_probs, records) in scored.items()}
+    result = {}
+    for label, (probs, level_probs, counts, records) in scored.items():
+        count = np.asarray(counts) if models[label].config.count_head else None
+        level, severity = models[label].grades(np.asarray(level_probs), count)
+        result[label] = summarize(manifest, chars, truth, np.asarray(present), np.asarray(simulated),
+                                  np.asarray(probs), level, severity, records if plausibility else None)
+        result[label]["level_from"] = models[label].config.level_from
+        if count is not None:       # both routes side by side, and the count itself
+            truth_count = manifest["lesion_count"].to_numpy(float)
+            result[label]["level_accuracy_classifier"] = float(
+                (np.asarray(level_probs).argmax(1) == manifest["acne04_level"].to_numpy(int)).mean())
+            result[label]["level_accuracy_count"] = float(
+                (scale.acne04_level_from_count(np.maximum(count, 0)) == manifest["acne04_level"].to_numpy(int)).mean())
+            result[label]["count_MAE"] = float(np.abs(count - truth_count).mean())
+    return result
 
 
 def map_scores(cam: np.ndarray, area: np.ndarray) -> tuple[float, ...]:
@@ -171,9 +188,10 @@ def map_scores(cam: np.ndarray, area: np.ndarray) -> tuple[float, ...]:
 
 
 def summarize(manifest: pd.DataFrame, chars: Sequence[str], truth: str, present: np.ndarray, simulated: np.ndarray,
-              probs: np.ndarray, level_probs: np.ndarray,
+              probs: np.ndarray, guess: np.ndarray, severity: np.ndarray,
               records: list[tuple[int, bool, tuple[float, ...]]] | None) -> dict[str, Any]:
-    """The metrics record of :func:`evaluate_dermx` from its per-image arrays."""
+    """The metrics record of :func:`evaluate_dermx` from its per-image arrays (``guess``: predicted levels,
+    ``severity``: predicted severities, by the weights' level route)."""
     from sklearn.metrics import f1_score
 
     predicted = probs >= 0.5
@@ -182,13 +200,13 @@ def summarize(manifest: pd.DataFrame, chars: Sequence[str], truth: str, present:
     table["prevalence_simulated"] = simulated.mean(0)
     used = [c for c in range(len(chars)) if present[:, c].any()]
     levels = manifest["acne04_level"].to_numpy(int)
-    guess = level_probs.argmax(1)
+    guess = np.asarray(guess, int)
     result: dict[str, Any] = {
         "images": int(len(manifest)), "truth": truth,
         "level_accuracy": float((guess == levels).mean()),
         "level_true": np.bincount(levels, minlength=LEVELS).tolist(),
         "level_predicted": np.bincount(guess, minlength=LEVELS).tolist(),
-        "severity_MAE": float(np.abs(level_probs @ np.arange(LEVELS) - manifest["severity"].to_numpy(float)).mean()),
+        "severity_MAE": float(np.abs(np.asarray(severity, float) - manifest["severity"].to_numpy(float)).mean()),
         "characteristic_F1_macro": float(table["F1"].iloc[used].mean()) if used else float("nan"),
         "characteristic_F1_micro": float(f1_score(present, predicted, average="micro", zero_division=0)),
         "characteristic_F1_macro_simulated": float(table["F1_simulated"].iloc[used].mean()) if used else float("nan"),
@@ -232,7 +250,7 @@ def composition(present: np.ndarray, names: Sequence[str]) -> dict[str, int]:
 
 
 #: the headline figures :func:`side_by_side` compares
-HEADLINE = ("level_accuracy", "severity_MAE", "characteristic_F1_macro", "characteristic_F1_macro_varied",
+HEADLINE = ("level_accuracy", "level_accuracy_classifier", "level_accuracy_count", "count_MAE", "severity_MAE", "characteristic_F1_macro", "characteristic_F1_macro_varied",
             "characteristic_F1_micro", "plausibility_F1", "plausibility_F1_uniform", "plausibility_sensitivity",
             "plausibility_specificity", "plausibility_F1_all_present")
 

@@ -45,6 +45,11 @@ Choices, stated once:
   paper's plausibility average then takes in the characteristics it newly finds, whose maps are empty (closed
   comedones, scars: fuzzy F1 0), and falls below the target (model card). It is a calibration, not a training
   setting, so re-running a finished training with it adds it to the saved weights.
+* **Level route** (``level_from``; :data:`synthtrial.graders.dermx.LEVEL_ROUTES`): ``auto`` (the default) keeps
+  the classifier unless the weights have a count head and the Hayashi level read from the count is right more
+  often than the diagnosis head's on the same :data:`PRESENCE_IMAGES` training images
+  (:func:`choose_level_route`; both accuracies go into the record); ``classifier`` / ``count`` force a route.
+  Like the presence models it is decided after training, so re-running a finished training sets it again.
 * **Augmentation** (``augment``, default on; off: horizontal flips only): the graders' photometric and
   geometric augmentation (:mod:`synthtrial.graders.augment`), the explanation areas moved with the image.
 """
@@ -56,6 +61,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -65,9 +71,10 @@ import torch.nn.functional as F
 
 from synthtrial.graders.augment import WIDE, Augmenter, draw_seeds, scaled
 from synthtrial.graders.base import GraderError, check_weights_out, read_rgb, train_grader
-from synthtrial.graders.dermx import (CHARACTERISTICS, LESION_TYPE, PRESENCE_FEATURES, DermX, DermXConfig, DermXNet,
-                                      dice_loss, normalise_maps, presence_features, to_tensor)
+from synthtrial.graders.dermx import (CHARACTERISTICS, LESION_TYPE, LEVEL_ROUTES, PRESENCE_FEATURES, DermX,
+                                      DermXConfig, DermXNet, dice_loss, normalise_maps, presence_features, to_tensor)
 from synthtrial.run import rundir
+from synthtrial.trial import scale
 from synthtrial.util.device import resolve_device
 from synthtrial.util.progress import ProgressCallback
 from synthtrial.util.training import Plan
@@ -253,17 +260,18 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
                 lr: float = 2e-3, seed: int = 0, image_size: int = 256, backbone: str = "plain",
                 device: str | None = None, sources: Sequence[str] = (), restart: bool = False, force: bool = False,
                 augment: bool = True, augment_strength: float = 1.0, balanced: bool = False,
-                presence_from_maps: bool = False, count_head: bool = False,
+                presence_from_maps: bool = False, count_head: bool = False, level_from: str = "auto",
                 progress: ProgressCallback | None = None) -> DermX:
     """Train DermX (DermX+ with ``guided``) through the shared loop and save it to ``out``; resumes from
     ``out/checkpoint`` (``restart`` starts over). An ``out`` holding anything but DermX weights is refused
     unless ``force``. ``augment`` moves the masks with the graders' augmentation (else flips only), its
     photometric ranges scaled by ``augment_strength`` (:func:`synthtrial.graders.augment.scaled`); ``balanced``
     weighs each characteristic's positives by its negatives / positives ratio; ``presence_from_maps`` fits the
-    presence models after training; ``count_head`` adds the lesion-count head and its loss (``dermx.py``).
-    ``progress(step, steps, "loss ...")`` is called after every step
+    presence models after training; ``count_head`` adds the lesion-count head and its loss (``dermx.py``);
+    ``level_from`` chooses the level route after training (module docstring). ``progress(step, steps, "loss ...")`` is called after every step
     (``epochs * ceil(N / batch_size)`` steps)."""
     check_weights_out(out, DermX.name, force)
+    check_level_from(level_from, count_head)
     augmentation = scaled(WIDE, augment_strength)
     dev = resolve_device(device)
     n = len(data.images)
@@ -339,6 +347,11 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
         cfg = replace(cfg, presence=fit_presence(DermX(cfg, net, device=dev), data.images[picks],
                                                  data.present[picks].astype(bool)))
         record["presence_from"] = f"{len(picks)} training images"
+    if count_head:
+        picks = np.linspace(0, n - 1, min(PRESENCE_IMAGES, n)).round().astype(int)
+        route, record["level_route"] = choose_level_route(DermX(cfg, net, device=dev), data.images[picks],
+                                                          data.levels[picks], level_from)
+        cfg = replace(cfg, level_from=route)
     DermX(cfg, net, device=dev, record=record).save_pretrained(out)
     return DermX.from_pretrained(out, device=dev)
 
@@ -372,3 +385,26 @@ def fit_presence(dermx: DermX, images: np.ndarray, present: np.ndarray) -> tuple
         bias = float(model.intercept_[0]) - math.log(t / (1 - t))
         rows.append(tuple(round(float(w), 6) for w in model.coef_[0]) + (round(bias, 6),))
     return tuple(rows)
+
+
+def check_level_from(level_from: str, count_head: bool) -> None:
+    """Refuse a level route that is not auto / classifier / count, or count without the count head."""
+    if level_from not in ("auto", *LEVEL_ROUTES):
+        raise GraderError(f"--level-from must be auto, {' or '.join(LEVEL_ROUTES)}, got '{level_from}'")
+    if level_from == "count" and not count_head:
+        raise GraderError("--level-from count needs the count head (--count-head)")
+
+
+def choose_level_route(dermx: DermX, images: np.ndarray, levels: np.ndarray,
+                       wanted: str = "auto") -> tuple[str, dict[str, Any]]:
+    """The level route (``wanted`` unless "auto": module docstring) of count-head weights and its record: each
+    route's level accuracy on ``images`` against ``levels``."""
+    if not dermx.config.count_head:
+        raise GraderError("dermx: choosing a level route needs the count head")
+    probs, _, counts = dermx.outputs(list(images))
+    levels = np.asarray(levels, int)
+    accuracy = {"classifier": float((probs.argmax(1) == levels).mean()),
+                "count": float((scale.acne04_level_from_count(np.maximum(counts, 0.0)) == levels).mean())}
+    route = wanted if wanted != "auto" else ("count" if accuracy["count"] > accuracy["classifier"] else "classifier")
+    return route, {"chosen": route, "asked": wanted, "images": int(len(levels)),
+                   "accuracy": {k: round(v, 4) for k, v in accuracy.items()}}

@@ -16,9 +16,10 @@ from synthtrial.graders.base import GraderError, get_grader
 from synthtrial.grade import grade_run
 from synthtrial.graders.dermx import CHARACTERISTICS, DermX, DermXConfig, DermXNet, dice_loss, fuzzy_f1, normalise_maps, to_tensor
 from synthtrial.graders.dermx_eval import evaluate_dermx
-from synthtrial.graders.dermx_train import (DermXData, characteristic_masks, halo_reach, image_truth,
+from synthtrial.graders.dermx_train import (DermXData, choose_level_route, characteristic_masks, halo_reach, image_truth,
                                            load_dermx_data, pack_areas, train_dermx, training_batch, unpack_areas)
 from synthtrial.run import rundir
+from synthtrial.trial import scale
 from synthtrial.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -374,7 +375,7 @@ def test_count_head_learns_the_count_jointly_and_reaches_predict(tmp_path):
     from dataclasses import replace
 
     data, _ = _toy(16, 64, 5)
-    data = replace(data, counts=data.present[:, PAPULE] * 6.0)
+    data = replace(data, counts=data.present[:, PAPULE] * 12.0)
     kw = dict(epochs=8, batch_size=8, lr=1e-2, seed=0, image_size=64, device="cpu", augment=False)
     dermx = train_dermx(data, tmp_path / "counts", count_head=True, **kw)
     losses = [h["count"] for h in dermx.record["loss_history"]]
@@ -390,3 +391,40 @@ def test_count_head_learns_the_count_jointly_and_reaches_predict(tmp_path):
         plain.model.count(plain.model.features(torch.zeros(1, 3, 64, 64)))
     with pytest.raises(GraderError, match="no lesion counts"):
         train_dermx(replace(data, counts=None), tmp_path / "none", count_head=True, **kw)
+    # the level route chosen after training is the one the record says, and it reached the saved config
+    saved = DermX.from_pretrained(tmp_path / "counts", device="cpu").config.level_from
+    assert dermx.config.level_from == dermx.record["level_route"]["chosen"] == saved
+    # against levels read from the toy's counts (0 or 12: level 0 or 1) the count route is right on most images
+    # and the diagnosis head, trained on the opposite levels (i % 2), on few: auto takes the count
+    by_count = scale.acne04_level_from_count(data.counts)
+    route, record = choose_level_route(dermx, data.images, by_count)
+    assert route == "count" and record["accuracy"]["count"] >= 0.75 and record["accuracy"]["classifier"] <= 0.25, record
+    assert choose_level_route(dermx, data.images, by_count, "classifier")[0] == "classifier"
+    counted = DermX(replace(dermx.config, level_from="count"), dermx.model, device="cpu").predict(list(data.images))
+    np.testing.assert_array_equal(counted["level"], scale.acne04_level_from_count(np.maximum(counted["count"], 0)))
+    np.testing.assert_allclose(counted["severity"], scale.severity_from_count(np.maximum(counted["count"], 0)))
+    with pytest.raises(GraderError, match="needs the count head"):
+        train_dermx(data, tmp_path / "route", level_from="count", **kw)
+    with pytest.raises(GraderError, match="level-from must be"):
+        train_dermx(data, tmp_path / "route", count_head=True, level_from="counts", **kw)
+
+
+def test_level_routes_by_hand():
+    """The classifier route: arg-max level and expected level; the count route: the Hayashi level of the count
+    (<= 5, 6-20, 21-50, > 50) and the severity that count stands for; a bad or count-less route is refused."""
+    probs = np.array([[0.1, 0.6, 0.2, 0.1], [0.0, 0.0, 0.3, 0.7]])
+    counts = np.array([5.4, 51.0])
+    plain = DermX(DermXConfig(image_size=64, count_head=True), device="cpu")
+    level, severity = plain.grades(probs, counts)
+    np.testing.assert_array_equal(level, [1, 3])
+    np.testing.assert_allclose(severity, [0 * 0.1 + 1 * 0.6 + 2 * 0.2 + 3 * 0.1, 2 * 0.3 + 3 * 0.7])
+    route = DermX(DermXConfig(image_size=64, count_head=True, level_from="count"), device="cpu")
+    level, severity = route.grades(probs, np.array([0.0, 5.4, 6.0, 20.6, 51.0, -1.0]))
+    np.testing.assert_array_equal(level, [0, 0, 1, 2, 3, 0])
+    np.testing.assert_allclose(severity, scale.severity_from_count([0.0, 5.4, 6.0, 20.6, 51.0, 0.0]))
+    with pytest.raises(GraderError, match="needs the counts"):
+        route.grades(probs, None)
+    with pytest.raises(GraderError, match="needs the count head"):
+        DermXConfig(level_from="count")
+    with pytest.raises(GraderError, match="level_from must be"):
+        DermXConfig(count_head=True, level_from="counts")

@@ -155,7 +155,7 @@ def test_plausibility_pipeline_against_hand_pooled_areas(tiny_run, monkeypatch):
     dermx = DermX(DermXConfig(image_size=64), device="cpu")
     n = len(CHARACTERISTICS)
     monkeypatch.setattr(dermx, "explain", lambda image, grid=False: np.ones((n, 8, 8), np.float32))
-    monkeypatch.setattr(dermx, "probabilities", lambda images: (np.full((1, 4), 0.25), np.ones((1, n))))
+    monkeypatch.setattr(dermx, "outputs", lambda images: (np.full((1, 4), 0.25), np.ones((1, n)), None))
     metrics = evaluate_dermx(dermx, tiny_run)
     manifest, lesions = rundir.read_manifest(tiny_run), rundir.read_lesions(tiny_run)
     expected: dict[int, list[float]] = {}
@@ -213,3 +213,33 @@ def test_two_weights_side_by_side_and_the_card(tiny_run, tmp_path):
     bad = CliRunner().invoke(app, ["graders", "eval", "dermx", "--data", str(tiny_run), "--weights", str(plain),
                                    "--card", "varied_characteristics"])
     assert bad.exit_code == 2 and "--card must be one of" in bad.output
+
+
+def test_level_figures_follow_the_weights_level_route(tiny_run, monkeypatch):
+    """Count-head weights whose level comes from the count: the headline level accuracy and severity MAE are the
+    count route's, and both routes' accuracies and the count's MAE stand beside them -- checked by hand against
+    the manifest, with a count 2 above the truth and a diagnosis head that always says level 0."""
+    from synthtrial.run import rundir
+    from synthtrial.trial import scale
+
+    manifest = rundir.read_manifest(tiny_run)
+    truth = manifest["lesion_count"].to_numpy(float)
+    n = len(CHARACTERISTICS)
+    for route in ("count", "classifier"):
+        dermx = DermX(DermXConfig(image_size=64, count_head=True, level_from=route), device="cpu")
+        fed = iter(truth + 2.0)
+        monkeypatch.setattr(dermx, "outputs", lambda images: (np.array([[1.0, 0.0, 0.0, 0.0]]), np.ones((1, n)),
+                                                              np.array([next(fed)])))
+        metrics = evaluate_dermx(dermx, tiny_run, plausibility=False)
+        by_count = scale.acne04_level_from_count(truth + 2.0)
+        levels = manifest["acne04_level"].to_numpy(int)
+        assert metrics["level_from"] == route and metrics["count_MAE"] == pytest.approx(2.0)
+        assert metrics["level_accuracy_count"] == pytest.approx((by_count == levels).mean())
+        assert metrics["level_accuracy_classifier"] == pytest.approx((levels == 0).mean())
+        if route == "count":
+            assert metrics["level_accuracy"] == metrics["level_accuracy_count"]
+            assert metrics["severity_MAE"] == pytest.approx(
+                np.abs(scale.severity_from_count(truth + 2.0) - manifest["severity"].to_numpy(float)).mean())
+        else:
+            assert metrics["level_accuracy"] == metrics["level_accuracy_classifier"]
+            assert metrics["severity_MAE"] == pytest.approx(manifest["severity"].to_numpy(float).mean())

@@ -218,6 +218,10 @@ def train_dermx_command(
     count_head: Annotated[bool, typer.Option(
         "--count-head/--no-count-head", help="Also learn each image's lesion count (a density head on the Grad-CAM "
         "layer, trained jointly: grading and counting as LDL does); grades gain a count column.")] = False,
+    level_from: Annotated[str, typer.Option(
+        "--level-from", help="Where level and severity come from: classifier (the diagnosis head), count (the "
+        "Hayashi level of the count head's count; needs --count-head) or auto (count when it is right more often "
+        "on 600 training images). Decided after training: re-running a finished training sets it again.")] = "auto",
     seed: Seed = 0,
     device: Device = None,
     restart: Restart = False,
@@ -238,10 +242,11 @@ def train_dermx_command(
 
     from synthtrial.graders.base import check_weights_out
     from synthtrial.graders.dermx import DermXConfig
-    from synthtrial.graders.dermx_train import TRUTHS, load_dermx_data, train_dermx
+    from synthtrial.graders.dermx_train import TRUTHS, check_level_from, load_dermx_data, train_dermx
     from synthtrial.util.device import resolve_device
 
     DermXConfig(image_size=image_size, guided=guided, backbone=backbone)    # refuse bad options before reading
+    check_level_from(level_from, count_head)
     if truth not in TRUTHS:
         from synthtrial.graders.base import GraderError
 
@@ -256,7 +261,7 @@ def train_dermx_command(
                     image_size=image_size, backbone=backbone, device=device, sources=[str(d) for d in data],
                     restart=restart, force=force, augment=augment, augment_strength=augment_strength,
                     balanced=balanced_characteristics, presence_from_maps=presence_from_maps,
-                    count_head=count_head, progress=update)
+                    count_head=count_head, level_from=level_from, progress=update)
     out.print(f"[green]wrote[/green] {out_dir}")
 
 
