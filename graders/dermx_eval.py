@@ -263,7 +263,8 @@ def side_by_side(results: Mapping[str, dict[str, Any]]) -> pd.DataFrame:
 
 
 #: card figure name -> metrics key, per evaluation set (issue 20's targets read these; graders/cards.py)
-CARD_KEYS = {"level_accuracy": "level_accuracy", "severity_mae": "severity_MAE",
+CARD_KEYS = {"level_accuracy": "level_accuracy", "level_accuracy_classifier": "level_accuracy_classifier",
+             "level_accuracy_count": "level_accuracy_count", "count_mae": "count_MAE", "severity_mae": "severity_MAE",
              "characteristic_macro_f1": "characteristic_F1_macro",
              "characteristic_micro_f1": "characteristic_F1_micro",
              "characteristic_macro_f1_varied": "characteristic_F1_macro_varied",

@@ -43,7 +43,9 @@ Choices, stated once:
   "Counting").
 * **Evaluation** uses pycocotools' ``COCOeval`` (AP@[.5:.95], AP50, AP_small, AR with up to 200 detections per
   image), plus counting MAE / RMSE against the manifest's ``lesion_count`` and Hayashi-level accuracy against
-  its ``acne04_level``.
+  its ``acne04_level``. Beside the AP50 against the simulated truth stands its ceiling, ``AP50_ceiling``: the
+  AP50 that a perfect detector of the visible lesions (each visible lesion's exact box, its class, score 1)
+  scores against the same truth, in which invisible lesions count as missed (:func:`visible_ceiling`).
 """
 
 from __future__ import annotations
@@ -514,6 +516,8 @@ def evaluate_detector(detector: LesionDetector, run: str | Path,
                                 manifest["acne04_level"].to_numpy(int), ""),
                "images": float(len(manifest)), "lesions": float(len(annotations))}
     if has_visible:
+        metrics["AP50_ceiling"] = float(coco_stats(images, annotations, visible_ceiling(annotations, visible),
+                                                   classes)[1])
         ignored = [{**a, "iscrowd": int(not v)} for a, v in zip(annotations, visible)]
         per_class = per_class_ap50(images, ignored, results, classes)
         vis = coco_stats(images, ignored, results, classes)
@@ -525,6 +529,13 @@ def evaluate_detector(detector: LesionDetector, run: str | Path,
                                          "_visible"),
                         "lesions_visible": float(sum(visible))})
     return metrics, results
+
+
+def visible_ceiling(annotations: Sequence[dict], visible: Sequence[bool]) -> list[dict]:
+    """The COCO results of a perfect detector of the visible lesions: each visible annotation's box and class at
+    score 1 (the invisible ones it cannot see)."""
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0, "bbox": list(a["bbox"])}
+            for a, v in zip(annotations, visible) if v]
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> Path:

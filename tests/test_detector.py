@@ -240,6 +240,7 @@ def test_grade_evaluate_and_cli_on_a_run(tiny_run, tmp_path):
     visible = rundir.read_manifest(tiny_run, ("visible_count",))["visible_count"].to_numpy(float)
     assert metrics["count_MAE_visible"] == pytest.approx(np.abs(grades["detector_visible_count"].to_numpy() - visible).mean())
     assert 0 < metrics["lesions_visible"] < metrics["lesions"] and "AP50_visible" in metrics
+    assert 0 < metrics["AP50_ceiling"] < 1          # some lesions of the tiny run are invisible
     result = CliRunner().invoke(app, ["graders", "eval", "detector", "--data", str(tiny_run), "--weights", str(folder), "-q",
                                       "--out", str(tmp_path / "m.json")])
     assert result.exit_code == 0, result.output

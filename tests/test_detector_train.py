@@ -92,6 +92,20 @@ def test_ignore_regions_neither_miss_nor_match():
     assert np.isnan(coco_stats(images, [seen], [], CLASSES)).all()
 
 
+def test_the_ap50_ceiling_is_the_visible_share_of_the_truth():
+    """A perfect detector of the visible lesions, scored against every lesion: one papule of two visible gives
+    precision 1 up to recall 1/2, so AP50 = 51 / 101 (COCO's 101 recall points); both visible: 1."""
+    from synthtrial.graders.detector_train import visible_ceiling
+
+    images = [{"id": 1, "file_name": "a.png", "height": 64, "width": 64}]
+    truth = [{"id": k + 1, "image_id": 1, "category_id": 3, "bbox": [x, 10.0, 6.0, 6.0], "area": 36.0, "iscrowd": 0}
+             for k, x in enumerate((10.0, 40.0))]
+    half = visible_ceiling(truth, [True, False])
+    assert half == [{"image_id": 1, "category_id": 3, "score": 1.0, "bbox": [10.0, 10.0, 6.0, 6.0]}]
+    assert coco_stats(images, truth, half, CLASSES)[1] == pytest.approx(51 / 101, abs=1e-9)
+    assert coco_stats(images, truth, visible_ceiling(truth, [True, True]), CLASSES)[1] == pytest.approx(1.0)
+
+
 def test_any_class_ap_scores_where_not_which():
     images = [{"id": 1, "file_name": "a.png", "height": 64, "width": 64}]
     papule = {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10.0, 10.0, 6.0, 6.0], "area": 36.0, "iscrowd": 0}

@@ -314,6 +314,9 @@ def eval_detector_command(
     for key in DETECTOR_COLUMNS:
         table.add_row(key, *[_fmt(row[key]) for row in rows])
     out.print(table)
+    if "AP50_ceiling" in metrics:
+        out.print(f"AP50 of a perfect detector of the visible lesions against the simulated truth: "
+                  f"{_fmt(metrics['AP50_ceiling'])}")
     if out_file is not None:
         write_metrics(out_file, metrics)
     if detections is not None:
