@@ -215,6 +215,22 @@ def presence_features(chars: Tensor, cams: Tensor) -> Tensor:
     return torch.stack([chars, torch.log1p(flat.amax(2)), torch.log1p(top), torch.log1p(flat.mean(2))], dim=2)
 
 
+def route_grades(route: str, levels: np.ndarray, counts: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Level (int) and severity (float, 0-3) per image by a level route (module docstring, "Level route"):
+    ``classifier`` -- the arg-max and the expectation of the ``(N, 4)`` level probabilities; ``count`` -- the
+    Hayashi level of each count (negative counts read as 0) and the severity it stands for."""
+    if route == "count":
+        if counts is None:
+            raise GraderError("dermx: level_from 'count' needs the counts of a count head")
+        counts = np.maximum(np.asarray(counts, np.float64), 0.0)
+        return (np.asarray(scale.acne04_level_from_count(counts), int),
+                np.asarray(scale.severity_from_count(counts), np.float64))
+    if route != "classifier":
+        raise GraderError(f"dermx level_from must be {' or '.join(LEVEL_ROUTES)}, got {route!r}")
+    levels = np.asarray(levels, np.float64)
+    return levels.argmax(1), levels @ np.arange(LEVELS, dtype=np.float64)
+
+
 def normalise_maps(cams: Tensor, eps: float = 1e-7) -> Tensor:
     """Each map divided by its maximum (ReLU'd maps, so the result is in [0, 1])."""
     return cams / (cams.amax(dim=(-2, -1), keepdim=True) + eps)
@@ -331,15 +347,8 @@ class DermX(GraderComponent):
 
     def grades(self, levels: np.ndarray, counts: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Level (int) and severity (float, 0-3) per image from :meth:`outputs`' level probabilities and counts,
-        by the config's ``level_from`` route (module docstring)."""
-        if self.config.level_from == "count":
-            if counts is None:
-                raise GraderError("dermx: level_from 'count' needs the counts of a count head")
-            counts = np.maximum(np.asarray(counts, np.float64), 0.0)
-            return (np.asarray(scale.acne04_level_from_count(counts), int),
-                    np.asarray(scale.severity_from_count(counts), np.float64))
-        levels = np.asarray(levels, np.float64)
-        return levels.argmax(1), levels @ np.arange(LEVELS, dtype=np.float64)
+        by the config's ``level_from`` route (:func:`route_grades`)."""
+        return route_grades(self.config.level_from, levels, counts)
 
     def predict(self, images: Sequence[np.ndarray], meta: pd.DataFrame | None = None) -> pd.DataFrame:
         levels, chars, counts = self.outputs(images)

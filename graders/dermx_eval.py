@@ -55,10 +55,9 @@ import torch
 import torch.nn.functional as F
 
 from synthtrial.graders.base import GraderError, read_rgb
-from synthtrial.graders.dermx import LEVELS, DermX, fuzzy_scores
+from synthtrial.graders.dermx import LEVEL_ROUTES, LEVELS, DermX, fuzzy_scores, route_grades
 from synthtrial.graders.dermx_train import image_truth
 from synthtrial.run import rundir
-from synthtrial.trial import scale
 from synthtrial.util.progress import ProgressCallback
 
 #: least share of images a characteristic must be absent from for its F1 to say something (issue 20)
@@ -171,12 +170,11 @@ def evaluate_dermx_models(models: Mapping[str, DermX], run: str | Path, *, plaus
                                   np.asarray(probs), level, severity, records if plausibility else None)
         result[label]["level_from"] = models[label].config.level_from
         if count is not None:       # both routes side by side, and the count itself
-            truth_count = manifest["lesion_count"].to_numpy(float)
-            result[label]["level_accuracy_classifier"] = float(
-                (np.asarray(level_probs).argmax(1) == manifest["acne04_level"].to_numpy(int)).mean())
-            result[label]["level_accuracy_count"] = float(
-                (scale.acne04_level_from_count(np.maximum(count, 0)) == manifest["acne04_level"].to_numpy(int)).mean())
-            result[label]["count_MAE"] = float(np.abs(count - truth_count).mean())
+            true_levels = manifest["acne04_level"].to_numpy(int)
+            for route in LEVEL_ROUTES:
+                guess = route_grades(route, np.asarray(level_probs), count)[0]
+                result[label][f"level_accuracy_{route}"] = float((guess == true_levels).mean())
+            result[label]["count_MAE"] = float(np.abs(count - manifest["lesion_count"].to_numpy(float)).mean())
     return result
 
 
@@ -250,8 +248,8 @@ def composition(present: np.ndarray, names: Sequence[str]) -> dict[str, int]:
 
 
 #: the headline figures :func:`side_by_side` compares
-HEADLINE = ("level_accuracy", "level_accuracy_classifier", "level_accuracy_count", "count_MAE", "severity_MAE", "characteristic_F1_macro", "characteristic_F1_macro_varied",
-            "characteristic_F1_micro", "plausibility_F1", "plausibility_F1_uniform", "plausibility_sensitivity",
+HEADLINE = ("level_accuracy", "level_accuracy_classifier", "level_accuracy_count", "count_MAE", "severity_MAE",
+            "characteristic_F1_macro", "characteristic_F1_macro_varied", "characteristic_F1_micro", "plausibility_F1", "plausibility_F1_uniform", "plausibility_sensitivity",
             "plausibility_specificity", "plausibility_F1_all_present")
 
 

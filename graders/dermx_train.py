@@ -72,9 +72,9 @@ import torch.nn.functional as F
 from synthtrial.graders.augment import WIDE, Augmenter, draw_seeds, scaled
 from synthtrial.graders.base import GraderError, check_weights_out, read_rgb, train_grader
 from synthtrial.graders.dermx import (CHARACTERISTICS, LESION_TYPE, LEVEL_ROUTES, PRESENCE_FEATURES, DermX,
-                                      DermXConfig, DermXNet, dice_loss, normalise_maps, presence_features, to_tensor)
+                                      DermXConfig, DermXNet, dice_loss, normalise_maps, presence_features,
+                                      route_grades, to_tensor)
 from synthtrial.run import rundir
-from synthtrial.trial import scale
 from synthtrial.util.device import resolve_device
 from synthtrial.util.progress import ProgressCallback
 from synthtrial.util.training import Plan
@@ -403,8 +403,7 @@ def choose_level_route(dermx: DermX, images: np.ndarray, levels: np.ndarray,
         raise GraderError("dermx: choosing a level route needs the count head")
     probs, _, counts = dermx.outputs(list(images))
     levels = np.asarray(levels, int)
-    accuracy = {"classifier": float((probs.argmax(1) == levels).mean()),
-                "count": float((scale.acne04_level_from_count(np.maximum(counts, 0.0)) == levels).mean())}
+    accuracy = {r: float((route_grades(r, probs, counts)[0] == levels).mean()) for r in LEVEL_ROUTES}
     route = wanted if wanted != "auto" else ("count" if accuracy["count"] > accuracy["classifier"] else "classifier")
     return route, {"chosen": route, "asked": wanted, "images": int(len(levels)),
                    "accuracy": {k: round(v, 4) for k, v in accuracy.items()}}

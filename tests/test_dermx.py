@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from synthtrial.graders.base import GraderError, get_grader
 from synthtrial.grade import grade_run
-from synthtrial.graders.dermx import CHARACTERISTICS, DermX, DermXConfig, DermXNet, dice_loss, fuzzy_f1, normalise_maps, to_tensor
+from synthtrial.graders.dermx import (CHARACTERISTICS, DermX, DermXConfig, DermXNet, dice_loss, fuzzy_f1, normalise_maps,
+                                      route_grades, to_tensor)
 from synthtrial.graders.dermx_eval import evaluate_dermx
 from synthtrial.graders.dermx_train import (DermXData, choose_level_route, characteristic_masks, halo_reach, image_truth,
                                            load_dermx_data, pack_areas, train_dermx, training_batch, unpack_areas)
@@ -424,6 +425,8 @@ def test_level_routes_by_hand():
     np.testing.assert_allclose(severity, scale.severity_from_count([0.0, 5.4, 6.0, 20.6, 51.0, 0.0]))
     with pytest.raises(GraderError, match="needs the counts"):
         route.grades(probs, None)
+    with pytest.raises(GraderError, match="level_from must be"):
+        route_grades("counts", probs, counts)
     with pytest.raises(GraderError, match="needs the count head"):
         DermXConfig(level_from="count")
     with pytest.raises(GraderError, match="level_from must be"):
