@@ -342,13 +342,12 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
     history = train_grader(net, opt, plan, out, restart=restart, progress=progress)["history"]
     net.eval()
     record = {"settings": settings, "epoch": epochs, "loss_history": history}
+    picks = np.linspace(0, n - 1, min(PRESENCE_IMAGES, n)).round().astype(int)    # the calibration images
     if presence_from_maps:
-        picks = np.linspace(0, n - 1, min(PRESENCE_IMAGES, n)).round().astype(int)
         cfg = replace(cfg, presence=fit_presence(DermX(cfg, net, device=dev), data.images[picks],
                                                  data.present[picks].astype(bool)))
         record["presence_from"] = f"{len(picks)} training images"
     if count_head:
-        picks = np.linspace(0, n - 1, min(PRESENCE_IMAGES, n)).round().astype(int)
         route, record["level_route"] = choose_level_route(DermX(cfg, net, device=dev), data.images[picks],
                                                           data.levels[picks], level_from)
         cfg = replace(cfg, level_from=route)
