@@ -26,8 +26,8 @@ Choices, stated once:
   sextile midpoints (1/12, 3/12, ..., 11/12 quantiles) of the target boxes' sqrt(w h) at the detector's scale,
   smallest on the finest level; recorded in the config.
 * **Augmentation** (``augment``, default on; ``--no-augment``): before it is cropped, each drawn image gets the
-  graders' photometric and geometric augmentation (``augmentation``: :data:`WIDE`, or the detector's wider
-  :data:`DETECTOR_AUGMENT`) with its boxes (:mod:`synthtrial.graders.augment`: the boxes
+  graders' photometric and geometric augmentation (``augmentation``: :data:`WIDE`, the detector's wider
+  :data:`DETECTOR_AUGMENT`, or that with skin texture and wrinkles, :data:`TEXTURE_AUGMENT`) with its boxes (:mod:`synthtrial.graders.augment`: the boxes
   move with the lesions), its seed drawn from the step's stream.
 * **Marks** (``marks`` / ``--marks``): visible post-inflammatory marks become targets of a seventh class that is
   never counted, so the detector learns them as what they are instead of meeting them only as background that
@@ -79,7 +79,13 @@ ACNE04_CLASSES = ("lesion",)
 #: about twice the Laplacian contrast of astronaut's: wrinkles and texture must be no cue).
 DETECTOR_AUGMENT = replace(WIDE, scale=(0.8, 1.25), temperature=0.3, tint=0.3, saturation=0.6, blur_p=0.3,
                            blur_sigma=(0.1, 1.5), sharpness_p=0.4, sharpness=(0.3, 3.0))
-AUGMENTS = {"wide": WIDE, "detector": DETECTOR_AUGMENT}
+#: ``--augment texture``: :data:`DETECTOR_AUGMENT` plus skin texture and wrinkles (each on 60 % of the images;
+#: :class:`synthtrial.graders.augment.SkinTexture`, :class:`~synthtrial.graders.augment.Wrinkles`): an older
+#: face's fine structure and lines, which a detector trained on one smooth-skinned portrait otherwise takes
+#: for lesions (on hopper 40 % of the 2026-12-06 weights' counted detections lay on no lesion and no mark).
+TEXTURE_AUGMENT = replace(DETECTOR_AUGMENT, texture_p=0.6, texture=0.04, wrinkles_p=0.6, wrinkles=80,
+                          wrinkle_depth=0.25)
+AUGMENTS = {"wide": WIDE, "detector": DETECTOR_AUGMENT, "texture": TEXTURE_AUGMENT}
 
 
 @dataclass

@@ -172,3 +172,39 @@ def test_scaled_shrinks_the_colour_ranges_and_keeps_geometry(face256):
     assert np.abs(out.astype(int) - image.astype(int)).max() <= 1
     wide = Augmenter(dataclasses.replace(WIDE, hflip=0.0, affine_p=0.0, blur_p=0.0, noise_p=0.0, jpeg_p=0.0))
     assert np.abs(wide.image(image, 3).astype(int) - image.astype(int)).mean() > 2
+
+
+def test_skin_texture_adds_grey_structure_of_the_drawn_scale_and_amplitude():
+    """SkinTexture on a flat grey image: the same change on every channel (structure, no colour), a standard
+    deviation within the drawn range, and coarser grain at a larger sigma."""
+    from synthtrial.graders.augment import SkinTexture
+
+    flat = torch.full((3, 96, 96), 0.5)
+    fine, coarse = SkinTexture(0.04, (0.5, 0.5)), SkinTexture(0.04, (2.0, 2.0))
+    params = {"std": 0.04, "sigma": 0.5, "seed": 7}
+    out = fine.apply(flat.clone(), params) - 0.5
+    assert torch.allclose(out[0], out[1]) and torch.allclose(out[1], out[2])
+    assert float(out.std()) == pytest.approx(0.04, rel=0.05)
+    smooth = coarse.apply(flat.clone(), {**params, "sigma": 2.0}) - 0.5
+    neighbour = [float(torch.corrcoef(torch.stack([o[0, :, :-1].flatten(), o[0, :, 1:].flatten()]))[0, 1])
+                 for o in (out, smooth)]
+    assert neighbour[1] > neighbour[0] + 0.3                     # neighbours alike at 2 px, far less at 0.5 px
+    assert SkinTexture(0.04, (0.5, 2.0)).make_params([])["std"] <= 0.04
+
+
+def test_wrinkles_darken_thin_lines_and_leave_the_lesion_boxes():
+    """Wrinkles on a flat image: a few percent of the pixels darkened (thin furrows), a fainter highlight beside
+    them, nothing else touched; through ``with_boxes`` the boxes stay exactly where they were."""
+    config = dataclasses.replace(FLIPS, hflip=0.0, wrinkles_p=1.0, wrinkles=12, wrinkle_depth=0.3)
+    image = np.full((128, 128, 3), 128, np.uint8)
+    out = Augmenter(config).image(image, 5).astype(int) - 128
+    darker, lighter = (out[..., 0] < -2).mean(), (out[..., 0] > 2).mean()
+    assert 0.005 < darker < 0.3 and lighter < darker               # thin lines, highlights fainter
+    assert out.min() >= -0.3 * 128 * 1.05 - 1                     # never deeper than the depth
+    assert (out[..., 0] == out[..., 1]).all()                      # the same factor on every channel
+    boxes = np.array([[10, 10, 20, 20], [60, 70, 75, 84]], np.float32)
+    _, moved, labels = Augmenter(config).with_boxes(image, boxes, np.array([1, 2]), 5)
+    np.testing.assert_array_equal(moved, boxes)
+    np.testing.assert_array_equal(labels, [1, 2])
+    same = Augmenter(config).image(image, 5).astype(int) - 128
+    np.testing.assert_array_equal(out, same)

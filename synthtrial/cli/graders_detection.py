@@ -35,8 +35,10 @@ RpnIou = Annotated[float, typer.Option(min=0.05, max=0.95, help="RPN foreground 
 Highpass = Annotated[float, typer.Option(min=0.0, max=64.0, help="Feed the network each pixel's difference from "
                                          "a Gaussian blur of this sigma (px; 0: off), so skin tone and light are "
                                          "no cue.")]
-Augmentation = Annotated[str, typer.Option(help="Augmentation when on: wide (the graders') or detector (wider "
-                                           "colour temperature, scale, blur and sharpness).")]
+Augmentation = Annotated[str, typer.Option(help="Augmentation when on: wide (the graders'), detector (wider "
+                                           "colour temperature, scale, blur and sharpness) or texture (detector "
+                                           "plus skin texture and wrinkles: for faces older or sharper than the "
+                                           "training portrait).")]
 MetricsOut = Annotated[Optional[Path], typer.Option("--out", help="Write the metrics as JSON.", show_default=False)]
 
 
