@@ -21,7 +21,9 @@ Choices, stated once:
   same weights summed over its lesions, so the pair is drawn from that one distribution.
 * **Fine-tuning** (``init``): training may start from a detector's saved weights instead of a random
   initialisation (the same architecture: every config field but the count calibration must agree); a fresh
-  optimiser, warm-up and cosine schedule then run for ``steps``. The start's weights hash is recorded.
+  optimiser, warm-up and cosine schedule then run for ``steps``. The start's weights hash is recorded. Its
+  anchor sizes and NWD constant are kept rather than fitted to the new data (the network's RPN was trained
+  with them), so a detector can be fine-tuned on other runs, e.g. another portrait's.
 * **Anchors from the lesion sizes** (``fit_anchors``, default on): two anchor sizes per pyramid level, the
   sextile midpoints (1/12, 3/12, ..., 11/12 quantiles) of the target boxes' sqrt(w h) at the detector's scale,
   smallest on the finest level; recorded in the config.
@@ -360,8 +362,12 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
         start = LesionDetector.from_pretrained(init, device="cpu")
         settings["init"] = {"from": str(init), "weights_sha256": rundir.sha256_file(Path(init) / WEIGHTS_FILE)}
     anchors = dict(anchor_sizes=fit_anchor_sizes(data), anchors_per_level=2) if fit_anchors else {}
+    nwd_constant = round(mean_lesion_size(data), 3)
+    if start is not None:            # the network's anchors and NWD constant stay those it was trained with
+        anchors = dict(anchor_sizes=start.config.anchor_sizes, anchors_per_level=start.config.anchors_per_level)
+        nwd_constant = start.config.nwd_constant
     cfg = DetectorConfig(head=head, classes=data.classes, image_side=image_side, tile=tile, backbone=backbone,
-                         nwd_constant=round(mean_lesion_size(data), 3), anchor_ratios=tuple(anchor_ratios),
+                         nwd_constant=nwd_constant, anchor_ratios=tuple(anchor_ratios),
                          rpn_fg_iou=rpn_iou[0], rpn_bg_iou=rpn_iou[1], highpass_sigma=highpass_sigma, **anchors)
     torch.manual_seed(seed)
     if start is not None:

@@ -3,6 +3,8 @@ are, anchors fitted to the lesion sizes, and evaluation against the visible trut
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -312,3 +314,13 @@ def test_fine_tuning_starts_from_the_given_weights_and_refuses_another_architect
     with pytest.raises(GraderError, match="differs from this training's in anchor_ratios"):
         train_detector(data, tmp_path / "d", steps=1, batch_size=1, seed=2, image_side=96, tile=64, device="cpu",
                        anchor_ratios=(0.5, 1.0, 2.0), init=tmp_path / "a")
+    # fine-tuned on other data (boxes 1.6 times the size): the start's anchors and NWD constant are kept
+    def grown(b):
+        centre, half = (b[:, :2] + b[:, 2:]) / 2, 0.8 * (b[:, 2:] - b[:, :2])
+        return np.clip(np.column_stack([centre - half, centre + half]), 0, 96).astype(np.float32)
+    bigger = dataclasses.replace(data, boxes=[grown(b) for b in data.boxes])
+    assert fit_anchor_sizes(bigger) != first.config.anchor_sizes
+    other = train_detector(bigger, tmp_path / "e", steps=1, batch_size=1, seed=2, image_side=96, tile=64,
+                           device="cpu", anchor_ratios=(1.0,), lr=0.0, init=tmp_path / "a")
+    assert (other.config.anchor_sizes, other.config.nwd_constant) == (first.config.anchor_sizes,
+                                                                      first.config.nwd_constant)
