@@ -23,9 +23,10 @@ Choices, stated once:
   512 px: 2.3x astronaut's luminance contrast at ~1 px, 2.2x at ~2 px, 1.5x at ~4 px) and lines that are not
   lesions. :class:`SkinTexture` adds band-limited luminance noise (white noise blurred by a sigma drawn from
   ``texture_sigma``, its standard deviation uniform in 0-``texture``, the same on every channel, so it adds
-  structure and no colour); :class:`Wrinkles` draws up to ``wrinkles`` thin smooth curves (1-2.5 px wide, 15-90
-  px long), each a dark furrow with a faint highlight beside it, darkening by up to ``wrinkle_depth``. Both are
-  in the images alone: a lesion under a wrinkle keeps its box, as it does on a real face.
+  structure and no colour); :class:`Wrinkles` draws up to ``wrinkles`` thin wavy curves (1-3 px wide, 15-90 px
+  long) in groups of up to six roughly parallel ones 4-12 px apart, each a dark furrow with a highlight of a
+  third of its depth beside it, darkening by up to ``wrinkle_depth``. Both are in the images alone: a lesion
+  under a wrinkle keeps its box, as it does on a real face.
 * **Geometric**: a horizontal flip (0.5; faces are photographed upright, so no vertical flips), and with
   probability 0.7 a rotation of up to 10 degrees, a scale of x0.85-1.15 and a shift of up to 5 % of the side,
   bilinear, the uncovered border black. Masks are resampled nearest-neighbour (their values are kept).

@@ -29,8 +29,8 @@ Choices, stated once:
   smallest on the finest level; recorded in the config.
 * **Augmentation** (``augment``, default on; ``--no-augment``): before it is cropped, each drawn image gets the
   graders' photometric and geometric augmentation (``augmentation``: :data:`WIDE`, the detector's wider
-  :data:`DETECTOR_AUGMENT`, or that with skin texture and wrinkles, :data:`TEXTURE_AUGMENT`) with its boxes (:mod:`synthtrial.graders.augment`: the boxes
-  move with the lesions), its seed drawn from the step's stream.
+  :data:`DETECTOR_AUGMENT`, or that with skin texture and wrinkles, :data:`TEXTURE_AUGMENT`) with its boxes
+  (:mod:`synthtrial.graders.augment`: the boxes move with the lesions), its seed drawn from the step's stream.
 * **Marks** (``marks`` / ``--marks``): visible post-inflammatory marks become targets of a seventh class that is
   never counted, so the detector learns them as what they are instead of meeting them only as background that
   a random RoI sample may miss; evaluation scores the six lesion classes and leaves mark detections out.
@@ -361,11 +361,12 @@ def train_detector(data: DetectionData, out: str | Path, *, head: str = "sadh_nw
     if init is not None:
         start = LesionDetector.from_pretrained(init, device="cpu")
         settings["init"] = {"from": str(init), "weights_sha256": rundir.sha256_file(Path(init) / WEIGHTS_FILE)}
-    anchors = dict(anchor_sizes=fit_anchor_sizes(data), anchors_per_level=2) if fit_anchors else {}
-    nwd_constant = round(mean_lesion_size(data), 3)
     if start is not None:            # the network's anchors and NWD constant stay those it was trained with
         anchors = dict(anchor_sizes=start.config.anchor_sizes, anchors_per_level=start.config.anchors_per_level)
         nwd_constant = start.config.nwd_constant
+    else:
+        anchors = dict(anchor_sizes=fit_anchor_sizes(data), anchors_per_level=2) if fit_anchors else {}
+        nwd_constant = round(mean_lesion_size(data), 3)
     cfg = DetectorConfig(head=head, classes=data.classes, image_side=image_side, tile=tile, backbone=backbone,
                          nwd_constant=nwd_constant, anchor_ratios=tuple(anchor_ratios),
                          rpn_fg_iou=rpn_iou[0], rpn_bg_iou=rpn_iou[1], highpass_sigma=highpass_sigma, **anchors)
