@@ -8,7 +8,7 @@ Choices, stated once:
   shows and each characteristic's explanation area. Everything is held in memory; the explanation areas as
   one byte per pixel (bit k = characteristic k), so 3,000 images at 256 px take 0.6 GB in all.
 * **Truth** (``truth``): ``visible`` (default) -- an image has a characteristic when at least one lesion of
-  that type is visible on it (``lesions.parquet``'s ``visible``: contrast and size, see
+  that type is visible on it (``lesions.parquet``'s ``visible``: contrast, signal and size, see
   :mod:`synthtrial.render.visibility`); ``simulated`` -- when the course puts at least one on the face,
   drawn or not (the old rule: a closed comedo a quarter of which can be seen, or a lesion turned away in a
   side view, still counts). A perfect grader can only see the visible truth, so that is what it is trained

@@ -321,6 +321,7 @@ def add_visibility(run: Path) -> pd.DataFrame:
     lesions = pd.read_parquet(run / "lesions.parquet")
     lesions["visible"] = [j % 3 != 0 for j in range(len(lesions))]
     lesions["contrast"] = [float("nan") if j == 0 else 2.0 + (j % 3) * 4 for j in range(len(lesions))]
+    lesions["signal"] = [float("nan") if j == 1 else 3.0 + (j % 3) * 4 for j in range(len(lesions))]
     lesions.to_parquet(run / "lesions.parquet", index=False)
     manifest = pd.read_parquet(run / "manifest.parquet")
     active = lesions[lesions["visible"] & lesions["type"].isin(CATEGORIES[:5])].groupby("image").size()
@@ -335,13 +336,14 @@ def test_coco_carries_stage_visibility_and_contrast_and_filters_on_them(tmp_path
     full = json.loads(export_run(run, "coco", image_root=run).read_text())
     assert full["info"]["lesions"] == "all" and len(full["annotations"]) == len(lesions)
     first = full["annotations"][0]["attributes"]
-    assert set(first) == {"stage", "visible", "contrast"} and first["stage"] == "active"
+    assert set(first) == {"stage", "visible", "contrast", "signal"} and first["stage"] == "active"
     by_key = {(r.image, r.lesion_id): r for r in lesions.itertuples(index=False)}
     files = {im["id"]: im["file_name"] for im in full["images"]}
     for ann in full["annotations"]:
         les = by_key[(files[ann["image_id"]], ann["lesion_id"])]
         assert ann["attributes"]["visible"] == les.visible
         assert (ann["attributes"]["contrast"] is None) == math.isnan(les.contrast)
+        assert ann["attributes"]["signal"] == (None if math.isnan(les.signal) else les.signal)
 
     visible = json.loads(export_run(run, "coco", tmp_path / "v.json", visible_only=True).read_text())
     assert visible["info"]["lesions"] == "visible"

@@ -283,9 +283,11 @@ def test_inpaint_backend_draws_the_procedural_lesion_table(tmp_path, tiny_sdxl):
     procedural = generate(proto, tmp_path / "procedural", size=128, progress=False)
     a, b = read_run(inpaint)[1], read_run(procedural)[1]
     assert len(a) > 10 and (a["intensity"] < 1).any()
-    measured = ["area_px", "contrast", "visible"]
+    measured = ["area_px", "contrast", "signal", "visible"]
     pd.testing.assert_frame_equal(a.drop(columns=measured), b.drop(columns=measured))
     assert (a["area_px"] == b["area_px"]).all()  # the same masks
+    # inpainting repaints the masked pixels: no lesion-free reference, so no signal; the procedural one has it
+    assert a["signal"].isna().all() and b.loc[b["area_px"] > 0, "signal"].notna().all()
     config = json.loads((inpaint / "config.json").read_text())
     assert config["renderer"]["size_at_zero_intensity"] == 1.0 and config["backend"]["name"] == "sdxl-inpaint"
 
@@ -549,9 +551,11 @@ def test_visibility_is_measured_on_every_lesion_and_counted(quick_run):
 
     manifest, lesions = read_run(quick_run)
     assert (lesions["area_px"] <= lesions["mask_area"]).all()
-    assert (lesions["visible"] == is_visible(lesions["contrast"], lesions["area_px"])).all()
+    assert (lesions["visible"] == is_visible(lesions["contrast"], lesions["area_px"], lesions["signal"])).all()
     assert not lesions.loc[lesions["area_px"] == 0, "visible"].any()
     assert lesions["contrast"].notna().mean() > 0.95
+    assert lesions.loc[lesions["area_px"] > 0, "signal"].notna().all()  # the procedural renderer's photo is its reference
+    assert (lesions.loc[lesions["visible"], "signal"] >= 5).all()
     visible = lesions[lesions["visible"]]
     for rec in manifest.itertuples():
         mine = visible[visible["image"] == rec.image]

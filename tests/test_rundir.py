@@ -140,6 +140,12 @@ def test_verify_checks_the_visible_counts_and_flags(run):
     text = "\n".join(verify(run))
     assert "row 2, column 'visible_count'" in text and "row 5, column 'n_visible_mark'" in text
     assert f"lesions.parquet: row {hidden + 1}, column 'visible': True but contrast" in text
+    table.loc[hidden, "visible"] = False
+    seen = int(table.index[table["visible"]][0])
+    table.loc[seen, "signal"] = 1.0  # it changed its pixels by less than the rule asks
+    rundir.write_table(run / "lesions.parquet", table)
+    assert (f"lesions.parquet: row {seen + 1}, column 'visible': True but contrast"
+            in (text := "\n".join(verify(run)))) and "and signal 1.0 make it False" in text
     table["visible"] = table["visible"].astype(object)
     rundir.write_table(run / "lesions.parquet", table.drop(columns="contrast"))
     assert "lesions.parquet: missing column 'contrast' (the visibility measurement)" in "\n".join(verify(run))

@@ -52,7 +52,7 @@ def test_an_empty_mask_is_not_visible():
     assert out["area_px"].tolist() == [16, 0]
     assert math.isnan(out.loc[1, "contrast"]) and out["visible"].tolist() == [True, False]
     empty = measure_visibility(image, np.zeros_like(labels), [])
-    assert list(empty.columns) == ["area_px", "contrast", "visible"] and empty.empty
+    assert list(empty.columns) == ["area_px", "contrast", "signal", "visible"] and empty.empty
 
 
 def test_a_strong_lesion_below_the_least_area_is_not_visible():
@@ -112,6 +112,52 @@ def test_the_rule_at_its_thresholds():
     at = [VISIBLE_DELTA_E, VISIBLE_DELTA_E - 1e-6, VISIBLE_DELTA_E, float("nan")]
     area = [MIN_AREA_PX, MIN_AREA_PX, MIN_AREA_PX - 1, 100]
     assert is_visible(at, area).tolist() == [True, False, False, False]
+    signal = [VISIBLE_DELTA_E - 1e-6, float("nan"), VISIBLE_DELTA_E, 50.0]  # NaN: no reference, the rule as before
+    assert is_visible([20.0] * 4, [100] * 4, signal).tolist() == [False, True, True, True]
+
+
+def test_the_signal_is_what_the_lesion_changed_not_the_texture_under_it():
+    """On a textured face a spot with nothing drawn can differ from its ring (contrast) though it changed
+    nothing: against the lesion-free reference its signal is 0 and it is not visible. A lesion drawn onto the
+    same texture has the signal of its own colour change."""
+    reference = np.full((60, 60, 3), SKIN, np.uint8)
+    reference[20:26, 20:26] = (150, 120, 105)          # a dark patch of skin: texture, no lesion
+    image, labels = reference.copy(), np.zeros((60, 60), np.uint16)
+    labels[20:26, 20:26] = 1                           # lesion 0 lies on that patch and changed nothing
+    put(image, labels, 1, slice(40, 46), slice(40, 46), RED)  # lesion 1 drawn onto plain skin
+    out = measure_visibility(image, labels, [0, 1], reference=reference)
+    assert out.loc[0, "contrast"] == pytest.approx(delta_e(SKIN, (150, 120, 105)), abs=1e-3)
+    assert out.loc[0, "contrast"] > VISIBLE_DELTA_E
+    assert out.loc[0, "signal"] == 0.0 and not out.loc[0, "visible"]
+    assert out.loc[1, "signal"] == pytest.approx(delta_e(SKIN, RED), abs=1e-3) and bool(out.loc[1, "visible"])
+    without = measure_visibility(image, labels, [0, 1])  # no reference: the signal is unknown
+    assert without["signal"].isna().all() and without["visible"].tolist() == [True, True]
+    half = image.copy()
+    half[40:46, 40:43] = SKIN                          # half the lesion's pixels changed: half the mean shift
+    lab = rgb2lab(np.uint8([[SKIN, RED]]))[0]
+    expected = float(np.linalg.norm(lab[1] - lab[0]) / 2)
+    assert measure_visibility(half, labels, [1], reference=reference).loc[0, "signal"] == pytest.approx(expected,
+                                                                                                         abs=1e-3)
+    with pytest.raises(ValueError, match="reference"):
+        measure_visibility(image, labels, [0], reference=reference[:30])
+
+
+def test_the_procedural_renderer_leaves_its_photo_as_the_reference():
+    """``draws_onto_photo``: outside the lesions' footprints the procedural output is the photo bit for bit,
+    so the photo is a valid lesion-free reference."""
+    from synthtrial.render.procedural import LesionSpec, ProceduralRenderer
+
+    rng = np.random.default_rng(0)
+    photo = np.clip(rng.normal(170, 12, (96, 96, 3)), 0, 255).astype(np.uint8)
+    spec = LesionSpec(lesion_id=0, type="papule", cx=48.0, cy=48.0, radius_px=4.0, intensity=1.0, seed=3)
+    renderer = ProceduralRenderer()
+    assert renderer.draws_onto_photo
+    result = renderer(photo, [spec], skin_mask=np.ones((96, 96), bool), seed=1)
+    changed = (result.image != photo).any(axis=2)
+    assert changed.any() and not changed[:, :30].any() and not changed[:, 66:].any()
+    labels = result.masks[0].astype(np.uint16)
+    out = measure_visibility(result.image, labels, [0], reference=photo)
+    assert out.loc[0, "signal"] > VISIBLE_DELTA_E
 
 
 # ------------------------------------------------------------------------------- the count against both truths

@@ -324,6 +324,10 @@ class ProceduralRenderer:
     #: Each request is drawn on its own, so a batch may be drawn one request at a time with the same bytes
     #: (``generate`` then counts progress per image). A backend without this attribute is drawn a batch at once.
     independent_requests = True
+    #: Outside its lesions' footprints the output is the request's photo bit for bit: that photo is each lesion's
+    #: lesion-free reference, against which ``generate`` measures what the lesion changed
+    #: (:mod:`synthtrial.render.visibility`, ``signal``). A backend without this attribute has no such reference.
+    draws_onto_photo = True
 
     def __init__(self, config: ProceduralConfig | None = None):
         self.config = config if config is not None else ProceduralConfig()

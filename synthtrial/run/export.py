@@ -59,7 +59,7 @@ JPEG_QUALITY = 95
 REPLACE_RULE = ("an earlier export (the folder, or the COCO JSON file named by --out) is replaced only with --force, "
                 "at --out and at the default RUN/exports/<format> alike; anything else there is never replaced")
 #: Lesion columns a COCO annotation carries in its ``attributes``, where the run's lesion table has them.
-ATTRIBUTES = ("stage", "visible", "contrast")
+ATTRIBUTES = ("stage", "visible", "contrast", "signal")
 #: Columns of the imagefolder ``metadata.csv`` after ``file_name``.
 METADATA_COLUMNS = ("patient_id", "day", "date", "treatment", "view", "severity", "acne04_level", "iga",
                     "lesion_count", "n_open_comedo", "n_closed_comedo", "n_papule", "n_pustule", "n_nodule",
@@ -83,8 +83,8 @@ FORMAT_HELP = {
     acne04_level, iga. annotations: bbox (x, y, w, h) from the lesion's x0, y0, x1, y1; area from the
     lesion's mask where the run has one, else w*h; segmentation polygons traced from the mask; iscrowd 0;
     lesion_id; attributes: stage (the lesion's phase: onset, active, resolving, or residual for marks and
-    scars), visible (true/false) and contrast (CIE76 delta E to the surrounding skin; null when unknown),
-    where the run has them. categories, fixed ids: 1 open_comedo, 2 closed_comedo, 3 papule, 4 pustule,
+    scars), visible (true/false), contrast (CIE76 delta E to the surrounding skin) and signal (CIE76 delta E
+    to the same pixels without the lesion), null when unknown, where the run has them. categories, fixed ids: 1 open_comedo, 2 closed_comedo, 3 papule, 4 pustule,
     5 nodule, 6 mark, 7 scar (supercategory acne). --visible-only keeps the visible lesions only,
     --active-only the active lesion types only (no marks or scars); info.lesions says which. Point the
     loader's image root at the JSON's folder (info.image_root: the root relative to it, "." by default).
@@ -349,14 +349,15 @@ def _relative(path: Path, start: Path) -> str:
 
 
 def _attributes(les: dict[str, Any]) -> dict[str, Any]:
-    """An annotation's ``attributes``: stage, visible and contrast, where the lesion table has them."""
+    """An annotation's ``attributes``: stage, visible, contrast and signal, where the lesion table has them."""
     out: dict[str, Any] = {}
     if "stage" in les:
         out["stage"] = None if rundir.is_missing(les["stage"]) else str(les["stage"])
     if "visible" in les:
         out["visible"] = bool(les["visible"])
-    if "contrast" in les:
-        out["contrast"] = None if rundir.is_missing(les["contrast"]) else float(les["contrast"])
+    for measure in ("contrast", "signal"):
+        if measure in les:
+            out[measure] = None if rundir.is_missing(les[measure]) else float(les[measure])
     return out
 
 

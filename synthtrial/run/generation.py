@@ -445,5 +445,6 @@ def _tables(protocol: pd.DataFrame, records: dict[str, list[dict[str, Any]]],
     manifest["quality_p"] = pd.to_numeric(manifest["quality_p"], errors="coerce").astype("float64")
     lesions = pd.DataFrame(lesion_rows, columns=list(rundir.LESION_COLUMNS))
     lesions = lesions.astype({"day": "int64", "lesion_id": "int64", "age_days": "int64", "mask_area": "int64",
-                              "area_px": "int64", "contrast": "float64", "visible": "bool"})
+                              "area_px": "int64", "contrast": "float64", "signal": "float64",
+                              "visible": "bool"})
     return manifest, lesions

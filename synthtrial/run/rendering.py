@@ -204,7 +204,8 @@ def render_chunk(job: PatientJob, rows: list[dict[str, Any]], quality: QualityFi
             verdict = _quality(job, quality, renderer, p, result) if job.settings.quality_filter else None
             if verdict is not None:
                 p, result = verdict.pop("prepared"), verdict.pop("result")
-            records[k] = _write_image(run_dir, face, course, p, result, verdict)
+            records[k] = _write_image(run_dir, face, course, p, result, verdict,
+                                      onto_photo=bool(getattr(renderer, "draws_onto_photo", False)))
             tell(1, job.patient_id)
 
     if getattr(renderer, "independent_requests", False):  # one request at a time: the same bytes, told per image
@@ -284,8 +285,10 @@ def _prepare(job: PatientJob, face, course, views: dict, row: dict[str, Any]) ->
 
 
 def _write_image(run_dir: Path, face, course, prepared: dict[str, Any], result,
-                 quality: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the image, its instance mask and its record (the record last: it marks the image as done)."""
+                 quality: dict[str, Any] | None = None, *, onto_photo: bool = False) -> dict[str, Any]:
+    """Write the image, its instance mask and its record (the record last: it marks the image as done).
+    ``onto_photo``: the backend drew the lesions onto the face photo and left it untouched elsewhere, so that
+    photo is each lesion's lesion-free reference (visibility's ``signal``)."""
     row, states, specs = prepared["row"], prepared["states"], prepared["specs"]
     label = np.zeros(result.image.shape[:2], dtype=np.uint16)
     areas = []
@@ -300,7 +303,8 @@ def _write_image(run_dir: Path, face, course, prepared: dict[str, Any], result,
     write_bytes_atomic(run_dir / row["mask"], mask_bytes)
     counts = {t: 0 for t in scale.ALL_LESION_TYPES}
     seen = {t: 0 for t in scale.ALL_LESION_TYPES}
-    sight = measure_visibility(result.image, label, [spec.lesion_id for spec in specs], skin=prepared["face"].skin)
+    sight = measure_visibility(result.image, label, [spec.lesion_id for spec in specs], skin=prepared["face"].skin,
+                               reference=prepared["face"].image if onto_photo else None)
     lesions = []
     for state, spec, area, box, look in zip(states, specs, areas, result.boxes,
                                             sight.itertuples(index=False), strict=True):
@@ -313,7 +317,7 @@ def _write_image(run_dir: Path, face, course, prepared: dict[str, Any], result,
             "mask_area": area, "stage": state.stage, "age_days": int(state.age_days),
             "intensity": round(state.intensity, 4), "diameter_mm": round(state.diameter_mm, 3),
             "area_px": int(look.area_px), "contrast": None if np.isnan(look.contrast) else float(look.contrast),
-            "visible": bool(look.visible),
+            "signal": None if np.isnan(look.signal) else float(look.signal), "visible": bool(look.visible),
         })
     n_active = sum(counts[t] for t in scale.LESION_TYPES)
     n_inflammatory = counts["papule"] + counts["pustule"] + counts["nodule"]

@@ -91,7 +91,7 @@ MANIFEST_COLUMNS = ("image", "mask", "patient_id", "day", "date", "block", "trea
 #: The lesion table's columns, in the order ``generate`` writes them.
 LESION_COLUMNS = ("image", "patient_id", "day", "view", "lesion_id", "type", "x0", "y0", "x1", "y1", "cx", "cy",
                   "radius_px", "mask_area", "stage", "age_days", "intensity", "diameter_mm", "area_px", "contrast",
-                  "visible")
+                  "signal", "visible")
 #: The grade table's key; its columns are the two keys, then ``<grader>_<name>``.
 GRADES_KEY = "image"
 #: The grade table's second key: the image's sha256 from the manifest when it was graded.

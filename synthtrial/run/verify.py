@@ -180,9 +180,10 @@ def check_counts(manifest: pd.DataFrame, lesions: pd.DataFrame) -> list[str]:
 
 
 def check_visibility(lesions: pd.DataFrame) -> list[str]:
-    """``lesions.parquet``'s ``visible`` flags against the stated rule on its ``contrast`` and ``area_px``
-    (:func:`synthtrial.render.visibility.is_visible`), the first 20 that break it; a missing column is the one
-    problem listed."""
+    """``lesions.parquet``'s ``visible`` flags against the stated rule on its ``contrast``, ``area_px`` and
+    ``signal`` (:func:`synthtrial.render.visibility.is_visible`; a run made before the signal was measured has no
+    ``signal`` column, and its rule stands on the other two), the first 20 that break it; a missing column is the
+    one problem listed."""
     from synthtrial.render.visibility import is_visible
 
     missing = [c for c in ("area_px", "contrast", "visible") if c not in lesions.columns]
@@ -194,10 +195,16 @@ def check_visibility(lesions: pd.DataFrame) -> list[str]:
         return [f"{LESIONS}: column 'visible' holds {flags.dtype} values, not true/false"]
     contrast = pd.to_numeric(lesions["contrast"], errors="coerce").to_numpy(dtype=float)
     area = pd.to_numeric(lesions["area_px"], errors="coerce").to_numpy(dtype=float)
-    wrong = np.flatnonzero(is_visible(contrast, area) != flags.to_numpy(dtype=bool))
-    return [f"{LESIONS}: row {int(lesions['_row'].iloc[j])}, column 'visible': {bool(flags.iloc[j])} but contrast "
-            f"{rundir.show(lesions['contrast'].iloc[j])} and area_px {rundir.show(lesions['area_px'].iloc[j])} "
-            "make it " + str(not bool(flags.iloc[j])) for j in wrong[:20]]
+    has_signal = "signal" in lesions.columns
+    signal = pd.to_numeric(lesions["signal"], errors="coerce").to_numpy(dtype=float) if has_signal else None
+    wrong = np.flatnonzero(is_visible(contrast, area, signal) != flags.to_numpy(dtype=bool))
+
+    def because(j: int) -> str:
+        shown = f"contrast {rundir.show(lesions['contrast'].iloc[j])}, area_px {rundir.show(lesions['area_px'].iloc[j])}"
+        return shown + (f" and signal {rundir.show(lesions['signal'].iloc[j])}" if has_signal else "")
+
+    return [f"{LESIONS}: row {int(lesions['_row'].iloc[j])}, column 'visible': {bool(flags.iloc[j])} but "
+            f"{because(j)} make it {not bool(flags.iloc[j])}" for j in wrong[:20]]
 
 
 def check_protocol(run: Path, manifest: pd.DataFrame, recorded_sha: Any) -> list[str]:
