@@ -8,8 +8,9 @@ Choices, stated once:
   so that their longer side is ``image_side``; all images are held in memory as uint8.
 * **Targets: the visible lesions** (``visible_only``, default on; ``--all-lesions`` for every simulated one): a
   lesion the renderer measured as invisible (``lesions.parquet``'s ``visible``: contrast to its surround or
-  signal, the change it made, below 5 ΔE, or smaller than 4 px) is not a target -- a detector taught to find what is not in the pixels learns to
-  hallucinate. It is not a negative either in effect: it looks like the skin around it.
+  signal, the change it made, below 5 ΔE, or smaller than 4 px) is not a target -- a detector taught to find
+  what is not in the pixels learns to hallucinate. It is not a negative either in effect: it looks like the
+  skin around it.
 * **Masked crops where lesions are** (Zhang et al. 3.1.2): each step draws ``batch`` (default 2) ``tile`` x
   ``tile`` crops (and a horizontal flip) from random images; with probability ``focus`` (0.75) the crop is
   centred, up to a quarter tile off, on a target lesion drawn at random (so crops land where lesions are

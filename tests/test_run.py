@@ -554,7 +554,8 @@ def test_visibility_is_measured_on_every_lesion_and_counted(quick_run):
     assert (lesions["visible"] == is_visible(lesions["contrast"], lesions["area_px"], lesions["signal"])).all()
     assert not lesions.loc[lesions["area_px"] == 0, "visible"].any()
     assert lesions["contrast"].notna().mean() > 0.95
-    assert lesions.loc[lesions["area_px"] > 0, "signal"].notna().all()  # the procedural renderer's photo is its reference
+    # the procedural renderer's photo is every lesion's reference
+    assert lesions.loc[lesions["area_px"] > 0, "signal"].notna().all()
     assert (lesions.loc[lesions["visible"], "signal"] >= 5).all()
     visible = lesions[lesions["visible"]]
     for rec in manifest.itertuples():

@@ -200,7 +200,8 @@ def check_visibility(lesions: pd.DataFrame) -> list[str]:
     wrong = np.flatnonzero(is_visible(contrast, area, signal) != flags.to_numpy(dtype=bool))
 
     def because(j: int) -> str:
-        shown = f"contrast {rundir.show(lesions['contrast'].iloc[j])}, area_px {rundir.show(lesions['area_px'].iloc[j])}"
+        shown = (f"contrast {rundir.show(lesions['contrast'].iloc[j])}, "
+                 f"area_px {rundir.show(lesions['area_px'].iloc[j])}")
         return shown + (f" and signal {rundir.show(lesions['signal'].iloc[j])}" if has_signal else "")
 
     return [f"{LESIONS}: row {int(lesions['_row'].iloc[j])}, column 'visible': {bool(flags.iloc[j])} but "
