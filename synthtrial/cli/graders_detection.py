@@ -106,11 +106,12 @@ def train_detector_command(
 
     --data takes run directories (six lesion classes) or one ACNE04 copy (its VOC boxes, one class 'lesion').
 
-    Example (the shipped weights, ~55 min on 2 busy CPU cores):
+    Example (the shipped weights' first stage on the grader training set, ~75 min on one core; the second
+    stage, a fine-tune with --init, and the count calibration are in graders/weights/detector/MODEL_CARD.md):
 
-      synthtrial generate protocols/graders_train.csv --out runs/gtrain --seed 1 --size 512
+      synthtrial graders dataset --out runs/graderset --images 3000
 
-      synthtrial graders train detector --data runs/gtrain --out graders/weights/detector
+      synthtrial graders train detector --data runs/graderset/train --out runs/weights/det --backbone regnetx_004 --batch-size 4 --steps 4000 --seed 0 --marks --anchor-ratios 0.7,1,1.4 --rpn-iou 0.3 --highpass 8 --augmentation detector
 
     On ACNE04: synthtrial graders train detector --data ACNE04/ --image-side 1024 --out det
     """
