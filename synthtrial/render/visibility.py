@@ -115,10 +115,10 @@ def measure_visibility(image: np.ndarray, instance_mask: np.ndarray,
     from scipy import ndimage
 
     boxes = ndimage.find_objects(labels) if ids.size and labels.any() else []
-    flat: list[np.ndarray] = []     # flat pixel indices: each lesion's mask, then its ring
-    groups: list[np.ndarray] = []   # 2k: lesion k's pixels, 2k + 1: its ring's
-    own: list[np.ndarray] = []      # flat pixel indices of each lesion's mask (for the signal)
+    own: list[np.ndarray] = []      # flat pixel indices of each lesion's mask, and whose they are
     owner: list[np.ndarray] = []
+    ring: list[np.ndarray] = []     # the same for the rings of the lesions that have one
+    ring_owner: list[np.ndarray] = []
     area = np.zeros(len(ids), np.int64)
     measured = np.zeros(len(ids), bool)
     width = labels.shape[1]
@@ -129,23 +129,25 @@ def measure_visibility(image: np.ndarray, instance_mask: np.ndarray,
         found = _mask_and_ring(labels, skin, box, lesion_id + 1)
         if found is None:
             rows, cols = np.nonzero(labels[box] == lesion_id + 1)
-            area[k] = rows.size
-            own.append((rows + box[0].start) * width + cols + box[1].start), owner.append(np.full(rows.size, k))
-            continue
-        (rows, cols), (ring_rows, ring_cols) = found
+            rows, cols = rows + box[0].start, cols + box[1].start
+        else:
+            (rows, cols), (ring_rows, ring_cols) = found
+            ring.append(ring_rows * width + ring_cols), ring_owner.append(np.full(ring_rows.size, k))
+            measured[k] = True
         area[k] = rows.size
         own.append(rows * width + cols), owner.append(np.full(rows.size, k))
-        measured[k] = True
-        flat += [rows * width + cols, ring_rows * width + ring_cols]
-        groups += [np.full(rows.size, 2 * k), np.full(ring_rows.size, 2 * k + 1)]
-    contrast = np.full(len(ids), np.nan)
-    if flat:
-        contrast[measured] = _delta_e(image, np.concatenate(flat), np.concatenate(groups), len(ids))[measured]
-    contrast = np.round(contrast, 3)
-    signal = np.full(len(ids), np.nan)
-    if reference is not None and own:
+    contrast, signal = np.full(len(ids), np.nan), np.full(len(ids), np.nan)
+    if own:
+        from skimage.color import deltaE_cie76
+
         pixels, who = np.concatenate(own), np.concatenate(owner)
-        signal = np.round(_signal(image, reference, pixels, who, len(ids)), 3)
+        colour = _mean_lab(image, pixels, who, len(ids))     # each lesion's mean colour, read once
+        if ring:
+            around = _mean_lab(image, np.concatenate(ring), np.concatenate(ring_owner), len(ids))
+            contrast[measured] = deltaE_cie76(colour, around)[measured]
+        if reference is not None:
+            signal = deltaE_cie76(colour, _mean_lab(reference, pixels, who, len(ids)))
+    contrast, signal = np.round(contrast, 3), np.round(signal, 3)
     return pd.DataFrame({"area_px": area, "contrast": contrast, "signal": signal,
                          "visible": is_visible(contrast, area, signal)}, index=index, columns=list(VISIBILITY_COLUMNS))
 
@@ -227,17 +229,3 @@ def _mean_lab(image: np.ndarray, flat: np.ndarray, groups: np.ndarray, n: int) -
     with np.errstate(invalid="ignore", divide="ignore"):
         return sums / counts[:, None]
 
-
-def _delta_e(image: np.ndarray, flat: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:
-    """ΔE76 between each lesion's mean CIELAB colour (group 2k) and its ring's (group 2k + 1)."""
-    from skimage.color import deltaE_cie76
-
-    means = _mean_lab(image, flat, groups, 2 * n)
-    return deltaE_cie76(means[0::2], means[1::2])
-
-
-def _signal(image: np.ndarray, reference: np.ndarray, flat: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:
-    """ΔE76 between each lesion's mean CIELAB colour on the image and on the reference, over its own pixels."""
-    from skimage.color import deltaE_cie76
-
-    return deltaE_cie76(_mean_lab(image, flat, groups, n), _mean_lab(reference, flat, groups, n))

@@ -87,8 +87,8 @@ FORMAT_HELP = {
     to the same pixels without the lesion), null when unknown, where the run has them. categories, fixed
     ids: 1 open_comedo, 2 closed_comedo, 3 papule, 4 pustule, 5 nodule, 6 mark, 7 scar (supercategory acne).
     --visible-only keeps the visible lesions only, --active-only the active lesion types only (no marks or
-    scars); info.lesions says which. Point the
-    loader's image root at the JSON's folder (info.image_root: the root relative to it, "." by default).
+    scars); info.lesions says which. Point the loader's image root at the JSON's folder (info.image_root: the
+    root relative to it, "." by default).
     """,
     "acne04": """The ACNE04 / LDL label layout (Wu et al. 2019), for grade + count models.
 

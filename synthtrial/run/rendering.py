@@ -196,6 +196,7 @@ def render_chunk(job: PatientJob, rows: list[dict[str, Any]], quality: QualityFi
     if (job.run_dir, job.patient_id) not in _CACHE:
         tell(0, f"{job.patient_id}: face and lesion course")
     face, course, views, renderer, factual = _patient_state(job)
+    onto_photo = bool(getattr(renderer, "draws_onto_photo", False))
 
     def finish(k: int, p: dict[str, Any], result) -> None:
         if job.factual_severity is not None:  # a counterfactual world: paired with its factual image
@@ -204,8 +205,7 @@ def render_chunk(job: PatientJob, rows: list[dict[str, Any]], quality: QualityFi
             verdict = _quality(job, quality, renderer, p, result) if job.settings.quality_filter else None
             if verdict is not None:
                 p, result = verdict.pop("prepared"), verdict.pop("result")
-            records[k] = _write_image(run_dir, face, course, p, result, verdict,
-                                      onto_photo=bool(getattr(renderer, "draws_onto_photo", False)))
+            records[k] = _write_image(run_dir, face, course, p, result, verdict, onto_photo=onto_photo)
             tell(1, job.patient_id)
 
     if getattr(renderer, "independent_requests", False):  # one request at a time: the same bytes, told per image
