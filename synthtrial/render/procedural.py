@@ -102,7 +102,15 @@ def default_looks() -> dict[str, LesionLook]:
     Open comedones are dilated pores plugged with dark keratin (a black dot with a faint rim); closed comedones
     skin-coloured to whitish domes with a sheen; papules red domes with a highlight and shadow under the
     photo's light and a halo of erythema; pustules the same with a yellow-white head of pus; nodules broad,
-    deep, dusky red-purple swellings; marks flat pink (light skin) or brown (dark skin); scars shallow pits.
+    deep, dusky red-purple swellings; marks flat pink (light skin) or brown (dark skin); scars shallow pale pits.
+
+    Closed comedones and scars were retuned on 2026-12-07 (paler: closed comedo colour +14 L* with a pale core
+    at 0.85 opacity, was +6 and 0.6; scar +8 L* and twice as deep, was +3): before, written into a 512 px
+    portrait, they changed their own pixels by a median 1.6-2.0 ΔE (scars 1.2), under the just-noticeable 2.3,
+    so the run labelled lesions that no image showed; dermatologists do see and mark both in photos (DermX
+    reports closed comedones, AcneSCU annotates both classes). Now an active closed comedo changes its pixels by
+    a median 4 ΔE on the blurred astronaut portrait (a fifth pass the visibility rule there) and 11 on
+    Hopper's sharper photo; scars 3 (``synthtrial.render.visibility`` measures it on every image).
     """
     erythema_light, erythema_dark = (-14.0, 27.0, 8.0), (-11.0, 9.0, 0.0)
     return {
@@ -111,8 +119,8 @@ def default_looks() -> dict[str, LesionLook]:
             height=0.25, dome_extent=1.6, core_radius=0.8, core_opacity=0.9, core_lightness=-0.7,
             core_ab=(1.0, 3.0), core_keep_chroma=0.45, irregularity=0.14, ellipticity=0.3, colour_variation=0.15),
         "closed_comedo": LesionLook(
-            colour_light=(6.0, -3.0, 1.0), colour_dark=(6.0, -1.0, 1.0), edge_softness=0.45,
-            height=0.55, dome_extent=1.45, core_radius=0.65, core_opacity=0.6, core_lightness=0.3,
+            colour_light=(14.0, -5.0, 2.0), colour_dark=(12.0, -1.0, 2.0), edge_softness=0.45,
+            height=0.55, dome_extent=1.45, core_radius=0.75, core_opacity=0.85, core_lightness=0.55,
             core_ab=(0.0, 9.0), core_keep_chroma=0.5, irregularity=0.08, ellipticity=0.2, gloss=7.0,
             colour_variation=0.15),
         "papule": LesionLook(
@@ -132,8 +140,8 @@ def default_looks() -> dict[str, LesionLook]:
             colour_light=(-5.0, 14.0, 1.5), colour_dark=(-12.0, 2.5, 4.5), edge_softness=0.6,
             centre_peak=0.2, irregularity=0.16, ellipticity=0.3, mottle=0.35, colour_variation=0.3),
         "scar": LesionLook(
-            colour_light=(3.0, -2.0, -1.0), colour_dark=(4.0, -1.0, -2.0), edge_softness=0.35,
-            height=-0.4, dome_extent=1.15, irregularity=0.12, ellipticity=0.25, colour_variation=0.15),
+            colour_light=(8.0, -5.0, -2.0), colour_dark=(9.0, -1.0, -3.0), edge_softness=0.35,
+            height=-1.0, dome_extent=1.15, irregularity=0.12, ellipticity=0.25, colour_variation=0.15),
     }
 
 
