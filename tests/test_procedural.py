@@ -573,3 +573,22 @@ def test_lesions_of_a_type_vary_in_colour(light_face):
         res = RENDER(img, [one("papule", r=5.0, seed=seed)], skin_mask=mask, stats=st, seed=0)
         reds.append(delta_in_mask(img, res.image, res.masks[0])[0][1])
     assert np.std(reds) > 1.0 and min(reds) > 5.0
+
+
+def test_closed_comedones_and_scars_change_their_pixels_enough_to_be_seen():
+    """The 2026-12-07 retune (``default_looks``): a closed comedo at its typical 2 mm (radius 2.4 px at the
+    trial's 0.42 mm/px) changes its own pixels past the visibility threshold, and a scar past the just-noticeable
+    difference; with the earlier looks both stayed below it (closed comedo median 3.5 ΔE, scar 1.6)."""
+    from synthtrial.render.procedural import render_config
+    from synthtrial.render.visibility import VISIBLE_DELTA_E, measure_visibility
+
+    photo = np.clip(np.random.default_rng(0).normal((200, 160, 140), 6, (96, 96, 3)), 0, 255).astype(np.uint8)
+    renderer = ProceduralRenderer(render_config())
+    for kind, radius, floor in (("closed_comedo", 2.4, VISIBLE_DELTA_E), ("scar", 2.7, 2.3)):
+        signals = []
+        for seed in range(8):
+            spec = LesionSpec(lesion_id=0, type=kind, cx=48.0, cy=48.0, radius_px=radius, intensity=1.0, seed=seed)
+            result = renderer(photo, [spec], skin_mask=np.ones((96, 96), bool), seed=1)
+            out = measure_visibility(result.image, result.masks[0].astype(np.uint16), [0], reference=photo)
+            signals.append(out.loc[0, "signal"])
+        assert np.median(signals) > floor, (kind, signals)

@@ -25,9 +25,10 @@ works the same for every backend, on exactly the bytes a grader reads:
   changed. The contrast alone cannot tell a lesion from the skin's texture under it: on a textured face a
   lesion that changed nothing can sit on a pale pore or beside a wrinkle and pass the contrast rule. Measured
   on the grader set's held-out Hopper split (``graders dataset --seed 0``, test_portrait, 600 images), with the
-  fainter closed comedones and scars the renderer drew before 2026-12-07: by the contrast alone 39 % of closed comedones and 17 % of scars were visible there, against 1-3 % on the smooth
-  astronaut portrait, and enlarged crops of those "visible" ones mostly show wrinkles and pores, not the
-  lesion; their signal is median 4.1 and 1.7. With the signal 14 % and 0 % are; papules, pustules, nodules
+  fainter closed comedones and scars the renderer drew before 2026-12-07: by the contrast alone 39 % of closed
+  comedones and 17 % of scars were visible there, against 1-3 % on the smooth astronaut portrait, and enlarged
+  crops of those "visible" ones mostly show wrinkles and pores, not the lesion; their signal is median 4.1 and
+  1.7. With the signal 14 % and 0 % are; papules, pustules, nodules
   and open comedones lose 1-6 points (inflammatory lesions change their pixels by a median 9-19).
 * ``visible``: ``contrast >= VISIBLE_DELTA_E``, ``signal >= VISIBLE_DELTA_E`` (where it is known) and
   ``area_px >= MIN_AREA_PX``: the lesion changed its pixels, and stands out of the skin around it, by about
