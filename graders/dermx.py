@@ -30,6 +30,16 @@ Choices, stated once:
   defined on), trained jointly with the rest (``lambda_N`` x the squared error of ``log(1 + count)``): joint
   grading and counting, as LDL does and as the IGA grader's count head did. ``predict`` adds the ``count``
   column.
+* **Characteristic counts** (``characteristic_counts``; opt-in): a 1x1 convolution on the ``cam`` features with
+  one softplus density per characteristic, each summed over the grid -- how many lesions of that type the image
+  shows (the training truth's lesions: visible ones by default), trained jointly (``lambda_K`` x the squared
+  error of ``log(1 + count)``, averaged over the characteristics). The pooled characteristic head learns
+  prevalence; a count has to find the lesions, one by one. After training each characteristic gets the count
+  threshold with the best F1 on training images (``count_thresholds``,
+  :func:`synthtrial.graders.dermx_train.fit_count_thresholds`), and its score becomes the logit
+  ``log(count / threshold)``: "present" is still ``score >= 0.5`` for every consumer, and that is the count
+  reaching its threshold. The Grad-CAM maps still come from the characteristic head (the explanations are
+  unchanged); ``predict`` adds a ``count_<characteristic>`` column each. Not combined with ``presence``.
 * **Level route** (``level_from``): ``classifier`` (the default) -- the level is the diagnosis head's arg-max and
   ``severity`` its expectation; ``count`` (with a count head) -- the level is the Hayashi level of the count
   (:func:`synthtrial.trial.scale.acne04_level_from_count`) and ``severity`` the severity that count stands for
@@ -52,9 +62,10 @@ Choices, stated once:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -91,9 +102,23 @@ class DermXConfig:
     presence: tuple[tuple[float, ...], ...] = ()
     count_head: bool = False          # a lesion-count head on the ``cam`` features (module docstring)
     level_from: str = "classifier"    # "classifier" or "count": the route of level and severity (module docstring)
+    characteristic_counts: bool = False     # a count head per characteristic (module docstring)
+    #: per characteristic, the count at which it is called present (empty: the head's sigmoid)
+    count_thresholds: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         self.characteristics = tuple(self.characteristics)
+        self.count_thresholds = tuple(float(v) for v in self.count_thresholds)
+        if self.count_thresholds:
+            if not self.characteristic_counts:
+                raise GraderError("dermx count_thresholds need the characteristic count heads (characteristic_counts "
+                                  "true)")
+            if (len(self.count_thresholds) != len(self.characteristics)
+                    or not all(math.isfinite(t) and t > 0 for t in self.count_thresholds)):
+                raise GraderError(f"dermx count_thresholds: need one positive number per characteristic "
+                                  f"({len(self.characteristics)}), or none")
+            if self.presence:
+                raise GraderError("dermx: presence models and count thresholds are two presence routes; give one")
         self.presence = tuple(tuple(float(v) for v in row) for row in self.presence)
         if self.presence and (len(self.presence) != len(self.characteristics)
                               or any(len(row) != len(PRESENCE_FEATURES) + 1 for row in self.presence)
@@ -158,6 +183,7 @@ class DermXNet(nn.Module):
         self.reduce = nn.Sequential(nn.Linear(cfg.cam_channels, 32), nn.ReLU())
         self.diagnosis = nn.Linear(32 + n, LEVELS)
         self.counter = nn.Conv2d(cfg.cam_channels, 1, 1) if cfg.count_head else None
+        self.char_counter = nn.Conv2d(cfg.cam_channels, n, 1) if cfg.characteristic_counts else None
 
     def features(self, x: Tensor) -> Tensor:
         body = self.body(x)
@@ -176,6 +202,13 @@ class DermXNet(nn.Module):
         if self.counter is None:
             raise GraderError("dermx: these weights have no count head")
         return F.softplus(self.counter(feats)).sum(dim=(1, 2, 3))
+
+    def characteristic_counts(self, feats: Tensor) -> Tensor:
+        """How many lesions of each characteristic ``(B, C)`` from the ``cam`` features: one density per
+        characteristic (1x1 conv, softplus) summed over the grid. Only with ``characteristic_counts``."""
+        if self.char_counter is None:
+            raise GraderError("dermx: these weights have no characteristic count heads")
+        return F.softplus(self.char_counter(feats)).sum(dim=(2, 3))
 
     def forward_with_cams(self, x: Tensor, create_graph: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """Logits and every characteristic's Grad-CAM map ``(B, C, h, w)`` (not normalised), differentiable."""
@@ -213,6 +246,23 @@ def presence_features(chars: Tensor, cams: Tensor) -> Tensor:
     flat = cams.flatten(2)
     top = flat.topk(min(5, flat.shape[2]), dim=2).values.mean(2)
     return torch.stack([chars, torch.log1p(flat.amax(2)), torch.log1p(top), torch.log1p(flat.mean(2))], dim=2)
+
+
+class DermXOutputs(NamedTuple):
+    """:meth:`DermX.outputs` per image: level probabilities ``(N, 4)``, characteristic probabilities ``(N, C)``,
+    the count head's lesion count ``(N,)`` and the characteristic counts ``(N, C)`` (None without the head)."""
+
+    levels: np.ndarray
+    characteristics: np.ndarray
+    counts: np.ndarray | None
+    characteristic_counts: np.ndarray | None
+
+
+def count_logits(counts: Tensor, thresholds: Sequence[float], floor: float = 1e-6) -> Tensor:
+    """Characteristic scores from counts ``(B, C)`` (module docstring): ``log(count / threshold)``, so that the
+    sigmoid is ``count / (count + threshold)`` and reaches 0.5 at the threshold."""
+    t = torch.tensor(tuple(thresholds), dtype=counts.dtype, device=counts.device)
+    return torch.log(counts.clamp_min(floor)) - torch.log(t)
 
 
 def route_grades(route: str, levels: np.ndarray, counts: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -301,10 +351,13 @@ class DermX(GraderComponent):
         """(N, 4) level probabilities and (N, C) characteristic probabilities."""
         return self.outputs(images)[:2]
 
-    def outputs(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """:meth:`probabilities` and, with a count head, the lesion count per image (else None)."""
-        levels, chars = np.zeros((len(images), LEVELS)), np.zeros((len(images), len(self.config.characteristics)))
-        counts = np.zeros(len(images)) if self.config.count_head else None
+    def outputs(self, images: Sequence[np.ndarray]) -> DermXOutputs:
+        """:meth:`probabilities` and, with the count heads, the lesion count and the characteristic counts per
+        image (else None)."""
+        n, c = len(images), len(self.config.characteristics)
+        levels, chars = np.zeros((n, LEVELS)), np.zeros((n, c))
+        counts = np.zeros(n) if self.config.count_head else None
+        char_counts = np.zeros((n, c)) if self.config.characteristic_counts else None
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(images):
             self._check(image)
@@ -316,16 +369,22 @@ class DermX(GraderComponent):
                                                         self.device))
                 levels[part] = torch.softmax(diag.float(), 1).cpu().numpy()
                 chars[part] = torch.sigmoid(ch.float()).cpu().numpy()
-                if counts is not None:
-                    with torch.no_grad():
+                with torch.no_grad():
+                    if counts is not None:
                         counts[part] = self.model.count(feats).float().cpu().numpy()
-        return levels, chars, counts
+                    if char_counts is not None:
+                        char_counts[part] = self.model.characteristic_counts(feats).float().cpu().numpy()
+        return DermXOutputs(levels, chars, counts, char_counts)
 
     def scores(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Level logits, characteristic scores (logits; from the maps where the config has ``presence``) and the
-        ``cam`` layer's features (for the count head) of a normalised batch; nothing keeps a graph."""
+        """Level logits, characteristic scores (logits; from the maps where the config has ``presence``, from
+        the characteristic counts where it has ``count_thresholds``) and the ``cam`` layer's features (for the
+        count heads) of a normalised batch; nothing keeps a graph."""
         with torch.no_grad():
             feats = self.model.features(x)
+            if self.config.count_thresholds:
+                diag = self.model.heads(feats.mean(dim=(2, 3)))[0]
+                return diag, count_logits(self.model.characteristic_counts(feats), self.config.count_thresholds), feats
             if not self.config.presence:
                 return (*self.model.heads(feats.mean(dim=(2, 3))), feats)
         diag, maps = self._map_features(feats)
@@ -351,13 +410,16 @@ class DermX(GraderComponent):
         return route_grades(self.config.level_from, levels, counts)
 
     def predict(self, images: Sequence[np.ndarray], meta: pd.DataFrame | None = None) -> pd.DataFrame:
-        levels, chars, counts = self.outputs(images)
+        levels, chars, counts, char_counts = self.outputs(images)
         level, severity = self.grades(levels, counts)
         frame = pd.DataFrame({"severity": severity, "level": level.astype(float)})
         for k, name in enumerate(self.config.characteristics):
             frame[f"p_{name}"] = chars[:, k]
         if counts is not None:
             frame["count"] = counts
+        if char_counts is not None:
+            for k, name in enumerate(self.config.characteristics):
+                frame[f"count_{name}"] = char_counts[:, k]
         return frame.astype("float64")
 
     def explain(self, image: np.ndarray, grid: bool = False) -> np.ndarray:

@@ -8,7 +8,9 @@ Choices, stated once:
   true one (a network that says one level for every image shows there), and the MAE of ``severity`` against
   the simulated severity. Weights with a count head also get both routes' accuracies
   (``level_accuracy_classifier``, ``level_accuracy_count``) and the count's MAE against the simulated
-  active-lesion count (``count_MAE``).
+  active-lesion count (``count_MAE``). Weights with characteristic counts get each characteristic's count MAE
+  against the truth's count of its lesions (``characteristics[c]["count_MAE"]``) and their mean
+  (``characteristic_count_MAE``).
 * **Characteristics** (threshold 0.5): per characteristic its prevalence (share of images that show it) and
   absent share beside precision, recall, F1 and support, against the ``visible`` truth where the run has it
   (else the ``simulated`` one; :mod:`synthtrial.graders.dermx_train`), and the F1 against the simulated truth.
@@ -56,7 +58,7 @@ import torch.nn.functional as F
 
 from synthtrial.graders.base import GraderError, read_rgb
 from synthtrial.graders.dermx import LEVEL_ROUTES, LEVELS, DermX, fuzzy_scores, route_grades
-from synthtrial.graders.dermx_train import image_truth
+from synthtrial.graders.dermx_train import image_truth, truth_counts
 from synthtrial.run import rundir
 from synthtrial.util.progress import ProgressCallback
 
@@ -139,19 +141,22 @@ def evaluate_dermx_models(models: Mapping[str, DermX], run: str | Path, *, plaus
     lesions = rundir.read_lesions(run, set(manifest["image"]))
     truth = "visible" if "visible" in lesions.columns else "simulated"
     by_image = dict(tuple(lesions.groupby("image", sort=False)))
-    present, simulated = [], []
-    scored: dict[str, tuple[list, list, list, list]] = {label: ([], [], [], []) for label in models}
+    present, simulated, true_counts = [], [], []
+    scored: dict[str, tuple[list, ...]] = {label: ([], [], [], [], []) for label in models}
     for k, rel in enumerate(manifest["image"], start=1):
         image = read_rgb(run / rel)
         rows = by_image.get(rel, lesions.iloc[:0])
         has, areas = image_truth(run, rel, rows, chars, truth)
         present.append(has)
+        true_counts.append(truth_counts(rows, chars, truth, run))
         simulated.append(image_truth(run, rel, rows, chars, "simulated")[0] if truth != "simulated" else has)
         pooled: dict[tuple[int, ...], np.ndarray] = {}
         for label, dermx in models.items():
-            probs, level_probs, counts, records = scored[label]
-            level_p, char_p, count = dermx.outputs([image])
+            probs, level_probs, counts, records, char_counts = scored[label]
+            level_p, char_p, count, char_count = dermx.outputs([image])
             level_probs.append(level_p[0]), probs.append(char_p[0])
+            if char_count is not None:
+                char_counts.append(char_count[0])
             counts.append(float(count[0]) if count is not None else float("nan"))
             if plausibility and has.any():
                 maps = dermx.explain(image, grid=True)
@@ -163,7 +168,7 @@ def evaluate_dermx_models(models: Mapping[str, DermX], run: str | Path, *, plaus
         if progress is not None:
             progress(k, len(manifest), "")
     result = {}
-    for label, (probs, level_probs, counts, records) in scored.items():
+    for label, (probs, level_probs, counts, records, char_counts) in scored.items():
         count = np.asarray(counts) if models[label].config.count_head else None
         level, severity = models[label].grades(np.asarray(level_probs), count)
         result[label] = summarize(manifest, chars, truth, np.asarray(present), np.asarray(simulated),
@@ -175,6 +180,11 @@ def evaluate_dermx_models(models: Mapping[str, DermX], run: str | Path, *, plaus
                 guess = route_grades(route, np.asarray(level_probs), count)[0]
                 result[label][f"level_accuracy_{route}"] = float((guess == true_levels).mean())
             result[label]["count_MAE"] = float(np.abs(count - manifest["lesion_count"].to_numpy(float)).mean())
+        if char_counts:             # each characteristic's count against the truth's count of its lesions
+            errors = np.abs(np.asarray(char_counts) - np.asarray(true_counts)).mean(axis=0)
+            for c, error in zip(chars, errors):
+                result[label]["characteristics"][c]["count_MAE"] = float(error)
+            result[label]["characteristic_count_MAE"] = float(errors.mean())
     return result
 
 

@@ -50,6 +50,13 @@ Choices, stated once:
   often than the diagnosis head's on the same :data:`PRESENCE_IMAGES` training images
   (:func:`choose_level_route`; both accuracies go into the record); ``classifier`` / ``count`` force a route.
   Like the presence models it is decided after training, so re-running a finished training sets it again.
+* **Characteristic counts** (``characteristic_counts``, ``--characteristic-counts``;
+  :mod:`synthtrial.graders.dermx`): each image's target is how many lesions of each characteristic count under
+  ``truth`` (:func:`truth_counts`; present exactly where that is at least 1), the loss ``LAMBDA_K`` (1) x the
+  squared error of ``log(1 + count)``; each density head starts at its characteristic's mean count spread
+  evenly over the grid. After training, on the same :data:`PRESENCE_IMAGES` training images as the presence
+  models, each characteristic's count threshold with the best F1 (:func:`fit_count_thresholds`); like them it
+  is decided after training, so re-running a finished training fits it again.
 * **Augmentation** (``augment``, default on; off: horizontal flips only): the graders' photometric and
   geometric augmentation (:mod:`synthtrial.graders.augment`), the explanation areas moved with the image.
 """
@@ -79,7 +86,7 @@ from synthtrial.util.device import resolve_device
 from synthtrial.util.progress import ProgressCallback
 from synthtrial.util.training import Plan
 
-LAMBDA_D, LAMBDA_C, LAMBDA_A, LAMBDA_N = 1.0, 1.0, 10.0, 1.0
+LAMBDA_D, LAMBDA_C, LAMBDA_A, LAMBDA_N, LAMBDA_K = 1.0, 1.0, 10.0, 1.0, 1.0
 #: the range of a characteristic's positive weight with ``balanced``
 POS_WEIGHT_RANGE = (0.1, 10.0)
 #: training images the presence models are fitted on
@@ -106,6 +113,7 @@ class DermXData:
     areas: np.ndarray       # (N, S, S) uint8: bit k set where characteristic k's explanation area lies
     truth: str = "visible"  # what ``present`` and ``areas`` count (module docstring)
     counts: np.ndarray | None = None    # (N,) the simulated active-lesion count (the count head's target)
+    char_counts: np.ndarray | None = None   # (N, C) lesions of each characteristic under ``truth``
 
 
 def pack_areas(areas: np.ndarray) -> np.ndarray:
@@ -175,6 +183,13 @@ def counted_lesions(lesions: pd.DataFrame, truth: str, where: Path) -> pd.DataFr
     return lesions[lesions["visible"].to_numpy(bool)]
 
 
+def truth_counts(rows: pd.DataFrame, characteristics: Sequence[str], truth: str, where: Path) -> np.ndarray:
+    """``(C,)`` how many lesions of each characteristic count under ``truth`` among an image's lesions ``rows``
+    (present exactly where the count is at least 1: :func:`image_truth`)."""
+    by_type = counted_lesions(rows, truth, where)["type"].value_counts()
+    return np.array([float(by_type.get(LESION_TYPE[c], 0)) for c in characteristics], np.float32)
+
+
 def image_truth(run: Path, rel_image: str, rows: pd.DataFrame, characteristics: Sequence[str],
                 truth: str) -> tuple[np.ndarray, np.ndarray]:
     """``(present (C,) bool, explanation areas (C, H, W) bool)`` of one image, at its own resolution; ``rows``:
@@ -206,7 +221,7 @@ def load_dermx_data(runs: Sequence[str | Path], image_size: int,
                     progress: ProgressCallback | None = None) -> DermXData:
     """Every image of ``runs`` at the input size with its level, characteristics and explanation areas
     (module docstring); ``progress(done, images, run)`` after each image."""
-    images, levels, present, areas, counts = [], [], [], [], []
+    images, levels, present, areas, counts, char_counts = [], [], [], [], [], []
     tables = []
     for run in map(Path, runs):
         manifest = rundir.read_manifest(run, ("image", "patient_id", "acne04_level", "lesion_count"))
@@ -220,7 +235,9 @@ def load_dermx_data(runs: Sequence[str | Path], image_size: int,
             if image.shape[0] != image.shape[1]:
                 raise GraderError(f"{run / rel}: DermX trains on square images (the run's --size); got "
                                   f"{image.shape[1]} x {image.shape[0]}")
-            has, area = image_truth(run, rel, by_image.get(rel, lesions.iloc[:0]), characteristics, truth)
+            rows = by_image.get(rel, lesions.iloc[:0])
+            has, area = image_truth(run, rel, rows, characteristics, truth)
+            char_counts.append(truth_counts(rows, characteristics, truth, run))
             x = torch.from_numpy(np.require(image, requirements=["W"])).permute(2, 0, 1)[None].float()
             images.append(F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
                                         align_corners=False).round().clamp(0, 255).byte()[0].permute(1, 2, 0).numpy())
@@ -232,7 +249,7 @@ def load_dermx_data(runs: Sequence[str | Path], image_size: int,
             if progress is not None:
                 progress(len(images), total, str(run))
     return DermXData(np.stack(images), np.asarray(levels), np.asarray(present, np.float32), np.stack(areas), truth,
-                     np.asarray(counts, np.float32))
+                     np.asarray(counts, np.float32), np.asarray(char_counts, np.float32).reshape(len(images), -1))
 
 
 def training_batch(data: DermXData, idx: np.ndarray, flip: np.ndarray, image_size: int, dev: torch.device,
@@ -261,17 +278,20 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
                 device: str | None = None, sources: Sequence[str] = (), restart: bool = False, force: bool = False,
                 augment: bool = True, augment_strength: float = 1.0, balanced: bool = False,
                 presence_from_maps: bool = False, count_head: bool = False, level_from: str = "auto",
-                progress: ProgressCallback | None = None) -> DermX:
+                characteristic_counts: bool = False, progress: ProgressCallback | None = None) -> DermX:
     """Train DermX (DermX+ with ``guided``) through the shared loop and save it to ``out``; resumes from
     ``out/checkpoint`` (``restart`` starts over). An ``out`` holding anything but DermX weights is refused
     unless ``force``. ``augment`` moves the masks with the graders' augmentation (else flips only), its
     photometric ranges scaled by ``augment_strength`` (:func:`synthtrial.graders.augment.scaled`); ``balanced``
     weighs each characteristic's positives by its negatives / positives ratio; ``presence_from_maps`` fits the
     presence models after training; ``count_head`` adds the lesion-count head and its loss (``dermx.py``);
-    ``level_from`` chooses the level route after training (module docstring). ``progress(step, steps, "loss ...")`` is called after every step
+    ``level_from`` chooses the level route after training; ``characteristic_counts`` adds a count head per
+    characteristic, its loss and, after training, its presence thresholds (module docstring). ``progress(step, steps, "loss ...")`` is called after every step
     (``epochs * ceil(N / batch_size)`` steps)."""
     check_weights_out(out, DermX.name, force)
     check_level_from(level_from, count_head)
+    if characteristic_counts and presence_from_maps:
+        raise GraderError("--characteristic-counts and --presence-from-maps are two presence routes; give one")
     augmentation = scaled(WIDE, augment_strength)
     dev = resolve_device(device)
     n = len(data.images)
@@ -286,14 +306,23 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
         if data.counts is None:
             raise GraderError("dermx count head: the training data has no lesion counts")
         settings["count_head"] = True       # recorded only when on, so earlier checkpoints still resume
-    cfg = DermXConfig(image_size=image_size, guided=guided, backbone=backbone, count_head=count_head)
+    if characteristic_counts:
+        if data.char_counts is None:
+            raise GraderError("dermx characteristic counts: the training data has no per-characteristic counts")
+        settings["characteristic_counts"] = True
+    cfg = DermXConfig(image_size=image_size, guided=guided, backbone=backbone, count_head=count_head,
+                      characteristic_counts=characteristic_counts)
     torch.manual_seed(seed)
     net = DermXNet(cfg)
-    if count_head:              # start at the mean count, spread evenly over the grid
-        cells = (image_size // 8) ** 2
-        with torch.no_grad():
+    cells = (image_size // 8) ** 2
+    with torch.no_grad():       # count heads start at the mean count, spread evenly over the grid
+        if count_head:
             net.counter.weight.zero_()
-            net.counter.bias.fill_(math.log(math.expm1(max(float(data.counts.mean()), 1e-3) / cells)))
+            net.counter.bias.fill_(density_bias(float(data.counts.mean()), cells))
+        if characteristic_counts:
+            net.char_counter.weight.zero_()
+            net.char_counter.bias.copy_(torch.tensor([density_bias(float(m), cells)
+                                                      for m in data.char_counts.mean(axis=0)]))
     net = net.to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     weights = torch.tensor(np.bincount(data.levels, minlength=4) + 1.0, dtype=torch.float32)
@@ -331,6 +360,11 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
             count_loss = F.mse_loss(torch.log1p(net.count(feats)), torch.log1p(target))
             loss = loss + LAMBDA_N * count_loss
             logs["count"] = count_loss.item()
+        if characteristic_counts:
+            target = torch.from_numpy(data.char_counts[idx]).to(dev)
+            char_loss = F.mse_loss(torch.log1p(net.characteristic_counts(feats)), torch.log1p(target))
+            loss = loss + LAMBDA_K * char_loss
+            logs["characteristic_counts"] = char_loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -347,12 +381,47 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
         cfg = replace(cfg, presence=fit_presence(DermX(cfg, net, device=dev), data.images[picks],
                                                  data.present[picks].astype(bool)))
         record["presence_from"] = f"{len(picks)} training images"
+    if characteristic_counts:
+        cfg = replace(cfg, count_thresholds=fit_count_thresholds(DermX(cfg, net, device=dev), data.images[picks],
+                                                                 data.present[picks].astype(bool)))
+        record["count_thresholds_from"] = f"{len(picks)} training images"
     if count_head:
         route, record["level_route"] = choose_level_route(DermX(cfg, net, device=dev), data.images[picks],
                                                           data.levels[picks], level_from)
         cfg = replace(cfg, level_from=route)
     DermX(cfg, net, device=dev, record=record).save_pretrained(out)
     return DermX.from_pretrained(out, device=dev)
+
+
+def density_bias(mean_count: float, cells: int) -> float:
+    """The bias of a softplus density head whose sum over ``cells`` cells is ``mean_count`` (at least 1e-3)."""
+    return math.log(math.expm1(max(mean_count, 1e-3) / cells))
+
+
+#: the count thresholds :func:`fit_count_thresholds` tries: 0.1 to 10 lesions, 61 steps evenly in log
+COUNT_THRESHOLDS = tuple(float(t) for t in np.round(np.geomspace(0.1, 10.0, 61), 4))
+
+
+def fit_count_thresholds(dermx: DermX, images: np.ndarray, present: np.ndarray) -> tuple[float, ...]:
+    """Per characteristic (columns of ``(N, C)`` bool ``present``), the count from :data:`COUNT_THRESHOLDS` at
+    which calling it present has the best F1 on ``images`` (where several tie, the middle one of them, the lower on
+    an even number: away from both ends of the range that separates the images equally well); 0.5 (half a
+    lesion) where the images show it on all or none of them."""
+    counts = dermx.outputs(list(images)).characteristic_counts
+    if counts is None:
+        raise GraderError("dermx: fitting count thresholds needs the characteristic count heads")
+    grid = np.asarray(COUNT_THRESHOLDS)
+    thresholds = []
+    for k in range(present.shape[1]):
+        y = present[:, k]
+        if y.all() or not y.any():
+            thresholds.append(0.5)
+            continue
+        called = counts[:, k][:, None] >= grid[None, :]          # images x thresholds
+        f1 = 2 * (called & y[:, None]).sum(0) / np.maximum(1, y.sum() + called.sum(0))
+        best = np.flatnonzero(f1 == f1.max())
+        thresholds.append(float(grid[best[(len(best) - 1) // 2]]))
+    return tuple(thresholds)
 
 
 def presence_inputs(dermx: DermX, images: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -400,7 +469,7 @@ def choose_level_route(dermx: DermX, images: np.ndarray, levels: np.ndarray,
     route's level accuracy on ``images`` against ``levels``."""
     if not dermx.config.count_head:
         raise GraderError("dermx: choosing a level route needs the count head")
-    probs, _, counts = dermx.outputs(list(images))
+    probs, _, counts, _ = dermx.outputs(list(images))
     levels = np.asarray(levels, int)
     accuracy = {r: float((route_grades(r, probs, counts)[0] == levels).mean()) for r in LEVEL_ROUTES}
     route = wanted if wanted != "auto" else ("count" if accuracy["count"] > accuracy["classifier"] else "classifier")

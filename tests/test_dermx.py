@@ -14,11 +14,12 @@ from typer.testing import CliRunner
 
 from synthtrial.graders.base import GraderError, get_grader
 from synthtrial.grade import grade_run
-from synthtrial.graders.dermx import (CHARACTERISTICS, DermX, DermXConfig, DermXNet, dice_loss, fuzzy_f1, normalise_maps,
-                                      route_grades, to_tensor)
+from synthtrial.graders.dermx import (CHARACTERISTICS, DermX, DermXConfig, DermXNet, DermXOutputs, count_logits,
+                                      dice_loss, fuzzy_f1, normalise_maps, route_grades, to_tensor)
 from synthtrial.graders.dermx_eval import evaluate_dermx
-from synthtrial.graders.dermx_train import (DermXData, choose_level_route, characteristic_masks, halo_reach, image_truth,
-                                           load_dermx_data, pack_areas, train_dermx, training_batch, unpack_areas)
+from synthtrial.graders.dermx_train import (COUNT_THRESHOLDS, DermXData, choose_level_route, characteristic_masks,
+                                           fit_count_thresholds, halo_reach, image_truth, load_dermx_data, pack_areas,
+                                           train_dermx, training_batch, unpack_areas)
 from synthtrial.run import rundir
 from synthtrial.trial import scale
 from synthtrial.cli import app
@@ -441,3 +442,83 @@ def test_level_routes_by_hand():
         DermXConfig(level_from="count")
     with pytest.raises(GraderError, match="level_from must be"):
         DermXConfig(count_head=True, level_from="counts")
+
+
+def _toy_counts(n: int, side: int, seed: int) -> DermXData:
+    """Skin-coloured squares with 0-3 small red 'papule' discs (radius 4) each, their number the papule count."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:side, :side]
+    images, counts = [], np.zeros((n, len(CHARACTERISTICS)), np.float32)
+    for i in range(n):
+        image = (np.array([205, 160, 140]) + rng.normal(0, 6, (side, side, 3))).clip(0, 255).astype(np.uint8)
+        for _ in range(i % 4):
+            cy, cx = rng.integers(6, side - 6, 2)
+            image[(yy - cy) ** 2 + (xx - cx) ** 2 <= 16] = (170, 40, 50)
+        counts[i, PAPULE] = i % 4
+        images.append(image)
+    present = (counts > 0).astype(np.float32)
+    areas = np.zeros((n, side, side), np.uint8)
+    return DermXData(np.stack(images), np.array([min(i % 4, 3) for i in range(n)]), present, areas,
+                     char_counts=counts)
+
+
+def test_characteristic_counts_learn_each_count_and_call_presence_at_the_fitted_threshold(tmp_path):
+    """With characteristic count heads the count loss falls, the papule count follows the number of discs drawn
+    (0-3), each characteristic's threshold is fitted and is where its probability crosses 0.5, and the weights
+    reload to the same outputs with their count columns."""
+    from dataclasses import replace
+
+    data = _toy_counts(32, 64, 3)
+    kw = dict(epochs=12, batch_size=8, lr=1e-2, seed=0, image_size=64, device="cpu", augment=False)
+    dermx = train_dermx(data, tmp_path / "chars", characteristic_counts=True, **kw)
+    losses = [h["characteristic_counts"] for h in dermx.record["loss_history"]]
+    assert dermx.record["settings"]["characteristic_counts"] and losses[-1] < losses[0] / 2, losses
+    frame = dermx.predict(list(data.images))
+    papules = frame["count_papule"].to_numpy()
+    drawn = data.char_counts[:, PAPULE]
+    means = [papules[drawn == k].mean() for k in range(4)]
+    assert all(b > a + 0.3 for a, b in zip(means, means[1:])), means
+    assert np.abs(frame["count_nodule"].to_numpy()).max() < 0.5           # never drawn, never counted
+    thresholds = dermx.config.count_thresholds
+    assert len(thresholds) == len(CHARACTERISTICS) and thresholds[PAPULE] in COUNT_THRESHOLDS
+    assert thresholds[CHARACTERISTICS.index("nodule")] == 0.5               # on no training image: half a lesion
+    np.testing.assert_array_equal(frame["p_papule"].to_numpy() >= 0.5, papules >= thresholds[PAPULE])
+    np.testing.assert_allclose(frame["p_papule"], papules / (papules + thresholds[PAPULE]), rtol=1e-5)
+    found = frame["p_papule"].to_numpy() >= 0.5
+    assert (found == (drawn > 0)).mean() >= 0.85
+    again = DermX.from_pretrained(tmp_path / "chars", device="cpu").predict(list(data.images))
+    pd.testing.assert_frame_equal(frame, again)
+    with pytest.raises(GraderError, match="two presence routes"):
+        train_dermx(data, tmp_path / "both", characteristic_counts=True, presence_from_maps=True, **kw)
+    with pytest.raises(GraderError, match="per-characteristic counts"):
+        train_dermx(replace(data, char_counts=None), tmp_path / "none", characteristic_counts=True, **kw)
+    plain = train_dermx(data, tmp_path / "plain", epochs=1, batch_size=8, image_size=64, device="cpu")
+    assert not any(c.startswith("count_") for c in plain.predict(list(data.images[:2])).columns)
+    with pytest.raises(GraderError, match="no characteristic count heads"):
+        plain.model.characteristic_counts(plain.model.features(torch.zeros(1, 3, 64, 64)))
+
+
+def test_count_thresholds_by_hand_and_bad_ones_refused():
+    """The F1-best threshold on hand-made counts; configs with thresholds but no heads, the wrong number of them,
+    a non-positive one, or presence models beside them are refused."""
+
+    class Counts:
+        def outputs(self, images):
+            return DermXOutputs(None, None, None, np.array([[0.0, 2.0], [0.3, 2.0], [1.2, 2.0], [2.5, 2.0]]))
+
+    present = np.array([[False, True], [False, True], [True, True], [True, True]])
+    thresholds = fit_count_thresholds(Counts(), np.zeros((4, 8, 8, 3), np.uint8), present)
+    # column 0: F1 1 at every grid value above 0.3 up to 1.2; the middle one of them is kept; column 1: always
+    # present
+    best = [t for t in COUNT_THRESHOLDS if 0.3 < t <= 1.2]
+    assert thresholds[1] == 0.5 and thresholds[0] == best[(len(best) - 1) // 2] and len(best) > 5
+    with pytest.raises(GraderError, match="need the characteristic count heads"):
+        DermXConfig(count_thresholds=(1.0,) * 7)
+    with pytest.raises(GraderError, match="one positive number per characteristic"):
+        DermXConfig(characteristic_counts=True, count_thresholds=(1.0,) * 6)
+    with pytest.raises(GraderError, match="one positive number per characteristic"):
+        DermXConfig(characteristic_counts=True, count_thresholds=(1.0,) * 6 + (0.0,))
+    with pytest.raises(GraderError, match="two presence routes"):
+        DermXConfig(characteristic_counts=True, count_thresholds=(1.0,) * 7, presence=((1.0, 0, 0, 0, 0),) * 7)
+    logits = count_logits(torch.tensor([[1.0, 4.0]]), (2.0, 4.0))
+    np.testing.assert_allclose(torch.sigmoid(logits).numpy(), [[1 / 3, 0.5]], rtol=1e-6)

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from synthtrial.cli import app
-from synthtrial.graders.dermx import CHARACTERISTICS, DermX, DermXConfig, fuzzy_scores
+from synthtrial.graders.dermx import CHARACTERISTICS, DermX, DermXConfig, DermXOutputs, fuzzy_scores
 from synthtrial.graders.dermx_eval import evaluate_dermx, plausibility_summary, prevalence_table, varied_subset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -155,7 +155,8 @@ def test_plausibility_pipeline_against_hand_pooled_areas(tiny_run, monkeypatch):
     dermx = DermX(DermXConfig(image_size=64), device="cpu")
     n = len(CHARACTERISTICS)
     monkeypatch.setattr(dermx, "explain", lambda image, grid=False: np.ones((n, 8, 8), np.float32))
-    monkeypatch.setattr(dermx, "outputs", lambda images: (np.full((1, 4), 0.25), np.ones((1, n)), None))
+    monkeypatch.setattr(dermx, "outputs", lambda images: DermXOutputs(np.full((1, 4), 0.25), np.ones((1, n)), None,
+                                                                      None))
     metrics = evaluate_dermx(dermx, tiny_run)
     manifest, lesions = rundir.read_manifest(tiny_run), rundir.read_lesions(tiny_run)
     expected: dict[int, list[float]] = {}
@@ -228,8 +229,8 @@ def test_level_figures_follow_the_weights_level_route(tiny_run, monkeypatch):
     for route in ("count", "classifier"):
         dermx = DermX(DermXConfig(image_size=64, count_head=True, level_from=route), device="cpu")
         fed = iter(truth + 2.0)
-        monkeypatch.setattr(dermx, "outputs", lambda images: (np.array([[1.0, 0.0, 0.0, 0.0]]), np.ones((1, n)),
-                                                              np.array([next(fed)])))
+        monkeypatch.setattr(dermx, "outputs", lambda images: DermXOutputs(
+            np.array([[1.0, 0.0, 0.0, 0.0]]), np.ones((1, n)), np.array([next(fed)]), None))
         metrics = evaluate_dermx(dermx, tiny_run, plausibility=False)
         by_count = scale.acne04_level_from_count(truth + 2.0)
         levels = manifest["acne04_level"].to_numpy(int)
@@ -243,3 +244,24 @@ def test_level_figures_follow_the_weights_level_route(tiny_run, monkeypatch):
         else:
             assert metrics["level_accuracy"] == metrics["level_accuracy_classifier"]
             assert metrics["severity_MAE"] == pytest.approx(manifest["severity"].to_numpy(float).mean())
+
+
+def test_characteristic_count_errors_against_the_visible_lesions_by_hand(tiny_run, monkeypatch):
+    """Weights with characteristic counts that say 1 of everything on every image: each characteristic's count
+    MAE is the mean of |1 - its visible lesions on the image|, counted here from lesions.parquet."""
+    from synthtrial.graders.dermx import LESION_TYPE
+    from synthtrial.run import rundir
+
+    manifest, lesions = rundir.read_manifest(tiny_run), rundir.read_lesions(tiny_run)
+    n = len(CHARACTERISTICS)
+    dermx = DermX(DermXConfig(image_size=64, characteristic_counts=True), device="cpu")
+    monkeypatch.setattr(dermx, "outputs", lambda images: DermXOutputs(np.full((1, 4), 0.25), np.ones((1, n)),
+                                                                      None, np.ones((1, n))))
+    metrics = evaluate_dermx(dermx, tiny_run, plausibility=False)
+    visible = lesions[lesions["visible"].to_numpy(bool)]
+    expected = [np.mean([abs(1 - ((visible["image"] == rel) & (visible["type"] == LESION_TYPE[c])).sum())
+                         for rel in manifest["image"]]) for c in CHARACTERISTICS]
+    got = [metrics["characteristics"][c]["count_MAE"] for c in CHARACTERISTICS]
+    np.testing.assert_allclose(got, expected)
+    assert metrics["characteristic_count_MAE"] == pytest.approx(np.mean(expected))
+    assert max(expected) > 1          # some characteristic has more than two lesions on an image of the run
