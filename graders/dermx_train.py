@@ -53,10 +53,12 @@ Choices, stated once:
 * **Characteristic counts** (``characteristic_counts``, ``--characteristic-counts``;
   :mod:`synthtrial.graders.dermx`): each image's target is how many lesions of each characteristic count under
   ``truth`` (:func:`truth_counts`; present exactly where that is at least 1), the loss ``LAMBDA_K`` (1) x the
-  squared error of ``log(1 + count)``; each density head starts at its characteristic's mean count spread
-  evenly over the grid. After training, on the same :data:`PRESENCE_IMAGES` training images as the presence
-  models, each characteristic's count threshold with the best F1 (:func:`fit_count_thresholds`); like them it
-  is decided after training, so re-running a finished training fits it again.
+  squared error of ``log(1 + count)`` (with ``balanced``, an image's error on a characteristic it shows weighs
+  that characteristic's positive weight, as in the BCE: :func:`characteristic_count_loss`); each density head
+  starts at its characteristic's mean count spread evenly over the grid. After training, on the same
+  :data:`PRESENCE_IMAGES` training images as the presence models, each characteristic's count threshold with
+  the best F1 (:func:`fit_count_thresholds`); like them it is decided after training, so re-running a
+  finished training fits it again.
 * **Augmentation** (``augment``, default on; off: horizontal flips only): the graders' photometric and
   geometric augmentation (:mod:`synthtrial.graders.augment`), the explanation areas moved with the image.
 """
@@ -362,7 +364,7 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
             logs["count"] = count_loss.item()
         if characteristic_counts:
             target = torch.from_numpy(data.char_counts[idx]).to(dev)
-            char_loss = F.mse_loss(torch.log1p(net.characteristic_counts(feats)), torch.log1p(target))
+            char_loss = characteristic_count_loss(net.characteristic_counts(feats), target, pos_weight)
             loss = loss + LAMBDA_K * char_loss
             logs["characteristic_counts"] = char_loss.item()
         opt.zero_grad(set_to_none=True)
@@ -391,6 +393,17 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
         cfg = replace(cfg, level_from=route)
     DermX(cfg, net, device=dev, record=record).save_pretrained(out)
     return DermX.from_pretrained(out, device=dev)
+
+
+def characteristic_count_loss(counts: torch.Tensor, target: torch.Tensor,
+                              pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean squared error of ``log(1 + count)`` over images and characteristics (``(B, C)`` each); with
+    ``pos_weight`` (``(C,)``, ``balanced``) an image's error on a characteristic it shows weighs that
+    characteristic's positive weight, as in its BCE (module docstring)."""
+    error = (torch.log1p(counts) - torch.log1p(target)) ** 2
+    if pos_weight is None:
+        return error.mean()
+    return (error * torch.where(target > 0, pos_weight.to(error.dtype), torch.ones_like(error))).mean()
 
 
 def density_bias(mean_count: float, cells: int) -> float:

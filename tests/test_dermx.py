@@ -522,3 +522,16 @@ def test_count_thresholds_by_hand_and_bad_ones_refused():
         DermXConfig(characteristic_counts=True, count_thresholds=(1.0,) * 7, presence=((1.0, 0, 0, 0, 0),) * 7)
     logits = count_logits(torch.tensor([[1.0, 4.0]]), (2.0, 4.0))
     np.testing.assert_allclose(torch.sigmoid(logits).numpy(), [[1 / 3, 0.5]], rtol=1e-6)
+
+
+def test_characteristic_count_loss_by_hand():
+    """The squared log1p error, averaged; balanced, each error on a characteristic the image shows weighs that
+    characteristic's positive weight and every other error 1."""
+    from synthtrial.graders.dermx_train import characteristic_count_loss
+
+    counts = torch.tensor([[0.0, 3.0], [1.0, 0.0]])
+    target = torch.tensor([[1.0, 3.0], [0.0, 2.0]])
+    e = np.log(2.0) ** 2, 0.0, np.log(2.0) ** 2, np.log(3.0) ** 2
+    assert characteristic_count_loss(counts, target).item() == pytest.approx(np.mean(e), rel=1e-6)
+    weighted = characteristic_count_loss(counts, target, torch.tensor([10.0, 0.5])).item()
+    assert weighted == pytest.approx((10 * e[0] + 0.5 * e[1] + e[2] + 0.5 * e[3]) / 4, rel=1e-6)

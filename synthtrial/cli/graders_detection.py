@@ -212,8 +212,8 @@ def train_dermx_command(
     augment_strength: AugmentStrength = 1.0,
     balanced_characteristics: Annotated[bool, typer.Option(
         "--balanced-characteristics/--plain-characteristics", help="Weigh each characteristic's positives by "
-        "its negatives / positives ratio in the training images (else a common one is learned as always "
-        "present, a rare one as never).")] = False,
+        "its negatives / positives ratio in the training images, in its BCE and, with --characteristic-counts, "
+        "in its count error (else a common one is learned as always present, a rare one as never).")] = False,
     presence_from_maps: Annotated[bool, typer.Option(
         "--presence-from-maps/--presence-from-head", help="After training, fit each characteristic's presence "
         "on its head logit and its Grad-CAM map's peak and mass (600 training images, F1-best threshold); "
