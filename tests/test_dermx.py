@@ -535,3 +535,26 @@ def test_characteristic_count_loss_by_hand():
     assert characteristic_count_loss(counts, target).item() == pytest.approx(np.mean(e), rel=1e-6)
     weighted = characteristic_count_loss(counts, target, torch.tensor([10.0, 0.5])).item()
     assert weighted == pytest.approx((10 * e[0] + 0.5 * e[1] + e[2] + 0.5 * e[3]) / 4, rel=1e-6)
+
+
+def test_characteristic_counts_from_the_command_line_reach_the_grades(tiny_run, tmp_path):
+    """Trained by the command on a run, the characteristic counts' targets are the visible lesions of each type
+    (the loaded data's counts, present exactly where at least 1), and grading the run adds a count column per
+    characteristic; asking for two presence routes is refused in one line before anything is read or written."""
+    data = load_dermx_data([tiny_run], 64)
+    np.testing.assert_array_equal(data.char_counts >= 1, data.present > 0)
+    assert data.char_counts.max() > 1
+    folder = tmp_path / "w"
+    result = CliRunner().invoke(app, ["graders", "train", "dermx", "--data", str(tiny_run), "--out", str(folder),
+                                      "--epochs", "1", "--image-size", "64", "--characteristic-counts", "-q"])
+    assert result.exit_code == 0, result.output
+    grader = get_grader("dermx", folder, device="cpu")
+    assert grader.config.characteristic_counts and len(grader.config.count_thresholds) == len(CHARACTERISTICS)
+    grade_run(tiny_run, [grader])
+    grades = rundir.read_grades(tiny_run)
+    assert {f"dermx_count_{c}" for c in CHARACTERISTICS} <= set(grades.columns)
+    assert (grades[[f"dermx_count_{c}" for c in CHARACTERISTICS]] >= 0).all().all()
+    bad = CliRunner().invoke(app, ["graders", "train", "dermx", "--data", str(tiny_run), "--out", str(tmp_path / "b"),
+                                   "--characteristic-counts", "--presence-from-maps", "-q"])
+    assert bad.exit_code == 2 and "two presence routes" in bad.output and len(bad.output.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
