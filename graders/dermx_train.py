@@ -316,15 +316,7 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
                       characteristic_counts=characteristic_counts)
     torch.manual_seed(seed)
     net = DermXNet(cfg)
-    cells = (image_size // 8) ** 2
-    with torch.no_grad():       # count heads start at the mean count, spread evenly over the grid
-        if count_head:
-            net.counter.weight.zero_()
-            net.counter.bias.fill_(density_bias(float(data.counts.mean()), cells))
-        if characteristic_counts:
-            net.char_counter.weight.zero_()
-            net.char_counter.bias.copy_(torch.tensor([density_bias(float(m), cells)
-                                                      for m in data.char_counts.mean(axis=0)]))
+    start_count_heads(net, data, image_size)
     net = net.to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     weights = torch.tensor(np.bincount(data.levels, minlength=4) + 1.0, dtype=torch.float32)
@@ -378,21 +370,44 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
     history = train_grader(net, opt, plan, out, restart=restart, progress=progress)["history"]
     net.eval()
     record = {"settings": settings, "epoch": epochs, "loss_history": history}
+    cfg = decide_after_training(cfg, net, dev, data, record, presence_from_maps, level_from)
+    DermX(cfg, net, device=dev, record=record).save_pretrained(out)
+    return DermX.from_pretrained(out, device=dev)
+
+
+def start_count_heads(net: DermXNet, data: DermXData, image_size: int) -> None:
+    """Each count head of ``net`` starts at its mean training count spread evenly over the CAM grid (zero weights,
+    the softplus bias of :func:`density_bias`)."""
+    cells = (image_size // 8) ** 2
+    with torch.no_grad():
+        if net.counter is not None:
+            net.counter.weight.zero_()
+            net.counter.bias.fill_(density_bias(float(data.counts.mean()), cells))
+        if net.char_counter is not None:
+            net.char_counter.weight.zero_()
+            net.char_counter.bias.copy_(torch.tensor([density_bias(float(m), cells)
+                                                      for m in data.char_counts.mean(axis=0)]))
+
+
+def decide_after_training(cfg: DermXConfig, net: DermXNet, dev: torch.device, data: DermXData,
+                          record: dict[str, Any], presence_from_maps: bool, level_from: str) -> DermXConfig:
+    """The config with what is decided on :data:`PRESENCE_IMAGES` training images after training (module
+    docstring): the presence models, the count thresholds, the level route; each noted in ``record``."""
+    n = len(data.images)
     picks = np.linspace(0, n - 1, min(PRESENCE_IMAGES, n)).round().astype(int)    # the calibration images
     if presence_from_maps:
         cfg = replace(cfg, presence=fit_presence(DermX(cfg, net, device=dev), data.images[picks],
                                                  data.present[picks].astype(bool)))
         record["presence_from"] = f"{len(picks)} training images"
-    if characteristic_counts:
+    if cfg.characteristic_counts:
         cfg = replace(cfg, count_thresholds=fit_count_thresholds(DermX(cfg, net, device=dev), data.images[picks],
                                                                  data.present[picks].astype(bool)))
         record["count_thresholds_from"] = f"{len(picks)} training images"
-    if count_head:
+    if cfg.count_head:
         route, record["level_route"] = choose_level_route(DermX(cfg, net, device=dev), data.images[picks],
                                                           data.levels[picks], level_from)
         cfg = replace(cfg, level_from=route)
-    DermX(cfg, net, device=dev, record=record).save_pretrained(out)
-    return DermX.from_pretrained(out, device=dev)
+    return cfg
 
 
 def characteristic_count_loss(counts: torch.Tensor, target: torch.Tensor,
