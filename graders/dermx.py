@@ -365,31 +365,33 @@ class DermX(GraderComponent):
         for idx in groups.values():
             for start in range(0, len(idx), 32):
                 part = idx[start:start + 32]
-                diag, ch, feats = self.scores(to_tensor([images[i] for i in part], self.config.image_size,
-                                                        self.device))
+                diag, ch, feats, per_char = self.scores(to_tensor([images[i] for i in part], self.config.image_size,
+                                                                  self.device))
                 levels[part] = torch.softmax(diag.float(), 1).cpu().numpy()
                 chars[part] = torch.sigmoid(ch.float()).cpu().numpy()
-                with torch.no_grad():
-                    if counts is not None:
+                if counts is not None:
+                    with torch.no_grad():
                         counts[part] = self.model.count(feats).float().cpu().numpy()
-                    if char_counts is not None:
-                        char_counts[part] = self.model.characteristic_counts(feats).float().cpu().numpy()
+                if char_counts is not None:
+                    char_counts[part] = per_char.float().cpu().numpy()
         return DermXOutputs(levels, chars, counts, char_counts)
 
-    def scores(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def scores(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Level logits, characteristic scores (logits; from the maps where the config has ``presence``, from
-        the characteristic counts where it has ``count_thresholds``) and the ``cam`` layer's features (for the
-        count heads) of a normalised batch; nothing keeps a graph."""
+        the characteristic counts where it has ``count_thresholds``), the ``cam`` layer's features (for the
+        count head) and, with the characteristic count heads, their counts ``(B, C)`` (else None) of a
+        normalised batch; nothing keeps a graph."""
         with torch.no_grad():
             feats = self.model.features(x)
+            per_char = self.model.characteristic_counts(feats) if self.config.characteristic_counts else None
             if self.config.count_thresholds:
                 diag = self.model.heads(feats.mean(dim=(2, 3)))[0]
-                return diag, count_logits(self.model.characteristic_counts(feats), self.config.count_thresholds), feats
+                return diag, count_logits(per_char, self.config.count_thresholds), feats, per_char
             if not self.config.presence:
-                return (*self.model.heads(feats.mean(dim=(2, 3))), feats)
+                return (*self.model.heads(feats.mean(dim=(2, 3))), feats, per_char)
         diag, maps = self._map_features(feats)
         weights = torch.tensor(self.config.presence, dtype=torch.float32, device=maps.device)
-        return diag, (maps * weights[:, :-1]).sum(-1) + weights[:, -1], feats
+        return diag, (maps * weights[:, :-1]).sum(-1) + weights[:, -1], feats, per_char
 
     def map_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Level logits ``(B, 4)`` and :data:`PRESENCE_FEATURES` ``(B, C, 4)`` of a normalised batch (the maps

@@ -187,8 +187,13 @@ def counted_lesions(lesions: pd.DataFrame, truth: str, where: Path) -> pd.DataFr
 
 def truth_counts(rows: pd.DataFrame, characteristics: Sequence[str], truth: str, where: Path) -> np.ndarray:
     """``(C,)`` how many lesions of each characteristic count under ``truth`` among an image's lesions ``rows``
-    (present exactly where the count is at least 1: :func:`image_truth`)."""
-    by_type = counted_lesions(rows, truth, where)["type"].value_counts()
+    (:func:`image_truth` says present exactly where this is at least 1)."""
+    return type_counts(counted_lesions(rows, truth, where), characteristics)
+
+
+def type_counts(counted: pd.DataFrame, characteristics: Sequence[str]) -> np.ndarray:
+    """``(C,)`` float32: how many of the lesions ``counted`` are of each characteristic's type."""
+    by_type = counted["type"].value_counts()
     return np.array([float(by_type.get(LESION_TYPE[c], 0)) for c in characteristics], np.float32)
 
 
@@ -197,7 +202,7 @@ def image_truth(run: Path, rel_image: str, rows: pd.DataFrame, characteristics: 
     """``(present (C,) bool, explanation areas (C, H, W) bool)`` of one image, at its own resolution; ``rows``:
     the image's lesions."""
     counted = counted_lesions(rows, truth, run)
-    present = np.array([LESION_TYPE[c] in set(counted["type"]) for c in characteristics])
+    present = type_counts(counted, characteristics) > 0
     instance = read_instance_mask(run, rel_image)
     masks = masks_of(instance, counted, characteristics)
     instance_area = np.bincount(instance.ravel())
@@ -292,8 +297,7 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
     (``epochs * ceil(N / batch_size)`` steps)."""
     check_weights_out(out, DermX.name, force)
     check_level_from(level_from, count_head)
-    if characteristic_counts and presence_from_maps:
-        raise GraderError("--characteristic-counts and --presence-from-maps are two presence routes; give one")
+    check_presence_routes(characteristic_counts, presence_from_maps)
     augmentation = scaled(WIDE, augment_strength)
     dev = resolve_device(device)
     n = len(data.images)
@@ -481,6 +485,12 @@ def fit_presence(dermx: DermX, images: np.ndarray, present: np.ndarray) -> tuple
         bias = float(model.intercept_[0]) - math.log(t / (1 - t))
         rows.append(tuple(round(float(w), 6) for w in model.coef_[0]) + (round(bias, 6),))
     return tuple(rows)
+
+
+def check_presence_routes(characteristic_counts: bool, presence_from_maps: bool) -> None:
+    """Refuse two presence routes at once (the characteristic counts' thresholds and the presence models)."""
+    if characteristic_counts and presence_from_maps:
+        raise GraderError("--characteristic-counts and --presence-from-maps are two presence routes; give one")
 
 
 def check_level_from(level_from: str, count_head: bool) -> None:

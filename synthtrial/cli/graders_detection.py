@@ -250,15 +250,13 @@ def train_dermx_command(
 
     from synthtrial.graders.base import check_weights_out
     from synthtrial.graders.dermx import DermXConfig
-    from synthtrial.graders.dermx_train import TRUTHS, check_level_from, load_dermx_data, train_dermx
+    from synthtrial.graders.dermx_train import (TRUTHS, check_level_from, check_presence_routes, load_dermx_data,
+                                                train_dermx)
     from synthtrial.util.device import resolve_device
 
     DermXConfig(image_size=image_size, guided=guided, backbone=backbone)    # refuse bad options before reading
     check_level_from(level_from, count_head)
-    if characteristic_counts and presence_from_maps:
-        from synthtrial.graders.base import GraderError
-
-        raise GraderError("--characteristic-counts and --presence-from-maps are two presence routes; give one")
+    check_presence_routes(characteristic_counts, presence_from_maps)
     if truth not in TRUTHS:
         from synthtrial.graders.base import GraderError
 
