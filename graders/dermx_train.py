@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from synthtrial.graders.augment import WIDE, Augmenter, draw_seeds, scaled
 from synthtrial.graders.base import GraderError, check_weights_out, read_rgb, train_grader
 from synthtrial.graders.dermx import (CHARACTERISTICS, LESION_TYPE, LEVEL_ROUTES, PRESENCE_FEATURES, DermX,
-                                      DermXConfig, DermXNet, dice_loss, normalise_maps, presence_features,
+                                      DermXConfig, DermXNet, DermXOutputs, dice_loss, normalise_maps, presence_features,
                                       route_grades, to_tensor)
 from synthtrial.run import rundir
 from synthtrial.util.device import resolve_device
@@ -403,13 +403,13 @@ def decide_after_training(cfg: DermXConfig, net: DermXNet, dev: torch.device, da
         cfg = replace(cfg, presence=fit_presence(DermX(cfg, net, device=dev), data.images[picks],
                                                  data.present[picks].astype(bool)))
         record["presence_from"] = f"{len(picks)} training images"
+    if cfg.characteristic_counts or cfg.count_head:     # the network's outputs, read once for both decisions
+        outputs = DermX(cfg, net, device=dev).outputs(list(data.images[picks]))
     if cfg.characteristic_counts:
-        cfg = replace(cfg, count_thresholds=fit_count_thresholds(DermX(cfg, net, device=dev), data.images[picks],
-                                                                 data.present[picks].astype(bool)))
+        cfg = replace(cfg, count_thresholds=fit_count_thresholds(outputs, data.present[picks].astype(bool)))
         record["count_thresholds_from"] = f"{len(picks)} training images"
     if cfg.count_head:
-        route, record["level_route"] = choose_level_route(DermX(cfg, net, device=dev), data.images[picks],
-                                                          data.levels[picks], level_from)
+        route, record["level_route"] = choose_level_route(outputs, data.levels[picks], level_from)
         cfg = replace(cfg, level_from=route)
     return cfg
 
@@ -434,12 +434,12 @@ def density_bias(mean_count: float, cells: int) -> float:
 COUNT_THRESHOLDS = tuple(float(t) for t in np.round(np.geomspace(0.1, 10.0, 61), 4))
 
 
-def fit_count_thresholds(dermx: DermX, images: np.ndarray, present: np.ndarray) -> tuple[float, ...]:
+def fit_count_thresholds(outputs: DermXOutputs, present: np.ndarray) -> tuple[float, ...]:
     """Per characteristic (columns of ``(N, C)`` bool ``present``), the count from :data:`COUNT_THRESHOLDS` at
-    which calling it present has the best F1 on ``images`` (where several tie, the middle one of them, the lower on
+    which calling it present has the best F1 on the images of ``outputs`` (:meth:`DermX.outputs`; where several tie, the middle one of them, the lower on
     an even number: away from both ends of the range that separates the images equally well); 0.5 (half a
     lesion) where the images show it on all or none of them."""
-    counts = dermx.outputs(list(images)).characteristic_counts
+    counts = outputs.characteristic_counts
     if counts is None:
         raise GraderError("dermx: fitting count thresholds needs the characteristic count heads")
     grid = np.asarray(COUNT_THRESHOLDS)
@@ -501,13 +501,13 @@ def check_level_from(level_from: str, count_head: bool) -> None:
         raise GraderError("--level-from count needs the count head (--count-head)")
 
 
-def choose_level_route(dermx: DermX, images: np.ndarray, levels: np.ndarray,
+def choose_level_route(outputs: DermXOutputs, levels: np.ndarray,
                        wanted: str = "auto") -> tuple[str, dict[str, Any]]:
     """The level route (``wanted`` unless "auto": module docstring) of count-head weights and its record: each
-    route's level accuracy on ``images`` against ``levels``."""
-    if not dermx.config.count_head:
+    route's level accuracy, on the images of ``outputs`` (:meth:`DermX.outputs`), against ``levels``."""
+    probs, _, counts, _ = outputs
+    if counts is None:
         raise GraderError("dermx: choosing a level route needs the count head")
-    probs, _, counts, _ = dermx.outputs(list(images))
     levels = np.asarray(levels, int)
     accuracy = {r: float((route_grades(r, probs, counts)[0] == levels).mean()) for r in LEVEL_ROUTES}
     route = wanted if wanted != "auto" else ("count" if accuracy["count"] > accuracy["classifier"] else "classifier")

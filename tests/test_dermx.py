@@ -409,9 +409,12 @@ def test_count_head_learns_the_count_jointly_and_reaches_predict(tmp_path):
     # against levels read from the toy's counts (0 or 12: level 0 or 1) the count route is right on most images
     # and the diagnosis head, trained on the opposite levels (i % 2), on few: auto takes the count
     by_count = scale.acne04_level_from_count(data.counts)
-    route, record = choose_level_route(dermx, data.images, by_count)
+    outputs = dermx.outputs(list(data.images))
+    route, record = choose_level_route(outputs, by_count)
     assert route == "count" and record["accuracy"]["count"] >= 0.75 and record["accuracy"]["classifier"] <= 0.25, record
-    assert choose_level_route(dermx, data.images, by_count, "classifier")[0] == "classifier"
+    assert choose_level_route(outputs, by_count, "classifier")[0] == "classifier"
+    with pytest.raises(GraderError, match="needs the count head"):
+        choose_level_route(outputs._replace(counts=None), by_count)
     counted = DermX(replace(dermx.config, level_from="count"), dermx.model, device="cpu").predict(list(data.images))
     np.testing.assert_array_equal(counted["level"], scale.acne04_level_from_count(np.maximum(counted["count"], 0)))
     np.testing.assert_allclose(counted["severity"], scale.severity_from_count(np.maximum(counted["count"], 0)))
@@ -502,12 +505,9 @@ def test_count_thresholds_by_hand_and_bad_ones_refused():
     """The F1-best threshold on hand-made counts; configs with thresholds but no heads, the wrong number of them,
     a non-positive one, or presence models beside them are refused."""
 
-    class Counts:
-        def outputs(self, images):
-            return DermXOutputs(None, None, None, np.array([[0.0, 2.0], [0.3, 2.0], [1.2, 2.0], [2.5, 2.0]]))
-
+    counts = DermXOutputs(None, None, None, np.array([[0.0, 2.0], [0.3, 2.0], [1.2, 2.0], [2.5, 2.0]]))
     present = np.array([[False, True], [False, True], [True, True], [True, True]])
-    thresholds = fit_count_thresholds(Counts(), np.zeros((4, 8, 8, 3), np.uint8), present)
+    thresholds = fit_count_thresholds(counts, present)
     # column 0: F1 1 at every grid value above 0.3 up to 1.2; the middle one of them is kept; column 1: always
     # present
     best = [t for t in COUNT_THRESHOLDS if 0.3 < t <= 1.2]
