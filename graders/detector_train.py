@@ -475,7 +475,7 @@ def _count_metrics(pred: np.ndarray, truth: np.ndarray, levels: np.ndarray | Non
     out = {f"count_MAE{suffix}": float(np.abs(pred - truth).mean()),
            f"count_RMSE{suffix}": float(np.sqrt(((pred - truth) ** 2).mean()))}
     if levels is not None:
-        out["level_accuracy"] = float((scale.acne04_level_from_count(pred) == levels).mean())
+        out[f"level_accuracy{suffix}"] = float((scale.acne04_level_from_count(pred) == levels).mean())
     return out
 
 
@@ -484,7 +484,9 @@ def evaluate_detector(detector: LesionDetector, run: str | Path,
     """COCO AP / AP50 / AP_small / AR (pycocotools; ``AP50_any_class`` whatever the class) and counting MAE / RMSE /
     level accuracy on a run, against the simulated truth (every lesion; the grader's ``count``) and, where the
     run measured visibility, the visible truth (``_visible`` metrics: invisible lesions are ignore regions, the
-    grader's ``visible_count`` against the manifest's); ``progress(done, images, "")`` after each image.
+    grader's ``visible_count`` against the manifest's, and ``level_accuracy_visible``: the Hayashi level of the
+    former against that of the latter, the level a grader of the photograph alone can reach);
+    ``progress(done, images, "")`` after each image.
 
     Returns the metrics and the detections in COCO results format (``image_id``, ``category_id``, ``bbox``
     as x, y, w, h, ``score``). A detector with the ``mark`` class is scored on the six lesion classes: its mark
@@ -539,7 +541,8 @@ def evaluate_detector(detector: LesionDetector, run: str | Path,
                         "AR_visible": float(vis[8]),
                         "AP50_any_class_visible": float(coco_stats(images, ignored, results, classes, agnostic=True)[1]),
                         **{f"AP50_{c}_visible": v for c, v in per_class.items()},
-                        **_count_metrics(np.asarray(seen, float), manifest["visible_count"].to_numpy(float), None,
+                        **_count_metrics(np.asarray(seen, float), manifest["visible_count"].to_numpy(float),
+                                         scale.acne04_level_from_count(manifest["visible_count"].to_numpy(float)),
                                          "_visible"),
                         "lesions_visible": float(sum(visible))})
     return metrics, results

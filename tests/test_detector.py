@@ -21,6 +21,7 @@ from synthtrial.graders.detector import (CLASSES, DetectorConfig, LesionDetector
 from synthtrial.graders.detector_train import (masked_batch, evaluate_detector, load_run_data,
                                     masked_crop, mean_lesion_size, train_detector)
 from synthtrial.run import rundir
+from synthtrial.trial import scale
 from synthtrial.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -239,6 +240,8 @@ def test_grade_evaluate_and_cli_on_a_run(tiny_run, tmp_path):
     assert metrics["count_MAE"] == pytest.approx(np.abs(grades["detector_count"].to_numpy() - counts).mean())
     visible = rundir.read_manifest(tiny_run, ("visible_count",))["visible_count"].to_numpy(float)
     assert metrics["count_MAE_visible"] == pytest.approx(np.abs(grades["detector_visible_count"].to_numpy() - visible).mean())
+    seen_level = scale.acne04_level_from_count(grades["detector_visible_count"].to_numpy())
+    assert metrics["level_accuracy_visible"] == pytest.approx((seen_level == scale.acne04_level_from_count(visible)).mean())
     assert 0 < metrics["lesions_visible"] < metrics["lesions"] and "AP50_visible" in metrics
     assert 0 < metrics["AP50_ceiling"] < 1          # some lesions of the tiny run are invisible
     result = CliRunner().invoke(app, ["graders", "eval", "detector", "--data", str(tiny_run), "--weights", str(folder), "-q",

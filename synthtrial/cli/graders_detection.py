@@ -290,11 +290,12 @@ DETECTOR_COLUMNS = ["AP", "AP50", "AP50_any_class", "AP_small", "AR", "count_MAE
 
 def truth_rows(variant: str, metrics: dict[str, float]) -> list[dict]:
     """One table row against the simulated truth and, where the run measured visibility, one against the
-    visible truth (invisible lesions ignored; level accuracy is against the simulated level in both)."""
+    visible truth (invisible lesions ignored; level accuracy there is the Hayashi level of the visible count
+    against that of the visible truth)."""
     rows = [{"variant": variant, "truth": "simulated", **metrics}]
     if "AP50_visible" in metrics:
         rows.append({"variant": variant, "truth": "visible", **metrics,
-                     **{k: metrics.get(f"{k}_visible", float("nan")) for k in DETECTOR_COLUMNS if k != "level_accuracy"}})
+                     **{k: metrics.get(f"{k}_visible", float("nan")) for k in DETECTOR_COLUMNS}})
     return rows
 
 
