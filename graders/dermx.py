@@ -214,8 +214,10 @@ class DermXNet(nn.Module):
         """Logits and every characteristic's Grad-CAM map ``(B, C, h, w)`` (not normalised), differentiable."""
         return self.heads_with_cams(self.features(x), create_graph)
 
-    def heads_with_cams(self, feats: Tensor, create_graph: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`forward_with_cams` from the ``cam`` layer's features (which may carry no graph)."""
+    def heads_with_cams(self, feats: Tensor, create_graph: bool = True,
+                        relu: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward_with_cams` from the ``cam`` layer's features (which may carry no graph); ``relu=False``:
+        the maps before Grad-CAM's ReLU (negative where the features speak against the characteristic)."""
         pooled = feats.mean(dim=(2, 3))
         if not pooled.requires_grad:
             pooled = pooled.detach().requires_grad_(True)
@@ -225,8 +227,8 @@ class DermXNet(nn.Module):
             (grad,) = torch.autograd.grad(chars[:, k].sum(), pooled, create_graph=create_graph, retain_graph=True)
             alphas.append(grad / (feats.shape[2] * feats.shape[3]))
         alpha = torch.stack(alphas, dim=1)                       # (B, C, channels)
-        cams = F.relu(torch.einsum("bkc,bchw->bkhw", alpha, feats))
-        return diag, chars, cams
+        cams = torch.einsum("bkc,bchw->bkhw", alpha, feats)
+        return diag, chars, F.relu(cams) if relu else cams
 
 
 class CharacteristicLogits(nn.Module):

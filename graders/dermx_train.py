@@ -35,6 +35,21 @@ Choices, stated once:
 * **DermX+** (``guided``): ``lambda_A x Dice`` between each characteristic's differentiable Grad-CAM (at the
   CAM grid, scaled to max 1) and its explanation area max-pooled to that grid, over the characteristics the
   image shows.
+* **Live maps** (``live_maps``, ``--live-maps``, with ``guided``): a Grad-CAM map is ``ReLU(sum alpha_ch A_ch)``;
+  where the head's gradient speaks against the characteristic on every cell the map is 0 everywhere, and the
+  Dice loss has no gradient there (the ReLU's). That happened: the weights trained to 2026-12-07 show empty
+  maps for open and closed comedones and scars on every image (plausibility F1 0 for three of seven
+  characteristics). This term adds ``lambda_A x mean(ReLU(0.1 - peak / max|map|))`` over the characteristics an
+  image shows: ``peak`` the highest value of the map before the ReLU on its explanation area's cells, divided
+  by the map's largest magnitude (no gradient through that scale): 0 once the map's peak on the area reaches a
+  tenth of that (the Dice loss then has cells to work on), at most 1.1. It trains the heads only (the maps of the
+  features detached): through the features, the cheapest way to raise a negative peak is to switch them off
+  there, and a map of zero features stays 0 (measured on a toy network).
+* **Fine-tuning** (``init``): training may start from saved DermX weights instead of a random initialisation
+  (the same network: every config field but those decided after training and ``guided`` must agree, else a
+  one-line refusal naming them); a fresh optimiser and cosine schedule then run for ``epochs``, the count heads
+  keep their trained weights, and the start's weights hash is recorded. The decisions after training are made
+  again.
 * **Presence from the maps** (``presence_from_maps``, ``--presence-from-maps``, off by default;
   :data:`synthtrial.graders.dermx.PRESENCE_FEATURES`): after training, on up to :data:`PRESENCE_IMAGES` training
   images spread evenly over the set, per characteristic a logistic regression (scikit-learn, unweighted) of its
@@ -67,7 +82,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -79,7 +94,7 @@ import torch
 import torch.nn.functional as F
 
 from synthtrial.graders.augment import WIDE, Augmenter, draw_seeds, scaled
-from synthtrial.graders.base import GraderError, check_weights_out, read_rgb, train_grader
+from synthtrial.graders.base import WEIGHTS_FILE, GraderError, check_weights_out, read_rgb, train_grader
 from synthtrial.graders.dermx import (CHARACTERISTICS, LESION_TYPE, LEVEL_ROUTES, PRESENCE_FEATURES, DermX,
                                       DermXConfig, DermXNet, DermXOutputs, dice_loss, normalise_maps, presence_features,
                                       route_grades, to_tensor)
@@ -285,7 +300,8 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
                 device: str | None = None, sources: Sequence[str] = (), restart: bool = False, force: bool = False,
                 augment: bool = True, augment_strength: float = 1.0, balanced: bool = False,
                 presence_from_maps: bool = False, count_head: bool = False, level_from: str = "auto",
-                characteristic_counts: bool = False, progress: ProgressCallback | None = None) -> DermX:
+                characteristic_counts: bool = False, live_maps: bool = False, init: str | Path | None = None,
+                progress: ProgressCallback | None = None) -> DermX:
     """Train DermX (DermX+ with ``guided``) through the shared loop and save it to ``out``; resumes from
     ``out/checkpoint`` (``restart`` starts over). An ``out`` holding anything but DermX weights is refused
     unless ``force``. ``augment`` moves the masks with the graders' augmentation (else flips only), its
@@ -293,8 +309,9 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
     weighs each characteristic's positives by its negatives / positives ratio; ``presence_from_maps`` fits the
     presence models after training; ``count_head`` adds the lesion-count head and its loss (``dermx.py``);
     ``level_from`` chooses the level route after training; ``characteristic_counts`` adds a count head per
-    characteristic, its loss and, after training, its presence thresholds (module docstring). ``progress(step, steps, "loss ...")`` is called after every step
-    (``epochs * ceil(N / batch_size)`` steps)."""
+    characteristic, its loss and, after training, its presence thresholds; ``live_maps`` adds the live-map term
+    to DermX+'s attention loss; ``init`` names weights to fine-tune (module docstring). ``progress(step, steps,
+    "loss ...")`` is called after every step (``epochs * ceil(N / batch_size)`` steps)."""
     check_weights_out(out, DermX.name, force)
     check_level_from(level_from, count_head)
     check_presence_routes(characteristic_counts, presence_from_maps)
@@ -316,11 +333,23 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
         if data.char_counts is None:
             raise GraderError("dermx characteristic counts: the training data has no per-characteristic counts")
         settings["characteristic_counts"] = True
+    if live_maps:
+        if not guided:
+            raise GraderError("dermx --live-maps works on DermX+'s attention loss: add --guided")
+        settings["live_maps"] = True
     cfg = DermXConfig(image_size=image_size, guided=guided, backbone=backbone, count_head=count_head,
                       characteristic_counts=characteristic_counts)
+    start = None
+    if init is not None:
+        start = DermX.from_pretrained(init, device="cpu")
+        check_same_network(cfg, start.config, init)
+        settings["init"] = {"from": str(init), "weights_sha256": rundir.sha256_file(Path(init) / WEIGHTS_FILE)}
     torch.manual_seed(seed)
     net = DermXNet(cfg)
-    start_count_heads(net, data, image_size)
+    if start is not None:
+        net.load_state_dict({k: v.float() for k, v in start.model.state_dict().items()})
+    else:
+        start_count_heads(net, data, image_size)
     net = net.to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     weights = torch.tensor(np.bincount(data.levels, minlength=4) + 1.0, dtype=torch.float32)
@@ -342,10 +371,9 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / total))
         feats = net.features(x)
+        live = None
         if guided:
-            diag, chars, cams = net.heads_with_cams(feats)
-            targets = F.adaptive_max_pool2d(areas, cams.shape[-2:])
-            attention = dice_loss(normalise_maps(cams), targets, present)
+            diag, chars, attention, live = attention_loss(net, feats, areas, present, live_maps)
         else:
             diag, chars = net.heads(feats.mean(dim=(2, 3)))
             attention = torch.zeros((), device=dev)
@@ -353,6 +381,9 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
         bce = F.binary_cross_entropy_with_logits(chars, present, pos_weight=pos_weight)
         loss = LAMBDA_D * ce + LAMBDA_C * bce + (LAMBDA_A * attention if guided else 0)
         logs = {"ce": ce.item(), "bce": bce.item(), "dice": attention.item()}
+        if live is not None:
+            loss = loss + LAMBDA_A * live
+            logs["live"] = live.item()
         if count_head:
             target = torch.from_numpy(data.counts[idx]).to(dev)
             count_loss = F.mse_loss(torch.log1p(net.count(feats)), torch.log1p(target))
@@ -377,6 +408,50 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
     cfg = decide_after_training(cfg, net, dev, data, record, presence_from_maps, level_from)
     DermX(cfg, net, device=dev, record=record).save_pretrained(out)
     return DermX.from_pretrained(out, device=dev)
+
+
+def attention_loss(net: DermXNet, feats: torch.Tensor, areas: torch.Tensor, present: torch.Tensor,
+                   live_maps: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """DermX+'s attention loss from the ``cam`` features (module docstring): the Dice loss between each present
+    characteristic's Grad-CAM map (scaled to max 1) and its explanation area (``(B, C, H, W)`` 0/1) max-pooled
+    to the CAM grid, plus with ``live_maps`` the live-map term, computed on the maps of the features detached (it
+    trains the heads' weights, the alphas: otherwise the cheapest way to raise a negative peak is to switch the
+    features off there, which leaves the map at 0 for good). Returns the level and characteristic logits, the
+    Dice loss and the live-map term (None without ``live_maps``)."""
+    diag, chars, maps = net.heads_with_cams(feats)
+    targets = F.adaptive_max_pool2d(areas, maps.shape[-2:])
+    live = live_map_loss(net.heads_with_cams(feats.detach(), relu=False)[2], targets, present) if live_maps else None
+    return diag, chars, dice_loss(normalise_maps(maps), targets, present), live
+
+
+#: the share of a map's largest magnitude that its peak on the explanation area must reach (live-map term)
+LIVE_MARGIN = 0.1
+
+
+def live_map_loss(maps: torch.Tensor, targets: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The live-map term (module docstring): mean ``ReLU(LIVE_MARGIN - peak / max|map|)`` over the (image,
+    characteristic) pairs marked ``present`` whose area ``targets`` (``(B, C, h, w)`` 0/1) has a cell on the
+    grid; ``maps`` are the Grad-CAM maps before the ReLU. 0 when there are no such pairs."""
+    inside = targets > 0
+    peak = maps.masked_fill(~inside, float("-inf")).amax(dim=(-2, -1))
+    scale = maps.detach().abs().amax(dim=(-2, -1)).clamp_min(1e-12)
+    use = (present > 0) & inside.any(dim=-1).any(dim=-1)
+    if not use.any():
+        return maps.sum() * 0.0
+    return F.relu(LIVE_MARGIN - peak[use] / scale[use]).mean()
+
+
+#: config fields a fine-tuning start may differ in: decided after training, or a training setting
+AFTER_TRAINING_FIELDS = ("presence", "count_thresholds", "level_from", "guided")
+
+
+def check_same_network(cfg: DermXConfig, start: DermXConfig, where: Any) -> None:
+    """Refuse (one line naming the fields) to fine-tune from DermX weights of another network or input size."""
+    wanted, have = asdict(cfg), asdict(start)
+    differ = [k for k in wanted if k not in AFTER_TRAINING_FIELDS and wanted[k] != have.get(k)]
+    if differ:
+        raise GraderError(f"--init {where}: its DermX differs from this training's in "
+                          + ", ".join(f"{k} ({have.get(k)!r} there, {wanted[k]!r} here)" for k in differ))
 
 
 def start_count_heads(net: DermXNet, data: DermXData, image_size: int) -> None:

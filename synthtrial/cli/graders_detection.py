@@ -230,13 +230,22 @@ def train_dermx_command(
         "--level-from", help="Where level and severity come from: classifier (the diagnosis head), count (the "
         "Hayashi level of the count head's count; needs --count-head) or auto (count when it is right more often "
         "on 600 training images). Decided after training: re-running a finished training sets it again.")] = "auto",
+    live_maps: Annotated[bool, typer.Option(
+        "--live-maps/--no-live-maps", help="With --guided: also push each characteristic's Grad-CAM map above 0 "
+        "somewhere on its explanation area (a map that is 0 everywhere gives the Dice loss nothing to work on).")
+    ] = False,
+    init: Annotated[Optional[Path], typer.Option(help="Fine-tune: start from these DermX weights (a folder with "
+                                                 "model.safetensors + config.json; the same network and input "
+                                                 "size) instead of a random initialisation.",
+                                                 show_default=False)] = None,
     seed: Seed = 0,
     device: Device = None,
     restart: Restart = False,
     force: Force = False,
     quiet: Quiet = False,
 ) -> None:
-    """Train DermX (severity + lesion characteristics with Grad-CAM explanations) from scratch on runs.
+    """Train DermX (severity + lesion characteristics with Grad-CAM explanations) from scratch on runs, or
+    fine-tune saved weights with --init.
 
     Example (DermX and DermX+ on the grader training set, sized for about an hour each alone on 2 CPU cores:
     188 steps of 16 images an epoch, about 1 s a step, plus about 14 min reading the 3,000 images; see the
@@ -245,21 +254,27 @@ def train_dermx_command(
       synthtrial graders train dermx --data runs/graderset/train --out runs/weights/dermx --epochs 12 --batch-size 16
 
       synthtrial graders train dermx --data runs/graderset/train --out runs/weights/dermx+ --guided --epochs 10 --batch-size 16
+
+    The shipped weights' command is in graders/weights/dermx/MODEL_CARD.md.
     """
     import math
 
-    from synthtrial.graders.base import check_weights_out
-    from synthtrial.graders.dermx import DermXConfig
-    from synthtrial.graders.dermx_train import (TRUTHS, check_level_from, check_presence_routes, load_dermx_data,
-                                                train_dermx)
+    from synthtrial.graders.base import GraderError, check_weights_out
+    from synthtrial.graders.dermx import DermX, DermXConfig
+    from synthtrial.graders.dermx_train import (TRUTHS, check_level_from, check_presence_routes, check_same_network,
+                                                load_dermx_data, train_dermx)
     from synthtrial.util.device import resolve_device
 
     DermXConfig(image_size=image_size, guided=guided, backbone=backbone)    # refuse bad options before reading
     check_level_from(level_from, count_head)
     check_presence_routes(characteristic_counts, presence_from_maps)
+    if live_maps and not guided:
+        raise GraderError("--live-maps works on DermX+'s attention loss: add --guided")
+    if init is not None:                  # a missing or foreign --init is refused before the images are read
+        check_same_network(DermXConfig(image_size=image_size, guided=guided, backbone=backbone, count_head=count_head,
+                                       characteristic_counts=characteristic_counts),
+                           DermX.from_pretrained(init, device="cpu").config, init)
     if truth not in TRUTHS:
-        from synthtrial.graders.base import GraderError
-
         raise GraderError(f"--truth must be one of {', '.join(TRUTHS)}, got '{truth}'")
     check_weights_out(out_dir, "dermx", force)
     resolve_device(device)
@@ -272,7 +287,7 @@ def train_dermx_command(
                     restart=restart, force=force, augment=augment, augment_strength=augment_strength,
                     balanced=balanced_characteristics, presence_from_maps=presence_from_maps,
                     count_head=count_head, level_from=level_from, characteristic_counts=characteristic_counts,
-                    progress=update)
+                    live_maps=live_maps, init=init, progress=update)
     out.print(f"[green]wrote[/green] {out_dir}")
 
 
