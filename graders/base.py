@@ -254,6 +254,16 @@ def fingerprint_of(config: dict[str, Any], weights: bytes | None = None) -> str:
     return digest.hexdigest()[:12]
 
 
+def check_fine_tune_start(cfg: Any, start: Any, where: Any, what: str, free: Sequence[str] = ()) -> None:
+    """Refuse (one line naming the fields, ``--init WHERE``) to fine-tune from saved weights whose config (a
+    dataclass like ``cfg``) differs from this training's in any field but ``free`` (those set after training)."""
+    wanted, have = dataclasses.asdict(cfg), dataclasses.asdict(start)
+    differ = [k for k in wanted if k not in free and wanted[k] != have.get(k)]
+    if differ:
+        raise GraderError(f"--init {where}: its {what} differs from this training's in "
+                          + ", ".join(f"{k} ({have.get(k)!r} there, {wanted[k]!r} here)" for k in differ))
+
+
 def check_weights_out(folder: str | os.PathLike[str], name: str, force: bool = False) -> Path:
     """Refuse, before any work, an ``--out`` folder that holds something other than grader ``name``'s weights
     (a run, another grader's weights, any other ``config.json``) unless ``force``."""

@@ -82,7 +82,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -94,7 +94,8 @@ import torch
 import torch.nn.functional as F
 
 from synthtrial.graders.augment import WIDE, Augmenter, draw_seeds, scaled
-from synthtrial.graders.base import WEIGHTS_FILE, GraderError, check_weights_out, read_rgb, train_grader
+from synthtrial.graders.base import (WEIGHTS_FILE, GraderError, check_fine_tune_start, check_weights_out, read_rgb,
+                                    train_grader)
 from synthtrial.graders.dermx import (CHARACTERISTICS, LESION_TYPE, LEVEL_ROUTES, PRESENCE_FEATURES, DermX,
                                       DermXConfig, DermXNet, DermXOutputs, dice_loss, normalise_maps, presence_features,
                                       route_grades, to_tensor)
@@ -447,11 +448,7 @@ AFTER_TRAINING_FIELDS = ("presence", "count_thresholds", "level_from", "guided")
 
 def check_same_network(cfg: DermXConfig, start: DermXConfig, where: Any) -> None:
     """Refuse (one line naming the fields) to fine-tune from DermX weights of another network or input size."""
-    wanted, have = asdict(cfg), asdict(start)
-    differ = [k for k in wanted if k not in AFTER_TRAINING_FIELDS and wanted[k] != have.get(k)]
-    if differ:
-        raise GraderError(f"--init {where}: its DermX differs from this training's in "
-                          + ", ".join(f"{k} ({have.get(k)!r} there, {wanted[k]!r} here)" for k in differ))
+    check_fine_tune_start(cfg, start, where, "DermX", AFTER_TRAINING_FIELDS)
 
 
 def start_count_heads(net: DermXNet, data: DermXData, image_size: int) -> None:

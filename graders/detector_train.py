@@ -67,7 +67,8 @@ import pandas as pd
 import torch
 
 from synthtrial.graders.augment import WIDE, AugmentConfig, Augmenter, draw_seeds
-from synthtrial.graders.base import CONFIG_FILE, WEIGHTS_FILE, GraderError, check_weights_out, read_rgb, train_grader
+from synthtrial.graders.base import (CONFIG_FILE, WEIGHTS_FILE, GraderError, check_fine_tune_start, check_weights_out,
+                                    read_rgb, train_grader)
 from synthtrial.graders.detector import CLASSES, MARK, DetectorConfig, LesionDetector, build_model
 from synthtrial.graders.detector_count import SOFT_FLOOR, calibrate
 from synthtrial.run import rundir
@@ -415,11 +416,7 @@ CALIBRATION_FIELDS = ("count_threshold", "count_weights", "count_bias", "count_s
 
 def check_same_architecture(cfg: DetectorConfig, start: DetectorConfig, where: Any) -> None:
     """Refuse (one line naming the fields) to fine-tune from weights of another architecture or scale."""
-    wanted, have = asdict(cfg), asdict(start)
-    differ = [k for k in wanted if k not in CALIBRATION_FIELDS and wanted[k] != have.get(k)]
-    if differ:
-        raise GraderError(f"--init {where}: its detector differs from this training's in "
-                          + ", ".join(f"{k} ({have.get(k)!r} there, {wanted[k]!r} here)" for k in differ))
+    check_fine_tune_start(cfg, start, where, "detector", CALIBRATION_FIELDS)
 
 
 # ---------------------------------------------------------------------------------------- evaluation

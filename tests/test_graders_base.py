@@ -123,3 +123,18 @@ def test_grade_cli_and_analyze_use_the_counter(quick_run_256, tmp_path):
     rows = effects[effects["outcome"] == "grader_counter_severity"]
     assert len(rows) and rows["estimate"].notna().any()
     assert "grader_counter_count" in set(effects["outcome"])
+
+
+def test_a_fine_tuning_start_may_differ_only_in_the_free_fields():
+    from dataclasses import dataclass
+
+    from synthtrial.graders.base import check_fine_tune_start
+
+    @dataclass
+    class Config:
+        side: int = 64
+        threshold: float = 0.5
+
+    check_fine_tune_start(Config(), Config(threshold=0.9), "w", "toy", free=("threshold",))
+    with pytest.raises(GraderError, match=r"^--init w: its toy differs from this training's in side \(128 there, 64 here\)$"):
+        check_fine_tune_start(Config(), Config(side=128, threshold=0.9), "w", "toy", free=("threshold",))
