@@ -334,16 +334,14 @@ def train_dermx(data: DermXData, out: str | Path, *, guided: bool = False, epoch
         if data.char_counts is None:
             raise GraderError("dermx characteristic counts: the training data has no per-characteristic counts")
         settings["characteristic_counts"] = True
+    check_live_maps(live_maps, guided)
     if live_maps:
-        if not guided:
-            raise GraderError("dermx --live-maps works on DermX+'s attention loss: add --guided")
         settings["live_maps"] = True
     cfg = DermXConfig(image_size=image_size, guided=guided, backbone=backbone, count_head=count_head,
                       characteristic_counts=characteristic_counts)
     start = None
     if init is not None:
-        start = DermX.from_pretrained(init, device="cpu")
-        check_same_network(cfg, start.config, init)
+        start = fine_tune_start(init, cfg)
         settings["init"] = {"from": str(init), "weights_sha256": rundir.sha256_file(Path(init) / WEIGHTS_FILE)}
     torch.manual_seed(seed)
     net = DermXNet(cfg)
@@ -446,9 +444,12 @@ def live_map_loss(maps: torch.Tensor, targets: torch.Tensor, present: torch.Tens
 AFTER_TRAINING_FIELDS = ("presence", "count_thresholds", "level_from", "guided")
 
 
-def check_same_network(cfg: DermXConfig, start: DermXConfig, where: Any) -> None:
-    """Refuse (one line naming the fields) to fine-tune from DermX weights of another network or input size."""
-    check_fine_tune_start(cfg, start, where, "DermX", AFTER_TRAINING_FIELDS)
+def fine_tune_start(init: str | Path, cfg: DermXConfig) -> DermX:
+    """The DermX weights in ``init`` (on the CPU), refused in one line naming the fields when their network or input
+    size differs from ``cfg``'s."""
+    start = DermX.from_pretrained(init, device="cpu")
+    check_fine_tune_start(cfg, start.config, init, "DermX", AFTER_TRAINING_FIELDS)
+    return start
 
 
 def start_count_heads(net: DermXNet, data: DermXData, image_size: int) -> None:
@@ -508,9 +509,9 @@ COUNT_THRESHOLDS = tuple(float(t) for t in np.round(np.geomspace(0.1, 10.0, 61),
 
 def fit_count_thresholds(outputs: DermXOutputs, present: np.ndarray) -> tuple[float, ...]:
     """Per characteristic (columns of ``(N, C)`` bool ``present``), the count from :data:`COUNT_THRESHOLDS` at
-    which calling it present has the best F1 on the images of ``outputs`` (:meth:`DermX.outputs`; where several tie, the middle one of them, the lower on
-    an even number: away from both ends of the range that separates the images equally well); 0.5 (half a
-    lesion) where the images show it on all or none of them."""
+    which calling it present has the best F1 on the images of ``outputs`` (:meth:`DermX.outputs`; where several
+    tie, the middle one of them, the lower on an even number: away from both ends of the range that separates the
+    images equally well); 0.5 (half a lesion) where the images show it on all or none of them."""
     counts = outputs.characteristic_counts
     if counts is None:
         raise GraderError("dermx: fitting count thresholds needs the characteristic count heads")
@@ -563,6 +564,12 @@ def check_presence_routes(characteristic_counts: bool, presence_from_maps: bool)
     """Refuse two presence routes at once (the characteristic counts' thresholds and the presence models)."""
     if characteristic_counts and presence_from_maps:
         raise GraderError("--characteristic-counts and --presence-from-maps are two presence routes; give one")
+
+
+def check_live_maps(live_maps: bool, guided: bool) -> None:
+    """Refuse the live-map term without DermX+'s attention loss, which it is part of."""
+    if live_maps and not guided:
+        raise GraderError("--live-maps works on DermX+'s attention loss: add --guided")
 
 
 def check_level_from(level_from: str, count_head: bool) -> None:

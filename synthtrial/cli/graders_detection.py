@@ -260,20 +260,18 @@ def train_dermx_command(
     import math
 
     from synthtrial.graders.base import GraderError, check_weights_out
-    from synthtrial.graders.dermx import DermX, DermXConfig
-    from synthtrial.graders.dermx_train import (TRUTHS, check_level_from, check_presence_routes, check_same_network,
-                                                load_dermx_data, train_dermx)
+    from synthtrial.graders.dermx import DermXConfig
+    from synthtrial.graders.dermx_train import (TRUTHS, check_level_from, check_live_maps, check_presence_routes,
+                                                fine_tune_start, load_dermx_data, train_dermx)
     from synthtrial.util.device import resolve_device
 
     DermXConfig(image_size=image_size, guided=guided, backbone=backbone)    # refuse bad options before reading
     check_level_from(level_from, count_head)
     check_presence_routes(characteristic_counts, presence_from_maps)
-    if live_maps and not guided:
-        raise GraderError("--live-maps works on DermX+'s attention loss: add --guided")
+    check_live_maps(live_maps, guided)
     if init is not None:                  # a missing or foreign --init is refused before the images are read
-        check_same_network(DermXConfig(image_size=image_size, guided=guided, backbone=backbone, count_head=count_head,
-                                       characteristic_counts=characteristic_counts),
-                           DermX.from_pretrained(init, device="cpu").config, init)
+        fine_tune_start(init, DermXConfig(image_size=image_size, guided=guided, backbone=backbone,
+                                          count_head=count_head, characteristic_counts=characteristic_counts))
     if truth not in TRUTHS:
         raise GraderError(f"--truth must be one of {', '.join(TRUTHS)}, got '{truth}'")
     check_weights_out(out_dir, "dermx", force)
